@@ -1,0 +1,1 @@
+//! Per-shard apply pipeline. (Being built.)

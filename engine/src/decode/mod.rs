@@ -1,0 +1,1 @@
+//! pgoutput decoder: XLogData bytes in, typed messages out. (Being built.)

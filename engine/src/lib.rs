@@ -1,0 +1,43 @@
+//! reshard's engine: everything that moves data from one PostgreSQL source into N hash-sharded
+//! PostgreSQL targets.
+//!
+//! ```text
+//!  source PG ── 1 logical slot (pgoutput, proto v1..v4) ──►  source      (replication client)
+//!                                                              │ XLogData bytes
+//!                                                              ▼
+//!                                                           decode      (pgoutput messages)
+//!                                                              │ Change events (typed Lsn)
+//!                                                              ▼
+//!                                                           decode::assemble (streamed txns too)
+//!                                                              │ committed transactions (TxnEvent)
+//!                                                              ▼
+//!                                                           route       (account_id → shard)
+//!                                                              │ per-shard sub-transactions
+//!                                                              ▼
+//!                                                 spill (local, durable, zstd segments)
+//!                           ack flush LSN to source ◄──────────┤ (once durable here)
+//!                                     ┌────────────────────────┼──────────────────────┐
+//!                                     ▼                        ▼                      ▼
+//!                               apply shard 0            apply shard 1    …     apply shard N-1
+//!                              (batch, 1 txn,           (independent pace,      (progress row in
+//!                               progress row)            own cursor)             same txn)
+//! ```
+//!
+//! The full load (`snapshot`) runs before CDC on the same slot, under the slot's exported
+//! snapshot. [`runtime`] wires the stages and holds no logic.
+
+pub mod error;
+pub mod event;
+pub mod lsn;
+
+pub mod apply;
+pub mod decode;
+pub mod route;
+pub mod source;
+pub mod spill;
+
+pub use event::{
+    Begin, Change, Column, Commit, OldRow, Relation, ReplicaIdentity, Row, ShardEvent, ShardId,
+    TableId, TxnEvent, Value,
+};
+pub use lsn::Lsn;

@@ -1,0 +1,1 @@
+//! Routing: account_id → shard. (Being built.)

@@ -1,0 +1,1 @@
+//! Spill log: local durable buffer between route and apply. (Being built.)
