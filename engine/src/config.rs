@@ -1,0 +1,812 @@
+//! Configuration: the `reshard.toml` file.
+//!
+//! In: TOML text (plus environment overrides for secrets). Out: a validated [`Config`] whose
+//! values have their defaults applied and their units in their names. Unknown keys are an error
+//! naming the key and the line (serde's `deny_unknown_fields` + toml's spans); so are missing
+//! required keys and out-of-range values.
+//!
+//! Environment: `${NAME}` inside any `url` is replaced by that variable's value (so secrets stay
+//! out of the file); `RESHARD_SOURCE_URL` replaces `[source] url`, and
+//! `RESHARD_SHARD_<NAME>_URL` (name upper-cased, non-alphanumerics as `_`) replaces a shard's
+//! `url`. Passwords may also come from `PGPASSWORD` or `~/.pgpass`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration problem, naming the file, key and line where known.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, a missing key or a wrongly typed value.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// toml's message (it names the line, column and key).
+        message: String,
+    },
+    /// A value is present but not acceptable.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// The key, e.g. `shards[2].name`.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+impl crate::error::Classify for ConfigError {
+    fn class(&self) -> crate::error::ErrorClass {
+        crate::error::ErrorClass::Definite
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[source]`: the database being moved.
+    pub source: SourceConfig,
+    /// `[routing]`: how a row's shard is chosen.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// `[[shards]]`: the targets, in hash-remainder order 0..N-1.
+    #[serde(default)]
+    pub shards: Vec<ShardConfig>,
+    /// `[[tables]]`: optional per-table rules; without it every table of the source database
+    /// that has the key column is sharded and every other one is broadcast.
+    #[serde(default)]
+    pub tables: Vec<TableConfig>,
+    /// `[apply]`: batching and retries of the per-shard apply.
+    #[serde(default)]
+    pub apply: ApplyConfig,
+    /// `[spill]`: the local durable log.
+    #[serde(default)]
+    pub spill: SpillConfig,
+    /// `[snapshot]`: the full load.
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
+    /// `[admin]`: admin console and metrics endpoints.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// `[cutover]`: cutover helpers.
+    #[serde(default)]
+    pub cutover: CutoverConfig,
+}
+
+/// `[source]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// libpq URL or key=value string (required). `${VAR}` is expanded.
+    pub url: String,
+    /// Logical replication slot name. Default `reshard`.
+    #[serde(default = "default_reshard")]
+    pub slot: String,
+    /// Publication name. Default `reshard`; created for the chosen tables if missing.
+    #[serde(default = "default_reshard")]
+    pub publication: String,
+    /// Ask the server to stream large in-progress transactions (pgoutput `streaming`). Default
+    /// true.
+    #[serde(default = "default_true")]
+    pub streaming: bool,
+    /// Interval between standby status updates, in milliseconds. Default 10000.
+    #[serde(default = "default_status_interval_ms")]
+    pub status_interval_ms: u64,
+    /// Bound of the channel between the source reader and the router, in messages. Default 4096.
+    #[serde(default = "default_channel_capacity")]
+    pub channel_capacity: usize,
+}
+
+/// Hash kind of `[routing] hash`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HashKind {
+    /// PostgreSQL's own `PARTITION BY HASH (key)` with `MODULUS N` (default).
+    #[default]
+    Postgres,
+    /// An explicit account → shard map.
+    Map,
+}
+
+/// `[routing]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Default shard-key column. Default `account_id`.
+    #[serde(default = "default_key")]
+    pub key: String,
+    /// `postgres` (default) or `map`.
+    #[serde(default)]
+    pub hash: HashKind,
+    /// With `hash = "map"`: CSV file of `account_id,shard_name` lines (relative to the config
+    /// file's directory).
+    #[serde(default)]
+    pub map: Option<PathBuf>,
+    /// With `hash = "map"`: a query on the source returning `(account_id, shard_name)`.
+    #[serde(default)]
+    pub map_query: Option<String>,
+    /// With `hash = "map"`: shard for accounts missing from the map (default: none, an error).
+    #[serde(default)]
+    pub default_shard: Option<String>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            key: default_key(),
+            hash: HashKind::Postgres,
+            map: None,
+            map_query: None,
+            default_shard: None,
+        }
+    }
+}
+
+/// `[[shards]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    /// Unique shard name (required).
+    pub name: String,
+    /// libpq URL or key=value string (required). `${VAR}` is expanded.
+    pub url: String,
+}
+
+/// `mode` of a `[[tables]]` entry.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableMode {
+    /// Rows go to the shard of their key (default when the table has the key column).
+    #[default]
+    Sharded,
+    /// Every row goes to every shard (reference tables).
+    Broadcast,
+    /// Not replicated.
+    Skip,
+}
+
+/// `[[tables]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Source table, `schema.table` (`public.` assumed when no schema is given).
+    pub name: String,
+    /// Target table on every shard. Default: same as `name`.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Shard-key column. Default `[routing] key`.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// `sharded` (default), `broadcast` or `skip`.
+    #[serde(default)]
+    pub mode: Option<TableMode>,
+}
+
+/// `[apply]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// Most rows in one target transaction. Default 10000.
+    #[serde(default = "default_batch_max_rows")]
+    pub batch_max_rows: usize,
+    /// Most bytes of row data in one target transaction. Default 16 MiB.
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
+    /// A group is committed at the latest this long after its first transaction. Default 100.
+    #[serde(default = "default_batch_max_delay_ms")]
+    pub batch_max_delay_ms: u64,
+    /// Run the target session with `session_replication_role = replica` (triggers and FK
+    /// checks behave as in native logical replication). Default true.
+    #[serde(default = "default_true")]
+    pub session_replication_role_replica: bool,
+    /// First retry delay after a transient error, ms. Default 500.
+    #[serde(default = "default_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// Longest retry delay, ms. Default 30000.
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig {
+            batch_max_rows: default_batch_max_rows(),
+            batch_max_bytes: default_batch_max_bytes(),
+            batch_max_delay_ms: default_batch_max_delay_ms(),
+            session_replication_role_replica: true,
+            retry_initial_ms: default_retry_initial_ms(),
+            retry_max_ms: default_retry_max_ms(),
+        }
+    }
+}
+
+/// `[spill]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpillConfig {
+    /// Directory of the spill log (relative to the working directory). Default
+    /// `./reshard-data`.
+    #[serde(default = "default_spill_dir")]
+    pub dir: PathBuf,
+    /// Cap on the log's size on disk; at the cap reading from the source pauses. Default 10 GiB.
+    #[serde(default = "default_spill_max_bytes")]
+    pub max_bytes: u64,
+    /// Size of one segment file. Default 64 MiB.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// Group-commit interval: how often appended data is fsynced and confirmed to the source,
+    /// ms. Default 20.
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// Recent data kept in memory for caught-up shards. Default 64 MiB.
+    #[serde(default = "default_memory_tail_bytes")]
+    pub memory_tail_bytes: u64,
+    /// zstd level of the blocks. Default 1.
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+}
+
+impl Default for SpillConfig {
+    fn default() -> Self {
+        SpillConfig {
+            dir: default_spill_dir(),
+            max_bytes: default_spill_max_bytes(),
+            segment_bytes: default_segment_bytes(),
+            flush_interval_ms: default_flush_interval_ms(),
+            memory_tail_bytes: default_memory_tail_bytes(),
+            zstd_level: default_zstd_level(),
+        }
+    }
+}
+
+/// `[snapshot]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Concurrent chunk copies. Default 4.
+    #[serde(default = "default_parallel")]
+    pub parallel: usize,
+    /// Rows per chunk of a large table. Default 250000.
+    #[serde(default = "default_chunk_rows")]
+    pub chunk_rows: u64,
+    /// Per-shard row rate limit (0 = unlimited). Default 0.
+    #[serde(default)]
+    pub max_rows_per_sec: u64,
+    /// Per-shard byte rate limit (0 = unlimited). Default 0.
+    #[serde(default)]
+    pub max_bytes_per_sec: u64,
+    /// At most this many concurrent copies into one shard (0 = `parallel`). Default 0.
+    #[serde(default)]
+    pub max_concurrent_copies_per_shard: usize,
+    /// TRUNCATE target tables before loading instead of requiring them empty. Default false.
+    #[serde(default)]
+    pub truncate_targets: bool,
+    /// Drop secondary indexes on the targets before the load and rebuild them after. Default
+    /// false.
+    #[serde(default)]
+    pub defer_indexes: bool,
+    /// Progress line interval when not on a terminal, seconds. Default 10.
+    #[serde(default = "default_progress_interval_secs")]
+    pub progress_interval_secs: u64,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            parallel: default_parallel(),
+            chunk_rows: default_chunk_rows(),
+            max_rows_per_sec: 0,
+            max_bytes_per_sec: 0,
+            max_concurrent_copies_per_shard: 0,
+            truncate_targets: false,
+            defer_indexes: false,
+            progress_interval_secs: default_progress_interval_secs(),
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin console (PostgreSQL protocol) address; `""` turns it off. Default
+    /// `127.0.0.1:6433`.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    /// Prometheus endpoint address (serves `/metrics`, `/healthz`, `/readyz`); `""` turns it
+    /// off. Default `127.0.0.1:9187`.
+    #[serde(default = "default_admin_metrics")]
+    pub metrics: String,
+    /// User name accepted by the admin console. Default `reshard`.
+    #[serde(default = "default_reshard")]
+    pub user: String,
+    /// Password of the admin console (default: none, trust on the listen address). `${VAR}` is
+    /// expanded; `RESHARD_ADMIN_PASSWORD` overrides it.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+            metrics: default_admin_metrics(),
+            user: default_reshard(),
+            password: None,
+        }
+    }
+}
+
+/// `[cutover]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CutoverConfig {
+    /// Sequences on the shard are set to at least the source's value plus this gap. Default
+    /// 1000.
+    #[serde(default = "default_sequence_gap")]
+    pub sequence_gap: i64,
+}
+
+impl Default for CutoverConfig {
+    fn default() -> Self {
+        CutoverConfig {
+            sequence_gap: default_sequence_gap(),
+        }
+    }
+}
+
+fn default_reshard() -> String {
+    "reshard".into()
+}
+fn default_key() -> String {
+    "account_id".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_status_interval_ms() -> u64 {
+    10_000
+}
+fn default_channel_capacity() -> usize {
+    4096
+}
+fn default_batch_max_rows() -> usize {
+    10_000
+}
+fn default_batch_max_bytes() -> usize {
+    16 << 20
+}
+fn default_batch_max_delay_ms() -> u64 {
+    100
+}
+fn default_retry_initial_ms() -> u64 {
+    500
+}
+fn default_retry_max_ms() -> u64 {
+    30_000
+}
+fn default_spill_dir() -> PathBuf {
+    PathBuf::from("./reshard-data")
+}
+fn default_spill_max_bytes() -> u64 {
+    10 << 30
+}
+fn default_segment_bytes() -> u64 {
+    64 << 20
+}
+fn default_flush_interval_ms() -> u64 {
+    20
+}
+fn default_memory_tail_bytes() -> u64 {
+    64 << 20
+}
+fn default_zstd_level() -> i32 {
+    1
+}
+fn default_parallel() -> usize {
+    4
+}
+fn default_chunk_rows() -> u64 {
+    250_000
+}
+fn default_progress_interval_secs() -> u64 {
+    10
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:6433".into()
+}
+fn default_admin_metrics() -> String {
+    "127.0.0.1:9187".into()
+}
+fn default_sequence_gap() -> i64 {
+    1000
+}
+
+/// A table rule after defaults: source and target names are `schema.table`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRule {
+    /// Source `schema.table`.
+    pub source: String,
+    /// Target `schema.table`.
+    pub target: String,
+    /// Mode.
+    pub mode: TableMode,
+    /// Shard-key column (meaningful for `sharded`).
+    pub key: String,
+}
+
+/// Normalizes `t` or `schema.t` to `schema.table` (unquoted names, as `pg_class` spells them).
+pub fn qualify(name: &str) -> String {
+    let name = name.trim();
+    if name.contains('.') {
+        name.to_owned()
+    } else {
+        format!("public.{name}")
+    }
+}
+
+impl Config {
+    /// Reads, parses, applies environment overrides and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg = Config::parse(&text, &path.display().to_string())?;
+        // Relative map files are relative to the config file.
+        if let Some(map) = cfg.routing.map.as_mut() {
+            if map.is_relative() {
+                if let Some(dir) = path.parent() {
+                    *map = dir.join(&*map);
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        cfg.apply_env(origin)?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, origin: &str) -> Result<(), ConfigError> {
+        if let Ok(url) = std::env::var("RESHARD_SOURCE_URL") {
+            self.source.url = url;
+        }
+        self.source.url = expand_env(&self.source.url, origin, "source.url")?;
+        for (i, s) in self.shards.iter_mut().enumerate() {
+            let var = format!("RESHARD_SHARD_{}_URL", env_name(&s.name));
+            if let Ok(url) = std::env::var(&var) {
+                s.url = url;
+            }
+            s.url = expand_env(&s.url, origin, &format!("shards[{i}].url"))?;
+        }
+        if let Ok(pw) = std::env::var("RESHARD_ADMIN_PASSWORD") {
+            self.admin.password = Some(pw);
+        }
+        if let Some(pw) = self.admin.password.as_mut() {
+            *pw = expand_env(pw, origin, "admin.password")?;
+        }
+        Ok(())
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        if self.source.url.trim().is_empty() {
+            return Err(invalid(
+                "source.url",
+                "is empty; give a libpq URL or key=value string".into(),
+            ));
+        }
+        for (key, v) in [
+            ("source.slot", &self.source.slot),
+            ("source.publication", &self.source.publication),
+        ] {
+            if v.is_empty()
+                || v.len() > 63
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{v:?} is not a valid name: use 1-63 lower-case letters, digits or '_'"
+                    ),
+                ));
+            }
+        }
+        if self.shards.is_empty() {
+            return Err(invalid(
+                "shards",
+                "no [[shards]] given; add one [[shards]] table (name, url) per target".into(),
+            ));
+        }
+        if self.shards.len() > u16::MAX as usize {
+            return Err(invalid("shards", "too many shards".into()));
+        }
+        let mut names = HashSet::new();
+        for (i, s) in self.shards.iter().enumerate() {
+            if s.name.trim().is_empty() {
+                return Err(invalid(&format!("shards[{i}].name"), "is empty".into()));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(invalid(
+                    &format!("shards[{i}].name"),
+                    format!(
+                        "shard name {:?} is used twice; shard names must be unique",
+                        s.name
+                    ),
+                ));
+            }
+            if s.url.trim().is_empty() {
+                return Err(invalid(&format!("shards[{i}].url"), "is empty".into()));
+            }
+        }
+        match self.routing.hash {
+            HashKind::Postgres => {
+                if self.routing.map.is_some() || self.routing.map_query.is_some() {
+                    return Err(invalid(
+                        "routing.map",
+                        "map/map_query need hash = \"map\"".into(),
+                    ));
+                }
+            }
+            HashKind::Map => {
+                if self.routing.map.is_some() == self.routing.map_query.is_some() {
+                    return Err(invalid(
+                        "routing.map",
+                        "hash = \"map\" needs exactly one of map (a CSV file) or map_query".into(),
+                    ));
+                }
+                if let Some(d) = &self.routing.default_shard {
+                    if !names.contains(d.as_str()) {
+                        return Err(invalid(
+                            "routing.default_shard",
+                            format!(
+                                "{d:?} is not a shard name; shards are {:?}",
+                                self.shard_names()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, t) in self.tables.iter().enumerate() {
+            let q = qualify(&t.name);
+            if t.name.trim().is_empty() {
+                return Err(invalid(&format!("tables[{i}].name"), "is empty".into()));
+            }
+            if !seen.insert(q.clone()) {
+                return Err(invalid(
+                    &format!("tables[{i}].name"),
+                    format!("table {q} is listed twice"),
+                ));
+            }
+        }
+        let a = &self.apply;
+        if a.batch_max_rows == 0 || a.batch_max_bytes == 0 {
+            return Err(invalid("apply.batch_max_rows", "must be at least 1".into()));
+        }
+        if self.spill.segment_bytes < 1 << 16 {
+            return Err(invalid(
+                "spill.segment_bytes",
+                "must be at least 65536".into(),
+            ));
+        }
+        if self.spill.max_bytes < self.spill.segment_bytes {
+            return Err(invalid(
+                "spill.max_bytes",
+                format!(
+                    "must be at least spill.segment_bytes ({})",
+                    self.spill.segment_bytes
+                ),
+            ));
+        }
+        if self.snapshot.parallel == 0 {
+            return Err(invalid("snapshot.parallel", "must be at least 1".into()));
+        }
+        if self.snapshot.chunk_rows == 0 {
+            return Err(invalid("snapshot.chunk_rows", "must be at least 1".into()));
+        }
+        if !(-7..=22).contains(&self.spill.zstd_level) {
+            return Err(invalid(
+                "spill.zstd_level",
+                "must be between -7 and 22".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Shard names in remainder order.
+    pub fn shard_names(&self) -> Vec<String> {
+        self.shards.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Index of the shard called `name`.
+    pub fn shard_index(&self, name: &str) -> Option<usize> {
+        self.shards.iter().position(|s| s.name == name)
+    }
+
+    /// The explicit table rules with defaults applied.
+    pub fn table_rules(&self) -> Vec<TableRule> {
+        self.tables
+            .iter()
+            .map(|t| {
+                let source = qualify(&t.name);
+                TableRule {
+                    target: t
+                        .target
+                        .as_deref()
+                        .map(qualify)
+                        .unwrap_or_else(|| source.clone()),
+                    source,
+                    mode: t.mode.unwrap_or_default(),
+                    key: t.key.clone().unwrap_or_else(|| self.routing.key.clone()),
+                }
+            })
+            .collect()
+    }
+}
+
+fn env_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Replaces `${NAME}` with the variable's value; a missing variable is an error naming it.
+fn expand_env(s: &str, origin: &str, key: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                key: key.to_owned(),
+                message: "unterminated ${ in value".into(),
+            });
+        };
+        let var = &after[..end];
+        match std::env::var(var) {
+            Ok(v) => out.push_str(&v),
+            Err(_) => {
+                return Err(ConfigError::Invalid {
+                    path: origin.to_owned(),
+                    key: key.to_owned(),
+                    message: format!(
+                        "environment variable {var} is not set (referenced as ${{{var}}})"
+                    ),
+                })
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl fmt::Display for TableMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TableMode::Sharded => "sharded",
+            TableMode::Broadcast => "broadcast",
+            TableMode::Skip => "skip",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[source]
+url = "postgres://u@127.0.0.1:5432/ingest"
+
+[[shards]]
+name = "shard0"
+url = "postgres://u@127.0.0.1:5433/platform"
+
+[[shards]]
+name = "shard1"
+url = "host=127.0.0.1 port=5434 dbname=platform"
+
+[[tables]]
+name = "events"
+mode = "sharded"
+
+[[tables]]
+name = "public.plans"
+mode = "broadcast"
+"#;
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.source.slot, "reshard");
+        assert_eq!(c.source.publication, "reshard");
+        assert_eq!(c.routing.key, "account_id");
+        assert_eq!(c.routing.hash, HashKind::Postgres);
+        assert_eq!(c.spill.dir, PathBuf::from("./reshard-data"));
+        assert_eq!(c.admin.listen, "127.0.0.1:6433");
+        let rules = c.table_rules();
+        assert_eq!(rules[0].source, "public.events");
+        assert_eq!(rules[0].target, "public.events");
+        assert_eq!(rules[0].key, "account_id");
+        assert_eq!(rules[1].mode, TableMode::Broadcast);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = GOOD.replace(
+            "[[tables]]\nname = \"events\"",
+            "[[tables]]\nname = \"events\"\nbogus = 1",
+        );
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        assert!(e.contains("line 15"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_shard_names_rejected() {
+        let text = GOOD.replace("shard1", "shard0");
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("shards[1].name"), "{e}");
+    }
+
+    #[test]
+    fn map_needs_a_source() {
+        let text = format!("{GOOD}\n[routing]\nhash = \"map\"\n");
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("routing.map"), "{e}");
+    }
+
+    #[test]
+    fn env_expansion() {
+        std::env::set_var("RESHARD_TEST_PW_X", "s3cret");
+        assert_eq!(
+            expand_env("a${RESHARD_TEST_PW_X}b", "o", "k").unwrap(),
+            "as3cretb"
+        );
+        let e = expand_env("${RESHARD_TEST_MISSING_Y}", "o", "source.url")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("RESHARD_TEST_MISSING_Y") && e.contains("source.url"),
+            "{e}"
+        );
+    }
+}
