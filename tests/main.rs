@@ -1,1 +1,3 @@
-//! integration tests
+//! Integration tests against real PostgreSQL clusters started by `reshard-harness`.
+//!
+//! One binary (etl's layout): each area is a module.

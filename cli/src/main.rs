@@ -1,1 +1,260 @@
-fn main() {}
+//! The `reshard` command: move a live PostgreSQL database into N hash-sharded PostgreSQL
+//! targets with zero downtime.
+//!
+//! Exit codes (documented in the README):
+//! - 0: success (for `check`/`verify`/`cutover`: everything passed);
+//! - 1: the command ran and found a problem (a FAIL check, a verify mismatch, a cutover that is
+//!   not safe or timed out);
+//! - 2: bad invocation or configuration (unknown flag, unknown config key, missing file);
+//! - 3: could not complete (source or shard unreachable, every shard stopped, internal error).
+
+mod cmd;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Move a live PostgreSQL database into N hash-sharded PostgreSQL targets.
+#[derive(Parser, Debug)]
+#[command(name = "reshard", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format of the daemon and long-running commands.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "RESHARD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `reshard_engine=debug`.
+    #[arg(long, global = true, default_value = "info", env = "RESHARD_LOG")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the migration daemon: create slot and publication, full load, then stream changes
+    /// into every shard until stopped.
+    Run(RunArgs),
+    /// Preflight checks of source and shards; prints the SQL that fixes each failure.
+    Check(CheckArgs),
+    /// One screen: phase, tables, shards, slot, spill log.
+    Status(StatusArgs),
+    /// Per-shard lag (bytes, seconds, p50/p99 commit-to-apply latency).
+    Lag(LagArgs),
+    /// Prove each shard holds exactly the source rows that route to it.
+    Verify(VerifyArgs),
+    /// Wait until a shard has applied everything up to the source's current LSN, sync
+    /// sequences, verify, report.
+    Cutover(CutoverArgs),
+    /// Inspect and manage the replication slot.
+    Slot(SlotArgs),
+    /// Stream a slot and print decoded changes as JSON lines.
+    Peek(PeekArgs),
+    /// Start throwaway local clusters (a source and three shards), migrate a live multi-tenant
+    /// workload, verify, cut over one shard, report.
+    Demo(DemoArgs),
+}
+
+/// `-c reshard.toml`.
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// Configuration file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        default_value = "reshard.toml",
+        env = "RESHARD_CONFIG"
+    )]
+    pub config: PathBuf,
+}
+
+/// Source selection for `slot` and `peek`: a config file or explicit flags.
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// Configuration file (its [source] section is used).
+    #[arg(short = 'c', long = "config")]
+    pub config: Option<PathBuf>,
+    /// Source connection string (libpq URL or key=value), instead of a config file.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Slot name (default: the config's, else `reshard`).
+    #[arg(long)]
+    pub slot: Option<String>,
+    /// Publication name (default: the config's, else `reshard`).
+    #[arg(long)]
+    pub publication: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Targets were loaded another way: start CDC from the slot's creation, copy nothing.
+    #[arg(long)]
+    pub skip_full_load: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LagArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+    /// Refresh interval with --watch, seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub interval: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Only these tables (repeatable or comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub table: Vec<String>,
+    /// Only these shards (repeatable or comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub shard: Vec<String>,
+    /// Only these accounts (comma-separated key values).
+    #[arg(long, value_delimiter = ',')]
+    pub accounts: Vec<String>,
+    /// Check N random accounts fully (row by row) in addition to the aggregates.
+    #[arg(long)]
+    pub sample: Option<u64>,
+    /// Longest wait for shards to reach the source's LSN, seconds or a duration (`10m`).
+    #[arg(long, default_value = "300")]
+    pub timeout: String,
+}
+
+#[derive(Args, Debug)]
+pub struct CutoverArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The shard to cut over.
+    #[arg(long)]
+    pub shard: String,
+    /// Longest wait, seconds or a duration such as `10m`.
+    #[arg(long, default_value = "600")]
+    pub timeout: String,
+    /// Skip the verification of the shard.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SlotArgs {
+    #[command(subcommand)]
+    pub action: SlotAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SlotAction {
+    /// List the source's replication slots with their lag and retained WAL.
+    List {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create the logical slot (pgoutput) and, if missing, the publication.
+    Create {
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+    /// Drop the slot.
+    Drop {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Also drop the publication and the `reshard` schema on every shard (needs -c).
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct PeekArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Stop after N changes.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Do not confirm anything to the slot (peeking consumes nothing).
+    #[arg(long)]
+    pub no_ack: bool,
+    /// Create the slot (and publication for all tables) if missing.
+    #[arg(long)]
+    pub create: bool,
+    /// Stop after this many seconds without a new message.
+    #[arg(long)]
+    pub idle_timeout: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Leave the clusters and the daemon running and print their connection strings.
+    #[arg(long)]
+    pub keep: bool,
+    /// Accounts in the generated workload.
+    #[arg(long, default_value_t = 200)]
+    pub accounts: u32,
+    /// Seconds of live writes while streaming.
+    #[arg(long, default_value_t = 10)]
+    pub live_secs: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    output::init_logging(cli.log_format, &cli.log_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let code = rt.block_on(cmd::dispatch(cli.command));
+    // Don't wait for detached tasks (e.g. connections) to finish.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}

@@ -28,6 +28,7 @@
 
 pub mod config;
 pub mod error;
+
 pub mod event;
 pub mod lsn;
 
@@ -36,6 +37,7 @@ pub mod decode;
 pub mod route;
 pub mod source;
 pub mod spill;
+pub mod status;
 
 pub use event::{
     Begin, Change, Column, Commit, OldRow, Relation, ReplicaIdentity, Row, ShardEvent, ShardId,

@@ -1,0 +1,32 @@
+//! One module per command; [`dispatch`] maps the parsed command line to them.
+
+use std::process::ExitCode;
+
+use crate::output::finish;
+use crate::Command;
+
+mod check;
+mod cutover;
+mod demo;
+mod lag;
+mod peek;
+mod run;
+mod slot;
+mod status;
+mod verify;
+
+/// Runs a command and maps its outcome to an exit code.
+pub async fn dispatch(command: Command) -> ExitCode {
+    let r = match command {
+        Command::Run(a) => run::run(a).await,
+        Command::Check(a) => check::run(a).await,
+        Command::Status(a) => status::run(a).await,
+        Command::Lag(a) => lag::run(a).await,
+        Command::Verify(a) => verify::run(a).await,
+        Command::Cutover(a) => cutover::run(a).await,
+        Command::Slot(a) => slot::run(a).await,
+        Command::Peek(a) => peek::run(a).await,
+        Command::Demo(a) => demo::run(a).await,
+    };
+    finish(r)
+}

@@ -1,0 +1,87 @@
+//! Logging set-up and shared output helpers.
+
+use std::process::ExitCode;
+
+use crate::LogFormat;
+
+/// Exit code: the command ran and found a problem.
+pub const EXIT_PROBLEM: u8 = 1;
+/// Exit code: bad invocation or configuration.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: could not complete.
+pub const EXIT_FAILED: u8 = 3;
+
+/// Logs go to stderr (stdout is for command output), as text or JSON lines.
+pub fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// A failed command: its message and exit code.
+#[derive(Debug)]
+pub struct Failure {
+    /// Exit code.
+    pub code: u8,
+    /// The error chain.
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    /// Bad invocation or configuration.
+    pub fn usage(error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            code: EXIT_USAGE,
+            error: error.into(),
+        }
+    }
+
+    /// Could not complete.
+    pub fn failed(error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            code: EXIT_FAILED,
+            error: error.into(),
+        }
+    }
+
+    /// Ran and found a problem.
+    pub fn problem(error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            code: EXIT_PROBLEM,
+            error: error.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Failure {
+        Failure::failed(error)
+    }
+}
+
+/// Result of a command.
+pub type CmdResult = Result<(), Failure>;
+
+/// Prints the failure (the whole context chain) and maps it to an exit code.
+pub fn finish(r: CmdResult) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if !f.error.to_string().is_empty() {
+                eprintln!("error: {:#}", f.error);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Loads the config file, mapping errors to exit code 2.
+pub fn load_config(path: &std::path::Path) -> Result<reshard_engine::config::Config, Failure> {
+    reshard_engine::config::Config::load(path).map_err(Failure::usage)
+}

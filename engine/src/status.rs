@@ -1,0 +1,261 @@
+//! The one status model every observer reads.
+//!
+//! In: the runtime publishes a [`StatusSnapshot`] (a `watch` channel, refreshed a few times a
+//! second) built from the stages' own counters. Out: the admin console (`SHOW …`), the
+//! Prometheus endpoint, `reshard status` / `reshard lag` (over the admin console, or rebuilt from
+//! the source, the shards' progress rows and the spill directory when the daemon is not up).
+//! Operators' commands ([`ControlCommand`]) travel the other way.
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::lsn::Lsn;
+
+/// What the daemon is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Connecting, creating slot and publication.
+    #[default]
+    Starting,
+    /// Copying existing data (CDC is being spilled meanwhile).
+    FullLoad,
+    /// Streaming changes.
+    Streaming,
+    /// Reading from the source is paused (spill cap reached or operator PAUSE).
+    Paused,
+    /// Shutting down.
+    Stopping,
+    /// Not running (status rebuilt offline).
+    Stopped,
+}
+
+impl Phase {
+    /// snake_case label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::FullLoad => "full_load",
+            Phase::Streaming => "streaming",
+            Phase::Paused => "paused",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// State of one shard's apply pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardState {
+    /// Not started yet / waiting for the full load.
+    #[default]
+    Waiting,
+    /// Applying.
+    Running,
+    /// Retrying after a transient error.
+    Retrying,
+    /// Paused by an operator.
+    Paused,
+    /// Stopped by a definite error (see `last_error`).
+    Stopped,
+}
+
+impl ShardState {
+    /// snake_case label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardState::Waiting => "waiting",
+            ShardState::Running => "running",
+            ShardState::Retrying => "retrying",
+            ShardState::Paused => "paused",
+            ShardState::Stopped => "stopped",
+        }
+    }
+}
+
+/// The source side.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct SourceStatus {
+    /// Slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// `IDENTIFY_SYSTEM` system id.
+    pub system_id: String,
+    /// The slot's `confirmed_flush_lsn` (what reshard has confirmed).
+    pub confirmed_flush_lsn: Lsn,
+    /// The source's current WAL insert position (last known).
+    pub current_wal_lsn: Lsn,
+    /// WAL the slot makes the source keep (`pg_current_wal_lsn() - restart_lsn`), bytes.
+    pub retained_wal_bytes: u64,
+    /// End of the last message received.
+    pub received_lsn: Lsn,
+    /// XLogData bytes received.
+    pub bytes_received_total: u64,
+    /// Source transactions received.
+    pub txns_received_total: u64,
+    /// Row changes received.
+    pub changes_received_total: u64,
+    /// Changes per second received (recent).
+    pub changes_per_sec: f64,
+    /// Whether reading is paused by the spill cap.
+    pub backpressure: bool,
+    /// Connected to the source right now.
+    pub connected: bool,
+    /// Last source error.
+    pub last_error: Option<String>,
+}
+
+/// One shard.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ShardView {
+    /// Shard name.
+    pub name: String,
+    /// Pipeline state.
+    pub state: ShardState,
+    /// Every source commit at or below this is applied.
+    pub applied_lsn: Lsn,
+    /// Commit time of the last applied source transaction (µs since 2000-01-01), if any.
+    pub last_commit_time: Option<i64>,
+    /// Bytes of source WAL between what this shard has applied and what was received.
+    pub lag_bytes: u64,
+    /// Seconds between now and the commit time of the oldest source transaction not yet applied
+    /// here (0 when caught up).
+    pub lag_seconds: f64,
+    /// Source transactions applied.
+    pub txns_applied_total: u64,
+    /// Rows inserted.
+    pub rows_inserted_total: u64,
+    /// Rows updated.
+    pub rows_updated_total: u64,
+    /// Rows deleted.
+    pub rows_deleted_total: u64,
+    /// Target transactions (batches) committed.
+    pub batches_total: u64,
+    /// Batches replayed change by change after a set-based conflict.
+    pub replays_total: u64,
+    /// Errors by class.
+    pub transient_errors_total: u64,
+    /// Definite errors.
+    pub definite_errors_total: u64,
+    /// Rows applied per second (recent).
+    pub rows_per_sec: f64,
+    /// Average source transactions per target transaction.
+    pub avg_batch_txns: f64,
+    /// Commit-to-apply latency percentiles, milliseconds.
+    pub latency_p50_ms: f64,
+    /// p99.
+    pub latency_p99_ms: f64,
+    /// max.
+    pub latency_max_ms: f64,
+    /// Last error message (names table, key, LSN, SQLSTATE).
+    pub last_error: Option<String>,
+}
+
+/// One table of the full load.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct TableView {
+    /// Source `schema.table`.
+    pub name: String,
+    /// Target `schema.table`.
+    pub target: String,
+    /// `sharded` / `broadcast` / `skip`.
+    pub mode: String,
+    /// `pending` / `copying` / `done` / `failed`.
+    pub state: String,
+    /// Rows copied so far.
+    pub rows_copied: u64,
+    /// Estimated rows.
+    pub rows_estimated: u64,
+    /// Bytes copied.
+    pub bytes_copied: u64,
+}
+
+/// The spill log.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct SpillView {
+    /// Directory.
+    pub dir: String,
+    /// Bytes on disk.
+    pub bytes: u64,
+    /// The cap.
+    pub max_bytes: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// Everything up to here is durable locally (and confirmed to the source).
+    pub durable_lsn: Lsn,
+    /// Oldest LSN some shard still needs.
+    pub oldest_unapplied_lsn: Option<Lsn>,
+    /// Reading is paused because the cap is reached.
+    pub backpressure_active: bool,
+    /// fsyncs done.
+    pub fsyncs_total: u64,
+    /// Average source transactions per fsync (group commit).
+    pub txns_per_fsync: f64,
+    /// Highest `bytes` seen.
+    pub high_water_bytes: u64,
+}
+
+/// Everything, at one instant.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct StatusSnapshot {
+    /// Phase.
+    pub phase: Phase,
+    /// reshard version.
+    pub version: String,
+    /// Seconds since the daemon started.
+    pub uptime_secs: f64,
+    /// Source and slot.
+    pub source: SourceStatus,
+    /// Shards in remainder order.
+    pub shards: Vec<ShardView>,
+    /// Tables.
+    pub tables: Vec<TableView>,
+    /// Spill log.
+    pub spill: SpillView,
+}
+
+impl StatusSnapshot {
+    /// Ready = streaming and no shard stopped.
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Streaming && self.shards.iter().all(|s| s.state != ShardState::Stopped)
+    }
+}
+
+/// An operator's command to the running daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlCommand {
+    /// Pause one shard (by name) or, with `None`, reading from the source.
+    Pause(Option<String>),
+    /// Resume one shard or reading from the source.
+    Resume(Option<String>),
+    /// Shut down cleanly.
+    Shutdown,
+}
+
+/// A command and where to send its answer (a human-readable confirmation or an error).
+pub type ControlRequest = (ControlCommand, oneshot::Sender<Result<String, String>>);
+
+/// What the admin console and metrics endpoint hold: the live status and a way to send
+/// commands.
+#[derive(Clone, Debug)]
+pub struct AdminHandle {
+    /// Live status.
+    pub status: watch::Receiver<StatusSnapshot>,
+    /// Commands to the runtime (bounded).
+    pub control: mpsc::Sender<ControlRequest>,
+}
+
+impl AdminHandle {
+    /// Sends a command and waits for its answer.
+    pub async fn command(&self, cmd: ControlCommand) -> Result<String, String> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send((cmd, tx))
+            .await
+            .map_err(|_| "reshard is shutting down".to_owned())?;
+        rx.await
+            .map_err(|_| "reshard is shutting down".to_owned())?
+    }
+}
