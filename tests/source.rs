@@ -580,3 +580,177 @@ async fn missing_slot_is_reported_at_start() {
         other => panic!("expected SlotMissing, got {other:?}"),
     }
 }
+
+/// Makes a CA and a server certificate for `DNS:localhost` only, installs them in the cluster
+/// and turns `ssl` on (a reload is enough). Returns the CA file.
+fn enable_tls(c: &PgCluster, dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+    use std::process::Command;
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is needed for the TLS test");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=reshard test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let owner = std::fs::metadata(c.data_dir()).unwrap();
+    for f in ["server.crt", "server.key"] {
+        let dst = c.data_dir().join(f);
+        std::fs::copy(dir.join(f), &dst).unwrap();
+        chown(&dst, Some(owner.uid()), Some(owner.gid())).unwrap();
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    for sql in [
+        "ALTER SYSTEM SET ssl_cert_file = 'server.crt'",
+        "ALTER SYSTEM SET ssl_key_file = 'server.key'",
+        "ALTER SYSTEM SET ssl = on",
+    ] {
+        c.psql("postgres", sql).unwrap();
+    }
+    c.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    dir.join("ca.crt")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_modes_encrypt_and_verify_as_libpq_does() {
+    let c = PgCluster::builder()
+        .password("tls-pw", Auth::Scram)
+        .start()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = enable_tls(&c, dir.path());
+    let ca = ca.to_str().unwrap();
+    let port = c.port();
+    let conf = |host: &str, mode: &str, root: Option<&str>| {
+        let mut s = format!(
+            "host={host} port={port} user=postgres password=tls-pw dbname=postgres sslmode={mode}"
+        );
+        if let Some(r) = root {
+            s.push_str(&format!(" sslrootcert={r}"));
+        }
+        ConnConfig::parse_with_env(&s, &|_| None).unwrap()
+    };
+    // Encrypted without verification; SCRAM over TLS (the server also offers -PLUS).
+    for (host, mode, root) in [
+        ("127.0.0.1", "prefer", None),
+        ("127.0.0.1", "require", None),
+        ("127.0.0.1", "verify-ca", Some(ca)), // the name does not match: fine for verify-ca
+        ("localhost", "verify-full", Some(ca)),
+    ] {
+        let cfg = conf(host, mode, root);
+        let mut rc = ReplicationClient::connect(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{mode} to {host}: {e}"));
+        assert!(rc.is_tls(), "{mode}");
+        rc.identify_system().await.unwrap();
+        rc.close().await;
+        let sql = cfg
+            .connect_sql()
+            .await
+            .unwrap_or_else(|e| panic!("SQL {mode} to {host}: {e}"));
+        let ssl: bool = sql
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ssl, "SQL connection with sslmode={mode} is not encrypted");
+    }
+    // Plain when asked.
+    let rc = ReplicationClient::connect(&conf("127.0.0.1", "disable", None))
+        .await
+        .unwrap();
+    assert!(!rc.is_tls());
+    // Verification failures are TLS errors, not silent downgrades.
+    for (host, mode, root) in [
+        ("127.0.0.1", "verify-full", Some(ca)), // certificate is for localhost only
+        ("localhost", "verify-full", None),     // not signed by a public root
+        ("localhost", "verify-ca", None),
+    ] {
+        match ReplicationClient::connect(&conf(host, mode, root)).await {
+            Err(e @ SourceError::Tls { .. }) => assert!(e.to_string().contains(mode), "{e}"),
+            other => panic!("{mode} to {host}: expected a TLS error, got {other:?}"),
+        }
+        assert!(
+            conf(host, mode, root).connect_sql().await.is_err(),
+            "SQL {mode} to {host}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_fails_when_the_server_has_no_tls() {
+    let c = PgCluster::start().unwrap();
+    let cfg = ConnConfig::parse_with_env(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
+            c.port()
+        ),
+        &|_| None,
+    )
+    .unwrap();
+    match ReplicationClient::connect(&cfg).await {
+        Err(e @ SourceError::Tls { .. }) => {
+            assert!(e.to_string().contains("does not accept TLS"), "{e}")
+        }
+        other => panic!("expected a TLS error, got {other:?}"),
+    }
+    // prefer falls back to plain.
+    let mut prefer = cfg.clone();
+    prefer.sslmode = reshard_engine::source::SslMode::Prefer;
+    let rc = ReplicationClient::connect(&prefer).await.unwrap();
+    assert!(!rc.is_tls());
+}
