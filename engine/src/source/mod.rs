@@ -20,7 +20,8 @@ mod stream;
 mod wire;
 
 pub use client::{
-    PgOutputOptions, ReplicationClient, SlotInfo, SlotOptions, SnapshotAction, SystemInfo,
+    max_proto_version, PgOutputOptions, ReplicationClient, SlotInfo, SlotOptions, SnapshotAction,
+    SystemInfo,
 };
 pub use conn::{pgpass_lookup, ConnConfig, SslMode};
 pub use stream::{ReplicationStream, XLogData, DEFAULT_IDLE_TIMEOUT, DEFAULT_STATUS_INTERVAL};
