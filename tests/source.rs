@@ -754,3 +754,27 @@ async fn require_fails_when_the_server_has_no_tls() {
     let rc = ReplicationClient::connect(&prefer).await.unwrap();
     assert!(!rc.is_tls());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_listener_hits_the_connect_timeout() {
+    // Accepts TCP connections (the kernel does it) but never answers the startup message.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cfg = ConnConfig::parse_with_env(
+        &format!("host=127.0.0.1 port={port} user=u dbname=d sslmode=disable connect_timeout=2"),
+        &|_| None,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(20), ReplicationClient::connect(&cfg))
+        .await
+        .expect("connect hung past its connect_timeout");
+    match r {
+        Err(e @ SourceError::Connect { .. }) => {
+            assert!(e.to_string().contains("connect_timeout"), "{e}")
+        }
+        other => panic!("expected a Connect timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    drop(listener);
+}

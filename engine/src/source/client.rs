@@ -166,17 +166,15 @@ impl ReplicationClient {
             c.startup(cfg).await?;
             Ok::<_, SourceError>(())
         };
-        match cfg.connect_timeout {
-            Some(t) => tokio::time::timeout(t, startup).await.unwrap_or_else(|_| {
-                Err(SourceError::Connect {
-                    host: cfg.host.clone(),
-                    port: cfg.port,
-                    source: format!("connect_timeout of {}s expired during startup", t.as_secs())
-                        .into(),
-                })
-            })?,
-            None => startup.await?,
-        }
+        let t = cfg.effective_connect_timeout();
+        tokio::time::timeout(t, startup).await.unwrap_or_else(|_| {
+            Err(SourceError::Connect {
+                host: cfg.host.clone(),
+                port: cfg.port,
+                source: format!("connect_timeout of {}s expired during startup", t.as_secs())
+                    .into(),
+            })
+        })?;
         tracing::debug!(
             host = %cfg.host,
             port = cfg.port,

@@ -107,6 +107,8 @@ pub struct ConnConfig {
     /// `application_name` shown in `pg_stat_activity` (default `reshard`).
     pub application_name: String,
     /// Gives up connecting after this long (`connect_timeout`, seconds; at least 2 like libpq).
+    /// Unlike libpq, reshard never waits forever: unset or `0` means
+    /// [`DEFAULT_CONNECT_TIMEOUT`].
     pub connect_timeout: Option<Duration>,
     /// Server options sent at startup (`options`, e.g. `-c statement_timeout=0`).
     pub options: Option<String>,
@@ -131,6 +133,9 @@ impl FromStr for ConnConfig {
         ConnConfig::parse(s)
     }
 }
+
+/// Connect (TCP, TLS and startup) timeout when `connect_timeout` is unset or 0.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Setting names accepted in a connection string.
 const KNOWN_KEYS: &[&str] = &[
@@ -293,6 +298,11 @@ impl ConnConfig {
         s
     }
 
+    /// `connect_timeout`, or [`DEFAULT_CONNECT_TIMEOUT`].
+    pub fn effective_connect_timeout(&self) -> Duration {
+        self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT)
+    }
+
     /// Whether `host` names a unix-socket directory.
     fn is_unix_socket(&self) -> bool {
         self.host.starts_with('/')
@@ -389,17 +399,16 @@ impl ConnConfig {
     /// Opens the byte stream for the replication client: TCP (with TLS negotiated as `sslmode`
     /// says) or a unix socket. Returns whether TLS is on.
     pub(crate) async fn open_transport(&self) -> Result<(Transport, bool), SourceError> {
-        let fut = self.open_transport_inner();
-        match self.connect_timeout {
-            Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
+        let t = self.effective_connect_timeout();
+        tokio::time::timeout(t, self.open_transport_inner())
+            .await
+            .unwrap_or_else(|_| {
                 Err(SourceError::Connect {
                     host: self.host.clone(),
                     port: self.port,
                     source: format!("connect_timeout of {}s expired", t.as_secs()).into(),
                 })
-            }),
-            None => fut.await,
-        }
+            })
     }
 
     async fn open_transport_inner(&self) -> Result<(Transport, bool), SourceError> {
@@ -488,9 +497,7 @@ impl ConnConfig {
         if let Some(pw) = &self.password {
             c.password(pw);
         }
-        if let Some(t) = self.connect_timeout {
-            c.connect_timeout(t);
-        }
+        c.connect_timeout(self.effective_connect_timeout());
         if let Some(o) = &self.options {
             c.options(o);
         }

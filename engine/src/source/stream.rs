@@ -473,6 +473,114 @@ impl ReplicationStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::wire::Transport;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    fn copy_data(payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![b'd'];
+        v.extend_from_slice(&(payload.len() as u32 + 4).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn xlog(start: u64, end: u64, data: &[u8]) -> Vec<u8> {
+        let mut p = vec![b'w'];
+        p.extend_from_slice(&start.to_be_bytes());
+        p.extend_from_slice(&end.to_be_bytes());
+        p.extend_from_slice(&0i64.to_be_bytes());
+        p.extend_from_slice(data);
+        copy_data(&p)
+    }
+
+    fn keepalive(end: u64, reply: bool) -> Vec<u8> {
+        let mut p = vec![b'k'];
+        p.extend_from_slice(&end.to_be_bytes());
+        p.extend_from_slice(&0i64.to_be_bytes());
+        p.push(u8::from(reply));
+        copy_data(&p)
+    }
+
+    /// Reads one standby status update from the "server" side: (write, flush, apply, reply).
+    async fn read_status(server: &mut UnixStream) -> (u64, u64, u64, bool) {
+        let mut buf = [0u8; 39];
+        server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf[..6], &[b'd', 0, 0, 0, 38, b'r']);
+        let n = |i: usize| u64::from_be_bytes(buf[i..i + 8].try_into().unwrap());
+        (n(6), n(14), n(22), buf[38] == 1)
+    }
+
+    #[tokio::test]
+    async fn next_is_cancel_safe_answers_keepalives_and_confirms_only_marks() {
+        let (client, mut server) = UnixStream::pair().unwrap();
+        let mut s = ReplicationStream::new(
+            Wire::new(Transport::Unix(client)),
+            "t".into(),
+            Lsn::from_u64(100),
+        );
+        server.write_all(&keepalive(200, true)).await.unwrap();
+        let frame = xlog(300, 400, b"Bhello");
+        server.write_all(&frame[..7]).await.unwrap();
+        // Half a frame: next() waits; dropping it must lose nothing.
+        let r = tokio::time::timeout(Duration::from_millis(100), s.next()).await;
+        assert!(r.is_err(), "next() returned on half a frame");
+        // The keepalive was answered at once, confirming nothing (nothing marked yet).
+        assert_eq!(read_status(&mut server).await, (0, 0, 0, false));
+        assert_eq!(s.server_wal_end(), Lsn::from_u64(200));
+        server.write_all(&frame[7..]).await.unwrap();
+        let x = s.next().await.unwrap().unwrap();
+        assert_eq!(&x.data[..], b"Bhello");
+        assert_eq!(
+            (x.wal_start, x.wal_end),
+            (Lsn::from_u64(300), Lsn::from_u64(400))
+        );
+
+        s.set_flushed(Lsn::from_u64(300));
+        s.set_flushed(Lsn::from_u64(250)); // lower: ignored
+        s.send_status(true).await.unwrap();
+        assert_eq!(read_status(&mut server).await, (300, 300, 300, true));
+
+        drop(server);
+        match s.next().await {
+            Err(SourceError::ConnectionLost { last_lsn, .. }) => {
+                assert_eq!(last_lsn, Lsn::from_u64(400))
+            }
+            other => panic!("expected ConnectionLost, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn periodic_status_and_server_errors() {
+        let (client, mut server) = UnixStream::pair().unwrap();
+        let mut s =
+            ReplicationStream::new(Wire::new(Transport::Unix(client)), "t".into(), Lsn::ZERO)
+                .with_status_interval(Duration::from_millis(50));
+        s.set_flushed(Lsn::from_u64(77));
+        let r = tokio::time::timeout(Duration::from_millis(200), s.next()).await;
+        assert!(r.is_err());
+        assert_eq!(read_status(&mut server).await, (77, 77, 77, false));
+        // ErrorResponse: S ERROR, C 42704, M publication "p" does not exist.
+        let mut body = Vec::new();
+        for (t, v) in [
+            (b'S', "ERROR"),
+            (b'C', "42704"),
+            (b'M', "publication \"p\" does not exist"),
+        ] {
+            body.push(t);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut msg = vec![b'E'];
+        msg.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        msg.extend_from_slice(&body);
+        server.write_all(&msg).await.unwrap();
+        match s.next().await {
+            Err(SourceError::PublicationMissing { publication }) => assert_eq!(publication, "p"),
+            other => panic!("expected PublicationMissing, got {other:?}"),
+        }
+        assert!(s.next().await.is_err(), "a failed stream stays failed");
+    }
 
     #[test]
     fn status_update_encoding() {
