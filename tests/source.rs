@@ -251,6 +251,26 @@ async fn exported_snapshot_is_importable_and_consistent() {
     assert_eq!(s.confirmed_flush_lsn, Some(slot.consistent_point));
     assert!(s.retained_wal_bytes.unwrap() >= 0);
 
+    // A two-phase slot (PostgreSQL 14+ decodes prepared transactions at PREPARE).
+    rc.create_slot(
+        "tp_slot",
+        SlotOptions {
+            temporary: false,
+            snapshot: SnapshotAction::NoExport,
+            two_phase: true,
+        },
+    )
+    .await
+    .unwrap();
+    let tp = c
+        .psql(
+            "postgres",
+            "SELECT two_phase FROM pg_replication_slots WHERE slot_name = 'tp_slot'",
+        )
+        .unwrap();
+    assert_eq!(tp, "t");
+    rc.drop_slot("tp_slot", false).await.unwrap();
+
     rc.drop_slot("snap_slot", true).await.unwrap();
     rc.drop_slot("plain_slot", false).await.unwrap();
     assert!(list_slots(&sql).await.unwrap().is_empty());
@@ -777,4 +797,55 @@ async fn silent_listener_hits_the_connect_timeout() {
     }
     assert!(started.elapsed() >= Duration::from_secs(2));
     drop(listener);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pgoutput_option_is_accepted() {
+    let c = PgCluster::start().unwrap();
+    setup_table(&c);
+    let mut rc = ReplicationClient::connect(&cfg(&c, "postgres"))
+        .await
+        .unwrap();
+    let slot = rc.create_slot("opts", no_export()).await.unwrap();
+    let mut stream = rc
+        .start_replication(
+            "opts",
+            slot.consistent_point,
+            PgOutputOptions {
+                proto_version: None,
+                publication_names: vec!["pub_all".into()],
+                messages: true,
+                streaming: true,
+                binary: true,
+                two_phase: true,
+            },
+        )
+        .await
+        .unwrap();
+    c.psql(
+        "postgres",
+        "SELECT pg_logical_emit_message(false, 'reshard', 'hello')",
+    )
+    .unwrap();
+    let x = tokio::time::timeout(Duration::from_secs(20), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(x.data[0], b'M', "a logical message, since messages=true");
+    assert!(x.data.ends_with(b"hello"));
+    stream.shutdown().await.unwrap();
+
+    // A protocol version the server does not speak is refused before anything is sent.
+    let rc = ReplicationClient::connect(&cfg(&c, "postgres"))
+        .await
+        .unwrap();
+    let too_new = PgOutputOptions {
+        proto_version: Some(99),
+        ..pgoutput(&["pub_all"])
+    };
+    match rc.start_replication("opts", Lsn::ZERO, too_new).await {
+        Err(SourceError::Config { key, .. }) => assert_eq!(key, "proto_version"),
+        other => panic!("expected a Config error, got {other:?}"),
+    }
 }

@@ -175,6 +175,17 @@ impl ReplicationClient {
                     .into(),
             })
         })?;
+        let version = c.server_version_num();
+        if version != 0 && version < 100000 {
+            return Err(SourceError::Config {
+                key: "server_version".into(),
+                message: format!(
+                    "the source runs PostgreSQL {}; logical replication with pgoutput needs \
+                     PostgreSQL 10 or later",
+                    c.parameter("server_version").unwrap_or("?")
+                ),
+            });
+        }
         tracing::debug!(
             host = %cfg.host,
             port = cfg.port,

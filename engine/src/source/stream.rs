@@ -47,7 +47,9 @@ pub struct XLogData {
     pub wal_end: Lsn,
     /// The server's clock at transmission.
     pub server_time: PgTimestamp,
-    /// The pgoutput message (first byte is its tag: `B`, `R`, `I`, `C`, ...).
+    /// The pgoutput message (first byte is its tag: `B`, `R`, `I`, `C`, ...). A slice of the
+    /// read buffer: keeping it alive keeps its 64 KiB read chunk alive, so copy out what must
+    /// outlive the batch.
     pub data: Bytes,
 }
 
