@@ -849,3 +849,32 @@ async fn every_pgoutput_option_is_accepted() {
         other => panic!("expected a Config error, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_reader_keeps_its_connection() {
+    let c = PgCluster::builder()
+        .setting("wal_sender_timeout", "2s")
+        .start()
+        .unwrap();
+    setup_table(&c);
+    let mut rc = ReplicationClient::connect(&cfg(&c, "postgres"))
+        .await
+        .unwrap();
+    let slot = rc.create_slot("paused", no_export()).await.unwrap();
+    let mut stream = rc
+        .start_replication("paused", slot.consistent_point, pgoutput(&["pub_all"]))
+        .await
+        .unwrap()
+        .with_status_interval(Duration::from_millis(500));
+    c.psql(
+        "postgres",
+        "INSERT INTO accounts SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g",
+    )
+    .unwrap();
+    // Downstream is "full" for 5 s (2.5 x wal_sender_timeout): nothing is read.
+    let r = tokio::time::timeout(Duration::from_secs(5), stream.keepalive_while_paused()).await;
+    assert!(r.is_err(), "keepalive_while_paused failed: {r:?}");
+    let mut tags = Vec::new();
+    read_until(&mut stream, b'C', &mut tags).await.unwrap();
+    assert_eq!(tags.iter().filter(|t| **t == b'I').count(), 20000);
+}

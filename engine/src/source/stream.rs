@@ -294,6 +294,22 @@ impl ReplicationStream {
         self.flush_pending().await
     }
 
+    /// Keeps the connection alive while the caller cannot take data (its downstream is full):
+    /// sends a status update every `status_interval` without reading anything, so the server's
+    /// `wal_sender_timeout` does not fire (the walsender counts any reply, even while its send
+    /// buffer is full). Never finishes unless sending fails, and then returns that error. Use it
+    /// as the other arm of a `select!` around a blocked send.
+    // This is cancellation-safe: the next deadline and unsent bytes live in `self`.
+    pub async fn keepalive_while_paused(&mut self) -> SourceError {
+        loop {
+            if let Err(e) = self.flush_pending().await {
+                return self.fail(e);
+            }
+            tokio::time::sleep_until(self.next_status_at).await;
+            self.queue_status(false);
+        }
+    }
+
     fn fail(&mut self, e: SourceError) -> SourceError {
         self.state = State::Failed(e.to_string());
         e
@@ -549,6 +565,22 @@ mod tests {
             }
             other => panic!("expected ConnectionLost, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn paused_stream_still_sends_status_updates() {
+        let (client, mut server) = UnixStream::pair().unwrap();
+        let mut s =
+            ReplicationStream::new(Wire::new(Transport::Unix(client)), "t".into(), Lsn::ZERO)
+                .with_status_interval(Duration::from_millis(30));
+        server.write_all(&xlog(1, 2, b"Bdata")).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_millis(200), s.keepalive_while_paused()).await;
+        assert!(r.is_err(), "keepalive_while_paused ended: {r:?}");
+        for _ in 0..3 {
+            assert_eq!(read_status(&mut server).await, (0, 0, 0, false));
+        }
+        // The data sent meanwhile is still there.
+        assert_eq!(&s.next().await.unwrap().unwrap().data[..], b"Bdata");
     }
 
     #[tokio::test]
