@@ -670,6 +670,34 @@ async fn a_crashed_load_resumes_without_recopying_finished_tables() {
         .map(|t| t.table.clone())
         .collect();
 
+    // The crash left part of events on the shards (whole chunks only) and all of the tables
+    // finished before it.
+    let events_chunks: i64 = env
+        .shards
+        .iter()
+        .map(|s| {
+            count(
+                s,
+                "SELECT count(*) FROM reshard.fullload_chunks WHERE source_table = 'public.events'",
+            )
+        })
+        .sum();
+    assert!(
+        events_chunks >= 2,
+        "chunks of events recorded: {events_chunks}"
+    );
+    for s in &env.shards {
+        assert_eq!(
+            count(s, "SELECT count(*) FROM events"),
+            count(
+                s,
+                "SELECT coalesce(sum(rows), 0) FROM reshard.fullload_chunks \
+                 WHERE source_table = 'public.events'"
+            ),
+            "a shard holds exactly the rows of its committed chunks"
+        );
+    }
+
     // The source moves on; a new snapshot (as a temporary slot would give) is later.
     env.source
         .psql(
@@ -697,11 +725,13 @@ async fn a_crashed_load_resumes_without_recopying_finished_tables() {
     };
 
     // Run 2.
-    let prepared = env
-        .load(options(|_| {}))
-        .prepare()
-        .await
-        .expect("prepare run 2");
+    let load2 = env.load(options(|_| {}));
+    let progress2 = load2.progress();
+    let prepared = load2.prepare().await.expect("prepare run 2");
+    for t in &done_in_run1 {
+        let p = progress2.borrow().table(t).cloned().unwrap();
+        assert_eq!(p.state, TableState::AlreadyDone, "{p:?}");
+    }
     let to_copy = prepared.tables_to_copy();
     assert!(to_copy.contains(&"public.events".to_owned()));
     for t in &done_in_run1 {

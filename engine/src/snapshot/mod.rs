@@ -24,7 +24,8 @@
 //! - **Bounded memory:** per worker, one ~`batch_bytes` buffer per shard plus one partial row;
 //!   a slow shard's `COPY` sink applies backpressure to the source read.
 //!
-//! See `plan` for how tables are chunked and `copy` for the worker loop.
+//! See `catalog` for the checks and how tables are chunked, `copy` for the worker loop and
+//! `indexes` for `defer_indexes`.
 
 mod catalog;
 mod copy;
@@ -504,7 +505,7 @@ impl PreparedLoad {
                     chunks_copied,
                     chunks_total: match t.status {
                         catalog::TableStatus::Finished { chunks, .. } => chunks,
-                        _ => chunks_copied,
+                        _ => t.chunks_total(),
                     },
                     rows,
                     bytes,
