@@ -177,8 +177,11 @@ pub(crate) async fn run_workers(
     let mut workers = Vec::with_capacity(n_workers);
     for id in 0..n_workers {
         let src = connect("source", source).await?;
+        // A chunk's COPY may run long, and between chunks a worker may wait for a shard's copy
+        // slot while its source transaction sits idle: neither may be cut short.
         src.batch_execute(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET statement_timeout = 0",
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0;
+             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
         )
         .await
         .map_err(source_err("starting a copy transaction".into()))?;
@@ -193,7 +196,15 @@ pub(crate) async fn run_workers(
         })?;
         let mut targets = Vec::with_capacity(shards.len());
         for shard in shards {
-            targets.push(connect(&shard.name, &shard.connect).await?);
+            let client = connect(&shard.name, &shard.connect).await?;
+            client
+                .batch_execute("SET statement_timeout = 0")
+                .await
+                .map_err(shard_err(
+                    &shard.name,
+                    "setting up a copy connection".into(),
+                ))?;
+            targets.push(client);
         }
         workers.push(Worker {
             id,
