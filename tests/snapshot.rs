@@ -420,18 +420,40 @@ async fn throttle_keeps_each_shard_under_max_rows_per_sec() {
     let exporter = client(&env.source).await;
     let snap = export(&exporter).await;
     let load = env.load(options(|c| {
+        c.parallel = 4;
         c.max_rows_per_sec = Some(5_000);
         c.max_concurrent_copies_per_shard = Some(1);
         c.chunk_rows = 5_000;
         c.batch_bytes = 8 * 1024;
     }));
-    let report: FullLoadReport = load
-        .prepare()
-        .await
-        .unwrap()
-        .run(Some(snap), None)
-        .await
-        .unwrap();
+    let task = tokio::spawn(load.prepare().await.unwrap().run(Some(snap), None));
+    // Four workers, but at most one COPY into a shard at any moment.
+    let watcher = client(&env.shards[0]).await;
+    let mut most = 0;
+    let mut samples = 0;
+    while !task.is_finished() {
+        let n: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE state = 'active' AND query LIKE 'COPY % FROM STDIN'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        most = most.max(n);
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        samples > 10,
+        "the load was too short to watch ({samples} samples)"
+    );
+    assert_eq!(
+        most, 1,
+        "concurrent COPYs into shard0 with max_concurrent_copies_per_shard = 1"
+    );
+    let report: FullLoadReport = task.await.unwrap().unwrap();
     exporter.batch_execute("COMMIT").await.unwrap();
     assert_eq!(report.throttle.len(), SHARDS);
     for (s, stats) in report.throttle.iter().enumerate() {

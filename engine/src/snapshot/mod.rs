@@ -24,6 +24,18 @@
 //! - **Bounded memory:** per worker, one ~`batch_bytes` buffer per shard plus one partial row;
 //!   a slow shard's `COPY` sink applies backpressure to the source read.
 //!
+//! How the runtime drives it:
+//! 1. [`FullLoad::new`] then [`FullLoad::prepare`]: reads the source and shard catalogs and
+//!    reshard's records; nothing is copied yet, so target problems surface before any slot is
+//!    made.
+//! 2. If [`PreparedLoad::needs_snapshot`]: on a first run, create the main slot with
+//!    `EXPORT_SNAPSHOT`; when the main slot already exists (a resumed load), create a temporary
+//!    slot with `EXPORT_SNAPSHOT` instead. Either gives an [`ExportedSnapshot`].
+//! 3. [`PreparedLoad::run`], keeping the exporting replication connection idle until `imported`
+//!    fires. Then start CDC at the main slot's consistent point and skip, per table, the
+//!    changes at or below [`FullLoadReport::skip_until`]. The report is rebuilt from the
+//!    shards' records on every run, so it survives restarts.
+//!
 //! See `catalog` for the checks and how tables are chunked, `copy` for the worker loop and
 //! `indexes` for `defer_indexes`.
 
