@@ -558,8 +558,7 @@ async fn a_null_shard_key_stops_the_load_naming_table_and_row() {
         .unwrap()
         .run(Some(snap), None)
         .await
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     let text = err.to_string();
     assert!(matches!(err, SnapshotError::NullKey { .. }), "{text}");
     assert!(
@@ -894,7 +893,7 @@ async fn a_shard_outage_fails_the_load_naming_the_shard_and_a_rerun_completes() 
         }
     }
     env.shards[1].stop().unwrap();
-    let err = task.await.unwrap().err().expect("the load must fail");
+    let err = task.await.unwrap().expect_err("the load must fail");
     exporter1.batch_execute("COMMIT").await.unwrap();
     let text = err.to_string();
     assert!(
