@@ -22,6 +22,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_postgres::{Client, CopyInSink};
+use tracing::Instrument;
 
 use super::catalog::{connect, shard_err, source_err, KeyColumn, Plan};
 use super::error::SnapshotError;
@@ -221,7 +222,8 @@ pub(crate) async fn run_workers(
     let ctx = Arc::new(ctx);
     let mut set = JoinSet::new();
     for w in workers {
-        set.spawn(w.run(ctx.clone()));
+        let span = tracing::info_span!("fullload_worker", worker = w.id, snapshot = %snapshot.name);
+        set.spawn(w.run(ctx.clone()).instrument(span));
     }
     let mut total: CopiedStats = HashMap::new();
     while let Some(res) = set.join_next().await {
@@ -355,7 +357,7 @@ impl Worker {
                         }
                     }
                     Some(key) => {
-                        let s = route_row(ctx, table, key, job.id, row, n)?;
+                        let s = route_row(&ctx.route, table, key, job.id, row, n)?;
                         if let Some(b) = batches.get_mut(s) {
                             b.buf.extend_from_slice(row);
                             b.rows += 1;
@@ -450,7 +452,7 @@ impl Worker {
 
 /// The shard index of a sharded row.
 fn route_row(
-    ctx: &CopyContext,
+    route: &RouteFn,
     table: &CopyTable,
     key: &KeyColumn,
     chunk: u32,
@@ -478,13 +480,12 @@ fn route_row(
         });
     }
     let text = unescape(raw);
-    let shard: ShardId =
-        (ctx.route)(key.type_oid, &text).map_err(|message| SnapshotError::Route {
-            table: table.source_display.clone(),
-            chunk,
-            key: String::from_utf8_lossy(&text).into_owned(),
-            message,
-        })?;
+    let shard: ShardId = route(key.type_oid, &text).map_err(|message| SnapshotError::Route {
+        table: table.source_display.clone(),
+        chunk,
+        key: String::from_utf8_lossy(&text).into_owned(),
+        message,
+    })?;
     if shard.index() >= shards {
         return Err(SnapshotError::Route {
             table: table.source_display.clone(),
@@ -510,4 +511,71 @@ async fn flush(
     batch.rows = 0;
     let data = batch.buf.split().freeze();
     sink.send(data).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> CopyTable {
+        CopyTable {
+            source_display: "public.events".into(),
+            copy_in_sql: String::new(),
+            key: None,
+            chunks_total: 1,
+        }
+    }
+
+    fn key() -> KeyColumn {
+        KeyColumn {
+            index: 1,
+            name: "account_id".into(),
+            type_oid: 20,
+        }
+    }
+
+    fn by_value() -> RouteFn {
+        Arc::new(|oid, text: &[u8]| {
+            assert_eq!(oid, 20);
+            match text {
+                b"boom" => Err("no such account".into()),
+                b"9" => Ok(ShardId(9)),
+                // Only the decoded form (a real tab) routes to 2; the escaped form would not.
+                b"a\tb" => Ok(ShardId(2)),
+                _ => Ok(ShardId(1)),
+            }
+        })
+    }
+
+    #[test]
+    fn rows_route_by_their_decoded_key() {
+        let r = by_value();
+        assert_eq!(
+            route_row(&r, &table(), &key(), 0, b"1\t42\tx\n", 3).unwrap(),
+            1
+        );
+        assert_eq!(
+            route_row(&r, &table(), &key(), 0, b"1\ta\\tb\tx\n", 3).unwrap(),
+            2
+        );
+    }
+
+    #[test]
+    fn routing_problems_name_table_chunk_and_key() {
+        let r = by_value();
+        let e = route_row(&r, &table(), &key(), 4, b"1\t\\N\tx\n", 3).unwrap_err();
+        assert!(matches!(e, SnapshotError::NullKey { chunk: 4, .. }), "{e}");
+        let e = route_row(&r, &table(), &key(), 4, b"1\tboom\n", 3).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("public.events chunk 4")
+                && s.contains("\"boom\"")
+                && s.contains("no such account"),
+            "{s}"
+        );
+        let e = route_row(&r, &table(), &key(), 4, b"1\t9\n", 3).unwrap_err();
+        assert!(e.to_string().contains("only 3 shards"), "{e}");
+        let e = route_row(&r, &table(), &key(), 4, b"1\n", 3).unwrap_err();
+        assert!(matches!(e, SnapshotError::Malformed { .. }), "{e}");
+    }
 }
