@@ -159,6 +159,12 @@ pub(crate) fn fix_for(e: &tokio_postgres::Error) -> &'static str {
         Some(c) if c.starts_with("08") || c.starts_with("57") => {
             "the server went away; the load can be restarted and resumes from the finished tables"
         }
+        Some("23503") => {
+            "a foreign key on the target refused a row: tables and chunks load in parallel, in no particular order; add the target's foreign keys after the full load"
+        }
+        Some("0A000") => {
+            "the server refused the operation; if TRUNCATE was refused because another target table references this one, include that table in the load or drop the foreign key until the load is done"
+        }
         Some(c) if c.starts_with("22") => {
             "a value did not fit the target column; make the target column type equal to the source's"
         }
