@@ -2,4 +2,5 @@
 //!
 //! One binary (etl's layout): each area is a module.
 
+mod snapshot;
 mod source;

@@ -36,6 +36,7 @@ pub mod lsn;
 pub mod apply;
 pub mod decode;
 pub mod route;
+pub mod snapshot;
 pub mod source;
 pub mod spill;
 pub mod status;
