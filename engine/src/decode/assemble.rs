@@ -439,8 +439,7 @@ impl Assembler {
                 }
                 // pgoutput marks a schema as sent when it sends it outside a stream, so it is
                 // in force from here on, also for a prepared transaction that may never commit.
-                self.relations
-                    .insert(r.relation.id.0, Arc::new(r.relation));
+                self.relations.insert(r.relation.id.0, Arc::new(r.relation));
             }
             PgOutputMessage::Type(t) => {
                 if let Open::Preparing { spool, .. } = &mut self.open {
@@ -668,10 +667,7 @@ impl Assembler {
         // cache while it replays.
         let mut local: HashMap<Oid, Arc<Relation>> = HashMap::new();
         let proto = self.decoder.proto_version();
-        while let Some((lsn, data)) = frames
-            .next_frame()
-            .map_err(|e| spool_err(&spool.path, e))?
-        {
+        while let Some((lsn, data)) = frames.next_frame().map_err(|e| spool_err(&spool.path, e))? {
             let msg = decode_message(&data, proto, spool.streamed)
                 .map_err(|source| AssembleError::Decode { lsn, source })?;
             let sub = match &msg {

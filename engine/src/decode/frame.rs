@@ -22,7 +22,10 @@ pub fn write_frame<W: Write>(w: &mut W, lsn: Lsn, msg: &[u8]) -> io::Result<()> 
     let len = u32::try_from(msg.len()).map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("pgoutput message of {} bytes is too large to frame", msg.len()),
+            format!(
+                "pgoutput message of {} bytes is too large to frame",
+                msg.len()
+            ),
         )
     })?;
     let mut header = [0u8; FRAME_HEADER_LEN];
@@ -89,7 +92,10 @@ impl<R: Read> FrameReader<R> {
     fn truncated(&self) -> io::Error {
         io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            format!("framed pgoutput file ends inside the frame at byte {}", self.offset),
+            format!(
+                "framed pgoutput file ends inside the frame at byte {}",
+                self.offset
+            ),
         )
     }
 }
@@ -125,7 +131,10 @@ pub fn split_frames(data: &Bytes) -> io::Result<Vec<(Lsn, Bytes)>> {
                 format!("framed pgoutput data ends inside the frame at byte {pos}"),
             ));
         }
-        out.push((Lsn::from_u64(u64::from_be_bytes(lsn)), data.slice(start..end)));
+        out.push((
+            Lsn::from_u64(u64::from_be_bytes(lsn)),
+            data.slice(start..end),
+        ));
         pos = end;
     }
     Ok(out)

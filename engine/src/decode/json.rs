@@ -19,6 +19,7 @@
 
 use serde_json::{Map, Value as Json};
 
+use super::assemble::{AssembleError, Assembler, AssemblerOptions};
 use crate::event::{Begin, Change, OldRow, PgTimestamp, Relation, TxnEvent, Value, Xid};
 use crate::lsn::Lsn;
 
@@ -71,6 +72,33 @@ impl JsonRenderer {
         }
         Json::Object(o)
     }
+}
+
+/// Decodes and assembles a captured message stream (frames of `(LSN, pgoutput message)` in
+/// slot order) and renders every event as one JSON line (each ending in `\n`). Used for the
+/// golden files of `fixtures/pgoutput` and by tooling.
+pub fn render_capture<I>(
+    frames: I,
+    proto_version: u32,
+    stream_dir: &std::path::Path,
+) -> Result<String, AssembleError>
+where
+    I: IntoIterator<Item = (Lsn, bytes::Bytes)>,
+{
+    let mut asm = Assembler::new(AssemblerOptions {
+        stream_dir: stream_dir.to_owned(),
+        proto_version,
+    })?;
+    let mut renderer = JsonRenderer::new();
+    let mut text = String::new();
+    for (lsn, data) in frames {
+        asm.push(lsn, data, &mut |at, ev| {
+            text.push_str(&renderer.render(at, &ev).to_string());
+            text.push('\n');
+            Ok::<(), AssembleError>(())
+        })?;
+    }
+    Ok(text)
 }
 
 fn render_change(change: &Change, o: &mut Map<String, Json>) {

@@ -17,7 +17,7 @@
 
 use bytes::Bytes;
 
-use crate::event::{Column, OldRow, Oid, PgTimestamp, Relation, ReplicaIdentity, Row, TableId};
+use crate::event::{Column, Oid, OldRow, PgTimestamp, Relation, ReplicaIdentity, Row, TableId};
 use crate::event::{Value, Xid};
 use crate::lsn::Lsn;
 
