@@ -48,7 +48,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::frame::{write_frame, FrameReader};
-use super::pgoutput::{decode_message, DecodeError, Decoder, PgOutputMessage, TypeMessage};
+use super::pgoutput::{decode_message, DecodeError, PgOutputMessage, TypeMessage};
 use super::pgoutput::{
     Begin as WireBegin, Delete as WireDelete, Insert as WireInsert, Message as WireMessage,
     Truncate as WireTruncate, Update as WireUpdate,
@@ -273,7 +273,7 @@ enum Open {
 /// streaming restarts (PostgreSQL re-sends Relation messages and open transactions then).
 #[derive(Debug)]
 pub struct Assembler {
-    decoder: Decoder,
+    proto_version: u32,
     dir: tempfile::TempDir,
     relations: HashMap<Oid, Arc<Relation>>,
     types: HashMap<Oid, TypeMessage>,
@@ -312,7 +312,7 @@ impl Assembler {
                 source,
             })?;
         Ok(Assembler {
-            decoder: Decoder::new(options.proto_version),
+            proto_version: options.proto_version,
             dir,
             relations: HashMap::new(),
             types: HashMap::new(),
@@ -384,14 +384,15 @@ impl Assembler {
         E: From<AssembleError>,
         F: FnMut(Lsn, TxnEvent) -> Result<(), E>,
     {
-        let was_in_stream = self.decoder.in_stream();
-        let msg = self
-            .decoder
-            .decode(&data)
-            .map_err(|source| AssembleError::Decode {
+        // The stream state is the assembler's own (not the decoder's), so a rejected Stream
+        // Start cannot leave the two disagreeing.
+        let was_in_stream = self.stream.is_some();
+        let msg = decode_message(&data, self.proto_version, was_in_stream).map_err(|source| {
+            AssembleError::Decode {
                 lsn: wal_start,
                 source,
-            })?;
+            }
+        })?;
         if was_in_stream {
             return self.push_in_stream(wal_start, &data, msg).map_err(E::from);
         }
@@ -666,7 +667,7 @@ impl Assembler {
         // Relations announced inside this transaction: they take precedence over the shared
         // cache while it replays.
         let mut local: HashMap<Oid, Arc<Relation>> = HashMap::new();
-        let proto = self.decoder.proto_version();
+        let proto = self.proto_version;
         while let Some((lsn, data)) = frames.next_frame().map_err(|e| spool_err(&spool.path, e))? {
             let msg = decode_message(&data, proto, spool.streamed)
                 .map_err(|source| AssembleError::Decode { lsn, source })?;
@@ -833,5 +834,477 @@ fn resolve(
             lsn,
             state: "resolving a change".to_owned(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Change, Value};
+
+    /// Hand-built pgoutput messages (formats from the PostgreSQL docs).
+    mod wire {
+        use bytes::{BufMut, Bytes, BytesMut};
+
+        fn xid_prefix(b: &mut BytesMut, xid: Option<u32>) {
+            if let Some(x) = xid {
+                b.put_u32(x);
+            }
+        }
+        pub fn begin(final_lsn: u64, xid: u32) -> Bytes {
+            let mut b = BytesMut::new();
+            b.put_u8(b'B');
+            b.put_u64(final_lsn);
+            b.put_i64(1000);
+            b.put_u32(xid);
+            b.freeze()
+        }
+        pub fn commit(commit_lsn: u64, end_lsn: u64) -> Bytes {
+            let mut b = BytesMut::new();
+            b.put_u8(b'C');
+            b.put_u8(0);
+            b.put_u64(commit_lsn);
+            b.put_u64(end_lsn);
+            b.put_i64(1000);
+            b.freeze()
+        }
+        /// Relation `public.<name>` with columns `id` (key) and the given others.
+        pub fn relation(xid: Option<u32>, oid: u32, name: &str, others: &[&str]) -> Bytes {
+            let mut b = BytesMut::new();
+            b.put_u8(b'R');
+            xid_prefix(&mut b, xid);
+            b.put_u32(oid);
+            b.put_slice(b"public\0");
+            b.put_slice(name.as_bytes());
+            b.put_u8(0);
+            b.put_u8(b'd');
+            b.put_i16(1 + others.len() as i16);
+            for (i, c) in std::iter::once(&"id").chain(others).enumerate() {
+                b.put_u8(u8::from(i == 0));
+                b.put_slice(c.as_bytes());
+                b.put_u8(0);
+                b.put_u32(25);
+                b.put_i32(-1);
+            }
+            b.freeze()
+        }
+        /// Insert of text values.
+        pub fn insert(xid: Option<u32>, oid: u32, vals: &[&str]) -> Bytes {
+            let mut b = BytesMut::new();
+            b.put_u8(b'I');
+            xid_prefix(&mut b, xid);
+            b.put_u32(oid);
+            b.put_u8(b'N');
+            b.put_i16(vals.len() as i16);
+            for v in vals {
+                b.put_u8(b't');
+                b.put_i32(v.len() as i32);
+                b.put_slice(v.as_bytes());
+            }
+            b.freeze()
+        }
+        pub fn stream_start(xid: u32, first: bool) -> Bytes {
+            let mut b = BytesMut::new();
+            b.put_u8(b'S');
+            b.put_u32(xid);
+            b.put_u8(u8::from(first));
+            b.freeze()
+        }
+        pub fn stream_stop() -> Bytes {
+            Bytes::from_static(b"E")
+        }
+        pub fn stream_commit(xid: u32, commit_lsn: u64, end_lsn: u64) -> Bytes {
+            let mut b = BytesMut::new();
+            b.put_u8(b'c');
+            b.put_u32(xid);
+            b.put_u8(0);
+            b.put_u64(commit_lsn);
+            b.put_u64(end_lsn);
+            b.put_i64(2000);
+            b.freeze()
+        }
+        pub fn stream_abort(xid: u32, subxid: u32) -> Bytes {
+            let mut b = BytesMut::new();
+            b.put_u8(b'A');
+            b.put_u32(xid);
+            b.put_u32(subxid);
+            b.freeze()
+        }
+        fn prepare_like(tag: u8, flags: bool, lsn: u64, end: u64, xid: u32, gid: &str) -> Bytes {
+            let mut b = BytesMut::new();
+            b.put_u8(tag);
+            if flags {
+                b.put_u8(0);
+            }
+            b.put_u64(lsn);
+            b.put_u64(end);
+            b.put_i64(3000);
+            b.put_u32(xid);
+            b.put_slice(gid.as_bytes());
+            b.put_u8(0);
+            b.freeze()
+        }
+        pub fn begin_prepare(lsn: u64, end: u64, xid: u32, gid: &str) -> Bytes {
+            prepare_like(b'b', false, lsn, end, xid, gid)
+        }
+        pub fn prepare(lsn: u64, end: u64, xid: u32, gid: &str) -> Bytes {
+            prepare_like(b'P', true, lsn, end, xid, gid)
+        }
+        pub fn stream_prepare(lsn: u64, end: u64, xid: u32, gid: &str) -> Bytes {
+            prepare_like(b'p', true, lsn, end, xid, gid)
+        }
+        pub fn commit_prepared(lsn: u64, end: u64, xid: u32, gid: &str) -> Bytes {
+            prepare_like(b'K', true, lsn, end, xid, gid)
+        }
+        pub fn rollback_prepared(xid: u32, gid: &str) -> Bytes {
+            let mut b = BytesMut::new();
+            b.put_u8(b'r');
+            b.put_u8(0);
+            b.put_u64(1);
+            b.put_u64(2);
+            b.put_i64(3);
+            b.put_i64(4);
+            b.put_u32(xid);
+            b.put_slice(gid.as_bytes());
+            b.put_u8(0);
+            b.freeze()
+        }
+    }
+
+    /// Feeds messages with increasing LSNs and records what comes out.
+    struct Harness {
+        asm: Assembler,
+        next_lsn: u64,
+        out: Vec<(Lsn, TxnEvent)>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let asm = Assembler::new(AssemblerOptions {
+                stream_dir: dir.path().to_owned(),
+                proto_version: 4,
+            })
+            .unwrap();
+            Harness {
+                asm,
+                next_lsn: 0x100,
+                out: Vec::new(),
+                _dir: dir,
+            }
+        }
+
+        fn push(&mut self, msg: Bytes) -> Result<(), AssembleError> {
+            self.next_lsn += 0x10;
+            let out = &mut self.out;
+            self.asm
+                .push(Lsn::from_u64(self.next_lsn), msg, &mut |lsn, ev| {
+                    out.push((lsn, ev));
+                    Ok::<(), AssembleError>(())
+                })
+        }
+
+        fn all(&mut self, msgs: impl IntoIterator<Item = Bytes>) {
+            for m in msgs {
+                self.push(m).unwrap();
+            }
+        }
+
+        /// Compact view: `B<xid>@<commit_lsn>`, `I<table>:<first value>`, `C<xid>@<end_lsn>`.
+        fn summary(&self) -> Vec<String> {
+            self.out
+                .iter()
+                .map(|(_, ev)| match ev {
+                    TxnEvent::Begin(b) => format!("B{}@{:x}", b.xid, b.commit_lsn.as_u64()),
+                    TxnEvent::Commit(c) => format!("C{}@{:x}", c.xid, c.end_lsn.as_u64()),
+                    TxnEvent::Change(Change::Insert { rel, new }) => {
+                        let v = match new.first() {
+                            Some(Value::Text(t)) => String::from_utf8_lossy(t).into_owned(),
+                            other => format!("{other:?}"),
+                        };
+                        format!("I{}:{v}/{}", rel.name, new.len())
+                    }
+                    TxnEvent::Change(c) => c.kind().to_owned(),
+                })
+                .collect()
+        }
+
+        fn spool_files(&self) -> usize {
+            fs::read_dir(self.asm.spool_dir()).unwrap().count()
+        }
+    }
+
+    #[test]
+    fn plain_transactions_pass_through_as_they_arrive() {
+        let mut h = Harness::new();
+        h.push(wire::relation(None, 1, "t", &["v"])).unwrap();
+        h.push(wire::begin(0x900, 7)).unwrap();
+        assert_eq!(h.summary(), ["B7@900"], "Begin is emitted at Begin");
+        h.push(wire::insert(None, 1, &["1", "a"])).unwrap();
+        assert_eq!(h.out.len(), 2, "each change is emitted as it arrives");
+        h.push(wire::insert(None, 1, &["2", "b"])).unwrap();
+        h.push(wire::commit(0x900, 0x930)).unwrap();
+        assert_eq!(h.summary(), ["B7@900", "It:1/2", "It:2/2", "C7@930"]);
+        assert_eq!(h.spool_files(), 0, "nothing is spooled");
+        assert_eq!(
+            h.out[1].0,
+            Lsn::from_u64(0x130),
+            "a change carries its message LSN"
+        );
+        let TxnEvent::Change(Change::Insert { rel, .. }) = &h.out[1].1 else {
+            panic!("not an insert")
+        };
+        assert_eq!(rel.qualified_name(), "public.t");
+        assert!(h.asm.is_idle());
+    }
+
+    #[test]
+    fn interleaved_streams_are_emitted_whole_in_commit_order() {
+        let mut h = Harness::new();
+        h.push(wire::relation(None, 1, "t", &["v"])).unwrap();
+        h.all([
+            wire::stream_start(100, true),
+            wire::relation(Some(100), 1, "t", &["v"]),
+            wire::insert(Some(100), 1, &["x1", "a"]),
+            wire::insert(Some(100), 1, &["x2", "a"]),
+            wire::stream_stop(),
+            wire::stream_start(200, true),
+            wire::relation(Some(200), 1, "t", &["v"]),
+            wire::insert(Some(200), 1, &["y1", "a"]),
+            wire::stream_stop(),
+        ]);
+        assert!(h.out.is_empty(), "nothing is emitted before the commit");
+        assert_eq!(h.asm.open_streams(), 2);
+        assert_eq!(
+            h.spool_files(),
+            2,
+            "one spool file per streamed transaction"
+        );
+        // A small transaction commits in between.
+        h.all([
+            wire::begin(0x500, 300),
+            wire::insert(None, 1, &["z1", "a"]),
+            wire::commit(0x500, 0x510),
+            wire::stream_start(100, false),
+            wire::insert(Some(100), 1, &["x3", "a"]),
+            wire::stream_stop(),
+            wire::stream_commit(200, 0x600, 0x610),
+            wire::stream_commit(100, 0x700, 0x710),
+        ]);
+        assert_eq!(
+            h.summary(),
+            [
+                "B300@500", "It:z1/2", "C300@510", //
+                "B200@600", "It:y1/2", "C200@610", //
+                "B100@700", "It:x1/2", "It:x2/2", "It:x3/2", "C100@710",
+            ]
+        );
+        assert_eq!(h.spool_files(), 0, "spool files are deleted after replay");
+        assert!(h.asm.is_idle());
+    }
+
+    #[test]
+    fn aborted_subtransactions_and_aborted_streams_are_dropped() {
+        let mut h = Harness::new();
+        h.all([
+            wire::stream_start(100, true),
+            wire::relation(Some(100), 1, "t", &[]),
+            wire::insert(Some(100), 1, &["top1"]),
+            wire::insert(Some(101), 1, &["sub101-a"]),
+            wire::insert(Some(102), 1, &["sub102"]),
+            wire::stream_stop(),
+            wire::stream_abort(100, 101),
+            wire::stream_start(100, false),
+            wire::insert(Some(100), 1, &["top2"]),
+            wire::stream_stop(),
+            // A whole streamed transaction that aborts.
+            wire::stream_start(200, true),
+            wire::relation(Some(200), 1, "t", &[]),
+            wire::insert(Some(200), 1, &["gone"]),
+            wire::stream_stop(),
+        ]);
+        assert_eq!(h.spool_files(), 2);
+        h.push(wire::stream_abort(200, 200)).unwrap();
+        assert_eq!(
+            h.spool_files(),
+            1,
+            "an aborted stream's file is deleted at once"
+        );
+        h.push(wire::stream_commit(100, 0x700, 0x710)).unwrap();
+        assert_eq!(
+            h.summary(),
+            [
+                "B100@700",
+                "It:top1/1",
+                "It:sub102/1",
+                "It:top2/1",
+                "C100@710"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_streams_relation_is_private_until_it_commits() {
+        let mut h = Harness::new();
+        h.push(wire::relation(None, 1, "t", &["v"])).unwrap();
+        h.all([
+            wire::stream_start(100, true),
+            wire::relation(Some(100), 1, "t", &["v", "w"]),
+            wire::insert(Some(100), 1, &["s", "a", "b"]),
+            wire::stream_stop(),
+            // A concurrent plain transaction still uses the 2-column shape.
+            wire::begin(0x500, 300),
+            wire::insert(None, 1, &["p", "a"]),
+            wire::commit(0x500, 0x510),
+        ]);
+        assert_eq!(h.asm.relation(1).unwrap().columns.len(), 2);
+        h.push(wire::stream_commit(100, 0x600, 0x610)).unwrap();
+        assert_eq!(
+            h.summary(),
+            ["B300@500", "It:p/2", "C300@510", "B100@600", "It:s/3", "C100@610"]
+        );
+        assert_eq!(
+            h.asm.relation(1).unwrap().columns.len(),
+            3,
+            "the stream's relation is in force once it committed"
+        );
+    }
+
+    #[test]
+    fn prepared_transactions_wait_for_their_decision() {
+        let mut h = Harness::new();
+        h.all([
+            wire::begin_prepare(0x400, 0x410, 50, "g-commit"),
+            wire::relation(None, 1, "t", &[]),
+            wire::insert(None, 1, &["p1"]),
+            wire::prepare(0x400, 0x410, 50, "g-commit"),
+            wire::begin_prepare(0x420, 0x430, 51, "g-rollback"),
+            wire::insert(None, 1, &["p2"]),
+            wire::prepare(0x420, 0x430, 51, "g-rollback"),
+        ]);
+        assert!(
+            h.out.is_empty(),
+            "a prepared transaction is not emitted at PREPARE"
+        );
+        assert_eq!(h.asm.open_prepared(), 2);
+        assert_eq!(h.asm.undecided_prepared_floor(), Some(Lsn::from_u64(0x110)));
+        // The relation announced inside the prepared transaction is in force at once.
+        assert!(h.asm.relation(1).is_some());
+        h.push(wire::rollback_prepared(51, "g-rollback")).unwrap();
+        assert_eq!(h.spool_files(), 1);
+        h.push(wire::commit_prepared(0x800, 0x810, 50, "g-commit"))
+            .unwrap();
+        assert_eq!(h.summary(), ["B50@800", "It:p1/1", "C50@810"]);
+        assert_eq!(h.spool_files(), 0);
+        assert_eq!(h.asm.undecided_prepared_floor(), None);
+
+        // Streamed, then prepared.
+        h.out.clear();
+        h.all([
+            wire::stream_start(60, true),
+            wire::relation(Some(60), 2, "u", &[]),
+            wire::insert(Some(60), 2, &["s1"]),
+            wire::stream_stop(),
+            wire::stream_prepare(0x900, 0x910, 60, "g-stream"),
+        ]);
+        assert!(h.out.is_empty());
+        assert!(
+            h.asm.relation(2).is_some(),
+            "a stream's relation is in force once it is prepared"
+        );
+        h.push(wire::commit_prepared(0xa00, 0xa10, 60, "g-stream"))
+            .unwrap();
+        assert_eq!(h.summary(), ["B60@a00", "Iu:s1/1", "C60@a10"]);
+    }
+
+    #[test]
+    fn protocol_violations_are_errors_naming_the_problem() {
+        let mut h = Harness::new();
+        h.push(wire::begin(0x500, 1)).unwrap();
+        let e = h.push(wire::insert(None, 42, &["x"])).unwrap_err();
+        assert!(
+            matches!(e, AssembleError::UnknownRelation { oid: 42, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("relation OID 42"), "{e}");
+        let e = h.push(wire::begin(0x600, 2)).unwrap_err();
+        assert!(e.to_string().contains("inside transaction 1"), "{e}");
+
+        let mut h = Harness::new();
+        let e = h.push(wire::commit(1, 2)).unwrap_err();
+        assert!(matches!(
+            e,
+            AssembleError::Unexpected {
+                message: "commit",
+                ..
+            }
+        ));
+        let e = h.push(wire::stream_commit(9, 1, 2)).unwrap_err();
+        assert!(matches!(e, AssembleError::UnknownStream { xid: 9, .. }));
+        let e = h.push(wire::stream_start(9, false)).unwrap_err();
+        assert!(matches!(e, AssembleError::UnknownStream { xid: 9, .. }));
+        let e = h.push(wire::commit_prepared(1, 2, 77, "lost")).unwrap_err();
+        assert!(e.to_string().contains("gid 'lost'"), "{e}");
+        let e = h.push(Bytes::from_static(b"B\x00\x01")).unwrap_err();
+        assert!(matches!(e, AssembleError::Decode { .. }));
+        assert_eq!(e.class(), ErrorClass::Definite);
+
+        let mut h = Harness::new();
+        h.push(wire::relation(None, 1, "t", &["v"])).unwrap();
+        h.push(wire::begin(0x500, 1)).unwrap();
+        let e = h.push(wire::insert(None, 1, &["only one"])).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AssembleError::ColumnCount {
+                    expected: 2,
+                    got: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn streamed_rows_go_to_disk_not_memory() {
+        let mut h = Harness::new();
+        h.all([
+            wire::stream_start(100, true),
+            wire::relation(Some(100), 1, "t", &["v"]),
+        ]);
+        let payload = "p".repeat(1000);
+        for i in 0..2000 {
+            h.push(wire::insert(Some(100), 1, &[&i.to_string(), &payload]))
+                .unwrap();
+        }
+        h.push(wire::stream_stop()).unwrap();
+        let spooled: u64 = fs::read_dir(h.asm.spool_dir())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(spooled > 2_000_000, "only {spooled} bytes on disk");
+        h.push(wire::stream_commit(100, 0x9000, 0x9010)).unwrap();
+        assert_eq!(h.out.len(), 2002);
+        let ids: Vec<String> = h.summary()[1..2001]
+            .iter()
+            .map(|s| {
+                s.trim_start_matches("It:")
+                    .trim_end_matches("/2")
+                    .to_owned()
+            })
+            .collect();
+        let want: Vec<String> = (0..2000).map(|i| i.to_string()).collect();
+        assert_eq!(ids, want, "rows replay in stream order");
+    }
+
+    #[test]
+    fn the_spool_directory_is_removed_on_drop() {
+        let h = Harness::new();
+        let dir = h.asm.spool_dir().to_owned();
+        assert!(dir.exists());
+        drop(h);
+        assert!(!dir.exists());
     }
 }
