@@ -2,5 +2,6 @@
 //!
 //! One binary (etl's layout): each area is a module.
 
+mod decode;
 mod snapshot;
 mod source;
