@@ -3,5 +3,6 @@
 //! One binary (etl's layout): each area is a module.
 
 mod decode;
+mod route;
 mod snapshot;
 mod source;
