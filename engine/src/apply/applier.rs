@@ -234,6 +234,9 @@ struct Session<'a, L: ShardLog> {
     last_heartbeat_write: Instant,
     paused: bool,
     committed_any: bool,
+    /// Flushes whose changes start at or below this LSN are applied change by change (set
+    /// after a set-based flush failed with a constraint or data error).
+    ordered_until: Option<Lsn>,
 }
 
 impl<'a, L: ShardLog> Session<'a, L> {
@@ -270,6 +273,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
             last_heartbeat_write: Instant::now(),
             paused: false,
             committed_any: false,
+            ordered_until: None,
         }
     }
 
@@ -331,8 +335,11 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 return self.shut_down().await;
             }
             if self.paused && self.current.is_none() {
-                self.commit_group().await?;
-                self.status.send_modify(|s| s.state = ApplyState::Paused);
+                let r = self.commit_group().await;
+                self.after_step(r, &mut reader).await?;
+                if self.group.is_none() {
+                    self.status.send_modify(|s| s.state = ApplyState::Paused);
+                }
             }
             let reading = !(self.paused && self.current.is_none());
             let deadline = if self.current.is_none() {
@@ -340,13 +347,14 @@ impl<'a, L: ShardLog> Session<'a, L> {
             } else {
                 None
             };
-            tokio::select! {
+            let step = tokio::select! {
                 biased;
                 // Cancel-safe: `changed` only waits for the next value.
                 r = shutdown.changed() => {
                     if r.is_err() || *shutdown.borrow() {
                         return self.shut_down().await;
                     }
+                    Ok(())
                 }
                 // Cancel-safe: same.
                 p = pause_changed(pause) => {
@@ -359,10 +367,11 @@ impl<'a, L: ShardLog> Session<'a, L> {
                         }
                         None => { *pause = None; self.paused = false; }
                     }
+                    Ok(())
                 }
                 // Cancel-safe: a sleep holds no state.
                 _ = sleep_until(deadline), if deadline.is_some() => {
-                    self.on_deadline().await?;
+                    self.on_deadline().await
                 }
                 // Cancel-safe by the `ShardReader::next` contract: a dropped call loses nothing.
                 ev = reader.next(), if reading => {
@@ -371,10 +380,51 @@ impl<'a, L: ShardLog> Session<'a, L> {
                         message: e.to_string(),
                         class: e.class(),
                     })?;
-                    self.on_event(ev).await?;
+                    self.on_event(ev).await
                 }
-            }
+            };
+            self.after_step(step, &mut reader).await?;
         }
+    }
+
+    /// Passes errors through, except a set-based flush that must be replayed: then the target
+    /// transaction is rolled back, the reader reopened after the durable progress, and every
+    /// change up to the failing flush's last one is applied change by change in source order.
+    async fn after_step(
+        &mut self,
+        step: Result<(), ApplyError>,
+        reader: &mut L::Reader,
+    ) -> Result<(), ApplyError> {
+        let (up_to, cause) = match step {
+            Err(ApplyError::ReplayFromLog { up_to, cause, .. }) => (up_to, cause),
+            other => return other,
+        };
+        warn!(up_to = %up_to, cause = %cause, "set-based apply failed; rolling back and replaying change by change in source order");
+        if self.in_target_txn {
+            self.sql("ROLLBACK", "rolling back before a replay").await?;
+            self.in_target_txn = false;
+        }
+        // Staging tables created in the rolled-back transaction are gone.
+        self.staging_ready.clear();
+        self.group = None;
+        self.current = None;
+        self.txn = TxnCounts::default();
+        self.buffer.clear();
+        self.buffer_bytes = 0;
+        self.buffer_committed = 0;
+        self.partial_flushed = false;
+        self.pending_heartbeat = None;
+        self.ordered_until = Some(up_to);
+        self.status.send_modify(|s| s.replays += 1);
+        *reader = self
+            .log
+            .open_reader(self.opts.shard, self.applied)
+            .map_err(|e| ApplyError::Log {
+                shard: self.shard().to_owned(),
+                message: e.to_string(),
+                class: e.class(),
+            })?;
+        Ok(())
     }
 
     async fn prepare_session(&mut self) -> Result<(), ApplyError> {
@@ -546,9 +596,6 @@ impl<'a, L: ShardLog> Session<'a, L> {
                         "TRUNCATE {} at source commit {commit_lsn}",
                         names.join(", ")
                     );
-                    // Move the flush savepoint past the TRUNCATE: a later replay must not undo it.
-                    let sql =
-                        format!("{sql}; RELEASE SAVEPOINT reshard_flush; SAVEPOINT reshard_flush");
                     self.sql(&sql, &ctx).await?;
                 }
                 self.partial_flushed = true;
@@ -610,7 +657,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         if self.in_target_txn {
             return Ok(());
         }
-        let sql = format!("BEGIN; {}; SAVEPOINT reshard_flush", self.key.lock_sql());
+        let sql = format!("BEGIN; {}", self.key.lock_sql());
         let msgs = self.sql(&sql, "starting a target transaction").await?;
         self.in_target_txn = true;
         let found = msgs.iter().find_map(|m| match m {
@@ -724,19 +771,33 @@ impl<'a, L: ShardLog> Session<'a, L> {
         }
         self.begin_target_txn().await?;
         let buffer = std::mem::take(&mut self.buffer);
-        let result = self.flush_set_based(&buffer).await;
-        let outcome = match result {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                self.flush_ordered(&buffer, "a change sequence that cannot be folded")
-                    .await
+        let first = buffer.first().map(|(l, _)| *l).unwrap_or_default();
+        let last = buffer.last().map(|(l, _)| *l).unwrap_or_default();
+        let ordered = self.ordered_until.is_some_and(|u| first <= u);
+        if !ordered {
+            self.ordered_until = None;
+        }
+        let outcome = if ordered {
+            self.flush_ordered(&buffer, "replaying after a failed set-based flush")
+                .await
+        } else {
+            match self.flush_set_based(&buffer).await {
+                Ok(true) => Ok(()),
+                // Nothing was written: the same target transaction can take the changes one by
+                // one.
+                Ok(false) => {
+                    self.flush_ordered(&buffer, "a change sequence that cannot be folded")
+                        .await
+                }
+                // The transaction is aborted and earlier flushes of it are no longer in memory:
+                // roll back and re-read from the log (see `after_step`).
+                Err(e) if replayable(&e) => Err(ApplyError::ReplayFromLog {
+                    shard: self.shard().to_owned(),
+                    up_to: last,
+                    cause: e.to_string(),
+                }),
+                Err(e) => Err(e),
             }
-            Err(e) if replayable(&e) => {
-                warn!(error = %e, changes = buffer.len(), "set-based apply failed; replaying the flush change by change in source order");
-                self.status.send_modify(|s| s.replays += 1);
-                self.flush_ordered(&buffer, "set-based apply failed").await
-            }
-            Err(e) => Err(e),
         };
         outcome?;
         self.status.send_modify(|s| s.flushes += 1);
@@ -817,8 +878,6 @@ impl<'a, L: ShardLog> Session<'a, L> {
         if statements.is_empty() {
             return Ok(true);
         }
-        statements.push("RELEASE SAVEPOINT reshard_flush".to_owned());
-        statements.push("SAVEPOINT reshard_flush".to_owned());
         let tables: Vec<&str> = folded
             .iter()
             .filter_map(|(id, _)| self.tables.get(id).map(|t| t.target.as_str()))
@@ -846,21 +905,14 @@ impl<'a, L: ShardLog> Session<'a, L> {
         Ok(())
     }
 
-    /// Rolls back to the flush savepoint and applies `buffer` one change at a time, in source
-    /// order. An error here is about exactly one change, and says which.
+    /// Applies `buffer` one change at a time, in source order. An error here is about exactly
+    /// one change, and says which.
     async fn flush_ordered(
         &mut self,
         buffer: &[(Lsn, Change)],
         why: &str,
     ) -> Result<(), ApplyError> {
         debug!(changes = buffer.len(), why, "applying change by change");
-        self.sql(
-            "ROLLBACK TO SAVEPOINT reshard_flush",
-            "rolling back a failed set-based flush",
-        )
-        .await?;
-        // Staging tables created after the savepoint are gone with it.
-        self.staging_ready.clear();
         for (lsn, c) in buffer {
             let Some(rel) = c.relation() else { continue };
             self.resolve(rel).await?;
@@ -882,11 +934,6 @@ impl<'a, L: ShardLog> Session<'a, L> {
             );
             self.sql(&sql, &ctx).await?;
         }
-        self.sql(
-            "RELEASE SAVEPOINT reshard_flush; SAVEPOINT reshard_flush",
-            "ending a replayed flush",
-        )
-        .await?;
         Ok(())
     }
 

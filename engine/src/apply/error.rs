@@ -87,6 +87,19 @@ pub enum ApplyError {
         /// What was wrong.
         message: String,
     },
+    /// A set-based flush hit a constraint or data error that source order may not hit; the
+    /// applier rolls back and re-reads the log from its progress, applying up to `up_to` change
+    /// by change. Handled inside the applier; it only escapes `run` during shutdown, as a
+    /// transient error.
+    #[error("shard {shard}: set-based apply failed, replaying up to source commit {up_to} change by change: {cause}")]
+    ReplayFromLog {
+        /// Shard name.
+        shard: String,
+        /// Last source commit LSN of the failed flush.
+        up_to: Lsn,
+        /// The error of the set-based statement.
+        cause: String,
+    },
     /// The progress row moved under this applier.
     #[error("shard {shard}: progress row is at {found} but this applier has applied up to {expected}: another reshard process is applying to this shard with the same source and slot; stop it")]
     ProgressConflict {
@@ -162,6 +175,7 @@ impl Classify for ApplyError {
             ApplyError::Pg { class, .. }
             | ApplyError::Connect { class, .. }
             | ApplyError::Log { class, .. } => *class,
+            ApplyError::ReplayFromLog { .. } => ErrorClass::Transient,
             ApplyError::Schema { .. }
             | ApplyError::Fold { .. }
             | ApplyError::Encode { .. }
