@@ -763,3 +763,146 @@ async fn concurrent_creators_of_the_progress_table_all_succeed() {
         "no row yet"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_inside_a_transaction_flushed_in_pieces_is_replayed_from_the_log() {
+    let pg = target("CREATE TABLE public.users (id int PRIMARY KEY, email text UNIQUE);");
+    let users = rel(
+        1,
+        "users",
+        ReplicaIdentity::Default,
+        &[("id", true), ("email", false)],
+    );
+    let log = Arc::new(MemLog::new(1024));
+    txn(
+        &log,
+        1,
+        vec![
+            ins(&users, vec![t("1"), t("a@x")]),
+            ins(&users, vec![t("2"), t("b@x")]),
+        ],
+    )
+    .await;
+    let o = ApplyOptions {
+        batch_max_rows: 3,
+        ..opts()
+    };
+    let mut run = start(&pg, "shard", log.clone(), o);
+    run.wait_applied(lsn(1)).await;
+    // One source transaction, written in pieces of three changes: the swap lands in the second
+    // piece, after a piece already written into the open target transaction.
+    txn(
+        &log,
+        2,
+        vec![
+            ins(&users, vec![t("10"), t("c@x")]),
+            ins(&users, vec![t("11"), t("d@x")]),
+            ins(&users, vec![t("12"), t("e@x")]),
+            upd(&users, None, vec![t("1"), t("tmp@x")]),
+            upd(&users, None, vec![t("2"), t("a@x")]),
+            upd(&users, None, vec![t("1"), t("b@x")]),
+            ins(&users, vec![t("13"), t("f@x")]),
+        ],
+    )
+    .await;
+    txn(&log, 3, vec![ins(&users, vec![t("14"), t("g@x")])]).await;
+    let st = run.wait_applied(lsn(3)).await;
+    assert!(st.replays >= 1, "{st:?}");
+    let c = client(&pg, "shard").await;
+    assert_eq!(
+        rows(&c, "SELECT id, email FROM users ORDER BY id").await,
+        vec!["1|b@x", "2|a@x", "10|c@x", "11|d@x", "12|e@x", "13|f@x", "14|g@x"]
+    );
+    run.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constraint_error_that_replay_also_hits_names_the_row() {
+    let pg =
+        target("CREATE TABLE public.acct (id int PRIMARY KEY, balance int CHECK (balance >= 0));");
+    let acct = rel(
+        1,
+        "acct",
+        ReplicaIdentity::Default,
+        &[("id", true), ("balance", false)],
+    );
+    let log = Arc::new(MemLog::new(1024));
+    txn(&log, 1, vec![ins(&acct, vec![t("1"), t("5")])]).await;
+    txn(
+        &log,
+        2,
+        vec![
+            ins(&acct, vec![t("2"), t("7")]),
+            ins(&acct, vec![t("3"), t("-1")]),
+        ],
+    )
+    .await;
+    let run = start(&pg, "shard", log, opts());
+    let r = tokio::time::timeout(Duration::from_secs(30), run.handle)
+        .await
+        .unwrap()
+        .unwrap();
+    let msg = r.unwrap_err().to_string();
+    for part in [
+        "shard-a",
+        "public.acct",
+        "(id)=(3)",
+        "23514",
+        &lsn(2).to_string(),
+    ] {
+        assert!(msg.contains(part), "{part} missing from: {msg}");
+    }
+    let st = run.status.borrow().clone();
+    assert_eq!(st.state, ApplyState::Stopped);
+    // The first transaction stays applied; nothing of the failed one is.
+    assert_eq!(st.applied_commit_lsn, lsn(1));
+    let c = client(&pg, "shard").await;
+    assert_eq!(rows(&c, "SELECT id FROM acct ORDER BY id").await, vec!["1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_shard_stops_committing_until_resumed() {
+    let pg = target("CREATE TABLE public.kv (k int PRIMARY KEY, v text);");
+    let kv = rel(
+        1,
+        "kv",
+        ReplicaIdentity::Default,
+        &[("k", true), ("v", false)],
+    );
+    let log = Arc::new(MemLog::new(1024));
+    txn(&log, 1, vec![ins(&kv, vec![t("1"), t("v")])]).await;
+    let config: tokio_postgres::Config = pg.url("shard").parse().unwrap();
+    let (pause_tx, pause_rx) = watch::channel(false);
+    let applier = ShardApplier::new(opts(), PgConnect(config), log.clone()).with_pause(pause_rx);
+    let latency = applier.latency_histogram();
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (status_tx, status) = watch::channel(ShardStatus::default());
+    let mut run = Running {
+        handle: tokio::spawn(applier.run(shutdown_rx, status_tx)),
+        shutdown,
+        status,
+    };
+    run.wait_applied(lsn(1)).await;
+    pause_tx.send(true).unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        run.status.wait_for(|s| s.state == ApplyState::Paused),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    txn(&log, 2, vec![ins(&kv, vec![t("2"), t("v")])]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = client(&pg, "shard").await;
+    assert_eq!(rows(&c, "SELECT count(*) FROM kv").await, vec!["1"]);
+    assert_eq!(run.status.borrow().applied_commit_lsn, lsn(1));
+    pause_tx.send(false).unwrap();
+    run.wait_applied(lsn(2)).await;
+    assert_eq!(rows(&c, "SELECT count(*) FROM kv").await, vec!["2"]);
+    assert_eq!(
+        latency.lock().unwrap().len(),
+        2,
+        "one latency sample per transaction"
+    );
+    run.stop().await.0.unwrap();
+}

@@ -646,7 +646,9 @@ impl<'a, L: ShardLog> Session<'a, L> {
             || g.first_at.is_some_and(|t| {
                 t.elapsed() >= Duration::from_millis(self.opts.batch_max_delay_ms)
             });
-        if full || self.paused {
+        // While replaying change by change, commit every source transaction on its own, so a
+        // change that fails for good leaves the shard exactly before its transaction.
+        if full || self.paused || self.ordered_until.is_some() {
             self.commit_group().await?;
         }
         Ok(())
@@ -961,6 +963,9 @@ impl<'a, L: ShardLog> Session<'a, L> {
         self.sql(&sql, &ctx).await?;
         self.in_target_txn = false;
         self.applied = pos;
+        if self.ordered_until.is_some_and(|u| pos >= u) {
+            self.ordered_until = None;
+        }
         self.committed_any = true;
         self.pending_heartbeat = None;
         self.last_heartbeat_write = Instant::now();
