@@ -2,6 +2,7 @@
 //!
 //! One binary (etl's layout): each area is a module.
 
+mod apply;
 mod decode;
 mod route;
 mod snapshot;
