@@ -207,7 +207,11 @@ mod tests {
             Some((Lsn::from_u64(0x16_B374_D848), 7))
         );
         assert!(segment_name(Lsn::from_u64(0xF), 1) < segment_name(Lsn::from_u64(0x10), 2));
-        for bad in ["x.seg", "0000000000000000-1.seg", "000000000000000G-0000000001.seg"] {
+        for bad in [
+            "x.seg",
+            "0000000000000000-1.seg",
+            "000000000000000G-0000000001.seg",
+        ] {
             assert_eq!(parse_segment_name(bad), None, "{bad}");
         }
     }

@@ -142,8 +142,7 @@ impl CheckpointFile {
                     return Err(SpillError::Corrupt {
                         path,
                         offset: off as u64,
-                        reason: "checkpoint record fails its CRC32C but more records follow"
-                            .into(),
+                        reason: "checkpoint record fails its CRC32C but more records follow".into(),
                     })
                 }
             }
@@ -252,7 +251,10 @@ mod tests {
         data[10] ^= 0xff;
         std::fs::write(dir.path().join(FILE_NAME), &data).unwrap();
         let err = CheckpointFile::open(dir.path()).err().unwrap();
-        assert!(matches!(err, SpillError::Corrupt { offset: 0, .. }), "{err}");
+        assert!(
+            matches!(err, SpillError::Corrupt { offset: 0, .. }),
+            "{err}"
+        );
     }
 
     #[test]

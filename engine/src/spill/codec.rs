@@ -369,10 +369,7 @@ impl Decoder {
                 return Ok(Arc::clone(rel));
             }
         }
-        let mut inner = Cursor {
-            buf: &raw,
-            pos: 0,
-        };
+        let mut inner = Cursor { buf: &raw, pos: 0 };
         let rel = decode_relation(&mut inner).map_err(|e| shift(e, start))?;
         if inner.pos != raw.len() {
             return Err(CodecError::Invalid {
@@ -508,10 +505,13 @@ impl Cursor<'_> {
                 needed: n - avail,
             });
         }
-        let s = self.buf.get(self.pos..self.pos + n).ok_or(CodecError::Invalid {
-            offset: self.pos,
-            what,
-        })?;
+        let s = self
+            .buf
+            .get(self.pos..self.pos + n)
+            .ok_or(CodecError::Invalid {
+                offset: self.pos,
+                what,
+            })?;
         self.pos += n;
         Ok(s)
     }
@@ -655,11 +655,15 @@ pub(crate) mod tests {
             1 => Value::UnchangedToast,
             2 => {
                 let n = rng.gen_range(0..300);
-                Value::Text(Bytes::from((0..n).map(|_| rng.gen::<u8>()).collect::<Vec<_>>()))
+                Value::Text(Bytes::from(
+                    (0..n).map(|_| rng.gen::<u8>()).collect::<Vec<_>>(),
+                ))
             }
             _ => {
                 let n = rng.gen_range(0..40);
-                Value::Binary(Bytes::from((0..n).map(|_| rng.gen::<u8>()).collect::<Vec<_>>()))
+                Value::Binary(Bytes::from(
+                    (0..n).map(|_| rng.gen::<u8>()).collect::<Vec<_>>(),
+                ))
             }
         }
     }
@@ -719,7 +723,11 @@ pub(crate) mod tests {
             }),
             _ => ShardEvent::Change(Change::Message {
                 prefix: "pr\u{e9}fixe".into(),
-                content: Bytes::from((0..rng.gen_range(0..64)).map(|_| rng.gen::<u8>()).collect::<Vec<_>>()),
+                content: Bytes::from(
+                    (0..rng.gen_range(0..64))
+                        .map(|_| rng.gen::<u8>())
+                        .collect::<Vec<_>>(),
+                ),
             }),
         }
     }
@@ -825,7 +833,9 @@ pub(crate) mod tests {
         let b = Bytes::from_static(&[TAG_INSERT, 0x02, 0, 0]);
         let mut pos = 0;
         assert!(Decoder::new().decode(&b, &mut pos).is_err());
-        let b = Bytes::from_static(&[0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        let b = Bytes::from_static(&[
+            0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+        ]);
         let mut pos = 0;
         assert!(matches!(
             Decoder::new().decode(&b, &mut pos),

@@ -291,9 +291,9 @@ pub enum SpillError {
 impl Classify for SpillError {
     fn class(&self) -> ErrorClass {
         match self {
-            SpillError::Io { .. } | SpillError::CutBack { .. } | SpillError::WriterFailed { .. } => {
-                ErrorClass::Transient
-            }
+            SpillError::Io { .. }
+            | SpillError::CutBack { .. }
+            | SpillError::WriterFailed { .. } => ErrorClass::Transient,
             SpillError::IdentityMismatch { .. }
             | SpillError::ShardsMismatch { .. }
             | SpillError::Corrupt { .. }

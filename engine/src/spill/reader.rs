@@ -67,10 +67,13 @@ impl ShardLog for SpillLog {
 
     fn open_reader(&self, shard: ShardId, after: Lsn) -> Result<SpillReader, SpillError> {
         let st = self.shared.lock();
-        let sh = st.shards.get(shard.index()).ok_or(SpillError::UnknownShard {
-            shard,
-            count: self.shared.shard_count(),
-        })?;
+        let sh = st
+            .shards
+            .get(shard.index())
+            .ok_or(SpillError::UnknownShard {
+                shard,
+                count: self.shared.shard_count(),
+            })?;
         if after < sh.deleted_through {
             return Err(SpillError::Discarded {
                 shard,
@@ -149,7 +152,9 @@ impl ShardLog for SpillLog {
         }
         for p in remove {
             match std::fs::remove_file(&p) {
-                Ok(()) => tracing::debug!(shard = %shard, file = %p.display(), "deleted applied spill segment"),
+                Ok(()) => {
+                    tracing::debug!(shard = %shard, file = %p.display(), "deleted applied spill segment")
+                }
                 Err(e) => tracing::warn!(shard = %shard, file = %p.display(), error = %e,
                     "could not delete an applied spill segment; remove it by hand"),
             }
@@ -253,7 +258,10 @@ impl SpillReader {
             let corrupt = |cur: &Cur, e: CodecError| SpillError::Corrupt {
                 path: cur.origin.clone(),
                 offset: cur.origin_offset,
-                reason: format!("record at offset {} of the uncompressed frame: {e}", e.offset()),
+                reason: format!(
+                    "record at offset {} of the uncompressed frame: {e}",
+                    e.offset()
+                ),
             };
             let ev = self
                 .dec
@@ -341,19 +349,21 @@ impl SpillReader {
                 Some(_) => break,
                 None if self.pos >= sh.end => break,
                 None => {
-                    return Err(if sh.segments.keys().next().is_some_and(|f| *f > self.pos.seq) {
-                        SpillError::Discarded {
-                            shard: self.shard,
-                            after: self.progress,
-                            deleted_through: sh.deleted_through,
-                        }
-                    } else {
-                        SpillError::MissingSegment {
-                            shard: self.shard,
-                            seq: self.pos.seq,
-                            dir: sh.dir.clone(),
-                        }
-                    })
+                    return Err(
+                        if sh.segments.keys().next().is_some_and(|f| *f > self.pos.seq) {
+                            SpillError::Discarded {
+                                shard: self.shard,
+                                after: self.progress,
+                                deleted_through: sh.deleted_through,
+                            }
+                        } else {
+                            SpillError::MissingSegment {
+                                shard: self.shard,
+                                seq: self.pos.seq,
+                                dir: sh.dir.clone(),
+                            }
+                        },
+                    )
                 }
             }
         }

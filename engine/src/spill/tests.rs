@@ -179,7 +179,10 @@ async fn transactions_round_trip_per_shard() {
     assert_eq!(stats.fsyncs_total, 20);
     assert_eq!(stats.txns_total, 200);
     assert!((stats.txns_per_fsync_avg - 10.0).abs() < 1e-9);
-    assert!(stats.written_bytes_total < stats.appended_bytes_total / 2, "{stats:?}");
+    assert!(
+        stats.written_bytes_total < stats.appended_bytes_total / 2,
+        "{stats:?}"
+    );
 }
 
 #[tokio::test]
@@ -188,18 +191,37 @@ async fn reader_starts_after_the_given_lsn() {
     let (mut w, _) = SpillWriter::open(opts(dir.path()), identity(1)).unwrap();
     let mut all = Vec::new();
     for k in 1..=300u64 {
-        all.push(write_txn(&mut w, k, &[0], 3));
+        all.push(write_txn(&mut w, k, &[0], 8));
     }
     w.flush().unwrap();
     assert!(segments(dir.path(), 0).len() > 4);
     let log = w.log();
     for after in [0u64, 1, 57, 150, 299, 300] {
         // `after` as a commit LSN, and an LSN between two commits.
-        for lsn in [commit_lsn(after), Lsn::from_u64(commit_lsn(after).as_u64() + 500)] {
+        for lsn in [
+            commit_lsn(after),
+            Lsn::from_u64(commit_lsn(after).as_u64() + 500),
+        ] {
             let mut r = log.open_reader(ShardId(0), lsn).unwrap();
-            let (got, _) = read_until_heartbeat(&mut r).await;
             let want: Vec<ShardEvent> = all[after as usize..].concat();
-            assert!(got == want, "after {lsn}: {} vs {} events", got.len(), want.len());
+            let mut got = Vec::new();
+            while got.len() < want.len() {
+                match next(&mut r).await.unwrap() {
+                    ShardEvent::Heartbeat(h) => panic!("heartbeat {h} before the data"),
+                    ev => got.push(ev),
+                }
+            }
+            assert!(
+                got == want,
+                "after {lsn}: {} vs {} events",
+                got.len(),
+                want.len()
+            );
+            // Then nothing but possibly a heartbeat.
+            match tokio::time::timeout(Duration::from_millis(50), r.next()).await {
+                Err(_) | Ok(Ok(ShardEvent::Heartbeat(_))) => {}
+                Ok(other) => panic!("after {lsn}: unexpected {other:?}"),
+            }
         }
     }
     // Positioning does not read the segments before the start: only frames of the start
@@ -365,12 +387,32 @@ async fn torn_tail_is_cut_at_every_byte_of_the_last_frame() {
         w.flush().unwrap();
         let seg = segments(dir.path(), 0).pop().unwrap();
         let durable_len = std::fs::metadata(&seg).unwrap().len();
-        // Transaction 11 is big enough to seal a frame, but is never group-committed.
-        write_txn(&mut w, 11, &[0], 200);
+        // Transaction 11 is big enough to seal a frame (small once compressed, so the loop
+        // below stays short), but is never group-committed.
+        let rel = rel();
+        let mut evs = shard_txn(11, 0, 0);
+        let commit = evs.pop().unwrap();
+        for r in 0..200 {
+            evs.push(ShardEvent::Change(Change::Insert {
+                rel: Arc::clone(&rel),
+                new: vec![Value::Text(Bytes::from(format!(
+                    "row {r} {}",
+                    "y".repeat(40)
+                )))],
+            }));
+        }
+        evs.push(commit);
+        for ev in &evs {
+            w.append(ShardId(0), ev).unwrap();
+        }
+        w.end_txn(end_lsn(11)).unwrap();
         (seg, durable_len)
     };
     let full = std::fs::read(&seg).unwrap();
-    assert!(full.len() as u64 > durable_len, "a frame was written after the checkpoint");
+    assert!(
+        full.len() as u64 > durable_len,
+        "a frame was written after the checkpoint"
+    );
     let last_frame_start = {
         // Find the start of the last frame after the durable end.
         let f = std::fs::File::open(&seg).unwrap();
@@ -395,7 +437,9 @@ async fn torn_tail_is_cut_at_every_byte_of_the_last_frame() {
     }
     // A log shorter than its durable checkpoint is lost data, not a torn tail.
     std::fs::write(&seg, &full[..durable_len as usize - 1]).unwrap();
-    let err = SpillWriter::open(opts(dir.path()), identity(1)).err().unwrap();
+    let err = SpillWriter::open(opts(dir.path()), identity(1))
+        .err()
+        .unwrap();
     assert!(matches!(err, SpillError::DurableDataLost { .. }), "{err}");
     assert!(err.to_string().contains(&seg.display().to_string()));
 }
@@ -437,7 +481,9 @@ async fn corruption_in_the_middle_is_an_error_naming_file_and_offset() {
     let mid = data.len() / 2;
     data[mid] ^= 0x55;
     std::fs::write(last, &data).unwrap();
-    let err = SpillWriter::open(opts(dir.path()), identity(1)).err().unwrap();
+    let err = SpillWriter::open(opts(dir.path()), identity(1))
+        .err()
+        .unwrap();
     assert!(
         matches!(&err, SpillError::Corrupt { path, .. } if path == last),
         "{err}"
@@ -448,7 +494,9 @@ async fn corruption_in_the_middle_is_an_error_naming_file_and_offset() {
 
     // A missing segment between two others.
     std::fs::remove_file(&segs[1]).unwrap();
-    let err = SpillWriter::open(opts(dir.path()), identity(1)).err().unwrap();
+    let err = SpillWriter::open(opts(dir.path()), identity(1))
+        .err()
+        .unwrap();
     assert!(matches!(err, SpillError::MissingSegment { .. }), "{err}");
 }
 
@@ -471,18 +519,20 @@ async fn retention_deletes_only_fully_applied_segments() {
     log.applied(ShardId(0), commit_lsn(150));
     let after0 = segments(dir.path(), 0);
     assert!(after0.len() < before0.len());
-    assert_eq!(segments(dir.path(), 1), before1, "other shards keep their logs");
+    assert_eq!(
+        segments(dir.path(), 1),
+        before1,
+        "other shards keep their logs"
+    );
     assert!(log.stats().bytes_on_disk < bytes_before);
     // The first remaining segment still holds transaction 151 …
     let mut r = log.open_reader(ShardId(0), commit_lsn(150)).unwrap();
     let (got, _) = read_until_heartbeat(&mut r).await;
     assert!(got == want[150..].concat());
     // … and every deleted one held only transactions <= 150.
-    let first_kept = block::parse_segment_name(
-        after0[0].file_name().unwrap().to_str().unwrap(),
-    )
-    .unwrap()
-    .0;
+    let first_kept = block::parse_segment_name(after0[0].file_name().unwrap().to_str().unwrap())
+        .unwrap()
+        .0;
     assert!(first_kept <= commit_lsn(151));
     let deleted_through = log.stats().shards[0].deleted_through;
     assert!(deleted_through <= commit_lsn(150) && deleted_through > Lsn::ZERO);
@@ -559,8 +609,15 @@ async fn abort_incomplete_cuts_back_and_fails_readers_that_passed_it() {
     for ev in &big[..big.len() - 1] {
         w.append(ShardId(0), ev).unwrap();
     }
-    assert!(log.stats().bytes_on_disk > bytes, "frames of txn 2 were written");
-    assert_eq!(next(&mut r).await.unwrap(), big[0], "the reader sees the streamed Begin");
+    assert!(
+        log.stats().bytes_on_disk > bytes,
+        "frames of txn 2 were written"
+    );
+    assert_eq!(
+        next(&mut r).await.unwrap(),
+        big[0],
+        "the reader sees the streamed Begin"
+    );
     w.abort_incomplete().unwrap();
     let err = next(&mut r).await.unwrap_err();
     assert!(matches!(err, SpillError::CutBack { .. }), "{err}");
@@ -602,7 +659,9 @@ fn identity_mismatch_is_a_clear_error() {
         "{msg}"
     );
     assert!(msg.contains("point [spill] dir elsewhere"));
-    let err = SpillWriter::open(opts(dir.path()), identity(3)).err().unwrap();
+    let err = SpillWriter::open(opts(dir.path()), identity(3))
+        .err()
+        .unwrap();
     assert!(matches!(err, SpillError::ShardsMismatch { .. }), "{err}");
 }
 
@@ -611,9 +670,14 @@ fn protocol_misuse_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let (mut w, _) = SpillWriter::open(opts(dir.path()), identity(1)).unwrap();
     let evs = shard_txn(5, 1, 8);
-    assert!(w.append(ShardId(0), &evs[1]).is_err(), "change before Begin");
+    assert!(
+        w.append(ShardId(0), &evs[1]).is_err(),
+        "change before Begin"
+    );
     assert!(w.append(ShardId(3), &evs[0]).is_err(), "unknown shard");
-    assert!(w.append(ShardId(0), &ShardEvent::Heartbeat(Lsn::ZERO)).is_err());
+    assert!(w
+        .append(ShardId(0), &ShardEvent::Heartbeat(Lsn::ZERO))
+        .is_err());
     w.append(ShardId(0), &evs[0]).unwrap();
     assert!(w.end_txn(end_lsn(5)).is_err(), "end_txn before Commit");
     w.append(ShardId(0), &evs[1]).unwrap();

@@ -842,7 +842,9 @@ fn recover_shard(
                     });
                 }
             }
-            None => tracing::warn!(file = %entry.path().display(), "ignoring a file that is not a spill segment"),
+            None => {
+                tracing::warn!(file = %entry.path().display(), "ignoring a file that is not a spill segment")
+            }
         }
     }
     // Everything after the checkpoint is not durable: the source re-sends it.
@@ -861,10 +863,7 @@ fn recover_shard(
             .write(true)
             .open(&path)
             .map_err(|e| io_err("open", &path, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| io_err("stat", &path, e))?
-            .len();
+        let len = file.metadata().map_err(|e| io_err("stat", &path, e))?.len();
         if len < cp.end.offset {
             return Err(SpillError::DurableDataLost {
                 path,
