@@ -25,6 +25,7 @@
 //! Layout of `[spill] dir`:
 //!
 //! ```text
+//! lock                              flock'ed by the one writer process
 //! identity                          source system id, slot, shard names (JSON)
 //! checkpoint                        append-only CRC-framed durable checkpoints
 //! shard-0000/<first commit LSN>-<seq>.seg   segments of shard 0: zstd frames (see `block`)
@@ -184,6 +185,12 @@ pub enum SpillError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Another process (or another writer in this one) has the directory open.
+    #[error("spill directory {dir} is in use by another reshard process (its lock file is held): stop that process, or point [spill] dir elsewhere")]
+    Locked {
+        /// The spill directory.
+        dir: PathBuf,
+    },
     /// The directory belongs to another source or slot.
     #[error("spill directory {dir} belongs to source {found_system_id} slot {found_slot}, not {system_id}/{slot}: point [spill] dir elsewhere or remove it after checking nothing unapplied is in it")]
     IdentityMismatch {
@@ -294,7 +301,8 @@ impl Classify for SpillError {
             SpillError::Io { .. }
             | SpillError::CutBack { .. }
             | SpillError::WriterFailed { .. } => ErrorClass::Transient,
-            SpillError::IdentityMismatch { .. }
+            SpillError::Locked { .. }
+            | SpillError::IdentityMismatch { .. }
             | SpillError::ShardsMismatch { .. }
             | SpillError::Corrupt { .. }
             | SpillError::MissingSegment { .. }

@@ -112,6 +112,8 @@ pub struct SpillWriter {
     last_flush: Instant,
     last_deleted_through: Vec<Lsn>,
     failed: bool,
+    /// Holds the directory's exclusive `flock` for as long as the writer lives.
+    _lock: File,
 }
 
 impl SpillWriter {
@@ -134,6 +136,7 @@ impl SpillWriter {
             });
         }
         std::fs::create_dir_all(&opts.dir).map_err(|e| io_err("create", &opts.dir, e))?;
+        let lock = lock_dir(&opts.dir)?;
         let created = check_identity(&opts.dir, &identity)?;
         let (checkpoint, cp) = CheckpointFile::open(&opts.dir)?;
         let n = identity.shards.len();
@@ -211,6 +214,7 @@ impl SpillWriter {
                 last_flush: Instant::now(),
                 last_deleted_through,
                 failed: false,
+                _lock: lock,
             },
             report,
         ))
@@ -744,6 +748,30 @@ impl SpillWriter {
         self.shared.data.notify_waiters();
         Ok(())
     }
+}
+
+/// Takes an exclusive advisory lock on `<dir>/lock`, so two processes never write one log.
+fn lock_dir(dir: &Path) -> Result<File, SpillError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_err("open", &path, e))?;
+    // SAFETY: flock on a file descriptor we own and keep open; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(SpillError::Locked {
+                dir: dir.to_path_buf(),
+            });
+        }
+        return Err(io_err("lock", &path, e));
+    }
+    Ok(f)
 }
 
 /// Checks (or, for a fresh directory, writes) the identity file. Returns whether the
