@@ -22,6 +22,13 @@
 //!   a missing segment, is a [`SpillError::Corrupt`] / [`SpillError::MissingSegment`] naming
 //!   the file and offset.
 //!
+//! Heartbeats: a reader that has delivered every frame and is outside a transaction yields
+//! `Heartbeat(durable_lsn - 1)` once that is past the last LSN it reported. Not
+//! `durable_lsn` itself: the durable LSN is the *end* of the last durable commit record, and
+//! the next transaction's commit record may start exactly there, so only LSNs strictly below
+//! it are known to hold nothing more for the shard (a progress row at `durable_lsn` could make
+//! a restarted reader skip that transaction).
+//!
 //! Layout of `[spill] dir`:
 //!
 //! ```text
@@ -355,8 +362,8 @@ pub struct ShardSpillStats {
     pub applied_lsn: Lsn,
     /// First commit LSN still on disk for this shard (start of its oldest segment), if any.
     pub oldest_retained_lsn: Option<Lsn>,
-    /// Oldest commit LSN on disk that the shard has not applied yet, if any: where its
-    /// backlog starts (an upper bound when the oldest segment is partly applied).
+    /// Where the shard's backlog starts, if it has one: the first commit LSN of its oldest
+    /// segment not fully applied, or its applied LSN when that segment is partly applied.
     pub oldest_unapplied_lsn: Option<Lsn>,
     /// Newest commit LSN written for this shard, if known.
     pub newest_lsn: Option<Lsn>,

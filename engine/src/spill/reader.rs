@@ -119,6 +119,7 @@ impl ShardLog for SpillLog {
         {
             let mut st = self.shared.lock();
             let Some(sh) = st.shards.get_mut(shard.index()) else {
+                tracing::warn!(shard = %shard, "applied() for a shard the spill log does not have");
                 return;
             };
             if commit_lsn <= sh.applied {
@@ -150,13 +151,23 @@ impl ShardLog for SpillLog {
                 self.shared.release_space(&mut st);
             }
         }
+        // Oldest first, each removal made durable before the next, so a crash can never
+        // leave a hole (a missing segment between two present ones) behind.
         for p in remove {
-            match std::fs::remove_file(&p) {
+            let removed = std::fs::remove_file(&p)
+                .map_err(|e| io_err("remove", &p, e))
+                .and_then(|()| match p.parent() {
+                    Some(dir) => super::sync_dir(dir),
+                    None => Ok(()),
+                });
+            match removed {
                 Ok(()) => {
                     tracing::debug!(shard = %shard, file = %p.display(), "deleted applied spill segment")
                 }
-                Err(e) => tracing::warn!(shard = %shard, file = %p.display(), error = %e,
-                    "could not delete an applied spill segment; remove it by hand"),
+                Err(e) => {
+                    tracing::warn!(shard = %shard, error = %e, "could not delete an applied spill segment");
+                    break;
+                }
             }
         }
     }

@@ -532,7 +532,9 @@ impl SpillWriter {
     }
 
     /// Whether the spill log is at its `max_bytes` cap; the ingest should stop reading from the
-    /// source and [`wait_for_space`](Self::wait_for_space). Logs once when it starts.
+    /// source and [`wait_for_space`](Self::wait_for_space). Logs once when it starts. Check it
+    /// between transactions: a shard cannot apply (and free) a transaction it has not fully
+    /// received, so pausing inside one larger than the cap would never resume.
     pub fn over_cap(&self) -> bool {
         self.shared.over_cap()
     }
