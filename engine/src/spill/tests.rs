@@ -605,13 +605,17 @@ async fn abort_incomplete_cuts_back_and_fails_readers_that_passed_it() {
         assert_eq!(&next(&mut r).await.unwrap(), ev);
     }
     // Transaction 2 streams into shard 0 (sealing frames) when the source drops.
-    let big = shard_txn(2, 400, 64);
+    let big = shard_txn(2, 1500, 64);
     for ev in &big[..big.len() - 1] {
         w.append(ShardId(0), ev).unwrap();
     }
     assert!(
         log.stats().bytes_on_disk > bytes,
         "frames of txn 2 were written"
+    );
+    assert!(
+        segments(dir.path(), 0).len() > seg_count,
+        "txn 2 spilled into new segments"
     );
     assert_eq!(
         next(&mut r).await.unwrap(),
@@ -644,6 +648,42 @@ async fn abort_incomplete_cuts_back_and_fails_readers_that_passed_it() {
     let mut r = w.log().open_reader(ShardId(0), Lsn::ZERO).unwrap();
     let (got, _) = read_until_heartbeat(&mut r).await;
     assert!(got == [first, big].concat());
+}
+
+#[tokio::test]
+async fn a_transaction_spanning_segments_is_read_and_retained_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, _) = SpillWriter::open(opts(dir.path()), identity(1)).unwrap();
+    let t1 = write_txn(&mut w, 1, &[0], 2);
+    let t2 = write_txn(&mut w, 2, &[0], 1500);
+    let t3 = write_txn(&mut w, 3, &[0], 2);
+    w.flush().unwrap();
+    let log = w.log();
+    let names: Vec<_> = segments(dir.path(), 0)
+        .iter()
+        .map(|p| block::parse_segment_name(p.file_name().unwrap().to_str().unwrap()).unwrap())
+        .collect();
+    let spanning = names.iter().filter(|(l, _)| *l == commit_lsn(2)).count();
+    assert!(spanning >= 2, "txn 2 starts several segments: {names:?}");
+
+    let read_after = |after: Lsn| {
+        let log = log.clone();
+        async move {
+            let mut r = log.open_reader(ShardId(0), after).unwrap();
+            read_until_heartbeat(&mut r).await.0
+        }
+    };
+    assert!(read_after(Lsn::ZERO).await == [t1.clone(), t2.clone(), t3.clone()].concat());
+    assert!(read_after(commit_lsn(1)).await == [t2.clone(), t3.clone()].concat());
+    assert!(read_after(commit_lsn(2)).await == t3);
+    // Applied through txn 1: no segment holding part of txn 2 may go.
+    log.applied(ShardId(0), commit_lsn(1));
+    assert!(read_after(commit_lsn(1)).await == [t2.clone(), t3.clone()].concat());
+    // Applied through txn 2: its segments go, txn 3 stays readable.
+    let before = segments(dir.path(), 0).len();
+    log.applied(ShardId(0), commit_lsn(2));
+    assert!(segments(dir.path(), 0).len() < before);
+    assert!(read_after(commit_lsn(2)).await == t3);
 }
 
 #[test]
