@@ -205,7 +205,12 @@ pub struct SpillReader {
 
 enum Step {
     Memory(Arc<TailBlock>),
-    File { seq: u64, path: PathBuf, limit: u64 },
+    File {
+        seq: u64,
+        offset: u64,
+        path: PathBuf,
+        limit: u64,
+    },
     Heartbeat(Lsn),
     Wait,
 }
@@ -228,7 +233,12 @@ impl SpillReader {
             notified.as_mut().enable();
             match self.locate()? {
                 Step::Memory(b) => self.take_memory(&b),
-                Step::File { seq, path, limit } => self.take_file(seq, path, limit)?,
+                Step::File {
+                    seq,
+                    offset,
+                    path,
+                    limit,
+                } => self.take_file(seq, offset, path, limit)?,
                 Step::Heartbeat(l) => return Ok(ShardEvent::Heartbeat(l)),
                 // This is cancellation-safe: nothing was taken since the last event.
                 Step::Wait => notified.await,
@@ -337,12 +347,15 @@ impl SpillReader {
         let mut st = self.shared.lock();
         let durable = st.durable;
         let sh = &mut st.shards[i];
+        // `p` is where the next frame starts; `self.pos` stays at the end of the last frame
+        // taken until a frame is taken, so cut-back checks compare consumed data only.
+        let mut p = self.pos;
         loop {
-            match sh.segments.get(&self.pos.seq) {
-                Some(m) if m.sealed && self.pos.offset >= m.bytes => {
-                    match sh.segments.range(self.pos.seq + 1..).next() {
-                        Some((next, _)) if *next == self.pos.seq + 1 => {
-                            self.pos = Pos {
+            match sh.segments.get(&p.seq) {
+                Some(m) if m.sealed && p.offset >= m.bytes => {
+                    match sh.segments.range(p.seq + 1..).next() {
+                        Some((next, _)) if *next == p.seq + 1 => {
+                            p = Pos {
                                 seq: *next,
                                 offset: 0,
                             };
@@ -350,7 +363,7 @@ impl SpillReader {
                         Some(_) => {
                             return Err(SpillError::MissingSegment {
                                 shard: self.shard,
-                                seq: self.pos.seq + 1,
+                                seq: p.seq + 1,
                                 dir: sh.dir.clone(),
                             })
                         }
@@ -358,27 +371,25 @@ impl SpillReader {
                     }
                 }
                 Some(_) => break,
-                None if self.pos >= sh.end => break,
+                None if p >= sh.end => break,
                 None => {
-                    return Err(
-                        if sh.segments.keys().next().is_some_and(|f| *f > self.pos.seq) {
-                            SpillError::Discarded {
-                                shard: self.shard,
-                                after: self.progress,
-                                deleted_through: sh.deleted_through,
-                            }
-                        } else {
-                            SpillError::MissingSegment {
-                                shard: self.shard,
-                                seq: self.pos.seq,
-                                dir: sh.dir.clone(),
-                            }
-                        },
-                    )
+                    return Err(if sh.segments.keys().next().is_some_and(|f| *f > p.seq) {
+                        SpillError::Discarded {
+                            shard: self.shard,
+                            after: self.progress,
+                            deleted_through: sh.deleted_through,
+                        }
+                    } else {
+                        SpillError::MissingSegment {
+                            shard: self.shard,
+                            seq: p.seq,
+                            dir: sh.dir.clone(),
+                        }
+                    })
                 }
             }
         }
-        if self.pos >= sh.end {
+        if p >= sh.end {
             // Caught up. Every transaction with commit LSN below the durable LSN is in the log
             // (the next one's commit record starts at or after it), so nothing at or below
             // durable - 1 is missing for this shard.
@@ -389,19 +400,20 @@ impl SpillReader {
             }
             return Ok(Step::Wait);
         }
-        if let Ok(k) = sh.tail.binary_search_by(|b| b.pos.cmp(&self.pos)) {
+        if let Ok(k) = sh.tail.binary_search_by(|b| b.pos.cmp(&p)) {
             if let Some(b) = sh.tail.get(k) {
                 sh.memory_block_reads += 1;
                 return Ok(Step::Memory(Arc::clone(b)));
             }
         }
-        let Some(m) = sh.segments.get(&self.pos.seq) else {
+        let Some(m) = sh.segments.get(&p.seq) else {
             return Ok(Step::Wait); // unreachable: normalised above
         };
         sh.file_block_reads += 1;
         Ok(Step::File {
-            seq: self.pos.seq,
-            path: self.shared.segment_path(i, self.pos.seq, m.first_commit),
+            offset: p.offset,
+            seq: p.seq,
+            path: self.shared.segment_path(i, p.seq, m.first_commit),
             limit: m.bytes,
         })
     }
@@ -424,7 +436,13 @@ impl SpillReader {
         });
     }
 
-    fn take_file(&mut self, seq: u64, path: PathBuf, limit: u64) -> Result<(), SpillError> {
+    fn take_file(
+        &mut self,
+        seq: u64,
+        offset: u64,
+        path: PathBuf,
+        limit: u64,
+    ) -> Result<(), SpillError> {
         if self.file.as_ref().is_none_or(|(s, _)| *s != seq) {
             let f = File::open(&path).map_err(|e| self.read_error(&path, e))?;
             self.file = Some((seq, f));
@@ -432,7 +450,6 @@ impl SpillReader {
         let Some((_, file)) = self.file.as_ref() else {
             return Ok(());
         };
-        let offset = self.pos.offset;
         let fail = |this: &Self, e: FrameError| match e {
             FrameError::Io(e) => this.read_error(&path, e),
             FrameError::Short if this.was_cut() => SpillError::CutBack { shard: this.shard },
@@ -451,13 +468,19 @@ impl SpillReader {
         let header = block::read_header(file, offset, limit).map_err(|e| fail(self, e))?;
         if header.last_commit <= self.after {
             // Nothing this reader wants: skip the frame without reading its payload.
-            self.pos.offset += header.frame_len();
+            self.pos = Pos {
+                seq,
+                offset: offset + header.frame_len(),
+            };
             self.in_txn = false;
             return Ok(());
         }
         let frame = block::read_frame(file, offset, limit).map_err(|e| fail(self, e))?;
         let raw = block::decompress(&mut self.dctx, &frame).map_err(|e| fail(self, e))?;
-        self.pos.offset += frame.header.frame_len();
+        self.pos = Pos {
+            seq,
+            offset: offset + frame.header.frame_len(),
+        };
         self.cur = Some(Cur {
             raw,
             pos: 0,

@@ -811,3 +811,31 @@ async fn a_200_mb_transaction_streams_in_bounded_memory() {
     assert!(growth_mib < 64, "peak RSS grew by {growth_mib} MiB");
     assert!(stats.bytes_on_disk < 50 << 20);
 }
+
+#[test]
+fn options_parse_from_toml_and_validate_with_the_key_named() {
+    let o: SpillOptions =
+        toml::from_str("dir = '/var/lib/reshard'\nmax_bytes = 1073741824").unwrap();
+    assert_eq!(o.dir, PathBuf::from("/var/lib/reshard"));
+    assert_eq!(o.max_bytes, 1 << 30);
+    assert_eq!(o.segment_bytes, DEFAULT_SEGMENT_BYTES);
+    o.validate().unwrap();
+    SpillOptions::default().validate().unwrap();
+    let err = toml::from_str::<SpillOptions>("max_byte = 1").unwrap_err();
+    assert!(err.to_string().contains("max_byte"), "{err}");
+    let bad = SpillOptions {
+        zstd_level: 30,
+        ..SpillOptions::default()
+    };
+    let err = bad.validate().unwrap_err();
+    assert!(err.to_string().contains("[spill] zstd_level"), "{err}");
+    let bad = SpillOptions {
+        max_bytes: DEFAULT_SEGMENT_BYTES,
+        ..SpillOptions::default()
+    };
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("[spill] max_bytes"));
+}
