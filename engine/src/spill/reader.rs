@@ -372,6 +372,20 @@ impl SpillReader {
                 }
                 Some(_) => break,
                 None if p >= sh.end => break,
+                // Retention deleted the segment this reader had just finished (its shard applied
+                // it): every deleted record is at or below `deleted_through`, which the reader
+                // has already delivered, so continue with the next retained segment.
+                None if !self.in_txn && sh.deleted_through <= self.progress => {
+                    match sh.segments.range(p.seq + 1..).next() {
+                        Some((next, _)) => {
+                            p = Pos {
+                                seq: *next,
+                                offset: 0,
+                            }
+                        }
+                        None => break,
+                    }
+                }
                 None => {
                     return Err(if sh.segments.keys().next().is_some_and(|f| *f > p.seq) {
                         SpillError::Discarded {
