@@ -22,6 +22,19 @@
 //!   a missing segment, is a [`SpillError::Corrupt`] / [`SpillError::MissingSegment`] naming
 //!   the file and offset.
 //!
+//! How the ingest drives the writer (on its blocking thread):
+//!
+//! ```text
+//! let (mut w, report) = SpillWriter::open(opts, identity)?;  // resume the slot at report.durable_lsn
+//! let log = w.log();                                          // one clone per shard's apply task
+//! for each committed source transaction:
+//!     if w.over_cap() { block_on(w.wait_for_space()) }       // between transactions only
+//!     per touched shard: append(Begin), append(Change)*, append(Commit)
+//!     w.end_txn(commit.end_lsn)
+//!     if w.flush_due() { confirm_flush(w.flush()?) }          // group commit
+//! source dropped mid-transaction: w.abort_incomplete()        // readers past it get CutBack
+//! ```
+//!
 //! Heartbeats: a reader that has delivered every frame and is outside a transaction yields
 //! `Heartbeat(durable_lsn - 1)` once that is past the last LSN it reported. Not
 //! `durable_lsn` itself: the durable LSN is the *end* of the last durable commit record, and
