@@ -54,7 +54,7 @@
 //!
 //! Threading: [`SpillWriter`] is synchronous (plain files, explicit `sync_data`): run it on a
 //! dedicated thread or inside `spawn_blocking`. [`SpillWriter::wait_for_space`] and
-//! [`SpillReader::next`] are async and never hold a lock across an `.await`. Readers read
+//! [`SpillReader::next`](crate::event::ShardReader::next) are async and never hold a lock across an `.await`. Readers read
 //! sealed frames with positioned reads (`pread`) of at most one block.
 
 mod block;
