@@ -853,3 +853,198 @@ async fn metrics_endpoint_follows_the_snapshot_and_reports_health() {
         .unwrap()
         .unwrap();
 }
+
+fn repo_file(rel: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Field names of a `{:#?}` rendering (the lines indented by exactly four spaces).
+fn debug_fields(pretty: &str) -> Vec<String> {
+    pretty
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("    ")?;
+            if rest.starts_with(' ') {
+                return None;
+            }
+            rest.split_once(':').map(|(k, _)| k.to_owned())
+        })
+        .collect()
+}
+
+/// The text of `[header]` up to the next table header.
+fn toml_section<'a>(text: &'a str, header: &str) -> &'a str {
+    let start = text
+        .find(&format!("\n{header}\n"))
+        .unwrap_or_else(|| panic!("no {header} in the example"));
+    let body = &text[start + header.len() + 2..];
+    match body.find("\n[") {
+        Some(end) => &body[..end],
+        None => body,
+    }
+}
+
+#[test]
+fn example_config_documents_every_key_with_its_default() {
+    use reshard_engine::config::Config;
+    let text = repo_file("deploy/reshard.example.toml");
+    let example = Config::parse(&text, "deploy/reshard.example.toml").unwrap();
+
+    // Every key of every section is in the example, set or (for keys without a default)
+    // commented out, and preceded by a comment line.
+    let sections: [(&str, String); 9] = [
+        ("[source]", format!("{:#?}", example.source)),
+        ("[routing]", format!("{:#?}", example.routing)),
+        ("[[shards]]", format!("{:#?}", example.shards[0])),
+        ("[[tables]]", format!("{:#?}", example.tables[0])),
+        ("[apply]", format!("{:#?}", example.apply)),
+        ("[spill]", format!("{:#?}", example.spill)),
+        ("[snapshot]", format!("{:#?}", example.snapshot)),
+        ("[admin]", format!("{:#?}", example.admin)),
+        ("[cutover]", format!("{:#?}", example.cutover)),
+    ];
+    let mut checked = 0;
+    for (header, debug) in &sections {
+        let body = toml_section(&text, header);
+        let lines: Vec<&str> = body.lines().collect();
+        for key in debug_fields(debug) {
+            let at = lines.iter().position(|l| {
+                l.starts_with(&format!("{key} = ")) || l.starts_with(&format!("# {key} = "))
+            });
+            let at = at.unwrap_or_else(|| panic!("{header} {key} is not in the example"));
+            assert!(
+                at > 0 && lines[at - 1].starts_with('#'),
+                "{header} {key} has no comment above it"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 40,
+        "only {checked} keys found: the Debug scan is broken"
+    );
+
+    // Every value set in the example is the default: the parsed example equals a minimal
+    // config (only the required keys) section by section.
+    let minimal = Config::parse(
+        &format!(
+            "[source]\nurl = {:?}\n[[shards]]\nname = \"s\"\nurl = \"postgres://x\"\n",
+            example.source.url
+        ),
+        "minimal",
+    )
+    .unwrap();
+    assert_eq!(
+        format!("{:?}", example.source),
+        format!("{:?}", minimal.source)
+    );
+    assert_eq!(
+        format!("{:?}", example.routing),
+        format!("{:?}", minimal.routing)
+    );
+    assert_eq!(
+        format!("{:?}", example.apply),
+        format!("{:?}", minimal.apply)
+    );
+    assert_eq!(
+        format!("{:?}", example.spill),
+        format!("{:?}", minimal.spill)
+    );
+    assert_eq!(
+        format!("{:?}", example.snapshot),
+        format!("{:?}", minimal.snapshot)
+    );
+    assert_eq!(
+        format!("{:?}", example.admin),
+        format!("{:?}", minimal.admin)
+    );
+    assert_eq!(
+        format!("{:?}", example.cutover),
+        format!("{:?}", minimal.cutover)
+    );
+}
+
+#[test]
+fn compose_config_parses_and_listens_on_all_interfaces() {
+    use reshard_engine::config::Config;
+    let c = Config::parse(
+        &repo_file("deploy/compose/reshard.toml"),
+        "deploy/compose/reshard.toml",
+    )
+    .unwrap();
+    assert_eq!(c.shard_names(), ["shard0", "shard1", "shard2"]);
+    assert!(c.source.url.contains("@source:5432"));
+    assert_eq!(c.admin.listen, "0.0.0.0:6433");
+    assert_eq!(c.admin.metrics, "0.0.0.0:9187");
+    let compose = repo_file("docker-compose.yml");
+    for service in ["source:", "shard0:", "shard1:", "shard2:", "reshard:"] {
+        assert!(compose.contains(&format!("\n  {service}\n")), "{service}");
+    }
+    for shard in c.shard_names() {
+        assert!(c
+            .shards
+            .iter()
+            .any(|s| s.url.contains(&format!("@{shard}:"))));
+    }
+}
+
+/// Every `reshard_…` name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("reshard_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn grafana_dashboard_is_valid_json_and_plots_exported_metrics() {
+    let text = repo_file("deploy/grafana/reshard-dashboard.json");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut exprs = String::new();
+    for p in panels {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let e = t["expr"].as_str().expect("every target has an expr");
+            exprs.push_str(e);
+            exprs.push('\n');
+        }
+    }
+    let used = metric_names(&text);
+    for name in &used {
+        assert!(
+            metrics::ALL.contains(&name.as_str()),
+            "the dashboard uses {name}, which metrics.rs does not export"
+        );
+    }
+    let plotted = metric_names(&exprs);
+    for name in [
+        metrics::SHARD_LAG_BYTES,
+        metrics::SHARD_LAG_SECONDS,
+        metrics::SHARD_ROWS_APPLIED_TOTAL,
+        metrics::SHARD_ERRORS_TOTAL,
+        metrics::SHARD_APPLY_LATENCY_SECONDS,
+        metrics::SPILL_BYTES,
+        metrics::SPILL_BACKPRESSURE_ACTIVE,
+        metrics::SOURCE_RECEIVED_BYTES_TOTAL,
+        metrics::SOURCE_RETAINED_WAL_BYTES,
+        metrics::FULLLOAD_ROWS_COPIED_TOTAL,
+    ] {
+        assert!(plotted.contains(name), "the dashboard does not plot {name}");
+    }
+    // Panel ids are unique (Grafana keys panels by id).
+    let mut ids: Vec<i64> = panels.iter().filter_map(|p| p["id"].as_i64()).collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n);
+}
