@@ -1048,3 +1048,29 @@ fn grafana_dashboard_is_valid_json_and_plots_exported_metrics() {
     ids.dedup();
     assert_eq!(ids.len(), n);
 }
+
+#[test]
+fn deploy_readme_lists_exactly_the_exported_metrics() {
+    let readme = repo_file("deploy/README.md");
+    // The metrics table: rows that start with a metric name.
+    let table: String = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(|n| format!("{n}\n"))
+        .collect();
+    let listed = metric_names(&table);
+    assert!(!listed.is_empty());
+    for name in metrics::ALL {
+        assert!(
+            listed.contains(*name),
+            "deploy/README.md does not list {name}"
+        );
+    }
+    for name in &listed {
+        assert!(
+            metrics::ALL.contains(&name.as_str()),
+            "deploy/README.md lists {name}, which metrics.rs does not export"
+        );
+    }
+}
