@@ -521,6 +521,63 @@ async fn admin_console_serves_tokio_postgres_simple_queries_and_status_json() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console_serves_the_extended_query_protocol() {
+    let mut rt = runtime();
+    let c = console(rt.handle.clone(), None).await;
+    let (client, _notices) = client(c.addr, "reshard", None).await.unwrap();
+
+    // `query` = Parse/Bind/Describe/Execute/Sync, results in binary.
+    let rows = client.query("SHOW LAG", &[]).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    let names: Vec<&str> = rows[0].columns().iter().map(|c| c.name()).collect();
+    assert_eq!(
+        names,
+        [
+            "shard",
+            "state",
+            "applied_lsn",
+            "lag_bytes",
+            "lag_seconds",
+            "p50_ms",
+            "p99_ms",
+            "max_ms"
+        ]
+    );
+    assert_eq!(rows[2].get::<_, String>("shard"), "shard2");
+    assert_eq!(rows[2].get::<_, String>("applied_lsn"), "2/FFE00000");
+    assert_eq!(rows[0].get::<_, String>("p99_ms"), "80.0");
+
+    let row = client.query_one("show status json;", &[]).await.unwrap();
+    let back: StatusSnapshot = serde_json::from_str(row.get::<_, &str>("status")).unwrap();
+    assert_eq!(back.tables.len(), 2);
+
+    // A prepared statement can run again and sees the live status.
+    let stmt = client.prepare("SHOW SHARDS").await.unwrap();
+    assert_eq!(stmt.columns().len(), 15);
+    rt.status
+        .send_modify(|s| s.shards[0].state = ShardState::Paused);
+    let rows = client.query(&stmt, &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, String>("state"), "paused");
+    assert_eq!(rows[0].get::<_, Option<String>>("last_error"), None);
+
+    // Commands return no rows; they reach the runtime.
+    assert_eq!(client.execute("RESUME shard0", &[]).await.unwrap(), 0);
+    assert_eq!(
+        rt.commands.recv().await,
+        Some(ControlCommand::Resume(Some("shard0".into())))
+    );
+
+    // Errors are ErrorResponses, and the session goes on.
+    let e = client.query("SHOW BOGUS", &[]).await.unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "42601");
+    let e = client.query("SHOW LAG; SHOW SPILL", &[]).await.unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "42601");
+    assert_eq!(client.query("SHOW SPILL", &[]).await.unwrap().len(), 1);
+    drop(client);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_console_forwards_pause_resume_shutdown_to_the_runtime() {
     let mut rt = runtime();
     let c = console(rt.handle.clone(), None).await;

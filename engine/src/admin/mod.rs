@@ -15,8 +15,10 @@
 //!   backlog); a result set is at most one row per shard/table.
 //! - Nothing typed here can crash the daemon: a statement that is not understood gets
 //!   `ErrorResponse` SQLSTATE 42601 naming it, and nothing of that message runs.
-//! - Only the simple query protocol is served (psql `-c`, `tokio_postgres::Client::simple_query`);
-//!   see <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-SIMPLE-QUERY>.
+//! - Both query protocols are served: simple (psql, `simple_query`; several statements per
+//!   message) and extended (`tokio_postgres::Client::query`, one statement, no parameters,
+//!   text or binary results); see
+//!   <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-EXT-QUERY>.
 
 pub mod command;
 pub mod render;
@@ -34,8 +36,10 @@ use pgwire::api::auth::{
     protocol_negotiation, save_startup_parameters_to_metadata, AuthDriver, AuthOutcome, AuthSource,
     DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
 };
-use pgwire::api::query::SimpleQueryHandler;
-use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type, METADATA_USER};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
@@ -226,6 +230,10 @@ impl PgWireServerHandlers for Handlers {
         self.queries.clone()
     }
 
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.queries.clone()
+    }
+
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
         self.startup.clone()
     }
@@ -344,13 +352,25 @@ fn error_info(code: &str, message: String) -> Box<ErrorInfo> {
     Box::new(ErrorInfo::new("ERROR".to_owned(), code.to_owned(), message))
 }
 
-fn to_response(rs: ResultSet) -> PgWireResult<Response> {
-    let fields: Arc<Vec<FieldInfo>> = Arc::new(
-        rs.columns
-            .iter()
-            .map(|c| FieldInfo::new((*c).to_owned(), None, None, Type::TEXT, FieldFormat::Text))
-            .collect(),
-    );
+/// `text` columns, in the format the client asked for (binary `text` is the same bytes).
+fn fields(columns: &[&str], format: &Format) -> Vec<FieldInfo> {
+    columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            FieldInfo::new(
+                (*c).to_owned(),
+                None,
+                None,
+                Type::TEXT,
+                format.format_for(i),
+            )
+        })
+        .collect()
+}
+
+fn to_response(rs: ResultSet, format: &Format) -> PgWireResult<Response> {
+    let fields: Arc<Vec<FieldInfo>> = Arc::new(fields(&rs.columns, format));
     let mut enc = DataRowEncoder::new(fields.clone());
     let mut rows = Vec::with_capacity(rs.rows.len());
     for row in rs.rows {
@@ -371,7 +391,12 @@ impl Queries {
     }
 
     /// Runs one statement; `Err` is the `ErrorResponse` to send.
-    async fn run<C>(&self, client: &mut C, cmd: AdminCommand) -> PgWireResult<Response>
+    async fn run<C>(
+        &self,
+        client: &mut C,
+        cmd: AdminCommand,
+        format: &Format,
+    ) -> PgWireResult<Response>
     where
         C: Sink<PgWireBackendMessage> + Unpin + Send,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
@@ -406,7 +431,7 @@ impl Queries {
                     .await
             }
         };
-        to_response(rs)
+        to_response(rs, format)
     }
 
     /// Forwards a command to the runtime; its answer becomes a NOTICE and the command tag.
@@ -482,7 +507,7 @@ impl SimpleQueryHandler for Queries {
         };
         let mut out = Vec::with_capacity(cmds.len());
         for cmd in cmds {
-            match self.run(client, cmd).await {
+            match self.run(client, cmd, &Format::UnifiedText).await {
                 Ok(r) => out.push(r),
                 Err(PgWireError::UserError(info)) => {
                     // As PostgreSQL does, the first error ends the message.
@@ -493,5 +518,100 @@ impl SimpleQueryHandler for Queries {
             }
         }
         Ok(out)
+    }
+}
+
+/// The column names a statement returns (none for commands), for `Describe`.
+fn columns_of(cmd: &AdminCommand) -> Vec<&'static str> {
+    let empty = StatusSnapshot::default();
+    match cmd {
+        AdminCommand::ShowStatus => render::status(&empty).columns,
+        AdminCommand::ShowStatusJson => vec!["status"],
+        AdminCommand::ShowShards => render::shards(&empty).columns,
+        AdminCommand::ShowTables => render::tables(&empty).columns,
+        AdminCommand::ShowLag => render::lag(&empty).columns,
+        AdminCommand::ShowSpill => render::spill(&empty).columns,
+        AdminCommand::ShowHelp => render::help().columns,
+        AdminCommand::Pause(_)
+        | AdminCommand::Resume(_)
+        | AdminCommand::Shutdown
+        | AdminCommand::Set => Vec::new(),
+    }
+}
+
+/// Parses the one statement of a `Parse` message.
+#[derive(Debug)]
+struct Parser;
+
+#[async_trait]
+impl QueryParser for Parser {
+    type Statement = AdminCommand;
+
+    async fn parse_sql<C>(
+        &self,
+        _client: &C,
+        sql: &str,
+        _types: &[Option<Type>],
+    ) -> PgWireResult<Option<AdminCommand>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let mut cmds = command::parse(sql)
+            .map_err(|e| PgWireError::UserError(error_info("42601", e.to_string())))?;
+        if cmds.len() > 1 {
+            return Err(PgWireError::UserError(error_info(
+                "42601",
+                "cannot insert multiple commands into a prepared statement; send them one by one"
+                    .to_owned(),
+            )));
+        }
+        Ok(cmds.pop())
+    }
+
+    fn get_parameter_types(&self, _stmt: &AdminCommand) -> PgWireResult<Vec<Type>> {
+        Ok(Vec::new())
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &AdminCommand,
+        column_format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        Ok(fields(
+            &columns_of(stmt),
+            column_format.unwrap_or(&Format::UnifiedText),
+        ))
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Queries {
+    type Statement = AdminCommand;
+    type QueryParser = Parser;
+
+    fn query_parser(&self) -> Arc<Parser> {
+        Arc::new(Parser)
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<AdminCommand>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = AdminCommand>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if !portal.parameters.is_empty() {
+            return Err(PgWireError::UserError(error_info(
+                "42P02",
+                "admin console commands take no parameters".to_owned(),
+            )));
+        }
+        let cmd = portal.statement.statement.clone();
+        self.run(client, cmd, &portal.result_column_format).await
     }
 }
