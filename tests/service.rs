@@ -725,7 +725,7 @@ async fn admin_console_password_and_user_are_enforced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_console_bind_error_names_the_address_and_config_key() {
+async fn admin_bind_errors_name_the_address_and_config_key_and_empty_turns_off() {
     let rt = runtime();
     let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = taken.local_addr().unwrap().to_string();
@@ -744,6 +744,27 @@ async fn admin_console_bind_error_names_the_address_and_config_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains(&addr) && e.contains("admin.metrics"), "{e}");
+
+    // "" turns them off: they return at once, without waiting for shutdown.
+    let (_tx, rx) = watch::channel(false);
+    let auth = AdminAuth {
+        user: "reshard".into(),
+        password: None,
+    };
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        admin::serve("", auth, rt.handle.clone(), rx.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        metrics::serve_metrics("", rt.handle.status.clone(), rx),
+    )
+    .await
+    .unwrap()
+    .unwrap();
 }
 
 /// One HTTP/1.1 GET over a raw socket: (status code, content type, body).

@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::error::{Classify, ErrorClass};
 use crate::status::{Phase, ShardState, StatusSnapshot};
@@ -620,12 +620,17 @@ pub fn encode(snapshot: &StatusSnapshot) -> String {
 }
 
 /// Binds `listen` (`[admin] metrics`) and serves `/metrics`, `/healthz` and `/readyz` until
-/// `shutdown` turns true (or its sender is dropped).
+/// `shutdown` turns true (or its sender is dropped). An empty `listen` means the endpoint is
+/// off: returns at once.
 pub async fn serve_metrics(
     listen: &str,
     status: watch::Receiver<StatusSnapshot>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), MetricsError> {
+    if listen.trim().is_empty() {
+        info!("metrics endpoint off (admin.metrics = \"\")");
+        return Ok(());
+    }
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| MetricsError::Bind {
@@ -673,12 +678,16 @@ pub async fn serve_metrics_on(
             },
         };
         let status = status.clone();
-        conns.spawn(async move {
-            let _permit = permit;
-            if let Err(e) = handle_connection(socket, status).await {
-                debug!(peer = %peer, error = %e, "metrics request failed");
+        let span = info_span!("metrics_request", peer = %peer);
+        conns.spawn(
+            async move {
+                let _permit = permit;
+                if let Err(e) = handle_connection(socket, status).await {
+                    debug!(error = %e, "metrics request failed");
+                }
             }
-        });
+            .instrument(span),
+        );
     }
     info!(addr = %addr, "metrics endpoint stopped");
     conns.abort_all();

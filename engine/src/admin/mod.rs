@@ -47,7 +47,7 @@ use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::AdminConfig;
 use crate::error::{Classify, ErrorClass};
@@ -115,13 +115,17 @@ impl Debug for AdminAuth {
 }
 
 /// Binds `listen` (`[admin] listen`) and serves the admin console until `shutdown` turns true
-/// (or its sender is dropped).
+/// (or its sender is dropped). An empty `listen` means the console is off: returns at once.
 pub async fn serve(
     listen: &str,
     cfg: AdminAuth,
     handle: AdminHandle,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), AdminError> {
+    if listen.trim().is_empty() {
+        info!("admin console off (admin.listen = \"\")");
+        return Ok(());
+    }
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| AdminError::Bind {
@@ -173,13 +177,17 @@ pub async fn serve_on(
             },
         };
         let handlers = handlers.clone();
-        sessions.spawn(async move {
-            let _permit = permit;
-            debug!(peer = %peer, "admin session opened");
-            if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
-                debug!(peer = %peer, error = %e, "admin session ended with an error");
+        let span = info_span!("admin_session", peer = %peer);
+        sessions.spawn(
+            async move {
+                let _permit = permit;
+                debug!("admin session opened");
+                if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                    debug!(error = %e, "admin session ended with an error");
+                }
             }
-        });
+            .instrument(span),
+        );
     }
     info!(addr = %addr, "admin console stopped");
     sessions.abort_all();
