@@ -5,5 +5,6 @@
 mod apply;
 mod decode;
 mod route;
+mod service;
 mod snapshot;
 mod source;

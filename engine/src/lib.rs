@@ -32,7 +32,9 @@ pub mod error;
 
 pub mod event;
 pub mod lsn;
+pub mod metrics;
 
+pub mod admin;
 pub mod apply;
 pub mod decode;
 pub mod route;
