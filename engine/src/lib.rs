@@ -39,6 +39,11 @@ pub mod source;
 pub mod spill;
 pub mod status;
 
+pub mod catalog;
+pub mod check;
+pub mod pgconn;
+pub mod progress;
+
 pub use event::{
     Begin, Change, Column, Commit, OldRow, Relation, ReplicaIdentity, Row, ShardEvent, ShardId,
     TableId, TxnEvent, Value,
