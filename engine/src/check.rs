@@ -165,7 +165,10 @@ pub async fn run_checks(config: &Config) -> CheckReport {
                 report.fail(
                     "connect",
                     &shard.name,
-                    format!("cannot connect to shard {} ([[shards]] url): {e}", shard.name),
+                    format!(
+                        "cannot connect to shard {} ([[shards]] url): {e}",
+                        shard.name
+                    ),
                     None,
                 );
             }
@@ -179,10 +182,7 @@ async fn connect(url: &str) -> Result<Client, String> {
     match tokio::time::timeout(CONNECT_TIMEOUT, connect_plain(url)).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "no answer within {}s",
-            CONNECT_TIMEOUT.as_secs()
-        )),
+        Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())),
     }
 }
 
@@ -195,7 +195,10 @@ async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgres::
 
 async fn setting_i64(client: &Client, name: &str) -> Result<i64, tokio_postgres::Error> {
     let r = client
-        .query_one("SELECT setting::int8 FROM pg_settings WHERE name = $1", &[&name])
+        .query_one(
+            "SELECT setting::int8 FROM pg_settings WHERE name = $1",
+            &[&name],
+        )
         .await?;
     r.try_get(0)
 }
@@ -296,7 +299,10 @@ async fn check_source(
              hold for your longest planned outage (if the cap is reached the slot is \
              invalidated and the migration must start over, but the source stays up)"
                 .into(),
-            Some("ALTER SYSTEM SET max_slot_wal_keep_size = '100GB'; SELECT pg_reload_conf();".into()),
+            Some(
+                "ALTER SYSTEM SET max_slot_wal_keep_size = '100GB'; SELECT pg_reload_conf();"
+                    .into(),
+            ),
         );
     } else if keep_mb < 1024 {
         report.warn(
@@ -333,7 +339,11 @@ async fn check_source(
             SOURCE,
             format!(
                 "role {user} has {}",
-                if superuser { "SUPERUSER" } else { "REPLICATION" }
+                if superuser {
+                    "SUPERUSER"
+                } else {
+                    "REPLICATION"
+                }
             ),
         );
     } else {
@@ -348,7 +358,10 @@ async fn check_source(
     // Tables.
     let rules = resolve_tables(client, config).await?;
     if config.tables.is_empty() {
-        let sharded = rules.iter().filter(|r| r.mode == TableMode::Sharded).count();
+        let sharded = rules
+            .iter()
+            .filter(|r| r.mode == TableMode::Sharded)
+            .count();
         report.pass(
             "tables",
             SOURCE,
@@ -375,7 +388,10 @@ async fn check_source(
             None => report.fail(
                 "table_exists",
                 SOURCE,
-                format!("table {} ([[tables]] name) does not exist on the source", rule.source),
+                format!(
+                    "table {} ([[tables]] name) does not exist on the source",
+                    rule.source
+                ),
                 Some(format!(
                     "-- fix the name in reshard.toml or remove the [[tables]] entry for {}",
                     rule.source
@@ -386,8 +402,16 @@ async fn check_source(
         resolved.push((rule, info));
     }
 
-    check_publication(client, publication, &user, &database, superuser, &resolved, report)
-        .await?;
+    check_publication(
+        client,
+        publication,
+        &user,
+        &database,
+        superuser,
+        &resolved,
+        report,
+    )
+    .await?;
 
     // Slot in use?
     match slot_row {
@@ -466,7 +490,11 @@ async fn check_source_table(
         .await?
         .try_get(0)?;
     if can_select {
-        report.pass("select_privilege", SOURCE, format!("{name}: SELECT granted"));
+        report.pass(
+            "select_privilege",
+            SOURCE,
+            format!("{name}: SELECT granted"),
+        );
     } else {
         report.fail(
             "select_privilege",
@@ -681,7 +709,9 @@ async fn check_publication(
                     "role {user} does not own {}, so it cannot create publication {publication}",
                     not_owned.join(", ")
                 ),
-                Some(format!("-- as the tables' owner or a superuser:\n{create_sql}")),
+                Some(format!(
+                    "-- as the tables' owner or a superuser:\n{create_sql}"
+                )),
             );
         }
         return Ok(());
@@ -754,7 +784,11 @@ async fn check_publication(
             SOURCE,
             format!(
                 "publication {publication} publishes {} the configured tables",
-                if all_tables { "all tables, including" } else { "all" }
+                if all_tables {
+                    "all tables, including"
+                } else {
+                    "all"
+                }
             ),
         );
     }
@@ -790,7 +824,11 @@ async fn check_shard(
             .await?
             .try_get(0)?;
         if ok {
-            report.pass("create_privilege", shard, "schema reshard exists and is usable".into());
+            report.pass(
+                "create_privilege",
+                shard,
+                "schema reshard exists and is usable".into(),
+            );
         } else {
             report.fail(
                 "create_privilege",
@@ -844,8 +882,14 @@ async fn check_shard(
                     report.fail(
                         "target_columns",
                         shard,
-                        format!("{target} on shard {shard} has no column {} ({} on the source)", sc.name, sc.type_name),
-                        Some(format!("ALTER TABLE {qtarget} ADD COLUMN {qcol} {};", sc.type_name)),
+                        format!(
+                            "{target} on shard {shard} has no column {} ({} on the source)",
+                            sc.name, sc.type_name
+                        ),
+                        Some(format!(
+                            "ALTER TABLE {qtarget} ADD COLUMN {qcol} {};",
+                            sc.type_name
+                        )),
                     );
                 }
                 Some(tc) if tc.type_name != sc.type_name => {
@@ -878,7 +922,10 @@ async fn check_shard(
         for tc in &t.columns {
             let replicated = source.column(&tc.name).is_some_and(|c| !c.generated);
             if replicated || tc.generated || tc.identity || tc.has_default || !tc.not_null {
-                if !replicated && source.column(&tc.name).is_some_and(|c| c.generated) && !tc.generated {
+                if !replicated
+                    && source.column(&tc.name).is_some_and(|c| c.generated)
+                    && !tc.generated
+                {
                     report.warn(
                         "target_columns",
                         shard,
@@ -903,7 +950,11 @@ async fn check_shard(
             report.pass(
                 "target_table",
                 shard,
-                format!("{target}: {} columns compatible with {}", t.columns.len(), rule.source),
+                format!(
+                    "{target}: {} columns compatible with {}",
+                    t.columns.len(),
+                    rule.source
+                ),
             );
         }
         if t.primary_key.is_empty() && t.replica_identity_index.is_empty() {
@@ -930,28 +981,45 @@ async fn check_shard(
             )
             .await?;
         let mut lacking = Vec::new();
-        for (i, p) in ["USAGE", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "SELECT"].iter().enumerate() {
+        for (i, p) in ["USAGE", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "SELECT"]
+            .iter()
+            .enumerate()
+        {
             let granted: bool = privs.try_get(i)?;
             if !granted {
                 lacking.push(*p);
             }
         }
         if lacking.is_empty() {
-            report.pass("target_privileges", shard, format!("{target}: INSERT, UPDATE, DELETE, TRUNCATE granted"));
+            report.pass(
+                "target_privileges",
+                shard,
+                format!("{target}: INSERT, UPDATE, DELETE, TRUNCATE granted"),
+            );
         } else {
             let (schema, _) = crate::catalog::split_name(target);
             let mut fix = Vec::new();
             if lacking.contains(&"USAGE") {
-                fix.push(format!("GRANT USAGE ON SCHEMA {} TO {quser};", quote_ident(&schema)));
+                fix.push(format!(
+                    "GRANT USAGE ON SCHEMA {} TO {quser};",
+                    quote_ident(&schema)
+                ));
             }
-            let table_privs: Vec<&str> = lacking.iter().copied().filter(|p| *p != "USAGE").collect();
+            let table_privs: Vec<&str> =
+                lacking.iter().copied().filter(|p| *p != "USAGE").collect();
             if !table_privs.is_empty() {
-                fix.push(format!("GRANT {} ON {qtarget} TO {quser};", table_privs.join(", ")));
+                fix.push(format!(
+                    "GRANT {} ON {qtarget} TO {quser};",
+                    table_privs.join(", ")
+                ));
             }
             report.fail(
                 "target_privileges",
                 shard,
-                format!("role {user} lacks {} on {target} on shard {shard}", lacking.join(", ")),
+                format!(
+                    "role {user} lacks {} on {target} on shard {shard}",
+                    lacking.join(", ")
+                ),
                 Some(fix.join(" ")),
             );
             continue;

@@ -43,6 +43,7 @@ pub mod catalog;
 pub mod check;
 pub mod pgconn;
 pub mod progress;
+pub mod verify;
 
 pub use event::{
     Begin, Change, Column, Commit, OldRow, Relation, ReplicaIdentity, Row, ShardEvent, ShardId,

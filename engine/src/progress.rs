@@ -78,10 +78,7 @@ pub async fn progress_table_exists(
     shard: &str,
 ) -> Result<bool, ProgressError> {
     let row = client
-        .query_one(
-            "SELECT to_regclass('reshard.progress') IS NOT NULL",
-            &[],
-        )
+        .query_one("SELECT to_regclass('reshard.progress') IS NOT NULL", &[])
         .await
         .map_err(|source| ProgressError::Query {
             shard: shard.to_owned(),
@@ -123,10 +120,11 @@ pub async fn read_progress(
     };
     let lsn = |i: usize| -> Result<Lsn, ProgressError> {
         let s: String = r.try_get(i).map_err(q)?;
-        s.parse().map_err(|e: crate::lsn::ParseLsnError| ProgressError::Invalid {
-            shard: shard.to_owned(),
-            message: e.to_string(),
-        })
+        s.parse()
+            .map_err(|e: crate::lsn::ParseLsnError| ProgressError::Invalid {
+                shard: shard.to_owned(),
+                message: e.to_string(),
+            })
     };
     let unix: Option<i64> = r.try_get(5).map_err(q)?;
     let updated: Option<i64> = r.try_get(6).map_err(q)?;
