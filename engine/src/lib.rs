@@ -41,8 +41,11 @@ pub mod status;
 
 pub mod catalog;
 pub mod check;
+pub mod cutover;
+pub mod observe;
 pub mod pgconn;
 pub mod progress;
+pub mod purge;
 pub mod verify;
 
 pub use event::{
