@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::catalog::{describe_table, resolve_tables, TableInfo, SUPPORTED_KEY_TYPES};
+use crate::tableinfo::{describe_table, resolve_tables, TableInfo, SUPPORTED_KEY_TYPES};
 use crate::config::{Config, TableMode, TableRule};
 use crate::pgconn::{connect_plain, quote_ident, quote_literal, quote_qualified};
 
@@ -997,7 +997,7 @@ async fn check_shard(
                 format!("{target}: INSERT, UPDATE, DELETE, TRUNCATE granted"),
             );
         } else {
-            let (schema, _) = crate::catalog::split_name(target);
+            let (schema, _) = crate::tableinfo::split_name(target);
             let mut fix = Vec::new();
             if lacking.contains(&"USAGE") {
                 fix.push(format!(

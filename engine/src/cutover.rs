@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::catalog::{resolve_tables, split_name};
+use crate::tableinfo::{resolve_tables, split_name};
 use crate::config::Config;
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;

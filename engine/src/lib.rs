@@ -39,7 +39,7 @@ pub mod source;
 pub mod spill;
 pub mod status;
 
-pub mod catalog;
+pub mod tableinfo;
 pub mod check;
 pub mod cutover;
 pub mod observe;

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::catalog::resolve_tables;
+use crate::tableinfo::resolve_tables;
 use crate::config::Config;
 use crate::event::pg_now;
 use crate::lsn::Lsn;

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::catalog::{describe_table, resolve_tables, TableInfo};
+use crate::tableinfo::{describe_table, resolve_tables, TableInfo};
 use crate::config::{Config, HashKind, TableMode, TableRule};
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
