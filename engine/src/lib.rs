@@ -26,6 +26,7 @@
 //! The full load (`snapshot`) runs before CDC on the same slot, under the slot's exported
 //! snapshot. [`runtime`] wires the stages and holds no logic.
 
+pub mod catalog;
 pub mod config;
 pub mod error;
 
