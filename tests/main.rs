@@ -1,3 +1,4 @@
 //! Integration tests against real PostgreSQL clusters started by `reshard-harness`.
 //!
 //! One binary (etl's layout): each area is a module.
+mod ops;

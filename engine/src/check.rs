@@ -23,9 +23,9 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::tableinfo::{describe_table, resolve_tables, TableInfo, SUPPORTED_KEY_TYPES};
 use crate::config::{Config, TableMode, TableRule};
 use crate::pgconn::{connect_plain, quote_ident, quote_literal, quote_qualified};
+use crate::tableinfo::{describe_table, resolve_tables, TableInfo, SUPPORTED_KEY_TYPES};
 
 /// How long one endpoint may take to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::tableinfo::{resolve_tables, split_name};
 use crate::config::Config;
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
 use crate::pgconn::{connect_plain, quote_literal, quote_qualified};
 use crate::progress::{progress_table_exists, source_system_id};
+use crate::tableinfo::{resolve_tables, split_name};
 use crate::verify::{self, KeyRouter, VerifyError, VerifyOptions, VerifyReport};
 
 /// What to cut over.

@@ -40,13 +40,13 @@ pub mod source;
 pub mod spill;
 pub mod status;
 
-pub mod tableinfo;
 pub mod check;
 pub mod cutover;
 pub mod observe;
 pub mod pgconn;
 pub mod progress;
 pub mod purge;
+pub mod tableinfo;
 pub mod verify;
 
 pub use event::{

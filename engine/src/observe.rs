@@ -9,13 +9,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::tableinfo::resolve_tables;
 use crate::config::Config;
 use crate::event::pg_now;
 use crate::lsn::Lsn;
 use crate::pgconn::connect_plain;
 use crate::progress::{read_progress, source_system_id};
 use crate::status::{Phase, ShardState, ShardView, SpillView, StatusSnapshot, TableView};
+use crate::tableinfo::resolve_tables;
 
 /// How long the admin console and each database get to answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

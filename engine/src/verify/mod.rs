@@ -34,12 +34,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::tableinfo::{describe_table, resolve_tables, TableInfo};
 use crate::config::{Config, HashKind, TableMode, TableRule};
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
 use crate::pgconn::{connect_plain, normalize_session};
 use crate::progress::{read_progress, source_system_id};
+use crate::tableinfo::{describe_table, resolve_tables, TableInfo};
 
 use cursor::{Cursor, Peeked, RowSource, TextRow};
 use merge::{merge_accounts, merge_rows, DiffKind, MergeError, ShardTally, Suspect};
