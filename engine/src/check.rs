@@ -486,7 +486,7 @@ async fn check_source_table(
     let name = &rule.source;
     let qname = quote_qualified(name);
     let can_select: bool = client
-        .query_one("SELECT has_table_privilege($1, 'SELECT')", &[&t.oid])
+        .query_one("SELECT has_table_privilege($1::oid, 'SELECT')", &[&t.oid])
         .await?
         .try_get(0)?;
     if can_select {

@@ -46,10 +46,12 @@ async fn status_and_lag_work_offline() {
         "{s:#}"
     );
     assert_eq!(s["shards"][0]["applied_lsn"], current.as_str());
-    assert_eq!(s["shards"][0]["lag_bytes"], 0);
-    assert_eq!(s["shards"][0]["lag_seconds"], 0.0);
+    // The source's WAL keeps moving a little while idle (running-xacts records), so shard0's
+    // lag is small, not necessarily 0; shard1's is everything since 0/100.
+    let lag0 = s["shards"][0]["lag_bytes"].as_u64().unwrap();
+    let lag1 = s["shards"][1]["lag_bytes"].as_u64().unwrap();
+    assert!(lag0 < 1 << 20 && lag0 < lag1, "{s:#}");
     assert_eq!(s["shards"][1]["applied_lsn"], "0/100");
-    assert!(s["shards"][1]["lag_bytes"].as_u64().unwrap() > 0);
     assert!(
         s["shards"][1]["lag_seconds"].as_f64().unwrap() >= 29.0,
         "{s:#}"
