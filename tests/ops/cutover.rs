@@ -2,9 +2,11 @@
 //! its sequences past the source's (never backwards) and verifies it.
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use reshard_engine::progress::PROGRESS_DDL;
+use reshard_engine::Lsn;
 use reshard_harness::workload::FillSpec;
 
 use super::common::{reshard_bin, Topology};
@@ -50,7 +52,7 @@ async fn cutover_waits_for_the_latest_write_then_sets_sequences() {
     // The source's latest write, for an account of this shard.
     let acct = (1..=30).find(|a| shard_of(&t, *a) == shard).unwrap();
     t.source_sql(&format!(
-        "INSERT INTO events (account_id, id, kind) VALUES ({acct}, 777777, 'latest')"
+        "INSERT INTO events (account_id, id, kind, occurred_at) VALUES ({acct}, 777777, 'latest', '2024-01-01 00:00:00+00')"
     ));
 
     let started = Instant::now();
@@ -75,18 +77,39 @@ async fn cutover_waits_for_the_latest_write_then_sets_sequences() {
         child.try_wait().unwrap().is_none(),
         "cutover returned before the shard applied the latest write"
     );
-    // Apply: the row and the progress row in one transaction, at the source's current LSN.
+    // Apply: the row and the progress row in one transaction, at the source's current LSN;
+    // then keep the progress row moving like the apply stage's heartbeats of an idle shard
+    // (the verify inside cutover waits for the source's LSN at its own snapshot).
     let lsn = t.source_sql("SELECT pg_current_wal_lsn()");
     t.shards[shard]
         .psql(
             "app",
             &format!(
-                "BEGIN; INSERT INTO events (account_id, id, kind) VALUES ({acct}, 777777, 'latest'); \
+                "BEGIN; INSERT INTO events (account_id, id, kind, occurred_at) VALUES ({acct}, 777777, 'latest', '2024-01-01 00:00:00+00'); \
                  UPDATE reshard.progress SET commit_lsn = '{lsn}', end_lsn = '{lsn}', commit_time = now(); COMMIT"
             ),
         )
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let stop = AtomicBool::new(false);
+    let out = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let now = t.source_sql("SELECT pg_current_wal_lsn()");
+                t.shards[shard]
+                    .psql(
+                        "app",
+                        &format!(
+                            "UPDATE reshard.progress SET commit_lsn = '{now}', end_lsn = '{now}'"
+                        ),
+                    )
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let out = child.wait_with_output().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        out
+    });
     let waited = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -96,7 +119,15 @@ async fn cutover_waits_for_the_latest_write_then_sets_sequences() {
     assert_eq!(r["ok"], true);
     assert_eq!(r["marker"], "logical_message");
     assert!(r["waited_secs"].as_f64().unwrap() >= 1.5, "{r:#}");
-    assert_eq!(r["reached_lsn"], lsn.as_str());
+    let lsn_of = |v: &serde_json::Value| -> Lsn { v.as_str().unwrap().parse().unwrap() };
+    assert!(
+        lsn_of(&r["reached_lsn"]) >= lsn_of(&r["target_lsn"]),
+        "{r:#}"
+    );
+    assert!(
+        lsn_of(&r["target_lsn"]) <= lsn.parse::<Lsn>().unwrap(),
+        "{r:#}"
+    );
     assert_eq!(r["verify"]["ok"], true, "{r:#}");
 
     let seq = |name: &str| -> serde_json::Value {

@@ -641,9 +641,11 @@ async fn account_pass(
         None,
     );
     let mut tallies = vec![ShardTally::default(); positions.len()];
+    let mut began = Vec::with_capacity(positions.len());
     let outcome = async {
         for &pos in positions {
             begin_shard(ctx, pos, lsn).await?;
+            began.push(pos);
         }
         let mut source = Peeked::new(
             Cursor::open(&ctx.src, "reshard_verify_src", &src_sql)
@@ -678,7 +680,7 @@ async fn account_pass(
         Ok::<(), VerifyError>(())
     }
     .await;
-    let closed = commit_all(ctx, positions).await;
+    let closed = commit_all(ctx, &began).await;
     outcome?;
     closed?;
     Ok(tallies)
@@ -843,8 +845,10 @@ async fn drill_accounts(
         let lsn = begin_source(ctx).await?;
         first_lsn.get_or_insert(lsn);
         let mut diffs: Vec<Difference> = Vec::new();
+        let mut began = Vec::with_capacity(1);
         let outcome = async {
             begin_shard(ctx, pos, lsn).await?;
+            began.push(pos);
             let src = if routed_here.is_empty() {
                 MaybeCursor::Empty
             } else {
@@ -887,7 +891,7 @@ async fn drill_accounts(
             Ok::<(), VerifyError>(())
         }
         .await;
-        let closed = commit_all(ctx, &[pos]).await;
+        let closed = commit_all(ctx, &began).await;
         outcome?;
         closed?;
         for d in diffs {
@@ -922,9 +926,11 @@ async fn verify_broadcast(
         for &pos in &pending {
             let lsn = begin_source(ctx).await?;
             first_lsn.get_or_insert(lsn);
+            let mut began = Vec::with_capacity(1);
             let outcome = async {
                 let s = one_row(&ctx.src, &agg, "source", &plan.rule.source).await?;
                 begin_shard(ctx, pos, lsn).await?;
+                began.push(pos);
                 let Some(shard) = ctx.shards.get(pos) else {
                     return Ok((s.clone(), s));
                 };
@@ -932,7 +938,7 @@ async fn verify_broadcast(
                 Ok::<_, VerifyError>((s, t))
             }
             .await;
-            let closed = commit_all(ctx, &[pos]).await;
+            let closed = commit_all(ctx, &began).await;
             let (s, t) = outcome?;
             closed?;
             if let Some(r) = results.get_mut(pos) {
@@ -954,8 +960,10 @@ async fn verify_broadcast(
         };
         let lsn = begin_source(ctx).await?;
         let mut diffs = Vec::new();
+        let mut began = Vec::with_capacity(1);
         let outcome = async {
             begin_shard(ctx, pos, lsn).await?;
+            began.push(pos);
             let mut src = Peeked::new(
                 Cursor::open(
                     &ctx.src,
@@ -987,7 +995,7 @@ async fn verify_broadcast(
             Ok::<(), VerifyError>(())
         }
         .await;
-        let closed = commit_all(ctx, &[pos]).await;
+        let closed = commit_all(ctx, &began).await;
         outcome?;
         closed?;
         for d in diffs {
