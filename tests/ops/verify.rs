@@ -230,3 +230,61 @@ async fn verify_passes_a_correct_migration_and_names_the_differing_keys() {
     let (code, _, _) = t.reshard(&["verify", "-c", cfg.to_str().unwrap(), "--table", "nope"]);
     assert_eq!(code, 2);
 }
+
+/// Measurement (run by hand): verify of 1,000,000 rows in 10,000 accounts across 4 shards,
+/// under `/usr/bin/time -v`; prints wall time and peak RSS of the `reshard verify` process.
+/// `cargo test -p reshard-cli --test integration ops::verify::one_million -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: ~1M rows, run by hand"]
+async fn one_million_rows_across_four_shards() {
+    let t = Topology::start(4);
+    let ddl = "CREATE TABLE big (account_id bigint NOT NULL, id bigint NOT NULL, kind text, \
+               amount numeric(12,2), payload jsonb, at timestamptz, PRIMARY KEY (account_id, id))";
+    t.ddl_everywhere(ddl);
+    t.source_sql(
+        "INSERT INTO big SELECT g % 10000, g, 'k' || (g % 7), g * 0.01, \
+         jsonb_build_object('g', g), '2024-01-01'::timestamptz + g * interval '1 second' \
+         FROM generate_series(1, 1000000) g",
+    );
+    let setup = "CREATE TEMP TABLE route_helper (k bigint) PARTITION BY HASH (k)";
+    for (r, shard) in t.shards.iter().enumerate() {
+        super::pipe_copy(
+            &t.source,
+            setup,
+            &format!("SELECT * FROM big WHERE satisfies_hash_partition('route_helper'::regclass, 4, {r}, account_id)"),
+            shard,
+            "big",
+        );
+    }
+    t.ddl_everywhere("VACUUM ANALYZE big");
+    t.write_config("");
+    let cfg = t.config_path();
+    let out = std::process::Command::new("/usr/bin/time")
+        .arg("-v")
+        .arg(super::common::reshard_bin())
+        .args(["verify", "-c", cfg.to_str().unwrap()])
+        .output()
+        .expect("/usr/bin/time");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    let field = |name: &str| {
+        stderr
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .map(|l| l.trim().to_owned())
+            .unwrap_or_default()
+    };
+    println!("{}", field("Elapsed (wall clock) time"));
+    println!("{}", field("Maximum resident set size"));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let rss_kb: u64 = field("Maximum resident set size")
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(
+        rss_kb < 100 * 1024,
+        "verify used {rss_kb} kB: it must not hold rows"
+    );
+}

@@ -106,6 +106,29 @@ where
     T: RowSource,
     R: Fn(&str, Option<&str>) -> Result<usize, String>,
 {
+    // The first FETCH of each cursor runs that side's whole aggregation: start them all at
+    // once so that the source and the shards aggregate in parallel.
+    {
+        let first = futures_util::future::join(
+            source.peek(),
+            futures_util::future::join_all(streams.iter_mut().map(|s| s.peek())),
+        )
+        .await;
+        if let Err(e) = first.0 {
+            return Err(MergeError::Stream {
+                shard_pos: None,
+                source: e,
+            });
+        }
+        for (pos, r) in first.1.into_iter().enumerate() {
+            if let Err(e) = r {
+                return Err(MergeError::Stream {
+                    shard_pos: Some(pos),
+                    source: e,
+                });
+            }
+        }
+    }
     loop {
         // The smallest account at any head.
         let mut min: Option<String> = match source.peek().await {
