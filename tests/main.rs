@@ -4,6 +4,7 @@
 
 mod apply;
 mod decode;
+mod ops;
 mod route;
 mod service;
 mod snapshot;

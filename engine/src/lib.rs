@@ -43,6 +43,15 @@ pub mod source;
 pub mod spill;
 pub mod status;
 
+pub mod check;
+pub mod cutover;
+pub mod observe;
+pub mod pgconn;
+pub mod progress;
+pub mod purge;
+pub mod tableinfo;
+pub mod verify;
+
 pub use event::{
     Begin, Change, Column, Commit, OldRow, Relation, ReplicaIdentity, Row, ShardEvent, ShardId,
     TableId, TxnEvent, Value,
