@@ -29,7 +29,6 @@
 pub mod catalog;
 pub mod config;
 pub mod error;
-
 pub mod event;
 pub mod lsn;
 pub mod metrics;
@@ -37,7 +36,10 @@ pub mod metrics;
 pub mod admin;
 pub mod apply;
 pub mod decode;
+pub mod handoff;
+pub mod ingest;
 pub mod route;
+pub mod runtime;
 pub mod snapshot;
 pub mod source;
 pub mod spill;
