@@ -906,3 +906,123 @@ async fn paused_shard_stops_committing_until_resumed() {
     );
     run.stop().await.0.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_commits_complete_transactions_and_rolls_back_a_partly_written_one() {
+    let pg = target("CREATE TABLE public.kv (k int PRIMARY KEY, v text);");
+    let kv = rel(
+        1,
+        "kv",
+        ReplicaIdentity::Default,
+        &[("k", true), ("v", false)],
+    );
+    let o = ApplyOptions {
+        batch_max_rows: 3,
+        batch_max_delay_ms: 60_000,
+        ..opts()
+    };
+
+    // 1. A complete transaction waiting for its batch delay, then an open one not written
+    //    yet: shutdown commits the first and drops the second.
+    let log = Arc::new(MemLog::new(1024));
+    txn(&log, 1, vec![ins(&kv, vec![t("1"), t("v")])]).await;
+    let begin = |n: u64| {
+        ShardEvent::Begin(Begin {
+            xid: n as u32,
+            commit_lsn: lsn(n),
+            commit_time: reshard_engine::event::pg_now(),
+        })
+    };
+    log.send(SHARD, begin(2)).await.unwrap();
+    log.send(SHARD, ShardEvent::Change(ins(&kv, vec![t("2"), t("v")])))
+        .await
+        .unwrap();
+    let mut run = start(&pg, "shard", log.clone(), o.clone());
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        run.status.wait_for(|s| s.state == ApplyState::Running),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Wait until the applier has taken both transactions' events.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while log.unread(SHARD) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the applier did not read the log");
+    assert_eq!(
+        run.status.borrow().applied_commit_lsn,
+        Lsn::ZERO,
+        "batch delay not over yet"
+    );
+    let (r, st) = run.stop().await;
+    r.unwrap();
+    assert_eq!(st.applied_commit_lsn, lsn(1), "{st:?}");
+    let c = client(&pg, "shard").await;
+    assert_eq!(rows(&c, "SELECT k FROM kv ORDER BY k").await, vec!["1"]);
+
+    // 2. An open transaction already partly written into the target transaction (more
+    //    changes than batch_max_rows): shutdown rolls it all back.
+    let log = Arc::new(MemLog::new(1024));
+    log.send(SHARD, begin(2)).await.unwrap();
+    for k in 2..10 {
+        log.send(
+            SHARD,
+            ShardEvent::Change(ins(&kv, vec![t(&k.to_string()), t("v")])),
+        )
+        .await
+        .unwrap();
+    }
+    let mut run = start(&pg, "shard", log, o);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        run.status.wait_for(|s| s.flushes >= 2),
+    )
+    .await
+    .expect("the open transaction was not written in pieces")
+    .unwrap();
+    let (r, st) = run.stop().await;
+    r.unwrap();
+    assert_eq!(st.applied_commit_lsn, lsn(1));
+    assert_eq!(rows(&c, "SELECT k FROM kv ORDER BY k").await, vec!["1"]);
+    let p = read_progress(&c, "7300000000000000001", "reshard_test", "shard-a")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.commit_lsn, lsn(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_without_replica_permission_falls_back_and_applies() {
+    let pg = target(
+        "CREATE TABLE public.kv (k int PRIMARY KEY, v text);
+         CREATE ROLE applier LOGIN;
+         GRANT CREATE ON DATABASE shard TO applier;
+         GRANT ALL ON public.kv TO applier;",
+    );
+    let kv = rel(
+        1,
+        "kv",
+        ReplicaIdentity::Default,
+        &[("k", true), ("v", false)],
+    );
+    let log = Arc::new(MemLog::new(1024));
+    txn(&log, 1, vec![ins(&kv, vec![t("1"), t("v")])]).await;
+    let mut config: tokio_postgres::Config = pg.url("shard").parse().unwrap();
+    config.user("applier");
+    let applier = ShardApplier::new(opts(), PgConnect(config), log);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (status_tx, status) = watch::channel(ShardStatus::default());
+    let mut run = Running {
+        handle: tokio::spawn(applier.run(shutdown_rx, status_tx)),
+        shutdown,
+        status,
+    };
+    run.wait_applied(lsn(1)).await;
+    let c = client(&pg, "shard").await;
+    assert_eq!(rows(&c, "SELECT k, v FROM kv").await, vec!["1|v"]);
+    run.stop().await.0.unwrap();
+}

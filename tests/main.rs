@@ -3,6 +3,8 @@
 //! One binary (etl's layout): each area is a module.
 
 mod apply;
+mod cdc;
+mod common;
 mod decode;
 mod ops;
 mod route;

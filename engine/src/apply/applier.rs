@@ -816,7 +816,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         let mut folds: HashMap<TableId, Fold> = HashMap::new();
         for (lsn, c) in buffer {
             let Some(rel) = c.relation() else { continue };
-            if !folds.contains_key(&rel.id) {
+            if !order.contains(&rel.id) {
                 self.resolve(rel).await?;
                 let key_idx = self
                     .tables

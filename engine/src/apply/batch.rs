@@ -58,7 +58,19 @@ pub struct TableBatch {
 }
 
 fn put_op(out: &mut BytesMut, op: u32) {
-    out.put_slice(op.to_string().as_bytes());
+    // Decimal digits without allocating: op codes are small.
+    let mut buf = [0u8; 10];
+    let mut i = buf.len();
+    let mut v = op;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 || i == 0 {
+            break;
+        }
+    }
+    out.put_slice(&buf[i..]);
 }
 
 fn put_value(
@@ -412,6 +424,15 @@ mod tests {
         assert!(b.statements[2].contains("SET a = s.a::text FROM"));
         assert!(b.statements[3].contains("SET a = s.a::text, b = s.b::text FROM"));
         assert!(b.statements[4].starts_with("TRUNCATE"));
+    }
+
+    #[test]
+    fn op_codes_are_written_in_decimal() {
+        for op in [0u32, 7, 10, 123, u32::MAX] {
+            let mut b = BytesMut::new();
+            put_op(&mut b, op);
+            assert_eq!(&b[..], op.to_string().as_bytes());
+        }
     }
 
     #[test]

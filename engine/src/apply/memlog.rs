@@ -109,6 +109,17 @@ impl MemLog {
             .unwrap_or(0)
     }
 
+    /// Number of events of `shard` its latest reader has not taken yet.
+    pub fn unread(&self, shard: ShardId) -> usize {
+        self.buf(shard)
+            .ok()
+            .and_then(|b| {
+                let len = b.events.lock().ok()?.len();
+                Some(len.saturating_sub(b.read_pos.load(Ordering::Acquire)))
+            })
+            .unwrap_or(0)
+    }
+
     /// Whether nothing was sent to `shard`.
     pub fn is_empty(&self, shard: ShardId) -> bool {
         self.len(shard) == 0
