@@ -458,6 +458,7 @@ impl Supervisor {
         let mut rates = Rates::default();
         let mut failure: Option<RuntimeError> = None;
         let mut ingest_result: Option<Result<Lsn, IngestError>> = None;
+        let mut load_watch_done = false;
         loop {
             tokio::select! {
                 biased;
@@ -476,7 +477,8 @@ impl Supervisor {
                     break;
                 }
                 // This is cancellation-safe (a oneshot receiver).
-                r = &mut self.load_err => {
+                r = &mut self.load_err, if !load_watch_done => {
+                    load_watch_done = true;
                     if let Ok(e) = r {
                         tracing::error!(error = %e, "the full load failed; restart to resume it (finished tables are not copied again)");
                         failure = Some(e.into());
