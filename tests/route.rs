@@ -255,3 +255,115 @@ fn router_matches_postgres_hash_partitions_for_every_key_type() {
         }
     }
 }
+
+/// An account directory exported by PostgreSQL itself (`COPY … WITH (FORMAT csv, HEADER)`,
+/// which quotes ids holding commas or quotes) loads into an `AccountMap`, and every account
+/// routes to the shard the directory names: by exact text for a text key, by value for integer
+/// and uuid keys (whatever spelling the directory used).
+#[test]
+fn account_map_loads_a_postgres_csv_export() {
+    use reshard_engine::route::AccountMap;
+
+    let pg = PgCluster::start().expect("start PostgreSQL");
+    pg.psql(
+        "postgres",
+        "CREATE TABLE directory (account_id text PRIMARY KEY, shard text NOT NULL);
+         INSERT INTO directory
+           SELECT 'acct-' || g, 'shard' || (g % 3) FROM generate_series(1, 3000) g
+           UNION ALL SELECT g::text, 'shard' || (g % 3) FROM generate_series(1, 3000) g
+           UNION ALL SELECT upper(md5(g::text)::uuid::text), 'shard' || (g % 3)
+                     FROM generate_series(1, 3000) g
+           UNION ALL VALUES ('acme, inc', 'shard1'), ('say \"hi\"', 'shard2'),
+                            ('Grüße', 'shard2');",
+    )
+    .expect("directory");
+    let csv = pg
+        .psql(
+            "postgres",
+            "COPY (SELECT account_id, shard FROM directory ORDER BY account_id)
+             TO STDOUT WITH (FORMAT csv, HEADER)",
+        )
+        .expect("csv export");
+    assert!(csv.contains("\"acme, inc\""), "PostgreSQL quotes the comma");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("accounts.csv");
+    std::fs::write(&path, format!("# exported by COPY\n{csv}\n")).expect("write csv");
+
+    let shards: Vec<String> = (0..3).map(|i| format!("shard{i}")).collect();
+    let map = Arc::new(AccountMap::from_csv_path(&path, &shards).expect("load the export"));
+    assert_eq!(map.len(), 9003);
+
+    let spec = |key_oid: u32| {
+        let r = Router::new(RouteSpec {
+            shards: shards.clone(),
+            tables: vec![],
+            default_key: "k".into(),
+            hash: HashKind::Map(map.clone()),
+            unlisted: Unlisted::Auto,
+        })
+        .expect("spec");
+        (r, relation(key_oid))
+    };
+    let expected = pg
+        .psql(
+            "postgres",
+            "SELECT account_id, substr(shard, 6) FROM directory",
+        )
+        .expect("directory rows");
+    let (mut text_router, text_rel) = spec(25);
+    let (mut int_router, int_rel) = spec(20);
+    let (mut uuid_router, uuid_rel) = spec(2950);
+    let mut checked = [0usize; 3];
+    for line in expected.lines() {
+        let (account, shard) = line.rsplit_once('|').expect("two columns");
+        let want = ShardId(shard.parse().expect("shard number"));
+        let route = |r: &mut Router, rel: &Arc<Relation>, key: String| {
+            let mut got = None;
+            r.route(
+                Change::Insert {
+                    rel: rel.clone(),
+                    new: vec![Value::Text(Bytes::from(key))],
+                },
+                &mut |s, _| got = Some(s),
+            )
+            .unwrap_or_else(|e| panic!("{account:?}: {e}"));
+            got
+        };
+        assert_eq!(
+            route(&mut text_router, &text_rel, account.to_owned()),
+            Some(want)
+        );
+        checked[0] += 1;
+        if account.bytes().all(|b| b.is_ascii_digit()) {
+            // An integer key arrives as PostgreSQL prints it.
+            assert_eq!(
+                route(&mut int_router, &int_rel, account.to_owned()),
+                Some(want)
+            );
+            checked[1] += 1;
+        }
+        if account.len() == 36 && account.contains('-') {
+            // A uuid key arrives in lower case, the directory spelled it in upper case.
+            let canonical = account.to_ascii_lowercase();
+            assert_eq!(route(&mut uuid_router, &uuid_rel, canonical), Some(want));
+            checked[2] += 1;
+        }
+    }
+    assert_eq!(checked, [9003, 3000, 3000]);
+
+    // An account the directory does not list is an error naming it and the table.
+    let err = int_router
+        .route(
+            Change::Insert {
+                rel: int_rel,
+                new: vec![Value::Text(Bytes::from_static(b"999999"))],
+            },
+            &mut |_, _| panic!("nothing may be emitted"),
+        )
+        .expect_err("unmapped account");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("\"999999\"") && msg.contains("public.p"),
+        "{msg}"
+    );
+}

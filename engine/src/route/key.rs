@@ -206,6 +206,17 @@ fn hex_val(c: u8) -> Option<u8> {
 /// inside `{}`, with an optional hyphen after any group of four digits (so the canonical
 /// `8-4-4-4-12` form, no hyphens, and `a0ee-bc99-…` are all accepted). No whitespace.
 pub fn parse_uuid(text: &[u8]) -> Option<[u8; 16]> {
+    // Fast path: the canonical form PostgreSQL prints (and pgoutput/COPY send).
+    if let Ok(t) = <&[u8; 36]>::try_from(text) {
+        if t[8] == b'-' && t[13] == b'-' && t[18] == b'-' && t[23] == b'-' {
+            const HEX_AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+            let mut out = [0u8; 16];
+            for (byte, &i) in out.iter_mut().zip(HEX_AT.iter()) {
+                *byte = (hex_val(t[i])? << 4) | hex_val(t[i + 1])?;
+            }
+            return Some(out);
+        }
+    }
     let (braced, mut rest) = match text {
         [b'{', rest @ ..] => (true, rest),
         _ => (false, text),
@@ -395,6 +406,8 @@ mod tests {
             "{a0eebc999c0b4ef8bb6d6bb9bd380a11",
             "a0eebc99--9c0b-4ef8-bb6d-6bb9bd380a11",
             "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1g",
+            "a0eebc99+9c0b-4ef8-bb6d-6bb9bd380a11",
             "",
         ] {
             assert_eq!(parse_uuid(bad.as_bytes()), None, "{bad}");

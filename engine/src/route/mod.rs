@@ -542,14 +542,14 @@ impl Router {
         change: Change,
         out: &mut impl FnMut(ShardId, Change),
     ) -> Result<(), RouteError> {
-        let rel = match &change {
+        let placement = match &change {
             Change::Insert { rel, .. }
             | Change::Update { rel, .. }
-            | Change::Delete { rel, .. } => Arc::clone(rel),
+            | Change::Delete { rel, .. } => self.placement(rel)?,
             Change::Truncate { .. } => return self.route_truncate(change, out),
             Change::Message { .. } => return Ok(()),
         };
-        let (col, key_type, key_in_identity) = match self.placement(&rel)? {
+        let (col, key_type, key_in_identity) = match placement {
             Placement::Skip => return Ok(()),
             Placement::Broadcast => {
                 self.to_all(change, out);
