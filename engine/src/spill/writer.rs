@@ -135,6 +135,18 @@ impl SpillWriter {
                 ),
             });
         }
+        let floor = (identity.shards.len() as u64 + 1).saturating_mul(opts.segment_bytes);
+        if opts.max_bytes < floor {
+            // Retention never deletes a shard's newest segment, so less than this could leave
+            // the cap reached with every shard fully applied.
+            return Err(SpillError::Config {
+                key: "[spill] max_bytes",
+                msg: format!(
+                    "{} is below (shards + 1) x [spill] segment_bytes = {floor}; raise it or lower segment_bytes",
+                    opts.max_bytes
+                ),
+            });
+        }
         std::fs::create_dir_all(&opts.dir).map_err(|e| io_err("create", &opts.dir, e))?;
         let lock = lock_dir(&opts.dir)?;
         let created = check_identity(&opts.dir, &identity)?;
