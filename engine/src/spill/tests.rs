@@ -838,6 +838,13 @@ fn options_parse_from_toml_and_validate_with_the_key_named() {
         .unwrap_err()
         .to_string()
         .contains("[spill] max_bytes"));
+    // The cap must leave room for every shard's newest segment (never deleted).
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.max_bytes = 4 * o.segment_bytes;
+    let err = SpillWriter::open(o.clone(), identity(4)).err().unwrap();
+    assert!(err.to_string().contains("[spill] max_bytes"), "{err}");
+    SpillWriter::open(o, identity(3)).unwrap();
 }
 
 fn shards_of(k: u64) -> Vec<u16> {
