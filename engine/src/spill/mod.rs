@@ -300,10 +300,14 @@ pub enum SpillError {
     },
     /// A previous write failed half-way; the writer must be reopened (which recovers from the
     /// last durable checkpoint).
-    #[error("spill writer stopped after an earlier write error; reopen it (recovery resumes from durable LSN {durable})")]
+    #[error(
+        "spill writer stopped: {reason}; reopen it (recovery resumes from durable LSN {durable})"
+    )]
     WriterFailed {
         /// The durable LSN to resume from.
         durable: Lsn,
+        /// What failed.
+        reason: String,
     },
     /// A `[spill]` setting is out of range.
     #[error("invalid {key}: {msg}")]
@@ -453,6 +457,10 @@ pub(crate) struct State {
     pub bytes_on_disk: u64,
     pub backpressure: bool,
     pub counters: Counters,
+    /// A group commit is with the syncer thread.
+    pub sync_in_flight: bool,
+    /// The syncer failed; the writer must be reopened.
+    pub sync_error: Option<String>,
 }
 
 pub(crate) struct Shared {
@@ -463,6 +471,10 @@ pub(crate) struct Shared {
     pub data: tokio::sync::Notify,
     /// Woken when retention frees space.
     pub space: tokio::sync::Notify,
+    /// Signalled (with `state`) when a group commit finishes.
+    pub synced: std::sync::Condvar,
+    /// The durable LSN, for the ingest to confirm to the slot.
+    pub durable_tx: tokio::sync::watch::Sender<Lsn>,
     /// Per shard: the cut-back epoch, readable without the lock.
     pub epochs: Vec<AtomicU64>,
 }

@@ -922,3 +922,29 @@ async fn concurrent_writer_and_readers_agree() {
     assert_eq!(st.txns_total, TXNS);
     assert!(st.fsyncs_total < TXNS, "group commit shares fsyncs");
 }
+
+#[tokio::test]
+async fn commit_does_not_wait_for_the_disk_and_publishes_the_durable_lsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, _) = SpillWriter::open(opts(dir.path()), identity(2)).unwrap();
+    let log = w.log();
+    let mut durable = log.durable_watch();
+    write_txn(&mut w, 1, &[0, 1], 3);
+    assert!(w.commit().unwrap(), "a group commit starts");
+    // Appends go on while the syncer works.
+    write_txn(&mut w, 2, &[0], 3);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        durable.wait_for(|l| *l >= end_lsn(1)),
+    )
+    .await
+    .expect("durable LSN never published")
+    .unwrap();
+    assert!(w.durable_lsn() >= end_lsn(1));
+    assert_eq!(w.flush().unwrap(), end_lsn(2));
+    assert_eq!(*durable.borrow(), end_lsn(2));
+    // Nothing new: no group commit.
+    assert!(!w.commit().unwrap());
+    let st = log.stats();
+    assert_eq!((st.fsyncs_total, st.txns_total), (2, 2));
+}
