@@ -948,3 +948,39 @@ async fn commit_does_not_wait_for_the_disk_and_publishes_the_durable_lsn() {
     let st = log.stats();
     assert_eq!((st.fsyncs_total, st.txns_total), (2, 2));
 }
+
+#[tokio::test]
+async fn torn_checkpoint_falls_back_and_cuts_the_logs_to_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = Vec::new();
+    let cp_len_after_first = {
+        let (mut w, _) = SpillWriter::open(opts(dir.path()), identity(2)).unwrap();
+        for k in 1..=10u64 {
+            want.extend(write_txn(&mut w, k, &[0, 1], 4));
+        }
+        w.flush().unwrap();
+        let len = std::fs::metadata(dir.path().join("checkpoint"))
+            .unwrap()
+            .len();
+        for k in 11..=20u64 {
+            write_txn(&mut w, k, &[0, 1], 4);
+        }
+        w.flush().unwrap();
+        len
+    };
+    // The second checkpoint record is torn (crash while writing it): its group is not durable.
+    let cp = std::fs::read(dir.path().join("checkpoint")).unwrap();
+    std::fs::write(
+        dir.path().join("checkpoint"),
+        &cp[..cp_len_after_first as usize + 5],
+    )
+    .unwrap();
+    let (w, rep) = SpillWriter::open(opts(dir.path()), identity(2)).unwrap();
+    assert_eq!(rep.durable_lsn, end_lsn(10));
+    for s in 0..2u16 {
+        assert!(rep.shards[s as usize].discarded_bytes > 0);
+        let mut r = w.log().open_reader(ShardId(s), Lsn::ZERO).unwrap();
+        let (got, _) = read_until_heartbeat(&mut r).await;
+        assert!(got == want, "shard {s}");
+    }
+}
