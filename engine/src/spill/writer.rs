@@ -696,6 +696,16 @@ impl SpillWriter {
         let segment_bytes = self.shared.opts.segment_bytes;
         let w = &mut self.shards[i];
         let raw = w.buf.get(..n).unwrap_or(&w.buf[..]);
+        if raw.len() > block::MAX_RAW_LEN as usize {
+            return Err(SpillError::Protocol {
+                shard: ShardId(i as u16),
+                msg: format!(
+                    "one record of about {} bytes exceeds the largest spill frame ({} bytes); such a row cannot be spilled",
+                    raw.len(),
+                    block::MAX_RAW_LEN
+                ),
+            });
+        }
         let payload = self
             .cctx
             .compress(raw)
