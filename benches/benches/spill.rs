@@ -71,7 +71,8 @@ struct Workload {
 }
 
 impl Workload {
-    /// Appends `TXNS` transactions, group-committing whenever `flush_due` says so.
+    /// Appends `TXNS` transactions, starting a group commit whenever `flush_due` says so
+    /// (the fsyncs run on the syncer thread meanwhile), then waits for the last one.
     fn run(&mut self, w: &mut SpillWriter) {
         for _ in 0..TXNS {
             let k = self.next_txn;
@@ -108,7 +109,7 @@ impl Workload {
             }
             w.end_txn(commit_lsn.add_bytes(100)).unwrap();
             if w.flush_due() {
-                w.flush().unwrap();
+                w.commit().unwrap();
             }
         }
         w.flush().unwrap();

@@ -36,7 +36,7 @@ pub(crate) const MAGIC: u32 = u32::from_le_bytes(*b"RSB1");
 pub(crate) const HEADER_LEN: u64 = 40;
 /// Largest uncompressed payload accepted when reading (a single record can exceed the
 /// configured block size: PostgreSQL values reach 1 GB).
-const MAX_RAW_LEN: u32 = 1536 << 20;
+pub(crate) const MAX_RAW_LEN: u32 = 1536 << 20;
 
 /// The parsed header of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,15 +3,19 @@
 //! In: committed source transactions, already routed: the ingest calls
 //! [`SpillWriter::append`] for each `(shard, event)` of a transaction (Begin, Change*, Commit
 //! per touched shard), then [`SpillWriter::end_txn`], and every few milliseconds
-//! [`SpillWriter::flush`] (group commit). Out: per shard, a [`SpillReader`] (through the
+//! [`SpillWriter::commit`] (group commit). Out: per shard, a [`SpillReader`] (through the
 //! [`ShardLog`](crate::event::ShardLog) trait implemented by [`SpillLog`]) delivering that
 //! shard's events in commit order, plus [`ShardEvent::Heartbeat`](crate::event::ShardEvent)
 //! when the shard is idle; and the durable LSN the ingest may confirm to the slot.
 //!
 //! Invariants kept here:
-//! - **Durable before acknowledged.** `flush` seals the open blocks, `sync_data`s every dirty
-//!   shard log, and only then appends the new durable LSN to the checkpoint file (and syncs
-//!   it). At open, everything after the checkpoint is cut off, since the source re-sends it.
+//! - **Durable before acknowledged.** A group commit ([`SpillWriter::commit`], or
+//!   [`SpillWriter::flush`] which also waits) seals the open blocks, `sync_data`s every shard
+//!   log written since the last one, and only then appends the new durable LSN to the
+//!   checkpoint file (and syncs it). The fsyncs run on a syncer thread, one group commit in
+//!   flight at a time, so appends continue while the disk works and the next group is
+//!   whatever arrived meanwhile. At open, everything after the checkpoint is cut off, since
+//!   the source re-sends it.
 //! - **Nothing unapplied is deleted.** A segment is removed only when its shard has applied
 //!   everything in it ([`ShardLog::applied`](crate::event::ShardLog::applied)); at the size
 //!   cap the writer reports [`SpillWriter::over_cap`] and the ingest pauses instead.
@@ -31,7 +35,8 @@
 //!     if w.over_cap() { block_on(w.wait_for_space()) }       // between transactions only
 //!     per touched shard: append(Begin), append(Change)*, append(Commit)
 //!     w.end_txn(commit.end_lsn)
-//!     if w.flush_due() { confirm_flush(w.flush()?) }          // group commit
+//!     if w.flush_due() { w.commit()? }                        // group commit, not waiting
+//! meanwhile: confirm log.durable_watch() values to the slot as flush_lsn
 //! source dropped mid-transaction: w.abort_incomplete()        // readers past it get CutBack
 //! ```
 //!
@@ -53,9 +58,11 @@
 //! ```
 //!
 //! Threading: [`SpillWriter`] is synchronous (plain files, explicit `sync_data`): run it on a
-//! dedicated thread or inside `spawn_blocking`. [`SpillWriter::wait_for_space`] and
-//! [`SpillReader::next`](crate::event::ShardReader::next) are async and never hold a lock across an `.await`. Readers read
-//! sealed frames with positioned reads (`pread`) of at most one block.
+//! dedicated thread or inside `spawn_blocking`. It owns one helper thread, `spill-sync`, for
+//! group commits. [`SpillWriter::wait_for_space`] and
+//! [`SpillReader::next`](crate::event::ShardReader::next) are async and never hold a lock
+//! across an `.await`. Readers read sealed frames with positioned reads (`pread`) of at most
+//! one block.
 
 mod block;
 mod checkpoint;
@@ -300,10 +307,14 @@ pub enum SpillError {
     },
     /// A previous write failed half-way; the writer must be reopened (which recovers from the
     /// last durable checkpoint).
-    #[error("spill writer stopped after an earlier write error; reopen it (recovery resumes from durable LSN {durable})")]
+    #[error(
+        "spill writer stopped: {reason}; reopen it (recovery resumes from durable LSN {durable})"
+    )]
     WriterFailed {
         /// The durable LSN to resume from.
         durable: Lsn,
+        /// What failed.
+        reason: String,
     },
     /// A `[spill]` setting is out of range.
     #[error("invalid {key}: {msg}")]
@@ -453,6 +464,10 @@ pub(crate) struct State {
     pub bytes_on_disk: u64,
     pub backpressure: bool,
     pub counters: Counters,
+    /// A group commit is with the syncer thread.
+    pub sync_in_flight: bool,
+    /// The syncer failed; the writer must be reopened.
+    pub sync_error: Option<String>,
 }
 
 pub(crate) struct Shared {
@@ -463,6 +478,10 @@ pub(crate) struct Shared {
     pub data: tokio::sync::Notify,
     /// Woken when retention frees space.
     pub space: tokio::sync::Notify,
+    /// Signalled (with `state`) when a group commit finishes.
+    pub synced: std::sync::Condvar,
+    /// The durable LSN, for the ingest to confirm to the slot.
+    pub durable_tx: tokio::sync::watch::Sender<Lsn>,
     /// Per shard: the cut-back epoch, readable without the lock.
     pub epochs: Vec<AtomicU64>,
 }

@@ -45,6 +45,12 @@ impl SpillLog {
         self.shared.lock().durable
     }
 
+    /// The durable LSN as it moves (after every group commit): what the ingest confirms to
+    /// the slot as `flush_lsn`.
+    pub fn durable_watch(&self) -> tokio::sync::watch::Receiver<Lsn> {
+        self.shared.durable_tx.subscribe()
+    }
+
     /// Whether the ingest is paused at the `max_bytes` cap.
     pub fn backpressure_active(&self) -> bool {
         self.shared.lock().backpressure

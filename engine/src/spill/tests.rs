@@ -838,6 +838,13 @@ fn options_parse_from_toml_and_validate_with_the_key_named() {
         .unwrap_err()
         .to_string()
         .contains("[spill] max_bytes"));
+    // The cap must leave room for every shard's newest segment (never deleted).
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.max_bytes = 4 * o.segment_bytes;
+    let err = SpillWriter::open(o.clone(), identity(4)).err().unwrap();
+    assert!(err.to_string().contains("[spill] max_bytes"), "{err}");
+    SpillWriter::open(o, identity(3)).unwrap();
 }
 
 fn shards_of(k: u64) -> Vec<u16> {
@@ -914,4 +921,66 @@ async fn concurrent_writer_and_readers_agree() {
     );
     assert_eq!(st.txns_total, TXNS);
     assert!(st.fsyncs_total < TXNS, "group commit shares fsyncs");
+}
+
+#[tokio::test]
+async fn commit_does_not_wait_for_the_disk_and_publishes_the_durable_lsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, _) = SpillWriter::open(opts(dir.path()), identity(2)).unwrap();
+    let log = w.log();
+    let mut durable = log.durable_watch();
+    write_txn(&mut w, 1, &[0, 1], 3);
+    assert!(w.commit().unwrap(), "a group commit starts");
+    // Appends go on while the syncer works.
+    write_txn(&mut w, 2, &[0], 3);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        durable.wait_for(|l| *l >= end_lsn(1)),
+    )
+    .await
+    .expect("durable LSN never published")
+    .unwrap();
+    assert!(w.durable_lsn() >= end_lsn(1));
+    assert_eq!(w.flush().unwrap(), end_lsn(2));
+    assert_eq!(*durable.borrow(), end_lsn(2));
+    // Nothing new: no group commit.
+    assert!(!w.commit().unwrap());
+    let st = log.stats();
+    assert_eq!((st.fsyncs_total, st.txns_total), (2, 2));
+}
+
+#[tokio::test]
+async fn torn_checkpoint_falls_back_and_cuts_the_logs_to_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = Vec::new();
+    let cp_len_after_first = {
+        let (mut w, _) = SpillWriter::open(opts(dir.path()), identity(2)).unwrap();
+        for k in 1..=10u64 {
+            want.extend(write_txn(&mut w, k, &[0, 1], 4));
+        }
+        w.flush().unwrap();
+        let len = std::fs::metadata(dir.path().join("checkpoint"))
+            .unwrap()
+            .len();
+        for k in 11..=20u64 {
+            write_txn(&mut w, k, &[0, 1], 4);
+        }
+        w.flush().unwrap();
+        len
+    };
+    // The second checkpoint record is torn (crash while writing it): its group is not durable.
+    let cp = std::fs::read(dir.path().join("checkpoint")).unwrap();
+    std::fs::write(
+        dir.path().join("checkpoint"),
+        &cp[..cp_len_after_first as usize + 5],
+    )
+    .unwrap();
+    let (w, rep) = SpillWriter::open(opts(dir.path()), identity(2)).unwrap();
+    assert_eq!(rep.durable_lsn, end_lsn(10));
+    for s in 0..2u16 {
+        assert!(rep.shards[s as usize].discarded_bytes > 0);
+        let mut r = w.log().open_reader(ShardId(s), Lsn::ZERO).unwrap();
+        let (got, _) = read_until_heartbeat(&mut r).await;
+        assert!(got == want, "shard {s}");
+    }
 }

@@ -100,16 +100,17 @@ pub struct SpillWriter {
     shards: Vec<ShardWriter>,
     enc: Encoder,
     cctx: zstd::bulk::Compressor<'static>,
-    checkpoint: CheckpointFile,
-    durable: Lsn,
+    syncer: Option<Syncer>,
     /// End LSN of the last complete transaction (`end_txn`).
     last_end: Lsn,
     /// Commit LSN of the last complete transaction that touched any shard.
     last_commit: Lsn,
+    /// End LSN included in the last group commit started.
+    committed: Lsn,
     txns_since_flush: u64,
-    bytes_since_flush: u64,
+    bytes_since_commit: u64,
     appended_unpublished: u64,
-    last_flush: Instant,
+    last_commit_start: Instant,
     last_deleted_through: Vec<Lsn>,
     failed: bool,
     /// Holds the directory's exclusive `flock` for as long as the writer lives.
@@ -132,6 +133,18 @@ impl SpillWriter {
                 msg: format!(
                     "the spill log needs 1..=65535 shards, got {}",
                     identity.shards.len()
+                ),
+            });
+        }
+        let floor = (identity.shards.len() as u64 + 1).saturating_mul(opts.segment_bytes);
+        if opts.max_bytes < floor {
+            // Retention never deletes a shard's newest segment, so less than this could leave
+            // the cap reached with every shard fully applied.
+            return Err(SpillError::Config {
+                key: "[spill] max_bytes",
+                msg: format!(
+                    "{} is below (shards + 1) x [spill] segment_bytes = {floor}; raise it or lower segment_bytes",
+                    opts.max_bytes
                 ),
             });
         }
@@ -180,9 +193,13 @@ impl SpillWriter {
                 bytes_on_disk,
                 backpressure: false,
                 counters: Counters::default(),
+                sync_in_flight: false,
+                sync_error: None,
             }),
             data: tokio::sync::Notify::new(),
             space: tokio::sync::Notify::new(),
+            synced: std::sync::Condvar::new(),
+            durable_tx: tokio::sync::watch::Sender::new(durable),
             epochs: (0..n).map(|_| AtomicU64::new(0)).collect(),
             opts,
         });
@@ -193,6 +210,7 @@ impl SpillWriter {
             created,
             "spill log opened"
         );
+        let syncer = Syncer::start(Arc::clone(&shared), checkpoint)?;
         let report = OpenReport {
             durable_lsn: durable,
             created,
@@ -204,14 +222,14 @@ impl SpillWriter {
                 shards: writers,
                 enc: Encoder::new(),
                 cctx,
-                checkpoint,
-                durable,
+                syncer: Some(syncer),
+                committed: durable,
                 last_end: durable,
                 last_commit: Lsn::ZERO,
                 txns_since_flush: 0,
-                bytes_since_flush: 0,
+                bytes_since_commit: 0,
                 appended_unpublished: 0,
-                last_flush: Instant::now(),
+                last_commit_start: Instant::now(),
                 last_deleted_through,
                 failed: false,
                 _lock: lock,
@@ -287,7 +305,7 @@ impl SpillWriter {
         w.buf_records += 1;
         w.buf_last = commit;
         self.appended_unpublished += added;
-        self.bytes_since_flush += added;
+        self.bytes_since_commit += added;
         if w.buf.len() >= block_bytes {
             let i = shard.index();
             self.seal_full(i)?;
@@ -329,88 +347,128 @@ impl SpillWriter {
         Ok(())
     }
 
-    /// Group commit: seals every shard's complete records into frames, `sync_data`s every
-    /// shard log written since the last flush, then durably records the end LSN of the last
-    /// complete transaction in the checkpoint. Returns the durable LSN (unchanged, without any
-    /// fsync, when no transaction completed since the last flush).
-    pub fn flush(&mut self) -> Result<Lsn, SpillError> {
+    /// Starts a group commit without waiting for the disk: seals every shard's complete
+    /// records into frames and hands the files written since the last group commit to the
+    /// syncer thread, which `sync_data`s them (in parallel), then durably appends the end LSN
+    /// of the last complete transaction to the checkpoint and publishes it as the new durable
+    /// LSN ([`durable_lsn`](Self::durable_lsn), [`SpillLog::durable_watch`]). Appends continue
+    /// meanwhile, so the next group is whatever arrives while the disk is busy. Returns
+    /// whether a group commit was started (not when one is still in flight, or nothing is
+    /// new).
+    pub fn commit(&mut self) -> Result<bool, SpillError> {
         self.check_failed()?;
-        let r = self.flush_inner();
+        let r = self.commit_inner();
         if r.is_err() {
             self.failed = true;
         }
         r
     }
 
-    fn flush_inner(&mut self) -> Result<Lsn, SpillError> {
-        self.last_flush = Instant::now();
+    /// Group commit, waiting for it: [`commit`](Self::commit) (after any group commit in
+    /// flight) and wait until it is durable. Returns the durable LSN (unchanged, without any
+    /// fsync, when no transaction completed since the last group commit).
+    pub fn flush(&mut self) -> Result<Lsn, SpillError> {
+        self.check_failed()?;
+        self.wait_synced()?;
+        self.commit()?;
+        self.wait_synced()?;
+        Ok(self.durable_lsn())
+    }
+
+    /// Whether a group commit should start now: no group commit is in flight, a transaction
+    /// completed since the last one, and `flush_interval_ms` passed or 8 blocks' worth of
+    /// records are waiting.
+    pub fn flush_due(&self) -> bool {
+        self.last_end != self.committed
+            && !self.shared.lock().sync_in_flight
+            && (self.last_commit_start.elapsed()
+                >= Duration::from_millis(self.shared.opts.flush_interval_ms)
+                || self.bytes_since_commit >= 8 * self.shared.opts.block_bytes as u64)
+    }
+
+    fn commit_inner(&mut self) -> Result<bool, SpillError> {
         let deleted: Vec<Lsn> = {
             let st = self.shared.lock();
+            if st.sync_in_flight {
+                return Ok(false);
+            }
             st.shards.iter().map(|s| s.deleted_through).collect()
         };
-        if self.last_end == self.durable && deleted == self.last_deleted_through {
+        if self.last_end == self.committed && deleted == self.last_deleted_through {
             self.publish_counters();
-            return Ok(self.durable);
+            return Ok(false);
         }
         for i in 0..self.shards.len() {
             if self.shards[i].mark_buf > 0 {
                 self.seal_prefix(i)?;
             }
         }
-        let mut syncs = 0u64;
+        let mut files = Vec::new();
+        let mut dirs = Vec::new();
         for w in &mut self.shards {
             if w.dirty {
                 if let Some(a) = &w.active {
-                    a.file
-                        .sync_data()
-                        .map_err(|e| io_err("sync_data", &a.path, e))?;
-                    syncs += 1;
+                    let f = a.file.try_clone().map_err(|e| io_err("dup", &a.path, e))?;
+                    files.push((f, a.path.clone()));
                 }
                 w.dirty = false;
             }
             if w.dir_dirty {
-                sync_dir(&w.dir)?;
+                dirs.push(w.dir.clone());
                 w.dir_dirty = false;
-                syncs += 1;
             }
         }
-        let cp = Checkpoint {
-            durable: self.last_end,
-            shards: self
-                .shards
-                .iter()
-                .zip(&deleted)
-                .map(|(w, d)| ShardCheckpoint {
-                    end: w.mark_written,
-                    deleted_through: *d,
-                })
-                .collect(),
+        let job = SyncJob {
+            files,
+            dirs,
+            checkpoint: Checkpoint {
+                durable: self.last_end,
+                shards: self
+                    .shards
+                    .iter()
+                    .zip(&deleted)
+                    .map(|(w, d)| ShardCheckpoint {
+                        end: w.mark_written,
+                        deleted_through: *d,
+                    })
+                    .collect(),
+            },
+            txns: std::mem::take(&mut self.txns_since_flush),
         };
-        self.checkpoint.append(&cp)?;
-        syncs += 1;
-        self.durable = self.last_end;
-        self.last_deleted_through = deleted;
-        let txns = std::mem::take(&mut self.txns_since_flush);
-        self.bytes_since_flush = 0;
-        {
-            let mut st = self.shared.lock();
-            st.durable = self.durable;
-            st.counters.fsyncs_total += 1;
-            st.counters.file_syncs_total += syncs;
-            st.counters.txns_total += txns;
+        self.shared.lock().sync_in_flight = true;
+        let sent = self.syncer.as_ref().map(|s| s.tx.send(job));
+        if !matches!(sent, Some(Ok(()))) {
+            self.shared.lock().sync_in_flight = false;
+            return Err(SpillError::WriterFailed {
+                durable: self.durable_lsn(),
+                reason: "the syncer thread is gone".into(),
+            });
         }
+        self.committed = self.last_end;
+        self.last_deleted_through = deleted;
+        self.bytes_since_commit = 0;
+        self.last_commit_start = Instant::now();
         self.publish_counters();
-        self.shared.data.notify_waiters();
-        Ok(self.durable)
+        Ok(true)
     }
 
-    /// Whether a group commit is due: `flush_interval_ms` passed since the last one, or 8
-    /// blocks' worth of records are waiting.
-    pub fn flush_due(&self) -> bool {
-        self.last_end != self.durable
-            && (self.last_flush.elapsed()
-                >= Duration::from_millis(self.shared.opts.flush_interval_ms)
-                || self.bytes_since_flush >= 8 * self.shared.opts.block_bytes as u64)
+    /// Waits until no group commit is in flight; fails if the last one failed.
+    fn wait_synced(&self) -> Result<(), SpillError> {
+        let mut st = self.shared.lock();
+        while st.sync_in_flight && st.sync_error.is_none() {
+            st = self
+                .shared
+                .synced
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        match &st.sync_error {
+            Some(reason) => Err(SpillError::WriterFailed {
+                durable: st.durable,
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Cuts every shard log back to the last complete transaction (call it when the source
@@ -528,7 +586,7 @@ impl SpillWriter {
 
     /// End LSN of the last transaction that is durable in every shard log.
     pub fn durable_lsn(&self) -> Lsn {
-        self.durable
+        self.shared.lock().durable
     }
 
     /// Whether the spill log is at its `max_bytes` cap; the ingest should stop reading from the
@@ -551,13 +609,20 @@ impl SpillWriter {
     }
 
     fn check_failed(&self) -> Result<(), SpillError> {
-        if self.failed {
-            Err(SpillError::WriterFailed {
-                durable: self.durable,
-            })
-        } else {
-            Ok(())
+        let st = self.shared.lock();
+        if let Some(reason) = &st.sync_error {
+            return Err(SpillError::WriterFailed {
+                durable: st.durable,
+                reason: reason.clone(),
+            });
         }
+        if self.failed {
+            return Err(SpillError::WriterFailed {
+                durable: st.durable,
+                reason: "an earlier write failed".into(),
+            });
+        }
+        Ok(())
     }
 
     fn publish_counters(&mut self) {
@@ -631,6 +696,16 @@ impl SpillWriter {
         let segment_bytes = self.shared.opts.segment_bytes;
         let w = &mut self.shards[i];
         let raw = w.buf.get(..n).unwrap_or(&w.buf[..]);
+        if raw.len() > block::MAX_RAW_LEN as usize {
+            return Err(SpillError::Protocol {
+                shard: ShardId(i as u16),
+                msg: format!(
+                    "one record of about {} bytes exceeds the largest spill frame ({} bytes); such a row cannot be spilled",
+                    raw.len(),
+                    block::MAX_RAW_LEN
+                ),
+            });
+        }
         let payload = self
             .cctx
             .compress(raw)
@@ -749,6 +824,113 @@ impl SpillWriter {
         }
         self.shared.data.notify_waiters();
         Ok(())
+    }
+}
+
+/// One group commit for the syncer thread.
+struct SyncJob {
+    /// Segment files written since the last group commit (duplicated descriptors).
+    files: Vec<(File, PathBuf)>,
+    /// Shard directories with new segment files.
+    dirs: Vec<PathBuf>,
+    /// What to record once those are durable.
+    checkpoint: Checkpoint,
+    /// Transactions in this group.
+    txns: u64,
+}
+
+/// The thread that makes group commits durable, one at a time, in order.
+struct Syncer {
+    tx: std::sync::mpsc::SyncSender<SyncJob>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(shared: Arc<Shared>, checkpoint: CheckpointFile) -> Result<Syncer, SpillError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<SyncJob>(1);
+        let dir = shared.opts.dir.clone();
+        let thread = std::thread::Builder::new()
+            .name("spill-sync".into())
+            .spawn(move || Syncer::run(&shared, &rx, checkpoint))
+            .map_err(|e| io_err("start the syncer thread for", &dir, e))?;
+        Ok(Syncer {
+            tx,
+            thread: Some(thread),
+        })
+    }
+
+    fn run(
+        shared: &Shared,
+        rx: &std::sync::mpsc::Receiver<SyncJob>,
+        mut checkpoint: CheckpointFile,
+    ) {
+        while let Ok(job) = rx.recv() {
+            let syncs = (job.files.len() + job.dirs.len() + 1) as u64;
+            let r = Syncer::sync(&job, &mut checkpoint);
+            {
+                let mut st = shared.lock();
+                st.sync_in_flight = false;
+                match &r {
+                    Ok(()) => {
+                        st.durable = job.checkpoint.durable;
+                        st.counters.fsyncs_total += 1;
+                        st.counters.file_syncs_total += syncs;
+                        st.counters.txns_total += job.txns;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "spill group commit failed; the writer must be reopened");
+                        st.sync_error = Some(e.to_string());
+                    }
+                }
+            }
+            if r.is_ok() {
+                shared.durable_tx.send_replace(job.checkpoint.durable);
+            }
+            shared.synced.notify_all();
+            shared.data.notify_waiters();
+            if r.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Segment files first (in parallel: each `sync_data` waits for the disk), then the
+    /// directories, then the checkpoint that makes them count.
+    fn sync(job: &SyncJob, checkpoint: &mut CheckpointFile) -> Result<(), SpillError> {
+        let sync_file =
+            |(f, p): &(File, PathBuf)| f.sync_data().map_err(|e| io_err("sync_data", p, e));
+        match job.files.as_slice() {
+            [] => {}
+            [one] => sync_file(one)?,
+            many => std::thread::scope(|s| {
+                let handles: Vec<_> = many.iter().map(|f| s.spawn(move || sync_file(f))).collect();
+                handles.into_iter().try_for_each(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SpillError::WriterFailed {
+                            durable: Lsn::ZERO,
+                            reason: "a sync_data thread panicked".into(),
+                        })
+                    })
+                })
+            })?,
+        }
+        for d in &job.dirs {
+            sync_dir(d)?;
+        }
+        checkpoint.append(&job.checkpoint)
+    }
+}
+
+impl Drop for SpillWriter {
+    /// Finishes the group commit in flight (if any) and stops the syncer thread. Does not
+    /// start a new one: call [`flush`](Self::flush) first for a clean shutdown.
+    fn drop(&mut self) {
+        if let Some(mut s) = self.syncer.take() {
+            drop(s.tx);
+            if let Some(t) = s.thread.take() {
+                let _ = t.join();
+            }
+        }
     }
 }
 
