@@ -2,4 +2,10 @@
 //!
 //! One binary (etl's layout): each area is a module.
 
+mod apply;
+mod decode;
+mod ops;
+mod route;
 mod service;
+mod snapshot;
+mod source;

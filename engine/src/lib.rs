@@ -26,6 +26,7 @@
 //! The full load (`snapshot`) runs before CDC on the same slot, under the slot's exported
 //! snapshot. [`runtime`] wires the stages and holds no logic.
 
+pub mod catalog;
 pub mod config;
 pub mod error;
 
@@ -37,9 +38,19 @@ pub mod admin;
 pub mod apply;
 pub mod decode;
 pub mod route;
+pub mod snapshot;
 pub mod source;
 pub mod spill;
 pub mod status;
+
+pub mod check;
+pub mod cutover;
+pub mod observe;
+pub mod pgconn;
+pub mod progress;
+pub mod purge;
+pub mod tableinfo;
+pub mod verify;
 
 pub use event::{
     Begin, Change, Column, Commit, OldRow, Relation, ReplicaIdentity, Row, ShardEvent, ShardId,

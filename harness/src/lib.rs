@@ -16,6 +16,8 @@
 //! Binaries are found through `PG_BIN`, then `pg_config --bindir`, then the newest
 //! `/usr/lib/postgresql/*/bin`.
 
+pub mod workload;
+
 use std::fmt;
 use std::fs;
 use std::io;

@@ -1,0 +1,308 @@
+//! Shared pieces of the end-to-end tests: a source and N shards started by the harness, a
+//! generated `reshard.toml`, the real `reshard` binary as a child process, and checks that use
+//! PostgreSQL's own hash partitioning (never reshard's code) to decide which rows belong where.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reshard_harness::PgCluster;
+
+/// The `reshard` binary under test.
+pub fn reshard_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_reshard"))
+}
+
+/// A source cluster (database `app`) and `n` shard clusters (database `app` each).
+pub struct Topology {
+    /// The source.
+    pub source: PgCluster,
+    /// The shards, in remainder order.
+    pub shards: Vec<PgCluster>,
+    /// Working directory: config, spill dir, logs.
+    pub dir: tempfile::TempDir,
+    /// Running daemons (killed on drop).
+    daemons: Vec<Child>,
+    runs: usize,
+}
+
+impl Topology {
+    /// Starts the clusters and creates database `app` on each.
+    pub fn start(n: usize) -> Topology {
+        Self::start_with(n, PgCluster::builder)
+    }
+
+    /// Like [`Topology::start`] with a custom builder for every cluster.
+    pub fn start_with(n: usize, builder: impl Fn() -> reshard_harness::Builder) -> Topology {
+        let source = builder().start().expect("start source");
+        source.create_database("app").expect("create db");
+        let shards: Vec<PgCluster> = (0..n)
+            .map(|_| {
+                let c = builder().start().expect("start shard");
+                c.create_database("app").expect("create db");
+                c
+            })
+            .collect();
+        Topology {
+            source,
+            shards,
+            dir: tempfile::tempdir().expect("tempdir"),
+            daemons: vec![],
+            runs: 0,
+        }
+    }
+
+    /// Runs SQL on the source database.
+    pub fn source_sql(&self, sql: &str) -> String {
+        self.source
+            .psql("app", sql)
+            .unwrap_or_else(|e| panic!("source SQL failed: {e}"))
+    }
+
+    /// Runs SQL on every shard.
+    pub fn shards_sql(&self, sql: &str) {
+        for (i, s) in self.shards.iter().enumerate() {
+            s.psql("app", sql)
+                .unwrap_or_else(|e| panic!("shard{i} SQL failed: {e}"));
+        }
+    }
+
+    /// Runs the same DDL on the source and every shard.
+    pub fn ddl_everywhere(&self, sql: &str) {
+        self.source_sql(sql);
+        self.shards_sql(sql);
+    }
+
+    /// Path of the generated config.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("reshard.toml")
+    }
+
+    /// Path of the spill directory.
+    pub fn spill_dir(&self) -> PathBuf {
+        self.dir.path().join("spill")
+    }
+
+    /// Writes `reshard.toml` with the clusters' URLs plus `extra` TOML (tables, options).
+    /// The admin console and metrics listen on free ports (see the returned config text).
+    pub fn write_config(&self, extra: &str) -> PathBuf {
+        let mut s = format!(
+            "[source]\nurl = \"{}\"\n\n[spill]\ndir = \"{}\"\nflush_interval_ms = 10\n\n[apply]\nbatch_max_delay_ms = 20\nretry_initial_ms = 100\nretry_max_ms = 1000\n\n",
+            self.source.url("app"),
+            self.spill_dir().display()
+        );
+        if !extra.contains("[admin]") {
+            s.push_str(&format!(
+                "[admin]\nlisten = \"127.0.0.1:{}\"\nmetrics = \"127.0.0.1:{}\"\n\n",
+                free_port(),
+                free_port()
+            ));
+        }
+        for (i, c) in self.shards.iter().enumerate() {
+            s.push_str(&format!(
+                "[[shards]]\nname = \"shard{i}\"\nurl = \"{}\"\n\n",
+                c.url("app")
+            ));
+        }
+        s.push_str(extra);
+        let p = self.config_path();
+        fs::write(&p, s).expect("write config");
+        p
+    }
+
+    /// Starts `reshard run -c reshard.toml <args>`; output goes to `run-<k>.log` in the
+    /// working directory.
+    pub fn spawn_run(&mut self, args: &[&str]) -> usize {
+        self.runs += 1;
+        let log = self.dir.path().join(format!("run-{}.log", self.runs));
+        let f = fs::File::create(&log).expect("log file");
+        let child = Command::new(reshard_bin())
+            .arg("run")
+            .arg("-c")
+            .arg(self.config_path())
+            .args(args)
+            .args(["--log-level", "info,reshard_engine=debug"])
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("dup"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn reshard");
+        self.daemons.push(child);
+        self.daemons.len() - 1
+    }
+
+    /// The log of the most recent run.
+    pub fn last_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join(format!("run-{}.log", self.runs)))
+            .unwrap_or_default()
+    }
+
+    /// All run logs, concatenated (for failure messages).
+    pub fn all_logs(&self) -> String {
+        let mut s = String::new();
+        for k in 1..=self.runs {
+            let text = fs::read_to_string(self.dir.path().join(format!("run-{k}.log")))
+                .unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            s.push_str(&format!("--- run-{k}.log (last 60 lines) ---\n"));
+            s.push_str(&lines[lines.len().saturating_sub(60)..].join("\n"));
+            s.push('\n');
+        }
+        s
+    }
+
+    /// SIGKILLs daemon `i`.
+    pub fn kill9(&mut self, i: usize) {
+        let c = &mut self.daemons[i];
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// SIGTERMs daemon `i` and waits for its exit code.
+    pub fn terminate(&mut self, i: usize, timeout: Duration) -> Option<i32> {
+        let c = &mut self.daemons[i];
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether daemon `i` is still running.
+    pub fn is_running(&mut self, i: usize) -> bool {
+        matches!(self.daemons[i].try_wait(), Ok(None))
+    }
+
+    /// Runs a reshard command to completion: (exit code, stdout, stderr).
+    pub fn reshard(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(reshard_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run reshard");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Creates `reshard_route_<type>` on the source: an empty hash-partitioned table whose
+    /// partition key has the key's type, so that `satisfies_hash_partition` can tell which
+    /// remainder PostgreSQL itself assigns to a key.
+    pub fn create_route_helper(&self, key_type: &str) -> String {
+        let name = format!("reshard_route_{}", key_type.replace(' ', "_"));
+        self.source_sql(&format!(
+            "CREATE TABLE IF NOT EXISTS {name} (k {key_type}) PARTITION BY HASH (k)"
+        ));
+        name
+    }
+
+    /// For a sharded table: a digest of the source rows that PostgreSQL's hash partitioning
+    /// (MODULUS = shard count) puts on `shard`, and of the rows the shard holds. For a
+    /// broadcast table pass `key = None`: every row belongs everywhere.
+    pub fn digests(
+        &self,
+        table: &str,
+        key: Option<(&str, &str)>,
+        order_by: &str,
+        shard: usize,
+    ) -> (String, String) {
+        let n = self.shards.len();
+        let filter = match key {
+            Some((col, ty)) => {
+                let helper = self.create_route_helper(ty);
+                format!("WHERE satisfies_hash_partition('{helper}'::regclass, {n}, {shard}, {col})")
+            }
+            None => String::new(),
+        };
+        let q = |f: &str| {
+            format!(
+                "SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, '|' ORDER BY {order_by})), '-') FROM {table} t {f}"
+            )
+        };
+        let src = self.source_sql(&q(&filter));
+        let dst = self.shards[shard]
+            .psql("app", &q(""))
+            .unwrap_or_else(|e| panic!("shard{shard}: {e}"));
+        (src, dst)
+    }
+
+    /// Waits until every shard matches the source for every `(table, key, order_by)`; panics
+    /// with the differences and the daemon logs after `timeout`.
+    pub fn wait_converged(&self, tables: &[(&str, Option<(&str, &str)>, &str)], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut diffs = Vec::new();
+            for (t, key, ord) in tables {
+                for s in 0..self.shards.len() {
+                    let (a, b) = self.digests(t, *key, ord, s);
+                    if a != b {
+                        diffs.push(format!("{t} on shard{s}: source {a} vs shard {b}"));
+                    }
+                }
+            }
+            if diffs.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "shards did not converge within {timeout:?}:\n{}\n{}",
+                    diffs.join("\n"),
+                    self.all_logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for c in &mut self.daemons {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Reads a file if it exists.
+pub fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_default()
+}
