@@ -573,8 +573,10 @@ async fn admin_console_serves_the_extended_query_protocol() {
     let e = client.query("SHOW LAG; SHOW SPILL", &[]).await.unwrap_err();
     assert_eq!(e.as_db_error().unwrap().code().code(), "42601");
     assert_eq!(client.query("SHOW SPILL", &[]).await.unwrap().len(), 1);
-    drop(client);
+    // Shutdown does not wait for idle sessions: they are closed.
     c.stop().await;
+    let e = client.simple_query("SHOW LAG").await.unwrap_err();
+    assert!(e.is_closed(), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -923,6 +925,23 @@ async fn metrics_endpoint_follows_the_snapshot_and_reports_health() {
 
     let (code, _, _) = http_get(addr, "/nope").await;
     assert_eq!(code, 404);
+
+    // Anything but a small GET/HEAD gets a clear status, never a hang.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    assert!(buf.starts_with("HTTP/1.1 405 "), "{buf}");
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let huge = format!("GET /metrics HTTP/1.1\r\nX-Big: {}\r\n", "a".repeat(20_000));
+    // The server may answer and close before reading everything.
+    let _ = s.write_all(huge.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    let buf = String::from_utf8_lossy(&buf);
+    assert!(buf.starts_with("HTTP/1.1 431 "), "{buf}");
 
     shutdown.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(10), task)

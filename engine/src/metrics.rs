@@ -106,7 +106,7 @@ pub const PHASE: &str = "reshard_phase";
 pub const READY: &str = "reshard_ready";
 /// Seconds since the daemon started (gauge).
 pub const UPTIME_SECONDS: &str = "reshard_uptime_seconds";
-/// Build information (gauge, always 1, label `version`).
+/// Build information (OpenMetrics `info`: always 1, label `version`).
 pub const BUILD_INFO: &str = "reshard_build_info";
 
 /// Every metric name this module exports.
@@ -292,6 +292,18 @@ fn counter(
     ConstCounter::new(v).encode(m)
 }
 
+/// Writes an OpenMetrics `info` family; `name` is the exposed sample name with `_info`.
+fn info(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    labels: &Labels,
+) -> Result<(), std::fmt::Error> {
+    let family = name.strip_suffix("_info").unwrap_or(name);
+    let mut m = enc.encode_descriptor(family, help, None, MetricType::Info)?;
+    m.encode_info(labels)
+}
+
 fn flag(b: bool) -> f64 {
     if b {
         1.0
@@ -308,11 +320,11 @@ impl Collector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
         let e = &mut enc;
-        gauges(
+        info(
             e,
             BUILD_INFO,
             "reshard build information",
-            &[(vec![("version", label(&s.version))], 1.0)],
+            &vec![("version", label(&s.version))],
         )?;
         gauge(
             e,
@@ -926,7 +938,10 @@ mod tests {
         let text = encode(&snap());
         assert!(text.ends_with("# EOF\n"), "{text}");
         for name in ALL {
-            let family = name.strip_suffix("_total").unwrap_or(name);
+            let family = name
+                .strip_suffix("_total")
+                .or_else(|| name.strip_suffix("_info"))
+                .unwrap_or(name);
             assert!(
                 text.contains(&format!("# TYPE {family} ")),
                 "{name} missing:\n{text}"
@@ -938,6 +953,9 @@ mod tests {
         assert!(text.contains("reshard_shard_errors_total{shard=\"shard0\",class=\"transient\"} 1"));
         assert!(text.contains("reshard_shard_applied_lsn{shard=\"shard0\"} 4096"));
         assert!(text.contains("reshard_phase{phase=\"streaming\"} 1"));
+        assert!(
+            text.contains("# TYPE reshard_build info\nreshard_build_info{version=\"0.1.0\"} 1\n")
+        );
         assert!(text.contains("reshard_phase{phase=\"full_load\"} 0"));
         assert!(text.contains(
             "reshard_shard_apply_latency_seconds{shard=\"shard0\",quantile=\"0.99\"} 0.25"
