@@ -91,3 +91,63 @@ async fn status_and_lag_work_offline() {
     );
     assert_eq!(s["shards"][0]["applied_lsn"], current.as_str());
 }
+
+/// `purge` (behind `reshard slot drop --purge`) drops the publication on the source and the
+/// `reshard` schema on every shard, and reports a shard it cannot reach without stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_leaves_nothing_behind() {
+    let mut t = Topology::start(3);
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    t.source_sql("CREATE PUBLICATION reshard FOR TABLE accounts");
+    t.shards_sql(PROGRESS_DDL);
+    t.write_config("");
+    t.shards[2].stop().unwrap();
+    let config = reshard_engine::config::Config::load(&t.config_path()).unwrap();
+    let steps = reshard_engine::purge::purge(&config).await;
+    assert_eq!(steps.len(), 4);
+    assert!(
+        steps[0].error.is_none() && steps[0].target == "source",
+        "{steps:?}"
+    );
+    assert_eq!(t.source_sql("SELECT count(*) FROM pg_publication"), "0");
+    for i in 0..2 {
+        assert!(steps[i + 1].error.is_none(), "{steps:?}");
+        assert_eq!(
+            t.shards[i]
+                .psql(
+                    "app",
+                    "SELECT count(*) FROM pg_namespace WHERE nspname = 'reshard'"
+                )
+                .unwrap(),
+            "0"
+        );
+        // User data is untouched.
+        assert_eq!(
+            t.shards[i]
+                .psql("app", "SELECT count(*) FROM accounts")
+                .unwrap(),
+            "0"
+        );
+    }
+    assert!(
+        steps[3]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("cannot connect"),
+        "{steps:?}"
+    );
+    // Idempotent.
+    t.shards[2].restart().unwrap();
+    let again = reshard_engine::purge::purge(&config).await;
+    assert!(again.iter().all(|s| s.error.is_none()), "{again:?}");
+    assert_eq!(
+        t.shards[2]
+            .psql(
+                "app",
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'reshard'"
+            )
+            .unwrap(),
+        "0"
+    );
+}

@@ -27,7 +27,7 @@ pub mod cursor;
 pub mod merge;
 pub mod sql;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1032,7 +1032,3 @@ async fn one_row(
         message: "aggregate returned no row".into(),
     })
 }
-
-// The list type used by the unit tests of `merge` is also a `RowSource`.
-#[allow(dead_code)]
-fn _assert_row_source(_: VecDeque<TextRow>) {}
