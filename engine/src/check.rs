@@ -127,7 +127,7 @@ pub async fn run_checks(config: &Config) -> CheckReport {
                     report.fail(
                         "source_query",
                         SOURCE,
-                        format!("a catalog query failed: {e}"),
+                        format!("a catalog query failed: {}", crate::pgconn::error_text(&e)),
                         None,
                     );
                     Vec::new()
@@ -155,7 +155,7 @@ pub async fn run_checks(config: &Config) -> CheckReport {
                     report.fail(
                         "shard_query",
                         &shard.name,
-                        format!("a catalog query failed: {e}"),
+                        format!("a catalog query failed: {}", crate::pgconn::error_text(&e)),
                         None,
                     );
                 }
@@ -181,7 +181,7 @@ pub async fn run_checks(config: &Config) -> CheckReport {
 async fn connect(url: &str) -> Result<Client, String> {
     match tokio::time::timeout(CONNECT_TIMEOUT, connect_plain(url)).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(crate::pgconn::error_text(&e)),
         Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())),
     }
 }

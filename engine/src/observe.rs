@@ -99,7 +99,7 @@ pub async fn current_status(config: &Config) -> (StatusSnapshot, StatusOrigin) {
 async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
     match tokio::time::timeout(CONNECT_TIMEOUT * 3, connect_plain(url)).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(crate::pgconn::error_text(&e)),
         Err(_) => Err("no answer".into()),
     }
 }
@@ -183,8 +183,8 @@ async fn source_slot(
     let cur = src
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
-        .map_err(|e| e.to_string())?;
-    let cur: String = cur.try_get(0).map_err(|e| e.to_string())?;
+        .map_err(|e| crate::pgconn::error_text(&e))?;
+    let cur: String = cur.try_get(0).map_err(|e| crate::pgconn::error_text(&e))?;
     snap.source.current_wal_lsn = cur
         .parse()
         .map_err(|e: crate::lsn::ParseLsnError| e.to_string())?;
@@ -196,7 +196,7 @@ async fn source_slot(
             &[&config.source.slot],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::pgconn::error_text(&e))?;
     match row {
         None => {
             snap.source.last_error = Some(format!(
@@ -205,10 +205,10 @@ async fn source_slot(
             ))
         }
         Some(r) => {
-            let flush: String = r.try_get(0).map_err(|e| e.to_string())?;
+            let flush: String = r.try_get(0).map_err(|e| crate::pgconn::error_text(&e))?;
             snap.source.confirmed_flush_lsn = flush.parse().unwrap_or(Lsn::ZERO);
-            let active: bool = r.try_get(1).map_err(|e| e.to_string())?;
-            let retained: i64 = r.try_get(2).map_err(|e| e.to_string())?;
+            let active: bool = r.try_get(1).map_err(|e| crate::pgconn::error_text(&e))?;
+            let retained: i64 = r.try_get(2).map_err(|e| crate::pgconn::error_text(&e))?;
             snap.source.retained_wal_bytes = retained.max(0) as u64;
             if active {
                 snap.source.last_error = Some(format!(

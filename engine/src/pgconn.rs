@@ -22,6 +22,33 @@ pub async fn connect_plain(url: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
+/// A driver error as one line with everything the server said: severity, message, SQLSTATE,
+/// detail and hint for database errors; the cause chain (e.g. `Connection refused`) otherwise.
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; DETAIL: {d}"));
+        }
+        if let Some(h) = db.hint() {
+            s.push_str(&format!("; HINT: {h}"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
 /// Session settings that fix the text output of every type, set on every side of a comparison.
 pub const NORMALIZE_SESSION_SQL: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
      SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET bytea_output = 'hex'; \

@@ -343,8 +343,7 @@ async fn verify_is_clean_on_a_live_correct_migration() {
                      UPDATE items SET v = v || '+' WHERE account_id = {acct} AND id = (SELECT min(id) FROM items WHERE account_id = {acct})",
                     100_000 + i
                 );
-                t.source_sql(&sql);
-                let l = t.source_sql("SELECT pg_current_wal_lsn()");
+                let l = t.source_sql(&format!("{sql}; SELECT pg_current_wal_lsn()"));
                 std::thread::sleep(std::time::Duration::from_millis(30)); // apply lag
                 for (s, shard) in t.shards.iter().enumerate() {
                     let data = if shard_of_account[acct as usize] == s { sql.as_str() } else { "" };

@@ -37,7 +37,7 @@ use tokio_postgres::Client;
 use crate::config::{Config, HashKind, TableMode, TableRule};
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
-use crate::pgconn::{connect_plain, normalize_session};
+use crate::pgconn::{connect_plain, error_text, normalize_session};
 use crate::progress::{read_progress, source_system_id};
 use crate::tableinfo::{describe_table, resolve_tables, TableInfo};
 
@@ -94,22 +94,22 @@ pub enum VerifyError {
         known: String,
     },
     /// Could not connect.
-    #[error("cannot connect to {endpoint}: {source}")]
+    #[error("cannot connect to {endpoint}: {}", error_text(error))]
     Connect {
         /// `source` or the shard name.
         endpoint: String,
         /// Driver error.
-        source: tokio_postgres::Error,
+        error: tokio_postgres::Error,
     },
     /// A query failed.
-    #[error("query on {endpoint} failed{}: {source}", table.as_ref().map(|t| format!(" (table {t})")).unwrap_or_default())]
+    #[error("query on {endpoint} failed{}: {}", table.as_ref().map(|t| format!(" (table {t})")).unwrap_or_default(), error_text(error))]
     Query {
         /// `source` or the shard name.
         endpoint: String,
         /// Table, if the query was about one.
         table: Option<String>,
         /// Driver error.
-        source: tokio_postgres::Error,
+        error: tokio_postgres::Error,
     },
     /// A shard did not reach the source snapshot's LSN in time.
     #[error("shard {shard} did not reach source LSN {target} within {waited_secs:.0}s (its progress is at {reached}); is reshard run applying to it? raise --timeout")]
@@ -149,8 +149,8 @@ pub enum VerifyError {
 impl Classify for VerifyError {
     fn class(&self) -> ErrorClass {
         match self {
-            VerifyError::Connect { source, .. } | VerifyError::Query { source, .. } => {
-                class_of_pg(source)
+            VerifyError::Connect { error, .. } | VerifyError::Query { error, .. } => {
+                class_of_pg(error)
             }
             VerifyError::Timeout { .. } => ErrorClass::Transient,
             _ => ErrorClass::Definite,
@@ -247,10 +247,10 @@ struct Ctx<'a> {
 fn q(endpoint: &str, table: Option<&str>) -> impl Fn(tokio_postgres::Error) -> VerifyError {
     let endpoint = endpoint.to_owned();
     let table = table.map(str::to_owned);
-    move |source| VerifyError::Query {
+    move |error| VerifyError::Query {
         endpoint: endpoint.clone(),
         table: table.clone(),
-        source,
+        error,
     }
 }
 
@@ -273,9 +273,9 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
     }
     let src = connect_plain(&config.source.url)
         .await
-        .map_err(|source| VerifyError::Connect {
+        .map_err(|error| VerifyError::Connect {
             endpoint: "source".into(),
-            source,
+            error,
         })?;
     normalize_session(&src).await.map_err(q("source", None))?;
     let rules = resolve_tables(&src, config)
@@ -290,9 +290,9 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
         }
         let client = connect_plain(&s.url)
             .await
-            .map_err(|source| VerifyError::Connect {
+            .map_err(|error| VerifyError::Connect {
                 endpoint: format!("shard {}", s.name),
-                source,
+                error,
             })?;
         normalize_session(&client).await.map_err(q(&s.name, None))?;
         let has_progress = read_progress(&client, &config.source.slot, &s.name, None)
@@ -551,8 +551,8 @@ pub async fn wait_for_progress(
     loop {
         let reached = match read_progress(client, slot, shard, system_id).await {
             Ok(p) => p.map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO),
-            Err(crate::progress::ProgressError::Query { source, .. }) => {
-                return Err(q(shard, None)(source))
+            Err(crate::progress::ProgressError::Query { error, .. }) => {
+                return Err(q(shard, None)(error))
             }
             Err(e) => {
                 return Err(VerifyError::Config(e.to_string()));
