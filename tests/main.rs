@@ -1,4 +1,11 @@
 //! Integration tests against real PostgreSQL clusters started by `reshard-harness`.
 //!
 //! One binary (etl's layout): each area is a module.
+
+mod apply;
+mod decode;
 mod ops;
+mod route;
+mod service;
+mod snapshot;
+mod source;

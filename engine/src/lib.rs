@@ -32,10 +32,13 @@ pub mod error;
 
 pub mod event;
 pub mod lsn;
+pub mod metrics;
 
+pub mod admin;
 pub mod apply;
 pub mod decode;
 pub mod route;
+pub mod snapshot;
 pub mod source;
 pub mod spill;
 pub mod status;

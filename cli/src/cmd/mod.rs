@@ -12,6 +12,7 @@ mod lag;
 mod peek;
 mod run;
 mod slot;
+mod source_args;
 mod status;
 mod verify;
 

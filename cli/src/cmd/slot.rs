@@ -1,11 +1,137 @@
-//! `reshard slot`.
+//! `reshard slot list|create|drop`: inspect and manage the replication slot.
 
+use anyhow::Context;
+use reshard_engine::catalog;
+use reshard_engine::source::{list_slots, ReplicationClient, SlotOptions, SnapshotAction};
+
+use super::source_args::{config_or_default, resolve};
 use crate::output::{CmdResult, Failure};
-use crate::SlotArgs;
+use crate::{SlotAction, SlotArgs};
 
-/// Runs `reshard slot`.
-pub async fn run(_args: SlotArgs) -> CmdResult {
-    Err(Failure::failed(anyhow::anyhow!(
-        "reshard slot is being built"
-    )))
+/// Runs `reshard slot …`.
+pub async fn run(args: SlotArgs) -> CmdResult {
+    match args.action {
+        SlotAction::List { source, json } => {
+            let sel = resolve(&source)?;
+            let client = sel.conn.connect_sql().await.context("connecting to the source")?;
+            let slots = list_slots(&client).await.context("listing replication slots")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&slots).map_err(anyhow::Error::from)?);
+            } else {
+                let lsn = |l: Option<reshard_engine::Lsn>| l.map(|l| l.to_string()).unwrap_or("-".into());
+                println!(
+                    "{:<24} {:<9} {:<9} {:<6} {:>8} {:>14} {:>20} {:>14} {}",
+                    "SLOT", "TYPE", "PLUGIN", "ACTIVE", "PID", "RESTART_LSN", "CONFIRMED_FLUSH_LSN", "RETAINED_WAL", "WAL_STATUS"
+                );
+                for s in &slots {
+                    let mark = if s.slot_name == sel.slot { "*" } else { "" };
+                    println!(
+                        "{:<24} {:<9} {:<9} {:<6} {:>8} {:>14} {:>20} {:>14} {}",
+                        format!("{}{}", s.slot_name, mark),
+                        s.slot_type,
+                        s.plugin.as_deref().unwrap_or("-"),
+                        s.active,
+                        s.active_pid.map(|p| p.to_string()).unwrap_or("-".into()),
+                        lsn(s.restart_lsn),
+                        lsn(s.confirmed_flush_lsn),
+                        s.retained_wal_bytes.map(human_bytes).unwrap_or("-".into()),
+                        s.wal_status.as_deref().unwrap_or("-"),
+                    );
+                }
+                if slots.is_empty() {
+                    println!("(no replication slots)");
+                }
+            }
+            Ok(())
+        }
+        SlotAction::Create { source } => {
+            let sel = resolve(&source)?;
+            let cfg = config_or_default(&sel)?;
+            let client = sel.conn.connect_sql().await.context("connecting to the source")?;
+            let tables = catalog::discover(&client, &cfg).await.context("listing the tables to publish")?;
+            let created = catalog::ensure_publication(&client, &sel.publication, &tables)
+                .await
+                .context("creating the publication")?;
+            let mut repl = ReplicationClient::connect(&sel.conn)
+                .await
+                .context("opening a replication connection to the source")?;
+            let info = repl
+                .create_slot(&sel.slot, SlotOptions { snapshot: SnapshotAction::NoExport, ..Default::default() })
+                .await
+                .with_context(|| format!("creating replication slot {}", sel.slot))?;
+            repl.close().await;
+            println!(
+                "created slot {} (pgoutput) at consistent point {}; publication {} {}",
+                info.name,
+                info.consistent_point,
+                sel.publication,
+                if created { "created" } else { "already existed" }
+            );
+            Ok(())
+        }
+        SlotAction::Drop { source, purge } => {
+            let sel = resolve(&source)?;
+            let mut repl = ReplicationClient::connect(&sel.conn)
+                .await
+                .context("opening a replication connection to the source")?;
+            let dropped = match repl.drop_slot(&sel.slot, true).await {
+                Ok(()) => true,
+                Err(e) if e.sqlstate() == Some("42704") => false,
+                Err(e) => return Err(Failure::failed(anyhow::Error::from(e).context(format!("dropping slot {}", sel.slot)))),
+            };
+            repl.close().await;
+            println!("slot {}: {}", sel.slot, if dropped { "dropped" } else { "did not exist" });
+            if purge {
+                let Some(cfg) = &sel.config else {
+                    return Err(Failure::usage(anyhow::anyhow!(
+                        "--purge needs -c reshard.toml (it cleans the shards listed there)"
+                    )));
+                };
+                let client = sel.conn.connect_sql().await.context("connecting to the source")?;
+                client
+                    .batch_execute(&format!(
+                        "DROP PUBLICATION IF EXISTS {}",
+                        reshard_engine::event::quote_ident(&sel.publication)
+                    ))
+                    .await
+                    .context("dropping the publication")?;
+                println!("publication {}: dropped", sel.publication);
+                for s in &cfg.shards {
+                    let conn = reshard_engine::source::ConnConfig::parse(&s.url)
+                        .with_context(|| format!("shard {}: parsing its url", s.name))?;
+                    let c = conn
+                        .connect_sql()
+                        .await
+                        .with_context(|| format!("shard {}: connecting", s.name))?;
+                    c.batch_execute("DROP SCHEMA IF EXISTS reshard CASCADE")
+                        .await
+                        .with_context(|| format!("shard {}: dropping schema reshard", s.name))?;
+                    println!("shard {}: schema reshard dropped", s.name);
+                }
+                if cfg.spill.dir.exists() {
+                    std::fs::remove_dir_all(&cfg.spill.dir).with_context(|| {
+                        format!("removing the spill directory {}", cfg.spill.dir.display())
+                    })?;
+                    println!("spill directory {}: removed", cfg.spill.dir.display());
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// 1536 → "1.5 KiB".
+pub fn human_bytes(b: i64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v.abs() >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
 }
