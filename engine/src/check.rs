@@ -181,7 +181,7 @@ pub async fn run_checks(config: &Config) -> CheckReport {
 async fn connect(url: &str) -> Result<Client, String> {
     match tokio::time::timeout(CONNECT_TIMEOUT, connect_plain(url)).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(crate::pgconn::error_text(&e)),
+        Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())),
     }
 }

@@ -52,12 +52,12 @@ pub enum CutoverError {
         known: Vec<String>,
     },
     /// Could not connect.
-    #[error("cannot connect to {endpoint}: {}", error_text(error))]
+    #[error("cannot connect to {endpoint}: {error}")]
     Connect {
         /// `source` or `shard <name>`.
         endpoint: String,
-        /// Driver error.
-        error: tokio_postgres::Error,
+        /// Why.
+        error: crate::source::SourceError,
     },
     /// A query failed.
     #[error("{what} on {endpoint} failed: {}", error_text(error))]
@@ -110,9 +110,8 @@ pub enum CutoverError {
 impl Classify for CutoverError {
     fn class(&self) -> ErrorClass {
         match self {
-            CutoverError::Connect { error, .. } | CutoverError::Query { error, .. } => {
-                class_of_pg(error)
-            }
+            CutoverError::Connect { error, .. } => error.class(),
+            CutoverError::Query { error, .. } => class_of_pg(error),
             CutoverError::Timeout { .. } => ErrorClass::Transient,
             CutoverError::Verify { source, .. } => source.class(),
             _ => ErrorClass::Definite,

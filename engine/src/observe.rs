@@ -99,7 +99,7 @@ pub async fn current_status(config: &Config) -> (StatusSnapshot, StatusOrigin) {
 async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
     match tokio::time::timeout(CONNECT_TIMEOUT * 3, connect_plain(url)).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(crate::pgconn::error_text(&e)),
+        Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("no answer".into()),
     }
 }

@@ -37,7 +37,7 @@ pub async fn purge(config: &Config) -> Vec<PurgeStep> {
 
 async fn run(target: &str, url: &str, sql: &str) -> PurgeStep {
     let error = match connect_plain(url).await {
-        Err(e) => Some(format!("cannot connect: {}", crate::pgconn::error_text(&e))),
+        Err(e) => Some(format!("cannot connect: {e}")),
         Ok(c) => c
             .batch_execute(sql)
             .await

@@ -385,3 +385,61 @@ async fn verify_is_clean_on_a_live_correct_migration() {
         assert!(total >= 3000, "{report:#}");
     }
 }
+
+/// With `hash = "map"` verify routes every account through the account map (CSV file with a
+/// default shard) and names a row that sits on a shard the map does not send it to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_routes_through_an_account_map() {
+    let t = Topology::start(2);
+    t.ddl_everywhere(
+        "CREATE TABLE notes (account_id text NOT NULL, id int NOT NULL, body text, \
+         PRIMARY KEY (account_id, id))",
+    );
+    t.source_sql(
+        "INSERT INTO notes SELECT 'acct-' || (g % 5), g, 'n' || g FROM generate_series(1, 50) g",
+    );
+    let map = t.dir.path().join("accounts.csv");
+    std::fs::write(
+        &map,
+        "account_id,shard\nacct-0,shard1\n# comment\nacct-1,shard1\n",
+    )
+    .unwrap();
+    t.write_config(&format!(
+        "[routing]\nhash = \"map\"\nmap = \"{}\"\ndefault_shard = \"shard0\"\n",
+        map.display()
+    ));
+    let on1 = "account_id IN ('acct-0', 'acct-1')";
+    super::pipe_copy(
+        &t.source,
+        "SET client_min_messages = warning",
+        &format!("SELECT * FROM notes WHERE {on1}"),
+        &t.shards[1],
+        "notes",
+    );
+    super::pipe_copy(
+        &t.source,
+        "SET client_min_messages = warning",
+        &format!("SELECT * FROM notes WHERE NOT ({on1})"),
+        &t.shards[0],
+        "notes",
+    );
+    let (code, report, err) = verify(&t, &[]);
+    assert_eq!(code, 0, "{report:#}\n{err}");
+    let rows: Vec<u64> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rows_shard"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rows, vec![30, 20]);
+    // acct-2 belongs on shard0 (the default); a copy of one of its rows on shard1 is extra.
+    t.shards[1]
+        .psql("app", "INSERT INTO notes VALUES ('acct-2', 2, 'n2')")
+        .unwrap();
+    let (code, report, _) = verify(&t, &[]);
+    assert_eq!(code, 1);
+    let expected: BTreeSet<_> = [tuple("notes", 1, "extra", "acct-2,2", "shard0")]
+        .into_iter()
+        .collect();
+    assert_eq!(differences(&report), expected, "{report:#}");
+}

@@ -94,12 +94,12 @@ pub enum VerifyError {
         known: String,
     },
     /// Could not connect.
-    #[error("cannot connect to {endpoint}: {}", error_text(error))]
+    #[error("cannot connect to {endpoint}: {error}")]
     Connect {
         /// `source` or the shard name.
         endpoint: String,
-        /// Driver error.
-        error: tokio_postgres::Error,
+        /// Why.
+        error: crate::source::SourceError,
     },
     /// A query failed.
     #[error("query on {endpoint} failed{}: {}", table.as_ref().map(|t| format!(" (table {t})")).unwrap_or_default(), error_text(error))]
@@ -149,9 +149,8 @@ pub enum VerifyError {
 impl Classify for VerifyError {
     fn class(&self) -> ErrorClass {
         match self {
-            VerifyError::Connect { error, .. } | VerifyError::Query { error, .. } => {
-                class_of_pg(error)
-            }
+            VerifyError::Connect { error, .. } => error.class(),
+            VerifyError::Query { error, .. } => class_of_pg(error),
             VerifyError::Timeout { .. } => ErrorClass::Transient,
             _ => ErrorClass::Definite,
         }
@@ -266,11 +265,6 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
             });
         }
     }
-    if config.routing.hash == HashKind::Map && opts.router.is_none() {
-        return Err(VerifyError::Config(
-            "routing.hash = \"map\": verify needs the account map's router, which this build does not wire yet".into(),
-        ));
-    }
     let src = connect_plain(&config.source.url)
         .await
         .map_err(|error| VerifyError::Connect {
@@ -278,6 +272,11 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
             error,
         })?;
     normalize_session(&src).await.map_err(q("source", None))?;
+    let mut opts = opts.clone();
+    if config.routing.hash == HashKind::Map && opts.router.is_none() {
+        opts.router = Some(map_router(config, &src).await?);
+    }
+    let opts = &opts;
     let rules = resolve_tables(&src, config)
         .await
         .map_err(q("source", None))?;
@@ -334,6 +333,47 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
     report.notes = ctx.notes;
     report.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The account map of `[routing]` (`map` CSV file or `map_query` on the source) as a
+/// [`KeyRouter`].
+pub async fn map_router(config: &Config, src: &Client) -> Result<Arc<KeyRouter>, VerifyError> {
+    use crate::route::{AccountMap, KeyType};
+    let shards = config.shard_names();
+    let map = if let Some(path) = &config.routing.map {
+        AccountMap::from_csv_path(path, &shards)
+    } else if let Some(query) = &config.routing.map_query {
+        let msgs = src
+            .simple_query(query)
+            .await
+            .map_err(q("source", Some("[routing] map_query")))?;
+        let pairs = msgs.into_iter().filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                r.get(0).unwrap_or_default().to_owned(),
+                r.get(1).unwrap_or_default().to_owned(),
+            )),
+            _ => None,
+        });
+        AccountMap::from_pairs(&shards, pairs)
+    } else {
+        return Err(VerifyError::Config(
+            "routing.hash = \"map\" needs routing.map or routing.map_query".into(),
+        ));
+    };
+    let mut map = map.map_err(|e| VerifyError::Config(e.to_string()))?;
+    if let Some(d) = &config.routing.default_shard {
+        map = map
+            .with_default(d)
+            .map_err(|e| VerifyError::Config(e.to_string()))?;
+    }
+    Ok(Arc::new(move |type_oid: u32, text: &str| {
+        let kt = KeyType::from_oid(type_oid)
+            .ok_or_else(|| format!("key type OID {type_oid} cannot be routed"))?;
+        let key = kt.parse_text(text.as_bytes()).map_err(|e| e.to_string())?;
+        map.lookup(&key)
+            .map(|s| s.index())
+            .map_err(|e| e.to_string())
+    }))
 }
 
 fn select_tables(rules: Vec<TableRule>, wanted: &[String]) -> Result<Vec<TableRule>, VerifyError> {
