@@ -27,6 +27,22 @@ async fn status_and_lag_work_offline() {
             )
             .unwrap();
     }
+    // The full load finished on shard0 and shard1 (2 of 2 chunks) but not on shard2.
+    t.shards_sql(
+        "CREATE SCHEMA IF NOT EXISTS reshard; CREATE TABLE reshard.fullload_chunks (source_table text, \
+         chunk_id int, chunks_total int, snapshot_lsn pg_lsn, rows bigint, bytes bigint, \
+         done_at timestamptz DEFAULT now(), PRIMARY KEY (source_table, chunk_id))",
+    );
+    for (i, chunks) in [(0, 2), (1, 2), (2, 1)] {
+        for c in 0..chunks {
+            t.shards[i]
+                .psql(
+                    "app",
+                    &format!("INSERT INTO reshard.fullload_chunks VALUES ('public.accounts', {c}, 2, '0/1', 100, 1000)"),
+                )
+                .unwrap();
+        }
+    }
     let spill = t.spill_dir();
     std::fs::create_dir_all(spill.join("shard0")).unwrap();
     std::fs::write(spill.join("shard0/00000001.seg"), vec![1u8; 4096]).unwrap();
@@ -60,6 +76,8 @@ async fn status_and_lag_work_offline() {
     assert_eq!(s["spill"]["bytes"], 5096);
     assert_eq!(s["spill"]["segments"], 2);
     assert_eq!(s["tables"][0]["name"], "public.accounts");
+    assert_eq!(s["tables"][0]["state"], "partial");
+    assert_eq!(s["tables"][0]["rows_copied"], 500);
 
     let (code, out, _) = t.reshard(&["status", "-c", cfg.to_str().unwrap()]);
     assert_eq!(code, 0);
