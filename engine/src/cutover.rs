@@ -57,7 +57,7 @@ pub enum CutoverError {
         /// `source` or `shard <name>`.
         endpoint: String,
         /// Why.
-        error: crate::source::SourceError,
+        error: Box<crate::source::SourceError>,
     },
     /// A query failed.
     #[error("{what} on {endpoint} failed: {}", error_text(error))]
@@ -195,13 +195,13 @@ pub async fn cutover(
         .await
         .map_err(|error| CutoverError::Connect {
             endpoint: "source".into(),
-            error,
+            error: Box::new(error),
         })?;
     let shard = connect_plain(&shard_cfg.url)
         .await
         .map_err(|error| CutoverError::Connect {
             endpoint: format!("shard {name}"),
-            error,
+            error: Box::new(error),
         })?;
     let exists = progress_table_exists(&shard, name)
         .await

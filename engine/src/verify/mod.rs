@@ -99,7 +99,7 @@ pub enum VerifyError {
         /// `source` or the shard name.
         endpoint: String,
         /// Why.
-        error: crate::source::SourceError,
+        error: Box<crate::source::SourceError>,
     },
     /// A query failed.
     #[error("query on {endpoint} failed{}: {}", table.as_ref().map(|t| format!(" (table {t})")).unwrap_or_default(), error_text(error))]
@@ -269,7 +269,7 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
         .await
         .map_err(|error| VerifyError::Connect {
             endpoint: "source".into(),
-            error,
+            error: Box::new(error),
         })?;
     normalize_session(&src).await.map_err(q("source", None))?;
     let mut opts = opts.clone();
@@ -291,7 +291,7 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
             .await
             .map_err(|error| VerifyError::Connect {
                 endpoint: format!("shard {}", s.name),
-                error,
+                error: Box::new(error),
             })?;
         normalize_session(&client).await.map_err(q(&s.name, None))?;
         let has_progress = read_progress(&client, &config.source.slot, &s.name, None)
