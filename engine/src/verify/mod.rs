@@ -806,6 +806,8 @@ async fn verify_sharded(
         let sample = sampled.remove(&pos).unwrap_or_default();
         if let Some(r) = results.get_mut(pos) {
             r.accounts_sampled = sample.len() as u64;
+            // Suspects beyond SUSPECT_CAP were neither re-checked nor drilled: they count.
+            r.accounts_mismatched += overflow.get(&pos).copied().unwrap_or(0);
         }
         if list.is_empty() && sample.is_empty() {
             continue;
@@ -824,7 +826,6 @@ async fn verify_sharded(
             continue;
         };
         drill_accounts(ctx, plan, pos, &drill, r, first_lsn).await?;
-        r.accounts_mismatched += overflow.get(&pos).copied().unwrap_or(0);
     }
     Ok(())
 }
