@@ -413,6 +413,22 @@ async fn check_source(
     )
     .await?;
 
+    if config.routing.hash == crate::config::HashKind::Map {
+        match crate::verify::map_router(config, client).await {
+            Ok(_) => report.pass(
+                "routing_map",
+                SOURCE,
+                "the account map ([routing] map / map_query) loads and names only configured shards".into(),
+            ),
+            Err(e) => report.fail(
+                "routing_map",
+                SOURCE,
+                format!("the account map cannot be used: {e}"),
+                Some("-- fix [routing] map / map_query / default_shard in reshard.toml".into()),
+            ),
+        }
+    }
+
     // Slot in use?
     match slot_row {
         None => report.pass(

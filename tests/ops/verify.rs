@@ -423,6 +423,10 @@ async fn verify_routes_through_an_account_map() {
         &t.shards[0],
         "notes",
     );
+    let cfg = t.config_path();
+    let (code, out, err) = t.reshard(&["check", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("PASS    routing_map"), "{out}");
     let (code, report, err) = verify(&t, &[]);
     assert_eq!(code, 0, "{report:#}\n{err}");
     let rows: Vec<u64> = report["results"]
@@ -442,4 +446,12 @@ async fn verify_routes_through_an_account_map() {
         .into_iter()
         .collect();
     assert_eq!(differences(&report), expected, "{report:#}");
+    // A map naming an unknown shard fails check, for that reason.
+    std::fs::write(&map, "acct-0,shard9\n").unwrap();
+    let (code, out, _) = t.reshard(&["check", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL    routing_map") && out.contains("shard9"),
+        "{out}"
+    );
 }
