@@ -127,7 +127,7 @@ pub async fn run_checks(config: &Config) -> CheckReport {
                     report.fail(
                         "source_query",
                         SOURCE,
-                        format!("a catalog query failed: {e}"),
+                        format!("a catalog query failed: {}", crate::pgconn::error_text(&e)),
                         None,
                     );
                     Vec::new()
@@ -155,7 +155,7 @@ pub async fn run_checks(config: &Config) -> CheckReport {
                     report.fail(
                         "shard_query",
                         &shard.name,
-                        format!("a catalog query failed: {e}"),
+                        format!("a catalog query failed: {}", crate::pgconn::error_text(&e)),
                         None,
                     );
                 }
@@ -412,6 +412,22 @@ async fn check_source(
         report,
     )
     .await?;
+
+    if config.routing.hash == crate::config::HashKind::Map {
+        match crate::verify::map_router(config, client).await {
+            Ok(_) => report.pass(
+                "routing_map",
+                SOURCE,
+                "the account map ([routing] map / map_query) loads and names only configured shards".into(),
+            ),
+            Err(e) => report.fail(
+                "routing_map",
+                SOURCE,
+                format!("the account map cannot be used: {e}"),
+                Some("-- fix [routing] map / map_query / default_shard in reshard.toml".into()),
+            ),
+        }
+    }
 
     // Slot in use?
     match slot_row {

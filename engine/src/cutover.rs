@@ -22,7 +22,7 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
-use crate::pgconn::{connect_plain, quote_literal, quote_qualified};
+use crate::pgconn::{connect_plain, error_text, quote_literal, quote_qualified};
 use crate::progress::{progress_table_exists, source_system_id};
 use crate::tableinfo::{resolve_tables, split_name};
 use crate::verify::{self, KeyRouter, VerifyError, VerifyOptions, VerifyReport};
@@ -52,22 +52,22 @@ pub enum CutoverError {
         known: Vec<String>,
     },
     /// Could not connect.
-    #[error("cannot connect to {endpoint}: {source}")]
+    #[error("cannot connect to {endpoint}: {error}")]
     Connect {
         /// `source` or `shard <name>`.
         endpoint: String,
-        /// Driver error.
-        source: tokio_postgres::Error,
+        /// Why.
+        error: Box<crate::source::SourceError>,
     },
     /// A query failed.
-    #[error("{what} on {endpoint} failed: {source}")]
+    #[error("{what} on {endpoint} failed: {}", error_text(error))]
     Query {
         /// `source` or the shard.
         endpoint: String,
         /// What was being done.
         what: String,
         /// Driver error.
-        source: tokio_postgres::Error,
+        error: tokio_postgres::Error,
     },
     /// A value read back did not parse.
     #[error("{endpoint} returned an invalid value: {message}")]
@@ -110,9 +110,8 @@ pub enum CutoverError {
 impl Classify for CutoverError {
     fn class(&self) -> ErrorClass {
         match self {
-            CutoverError::Connect { source, .. } | CutoverError::Query { source, .. } => {
-                class_of_pg(source)
-            }
+            CutoverError::Connect { error, .. } => error.class(),
+            CutoverError::Query { error, .. } => class_of_pg(error),
             CutoverError::Timeout { .. } => ErrorClass::Transient,
             CutoverError::Verify { source, .. } => source.class(),
             _ => ErrorClass::Definite,
@@ -173,10 +172,10 @@ pub struct CutoverReport {
 fn qerr(endpoint: &str, what: &str) -> impl Fn(tokio_postgres::Error) -> CutoverError {
     let endpoint = endpoint.to_owned();
     let what = what.to_owned();
-    move |source| CutoverError::Query {
+    move |error| CutoverError::Query {
         endpoint: endpoint.clone(),
         what: what.clone(),
-        source,
+        error,
     }
 }
 
@@ -194,21 +193,21 @@ pub async fn cutover(
     let name = shard_cfg.name.as_str();
     let src = connect_plain(&config.source.url)
         .await
-        .map_err(|source| CutoverError::Connect {
+        .map_err(|error| CutoverError::Connect {
             endpoint: "source".into(),
-            source,
+            error: Box::new(error),
         })?;
     let shard = connect_plain(&shard_cfg.url)
         .await
-        .map_err(|source| CutoverError::Connect {
+        .map_err(|error| CutoverError::Connect {
             endpoint: format!("shard {name}"),
-            source,
+            error: Box::new(error),
         })?;
     let exists = progress_table_exists(&shard, name)
         .await
         .map_err(|e| match e {
-            crate::progress::ProgressError::Query { source, .. } => {
-                qerr(name, "reading progress")(source)
+            crate::progress::ProgressError::Query { error, .. } => {
+                qerr(name, "reading progress")(error)
             }
             other => CutoverError::Invalid {
                 endpoint: name.to_owned(),
@@ -267,9 +266,7 @@ pub async fn cutover(
                 waited_secs,
             })
         }
-        Err(VerifyError::Query { source, .. }) => {
-            return Err(qerr(name, "reading progress")(source))
-        }
+        Err(VerifyError::Query { error, .. }) => return Err(qerr(name, "reading progress")(error)),
         Err(e) => {
             return Err(CutoverError::Verify {
                 shard: name.to_owned(),

@@ -6,6 +6,7 @@
 //! the spill directory on disk. The offline snapshot has phase `stopped` and no rates or
 //! latencies (those live only in the daemon).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -139,13 +140,38 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
         }
     }
     let current = snap.source.current_wal_lsn;
+    let mut loads: HashMap<String, TableLoad> = HashMap::new();
+    let mut loads_seen = false;
     for s in &config.shards {
         let mut v = ShardView {
             name: s.name.clone(),
             state: ShardState::Stopped,
             ..Default::default()
         };
-        match connect(&s.url).await {
+        let client = connect(&s.url).await;
+        if let Ok(c) = &client {
+            match fullload_chunks(c).await {
+                Ok(Some(tables)) => {
+                    loads_seen = true;
+                    for (table, chunks) in tables {
+                        // The snapshot stage records quoted names (`"Weird"."name"`); the
+                        // table list holds them unquoted.
+                        let e = loads.entry(table.replace('"', "")).or_default();
+                        e.rows += chunks.rows;
+                        e.bytes += chunks.bytes;
+                        e.any = true;
+                        if chunks.done >= chunks.total {
+                            e.complete_shards += 1;
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(shard = %s.name, error = %e, "reading reshard.fullload_chunks")
+                }
+            }
+        }
+        match client {
             Err(e) => v.last_error = Some(format!("cannot connect to shard {}: {e}", s.name)),
             Ok(c) => match read_progress(&c, &config.source.slot, &s.name, system_id.as_deref())
                 .await
@@ -171,8 +197,82 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
         }
         snap.shards.push(v);
     }
+    if loads_seen {
+        let shards = config.shards.len() as u64;
+        for t in &mut snap.tables {
+            let l = loads.get(&t.name).copied().unwrap_or_default();
+            t.rows_copied = l.rows;
+            t.bytes_copied = l.bytes;
+            t.state = if l.complete_shards >= shards {
+                "done"
+            } else if l.any {
+                "partial"
+            } else {
+                "pending"
+            }
+            .into();
+        }
+    }
     snap.spill = spill_view(config);
     snap
+}
+
+/// Full-load progress of one table, summed over the shards.
+#[derive(Debug, Clone, Copy, Default)]
+struct TableLoad {
+    rows: u64,
+    bytes: u64,
+    any: bool,
+    complete_shards: u64,
+}
+
+/// One shard's record of one table's chunks.
+struct Chunks {
+    done: u64,
+    total: u64,
+    rows: u64,
+    bytes: u64,
+}
+
+/// The full load's chunk records on a shard (`reshard.fullload_chunks`, written by the
+/// snapshot stage in the same transaction as each chunk's rows); `None` if the table is absent.
+async fn fullload_chunks(
+    client: &tokio_postgres::Client,
+) -> Result<Option<Vec<(String, Chunks)>>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('reshard.fullload_chunks') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "SELECT source_table, count(*)::int8, max(chunks_total)::int8, \
+                    coalesce(sum(rows), 0)::int8, coalesce(sum(bytes), 0)::int8 \
+             FROM reshard.fullload_chunks GROUP BY 1",
+            &[],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let n = |i: usize| -> Result<u64, tokio_postgres::Error> {
+            Ok(r.try_get::<_, i64>(i)?.max(0) as u64)
+        };
+        out.push((
+            r.try_get(0)?,
+            Chunks {
+                done: n(1)?,
+                total: n(2)?,
+                rows: n(3)?,
+                bytes: n(4)?,
+            },
+        ));
+    }
+    Ok(Some(out))
 }
 
 async fn source_slot(
@@ -183,8 +283,8 @@ async fn source_slot(
     let cur = src
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
-        .map_err(|e| e.to_string())?;
-    let cur: String = cur.try_get(0).map_err(|e| e.to_string())?;
+        .map_err(|e| crate::pgconn::error_text(&e))?;
+    let cur: String = cur.try_get(0).map_err(|e| crate::pgconn::error_text(&e))?;
     snap.source.current_wal_lsn = cur
         .parse()
         .map_err(|e: crate::lsn::ParseLsnError| e.to_string())?;
@@ -196,7 +296,7 @@ async fn source_slot(
             &[&config.source.slot],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::pgconn::error_text(&e))?;
     match row {
         None => {
             snap.source.last_error = Some(format!(
@@ -205,10 +305,10 @@ async fn source_slot(
             ))
         }
         Some(r) => {
-            let flush: String = r.try_get(0).map_err(|e| e.to_string())?;
+            let flush: String = r.try_get(0).map_err(|e| crate::pgconn::error_text(&e))?;
             snap.source.confirmed_flush_lsn = flush.parse().unwrap_or(Lsn::ZERO);
-            let active: bool = r.try_get(1).map_err(|e| e.to_string())?;
-            let retained: i64 = r.try_get(2).map_err(|e| e.to_string())?;
+            let active: bool = r.try_get(1).map_err(|e| crate::pgconn::error_text(&e))?;
+            let retained: i64 = r.try_get(2).map_err(|e| crate::pgconn::error_text(&e))?;
             snap.source.retained_wal_bytes = retained.max(0) as u64;
             if active {
                 snap.source.last_error = Some(format!(

@@ -2,24 +2,48 @@
 //!
 //! In: a libpq URL or key=value string. Out: a connected `tokio_postgres::Client` whose
 //! connection task runs in the background. This is the ONE place the operator commands open
-//! connections, so that the replication client's `ConnConfig::connect_sql` (TLS, `.pgpass`)
-//! can replace it without touching the callers.
+//! connections; it goes through the replication client's [`ConnConfig`] so that `.pgpass`,
+//! `PGPASSWORD`, `sslmode` and the connect timeout behave as in `reshard run`.
 //!
 //! [`normalize_session`] pins every setting that changes the text form of a value
 //! (<https://www.postgresql.org/docs/current/runtime-config-client.html#RUNTIME-CONFIG-CLIENT-FORMAT>),
 //! so that a row rendered as text on the source and on a shard compares equal byte for byte.
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-/// Connects without TLS (both URL and key=value forms are accepted by tokio-postgres).
-pub async fn connect_plain(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "connection closed");
+use crate::source::{ConnConfig, SourceError};
+
+/// Connects with the libpq semantics of [`ConnConfig`] (URL or key=value, environment,
+/// password file, TLS policy).
+pub async fn connect_plain(url: &str) -> Result<Client, SourceError> {
+    ConnConfig::parse(url)?.connect_sql().await
+}
+
+/// A driver error as one line with everything the server said: severity, message, SQLSTATE,
+/// detail and hint for database errors; the cause chain (e.g. `Connection refused`) otherwise.
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; DETAIL: {d}"));
         }
-    });
-    Ok(client)
+        if let Some(h) = db.hint() {
+            s.push_str(&format!("; HINT: {h}"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
 }
 
 /// Session settings that fix the text output of every type, set on every side of a comparison.

@@ -27,12 +27,15 @@ CREATE TABLE IF NOT EXISTS reshard.progress (\
 #[derive(Debug, thiserror::Error)]
 pub enum ProgressError {
     /// The query failed.
-    #[error("reading reshard.progress on shard {shard}: {source}")]
+    #[error(
+        "reading reshard.progress on shard {shard}: {}",
+        crate::pgconn::error_text(error)
+    )]
     Query {
         /// Shard name.
         shard: String,
         /// The driver error.
-        source: tokio_postgres::Error,
+        error: tokio_postgres::Error,
     },
     /// A value did not parse.
     #[error("reshard.progress on shard {shard} holds an invalid value: {message}")]
@@ -47,7 +50,7 @@ pub enum ProgressError {
 impl Classify for ProgressError {
     fn class(&self) -> ErrorClass {
         match self {
-            ProgressError::Query { source, .. } => class_of_pg(source),
+            ProgressError::Query { error, .. } => class_of_pg(error),
             ProgressError::Invalid { .. } => ErrorClass::Definite,
         }
     }
@@ -80,9 +83,9 @@ pub async fn progress_table_exists(
     let row = client
         .query_one("SELECT to_regclass('reshard.progress') IS NOT NULL", &[])
         .await
-        .map_err(|source| ProgressError::Query {
+        .map_err(|error| ProgressError::Query {
             shard: shard.to_owned(),
-            source,
+            error,
         })?;
     Ok(row.get(0))
 }
@@ -99,9 +102,9 @@ pub async fn read_progress(
     if !progress_table_exists(client, shard).await? {
         return Ok(None);
     }
-    let q = |source| ProgressError::Query {
+    let q = |error| ProgressError::Query {
         shard: shard.to_owned(),
-        source,
+        error,
     };
     let rows = client
         .query(

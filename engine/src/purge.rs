@@ -38,7 +38,11 @@ pub async fn purge(config: &Config) -> Vec<PurgeStep> {
 async fn run(target: &str, url: &str, sql: &str) -> PurgeStep {
     let error = match connect_plain(url).await {
         Err(e) => Some(format!("cannot connect: {e}")),
-        Ok(c) => c.batch_execute(sql).await.err().map(|e| e.to_string()),
+        Ok(c) => c
+            .batch_execute(sql)
+            .await
+            .err()
+            .map(|e| crate::pgconn::error_text(&e)),
     };
     PurgeStep {
         target: target.to_owned(),

@@ -288,3 +288,170 @@ async fn one_million_rows_across_four_shards() {
         "verify used {rss_kb} kB: it must not hold rows"
     );
 }
+
+/// While the source keeps taking writes and a simulated apply stage mirrors them onto the
+/// shards (data and progress row in one transaction, heartbeats for idle shards), verify
+/// reads each shard only once it has reached the source snapshot's LSN and re-checks
+/// accounts that moved meanwhile: a live, correct migration verifies clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_is_clean_on_a_live_correct_migration() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let t = Topology::start(3);
+    t.ddl_everywhere(
+        "CREATE TABLE items (account_id bigint NOT NULL, id bigint NOT NULL, v text, \
+         PRIMARY KEY (account_id, id))",
+    );
+    t.source_sql(
+        "INSERT INTO items SELECT 1 + g % 60, g, 'v' || g FROM generate_series(1, 3000) g",
+    );
+    let setup = "CREATE TEMP TABLE route_helper (k bigint) PARTITION BY HASH (k)";
+    for (r, shard) in t.shards.iter().enumerate() {
+        super::pipe_copy(
+            &t.source,
+            setup,
+            &format!("SELECT * FROM items WHERE satisfies_hash_partition('route_helper'::regclass, 3, {r}, account_id)"),
+            shard,
+            "items",
+        );
+    }
+    let sysid = t.source_sql("SELECT system_identifier FROM pg_control_system()");
+    let lsn = t.source_sql("SELECT pg_current_wal_lsn()");
+    for (i, s) in t.shards.iter().enumerate() {
+        s.psql("app", reshard_engine::progress::PROGRESS_DDL)
+            .unwrap();
+        s.psql(
+            "app",
+            &format!("INSERT INTO reshard.progress VALUES ('{sysid}', 'reshard', 'shard{i}', '{lsn}', '{lsn}', now())"),
+        )
+        .unwrap();
+    }
+    let shard_of_account: Vec<usize> = (0..=60)
+        .map(|a| if a == 0 { 0 } else { shard_of(&t, a) })
+        .collect();
+    t.write_config("");
+    let stop = AtomicBool::new(false);
+    let writes = AtomicU64::new(0);
+    let results = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let acct = 1 + (i * 7) % 60;
+                let sql = format!(
+                    "INSERT INTO items VALUES ({acct}, {}, 'live'); \
+                     UPDATE items SET v = v || '+' WHERE account_id = {acct} AND id = (SELECT min(id) FROM items WHERE account_id = {acct})",
+                    100_000 + i
+                );
+                let l = t.source_sql(&format!("{sql}; SELECT pg_current_wal_lsn()"));
+                std::thread::sleep(std::time::Duration::from_millis(30)); // apply lag
+                for (s, shard) in t.shards.iter().enumerate() {
+                    let data = if shard_of_account[acct as usize] == s { sql.as_str() } else { "" };
+                    shard
+                        .psql(
+                            "app",
+                            &format!(
+                                "BEGIN; {data}; UPDATE reshard.progress SET commit_lsn = '{l}', end_lsn = '{l}', commit_time = now(); COMMIT"
+                            ),
+                        )
+                        .unwrap();
+                }
+                writes.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let mut results = Vec::new();
+        for _ in 0..2 {
+            let before = writes.load(Ordering::Relaxed);
+            results.push((
+                verify(&t, &["--timeout", "30s"]),
+                writes.load(Ordering::Relaxed) - before,
+            ));
+        }
+        stop.store(true, Ordering::Relaxed);
+        results
+    });
+    for ((code, report, err), during) in results {
+        assert_eq!(code, 0, "live verify found differences:\n{report:#}\n{err}");
+        assert!(
+            during >= 3,
+            "the source must take writes during verify (took {during})"
+        );
+        let total: u64 = report["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["rows_shard"].as_u64().unwrap())
+            .sum();
+        assert!(total >= 3000, "{report:#}");
+    }
+}
+
+/// With `hash = "map"` verify routes every account through the account map (CSV file with a
+/// default shard) and names a row that sits on a shard the map does not send it to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_routes_through_an_account_map() {
+    let t = Topology::start(2);
+    t.ddl_everywhere(
+        "CREATE TABLE notes (account_id text NOT NULL, id int NOT NULL, body text, \
+         PRIMARY KEY (account_id, id))",
+    );
+    t.source_sql(
+        "INSERT INTO notes SELECT 'acct-' || (g % 5), g, 'n' || g FROM generate_series(1, 50) g",
+    );
+    let map = t.dir.path().join("accounts.csv");
+    std::fs::write(
+        &map,
+        "account_id,shard\nacct-0,shard1\n# comment\nacct-1,shard1\n",
+    )
+    .unwrap();
+    t.write_config(&format!(
+        "[routing]\nhash = \"map\"\nmap = \"{}\"\ndefault_shard = \"shard0\"\n",
+        map.display()
+    ));
+    let on1 = "account_id IN ('acct-0', 'acct-1')";
+    super::pipe_copy(
+        &t.source,
+        "SET client_min_messages = warning",
+        &format!("SELECT * FROM notes WHERE {on1}"),
+        &t.shards[1],
+        "notes",
+    );
+    super::pipe_copy(
+        &t.source,
+        "SET client_min_messages = warning",
+        &format!("SELECT * FROM notes WHERE NOT ({on1})"),
+        &t.shards[0],
+        "notes",
+    );
+    let cfg = t.config_path();
+    let (code, out, err) = t.reshard(&["check", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("PASS    routing_map"), "{out}");
+    let (code, report, err) = verify(&t, &[]);
+    assert_eq!(code, 0, "{report:#}\n{err}");
+    let rows: Vec<u64> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rows_shard"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rows, vec![30, 20]);
+    // acct-2 belongs on shard0 (the default); a copy of one of its rows on shard1 is extra.
+    t.shards[1]
+        .psql("app", "INSERT INTO notes VALUES ('acct-2', 2, 'n2')")
+        .unwrap();
+    let (code, report, _) = verify(&t, &[]);
+    assert_eq!(code, 1);
+    let expected: BTreeSet<_> = [tuple("notes", 1, "extra", "acct-2,2", "shard0")]
+        .into_iter()
+        .collect();
+    assert_eq!(differences(&report), expected, "{report:#}");
+    // A map naming an unknown shard fails check, for that reason.
+    std::fs::write(&map, "acct-0,shard9\n").unwrap();
+    let (code, out, _) = t.reshard(&["check", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL    routing_map") && out.contains("shard9"),
+        "{out}"
+    );
+}
