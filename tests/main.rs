@@ -4,6 +4,7 @@
 
 mod apply;
 mod cdc;
+mod cli;
 mod common;
 mod decode;
 mod ops;
