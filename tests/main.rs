@@ -7,6 +7,7 @@ mod cdc;
 mod cli;
 mod common;
 mod decode;
+mod operate;
 mod ops;
 mod route;
 mod service;

@@ -7,7 +7,7 @@
 //! 1. Mark the source's present: `pg_logical_emit_message(true, 'reshard.cutover', S)`
 //!    returns the LSN M of a WAL record written after every transaction that committed
 //!    before the cutover started (<https://www.postgresql.org/docs/current/functions-admin.html#FUNCTIONS-REPLICATION>).
-//! 2. Wait until the shard's progress row says `commit_lsn >= M`: every source commit below M
+//! 2. Wait until the shard's progress row says `commit_lsn >= M - 1`: every source commit below M
 //!    is then applied there (polled every 200 ms, up to the timeout).
 //! 3. Sequences: every sequence of the replicated schemas is set on the shard to at least the
 //!    source's `last_value` + `[cutover] sequence_gap`, never moved backwards

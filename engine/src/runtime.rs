@@ -519,6 +519,7 @@ impl Supervisor {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut source_poll = Instant::now() - Duration::from_secs(60);
         let mut source_info = SourceStatus::default();
+        let mut heartbeat = Heartbeat::default();
         let mut rates = Rates::default();
         let mut failure: Option<RuntimeError> = None;
         let mut ingest_result: Option<Result<Lsn, IngestError>> = None;
@@ -556,9 +557,10 @@ impl Supervisor {
                 }
                 // This is cancellation-safe.
                 _ = tick.tick() => {
-                    if source_poll.elapsed() > Duration::from_secs(5) {
+                    if source_poll.elapsed() >= Duration::from_secs(1) {
                         source_poll = Instant::now();
                         self.poll_source(&mut source_info).await;
+                        self.heartbeat(&source_info, &mut heartbeat).await;
                     }
                     let snap = self.snapshot(&source_info, &mut rates);
                     self.status_tx.send_replace(snap);
@@ -700,6 +702,40 @@ impl Supervisor {
                 out.last_error = None;
             }
             Err(e) => out.last_error = Some(format!("polling the source: {e}")),
+        }
+    }
+
+    /// When the source wrote WAL that reshard was not sent (writes to unpublished tables, or
+    /// nothing at all since the last transaction) and the stream is idle, a non-transactional
+    /// logical message makes the walsender send a position; the ingest records it as durable,
+    /// so idle shards' progress (and lag, `verify`, `cutover`) reach the source's present.
+    async fn heartbeat(&self, src: &SourceStatus, hb: &mut Heartbeat) {
+        let received = self.counters.received();
+        let idle = received == hb.last_received;
+        hb.last_received = received;
+        if hb.disabled
+            || !idle
+            || src.current_wal_lsn.is_zero()
+            || src.current_wal_lsn <= self.counters.confirmed()
+            || src.current_wal_lsn == hb.after_emit
+        {
+            return;
+        }
+        match self
+            .sql
+            .query_one(
+                "SELECT pg_logical_emit_message(false, 'reshard.heartbeat', '')::text, pg_current_wal_lsn()::text",
+                &[],
+            )
+            .await
+        {
+            Ok(row) => {
+                hb.after_emit = row.get::<_, Option<String>>(1).and_then(|s| s.parse().ok()).unwrap_or_default();
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "cannot emit heartbeat messages on the source (pg_logical_emit_message); idle shards' progress advances only with the source's own traffic");
+                hb.disabled = true;
+            }
         }
     }
 
@@ -857,6 +893,14 @@ impl Supervisor {
             },
         }
     }
+}
+
+/// State of the idle heartbeat.
+#[derive(Default)]
+struct Heartbeat {
+    last_received: Lsn,
+    after_emit: Lsn,
+    disabled: bool,
 }
 
 /// Recent rates from cumulative counters (an exponentially smoothed per-second rate).

@@ -201,13 +201,14 @@ impl Topology {
         )
     }
 
-    /// Creates `reshard_route_<type>` on the source: an empty hash-partitioned table whose
+    /// Creates `reshard.route_<type>` on the source: an empty hash-partitioned table whose
     /// partition key has the key's type, so that `satisfies_hash_partition` can tell which
     /// remainder PostgreSQL itself assigns to a key.
     pub fn create_route_helper(&self, key_type: &str) -> String {
-        let name = format!("reshard_route_{}", key_type.replace(' ', "_"));
+        // In schema `reshard`, which reshard itself never replicates or verifies.
+        let name = format!("reshard.route_{}", key_type.replace(' ', "_"));
         self.source_sql(&format!(
-            "CREATE TABLE IF NOT EXISTS {name} (k {key_type}) PARTITION BY HASH (k)"
+            "CREATE SCHEMA IF NOT EXISTS reshard; CREATE TABLE IF NOT EXISTS {name} (k {key_type}) PARTITION BY HASH (k)"
         ));
         name
     }

@@ -578,7 +578,12 @@ async fn begin_shard(ctx: &Ctx<'_>, pos: usize, lsn: Lsn) -> Result<(), VerifyEr
         .map_err(q(&s.name, None))
 }
 
-/// Polls the shard's progress row until `commit_lsn >= target` (or `timeout`).
+/// Polls the shard's progress row until every source commit before `target` is applied (or
+/// `timeout`). `target` is a WAL position no commit of interest is at or after (the insert
+/// position when a snapshot was taken, or a marker record's start), and progress `P` means
+/// "every commit with `commit_lsn <= P` is applied" — so `P >= target - 1` is enough. (Idle
+/// shards' heartbeats record exactly `durable - 1`, since a commit record may start at the
+/// durable end.)
 pub async fn wait_for_progress(
     client: &Client,
     slot: &str,
@@ -598,7 +603,7 @@ pub async fn wait_for_progress(
                 return Err(VerifyError::Config(e.to_string()));
             }
         };
-        if reached >= target {
+        if reached.add_bytes(1) >= target {
             return Ok(reached);
         }
         if started.elapsed() >= timeout {
@@ -883,58 +888,86 @@ async fn drill_accounts(
             .iter()
             .map(|s| (s.account.as_str(), s.expected))
             .collect();
-        let lsn = begin_source(ctx).await?;
-        first_lsn.get_or_insert(lsn);
+        // While the shards are being fed, a row written after the source side was read shows
+        // up as a difference once; a real divergence shows up in every round. Only keys that
+        // differ in every round are reported.
+        let rounds = if ctx.live { RECHECK_ROUNDS + 1 } else { 1 };
+        let mut persistent: Option<BTreeSet<Vec<Option<String>>>> = None;
         let mut diffs: Vec<Difference> = Vec::new();
-        let mut began = Vec::with_capacity(1);
-        let outcome = async {
-            begin_shard(ctx, pos, lsn).await?;
-            began.push(pos);
-            let src = if routed_here.is_empty() {
-                MaybeCursor::Empty
-            } else {
-                let f = sql::key_in(&plan.rule.key, &plan.key_type, &routed_here);
-                MaybeCursor::Open(
-                    Cursor::open(
-                        &ctx.src,
-                        "reshard_verify_src",
-                        &sql::row_hashes(&plan.rule.source, &plan.order, &plan.columns, Some(&f)),
+        for round in 0..rounds {
+            if round > 0 {
+                if persistent.as_ref().is_some_and(|p| p.is_empty()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let lsn = begin_source(ctx).await?;
+            first_lsn.get_or_insert(lsn);
+            diffs.clear();
+            let mut began = Vec::with_capacity(1);
+            let outcome = async {
+                begin_shard(ctx, pos, lsn).await?;
+                began.push(pos);
+                let src = if routed_here.is_empty() {
+                    MaybeCursor::Empty
+                } else {
+                    let f = sql::key_in(&plan.rule.key, &plan.key_type, &routed_here);
+                    MaybeCursor::Open(
+                        Cursor::open(
+                            &ctx.src,
+                            "reshard_verify_src",
+                            &sql::row_hashes(
+                                &plan.rule.source,
+                                &plan.order,
+                                &plan.columns,
+                                Some(&f),
+                            ),
+                        )
+                        .await
+                        .map_err(q("source", Some(&plan.rule.source)))?,
                     )
-                    .await
-                    .map_err(q("source", Some(&plan.rule.source)))?,
-                )
-            };
-            let f = sql::key_in(&plan.rule.key, &plan.key_type, &all);
-            let sh = Cursor::open(
-                &shard.client,
-                "reshard_verify_shard",
-                &sql::row_hashes(&plan.rule.target, &plan.order, &plan.columns, Some(&f)),
-            )
-            .await
-            .map_err(q(&shard.name, Some(&plan.rule.target)))?;
-            let mut src = Peeked::new(src);
-            let mut sh = Peeked::new(sh);
-            merge_rows(&mut src, &mut sh, plan.order.len(), |kind, key| {
-                let account = key.first().cloned().flatten();
-                let belongs_to = match (kind, account.as_deref().and_then(|a| belongs.get(a))) {
-                    (DiffKind::Extra, Some(Some(e))) if *e != shard.index => names.get(*e).cloned(),
-                    _ => None,
                 };
-                diffs.push(Difference {
-                    kind,
-                    account,
-                    key: key.to_vec(),
-                    belongs_to,
-                });
-            })
-            .await
-            .map_err(|e| merge_err(ctx, plan, &[pos], e))?;
-            Ok::<(), VerifyError>(())
+                let f = sql::key_in(&plan.rule.key, &plan.key_type, &all);
+                let sh = Cursor::open(
+                    &shard.client,
+                    "reshard_verify_shard",
+                    &sql::row_hashes(&plan.rule.target, &plan.order, &plan.columns, Some(&f)),
+                )
+                .await
+                .map_err(q(&shard.name, Some(&plan.rule.target)))?;
+                let mut src = Peeked::new(src);
+                let mut sh = Peeked::new(sh);
+                merge_rows(&mut src, &mut sh, plan.order.len(), |kind, key| {
+                    let account = key.first().cloned().flatten();
+                    let belongs_to = match (kind, account.as_deref().and_then(|a| belongs.get(a))) {
+                        (DiffKind::Extra, Some(Some(e))) if *e != shard.index => {
+                            names.get(*e).cloned()
+                        }
+                        _ => None,
+                    };
+                    diffs.push(Difference {
+                        kind,
+                        account,
+                        key: key.to_vec(),
+                        belongs_to,
+                    });
+                })
+                .await
+                .map_err(|e| merge_err(ctx, plan, &[pos], e))?;
+                Ok::<(), VerifyError>(())
+            }
+            .await;
+            let closed = commit_all(ctx, &began).await;
+            outcome?;
+            closed?;
+            let keys: BTreeSet<Vec<Option<String>>> = diffs.iter().map(|d| d.key.clone()).collect();
+            persistent = Some(match persistent.take() {
+                None => keys,
+                Some(p) => p.intersection(&keys).cloned().collect(),
+            });
         }
-        .await;
-        let closed = commit_all(ctx, &began).await;
-        outcome?;
-        closed?;
+        let persistent = persistent.unwrap_or_default();
+        diffs.retain(|d| persistent.contains(&d.key));
         for d in diffs {
             if let Some(a) = &d.account {
                 bad_accounts.insert(a.clone());

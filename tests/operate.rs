@@ -1,0 +1,167 @@
+//! The operator's commands against a RUNNING daemon: `status`, `lag`, `verify`, `cutover`
+//! while `reshard run` streams a live write load.
+
+use std::time::Duration;
+
+use crate::common::{wait_for, Topology};
+
+const SCHEMA: &str = "
+CREATE TABLE orders (account_id bigint NOT NULL, id bigserial, amount numeric, note text,
+                     PRIMARY KEY (account_id, id));
+CREATE TABLE currencies (code text PRIMARY KEY, name text);
+CREATE SEQUENCE invoice_no;
+";
+
+const TABLES: &[(&str, Option<(&str, &str)>, &str)] = &[
+    ("orders", Some(("account_id", "bigint")), "account_id, id"),
+    ("currencies", None, "code"),
+];
+
+#[test]
+fn status_verify_and_cutover_work_against_the_running_daemon() {
+    let mut t = Topology::start(3);
+    t.ddl_everywhere(SCHEMA);
+    t.source_sql("INSERT INTO currencies VALUES ('EUR', 'Euro'), ('USD', 'Dollar')");
+    t.source_sql("INSERT INTO orders (account_id, amount, note) SELECT a % 40, a * 1.25, 'n' || a FROM generate_series(1, 2000) a");
+    t.source_sql("SELECT setval('invoice_no', 5000)");
+    let cfg = t.write_config("");
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+
+    // status asks the daemon: streaming, three shards, the tables.
+    let (code, out, err) = t.reshard(&["status", "-c", &cfg, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(st["phase"], "streaming", "{out}");
+    assert_eq!(st["shards"].as_array().map(|a| a.len()), Some(3), "{out}");
+    assert!(
+        st["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["name"] == "public.orders"),
+        "{out}"
+    );
+    let (code, out, err) = t.reshard(&["lag", "-c", &cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("shard0") && out.contains("shard2"), "{out}");
+
+    // A live writer while verify and cutover run.
+    let url = t.source.url("app");
+    let writer = std::thread::spawn(move || {
+        let mut n = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(6);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            while std::time::Instant::now() < deadline {
+                c.batch_execute(
+                    "INSERT INTO orders (account_id, amount, note) VALUES ((random() * 40)::int, 1, 'live'); \
+                     UPDATE orders SET amount = amount + 1 WHERE id = (SELECT max(id) FROM orders)",
+                )
+                .await
+                .unwrap();
+                n += 1;
+            }
+        });
+        n
+    });
+    let (code, out, err) = t.reshard(&["verify", "-c", &cfg, "--timeout", "120"]);
+    assert_eq!(
+        code,
+        0,
+        "verify of a live, correct migration must pass:\n{out}\n{err}\n{}",
+        t.all_logs()
+    );
+    let written = writer.join().unwrap();
+    assert!(written > 0);
+
+    // The latest write, then cutover: it returns only once shard1 holds it.
+    t.source_sql("INSERT INTO orders (account_id, amount, note) SELECT a, 99, 'last' FROM generate_series(1, 40) a");
+    let (code, out, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        &cfg,
+        "--shard",
+        "shard1",
+        "--timeout",
+        "2m",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "cutover:\n{out}\n{err}\n{}", t.all_logs());
+    let (src, dst) = t.digests(
+        "orders",
+        Some(("account_id", "bigint")),
+        "account_id, id",
+        1,
+    );
+    assert_eq!(
+        src, dst,
+        "cutover returned before shard1 held the latest write"
+    );
+    let seq = t.shards[1]
+        .psql("app", "SELECT last_value FROM invoice_no")
+        .unwrap();
+    assert!(
+        seq.parse::<i64>().unwrap() >= 5000 + 1000,
+        "sequence not synced: {seq}"
+    );
+    let owned = t.shards[1]
+        .psql("app", "SELECT last_value FROM orders_id_seq")
+        .unwrap();
+    let src_owned = t.source_sql("SELECT last_value FROM orders_id_seq");
+    assert!(
+        owned.parse::<i64>().unwrap() >= src_owned.parse::<i64>().unwrap(),
+        "{owned} < {src_owned}"
+    );
+
+    // A shard that diverges is caught by verify (exit 1) with the key.
+    wait_for(
+        "convergence before tampering",
+        Duration::from_secs(60),
+        || {
+            let (a, b) = t.digests(
+                "orders",
+                Some(("account_id", "bigint")),
+                "account_id, id",
+                2,
+            );
+            (a == b).then_some(())
+        },
+    );
+    t.shards[2]
+        .psql(
+            "app",
+            "DELETE FROM orders WHERE id = (SELECT min(id) FROM orders)",
+        )
+        .unwrap();
+    let (code, out, _) = t.reshard(&[
+        "verify",
+        "-c",
+        &cfg,
+        "--shard",
+        "shard2",
+        "--json",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("missing"), "{out}");
+
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        t.all_logs()
+    );
+    // status works with the daemon down, from the databases and the spill directory.
+    let (code, out, err) = t.reshard(&["status", "-c", &cfg, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["phase"], "stopped", "{out}");
+}
