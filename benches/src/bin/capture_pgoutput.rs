@@ -109,14 +109,6 @@ fn capture(cluster: &PgCluster, script: &Path) -> Result<Vec<(Lsn, Bytes)>> {
              'messages', 'true', 'streaming', 'on', 'two_phase', 'on')"
         ),
     )?;
-    if std::env::var_os("CAPTURE_DEBUG").is_some() {
-        eprintln!("{out}");
-        eprintln!("{}", cluster.psql(&db, "SELECT slot_name, database, two_phase, confirmed_flush_lsn, pg_current_wal_lsn() FROM pg_replication_slots")?);
-        eprintln!(
-            "{}",
-            cluster.psql(&db, "SELECT count(*) FROM pg_publication_tables")?
-        );
-    }
     let mut frames = Vec::new();
     for line in out.lines().filter(|l| !l.is_empty()) {
         let (lsn, hex) = line

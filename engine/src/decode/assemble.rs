@@ -618,6 +618,8 @@ impl Assembler {
                 self.stream = None;
                 Ok(())
             }
+            // pgoutput sends the transaction's origin after the first Stream Start.
+            PgOutputMessage::Origin(_) => Ok(()),
             PgOutputMessage::Relation(_)
             | PgOutputMessage::Type(_)
             | PgOutputMessage::Insert(_)
@@ -908,6 +910,14 @@ mod tests {
             b.put_u8(b'S');
             b.put_u32(xid);
             b.put_u8(u8::from(first));
+            b.freeze()
+        }
+        pub fn origin(lsn: u64, name: &str) -> Bytes {
+            let mut b = BytesMut::new();
+            b.put_u8(b'O');
+            b.put_u64(lsn);
+            b.put_slice(name.as_bytes());
+            b.put_u8(0);
             b.freeze()
         }
         pub fn stream_stop() -> Bytes {
@@ -1297,6 +1307,32 @@ mod tests {
             .collect();
         let want: Vec<String> = (0..2000).map(|i| i.to_string()).collect();
         assert_eq!(ids, want, "rows replay in stream order");
+    }
+
+    #[test]
+    fn origin_messages_are_accepted_in_transactions_and_streams() {
+        let mut h = Harness::new();
+        h.all([
+            wire::relation(None, 1, "t", &[]),
+            wire::begin(0x500, 7),
+            wire::origin(0xabc, "upstream"),
+            wire::insert(None, 1, &["a"]),
+            wire::commit(0x500, 0x510),
+            wire::stream_start(8, true),
+            wire::origin(0xabd, "upstream"),
+            wire::relation(Some(8), 1, "t", &[]),
+            wire::insert(Some(8), 1, &["b"]),
+            wire::stream_stop(),
+            wire::stream_commit(8, 0x600, 0x610),
+        ]);
+        assert_eq!(
+            h.summary(),
+            ["B7@500", "It:a/1", "C7@510", "B8@600", "It:b/1", "C8@610"]
+        );
+        assert!(
+            h.push(wire::origin(1, "x")).is_err(),
+            "origin outside a transaction"
+        );
     }
 
     #[test]
