@@ -7,6 +7,7 @@ mod cdc;
 mod common;
 mod decode;
 mod ops;
+mod robust;
 mod route;
 mod service;
 mod snapshot;
