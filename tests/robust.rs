@@ -29,7 +29,11 @@ CREATE TABLE plans (id bigint PRIMARY KEY, name text NOT NULL);
 
 const TABLES: &[(&str, Option<(&str, &str)>, &str)] = &[
     ("items", Some(("account_id", "bigint")), "account_id, id"),
-    ("audit", Some(("account_id", "bigint")), "account_id, n, msg"),
+    (
+        "audit",
+        Some(("account_id", "bigint")),
+        "account_id, n, msg",
+    ),
     ("plans", None, "id"),
 ];
 
@@ -65,7 +69,11 @@ impl Writer {
                 .map_err(|e| e.to_string())?;
             rt.block_on(write_loop(url, seed, big, s, c))
         });
-        Writer { stop, commits, handle: Some(handle) }
+        Writer {
+            stop,
+            commits,
+            handle: Some(handle),
+        }
     }
 
     /// Stops the writer; panics with its error if a statement failed.
@@ -103,10 +111,18 @@ async fn write_loop(
     let mut next: i64 = WRITER_ID_BASE;
     while !stop.load(Ordering::SeqCst) {
         let mut sql = String::from("BEGIN;");
-        let statements = if rng.gen_range(0..10) == 0 { rng.gen_range(2..6) } else { 1 };
+        let statements = if rng.gen_range(0..10) == 0 {
+            rng.gen_range(2..6)
+        } else {
+            1
+        };
         for _ in 0..statements {
             let lo = (next - 300).max(WRITER_ID_BASE);
-            let pick = if next > lo { rng.gen_range(lo..next) } else { lo };
+            let pick = if next > lo {
+                rng.gen_range(lo..next)
+            } else {
+                lo
+            };
             let acct: i64 = rng.gen_range(1..200);
             let r = rng.gen_range(0..if big { 100 } else { 90 });
             let stmt = match r {
@@ -117,7 +133,9 @@ async fn write_loop(
                          INSERT INTO audit VALUES ({acct}, 'ins', {next});"
                     )
                 }
-                30..=44 => format!("UPDATE items SET n = n + 1, name = 'u{next}' WHERE id = {pick};"),
+                30..=44 => {
+                    format!("UPDATE items SET n = n + 1, name = 'u{next}' WHERE id = {pick};")
+                }
                 45..=54 => format!("DELETE FROM items WHERE id = {pick};"),
                 // A key move: the row changes account, hence (mostly) shard.
                 55..=64 => format!(
@@ -151,7 +169,10 @@ async fn write_loop(
             sql.push_str(&stmt);
         }
         sql.push_str("COMMIT;");
-        client.batch_execute(&sql).await.map_err(|e| format!("writer: {e}\n{sql}"))?;
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| format!("writer: {e}\n{sql}"))?;
         commits.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(rng.gen_range(1..4))).await;
     }
@@ -161,7 +182,9 @@ async fn write_loop(
 /// Preloads a few rows so that the full load has something to copy.
 fn preload(t: &Topology) {
     t.source_sql("INSERT INTO plans SELECT g, 'plan' || g FROM generate_series(1, 20) g");
-    t.source_sql("INSERT INTO items SELECT g % 97 + 1, g, 'pre' || g, 0 FROM generate_series(1, 2000) g");
+    t.source_sql(
+        "INSERT INTO items SELECT g % 97 + 1, g, 'pre' || g, 0 FROM generate_series(1, 2000) g",
+    );
     t.source_sql("INSERT INTO audit SELECT g % 89 + 1, 'pre', g FROM generate_series(1, 2000) g");
 }
 
@@ -174,7 +197,11 @@ fn kill_repeatedly(t: &mut Topology, writer: Writer, kills: usize, seed: u64) {
     for k in 0..kills {
         let after = Duration::from_millis(rng.gen_range(300..3500));
         std::thread::sleep(after);
-        assert!(t.is_running(d), "daemon exited on its own before kill {k}:\n{}", t.all_logs());
+        assert!(
+            t.is_running(d),
+            "daemon exited on its own before kill {k}:\n{}",
+            t.all_logs()
+        );
         println!("kill -9 #{} after {after:?}", k + 1);
         t.kill9(d);
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
@@ -183,11 +210,19 @@ fn kill_repeatedly(t: &mut Topology, writer: Writer, kills: usize, seed: u64) {
     std::thread::sleep(Duration::from_secs(2));
     let commits = writer.finish();
     println!("writer committed {commits} transactions");
-    assert!(commits > 50, "the writer made too little progress ({commits} commits)");
+    assert!(
+        commits > 50,
+        "the writer made too little progress ({commits} commits)"
+    );
     t.wait_converged(TABLES, Duration::from_secs(120));
     assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
     let code = t.terminate(d, Duration::from_secs(30));
-    assert_eq!(code, Some(0), "SIGTERM must be a clean exit 0:\n{}", t.all_logs());
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM must be a clean exit 0:\n{}",
+        t.all_logs()
+    );
 }
 
 // See: issue "Route and apply" (kill -9 repeatedly mid-stream under a concurrent write load).
@@ -260,16 +295,24 @@ fn a_stopped_shard_keeps_the_slot_advancing_and_drains_from_the_spill_log() {
         "the spill directory should grow while shard1 is down: {before} -> {after} bytes"
     );
     // The live shard keeps up.
-    wait_for("shard0 to apply while shard1 is down", Duration::from_secs(60), || {
-        TABLES
-            .iter()
-            .all(|(tb, key, ord)| {
-                let (a, b) = t.digests(tb, *key, ord, 0);
-                a == b
-            })
-            .then_some(())
-    });
-    assert!(t.is_running(d), "daemon exited while shard1 was down:\n{}", t.all_logs());
+    wait_for(
+        "shard0 to apply while shard1 is down",
+        Duration::from_secs(60),
+        || {
+            TABLES
+                .iter()
+                .all(|(tb, key, ord)| {
+                    let (a, b) = t.digests(tb, *key, ord, 0);
+                    a == b
+                })
+                .then_some(())
+        },
+    );
+    assert!(
+        t.is_running(d),
+        "daemon exited while shard1 was down:\n{}",
+        t.all_logs()
+    );
 
     std::thread::sleep(Duration::from_secs(3));
     t.shards[1].restart().unwrap();
@@ -279,11 +322,18 @@ fn a_stopped_shard_keeps_the_slot_advancing_and_drains_from_the_spill_log() {
     t.source_sql("INSERT INTO plans VALUES (999, 'last')");
     t.wait_converged(TABLES, Duration::from_secs(30));
     let code = t.terminate(d, Duration::from_secs(30));
-    assert_eq!(code, Some(0), "SIGTERM must be a clean exit 0:\n{}", t.all_logs());
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM must be a clean exit 0:\n{}",
+        t.all_logs()
+    );
     let log = t.last_log();
     for s in ["shard0", "shard1"] {
         assert!(
-            log.lines().any(|l| l.contains("shard stopped") && l.contains(s) && l.contains("applied_lsn=")),
+            log.lines().any(|l| l.contains("shard stopped")
+                && l.contains(s)
+                && l.contains("applied_lsn=")),
             "the log must name {s}'s final applied LSN:\n{}",
             t.all_logs()
         );
@@ -299,7 +349,10 @@ fn a_stopped_shard_keeps_the_slot_advancing_and_drains_from_the_spill_log() {
         .unwrap_or_default()
         .to_string();
     let slot = t.confirmed_flush_lsn();
-    assert_eq!(logged, slot, "the logged final LSN must be the slot's confirmed_flush_lsn:\n{final_line}");
+    assert_eq!(
+        logged, slot,
+        "the logged final LSN must be the slot's confirmed_flush_lsn:\n{final_line}"
+    );
 }
 
 // See: issue "Spill log" (the cap).
@@ -309,7 +362,10 @@ fn a_stopped_shard_keeps_the_slot_advancing_and_drains_from_the_spill_log() {
 fn the_spill_cap_pauses_reading_and_resumes_after_the_shard_returns() {
     let mut t = Topology::start(2);
     t.ddl_everywhere(SCHEMA);
-    t.write_config_spill("segment_bytes = 1048576\nmax_bytes = 3145728\nmemory_tail_bytes = 1048576\n", "");
+    t.write_config_spill(
+        "segment_bytes = 1048576\nmax_bytes = 3145728\nmemory_tail_bytes = 1048576\n",
+        "",
+    );
     let d = t.spawn_run(&[]);
     t.wait_slot_active(Duration::from_secs(60));
     t.source_sql("INSERT INTO plans VALUES (1, 'one')");
@@ -325,34 +381,74 @@ fn the_spill_cap_pauses_reading_and_resumes_after_the_shard_returns() {
             k
         ));
     }
-    let status = wait_for("status to report backpressure", Duration::from_secs(60), || {
-        t.status_json().filter(|s| s["source"]["backpressure"] == serde_json::Value::Bool(true))
-    });
-    println!("status at the cap: phase {} spill {}", status["phase"], status["spill"]);
+    let status = wait_for(
+        "status to report backpressure",
+        Duration::from_secs(60),
+        || {
+            t.status_json()
+                .filter(|s| s["source"]["backpressure"] == serde_json::Value::Bool(true))
+        },
+    );
+    println!(
+        "status at the cap: phase {} spill {}",
+        status["phase"], status["spill"]
+    );
     let spill = dir_bytes(&t.spill_dir());
-    assert!(spill < 3 * 3_145_728, "the spill log ({spill} bytes) overshoots its cap by far");
+    assert!(
+        spill < 3 * 3_145_728,
+        "the spill log ({spill} bytes) overshoots its cap by far"
+    );
     // It stays paused (and up) while the shard is down.
     std::thread::sleep(Duration::from_secs(3));
-    assert!(t.is_running(d), "daemon exited at the cap:\n{}", t.all_logs());
+    assert!(
+        t.is_running(d),
+        "daemon exited at the cap:\n{}",
+        t.all_logs()
+    );
     let still = t.status_json().expect("status while paused");
-    assert_eq!(still["source"]["backpressure"], serde_json::Value::Bool(true), "{still}");
+    assert_eq!(
+        still["source"]["backpressure"],
+        serde_json::Value::Bool(true),
+        "{still}"
+    );
     assert!(
         !lsn_at_least(&t, &t.source_sql("SELECT pg_current_wal_lsn()")),
         "reading should be paused, yet the slot confirmed everything"
     );
     let log = t.last_log();
-    let paused_lines = log.lines().filter(|l| l.contains("max_bytes") && l.contains("paus")).count();
-    assert!(paused_lines >= 1, "no log line says reading paused:\n{}", t.all_logs());
+    let paused_lines = log
+        .lines()
+        .filter(|l| l.contains("max_bytes") && l.contains("paus"))
+        .count();
+    assert!(
+        paused_lines >= 1,
+        "no log line says reading paused:\n{}",
+        t.all_logs()
+    );
 
     t.shards[1].restart().unwrap();
     t.wait_converged(TABLES, Duration::from_secs(120));
-    let status = wait_for("status to clear backpressure", Duration::from_secs(30), || {
-        t.status_json().filter(|s| s["source"]["backpressure"] == serde_json::Value::Bool(false))
-    });
+    let status = wait_for(
+        "status to clear backpressure",
+        Duration::from_secs(30),
+        || {
+            t.status_json()
+                .filter(|s| s["source"]["backpressure"] == serde_json::Value::Bool(false))
+        },
+    );
     assert_eq!(status["phase"], "streaming", "{status}");
-    assert!(t.last_log().contains("resum"), "no log line says reading resumed:\n{}", t.all_logs());
+    assert!(
+        t.last_log().contains("resum"),
+        "no log line says reading resumed:\n{}",
+        t.all_logs()
+    );
     let code = t.terminate(d, Duration::from_secs(30));
-    assert_eq!(code, Some(0), "SIGTERM must be a clean exit 0:\n{}", t.all_logs());
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM must be a clean exit 0:\n{}",
+        t.all_logs()
+    );
 }
 
 /// Source tables whose full load finished on every shard (every chunk recorded on each).
@@ -366,7 +462,11 @@ fn tables_loaded_everywhere(t: &Topology) -> Vec<String> {
                  HAVING count(*) = chunks_total ORDER BY 1",
             )
             .unwrap_or_default();
-        let done: Vec<String> = done.lines().map(str::to_string).filter(|l| !l.is_empty()).collect();
+        let done: Vec<String> = done
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect();
         common = Some(match common {
             None => done,
             Some(c) => c.into_iter().filter(|x| done.contains(x)).collect(),
@@ -386,17 +486,23 @@ fn full_load_under_writes_survives_kill9_mid_copy_without_recopying_finished_tab
     t.ddl_everywhere(SCHEMA);
     t.source_sql("INSERT INTO plans SELECT g, 'plan' || g FROM generate_series(1, 50) g");
     t.source_sql("INSERT INTO audit SELECT g % 89 + 1, 'pre', g FROM generate_series(1, 3000) g");
-    t.source_sql("INSERT INTO items SELECT g % 97 + 1, g, 'pre' || g, 0 FROM generate_series(1, 30000) g");
+    t.source_sql(
+        "INSERT INTO items SELECT g % 97 + 1, g, 'pre' || g, 0 FROM generate_series(1, 30000) g",
+    );
     t.source_sql("ANALYZE");
     t.write_config("[snapshot]\nparallel = 1\nchunk_rows = 1000\nmax_rows_per_sec = 4000\n");
     let writer = Writer::start(t.source.url("app"), seed, false);
     let d = t.spawn_run(&[]);
 
     let started = Instant::now();
-    let finished_before = wait_for("a table to finish loading while another copies", Duration::from_secs(60), || {
-        let done = tables_loaded_everywhere(&t);
-        (!done.is_empty()).then_some(done)
-    });
+    let finished_before = wait_for(
+        "a table to finish loading while another copies",
+        Duration::from_secs(60),
+        || {
+            let done = tables_loaded_everywhere(&t);
+            (!done.is_empty()).then_some(done)
+        },
+    );
     assert!(
         !t.last_log().contains("full load done"),
         "the throttled load finished too fast for a kill mid-copy ({:?}):\n{}",
@@ -409,9 +515,11 @@ fn full_load_under_writes_survives_kill9_mid_copy_without_recopying_finished_tab
     println!("kill -9 mid-copy; finished tables {finished_before:?}, chunks recorded on shard0: {chunks_before}");
     t.kill9(d);
     let d = t.spawn_run(&[]);
-    wait_for("the resumed full load to finish", Duration::from_secs(90), || {
-        t.last_log().contains("full load done").then_some(())
-    });
+    wait_for(
+        "the resumed full load to finish",
+        Duration::from_secs(90),
+        || t.last_log().contains("full load done").then_some(()),
+    );
     let log = t.last_log();
     for table in &finished_before {
         let line = log
@@ -424,7 +532,8 @@ fn full_load_under_writes_survives_kill9_mid_copy_without_recopying_finished_tab
         );
     }
     assert!(
-        log.lines().any(|l| l.contains("table loaded") && !l.contains(" chunks=0 ")),
+        log.lines()
+            .any(|l| l.contains("table loaded") && !l.contains(" chunks=0 ")),
         "the restart should have copied the unfinished table:\n{}",
         t.all_logs()
     );
@@ -434,7 +543,12 @@ fn full_load_under_writes_survives_kill9_mid_copy_without_recopying_finished_tab
     t.wait_converged(TABLES, Duration::from_secs(120));
     assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
     let code = t.terminate(d, Duration::from_secs(30));
-    assert_eq!(code, Some(0), "SIGTERM must be a clean exit 0:\n{}", t.all_logs());
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM must be a clean exit 0:\n{}",
+        t.all_logs()
+    );
 }
 
 /// Peak resident set (VmHWM) of process `pid`, in KiB.
@@ -469,12 +583,18 @@ fn one_gigabyte_transaction_replicates_under_256_mb_rss() {
         "INSERT INTO big SELECT g % 1000 + 1, g, repeat(md5(g::text), 30) FROM generate_series(1, 1100000) g",
     );
     let bytes = t.source_sql("SELECT pg_total_relation_size('big')");
-    println!("source transaction committed after {:?}; table size {bytes} bytes", started.elapsed());
+    println!(
+        "source transaction committed after {:?}; table size {bytes} bytes",
+        started.elapsed()
+    );
     let helper = t.create_route_helper("bigint");
     let n = t.shards.len();
-    wait_for("every shard to hold its share of the big transaction", Duration::from_secs(3600), || {
-        assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
-        (0..n)
+    wait_for(
+        "every shard to hold its share of the big transaction",
+        Duration::from_secs(3600),
+        || {
+            assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
+            (0..n)
             .all(|s| {
                 let want = t.source_sql(&format!(
                     "SELECT count(*) FROM big WHERE satisfies_hash_partition('{helper}'::regclass, {n}, {s}, account_id)"
@@ -483,7 +603,8 @@ fn one_gigabyte_transaction_replicates_under_256_mb_rss() {
                 want == got
             })
             .then_some(())
-    });
+        },
+    );
     let peak = vm_hwm_kib(t.pid(d)).expect("VmHWM");
     println!(
         "replicated {bytes} bytes in one transaction in {:?}; daemon peak RSS (VmHWM) {} MiB",
@@ -498,7 +619,17 @@ fn one_gigabyte_transaction_replicates_under_256_mb_rss() {
         let got = t.shards[s].psql("app", q).unwrap();
         assert_eq!(want, got, "shard{s} payload checksum");
     }
-    assert!(peak < 256 * 1024, "peak RSS {} MiB is over 256 MiB:\n{}", peak / 1024, t.all_logs());
+    assert!(
+        peak < 256 * 1024,
+        "peak RSS {} MiB is over 256 MiB:\n{}",
+        peak / 1024,
+        t.all_logs()
+    );
     let code = t.terminate(d, Duration::from_secs(60));
-    assert_eq!(code, Some(0), "SIGTERM must be a clean exit 0:\n{}", t.all_logs());
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM must be a clean exit 0:\n{}",
+        t.all_logs()
+    );
 }
