@@ -9,6 +9,7 @@ mod common;
 mod decode;
 mod operate;
 mod ops;
+mod robust;
 mod route;
 mod service;
 mod snapshot;

@@ -11,13 +11,15 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit code: could not complete.
 pub const EXIT_FAILED: u8 = 3;
 
-/// Logs go to stderr (stdout is for command output), as text or JSON lines.
+/// Logs go to stderr (stdout is for command output), as text or JSON lines. Text is colored
+/// only when stderr is a terminal: a log file or the journal gets plain `key=value` fields.
 pub fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

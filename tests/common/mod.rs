@@ -89,8 +89,14 @@ impl Topology {
     /// Writes `reshard.toml` with the clusters' URLs plus `extra` TOML (tables, options).
     /// The admin console and metrics listen on free ports (see the returned config text).
     pub fn write_config(&self, extra: &str) -> PathBuf {
+        self.write_config_spill("", extra)
+    }
+
+    /// Like [`Topology::write_config`], with `spill` lines (e.g. `max_bytes = 3145728`) added
+    /// to the generated `[spill]` section.
+    pub fn write_config_spill(&self, spill: &str, extra: &str) -> PathBuf {
         let mut s = format!(
-            "[source]\nurl = \"{}\"\n\n[spill]\ndir = \"{}\"\nflush_interval_ms = 10\n\n[apply]\nbatch_max_delay_ms = 20\nretry_initial_ms = 100\nretry_max_ms = 1000\n\n",
+            "[source]\nurl = \"{}\"\n\n[spill]\ndir = \"{}\"\nflush_interval_ms = 10\n{spill}\n[apply]\nbatch_max_delay_ms = 20\nretry_initial_ms = 100\nretry_max_ms = 1000\n\n",
             self.source.url("app"),
             self.spill_dir().display()
         );
@@ -180,6 +186,43 @@ impl Topology {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The process id of daemon `i`.
+    pub fn pid(&self, i: usize) -> u32 {
+        self.daemons[i].id()
+    }
+
+    /// The log of run `k` (1-based, in spawn order).
+    pub fn run_log(&self, k: usize) -> String {
+        fs::read_to_string(self.dir.path().join(format!("run-{k}.log"))).unwrap_or_default()
+    }
+
+    /// The slot's `confirmed_flush_lsn` as text (`X/X`), or an empty string without a slot.
+    pub fn confirmed_flush_lsn(&self) -> String {
+        self.source_sql(
+            "SELECT coalesce(confirmed_flush_lsn::text, '') FROM pg_replication_slots WHERE slot_name = 'reshard'",
+        )
+    }
+
+    /// Waits until the slot `reshard` exists and a walsender streams from it.
+    pub fn wait_slot_active(&self, timeout: Duration) {
+        wait_for("the slot to be streaming", timeout, || {
+            let active = self.source_sql(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'reshard' AND active",
+            );
+            (active == "1").then_some(())
+        });
+    }
+
+    /// `reshard status --json` against the running daemon, parsed.
+    pub fn status_json(&self) -> Option<serde_json::Value> {
+        let cfg = self.config_path();
+        let (code, out, _) = self.reshard(&["status", "-c", cfg.to_str()?, "--json"]);
+        if code != 0 {
+            return None;
+        }
+        serde_json::from_str(&out).ok()
     }
 
     /// Whether daemon `i` is still running.
@@ -301,6 +344,18 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Total size of the regular files under `dir` (recursively), in bytes.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// Reads a file if it exists.

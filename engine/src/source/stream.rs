@@ -10,7 +10,9 @@
 //!   before the first mark. See [`ReplicationStream::set_flushed`] for why `0/0` is the safe
 //!   choice.
 //! - **Never a hang.** Keepalives that ask for a reply are answered at once, a status update
-//!   goes out every `status_interval`, and a connection that delivers nothing for
+//!   goes out every `status_interval`, after `idle_timeout / 2` of silence a status update
+//!   asks the server for a reply (an idle source sends nothing while our status updates keep
+//!   its `wal_sender_timeout` happy), and a connection that delivers nothing for
 //!   `idle_timeout` is reported as [`SourceError::ConnectionLost`].
 //! - **Cancellation-safe.** [`ReplicationStream::next`] keeps partial frames and unsent replies
 //!   in the struct, so dropping its future (in a `select!`) loses no byte.
@@ -160,6 +162,8 @@ pub struct ReplicationStream {
     idle_timeout: Duration,
     next_status_at: Instant,
     last_recv_at: Instant,
+    /// A status update asking for a reply went out since the last byte received.
+    pinged: bool,
     state: State,
 }
 
@@ -189,6 +193,7 @@ impl ReplicationStream {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             next_status_at: now + DEFAULT_STATUS_INTERVAL,
             last_recv_at: now,
+            pinged: false,
             state: State::Streaming,
         }
     }
@@ -354,6 +359,15 @@ impl ReplicationStream {
                 self.queue_status(false);
                 continue;
             }
+            // The walsender of an idle source sends nothing as long as our status updates
+            // arrive (it pings only when it has heard nothing for `wal_sender_timeout / 2`):
+            // ask it for a keepalive before calling the silence a lost connection.
+            let ping_at = self.last_recv_at + self.idle_timeout / 2;
+            if !self.pinged && now >= ping_at {
+                self.queue_status(true);
+                self.pinged = true;
+                continue;
+            }
             let idle_deadline = self.last_recv_at + self.idle_timeout;
             if now >= idle_deadline {
                 let e = self.lost(format!(
@@ -363,6 +377,7 @@ impl ReplicationStream {
                 return Err(self.fail(e));
             }
             let status_at = self.next_status_at;
+            let wake_at = if self.pinged { idle_deadline } else { ping_at };
             tokio::select! {
                 biased;
                 // This is cancellation-safe: `read_buf` reads nothing if dropped.
@@ -371,7 +386,10 @@ impl ReplicationStream {
                         let e = self.lost("the server closed the connection");
                         return Err(self.fail(e));
                     }
-                    Ok(_) => self.last_recv_at = Instant::now(),
+                    Ok(_) => {
+                        self.last_recv_at = Instant::now();
+                        self.pinged = false;
+                    }
                     Err(e) => {
                         let e = self.lost(format!("reading from the server: {e}"));
                         return Err(self.fail(e));
@@ -380,7 +398,7 @@ impl ReplicationStream {
                 // This is cancellation-safe: the deadline lives in `self`.
                 _ = tokio::time::sleep_until(status_at) => self.queue_status(false),
                 // This is cancellation-safe: the deadline is recomputed from `self`.
-                _ = tokio::time::sleep_until(idle_deadline) => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
             }
         }
     }
@@ -614,6 +632,42 @@ mod tests {
             other => panic!("expected PublicationMissing, got {other:?}"),
         }
         assert!(s.next().await.is_err(), "a failed stream stays failed");
+    }
+
+    /// An idle source sends nothing while our status updates arrive: after half the idle
+    /// timeout the stream asks for a reply, and the answering keepalive keeps it alive.
+    #[tokio::test]
+    async fn silence_asks_for_a_keepalive_before_counting_as_lost() {
+        let (client, mut server) = UnixStream::pair().unwrap();
+        let mut s =
+            ReplicationStream::new(Wire::new(Transport::Unix(client)), "t".into(), Lsn::ZERO)
+                .with_status_interval(Duration::from_secs(3600))
+                .with_idle_timeout(Duration::from_millis(200));
+        let server_task = tokio::spawn(async move {
+            // Answer three reply requests, then fall silent.
+            for _ in 0..3 {
+                let (_, _, _, reply) = read_status(&mut server).await;
+                assert!(
+                    reply,
+                    "a status update sent for silence must ask for a reply"
+                );
+                server.write_all(&keepalive(5, false)).await.unwrap();
+            }
+            server
+        });
+        let r = tokio::time::timeout(Duration::from_millis(250), s.next()).await;
+        assert!(
+            r.is_err(),
+            "the stream gave up although the server answered: {r:?}"
+        );
+        match s.next().await {
+            Err(SourceError::ConnectionLost { reason, .. }) => {
+                assert!(reason.contains("idle timeout"), "{reason}")
+            }
+            other => panic!("expected ConnectionLost after real silence, got {other:?}"),
+        }
+        // The server side held the connection open all along.
+        let _server = server_task.await.unwrap();
     }
 
     #[test]
