@@ -24,7 +24,10 @@ impl<L: ShardLog> SkipLog<L> {
     /// Wraps `inner`; `skip_until` maps source `schema.table` (unquoted) to the LSN at or below
     /// which its changes are dropped.
     pub fn new(inner: Arc<L>, skip_until: HashMap<String, Lsn>) -> SkipLog<L> {
-        SkipLog { inner, skip_until: Arc::new(skip_until) }
+        SkipLog {
+            inner,
+            skip_until: Arc::new(skip_until),
+        }
     }
 }
 
@@ -58,7 +61,9 @@ impl<R: ShardReader> SkipReader<R> {
             return false;
         }
         let key = format!("{namespace}.{name}");
-        self.skip_until.get(&key).is_some_and(|l| self.commit_lsn <= *l)
+        self.skip_until
+            .get(&key)
+            .is_some_and(|l| self.commit_lsn <= *l)
     }
 
     /// The event with already-copied changes removed (`None` to drop it whole).
@@ -68,13 +73,23 @@ impl<R: ShardReader> SkipReader<R> {
                 self.commit_lsn = b.commit_lsn;
                 Some(ShardEvent::Begin(b))
             }
-            ShardEvent::Change(Change::Truncate { rels, cascade, restart_identity }) => {
-                let rels: Vec<_> =
-                    rels.into_iter().filter(|r| !self.skipped(&r.namespace, &r.name)).collect();
+            ShardEvent::Change(Change::Truncate {
+                rels,
+                cascade,
+                restart_identity,
+            }) => {
+                let rels: Vec<_> = rels
+                    .into_iter()
+                    .filter(|r| !self.skipped(&r.namespace, &r.name))
+                    .collect();
                 if rels.is_empty() {
                     None
                 } else {
-                    Some(ShardEvent::Change(Change::Truncate { rels, cascade, restart_identity }))
+                    Some(ShardEvent::Change(Change::Truncate {
+                        rels,
+                        cascade,
+                        restart_identity,
+                    }))
                 }
             }
             ShardEvent::Change(c) => match c.relation() {
@@ -135,10 +150,23 @@ mod tests {
     fn drops_only_copied_changes() {
         let mut skip = HashMap::new();
         skip.insert("public.a".to_owned(), Lsn::from_u64(100));
-        let mut r = SkipReader { inner: Nothing, skip_until: Arc::new(skip), commit_lsn: Lsn::ZERO };
-        let ins = |n: &str| ShardEvent::Change(Change::Insert { rel: rel(n), new: vec![Value::Null] });
+        let mut r = SkipReader {
+            inner: Nothing,
+            skip_until: Arc::new(skip),
+            commit_lsn: Lsn::ZERO,
+        };
+        let ins = |n: &str| {
+            ShardEvent::Change(Change::Insert {
+                rel: rel(n),
+                new: vec![Value::Null],
+            })
+        };
         let begin = |l: u64| {
-            ShardEvent::Begin(Begin { xid: 1, commit_lsn: Lsn::from_u64(l), commit_time: 0 })
+            ShardEvent::Begin(Begin {
+                xid: 1,
+                commit_lsn: Lsn::from_u64(l),
+                commit_time: 0,
+            })
         };
         assert!(r.filter(begin(100)).is_some());
         assert!(r.filter(ins("a")).is_none(), "a at 100 is in the copy");

@@ -204,8 +204,13 @@ impl Ingest {
                 }
             };
             self.counters.connected.store(true, Ordering::Relaxed);
-            let Started { stream: mut s, proto_version } = s;
-            let r = self.stream(&mut s, proto_version, &mut shutdown, &mut pause).await;
+            let Started {
+                stream: mut s,
+                proto_version,
+            } = s;
+            let r = self
+                .stream(&mut s, proto_version, &mut shutdown, &mut pause)
+                .await;
             self.counters.connected.store(false, Ordering::Relaxed);
             match r {
                 Ok(Stop::Shutdown) => {
@@ -258,7 +263,9 @@ impl Ingest {
         loop {
             let over_cap = self.spill.over_cap();
             let paused = *pause.borrow();
-            self.counters.backpressure.store(over_cap, Ordering::Relaxed);
+            self.counters
+                .backpressure
+                .store(over_cap, Ordering::Relaxed);
             self.counters.paused.store(paused, Ordering::Relaxed);
             if over_cap != logged_cap {
                 if over_cap {
@@ -309,7 +316,11 @@ impl Ingest {
     /// Group commit: make the log durable, then confirm exactly that to the slot. When no
     /// transaction is in flight, the server's reported end of sent WAL is recorded as an empty
     /// transaction first, so an idle slot retains no WAL and idle shards get heartbeats.
-    fn group_commit(&mut self, s: &mut ReplicationStream, asm: &Assembler) -> Result<(), IngestError> {
+    fn group_commit(
+        &mut self,
+        s: &mut ReplicationStream,
+        asm: &Assembler,
+    ) -> Result<(), IngestError> {
         if self.current.is_none() && asm.is_idle() {
             let end = s.server_wal_end();
             if end > self.spill_last_end() {
@@ -319,7 +330,9 @@ impl Ingest {
         }
         let durable = self.spill.flush()?;
         s.set_flushed(durable);
-        self.counters.confirmed_lsn.fetch_max(durable.as_u64(), Ordering::Relaxed);
+        self.counters
+            .confirmed_lsn
+            .fetch_max(durable.as_u64(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -331,7 +344,9 @@ impl Ingest {
         }
         let durable = self.spill.flush()?;
         s.set_flushed(durable);
-        self.counters.confirmed_lsn.fetch_max(durable.as_u64(), Ordering::Relaxed);
+        self.counters
+            .confirmed_lsn
+            .fetch_max(durable.as_u64(), Ordering::Relaxed);
         Ok(durable)
     }
 
@@ -373,7 +388,8 @@ impl Ingest {
                 }
                 for (i, t) in touched.iter().enumerate() {
                     if *t {
-                        self.spill.append(ShardId(i as u16), &ShardEvent::Commit(c))?;
+                        self.spill
+                            .append(ShardId(i as u16), &ShardEvent::Commit(c))?;
                     }
                 }
                 if c.end_lsn > self.last_end {
@@ -407,7 +423,10 @@ pub async fn start_streaming(
         .start_replication(&opts.slot, start, pg)
         .await?
         .with_status_interval(opts.status_interval);
-    Ok(Started { stream, proto_version })
+    Ok(Started {
+        stream,
+        proto_version,
+    })
 }
 
 /// A started replication stream and the pgoutput protocol version it speaks.

@@ -138,8 +138,10 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
         .shards
         .iter()
         .map(|s| {
-            ConnConfig::parse(&s.url)
-                .map_err(|source| RuntimeError::ShardConfig { shard: s.name.clone(), source })
+            ConnConfig::parse(&s.url).map_err(|source| RuntimeError::ShardConfig {
+                shard: s.name.clone(),
+                source,
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -159,8 +161,10 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
             .map_err(|e| RuntimeError::Internal(format!("opening the spill log: {e}")))??;
     let log: Arc<SpillLog> = Arc::new(writer.log());
 
-    let slot_exists =
-        list_slots(&sql).await?.iter().any(|s| s.slot_name == cfg.source.slot);
+    let slot_exists = list_slots(&sql)
+        .await?
+        .iter()
+        .any(|s| s.slot_name == cfg.source.slot);
     if !slot_exists && spill_report.durable_lsn > Lsn::ZERO {
         return Err(RuntimeError::State(format!(
             "the spill directory {} holds data up to {} from an earlier slot {}, but that slot no \
@@ -196,7 +200,10 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
             let info = repl
                 .create_slot(
                     &cfg.source.slot,
-                    SlotOptions { snapshot: SnapshotAction::NoExport, ..Default::default() },
+                    SlotOptions {
+                        snapshot: SnapshotAction::NoExport,
+                        ..Default::default()
+                    },
                 )
                 .await?;
             tracing::info!(slot = %info.name, consistent_point = %info.consistent_point, "created the slot (no full load)");
@@ -210,7 +217,10 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
             cfg.shards
                 .iter()
                 .zip(&shard_conns)
-                .map(|(s, c)| snapshot::ShardTarget { name: s.name.clone(), connect: sql_connect(c.clone()) })
+                .map(|(s, c)| snapshot::ShardTarget {
+                    name: s.name.clone(),
+                    connect: sql_connect(c.clone()),
+                })
                 .collect(),
             table_specs(&tables),
             route_fn(&router),
@@ -223,11 +233,17 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
             let info = repl
                 .create_slot(
                     &cfg.source.slot,
-                    SlotOptions { snapshot: SnapshotAction::Export, ..Default::default() },
+                    SlotOptions {
+                        snapshot: SnapshotAction::Export,
+                        ..Default::default()
+                    },
                 )
                 .await?;
             tracing::info!(slot = %info.name, consistent_point = %info.consistent_point, "created the slot with an exported snapshot");
-            let snap = info.snapshot_name.map(|name| snapshot::ExportedSnapshot { name, lsn: info.consistent_point });
+            let snap = info.snapshot_name.map(|name| snapshot::ExportedSnapshot {
+                name,
+                lsn: info.consistent_point,
+            });
             (snap, info.consistent_point, info.consistent_point, None)
         } else if prepared.needs_snapshot() {
             // Resuming an interrupted load: a temporary slot's snapshot has a known LSN.
@@ -236,11 +252,18 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
             let info = tmp
                 .create_slot(
                     &name,
-                    SlotOptions { temporary: true, snapshot: SnapshotAction::Export, ..Default::default() },
+                    SlotOptions {
+                        temporary: true,
+                        snapshot: SnapshotAction::Export,
+                        ..Default::default()
+                    },
                 )
                 .await?;
             tracing::info!(tables = ?prepared.tables_to_copy(), snapshot_lsn = %info.consistent_point, "resuming the full load under a new snapshot");
-            let snap = info.snapshot_name.map(|name| snapshot::ExportedSnapshot { name, lsn: info.consistent_point });
+            let snap = info.snapshot_name.map(|name| snapshot::ExportedSnapshot {
+                name,
+                lsn: info.consistent_point,
+            });
             (snap, spill_report.durable_lsn, Lsn::ZERO, Some(tmp))
         } else {
             (None, spill_report.durable_lsn, Lsn::ZERO, None)
@@ -280,7 +303,10 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
                         let _ = load_err_tx.send(e);
                     }
                     Err(e) => {
-                        let _ = load_err_tx.send(SnapshotError::Task { what: "full load".into(), message: e.to_string() });
+                        let _ = load_err_tx.send(SnapshotError::Task {
+                            what: "full load".into(),
+                            message: e.to_string(),
+                        });
                     }
                 }
             });
@@ -291,17 +317,30 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (pause_source_tx, pause_source_rx) = watch::channel(false);
     let counters = Arc::new(IngestCounters::default());
-    let ingest = Ingest::new(ingest_opts, router, writer, counters.clone(), spill_report.durable_lsn);
+    let ingest = Ingest::new(
+        ingest_opts,
+        router,
+        writer,
+        counters.clone(),
+        spill_report.durable_lsn,
+    );
     let (ingest_done_tx, ingest_done_rx) = oneshot::channel::<Result<Lsn, IngestError>>();
     {
         let shutdown = shutdown_rx.clone();
         std::thread::Builder::new()
             .name("reshard-ingest".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt,
                     Err(e) => {
-                        let _ = ingest_done_tx.send(Err(IngestError::Spill(SpillError::Io { op: "start the ingest runtime for", path: PathBuf::from("(ingest thread)"), source: e })));
+                        let _ = ingest_done_tx.send(Err(IngestError::Spill(SpillError::Io {
+                            op: "start the ingest runtime for",
+                            path: PathBuf::from("(ingest thread)"),
+                            source: e,
+                        })));
                         return;
                     }
                 };
@@ -316,7 +355,10 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
     // One apply task per shard.
     let mut shards = Vec::new();
     for (i, (s, c)) in cfg.shards.iter().zip(&shard_conns).enumerate() {
-        let (status_tx, status_rx) = watch::channel(ShardStatus { shard: s.name.clone(), ..Default::default() });
+        let (status_tx, status_rx) = watch::channel(ShardStatus {
+            shard: s.name.clone(),
+            ..Default::default()
+        });
         let (pause_tx, pause_rx) = watch::channel(false);
         let apply_opts = ApplyOptions {
             shard: ShardId(i as u16),
@@ -367,16 +409,30 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
             tracing::info!(shard = %name, "apply starting");
             applier.run(shutdown, status_tx).await
         });
-        shards.push(ShardHandle { name: s.name.clone(), status: status_rx, pause: pause_tx, latency, task: Some(task), error: None });
+        shards.push(ShardHandle {
+            name: s.name.clone(),
+            status: status_rx,
+            pause: pause_tx,
+            latency,
+            task: Some(task),
+            error: None,
+        });
     }
 
     // Status, control, admin console, metrics.
     let (status_tx, status_rx) = watch::channel(StatusSnapshot::default());
     let (control_tx, control_rx) = mpsc::channel::<ControlRequest>(16);
-    let admin = AdminHandle { status: status_rx.clone(), control: control_tx };
+    let admin = AdminHandle {
+        status: status_rx.clone(),
+        control: control_tx,
+    };
     if !cfg.admin.listen.is_empty() {
-        let auth = crate::admin::AdminAuth { user: cfg.admin.user.clone(), password: cfg.admin.password.clone() };
-        let (listen, handle, shutdown) = (cfg.admin.listen.clone(), admin.clone(), shutdown_rx.clone());
+        let auth = crate::admin::AdminAuth {
+            user: cfg.admin.user.clone(),
+            password: cfg.admin.password.clone(),
+        };
+        let (listen, handle, shutdown) =
+            (cfg.admin.listen.clone(), admin.clone(), shutdown_rx.clone());
         let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
             RuntimeError::State(format!("[admin] listen = {listen:?}: cannot listen there: {e}; pick a free address or set listen = \"\" to turn the admin console off"))
         })?;
@@ -387,7 +443,11 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
         });
     }
     if !cfg.admin.metrics.is_empty() {
-        let (listen, status, shutdown) = (cfg.admin.metrics.clone(), status_rx.clone(), shutdown_rx.clone());
+        let (listen, status, shutdown) = (
+            cfg.admin.metrics.clone(),
+            status_rx.clone(),
+            shutdown_rx.clone(),
+        );
         let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
             RuntimeError::State(format!("[admin] metrics = {listen:?}: cannot listen there: {e}; pick a free address or set metrics = \"\" to turn the endpoint off"))
         })?;
@@ -417,7 +477,11 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
         load_err: load_err_rx,
     };
     let done = tokio::spawn(supervisor.run());
-    Ok(Running { admin, shutdown: shutdown_tx, done })
+    Ok(Running {
+        admin,
+        shutdown: shutdown_tx,
+        done,
+    })
 }
 
 struct ShardHandle {
@@ -510,7 +574,11 @@ impl Supervisor {
         let _ = self.shutdown_tx.send(true);
         let ingest_result = match ingest_result {
             Some(r) => r,
-            None => (&mut self.ingest_done).await.unwrap_or_else(|_| Err(IngestError::Source(SourceError::protocol("ingest thread ended")))),
+            None => (&mut self.ingest_done).await.unwrap_or_else(|_| {
+                Err(IngestError::Source(SourceError::protocol(
+                    "ingest thread ended",
+                )))
+            }),
         };
         for s in &mut self.shards {
             if let Some(t) = s.task.take() {
@@ -525,7 +593,11 @@ impl Supervisor {
         let final_snap = self.snapshot(&SourceStatus::default(), &mut Rates::default());
         let summary = RunSummary {
             confirmed_flush_lsn: self.counters.confirmed(),
-            shards: final_snap.shards.iter().map(|s| (s.name.clone(), s.applied_lsn, s.state)).collect(),
+            shards: final_snap
+                .shards
+                .iter()
+                .map(|s| (s.name.clone(), s.applied_lsn, s.state))
+                .collect(),
         };
         for (name, lsn, state) in &summary.shards {
             tracing::info!(shard = %name, applied_lsn = %lsn, state = state.as_str(), "shard stopped");
@@ -560,7 +632,11 @@ impl Supervisor {
                 }
             }
         }
-        !self.shards.is_empty() && self.shards.iter().all(|s| s.task.is_none() && s.error.is_some())
+        !self.shards.is_empty()
+            && self
+                .shards
+                .iter()
+                .all(|s| s.task.is_none() && s.error.is_some())
     }
 
     fn control(&mut self, cmd: ControlCommand) -> Result<String, String> {
@@ -568,7 +644,11 @@ impl Supervisor {
             shards.iter().position(|s| s.name == name).ok_or_else(|| {
                 format!(
                     "unknown shard {name:?}; shards are: {}",
-                    shards.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                    shards
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             })
         };
@@ -609,7 +689,11 @@ impl Supervisor {
                  (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1)";
         match self.sql.query_one(q, &[&self.cfg.source.slot]).await {
             Ok(row) => {
-                let lsn = |i: usize| row.get::<_, Option<String>>(i).and_then(|s| s.parse::<Lsn>().ok()).unwrap_or_default();
+                let lsn = |i: usize| {
+                    row.get::<_, Option<String>>(i)
+                        .and_then(|s| s.parse::<Lsn>().ok())
+                        .unwrap_or_default()
+                };
                 out.current_wal_lsn = lsn(0);
                 out.confirmed_flush_lsn = lsn(1);
                 out.retained_wal_bytes = row.get::<_, Option<i64>>(2).unwrap_or(0).max(0) as u64;
@@ -667,7 +751,11 @@ impl Supervisor {
                 .and_then(|l| l.clone())
                 .and_then(|h| {
                     h.lock().ok().map(|h| {
-                        (h.value_at_quantile(0.5) as f64 / 1e3, h.value_at_quantile(0.99) as f64 / 1e3, h.max() as f64 / 1e3)
+                        (
+                            h.value_at_quantile(0.5) as f64 / 1e3,
+                            h.value_at_quantile(0.99) as f64 / 1e3,
+                            h.max() as f64 / 1e3,
+                        )
                     })
                 })
                 .unwrap_or((0.0, 0.0, 0.0));
@@ -689,7 +777,11 @@ impl Supervisor {
                 transient_errors_total: st.retries,
                 definite_errors_total: u64::from(s.error.is_some()),
                 rows_per_sec: rps,
-                avg_batch_txns: if st.batches > 0 { st.txns_applied as f64 / st.batches as f64 } else { 0.0 },
+                avg_batch_txns: if st.batches > 0 {
+                    st.txns_applied as f64 / st.batches as f64
+                } else {
+                    0.0
+                },
                 latency_p50_ms: p50,
                 latency_p99_ms: p99,
                 latency_max_ms: max,
@@ -711,7 +803,13 @@ impl Supervisor {
                     name: t.rule.source.clone(),
                     target: t.rule.target.clone(),
                     mode: t.rule.mode.to_string(),
-                    state: p.map(|p| p.state.as_str().to_owned()).unwrap_or_else(|| if loading { "pending".into() } else { "streaming".into() }),
+                    state: p.map(|p| p.state.as_str().to_owned()).unwrap_or_else(|| {
+                        if loading {
+                            "pending".into()
+                        } else {
+                            "streaming".into()
+                        }
+                    }),
                     rows_copied: p.map(|p| p.rows_copied).unwrap_or(0),
                     rows_estimated: t.estimated_rows.max(0) as u64,
                     bytes_copied: p.map(|p| p.bytes).unwrap_or(0),
@@ -747,7 +845,11 @@ impl Supervisor {
                 max_bytes: self.cfg.spill.max_bytes,
                 segments: spill.segments as u64,
                 durable_lsn: spill.durable_lsn,
-                oldest_unapplied_lsn: spill.shards.iter().filter_map(|s| s.oldest_unapplied_lsn).min(),
+                oldest_unapplied_lsn: spill
+                    .shards
+                    .iter()
+                    .filter_map(|s| s.oldest_unapplied_lsn)
+                    .min(),
                 backpressure_active: spill.backpressure_active,
                 fsyncs_total: spill.fsyncs_total,
                 txns_per_fsync: spill.txns_per_fsync_avg,
@@ -770,7 +872,11 @@ impl Rates {
     fn rate(prev: &mut (u64, f64), now_total: u64, dt: f64) -> f64 {
         if dt > 0.0 {
             let r = now_total.saturating_sub(prev.0) as f64 / dt;
-            prev.1 = if prev.1 == 0.0 { r } else { 0.7 * prev.1 + 0.3 * r };
+            prev.1 = if prev.1 == 0.0 {
+                r
+            } else {
+                0.7 * prev.1 + 0.3 * r
+            };
         }
         prev.0 = now_total;
         prev.1
@@ -800,7 +906,10 @@ fn log_load_report(report: &FullLoadReport) {
     for t in &report.tables {
         tracing::info!(table = %t.table, rows = t.rows, bytes = t.bytes, chunks = t.chunks_copied, as_of = %t.as_of, recopied = t.recopied, "table loaded");
     }
-    tracing::info!(indexes_rebuilt = report.indexes_rebuilt, "full load done; shards start applying changes");
+    tracing::info!(
+        indexes_rebuilt = report.indexes_rebuilt,
+        "full load done; shards start applying changes"
+    );
 }
 
 fn spill_options(cfg: &Config) -> SpillOptions {
@@ -835,7 +944,11 @@ fn snapshot_options(cfg: &Config) -> Result<snapshot::FullLoadOptions, SnapshotE
 fn sql_connect(conn: ConnConfig) -> snapshot::Connect {
     Arc::new(move || {
         let conn = conn.clone();
-        Box::pin(async move { conn.connect_sql().await.map_err(|e| Box::new(e) as snapshot::BoxError) })
+        Box::pin(async move {
+            conn.connect_sql()
+                .await
+                .map_err(|e| Box::new(e) as snapshot::BoxError)
+        })
     })
 }
 
@@ -855,7 +968,9 @@ fn table_specs(tables: &[SourceTable]) -> Vec<snapshot::TableSpec> {
             target: split(&t.rule.target),
             mode: match t.rule.mode {
                 CfgMode::Broadcast => snapshot::TableMode::Broadcast,
-                _ => snapshot::TableMode::Sharded { key: t.rule.key.clone() },
+                _ => snapshot::TableMode::Sharded {
+                    key: t.rule.key.clone(),
+                },
             },
         })
         .collect()
@@ -879,10 +994,9 @@ async fn route_spec(
             let mut map = if let Some(path) = &cfg.routing.map {
                 AccountMap::from_csv_path(path, &shards)?
             } else if let Some(q) = &cfg.routing.map_query {
-                let rows = sql
-                    .simple_query(q)
-                    .await
-                    .map_err(|e| RuntimeError::State(format!("[routing] map_query failed on the source: {e}")))?;
+                let rows = sql.simple_query(q).await.map_err(|e| {
+                    RuntimeError::State(format!("[routing] map_query failed on the source: {e}"))
+                })?;
                 let pairs: Vec<(String, String)> = rows
                     .iter()
                     .filter_map(|m| match m {
@@ -909,7 +1023,9 @@ async fn route_spec(
             .iter()
             .map(|t| {
                 let mode = match t.rule.mode {
-                    CfgMode::Sharded => route::TableMode::Sharded { key: t.rule.key.clone() },
+                    CfgMode::Sharded => route::TableMode::Sharded {
+                        key: t.rule.key.clone(),
+                    },
                     CfgMode::Broadcast => route::TableMode::Broadcast,
                     CfgMode::Skip => route::TableMode::Skip,
                 };

@@ -137,7 +137,9 @@ impl Env {
         }
         let t = Instant::now();
         let bindir = reshard_harness::bindir().map_err(|e| {
-            anyhow!("{e}; reshard demo needs PostgreSQL's server binaries (initdb, pg_ctl, postgres)")
+            anyhow!(
+                "{e}; reshard demo needs PostgreSQL's server binaries (initdb, pg_ctl, postgres)"
+            )
         })?;
         println!(
             "starting throwaway PostgreSQL clusters from {}: a source and {} shards",
@@ -152,7 +154,10 @@ impl Env {
                 Ok(c)
             };
             let source = start()?;
-            let shards = SHARDS.iter().map(|_| start()).collect::<anyhow::Result<Vec<_>>>()?;
+            let shards = SHARDS
+                .iter()
+                .map(|_| start())
+                .collect::<anyhow::Result<Vec<_>>>()?;
             Ok((source, shards))
         })
         .await
@@ -169,8 +174,11 @@ impl Env {
         );
 
         // Schema everywhere, data on the source only.
-        for (name, c) in std::iter::once(("source", &source)).chain(SHARDS.into_iter().zip(&shards)) {
-            let client = connect(&c.url(DB)).await.with_context(|| format!("{name}"))?;
+        for (name, c) in std::iter::once(("source", &source)).chain(SHARDS.into_iter().zip(&shards))
+        {
+            let client = connect(&c.url(DB))
+                .await
+                .with_context(|| format!("{name}"))?;
             workload::create_schema(&client)
                 .await
                 .with_context(|| format!("creating the multi-tenant schema on {name}"))?;
@@ -206,7 +214,10 @@ impl Env {
             dir.path().join("spill").display()
         );
         for (n, c) in SHARDS.iter().zip(&shards) {
-            toml.push_str(&format!("[[shards]]\nname = \"{n}\"\nurl = \"{}\"\n\n", c.url(DB)));
+            toml.push_str(&format!(
+                "[[shards]]\nname = \"{n}\"\nurl = \"{}\"\n\n",
+                c.url(DB)
+            ));
         }
         let config_path = dir.path().join("reshard.toml");
         std::fs::write(&config_path, toml)
@@ -271,7 +282,11 @@ async fn drive(
         tokio::time::sleep(Duration::from_secs(1)).await;
         let s = status.borrow().clone();
         let done = s.phase != Phase::Starting && s.phase != Phase::FullLoad;
-        line(tty, &format!("{:>4.0}s  {}", t.elapsed().as_secs_f64(), tables_line(&s)), done);
+        line(
+            tty,
+            &format!("{:>4.0}s  {}", t.elapsed().as_secs_f64(), tables_line(&s)),
+            done,
+        );
         if done {
             break;
         }
@@ -297,7 +312,10 @@ async fn drive(
         args.live_secs,
         if args.live_tps == 0 { "max".to_owned() } else { args.live_tps.to_string() }
     );
-    let mut writer_client = connect(&env.source.url(DB)).await.context("source").map_err(Failure::failed)?;
+    let mut writer_client = connect(&env.source.url(DB))
+        .await
+        .context("source")
+        .map_err(Failure::failed)?;
     let spec = LiveSpec {
         accounts: args.accounts,
         max_duration: Duration::from_secs(args.live_secs),
@@ -305,8 +323,7 @@ async fn drive(
         seed,
         ..LiveSpec::default()
     };
-    let mut writer =
-        tokio::spawn(async move { workload::live(&mut writer_client, spec).await });
+    let mut writer = tokio::spawn(async move { workload::live(&mut writer_client, spec).await });
     let t = Instant::now();
     let live: LiveStats = loop {
         tokio::select! {
@@ -324,10 +341,16 @@ async fn drive(
             }
         }
     };
-    println!("writer stopped: {} transactions, {} rows", live.txns, live.rows);
+    println!(
+        "writer stopped: {} transactions, {} rows",
+        live.txns, live.rows
+    );
 
     // 3. Catch up: a marker after the last live commit; every shard's applied LSN passes it.
-    let source = connect(&env.source.url(DB)).await.context("source").map_err(Failure::failed)?;
+    let source = connect(&env.source.url(DB))
+        .await
+        .context("source")
+        .map_err(Failure::failed)?;
     let marker: String = source
         .query_one(
             "SELECT pg_logical_emit_message(true, 'reshard.demo', 'caught up')::text",
@@ -345,7 +368,8 @@ async fn drive(
     loop {
         let s = status.borrow().clone();
         check_shards(&s)?;
-        let done = s.shards.len() == SHARDS.len() && s.shards.iter().all(|x| x.applied_lsn >= target);
+        let done =
+            s.shards.len() == SHARDS.len() && s.shards.iter().all(|x| x.applied_lsn >= target);
         if done {
             println!("{:>4.1}s  {}", t.elapsed().as_secs_f64(), shards_line(&s));
             break;
@@ -361,37 +385,30 @@ async fn drive(
     }
     let caught_up = status.borrow().clone();
 
-    // 4. Verify every shard.
-    println!("\n== verify (every table on every shard, per-account checksums) ==");
-    let report = verify(
-        &env.config,
-        &VerifyOptions {
-            timeout: PHASE_TIMEOUT,
-            ..VerifyOptions::default()
-        },
-    )
-    .await
-    .context("verify could not complete")
-    .map_err(Failure::failed)?;
-    print_verify(&report);
+    // 3b. Verify and cut over. An idle source sends the daemon nothing, so shards would only learn that they are
+    // caught up to `verify`'s snapshot LSN on the next WAL the source writes (up to a minute
+    // here). A tick every 250 ms stands in for the traffic of a live source.
+    let ticker = connect(&env.source.url(DB))
+        .await
+        .context("source")
+        .map_err(Failure::failed)?;
+    let ticker = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Err(e) = ticker
+                .batch_execute("SELECT pg_logical_emit_message(true, 'reshard.demo', 'tick')")
+                .await
+            {
+                tracing::warn!(error = %e, "demo tick on the source failed");
+                return;
+            }
+        }
+    });
+    let checked = verify_and_cut_over(env).await;
+    ticker.abort();
+    let (report, cut) = checked?;
 
-    // 5. Cut over one shard.
-    println!("\n== cutover {CUTOVER_SHARD} ==");
-    let cut = cutover(
-        &env.config,
-        &CutoverOptions {
-            shard: CUTOVER_SHARD.to_owned(),
-            timeout: PHASE_TIMEOUT,
-            verify: true,
-            router: None,
-        },
-    )
-    .await
-    .with_context(|| format!("cutover of {CUTOVER_SHARD} could not complete"))
-    .map_err(Failure::failed)?;
-    print_cutover(&cut);
-
-    // 6. Report.
+    // 4. Report.
     println!("\n== report ==");
     println!("rows filled on the source:   {}", env.rows_filled);
     println!("rows loaded (full load):     {loaded}");
@@ -430,7 +447,10 @@ async fn drive(
         cut.sequences.len(),
         cut.waited_secs
     );
-    println!("elapsed:                     {:.1}s", started.elapsed().as_secs_f64());
+    println!(
+        "elapsed:                     {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     if !report.ok {
         return Err(Failure::problem(anyhow!(
             "verify FAILED: some shard does not hold exactly the source rows that route to it (see above)"
@@ -442,6 +462,40 @@ async fn drive(
         )));
     }
     Ok(())
+}
+
+/// `verify` of every shard, then `cutover` of [`CUTOVER_SHARD`], printing both.
+async fn verify_and_cut_over(env: &Env) -> Result<(VerifyReport, CutoverReport), Failure> {
+    println!("\n== verify (every table on every shard, per-account checksums) ==");
+    let report = verify(
+        &env.config,
+        &VerifyOptions {
+            timeout: PHASE_TIMEOUT,
+            ..VerifyOptions::default()
+        },
+    )
+    .await
+    .context("verify could not complete")
+    .map_err(Failure::failed)?;
+    print_verify(&report);
+
+    // Cut over one shard.
+    println!("\n== cutover {CUTOVER_SHARD} ==");
+    let cut = cutover(
+        &env.config,
+        &CutoverOptions {
+            shard: CUTOVER_SHARD.to_owned(),
+            timeout: PHASE_TIMEOUT,
+            verify: true,
+            router: None,
+        },
+    )
+    .await
+    .with_context(|| format!("cutover of {CUTOVER_SHARD} could not complete"))
+    .map_err(Failure::failed)?;
+    print_cutover(&cut);
+
+    Ok((report, cut))
 }
 
 /// Fails when a shard stopped with a definite error (the demo cannot pass then).
@@ -524,7 +578,8 @@ fn human_bytes(b: u64) -> String {
 }
 
 fn print_verify(r: &VerifyReport) {
-    let mut rows = vec![["TABLE", "SHARD", "SOURCE ROWS", "SHARD ROWS", "RESULT"].map(String::from)];
+    let mut rows =
+        vec![["TABLE", "SHARD", "SOURCE ROWS", "SHARD ROWS", "RESULT"].map(String::from)];
     for x in &r.results {
         rows.push([
             short(&x.table).to_owned(),
@@ -539,7 +594,10 @@ fn print_verify(r: &VerifyReport) {
                     x.missing,
                     x.extra,
                     x.different,
-                    x.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                    x.error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
                 )
             },
         ]);
@@ -566,7 +624,12 @@ fn print_cutover(r: &CutoverReport) {
     let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
     let mut rows = vec![["SEQUENCE", "SOURCE", "SHARD AFTER", "ACTION"].map(String::from)];
     for s in &r.sequences {
-        rows.push([s.name.clone(), opt(s.source_value), opt(s.shard_after), s.action.clone()]);
+        rows.push([
+            s.name.clone(),
+            opt(s.source_value),
+            opt(s.shard_after),
+            s.action.clone(),
+        ]);
     }
     print!("{}", super::check::table(&rows));
     let verified = match &r.verify {

@@ -11,9 +11,14 @@ use crate::RunArgs;
 /// position to the slot and exits 0.
 pub async fn run(args: RunArgs) -> CmdResult {
     let cfg = load_config(&args.config.config)?;
-    let running = runtime::start(cfg, RunOptions { skip_full_load: args.skip_full_load })
-        .await
-        .context("reshard run could not start")?;
+    let running = runtime::start(
+        cfg,
+        RunOptions {
+            skip_full_load: args.skip_full_load,
+        },
+    )
+    .await
+    .context("reshard run could not start")?;
     let mut done = running.done;
     let result = tokio::select! {
         sig = runtime::wait_for_signal() => {
@@ -28,7 +33,9 @@ pub async fn run(args: RunArgs) -> CmdResult {
             tracing::info!(confirmed_flush_lsn = %summary.confirmed_flush_lsn, "clean shutdown");
             Ok(())
         }
-        Ok(Err(e)) => Err(Failure::failed(anyhow::Error::from(e).context("reshard run stopped"))),
+        Ok(Err(e)) => Err(Failure::failed(
+            anyhow::Error::from(e).context("reshard run stopped"),
+        )),
         Err(e) => Err(Failure::failed(anyhow::anyhow!("reshard run crashed: {e}"))),
     }
 }
