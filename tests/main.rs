@@ -5,7 +5,9 @@
 mod apply;
 mod cdc;
 mod common;
+mod console;
 mod decode;
+mod demo;
 mod ops;
 mod route;
 mod service;

@@ -460,6 +460,7 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
 
     let supervisor = Supervisor {
         cfg,
+        system_id: system.system_id.clone(),
         started,
         sql,
         counters,
@@ -497,6 +498,8 @@ struct ShardHandle {
 /// on shutdown or when nothing can go on.
 struct Supervisor {
     cfg: Config,
+    /// The source's `IDENTIFY_SYSTEM` id, shown in the status.
+    system_id: String,
     started: Instant,
     sql: tokio_postgres::Client,
     counters: Arc<IngestCounters>,
@@ -824,7 +827,7 @@ impl Supervisor {
             source: SourceStatus {
                 slot: self.cfg.source.slot.clone(),
                 publication: self.cfg.source.publication.clone(),
-                system_id: String::new(),
+                system_id: self.system_id.clone(),
                 confirmed_flush_lsn: src.confirmed_flush_lsn.max(c.confirmed()),
                 current_wal_lsn: src.current_wal_lsn,
                 retained_wal_bytes: src.retained_wal_bytes,
