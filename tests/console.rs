@@ -373,6 +373,17 @@ fn console_and_metrics_follow_the_real_daemon() {
             (sh["shard1"]["state"] == "running" && lsn > paused_at).then_some(())
         },
     );
+    // Idle and caught up: no lag, in bytes or seconds, on any shard.
+    wait_for(
+        "an idle, caught-up daemon to report zero lag",
+        Duration::from_secs(20),
+        || {
+            show(admin, "SHOW LAG")
+                .iter()
+                .all(|r| r["lag_bytes"] == "0" && r["lag_seconds"] == "0.000")
+                .then_some(())
+        },
+    );
     assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
 
     // SHUTDOWN on the console: a clean exit 0, and the console is gone.

@@ -740,8 +740,14 @@ impl Supervisor {
                 }
             };
             let applied = st.applied_commit_lsn;
-            let lag_bytes = received.bytes_since(applied);
-            let caught_up = applied >= spill.durable_lsn;
+            // An idle shard's heartbeat stops at `durable_lsn - 1` (see `spill`): that is
+            // caught up, not one byte (and ever more seconds) behind.
+            let caught_up = applied.add_bytes(1) >= spill.durable_lsn;
+            let lag_bytes = if caught_up {
+                0
+            } else {
+                received.bytes_since(applied)
+            };
             let lag_seconds = match st.last_commit_time {
                 Some(t) if !caught_up => ((now - t).max(0) as f64) / 1e6,
                 None if !caught_up && lag_bytes > 0 => self.started.elapsed().as_secs_f64(),
