@@ -385,28 +385,8 @@ async fn drive(
     }
     let caught_up = status.borrow().clone();
 
-    // 3b. Verify and cut over. An idle source sends the daemon nothing, so shards would only learn that they are
-    // caught up to `verify`'s snapshot LSN on the next WAL the source writes (up to a minute
-    // here). A tick every 250 ms stands in for the traffic of a live source.
-    let ticker = connect(&env.source.url(DB))
-        .await
-        .context("source")
-        .map_err(Failure::failed)?;
-    let ticker = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            if let Err(e) = ticker
-                .batch_execute("SELECT pg_logical_emit_message(true, 'reshard.demo', 'tick')")
-                .await
-            {
-                tracing::warn!(error = %e, "demo tick on the source failed");
-                return;
-            }
-        }
-    });
-    let checked = verify_and_cut_over(env).await;
-    ticker.abort();
-    let (report, cut) = checked?;
+    // 3b. Verify and cut over.
+    let (report, cut) = verify_and_cut_over(env).await?;
 
     // 4. Report.
     println!("\n== report ==");
