@@ -238,11 +238,20 @@ pub struct DemoArgs {
     /// Seconds of live writes while streaming.
     #[arg(long, default_value_t = 10)]
     pub live_secs: u64,
+    /// Target live transactions per second (0 = as fast as one connection can commit).
+    #[arg(long, default_value_t = 200)]
+    pub live_tps: u32,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    output::init_logging(cli.log_format, &cli.log_level);
+    // The demo prints its own progress on stdout; the in-process daemon's routine info lines
+    // would drown it, so unless a level was asked for it logs warnings and errors only.
+    let level = match (&cli.command, cli.log_level.as_str()) {
+        (Command::Demo(_), "info") if std::env::var_os("RESHARD_LOG").is_none() => "warn",
+        (_, l) => l,
+    };
+    output::init_logging(cli.log_format, level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -460,6 +460,7 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
 
     let supervisor = Supervisor {
         cfg,
+        system_id: system.system_id.clone(),
         started,
         sql,
         counters,
@@ -497,6 +498,8 @@ struct ShardHandle {
 /// on shutdown or when nothing can go on.
 struct Supervisor {
     cfg: Config,
+    /// The source's `IDENTIFY_SYSTEM` id, shown in the status.
+    system_id: String,
     started: Instant,
     sql: tokio_postgres::Client,
     counters: Arc<IngestCounters>,
@@ -773,8 +776,14 @@ impl Supervisor {
                 }
             };
             let applied = st.applied_commit_lsn;
-            let lag_bytes = received.bytes_since(applied);
-            let caught_up = applied >= spill.durable_lsn;
+            // An idle shard's heartbeat stops at `durable_lsn - 1` (see `spill`): that is
+            // caught up, not one byte (and ever more seconds) behind.
+            let caught_up = applied.add_bytes(1) >= spill.durable_lsn;
+            let lag_bytes = if caught_up {
+                0
+            } else {
+                received.bytes_since(applied)
+            };
             let lag_seconds = match st.last_commit_time {
                 Some(t) if !caught_up => ((now - t).max(0) as f64) / 1e6,
                 None if !caught_up && lag_bytes > 0 => self.started.elapsed().as_secs_f64(),
@@ -860,7 +869,7 @@ impl Supervisor {
             source: SourceStatus {
                 slot: self.cfg.source.slot.clone(),
                 publication: self.cfg.source.publication.clone(),
-                system_id: String::new(),
+                system_id: self.system_id.clone(),
                 confirmed_flush_lsn: src.confirmed_flush_lsn.max(c.confirmed()),
                 current_wal_lsn: src.current_wal_lsn,
                 retained_wal_bytes: src.retained_wal_bytes,

@@ -225,6 +225,24 @@ impl Topology {
         serde_json::from_str(&out).ok()
     }
 
+    /// Waits for daemon `i` to exit on its own and returns its exit code (`None`: still
+    /// running after `timeout`, then killed).
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> Option<i32> {
+        let c = &mut self.daemons[i];
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Whether daemon `i` is still running.
     pub fn is_running(&mut self, i: usize) -> bool {
         matches!(self.daemons[i].try_wait(), Ok(None))

@@ -603,6 +603,10 @@ pub async fn wait_for_progress(
                 return Err(VerifyError::Config(e.to_string()));
             }
         };
+        // An idle shard's progress is a heartbeat at `durable_lsn - 1` (see `spill`), which
+        // says no commit below `durable_lsn` is pending; every commit a snapshot taken at
+        // `target` sees starts below `target`, so `target - 1` covers it. Without the `+ 1`
+        // a caught-up shard of an idle source waits for the source's next WAL record.
         if reached.add_bytes(1) >= target {
             return Ok(reached);
         }
