@@ -14,8 +14,15 @@ use reshard_harness::workload::SCHEMA_SQL;
 
 use crate::common::{wait_for, Topology};
 
-/// Tables compared between source and shards: (table, shard key, order).
-const TABLES: &[(&str, Option<(&str, &str)>, &str)] = &[
+/// A table compared between source and shards: (table, shard key and its type, order).
+type Compared = (
+    &'static str,
+    Option<(&'static str, &'static str)>,
+    &'static str,
+);
+
+/// Tables compared between source and shards.
+const TABLES: &[Compared] = &[
     ("accounts", Some(("account_id", "bigint")), "account_id"),
     (
         "customers",

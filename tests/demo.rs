@@ -84,8 +84,7 @@ fn demo_migrates_verifies_cuts_over_and_cleans_up() {
     for shard in ["shard0", "shard1", "shard2"] {
         let line = out
             .lines()
-            .filter(|l| l.starts_with(shard))
-            .last()
+            .rfind(|l| l.starts_with(shard))
             .unwrap_or_else(|| panic!("no report line for {shard}:\n{out}"));
         let cols: Vec<&str> = line.split_whitespace().collect();
         let rows: u64 = cols.get(3).and_then(|c| c.parse().ok()).unwrap_or(0);
