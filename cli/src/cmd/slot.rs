@@ -13,15 +13,33 @@ pub async fn run(args: SlotArgs) -> CmdResult {
     match args.action {
         SlotAction::List { source, json } => {
             let sel = resolve(&source)?;
-            let client = sel.conn.connect_sql().await.context("connecting to the source")?;
-            let slots = list_slots(&client).await.context("listing replication slots")?;
+            let client = sel
+                .conn
+                .connect_sql()
+                .await
+                .context("connecting to the source")?;
+            let slots = list_slots(&client)
+                .await
+                .context("listing replication slots")?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&slots).map_err(anyhow::Error::from)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&slots).map_err(anyhow::Error::from)?
+                );
             } else {
-                let lsn = |l: Option<reshard_engine::Lsn>| l.map(|l| l.to_string()).unwrap_or("-".into());
+                let lsn =
+                    |l: Option<reshard_engine::Lsn>| l.map(|l| l.to_string()).unwrap_or("-".into());
                 println!(
                     "{:<24} {:<9} {:<9} {:<6} {:>8} {:>14} {:>20} {:>14} {}",
-                    "SLOT", "TYPE", "PLUGIN", "ACTIVE", "PID", "RESTART_LSN", "CONFIRMED_FLUSH_LSN", "RETAINED_WAL", "WAL_STATUS"
+                    "SLOT",
+                    "TYPE",
+                    "PLUGIN",
+                    "ACTIVE",
+                    "PID",
+                    "RESTART_LSN",
+                    "CONFIRMED_FLUSH_LSN",
+                    "RETAINED_WAL",
+                    "WAL_STATUS"
                 );
                 for s in &slots {
                     let mark = if s.slot_name == sel.slot { "*" } else { "" };
@@ -47,8 +65,14 @@ pub async fn run(args: SlotArgs) -> CmdResult {
         SlotAction::Create { source } => {
             let sel = resolve(&source)?;
             let cfg = config_or_default(&sel)?;
-            let client = sel.conn.connect_sql().await.context("connecting to the source")?;
-            let tables = catalog::discover(&client, &cfg).await.context("listing the tables to publish")?;
+            let client = sel
+                .conn
+                .connect_sql()
+                .await
+                .context("connecting to the source")?;
+            let tables = catalog::discover(&client, &cfg)
+                .await
+                .context("listing the tables to publish")?;
             let created = catalog::ensure_publication(&client, &sel.publication, &tables)
                 .await
                 .context("creating the publication")?;
@@ -56,7 +80,13 @@ pub async fn run(args: SlotArgs) -> CmdResult {
                 .await
                 .context("opening a replication connection to the source")?;
             let info = repl
-                .create_slot(&sel.slot, SlotOptions { snapshot: SnapshotAction::NoExport, ..Default::default() })
+                .create_slot(
+                    &sel.slot,
+                    SlotOptions {
+                        snapshot: SnapshotAction::NoExport,
+                        ..Default::default()
+                    },
+                )
                 .await
                 .with_context(|| format!("creating replication slot {}", sel.slot))?;
             repl.close().await;
@@ -65,7 +95,11 @@ pub async fn run(args: SlotArgs) -> CmdResult {
                 info.name,
                 info.consistent_point,
                 sel.publication,
-                if created { "created" } else { "already existed" }
+                if created {
+                    "created"
+                } else {
+                    "already existed"
+                }
             );
             Ok(())
         }
@@ -77,17 +111,29 @@ pub async fn run(args: SlotArgs) -> CmdResult {
             let dropped = match repl.drop_slot(&sel.slot, true).await {
                 Ok(()) => true,
                 Err(e) if e.sqlstate() == Some("42704") => false,
-                Err(e) => return Err(Failure::failed(anyhow::Error::from(e).context(format!("dropping slot {}", sel.slot)))),
+                Err(e) => {
+                    return Err(Failure::failed(
+                        anyhow::Error::from(e).context(format!("dropping slot {}", sel.slot)),
+                    ))
+                }
             };
             repl.close().await;
-            println!("slot {}: {}", sel.slot, if dropped { "dropped" } else { "did not exist" });
+            println!(
+                "slot {}: {}",
+                sel.slot,
+                if dropped { "dropped" } else { "did not exist" }
+            );
             if purge {
                 let Some(cfg) = &sel.config else {
                     return Err(Failure::usage(anyhow::anyhow!(
                         "--purge needs -c reshard.toml (it cleans the shards listed there)"
                     )));
                 };
-                let client = sel.conn.connect_sql().await.context("connecting to the source")?;
+                let client = sel
+                    .conn
+                    .connect_sql()
+                    .await
+                    .context("connecting to the source")?;
                 client
                     .batch_execute(&format!(
                         "DROP PUBLICATION IF EXISTS {}",

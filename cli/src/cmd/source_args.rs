@@ -37,7 +37,10 @@ pub fn resolve(a: &SourceArgs) -> Result<SourceSel, Failure> {
     };
     let conn = ConnConfig::parse(&url)
         .map_err(Failure::usage)
-        .map_err(|f| Failure { error: f.error.context("parsing the source connection string"), ..f })?;
+        .map_err(|f| Failure {
+            error: f.error.context("parsing the source connection string"),
+            ..f
+        })?;
     let slot = a
         .slot
         .clone()
@@ -48,7 +51,12 @@ pub fn resolve(a: &SourceArgs) -> Result<SourceSel, Failure> {
         .clone()
         .or_else(|| config.as_ref().map(|c| c.source.publication.clone()))
         .unwrap_or_else(|| "reshard".into());
-    Ok(SourceSel { conn, slot, publication, config })
+    Ok(SourceSel {
+        conn,
+        slot,
+        publication,
+        config,
+    })
 }
 
 /// A config for catalog discovery: the given one, or defaults around the source URL.
