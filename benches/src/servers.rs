@@ -132,11 +132,15 @@ impl Server {
             );
         }
         let c = self.connect("postgres").await?;
-        c.batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {db} WITH (FORCE); CREATE DATABASE {db}"
-        ))
-        .await
-        .with_context(|| format!("recreating database {db} on {}", self.name))?;
+        // Two round trips: DROP/CREATE DATABASE refuse to run in a (multi-statement) block.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+            format!("CREATE DATABASE {db}"),
+        ] {
+            c.batch_execute(&sql)
+                .await
+                .with_context(|| format!("recreating database {db} on {}", self.name))?;
+        }
         Ok(())
     }
 
