@@ -22,9 +22,6 @@ use crate::servers::Topology;
 use crate::setup::{self, count_mismatches, current_lsn, expected_counts, shard_db};
 use crate::{ceiling, daemon, native, raw_copy};
 
-/// Share of large (100-299 row) transactions in the write mix, percent.
-pub const LARGE_PERCENT: u32 = 5;
-
 /// Everything a run is parameterized by.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Settings {
@@ -38,6 +35,9 @@ pub struct Settings {
     pub reshard_bin: PathBuf,
     /// Row changes in the catch-up backlog.
     pub backlog_changes: u64,
+    /// Share of large (100-299 row) transactions in the write mix, percent; the rest are
+    /// single-row.
+    pub large_percent: u32,
     /// Accounts of the fills and the write mix.
     pub accounts: u32,
     /// Base data under the catch-up and steady scenarios (`customers`, `events` of the
@@ -216,9 +216,15 @@ pub async fn catchup(topo: &Topology, set: &Settings, rep: &mut Report) -> Resul
         set.backlog_changes
     );
     let t = Instant::now();
-    let written = workload::write_mix(&src, set.backlog_changes, set.accounts, LARGE_PERCENT, 0.42)
-        .await
-        .context("writing the backlog")?;
+    let written = workload::write_mix(
+        &src,
+        set.backlog_changes,
+        set.accounts,
+        set.large_percent,
+        0.42,
+    )
+    .await
+    .context("writing the backlog")?;
     let wrote_in = t.elapsed();
     let target = current_lsn(&src).await?;
     rep.add(SC, "backlog", "changes", written as f64, "rows");
@@ -683,7 +689,7 @@ async fn write_steady(
         if due > written {
             let seed = ((tick % 2000) as f64 / 1000.0) - 1.0;
             written +=
-                workload::write_mix(&mixer, due - written, set.accounts, LARGE_PERCENT, seed)
+                workload::write_mix(&mixer, due - written, set.accounts, set.large_percent, seed)
                     .await
                     .context("steady write mix")?;
         }

@@ -383,8 +383,10 @@ mod tests {
             .await
             .unwrap()
             .get(0);
-        // Mostly single-row transactions: far more commits than 5000 / 100.
-        assert!(after - before > 1_000, "{} commits", after - before);
+        // 95 % of the transactions are single-row, 5 % carry 100-299 rows: about 460 commits
+        // (far more than the 17-50 of only large ones, far fewer than 5000 single-row ones).
+        let commits = after - before;
+        assert!((200..2_000).contains(&commits), "{commits} commits");
         let moved: i64 = client
             .query_one(
                 "SELECT count(*) FROM events WHERE kind IN ('bulk', 'seen', 'live')",

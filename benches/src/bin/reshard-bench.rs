@@ -49,6 +49,10 @@ struct Args {
     /// Row changes in the catch-up backlog (default 1 000 000; quick 50 000).
     #[arg(long)]
     changes: Option<u64>,
+    /// Share of large (100-299 row) transactions in the write mix, percent (the rest are
+    /// single-row). At 2, about 80 % of the changes arrive in large transactions.
+    #[arg(long, default_value_t = 2)]
+    large_percent: u32,
     /// Scale of the full-load data as a fraction of the default (about 1 000 000 rows; quick
     /// about 50 000).
     #[arg(long)]
@@ -123,6 +127,7 @@ async fn run(args: Args) -> Result<bool> {
         backlog_changes: args
             .changes
             .unwrap_or(if quick { 50_000 } else { 1_000_000 }),
+        large_percent: args.large_percent.min(100),
         accounts: if quick { 200 } else { 1000 },
         base_customers: if quick { 100 } else { 1000 },
         base_events: if quick { 1000 } else { 15_000 },
