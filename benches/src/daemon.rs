@@ -5,8 +5,9 @@
 //! `reshard.toml` (explicit `[[tables]]`, so the benchmark's helper objects are not replicated),
 //! the slot created before a backlog (`reshard slot create`), a running daemon whose output goes
 //! to a log file, and the waits that tell when it has applied everything: every shard's
-//! `max(commit_lsn)` in `reshard.progress` has reached a source LSN (the daemon writes
-//! heartbeats, so idle shards advance too), or every shard's row counts equal what it must hold.
+//! `max(commit_lsn)` in `reshard.progress` has reached the LSN of a fence transaction that
+//! every shard receives last (see [`crate::setup::fence`]; heartbeats are not needed, but
+//! count), or every shard's row counts equal what it must hold.
 
 use std::fs;
 use std::path::{Path, PathBuf};

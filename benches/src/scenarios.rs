@@ -19,7 +19,7 @@ use reshard_harness::workload::{self, FillSpec};
 use crate::procstat::{Sampler, Watch};
 use crate::report::Report;
 use crate::servers::Topology;
-use crate::setup::{self, count_mismatches, current_lsn, expected_counts, shard_db};
+use crate::setup::{self, count_mismatches, expected_counts, shard_db};
 use crate::{ceiling, daemon, native, raw_copy};
 
 /// Everything a run is parameterized by.
@@ -226,7 +226,8 @@ pub async fn catchup(topo: &Topology, set: &Settings, rep: &mut Report) -> Resul
     .await
     .context("writing the backlog")?;
     let wrote_in = t.elapsed();
-    let target = current_lsn(&src).await?;
+    // Every shard receives the fence last: applied fence = applied backlog.
+    let target = setup::fence(&src).await?;
     rep.add(SC, "backlog", "changes", written as f64, "rows");
     rep.add(
         SC,
@@ -579,7 +580,7 @@ async fn steady_one(
             },
         )
         .await?;
-        let now = current_lsn(&src).await?;
+        let now = setup::fence(&src).await?;
         native::wait_confirmed(topo, &src_db, &prefix, now, set.timeout()).await?;
     } else {
         let s = daemon::write_config(
@@ -592,7 +593,7 @@ async fn steady_one(
         )?;
         s.create_slot()?;
         let mut daemon = s.spawn(true)?;
-        let now = current_lsn(&src).await?;
+        let now = setup::fence(&src).await?;
         daemon::wait_progress(topo, &s, &mut daemon, now, set.timeout()).await?;
         d = Some(daemon);
         rs = Some(s);
@@ -611,7 +612,7 @@ async fn steady_one(
         set.steady_secs
     );
     let (written, probes, el) = write_steady(topo, &src_db, set, rate).await?;
-    let end = current_lsn(&src).await?;
+    let end = setup::fence(&src).await?;
     let drained = if let (Some(daemon), Some(s)) = (d.as_mut(), rs.as_ref()) {
         daemon::wait_progress(topo, s, daemon, end, set.timeout()).await
     } else {

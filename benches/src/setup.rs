@@ -198,6 +198,30 @@ pub async fn current_lsn(c: &Client) -> Result<Lsn> {
         .map_err(|e| anyhow::anyhow!("pg_current_wal_lsn() = {s}: {e}"))
 }
 
+/// Writes a fence: one transaction updating a broadcast row (`plans` id 1, no value changes),
+/// which every shard receives after everything committed before it. Returns an LSN inside
+/// that transaction, below its commit record: a shard whose applied `commit_lsn` reaches it has
+/// applied the fence, hence (applying in source commit order) everything before it. Needs no
+/// heartbeat from the consumer and changes no row count.
+pub async fn fence(c: &Client) -> Result<Lsn> {
+    let rows = c
+        .simple_query(
+            "BEGIN; UPDATE plans SET name = name WHERE id = 1; \
+             SELECT pg_current_wal_insert_lsn()::text; COMMIT",
+        )
+        .await
+        .context("writing the fence transaction")?;
+    let s = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .context("the fence returned no LSN")?;
+    s.parse::<Lsn>()
+        .map_err(|e| anyhow::anyhow!("fence LSN {s}: {e}"))
+}
+
 /// Total of a count map.
 pub fn total(m: &BTreeMap<String, i64>) -> i64 {
     m.values().sum()
