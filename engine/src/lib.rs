@@ -29,16 +29,30 @@
 pub mod catalog;
 pub mod config;
 pub mod error;
-
 pub mod event;
 pub mod lsn;
+pub mod metrics;
 
+pub mod admin;
 pub mod apply;
 pub mod decode;
+pub mod handoff;
+pub mod ingest;
 pub mod route;
+pub mod runtime;
+pub mod snapshot;
 pub mod source;
 pub mod spill;
 pub mod status;
+
+pub mod check;
+pub mod cutover;
+pub mod observe;
+pub mod pgconn;
+pub mod progress;
+pub mod purge;
+pub mod tableinfo;
+pub mod verify;
 
 pub use event::{
     Begin, Change, Column, Commit, OldRow, Relation, ReplicaIdentity, Row, ShardEvent, ShardId,

@@ -46,18 +46,27 @@ impl Topology {
                 c
             })
             .collect();
-        Topology { source, shards, dir: tempfile::tempdir().expect("tempdir"), daemons: vec![], runs: 0 }
+        Topology {
+            source,
+            shards,
+            dir: tempfile::tempdir().expect("tempdir"),
+            daemons: vec![],
+            runs: 0,
+        }
     }
 
     /// Runs SQL on the source database.
     pub fn source_sql(&self, sql: &str) -> String {
-        self.source.psql("app", sql).unwrap_or_else(|e| panic!("source SQL failed: {e}"))
+        self.source
+            .psql("app", sql)
+            .unwrap_or_else(|e| panic!("source SQL failed: {e}"))
     }
 
     /// Runs SQL on every shard.
     pub fn shards_sql(&self, sql: &str) {
         for (i, s) in self.shards.iter().enumerate() {
-            s.psql("app", sql).unwrap_or_else(|e| panic!("shard{i} SQL failed: {e}"));
+            s.psql("app", sql)
+                .unwrap_or_else(|e| panic!("shard{i} SQL failed: {e}"));
         }
     }
 
@@ -93,7 +102,10 @@ impl Topology {
             ));
         }
         for (i, c) in self.shards.iter().enumerate() {
-            s.push_str(&format!("[[shards]]\nname = \"shard{i}\"\nurl = \"{}\"\n\n", c.url("app")));
+            s.push_str(&format!(
+                "[[shards]]\nname = \"shard{i}\"\nurl = \"{}\"\n\n",
+                c.url("app")
+            ));
         }
         s.push_str(extra);
         let p = self.config_path();
@@ -124,15 +136,16 @@ impl Topology {
 
     /// The log of the most recent run.
     pub fn last_log(&self) -> String {
-        fs::read_to_string(self.dir.path().join(format!("run-{}.log", self.runs))).unwrap_or_default()
+        fs::read_to_string(self.dir.path().join(format!("run-{}.log", self.runs)))
+            .unwrap_or_default()
     }
 
     /// All run logs, concatenated (for failure messages).
     pub fn all_logs(&self) -> String {
         let mut s = String::new();
         for k in 1..=self.runs {
-            let text =
-                fs::read_to_string(self.dir.path().join(format!("run-{k}.log"))).unwrap_or_default();
+            let text = fs::read_to_string(self.dir.path().join(format!("run-{k}.log")))
+                .unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             s.push_str(&format!("--- run-{k}.log (last 60 lines) ---\n"));
             s.push_str(&lines[lines.len().saturating_sub(60)..].join("\n"));
@@ -202,7 +215,13 @@ impl Topology {
     /// For a sharded table: a digest of the source rows that PostgreSQL's hash partitioning
     /// (MODULUS = shard count) puts on `shard`, and of the rows the shard holds. For a
     /// broadcast table pass `key = None`: every row belongs everywhere.
-    pub fn digests(&self, table: &str, key: Option<(&str, &str)>, order_by: &str, shard: usize) -> (String, String) {
+    pub fn digests(
+        &self,
+        table: &str,
+        key: Option<(&str, &str)>,
+        order_by: &str,
+        shard: usize,
+    ) -> (String, String) {
         let n = self.shards.len();
         let filter = match key {
             Some((col, ty)) => {

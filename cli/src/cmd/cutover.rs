@@ -1,11 +1,111 @@
-//! `reshard cutover`.
+//! `reshard cutover --shard S`: wait until S has applied everything the source committed
+//! before the command started, move its sequences past the source's, verify it, report.
+//!
+//! Exit codes: 0 = safe to point the shard's accounts at it; 1 = not safe (timed out with the
+//! shard still behind, a verify mismatch, a sequence that could not be set); 2 = config or
+//! argument error (unknown shard, bad `--timeout`); 3 = could not complete (unreachable
+//! endpoint, the shard has never been fed by reshard, a failing query).
 
-use crate::output::{CmdResult, Failure};
+use reshard_engine::cutover::{cutover, CutoverError, CutoverOptions, CutoverReport};
+
+use super::check::table;
+use crate::output::{load_config, CmdResult, Failure};
 use crate::CutoverArgs;
 
 /// Runs `reshard cutover`.
-pub async fn run(_args: CutoverArgs) -> CmdResult {
-    Err(Failure::failed(anyhow::anyhow!(
-        "reshard cutover is being built"
-    )))
+pub async fn run(args: CutoverArgs) -> CmdResult {
+    let config = load_config(&args.config.config)?;
+    let timeout = reshard_engine::pgconn::parse_duration(&args.timeout)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("--timeout: {e}")))?;
+    let opts = CutoverOptions {
+        shard: args.shard.clone(),
+        timeout,
+        verify: !args.no_verify,
+        router: None,
+    };
+    let report = match cutover(&config, &opts).await {
+        Ok(r) => r,
+        Err(e) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "shard": args.shard, "error": e.to_string()})
+                );
+            }
+            return Err(match e {
+                CutoverError::UnknownShard { .. } => Failure::usage(e),
+                CutoverError::Timeout { .. } => Failure::problem(e),
+                CutoverError::Verify { source, .. } => super::verify::verify_failure(source),
+                other => Failure::failed(other),
+            });
+        }
+    };
+    if args.json {
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the report: {e}")))?;
+        println!("{json}");
+    } else {
+        print!("{}", render(&report));
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        Err(Failure::problem(anyhow::anyhow!(
+            "shard {} is NOT safe to cut over (see above)",
+            report.shard
+        )))
+    }
+}
+
+fn render(r: &CutoverReport) -> String {
+    let mut out = format!(
+        "shard {}: reached source LSN {} (progress {}) after waiting {:.1}s ({})\n\n",
+        r.shard, r.target_lsn, r.reached_lsn, r.waited_secs, r.marker
+    );
+    let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    if r.sequences.is_empty() {
+        out.push_str("sequences: none in the replicated schemas\n");
+    } else {
+        out.push_str(&format!("sequences (gap {}):\n", r.sequence_gap));
+        let mut rows = vec![[
+            "SEQUENCE",
+            "SOURCE",
+            "SHARD BEFORE",
+            "SHARD AFTER",
+            "ACTION",
+        ]
+        .map(String::from)];
+        for s in &r.sequences {
+            rows.push([
+                s.name.clone(),
+                opt(s.source_value),
+                opt(s.shard_before),
+                opt(s.shard_after),
+                s.action.clone(),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    out.push_str("\nrows on the shard:\n");
+    let mut rows = vec![["TABLE", "ROWS"].map(String::from)];
+    for t in &r.tables {
+        rows.push([t.table.clone(), t.rows.to_string()]);
+    }
+    out.push_str(&table(&rows));
+    match &r.verify {
+        Some(v) => {
+            out.push_str("\nverify:\n");
+            out.push_str(&super::verify::render(v));
+        }
+        None => out.push_str("\nverify: skipped (--no-verify)\n"),
+    }
+    out.push_str(&format!(
+        "\n{}\n",
+        if r.ok {
+            format!("SAFE: point the accounts of shard {} at it", r.shard)
+        } else {
+            format!("NOT SAFE: shard {} must not take traffic yet", r.shard)
+        }
+    ));
+    out
 }

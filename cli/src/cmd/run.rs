@@ -1,11 +1,41 @@
-//! `reshard run`.
+//! `reshard run`: the migration daemon.
 
-use crate::output::{CmdResult, Failure};
+use anyhow::Context;
+use reshard_engine::runtime::{self, RunOptions};
+
+use crate::output::{load_config, CmdResult, Failure};
 use crate::RunArgs;
 
-/// Runs `reshard run`.
-pub async fn run(_args: RunArgs) -> CmdResult {
-    Err(Failure::failed(anyhow::anyhow!(
-        "reshard run is being built"
-    )))
+/// Runs the daemon until SIGTERM/SIGINT, `SHUTDOWN` on the admin console, or a fatal error.
+/// A clean shutdown finishes or rolls back every open batch, confirms the final flush
+/// position to the slot and exits 0.
+pub async fn run(args: RunArgs) -> CmdResult {
+    let cfg = load_config(&args.config.config)?;
+    let running = runtime::start(
+        cfg,
+        RunOptions {
+            skip_full_load: args.skip_full_load,
+        },
+    )
+    .await
+    .context("reshard run could not start")?;
+    let mut done = running.done;
+    let result = tokio::select! {
+        sig = runtime::wait_for_signal() => {
+            tracing::info!(signal = sig, "shutting down");
+            let _ = running.shutdown.send(true);
+            done.await
+        }
+        r = &mut done => r,
+    };
+    match result {
+        Ok(Ok(summary)) => {
+            tracing::info!(confirmed_flush_lsn = %summary.confirmed_flush_lsn, "clean shutdown");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(Failure::failed(
+            anyhow::Error::from(e).context("reshard run stopped"),
+        )),
+        Err(e) => Err(Failure::failed(anyhow::anyhow!("reshard run crashed: {e}"))),
+    }
 }

@@ -129,30 +129,20 @@ pub async fn run(args: SlotArgs) -> CmdResult {
                         "--purge needs -c reshard.toml (it cleans the shards listed there)"
                     )));
                 };
-                let client = sel
-                    .conn
-                    .connect_sql()
-                    .await
-                    .context("connecting to the source")?;
-                client
-                    .batch_execute(&format!(
-                        "DROP PUBLICATION IF EXISTS {}",
-                        reshard_engine::event::quote_ident(&sel.publication)
-                    ))
-                    .await
-                    .context("dropping the publication")?;
-                println!("publication {}: dropped", sel.publication);
-                for s in &cfg.shards {
-                    let conn = reshard_engine::source::ConnConfig::parse(&s.url)
-                        .with_context(|| format!("shard {}: parsing its url", s.name))?;
-                    let c = conn
-                        .connect_sql()
-                        .await
-                        .with_context(|| format!("shard {}: connecting", s.name))?;
-                    c.batch_execute("DROP SCHEMA IF EXISTS reshard CASCADE")
-                        .await
-                        .with_context(|| format!("shard {}: dropping schema reshard", s.name))?;
-                    println!("shard {}: schema reshard dropped", s.name);
+                let mut failed = 0;
+                for step in reshard_engine::purge::purge(cfg).await {
+                    match &step.error {
+                        None => println!("{}: {}: done", step.target, step.sql),
+                        Some(e) => {
+                            failed += 1;
+                            println!("{}: {}: FAILED: {e}", step.target, step.sql);
+                        }
+                    }
+                }
+                if failed > 0 {
+                    return Err(Failure::failed(anyhow::anyhow!(
+                        "{failed} clean-up step(s) failed (see above); fix the cause and run `reshard slot drop --purge` again"
+                    )));
                 }
                 if cfg.spill.dir.exists() {
                     std::fs::remove_dir_all(&cfg.spill.dir).with_context(|| {

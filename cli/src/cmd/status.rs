@@ -1,11 +1,142 @@
-//! `reshard status`.
+//! `reshard status`: one screen — phase, source slot, shards, tables, spill log.
+//!
+//! Asks the running daemon's admin console; when it does not answer, rebuilds the status from
+//! the source's slot, the shards' progress rows and the spill directory (phase `stopped`).
+//! Exit codes: 0 when the status could be shown; 2 on a config error. An unreachable source
+//! or shard is shown in the screen (its error column), not as a failure.
 
-use crate::output::{CmdResult, Failure};
+use reshard_engine::observe::{current_status, StatusOrigin};
+use reshard_engine::status::StatusSnapshot;
+
+use super::check::table;
+use crate::output::{load_config, CmdResult, Failure};
 use crate::StatusArgs;
 
 /// Runs `reshard status`.
-pub async fn run(_args: StatusArgs) -> CmdResult {
-    Err(Failure::failed(anyhow::anyhow!(
-        "reshard status is being built"
-    )))
+pub async fn run(args: StatusArgs) -> CmdResult {
+    let config = load_config(&args.config.config)?;
+    let (snap, origin) = current_status(&config).await;
+    if args.json {
+        let json = serde_json::to_string_pretty(&snap)
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the status: {e}")))?;
+        println!("{json}");
+    } else {
+        print!("{}", render(&snap, origin));
+    }
+    Ok(())
+}
+
+/// `1.5 GiB`-style sizes.
+pub(crate) fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
+    let mut out = String::new();
+    let from = match origin {
+        StatusOrigin::Daemon => format!("live, from the daemon; up {:.0}s", s.uptime_secs),
+        StatusOrigin::Offline => {
+            "daemon not running: rebuilt from slot, progress rows and spill directory".into()
+        }
+    };
+    out.push_str(&format!("phase: {}  ({from})\n\n", s.phase.as_str()));
+    let src = &s.source;
+    out.push_str(&format!(
+        "source  slot {}  publication {}  system {}\n",
+        src.slot,
+        src.publication,
+        if src.system_id.is_empty() {
+            "-"
+        } else {
+            &src.system_id
+        }
+    ));
+    out.push_str(&format!(
+        "        current WAL {}  confirmed flush {}  retained WAL {}{}\n",
+        src.current_wal_lsn,
+        src.confirmed_flush_lsn,
+        bytes(src.retained_wal_bytes),
+        if src.backpressure {
+            "  READING PAUSED (spill cap)"
+        } else {
+            ""
+        }
+    ));
+    if let Some(e) = &src.last_error {
+        out.push_str(&format!("        ! {e}\n"));
+    }
+    out.push('\n');
+    let mut rows = vec![[
+        "SHARD",
+        "STATE",
+        "APPLIED LSN",
+        "LAG",
+        "LAG S",
+        "TXNS",
+        "ROWS",
+        "ROWS/S",
+        "LAST ERROR",
+    ]
+    .map(String::from)];
+    for sh in &s.shards {
+        rows.push([
+            sh.name.clone(),
+            sh.state.as_str().into(),
+            sh.applied_lsn.to_string(),
+            bytes(sh.lag_bytes),
+            format!("{:.1}", sh.lag_seconds),
+            sh.txns_applied_total.to_string(),
+            (sh.rows_inserted_total + sh.rows_updated_total + sh.rows_deleted_total).to_string(),
+            format!("{:.0}", sh.rows_per_sec),
+            sh.last_error.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    if !s.tables.is_empty() {
+        out.push('\n');
+        let mut rows = vec![["TABLE", "TARGET", "MODE", "STATE", "ROWS COPIED"].map(String::from)];
+        for t in &s.tables {
+            let copied = if t.rows_estimated > 0 {
+                format!("{} / ~{}", t.rows_copied, t.rows_estimated)
+            } else {
+                t.rows_copied.to_string()
+            };
+            rows.push([
+                t.name.clone(),
+                t.target.clone(),
+                t.mode.clone(),
+                t.state.clone(),
+                copied,
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    let sp = &s.spill;
+    out.push_str(&format!(
+        "\nspill   {}  {} of {} in {} segments  oldest unapplied {}{}\n",
+        sp.dir,
+        bytes(sp.bytes),
+        bytes(sp.max_bytes),
+        sp.segments,
+        sp.oldest_unapplied_lsn
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "-".into()),
+        if sp.backpressure_active {
+            "  CAP REACHED"
+        } else {
+            ""
+        }
+    ));
+    out
 }

@@ -1,1 +1,217 @@
-//! Per-shard apply pipeline. (Being built.)
+//! Per-shard apply: one [`ShardApplier`] per target shard, on its own connection, at its own
+//! pace.
+//!
+//! In: that shard's [`ShardEvent`](crate::event::ShardEvent)s, read from a
+//! [`ShardLog`](crate::event::ShardLog) (the spill log) after the shard's durable progress.
+//! Out: the source transactions applied to the shard, grouped into target transactions bounded
+//! by rows, bytes and time, with the shard's progress row (`reshard.progress`) written in the
+//! same target transaction; [`ShardStatus`] updates; `ShardLog::applied` after each durable
+//! commit.
+//!
+//! Invariant: every source transaction routed to the shard is applied exactly once, in source
+//! commit order. On (re)start the applier reads its progress row and skips every transaction
+//! with `commit_lsn <=` it, even if the log delivers it again.
+//!
+//! Inside a target transaction, changes are buffered (bounded by `batch_max_rows` /
+//! `batch_max_bytes`), folded per key ([`fold`]) and written set-based through a COPY-filled
+//! staging table ([`batch`]). A large source transaction is flushed in pieces into the still
+//! open target transaction, and committed once, at its Commit. If a set-based flush hits a
+//! constraint or data error that source order might not (unique values swapped between rows),
+//! the flush is rolled back to a savepoint and replayed change by change in source order.
+//!
+//! ```text
+//!   ShardReader ──► buffer (≤ rows/bytes) ──► fold per table/key ──► COPY staging ──► DELETE/INSERT/UPDATE
+//!                        │                                                          │
+//!                        └─ Commit of source txn: group done? ──► UPDATE reshard.progress; COMMIT
+//! ```
+
+mod applier;
+pub mod batch;
+mod error;
+pub mod fold;
+pub mod memlog;
+pub mod progress;
+pub mod schema;
+pub mod text;
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use tokio_postgres::Client;
+
+pub use applier::ShardApplier;
+pub use error::ApplyError;
+pub use progress::{read_progress, Progress};
+
+use crate::error::{class_of_pg, Classify, ErrorClass};
+use crate::event::{PgTimestamp, ShardId};
+use crate::lsn::Lsn;
+
+/// Options of one shard's apply pipeline.
+#[derive(Clone, Debug)]
+pub struct ApplyOptions {
+    /// The shard's index (what the log is keyed by).
+    pub shard: ShardId,
+    /// The shard's name (in the progress row, logs and messages). Default `"0"`.
+    pub shard_name: String,
+    /// The source's `system_identifier`, recorded in the progress row. Default empty.
+    pub source_system_id: String,
+    /// The slot name, recorded in the progress row. Default `"reshard"`.
+    pub slot: String,
+    /// At most this many changes are buffered before they are written to the target, and a
+    /// target transaction is committed at the first source Commit past this many. Default
+    /// 10 000.
+    pub batch_max_rows: usize,
+    /// Same bound in bytes of value text. Default 16 MiB.
+    pub batch_max_bytes: usize,
+    /// A target transaction is committed at the latest this long after its first source
+    /// transaction ended (or at that transaction's Commit, if it ends later). Default 100 ms.
+    pub batch_max_delay_ms: u64,
+    /// Run with `session_replication_role = replica` so that the target's ordinary triggers and
+    /// foreign-key checks do not fire (the source already ran them); if the role lacks the
+    /// permission, a warning is logged and apply runs without it. Default true.
+    /// See <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-SESSION-REPLICATION-ROLE>.
+    pub session_replication_role_replica: bool,
+    /// Source `schema.table` → target `schema.table` (unquoted). Tables not listed keep their
+    /// name. Default empty (identity).
+    pub table_map: HashMap<String, String>,
+    /// First retry delay after a transient error. Default 100 ms.
+    pub retry_initial_ms: u64,
+    /// Largest retry delay (the delay doubles up to it). Default 10 000 ms.
+    pub retry_max_ms: u64,
+    /// An idle shard records heartbeat progress at most this often. Default 1 000 ms.
+    pub heartbeat_interval_ms: u64,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            shard: ShardId(0),
+            shard_name: "0".to_owned(),
+            source_system_id: String::new(),
+            slot: "reshard".to_owned(),
+            batch_max_rows: 10_000,
+            batch_max_bytes: 16 << 20,
+            batch_max_delay_ms: 100,
+            session_replication_role_replica: true,
+            table_map: HashMap::new(),
+            retry_initial_ms: 100,
+            retry_max_ms: 10_000,
+            heartbeat_interval_ms: 1_000,
+        }
+    }
+}
+
+/// What a shard's applier is doing.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApplyState {
+    /// Connecting or not started.
+    #[default]
+    Starting,
+    /// Applying.
+    Running,
+    /// Waiting to retry after a transient error (see `last_error`).
+    Retrying,
+    /// Paused by the operator: nothing is read or committed.
+    Paused,
+    /// Stopped: shut down, or a definite error (see `last_error`).
+    Stopped,
+}
+
+/// A shard's apply status, published on a `watch` channel.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ShardStatus {
+    /// The shard's name.
+    pub shard: String,
+    /// What it is doing.
+    pub state: ApplyState,
+    /// Durable progress: every source transaction with a commit LSN at or below is applied.
+    pub applied_commit_lsn: Lsn,
+    /// End of the commit record of that transaction.
+    pub applied_end_lsn: Lsn,
+    /// Source commit time of the last applied transaction.
+    pub last_commit_time: Option<PgTimestamp>,
+    /// Source transactions applied (this run).
+    pub txns_applied: u64,
+    /// Source INSERTs applied.
+    pub rows_inserted: u64,
+    /// Source UPDATEs applied.
+    pub rows_updated: u64,
+    /// Source DELETEs applied.
+    pub rows_deleted: u64,
+    /// Source TRUNCATEs applied.
+    pub truncates: u64,
+    /// Target transactions committed with data.
+    pub batches: u64,
+    /// Buffers written into a target transaction (several per batch for large transactions).
+    pub flushes: u64,
+    /// Flushes replayed change by change after a set-based statement failed.
+    pub replays: u64,
+    /// Transient errors retried.
+    pub retries: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// Opens a ready target connection. The runtime passes a closure over the shard's connection
+/// config; tests use [`PgConnect`].
+pub trait Connect: Send + Sync + 'static {
+    /// Why connecting failed (transient: retried with backoff; definite: the shard stops).
+    type Error: std::error::Error + Classify + Send + Sync + 'static;
+
+    /// A new connection (its connection task already spawned).
+    fn connect(&self) -> impl Future<Output = Result<Client, Self::Error>> + Send;
+}
+
+impl<F, Fut, E> Connect for F
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Client, E>> + Send,
+    E: std::error::Error + Classify + Send + Sync + 'static,
+{
+    type Error = E;
+
+    fn connect(&self) -> impl Future<Output = Result<Client, E>> + Send {
+        self()
+    }
+}
+
+/// Connects with a `tokio_postgres::Config` and no TLS.
+#[derive(Clone, Debug)]
+pub struct PgConnect(pub tokio_postgres::Config);
+
+/// A `tokio_postgres` connection failure, classified.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PgConnectError(#[source] pub tokio_postgres::Error);
+
+impl Classify for PgConnectError {
+    fn class(&self) -> ErrorClass {
+        match self.0.code().map(|c| c.code()) {
+            // Wrong password, no such role or database, no pg_hba entry: retrying won't help.
+            Some("28P01" | "28000" | "3D000") => ErrorClass::Definite,
+            _ => class_of_pg(&self.0),
+        }
+    }
+}
+
+impl Connect for PgConnect {
+    type Error = PgConnectError;
+
+    fn connect(&self) -> impl Future<Output = Result<Client, PgConnectError>> + Send {
+        let config = self.0.clone();
+        async move {
+            let (client, conn) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(PgConnectError)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "target connection closed");
+                }
+            });
+            Ok(client)
+        }
+    }
+}

@@ -1,1 +1,619 @@
-//! Spill log: local durable buffer between route and apply. (Being built.)
+//! Spill log: the local, durable, compressed buffer between route and apply.
+//!
+//! In: committed source transactions, already routed: the ingest calls
+//! [`SpillWriter::append`] for each `(shard, event)` of a transaction (Begin, Change*, Commit
+//! per touched shard), then [`SpillWriter::end_txn`], and every few milliseconds
+//! [`SpillWriter::commit`] (group commit). Out: per shard, a [`SpillReader`] (through the
+//! [`ShardLog`](crate::event::ShardLog) trait implemented by [`SpillLog`]) delivering that
+//! shard's events in commit order, plus [`ShardEvent::Heartbeat`](crate::event::ShardEvent)
+//! when the shard is idle; and the durable LSN the ingest may confirm to the slot.
+//!
+//! Invariants kept here:
+//! - **Durable before acknowledged.** A group commit ([`SpillWriter::commit`], or
+//!   [`SpillWriter::flush`] which also waits) seals the open blocks, `sync_data`s every shard
+//!   log written since the last one, and only then appends the new durable LSN to the
+//!   checkpoint file (and syncs it). The fsyncs run on a syncer thread, one group commit in
+//!   flight at a time, so appends continue while the disk works and the next group is
+//!   whatever arrived meanwhile. At open, everything after the checkpoint is cut off, since
+//!   the source re-sends it.
+//! - **Nothing unapplied is deleted.** A segment is removed only when its shard has applied
+//!   everything in it ([`ShardLog::applied`](crate::event::ShardLog::applied)); at the size
+//!   cap the writer reports [`SpillWriter::over_cap`] and the ingest pauses instead.
+//! - **Bounded memory.** Records stream into blocks of `block_bytes`; a transaction of any
+//!   size never sits whole in memory, on either side. The in-memory tail that serves
+//!   caught-up readers is capped at `memory_tail_bytes`.
+//! - **No silent skip.** A torn tail is cut off at open; a bad frame followed by good data, or
+//!   a missing segment, is a [`SpillError::Corrupt`] / [`SpillError::MissingSegment`] naming
+//!   the file and offset.
+//!
+//! How the ingest drives the writer (on its blocking thread):
+//!
+//! ```text
+//! let (mut w, report) = SpillWriter::open(opts, identity)?;  // resume the slot at report.durable_lsn
+//! let log = w.log();                                          // one clone per shard's apply task
+//! for each committed source transaction:
+//!     if w.over_cap() { block_on(w.wait_for_space()) }       // between transactions only
+//!     per touched shard: append(Begin), append(Change)*, append(Commit)
+//!     w.end_txn(commit.end_lsn)
+//!     if w.flush_due() { w.commit()? }                        // group commit, not waiting
+//! meanwhile: confirm log.durable_watch() values to the slot as flush_lsn
+//! source dropped mid-transaction: w.abort_incomplete()        // readers past it get CutBack
+//! ```
+//!
+//! Heartbeats: a reader that has delivered every frame and is outside a transaction yields
+//! `Heartbeat(durable_lsn - 1)` once that is past the last LSN it reported. Not
+//! `durable_lsn` itself: the durable LSN is the *end* of the last durable commit record, and
+//! the next transaction's commit record may start exactly there, so only LSNs strictly below
+//! it are known to hold nothing more for the shard (a progress row at `durable_lsn` could make
+//! a restarted reader skip that transaction).
+//!
+//! Layout of `[spill] dir`:
+//!
+//! ```text
+//! lock                              flock'ed by the one writer process
+//! identity                          source system id, slot, shard names (JSON)
+//! checkpoint                        append-only CRC-framed durable checkpoints
+//! shard-0000/<first commit LSN>-<seq>.seg   segments of shard 0: zstd frames (see `block`)
+//! shard-0001/…
+//! ```
+//!
+//! Threading: [`SpillWriter`] is synchronous (plain files, explicit `sync_data`): run it on a
+//! dedicated thread or inside `spawn_blocking`. It owns one helper thread, `spill-sync`, for
+//! group commits. [`SpillWriter::wait_for_space`] and
+//! [`SpillReader::next`](crate::event::ShardReader::next) are async and never hold a lock
+//! across an `.await`. Readers read sealed frames with positioned reads (`pread`) of at most
+//! one block.
+
+mod block;
+mod checkpoint;
+pub mod codec;
+mod reader;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use crate::error::{Classify, ErrorClass};
+use crate::event::ShardId;
+use crate::lsn::Lsn;
+
+pub use codec::CodecError;
+pub use reader::{SpillLog, SpillReader};
+pub use writer::{OpenReport, ShardOpenReport, SpillWriter};
+
+/// Default `[spill] dir`.
+pub const DEFAULT_DIR: &str = "./reshard-data";
+/// Default `[spill] segment_bytes`: 64 MiB.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+/// Default `[spill] max_bytes`: 10 GiB.
+pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
+/// Default `[spill] block_bytes`: 512 KiB uncompressed.
+pub const DEFAULT_BLOCK_BYTES: usize = 512 << 10;
+/// Default `[spill] zstd_level`.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+/// Default `[spill] memory_tail_bytes`: 64 MiB shared by all shards.
+pub const DEFAULT_MEMORY_TAIL_BYTES: u64 = 64 << 20;
+/// Default `[spill] flush_interval_ms`.
+pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 20;
+
+/// `[spill]` settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpillOptions {
+    /// Directory of the spill log. Default `./reshard-data`. Must be on a local disk that
+    /// honours fsync; it belongs to one source and slot (see the `identity` file).
+    pub dir: PathBuf,
+    /// Size at which a shard's segment file is sealed and a new one started. Default 64 MiB.
+    /// Retention deletes whole segments.
+    pub segment_bytes: u64,
+    /// Cap on the bytes of all segments together. Default 10 GiB. At the cap the ingest stops
+    /// reading from the source until shards drain.
+    pub max_bytes: u64,
+    /// Uncompressed size at which a block of records is compressed and written. Default
+    /// 512 KiB. Bounds the writer's and each reader's memory.
+    pub block_bytes: usize,
+    /// zstd level of the blocks, 1..=9. Default 1.
+    pub zstd_level: i32,
+    /// Bytes of recent uncompressed blocks kept in memory (all shards together) so caught-up
+    /// readers do not read files. Default 64 MiB; 0 disables the tail.
+    pub memory_tail_bytes: u64,
+    /// How often the ingest should group-commit ([`SpillWriter::flush_due`]). Default 20 ms.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for SpillOptions {
+    fn default() -> SpillOptions {
+        SpillOptions {
+            dir: PathBuf::from(DEFAULT_DIR),
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            max_bytes: DEFAULT_MAX_BYTES,
+            block_bytes: DEFAULT_BLOCK_BYTES,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            memory_tail_bytes: DEFAULT_MEMORY_TAIL_BYTES,
+            flush_interval_ms: DEFAULT_FLUSH_INTERVAL_MS,
+        }
+    }
+}
+
+impl SpillOptions {
+    /// Checks the ranges; the error names the config key.
+    pub fn validate(&self) -> Result<(), SpillError> {
+        let bad = |key: &'static str, msg: String| Err(SpillError::Config { key, msg });
+        if !(4096..=(64 << 20)).contains(&self.block_bytes) {
+            return bad(
+                "[spill] block_bytes",
+                format!("{} is outside 4096..=67108864", self.block_bytes),
+            );
+        }
+        if self.segment_bytes < 2 * self.block_bytes as u64 {
+            return bad(
+                "[spill] segment_bytes",
+                format!(
+                    "{} must be at least twice [spill] block_bytes ({})",
+                    self.segment_bytes, self.block_bytes
+                ),
+            );
+        }
+        if self.max_bytes < 2 * self.segment_bytes {
+            return bad(
+                "[spill] max_bytes",
+                format!(
+                    "{} must be at least twice [spill] segment_bytes ({})",
+                    self.max_bytes, self.segment_bytes
+                ),
+            );
+        }
+        if !(1..=9).contains(&self.zstd_level) {
+            return bad(
+                "[spill] zstd_level",
+                format!("{} is outside 1..=9", self.zstd_level),
+            );
+        }
+        if self.flush_interval_ms == 0 || self.flush_interval_ms > 10_000 {
+            return bad(
+                "[spill] flush_interval_ms",
+                format!("{} is outside 1..=10000", self.flush_interval_ms),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Whose data a spill directory holds. Stored in `<dir>/identity` when the directory is
+/// created and checked at every open.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpillIdentity {
+    /// The source's system identifier (`IDENTIFY_SYSTEM`'s `systemid`).
+    pub system_id: String,
+    /// The replication slot name.
+    pub slot: String,
+    /// The shard names, in shard order (the index is the [`ShardId`]).
+    pub shards: Vec<String>,
+}
+
+/// Errors of the spill log.
+#[derive(Debug, thiserror::Error)]
+pub enum SpillError {
+    /// A file operation failed.
+    #[error("spill log: cannot {op} {path}: {source}; check that the disk is mounted, writable and not full")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another process (or another writer in this one) has the directory open.
+    #[error("spill directory {dir} is in use by another reshard process (its lock file is held): stop that process, or point [spill] dir elsewhere")]
+    Locked {
+        /// The spill directory.
+        dir: PathBuf,
+    },
+    /// The directory belongs to another source or slot.
+    #[error("spill directory {dir} belongs to source {found_system_id} slot {found_slot}, not {system_id}/{slot}: point [spill] dir elsewhere or remove it after checking nothing unapplied is in it")]
+    IdentityMismatch {
+        /// The spill directory.
+        dir: PathBuf,
+        /// System id recorded in the directory.
+        found_system_id: String,
+        /// Slot recorded in the directory.
+        found_slot: String,
+        /// System id of this run.
+        system_id: String,
+        /// Slot of this run.
+        slot: String,
+    },
+    /// The directory was written for another list of shards.
+    #[error("spill directory {dir} was written for shards {found:?}, but the config lists {expected:?}: shard logs are per shard index, so the shard list cannot change while data is spilled; restore the old [[shards]] list until every shard has applied its log, or point [spill] dir elsewhere")]
+    ShardsMismatch {
+        /// The spill directory.
+        dir: PathBuf,
+        /// Shards recorded in the directory.
+        found: Vec<String>,
+        /// Shards of this run.
+        expected: Vec<String>,
+    },
+    /// A file of the spill log holds bytes that cannot be what the writer wrote.
+    #[error("spill file {path} is corrupt at offset {offset}: {reason}. This data was already confirmed to the source and cannot be re-read from it: restore the file from a backup, or re-copy the affected shard; reshard never skips it")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Byte offset of the bad frame or record.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A segment between two existing ones is missing.
+    #[error("spill log of shard {shard} is missing segment {seq} (in {dir}), while later segments exist: the log has a hole; restore the file, or re-copy the shard; reshard never skips it")]
+    MissingSegment {
+        /// The shard.
+        shard: ShardId,
+        /// Sequence number of the missing segment.
+        seq: u64,
+        /// The shard's directory.
+        dir: PathBuf,
+    },
+    /// A shard log is shorter than the durable checkpoint says.
+    #[error("spill segment {path} has {have} bytes but the durable checkpoint says {need}: data confirmed to the source is lost (disk or filesystem lost synced writes); re-copy the shard, or restore the spill directory from a backup")]
+    DurableDataLost {
+        /// The segment file.
+        path: PathBuf,
+        /// Its valid length.
+        have: u64,
+        /// What the checkpoint recorded.
+        need: u64,
+    },
+    /// A reader asked for data that retention already deleted.
+    #[error("shard {shard} asks for transactions after {after}, but the spill log already deleted everything up to {deleted_through} once the shard had applied it: the shard's progress went backwards (target restored from a backup?); re-copy the shard")]
+    Discarded {
+        /// The shard.
+        shard: ShardId,
+        /// Where the reader wanted to start.
+        after: Lsn,
+        /// What retention had deleted.
+        deleted_through: Lsn,
+    },
+    /// The log was cut back to the last complete transaction after the reader had read past
+    /// it (the source connection dropped in the middle of a transaction).
+    #[error("spill log of shard {shard} was cut back to the last complete transaction (source reconnected in the middle of a transaction) after this reader had read past it: roll back and reopen the reader after the shard's durable progress")]
+    CutBack {
+        /// The shard.
+        shard: ShardId,
+    },
+    /// A shard index outside the configured shards.
+    #[error("shard {shard} does not exist: the spill log has {count} shards")]
+    UnknownShard {
+        /// The shard asked for.
+        shard: ShardId,
+        /// How many shards the log has.
+        count: usize,
+    },
+    /// The ingest called the writer out of protocol (a bug in the caller).
+    #[error("spill writer misuse on shard {shard}: {msg}")]
+    Protocol {
+        /// The shard.
+        shard: ShardId,
+        /// What was wrong.
+        msg: String,
+    },
+    /// A previous write failed half-way; the writer must be reopened (which recovers from the
+    /// last durable checkpoint).
+    #[error(
+        "spill writer stopped: {reason}; reopen it (recovery resumes from durable LSN {durable})"
+    )]
+    WriterFailed {
+        /// The durable LSN to resume from.
+        durable: Lsn,
+        /// What failed.
+        reason: String,
+    },
+    /// A `[spill]` setting is out of range.
+    #[error("invalid {key}: {msg}")]
+    Config {
+        /// The config key.
+        key: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+}
+
+impl Classify for SpillError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            SpillError::Io { .. }
+            | SpillError::CutBack { .. }
+            | SpillError::WriterFailed { .. } => ErrorClass::Transient,
+            SpillError::Locked { .. }
+            | SpillError::IdentityMismatch { .. }
+            | SpillError::ShardsMismatch { .. }
+            | SpillError::Corrupt { .. }
+            | SpillError::MissingSegment { .. }
+            | SpillError::DurableDataLost { .. }
+            | SpillError::Discarded { .. }
+            | SpillError::UnknownShard { .. }
+            | SpillError::Protocol { .. }
+            | SpillError::Config { .. } => ErrorClass::Definite,
+        }
+    }
+}
+
+/// What the status page and `/metrics` show about the spill log.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SpillStats {
+    /// Bytes of all segment files.
+    pub bytes_on_disk: u64,
+    /// Number of segment files.
+    pub segments: u64,
+    /// End LSN of the last transaction durable in every shard log.
+    pub durable_lsn: Lsn,
+    /// The ingest is paused because `bytes_on_disk >= max_bytes`.
+    pub backpressure_active: bool,
+    /// Group commits that synced something.
+    pub fsyncs_total: u64,
+    /// `sync_data` calls on files (segments and checkpoint) over all group commits.
+    pub file_syncs_total: u64,
+    /// Transactions made durable.
+    pub txns_total: u64,
+    /// `txns_total / fsyncs_total`: the group-commit group size.
+    pub txns_per_fsync_avg: f64,
+    /// Uncompressed record bytes appended.
+    pub appended_bytes_total: u64,
+    /// Compressed frame bytes written.
+    pub written_bytes_total: u64,
+    /// Per shard, in shard order.
+    pub shards: Vec<ShardSpillStats>,
+}
+
+/// One shard's part of [`SpillStats`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ShardSpillStats {
+    /// Shard name.
+    pub name: String,
+    /// Bytes of this shard's segments.
+    pub bytes: u64,
+    /// Number of this shard's segments.
+    pub segments: u64,
+    /// Highest commit LSN the shard reported applied.
+    pub applied_lsn: Lsn,
+    /// First commit LSN still on disk for this shard (start of its oldest segment), if any.
+    pub oldest_retained_lsn: Option<Lsn>,
+    /// Where the shard's backlog starts, if it has one: the first commit LSN of its oldest
+    /// segment not fully applied, or its applied LSN when that segment is partly applied.
+    pub oldest_unapplied_lsn: Option<Lsn>,
+    /// Newest commit LSN written for this shard, if known.
+    pub newest_lsn: Option<Lsn>,
+    /// Records with commit LSN at or below this were deleted after being applied.
+    pub deleted_through: Lsn,
+    /// Blocks readers read from segment files.
+    pub file_block_reads: u64,
+    /// Blocks readers took from the in-memory tail.
+    pub memory_block_reads: u64,
+}
+
+/// A position in one shard's log: a segment and a byte offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub(crate) struct Pos {
+    pub seq: u64,
+    pub offset: u64,
+}
+
+/// What the shared state knows about one segment file.
+#[derive(Debug, Clone)]
+pub(crate) struct SegMeta {
+    /// Commit LSN of its first record (also in its file name).
+    pub first_commit: Lsn,
+    /// Commit LSN of its last record, when known (written in this process or scanned).
+    pub last_commit: Option<Lsn>,
+    /// Valid bytes (frames completely written).
+    pub bytes: u64,
+    /// No more frames will be appended.
+    pub sealed: bool,
+}
+
+/// A block the writer sealed recently, kept uncompressed for caught-up readers.
+#[derive(Debug)]
+pub(crate) struct TailBlock {
+    pub pos: Pos,
+    pub next: Pos,
+    pub first_commit: Lsn,
+    pub last_commit: Lsn,
+    pub raw: Bytes,
+}
+
+/// State of one shard log shared by the writer and its readers.
+pub(crate) struct ShardShared {
+    pub dir: PathBuf,
+    pub segments: BTreeMap<u64, SegMeta>,
+    /// End of the last frame written.
+    pub end: Pos,
+    pub tail: VecDeque<Arc<TailBlock>>,
+    pub tail_bytes: u64,
+    pub applied: Lsn,
+    pub deleted_through: Lsn,
+    /// Incremented by every cut-back; readers compare it with theirs.
+    pub epoch: u64,
+    /// Recent cut-backs: (epoch after the cut, position cut back to).
+    pub cuts: VecDeque<(u64, Pos)>,
+    pub file_block_reads: u64,
+    pub memory_block_reads: u64,
+}
+
+/// Counters of the writer.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub fsyncs_total: u64,
+    pub file_syncs_total: u64,
+    pub txns_total: u64,
+    pub appended_bytes_total: u64,
+    pub written_bytes_total: u64,
+}
+
+/// Everything the writer shares with readers and the retention side.
+pub(crate) struct State {
+    pub durable: Lsn,
+    pub shards: Vec<ShardShared>,
+    pub bytes_on_disk: u64,
+    pub backpressure: bool,
+    pub counters: Counters,
+    /// A group commit is with the syncer thread.
+    pub sync_in_flight: bool,
+    /// The syncer failed; the writer must be reopened.
+    pub sync_error: Option<String>,
+}
+
+pub(crate) struct Shared {
+    pub opts: SpillOptions,
+    pub identity: SpillIdentity,
+    pub state: Mutex<State>,
+    /// Woken when frames are written, the durable LSN moves or the log is cut back.
+    pub data: tokio::sync::Notify,
+    /// Woken when retention frees space.
+    pub space: tokio::sync::Notify,
+    /// Signalled (with `state`) when a group commit finishes.
+    pub synced: std::sync::Condvar,
+    /// The durable LSN, for the ingest to confirm to the slot.
+    pub durable_tx: tokio::sync::watch::Sender<Lsn>,
+    /// Per shard: the cut-back epoch, readable without the lock.
+    pub epochs: Vec<AtomicU64>,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated in a way that
+        // matters more than stopping would; keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn shard_count(&self) -> usize {
+        self.identity.shards.len()
+    }
+
+    /// Memory-tail budget of one shard.
+    pub(crate) fn tail_budget(&self) -> u64 {
+        self.opts.memory_tail_bytes / self.shard_count().max(1) as u64
+    }
+
+    pub(crate) fn segment_path(&self, shard: usize, seq: u64, first_commit: Lsn) -> PathBuf {
+        block::shard_dir(&self.opts.dir, shard).join(block::segment_name(first_commit, seq))
+    }
+
+    /// Stats snapshot.
+    pub(crate) fn stats(&self) -> SpillStats {
+        let st = self.lock();
+        let c = &st.counters;
+        let shards: Vec<ShardSpillStats> = st
+            .shards
+            .iter()
+            .zip(&self.identity.shards)
+            .map(|(s, name)| {
+                let newest = s
+                    .segments
+                    .values()
+                    .next_back()
+                    .and_then(|m| m.last_commit.or(Some(m.first_commit)));
+                let oldest = s.segments.values().next().map(|m| m.first_commit);
+                let oldest_unapplied = s
+                    .segments
+                    .values()
+                    .find(|m| m.last_commit.is_none_or(|l| l > s.applied))
+                    .map(|m| m.first_commit.max(s.applied))
+                    .filter(|_| newest.is_some_and(|n| n > s.applied));
+                ShardSpillStats {
+                    name: name.clone(),
+                    bytes: s.segments.values().map(|m| m.bytes).sum(),
+                    segments: s.segments.len() as u64,
+                    applied_lsn: s.applied,
+                    oldest_retained_lsn: oldest,
+                    oldest_unapplied_lsn: oldest_unapplied,
+                    newest_lsn: newest,
+                    deleted_through: s.deleted_through,
+                    file_block_reads: s.file_block_reads,
+                    memory_block_reads: s.memory_block_reads,
+                }
+            })
+            .collect();
+        SpillStats {
+            bytes_on_disk: st.bytes_on_disk,
+            segments: shards.iter().map(|s| s.segments).sum(),
+            durable_lsn: st.durable,
+            backpressure_active: st.backpressure,
+            fsyncs_total: c.fsyncs_total,
+            file_syncs_total: c.file_syncs_total,
+            txns_total: c.txns_total,
+            txns_per_fsync_avg: if c.fsyncs_total == 0 {
+                0.0
+            } else {
+                c.txns_total as f64 / c.fsyncs_total as f64
+            },
+            appended_bytes_total: c.appended_bytes_total,
+            written_bytes_total: c.written_bytes_total,
+            shards,
+        }
+    }
+
+    /// Whether the cap is reached; logs once when backpressure starts.
+    pub(crate) fn over_cap(&self) -> bool {
+        let mut st = self.lock();
+        let over = st.bytes_on_disk >= self.opts.max_bytes;
+        if over && !st.backpressure {
+            st.backpressure = true;
+            tracing::warn!(
+                bytes_on_disk = st.bytes_on_disk,
+                max_bytes = self.opts.max_bytes,
+                dir = %self.opts.dir.display(),
+                "spill log reached [spill] max_bytes: pausing reads from the source until shards apply their backlog"
+            );
+        }
+        over
+    }
+
+    /// Clears backpressure (logging once) when below the cap; wakes waiters.
+    pub(crate) fn release_space(&self, st: &mut State) {
+        if st.backpressure && st.bytes_on_disk < self.opts.max_bytes {
+            st.backpressure = false;
+            tracing::info!(
+                bytes_on_disk = st.bytes_on_disk,
+                max_bytes = self.opts.max_bytes,
+                "spill log below [spill] max_bytes again: resuming reads from the source"
+            );
+        }
+        self.space.notify_waiters();
+    }
+
+    /// Resolves once the spill log is below its cap. Cancel-safe.
+    pub(crate) async fn wait_for_space(&self) {
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.over_cap() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+pub(crate) fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> SpillError {
+    SpillError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// fsyncs a directory so that created, renamed or removed entries are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpillError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err("fsync directory", dir, e))
+}

@@ -1,0 +1,625 @@
+//! The admin console: a PostgreSQL-protocol server, like PgBouncer's, so that
+//! `psql -h 127.0.0.1 -p 6433 -U reshard reshard -c 'SHOW LAG'` works.
+//!
+//! In: TCP connections on `[admin] listen`, the live [`StatusSnapshot`] (a `watch`) and the
+//! runtime's control channel ([`AdminHandle`]). Out: text result sets for `SHOW …`, and
+//! [`ControlCommand`]s (`PAUSE`, `RESUME`, `SHUTDOWN`) forwarded to the runtime, whose answer
+//! comes back as a `NOTICE` plus a command tag, or as an `ErrorResponse`.
+//!
+//! Guarantees:
+//! - Only the configured `[admin] user` may connect; with `[admin] password` set the client must
+//!   prove it with md5 password authentication (a fresh random salt per connection, so the
+//!   password never crosses the wire in clear). See
+//!   <https://www.postgresql.org/docs/current/auth-password.html>.
+//! - Bounded: at most [`MAX_CONNECTIONS`] sessions at once (further clients wait in the listen
+//!   backlog); a result set is at most one row per shard/table.
+//! - Nothing typed here can crash the daemon: a statement that is not understood gets
+//!   `ErrorResponse` SQLSTATE 42601 naming it, and nothing of that message runs.
+//! - Both query protocols are served: simple (psql, `simple_query`; several statements per
+//!   message) and extended (`tokio_postgres::Client::query`, one statement, no parameters,
+//!   text or binary results); see
+//!   <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-EXT-QUERY>.
+
+pub mod command;
+pub mod render;
+
+use std::fmt::{self, Debug};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::sink::{Sink, SinkExt};
+use futures_util::stream;
+use pgwire::api::auth::md5pass::{hash_md5_password, Md5PasswordAuth};
+use pgwire::api::auth::mechanism::AuthMechanismFactory;
+use pgwire::api::auth::{
+    protocol_negotiation, save_startup_parameters_to_metadata, AuthDriver, AuthOutcome, AuthSource,
+    DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
+};
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::PortalStore;
+use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type, METADATA_USER};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::config::AdminConfig;
+use crate::error::{Classify, ErrorClass};
+use crate::status::{AdminHandle, ControlCommand, StatusSnapshot};
+
+use self::command::AdminCommand;
+use self::render::ResultSet;
+
+/// Most concurrent admin sessions.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a `PAUSE`/`RESUME`/`SHUTDOWN` waits for the runtime's answer.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Admin console failures.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The listen address cannot be bound.
+    #[error(
+        "cannot listen for the admin console on {addr} (config key admin.listen): {source}; \
+         choose a free address, or set admin.listen = \"\" to turn the console off"
+    )]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl Classify for AdminError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            AdminError::Bind { .. } => ErrorClass::Definite,
+        }
+    }
+}
+
+/// Who may connect: `[admin] user` and `[admin] password`.
+#[derive(Clone)]
+pub struct AdminAuth {
+    /// The only user name accepted.
+    pub user: String,
+    /// Required password (md5 authentication), or none (trust on the listen address).
+    pub password: Option<String>,
+}
+
+impl AdminAuth {
+    /// From the `[admin]` section.
+    pub fn from_config(cfg: &AdminConfig) -> AdminAuth {
+        AdminAuth {
+            user: cfg.user.clone(),
+            password: cfg.password.clone(),
+        }
+    }
+}
+
+impl Debug for AdminAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminAuth")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Binds `listen` (`[admin] listen`) and serves the admin console until `shutdown` turns true
+/// (or its sender is dropped). An empty `listen` means the console is off: returns at once.
+pub async fn serve(
+    listen: &str,
+    cfg: AdminAuth,
+    handle: AdminHandle,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), AdminError> {
+    if listen.trim().is_empty() {
+        info!("admin console off (admin.listen = \"\")");
+        return Ok(());
+    }
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| AdminError::Bind {
+            addr: listen.to_owned(),
+            source,
+        })?;
+    serve_on(listener, cfg, handle, shutdown).await
+}
+
+/// Serves the admin console on an already bound listener (tests bind port 0 and read the
+/// port back).
+pub async fn serve_on(
+    listener: TcpListener,
+    cfg: AdminAuth,
+    handle: AdminHandle,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AdminError> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    info!(addr = %addr, user = %cfg.user, password = cfg.password.is_some(), "admin console listening");
+    let handlers = Arc::new(Handlers::new(cfg, handle));
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut sessions = JoinSet::new();
+    loop {
+        while sessions.try_join_next().is_some() {}
+        // Both arms are cancel-safe: `changed` and `acquire_owned` lose nothing when dropped.
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown_requested(&mut shutdown) => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        // `accept` is cancel-safe: a connection is either returned or stays queued.
+        let (socket, peer) = tokio::select! {
+            biased;
+            _ = shutdown_requested(&mut shutdown) => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: transient, keep serving.
+                    warn!(addr = %addr, error = %e, "admin console: accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let handlers = handlers.clone();
+        let span = info_span!("admin_session", peer = %peer);
+        sessions.spawn(
+            async move {
+                let _permit = permit;
+                debug!("admin session opened");
+                if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                    debug!(error = %e, "admin session ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    info!(addr = %addr, "admin console stopped");
+    sessions.abort_all();
+    while sessions.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Resolves when the shutdown flag is true or its sender is gone.
+pub(crate) async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The pgwire handler set: startup (auth) and simple queries.
+struct Handlers {
+    startup: Arc<Startup>,
+    queries: Arc<Queries>,
+}
+
+impl Handlers {
+    fn new(auth: AdminAuth, handle: AdminHandle) -> Handlers {
+        let md5: Option<Arc<dyn AuthMechanismFactory>> = auth.password.clone().map(|pw| {
+            let source = Arc::new(PasswordSource {
+                user: auth.user.clone(),
+                password: pw,
+            });
+            Arc::new(Md5PasswordAuth::new(source)) as Arc<dyn AuthMechanismFactory>
+        });
+        Handlers {
+            startup: Arc::new(Startup {
+                user: auth.user,
+                md5,
+                driver: AuthDriver::new(DefaultServerParameterProvider::default()),
+            }),
+            queries: Arc::new(Queries { handle }),
+        }
+    }
+}
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.queries.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.queries.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        self.startup.clone()
+    }
+}
+
+/// The expected md5 answer for one connection, with a fresh salt.
+struct PasswordSource {
+    user: String,
+    password: String,
+}
+
+impl Debug for PasswordSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PasswordSource")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl AuthSource for PasswordSource {
+    async fn get_password(&self, _login: &LoginInfo) -> PgWireResult<Password> {
+        let salt: [u8; 4] = rand::random();
+        let expected = hash_md5_password(&self.user, &self.password, &salt);
+        Ok(Password::new(Some(salt.to_vec()), expected.into_bytes()))
+    }
+}
+
+/// Startup: checks the user name, then md5 authentication or none.
+struct Startup {
+    user: String,
+    md5: Option<Arc<dyn AuthMechanismFactory>>,
+    driver: AuthDriver<DefaultServerParameterProvider>,
+}
+
+fn fatal(code: &str, message: String) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "FATAL".to_owned(),
+        code.to_owned(),
+        message,
+    )))
+}
+
+#[async_trait]
+impl StartupHandler for Startup {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let outcome = match message {
+            PgWireFrontendMessage::Startup(ref startup) => {
+                protocol_negotiation(client, startup).await?;
+                save_startup_parameters_to_metadata(client, startup);
+                let user = client.metadata().get(METADATA_USER).cloned();
+                match user {
+                    None => return Err(PgWireError::UserNameRequired),
+                    Some(u) if u != self.user => {
+                        warn!(user = %u, "admin console: refused a connection for an unknown user");
+                        return Err(fatal(
+                            "28000",
+                            format!(
+                                "user \"{u}\" may not connect to the reshard admin console; \
+                                 connect as \"{}\" (config key admin.user)",
+                                self.user
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                match &self.md5 {
+                    Some(factory) => {
+                        self.driver
+                            .begin_authentication(client, factory.create())
+                            .await?
+                    }
+                    None => AuthOutcome::Authenticated {
+                        identity: None,
+                        final_message: None,
+                    },
+                }
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(msg) => {
+                match self.driver.advance_authentication(client, msg).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        warn!(error = %e, "admin console: authentication failed");
+                        return Err(e);
+                    }
+                }
+            }
+            _ => return Ok(()),
+        };
+        match outcome {
+            AuthOutcome::InProgress => Ok(()),
+            AuthOutcome::Authenticated { final_message, .. } => {
+                self.driver
+                    .complete_authentication(client, final_message)
+                    .await
+            }
+        }
+    }
+}
+
+/// Simple-query execution.
+struct Queries {
+    handle: AdminHandle,
+}
+
+fn error_info(code: &str, message: String) -> Box<ErrorInfo> {
+    Box::new(ErrorInfo::new("ERROR".to_owned(), code.to_owned(), message))
+}
+
+/// `text` columns, in the format the client asked for (binary `text` is the same bytes).
+fn fields(columns: &[&str], format: &Format) -> Vec<FieldInfo> {
+    columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            FieldInfo::new(
+                (*c).to_owned(),
+                None,
+                None,
+                Type::TEXT,
+                format.format_for(i),
+            )
+        })
+        .collect()
+}
+
+fn to_response(rs: ResultSet, format: &Format) -> PgWireResult<Response> {
+    let fields: Arc<Vec<FieldInfo>> = Arc::new(fields(&rs.columns, format));
+    let mut enc = DataRowEncoder::new(fields.clone());
+    let mut rows = Vec::with_capacity(rs.rows.len());
+    for row in rs.rows {
+        for v in row.iter().take(fields.len()) {
+            enc.encode_field(v)?;
+        }
+        rows.push(Ok(enc.take_row()));
+    }
+    Ok(Response::Query(QueryResponse::new(
+        fields,
+        stream::iter(rows),
+    )))
+}
+
+impl Queries {
+    fn snapshot(&self) -> StatusSnapshot {
+        self.handle.status.borrow().clone()
+    }
+
+    /// Runs one statement; `Err` is the `ErrorResponse` to send.
+    async fn run<C>(
+        &self,
+        client: &mut C,
+        cmd: AdminCommand,
+        format: &Format,
+    ) -> PgWireResult<Response>
+    where
+        C: Sink<PgWireBackendMessage> + Unpin + Send,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let rs = match cmd {
+            AdminCommand::ShowStatus => render::status(&self.snapshot()),
+            AdminCommand::ShowShards => render::shards(&self.snapshot()),
+            AdminCommand::ShowTables => render::tables(&self.snapshot()),
+            AdminCommand::ShowLag => render::lag(&self.snapshot()),
+            AdminCommand::ShowSpill => render::spill(&self.snapshot()),
+            AdminCommand::ShowHelp => render::help(),
+            AdminCommand::ShowStatusJson => render::status_json(&self.snapshot()).map_err(|e| {
+                PgWireError::UserError(error_info(
+                    "XX000",
+                    format!("cannot encode the status as JSON: {e}"),
+                ))
+            })?,
+            AdminCommand::Set => return Ok(Response::Execution(Tag::new("SET"))),
+            AdminCommand::Pause(shard) => {
+                return self
+                    .control(client, "PAUSE", ControlCommand::Pause(shard))
+                    .await
+            }
+            AdminCommand::Resume(shard) => {
+                return self
+                    .control(client, "RESUME", ControlCommand::Resume(shard))
+                    .await
+            }
+            AdminCommand::Shutdown => {
+                return self
+                    .control(client, "SHUTDOWN", ControlCommand::Shutdown)
+                    .await
+            }
+        };
+        to_response(rs, format)
+    }
+
+    /// Forwards a command to the runtime; its answer becomes a NOTICE and the command tag.
+    async fn control<C>(
+        &self,
+        client: &mut C,
+        tag: &str,
+        cmd: ControlCommand,
+    ) -> PgWireResult<Response>
+    where
+        C: Sink<PgWireBackendMessage> + Unpin + Send,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if let ControlCommand::Pause(Some(name)) | ControlCommand::Resume(Some(name)) = &cmd {
+            let names: Vec<String> = self
+                .handle
+                .status
+                .borrow()
+                .shards
+                .iter()
+                .map(|s| s.name.clone())
+                .collect();
+            if !names.is_empty() && !names.iter().any(|n| n == name) {
+                return Err(PgWireError::UserError(error_info(
+                    "42704",
+                    format!(
+                        "shard \"{name}\" does not exist; shards are: {}",
+                        names.join(", ")
+                    ),
+                )));
+            }
+        }
+        info!(command = ?cmd, "admin console: forwarding command to the runtime");
+        let answer = tokio::time::timeout(CONTROL_TIMEOUT, self.handle.command(cmd.clone()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "reshard did not answer {tag} within {}s; check its log",
+                    CONTROL_TIMEOUT.as_secs()
+                ))
+            });
+        match answer {
+            Ok(msg) => {
+                let notice = ErrorInfo::new("NOTICE".to_owned(), "00000".to_owned(), msg);
+                client
+                    .send(PgWireBackendMessage::NoticeResponse(notice.into()))
+                    .await?;
+                Ok(Response::Execution(Tag::new(tag)))
+            }
+            Err(msg) => {
+                let code = match &cmd {
+                    ControlCommand::Pause(Some(_)) | ControlCommand::Resume(Some(_)) => "42704",
+                    _ => "55000",
+                };
+                Err(PgWireError::UserError(error_info(code, msg)))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Queries {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let cmds = match command::parse(query) {
+            Ok(c) => c,
+            Err(e) => return Ok(vec![Response::Error(error_info("42601", e.to_string()))]),
+        };
+        let mut out = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            match self.run(client, cmd, &Format::UnifiedText).await {
+                Ok(r) => out.push(r),
+                Err(PgWireError::UserError(info)) => {
+                    // As PostgreSQL does, the first error ends the message.
+                    out.push(Response::Error(info));
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The column names a statement returns (none for commands), for `Describe`.
+fn columns_of(cmd: &AdminCommand) -> Vec<&'static str> {
+    let empty = StatusSnapshot::default();
+    match cmd {
+        AdminCommand::ShowStatus => render::status(&empty).columns,
+        AdminCommand::ShowStatusJson => vec!["status"],
+        AdminCommand::ShowShards => render::shards(&empty).columns,
+        AdminCommand::ShowTables => render::tables(&empty).columns,
+        AdminCommand::ShowLag => render::lag(&empty).columns,
+        AdminCommand::ShowSpill => render::spill(&empty).columns,
+        AdminCommand::ShowHelp => render::help().columns,
+        AdminCommand::Pause(_)
+        | AdminCommand::Resume(_)
+        | AdminCommand::Shutdown
+        | AdminCommand::Set => Vec::new(),
+    }
+}
+
+/// Parses the one statement of a `Parse` message.
+#[derive(Debug)]
+struct Parser;
+
+#[async_trait]
+impl QueryParser for Parser {
+    type Statement = AdminCommand;
+
+    async fn parse_sql<C>(
+        &self,
+        _client: &C,
+        sql: &str,
+        _types: &[Option<Type>],
+    ) -> PgWireResult<Option<AdminCommand>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let mut cmds = command::parse(sql)
+            .map_err(|e| PgWireError::UserError(error_info("42601", e.to_string())))?;
+        if cmds.len() > 1 {
+            return Err(PgWireError::UserError(error_info(
+                "42601",
+                "cannot insert multiple commands into a prepared statement; send them one by one"
+                    .to_owned(),
+            )));
+        }
+        Ok(cmds.pop())
+    }
+
+    fn get_parameter_types(&self, _stmt: &AdminCommand) -> PgWireResult<Vec<Type>> {
+        Ok(Vec::new())
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &AdminCommand,
+        column_format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        Ok(fields(
+            &columns_of(stmt),
+            column_format.unwrap_or(&Format::UnifiedText),
+        ))
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Queries {
+    type Statement = AdminCommand;
+    type QueryParser = Parser;
+
+    fn query_parser(&self) -> Arc<Parser> {
+        Arc::new(Parser)
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<AdminCommand>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = AdminCommand>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if !portal.parameters.is_empty() {
+            return Err(PgWireError::UserError(error_info(
+                "42P02",
+                "admin console commands take no parameters".to_owned(),
+            )));
+        }
+        let cmd = portal.statement.statement.clone();
+        self.run(client, cmd, &portal.result_column_format).await
+    }
+}

@@ -1,0 +1,1092 @@
+//! The per-shard apply loop: reads events, groups source transactions into target
+//! transactions, writes them with the progress row, retries transient failures.
+//!
+//! In: [`ShardEvent`]s from a [`ShardReader`] opened after the shard's durable progress.
+//! Out: committed target transactions (data + progress row), [`ShardStatus`] updates and
+//! `ShardLog::applied` calls. Invariant: a target transaction only commits at a source Commit
+//! boundary, with the progress row naming the last source transaction it contains; nothing
+//! with `commit_lsn <=` the durable progress is applied again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::SinkExt;
+use hdrhistogram::Histogram;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_postgres::{Client, SimpleQueryMessage};
+use tracing::{debug, info, warn, Instrument};
+
+use super::batch::{change_sql, encode_table, key_text};
+use super::fold::Fold;
+use super::progress::{ensure_progress_table, ProgressKey};
+use super::schema::{
+    columns_query, exists_query, source_name, split_name, SchemaError, TargetColumn, TargetTable,
+};
+use super::text::sql_literal;
+use super::{ApplyError, ApplyOptions, ApplyState, Connect, ShardStatus};
+use crate::error::{Classify, ErrorClass};
+use crate::event::{
+    pg_now, quote_ident, Begin, Change, Commit, PgTimestamp, Relation, ShardEvent, ShardLog,
+    ShardReader, TableId, Value,
+};
+use crate::lsn::Lsn;
+
+/// Fixed cost counted per buffered change on top of its value bytes.
+const CHANGE_OVERHEAD_BYTES: usize = 64;
+/// Largest piece of COPY data sent at once.
+const COPY_CHUNK_BYTES: usize = 256 << 10;
+
+/// Applies one shard. Build it with [`ShardApplier::new`], then [`run`](ShardApplier::run) it
+/// on its own task.
+pub struct ShardApplier<C: Connect, L: ShardLog> {
+    opts: ApplyOptions,
+    connect: C,
+    log: Arc<L>,
+    pause: Option<watch::Receiver<bool>>,
+    latency: Arc<Mutex<Histogram<u64>>>,
+}
+
+impl<C: Connect, L: ShardLog> ShardApplier<C, L> {
+    /// An applier for `opts.shard`, connecting with `connect` and reading `log`.
+    pub fn new(opts: ApplyOptions, connect: C, log: Arc<L>) -> Self {
+        // Bounds 1 µs ..= 1 day with 3 significant digits: constants hdrhistogram accepts.
+        #[allow(clippy::expect_used)]
+        let hist = Histogram::new_with_bounds(1, 86_400_000_000, 3)
+            .expect("constant histogram bounds are valid");
+        ShardApplier {
+            opts,
+            connect,
+            log,
+            pause: None,
+            latency: Arc::new(Mutex::new(hist)),
+        }
+    }
+
+    /// Pauses the shard while the receiver holds `true`: reading and committing stop after the
+    /// current source transaction (whose group is committed first).
+    pub fn with_pause(mut self, pause: watch::Receiver<bool>) -> Self {
+        self.pause = Some(pause);
+        self
+    }
+
+    /// Commit-to-apply latency (µs, target commit time minus source commit time), one sample
+    /// per applied source transaction. Lock it briefly; never hold it across an await.
+    pub fn latency_histogram(&self) -> Arc<Mutex<Histogram<u64>>> {
+        self.latency.clone()
+    }
+
+    /// Runs until `shutdown` turns true (returns `Ok`) or a definite error (returned, after it
+    /// is published in `status`). Transient errors roll back, reconnect with exponential
+    /// backoff, and resume after the durable progress.
+    pub async fn run(
+        self,
+        mut shutdown: watch::Receiver<bool>,
+        status: watch::Sender<ShardStatus>,
+    ) -> Result<(), ApplyError> {
+        let span =
+            tracing::info_span!("apply", shard = %self.opts.shard_name, slot = %self.opts.slot);
+        self.run_inner(&mut shutdown, &status)
+            .instrument(span)
+            .await
+    }
+
+    async fn run_inner(
+        mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        status: &watch::Sender<ShardStatus>,
+    ) -> Result<(), ApplyError> {
+        status.send_modify(|s| {
+            s.shard = self.opts.shard_name.clone();
+            s.state = ApplyState::Starting;
+        });
+        let initial = Duration::from_millis(self.opts.retry_initial_ms.max(1));
+        let max = Duration::from_millis(self.opts.retry_max_ms.max(self.opts.retry_initial_ms));
+        let mut backoff = initial;
+        loop {
+            let mut session = Session::new(&self.opts, &self.log, &self.latency, status);
+            let result = session.run(shutdown, &mut self.pause, &self.connect).await;
+            if session.committed_any {
+                backoff = initial;
+            }
+            match result {
+                Ok(()) => {
+                    status.send_modify(|s| s.state = ApplyState::Stopped);
+                    info!("apply stopped");
+                    return Ok(());
+                }
+                Err(e) if e.class() == ErrorClass::Transient => {
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "transient apply error; reconnecting");
+                    status.send_modify(|s| {
+                        s.state = ApplyState::Retrying;
+                        s.retries += 1;
+                        s.last_error = Some(e.to_string());
+                    });
+                    // Cancel-safe: both futures only wait.
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.wait_for(|v| *v) => {
+                            status.send_modify(|s| s.state = ApplyState::Stopped);
+                            return Ok(());
+                        }
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(max);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "apply stopped by a definite error");
+                    status.send_modify(|s| {
+                        s.state = ApplyState::Stopped;
+                        s.last_error = Some(e.to_string());
+                    });
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// A run of source transactions committed together on the target.
+struct Group {
+    /// When the first of them ended.
+    first_at: Option<Instant>,
+    /// The last complete source transaction in the group.
+    last: Option<Commit>,
+    /// A heartbeat past `last` (nothing for this shard up to it).
+    heartbeat: Option<Lsn>,
+    /// Commit times of the complete source transactions (for the latency histogram); bounded
+    /// like the group (at most `batch_max_rows` entries).
+    commit_times: Vec<PgTimestamp>,
+    rows: usize,
+    bytes: usize,
+    inserted: u64,
+    updated: u64,
+    deleted: u64,
+    truncates: u64,
+    has_data: bool,
+}
+
+impl Group {
+    fn new() -> Group {
+        Group {
+            first_at: None,
+            last: None,
+            heartbeat: None,
+            commit_times: Vec::new(),
+            rows: 0,
+            bytes: 0,
+            inserted: 0,
+            updated: 0,
+            deleted: 0,
+            truncates: 0,
+            has_data: false,
+        }
+    }
+
+    fn position(&self) -> Option<Lsn> {
+        match (self.last.map(|c| c.commit_lsn), self.heartbeat) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// Counters of the source transaction being read.
+#[derive(Default)]
+struct TxnCounts {
+    rows: usize,
+    bytes: usize,
+    inserted: u64,
+    updated: u64,
+    deleted: u64,
+    truncates: u64,
+}
+
+/// One connection's worth of applying; dropped (and its target transaction rolled back by the
+/// server) on any error.
+struct Session<'a, L: ShardLog> {
+    opts: &'a ApplyOptions,
+    log: &'a Arc<L>,
+    latency: &'a Arc<Mutex<Histogram<u64>>>,
+    status: &'a watch::Sender<ShardStatus>,
+    key: ProgressKey,
+    client: Option<Client>,
+    tables: HashMap<TableId, TargetTable>,
+    staging_ready: HashMap<String, bool>,
+    staging_seq: u32,
+    /// Durable progress (what the progress row says).
+    applied: Lsn,
+    in_target_txn: bool,
+    group: Option<Group>,
+    /// The source transaction being read, and whether it is skipped (already applied).
+    current: Option<(Begin, bool)>,
+    txn: TxnCounts,
+    /// Buffered changes with their source commit LSN, in source order.
+    buffer: Vec<(Lsn, Change)>,
+    buffer_bytes: usize,
+    /// `buffer[..buffer_committed]` belongs to complete source transactions.
+    buffer_committed: usize,
+    /// Part of the current source transaction is already written into the target transaction.
+    partial_flushed: bool,
+    pending_heartbeat: Option<Lsn>,
+    last_heartbeat_write: Instant,
+    paused: bool,
+    committed_any: bool,
+    /// Flushes whose changes start at or below this LSN are applied change by change (set
+    /// after a set-based flush failed with a constraint or data error).
+    ordered_until: Option<Lsn>,
+}
+
+impl<'a, L: ShardLog> Session<'a, L> {
+    fn new(
+        opts: &'a ApplyOptions,
+        log: &'a Arc<L>,
+        latency: &'a Arc<Mutex<Histogram<u64>>>,
+        status: &'a watch::Sender<ShardStatus>,
+    ) -> Self {
+        Session {
+            opts,
+            log,
+            latency,
+            status,
+            key: ProgressKey {
+                source_system_id: opts.source_system_id.clone(),
+                slot: opts.slot.clone(),
+                shard: opts.shard_name.clone(),
+            },
+            client: None,
+            tables: HashMap::new(),
+            staging_ready: HashMap::new(),
+            staging_seq: 0,
+            applied: Lsn::ZERO,
+            in_target_txn: false,
+            group: None,
+            current: None,
+            txn: TxnCounts::default(),
+            buffer: Vec::new(),
+            buffer_bytes: 0,
+            buffer_committed: 0,
+            partial_flushed: false,
+            pending_heartbeat: None,
+            last_heartbeat_write: Instant::now(),
+            paused: false,
+            committed_any: false,
+            ordered_until: None,
+        }
+    }
+
+    fn shard(&self) -> &str {
+        &self.opts.shard_name
+    }
+
+    fn client(&self) -> Result<&Client, ApplyError> {
+        self.client.as_ref().ok_or_else(|| ApplyError::Connect {
+            shard: self.opts.shard_name.clone(),
+            message: "not connected".to_owned(),
+            class: ErrorClass::Transient,
+        })
+    }
+
+    async fn sql(&self, sql: &str, context: &str) -> Result<Vec<SimpleQueryMessage>, ApplyError> {
+        self.client()?
+            .simple_query(sql)
+            .await
+            .map_err(|e| ApplyError::pg(self.shard(), context, &e))
+    }
+
+    /// Connects, prepares the session, reads progress and applies until shutdown or error.
+    async fn run<C: Connect>(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        pause: &mut Option<watch::Receiver<bool>>,
+        connect: &C,
+    ) -> Result<(), ApplyError> {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let client = connect.connect().await.map_err(|e| ApplyError::Connect {
+            shard: self.shard().to_owned(),
+            message: e.to_string(),
+            class: e.class(),
+        })?;
+        self.client = Some(client);
+        self.prepare_session().await?;
+
+        let mut reader = self
+            .log
+            .open_reader(self.opts.shard, self.applied)
+            .map_err(|e| ApplyError::Log {
+                shard: self.shard().to_owned(),
+                message: e.to_string(),
+                class: e.class(),
+            })?;
+        info!(after = %self.applied, "applying");
+        let applied = self.applied;
+        self.status.send_modify(|s| {
+            s.state = ApplyState::Running;
+            s.applied_commit_lsn = s.applied_commit_lsn.max(applied);
+        });
+        self.paused = pause.as_ref().is_some_and(|p| *p.borrow());
+
+        loop {
+            if *shutdown.borrow() {
+                return self.shut_down().await;
+            }
+            if self.paused && self.current.is_none() {
+                let r = self.commit_group().await;
+                self.after_step(r, &mut reader).await?;
+                if self.group.is_none() {
+                    self.status.send_modify(|s| s.state = ApplyState::Paused);
+                }
+            }
+            let reading = !(self.paused && self.current.is_none());
+            let deadline = if self.current.is_none() {
+                self.deadline()
+            } else {
+                None
+            };
+            let step = tokio::select! {
+                biased;
+                // Cancel-safe: `changed` only waits for the next value.
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
+                        return self.shut_down().await;
+                    }
+                    Ok(())
+                }
+                // Cancel-safe: same.
+                p = pause_changed(pause) => {
+                    match p {
+                        Some(v) => {
+                            self.paused = v;
+                            if !v {
+                                self.status.send_modify(|s| s.state = ApplyState::Running);
+                            }
+                        }
+                        None => { *pause = None; self.paused = false; }
+                    }
+                    Ok(())
+                }
+                // Cancel-safe: a sleep holds no state.
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.on_deadline().await
+                }
+                // Cancel-safe by the `ShardReader::next` contract: a dropped call loses nothing.
+                ev = reader.next(), if reading => {
+                    let ev = ev.map_err(|e| ApplyError::Log {
+                        shard: self.shard().to_owned(),
+                        message: e.to_string(),
+                        class: e.class(),
+                    })?;
+                    self.on_event(ev).await
+                }
+            };
+            self.after_step(step, &mut reader).await?;
+        }
+    }
+
+    /// Passes errors through, except a set-based flush that must be replayed: then the target
+    /// transaction is rolled back, the reader reopened after the durable progress, and every
+    /// change up to the failing flush's last one is applied change by change in source order.
+    async fn after_step(
+        &mut self,
+        step: Result<(), ApplyError>,
+        reader: &mut L::Reader,
+    ) -> Result<(), ApplyError> {
+        let (up_to, cause) = match step {
+            Err(ApplyError::ReplayFromLog { up_to, cause, .. }) => (up_to, cause),
+            other => return other,
+        };
+        warn!(up_to = %up_to, cause = %cause, "set-based apply failed; rolling back and replaying change by change in source order");
+        if self.in_target_txn {
+            self.sql("ROLLBACK", "rolling back before a replay").await?;
+            self.in_target_txn = false;
+        }
+        // Staging tables created in the rolled-back transaction are gone.
+        self.staging_ready.clear();
+        self.group = None;
+        self.current = None;
+        self.txn = TxnCounts::default();
+        self.buffer.clear();
+        self.buffer_bytes = 0;
+        self.buffer_committed = 0;
+        self.partial_flushed = false;
+        self.pending_heartbeat = None;
+        self.ordered_until = Some(up_to);
+        self.status.send_modify(|s| s.replays += 1);
+        *reader = self
+            .log
+            .open_reader(self.opts.shard, self.applied)
+            .map_err(|e| ApplyError::Log {
+                shard: self.shard().to_owned(),
+                message: e.to_string(),
+                class: e.class(),
+            })?;
+        Ok(())
+    }
+
+    async fn prepare_session(&mut self) -> Result<(), ApplyError> {
+        let client = self.client()?;
+        if self.opts.session_replication_role_replica {
+            if let Err(e) = client
+                .batch_execute("SET session_replication_role = replica")
+                .await
+            {
+                if e.code().map(|c| c.code()) == Some("42501") {
+                    warn!(
+                        "cannot SET session_replication_role = replica (needs superuser or, on PG 15+, GRANT SET ON PARAMETER): \
+                         target triggers and foreign keys will fire during apply"
+                    );
+                } else {
+                    return Err(ApplyError::pg(
+                        self.shard(),
+                        "setting session_replication_role",
+                        &e,
+                    ));
+                }
+            }
+        }
+        client
+            .batch_execute(
+                "SET standard_conforming_strings = on; SET client_min_messages = warning",
+            )
+            .await
+            .map_err(|e| ApplyError::pg(self.shard(), "preparing the session", &e))?;
+        ensure_progress_table(client)
+            .await
+            .map_err(|e| ApplyError::pg(self.shard(), "creating reshard.progress", &e))?;
+        client
+            .batch_execute(&self.key.init_sql())
+            .await
+            .map_err(|e| ApplyError::pg(self.shard(), "creating the progress row", &e))?;
+        let p = super::progress::read_progress(
+            client,
+            &self.key.source_system_id,
+            &self.key.slot,
+            &self.key.shard,
+        )
+        .await
+        .map_err(|e| ApplyError::pg(self.shard(), "reading reshard.progress", &e))?;
+        self.applied = p.map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO);
+        Ok(())
+    }
+
+    /// Where this session stands: durable progress, or the pending group's end.
+    fn position(&self) -> Lsn {
+        let g = self.group.as_ref().and_then(Group::position);
+        let p = self.applied.max(g.unwrap_or(Lsn::ZERO));
+        p.max(self.pending_heartbeat.unwrap_or(Lsn::ZERO))
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        if let Some(g) = &self.group {
+            return g
+                .first_at
+                .map(|t| t + Duration::from_millis(self.opts.batch_max_delay_ms));
+        }
+        self.pending_heartbeat.map(|_| {
+            self.last_heartbeat_write + Duration::from_millis(self.opts.heartbeat_interval_ms)
+        })
+    }
+
+    async fn on_deadline(&mut self) -> Result<(), ApplyError> {
+        if self.group.is_some() {
+            self.commit_group().await
+        } else {
+            self.write_heartbeat().await
+        }
+    }
+
+    fn order_error(&self, message: String) -> ApplyError {
+        ApplyError::Order {
+            shard: self.shard().to_owned(),
+            message,
+        }
+    }
+
+    async fn on_event(&mut self, ev: ShardEvent) -> Result<(), ApplyError> {
+        match ev {
+            ShardEvent::Begin(b) => {
+                if let Some((cur, _)) = self.current {
+                    return Err(self.order_error(format!(
+                        "Begin of {} while {} is open",
+                        b.commit_lsn, cur.commit_lsn
+                    )));
+                }
+                let skip = b.commit_lsn <= self.position();
+                if skip {
+                    debug!(commit_lsn = %b.commit_lsn, applied = %self.position(), "skipping an already applied transaction");
+                } else if self.group.is_none() {
+                    self.group = Some(Group::new());
+                }
+                self.current = Some((b, skip));
+                self.txn = TxnCounts::default();
+            }
+            ShardEvent::Change(c) => {
+                let Some((b, skip)) = self.current else {
+                    return Err(self.order_error(format!("{} outside a transaction", c.kind())));
+                };
+                if skip {
+                    return Ok(());
+                }
+                self.on_change(b.commit_lsn, c).await?;
+            }
+            ShardEvent::Commit(c) => {
+                let Some((b, skip)) = self.current.take() else {
+                    return Err(
+                        self.order_error(format!("Commit of {} without Begin", c.commit_lsn))
+                    );
+                };
+                if b.commit_lsn != c.commit_lsn {
+                    return Err(self.order_error(format!(
+                        "Commit of {} closes transaction {}",
+                        c.commit_lsn, b.commit_lsn
+                    )));
+                }
+                if skip {
+                    return Ok(());
+                }
+                self.on_commit(c).await?;
+            }
+            ShardEvent::Heartbeat(lsn) => {
+                if self.current.is_some() || lsn <= self.position() {
+                    return Ok(());
+                }
+                match &mut self.group {
+                    Some(g) => g.heartbeat = Some(lsn),
+                    None => {
+                        self.pending_heartbeat = Some(lsn);
+                        if self.last_heartbeat_write.elapsed()
+                            >= Duration::from_millis(self.opts.heartbeat_interval_ms)
+                        {
+                            self.write_heartbeat().await?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_change(&mut self, commit_lsn: Lsn, c: Change) -> Result<(), ApplyError> {
+        match &c {
+            Change::Message { .. } => return Ok(()),
+            Change::Truncate {
+                rels,
+                cascade,
+                restart_identity,
+            } => {
+                self.flush().await?;
+                self.begin_target_txn().await?;
+                let names: Vec<String> = rels.iter().map(|r| self.target_sql_name(r)).collect();
+                if !names.is_empty() {
+                    let sql = format!(
+                        "TRUNCATE {}{}{}",
+                        names.join(", "),
+                        if *restart_identity {
+                            " RESTART IDENTITY"
+                        } else {
+                            ""
+                        },
+                        if *cascade { " CASCADE" } else { "" }
+                    );
+                    let ctx = format!(
+                        "TRUNCATE {} at source commit {commit_lsn}",
+                        names.join(", ")
+                    );
+                    self.sql(&sql, &ctx).await?;
+                }
+                self.partial_flushed = true;
+                self.txn.truncates += 1;
+                self.txn.rows += 1;
+                return Ok(());
+            }
+            Change::Insert { .. } => self.txn.inserted += 1,
+            Change::Update { .. } => self.txn.updated += 1,
+            Change::Delete { .. } => self.txn.deleted += 1,
+        }
+        let bytes = change_bytes(&c);
+        self.txn.rows += 1;
+        self.txn.bytes += bytes;
+        self.buffer_bytes += bytes;
+        self.buffer.push((commit_lsn, c));
+        if self.buffer.len() >= self.opts.batch_max_rows.max(1)
+            || self.buffer_bytes >= self.opts.batch_max_bytes
+        {
+            // The buffer is full in the middle of a source transaction (or just at its end):
+            // write it into the open target transaction and go on; the commit waits for a
+            // source Commit.
+            self.flush().await?;
+            if self.current.is_some() {
+                self.partial_flushed = true;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_commit(&mut self, c: Commit) -> Result<(), ApplyError> {
+        let txn = std::mem::take(&mut self.txn);
+        let g = self.group.get_or_insert_with(Group::new);
+        g.first_at.get_or_insert_with(Instant::now);
+        g.last = Some(c);
+        g.commit_times.push(c.commit_time);
+        g.rows += txn.rows.max(1);
+        g.bytes += txn.bytes;
+        g.inserted += txn.inserted;
+        g.updated += txn.updated;
+        g.deleted += txn.deleted;
+        g.truncates += txn.truncates;
+        g.has_data |= txn.rows > 0;
+        self.buffer_committed = self.buffer.len();
+        self.partial_flushed = false;
+        let full = g.rows >= self.opts.batch_max_rows.max(1)
+            || g.bytes >= self.opts.batch_max_bytes
+            || g.first_at.is_some_and(|t| {
+                t.elapsed() >= Duration::from_millis(self.opts.batch_max_delay_ms)
+            });
+        // While replaying change by change, commit every source transaction on its own, so a
+        // change that fails for good leaves the shard exactly before its transaction.
+        if full || self.paused || self.ordered_until.is_some() {
+            self.commit_group().await?;
+        }
+        Ok(())
+    }
+
+    /// `BEGIN`, lock the progress row (checking nobody else moved it), set the flush savepoint.
+    async fn begin_target_txn(&mut self) -> Result<(), ApplyError> {
+        if self.in_target_txn {
+            return Ok(());
+        }
+        let sql = format!("BEGIN; {}", self.key.lock_sql());
+        let msgs = self.sql(&sql, "starting a target transaction").await?;
+        self.in_target_txn = true;
+        let found = msgs.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or_default().to_owned()),
+            _ => None,
+        });
+        let ok = found
+            .as_deref()
+            .and_then(|s| s.parse::<Lsn>().ok())
+            .is_some_and(|l| l == self.applied);
+        if !ok {
+            return Err(ApplyError::ProgressConflict {
+                shard: self.shard().to_owned(),
+                expected: self.applied,
+                found: found.unwrap_or_else(|| "missing".to_owned()),
+            });
+        }
+        Ok(())
+    }
+
+    fn target_name(&self, rel: &Relation) -> String {
+        let src = source_name(rel);
+        self.opts.table_map.get(&src).cloned().unwrap_or(src)
+    }
+
+    fn target_sql_name(&self, rel: &Relation) -> String {
+        let (s, t) = split_name(&self.target_name(rel));
+        format!("{}.{}", quote_ident(&s), quote_ident(&t))
+    }
+
+    /// The resolved target of `rel`, introspecting it if new or if the source relation
+    /// changed, and creating its staging table if this session has none.
+    async fn resolve(&mut self, rel: &Arc<Relation>) -> Result<(), ApplyError> {
+        let fresh = self
+            .tables
+            .get(&rel.id)
+            .is_some_and(|t| Arc::ptr_eq(&t.source, rel) || *t.source == **rel);
+        if !fresh {
+            let target = self.target_name(rel);
+            let (s, t) = split_name(&target);
+            let lit = sql_literal(format!("{}.{}", quote_ident(&s), quote_ident(&t)).as_bytes())
+                .unwrap_or_default();
+            let ctx = format!("reading the columns of target table {target}");
+            let exists = self.sql(&exists_query(&lit), &ctx).await?;
+            let found = exists
+                .iter()
+                .any(|m| matches!(m, SimpleQueryMessage::Row(r) if r.get(0) == Some("t")));
+            if !found {
+                return Err(ApplyError::Schema {
+                    shard: self.shard().to_owned(),
+                    source: SchemaError::MissingTable {
+                        source_table: source_name(rel),
+                        target,
+                    },
+                });
+            }
+            let rows = self.sql(&columns_query(&lit), &ctx).await?;
+            let cols: Vec<TargetColumn> = rows
+                .iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::Row(r) => Some(TargetColumn {
+                        name: r.get(0).unwrap_or_default().to_owned(),
+                        type_sql: r.get(1).unwrap_or("text").to_owned(),
+                        not_null: r.get(2) == Some("t"),
+                        has_default: r.get(3) == Some("t"),
+                        identity_always: r.get(4) == Some("a"),
+                        identity_by_default: r.get(4) == Some("d"),
+                        generated: r.get(5) == Some("s"),
+                        in_primary_key: r.get(6) == Some("t"),
+                    }),
+                    _ => None,
+                })
+                .collect();
+            self.staging_seq += 1;
+            let staging = format!("reshard_stage_{}", self.staging_seq);
+            let table = TargetTable::build(rel.clone(), &target, &cols, staging).map_err(|e| {
+                ApplyError::Schema {
+                    shard: self.shard().to_owned(),
+                    source: e,
+                }
+            })?;
+            debug!(table = %target, key = ?table.key_mode, "resolved target table");
+            self.tables.insert(rel.id, table);
+        }
+        let Some(table) = self.tables.get(&rel.id) else {
+            return Ok(());
+        };
+        if !self
+            .staging_ready
+            .get(&table.staging)
+            .copied()
+            .unwrap_or(false)
+        {
+            let (sql, name, target) = (
+                table.create_staging_sql(),
+                table.staging.clone(),
+                table.target.clone(),
+            );
+            self.sql(&sql, &format!("creating the staging table for {target}"))
+                .await?;
+            self.staging_ready.insert(name, true);
+        }
+        Ok(())
+    }
+
+    /// Writes the buffer into the target transaction: set-based, or change by change when the
+    /// fold says so or a set-based statement hits a constraint or data error.
+    async fn flush(&mut self) -> Result<(), ApplyError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        self.begin_target_txn().await?;
+        let buffer = std::mem::take(&mut self.buffer);
+        let first = buffer.first().map(|(l, _)| *l).unwrap_or_default();
+        let last = buffer.last().map(|(l, _)| *l).unwrap_or_default();
+        let ordered = self.ordered_until.is_some_and(|u| first <= u);
+        if !ordered {
+            self.ordered_until = None;
+        }
+        let outcome = if ordered {
+            self.flush_ordered(&buffer, "replaying after a failed set-based flush")
+                .await
+        } else {
+            match self.flush_set_based(&buffer).await {
+                Ok(true) => Ok(()),
+                // Nothing was written: the same target transaction can take the changes one by
+                // one.
+                Ok(false) => {
+                    self.flush_ordered(&buffer, "a change sequence that cannot be folded")
+                        .await
+                }
+                // The transaction is aborted and earlier flushes of it are no longer in memory:
+                // roll back and re-read from the log (see `after_step`).
+                Err(e) if replayable(&e) => Err(ApplyError::ReplayFromLog {
+                    shard: self.shard().to_owned(),
+                    up_to: last,
+                    cause: e.to_string(),
+                }),
+                Err(e) => Err(e),
+            }
+        };
+        outcome?;
+        self.status.send_modify(|s| s.flushes += 1);
+        self.buffer_bytes = 0;
+        self.buffer_committed = 0;
+        Ok(())
+    }
+
+    /// Folds and writes `buffer` set-based. `Ok(false)` if the fold asks for the ordered path
+    /// (nothing was written).
+    async fn flush_set_based(&mut self, buffer: &[(Lsn, Change)]) -> Result<bool, ApplyError> {
+        // Per source table, in order of first appearance.
+        let mut order: Vec<TableId> = Vec::new();
+        let mut folds: HashMap<TableId, Fold> = HashMap::new();
+        for (lsn, c) in buffer {
+            let Some(rel) = c.relation() else { continue };
+            if !order.contains(&rel.id) {
+                self.resolve(rel).await?;
+                let key_idx = self
+                    .tables
+                    .get(&rel.id)
+                    .map(|t| t.key_idx.clone())
+                    .unwrap_or_default();
+                folds.insert(rel.id, Fold::new(key_idx));
+                order.push(rel.id);
+            } else if !self
+                .tables
+                .get(&rel.id)
+                .is_some_and(|t| Arc::ptr_eq(&t.source, rel) || *t.source == **rel)
+            {
+                // The relation changed inside this flush: take the safe path.
+                return Ok(false);
+            }
+            if let Some(f) = folds.get_mut(&rel.id) {
+                f.push(c).map_err(|e| ApplyError::Fold {
+                    shard: self.shard().to_owned(),
+                    table: source_name(rel),
+                    commit_lsn: *lsn,
+                    source: e,
+                })?;
+            }
+        }
+        let mut folded = Vec::with_capacity(order.len());
+        for id in &order {
+            if let Some(f) = folds.remove(id) {
+                let f = f.finish();
+                if f.needs_ordered {
+                    return Ok(false);
+                }
+                folded.push((*id, f));
+            }
+        }
+        let first = buffer.first().map(|(l, _)| *l).unwrap_or_default();
+        let last = buffer.last().map(|(l, _)| *l).unwrap_or_default();
+        let mut statements = Vec::new();
+        let mut copy = BytesMut::new();
+        for (id, f) in &folded {
+            let Some(table) = self.tables.get(id) else {
+                continue;
+            };
+            copy.clear();
+            let tb = encode_table(table, f, &mut copy).map_err(|e| ApplyError::Encode {
+                shard: self.shard().to_owned(),
+                table: table.target.clone(),
+                commit_lsn: last,
+                source: e,
+            })?;
+            if tb.rows == 0 {
+                continue;
+            }
+            let ctx = format!(
+                "copying {} rows of target table {} for source commits {first}..{last}",
+                tb.rows, table.target
+            );
+            self.copy_in(&table.copy_sql(), &mut copy, &ctx).await?;
+            statements.extend(tb.statements);
+        }
+        if statements.is_empty() {
+            return Ok(true);
+        }
+        let tables: Vec<&str> = folded
+            .iter()
+            .filter_map(|(id, _)| self.tables.get(id).map(|t| t.target.as_str()))
+            .collect();
+        let ctx = format!(
+            "applying {} changes to {} for source commits {first}..{last}",
+            buffer.len(),
+            tables.join(", ")
+        );
+        self.sql(&statements.join(";\n"), &ctx).await?;
+        Ok(true)
+    }
+
+    async fn copy_in(&self, sql: &str, data: &mut BytesMut, ctx: &str) -> Result<(), ApplyError> {
+        let client = self.client()?;
+        let err = |e: tokio_postgres::Error| ApplyError::pg(self.shard(), ctx, &e);
+        let sink = client.copy_in::<str, Bytes>(sql).await.map_err(err)?;
+        let mut sink = std::pin::pin!(sink);
+        while !data.is_empty() {
+            let n = data.len().min(COPY_CHUNK_BYTES);
+            let chunk = data.split_to(n).freeze();
+            sink.as_mut().feed(chunk).await.map_err(err)?;
+        }
+        sink.as_mut().finish().await.map_err(err)?;
+        Ok(())
+    }
+
+    /// Applies `buffer` one change at a time, in source order. An error here is about exactly
+    /// one change, and says which.
+    async fn flush_ordered(
+        &mut self,
+        buffer: &[(Lsn, Change)],
+        why: &str,
+    ) -> Result<(), ApplyError> {
+        debug!(changes = buffer.len(), why, "applying change by change");
+        for (lsn, c) in buffer {
+            let Some(rel) = c.relation() else { continue };
+            self.resolve(rel).await?;
+            let Some(table) = self.tables.get(&rel.id) else {
+                continue;
+            };
+            let sql = change_sql(table, c).map_err(|e| ApplyError::Encode {
+                shard: self.shard().to_owned(),
+                table: table.target.clone(),
+                commit_lsn: *lsn,
+                source: e,
+            })?;
+            let Some(sql) = sql else { continue };
+            let ctx = format!(
+                "{} on target table {} key {} at source commit {lsn}",
+                c.kind(),
+                table.target,
+                key_text(table, c)
+            );
+            self.sql(&sql, &ctx).await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and commits the group with its progress row.
+    async fn commit_group(&mut self) -> Result<(), ApplyError> {
+        let Some(group) = self.group.take() else {
+            return Ok(());
+        };
+        let Some(pos) = group.position() else {
+            // Only skipped or still-open transactions: nothing to commit.
+            if self.current.is_some_and(|(_, skip)| !skip) {
+                self.group = Some(group);
+            }
+            return Ok(());
+        };
+        self.flush().await?;
+        self.begin_target_txn().await?;
+        let (end, time) = match group.last {
+            Some(c) if c.commit_lsn >= pos => (c.end_lsn, Some(c.commit_time)),
+            Some(c) => (pos, Some(c.commit_time)),
+            None => (pos, None),
+        };
+        let sql = format!("{}; COMMIT", self.key.update_sql(pos, end, time));
+        let ctx = format!("committing source transactions up to {pos}");
+        self.sql(&sql, &ctx).await?;
+        self.in_target_txn = false;
+        self.applied = pos;
+        if self.ordered_until.is_some_and(|u| pos >= u) {
+            self.ordered_until = None;
+        }
+        self.committed_any = true;
+        self.pending_heartbeat = None;
+        self.last_heartbeat_write = Instant::now();
+        self.log.applied(self.opts.shard, pos);
+
+        let now = pg_now();
+        if let Ok(mut h) = self.latency.lock() {
+            for t in &group.commit_times {
+                h.saturating_record(now.saturating_sub(*t).max(0) as u64);
+            }
+        }
+        let txns = group.commit_times.len() as u64;
+        self.status.send_modify(|s| {
+            s.state = if self.paused {
+                ApplyState::Paused
+            } else {
+                ApplyState::Running
+            };
+            s.applied_commit_lsn = pos;
+            s.applied_end_lsn = end;
+            if time.is_some() {
+                s.last_commit_time = time;
+            }
+            s.txns_applied += txns;
+            s.rows_inserted += group.inserted;
+            s.rows_updated += group.updated;
+            s.rows_deleted += group.deleted;
+            s.truncates += group.truncates;
+            if group.has_data {
+                s.batches += 1;
+            }
+            s.last_error = None;
+        });
+        debug!(commit_lsn = %pos, txns, "committed");
+        Ok(())
+    }
+
+    /// Records an idle shard's heartbeat position in its own small transaction.
+    async fn write_heartbeat(&mut self) -> Result<(), ApplyError> {
+        let Some(lsn) = self.pending_heartbeat else {
+            return Ok(());
+        };
+        if lsn <= self.applied || self.group.is_some() {
+            self.pending_heartbeat = None;
+            return Ok(());
+        }
+        let mut g = Group::new();
+        g.heartbeat = Some(lsn);
+        self.group = Some(g);
+        self.commit_group().await
+    }
+
+    /// Shutdown: commit complete source transactions if the open one has not been written into
+    /// the target transaction yet; otherwise roll everything back (it is re-read on restart).
+    async fn shut_down(&mut self) -> Result<(), ApplyError> {
+        if self.current.is_some_and(|(_, skip)| !skip) {
+            if self.partial_flushed {
+                info!("shutdown inside a partly written source transaction: rolling back the open batch");
+                if self.in_target_txn {
+                    self.sql("ROLLBACK", "rolling back at shutdown").await?;
+                    self.in_target_txn = false;
+                }
+                self.group = None;
+                return Ok(());
+            }
+            self.buffer.truncate(self.buffer_committed);
+            self.current = None;
+        }
+        self.current = None;
+        self.commit_group().await?;
+        if self.in_target_txn {
+            self.sql("ROLLBACK", "rolling back at shutdown").await?;
+            self.in_target_txn = false;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a failed set-based flush should be replayed change by change: a constraint (23) or
+/// data (22) error that source order may not hit, or that replay will pin to one change.
+fn replayable(e: &ApplyError) -> bool {
+    e.class() == ErrorClass::Definite
+        && e.sqlstate()
+            .is_some_and(|s| s.starts_with("23") || s.starts_with("22") || s == "21000")
+}
+
+/// Estimated memory of a buffered change.
+fn change_bytes(c: &Change) -> usize {
+    let row_bytes = |r: &[Value]| -> usize {
+        r.iter()
+            .map(|v| match v {
+                Value::Text(b) | Value::Binary(b) => b.len() + 8,
+                _ => 8,
+            })
+            .sum()
+    };
+    CHANGE_OVERHEAD_BYTES
+        + match c {
+            Change::Insert { new, .. } => row_bytes(new),
+            Change::Update { old, new, .. } => {
+                row_bytes(new) + old.as_ref().map(|o| row_bytes(o.row())).unwrap_or(0)
+            }
+            Change::Delete { old, .. } => row_bytes(old.row()),
+            Change::Truncate { .. } | Change::Message { .. } => 0,
+        }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next pause value; `None` if the sender is gone. Pending forever without a receiver.
+async fn pause_changed(pause: &mut Option<watch::Receiver<bool>>) -> Option<bool> {
+    match pause {
+        Some(p) => match p.changed().await {
+            Ok(()) => Some(*p.borrow_and_update()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,469 @@
+//! Turning folded changes into set-based SQL, and single changes into single statements.
+//!
+//! In: a [`TargetTable`] and its [`Folded`] net changes (or one source [`Change`] for the
+//! ordered replay path). Out: COPY text rows for the table's staging table plus the statements
+//! that merge the staged rows into the target (`DELETE … USING`, `INSERT … SELECT … ON
+//! CONFLICT`, `UPDATE … FROM`, one per set of carried columns), or one literal statement per
+//! change. Invariant: a column a change did not carry (unchanged TOAST) is never written, and no
+//! value passes through anything but its text form.
+
+use std::collections::HashMap;
+
+use bytes::{BufMut, BytesMut};
+
+use super::fold::{Folded, NetChange};
+use super::schema::{KeyMode, TargetTable};
+use super::text::{push_copy_escaped, sql_literal, COPY_NULL};
+use crate::event::{Change, OldRow, Row, Value};
+
+/// Op code of a staged delete.
+const OP_DELETE: u32 = 0;
+/// Op code of a staged upsert (key deleted earlier in the batch, then inserted again).
+const OP_UPSERT: u32 = 1;
+/// Op code of a staged insert.
+const OP_INSERT: u32 = 2;
+/// First op code of staged updates; one per set of carried columns.
+const OP_UPDATE_BASE: u32 = 3;
+
+/// A value that cannot be written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// A value in binary form (the publication's `binary = true`); apply writes text only.
+    #[error("column {column:?} arrived in binary form; run the source with binary = false")]
+    Binary {
+        /// The column.
+        column: String,
+    },
+    /// A row that must be complete carries an unchanged-TOAST marker.
+    #[error("column {column:?} of a new row arrived as unchanged TOAST")]
+    MissingValue {
+        /// The column.
+        column: String,
+    },
+    /// A text value that is not UTF-8.
+    #[error("column {column:?} is not valid UTF-8")]
+    NotUtf8 {
+        /// The column.
+        column: String,
+    },
+}
+
+/// What one table contributes to a flush.
+#[derive(Debug, Default)]
+pub struct TableBatch {
+    /// Staged rows.
+    pub rows: usize,
+    /// Statements to run after the COPY, in order.
+    pub statements: Vec<String>,
+}
+
+fn put_op(out: &mut BytesMut, op: u32) {
+    // Decimal digits without allocating: op codes are small.
+    let mut buf = [0u8; 10];
+    let mut i = buf.len();
+    let mut v = op;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 || i == 0 {
+            break;
+        }
+    }
+    out.put_slice(&buf[i..]);
+}
+
+fn put_value(
+    out: &mut BytesMut,
+    table: &TargetTable,
+    col: usize,
+    v: Option<&Value>,
+) -> Result<(), EncodeError> {
+    match v {
+        Some(Value::Text(b)) => push_copy_escaped(out, b),
+        Some(Value::Null) | Some(Value::UnchangedToast) | None => out.put_slice(COPY_NULL),
+        Some(Value::Binary(_)) => {
+            return Err(EncodeError::Binary {
+                column: column_name(table, col),
+            })
+        }
+    }
+    Ok(())
+}
+
+fn column_name(table: &TargetTable, source_idx: usize) -> String {
+    table
+        .source
+        .columns
+        .get(source_idx)
+        .map(|c| c.name.clone())
+        .unwrap_or_else(|| format!("#{source_idx}"))
+}
+
+/// Appends one staged row: op code, then every mapped column (`keys_only`: only key columns,
+/// the rest NULL).
+fn put_row(
+    out: &mut BytesMut,
+    table: &TargetTable,
+    op: u32,
+    row: &Row,
+    keys_only: bool,
+    complete: bool,
+) -> Result<(), EncodeError> {
+    put_op(out, op);
+    for c in &table.columns {
+        out.put_u8(b'\t');
+        let v = row.get(c.source_idx);
+        if complete && matches!(v, Some(Value::UnchangedToast) | None) {
+            return Err(EncodeError::MissingValue {
+                column: c.name.clone(),
+            });
+        }
+        if keys_only && !c.is_key {
+            out.put_slice(COPY_NULL);
+        } else {
+            put_value(out, table, c.source_idx, v)?;
+        }
+    }
+    out.put_u8(b'\n');
+    Ok(())
+}
+
+/// Encodes `folded` into COPY text rows for `table`'s staging table (appended to `out`) and
+/// returns the statements that merge them: deletes first (freeing unique values), then
+/// inserts/upserts, then updates grouped by the set of columns they carry, then `TRUNCATE` of
+/// the staging table.
+pub fn encode_table(
+    table: &TargetTable,
+    folded: &Folded,
+    out: &mut BytesMut,
+) -> Result<TableBatch, EncodeError> {
+    let mut groups: HashMap<Vec<bool>, u32> = HashMap::new();
+    let mut group_list: Vec<Vec<bool>> = Vec::new();
+    let (mut deletes, mut upserts, mut inserts) = (0usize, 0usize, 0usize);
+    for net in &folded.changes {
+        match net {
+            NetChange::Delete(r) => {
+                deletes += 1;
+                put_row(out, table, OP_DELETE, r, true, false)?;
+            }
+            NetChange::Upsert(r) => {
+                upserts += 1;
+                put_row(out, table, OP_UPSERT, r, false, true)?;
+            }
+            NetChange::Insert(r) => {
+                inserts += 1;
+                put_row(out, table, OP_INSERT, r, false, true)?;
+            }
+            NetChange::Update(r) => {
+                let carried: Vec<bool> = r.iter().map(|v| *v != Value::UnchangedToast).collect();
+                let next = group_list.len() as u32;
+                let g = *groups.entry(carried.clone()).or_insert_with(|| {
+                    group_list.push(carried);
+                    next
+                });
+                put_row(out, table, OP_UPDATE_BASE + g, r, false, false)?;
+            }
+        }
+    }
+
+    let mut statements = Vec::new();
+    let upsert_by_delete = table.key_mode != KeyMode::PrimaryKey;
+    if deletes > 0 || (upsert_by_delete && upserts > 0) {
+        let ops = if upsert_by_delete { "0, 1" } else { "0" };
+        statements.push(table.delete_sql(ops));
+    }
+    if upserts + inserts > 0 {
+        statements.push(table.insert_sql("1, 2"));
+    }
+    for (g, carried) in group_list.iter().enumerate() {
+        if let Some(sql) = table.update_sql(OP_UPDATE_BASE + g as u32, carried) {
+            statements.push(sql);
+        }
+    }
+    statements.push(table.truncate_staging_sql());
+    Ok(TableBatch {
+        rows: folded.changes.len(),
+        statements,
+    })
+}
+
+fn literal(table: &TargetTable, idx: usize, v: Option<&Value>) -> Result<String, EncodeError> {
+    match v {
+        Some(Value::Text(b)) => sql_literal(b).map_err(|_| EncodeError::NotUtf8 {
+            column: column_name(table, idx),
+        }),
+        Some(Value::Null) => Ok("NULL".to_owned()),
+        Some(Value::UnchangedToast) | None => Err(EncodeError::MissingValue {
+            column: column_name(table, idx),
+        }),
+        Some(Value::Binary(_)) => Err(EncodeError::Binary {
+            column: column_name(table, idx),
+        }),
+    }
+}
+
+fn where_key(table: &TargetTable, key_row: &Row) -> Result<String, EncodeError> {
+    let mut parts = Vec::new();
+    for c in table.columns.iter().filter(|c| c.is_key) {
+        let v = key_row.get(c.source_idx);
+        let p = match (table.key_mode, v) {
+            (KeyMode::PrimaryKey, _) => format!(
+                "{} = {}::{}",
+                c.name_sql,
+                literal(table, c.source_idx, v)?,
+                c.type_sql
+            ),
+            (_, Some(Value::Null)) => format!("{} IS NULL", c.name_sql),
+            _ => format!(
+                "{} IS NOT DISTINCT FROM {}::{}",
+                c.name_sql,
+                literal(table, c.source_idx, v)?,
+                c.type_sql
+            ),
+        };
+        parts.push(p);
+    }
+    Ok(parts.join(" AND "))
+}
+
+/// One statement applying exactly `change` (the ordered replay path), or `None` if it has no
+/// effect on the target (a message, an update that sets nothing).
+pub fn change_sql(table: &TargetTable, change: &Change) -> Result<Option<String>, EncodeError> {
+    match change {
+        Change::Insert { new, .. } => {
+            let mut cols = Vec::new();
+            let mut vals = Vec::new();
+            for c in &table.columns {
+                cols.push(c.name_sql.as_str());
+                vals.push(format!(
+                    "{}::{}",
+                    literal(table, c.source_idx, new.get(c.source_idx))?,
+                    c.type_sql
+                ));
+            }
+            Ok(Some(format!(
+                "INSERT INTO {} ({}){} VALUES ({}){}",
+                table.target_sql,
+                cols.join(", "),
+                if table.overriding {
+                    " OVERRIDING SYSTEM VALUE"
+                } else {
+                    ""
+                },
+                vals.join(", "),
+                table.on_conflict()
+            )))
+        }
+        Change::Update { old, new, .. } => {
+            let key_row = key_row(old.as_ref(), new);
+            let mut sets = Vec::new();
+            for c in &table.columns {
+                let v = new.get(c.source_idx);
+                let changed_key = c.is_key && key_row.get(c.source_idx) != v;
+                if (c.settable || changed_key) && !matches!(v, Some(Value::UnchangedToast) | None) {
+                    sets.push(format!(
+                        "{} = {}::{}",
+                        c.name_sql,
+                        literal(table, c.source_idx, v)?,
+                        c.type_sql
+                    ));
+                }
+            }
+            if sets.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(format!(
+                "UPDATE {} SET {} WHERE {}",
+                table.target_sql,
+                sets.join(", "),
+                where_key(table, &key_row)?
+            )))
+        }
+        Change::Delete { old, .. } => Ok(Some(format!(
+            "DELETE FROM {} WHERE {}",
+            table.target_sql,
+            where_key(table, old.row())?
+        ))),
+        Change::Truncate { .. } | Change::Message { .. } => Ok(None),
+    }
+}
+
+/// The row holding the old key of an UPDATE: the old tuple if sent, else the new row (with an
+/// unchanged-TOAST key value filled from the old tuple).
+fn key_row(old: Option<&OldRow>, new: &Row) -> Row {
+    match old {
+        Some(o) => {
+            let mut r = o.row().clone();
+            for (i, v) in r.iter_mut().enumerate() {
+                if *v == Value::UnchangedToast {
+                    if let Some(n) = new.get(i) {
+                        *v = n.clone();
+                    }
+                }
+            }
+            r
+        }
+        None => new.clone(),
+    }
+}
+
+/// `(k1, k2)=(v1, v2)` for messages: the match key of `change` as text.
+pub fn key_text(table: &TargetTable, change: &Change) -> String {
+    let row = match change {
+        Change::Insert { new, .. } => new.clone(),
+        Change::Update { old, new, .. } => key_row(old.as_ref(), new),
+        Change::Delete { old, .. } => old.row().clone(),
+        Change::Truncate { .. } | Change::Message { .. } => return String::new(),
+    };
+    let key_idx: Vec<usize> = if table.key_idx.is_empty() {
+        (0..table.source.columns.len()).collect()
+    } else {
+        table.key_idx.clone()
+    };
+    let names: Vec<String> = key_idx.iter().map(|&i| column_name(table, i)).collect();
+    let vals: Vec<String> = key_idx
+        .iter()
+        .map(|&i| match row.get(i) {
+            Some(Value::Text(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::Null) => "NULL".to_owned(),
+            Some(Value::UnchangedToast) => "(unchanged toast)".to_owned(),
+            Some(Value::Binary(_)) => "(binary)".to_owned(),
+            None => "?".to_owned(),
+        })
+        .collect();
+    format!("({})=({})", names.join(", "), vals.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::super::fold::Fold;
+    use super::super::schema::TargetColumn;
+    use super::*;
+    use crate::event::{Column, Relation, ReplicaIdentity, TableId};
+
+    fn table() -> TargetTable {
+        let col = |n: &str, k| Column {
+            name: n.into(),
+            type_oid: 25,
+            type_modifier: -1,
+            is_key: k,
+        };
+        let rel = Arc::new(Relation {
+            id: TableId(1),
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![col("id", true), col("a", false), col("b", false)],
+        });
+        let tcol = |n: &str, pk| TargetColumn {
+            name: n.into(),
+            type_sql: if pk { "bigint" } else { "text" }.into(),
+            not_null: pk,
+            has_default: false,
+            identity_always: false,
+            identity_by_default: false,
+            generated: false,
+            in_primary_key: pk,
+        };
+        TargetTable::build(
+            rel.clone(),
+            "public.t",
+            &[tcol("id", true), tcol("a", false), tcol("b", false)],
+            "stg".into(),
+        )
+        .unwrap()
+    }
+
+    fn t(s: &str) -> Value {
+        Value::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn stages_each_op_and_groups_updates_by_carried_columns() {
+        let tb = table();
+        let rel = tb.source.clone();
+        let changes = vec![
+            Change::Insert {
+                rel: rel.clone(),
+                new: vec![t("1"), t("x\ty"), Value::Null],
+            },
+            Change::Update {
+                rel: rel.clone(),
+                old: None,
+                new: vec![t("2"), t("a"), Value::UnchangedToast],
+            },
+            Change::Update {
+                rel: rel.clone(),
+                old: None,
+                new: vec![t("3"), t("a"), t("b")],
+            },
+            Change::Delete {
+                rel: rel.clone(),
+                old: OldRow::Key(vec![t("4"), Value::Null, Value::Null]),
+            },
+        ];
+        let mut f = Fold::new(tb.key_idx.clone());
+        for c in &changes {
+            f.push(c).unwrap();
+        }
+        let mut out = BytesMut::new();
+        let b = encode_table(&tb, &f.finish(), &mut out).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "2\t1\tx\\ty\t\\N\n3\t2\ta\t\\N\n4\t3\ta\tb\n0\t4\t\\N\t\\N\n"
+        );
+        assert_eq!(b.rows, 4);
+        assert_eq!(b.statements.len(), 5, "{:#?}", b.statements);
+        assert!(b.statements[0].starts_with("DELETE"));
+        assert!(b.statements[1].starts_with("INSERT"));
+        assert!(b.statements[2].contains("SET a = s.a::text FROM"));
+        assert!(b.statements[3].contains("SET a = s.a::text, b = s.b::text FROM"));
+        assert!(b.statements[4].starts_with("TRUNCATE"));
+    }
+
+    #[test]
+    fn op_codes_are_written_in_decimal() {
+        for op in [0u32, 7, 10, 123, u32::MAX] {
+            let mut b = BytesMut::new();
+            put_op(&mut b, op);
+            assert_eq!(&b[..], op.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn binary_values_are_refused_with_the_column_name() {
+        let tb = table();
+        let mut f = Fold::new(tb.key_idx.clone());
+        f.push(&Change::Insert {
+            rel: tb.source.clone(),
+            new: vec![
+                t("1"),
+                Value::Binary(Bytes::from_static(b"\x00")),
+                Value::Null,
+            ],
+        })
+        .unwrap();
+        let e = encode_table(&tb, &f.finish(), &mut BytesMut::new()).unwrap_err();
+        assert_eq!(e, EncodeError::Binary { column: "a".into() });
+    }
+
+    #[test]
+    fn ordered_statements_use_literals_and_skip_unchanged_toast() {
+        let tb = table();
+        let c = Change::Update {
+            rel: tb.source.clone(),
+            old: Some(OldRow::Key(vec![t("1"), Value::Null, Value::Null])),
+            new: vec![t("2"), Value::UnchangedToast, t("it's")],
+        };
+        assert_eq!(
+            change_sql(&tb, &c).unwrap().unwrap(),
+            "UPDATE public.t SET id = '2'::bigint, b = 'it''s'::text WHERE id = '1'::bigint"
+        );
+        assert_eq!(key_text(&tb, &c), "(id)=(1)");
+    }
+}

@@ -1,0 +1,540 @@
+//! The target side of one source table: which target table, which columns, which key.
+//!
+//! In: a source [`Relation`] (as pgoutput describes it) and the target table's catalog rows
+//! (`pg_attribute`, `pg_index`). Out: a [`TargetTable`]: source columns mapped BY NAME to
+//! target columns, the match key, and the SQL of the set-based statements. Invariant: the
+//! target column list never contains a stored generated column, and a source column that the
+//! target lacks is a definite error naming shard, table and column (never a silent drop).
+//!
+//! The match key is the target's primary key when every one of its columns is part of the
+//! source's replica identity (so the old key of every UPDATE/DELETE is known); upserts then use
+//! `INSERT … ON CONFLICT (pk) DO UPDATE`. Otherwise it is the source's replica identity columns
+//! (`is_key`, or every column for REPLICA IDENTITY FULL), compared with `IS NOT DISTINCT FROM`,
+//! and an upsert is a delete then an insert. A table without either only takes inserts.
+//! See <https://www.postgresql.org/docs/current/logical-replication-publication.html> on
+//! replica identity.
+
+use std::sync::Arc;
+
+use crate::event::{quote_ident, Relation, ReplicaIdentity};
+
+/// One column of the target table (a row of `pg_attribute`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetColumn {
+    /// `attname`.
+    pub name: String,
+    /// `format_type(atttypid, atttypmod)`: the SQL type to cast staged text to.
+    pub type_sql: String,
+    /// `attnotnull`.
+    pub not_null: bool,
+    /// `atthasdef`.
+    pub has_default: bool,
+    /// `attidentity` is `a` (GENERATED ALWAYS AS IDENTITY): inserts need `OVERRIDING SYSTEM
+    /// VALUE` and updates may not set it.
+    pub identity_always: bool,
+    /// `attidentity` is `d` (BY DEFAULT).
+    pub identity_by_default: bool,
+    /// `attgenerated = 's'`: computed by the target, never written.
+    pub generated: bool,
+    /// Part of the primary key.
+    pub in_primary_key: bool,
+}
+
+/// How rows are matched on the target.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum KeyMode {
+    /// By the target's primary key, with `=`; upserts use `ON CONFLICT`.
+    PrimaryKey,
+    /// By the source's replica-identity columns, with `IS NOT DISTINCT FROM`; an upsert is a
+    /// delete then an insert.
+    ReplicaIdentity,
+    /// No key: the table can only take inserts.
+    None,
+}
+
+/// A source column and the target column it is written to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedColumn {
+    /// Position in the source relation (and in every tuple of it).
+    pub source_idx: usize,
+    /// Quoted target column name.
+    pub name_sql: String,
+    /// Unquoted name, for messages.
+    pub name: String,
+    /// SQL type to cast staged text to.
+    pub type_sql: String,
+    /// Part of the match key.
+    pub is_key: bool,
+    /// May appear in an `UPDATE … SET` list (not a key column, not GENERATED ALWAYS identity).
+    pub settable: bool,
+}
+
+/// Why a source table cannot be written to its target.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    /// The target table does not exist.
+    #[error("target table {target} (for source table {source_table}) does not exist (SQLSTATE 42P01); create it on the shard, or map the source table elsewhere with table_map")]
+    MissingTable {
+        /// Source `schema.table`.
+        source_table: String,
+        /// Target `schema.table`.
+        target: String,
+    },
+    /// A source column has no target column of that name.
+    #[error("target table {target} has no column {column:?} that source table {source_table} sends (SQLSTATE 42703); add the column on the shard")]
+    MissingColumn {
+        /// Source `schema.table`.
+        source_table: String,
+        /// Target `schema.table`.
+        target: String,
+        /// The column.
+        column: String,
+    },
+    /// The source sends a column the target computes.
+    #[error("column {column:?} of target table {target} is GENERATED ALWAYS AS … STORED but source table {source_table} sends it; make it a plain column on the shard")]
+    GeneratedOnTarget {
+        /// Source `schema.table`.
+        source_table: String,
+        /// Target `schema.table`.
+        target: String,
+        /// The column.
+        column: String,
+    },
+    /// A target column the source does not send would have to be NULL but is NOT NULL
+    /// without a default.
+    #[error("column {column:?} of target table {target} is NOT NULL without a default and source table {source_table} does not send it; give it a default or drop NOT NULL on the shard")]
+    ExtraColumnRequired {
+        /// Source `schema.table`.
+        source_table: String,
+        /// Target `schema.table`.
+        target: String,
+        /// The column.
+        column: String,
+    },
+}
+
+/// A source table resolved against its target table.
+#[derive(Clone, Debug)]
+pub struct TargetTable {
+    /// The source relation this was resolved for.
+    pub source: Arc<Relation>,
+    /// Target `schema.table`, unquoted, for messages.
+    pub target: String,
+    /// Target `schema.table`, quoted, for SQL.
+    pub target_sql: String,
+    /// Source columns in source order, with their target columns.
+    pub columns: Vec<MappedColumn>,
+    /// How rows are matched.
+    pub key_mode: KeyMode,
+    /// Positions (in the source relation) of the match key columns.
+    pub key_idx: Vec<usize>,
+    /// Whether inserts need `OVERRIDING SYSTEM VALUE`.
+    pub overriding: bool,
+    /// Name of this table's session staging table.
+    pub staging: String,
+}
+
+/// Splits a `schema.table` name (unquoted; no schema means `public`).
+pub fn split_name(name: &str) -> (String, String) {
+    match name.split_once('.') {
+        Some((s, t)) => (s.to_owned(), t.to_owned()),
+        None => ("public".to_owned(), name.to_owned()),
+    }
+}
+
+/// The source relation's `schema.table`, unquoted: the key of `table_map`.
+pub fn source_name(rel: &Relation) -> String {
+    format!("{}.{}", rel.namespace, rel.name)
+}
+
+impl TargetTable {
+    /// Maps `source` onto a target table with `target_columns` (in `attnum` order), staging
+    /// through the temp table `staging`.
+    pub fn build(
+        source: Arc<Relation>,
+        target: &str,
+        target_columns: &[TargetColumn],
+        staging: String,
+    ) -> Result<TargetTable, SchemaError> {
+        let (schema, table) = split_name(target);
+        let target_sql = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+        let src_name = source_name(&source);
+        let find = |n: &str| target_columns.iter().find(|c| c.name == n);
+
+        let source_key: Vec<usize> = if source.replica_identity == ReplicaIdentity::Full {
+            (0..source.columns.len()).collect()
+        } else {
+            source.key_indexes().collect()
+        };
+
+        // Every source column must land in a writable target column.
+        for c in &source.columns {
+            match find(&c.name) {
+                None => {
+                    return Err(SchemaError::MissingColumn {
+                        source_table: src_name,
+                        target: target.to_owned(),
+                        column: c.name.clone(),
+                    })
+                }
+                Some(t) if t.generated => {
+                    return Err(SchemaError::GeneratedOnTarget {
+                        source_table: src_name,
+                        target: target.to_owned(),
+                        column: c.name.clone(),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        // Every target column left out must be able to take its default (or NULL).
+        for t in target_columns {
+            let sent = source.columns.iter().any(|c| c.name == t.name);
+            let fillable = t.generated
+                || t.has_default
+                || !t.not_null
+                || t.identity_always
+                || t.identity_by_default;
+            if !sent && !fillable {
+                return Err(SchemaError::ExtraColumnRequired {
+                    source_table: src_name,
+                    target: target.to_owned(),
+                    column: t.name.clone(),
+                });
+            }
+        }
+
+        // The match key.
+        let pk: Vec<&TargetColumn> = target_columns.iter().filter(|c| c.in_primary_key).collect();
+        let pk_src: Option<Vec<usize>> = if pk.is_empty() {
+            None
+        } else {
+            pk.iter()
+                .map(|p| {
+                    source
+                        .column_index(&p.name)
+                        .filter(|i| source_key.contains(i))
+                })
+                .collect()
+        };
+        let (key_mode, key_idx) = match pk_src {
+            Some(idx) => (KeyMode::PrimaryKey, idx),
+            None if !source_key.is_empty() => (KeyMode::ReplicaIdentity, source_key),
+            None => (KeyMode::None, Vec::new()),
+        };
+
+        let mut overriding = false;
+        let columns = source
+            .columns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let t = find(&c.name)?;
+                overriding |= t.identity_always;
+                let is_key = key_idx.contains(&i);
+                Some(MappedColumn {
+                    source_idx: i,
+                    name_sql: quote_ident(&t.name),
+                    name: t.name.clone(),
+                    type_sql: t.type_sql.clone(),
+                    is_key,
+                    settable: !is_key && !t.identity_always,
+                })
+            })
+            .collect();
+
+        Ok(TargetTable {
+            source,
+            target: target.to_owned(),
+            target_sql,
+            columns,
+            key_mode,
+            key_idx,
+            overriding,
+            staging,
+        })
+    }
+
+    /// `CREATE TEMP TABLE IF NOT EXISTS` for the staging table: an op code and one `text`
+    /// column per mapped column (values are cast to the target types when read, so a NULL in a
+    /// column an operation does not use never meets a NOT NULL domain).
+    pub fn create_staging_sql(&self) -> String {
+        let mut s = format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {} (_reshard_op int4",
+            self.staging
+        );
+        for c in &self.columns {
+            s.push_str(", ");
+            s.push_str(&c.name_sql);
+            s.push_str(" text");
+        }
+        s.push(')');
+        s
+    }
+
+    /// `COPY staging (…) FROM STDIN`.
+    pub fn copy_sql(&self) -> String {
+        let cols: Vec<&str> = self.columns.iter().map(|c| c.name_sql.as_str()).collect();
+        format!(
+            "COPY {} (_reshard_op, {}) FROM STDIN",
+            self.staging,
+            cols.join(", ")
+        )
+    }
+
+    fn key_match(&self, target_alias: &str, staging_alias: &str) -> String {
+        let op = match self.key_mode {
+            KeyMode::PrimaryKey => "=",
+            _ => "IS NOT DISTINCT FROM",
+        };
+        self.columns
+            .iter()
+            .filter(|c| c.is_key)
+            .map(|c| {
+                format!(
+                    "{target_alias}.{n} {op} {staging_alias}.{n}::{ty}",
+                    n = c.name_sql,
+                    ty = c.type_sql
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// Deletes the keys staged with the given op codes.
+    pub fn delete_sql(&self, ops: &str) -> String {
+        format!(
+            "DELETE FROM {} AS t USING {} AS s WHERE s._reshard_op IN ({ops}) AND {}",
+            self.target_sql,
+            self.staging,
+            self.key_match("t", "s")
+        )
+    }
+
+    /// Inserts the rows staged with the given op codes (upserting by primary key when the
+    /// target has one).
+    pub fn insert_sql(&self, ops: &str) -> String {
+        let cols: Vec<&str> = self.columns.iter().map(|c| c.name_sql.as_str()).collect();
+        let vals: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| format!("s.{}::{}", c.name_sql, c.type_sql))
+            .collect();
+        format!(
+            "INSERT INTO {} ({}){} SELECT {} FROM {} AS s WHERE s._reshard_op IN ({ops}){}",
+            self.target_sql,
+            cols.join(", "),
+            if self.overriding {
+                " OVERRIDING SYSTEM VALUE"
+            } else {
+                ""
+            },
+            vals.join(", "),
+            self.staging,
+            self.on_conflict()
+        )
+    }
+
+    /// ` ON CONFLICT (pk) DO UPDATE SET …` in primary-key mode, else empty.
+    pub fn on_conflict(&self) -> String {
+        if self.key_mode != KeyMode::PrimaryKey {
+            return String::new();
+        }
+        let keys: Vec<&str> = self
+            .columns
+            .iter()
+            .filter(|c| c.is_key)
+            .map(|c| c.name_sql.as_str())
+            .collect();
+        let sets: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|c| c.settable)
+            .map(|c| format!("{n} = EXCLUDED.{n}", n = c.name_sql))
+            .collect();
+        if sets.is_empty() {
+            format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", "))
+        } else {
+            format!(
+                " ON CONFLICT ({}) DO UPDATE SET {}",
+                keys.join(", "),
+                sets.join(", ")
+            )
+        }
+    }
+
+    /// Updates the rows staged with op code `op`, setting the columns at source positions
+    /// `carried` (those not settable are skipped). `None` when there is nothing to set.
+    pub fn update_sql(&self, op: u32, carried: &[bool]) -> Option<String> {
+        let sets: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|c| c.settable && carried.get(c.source_idx).copied().unwrap_or(false))
+            .map(|c| format!("{n} = s.{n}::{ty}", n = c.name_sql, ty = c.type_sql))
+            .collect();
+        if sets.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "UPDATE {} AS t SET {} FROM {} AS s WHERE s._reshard_op = {op} AND {}",
+            self.target_sql,
+            sets.join(", "),
+            self.staging,
+            self.key_match("t", "s")
+        ))
+    }
+
+    /// `TRUNCATE staging`.
+    pub fn truncate_staging_sql(&self) -> String {
+        format!("TRUNCATE {}", self.staging)
+    }
+}
+
+/// The catalog query for a target table's columns, in `attnum` order; `regclass_literal` is
+/// the quoted table name as an SQL literal. Columns: name, type, not null, has default,
+/// identity, generated, in primary key.
+pub fn columns_query(regclass_literal: &str) -> String {
+    format!(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.atthasdef, \
+         a.attidentity, a.attgenerated, coalesce(a.attnum = ANY (i.indkey::int2[]), false) \
+         FROM pg_attribute a \
+         LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+         WHERE a.attrelid = to_regclass({regclass_literal}) AND a.attnum > 0 \
+         AND NOT a.attisdropped ORDER BY a.attnum"
+    )
+}
+
+/// `SELECT to_regclass(…) IS NOT NULL`.
+pub fn exists_query(regclass_literal: &str) -> String {
+    format!("SELECT to_regclass({regclass_literal}) IS NOT NULL")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Column, TableId};
+
+    fn col(n: &str, k: bool) -> Column {
+        Column {
+            name: n.into(),
+            type_oid: 25,
+            type_modifier: -1,
+            is_key: k,
+        }
+    }
+
+    fn tcol(n: &str, pk: bool) -> TargetColumn {
+        TargetColumn {
+            name: n.into(),
+            type_sql: "text".into(),
+            not_null: pk,
+            has_default: false,
+            identity_always: false,
+            identity_by_default: false,
+            generated: false,
+            in_primary_key: pk,
+        }
+    }
+
+    fn rel(ri: ReplicaIdentity, cols: Vec<Column>) -> Arc<Relation> {
+        Arc::new(Relation {
+            id: TableId(7),
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: ri,
+            columns: cols,
+        })
+    }
+
+    #[test]
+    fn maps_by_name_and_uses_the_primary_key() {
+        let r = rel(
+            ReplicaIdentity::Default,
+            vec![col("b", false), col("id", true)],
+        );
+        let t = TargetTable::build(
+            r,
+            "public.t",
+            &[tcol("id", true), tcol("b", false)],
+            "s".into(),
+        )
+        .unwrap();
+        assert_eq!(t.key_mode, KeyMode::PrimaryKey);
+        assert_eq!(t.key_idx, vec![1]);
+        assert_eq!(t.columns[0].name, "b");
+        assert!(t
+            .insert_sql("1,2")
+            .contains("ON CONFLICT (id) DO UPDATE SET b = EXCLUDED.b"));
+    }
+
+    #[test]
+    fn full_identity_without_target_pk_matches_all_columns() {
+        let r = rel(ReplicaIdentity::Full, vec![col("a", true), col("b", true)]);
+        let t = TargetTable::build(
+            r,
+            "public.t",
+            &[tcol("a", false), tcol("b", false)],
+            "s".into(),
+        )
+        .unwrap();
+        assert_eq!(t.key_mode, KeyMode::ReplicaIdentity);
+        assert_eq!(t.key_idx, vec![0, 1]);
+        assert!(t
+            .delete_sql("0")
+            .contains("t.a IS NOT DISTINCT FROM s.a::text"));
+        assert_eq!(t.on_conflict(), "");
+    }
+
+    #[test]
+    fn full_identity_with_target_pk_uses_the_pk() {
+        let r = rel(ReplicaIdentity::Full, vec![col("a", true), col("b", true)]);
+        let t = TargetTable::build(
+            r,
+            "public.t",
+            &[tcol("a", true), tcol("b", false)],
+            "s".into(),
+        )
+        .unwrap();
+        assert_eq!(t.key_mode, KeyMode::PrimaryKey);
+        assert_eq!(t.key_idx, vec![0]);
+    }
+
+    #[test]
+    fn missing_and_generated_and_required_columns_are_errors() {
+        let r = rel(
+            ReplicaIdentity::Default,
+            vec![col("id", true), col("x", false)],
+        );
+        let e =
+            TargetTable::build(r.clone(), "public.t", &[tcol("id", true)], "s".into()).unwrap_err();
+        assert!(e.to_string().contains("\"x\""), "{e}");
+        let mut g = tcol("x", false);
+        g.generated = true;
+        let e = TargetTable::build(r.clone(), "public.t", &[tcol("id", true), g], "s".into())
+            .unwrap_err();
+        assert!(matches!(e, SchemaError::GeneratedOnTarget { .. }));
+        let mut req = tcol("extra", false);
+        req.not_null = true;
+        let e = TargetTable::build(
+            r,
+            "public.t",
+            &[tcol("id", true), tcol("x", false), req],
+            "s".into(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, SchemaError::ExtraColumnRequired { .. }));
+    }
+
+    #[test]
+    fn update_sets_only_carried_non_key_columns() {
+        let r = rel(
+            ReplicaIdentity::Default,
+            vec![col("id", true), col("a", false), col("b", false)],
+        );
+        let cols = [tcol("id", true), tcol("a", false), tcol("b", false)];
+        let t = TargetTable::build(r, "public.t", &cols, "s".into()).unwrap();
+        let sql = t.update_sql(3, &[true, false, true]).unwrap();
+        assert!(sql.contains("SET b = s.b::text FROM"), "{sql}");
+        assert!(t.update_sql(3, &[true, false, false]).is_none());
+    }
+}

@@ -1,0 +1,437 @@
+//! Cutover of one shard (`reshard cutover --shard S`).
+//!
+//! In: the config, the shard's name, a timeout. Out: a [`CutoverReport`] saying whether the
+//! application may now send that shard's accounts to it.
+//!
+//! Steps, in order (each one is a precondition of the next):
+//! 1. Mark the source's present: `pg_logical_emit_message(true, 'reshard.cutover', S)`
+//!    returns the LSN M of a WAL record written after every transaction that committed
+//!    before the cutover started (<https://www.postgresql.org/docs/current/functions-admin.html#FUNCTIONS-REPLICATION>).
+//! 2. Wait until the shard's progress row says `commit_lsn >= M`: every source commit below M
+//!    is then applied there (polled every 200 ms, up to the timeout).
+//! 3. Sequences: every sequence of the replicated schemas is set on the shard to at least the
+//!    source's `last_value` + `[cutover] sequence_gap`, never moved backwards
+//!    (`setval(seq, GREATEST(shard's value, source's + gap))`).
+//! 4. Verify that shard (unless `--no-verify`) and count its rows.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::error::{class_of_pg, Classify, ErrorClass};
+use crate::lsn::Lsn;
+use crate::pgconn::{connect_plain, error_text, quote_literal, quote_qualified};
+use crate::progress::{progress_table_exists, source_system_id};
+use crate::tableinfo::{resolve_tables, split_name};
+use crate::verify::{self, KeyRouter, VerifyError, VerifyOptions, VerifyReport};
+
+/// What to cut over.
+#[derive(Clone)]
+pub struct CutoverOptions {
+    /// Shard name.
+    pub shard: String,
+    /// Longest wait for the shard to catch up.
+    pub timeout: Duration,
+    /// Run `verify` on the shard after syncing sequences.
+    pub verify: bool,
+    /// Router for `hash = "map"`.
+    pub router: Option<std::sync::Arc<KeyRouter>>,
+}
+
+/// Cutover could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum CutoverError {
+    /// `--shard` names no configured shard.
+    #[error("unknown shard {name:?}; the config's shards are {known:?}")]
+    UnknownShard {
+        /// Name given.
+        name: String,
+        /// Configured names.
+        known: Vec<String>,
+    },
+    /// Could not connect.
+    #[error("cannot connect to {endpoint}: {error}")]
+    Connect {
+        /// `source` or `shard <name>`.
+        endpoint: String,
+        /// Why.
+        error: Box<crate::source::SourceError>,
+    },
+    /// A query failed.
+    #[error("{what} on {endpoint} failed: {}", error_text(error))]
+    Query {
+        /// `source` or the shard.
+        endpoint: String,
+        /// What was being done.
+        what: String,
+        /// Driver error.
+        error: tokio_postgres::Error,
+    },
+    /// A value read back did not parse.
+    #[error("{endpoint} returned an invalid value: {message}")]
+    Invalid {
+        /// `source` or the shard.
+        endpoint: String,
+        /// What.
+        message: String,
+    },
+    /// The shard has never been fed by reshard.
+    #[error("shard {shard} has no reshard.progress table: reshard run has never applied changes to it, so there is nothing to wait for; start reshard run first")]
+    NoProgress {
+        /// Shard.
+        shard: String,
+    },
+    /// The shard did not catch up in time.
+    #[error("shard {shard} did not reach the cutover LSN {target} within {waited_secs:.1}s: it is at {reached}, {behind_bytes} bytes behind; check `reshard lag` and retry with a longer --timeout")]
+    Timeout {
+        /// Shard.
+        shard: String,
+        /// LSN waited for.
+        target: Lsn,
+        /// Progress reached.
+        reached: Lsn,
+        /// `target - reached`.
+        behind_bytes: u64,
+        /// Seconds waited.
+        waited_secs: f64,
+    },
+    /// The verification could not complete.
+    #[error("verify of shard {shard}: {source}")]
+    Verify {
+        /// Shard.
+        shard: String,
+        /// Why.
+        source: VerifyError,
+    },
+}
+
+impl Classify for CutoverError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            CutoverError::Connect { error, .. } => error.class(),
+            CutoverError::Query { error, .. } => class_of_pg(error),
+            CutoverError::Timeout { .. } => ErrorClass::Transient,
+            CutoverError::Verify { source, .. } => source.class(),
+            _ => ErrorClass::Definite,
+        }
+    }
+}
+
+/// What happened to one sequence.
+#[derive(Debug, Clone, Serialize)]
+pub struct SequenceSync {
+    /// `schema.sequence`.
+    pub name: String,
+    /// The source's `last_value` (`None`: never used on the source).
+    pub source_value: Option<i64>,
+    /// The shard's `last_value` before (`None`: never used there).
+    pub shard_before: Option<i64>,
+    /// The shard's `last_value` after.
+    pub shard_after: Option<i64>,
+    /// `set`, `unchanged` (already far enough), `unused` (never used on the source),
+    /// `missing` (no such sequence on the shard), `descending` (left alone), `error: …`.
+    pub action: String,
+}
+
+/// Rows of one table on the shard.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableRows {
+    /// Target table.
+    pub table: String,
+    /// Rows.
+    pub rows: u64,
+}
+
+/// The outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct CutoverReport {
+    /// Safe to send the shard's accounts to it: caught up, sequences set, verified.
+    pub ok: bool,
+    /// Shard.
+    pub shard: String,
+    /// How the target LSN was taken: `logical_message` or `current_wal_lsn`.
+    pub marker: String,
+    /// The source LSN the shard had to reach.
+    pub target_lsn: Lsn,
+    /// The shard's progress when it got there.
+    pub reached_lsn: Lsn,
+    /// Seconds spent waiting.
+    pub waited_secs: f64,
+    /// Sequence gap applied.
+    pub sequence_gap: i64,
+    /// Sequences.
+    pub sequences: Vec<SequenceSync>,
+    /// Verification of the shard (absent with `--no-verify`).
+    pub verify: Option<VerifyReport>,
+    /// Rows on the shard per table.
+    pub tables: Vec<TableRows>,
+}
+
+fn qerr(endpoint: &str, what: &str) -> impl Fn(tokio_postgres::Error) -> CutoverError {
+    let endpoint = endpoint.to_owned();
+    let what = what.to_owned();
+    move |error| CutoverError::Query {
+        endpoint: endpoint.clone(),
+        what: what.clone(),
+        error,
+    }
+}
+
+/// Runs the cutover of one shard.
+pub async fn cutover(
+    config: &Config,
+    opts: &CutoverOptions,
+) -> Result<CutoverReport, CutoverError> {
+    let Some(shard_cfg) = config.shards.iter().find(|s| s.name == opts.shard) else {
+        return Err(CutoverError::UnknownShard {
+            name: opts.shard.clone(),
+            known: config.shard_names(),
+        });
+    };
+    let name = shard_cfg.name.as_str();
+    let src = connect_plain(&config.source.url)
+        .await
+        .map_err(|error| CutoverError::Connect {
+            endpoint: "source".into(),
+            error: Box::new(error),
+        })?;
+    let shard = connect_plain(&shard_cfg.url)
+        .await
+        .map_err(|error| CutoverError::Connect {
+            endpoint: format!("shard {name}"),
+            error: Box::new(error),
+        })?;
+    let exists = progress_table_exists(&shard, name)
+        .await
+        .map_err(|e| match e {
+            crate::progress::ProgressError::Query { error, .. } => {
+                qerr(name, "reading progress")(error)
+            }
+            other => CutoverError::Invalid {
+                endpoint: name.to_owned(),
+                message: other.to_string(),
+            },
+        })?;
+    if !exists {
+        return Err(CutoverError::NoProgress {
+            shard: name.to_owned(),
+        });
+    }
+    let system_id = source_system_id(&src).await;
+
+    // 1. The marker.
+    let (marker, target) = match src
+        .query_one(
+            "SELECT pg_logical_emit_message(true, 'reshard.cutover', $1)::text",
+            &[&name],
+        )
+        .await
+    {
+        Ok(row) => ("logical_message", parse_lsn(&row, "source")?),
+        Err(e) => {
+            tracing::warn!(error = %e, "pg_logical_emit_message refused; using pg_current_wal_lsn()");
+            let row = src
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .map_err(qerr("source", "reading pg_current_wal_lsn()"))?;
+            ("current_wal_lsn", parse_lsn(&row, "source")?)
+        }
+    };
+
+    // 2. Wait.
+    let started = Instant::now();
+    let reached = match verify::wait_for_progress(
+        &shard,
+        &config.source.slot,
+        name,
+        system_id.as_deref(),
+        target,
+        opts.timeout,
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(VerifyError::Timeout {
+            reached,
+            waited_secs,
+            ..
+        }) => {
+            return Err(CutoverError::Timeout {
+                shard: name.to_owned(),
+                target,
+                reached,
+                behind_bytes: target.bytes_since(reached),
+                waited_secs,
+            })
+        }
+        Err(VerifyError::Query { error, .. }) => return Err(qerr(name, "reading progress")(error)),
+        Err(e) => {
+            return Err(CutoverError::Verify {
+                shard: name.to_owned(),
+                source: e,
+            })
+        }
+    };
+    let waited_secs = started.elapsed().as_secs_f64();
+
+    // 3. Sequences.
+    let rules = resolve_tables(&src, config)
+        .await
+        .map_err(qerr("source", "listing tables"))?;
+    let mut schemas: Vec<String> = rules.iter().map(|r| split_name(&r.source).0).collect();
+    schemas.sort();
+    schemas.dedup();
+    let sequences =
+        sync_sequences(&src, &shard, name, &schemas, config.cutover.sequence_gap).await?;
+
+    // 4. Verify and count.
+    let mut report = CutoverReport {
+        ok: false,
+        shard: name.to_owned(),
+        marker: marker.to_owned(),
+        target_lsn: target,
+        reached_lsn: reached,
+        waited_secs,
+        sequence_gap: config.cutover.sequence_gap,
+        sequences,
+        verify: None,
+        tables: Vec::new(),
+    };
+    if opts.verify {
+        let v = verify::verify(
+            config,
+            &VerifyOptions {
+                shards: vec![name.to_owned()],
+                timeout: opts.timeout,
+                router: opts.router.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|source| CutoverError::Verify {
+            shard: name.to_owned(),
+            source,
+        })?;
+        for r in &v.results {
+            report.tables.push(TableRows {
+                table: r.target.clone(),
+                rows: r.rows_shard,
+            });
+        }
+        report.verify = Some(v);
+    } else {
+        for r in &rules {
+            let row = shard
+                .query_one(
+                    &format!("SELECT count(*) FROM {}", quote_qualified(&r.target)),
+                    &[],
+                )
+                .await
+                .map_err(qerr(name, &format!("counting rows of {}", r.target)))?;
+            let n: i64 = row.try_get(0).map_err(qerr(name, "counting rows"))?;
+            report.tables.push(TableRows {
+                table: r.target.clone(),
+                rows: n.max(0) as u64,
+            });
+        }
+    }
+    report.ok = report.verify.as_ref().is_none_or(|v| v.ok)
+        && report
+            .sequences
+            .iter()
+            .all(|s| !s.action.starts_with("error"));
+    Ok(report)
+}
+
+fn parse_lsn(row: &tokio_postgres::Row, endpoint: &str) -> Result<Lsn, CutoverError> {
+    let s: String = row.try_get(0).map_err(qerr(endpoint, "reading an LSN"))?;
+    s.parse()
+        .map_err(|e: crate::lsn::ParseLsnError| CutoverError::Invalid {
+            endpoint: endpoint.to_owned(),
+            message: e.to_string(),
+        })
+}
+
+/// Sets every sequence of `schemas` on the shard to at least the source's value + `gap`.
+pub async fn sync_sequences(
+    src: &Client,
+    shard: &Client,
+    shard_name: &str,
+    schemas: &[String],
+    gap: i64,
+) -> Result<Vec<SequenceSync>, CutoverError> {
+    let rows = src
+        .query(
+            "SELECT schemaname || '.' || sequencename, last_value, increment_by \
+             FROM pg_sequences WHERE schemaname = ANY($1) ORDER BY 1",
+            &[&schemas],
+        )
+        .await
+        .map_err(qerr("source", "reading pg_sequences"))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let seq: String = r
+            .try_get(0)
+            .map_err(qerr("source", "reading pg_sequences"))?;
+        let source_value: Option<i64> = r
+            .try_get(1)
+            .map_err(qerr("source", "reading pg_sequences"))?;
+        let increment: i64 = r
+            .try_get(2)
+            .map_err(qerr("source", "reading pg_sequences"))?;
+        let (schema, rel) = split_name(&seq);
+        let shard_row = shard
+            .query_opt(
+                "SELECT last_value FROM pg_sequences WHERE schemaname = $1 AND sequencename = $2",
+                &[&schema, &rel],
+            )
+            .await
+            .map_err(qerr(shard_name, "reading pg_sequences"))?;
+        let mut s = SequenceSync {
+            name: seq.clone(),
+            source_value,
+            shard_before: None,
+            shard_after: None,
+            action: String::new(),
+        };
+        let Some(shard_row) = shard_row else {
+            s.action = "missing".into();
+            out.push(s);
+            continue;
+        };
+        s.shard_before = shard_row
+            .try_get(0)
+            .map_err(qerr(shard_name, "reading pg_sequences"))?;
+        s.shard_after = s.shard_before;
+        if increment < 0 {
+            s.action = "descending".into();
+        } else if let Some(v) = source_value {
+            let want = v.saturating_add(gap);
+            if s.shard_before.is_some_and(|b| b >= want) {
+                s.action = "unchanged".into();
+            } else {
+                let qseq = quote_qualified(&seq);
+                // GREATEST with the shard's own value: never backwards, even if something
+                // used the sequence since we read it.
+                let sql = format!(
+                    "SELECT setval({}::regclass, GREATEST($1::int8, \
+                       (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {qseq})))",
+                    quote_literal(&qseq)
+                );
+                match shard.query_one(&sql, &[&want]).await {
+                    Ok(row) => {
+                        s.shard_after = row.try_get(0).ok();
+                        s.action = "set".into();
+                    }
+                    Err(e) => s.action = format!("error: {e}"),
+                }
+            }
+        } else {
+            s.action = "unused".into();
+        }
+        out.push(s);
+    }
+    Ok(out)
+}

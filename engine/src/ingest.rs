@@ -1,0 +1,458 @@
+//! Ingest: the one slot → decode → transaction assembly → route → spill log.
+//!
+//! In: a [`ReplicationStream`] on the slot. Out: every committed source transaction appended,
+//! split per shard, to the spill log, and the slot's confirmed flush LSN advanced to what the
+//! spill log has made durable (group commit), whatever the shards are doing.
+//!
+//! Invariants kept here:
+//! - **The source is protected**: the flush position given to the server is only ever the
+//!   spill log's durable LSN (or, when nothing is in flight, the server's own reported end,
+//!   made durable as an empty transaction first) — never more.
+//! - **No duplicate after a reconnect**: the server resends from the confirmed position, which
+//!   can be behind what the log already holds; transactions whose commit LSN is at or below
+//!   the last one appended are skipped, and a transaction cut in the middle by the disconnect
+//!   is removed from the log ([`SpillWriter::abort_incomplete`]).
+//! - **Bounded memory**: nothing here holds a transaction; changes go to the spill log as they
+//!   arrive, streamed transactions are spooled to disk by the assembler, and at the spill cap
+//!   reading stops (the connection is kept alive with status updates).
+//!
+//! It runs on its own OS thread (decoding and file writes are CPU and disk work that must not
+//! stall the apply tasks) with a current-thread tokio runtime.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::decode::{AssembleError, Assembler, AssemblerOptions};
+use crate::error::{Classify, ErrorClass};
+use crate::event::{Begin, ShardEvent, ShardId, TxnEvent};
+use crate::lsn::Lsn;
+use crate::route::{RouteError, Router};
+use crate::source::{
+    max_proto_version, ConnConfig, PgOutputOptions, ReplicationClient, ReplicationStream,
+    SourceError,
+};
+use crate::spill::{SpillError, SpillWriter};
+
+/// Why ingest stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The source connection or a replication command failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// A pgoutput message could not be decoded or assembled.
+    #[error(transparent)]
+    Assemble(#[from] AssembleError),
+    /// A change could not be routed (e.g. a NULL shard key).
+    #[error("{0}; reading from the source stopped here so nothing is skipped: fix the row or the routing config, then restart")]
+    Route(#[from] RouteError),
+    /// The spill log failed.
+    #[error(transparent)]
+    Spill(#[from] SpillError),
+}
+
+impl Classify for IngestError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            IngestError::Source(e) => e.class(),
+            IngestError::Assemble(_) => ErrorClass::Definite,
+            IngestError::Route(_) => ErrorClass::Definite,
+            IngestError::Spill(e) => e.class(),
+        }
+    }
+}
+
+/// Counters shared with the status task (atomics: read without locking the ingest).
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    /// XLogData payload bytes received.
+    pub bytes_received: AtomicU64,
+    /// Source transactions appended.
+    pub txns: AtomicU64,
+    /// Row changes received (before routing).
+    pub changes: AtomicU64,
+    /// End of the last message received (as u64 LSN).
+    pub received_lsn: AtomicU64,
+    /// What was last confirmed to the slot (as u64 LSN).
+    pub confirmed_lsn: AtomicU64,
+    /// Connected and streaming.
+    pub connected: AtomicBool,
+    /// Reading paused by the spill cap.
+    pub backpressure: AtomicBool,
+    /// Reading paused by an operator.
+    pub paused: AtomicBool,
+    /// Reconnects after transient errors.
+    pub reconnects: AtomicU64,
+}
+
+impl IngestCounters {
+    fn set_lsn(cell: &AtomicU64, lsn: Lsn) {
+        cell.fetch_max(lsn.as_u64(), Ordering::Relaxed);
+    }
+
+    /// What was last confirmed to the slot.
+    pub fn confirmed(&self) -> Lsn {
+        Lsn::from_u64(self.confirmed_lsn.load(Ordering::Relaxed))
+    }
+
+    /// End of the last message received.
+    pub fn received(&self) -> Lsn {
+        Lsn::from_u64(self.received_lsn.load(Ordering::Relaxed))
+    }
+}
+
+/// Settings of the ingest stage.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// Source connection.
+    pub conn: ConnConfig,
+    /// Slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// Ask for streamed in-progress transactions.
+    pub streaming: bool,
+    /// Standby status interval.
+    pub status_interval: Duration,
+    /// Group-commit interval of the spill log.
+    pub flush_interval: Duration,
+    /// Where the assembler spools streamed transactions.
+    pub stream_dir: PathBuf,
+    /// First and longest reconnect delay.
+    pub retry_initial: Duration,
+    /// Longest reconnect delay.
+    pub retry_max: Duration,
+}
+
+/// The ingest stage: owns the router and the spill writer.
+pub struct Ingest {
+    opts: IngestOptions,
+    router: Router,
+    spill: SpillWriter,
+    counters: Arc<IngestCounters>,
+    /// Commit LSN of the last transaction appended to the spill log.
+    last_appended_commit: Lsn,
+    /// The transaction being appended: its Begin and which shards got it.
+    current: Option<(Begin, Vec<bool>)>,
+    /// The current transaction was already in the log (resent after a reconnect): skip it.
+    skipping: bool,
+    routed: Vec<(ShardId, crate::event::Change)>,
+    /// End LSN last given to [`SpillWriter::end_txn`].
+    last_end: Lsn,
+}
+
+enum Stop {
+    Shutdown,
+}
+
+impl Ingest {
+    /// A new ingest stage. `resume_after` is the commit LSN of the last transaction already in
+    /// the spill log (its durable LSN at open).
+    pub fn new(
+        opts: IngestOptions,
+        router: Router,
+        spill: SpillWriter,
+        counters: Arc<IngestCounters>,
+        resume_after: Lsn,
+    ) -> Ingest {
+        Ingest {
+            opts,
+            router,
+            spill,
+            counters,
+            last_appended_commit: resume_after,
+            current: None,
+            skipping: false,
+            routed: Vec::new(),
+            last_end: resume_after,
+        }
+    }
+
+    /// Streams until `shutdown` (returns the final durable LSN, confirmed to the slot) or a
+    /// definite error. Transient source errors reconnect with backoff from the spill log's
+    /// durable position. `stream` is an already started stream (the first one, whose
+    /// connection exported the full load's snapshot), or `None` to connect.
+    pub async fn run(
+        mut self,
+        mut stream: Option<Started>,
+        mut shutdown: watch::Receiver<bool>,
+        mut pause: watch::Receiver<bool>,
+    ) -> Result<Lsn, IngestError> {
+        let mut delay = self.opts.retry_initial;
+        loop {
+            let s = match stream.take() {
+                Some(s) => s,
+                None => {
+                    if *shutdown.borrow() {
+                        return Ok(self.spill.durable_lsn());
+                    }
+                    match self.start_stream().await {
+                        Ok(s) => s,
+                        Err(e) if e.class() == ErrorClass::Transient => {
+                            tracing::warn!(slot = %self.opts.slot, error = %e, retry_in = ?delay, "cannot start streaming; retrying");
+                            if sleep_or_shutdown(delay, &mut shutdown).await {
+                                return Ok(self.spill.durable_lsn());
+                            }
+                            delay = (delay * 2).min(self.opts.retry_max);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            self.counters.connected.store(true, Ordering::Relaxed);
+            let Started {
+                stream: mut s,
+                proto_version,
+            } = s;
+            let r = self
+                .stream(&mut s, proto_version, &mut shutdown, &mut pause)
+                .await;
+            self.counters.connected.store(false, Ordering::Relaxed);
+            match r {
+                Ok(Stop::Shutdown) => {
+                    let durable = self.close_txn_and_flush(&mut s)?;
+                    if let Err(e) = s.shutdown().await {
+                        tracing::warn!(error = %e, "closing the replication connection");
+                    }
+                    tracing::info!(slot = %self.opts.slot, confirmed_flush_lsn = %durable, "ingest stopped");
+                    return Ok(durable);
+                }
+                Err(e) if e.class() == ErrorClass::Transient => {
+                    tracing::warn!(slot = %self.opts.slot, error = %e, "source connection lost; resuming from the spill log's durable position");
+                    self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    self.spill.abort_incomplete()?;
+                    self.current = None;
+                    self.skipping = false;
+                    if sleep_or_shutdown(delay, &mut shutdown).await {
+                        return Ok(self.spill.durable_lsn());
+                    }
+                    delay = (delay * 2).min(self.opts.retry_max);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn start_stream(&mut self) -> Result<Started, IngestError> {
+        let client = ReplicationClient::connect(&self.opts.conn).await?;
+        let start = self.spill.durable_lsn();
+        let s = start_streaming(client, &self.opts, start).await?;
+        tracing::info!(slot = %self.opts.slot, start_lsn = %start, "streaming from the source");
+        Ok(s)
+    }
+
+    async fn stream(
+        &mut self,
+        s: &mut ReplicationStream,
+        proto_version: u32,
+        shutdown: &mut watch::Receiver<bool>,
+        pause: &mut watch::Receiver<bool>,
+    ) -> Result<Stop, IngestError> {
+        let mut assembler = Assembler::new(AssemblerOptions {
+            stream_dir: self.opts.stream_dir.clone(),
+            proto_version,
+        })?;
+        let mut tick = tokio::time::interval(self.opts.flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut logged_cap = false;
+        let mut last_flush = Instant::now();
+        loop {
+            let over_cap = self.spill.over_cap();
+            let paused = *pause.borrow();
+            self.counters
+                .backpressure
+                .store(over_cap, Ordering::Relaxed);
+            self.counters.paused.store(paused, Ordering::Relaxed);
+            if over_cap != logged_cap {
+                if over_cap {
+                    tracing::warn!(slot = %self.opts.slot, "spill log reached [spill] max_bytes: reading from the source is paused until shards drain");
+                } else {
+                    tracing::info!(slot = %self.opts.slot, "spill log below its cap again: reading from the source resumes");
+                }
+                logged_cap = over_cap;
+            }
+            let reading = !over_cap && !paused;
+            tokio::select! {
+                biased;
+                // This is cancellation-safe.
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        return Ok(Stop::Shutdown);
+                    }
+                }
+                // This is cancellation-safe.
+                _ = pause.changed() => {}
+                // This is cancellation-safe.
+                _ = tick.tick() => {
+                    self.group_commit(s, &assembler)?;
+                    last_flush = Instant::now();
+                }
+                // Cancellation-safe: `next` keeps partial frames in the stream's buffer, and
+                // `keepalive_while_paused` (while paused: status updates without reading, so
+                // the server does not time the connection out) loses nothing either.
+                msg = read_or_keepalive(s, reading) => {
+                    let Some(x) = msg? else {
+                        return Err(SourceError::ConnectionLost {
+                            last_lsn: self.counters.received(),
+                            reason: "the server ended the replication stream".into(),
+                        }.into());
+                    };
+                    self.counters.bytes_received.fetch_add(x.data.len() as u64, Ordering::Relaxed);
+                    IngestCounters::set_lsn(&self.counters.received_lsn, x.wal_start);
+                    assembler.push(x.wal_start, x.data, &mut |_lsn, ev| self.on_event(ev))?;
+                    if self.spill.flush_due() || last_flush.elapsed() >= self.opts.flush_interval {
+                        self.group_commit(s, &assembler)?;
+                        last_flush = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Group commit: make the log durable, then confirm exactly that to the slot. When no
+    /// transaction is in flight, the server's reported end of sent WAL is recorded as an empty
+    /// transaction first, so an idle slot retains no WAL and idle shards get heartbeats.
+    fn group_commit(
+        &mut self,
+        s: &mut ReplicationStream,
+        asm: &Assembler,
+    ) -> Result<(), IngestError> {
+        if self.current.is_none() && asm.is_idle() {
+            let end = s.server_wal_end();
+            if end > self.spill_last_end() {
+                self.spill.end_txn(end)?;
+                self.last_end = end;
+            }
+        }
+        let durable = self.spill.flush()?;
+        s.set_flushed(durable);
+        self.counters
+            .confirmed_lsn
+            .fetch_max(durable.as_u64(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn close_txn_and_flush(&mut self, s: &mut ReplicationStream) -> Result<Lsn, IngestError> {
+        if self.current.is_some() {
+            // A transaction cut by shutdown: the source resends it from its start.
+            self.spill.abort_incomplete()?;
+            self.current = None;
+        }
+        let durable = self.spill.flush()?;
+        s.set_flushed(durable);
+        self.counters
+            .confirmed_lsn
+            .fetch_max(durable.as_u64(), Ordering::Relaxed);
+        Ok(durable)
+    }
+
+    fn spill_last_end(&self) -> Lsn {
+        self.last_end
+    }
+
+    fn on_event(&mut self, ev: TxnEvent) -> Result<(), IngestError> {
+        match ev {
+            TxnEvent::Begin(b) => {
+                self.skipping = b.commit_lsn <= self.last_appended_commit;
+                self.current = Some((b, vec![false; self.router.shard_names().len()]));
+            }
+            TxnEvent::Change(c) => {
+                if self.skipping {
+                    return Ok(());
+                }
+                let Some((begin, touched)) = self.current.as_mut() else {
+                    return Ok(());
+                };
+                self.counters.changes.fetch_add(1, Ordering::Relaxed);
+                self.router.route_into(c, &mut self.routed)?;
+                for (shard, change) in self.routed.drain(..) {
+                    let i = shard.index();
+                    if !touched[i] {
+                        touched[i] = true;
+                        self.spill.append(shard, &ShardEvent::Begin(*begin))?;
+                    }
+                    self.spill.append(shard, &ShardEvent::Change(change))?;
+                }
+            }
+            TxnEvent::Commit(c) => {
+                let Some((_, touched)) = self.current.take() else {
+                    return Ok(());
+                };
+                if self.skipping {
+                    self.skipping = false;
+                    return Ok(());
+                }
+                for (i, t) in touched.iter().enumerate() {
+                    if *t {
+                        self.spill
+                            .append(ShardId(i as u16), &ShardEvent::Commit(c))?;
+                    }
+                }
+                if c.end_lsn > self.last_end {
+                    self.spill.end_txn(c.end_lsn)?;
+                    self.last_end = c.end_lsn;
+                }
+                self.last_appended_commit = c.commit_lsn;
+                self.counters.txns.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `START_REPLICATION` on `client` with reshard's pgoutput options.
+pub async fn start_streaming(
+    client: ReplicationClient,
+    opts: &IngestOptions,
+    start: Lsn,
+) -> Result<Started, SourceError> {
+    let proto_version = max_proto_version(client.server_version_num());
+    let pg = PgOutputOptions {
+        proto_version: None,
+        publication_names: vec![opts.publication.clone()],
+        messages: true,
+        streaming: opts.streaming,
+        binary: false,
+        two_phase: false,
+    };
+    let stream = client
+        .start_replication(&opts.slot, start, pg)
+        .await?
+        .with_status_interval(opts.status_interval);
+    Ok(Started {
+        stream,
+        proto_version,
+    })
+}
+
+/// A started replication stream and the pgoutput protocol version it speaks.
+pub struct Started {
+    /// The stream.
+    pub stream: ReplicationStream,
+    /// Negotiated `proto_version`.
+    pub proto_version: u32,
+}
+
+/// The next message when reading; otherwise keeps the connection alive until it fails.
+async fn read_or_keepalive(
+    s: &mut ReplicationStream,
+    reading: bool,
+) -> Result<Option<crate::source::XLogData>, SourceError> {
+    if reading {
+        s.next().await
+    } else {
+        Err(s.keepalive_while_paused().await)
+    }
+}
+
+/// Sleeps; returns `true` if shutdown was requested meanwhile.
+async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}

@@ -1,0 +1,385 @@
+//! Status for `reshard status` / `reshard lag`, with or without a running daemon.
+//!
+//! In: the config. Out: a [`StatusSnapshot`] — from the daemon's admin console
+//! (`SHOW STATUS JSON` on `[admin] listen`) when it answers, otherwise rebuilt offline from
+//! what is durable: the source's slot (`pg_replication_slots`), each shard's progress row, and
+//! the spill directory on disk. The offline snapshot has phase `stopped` and no rates or
+//! latencies (those live only in the daemon).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::event::pg_now;
+use crate::lsn::Lsn;
+use crate::pgconn::connect_plain;
+use crate::progress::{read_progress, source_system_id};
+use crate::status::{Phase, ShardState, ShardView, SpillView, StatusSnapshot, TableView};
+use crate::tableinfo::resolve_tables;
+
+/// How long the admin console and each database get to answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where a snapshot came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusOrigin {
+    /// The running daemon's admin console.
+    Daemon,
+    /// Rebuilt from the source, the shards and the spill directory.
+    Offline,
+}
+
+/// Asks the running daemon (`SHOW STATUS JSON` on `[admin] listen`).
+pub async fn query_admin(config: &Config) -> Result<StatusSnapshot, String> {
+    let listen = config.admin.listen.trim();
+    if listen.is_empty() {
+        return Err("the admin console is off ([admin] listen = \"\")".into());
+    }
+    let (host, port) = listen
+        .rsplit_once(':')
+        .ok_or_else(|| format!("[admin] listen = {listen:?} is not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("[admin] listen = {listen:?}: bad port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = if host.is_empty() || host == "0.0.0.0" {
+        "127.0.0.1"
+    } else if host == "::" {
+        "::1"
+    } else {
+        host
+    };
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(host)
+        .port(port)
+        .user(&config.admin.user)
+        .dbname("reshard")
+        .application_name("reshard status")
+        .connect_timeout(CONNECT_TIMEOUT);
+    if let Some(pw) = &config.admin.password {
+        pg.password(pw);
+    }
+    let fut = async {
+        let (client, conn) = pg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| format!("admin console at {listen}: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let msgs = client
+            .simple_query("SHOW STATUS JSON")
+            .await
+            .map_err(|e| format!("SHOW STATUS JSON: {e}"))?;
+        for m in msgs {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                let text = r.get(0).ok_or("SHOW STATUS JSON returned NULL")?;
+                return serde_json::from_str::<StatusSnapshot>(text)
+                    .map_err(|e| format!("SHOW STATUS JSON: not a status snapshot: {e}"));
+            }
+        }
+        Err("SHOW STATUS JSON returned no row".to_owned())
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT * 2, fut)
+        .await
+        .map_err(|_| format!("admin console at {listen} did not answer"))?
+}
+
+/// The daemon's status if it answers, else the offline one.
+pub async fn current_status(config: &Config) -> (StatusSnapshot, StatusOrigin) {
+    match query_admin(config).await {
+        Ok(s) => (s, StatusOrigin::Daemon),
+        Err(e) => {
+            tracing::debug!(error = %e, "daemon not answering; rebuilding status offline");
+            (offline_status(config).await, StatusOrigin::Offline)
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
+    match tokio::time::timeout(CONNECT_TIMEOUT * 3, connect_plain(url)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer".into()),
+    }
+}
+
+/// Rebuilds a snapshot without the daemon. Unreachable endpoints are reported in the
+/// `last_error` fields, never as a failure of the whole status.
+pub async fn offline_status(config: &Config) -> StatusSnapshot {
+    let mut snap = StatusSnapshot {
+        phase: Phase::Stopped,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        ..Default::default()
+    };
+    snap.source.slot = config.source.slot.clone();
+    snap.source.publication = config.source.publication.clone();
+    let mut system_id = None;
+    match connect(&config.source.url).await {
+        Err(e) => snap.source.last_error = Some(format!("cannot connect to the source: {e}")),
+        Ok(src) => {
+            snap.source.connected = true;
+            system_id = source_system_id(&src).await;
+            snap.source.system_id = system_id.clone().unwrap_or_default();
+            if let Err(e) = source_slot(&src, config, &mut snap).await {
+                snap.source.last_error = Some(format!("reading the slot: {e}"));
+            }
+            if let Ok(rules) = resolve_tables(&src, config).await {
+                snap.tables = rules
+                    .into_iter()
+                    .map(|r| TableView {
+                        name: r.source,
+                        target: r.target,
+                        mode: r.mode.to_string(),
+                        state: "unknown".into(),
+                        ..Default::default()
+                    })
+                    .collect();
+            }
+        }
+    }
+    let current = snap.source.current_wal_lsn;
+    let mut loads: HashMap<String, TableLoad> = HashMap::new();
+    let mut loads_seen = false;
+    for s in &config.shards {
+        let mut v = ShardView {
+            name: s.name.clone(),
+            state: ShardState::Stopped,
+            ..Default::default()
+        };
+        let client = connect(&s.url).await;
+        if let Ok(c) = &client {
+            match fullload_chunks(c).await {
+                Ok(Some(tables)) => {
+                    loads_seen = true;
+                    for (table, chunks) in tables {
+                        // The snapshot stage records quoted names (`"Weird"."name"`); the
+                        // table list holds them unquoted.
+                        let e = loads.entry(table.replace('"', "")).or_default();
+                        e.rows += chunks.rows;
+                        e.bytes += chunks.bytes;
+                        e.any = true;
+                        if chunks.done >= chunks.total {
+                            e.complete_shards += 1;
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(shard = %s.name, error = %e, "reading reshard.fullload_chunks")
+                }
+            }
+        }
+        match client {
+            Err(e) => v.last_error = Some(format!("cannot connect to shard {}: {e}", s.name)),
+            Ok(c) => match read_progress(&c, &config.source.slot, &s.name, system_id.as_deref())
+                .await
+            {
+                Err(e) => v.last_error = Some(e.to_string()),
+                Ok(None) => {
+                    v.state = ShardState::Waiting;
+                    v.last_error =
+                        Some("no progress row yet: reshard has not applied anything here".into());
+                }
+                Ok(Some(p)) => {
+                    v.applied_lsn = p.commit_lsn;
+                    v.last_commit_time = p.commit_time;
+                    if !current.is_zero() {
+                        v.lag_bytes = current.bytes_since(p.commit_lsn);
+                        v.lag_seconds = match p.commit_time {
+                            Some(t) if v.lag_bytes > 0 => ((pg_now() - t) as f64 / 1e6).max(0.0),
+                            _ => 0.0,
+                        };
+                    }
+                }
+            },
+        }
+        snap.shards.push(v);
+    }
+    if loads_seen {
+        let shards = config.shards.len() as u64;
+        for t in &mut snap.tables {
+            let l = loads.get(&t.name).copied().unwrap_or_default();
+            t.rows_copied = l.rows;
+            t.bytes_copied = l.bytes;
+            t.state = if l.complete_shards >= shards {
+                "done"
+            } else if l.any {
+                "partial"
+            } else {
+                "pending"
+            }
+            .into();
+        }
+    }
+    snap.spill = spill_view(config);
+    snap
+}
+
+/// Full-load progress of one table, summed over the shards.
+#[derive(Debug, Clone, Copy, Default)]
+struct TableLoad {
+    rows: u64,
+    bytes: u64,
+    any: bool,
+    complete_shards: u64,
+}
+
+/// One shard's record of one table's chunks.
+struct Chunks {
+    done: u64,
+    total: u64,
+    rows: u64,
+    bytes: u64,
+}
+
+/// The full load's chunk records on a shard (`reshard.fullload_chunks`, written by the
+/// snapshot stage in the same transaction as each chunk's rows); `None` if the table is absent.
+async fn fullload_chunks(
+    client: &tokio_postgres::Client,
+) -> Result<Option<Vec<(String, Chunks)>>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('reshard.fullload_chunks') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "SELECT source_table, count(*)::int8, max(chunks_total)::int8, \
+                    coalesce(sum(rows), 0)::int8, coalesce(sum(bytes), 0)::int8 \
+             FROM reshard.fullload_chunks GROUP BY 1",
+            &[],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let n = |i: usize| -> Result<u64, tokio_postgres::Error> {
+            Ok(r.try_get::<_, i64>(i)?.max(0) as u64)
+        };
+        out.push((
+            r.try_get(0)?,
+            Chunks {
+                done: n(1)?,
+                total: n(2)?,
+                rows: n(3)?,
+                bytes: n(4)?,
+            },
+        ));
+    }
+    Ok(Some(out))
+}
+
+async fn source_slot(
+    src: &tokio_postgres::Client,
+    config: &Config,
+    snap: &mut StatusSnapshot,
+) -> Result<(), String> {
+    let cur = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| crate::pgconn::error_text(&e))?;
+    let cur: String = cur.try_get(0).map_err(|e| crate::pgconn::error_text(&e))?;
+    snap.source.current_wal_lsn = cur
+        .parse()
+        .map_err(|e: crate::lsn::ParseLsnError| e.to_string())?;
+    let row = src
+        .query_opt(
+            "SELECT coalesce(confirmed_flush_lsn::text, '0/0'), active, \
+                    coalesce((pg_current_wal_lsn() - restart_lsn)::int8, 0) \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.source.slot],
+        )
+        .await
+        .map_err(|e| crate::pgconn::error_text(&e))?;
+    match row {
+        None => {
+            snap.source.last_error = Some(format!(
+                "slot {} does not exist on the source (reshard run creates it)",
+                config.source.slot
+            ))
+        }
+        Some(r) => {
+            let flush: String = r.try_get(0).map_err(|e| crate::pgconn::error_text(&e))?;
+            snap.source.confirmed_flush_lsn = flush.parse().unwrap_or(Lsn::ZERO);
+            let active: bool = r.try_get(1).map_err(|e| crate::pgconn::error_text(&e))?;
+            let retained: i64 = r.try_get(2).map_err(|e| crate::pgconn::error_text(&e))?;
+            snap.source.retained_wal_bytes = retained.max(0) as u64;
+            if active {
+                snap.source.last_error = Some(format!(
+                    "slot {} is active: some process is streaming it, yet the admin console did not answer",
+                    config.source.slot
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Size of the spill directory: every regular file below it counts as bytes; files ending in
+/// `.seg` count as segments (every file, if none does).
+pub fn spill_view(config: &Config) -> SpillView {
+    let mut bytes = 0u64;
+    let mut files = 0u64;
+    let mut segs = 0u64;
+    walk(&config.spill.dir, &mut |p, len| {
+        bytes += len;
+        files += 1;
+        if p.extension().is_some_and(|e| e == "seg") {
+            segs += 1;
+        }
+    });
+    SpillView {
+        dir: config.spill.dir.display().to_string(),
+        bytes,
+        max_bytes: config.spill.max_bytes,
+        segments: if segs > 0 { segs } else { files },
+        high_water_bytes: bytes,
+        ..Default::default()
+    }
+}
+
+fn walk(dir: &Path, f: &mut dyn FnMut(&Path, u64)) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
+        let p = e.path();
+        if ft.is_dir() {
+            walk(&p, f);
+        } else if ft.is_file() {
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            f(&p, len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spill_dir_is_measured() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("shard0")).unwrap();
+        std::fs::write(dir.path().join("shard0/000001.seg"), vec![0u8; 100]).unwrap();
+        std::fs::write(dir.path().join("000002.seg"), vec![0u8; 50]).unwrap();
+        std::fs::write(dir.path().join("meta.json"), b"{}").unwrap();
+        let cfg = Config {
+            spill: crate::config::SpillConfig {
+                dir: dir.path().to_owned(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let v = spill_view(&cfg);
+        assert_eq!(v.bytes, 152);
+        assert_eq!(v.segments, 2);
+    }
+}

@@ -1,0 +1,129 @@
+//! Plain SQL connections for the operator commands (check, status, verify, cutover).
+//!
+//! In: a libpq URL or key=value string. Out: a connected `tokio_postgres::Client` whose
+//! connection task runs in the background. This is the ONE place the operator commands open
+//! connections; it goes through the replication client's [`ConnConfig`] so that `.pgpass`,
+//! `PGPASSWORD`, `sslmode` and the connect timeout behave as in `reshard run`.
+//!
+//! [`normalize_session`] pins every setting that changes the text form of a value
+//! (<https://www.postgresql.org/docs/current/runtime-config-client.html#RUNTIME-CONFIG-CLIENT-FORMAT>),
+//! so that a row rendered as text on the source and on a shard compares equal byte for byte.
+
+use tokio_postgres::Client;
+
+use crate::source::{ConnConfig, SourceError};
+
+/// Connects with the libpq semantics of [`ConnConfig`] (URL or key=value, environment,
+/// password file, TLS policy).
+pub async fn connect_plain(url: &str) -> Result<Client, SourceError> {
+    ConnConfig::parse(url)?.connect_sql().await
+}
+
+/// A driver error as one line with everything the server said: severity, message, SQLSTATE,
+/// detail and hint for database errors; the cause chain (e.g. `Connection refused`) otherwise.
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; DETAIL: {d}"));
+        }
+        if let Some(h) = db.hint() {
+            s.push_str(&format!("; HINT: {h}"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
+/// Session settings that fix the text output of every type, set on every side of a comparison.
+pub const NORMALIZE_SESSION_SQL: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
+     SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET bytea_output = 'hex'; \
+     SET application_name = 'reshard'";
+
+/// Applies [`NORMALIZE_SESSION_SQL`].
+pub async fn normalize_session(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute(NORMALIZE_SESSION_SQL).await
+}
+
+/// `'text'` as an SQL string literal (E'' form when it contains a backslash).
+pub fn quote_literal(s: &str) -> String {
+    let body = s.replace('\'', "''");
+    if body.contains('\\') {
+        format!("E'{}'", body.replace('\\', "\\\\"))
+    } else {
+        format!("'{body}'")
+    }
+}
+
+/// `"ident"` quoted as an SQL identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// `schema.table` (unquoted, as in the config) as a quoted qualified name.
+pub fn quote_qualified(name: &str) -> String {
+    match name.split_once('.') {
+        Some((schema, table)) => format!("{}.{}", quote_ident(schema), quote_ident(table)),
+        None => quote_ident(name),
+    }
+}
+
+/// Parses a duration: plain seconds (`600`, `1.5`) or a number with a unit `ms`, `s`, `m`, `h`
+/// (`10m`, `500ms`).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| {
+        format!("invalid duration {s:?}: use seconds (600) or a unit: 500ms, 30s, 10m, 1h")
+    })?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("invalid duration {s:?}: must be a positive number"));
+    }
+    Ok(std::time::Duration::from_secs_f64(v * mult))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("600").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("-1").is_err());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_literal("a'b"), "'a''b'");
+        assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(quote_qualified("public.t"), "\"public\".\"t\"");
+    }
+}

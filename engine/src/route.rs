@@ -1,1 +1,0 @@
-//! Routing: account_id → shard. (Being built.)

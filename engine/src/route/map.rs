@@ -1,0 +1,388 @@
+//! The explicit account → shard map (`hash = "map"`).
+//!
+//! In: `account_id,shard_name` pairs, from a CSV file or from the rows of the operator's SQL
+//! query (the runtime runs the query). Out: [`AccountMap::lookup`] of a parsed key.
+//!
+//! Invariant kept here: a map is total over what it lists and unambiguous — every account is
+//! listed once, names a configured shard, and (for integer and uuid keys) two spellings of the
+//! same value never point to different shards. An account that is not listed is an error
+//! unless a default shard is configured; it is never routed by guesswork.
+//!
+//! CSV format: one `account_id,shard_name` per line; fields may be double-quoted (RFC 4180,
+//! `""` for a quote; a field cannot span lines); surrounding whitespace is trimmed; blank lines
+//! and lines starting with `#` are ignored; an optional first record whose second field is
+//! `shard`, `shard_name` or `shard_id` is a header. (Parsed here rather than with the `csv`
+//! crate so that errors name the exact file line: `csv` reports the position before the
+//! comment and blank lines it skips.)
+//!
+//! Memory: about 60 bytes per integer account (each account is indexed by its text and, when
+//! it parses as one, by its integer or uuid value), so a 1M-account directory takes ~60 MB.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use crate::event::ShardId;
+
+use super::error::{KeyError, RouteError};
+use super::key::{display_value, format_uuid, parse_uuid, Key, KeyType};
+
+/// An account → shard map.
+#[derive(Clone, Debug, Default)]
+pub struct AccountMap {
+    shards: Vec<String>,
+    text: HashMap<Box<[u8]>, ShardId>,
+    ints: HashMap<i64, (ShardId, u64)>,
+    uuids: HashMap<[u8; 16], (ShardId, u64)>,
+    default: Option<ShardId>,
+}
+
+const HEADER_SHARD_FIELDS: &[&str] = &["shard", "shard_name", "shard_id"];
+
+impl AccountMap {
+    /// An empty map over `shards` (shard names, index = [`ShardId`]).
+    pub fn new(shards: &[String]) -> AccountMap {
+        AccountMap {
+            shards: shards.to_vec(),
+            ..AccountMap::default()
+        }
+    }
+
+    /// Loads a CSV file (see the module docs for the format). Errors name the file and line.
+    pub fn from_csv_path(path: &Path, shards: &[String]) -> Result<AccountMap, RouteError> {
+        let file = std::fs::File::open(path).map_err(|e| RouteError::MapFile {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        AccountMap::from_csv_reader(&path.display().to_string(), file, shards)
+    }
+
+    /// Loads CSV from a reader; `source_name` (usually the path) names it in errors.
+    pub fn from_csv_reader(
+        source_name: &str,
+        reader: impl Read,
+        shards: &[String],
+    ) -> Result<AccountMap, RouteError> {
+        let mut map = AccountMap::new(shards);
+        let mut reader = BufReader::new(reader);
+        let mut buf = Vec::new();
+        let mut line: u64 = 0;
+        let mut seen_record = false;
+        loop {
+            buf.clear();
+            let n = reader
+                .read_until(b'\n', &mut buf)
+                .map_err(|e| RouteError::MapFile {
+                    path: source_name.to_owned(),
+                    message: format!("read failed after line {line}: {e}"),
+                })?;
+            if n == 0 {
+                break;
+            }
+            line += 1;
+            let line_err = |message: String| RouteError::MapLine {
+                source_name: source_name.to_owned(),
+                unit: "line",
+                line,
+                message,
+            };
+            let mut text = buf.as_slice();
+            if line == 1 {
+                text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
+            }
+            let text = text.trim_ascii();
+            if text.is_empty() || text.starts_with(b"#") {
+                continue;
+            }
+            let fields = split_csv_line(text).map_err(line_err)?;
+            let [account, shard] = fields.as_slice() else {
+                return Err(line_err(format!(
+                    "expected 2 fields `account_id,shard_name`, found {}",
+                    fields.len()
+                )));
+            };
+            if !std::mem::replace(&mut seen_record, true) && map.shard_id(shard).is_none() {
+                let s = String::from_utf8_lossy(shard).to_ascii_lowercase();
+                if HEADER_SHARD_FIELDS.contains(&s.as_str()) {
+                    continue;
+                }
+            }
+            map.insert(account, shard, line).map_err(line_err)?;
+        }
+        Ok(map)
+    }
+
+    /// Builds a map from `(account_id, shard_name)` rows, e.g. the result of the configured
+    /// account query. Errors name the 1-based row.
+    pub fn from_pairs(
+        shards: &[String],
+        rows: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<AccountMap, RouteError> {
+        let mut map = AccountMap::new(shards);
+        for (i, (account, shard)) in rows.into_iter().enumerate() {
+            let row = i as u64 + 1;
+            map.insert(account.trim().as_bytes(), shard.trim().as_bytes(), row)
+                .map_err(|message| RouteError::MapLine {
+                    source_name: "query".to_owned(),
+                    unit: "row",
+                    line: row,
+                    message,
+                })?;
+        }
+        Ok(map)
+    }
+
+    /// Sends accounts that are not in the map to `shard` instead of failing.
+    pub fn with_default(mut self, shard: &str) -> Result<AccountMap, RouteError> {
+        let id = self.shard_id(shard.as_bytes()).ok_or_else(|| {
+            RouteError::Config(format!(
+                "default shard {shard:?} is not a configured shard; valid names: {}",
+                self.shards.join(", ")
+            ))
+        })?;
+        self.default = Some(id);
+        Ok(self)
+    }
+
+    /// The shard names this map was built for.
+    pub fn shards(&self) -> &[String] {
+        &self.shards
+    }
+
+    /// Number of accounts.
+    pub fn len(&self) -> usize {
+        self.text.len()
+    }
+
+    /// Whether the map lists no account.
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    fn shard_id(&self, name: &[u8]) -> Option<ShardId> {
+        self.shards
+            .iter()
+            .position(|s| s.as_bytes() == name)
+            .and_then(|i| u16::try_from(i).ok())
+            .map(ShardId)
+    }
+
+    fn insert(&mut self, account: &[u8], shard: &[u8], line: u64) -> Result<(), String> {
+        if account.is_empty() {
+            return Err("empty account_id".to_owned());
+        }
+        let id = self.shard_id(shard).ok_or_else(|| {
+            format!(
+                "unknown shard {:?} for account {:?}; valid names: {}",
+                display_value(shard),
+                display_value(account),
+                self.shards.join(", ")
+            )
+        })?;
+        if self.text.contains_key(account) {
+            return Err(format!(
+                "account {:?} is listed twice; list each account once",
+                display_value(account)
+            ));
+        }
+        // Index integers and uuids by value too, so that the map finds them whatever spelling
+        // the file uses (PostgreSQL prints `007` as `7` and uuids in lower case).
+        if let Ok(Key::Int(v)) = KeyType::Int8.parse_text(account) {
+            if let Some(&(prev, prev_line)) = self.ints.get(&v) {
+                if prev != id {
+                    return Err(format!(
+                        "account {:?} is the integer {v}, which line {prev_line} already maps \
+                         to shard {}; remove one of them",
+                        display_value(account),
+                        self.name(prev)
+                    ));
+                }
+            } else {
+                self.ints.insert(v, (id, line));
+            }
+        }
+        if let Some(u) = parse_uuid(account) {
+            if let Some(&(prev, prev_line)) = self.uuids.get(&u) {
+                if prev != id {
+                    return Err(format!(
+                        "account {:?} is the uuid {}, which line {prev_line} already maps to \
+                         shard {}; remove one of them",
+                        display_value(account),
+                        format_uuid(&u),
+                        self.name(prev)
+                    ));
+                }
+            } else {
+                self.uuids.insert(u, (id, line));
+            }
+        }
+        self.text.insert(account.into(), id);
+        Ok(())
+    }
+
+    fn name(&self, id: ShardId) -> &str {
+        self.shards.get(id.index()).map_or("?", String::as_str)
+    }
+
+    /// The shard of a key: by value for integers and uuids, by exact bytes for strings.
+    pub fn lookup(&self, key: &Key<'_>) -> Result<ShardId, KeyError> {
+        let found = match key {
+            Key::Int(v) => self.ints.get(v).map(|&(s, _)| s),
+            Key::Uuid(u) => self.uuids.get(u).map(|&(s, _)| s),
+            Key::Bytes(b) => self.text.get(*b).copied(),
+        };
+        found
+            .or(self.default)
+            .ok_or_else(|| KeyError::UnknownAccount {
+                account: match key {
+                    Key::Int(v) => v.to_string(),
+                    Key::Uuid(u) => format_uuid(u),
+                    Key::Bytes(b) => display_value(b),
+                },
+            })
+    }
+}
+
+/// Splits one CSV line (RFC 4180 quoting: `"a, b"`, `""` for a quote) into trimmed fields.
+fn split_csv_line(line: &[u8]) -> Result<Vec<Cow<'_, [u8]>>, String> {
+    let mut fields = Vec::with_capacity(2);
+    let mut rest = line;
+    loop {
+        rest = rest.trim_ascii_start();
+        if let [b'"', quoted @ ..] = rest {
+            let mut value = Vec::new();
+            let mut i = 0;
+            loop {
+                match (quoted.get(i), quoted.get(i + 1)) {
+                    (Some(b'"'), Some(b'"')) => {
+                        value.push(b'"');
+                        i += 2;
+                    }
+                    (Some(b'"'), _) => {
+                        i += 1;
+                        break;
+                    }
+                    (Some(&c), _) => {
+                        value.push(c);
+                        i += 1;
+                    }
+                    (None, _) => return Err("unterminated quoted field".to_owned()),
+                }
+            }
+            fields.push(Cow::Owned(value));
+            rest = quoted.get(i..).unwrap_or_default().trim_ascii_start();
+            match rest {
+                [] => return Ok(fields),
+                [b',', tail @ ..] => rest = tail,
+                _ => return Err("unexpected text after a quoted field".to_owned()),
+            }
+        } else {
+            match rest.iter().position(|&c| c == b',') {
+                Some(p) => {
+                    fields.push(Cow::Borrowed(
+                        rest.get(..p).unwrap_or_default().trim_ascii(),
+                    ));
+                    rest = rest.get(p + 1..).unwrap_or_default();
+                }
+                None => {
+                    fields.push(Cow::Borrowed(rest.trim_ascii()));
+                    return Ok(fields);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shards() -> Vec<String> {
+        vec!["s0".into(), "s1".into(), "s2".into()]
+    }
+
+    #[test]
+    fn csv_with_header_comments_and_quotes() {
+        let csv = "\u{feff}# directory export\naccount_id,shard_name\n1,s0\n 007 , s1 \r\n\n\
+                   \"acme, \"\"inc\"\"\" ,s2\nA0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11,s2\n";
+        let m = AccountMap::from_csv_reader("accounts.csv", csv.as_bytes(), &shards()).unwrap();
+        assert_eq!(m.len(), 4);
+        assert_eq!(m.lookup(&Key::Int(1)), Ok(ShardId(0)));
+        assert_eq!(m.lookup(&Key::Int(7)), Ok(ShardId(1)));
+        assert_eq!(m.lookup(&Key::Bytes(b"007")), Ok(ShardId(1)));
+        assert_eq!(m.lookup(&Key::Bytes(b"acme, \"inc\"")), Ok(ShardId(2)));
+        let u = parse_uuid(b"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").unwrap();
+        assert_eq!(m.lookup(&Key::Uuid(u)), Ok(ShardId(2)));
+        let err = m.lookup(&Key::Int(8)).unwrap_err();
+        assert!(err.to_string().contains("account \"8\""), "{err}");
+        let m = m.with_default("s2").unwrap();
+        assert_eq!(m.lookup(&Key::Int(8)), Ok(ShardId(2)));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_fix() {
+        let err = AccountMap::from_csv_reader("a.csv", "1,s0\n2,s9\n".as_bytes(), &shards())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a.csv line 2"), "{err}");
+        assert!(err.contains("valid names: s0, s1, s2"), "{err}");
+
+        let err = AccountMap::from_csv_reader("a.csv", "1,s0\n#x\n1,s1\n".as_bytes(), &shards())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 3") && err.contains("listed twice"),
+            "{err}"
+        );
+
+        let err = AccountMap::from_csv_reader("a.csv", "1,s0\n01,s1\n".as_bytes(), &shards())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1 already maps"), "{err}");
+
+        let err = AccountMap::from_csv_reader("a.csv", "1,s0,x\n".as_bytes(), &shards())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1") && err.contains("2 fields"), "{err}");
+
+        let err = AccountMap::from_csv_reader("a.csv", "\n\n\"1,s0\n".as_bytes(), &shards())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3: unterminated"), "{err}");
+
+        // A misspelt shard on the first line is not mistaken for a header.
+        let err = AccountMap::from_csv_reader("a.csv", "1,sO\n".as_bytes(), &shards())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown shard \"sO\""), "{err}");
+
+        let err = AccountMap::new(&shards()).with_default("nope").unwrap_err();
+        assert!(err.to_string().contains("valid names"), "{err}");
+    }
+
+    #[test]
+    fn pairs_from_a_query() {
+        let m = AccountMap::from_pairs(
+            &shards(),
+            vec![
+                ("10".to_owned(), "s1".to_owned()),
+                ("x".into(), "s0".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(m.lookup(&Key::Int(10)), Ok(ShardId(1)));
+        let err = AccountMap::from_pairs(&shards(), vec![("10".to_owned(), "zz".to_owned())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("query row 1"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let err = AccountMap::from_csv_path(Path::new("/nonexistent/map.csv"), &shards())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/map.csv"), "{err}");
+    }
+}

@@ -1,0 +1,1057 @@
+//! Wiring: the one place where reshard's stages are created, connected and started.
+//!
+//! [`start`] builds every stage from the validated config, creates the bounded channels and
+//! `watch`es between them, spawns them (ingest on its own OS thread, one apply task per shard,
+//! the full load, status, control, admin console and metrics), and returns a [`Running`]
+//! handle. Like Materialize's storage wiring, it holds no logic of its own: what each stage
+//! does lives in its module (`source`, `decode`, `route`, `spill`, `apply`, `snapshot`,
+//! `handoff`, `status`).
+//!
+//! Start-up order matters for consistency (see DESIGN.md "Things that bite"): the slot is
+//! created with an exported snapshot; the full load's connections import it; only then does
+//! `START_REPLICATION` run on the connection that created the slot. Changes read while the copy
+//! runs go to the spill log; the shards' apply starts when the copy is done, from the slot's
+//! consistent point, skipping tables whose copy is newer (`handoff`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::apply::{ApplyOptions, ApplyState, ShardApplier, ShardStatus};
+use crate::catalog::{self, CatalogError, SourceTable};
+use crate::config::{Config, HashKind, TableMode as CfgMode};
+use crate::error::{Classify, ErrorClass};
+use crate::event::{pg_now, ShardId};
+use crate::handoff::SkipLog;
+use crate::ingest::{start_streaming, Ingest, IngestCounters, IngestError, IngestOptions, Started};
+use crate::lsn::Lsn;
+use crate::route::{self, AccountMap, RouteError, RouteSpec, Router};
+use crate::snapshot::{self, FullLoad, FullLoadProgress, FullLoadReport, SnapshotError};
+use crate::source::{
+    list_slots, ConnConfig, ReplicationClient, SlotOptions, SnapshotAction, SourceError,
+};
+use crate::spill::{SpillError, SpillIdentity, SpillLog, SpillOptions, SpillWriter};
+use crate::status::{
+    AdminHandle, ControlCommand, ControlRequest, Phase, ShardState, ShardView, SourceStatus,
+    SpillView, StatusSnapshot, TableView,
+};
+
+/// Options of `reshard run` beyond the config file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The targets were loaded another way: copy nothing, stream from the slot's creation.
+    pub skip_full_load: bool,
+}
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The source connection or a replication command.
+    #[error("source: {0}")]
+    Source(#[from] SourceError),
+    /// Tables or publication.
+    #[error("source: {0}")]
+    Catalog(#[from] CatalogError),
+    /// Routing set-up.
+    #[error("routing: {0}")]
+    Route(#[from] RouteError),
+    /// The spill log.
+    #[error("{0}")]
+    Spill(#[from] SpillError),
+    /// The full load.
+    #[error("full load: {0}")]
+    Snapshot(#[from] SnapshotError),
+    /// Reading from the source stopped.
+    #[error("ingest: {0}")]
+    Ingest(#[from] IngestError),
+    /// A shard's connection string.
+    #[error("shard {shard}: {source}")]
+    ShardConfig {
+        /// The shard.
+        shard: String,
+        /// The parse error.
+        source: SourceError,
+    },
+    /// Every shard stopped with a definite error.
+    #[error("every shard stopped:\n{0}")]
+    AllShardsStopped(String),
+    /// Inconsistent local state.
+    #[error("{0}")]
+    State(String),
+    /// A task panicked or could not be joined.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Classify for RuntimeError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            RuntimeError::Source(e) => e.class(),
+            RuntimeError::Catalog(e) => e.class(),
+            RuntimeError::Spill(e) => e.class(),
+            RuntimeError::Snapshot(e) => e.class(),
+            RuntimeError::Ingest(e) => e.class(),
+            _ => ErrorClass::Definite,
+        }
+    }
+}
+
+/// How the daemon ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The slot's confirmed flush position at exit.
+    pub confirmed_flush_lsn: Lsn,
+    /// Per shard: name, applied LSN, state.
+    pub shards: Vec<(String, Lsn, ShardState)>,
+}
+
+/// A running daemon.
+pub struct Running {
+    /// Status and control (what the admin console serves).
+    pub admin: AdminHandle,
+    /// Set to `true` to shut down cleanly.
+    pub shutdown: watch::Sender<bool>,
+    /// Completes when the daemon has stopped.
+    pub done: JoinHandle<Result<RunSummary, RuntimeError>>,
+}
+
+/// Starts the daemon. Returns once the source is streaming (the full load, if any, runs in the
+/// background); errors before that are returned directly.
+pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeError> {
+    let started = Instant::now();
+    let names = cfg.shard_names();
+    let conn = ConnConfig::parse(&cfg.source.url)?;
+    let sql = conn.connect_sql().await?;
+    let tables = catalog::discover(&sql, &cfg).await?;
+    let created = catalog::ensure_publication(&sql, &cfg.source.publication, &tables).await?;
+    if created {
+        tracing::info!(publication = %cfg.source.publication, tables = tables.len(), "created the publication");
+    }
+    let router = Router::new(route_spec(&cfg, &tables, &sql).await?)?;
+    let shard_conns = cfg
+        .shards
+        .iter()
+        .map(|s| {
+            ConnConfig::parse(&s.url).map_err(|source| RuntimeError::ShardConfig {
+                shard: s.name.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut repl = ReplicationClient::connect(&conn).await?;
+    let system = repl.identify_system().await?;
+    tracing::info!(system_id = %system.system_id, slot = %cfg.source.slot, shards = names.len(), "starting");
+
+    let spill_opts = spill_options(&cfg);
+    let identity = SpillIdentity {
+        system_id: system.system_id.clone(),
+        slot: cfg.source.slot.clone(),
+        shards: names.clone(),
+    };
+    let (writer, spill_report) =
+        tokio::task::spawn_blocking(move || SpillWriter::open(spill_opts, identity))
+            .await
+            .map_err(|e| RuntimeError::Internal(format!("opening the spill log: {e}")))??;
+    let log: Arc<SpillLog> = Arc::new(writer.log());
+
+    let slot_exists = list_slots(&sql)
+        .await?
+        .iter()
+        .any(|s| s.slot_name == cfg.source.slot);
+    if !slot_exists && spill_report.durable_lsn > Lsn::ZERO {
+        return Err(RuntimeError::State(format!(
+            "the spill directory {} holds data up to {} from an earlier slot {}, but that slot no \
+             longer exists on the source: the shards cannot be resumed from it. Start over: drop \
+             the shards' data and the `reshard` schema on every shard, remove {}, then run again",
+            cfg.spill.dir.display(),
+            spill_report.durable_lsn,
+            cfg.source.slot,
+            cfg.spill.dir.display()
+        )));
+    }
+
+    // Full load and the first replication stream.
+    let ingest_opts = IngestOptions {
+        conn: conn.clone(),
+        slot: cfg.source.slot.clone(),
+        publication: cfg.source.publication.clone(),
+        streaming: cfg.source.streaming,
+        status_interval: Duration::from_millis(cfg.source.status_interval_ms),
+        flush_interval: Duration::from_millis(cfg.spill.flush_interval_ms),
+        stream_dir: cfg.spill.dir.join("streams"),
+        retry_initial: Duration::from_millis(cfg.apply.retry_initial_ms),
+        retry_max: Duration::from_millis(cfg.apply.retry_max_ms),
+    };
+    let (load_tx, load_rx) = watch::channel::<Option<Arc<HashMap<String, Lsn>>>>(None);
+    let (load_err_tx, load_err_rx) = oneshot::channel::<SnapshotError>();
+    let mut load_progress: Option<watch::Receiver<FullLoadProgress>> = None;
+    let first: Started;
+    if opts.skip_full_load {
+        let start_at = if slot_exists {
+            spill_report.durable_lsn
+        } else {
+            let info = repl
+                .create_slot(
+                    &cfg.source.slot,
+                    SlotOptions {
+                        snapshot: SnapshotAction::NoExport,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            tracing::info!(slot = %info.name, consistent_point = %info.consistent_point, "created the slot (no full load)");
+            info.consistent_point
+        };
+        first = start_streaming(repl, &ingest_opts, start_at).await?;
+        let _ = load_tx.send(Some(Arc::new(HashMap::new())));
+    } else {
+        let full_load = FullLoad::new(
+            sql_connect(conn.clone()),
+            cfg.shards
+                .iter()
+                .zip(&shard_conns)
+                .map(|(s, c)| snapshot::ShardTarget {
+                    name: s.name.clone(),
+                    connect: sql_connect(c.clone()),
+                })
+                .collect(),
+            table_specs(&tables),
+            route_fn(&router),
+            snapshot_options(&cfg)?,
+        );
+        let prepared = full_load.prepare().await?;
+        load_progress = Some(prepared.progress());
+        let (imported_tx, imported_rx) = oneshot::channel();
+        let (snapshot, start_at, consistent_point, exporter) = if !slot_exists {
+            let info = repl
+                .create_slot(
+                    &cfg.source.slot,
+                    SlotOptions {
+                        snapshot: SnapshotAction::Export,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            tracing::info!(slot = %info.name, consistent_point = %info.consistent_point, "created the slot with an exported snapshot");
+            let snap = info.snapshot_name.map(|name| snapshot::ExportedSnapshot {
+                name,
+                lsn: info.consistent_point,
+            });
+            (snap, info.consistent_point, info.consistent_point, None)
+        } else if prepared.needs_snapshot() {
+            // Resuming an interrupted load: a temporary slot's snapshot has a known LSN.
+            let mut tmp = ReplicationClient::connect(&conn).await?;
+            let name = format!("{}_load_{}", cfg.source.slot, std::process::id());
+            let info = tmp
+                .create_slot(
+                    &name,
+                    SlotOptions {
+                        temporary: true,
+                        snapshot: SnapshotAction::Export,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            tracing::info!(tables = ?prepared.tables_to_copy(), snapshot_lsn = %info.consistent_point, "resuming the full load under a new snapshot");
+            let snap = info.snapshot_name.map(|name| snapshot::ExportedSnapshot {
+                name,
+                lsn: info.consistent_point,
+            });
+            (snap, spill_report.durable_lsn, Lsn::ZERO, Some(tmp))
+        } else {
+            (None, spill_report.durable_lsn, Lsn::ZERO, None)
+        };
+        let needs = prepared.needs_snapshot();
+        let load = tokio::spawn(prepared.run(snapshot, Some(imported_tx)));
+        let mut load = Some(load);
+        if needs {
+            // Keep the exporting connection idle until every copy connection imported the
+            // snapshot; an error of the load before that is an error of the start.
+            tokio::select! {
+                r = imported_rx => {
+                    if r.is_err() {
+                        if let Some(l) = load.take() {
+                            match l.await {
+                                Ok(Err(e)) => return Err(e.into()),
+                                Ok(Ok(_)) => {}
+                                Err(e) => return Err(RuntimeError::Internal(format!("full load task: {e}"))),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(tmp) = exporter {
+            tmp.close().await;
+        }
+        first = start_streaming(repl, &ingest_opts, start_at).await?;
+        if let Some(load) = load {
+            tokio::spawn(async move {
+                match load.await {
+                    Ok(Ok(report)) => {
+                        log_load_report(&report);
+                        let _ = load_tx.send(Some(Arc::new(report.skip_until(consistent_point))));
+                    }
+                    Ok(Err(e)) => {
+                        let _ = load_err_tx.send(e);
+                    }
+                    Err(e) => {
+                        let _ = load_err_tx.send(SnapshotError::Task {
+                            what: "full load".into(),
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            });
+        }
+    }
+
+    // Ingest on its own thread.
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (pause_source_tx, pause_source_rx) = watch::channel(false);
+    let counters = Arc::new(IngestCounters::default());
+    let ingest = Ingest::new(
+        ingest_opts,
+        router,
+        writer,
+        counters.clone(),
+        spill_report.durable_lsn,
+    );
+    let (ingest_done_tx, ingest_done_rx) = oneshot::channel::<Result<Lsn, IngestError>>();
+    {
+        let shutdown = shutdown_rx.clone();
+        std::thread::Builder::new()
+            .name("reshard-ingest".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ingest_done_tx.send(Err(IngestError::Spill(SpillError::Io {
+                            op: "start the ingest runtime for",
+                            path: PathBuf::from("(ingest thread)"),
+                            source: e,
+                        })));
+                        return;
+                    }
+                };
+                let span = tracing::info_span!("ingest");
+                let _g = span.enter();
+                let r = rt.block_on(ingest.run(Some(first), shutdown, pause_source_rx));
+                let _ = ingest_done_tx.send(r);
+            })
+            .map_err(|e| RuntimeError::Internal(format!("spawning the ingest thread: {e}")))?;
+    }
+
+    // One apply task per shard.
+    let mut shards = Vec::new();
+    for (i, (s, c)) in cfg.shards.iter().zip(&shard_conns).enumerate() {
+        let (status_tx, status_rx) = watch::channel(ShardStatus {
+            shard: s.name.clone(),
+            ..Default::default()
+        });
+        let (pause_tx, pause_rx) = watch::channel(false);
+        let apply_opts = ApplyOptions {
+            shard: ShardId(i as u16),
+            shard_name: s.name.clone(),
+            source_system_id: system.system_id.clone(),
+            slot: cfg.source.slot.clone(),
+            batch_max_rows: cfg.apply.batch_max_rows,
+            batch_max_bytes: cfg.apply.batch_max_bytes,
+            batch_max_delay_ms: cfg.apply.batch_max_delay_ms,
+            session_replication_role_replica: cfg.apply.session_replication_role_replica,
+            table_map: tables
+                .iter()
+                .filter(|t| t.rule.target != t.rule.source)
+                .map(|t| (t.rule.source.clone(), t.rule.target.clone()))
+                .collect(),
+            retry_initial_ms: cfg.apply.retry_initial_ms,
+            retry_max_ms: cfg.apply.retry_max_ms,
+            ..ApplyOptions::default()
+        };
+        let conn = c.clone();
+        let connect = move || {
+            let conn = conn.clone();
+            async move { conn.connect_sql().await }
+        };
+        let mut load_rx = load_rx.clone();
+        let log = log.clone();
+        let mut shutdown = shutdown_rx.clone();
+        let latency: Arc<Mutex<Option<Arc<Mutex<Histogram<u64>>>>>> = Arc::new(Mutex::new(None));
+        let latency_slot = latency.clone();
+        let name = s.name.clone();
+        let task = tokio::spawn(async move {
+            // Wait for the full load (or shutdown).
+            let skip = loop {
+                if let Some(skip) = load_rx.borrow().clone() {
+                    break skip;
+                }
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => if *shutdown.borrow() { return Ok(()) },
+                    r = load_rx.changed() => if r.is_err() { return Ok(()) },
+                }
+            };
+            let skip_log = Arc::new(SkipLog::new(log, (*skip).clone()));
+            let applier = ShardApplier::new(apply_opts, connect, skip_log).with_pause(pause_rx);
+            if let Ok(mut l) = latency_slot.lock() {
+                *l = Some(applier.latency_histogram());
+            }
+            tracing::info!(shard = %name, "apply starting");
+            applier.run(shutdown, status_tx).await
+        });
+        shards.push(ShardHandle {
+            name: s.name.clone(),
+            status: status_rx,
+            pause: pause_tx,
+            latency,
+            task: Some(task),
+            error: None,
+        });
+    }
+
+    // Status, control, admin console, metrics.
+    let (status_tx, status_rx) = watch::channel(StatusSnapshot::default());
+    let (control_tx, control_rx) = mpsc::channel::<ControlRequest>(16);
+    let admin = AdminHandle {
+        status: status_rx.clone(),
+        control: control_tx,
+    };
+    if !cfg.admin.listen.is_empty() {
+        let auth = crate::admin::AdminAuth {
+            user: cfg.admin.user.clone(),
+            password: cfg.admin.password.clone(),
+        };
+        let (listen, handle, shutdown) =
+            (cfg.admin.listen.clone(), admin.clone(), shutdown_rx.clone());
+        let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
+            RuntimeError::State(format!("[admin] listen = {listen:?}: cannot listen there: {e}; pick a free address or set listen = \"\" to turn the admin console off"))
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve_on(listener, auth, handle, shutdown).await {
+                tracing::error!(error = %e, "admin console stopped");
+            }
+        });
+    }
+    if !cfg.admin.metrics.is_empty() {
+        let (listen, status, shutdown) = (
+            cfg.admin.metrics.clone(),
+            status_rx.clone(),
+            shutdown_rx.clone(),
+        );
+        let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
+            RuntimeError::State(format!("[admin] metrics = {listen:?}: cannot listen there: {e}; pick a free address or set metrics = \"\" to turn the endpoint off"))
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve_metrics_on(listener, status, shutdown).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+
+    let supervisor = Supervisor {
+        cfg,
+        started,
+        sql,
+        counters,
+        log,
+        shards,
+        tables,
+        load_progress,
+        load_rx,
+        status_tx,
+        control_rx,
+        pause_source: pause_source_tx,
+        shutdown_tx: shutdown_tx.clone(),
+        shutdown_rx,
+        ingest_done: ingest_done_rx,
+        load_err: load_err_rx,
+    };
+    let done = tokio::spawn(supervisor.run());
+    Ok(Running {
+        admin,
+        shutdown: shutdown_tx,
+        done,
+    })
+}
+
+struct ShardHandle {
+    name: String,
+    status: watch::Receiver<ShardStatus>,
+    pause: watch::Sender<bool>,
+    latency: Arc<Mutex<Option<Arc<Mutex<Histogram<u64>>>>>>,
+    task: Option<JoinHandle<Result<(), crate::apply::ApplyError>>>,
+    error: Option<String>,
+}
+
+/// Watches the stages, publishes the status, serves control commands, and stops everything
+/// on shutdown or when nothing can go on.
+struct Supervisor {
+    cfg: Config,
+    started: Instant,
+    sql: tokio_postgres::Client,
+    counters: Arc<IngestCounters>,
+    log: Arc<SpillLog>,
+    shards: Vec<ShardHandle>,
+    tables: Vec<SourceTable>,
+    load_progress: Option<watch::Receiver<FullLoadProgress>>,
+    load_rx: watch::Receiver<Option<Arc<HashMap<String, Lsn>>>>,
+    status_tx: watch::Sender<StatusSnapshot>,
+    control_rx: mpsc::Receiver<ControlRequest>,
+    pause_source: watch::Sender<bool>,
+    shutdown_tx: watch::Sender<bool>,
+    shutdown_rx: watch::Receiver<bool>,
+    ingest_done: oneshot::Receiver<Result<Lsn, IngestError>>,
+    load_err: oneshot::Receiver<SnapshotError>,
+}
+
+impl Supervisor {
+    async fn run(mut self) -> Result<RunSummary, RuntimeError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut source_poll = Instant::now() - Duration::from_secs(60);
+        let mut source_info = SourceStatus::default();
+        let mut rates = Rates::default();
+        let mut failure: Option<RuntimeError> = None;
+        let mut ingest_result: Option<Result<Lsn, IngestError>> = None;
+        let mut load_watch_done = false;
+        loop {
+            tokio::select! {
+                biased;
+                // This is cancellation-safe.
+                _ = self.shutdown_rx.changed() => {
+                    if *self.shutdown_rx.borrow() { break; }
+                }
+                // This is cancellation-safe (a oneshot receiver).
+                r = &mut self.ingest_done, if ingest_result.is_none() => {
+                    let r = r.unwrap_or_else(|_| Err(IngestError::Source(SourceError::protocol("ingest thread ended"))));
+                    if let Err(e) = &r {
+                        tracing::error!(error = %e, "reading from the source stopped");
+                        failure = Some(RuntimeError::Internal(String::new()));
+                    }
+                    ingest_result = Some(r);
+                    break;
+                }
+                // This is cancellation-safe (a oneshot receiver).
+                r = &mut self.load_err, if !load_watch_done => {
+                    load_watch_done = true;
+                    if let Ok(e) = r {
+                        tracing::error!(error = %e, "the full load failed; restart to resume it (finished tables are not copied again)");
+                        failure = Some(e.into());
+                        break;
+                    }
+                }
+                // This is cancellation-safe.
+                Some((cmd, reply)) = self.control_rx.recv() => {
+                    let answer = self.control(cmd);
+                    let _ = reply.send(answer);
+                }
+                // This is cancellation-safe.
+                _ = tick.tick() => {
+                    if source_poll.elapsed() > Duration::from_secs(5) {
+                        source_poll = Instant::now();
+                        self.poll_source(&mut source_info).await;
+                    }
+                    let snap = self.snapshot(&source_info, &mut rates);
+                    self.status_tx.send_replace(snap);
+                    if self.all_shards_stopped() {
+                        let errors: Vec<String> = self.shards.iter().map(|s| format!("  {}: {}", s.name, s.error.clone().unwrap_or_default())).collect();
+                        failure = Some(RuntimeError::AllShardsStopped(errors.join("\n")));
+                        break;
+                    }
+                }
+            }
+        }
+        // Shut everything down: ingest flushes and confirms, applies finish or roll back.
+        let _ = self.shutdown_tx.send(true);
+        let ingest_result = match ingest_result {
+            Some(r) => r,
+            None => (&mut self.ingest_done).await.unwrap_or_else(|_| {
+                Err(IngestError::Source(SourceError::protocol(
+                    "ingest thread ended",
+                )))
+            }),
+        };
+        for s in &mut self.shards {
+            if let Some(t) = s.task.take() {
+                match tokio::time::timeout(Duration::from_secs(60), t).await {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(e))) => s.error = Some(e.to_string()),
+                    Ok(Err(e)) => s.error = Some(format!("apply task failed: {e}")),
+                    Err(_) => s.error = Some("apply did not stop within 60 s".into()),
+                }
+            }
+        }
+        let final_snap = self.snapshot(&SourceStatus::default(), &mut Rates::default());
+        let summary = RunSummary {
+            confirmed_flush_lsn: self.counters.confirmed(),
+            shards: final_snap
+                .shards
+                .iter()
+                .map(|s| (s.name.clone(), s.applied_lsn, s.state))
+                .collect(),
+        };
+        for (name, lsn, state) in &summary.shards {
+            tracing::info!(shard = %name, applied_lsn = %lsn, state = state.as_str(), "shard stopped");
+        }
+        tracing::info!(slot = %self.cfg.source.slot, confirmed_flush_lsn = %summary.confirmed_flush_lsn, "reshard stopped");
+        if let Err(e) = ingest_result {
+            return Err(e.into());
+        }
+        match failure {
+            Some(RuntimeError::Internal(m)) if m.is_empty() => Ok(summary),
+            Some(e) => Err(e),
+            None => Ok(summary),
+        }
+    }
+
+    fn all_shards_stopped(&mut self) -> bool {
+        for s in &mut self.shards {
+            if let Some(t) = &s.task {
+                if t.is_finished() {
+                    if let Some(t) = s.task.take() {
+                        // Finished: collect the error without waiting.
+                        let name = s.name.clone();
+                        match futures_util::FutureExt::now_or_never(t) {
+                            Some(Ok(Err(e))) => {
+                                tracing::error!(shard = %name, error = %e, "shard stopped");
+                                s.error = Some(e.to_string());
+                            }
+                            Some(Err(e)) => s.error = Some(format!("apply task failed: {e}")),
+                            _ => s.error = Some("stopped".into()),
+                        }
+                    }
+                }
+            }
+        }
+        !self.shards.is_empty()
+            && self
+                .shards
+                .iter()
+                .all(|s| s.task.is_none() && s.error.is_some())
+    }
+
+    fn control(&mut self, cmd: ControlCommand) -> Result<String, String> {
+        let find = |shards: &[ShardHandle], name: &str| {
+            shards.iter().position(|s| s.name == name).ok_or_else(|| {
+                format!(
+                    "unknown shard {name:?}; shards are: {}",
+                    shards
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+        };
+        match cmd {
+            ControlCommand::Pause(Some(name)) => {
+                let i = find(&self.shards, &name)?;
+                self.shards[i].pause.send_replace(true);
+                tracing::info!(shard = %name, "shard paused by operator");
+                Ok(format!("PAUSE {name}"))
+            }
+            ControlCommand::Resume(Some(name)) => {
+                let i = find(&self.shards, &name)?;
+                self.shards[i].pause.send_replace(false);
+                tracing::info!(shard = %name, "shard resumed by operator");
+                Ok(format!("RESUME {name}"))
+            }
+            ControlCommand::Pause(None) => {
+                self.pause_source.send_replace(true);
+                tracing::info!("reading from the source paused by operator");
+                Ok("PAUSE".into())
+            }
+            ControlCommand::Resume(None) => {
+                self.pause_source.send_replace(false);
+                tracing::info!("reading from the source resumed by operator");
+                Ok("RESUME".into())
+            }
+            ControlCommand::Shutdown => {
+                tracing::info!("shutdown requested on the admin console");
+                let _ = self.shutdown_tx.send(true);
+                Ok("SHUTDOWN".into())
+            }
+        }
+    }
+
+    async fn poll_source(&self, out: &mut SourceStatus) {
+        let q = "SELECT pg_current_wal_lsn()::text, \
+                 (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1), \
+                 (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1)";
+        match self.sql.query_one(q, &[&self.cfg.source.slot]).await {
+            Ok(row) => {
+                let lsn = |i: usize| {
+                    row.get::<_, Option<String>>(i)
+                        .and_then(|s| s.parse::<Lsn>().ok())
+                        .unwrap_or_default()
+                };
+                out.current_wal_lsn = lsn(0);
+                out.confirmed_flush_lsn = lsn(1);
+                out.retained_wal_bytes = row.get::<_, Option<i64>>(2).unwrap_or(0).max(0) as u64;
+                out.last_error = None;
+            }
+            Err(e) => out.last_error = Some(format!("polling the source: {e}")),
+        }
+    }
+
+    fn snapshot(&self, src: &SourceStatus, rates: &mut Rates) -> StatusSnapshot {
+        let c = &self.counters;
+        let received = c.received().max(c.confirmed());
+        let spill = self.log.stats();
+        let now = pg_now();
+        let loading = self.load_rx.borrow().is_none();
+        let backpressure = c.backpressure.load(Ordering::Relaxed);
+        let phase = if *self.shutdown_rx.borrow() {
+            Phase::Stopping
+        } else if loading {
+            Phase::FullLoad
+        } else if backpressure || c.paused.load(Ordering::Relaxed) {
+            Phase::Paused
+        } else {
+            Phase::Streaming
+        };
+        let changes = c.changes.load(Ordering::Relaxed);
+        let mut shards = Vec::with_capacity(self.shards.len());
+        for (i, s) in self.shards.iter().enumerate() {
+            let st = s.status.borrow().clone();
+            let state = if s.error.is_some() {
+                ShardState::Stopped
+            } else if loading {
+                ShardState::Waiting
+            } else {
+                match st.state {
+                    ApplyState::Starting => ShardState::Waiting,
+                    ApplyState::Running => ShardState::Running,
+                    ApplyState::Retrying => ShardState::Retrying,
+                    ApplyState::Paused => ShardState::Paused,
+                    ApplyState::Stopped => ShardState::Stopped,
+                }
+            };
+            let applied = st.applied_commit_lsn;
+            let lag_bytes = received.bytes_since(applied);
+            let caught_up = applied >= spill.durable_lsn;
+            let lag_seconds = match st.last_commit_time {
+                Some(t) if !caught_up => ((now - t).max(0) as f64) / 1e6,
+                None if !caught_up && lag_bytes > 0 => self.started.elapsed().as_secs_f64(),
+                _ => 0.0,
+            };
+            let (p50, p99, max) = s
+                .latency
+                .lock()
+                .ok()
+                .and_then(|l| l.clone())
+                .and_then(|h| {
+                    h.lock().ok().map(|h| {
+                        (
+                            h.value_at_quantile(0.5) as f64 / 1e3,
+                            h.value_at_quantile(0.99) as f64 / 1e3,
+                            h.max() as f64 / 1e3,
+                        )
+                    })
+                })
+                .unwrap_or((0.0, 0.0, 0.0));
+            let rows = st.rows_inserted + st.rows_updated + st.rows_deleted;
+            let rps = rates.shard_rate(i, rows);
+            shards.push(ShardView {
+                name: s.name.clone(),
+                state,
+                applied_lsn: applied,
+                last_commit_time: st.last_commit_time,
+                lag_bytes,
+                lag_seconds,
+                txns_applied_total: st.txns_applied,
+                rows_inserted_total: st.rows_inserted,
+                rows_updated_total: st.rows_updated,
+                rows_deleted_total: st.rows_deleted,
+                batches_total: st.batches,
+                replays_total: st.replays,
+                transient_errors_total: st.retries,
+                definite_errors_total: u64::from(s.error.is_some()),
+                rows_per_sec: rps,
+                avg_batch_txns: if st.batches > 0 {
+                    st.txns_applied as f64 / st.batches as f64
+                } else {
+                    0.0
+                },
+                latency_p50_ms: p50,
+                latency_p99_ms: p99,
+                latency_max_ms: max,
+                last_error: s.error.clone().or(st.last_error),
+            });
+        }
+        let progress = self.load_progress.as_ref().map(|p| p.borrow().clone());
+        let tables = self
+            .tables
+            .iter()
+            .map(|t| {
+                let p = progress.as_ref().and_then(|p| {
+                    p.tables.iter().find(|x| {
+                        let n = x.table.replace('"', "");
+                        n == t.rule.source
+                    })
+                });
+                TableView {
+                    name: t.rule.source.clone(),
+                    target: t.rule.target.clone(),
+                    mode: t.rule.mode.to_string(),
+                    state: p.map(|p| p.state.as_str().to_owned()).unwrap_or_else(|| {
+                        if loading {
+                            "pending".into()
+                        } else {
+                            "streaming".into()
+                        }
+                    }),
+                    rows_copied: p.map(|p| p.rows_copied).unwrap_or(0),
+                    rows_estimated: t.estimated_rows.max(0) as u64,
+                    bytes_copied: p.map(|p| p.bytes).unwrap_or(0),
+                }
+            })
+            .collect();
+        rates.high_water = rates.high_water.max(spill.bytes_on_disk);
+        StatusSnapshot {
+            phase,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            source: SourceStatus {
+                slot: self.cfg.source.slot.clone(),
+                publication: self.cfg.source.publication.clone(),
+                system_id: String::new(),
+                confirmed_flush_lsn: src.confirmed_flush_lsn.max(c.confirmed()),
+                current_wal_lsn: src.current_wal_lsn,
+                retained_wal_bytes: src.retained_wal_bytes,
+                received_lsn: c.received(),
+                bytes_received_total: c.bytes_received.load(Ordering::Relaxed),
+                txns_received_total: c.txns.load(Ordering::Relaxed),
+                changes_received_total: changes,
+                changes_per_sec: rates.source_rate(changes),
+                backpressure,
+                connected: c.connected.load(Ordering::Relaxed),
+                last_error: src.last_error.clone(),
+            },
+            shards,
+            tables,
+            spill: SpillView {
+                dir: self.cfg.spill.dir.display().to_string(),
+                bytes: spill.bytes_on_disk,
+                max_bytes: self.cfg.spill.max_bytes,
+                segments: spill.segments as u64,
+                durable_lsn: spill.durable_lsn,
+                oldest_unapplied_lsn: spill
+                    .shards
+                    .iter()
+                    .filter_map(|s| s.oldest_unapplied_lsn)
+                    .min(),
+                backpressure_active: spill.backpressure_active,
+                fsyncs_total: spill.fsyncs_total,
+                txns_per_fsync: spill.txns_per_fsync_avg,
+                high_water_bytes: rates.high_water,
+            },
+        }
+    }
+}
+
+/// Recent rates from cumulative counters (an exponentially smoothed per-second rate).
+#[derive(Default)]
+struct Rates {
+    last: Option<Instant>,
+    source: (u64, f64),
+    shards: Vec<(u64, f64)>,
+    high_water: u64,
+}
+
+impl Rates {
+    fn rate(prev: &mut (u64, f64), now_total: u64, dt: f64) -> f64 {
+        if dt > 0.0 {
+            let r = now_total.saturating_sub(prev.0) as f64 / dt;
+            prev.1 = if prev.1 == 0.0 {
+                r
+            } else {
+                0.7 * prev.1 + 0.3 * r
+            };
+        }
+        prev.0 = now_total;
+        prev.1
+    }
+
+    fn dt(&self) -> f64 {
+        self.last.map(|l| l.elapsed().as_secs_f64()).unwrap_or(0.0)
+    }
+
+    fn source_rate(&mut self, total: u64) -> f64 {
+        let dt = self.dt();
+        let r = Self::rate(&mut self.source, total, dt);
+        self.last = Some(Instant::now());
+        r
+    }
+
+    fn shard_rate(&mut self, i: usize, total: u64) -> f64 {
+        let dt = self.dt();
+        if self.shards.len() <= i {
+            self.shards.resize(i + 1, (0, 0.0));
+        }
+        Self::rate(&mut self.shards[i], total, dt)
+    }
+}
+
+fn log_load_report(report: &FullLoadReport) {
+    for t in &report.tables {
+        tracing::info!(table = %t.table, rows = t.rows, bytes = t.bytes, chunks = t.chunks_copied, as_of = %t.as_of, recopied = t.recopied, "table loaded");
+    }
+    tracing::info!(
+        indexes_rebuilt = report.indexes_rebuilt,
+        "full load done; shards start applying changes"
+    );
+}
+
+fn spill_options(cfg: &Config) -> SpillOptions {
+    SpillOptions {
+        dir: cfg.spill.dir.clone(),
+        segment_bytes: cfg.spill.segment_bytes,
+        max_bytes: cfg.spill.max_bytes,
+        zstd_level: cfg.spill.zstd_level,
+        memory_tail_bytes: cfg.spill.memory_tail_bytes,
+        flush_interval_ms: cfg.spill.flush_interval_ms,
+        ..SpillOptions::default()
+    }
+}
+
+fn snapshot_options(cfg: &Config) -> Result<snapshot::FullLoadOptions, SnapshotError> {
+    let s = &cfg.snapshot;
+    let nz = |v: u64| (v > 0).then_some(v);
+    snapshot::SnapshotConfig {
+        parallel: s.parallel,
+        chunk_rows: s.chunk_rows,
+        max_rows_per_sec: nz(s.max_rows_per_sec),
+        max_bytes_per_sec: nz(s.max_bytes_per_sec),
+        max_concurrent_copies_per_shard: (s.max_concurrent_copies_per_shard > 0)
+            .then_some(s.max_concurrent_copies_per_shard),
+        truncate_targets: s.truncate_targets,
+        defer_indexes: s.defer_indexes,
+        ..snapshot::SnapshotConfig::default()
+    }
+    .validate()
+}
+
+fn sql_connect(conn: ConnConfig) -> snapshot::Connect {
+    Arc::new(move || {
+        let conn = conn.clone();
+        Box::pin(async move {
+            conn.connect_sql()
+                .await
+                .map_err(|e| Box::new(e) as snapshot::BoxError)
+        })
+    })
+}
+
+fn split(name: &str) -> snapshot::TableName {
+    match name.split_once('.') {
+        Some((s, t)) => snapshot::TableName::new(s, t),
+        None => snapshot::TableName::new("public", name),
+    }
+}
+
+fn table_specs(tables: &[SourceTable]) -> Vec<snapshot::TableSpec> {
+    tables
+        .iter()
+        .filter(|t| t.rule.mode != CfgMode::Skip)
+        .map(|t| snapshot::TableSpec {
+            source: split(&t.rule.source),
+            target: split(&t.rule.target),
+            mode: match t.rule.mode {
+                CfgMode::Broadcast => snapshot::TableMode::Broadcast,
+                _ => snapshot::TableMode::Sharded {
+                    key: t.rule.key.clone(),
+                },
+            },
+        })
+        .collect()
+}
+
+fn route_fn(router: &Router) -> snapshot::RouteFn {
+    let r = Arc::new(router.clone());
+    Arc::new(move |oid, text| r.shard_of_text(oid, text).map_err(|e| e.to_string()))
+}
+
+/// The router's spec from the config and the discovered tables; loads the account map.
+async fn route_spec(
+    cfg: &Config,
+    tables: &[SourceTable],
+    sql: &tokio_postgres::Client,
+) -> Result<RouteSpec, RuntimeError> {
+    let shards = cfg.shard_names();
+    let hash = match cfg.routing.hash {
+        HashKind::Postgres => route::HashKind::Postgres,
+        HashKind::Map => {
+            let mut map = if let Some(path) = &cfg.routing.map {
+                AccountMap::from_csv_path(path, &shards)?
+            } else if let Some(q) = &cfg.routing.map_query {
+                let rows = sql.simple_query(q).await.map_err(|e| {
+                    RuntimeError::State(format!("[routing] map_query failed on the source: {e}"))
+                })?;
+                let pairs: Vec<(String, String)> = rows
+                    .iter()
+                    .filter_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                            r.get(0).unwrap_or_default().to_owned(),
+                            r.get(1).unwrap_or_default().to_owned(),
+                        )),
+                        _ => None,
+                    })
+                    .collect();
+                AccountMap::from_pairs(&shards, pairs)?
+            } else {
+                AccountMap::new(&shards)
+            };
+            if let Some(d) = &cfg.routing.default_shard {
+                map = map.with_default(d)?;
+            }
+            route::HashKind::Map(Arc::new(map))
+        }
+    };
+    Ok(RouteSpec {
+        shards,
+        tables: tables
+            .iter()
+            .map(|t| {
+                let mode = match t.rule.mode {
+                    CfgMode::Sharded => route::TableMode::Sharded {
+                        key: t.rule.key.clone(),
+                    },
+                    CfgMode::Broadcast => route::TableMode::Broadcast,
+                    CfgMode::Skip => route::TableMode::Skip,
+                };
+                let target = (t.rule.target != t.rule.source).then(|| t.rule.target.clone());
+                (t.rule.source.clone(), route::TableRule { mode, target })
+            })
+            .collect(),
+        default_key: cfg.routing.key.clone(),
+        hash,
+        unlisted: route::Unlisted::Skip,
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    let mut int = match signal(SignalKind::interrupt()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

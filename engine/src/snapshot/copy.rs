@@ -1,0 +1,581 @@
+//! Copy workers: each owns one source connection inside a transaction that imported the
+//! snapshot, and one connection per shard; it takes chunks from a shared queue and copies each
+//! one, reading it once and writing each row to the shard(s) it belongs to.
+//!
+//! In: chunks (`COPY (SELECT cols FROM ONLY heap WHERE ctid range) TO STDOUT`, text format).
+//! Out: per shard, one transaction per chunk holding the chunk's rows for that shard (via
+//! `COPY target (cols) FROM STDIN`) and the chunk's `reshard.fullload_chunks` row.
+//!
+//! Invariants: the source rows of a chunk are read exactly once whatever the number of shards;
+//! rows are forwarded byte for byte (text format out and in, same column types on both sides);
+//! memory per worker is one batch buffer per shard plus one partial row, because a batch is only
+//! handed to a shard's `CopyInSink` when that sink is ready (backpressure from the slowest
+//! shard pauses the source read). Each shard's throttle and copy-slot semaphore are shared by
+//! all workers; slots are always taken in shard order, so workers cannot deadlock on them.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_postgres::{Client, CopyInSink};
+use tracing::Instrument;
+
+use super::catalog::{connect, shard_err, source_err, KeyColumn, Plan};
+use super::error::SnapshotError;
+use super::progress::{FullLoadProgress, TableState};
+use super::rows::{field, is_null, preview, unescape, RowSplitter};
+use super::throttle::Throttle;
+use super::{ExportedSnapshot, FullLoadOptions, RouteFn, ShardTarget};
+use crate::event::ShardId;
+use crate::lsn::Lsn;
+
+/// Per table (plan index): chunks copied, source rows, source bytes.
+pub(crate) type CopiedStats = HashMap<usize, (u32, u64, u64)>;
+
+struct CopyTable {
+    source_display: String,
+    copy_in_sql: String,
+    key: Option<KeyColumn>,
+    chunks_total: u32,
+}
+
+struct ChunkJob {
+    table: usize,
+    id: u32,
+    copy_out_sql: String,
+}
+
+/// What the workers share.
+pub(crate) struct CopyContext {
+    tables: HashMap<usize, CopyTable>,
+    shard_names: Vec<String>,
+    route: RouteFn,
+    throttles: Vec<Arc<Throttle>>,
+    copy_slots: Vec<Arc<Semaphore>>,
+    queue: Mutex<VecDeque<ChunkJob>>,
+    progress: Arc<watch::Sender<FullLoadProgress>>,
+    snapshot_lsn: String,
+    batch_bytes: usize,
+}
+
+impl CopyContext {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        plan: &Plan,
+        to_copy: &[usize],
+        shards: &[ShardTarget],
+        route: RouteFn,
+        throttles: Vec<Arc<Throttle>>,
+        options: &FullLoadOptions,
+        snapshot_lsn: Lsn,
+        progress: Arc<watch::Sender<FullLoadProgress>>,
+    ) -> CopyContext {
+        let mut tables = HashMap::new();
+        // Smallest tables first, each table's chunks together: chunks are bounded in size, so
+        // the order barely changes the total time, but finishing whole tables early means a
+        // crash loses less (an unfinished table is copied again as a whole).
+        let mut order: Vec<usize> = to_copy.to_vec();
+        order.sort_by_key(|&i| {
+            plan.tables
+                .get(i)
+                .map_or(0, |t| t.relations.iter().map(|r| r.pages).sum::<u64>())
+        });
+        let mut queue = VecDeque::new();
+        for i in order {
+            let Some(t) = plan.tables.get(i) else {
+                continue;
+            };
+            let cols = t.columns.join(", ");
+            tables.insert(
+                i,
+                CopyTable {
+                    source_display: t.source_display.clone(),
+                    copy_in_sql: format!("COPY {} ({cols}) FROM STDIN", t.target_display),
+                    key: t.key.clone(),
+                    chunks_total: t.chunks_total(),
+                },
+            );
+            for (id, chunk) in t.chunks.iter().enumerate() {
+                let Some(rel) = t.relations.get(chunk.relation) else {
+                    continue;
+                };
+                let filter = chunk
+                    .predicate()
+                    .map(|p| format!(" WHERE {p}"))
+                    .unwrap_or_default();
+                queue.push_back(ChunkJob {
+                    table: i,
+                    id: u32::try_from(id).unwrap_or(u32::MAX),
+                    copy_out_sql: format!(
+                        "COPY (SELECT {cols} FROM ONLY {}{filter}) TO STDOUT",
+                        rel.name
+                    ),
+                });
+            }
+        }
+        progress.send_modify(|p| {
+            for (&i, t) in &tables {
+                if let Some(tp) = p.tables.get_mut(i) {
+                    tp.state = if t.chunks_total == 0 {
+                        TableState::Done
+                    } else {
+                        TableState::Pending
+                    };
+                    tp.chunks_total = t.chunks_total;
+                    tp.chunks_done = 0;
+                }
+            }
+        });
+        let slots = options.max_concurrent_copies_per_shard.get();
+        CopyContext {
+            tables,
+            shard_names: shards.iter().map(|s| s.name.clone()).collect(),
+            route,
+            throttles,
+            copy_slots: shards
+                .iter()
+                .map(|_| Arc::new(Semaphore::new(slots)))
+                .collect(),
+            queue: Mutex::new(queue),
+            progress,
+            snapshot_lsn: snapshot_lsn.to_string(),
+            batch_bytes: options.batch_bytes.get(),
+        }
+    }
+
+    fn next_job(&self) -> Option<ChunkJob> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+
+    fn jobs(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Opens the worker connections, imports the snapshot on each source connection, signals
+/// `imported`, then runs the workers to completion. The first error aborts every worker
+/// (dropping their connections rolls back their open chunk transactions).
+pub(crate) async fn run_workers(
+    ctx: CopyContext,
+    source: &super::Connect,
+    shards: &[ShardTarget],
+    snapshot: &ExportedSnapshot,
+    parallel: usize,
+    imported: Option<oneshot::Sender<()>>,
+) -> Result<CopiedStats, SnapshotError> {
+    let n_workers = parallel.min(ctx.jobs()).max(1);
+    let mut workers = Vec::with_capacity(n_workers);
+    for id in 0..n_workers {
+        let src = connect("source", source).await?;
+        // A chunk's COPY may run long, and between chunks a worker may wait for a shard's copy
+        // slot while its source transaction sits idle: neither may be cut short.
+        src.batch_execute(
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0;
+             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        )
+        .await
+        .map_err(source_err("starting a copy transaction".into()))?;
+        src.batch_execute(&format!(
+            "SET TRANSACTION SNAPSHOT {}",
+            quote_literal(&snapshot.name)
+        ))
+        .await
+        .map_err(|source| SnapshotError::SnapshotImport {
+            name: snapshot.name.clone(),
+            source,
+        })?;
+        let mut targets = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let client = connect(&shard.name, &shard.connect).await?;
+            client
+                .batch_execute("SET statement_timeout = 0")
+                .await
+                .map_err(shard_err(
+                    &shard.name,
+                    "setting up a copy connection".into(),
+                ))?;
+            targets.push(client);
+        }
+        workers.push(Worker {
+            id,
+            source: src,
+            shards: targets,
+        });
+    }
+    if let Some(tx) = imported {
+        // The caller may have stopped waiting; that is fine.
+        let _ = tx.send(());
+    }
+    tracing::info!(workers = n_workers, chunks = ctx.jobs(), snapshot = %snapshot.name,
+        lsn = %snapshot.lsn, "full load copying");
+    let ctx = Arc::new(ctx);
+    let mut set = JoinSet::new();
+    for w in workers {
+        let span = tracing::info_span!("fullload_worker", worker = w.id, snapshot = %snapshot.name);
+        set.spawn(w.run(ctx.clone()).instrument(span));
+    }
+    let mut total: CopiedStats = HashMap::new();
+    while let Some(res) = set.join_next().await {
+        let stats = match res {
+            Ok(r) => r?,
+            Err(join) => {
+                return Err(SnapshotError::Task {
+                    what: "copy worker".into(),
+                    message: join.to_string(),
+                })
+            }
+        };
+        for (t, (c, r, b)) in stats {
+            let e = total.entry(t).or_default();
+            e.0 += c;
+            e.1 += r;
+            e.2 += b;
+        }
+    }
+    Ok(total)
+}
+
+/// One shard's pending batch.
+#[derive(Default)]
+struct Batch {
+    buf: BytesMut,
+    rows: u64,
+}
+
+struct Worker {
+    id: usize,
+    source: Client,
+    shards: Vec<Client>,
+}
+
+type Sink = Pin<Box<CopyInSink<Bytes>>>;
+
+impl Worker {
+    async fn run(self, ctx: Arc<CopyContext>) -> Result<CopiedStats, SnapshotError> {
+        let mut stats: CopiedStats = HashMap::new();
+        while let Some(job) = ctx.next_job() {
+            let (rows, bytes) = self.copy_chunk(&ctx, &job).await?;
+            let e = stats.entry(job.table).or_default();
+            e.0 += 1;
+            e.1 += rows;
+            e.2 += bytes;
+        }
+        // Read-only: nothing to keep, but end it cleanly.
+        self.source
+            .batch_execute("COMMIT")
+            .await
+            .map_err(source_err("ending a copy transaction".into()))?;
+        tracing::debug!(worker = self.id, "copy worker finished");
+        Ok(stats)
+    }
+
+    async fn copy_chunk(
+        &self,
+        ctx: &CopyContext,
+        job: &ChunkJob,
+    ) -> Result<(u64, u64), SnapshotError> {
+        let Some(table) = ctx.tables.get(&job.table) else {
+            return Ok((0, 0));
+        };
+        let what = || format!("copying table {} chunk {}", table.source_display, job.id);
+        let n = self.shards.len();
+
+        // Slots in shard order (no deadlock), then one transaction + COPY per shard.
+        let mut _permits: Vec<OwnedSemaphorePermit> = Vec::with_capacity(n);
+        for slot in &ctx.copy_slots {
+            let permit = slot
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| SnapshotError::Task {
+                    what: "copy slot".into(),
+                    message: e.to_string(),
+                })?;
+            _permits.push(permit);
+        }
+        let mut sinks: Vec<Sink> = Vec::with_capacity(n);
+        for (s, client) in self.shards.iter().enumerate() {
+            let name = ctx.shard_names.get(s).map_or("shard", String::as_str);
+            client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(shard_err(name, what()))?;
+            let sink = client
+                .copy_in::<_, Bytes>(table.copy_in_sql.as_str())
+                .await
+                .map_err(shard_err(name, what()))?;
+            sinks.push(Box::pin(sink));
+        }
+        ctx.progress.send_modify(|p| {
+            if let Some(t) = p.tables.get_mut(job.table) {
+                t.add(0, 0);
+            }
+        });
+
+        let stream = self
+            .source
+            .copy_out(job.copy_out_sql.as_str())
+            .await
+            .map_err(source_err(what()))?;
+        let mut stream = std::pin::pin!(stream);
+        let mut batches: Vec<Batch> = (0..n).map(|_| Batch::default()).collect();
+        let mut shard_rows = vec![0i64; n];
+        let mut shard_bytes = vec![0i64; n];
+        let mut splitter = RowSplitter::default();
+        let (mut rows, mut bytes) = (0u64, 0u64);
+        let (mut report_rows, mut report_bytes) = (0u64, 0u64);
+        // Reading the stream is cancel-safe: a dropped chunk rolls back on every shard.
+        while let Some(part) = stream.next().await {
+            let part = part.map_err(source_err(what()))?;
+            bytes += part.len() as u64;
+            report_bytes += part.len() as u64;
+            splitter.feed(&part, |row| {
+                rows += 1;
+                report_rows += 1;
+                match &table.key {
+                    None => {
+                        for (s, b) in batches.iter_mut().enumerate() {
+                            b.buf.extend_from_slice(row);
+                            b.rows += 1;
+                            if let (Some(r), Some(by)) =
+                                (shard_rows.get_mut(s), shard_bytes.get_mut(s))
+                            {
+                                *r += 1;
+                                *by += row.len() as i64;
+                            }
+                        }
+                    }
+                    Some(key) => {
+                        let s = route_row(&ctx.route, table, key, job.id, row, n)?;
+                        if let Some(b) = batches.get_mut(s) {
+                            b.buf.extend_from_slice(row);
+                            b.rows += 1;
+                        }
+                        if let (Some(r), Some(by)) = (shard_rows.get_mut(s), shard_bytes.get_mut(s))
+                        {
+                            *r += 1;
+                            *by += row.len() as i64;
+                        }
+                    }
+                }
+                Ok::<(), SnapshotError>(())
+            })?;
+            for (s, (batch, sink)) in batches.iter_mut().zip(sinks.iter_mut()).enumerate() {
+                if batch.buf.len() >= ctx.batch_bytes {
+                    let name = ctx.shard_names.get(s).map_or("shard", String::as_str);
+                    let throttle = ctx.throttles.get(s).map(Arc::as_ref);
+                    flush(sink, throttle, batch)
+                        .await
+                        .map_err(shard_err(name, what()))?;
+                }
+            }
+            if report_bytes >= ctx.batch_bytes as u64 {
+                ctx.progress.send_modify(|p| {
+                    if let Some(t) = p.tables.get_mut(job.table) {
+                        t.add(report_rows, report_bytes);
+                    }
+                });
+                (report_rows, report_bytes) = (0, 0);
+            }
+        }
+        if let Some(left) = splitter.leftover() {
+            return Err(SnapshotError::Malformed {
+                table: table.source_display.clone(),
+                chunk: job.id,
+                detail: format!("the stream ended inside a row: [{}]", preview(left)),
+            });
+        }
+        for (s, (batch, sink)) in batches.iter_mut().zip(sinks.iter_mut()).enumerate() {
+            let name = ctx.shard_names.get(s).map_or("shard", String::as_str);
+            if !batch.buf.is_empty() {
+                let throttle = ctx.throttles.get(s).map(Arc::as_ref);
+                flush(sink, throttle, batch)
+                    .await
+                    .map_err(shard_err(name, what()))?;
+            }
+            sink.as_mut()
+                .finish()
+                .await
+                .map_err(shard_err(name, what()))?;
+        }
+        let total = i32::try_from(table.chunks_total).unwrap_or(i32::MAX);
+        let id = i32::try_from(job.id).unwrap_or(i32::MAX);
+        for (s, client) in self.shards.iter().enumerate() {
+            let name = ctx.shard_names.get(s).map_or("shard", String::as_str);
+            let r = shard_rows.get(s).copied().unwrap_or(0);
+            let b = shard_bytes.get(s).copied().unwrap_or(0);
+            client
+                .execute(
+                    "INSERT INTO reshard.fullload_chunks
+                        (source_table, chunk_id, chunks_total, snapshot_lsn, rows, bytes)
+                     VALUES ($1, $2, $3, $4::text::pg_lsn, $5, $6)",
+                    &[
+                        &table.source_display,
+                        &id,
+                        &total,
+                        &ctx.snapshot_lsn,
+                        &r,
+                        &b,
+                    ],
+                )
+                .await
+                .map_err(shard_err(name, what()))?;
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(shard_err(name, what()))?;
+        }
+        ctx.progress.send_modify(|p| {
+            if let Some(t) = p.tables.get_mut(job.table) {
+                t.add(report_rows, report_bytes);
+                t.chunks_done += 1;
+                if t.chunks_done >= t.chunks_total {
+                    t.state = TableState::Done;
+                }
+            }
+        });
+        tracing::debug!(table = %table.source_display, chunk = job.id, rows, bytes, "chunk copied");
+        Ok((rows, bytes))
+    }
+}
+
+/// The shard index of a sharded row.
+fn route_row(
+    route: &RouteFn,
+    table: &CopyTable,
+    key: &KeyColumn,
+    chunk: u32,
+    row: &[u8],
+    shards: usize,
+) -> Result<usize, SnapshotError> {
+    let Some(raw) = field(row, key.index) else {
+        return Err(SnapshotError::Malformed {
+            table: table.source_display.clone(),
+            chunk,
+            detail: format!(
+                "row has no field {} (column {}): [{}]",
+                key.index + 1,
+                key.name,
+                preview(row)
+            ),
+        });
+    };
+    if is_null(raw) {
+        return Err(SnapshotError::NullKey {
+            table: table.source_display.clone(),
+            chunk,
+            column: key.name.clone(),
+            row: preview(row),
+        });
+    }
+    let text = unescape(raw);
+    let shard: ShardId = route(key.type_oid, &text).map_err(|message| SnapshotError::Route {
+        table: table.source_display.clone(),
+        chunk,
+        key: String::from_utf8_lossy(&text).into_owned(),
+        message,
+    })?;
+    if shard.index() >= shards {
+        return Err(SnapshotError::Route {
+            table: table.source_display.clone(),
+            chunk,
+            key: String::from_utf8_lossy(&text).into_owned(),
+            message: format!(
+                "the router chose shard {shard} but only {shards} shards are configured"
+            ),
+        });
+    }
+    Ok(shard.index())
+}
+
+/// Sends one batch to a shard once its throttle allows. Awaiting the sink is the backpressure.
+async fn flush(
+    sink: &mut Sink,
+    throttle: Option<&Throttle>,
+    batch: &mut Batch,
+) -> Result<(), tokio_postgres::Error> {
+    if let Some(t) = throttle {
+        t.acquire(batch.rows, batch.buf.len() as u64).await;
+    }
+    batch.rows = 0;
+    let data = batch.buf.split().freeze();
+    sink.send(data).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> CopyTable {
+        CopyTable {
+            source_display: "public.events".into(),
+            copy_in_sql: String::new(),
+            key: None,
+            chunks_total: 1,
+        }
+    }
+
+    fn key() -> KeyColumn {
+        KeyColumn {
+            index: 1,
+            name: "account_id".into(),
+            type_oid: 20,
+        }
+    }
+
+    fn by_value() -> RouteFn {
+        Arc::new(|oid, text: &[u8]| {
+            assert_eq!(oid, 20);
+            match text {
+                b"boom" => Err("no such account".into()),
+                b"9" => Ok(ShardId(9)),
+                // Only the decoded form (a real tab) routes to 2; the escaped form would not.
+                b"a\tb" => Ok(ShardId(2)),
+                _ => Ok(ShardId(1)),
+            }
+        })
+    }
+
+    #[test]
+    fn rows_route_by_their_decoded_key() {
+        let r = by_value();
+        assert_eq!(
+            route_row(&r, &table(), &key(), 0, b"1\t42\tx\n", 3).unwrap(),
+            1
+        );
+        assert_eq!(
+            route_row(&r, &table(), &key(), 0, b"1\ta\\tb\tx\n", 3).unwrap(),
+            2
+        );
+    }
+
+    #[test]
+    fn routing_problems_name_table_chunk_and_key() {
+        let r = by_value();
+        let e = route_row(&r, &table(), &key(), 4, b"1\t\\N\tx\n", 3).unwrap_err();
+        assert!(matches!(e, SnapshotError::NullKey { chunk: 4, .. }), "{e}");
+        let e = route_row(&r, &table(), &key(), 4, b"1\tboom\n", 3).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("public.events chunk 4")
+                && s.contains("\"boom\"")
+                && s.contains("no such account"),
+            "{s}"
+        );
+        let e = route_row(&r, &table(), &key(), 4, b"1\t9\n", 3).unwrap_err();
+        assert!(e.to_string().contains("only 3 shards"), "{e}");
+        let e = route_row(&r, &table(), &key(), 4, b"1\n", 3).unwrap_err();
+        assert!(matches!(e, SnapshotError::Malformed { .. }), "{e}");
+    }
+}

@@ -1,0 +1,586 @@
+//! Full load: copies every configured table's existing rows into the shards, consistently,
+//! under the replication slot's exported snapshot, before CDC starts at the slot's consistent
+//! point.
+//!
+//! In: the table list (source, target, sharded-by-key or broadcast), a connector for the source
+//! and for each shard, a row router over the key's text form, and an exported snapshot (its name
+//! and the LSN it is consistent at). Out: every shard holds exactly the source rows, as of the
+//! snapshot, that route to it (all rows for broadcast tables); a [`FullLoadReport`] says, per
+//! table, the LSN its copy is consistent at, so CDC can skip what the copy already contains
+//! ([`FullLoadReport::skip_until`]); progress goes out on a `watch` channel.
+//!
+//! Invariants kept here:
+//! - **Consistent:** every source read runs in a `REPEATABLE READ READ ONLY` transaction that
+//!   imported the snapshot (`SET TRANSACTION SNAPSHOT`,
+//!   <https://www.postgresql.org/docs/current/sql-set-transaction.html>), so rows committed after
+//!   the snapshot never appear.
+//! - **Read once:** each chunk is one `COPY (SELECT …) TO STDOUT`; its rows are split on row
+//!   boundaries, routed by the key field and appended to the right shard's `COPY … FROM STDIN`.
+//! - **Atomic per chunk and shard:** a chunk's rows go into each shard in one transaction that
+//!   also records the chunk in `reshard.fullload_chunks`; after a crash a chunk is either whole
+//!   on a shard or absent. A table finished on every shard is never copied again; a table left
+//!   unfinished is emptied and copied again under the new snapshot, and its new LSN is reported
+//!   for CDC to skip up to.
+//! - **Bounded memory:** per worker, one ~`batch_bytes` buffer per shard plus one partial row;
+//!   a slow shard's `COPY` sink applies backpressure to the source read.
+//!
+//! How the runtime drives it:
+//! 1. [`FullLoad::new`] then [`FullLoad::prepare`]: reads the source and shard catalogs and
+//!    reshard's records; nothing is copied yet, so target problems surface before any slot is
+//!    made.
+//! 2. If [`PreparedLoad::needs_snapshot`]: on a first run, create the main slot with
+//!    `EXPORT_SNAPSHOT`; when the main slot already exists (a resumed load), create a temporary
+//!    slot with `EXPORT_SNAPSHOT` instead. Either gives an [`ExportedSnapshot`].
+//! 3. [`PreparedLoad::run`], keeping the exporting replication connection idle until `imported`
+//!    fires. Then start CDC at the main slot's consistent point and skip, per table, the
+//!    changes at or below [`FullLoadReport::skip_until`]. The report is rebuilt from the
+//!    shards' records on every run, so it survives restarts.
+//!
+//! See `catalog` for the checks and how tables are chunked, `copy` for the worker loop and
+//! `indexes` for `defer_indexes`.
+
+mod catalog;
+mod copy;
+mod error;
+mod indexes;
+mod progress;
+mod rows;
+mod throttle;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::num::{NonZeroU64, NonZeroUsize};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch};
+use tokio_postgres::Client;
+
+use crate::event::{quote_ident, Oid, ShardId};
+use crate::lsn::Lsn;
+
+pub use error::{BoxError, SnapshotError};
+pub use progress::{render_line, FullLoadProgress, TableProgress, TableState};
+pub use throttle::{Throttle, ThrottleStats};
+
+/// A future that opens a SQL connection (its driver task already spawned).
+pub type ConnectFuture = Pin<Box<dyn Future<Output = Result<Client, BoxError>> + Send>>;
+
+/// Opens a new SQL connection to one database. The full load calls it once per copy worker
+/// (and per index rebuild); the runtime wires in `ConnConfig::connect_sql`.
+pub type Connect = Arc<dyn Fn() -> ConnectFuture + Send + Sync>;
+
+/// Routes a sharded row by its key: `(key column type OID, key text form)` → shard. The text is
+/// already de-escaped from COPY text format. The runtime wires in `Router::shard_of_text`.
+pub type RouteFn = Arc<dyn Fn(Oid, &[u8]) -> Result<ShardId, String> + Send + Sync>;
+
+/// A schema-qualified table name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub name: String,
+}
+
+impl TableName {
+    /// `schema.name` from its parts.
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> TableName {
+        TableName {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for TableName {
+    /// Quoted where needed: `public.events`, `"Sales"."Q1"`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{}",
+            quote_ident(&self.schema),
+            quote_ident(&self.name)
+        )
+    }
+}
+
+/// How a table's rows are distributed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TableMode {
+    /// Each row goes to the shard its key column routes to.
+    Sharded {
+        /// The shard-key column (e.g. `account_id`).
+        key: String,
+    },
+    /// Every row goes to every shard (reference tables).
+    Broadcast,
+}
+
+/// One table to copy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSpec {
+    /// The table on the source (a plain or a partitioned table).
+    pub source: TableName,
+    /// The table on every shard.
+    pub target: TableName,
+    /// Sharded or broadcast.
+    pub mode: TableMode,
+}
+
+/// One shard to load into.
+#[derive(Clone)]
+pub struct ShardTarget {
+    /// Name used in messages (`shard1`).
+    pub name: String,
+    /// Opens a connection to the shard's database.
+    pub connect: Connect,
+}
+
+impl fmt::Debug for ShardTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardTarget")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// A snapshot exported by the source and the LSN it is consistent at: the `snapshot_name` and
+/// `consistent_point` of `CREATE_REPLICATION_SLOT … EXPORT_SNAPSHOT` (the main slot for the first
+/// run; a temporary slot when resuming).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportedSnapshot {
+    /// The name to pass to `SET TRANSACTION SNAPSHOT`.
+    pub name: String,
+    /// Changes committed before this LSN are visible in the snapshot; later ones are not.
+    pub lsn: Lsn,
+}
+
+/// The `[snapshot]` config section as written.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Concurrent chunk copies (source connections). Default 4.
+    #[serde(default = "default_parallel")]
+    pub parallel: usize,
+    /// Target rows per chunk; tables larger than this are split. Default 100000.
+    #[serde(default = "default_chunk_rows")]
+    pub chunk_rows: u64,
+    /// Per-shard row rate limit shared by all workers. Default unlimited.
+    #[serde(default)]
+    pub max_rows_per_sec: Option<u64>,
+    /// Per-shard byte rate limit (COPY text bytes) shared by all workers. Default unlimited.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<u64>,
+    /// Concurrent COPYs into one shard. Default `parallel`.
+    #[serde(default)]
+    pub max_concurrent_copies_per_shard: Option<usize>,
+    /// TRUNCATE non-empty target tables before loading them. Default false (refuse).
+    #[serde(default)]
+    pub truncate_targets: bool,
+    /// Drop secondary indexes on the targets before the load and rebuild them after.
+    /// Default false.
+    #[serde(default)]
+    pub defer_indexes: bool,
+    /// Bytes buffered per shard before a write. Default 65536.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+}
+
+fn default_parallel() -> usize {
+    4
+}
+fn default_chunk_rows() -> u64 {
+    100_000
+}
+fn default_batch_bytes() -> usize {
+    64 * 1024
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            parallel: default_parallel(),
+            chunk_rows: default_chunk_rows(),
+            max_rows_per_sec: None,
+            max_bytes_per_sec: None,
+            max_concurrent_copies_per_shard: None,
+            truncate_targets: false,
+            defer_indexes: false,
+            batch_bytes: default_batch_bytes(),
+        }
+    }
+}
+
+/// Validated full-load options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FullLoadOptions {
+    /// Concurrent chunk copies.
+    pub parallel: NonZeroUsize,
+    /// Target rows per chunk.
+    pub chunk_rows: NonZeroU64,
+    /// Per-shard row rate limit.
+    pub max_rows_per_sec: Option<NonZeroU64>,
+    /// Per-shard byte rate limit.
+    pub max_bytes_per_sec: Option<NonZeroU64>,
+    /// Concurrent COPYs into one shard.
+    pub max_concurrent_copies_per_shard: NonZeroUsize,
+    /// TRUNCATE non-empty targets first.
+    pub truncate_targets: bool,
+    /// Drop and rebuild secondary indexes.
+    pub defer_indexes: bool,
+    /// Bytes buffered per shard before a write.
+    pub batch_bytes: NonZeroUsize,
+}
+
+impl SnapshotConfig {
+    /// Checks the settings and converts them.
+    pub fn validate(&self) -> Result<FullLoadOptions, SnapshotError> {
+        let nz = |key: &'static str, v: usize| {
+            NonZeroUsize::new(v).ok_or_else(|| SnapshotError::Config {
+                key,
+                message: "must be at least 1".into(),
+            })
+        };
+        let positive = |key: &'static str, v: Option<u64>| match v {
+            None => Ok(None),
+            Some(v) => NonZeroU64::new(v)
+                .map(Some)
+                .ok_or_else(|| SnapshotError::Config {
+                    key,
+                    message: "must be at least 1 (leave it out for no limit)".into(),
+                }),
+        };
+        let parallel = nz("parallel", self.parallel)?;
+        if self.batch_bytes < 1024 {
+            return Err(SnapshotError::Config {
+                key: "batch_bytes",
+                message: format!("{} is too small; use at least 1024", self.batch_bytes),
+            });
+        }
+        Ok(FullLoadOptions {
+            parallel,
+            chunk_rows: NonZeroU64::new(self.chunk_rows).ok_or(SnapshotError::Config {
+                key: "chunk_rows",
+                message: "must be at least 1".into(),
+            })?,
+            max_rows_per_sec: positive("max_rows_per_sec", self.max_rows_per_sec)?,
+            max_bytes_per_sec: positive("max_bytes_per_sec", self.max_bytes_per_sec)?,
+            max_concurrent_copies_per_shard: match self.max_concurrent_copies_per_shard {
+                Some(v) => nz("max_concurrent_copies_per_shard", v)?,
+                None => parallel,
+            },
+            truncate_targets: self.truncate_targets,
+            defer_indexes: self.defer_indexes,
+            batch_bytes: nz("batch_bytes", self.batch_bytes)?,
+        })
+    }
+}
+
+/// What one table's load came to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TableReport {
+    /// Source table, `schema.table`.
+    pub table: String,
+    /// The LSN the table's copy on the shards is consistent at.
+    pub as_of: Lsn,
+    /// Chunks copied in this run (0 for a table finished earlier).
+    pub chunks_copied: u32,
+    /// Chunks in the table's plan.
+    pub chunks_total: u32,
+    /// Source rows copied in this run.
+    pub rows: u64,
+    /// COPY bytes read from the source in this run.
+    pub bytes: u64,
+    /// The table was partly loaded by an earlier run and was emptied and copied again.
+    pub recopied: bool,
+}
+
+/// The outcome of a full load.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FullLoadReport {
+    /// One entry per configured table, in config order.
+    pub tables: Vec<TableReport>,
+    /// Per shard (in shard order), what its throttle let through in this run.
+    pub throttle: Vec<ThrottleStats>,
+    /// Deferred secondary indexes rebuilt in this run.
+    pub indexes_rebuilt: usize,
+}
+
+impl FullLoadReport {
+    /// Tables whose copy is consistent at a later LSN than the slot's consistent point, with that
+    /// LSN: CDC must skip those tables' changes from transactions committed at or below it (the
+    /// copy already contains them).
+    pub fn skip_until(&self, slot_consistent_point: Lsn) -> HashMap<String, Lsn> {
+        self.tables
+            .iter()
+            .filter(|t| t.as_of > slot_consistent_point)
+            .map(|t| (t.table.clone(), t.as_of))
+            .collect()
+    }
+
+    /// The table's entry.
+    pub fn table(&self, table: &str) -> Option<&TableReport> {
+        self.tables.iter().find(|t| t.table == table)
+    }
+}
+
+/// A full load, configured but not started.
+pub struct FullLoad {
+    source: Connect,
+    shards: Vec<ShardTarget>,
+    tables: Vec<TableSpec>,
+    route: RouteFn,
+    options: FullLoadOptions,
+    progress: Arc<watch::Sender<FullLoadProgress>>,
+}
+
+impl FullLoad {
+    /// A load of `tables` from `source` into `shards` (in shard order: `ShardId(i)` is
+    /// `shards[i]`).
+    pub fn new(
+        source: Connect,
+        shards: Vec<ShardTarget>,
+        tables: Vec<TableSpec>,
+        route: RouteFn,
+        options: FullLoadOptions,
+    ) -> FullLoad {
+        let (tx, _) = watch::channel(FullLoadProgress::default());
+        FullLoad {
+            source,
+            shards,
+            tables,
+            route,
+            options,
+            progress: Arc::new(tx),
+        }
+    }
+
+    /// Receives progress updates.
+    pub fn progress(&self) -> watch::Receiver<FullLoadProgress> {
+        self.progress.subscribe()
+    }
+
+    /// Inspects the source and every shard without changing anything: the tables exist with
+    /// compatible columns, the targets are empty (or `truncate_targets`), and which tables an
+    /// earlier run already finished. All problems come back at once as
+    /// [`SnapshotError::Targets`].
+    pub async fn prepare(self) -> Result<PreparedLoad, SnapshotError> {
+        if self.shards.is_empty() {
+            return Err(SnapshotError::Config {
+                key: "shards",
+                message: "no shards configured".into(),
+            });
+        }
+        let plan = catalog::inspect(
+            &self.source,
+            &self.shards,
+            &self.tables,
+            self.options.truncate_targets,
+            self.options.chunk_rows.get(),
+        )
+        .await?;
+        let progress = FullLoadProgress {
+            tables: plan
+                .tables
+                .iter()
+                .map(|t| {
+                    let mut p = TableProgress::new(t.source_display.clone(), t.chunks_total());
+                    if let catalog::TableStatus::Finished { chunks, .. } = t.status {
+                        p.state = TableState::AlreadyDone;
+                        p.chunks_done = chunks;
+                        p.chunks_total = chunks;
+                    }
+                    p
+                })
+                .collect(),
+            indexes_pending: 0,
+        };
+        self.progress.send_replace(progress);
+        Ok(PreparedLoad { load: self, plan })
+    }
+}
+
+/// A checked load, ready to run.
+pub struct PreparedLoad {
+    load: FullLoad,
+    plan: catalog::Plan,
+}
+
+impl PreparedLoad {
+    /// Source tables that this run will copy (empty when an earlier run finished them all).
+    pub fn tables_to_copy(&self) -> Vec<String> {
+        self.plan
+            .tables
+            .iter()
+            .filter(|t| !matches!(t.status, catalog::TableStatus::Finished { .. }))
+            .map(|t| t.source_display.clone())
+            .collect()
+    }
+
+    /// Whether [`PreparedLoad::run`] needs a snapshot (some table must be copied).
+    pub fn needs_snapshot(&self) -> bool {
+        !self.tables_to_copy().is_empty()
+    }
+
+    /// Receives progress updates.
+    pub fn progress(&self) -> watch::Receiver<FullLoadProgress> {
+        self.load.progress.subscribe()
+    }
+
+    /// Runs the load: empties what must be emptied, defers indexes, imports `snapshot` on every
+    /// copy connection (then fires `imported`, after which the exporting connection may run
+    /// other commands such as `START_REPLICATION`), copies every unfinished table, and rebuilds
+    /// deferred indexes. Dropping the future aborts the load; uncommitted chunks roll back.
+    pub async fn run(
+        self,
+        snapshot: Option<ExportedSnapshot>,
+        imported: Option<oneshot::Sender<()>>,
+    ) -> Result<FullLoadReport, SnapshotError> {
+        let PreparedLoad { load, plan } = self;
+        let to_copy: Vec<usize> = plan
+            .tables
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !matches!(t.status, catalog::TableStatus::Finished { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        let throttles: Vec<Arc<Throttle>> = load
+            .shards
+            .iter()
+            .map(|_| {
+                Arc::new(Throttle::new(
+                    load.options.max_rows_per_sec.map(NonZeroU64::get),
+                    load.options.max_bytes_per_sec.map(NonZeroU64::get),
+                ))
+            })
+            .collect();
+        let mut as_of: BTreeMap<usize, Lsn> = BTreeMap::new();
+        for (i, t) in plan.tables.iter().enumerate() {
+            if let catalog::TableStatus::Finished { as_of: lsn, .. } = t.status {
+                as_of.insert(i, lsn);
+            }
+        }
+        let mut copied: HashMap<usize, (u32, u64, u64)> = HashMap::new();
+        if !to_copy.is_empty() {
+            let snapshot = snapshot.ok_or_else(|| SnapshotError::NoSnapshot {
+                tables: to_copy
+                    .iter()
+                    .filter_map(|&i| plan.tables.get(i))
+                    .map(|t| t.source_display.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+            catalog::reset_targets(&load.shards, &plan, &to_copy, load.options.truncate_targets)
+                .await?;
+            if load.options.defer_indexes {
+                indexes::defer(&load.shards, &plan, &to_copy).await?;
+            }
+            let ctx = copy::CopyContext::new(
+                &plan,
+                &to_copy,
+                &load.shards,
+                load.route.clone(),
+                throttles.clone(),
+                &load.options,
+                snapshot.lsn,
+                load.progress.clone(),
+            );
+            let stats = copy::run_workers(
+                ctx,
+                &load.source,
+                &load.shards,
+                &snapshot,
+                load.options.parallel.get(),
+                imported,
+            )
+            .await?;
+            for &i in &to_copy {
+                as_of.insert(i, snapshot.lsn);
+            }
+            copied = stats;
+        } else if let Some(tx) = imported {
+            let _ = tx.send(());
+        }
+        let indexes_rebuilt =
+            indexes::rebuild(&load.shards, load.options.parallel.get(), &load.progress).await?;
+        let tables = plan
+            .tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let (chunks_copied, rows, bytes) = copied.get(&i).copied().unwrap_or_default();
+                TableReport {
+                    table: t.source_display.clone(),
+                    as_of: as_of.get(&i).copied().unwrap_or(Lsn::ZERO),
+                    chunks_copied,
+                    chunks_total: match t.status {
+                        catalog::TableStatus::Finished { chunks, .. } => chunks,
+                        _ => t.chunks_total(),
+                    },
+                    rows,
+                    bytes,
+                    recopied: matches!(t.status, catalog::TableStatus::Partial),
+                }
+            })
+            .collect();
+        Ok(FullLoadReport {
+            tables,
+            throttle: throttles.iter().map(|t| t.stats()).collect(),
+            indexes_rebuilt,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_validation() {
+        let c: SnapshotConfig = toml::from_str("").unwrap();
+        let o = c.validate().unwrap();
+        assert_eq!(o.parallel.get(), 4);
+        assert_eq!(o.max_concurrent_copies_per_shard.get(), 4);
+        assert_eq!(o.max_rows_per_sec, None);
+        assert_eq!(o.batch_bytes.get(), 65536);
+
+        let c: SnapshotConfig = toml::from_str("parallel = 0").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("[snapshot] parallel"), "{e}");
+
+        let e = toml::from_str::<SnapshotConfig>("paralel = 2").unwrap_err();
+        assert!(e.to_string().contains("paralel"));
+    }
+
+    #[test]
+    fn skip_until_lists_only_tables_copied_after_the_slot() {
+        let t = |name: &str, lsn: u64| TableReport {
+            table: name.into(),
+            as_of: Lsn::from_u64(lsn),
+            chunks_copied: 0,
+            chunks_total: 0,
+            rows: 0,
+            bytes: 0,
+            recopied: false,
+        };
+        let r = FullLoadReport {
+            tables: vec![t("a", 100), t("b", 200)],
+            throttle: vec![],
+            indexes_rebuilt: 0,
+        };
+        let s = r.skip_until(Lsn::from_u64(100));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.get("b"), Some(&Lsn::from_u64(200)));
+    }
+
+    #[test]
+    fn table_names_are_quoted() {
+        assert_eq!(
+            TableName::new("public", "events").to_string(),
+            "public.events"
+        );
+        assert_eq!(TableName::new("Sales", "q1").to_string(), "\"Sales\".q1");
+    }
+}

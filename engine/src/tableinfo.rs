@@ -1,0 +1,276 @@
+//! Table descriptions read from `pg_catalog`, shared by `check`, `verify` and `cutover`.
+//!
+//! In: a SQL connection and `schema.table` names from the config. Out: [`TableInfo`] (columns
+//! with their `format_type`, primary key, replica identity) and the resolved table list
+//! ([`resolve_tables`]): the config's `[[tables]]`, or — when it has none — every user table of
+//! the source, sharded when it has the key column and broadcast otherwise (the rule stated in
+//! `config.rs`).
+
+use crate::config::{qualify, Config, TableMode, TableRule};
+
+/// Type OIDs a shard key may have (`int2`, `int4`, `int8`, `text`, `varchar`, `uuid`).
+pub const SUPPORTED_KEY_TYPES: &[(u32, &str)] = &[
+    (21, "smallint"),
+    (23, "integer"),
+    (20, "bigint"),
+    (25, "text"),
+    (1043, "character varying"),
+    (2950, "uuid"),
+];
+
+/// One column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnInfo {
+    /// Name.
+    pub name: String,
+    /// `format_type(atttypid, atttypmod)`, e.g. `numeric(12,2)`.
+    pub type_name: String,
+    /// Type OID.
+    pub type_oid: u32,
+    /// `NOT NULL`.
+    pub not_null: bool,
+    /// Has a default expression.
+    pub has_default: bool,
+    /// Stored generated column (never sent by pgoutput before PostgreSQL 18).
+    pub generated: bool,
+    /// Identity column.
+    pub identity: bool,
+}
+
+/// One table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    /// `schema.table`.
+    pub name: String,
+    /// `pg_class.oid`.
+    pub oid: u32,
+    /// Partitioned (`relkind = 'p'`).
+    pub partitioned: bool,
+    /// `relreplident`: `d` default, `n` nothing, `f` full, `i` index.
+    pub replica_identity: char,
+    /// Columns in `attnum` order (dropped ones left out).
+    pub columns: Vec<ColumnInfo>,
+    /// Primary key columns in key order (empty without a primary key).
+    pub primary_key: Vec<String>,
+    /// Columns of the replica identity index (`REPLICA IDENTITY USING INDEX`).
+    pub replica_identity_index: Vec<String>,
+}
+
+impl TableInfo {
+    /// The column called `name`.
+    pub fn column(&self, name: &str) -> Option<&ColumnInfo> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// The columns identifying a row in the WAL's old tuple; `None` for FULL (every column)
+    /// and for NOTHING / DEFAULT without a primary key (no usable identity).
+    pub fn identity_columns(&self) -> Option<&[String]> {
+        match self.replica_identity {
+            'd' if !self.primary_key.is_empty() => Some(&self.primary_key),
+            'i' => Some(&self.replica_identity_index),
+            _ => None,
+        }
+    }
+
+    /// Whether a row's identity is usable for UPDATE/DELETE replication.
+    pub fn has_usable_identity(&self) -> bool {
+        self.replica_identity == 'f' || self.identity_columns().is_some()
+    }
+
+    /// Columns that row comparisons use to identify a row: the primary key, else the replica
+    /// identity index, else every non-generated column.
+    pub fn row_key(&self) -> Vec<String> {
+        if !self.primary_key.is_empty() {
+            self.primary_key.clone()
+        } else if !self.replica_identity_index.is_empty() {
+            self.replica_identity_index.clone()
+        } else {
+            self.columns
+                .iter()
+                .filter(|c| !c.generated)
+                .map(|c| c.name.clone())
+                .collect()
+        }
+    }
+}
+
+/// Splits `schema.table` (already qualified).
+pub fn split_name(name: &str) -> (String, String) {
+    let q = qualify(name);
+    match q.split_once('.') {
+        Some((s, t)) => (s.to_owned(), t.to_owned()),
+        None => ("public".to_owned(), q),
+    }
+}
+
+/// Describes a table or partitioned table; `None` if it does not exist.
+pub async fn describe_table(
+    client: &tokio_postgres::Client,
+    name: &str,
+) -> Result<Option<TableInfo>, tokio_postgres::Error> {
+    let (schema, table) = split_name(name);
+    let rows = client
+        .query(
+            "SELECT c.oid, c.relkind::text, c.relreplident::text \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&schema, &table],
+        )
+        .await?;
+    let Some(r) = rows.first() else {
+        return Ok(None);
+    };
+    let oid: u32 = r.try_get(0)?;
+    let relkind: String = r.try_get(1)?;
+    let ri: String = r.try_get(2)?;
+    let cols = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid, \
+                    a.attnotnull, a.atthasdef, a.attgenerated <> '', a.attidentity <> '' \
+             FROM pg_attribute a \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await?;
+    let mut columns = Vec::with_capacity(cols.len());
+    for c in &cols {
+        columns.push(ColumnInfo {
+            name: c.try_get(0)?,
+            type_name: c.try_get(1)?,
+            type_oid: c.try_get(2)?,
+            not_null: c.try_get(3)?,
+            has_default: c.try_get(4)?,
+            generated: c.try_get(5)?,
+            identity: c.try_get(6)?,
+        });
+    }
+    let index_cols = |flag: &'static str| {
+        format!(
+            "SELECT a.attname::text FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.{flag} ORDER BY k.ord"
+        )
+    };
+    let pk = client
+        .query(&index_cols("indisprimary"), &[&oid])
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<Vec<String>, _>>()?;
+    let rii = client
+        .query(&index_cols("indisreplident"), &[&oid])
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok(Some(TableInfo {
+        name: format!("{schema}.{table}"),
+        oid,
+        partitioned: relkind == "p",
+        replica_identity: ri.chars().next().unwrap_or('d'),
+        columns,
+        primary_key: pk,
+        replica_identity_index: rii,
+    }))
+}
+
+/// Every user table of the connected database (`schema.table`), partitions left out (their
+/// root is listed), reshard's own schema and system schemas left out.
+pub async fn list_user_tables(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'reshard') \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+             ORDER BY 1",
+            &[],
+        )
+        .await?;
+    rows.iter().map(|r| r.try_get(0)).collect()
+}
+
+/// The tables reshard replicates (mode `skip` left out): the config's rules, or when
+/// `[[tables]]` is absent every user table of the source — sharded if it has the
+/// `[routing] key` column, broadcast otherwise.
+pub async fn resolve_tables(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<TableRule>, tokio_postgres::Error> {
+    if !config.tables.is_empty() {
+        return Ok(config
+            .table_rules()
+            .into_iter()
+            .filter(|r| r.mode != TableMode::Skip)
+            .collect());
+    }
+    let mut out = Vec::new();
+    for name in list_user_tables(client).await? {
+        let has_key = match describe_table(client, &name).await? {
+            Some(info) => info.column(&config.routing.key).is_some(),
+            None => continue,
+        };
+        out.push(TableRule {
+            source: name.clone(),
+            target: name,
+            mode: if has_key {
+                TableMode::Sharded
+            } else {
+                TableMode::Broadcast
+            },
+            key: config.routing.key.clone(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(name: &str) -> ColumnInfo {
+        ColumnInfo {
+            name: name.into(),
+            type_name: "bigint".into(),
+            type_oid: 20,
+            not_null: true,
+            has_default: false,
+            generated: false,
+            identity: false,
+        }
+    }
+
+    #[test]
+    fn identity_rules() {
+        let mut t = TableInfo {
+            name: "public.t".into(),
+            oid: 1,
+            partitioned: false,
+            replica_identity: 'd',
+            columns: vec![col("account_id"), col("id")],
+            primary_key: vec![],
+            replica_identity_index: vec![],
+        };
+        assert!(!t.has_usable_identity());
+        assert_eq!(t.row_key(), vec!["account_id", "id"]);
+        t.primary_key = vec!["id".into()];
+        assert!(t.has_usable_identity());
+        assert_eq!(t.identity_columns().unwrap(), ["id".to_string()]);
+        t.replica_identity = 'n';
+        assert!(!t.has_usable_identity());
+        t.replica_identity = 'f';
+        assert!(t.has_usable_identity());
+        assert!(t.identity_columns().is_none());
+    }
+
+    #[test]
+    fn names_split() {
+        assert_eq!(split_name("t"), ("public".into(), "t".into()));
+        assert_eq!(split_name("s.t"), ("s".into(), "t".into()));
+    }
+}

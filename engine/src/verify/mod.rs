@@ -1,0 +1,1075 @@
+//! Verification: prove each shard holds exactly the source rows that route to it.
+//!
+//! In: the config, [`VerifyOptions`] (tables, shards, accounts, sample size, timeout) and for
+//! `hash = "map"` a [`KeyRouter`]. Out: a [`VerifyReport`]: per table × shard the row counts,
+//! accounts compared, accounts that differ, and the differing row keys (`missing`, `extra`,
+//! `different`), capped at [`MAX_DIFFS`] listed keys per table and shard.
+//!
+//! How (everything heavy runs inside PostgreSQL, reshard holds one row per stream):
+//! 1. Source: a `REPEATABLE READ` transaction whose snapshot is taken together with
+//!    `pg_current_wal_lsn()` = L. Every commit it sees has a commit record below L.
+//! 2. Each shard is read only after its progress row (`reshard.progress.commit_lsn`) reaches
+//!    L, so it holds at least what the source snapshot holds (shards without a progress row
+//!    — loaded by other means — are read as they are).
+//! 3. Per account: `count(*)` and the sum of 64-bit row hashes, streamed `ORDER BY account`
+//!    from the source (with the account's shard computed there by PostgreSQL's own
+//!    `satisfies_hash_partition` on a temporary hash-partitioned helper of the key's type,
+//!    or by the router for `hash = "map"`) and from every shard, merge-joined in one pass.
+//!    An account on a shard it does not route to is a mismatch there.
+//! 4. Accounts that differ while the shards are being fed are re-checked with fresh
+//!    snapshots (a live system converges; a real divergence persists), then drilled down row
+//!    by row (md5 per primary key) to name the keys.
+//!
+//! Broadcast tables: whole-table count and hash sum on every shard, drilled down by primary
+//! key on a mismatch. `--sample N` additionally compares N random accounts row by row.
+
+pub mod cursor;
+pub mod merge;
+pub mod sql;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::config::{Config, HashKind, TableMode, TableRule};
+use crate::error::{class_of_pg, Classify, ErrorClass};
+use crate::lsn::Lsn;
+use crate::pgconn::{connect_plain, error_text, normalize_session};
+use crate::progress::{read_progress, source_system_id};
+use crate::tableinfo::{describe_table, resolve_tables, TableInfo};
+
+use cursor::{Cursor, Peeked, RowSource, TextRow};
+use merge::{merge_accounts, merge_rows, DiffKind, MergeError, ShardTally, Suspect};
+use sql::HashRoute;
+
+/// Listed differing keys per table and shard (the rest are counted).
+pub const MAX_DIFFS: usize = 100;
+/// Accounts per drill-down query.
+const DRILL_BATCH: usize = 200;
+/// Re-check rounds for accounts that differ while the shards are being fed.
+const RECHECK_ROUNDS: usize = 3;
+/// Poll interval of progress rows.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Maps a shard-key value (its type OID and text form) to a shard index (`hash = "map"`).
+pub type KeyRouter = dyn Fn(u32, &str) -> Result<usize, String> + Send + Sync;
+
+/// What to verify.
+#[derive(Clone, Default)]
+pub struct VerifyOptions {
+    /// Only these tables (source or target name, `schema.` optional); empty = all.
+    pub tables: Vec<String>,
+    /// Only these shards (names); empty = all.
+    pub shards: Vec<String>,
+    /// Only these accounts (key text); empty = all.
+    pub accounts: Vec<String>,
+    /// Additionally compare this many random accounts per sharded table row by row.
+    pub sample: Option<u64>,
+    /// Longest wait for a shard's progress to reach the source snapshot's LSN.
+    pub timeout: Duration,
+    /// Router for `hash = "map"` (unused with `hash = "postgres"`, which is computed in SQL).
+    pub router: Option<Arc<KeyRouter>>,
+}
+
+/// Verification could not complete (a mismatch is not an error: see [`VerifyReport::ok`]).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// A shard name given with `--shard` is not in the config.
+    #[error("unknown shard {name:?}; the config's shards are {known:?}")]
+    UnknownShard {
+        /// The name given.
+        name: String,
+        /// Configured names.
+        known: Vec<String>,
+    },
+    /// A table given with `--table` is not replicated.
+    #[error("table {name:?} is not among the replicated tables ({known})")]
+    UnknownTable {
+        /// The name given.
+        name: String,
+        /// Replicated tables.
+        known: String,
+    },
+    /// Could not connect.
+    #[error("cannot connect to {endpoint}: {error}")]
+    Connect {
+        /// `source` or the shard name.
+        endpoint: String,
+        /// Why.
+        error: Box<crate::source::SourceError>,
+    },
+    /// A query failed.
+    #[error("query on {endpoint} failed{}: {}", table.as_ref().map(|t| format!(" (table {t})")).unwrap_or_default(), error_text(error))]
+    Query {
+        /// `source` or the shard name.
+        endpoint: String,
+        /// Table, if the query was about one.
+        table: Option<String>,
+        /// Driver error.
+        error: tokio_postgres::Error,
+    },
+    /// A shard did not reach the source snapshot's LSN in time.
+    #[error("shard {shard} did not reach source LSN {target} within {waited_secs:.0}s (its progress is at {reached}); is reshard run applying to it? raise --timeout")]
+    Timeout {
+        /// Shard.
+        shard: String,
+        /// Source LSN waited for.
+        target: Lsn,
+        /// Progress reached.
+        reached: Lsn,
+        /// Seconds waited.
+        waited_secs: f64,
+    },
+    /// Routing of an account failed (`hash = "map"`).
+    #[error("table {table}: cannot route account {account}: {message}")]
+    Route {
+        /// Table.
+        table: String,
+        /// Account.
+        account: String,
+        /// Router's message.
+        message: String,
+    },
+    /// `hash = "map"` without a router, or another config problem.
+    #[error("{0}")]
+    Config(String),
+    /// A result row did not have the expected shape.
+    #[error("unexpected result while verifying {table}: {message}")]
+    Malformed {
+        /// Table.
+        table: String,
+        /// What.
+        message: String,
+    },
+}
+
+impl Classify for VerifyError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            VerifyError::Connect { error, .. } => error.class(),
+            VerifyError::Query { error, .. } => class_of_pg(error),
+            VerifyError::Timeout { .. } => ErrorClass::Transient,
+            _ => ErrorClass::Definite,
+        }
+    }
+}
+
+/// One differing row.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Difference {
+    /// missing / extra / different.
+    pub kind: DiffKind,
+    /// The account (sharded tables).
+    pub account: Option<String>,
+    /// Row key values (text), in the order of [`TableShardResult::key_columns`].
+    pub key: Vec<Option<String>>,
+    /// For rows on a shard the source routes elsewhere: the shard they belong to.
+    pub belongs_to: Option<String>,
+}
+
+/// Result for one table on one shard.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct TableShardResult {
+    /// Source table.
+    pub table: String,
+    /// Target table.
+    pub target: String,
+    /// Shard name.
+    pub shard: String,
+    /// `sharded` / `broadcast`.
+    pub mode: String,
+    /// Everything matches.
+    pub ok: bool,
+    /// Source rows that belong on this shard.
+    pub rows_source: u64,
+    /// Rows on the shard.
+    pub rows_shard: u64,
+    /// Accounts compared (sharded tables).
+    pub accounts_checked: u64,
+    /// Accounts that differ (after re-checks and drill-down).
+    pub accounts_mismatched: u64,
+    /// Accounts compared row by row because of `--sample`.
+    pub accounts_sampled: u64,
+    /// Rows missing on the shard.
+    pub missing: u64,
+    /// Rows on the shard that should not be there.
+    pub extra: u64,
+    /// Rows whose values differ.
+    pub different: u64,
+    /// Columns of [`Difference::key`].
+    pub key_columns: Vec<String>,
+    /// Columns compared (source columns present on the target, generated ones left out).
+    pub columns: Vec<String>,
+    /// The first [`MAX_DIFFS`] differing rows.
+    pub differences: Vec<Difference>,
+    /// Differing rows not listed.
+    pub differences_omitted: u64,
+    /// Why this table could not be compared on this shard (missing table, …).
+    pub error: Option<String>,
+}
+
+/// The whole verification.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct VerifyReport {
+    /// Everything matches.
+    pub ok: bool,
+    /// Source LSN of the first snapshot.
+    pub source_lsn: Option<Lsn>,
+    /// Per table × shard.
+    pub results: Vec<TableShardResult>,
+    /// Remarks (shards read without a progress row, columns left out, …).
+    pub notes: Vec<String>,
+    /// Seconds taken.
+    pub elapsed_secs: f64,
+}
+
+struct ShardConn {
+    index: usize,
+    name: String,
+    client: Client,
+    has_progress: bool,
+}
+
+struct Ctx<'a> {
+    config: &'a Config,
+    opts: &'a VerifyOptions,
+    src: Client,
+    shards: Vec<ShardConn>,
+    system_id: Option<String>,
+    live: bool,
+    notes: Vec<String>,
+}
+
+fn q(endpoint: &str, table: Option<&str>) -> impl Fn(tokio_postgres::Error) -> VerifyError {
+    let endpoint = endpoint.to_owned();
+    let table = table.map(str::to_owned);
+    move |error| VerifyError::Query {
+        endpoint: endpoint.clone(),
+        table: table.clone(),
+        error,
+    }
+}
+
+/// Runs a verification.
+pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyReport, VerifyError> {
+    let started = Instant::now();
+    let known = config.shard_names();
+    for s in &opts.shards {
+        if !known.contains(s) {
+            return Err(VerifyError::UnknownShard {
+                name: s.clone(),
+                known,
+            });
+        }
+    }
+    let src = connect_plain(&config.source.url)
+        .await
+        .map_err(|error| VerifyError::Connect {
+            endpoint: "source".into(),
+            error: Box::new(error),
+        })?;
+    normalize_session(&src).await.map_err(q("source", None))?;
+    let mut opts = opts.clone();
+    if config.routing.hash == HashKind::Map && opts.router.is_none() {
+        opts.router = Some(map_router(config, &src).await?);
+    }
+    let opts = &opts;
+    let rules = resolve_tables(&src, config)
+        .await
+        .map_err(q("source", None))?;
+    let rules = select_tables(rules, &opts.tables)?;
+
+    let mut shards = Vec::new();
+    for (index, s) in config.shards.iter().enumerate() {
+        if !opts.shards.is_empty() && !opts.shards.contains(&s.name) {
+            continue;
+        }
+        let client = connect_plain(&s.url)
+            .await
+            .map_err(|error| VerifyError::Connect {
+                endpoint: format!("shard {}", s.name),
+                error: Box::new(error),
+            })?;
+        normalize_session(&client).await.map_err(q(&s.name, None))?;
+        let has_progress = read_progress(&client, &config.source.slot, &s.name, None)
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        shards.push(ShardConn {
+            index,
+            name: s.name.clone(),
+            client,
+            has_progress,
+        });
+    }
+    let system_id = source_system_id(&src).await;
+    let live = shards.iter().any(|s| s.has_progress);
+    let mut notes = Vec::new();
+    for s in shards.iter().filter(|s| !s.has_progress) {
+        notes.push(format!(
+            "shard {} has no progress row for slot {}: compared as it is, without waiting for replication",
+            s.name, config.source.slot
+        ));
+    }
+    let mut ctx = Ctx {
+        config,
+        opts,
+        src,
+        shards,
+        system_id,
+        live,
+        notes,
+    };
+    let mut report = VerifyReport::default();
+    for rule in &rules {
+        let results = verify_table(&mut ctx, rule, &mut report.source_lsn).await?;
+        report.results.extend(results);
+    }
+    report.ok = report.results.iter().all(|r| r.ok);
+    report.notes = ctx.notes;
+    report.elapsed_secs = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The account map of `[routing]` (`map` CSV file or `map_query` on the source) as a
+/// [`KeyRouter`].
+pub async fn map_router(config: &Config, src: &Client) -> Result<Arc<KeyRouter>, VerifyError> {
+    use crate::route::{AccountMap, KeyType};
+    let shards = config.shard_names();
+    let map = if let Some(path) = &config.routing.map {
+        AccountMap::from_csv_path(path, &shards)
+    } else if let Some(query) = &config.routing.map_query {
+        let msgs = src
+            .simple_query(query)
+            .await
+            .map_err(q("source", Some("[routing] map_query")))?;
+        let pairs = msgs.into_iter().filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                r.get(0).unwrap_or_default().to_owned(),
+                r.get(1).unwrap_or_default().to_owned(),
+            )),
+            _ => None,
+        });
+        AccountMap::from_pairs(&shards, pairs)
+    } else {
+        return Err(VerifyError::Config(
+            "routing.hash = \"map\" needs routing.map or routing.map_query".into(),
+        ));
+    };
+    let mut map = map.map_err(|e| VerifyError::Config(e.to_string()))?;
+    if let Some(d) = &config.routing.default_shard {
+        map = map
+            .with_default(d)
+            .map_err(|e| VerifyError::Config(e.to_string()))?;
+    }
+    Ok(Arc::new(move |type_oid: u32, text: &str| {
+        let kt = KeyType::from_oid(type_oid)
+            .ok_or_else(|| format!("key type OID {type_oid} cannot be routed"))?;
+        let key = kt.parse_text(text.as_bytes()).map_err(|e| e.to_string())?;
+        map.lookup(&key)
+            .map(|s| s.index())
+            .map_err(|e| e.to_string())
+    }))
+}
+
+fn select_tables(rules: Vec<TableRule>, wanted: &[String]) -> Result<Vec<TableRule>, VerifyError> {
+    if wanted.is_empty() {
+        return Ok(rules);
+    }
+    let mut out = Vec::new();
+    for w in wanted {
+        let qw = crate::config::qualify(w);
+        match rules.iter().find(|r| r.source == qw || r.target == qw) {
+            Some(r) => out.push(r.clone()),
+            None => {
+                return Err(VerifyError::UnknownTable {
+                    name: w.clone(),
+                    known: rules
+                        .iter()
+                        .map(|r| r.source.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Everything one table's comparison needs.
+struct Plan {
+    rule: TableRule,
+    columns: Vec<String>,
+    key_type: String,
+    key_type_oid: u32,
+    /// Row key columns (account first for sharded tables).
+    order: Vec<String>,
+    route: Option<HashRoute>,
+    /// Positions in `ctx.shards` where the target exists.
+    shards: Vec<usize>,
+}
+
+async fn verify_table(
+    ctx: &mut Ctx<'_>,
+    rule: &TableRule,
+    first_lsn: &mut Option<Lsn>,
+) -> Result<Vec<TableShardResult>, VerifyError> {
+    let name = rule.source.as_str();
+    let Some(info) = describe_table(&ctx.src, name)
+        .await
+        .map_err(q("source", Some(name)))?
+    else {
+        return Err(VerifyError::Config(format!(
+            "table {name} does not exist on the source (run reshard check)"
+        )));
+    };
+    let mut results: Vec<TableShardResult> = Vec::new();
+    let mut targets: Vec<Option<TableInfo>> = Vec::new();
+    for s in &ctx.shards {
+        targets.push(
+            describe_table(&s.client, &rule.target)
+                .await
+                .map_err(q(&s.name, Some(&rule.target)))?,
+        );
+    }
+    // Compared columns: replicated on the source and present on every shard that has the table.
+    let mut columns = Vec::new();
+    for c in info.columns.iter().filter(|c| !c.generated) {
+        let everywhere = targets
+            .iter()
+            .flatten()
+            .all(|t| t.column(&c.name).is_some());
+        if everywhere {
+            columns.push(c.name.clone());
+        } else {
+            ctx.notes.push(format!(
+                "{name}.{} is missing on some shard and is left out of the comparison (run reshard check)",
+                c.name
+            ));
+        }
+    }
+    let sharded = rule.mode == TableMode::Sharded;
+    let (key_type, key_type_oid) = if sharded {
+        match info.column(&rule.key) {
+            Some(c) => (c.type_name.clone(), c.type_oid),
+            None => {
+                return Err(VerifyError::Config(format!(
+                    "table {name} has no shard key column {} (run reshard check)",
+                    rule.key
+                )))
+            }
+        }
+    } else {
+        (String::new(), 0)
+    };
+    let mut order = Vec::new();
+    if sharded {
+        order.push(rule.key.clone());
+    }
+    for k in info.row_key() {
+        if !order.contains(&k) && columns.contains(&k) {
+            order.push(k);
+        }
+    }
+    let mut plan_shards = Vec::new();
+    for (pos, t) in targets.iter().enumerate() {
+        let Some(s) = ctx.shards.get(pos) else {
+            continue;
+        };
+        let mut r = TableShardResult {
+            table: rule.source.clone(),
+            target: rule.target.clone(),
+            shard: s.name.clone(),
+            mode: rule.mode.to_string(),
+            key_columns: order.clone(),
+            columns: columns.clone(),
+            ..Default::default()
+        };
+        if t.is_none() {
+            r.error = Some(format!(
+                "table {} does not exist on shard {}",
+                rule.target, s.name
+            ));
+        } else {
+            plan_shards.push(pos);
+        }
+        results.push(r);
+    }
+    let route = if sharded && ctx.config.routing.hash == HashKind::Postgres {
+        let r = HashRoute {
+            helper: format!("reshard_verify_route_{key_type_oid}"),
+            shards: ctx.config.shards.len(),
+        };
+        ctx.src
+            .batch_execute(&r.create_sql(&key_type))
+            .await
+            .map_err(q("source", Some(name)))?;
+        Some(r)
+    } else {
+        None
+    };
+    let plan = Plan {
+        rule: rule.clone(),
+        columns,
+        key_type,
+        key_type_oid,
+        order,
+        route,
+        shards: plan_shards,
+    };
+    if sharded {
+        verify_sharded(ctx, &plan, &mut results, first_lsn).await?;
+    } else {
+        verify_broadcast(ctx, &plan, &mut results, first_lsn).await?;
+    }
+    for r in &mut results {
+        r.ok = r.error.is_none()
+            && r.accounts_mismatched == 0
+            && r.missing == 0
+            && r.extra == 0
+            && r.different == 0
+            && (sharded || r.rows_source == r.rows_shard);
+    }
+    Ok(results)
+}
+
+/// Begins the source snapshot and returns its LSN.
+async fn begin_source(ctx: &Ctx<'_>) -> Result<Lsn, VerifyError> {
+    ctx.src
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(q("source", None))?;
+    let row = ctx
+        .src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(q("source", None))?;
+    let s: String = row.try_get(0).map_err(q("source", None))?;
+    s.parse()
+        .map_err(|e: crate::lsn::ParseLsnError| VerifyError::Malformed {
+            table: "-".into(),
+            message: e.to_string(),
+        })
+}
+
+/// Waits until the shard has applied everything up to `lsn`, then begins its snapshot.
+async fn begin_shard(ctx: &Ctx<'_>, pos: usize, lsn: Lsn) -> Result<(), VerifyError> {
+    let Some(s) = ctx.shards.get(pos) else {
+        return Ok(());
+    };
+    if s.has_progress {
+        wait_for_progress(
+            &s.client,
+            &ctx.config.source.slot,
+            &s.name,
+            ctx.system_id.as_deref(),
+            lsn,
+            ctx.opts.timeout,
+        )
+        .await?;
+    }
+    s.client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(q(&s.name, None))
+}
+
+/// Polls the shard's progress row until `commit_lsn >= target` (or `timeout`).
+pub async fn wait_for_progress(
+    client: &Client,
+    slot: &str,
+    shard: &str,
+    system_id: Option<&str>,
+    target: Lsn,
+    timeout: Duration,
+) -> Result<Lsn, VerifyError> {
+    let started = Instant::now();
+    loop {
+        let reached = match read_progress(client, slot, shard, system_id).await {
+            Ok(p) => p.map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO),
+            Err(crate::progress::ProgressError::Query { error, .. }) => {
+                return Err(q(shard, None)(error))
+            }
+            Err(e) => {
+                return Err(VerifyError::Config(e.to_string()));
+            }
+        };
+        if reached >= target {
+            return Ok(reached);
+        }
+        if started.elapsed() >= timeout {
+            return Err(VerifyError::Timeout {
+                shard: shard.to_owned(),
+                target,
+                reached,
+                waited_secs: started.elapsed().as_secs_f64(),
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn commit_all(ctx: &Ctx<'_>, shard_positions: &[usize]) -> Result<(), VerifyError> {
+    ctx.src
+        .batch_execute("COMMIT")
+        .await
+        .map_err(q("source", None))?;
+    for &pos in shard_positions {
+        if let Some(s) = ctx.shards.get(pos) {
+            s.client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(q(&s.name, None))?;
+        }
+    }
+    Ok(())
+}
+
+fn merge_err(ctx: &Ctx<'_>, plan: &Plan, positions: &[usize], e: MergeError) -> VerifyError {
+    match e {
+        MergeError::Stream { shard_pos, source } => {
+            let endpoint = match shard_pos
+                .and_then(|p| positions.get(p))
+                .and_then(|&p| ctx.shards.get(p))
+            {
+                Some(s) => s.name.clone(),
+                None => "source".into(),
+            };
+            q(&endpoint, Some(&plan.rule.source))(source)
+        }
+        MergeError::Route { account, message } => VerifyError::Route {
+            table: plan.rule.source.clone(),
+            account,
+            message,
+        },
+        MergeError::Malformed(message) => VerifyError::Malformed {
+            table: plan.rule.source.clone(),
+            message,
+        },
+    }
+}
+
+/// One pass of the per-account merge over `positions` (indices into `ctx.shards`), restricted
+/// to `accounts` when given (source filter and shard filter may differ).
+async fn account_pass(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    positions: &[usize],
+    accounts: Option<&[String]>,
+    first_lsn: &mut Option<Lsn>,
+) -> Result<Vec<ShardTally>, VerifyError> {
+    let name = plan.rule.source.as_str();
+    let filter = accounts.map(|a| sql::key_in(&plan.rule.key, &plan.key_type, a));
+    let lsn = begin_source(ctx).await?;
+    first_lsn.get_or_insert(lsn);
+    let src_sql = sql::account_aggregates(
+        name,
+        &plan.rule.key,
+        &plan.columns,
+        filter.as_deref(),
+        plan.route.as_ref(),
+    );
+    let shard_sql = sql::account_aggregates(
+        &plan.rule.target,
+        &plan.rule.key,
+        &plan.columns,
+        filter.as_deref(),
+        None,
+    );
+    let mut tallies = vec![ShardTally::default(); positions.len()];
+    let mut began = Vec::with_capacity(positions.len());
+    let outcome = async {
+        for &pos in positions {
+            begin_shard(ctx, pos, lsn).await?;
+            began.push(pos);
+        }
+        let mut source = Peeked::new(
+            Cursor::open(&ctx.src, "reshard_verify_src", &src_sql)
+                .await
+                .map_err(q("source", Some(name)))?,
+        );
+        let mut streams = Vec::with_capacity(positions.len());
+        let mut ids = Vec::with_capacity(positions.len());
+        for &pos in positions {
+            let Some(s) = ctx.shards.get(pos) else {
+                continue;
+            };
+            streams.push(Peeked::new(
+                Cursor::open(&s.client, "reshard_verify_shard", &shard_sql)
+                    .await
+                    .map_err(q(&s.name, Some(&plan.rule.target)))?,
+            ));
+            ids.push(s.index);
+        }
+        let router = ctx.opts.router.clone();
+        let type_oid = plan.key_type_oid;
+        let route = move |account: &str, computed: Option<&str>| -> Result<usize, String> {
+            match (computed, &router) {
+                (Some(c), _) => c.parse().map_err(|_| format!("bad shard number {c:?}")),
+                (None, Some(r)) => r(type_oid, account),
+                (None, None) => Err("no router".into()),
+            }
+        };
+        merge_accounts(&mut source, &mut streams, &ids, route, &mut tallies)
+            .await
+            .map_err(|e| merge_err(ctx, plan, positions, e))?;
+        Ok::<(), VerifyError>(())
+    }
+    .await;
+    let closed = commit_all(ctx, &began).await;
+    outcome?;
+    closed?;
+    Ok(tallies)
+}
+
+async fn verify_sharded(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    results: &mut [TableShardResult],
+    first_lsn: &mut Option<Lsn>,
+) -> Result<(), VerifyError> {
+    let accounts = (!ctx.opts.accounts.is_empty()).then_some(ctx.opts.accounts.as_slice());
+    let tallies = account_pass(ctx, plan, &plan.shards, accounts, first_lsn).await?;
+    // Suspects per shard position.
+    let mut suspects: HashMap<usize, Vec<Suspect>> = HashMap::new();
+    let mut overflow: HashMap<usize, u64> = HashMap::new();
+    for (t, &pos) in tallies.iter().zip(&plan.shards) {
+        if let Some(r) = results.get_mut(pos) {
+            r.rows_source = t.rows_source;
+            r.rows_shard = t.rows_shard;
+            r.accounts_checked = t.accounts_checked;
+        }
+        if !t.suspects.is_empty() {
+            suspects.insert(pos, t.suspects.clone());
+        }
+        overflow.insert(pos, t.suspects_total - t.suspects.len() as u64);
+    }
+    // Re-check while replication may still be catching up.
+    if ctx.live {
+        for _ in 0..RECHECK_ROUNDS {
+            if suspects.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut next = HashMap::new();
+            for (pos, list) in &suspects {
+                let mut still = Vec::new();
+                for chunk in list.chunks(DRILL_BATCH) {
+                    let accts: Vec<String> = chunk.iter().map(|s| s.account.clone()).collect();
+                    let t = account_pass(ctx, plan, &[*pos], Some(&accts), first_lsn).await?;
+                    if let Some(t) = t.first() {
+                        still.extend(t.suspects.iter().cloned());
+                    }
+                }
+                if !still.is_empty() {
+                    next.insert(*pos, still);
+                }
+            }
+            suspects = next;
+        }
+    }
+    // Random sample, compared row by row on the shard it routes to.
+    let mut sampled: HashMap<usize, BTreeSet<String>> = HashMap::new();
+    if let Some(n) = ctx.opts.sample.filter(|n| *n > 0) {
+        let sql = sql::sample_accounts(&plan.rule.source, &plan.rule.key, n, plan.route.as_ref());
+        let rows = ctx
+            .src
+            .simple_query(&sql)
+            .await
+            .map_err(q("source", Some(&plan.rule.source)))?;
+        for m in rows {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                let Some(account) = r.get(0) else { continue };
+                let shard = match (r.get(1), &ctx.opts.router) {
+                    (Some(s), _) => s.parse::<usize>().ok(),
+                    (None, Some(router)) => router(plan.key_type_oid, account).ok(),
+                    (None, None) => None,
+                };
+                let Some(shard) = shard else { continue };
+                if let Some(pos) = plan
+                    .shards
+                    .iter()
+                    .copied()
+                    .find(|&p| ctx.shards.get(p).is_some_and(|s| s.index == shard))
+                {
+                    sampled.entry(pos).or_default().insert(account.to_owned());
+                }
+            }
+        }
+    }
+    for &pos in &plan.shards {
+        let list = suspects.remove(&pos).unwrap_or_default();
+        let sample = sampled.remove(&pos).unwrap_or_default();
+        if let Some(r) = results.get_mut(pos) {
+            r.accounts_sampled = sample.len() as u64;
+            // Suspects beyond SUSPECT_CAP were neither re-checked nor drilled: they count.
+            r.accounts_mismatched += overflow.get(&pos).copied().unwrap_or(0);
+        }
+        if list.is_empty() && sample.is_empty() {
+            continue;
+        }
+        let mut drill: Vec<Suspect> = list;
+        for a in sample {
+            if !drill.iter().any(|s| s.account == a) {
+                let index = ctx.shards.get(pos).map(|s| s.index);
+                drill.push(Suspect {
+                    account: a,
+                    expected: index,
+                });
+            }
+        }
+        let Some(r) = results.get_mut(pos) else {
+            continue;
+        };
+        drill_accounts(ctx, plan, pos, &drill, r, first_lsn).await?;
+    }
+    Ok(())
+}
+
+/// A row source that is either a cursor or nothing.
+enum MaybeCursor<'a> {
+    Open(Cursor<'a>),
+    Empty,
+}
+
+impl RowSource for MaybeCursor<'_> {
+    async fn next_row(&mut self) -> Result<Option<TextRow>, tokio_postgres::Error> {
+        match self {
+            MaybeCursor::Open(c) => c.next_row().await,
+            MaybeCursor::Empty => Ok(None),
+        }
+    }
+}
+
+fn record(r: &mut TableShardResult, d: Difference) {
+    match d.kind {
+        DiffKind::Missing => r.missing += 1,
+        DiffKind::Extra => r.extra += 1,
+        DiffKind::Different => r.different += 1,
+    }
+    if r.differences.len() < MAX_DIFFS {
+        r.differences.push(d);
+    } else {
+        r.differences_omitted += 1;
+    }
+}
+
+/// Row-by-row comparison of `accounts` on shard position `pos`.
+async fn drill_accounts(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    pos: usize,
+    accounts: &[Suspect],
+    r: &mut TableShardResult,
+    first_lsn: &mut Option<Lsn>,
+) -> Result<(), VerifyError> {
+    let Some(shard) = ctx.shards.get(pos) else {
+        return Ok(());
+    };
+    let names = ctx.config.shard_names();
+    let mut bad_accounts: BTreeSet<String> = BTreeSet::new();
+    for chunk in accounts.chunks(DRILL_BATCH) {
+        let routed_here: Vec<String> = chunk
+            .iter()
+            .filter(|s| s.expected == Some(shard.index))
+            .map(|s| s.account.clone())
+            .collect();
+        let all: Vec<String> = chunk.iter().map(|s| s.account.clone()).collect();
+        let belongs: HashMap<&str, Option<usize>> = chunk
+            .iter()
+            .map(|s| (s.account.as_str(), s.expected))
+            .collect();
+        let lsn = begin_source(ctx).await?;
+        first_lsn.get_or_insert(lsn);
+        let mut diffs: Vec<Difference> = Vec::new();
+        let mut began = Vec::with_capacity(1);
+        let outcome = async {
+            begin_shard(ctx, pos, lsn).await?;
+            began.push(pos);
+            let src = if routed_here.is_empty() {
+                MaybeCursor::Empty
+            } else {
+                let f = sql::key_in(&plan.rule.key, &plan.key_type, &routed_here);
+                MaybeCursor::Open(
+                    Cursor::open(
+                        &ctx.src,
+                        "reshard_verify_src",
+                        &sql::row_hashes(&plan.rule.source, &plan.order, &plan.columns, Some(&f)),
+                    )
+                    .await
+                    .map_err(q("source", Some(&plan.rule.source)))?,
+                )
+            };
+            let f = sql::key_in(&plan.rule.key, &plan.key_type, &all);
+            let sh = Cursor::open(
+                &shard.client,
+                "reshard_verify_shard",
+                &sql::row_hashes(&plan.rule.target, &plan.order, &plan.columns, Some(&f)),
+            )
+            .await
+            .map_err(q(&shard.name, Some(&plan.rule.target)))?;
+            let mut src = Peeked::new(src);
+            let mut sh = Peeked::new(sh);
+            merge_rows(&mut src, &mut sh, plan.order.len(), |kind, key| {
+                let account = key.first().cloned().flatten();
+                let belongs_to = match (kind, account.as_deref().and_then(|a| belongs.get(a))) {
+                    (DiffKind::Extra, Some(Some(e))) if *e != shard.index => names.get(*e).cloned(),
+                    _ => None,
+                };
+                diffs.push(Difference {
+                    kind,
+                    account,
+                    key: key.to_vec(),
+                    belongs_to,
+                });
+            })
+            .await
+            .map_err(|e| merge_err(ctx, plan, &[pos], e))?;
+            Ok::<(), VerifyError>(())
+        }
+        .await;
+        let closed = commit_all(ctx, &began).await;
+        outcome?;
+        closed?;
+        for d in diffs {
+            if let Some(a) = &d.account {
+                bad_accounts.insert(a.clone());
+            }
+            record(r, d);
+        }
+    }
+    r.accounts_mismatched += bad_accounts.len() as u64;
+    Ok(())
+}
+
+async fn verify_broadcast(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    results: &mut [TableShardResult],
+    first_lsn: &mut Option<Lsn>,
+) -> Result<(), VerifyError> {
+    let agg = sql::table_aggregate(&plan.rule.source, &plan.columns);
+    let agg_target = sql::table_aggregate(&plan.rule.target, &plan.columns);
+    let mut pending: Vec<usize> = plan.shards.clone();
+    let rounds = if ctx.live { RECHECK_ROUNDS + 1 } else { 1 };
+    for round in 0..rounds {
+        if pending.is_empty() {
+            break;
+        }
+        if round > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let mut still = Vec::new();
+        for &pos in &pending {
+            let lsn = begin_source(ctx).await?;
+            first_lsn.get_or_insert(lsn);
+            let mut began = Vec::with_capacity(1);
+            let outcome = async {
+                let s = one_row(&ctx.src, &agg, "source", &plan.rule.source).await?;
+                begin_shard(ctx, pos, lsn).await?;
+                began.push(pos);
+                let Some(shard) = ctx.shards.get(pos) else {
+                    return Ok((s.clone(), s));
+                };
+                let t = one_row(&shard.client, &agg_target, &shard.name, &plan.rule.target).await?;
+                Ok::<_, VerifyError>((s, t))
+            }
+            .await;
+            let closed = commit_all(ctx, &began).await;
+            let (s, t) = outcome?;
+            closed?;
+            if let Some(r) = results.get_mut(pos) {
+                r.rows_source = s.0;
+                r.rows_shard = t.0;
+            }
+            if s != t {
+                still.push(pos);
+            }
+        }
+        pending = still;
+    }
+    for pos in pending {
+        let Some(shard) = ctx.shards.get(pos) else {
+            continue;
+        };
+        let Some(r) = results.get_mut(pos) else {
+            continue;
+        };
+        let lsn = begin_source(ctx).await?;
+        let mut diffs = Vec::new();
+        let mut began = Vec::with_capacity(1);
+        let outcome = async {
+            begin_shard(ctx, pos, lsn).await?;
+            began.push(pos);
+            let mut src = Peeked::new(
+                Cursor::open(
+                    &ctx.src,
+                    "reshard_verify_src",
+                    &sql::row_hashes(&plan.rule.source, &plan.order, &plan.columns, None),
+                )
+                .await
+                .map_err(q("source", Some(&plan.rule.source)))?,
+            );
+            let mut sh = Peeked::new(
+                Cursor::open(
+                    &shard.client,
+                    "reshard_verify_shard",
+                    &sql::row_hashes(&plan.rule.target, &plan.order, &plan.columns, None),
+                )
+                .await
+                .map_err(q(&shard.name, Some(&plan.rule.target)))?,
+            );
+            merge_rows(&mut src, &mut sh, plan.order.len(), |kind, key| {
+                diffs.push(Difference {
+                    kind,
+                    account: None,
+                    key: key.to_vec(),
+                    belongs_to: None,
+                })
+            })
+            .await
+            .map_err(|e| merge_err(ctx, plan, &[pos], e))?;
+            Ok::<(), VerifyError>(())
+        }
+        .await;
+        let closed = commit_all(ctx, &began).await;
+        outcome?;
+        closed?;
+        for d in diffs {
+            record(r, d);
+        }
+        if r.missing + r.extra + r.different == 0 && r.rows_source != r.rows_shard {
+            // Only possible if the row key is not unique on one side.
+            r.error = Some("row counts differ although every key matches (duplicate keys?)".into());
+        }
+    }
+    Ok(())
+}
+
+/// `(count, sum)` of a whole-table aggregate.
+async fn one_row(
+    client: &Client,
+    sql: &str,
+    endpoint: &str,
+    table: &str,
+) -> Result<(u64, String), VerifyError> {
+    let msgs = client
+        .simple_query(sql)
+        .await
+        .map_err(q(endpoint, Some(table)))?;
+    for m in msgs {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            let n = r.get(0).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let s = r.get(1).unwrap_or("0").to_owned();
+            return Ok((n, s));
+        }
+    }
+    Err(VerifyError::Malformed {
+        table: table.to_owned(),
+        message: "aggregate returned no row".into(),
+    })
+}

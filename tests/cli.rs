@@ -1,0 +1,171 @@
+//! The `reshard` command line itself: `slot`, `peek`, config errors and exit codes.
+
+use std::time::Duration;
+
+use crate::common::Topology;
+
+fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+/// `peek --no-ack` consumes nothing; `peek` without it confirms what it printed.
+#[test]
+fn peek_prints_changes_as_json_lines_and_no_ack_consumes_nothing() {
+    let t = Topology::start(1);
+    t.source_sql("CREATE TABLE t (account_id bigint, id int PRIMARY KEY, note text)");
+    let url = t.source.url("app");
+    let base = [
+        "peek",
+        "--source",
+        url.as_str(),
+        "--slot",
+        "peekslot",
+        "--publication",
+        "peekpub",
+    ];
+    // Create slot and publication, nothing to print yet.
+    let (code, _, err) = t.reshard(&[&base[..], &["--create", "--idle-timeout", "2"]].concat());
+    assert_eq!(code, 0, "{err}");
+    t.source_sql("INSERT INTO t VALUES (1, 1, 'tab\there'), (2, 2, NULL); UPDATE t SET note = 'x' WHERE id = 2; DELETE FROM t WHERE id = 1");
+    let args = [&base[..], &["--no-ack", "--idle-timeout", "3"]].concat();
+    let (code, out, err) = t.reshard(&args);
+    assert_eq!(code, 0, "{err}");
+    let lines = json_lines(&out);
+    let kinds: Vec<&str> = lines
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        kinds,
+        ["begin", "insert", "insert", "update", "delete", "commit"],
+        "{out}"
+    );
+    assert_eq!(lines[1]["table"], "public.t");
+    assert_eq!(lines[1]["new"]["note"], "tab\there");
+    assert!(lines[2]["new"]["note"].is_null());
+    assert!(lines[1]["commit_lsn"].as_str().unwrap().contains('/'));
+    // Nothing was consumed: the same changes again.
+    let (_, again, _) = t.reshard(&args);
+    assert_eq!(
+        json_lines(&again).len(),
+        lines.len(),
+        "--no-ack must not consume:\n{again}"
+    );
+    // --limit stops after N changes.
+    let (_, limited, _) = t.reshard(
+        &[
+            &base[..],
+            &["--no-ack", "--limit", "2", "--idle-timeout", "3"],
+        ]
+        .concat(),
+    );
+    let n = json_lines(&limited)
+        .iter()
+        .filter(|l| !matches!(l["kind"].as_str(), Some("begin" | "commit")))
+        .count();
+    assert_eq!(n, 2, "{limited}");
+    // Without --no-ack the transaction is confirmed and not shown again.
+    let (code, _, err) = t.reshard(&[&base[..], &["--idle-timeout", "3"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let (_, after, _) = t.reshard(&args);
+    assert!(
+        json_lines(&after).is_empty(),
+        "acknowledged changes came back:\n{after}"
+    );
+    // slot list shows it; slot drop removes it.
+    let (code, out, err) = t.reshard(&["slot", "list", "--source", url.as_str(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let slots: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        slots
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["slot_name"] == "peekslot"),
+        "{out}"
+    );
+    let (code, out, err) = t.reshard(&[
+        "slot",
+        "drop",
+        "--source",
+        url.as_str(),
+        "--slot",
+        "peekslot",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("dropped"), "{out}");
+    assert_eq!(
+        t.source_sql("SELECT count(*) FROM pg_replication_slots"),
+        "0"
+    );
+}
+
+/// `slot create` makes the slot and the publication; `slot drop --purge` leaves nothing behind.
+#[test]
+fn slot_create_and_drop_purge_leave_nothing_behind() {
+    let t = Topology::start(2);
+    t.ddl_everywhere("CREATE TABLE t (account_id bigint, id int, PRIMARY KEY (account_id, id))");
+    let cfg = t.write_config("");
+    let cfg = cfg.to_str().unwrap();
+    let (code, out, err) = t.reshard(&["slot", "create", "-c", cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("created slot reshard"), "{out}");
+    assert_eq!(
+        t.source_sql("SELECT count(*) FROM pg_publication_tables WHERE pubname = 'reshard'"),
+        "1"
+    );
+    t.shards_sql("CREATE SCHEMA reshard");
+    let (code, out, err) = t.reshard(&["slot", "drop", "-c", cfg, "--purge"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        t.source_sql("SELECT count(*) FROM pg_replication_slots"),
+        "0"
+    );
+    assert_eq!(t.source_sql("SELECT count(*) FROM pg_publication"), "0");
+    for s in &t.shards {
+        assert_eq!(
+            s.psql(
+                "app",
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'reshard'"
+            )
+            .unwrap(),
+            "0"
+        );
+    }
+}
+
+/// Config mistakes are exit code 2 with the key and the line named.
+#[test]
+fn config_errors_name_the_key_and_line_and_exit_2() {
+    let t = Topology::start(1);
+    let cfg = t.write_config("[[tables]]\nname = \"t\"\nmod = \"sharded\"\n");
+    let (code, _, err) = t.reshard(&["run", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown field `mod`"), "{err}");
+    assert!(err.contains("line"), "{err}");
+    let (code, _, err) = t.reshard(&["check", "-c", "/nonexistent/reshard.toml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent/reshard.toml"), "{err}");
+}
+
+/// A source that cannot be reached is exit code 3 with the host and port named, quickly.
+#[test]
+fn unreachable_source_is_exit_3_naming_it() {
+    let t = Topology::start(1);
+    let port = crate::common::free_port();
+    let text = std::fs::read_to_string(t.write_config("")).unwrap();
+    let text = text.replace(
+        &t.source.url("app"),
+        &format!("postgres://postgres@127.0.0.1:{port}/app?connect_timeout=3"),
+    );
+    std::fs::write(t.config_path(), text).unwrap();
+    let started = std::time::Instant::now();
+    let (code, _, err) = t.reshard(&["run", "-c", t.config_path().to_str().unwrap()]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains(&port.to_string()), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+}

@@ -1,0 +1,250 @@
+//! `reshard cutover` returns only once the shard holds the source's latest write, then moves
+//! its sequences past the source's (never backwards) and verifies it.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use reshard_engine::progress::PROGRESS_DDL;
+use reshard_engine::Lsn;
+use reshard_harness::workload::FillSpec;
+
+use super::common::{reshard_bin, Topology};
+use super::{json, load_shards, shard_of, topology_with_data};
+
+const SPEC: FillSpec = FillSpec {
+    accounts: 30,
+    customers: 10,
+    events: 20,
+    body_bytes: 16,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_waits_for_the_latest_write_then_sets_sequences() {
+    let t = topology_with_data(3, SPEC).await;
+    load_shards(&t);
+    t.write_config("");
+    let cfg = t.config_path();
+    let shard = 1usize;
+    let sysid = t.source_sql("SELECT system_identifier FROM pg_control_system()");
+    // The shard is fed by "reshard" (the test plays the apply stage): progress is old.
+    t.shards[shard].psql("app", PROGRESS_DDL).unwrap();
+    t.shards[shard]
+        .psql(
+            "app",
+            &format!(
+                "INSERT INTO reshard.progress (source_system_id, slot, shard, commit_lsn, end_lsn, commit_time) \
+                 VALUES ('{sysid}', 'reshard', 'shard{shard}', '0/1', '0/1', now())"
+            ),
+        )
+        .unwrap();
+    // Standalone sequence: the source is at 5000; the shard is already far ahead (must stay).
+    t.source_sql("SELECT setval('invoice_number_seq', 5000)");
+    t.shards[shard]
+        .psql("app", "SELECT setval('invoice_number_seq', 1000000)")
+        .unwrap();
+    // Owned sequence of events.id: the shard has never used it.
+    let src_events_seq: i64 = t
+        .source_sql("SELECT last_value FROM events_id_seq")
+        .parse()
+        .unwrap();
+
+    // The source's latest write, for an account of this shard.
+    let acct = (1..=30).find(|a| shard_of(&t, *a) == shard).unwrap();
+    t.source_sql(&format!(
+        "INSERT INTO events (account_id, id, kind, occurred_at) VALUES ({acct}, 777777, 'latest', '2024-01-01 00:00:00+00')"
+    ));
+
+    let started = Instant::now();
+    let mut child = Command::new(reshard_bin())
+        .args([
+            "cutover",
+            "-c",
+            cfg.to_str().unwrap(),
+            "--shard",
+            "shard1",
+            "--json",
+            "--timeout",
+            "60s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "cutover returned before the shard applied the latest write"
+    );
+    // Apply: the row and the progress row in one transaction, at the source's current LSN;
+    // then keep the progress row moving like the apply stage's heartbeats of an idle shard
+    // (the verify inside cutover waits for the source's LSN at its own snapshot).
+    let lsn = t.source_sql("SELECT pg_current_wal_lsn()");
+    t.shards[shard]
+        .psql(
+            "app",
+            &format!(
+                "BEGIN; INSERT INTO events (account_id, id, kind, occurred_at) VALUES ({acct}, 777777, 'latest', '2024-01-01 00:00:00+00'); \
+                 UPDATE reshard.progress SET commit_lsn = '{lsn}', end_lsn = '{lsn}', commit_time = now(); COMMIT"
+            ),
+        )
+        .unwrap();
+    let stop = AtomicBool::new(false);
+    let out = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let now = t.source_sql("SELECT pg_current_wal_lsn()");
+                t.shards[shard]
+                    .psql(
+                        "app",
+                        &format!(
+                            "UPDATE reshard.progress SET commit_lsn = '{now}', end_lsn = '{now}'"
+                        ),
+                    )
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let out = child.wait_with_output().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        out
+    });
+    let waited = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(waited >= Duration::from_secs(2));
+    let r = json(&stdout, &stderr);
+    assert_eq!(r["ok"], true);
+    assert_eq!(r["marker"], "logical_message");
+    assert!(r["waited_secs"].as_f64().unwrap() >= 1.5, "{r:#}");
+    let lsn_of = |v: &serde_json::Value| -> Lsn { v.as_str().unwrap().parse().unwrap() };
+    assert!(
+        lsn_of(&r["reached_lsn"]) >= lsn_of(&r["target_lsn"]),
+        "{r:#}"
+    );
+    assert!(
+        lsn_of(&r["target_lsn"]) <= lsn.parse::<Lsn>().unwrap(),
+        "{r:#}"
+    );
+    assert_eq!(r["verify"]["ok"], true, "{r:#}");
+
+    let seq = |name: &str| -> serde_json::Value {
+        r["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no sequence {name} in {r:#}"))
+    };
+    let inv = seq("public.invoice_number_seq");
+    assert_eq!(inv["source_value"], 5000);
+    assert_eq!(inv["action"], "unchanged");
+    assert_eq!(inv["shard_after"], 1000000);
+    let ev = seq("public.events_id_seq");
+    assert_eq!(ev["action"], "set");
+    assert_eq!(ev["shard_after"], src_events_seq + 1000);
+    // What the shard really holds.
+    assert_eq!(
+        t.shards[shard]
+            .psql("app", "SELECT last_value FROM invoice_number_seq")
+            .unwrap(),
+        "1000000"
+    );
+    assert_eq!(
+        t.shards[shard]
+            .psql("app", "SELECT nextval('events_id_seq')")
+            .unwrap(),
+        (src_events_seq + 1001).to_string()
+    );
+    // Another shard's sequences were not touched.
+    assert_eq!(
+        t.shards[0]
+            .psql("app", "SELECT is_called FROM events_id_seq")
+            .unwrap(),
+        "f"
+    );
+    let events_rows = r["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["table"] == "public.events")
+        .unwrap()["rows"]
+        .as_u64()
+        .unwrap();
+    let expected: u64 = t.shards[shard]
+        .psql("app", "SELECT count(*) FROM events")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(events_rows, expected);
+
+    // Running it again never moves a sequence backwards.
+    let (code, out, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--shard",
+        "shard1",
+        "--json",
+        "--no-verify",
+        "--timeout",
+        "5",
+    ]);
+    assert_eq!(
+        code, 1,
+        "the second cutover has a new marker the shard has not reached: {out}{err}"
+    );
+    assert!(err.contains("behind"), "{err}");
+    assert_eq!(
+        t.shards[shard]
+            .psql("app", "SELECT last_value FROM events_id_seq")
+            .unwrap(),
+        (src_events_seq + 1001).to_string()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_refuses_a_shard_reshard_never_fed_and_times_out_when_behind() {
+    let t = Topology::start(2);
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    t.write_config("");
+    let cfg = t.config_path();
+    // No progress table at all: exit 3 at once.
+    let (code, _, err) = t.reshard(&["cutover", "-c", cfg.to_str().unwrap(), "--shard", "shard0"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no reshard.progress"), "{err}");
+    // Unknown shard: exit 2.
+    let (code, _, err) = t.reshard(&["cutover", "-c", cfg.to_str().unwrap(), "--shard", "nope"]);
+    assert_eq!(code, 2, "{err}");
+    // Behind: exit 1 after the timeout, saying how far behind.
+    let sysid = t.source_sql("SELECT system_identifier FROM pg_control_system()");
+    t.shards[0].psql("app", PROGRESS_DDL).unwrap();
+    t.shards[0]
+        .psql(
+            "app",
+            &format!("INSERT INTO reshard.progress VALUES ('{sysid}', 'reshard', 'shard0', '0/10', '0/10', now())"),
+        )
+        .unwrap();
+    let started = Instant::now();
+    let (code, out, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--shard",
+        "shard0",
+        "--timeout",
+        "1s",
+        "--json",
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(
+        err.contains("bytes behind") && err.contains("0/10"),
+        "{err}"
+    );
+    let r = json(&out, &err);
+    assert_eq!(r["ok"], false);
+}
