@@ -15,6 +15,11 @@ use tokio_postgres::Client;
 /// The schema, as SQL.
 pub const SCHEMA_SQL: &str = include_str!("../../fixtures/schema/multitenant.sql");
 
+/// Benchmark additions (`fixtures/schema/bench.sql`), applied after [`SCHEMA_SQL`]: the
+/// `bench_latency` probe table, the `bench.route` hash helper and the server-side write mix
+/// `bench.write_mix` (see [`write_mix`]).
+pub const BENCH_SQL: &str = include_str!("../../fixtures/schema/bench.sql");
+
 /// Tables of the schema keyed by `account_id` (sharded).
 pub const SHARDED_TABLES: &[&str] = &[
     "accounts",
@@ -267,6 +272,35 @@ pub async fn live(client: &mut Client, spec: LiveSpec) -> Result<LiveStats, toki
     Ok(stats)
 }
 
+/// The server-side write mix of `bench.write_mix` (needs [`BENCH_SQL`]): at least `changes`
+/// row changes, each statement its own transaction, `large_percent` % of them large (100-299
+/// rows), the rest single-row inserts, updates (TOAST unchanged, numeric, key moves) and
+/// deletes, skewed over accounts `1..=accounts`. Deterministic for a `seed` in `[-1, 1]`.
+/// Returns the number of rows changed (= row messages a publication of every table decodes).
+///
+/// Use it when a backlog of a million changes must be written in seconds; [`live`] is the
+/// client-driven mix for tests.
+pub async fn write_mix(
+    client: &Client,
+    changes: u64,
+    accounts: u32,
+    large_percent: u32,
+    seed: f64,
+) -> Result<u64, tokio_postgres::Error> {
+    // Simple protocol: a procedure that COMMITs must not run inside an implicit transaction.
+    let sql = format!(
+        "CALL bench.write_mix({changes}, {accounts}, {large_percent}, {})",
+        seed.clamp(-1.0, 1.0)
+    );
+    let mut written = 0u64;
+    for m in client.simple_query(&sql).await? {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            written = r.get(0).and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    Ok(written)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,5 +338,63 @@ mod tests {
         let stats = live(&mut client, live_spec).await.unwrap();
         assert_eq!(stats.txns, 200);
         assert!(stats.rows > 0);
+    }
+
+    #[tokio::test]
+    async fn write_mix_writes_at_least_the_asked_changes_in_many_transactions() {
+        let c = PgCluster::start().unwrap();
+        c.create_database("app").unwrap();
+        let (client, conn) = tokio_postgres::connect(&c.url("app"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        create_schema(&client).await.unwrap();
+        client.batch_execute(BENCH_SQL).await.unwrap();
+        fill(
+            &client,
+            FillSpec {
+                accounts: 20,
+                customers: 10,
+                events: 50,
+                body_bytes: 64,
+            },
+        )
+        .await
+        .unwrap();
+        let before: i64 = client
+            .query_one(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = 'app'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let written = write_mix(&client, 5_000, 20, 5, 0.25).await.unwrap();
+        assert!((5_000..5_300).contains(&written), "{written}");
+        client
+            .execute("SELECT pg_stat_force_next_flush()", &[])
+            .await
+            .unwrap();
+        let after: i64 = client
+            .query_one(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = 'app'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        // 95 % of the transactions are single-row, 5 % carry 100-299 rows: about 460 commits
+        // (far more than the 17-50 of only large ones, far fewer than 5000 single-row ones).
+        let commits = after - before;
+        assert!((200..2_000).contains(&commits), "{commits} commits");
+        let moved: i64 = client
+            .query_one(
+                "SELECT count(*) FROM events WHERE kind IN ('bulk', 'seen', 'live')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(moved > 0);
     }
 }
