@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::common::{dir_bytes, wait_for, Topology};
+use crate::common::{dir_bytes, Topology};
 
 /// `items` has a primary key and no TOASTed column (key moves are allowed); `audit` has no
 /// primary key and REPLICA IDENTITY FULL, and every row carries a unique `n`, so a
@@ -284,7 +284,7 @@ fn a_stopped_shard_keeps_the_slot_advancing_and_drains_from_the_spill_log() {
         t.source_sql(&format!("UPDATE items SET n = n + 1 WHERE id % 10 = {k}"));
     }
     let written = t.source_sql("SELECT pg_current_wal_lsn()");
-    wait_for(
+    t.wait(
         &format!("confirmed_flush_lsn to pass {written} while shard1 is down"),
         Duration::from_secs(60),
         || lsn_at_least(&t, &written).then_some(()),
@@ -295,7 +295,7 @@ fn a_stopped_shard_keeps_the_slot_advancing_and_drains_from_the_spill_log() {
         "the spill directory should grow while shard1 is down: {before} -> {after} bytes"
     );
     // The live shard keeps up.
-    wait_for(
+    t.wait(
         "shard0 to apply while shard1 is down",
         Duration::from_secs(60),
         || {
@@ -376,17 +376,32 @@ fn the_spill_cap_pauses_reading_and_resumes_after_the_shard_returns() {
     for k in 0..20 {
         t.source_sql(&format!(
             "INSERT INTO audit SELECT g % 101 + 1, \
-             (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 30)), g \
+             (SELECT string_agg(md5(random()::text || x || g), '') FROM generate_series(1, 30) x), g \
              FROM generate_series({0} * 1000, {0} * 1000 + 999) g",
             k
         ));
     }
-    let status = wait_for(
+    let status = t.wait(
         "status to report backpressure",
         Duration::from_secs(60),
         || {
-            t.status_json()
-                .filter(|s| s["source"]["backpressure"] == serde_json::Value::Bool(true))
+            let s = t.status_json();
+            let hit = s
+                .as_ref()
+                .is_some_and(|s| s["source"]["backpressure"] == serde_json::Value::Bool(true));
+            if !hit {
+                println!(
+                    "status source {} spill {}",
+                    s.as_ref()
+                        .map(|s| s["source"].to_string())
+                        .unwrap_or_default(),
+                    s.as_ref()
+                        .map(|s| s["spill"].to_string())
+                        .unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(900));
+            }
+            s.filter(|_| hit)
         },
     );
     println!(
@@ -428,7 +443,7 @@ fn the_spill_cap_pauses_reading_and_resumes_after_the_shard_returns() {
 
     t.shards[1].restart().unwrap();
     t.wait_converged(TABLES, Duration::from_secs(120));
-    let status = wait_for(
+    let status = t.wait(
         "status to clear backpressure",
         Duration::from_secs(30),
         || {
@@ -495,7 +510,7 @@ fn full_load_under_writes_survives_kill9_mid_copy_without_recopying_finished_tab
     let d = t.spawn_run(&[]);
 
     let started = Instant::now();
-    let finished_before = wait_for(
+    let finished_before = t.wait(
         "a table to finish loading while another copies",
         Duration::from_secs(60),
         || {
@@ -515,7 +530,7 @@ fn full_load_under_writes_survives_kill9_mid_copy_without_recopying_finished_tab
     println!("kill -9 mid-copy; finished tables {finished_before:?}, chunks recorded on shard0: {chunks_before}");
     t.kill9(d);
     let d = t.spawn_run(&[]);
-    wait_for(
+    t.wait(
         "the resumed full load to finish",
         Duration::from_secs(90),
         || t.last_log().contains("full load done").then_some(()),
@@ -589,20 +604,25 @@ fn one_gigabyte_transaction_replicates_under_256_mb_rss() {
     );
     let helper = t.create_route_helper("bigint");
     let n = t.shards.len();
-    wait_for(
+    let want: Vec<String> = (0..n)
+        .map(|s| {
+            t.source_sql(&format!(
+                "SELECT count(*) FROM big WHERE satisfies_hash_partition('{helper}'::regclass, {n}, {s}, account_id)"
+            ))
+        })
+        .collect();
+    t.wait(
         "every shard to hold its share of the big transaction",
         Duration::from_secs(3600),
         || {
-            assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
             (0..n)
-            .all(|s| {
-                let want = t.source_sql(&format!(
-                    "SELECT count(*) FROM big WHERE satisfies_hash_partition('{helper}'::regclass, {n}, {s}, account_id)"
-                ));
-                let got = t.shards[s].psql("app", "SELECT count(*) FROM big").unwrap_or_default();
-                want == got
-            })
-            .then_some(())
+                .all(|s| {
+                    t.shards[s]
+                        .psql("app", "SELECT count(*) FROM big")
+                        .unwrap_or_default()
+                        == want[s]
+                })
+                .then_some(())
         },
     );
     let peak = vm_hwm_kib(t.pid(d)).expect("VmHWM");
