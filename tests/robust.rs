@@ -436,8 +436,8 @@ fn the_spill_cap_pauses_reading_and_resumes_after_the_shard_returns() {
         .filter(|l| l.contains("max_bytes") && l.contains("paus"))
         .count();
     assert!(
-        paused_lines >= 1,
-        "no log line says reading paused:\n{}",
+        paused_lines == 1,
+        "exactly one log line must say reading paused ({paused_lines} do):\n{}",
         t.all_logs()
     );
 

@@ -258,7 +258,6 @@ impl Ingest {
         })?;
         let mut tick = tokio::time::interval(self.opts.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut logged_cap = false;
         let mut last_flush = Instant::now();
         loop {
             let over_cap = self.spill.over_cap();
@@ -267,14 +266,8 @@ impl Ingest {
                 .backpressure
                 .store(over_cap, Ordering::Relaxed);
             self.counters.paused.store(paused, Ordering::Relaxed);
-            if over_cap != logged_cap {
-                if over_cap {
-                    tracing::warn!(slot = %self.opts.slot, "spill log reached [spill] max_bytes: reading from the source is paused until shards drain");
-                } else {
-                    tracing::info!(slot = %self.opts.slot, "spill log below its cap again: reading from the source resumes");
-                }
-                logged_cap = over_cap;
-            }
+            // `over_cap` itself logs the start and end of backpressure, once each, with the
+            // spill log's size and cap.
             let reading = !over_cap && !paused;
             tokio::select! {
                 biased;
