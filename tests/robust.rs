@@ -435,9 +435,14 @@ fn the_spill_cap_pauses_reading_and_resumes_after_the_shard_returns() {
         .lines()
         .filter(|l| l.contains("max_bytes") && l.contains("paus"))
         .count();
+    // Once per pause: the live shard may free its segments, ending a pause before the next.
+    let resumed_lines = log
+        .lines()
+        .filter(|l| l.contains("max_bytes") && l.contains("resum"))
+        .count();
     assert!(
-        paused_lines == 1,
-        "exactly one log line must say reading paused ({paused_lines} do):\n{}",
+        paused_lines >= 1 && paused_lines == resumed_lines + 1,
+        "one log line per pause ({paused_lines} say paused, {resumed_lines} resumed):\n{}",
         t.all_logs()
     );
 
