@@ -658,3 +658,62 @@ fn one_gigabyte_transaction_replicates_under_256_mb_rss() {
         t.all_logs()
     );
 }
+
+/// A shard's applied position (`end_lsn` of `reshard.progress`) is at least `lsn`.
+fn shard_progress_at_least(t: &Topology, shard: usize, lsn: &str) -> bool {
+    t.shards[shard]
+        .psql(
+            "app",
+            &format!("SELECT coalesce(bool_and(end_lsn >= '{lsn}'::pg_lsn), false) FROM reshard.progress"),
+        )
+        .map(|v| v == "t")
+        .unwrap_or(false)
+}
+
+// See: heartbeats must reach shards that get no data (lag and cutover read their position).
+/// A shard that receives none of the source's recent transactions still records progress past
+/// them: its position (and so its lag and `cutover`) does not freeze while the source writes
+/// only to other shards.
+#[test]
+fn an_idle_shard_advances_past_transactions_routed_elsewhere() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    let helper = t.create_route_helper("bigint");
+    let account = t.source_sql(&format!(
+        "SELECT a FROM generate_series(1, 100) a WHERE satisfies_hash_partition('{helper}'::regclass, 2, 0, a::bigint) LIMIT 1"
+    ));
+    for i in 0..5 {
+        t.source_sql(&format!(
+            "INSERT INTO items VALUES ({account}, {i}, 'only shard0', 0)"
+        ));
+    }
+    let written = t.source_sql("SELECT pg_current_wal_lsn()");
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    assert_eq!(
+        t.shards[1]
+            .psql("app", "SELECT count(*) FROM items")
+            .unwrap(),
+        "0",
+        "shard1 must get none of account {account}'s rows"
+    );
+    t.wait(
+        &format!("shard0's progress to pass {written}"),
+        Duration::from_secs(30),
+        || shard_progress_at_least(&t, 0, &written).then_some(()),
+    );
+    t.wait(
+        &format!("idle shard1's progress to pass {written} by heartbeats"),
+        Duration::from_secs(30),
+        || shard_progress_at_least(&t, 1, &written).then_some(()),
+    );
+    let code = t.terminate(d, Duration::from_secs(30));
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM must be a clean exit 0:\n{}",
+        t.all_logs()
+    );
+}
