@@ -717,3 +717,53 @@ fn an_idle_shard_advances_past_transactions_routed_elsewhere() {
         t.all_logs()
     );
 }
+
+// See: issue "Full load" (restart paths of `runtime::start`: slot exists, nothing loaded yet).
+/// SIGKILLed right after it created the slot, before any chunk is on a shard, under a writer:
+/// the restart loads every table under a new snapshot, streams from the slot, and every shard
+/// converges.
+#[test]
+fn kill9_before_the_first_chunk_then_restart_converges() {
+    let seed = seed();
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    preload(&t);
+    t.write_config("[snapshot]\nparallel = 1\nchunk_rows = 500\nmax_rows_per_sec = 2000\n");
+    let writer = Writer::start(t.source.url("app"), seed, false);
+    let d = t.spawn_run(&[]);
+    t.wait("the slot to exist", Duration::from_secs(60), || {
+        (t.source_sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'reshard'")
+            == "1")
+            .then_some(())
+    });
+    t.kill9(d);
+    let chunks: usize = t
+        .shards
+        .iter()
+        .map(|s| {
+            s.psql("app", "SELECT count(*) FROM reshard.fullload_chunks")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    println!("killed with {chunks} chunks recorded");
+    std::thread::sleep(Duration::from_millis(500));
+    let d = t.spawn_run(&[]);
+    t.wait(
+        "the resumed full load to finish",
+        Duration::from_secs(90),
+        || t.last_log().contains("full load done").then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    writer.finish();
+    t.wait_converged(TABLES, Duration::from_secs(120));
+    assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
+    let code = t.terminate(d, Duration::from_secs(30));
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM must be a clean exit 0:\n{}",
+        t.all_logs()
+    );
+}
