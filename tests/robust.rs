@@ -209,7 +209,11 @@ fn kill_repeatedly(t: &mut Topology, writer: Writer, kills: usize, seed: u64) {
     }
     std::thread::sleep(Duration::from_secs(2));
     let commits = writer.finish();
-    println!("writer committed {commits} transactions");
+    let logs: String = (1..=kills + 1).map(|k| t.run_log(k)).collect();
+    println!(
+        "writer committed {commits} transactions; restarts that cut a torn spill append back: {}",
+        logs.matches("spill log cut back").count()
+    );
     assert!(
         commits > 50,
         "the writer made too little progress ({commits} commits)"
