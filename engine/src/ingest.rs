@@ -133,8 +133,10 @@ pub struct Ingest {
     router: Router,
     spill: SpillWriter,
     counters: Arc<IngestCounters>,
-    /// Commit LSN of the last transaction appended to the spill log.
+    /// Commit LSN of the last transaction appended to the spill log by this process.
     last_appended_commit: Lsn,
+    /// The spill log's durable LSN at open: transactions committed before it are in the log.
+    resume_from: Lsn,
     /// The transaction being appended: its Begin and which shards got it.
     current: Option<(Begin, Vec<bool>)>,
     /// The current transaction was already in the log (resent after a reconnect): skip it.
@@ -149,8 +151,8 @@ enum Stop {
 }
 
 impl Ingest {
-    /// A new ingest stage. `resume_after` is the commit LSN of the last transaction already in
-    /// the spill log (its durable LSN at open).
+    /// A new ingest stage. `resume_after` is the spill log's durable LSN at open: the end LSN
+    /// of its last transaction, or a later server WAL end recorded while idle.
     pub fn new(
         opts: IngestOptions,
         router: Router,
@@ -163,7 +165,8 @@ impl Ingest {
             router,
             spill,
             counters,
-            last_appended_commit: resume_after,
+            last_appended_commit: Lsn::ZERO,
+            resume_from: resume_after,
             current: None,
             skipping: false,
             routed: Vec::new(),
@@ -258,7 +261,6 @@ impl Ingest {
         })?;
         let mut tick = tokio::time::interval(self.opts.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut logged_cap = false;
         let mut last_flush = Instant::now();
         loop {
             let over_cap = self.spill.over_cap();
@@ -267,14 +269,8 @@ impl Ingest {
                 .backpressure
                 .store(over_cap, Ordering::Relaxed);
             self.counters.paused.store(paused, Ordering::Relaxed);
-            if over_cap != logged_cap {
-                if over_cap {
-                    tracing::warn!(slot = %self.opts.slot, "spill log reached [spill] max_bytes: reading from the source is paused until shards drain");
-                } else {
-                    tracing::info!(slot = %self.opts.slot, "spill log below its cap again: reading from the source resumes");
-                }
-                logged_cap = over_cap;
-            }
+            // `over_cap` itself logs the start and end of backpressure, once each, with the
+            // spill log's size and cap.
             let reading = !over_cap && !paused;
             tokio::select! {
                 biased;
@@ -357,7 +353,8 @@ impl Ingest {
     fn on_event(&mut self, ev: TxnEvent) -> Result<(), IngestError> {
         match ev {
             TxnEvent::Begin(b) => {
-                self.skipping = b.commit_lsn <= self.last_appended_commit;
+                self.skipping =
+                    already_appended(b.commit_lsn, self.last_appended_commit, self.resume_from);
                 self.current = Some((b, vec![false; self.router.shard_names().len()]));
             }
             TxnEvent::Change(c) => {
@@ -402,6 +399,19 @@ impl Ingest {
         }
         Ok(())
     }
+}
+
+/// Whether a transaction committed at `commit_lsn` is already in the spill log: appended by
+/// this process (a resend after a reconnect), or committed before `resume_from`, the log's
+/// durable LSN at open.
+///
+/// A transaction in the log has `commit_lsn < end_lsn <= resume_from`, so one whose commit
+/// record starts exactly at `resume_from` is new: the durable LSN may be a server WAL end
+/// recorded while idle (the end of the last decoded record), and the next commit record can
+/// start right there. The walsender sends it, since it skips only commits before the start
+/// position (`SnapBuildXactNeedsSkip`); skipping it here would lose it.
+fn already_appended(commit_lsn: Lsn, last_appended_commit: Lsn, resume_from: Lsn) -> bool {
+    commit_lsn <= last_appended_commit || commit_lsn < resume_from
 }
 
 /// `START_REPLICATION` on `client` with reshard's pgoutput options.
@@ -454,5 +464,28 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) ->
     tokio::select! {
         _ = tokio::time::sleep(d) => *shutdown.borrow(),
         _ = shutdown.changed() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lsn(v: u64) -> Lsn {
+        Lsn::from_u64(v)
+    }
+
+    /// See: the spill log's durable LSN can be a server WAL end recorded while idle; the next
+    /// commit record may start exactly there and must not be taken for an old one.
+    #[test]
+    fn a_commit_at_the_durable_lsn_after_a_restart_is_new() {
+        // Fresh process, log durable at 0x100: a commit at 0x100 is new, one before is old.
+        assert!(!already_appended(lsn(0x100), Lsn::ZERO, lsn(0x100)));
+        assert!(!already_appended(lsn(0x180), Lsn::ZERO, lsn(0x100)));
+        assert!(already_appended(lsn(0xF8), Lsn::ZERO, lsn(0x100)));
+        // After appending a commit at 0x200, its resend (reconnect) and anything older is old.
+        assert!(already_appended(lsn(0x200), lsn(0x200), lsn(0x100)));
+        assert!(already_appended(lsn(0x1F0), lsn(0x200), lsn(0x100)));
+        assert!(!already_appended(lsn(0x208), lsn(0x200), lsn(0x100)));
     }
 }

@@ -152,7 +152,10 @@ impl Topology {
         for k in 1..=self.runs {
             let text = fs::read_to_string(self.dir.path().join(format!("run-{k}.log")))
                 .unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("admin session"))
+                .collect();
             s.push_str(&format!("--- run-{k}.log (last 60 lines) ---\n"));
             s.push_str(&lines[lines.len().saturating_sub(60)..].join("\n"));
             s.push('\n');
@@ -240,6 +243,23 @@ impl Topology {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Like [`wait_for`], but the panic after `timeout` carries the daemon logs.
+    pub fn wait<T>(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    self.all_logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
