@@ -485,16 +485,32 @@ async fn silent_server_hits_the_idle_timeout() {
         .await
         .unwrap();
     let slot = rc.create_slot("quiet", no_export()).await.unwrap();
-    // With wal_sender_timeout = 0 the server sends no keepalives: an idle stream is silent.
     let mut stream = rc
         .start_replication("quiet", slot.consistent_point, pgoutput(&["pub_all"]))
         .await
         .unwrap()
         .with_idle_timeout(Duration::from_secs(2));
+    // A walsender that answers nothing at all (not even the keepalive the stream asks for
+    // after half the idle timeout): stop the process.
+    let pid: i32 = c
+        .psql(
+            "postgres",
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'quiet'",
+        )
+        .unwrap()
+        .parse()
+        .unwrap();
+    // SAFETY: signalling a process of the throwaway cluster.
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
     let started = std::time::Instant::now();
-    let r = tokio::time::timeout(Duration::from_secs(20), stream.next())
-        .await
-        .expect("idle timeout did not fire");
+    let r = tokio::time::timeout(Duration::from_secs(20), stream.next()).await;
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGCONT);
+    }
+    let r = r.expect("idle timeout did not fire");
     assert!(
         matches!(r, Err(SourceError::ConnectionLost { .. })),
         "{r:?}"
