@@ -10,18 +10,9 @@ use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::event::{PgTimestamp, PG_EPOCH_OFFSET_MICROS};
 use crate::lsn::Lsn;
 
-/// The progress table, created by the apply stage (and identical here): one row per
+/// The progress table (defined once, by the apply stage that writes it): one row per
 /// (source system, slot, shard).
-pub const PROGRESS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS reshard; \
-CREATE TABLE IF NOT EXISTS reshard.progress (\
- source_system_id text NOT NULL,\
- slot text NOT NULL,\
- shard text NOT NULL,\
- commit_lsn pg_lsn NOT NULL,\
- end_lsn pg_lsn NOT NULL,\
- commit_time timestamptz,\
- updated_at timestamptz NOT NULL DEFAULT now(),\
- PRIMARY KEY (source_system_id, slot, shard))";
+pub use crate::apply::progress::PROGRESS_DDL;
 
 /// Reading a progress row failed.
 #[derive(Debug, thiserror::Error)]
