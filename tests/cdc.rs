@@ -28,7 +28,7 @@ ALTER TABLE audit REPLICA IDENTITY FULL;
 CREATE TABLE plans (id int PRIMARY KEY, name text NOT NULL);
 ";
 
-pub const TABLES: &[(&str, Option<(&str, &str)>, &str)] = &[
+pub const TABLES: &[crate::common::TableCheck<'static>] = &[
     ("items", Some(("account_id", "bigint")), "account_id, id"),
     (
         "audit",

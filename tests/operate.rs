@@ -12,7 +12,7 @@ CREATE TABLE currencies (code text PRIMARY KEY, name text);
 CREATE SEQUENCE invoice_no;
 ";
 
-const TABLES: &[(&str, Option<(&str, &str)>, &str)] = &[
+const TABLES: &[crate::common::TableCheck<'static>] = &[
     ("orders", Some(("account_id", "bigint")), "account_id, id"),
     ("currencies", None, "code"),
 ];

@@ -27,7 +27,7 @@ ALTER TABLE audit REPLICA IDENTITY FULL;
 CREATE TABLE plans (id bigint PRIMARY KEY, name text NOT NULL);
 ";
 
-const TABLES: &[(&str, Option<(&str, &str)>, &str)] = &[
+const TABLES: &[crate::common::TableCheck<'static>] = &[
     ("items", Some(("account_id", "bigint")), "account_id, id"),
     (
         "audit",

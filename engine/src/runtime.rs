@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -76,7 +76,7 @@ pub enum RuntimeError {
         /// The shard.
         shard: String,
         /// The parse error.
-        source: SourceError,
+        source: Box<SourceError>,
     },
     /// Every shard stopped with a definite error.
     #[error("every shard stopped:\n{0}")]
@@ -123,6 +123,8 @@ pub struct Running {
 
 /// Starts the daemon. Returns once the source is streaming (the full load, if any, runs in the
 /// background); errors before that are returned directly.
+// Start-up errors are built once per run; their size does not matter.
+#[allow(clippy::result_large_err)]
 pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeError> {
     let started = Instant::now();
     let names = cfg.shard_names();
@@ -140,7 +142,7 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
         .map(|s| {
             ConnConfig::parse(&s.url).map_err(|source| RuntimeError::ShardConfig {
                 shard: s.name.clone(),
-                source,
+                source: Box::new(source),
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -386,7 +388,7 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
         let mut load_rx = load_rx.clone();
         let log = log.clone();
         let mut shutdown = shutdown_rx.clone();
-        let latency: Arc<Mutex<Option<Arc<Mutex<Histogram<u64>>>>>> = Arc::new(Mutex::new(None));
+        let latency: LatencySlot = Arc::new(OnceLock::new());
         let latency_slot = latency.clone();
         let name = s.name.clone();
         let task = tokio::spawn(async move {
@@ -403,9 +405,7 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
             };
             let skip_log = Arc::new(SkipLog::new(log, (*skip).clone()));
             let applier = ShardApplier::new(apply_opts, connect, skip_log).with_pause(pause_rx);
-            if let Ok(mut l) = latency_slot.lock() {
-                *l = Some(applier.latency_histogram());
-            }
+            let _ = latency_slot.set(applier.latency_histogram());
             tracing::info!(shard = %name, "apply starting");
             applier.run(shutdown, status_tx).await
         });
@@ -485,11 +485,14 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
     })
 }
 
+/// The apply's latency histogram, set once the shard's applier exists (after the full load).
+type LatencySlot = Arc<OnceLock<Arc<Mutex<Histogram<u64>>>>>;
+
 struct ShardHandle {
     name: String,
     status: watch::Receiver<ShardStatus>,
     pause: watch::Sender<bool>,
-    latency: Arc<Mutex<Option<Arc<Mutex<Histogram<u64>>>>>>,
+    latency: LatencySlot,
     task: Option<JoinHandle<Result<(), crate::apply::ApplyError>>>,
     error: Option<String>,
 }
@@ -791,9 +794,7 @@ impl Supervisor {
             };
             let (p50, p99, max) = s
                 .latency
-                .lock()
-                .ok()
-                .and_then(|l| l.clone())
+                .get()
                 .and_then(|h| {
                     h.lock().ok().map(|h| {
                         (
@@ -888,7 +889,7 @@ impl Supervisor {
                 dir: self.cfg.spill.dir.display().to_string(),
                 bytes: spill.bytes_on_disk,
                 max_bytes: self.cfg.spill.max_bytes,
-                segments: spill.segments as u64,
+                segments: spill.segments,
                 durable_lsn: spill.durable_lsn,
                 oldest_unapplied_lsn: spill
                     .shards

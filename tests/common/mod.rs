@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use reshard_harness::PgCluster;
 
+/// A table to compare: `(name, Some((key column, key type)) for sharded or None for broadcast,
+/// ORDER BY columns)`.
+pub type TableCheck<'a> = (&'a str, Option<(&'a str, &'a str)>, &'a str);
+
 /// The `reshard` binary under test.
 pub fn reshard_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_reshard"))
@@ -326,7 +330,7 @@ impl Topology {
 
     /// Waits until every shard matches the source for every `(table, key, order_by)`; panics
     /// with the differences and the daemon logs after `timeout`.
-    pub fn wait_converged(&self, tables: &[(&str, Option<(&str, &str)>, &str)], timeout: Duration) {
+    pub fn wait_converged(&self, tables: &[TableCheck<'_>], timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let mut diffs = Vec::new();

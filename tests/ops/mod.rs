@@ -6,8 +6,7 @@
 //! (`satisfies_hash_partition` on a temporary hash-partitioned helper table, MODULUS 3), so
 //! that verify is judged against PostgreSQL, not against reshard's router.
 
-#[path = "../common/mod.rs"]
-mod common;
+pub(crate) use crate::common;
 
 mod check;
 mod cutover;

@@ -30,7 +30,7 @@ pub async fn run(args: SlotArgs) -> CmdResult {
                 let lsn =
                     |l: Option<reshard_engine::Lsn>| l.map(|l| l.to_string()).unwrap_or("-".into());
                 println!(
-                    "{:<24} {:<9} {:<9} {:<6} {:>8} {:>14} {:>20} {:>14} {}",
+                    "{:<24} {:<9} {:<9} {:<6} {:>8} {:>14} {:>20} {:>14} WAL_STATUS",
                     "SLOT",
                     "TYPE",
                     "PLUGIN",
@@ -39,7 +39,6 @@ pub async fn run(args: SlotArgs) -> CmdResult {
                     "RESTART_LSN",
                     "CONFIRMED_FLUSH_LSN",
                     "RETAINED_WAL",
-                    "WAL_STATUS"
                 );
                 for s in &slots {
                     let mark = if s.slot_name == sel.slot { "*" } else { "" };
