@@ -1,6 +1,6 @@
 //! Text encodings of pgoutput values for the target: COPY text format rows and SQL literals.
 //!
-//! In: column values exactly as pgoutput sent them ([`Value::Text`] holds the value's text
+//! In: column values exactly as pgoutput sent them ([`Value::Text`](crate::event::Value::Text) holds the value's text
 //! form). Out: bytes for `COPY … FROM STDIN` (text format) and quoted SQL literals for the
 //! change-by-change replay path. Invariant: the target parses back exactly the bytes the source
 //! sent, so every value round-trips byte-identical in its text form.
