@@ -80,7 +80,7 @@ pub struct ConfigArg {
 /// Source selection for `slot` and `peek`: a config file or explicit flags.
 #[derive(Args, Debug, Clone)]
 pub struct SourceArgs {
-    /// Configuration file (its [source] section is used).
+    /// Configuration file (its `[source]` section is used).
     #[arg(short = 'c', long = "config")]
     pub config: Option<PathBuf>,
     /// Source connection string (libpq URL or key=value), instead of a config file.
