@@ -309,7 +309,8 @@ impl Ingest {
         }
     }
 
-    /// Group commit: make the log durable, then confirm exactly that to the slot. When no
+    /// Group commit: start making the log durable, and confirm exactly what is durable to the
+    /// slot. When no
     /// transaction is in flight, the server's reported end of sent WAL is recorded as an empty
     /// transaction first, so an idle slot retains no WAL and idle shards get heartbeats.
     fn group_commit(
@@ -324,7 +325,10 @@ impl Ingest {
                 self.last_end = end;
             }
         }
-        let durable = self.spill.flush()?;
+        // Start the group commit without waiting for the disk (the syncer thread fsyncs while
+        // reading goes on), and confirm what the last finished one made durable.
+        self.spill.commit()?;
+        let durable = self.spill.durable_lsn();
         s.set_flushed(durable);
         self.counters
             .confirmed_lsn
