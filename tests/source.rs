@@ -485,6 +485,8 @@ async fn silent_server_hits_the_idle_timeout() {
         .await
         .unwrap();
     let slot = rc.create_slot("quiet", no_export()).await.unwrap();
+    // The idle timer runs from the last frame received, i.e. from the start of streaming.
+    let started = std::time::Instant::now();
     let mut stream = rc
         .start_replication("quiet", slot.consistent_point, pgoutput(&["pub_all"]))
         .await
@@ -504,7 +506,6 @@ async fn silent_server_hits_the_idle_timeout() {
     unsafe {
         libc::kill(pid, libc::SIGSTOP);
     }
-    let started = std::time::Instant::now();
     let r = tokio::time::timeout(Duration::from_secs(20), stream.next()).await;
     // SAFETY: as above.
     unsafe {
