@@ -570,7 +570,7 @@ impl Supervisor {
                     }
                     let snap = self.snapshot(&source_info, &mut rates);
                     self.status_tx.send_replace(snap);
-                    if self.all_shards_stopped() {
+                    if !*self.shutdown_rx.borrow() && self.all_shards_stopped() {
                         let errors: Vec<String> = self.shards.iter().map(|s| format!("  {}: {}", s.name, s.error.clone().unwrap_or_default())).collect();
                         failure = Some(RuntimeError::AllShardsStopped(errors.join("\n")));
                         break;
@@ -634,7 +634,9 @@ impl Supervisor {
                                 s.error = Some(e.to_string());
                             }
                             Some(Err(e)) => s.error = Some(format!("apply task failed: {e}")),
-                            _ => s.error = Some("stopped".into()),
+                            // A clean stop (shutdown) is not a failure.
+                            Some(Ok(Ok(()))) => {}
+                            None => s.error = Some("stopped".into()),
                         }
                     }
                 }
