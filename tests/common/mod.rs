@@ -176,23 +176,11 @@ impl Topology {
 
     /// SIGTERMs daemon `i` and waits for its exit code.
     pub fn terminate(&mut self, i: usize, timeout: Duration) -> Option<i32> {
-        let c = &mut self.daemons[i];
         // SAFETY: signalling our own child.
         unsafe {
-            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            libc::kill(self.daemons[i].id() as libc::pid_t, libc::SIGTERM);
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.code();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_exit(i, timeout)
     }
 
     /// The process id of daemon `i`.
