@@ -30,6 +30,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod localfs;
 pub mod lsn;
 pub mod metrics;
 

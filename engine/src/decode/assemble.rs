@@ -198,7 +198,7 @@ struct Spool {
 
 impl Spool {
     fn create(path: PathBuf, streamed: bool, first_lsn: Lsn) -> Result<Spool, AssembleError> {
-        let file = File::options()
+        let file = crate::localfs::private_file()
             .write(true)
             .create_new(true)
             .open(&path)
@@ -300,13 +300,16 @@ struct Decided {
 impl Assembler {
     /// A new assembler; creates its private spool directory inside `options.stream_dir`.
     pub fn new(options: AssemblerOptions) -> Result<Assembler, AssembleError> {
-        fs::create_dir_all(&options.stream_dir).map_err(|source| AssembleError::Spool {
-            path: options.stream_dir.clone(),
-            source,
+        crate::localfs::create_private_dir_all(&options.stream_dir).map_err(|source| {
+            AssembleError::Spool {
+                path: options.stream_dir.clone(),
+                source,
+            }
         })?;
         let dir = tempfile::Builder::new()
             .prefix("assemble-")
             .tempdir_in(&options.stream_dir)
+            .and_then(|d| crate::localfs::create_private_dir_all(d.path()).map(|()| d))
             .map_err(|source| AssembleError::Spool {
                 path: options.stream_dir.clone(),
                 source,
@@ -1295,6 +1298,13 @@ mod tests {
             .map(|e| e.unwrap().metadata().unwrap().len())
             .sum();
         assert!(spooled > 2_000_000, "only {spooled} bytes on disk");
+        // See: issue #11 item 13 (spool files hold row images: private to the user).
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(h.asm.spool_dir()), 0o700);
+        for e in fs::read_dir(h.asm.spool_dir()).unwrap() {
+            assert_eq!(mode(&e.unwrap().path()), 0o600);
+        }
         h.push(wire::stream_commit(100, 0x9000, 0x9010)).unwrap();
         assert_eq!(h.out.len(), 2002);
         let ids: Vec<String> = h.summary()[1..2001]

@@ -10,12 +10,13 @@
 //! error. When the file grows past [`ROTATE_BYTES`] it is replaced atomically (write a
 //! temporary file, `sync_data`, rename, fsync the directory).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::{io_err, sync_dir, Pos, SpillError};
+use crate::localfs::private_file;
 use crate::lsn::Lsn;
 
 const FILE_NAME: &str = "checkpoint";
@@ -106,7 +107,7 @@ impl CheckpointFile {
     /// checkpoint, cutting off a torn last record.
     pub(crate) fn open(dir: &Path) -> Result<(CheckpointFile, Option<Checkpoint>), SpillError> {
         let path = dir.join(FILE_NAME);
-        let file = OpenOptions::new()
+        let file = private_file()
             .read(true)
             .write(true)
             .create(true)
@@ -187,7 +188,12 @@ impl CheckpointFile {
 
     fn rotate(&mut self, rec: &[u8]) -> Result<(), SpillError> {
         let tmp = self.dir.join(TMP_NAME);
-        let mut f = File::create(&tmp).map_err(|e| io_err("create", &tmp, e))?;
+        let mut f = private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| io_err("create", &tmp, e))?;
         f.write_all(rec)
             .and_then(|()| f.sync_data())
             .map_err(|e| io_err("write", &tmp, e))?;

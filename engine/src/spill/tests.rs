@@ -984,3 +984,34 @@ async fn torn_checkpoint_falls_back_and_cuts_the_logs_to_match() {
         assert!(got == want, "shard {s}");
     }
 }
+
+// See: issue #11 item 13 (spill segments hold full row images).
+#[test]
+fn the_spill_directory_is_0700_and_its_files_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("spill");
+    let (mut w, _) = SpillWriter::open(opts(&dir), identity(2)).unwrap();
+    for k in 1..=40u64 {
+        write_txn(&mut w, k, &[0, 1], 20);
+    }
+    w.flush().unwrap();
+    drop(w);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let mut seen = 0;
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        assert_eq!(mode(&d), 0o700, "directory {}", d.display());
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                assert_eq!(mode(&p), 0o600, "file {}", p.display());
+                seen += 1;
+            }
+        }
+    }
+    assert!(!segments(&dir, 1).is_empty());
+    assert!(seen >= 5, "only {seen} files checked");
+}

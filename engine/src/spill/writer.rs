@@ -10,7 +10,7 @@
 //! checkpoint's per-shard end positions always fall on frame boundaries.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -29,6 +29,7 @@ use super::{
     SpillOptions, SpillStats, State, TailBlock,
 };
 use crate::event::{ShardEvent, ShardId};
+use crate::localfs::{create_private_dir_all, private_file};
 use crate::lsn::Lsn;
 
 const IDENTITY_FILE: &str = "identity";
@@ -148,7 +149,7 @@ impl SpillWriter {
                 ),
             });
         }
-        std::fs::create_dir_all(&opts.dir).map_err(|e| io_err("create", &opts.dir, e))?;
+        create_private_dir_all(&opts.dir).map_err(|e| io_err("create", &opts.dir, e))?;
         let lock = lock_dir(&opts.dir)?;
         let created = check_identity(&opts.dir, &identity)?;
         let (checkpoint, cp) = CheckpointFile::open(&opts.dir)?;
@@ -528,7 +529,7 @@ impl SpillWriter {
                 let path = self.shared.segment_path(i, mark.seq, m.first_commit);
                 let file = match w.active.take() {
                     Some(a) => a.file,
-                    None => OpenOptions::new()
+                    None => private_file()
                         .read(true)
                         .write(true)
                         .open(&path)
@@ -738,7 +739,7 @@ impl SpillWriter {
         if w.active.is_none() {
             let seq = w.next_seq;
             let path = w.dir.join(block::segment_name(first, seq));
-            let file = OpenOptions::new()
+            let file = private_file()
                 .read(true)
                 .write(true)
                 .create_new(true)
@@ -938,7 +939,7 @@ impl Drop for SpillWriter {
 fn lock_dir(dir: &Path) -> Result<File, SpillError> {
     use std::os::fd::AsRawFd;
     let path = dir.join("lock");
-    let f = OpenOptions::new()
+    let f = private_file()
         .create(true)
         .truncate(false)
         .write(true)
@@ -1010,7 +1011,12 @@ fn check_identity(dir: &Path, identity: &SpillIdentity) -> Result<bool, SpillErr
                 path: path.clone(),
                 source: std::io::Error::other(e),
             })?;
-            let mut f = File::create(&tmp).map_err(|e| io_err("create", &tmp, e))?;
+            let mut f = private_file()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(|e| io_err("create", &tmp, e))?;
             f.write_all(&json)
                 .and_then(|()| f.sync_data())
                 .map_err(|e| io_err("write", &tmp, e))?;
@@ -1031,7 +1037,7 @@ fn recover_shard(
 ) -> Result<(ShardShared, ShardWriter, ShardOpenReport), SpillError> {
     let shard = ShardId(i as u16);
     let dir = block::shard_dir(&opts.dir, i);
-    std::fs::create_dir_all(&dir).map_err(|e| io_err("create", &dir, e))?;
+    create_private_dir_all(&dir).map_err(|e| io_err("create", &dir, e))?;
     let cp = cp.unwrap_or(ShardCheckpoint {
         end: Pos { seq: 0, offset: 0 },
         deleted_through: Lsn::ZERO,
@@ -1070,7 +1076,7 @@ fn recover_shard(
     }
     let mut last_known = None;
     if let Some((_, path)) = found.get(&cp.end.seq).cloned() {
-        let file = OpenOptions::new()
+        let file = private_file()
             .read(true)
             .write(true)
             .open(&path)
