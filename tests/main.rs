@@ -4,6 +4,7 @@
 
 mod apply;
 mod cdc;
+mod chaos;
 mod cli;
 mod common;
 mod console;

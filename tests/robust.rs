@@ -19,7 +19,7 @@ use crate::common::{dir_bytes, Topology};
 /// `items` has a primary key and no TOASTed column (key moves are allowed); `audit` has no
 /// primary key and REPLICA IDENTITY FULL, and every row carries a unique `n`, so a
 /// double-applied insert shows as an extra row; `plans` is broadcast.
-const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
 CREATE TABLE items (account_id bigint NOT NULL, id bigint NOT NULL, name text, n int,
                     PRIMARY KEY (account_id, id));
 CREATE TABLE audit (account_id bigint NOT NULL, msg text, n bigint);
@@ -27,7 +27,7 @@ ALTER TABLE audit REPLICA IDENTITY FULL;
 CREATE TABLE plans (id bigint PRIMARY KEY, name text NOT NULL);
 ";
 
-const TABLES: &[crate::common::TableCheck<'static>] = &[
+pub(crate) const TABLES: &[crate::common::TableCheck<'static>] = &[
     ("items", Some(("account_id", "bigint")), "account_id, id"),
     (
         "audit",
@@ -37,7 +37,7 @@ const TABLES: &[crate::common::TableCheck<'static>] = &[
     ("plans", None, "id"),
 ];
 
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     let seed = std::env::var("RESHARD_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -47,7 +47,7 @@ fn seed() -> u64 {
 }
 
 /// A thread committing a random mix of changes to the source until stopped.
-struct Writer {
+pub(crate) struct Writer {
     stop: Arc<AtomicBool>,
     commits: Arc<AtomicU64>,
     handle: Option<JoinHandle<Result<(), String>>>,
@@ -58,7 +58,7 @@ const WRITER_ID_BASE: i64 = 1_000_000;
 
 impl Writer {
     /// Starts writing to `url`. With `big`, 100-row and 5000-row transactions are mixed in.
-    fn start(url: String, seed: u64, big: bool) -> Writer {
+    pub(crate) fn start(url: String, seed: u64, big: bool) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let commits = Arc::new(AtomicU64::new(0));
         let (s, c) = (stop.clone(), commits.clone());
@@ -77,7 +77,7 @@ impl Writer {
     }
 
     /// Stops the writer; panics with its error if a statement failed.
-    fn finish(mut self) -> u64 {
+    pub(crate) fn finish(mut self) -> u64 {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.handle.take() {
             match h.join() {
@@ -180,7 +180,7 @@ async fn write_loop(
 }
 
 /// Preloads a few rows so that the full load has something to copy.
-fn preload(t: &Topology) {
+pub(crate) fn preload(t: &Topology) {
     t.source_sql("INSERT INTO plans SELECT g, 'plan' || g FROM generate_series(1, 20) g");
     t.source_sql(
         "INSERT INTO items SELECT g % 97 + 1, g, 'pre' || g, 0 FROM generate_series(1, 2000) g",
