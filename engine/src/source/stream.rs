@@ -13,7 +13,9 @@
 //!   goes out every `status_interval`, after `idle_timeout / 2` of silence a status update
 //!   asks the server for a reply (an idle source sends nothing while our status updates keep
 //!   its `wal_sender_timeout` happy), and a connection that delivers nothing for
-//!   `idle_timeout` is reported as [`SourceError::ConnectionLost`].
+//!   `idle_timeout` while being read is reported as [`SourceError::ConnectionLost`] (time
+//!   spent in [`ReplicationStream::keepalive_while_paused`] does not count: nothing is read
+//!   then).
 //! - **Cancellation-safe.** [`ReplicationStream::next`] keeps partial frames and unsent replies
 //!   in the struct, so dropping its future (in a `select!`) loses no byte.
 //!
@@ -164,6 +166,9 @@ pub struct ReplicationStream {
     last_recv_at: Instant,
     /// A status update asking for a reply went out since the last byte received.
     pinged: bool,
+    /// [`ReplicationStream::keepalive_while_paused`] ran since the last read: the silence
+    /// before it says nothing about the server.
+    paused: bool,
     state: State,
 }
 
@@ -194,6 +199,7 @@ impl ReplicationStream {
             next_status_at: now + DEFAULT_STATUS_INTERVAL,
             last_recv_at: now,
             pinged: false,
+            paused: false,
             state: State::Streaming,
         }
     }
@@ -306,6 +312,7 @@ impl ReplicationStream {
     /// as the other arm of a `select!` around a blocked send.
     // This is cancellation-safe: the next deadline and unsent bytes live in `self`.
     pub async fn keepalive_while_paused(&mut self) -> SourceError {
+        self.paused = true;
         loop {
             if let Err(e) = self.flush_pending().await {
                 return self.fail(e);
@@ -340,6 +347,14 @@ impl ReplicationStream {
                     )))
                 }
                 State::Streaming | State::Ending => {}
+            }
+            if self.paused {
+                // Reading resumes after a pause: nothing was read during it, so the idle
+                // deadline counts from now, not from the last byte read before it (a pause
+                // longer than `idle_timeout` is not a lost connection).
+                self.paused = false;
+                self.last_recv_at = Instant::now();
+                self.pinged = false;
             }
             if let Err(e) = self.flush_pending().await {
                 return Err(self.fail(e));
@@ -599,6 +614,28 @@ mod tests {
         }
         // The data sent meanwhile is still there.
         assert_eq!(&s.next().await.unwrap().unwrap().data[..], b"Bdata");
+    }
+
+    /// See: issue #11 item 8. A pause longer than the idle timeout (spill cap, console
+    /// `PAUSE`) reads nothing, so the next read must not call the connection lost for it.
+    /// The clock is tokio's paused clock: the 2-minute pause takes no real time.
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_longer_than_the_idle_timeout_is_not_a_lost_connection() {
+        let (client, mut server) = UnixStream::pair().unwrap();
+        let mut s =
+            ReplicationStream::new(Wire::new(Transport::Unix(client)), "t".into(), Lsn::ZERO);
+        let pause = DEFAULT_IDLE_TIMEOUT * 2;
+        let r = tokio::time::timeout(pause, s.keepalive_while_paused()).await;
+        assert!(r.is_err(), "keepalive_while_paused ended: {r:?}");
+        // The server kept the connection: it got our status updates all along.
+        for _ in 0..(pause.as_secs() / DEFAULT_STATUS_INTERVAL.as_secs()) {
+            assert_eq!(read_status(&mut server).await, (0, 0, 0, false));
+        }
+        server.write_all(&xlog(1, 2, b"Bdata")).await.unwrap();
+        match s.next().await {
+            Ok(Some(x)) => assert_eq!(&x.data[..], b"Bdata"),
+            other => panic!("reading after a long pause: {other:?}"),
+        }
     }
 
     #[tokio::test]
