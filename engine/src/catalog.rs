@@ -1,4 +1,6 @@
-//! The source's tables and the publication that carries them.
+//! The source's tables and the publication that carries them: the ONE place that decides
+//! which tables reshard replicates. `run` (and `slot create`, `peek`), `check`, `verify`,
+//! `cutover` and `status` all ask [`resolve`] / [`discover`]; none lists tables itself.
 //!
 //! In: the config's `[[tables]]` (or nothing) and a SQL connection to the source. Out: the list
 //! of replicated tables with their mode (sharded by a key column, broadcast, skipped) and a
@@ -6,9 +8,12 @@
 //! `publish_via_partition_root = true` so that changes to a partition arrive as its root
 //! (<https://www.postgresql.org/docs/current/sql-createpublication.html>).
 //!
-//! Without `[[tables]]`, every ordinary or partitioned (root) table of the source database that
-//! has the key column is sharded and every other one is broadcast; with it, only the listed
-//! tables are replicated.
+//! Without `[[tables]]`, every ordinary or partitioned (root) table of the source database
+//! outside the system schemas and reshard's own `reshard` schema is replicated: sharded if it
+//! has the key column, broadcast otherwise. UNLOGGED tables are left out (logical decoding never
+//! sees their rows, and a publication refuses them); [`TableSet::unlogged`] names them so that
+//! `check` can say so. With `[[tables]]`, only the listed tables are replicated, and a listed
+//! table that is missing, lacks its key or is UNLOGGED is a refusal naming the fix.
 
 use tokio_postgres::Client;
 
@@ -49,6 +54,12 @@ pub enum CatalogError {
         /// The partitioned table.
         table: String,
     },
+    /// A configured table is UNLOGGED.
+    #[error("table {table} (from [[tables]] in the config) is UNLOGGED: logical decoding never sees its rows; run on the source: ALTER TABLE {table} SET LOGGED, or set mode = \"skip\" for it")]
+    Unlogged {
+        /// `schema.table`.
+        table: String,
+    },
     /// Nothing to replicate.
     #[error("no tables to replicate: the source database has no user tables (or every configured table is mode = \"skip\")")]
     Empty,
@@ -82,96 +93,143 @@ pub struct SourceTable {
     pub partitioned: bool,
     /// Estimated rows (`reltuples`, summed over partitions).
     pub estimated_rows: i64,
+    /// The table has its rule's key column (always true for `sharded` tables that
+    /// [`discover`] returns).
+    pub has_key: bool,
+}
+
+/// Everything [`resolve`] found, problems included (what `check` reports one by one and
+/// [`discover`] refuses).
+#[derive(Debug, Clone, Default)]
+pub struct TableSet {
+    /// The replicated tables found on the source, in name order (`[[tables]]` order with
+    /// `[[tables]]`).
+    pub tables: Vec<SourceTable>,
+    /// `[[tables]]` entries (not `skip`) whose table does not exist on the source.
+    pub missing: Vec<TableRule>,
+    /// UNLOGGED tables: left out without `[[tables]]`, a refusal when listed.
+    pub unlogged: Vec<TableRule>,
+    /// Whether the set comes from `[[tables]]` (else: every table of the database).
+    pub configured: bool,
+}
+
+impl TableSet {
+    /// The replicated tables, or the first reason not to replicate: a missing configured
+    /// table, a sharded table without its key column, a listed UNLOGGED table, nothing at all.
+    pub fn into_replicated(self) -> Result<Vec<SourceTable>, CatalogError> {
+        if let Some(rule) = self.missing.into_iter().next() {
+            return Err(CatalogError::MissingTable { table: rule.source });
+        }
+        if self.configured {
+            if let Some(rule) = self.unlogged.into_iter().next() {
+                return Err(CatalogError::Unlogged { table: rule.source });
+            }
+        }
+        if let Some(t) = self
+            .tables
+            .iter()
+            .find(|t| t.rule.mode == TableMode::Sharded && !t.has_key)
+        {
+            return Err(CatalogError::MissingKey {
+                table: t.rule.source.clone(),
+                key: t.rule.key.clone(),
+            });
+        }
+        if self.tables.is_empty() {
+            return Err(CatalogError::Empty);
+        }
+        Ok(self.tables)
+    }
 }
 
 const TABLES_SQL: &str = "
-SELECT n.nspname, c.relname, c.oid, c.relkind = 'p',
+SELECT n.nspname, c.relname, c.oid, c.relkind = 'p', c.relpersistence = 'u',
        EXISTS (SELECT 1 FROM pg_attribute a
                WHERE a.attrelid = c.oid AND a.attname = $1 AND a.attnum > 0 AND NOT a.attisdropped),
        GREATEST(c.reltuples, 0)::bigint
          + COALESCE((SELECT sum(GREATEST(p.reltuples, 0))::bigint FROM pg_partition_tree(c.oid) t
                      JOIN pg_class p ON p.oid = t.relid WHERE t.relid <> c.oid), 0)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'reshard')
-  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence <> 't'
+  AND n.nspname NOT IN ('information_schema', 'reshard') AND n.nspname NOT LIKE 'pg\\_%'
 ORDER BY 1, 2";
 
-/// The replicated tables of the source (skipped ones left out), in name order.
-pub async fn discover(client: &Client, cfg: &Config) -> Result<Vec<SourceTable>, CatalogError> {
-    let default_key = &cfg.routing.key;
+const HAS_COLUMN_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1 \
+     AND attname = $2 AND attnum > 0 AND NOT attisdropped)";
+
+/// The table set with every problem listed, never refused (for `check` and `status`); only a
+/// failed query is an error. `run`, `verify` and `cutover` use [`discover`].
+pub async fn resolve(client: &Client, cfg: &Config) -> Result<TableSet, CatalogError> {
+    let q = |what| move |source| CatalogError::Query { what, source };
     let rows = client
-        .query(TABLES_SQL, &[default_key])
+        .query(TABLES_SQL, &[&cfg.routing.key])
         .await
-        .map_err(|source| CatalogError::Query {
-            what: "listing tables",
-            source,
-        })?;
+        .map_err(q("listing tables"))?;
     let rules = cfg.table_rules();
-    let mut out = Vec::new();
-    if rules.is_empty() {
-        for r in &rows {
-            let name = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
-            let has_key: bool = r.get(4);
-            out.push(SourceTable {
-                rule: TableRule {
+    let configured = !rules.is_empty();
+    let candidates: Vec<TableRule> = if configured {
+        rules
+            .into_iter()
+            .filter(|r| r.mode != TableMode::Skip)
+            .collect()
+    } else {
+        rows.iter()
+            .map(|r| {
+                let name = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
+                TableRule {
                     source: name.clone(),
                     target: name,
-                    mode: if has_key {
-                        TableMode::Sharded
-                    } else {
-                        TableMode::Broadcast
-                    },
-                    key: default_key.clone(),
-                },
-                oid: r.get(2),
-                partitioned: r.get(3),
-                estimated_rows: r.get(5),
-            });
-        }
-    } else {
-        for rule in rules {
-            if rule.mode == TableMode::Skip {
-                continue;
-            }
-            let found = rows.iter().find(|r| {
-                format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)) == rule.source
-            });
-            let Some(r) = found else {
-                return Err(CatalogError::MissingTable { table: rule.source });
-            };
-            if rule.mode == TableMode::Sharded {
-                let has: bool = client
-                    .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1 \
-                         AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
-                        &[&r.get::<_, u32>(2), &rule.key],
-                    )
-                    .await
-                    .map_err(|source| CatalogError::Query {
-                        what: "checking key column",
-                        source,
-                    })?
-                    .get(0);
-                if !has {
-                    return Err(CatalogError::MissingKey {
-                        table: rule.source,
-                        key: rule.key,
-                    });
+                    mode: TableMode::Sharded,
+                    key: cfg.routing.key.clone(),
                 }
-            }
-            out.push(SourceTable {
-                rule,
-                oid: r.get(2),
-                partitioned: r.get(3),
-                estimated_rows: r.get(5),
-            });
+            })
+            .collect()
+    };
+    let mut set = TableSet {
+        configured,
+        ..TableSet::default()
+    };
+    for mut rule in candidates {
+        let found = rows.iter().find(|r| {
+            format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)) == rule.source
+        });
+        let Some(r) = found else {
+            set.missing.push(rule);
+            continue;
+        };
+        if r.get::<_, bool>(4) {
+            set.unlogged.push(rule);
+            continue;
         }
+        let oid: u32 = r.get(2);
+        let has_key: bool = if rule.key == cfg.routing.key {
+            r.get(5)
+        } else {
+            client
+                .query_one(HAS_COLUMN_SQL, &[&oid, &rule.key])
+                .await
+                .map_err(q("checking key column"))?
+                .get(0)
+        };
+        // The default rule: sharded when the table has the key column, broadcast otherwise.
+        if !configured && !has_key {
+            rule.mode = TableMode::Broadcast;
+        }
+        set.tables.push(SourceTable {
+            rule,
+            oid,
+            partitioned: r.get(3),
+            estimated_rows: r.get(6),
+            has_key,
+        });
     }
-    if out.is_empty() {
-        return Err(CatalogError::Empty);
-    }
-    Ok(out)
+    Ok(set)
+}
+
+/// The replicated tables of the source (skipped ones left out), or the refusal that names
+/// what to fix (see [`TableSet::into_replicated`]).
+pub async fn discover(client: &Client, cfg: &Config) -> Result<Vec<SourceTable>, CatalogError> {
+    resolve(client, cfg).await?.into_replicated()
 }
 
 /// `schema.table` quoted for SQL.

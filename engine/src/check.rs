@@ -23,9 +23,10 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use crate::catalog::{CatalogError, TableSet};
 use crate::config::{Config, TableMode, TableRule};
 use crate::pgconn::{connect_plain, quote_ident, quote_literal, quote_qualified};
-use crate::tableinfo::{describe_table, resolve_tables, TableInfo, SUPPORTED_KEY_TYPES};
+use crate::tableinfo::{describe_table, TableInfo, SUPPORTED_KEY_TYPES};
 
 /// How long one endpoint may take to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -355,25 +356,60 @@ async fn check_source(
         );
     }
 
-    // Tables.
-    let rules = resolve_tables(client, config).await?;
-    if config.tables.is_empty() {
-        let sharded = rules
+    // Tables: the one resolver `run` uses, with every problem reported here.
+    let set = match crate::catalog::resolve(client, config).await {
+        Ok(set) => set,
+        Err(CatalogError::Query { source, .. }) => return Err(source),
+        Err(e) => {
+            report.fail("tables", SOURCE, e.to_string(), None);
+            TableSet::default()
+        }
+    };
+    if !set.configured {
+        let sharded = set
+            .tables
             .iter()
-            .filter(|r| r.mode == TableMode::Sharded)
+            .filter(|t| t.rule.mode == TableMode::Sharded)
             .count();
         report.pass(
             "tables",
             SOURCE,
             format!(
                 "no [[tables]] in the config: {} tables found on the source, {sharded} sharded (have column {}), {} broadcast",
-                rules.len(),
+                set.tables.len(),
                 config.routing.key,
-                rules.len() - sharded
+                set.tables.len() - sharded
             ),
         );
     }
-    if rules.is_empty() {
+    for rule in &set.unlogged {
+        let fix = Some(format!(
+            "ALTER TABLE {} SET LOGGED;",
+            quote_qualified(&rule.source)
+        ));
+        if set.configured {
+            report.fail(
+                "table_logged",
+                SOURCE,
+                format!(
+                    "{} ([[tables]] name) is UNLOGGED: logical decoding never sees its rows",
+                    rule.source
+                ),
+                fix,
+            );
+        } else {
+            report.warn(
+                "table_logged",
+                SOURCE,
+                format!(
+                    "{} is UNLOGGED and is not replicated (logical decoding never sees its rows)",
+                    rule.source
+                ),
+                fix,
+            );
+        }
+    }
+    if set.tables.is_empty() && set.missing.is_empty() {
         report.fail(
             "tables",
             SOURCE,
@@ -381,25 +417,34 @@ async fn check_source(
             Some("-- add [[tables]] to reshard.toml, or create the tables on the source".into()),
         );
     }
-    let mut resolved = Vec::with_capacity(rules.len());
-    for rule in rules {
-        let info = describe_table(client, &rule.source).await?;
+    let mut resolved = Vec::with_capacity(set.tables.len() + set.missing.len());
+    for t in set.tables {
+        let info = describe_table(client, &t.rule.source).await?;
         match &info {
             None => report.fail(
                 "table_exists",
                 SOURCE,
-                format!(
-                    "table {} ([[tables]] name) does not exist on the source",
-                    rule.source
-                ),
-                Some(format!(
-                    "-- fix the name in reshard.toml or remove the [[tables]] entry for {}",
-                    rule.source
-                )),
+                format!("table {} was dropped while check ran", t.rule.source),
+                None,
             ),
-            Some(t) => check_source_table(client, &rule, t, &user, report).await?,
+            Some(i) => check_source_table(client, &t.rule, i, &user, report).await?,
         }
-        resolved.push((rule, info));
+        resolved.push((t.rule, info));
+    }
+    for rule in set.missing {
+        report.fail(
+            "table_exists",
+            SOURCE,
+            format!(
+                "table {} ([[tables]] name) does not exist on the source",
+                rule.source
+            ),
+            Some(format!(
+                "-- fix the name in reshard.toml or remove the [[tables]] entry for {}",
+                rule.source
+            )),
+        );
+        resolved.push((rule, None));
     }
 
     check_publication(

@@ -24,7 +24,7 @@ use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
 use crate::pgconn::{connect_plain, error_text, quote_literal, quote_qualified};
 use crate::progress::{progress_table_exists, source_system_id};
-use crate::tableinfo::{resolve_tables, split_name};
+use crate::tableinfo::split_name;
 use crate::verify::{self, KeyRouter, VerifyError, VerifyOptions, VerifyReport};
 
 /// What to cut over.
@@ -97,6 +97,9 @@ pub enum CutoverError {
         /// Seconds waited.
         waited_secs: f64,
     },
+    /// The replicated tables could not be resolved (see [`crate::catalog`]).
+    #[error(transparent)]
+    Tables(crate::catalog::CatalogError),
     /// The verification could not complete.
     #[error("verify of shard {shard}: {source}")]
     Verify {
@@ -114,6 +117,7 @@ impl Classify for CutoverError {
             CutoverError::Query { error, .. } => class_of_pg(error),
             CutoverError::Timeout { .. } => ErrorClass::Transient,
             CutoverError::Verify { source, .. } => source.class(),
+            CutoverError::Tables(e) => e.class(),
             _ => ErrorClass::Definite,
         }
     }
@@ -277,9 +281,12 @@ pub async fn cutover(
     let waited_secs = started.elapsed().as_secs_f64();
 
     // 3. Sequences.
-    let rules = resolve_tables(&src, config)
+    let rules: Vec<_> = crate::catalog::discover(&src, config)
         .await
-        .map_err(qerr("source", "listing tables"))?;
+        .map_err(CutoverError::Tables)?
+        .into_iter()
+        .map(|t| t.rule)
+        .collect();
     let mut schemas: Vec<String> = rules.iter().map(|r| split_name(&r.source).0).collect();
     schemas.sort();
     schemas.dedup();

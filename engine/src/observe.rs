@@ -16,7 +16,6 @@ use crate::lsn::Lsn;
 use crate::pgconn::connect_plain;
 use crate::progress::{read_progress, source_system_id};
 use crate::status::{Phase, ShardState, ShardView, SpillView, StatusSnapshot, TableView};
-use crate::tableinfo::resolve_tables;
 
 /// How long the admin console and each database get to answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -125,9 +124,11 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
             if let Err(e) = source_slot(&src, config, &mut snap).await {
                 snap.source.last_error = Some(format!("reading the slot: {e}"));
             }
-            if let Ok(rules) = resolve_tables(&src, config).await {
-                snap.tables = rules
+            if let Ok(set) = crate::catalog::resolve(&src, config).await {
+                snap.tables = set
+                    .tables
                     .into_iter()
+                    .map(|t| t.rule)
                     .map(|r| TableView {
                         name: r.source,
                         target: r.target,

@@ -1,12 +1,10 @@
 //! Table descriptions read from `pg_catalog`, shared by `check`, `verify` and `cutover`.
 //!
-//! In: a SQL connection and `schema.table` names from the config. Out: [`TableInfo`] (columns
-//! with their `format_type`, primary key, replica identity) and the resolved table list
-//! ([`resolve_tables`]): the config's `[[tables]]`, or — when it has none — every user table of
-//! the source, sharded when it has the key column and broadcast otherwise (the rule stated in
-//! `config.rs`).
+//! In: a SQL connection and a `schema.table` name. Out: [`TableInfo`] (columns with their
+//! `format_type`, primary key, replica identity). Which tables are replicated is decided by
+//! [`crate::catalog`] alone.
 
-use crate::config::{qualify, Config, TableMode, TableRule};
+use crate::config::qualify;
 
 /// Type OIDs a shard key may have (`int2`, `int4`, `int8`, `text`, `varchar`, `uuid`).
 pub const SUPPORTED_KEY_TYPES: &[(u32, &str)] = &[
@@ -174,59 +172,6 @@ pub async fn describe_table(
         primary_key: pk,
         replica_identity_index: rii,
     }))
-}
-
-/// Every user table of the connected database (`schema.table`), partitions left out (their
-/// root is listed), reshard's own schema and system schemas left out.
-pub async fn list_user_tables(
-    client: &tokio_postgres::Client,
-) -> Result<Vec<String>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT n.nspname || '.' || c.relname \
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'reshard') \
-               AND n.nspname NOT LIKE 'pg\\_%' \
-             ORDER BY 1",
-            &[],
-        )
-        .await?;
-    rows.iter().map(|r| r.try_get(0)).collect()
-}
-
-/// The tables reshard replicates (mode `skip` left out): the config's rules, or when
-/// `[[tables]]` is absent every user table of the source — sharded if it has the
-/// `[routing] key` column, broadcast otherwise.
-pub async fn resolve_tables(
-    client: &tokio_postgres::Client,
-    config: &Config,
-) -> Result<Vec<TableRule>, tokio_postgres::Error> {
-    if !config.tables.is_empty() {
-        return Ok(config
-            .table_rules()
-            .into_iter()
-            .filter(|r| r.mode != TableMode::Skip)
-            .collect());
-    }
-    let mut out = Vec::new();
-    for name in list_user_tables(client).await? {
-        let has_key = match describe_table(client, &name).await? {
-            Some(info) => info.column(&config.routing.key).is_some(),
-            None => continue,
-        };
-        out.push(TableRule {
-            source: name.clone(),
-            target: name,
-            mode: if has_key {
-                TableMode::Sharded
-            } else {
-                TableMode::Broadcast
-            },
-            key: config.routing.key.clone(),
-        });
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

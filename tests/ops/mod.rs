@@ -11,6 +11,7 @@ pub(crate) use crate::common;
 mod check;
 mod cutover;
 mod status;
+mod table_set;
 mod verify;
 
 use std::process::{Command, Stdio};

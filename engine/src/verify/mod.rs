@@ -39,7 +39,7 @@ use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
 use crate::pgconn::{connect_plain, error_text, normalize_session};
 use crate::progress::{read_progress, source_system_id};
-use crate::tableinfo::{describe_table, resolve_tables, TableInfo};
+use crate::tableinfo::{describe_table, TableInfo};
 
 use cursor::{Cursor, Peeked, RowSource, TextRow};
 use merge::{merge_accounts, merge_rows, DiffKind, MergeError, ShardTally, Suspect};
@@ -133,6 +133,9 @@ pub enum VerifyError {
         /// Router's message.
         message: String,
     },
+    /// The replicated tables could not be resolved (see [`crate::catalog`]).
+    #[error(transparent)]
+    Tables(crate::catalog::CatalogError),
     /// `hash = "map"` without a router, or another config problem.
     #[error("{0}")]
     Config(String),
@@ -152,6 +155,7 @@ impl Classify for VerifyError {
             VerifyError::Connect { error, .. } => error.class(),
             VerifyError::Query { error, .. } => class_of_pg(error),
             VerifyError::Timeout { .. } => ErrorClass::Transient,
+            VerifyError::Tables(e) => e.class(),
             _ => ErrorClass::Definite,
         }
     }
@@ -277,9 +281,12 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
         opts.router = Some(map_router(config, &src).await?);
     }
     let opts = &opts;
-    let rules = resolve_tables(&src, config)
+    let rules = crate::catalog::discover(&src, config)
         .await
-        .map_err(q("source", None))?;
+        .map_err(VerifyError::Tables)?
+        .into_iter()
+        .map(|t| t.rule)
+        .collect();
     let rules = select_tables(rules, &opts.tables)?;
 
     let mut shards = Vec::new();
