@@ -615,6 +615,23 @@ async fn check_source_table(
                 )),
             ),
             Some(c) => {
+                // issue #11 item 9: a NULL key routes nowhere (it is quarantined or stops
+                // reading, per [routing] on_unroutable).
+                if !c.not_null {
+                    let qkey = quote_ident(key);
+                    report.fail(
+                        "shard_key_not_null",
+                        SOURCE,
+                        format!(
+                            "{name}.{key} is nullable: a row with a NULL shard key belongs to no shard \
+                             (it is quarantined or stops reading, per [routing] on_unroutable)"
+                        ),
+                        Some(format!(
+                            "SELECT count(*) FROM {qname} WHERE {qkey} IS NULL;  -- must be 0; then: \
+                             ALTER TABLE {qname} ALTER COLUMN {qkey} SET NOT NULL;"
+                        )),
+                    );
+                }
                 if !SUPPORTED_KEY_TYPES.iter().any(|(oid, _)| *oid == c.type_oid) {
                     let names: Vec<&str> = SUPPORTED_KEY_TYPES.iter().map(|(_, n)| *n).collect();
                     report.fail(

@@ -209,6 +209,34 @@ async fn check_catches_each_misconfiguration_and_passes_a_good_setup() {
     t.ddl_everywhere("DROP TABLE orders");
     assert_passes("reverted", &t);
 
+    // See: issue #11 item 9. A nullable shard key: a NULL row cannot be routed.
+    t.ddl_everywhere(
+        "CREATE TABLE notes (id bigint PRIMARY KEY, account_id bigint, body text); \
+         ALTER TABLE notes REPLICA IDENTITY FULL",
+    );
+    assert_fails(
+        "nullable shard key",
+        &t,
+        "shard_key_not_null",
+        "source",
+        "public.notes.account_id is nullable",
+    );
+    let (_, report) = check(&t);
+    let fix = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "shard_key_not_null" && c["status"] == "fail")
+        .and_then(|c| c["fix"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    assert!(
+        fix.contains("IS NULL")
+            && fix.contains(r#"ALTER TABLE "public"."notes" ALTER COLUMN "account_id" SET NOT NULL"#),
+        "{fix}"
+    );
+    t.ddl_everywhere("DROP TABLE notes");
+    assert_passes("reverted", &t);
+
     // Publication missing a configured table.
     t.source_sql(
         "CREATE PUBLICATION reshard FOR TABLE accounts, customers, subscriptions, invoices, plans",
