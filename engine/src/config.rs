@@ -141,6 +141,28 @@ pub struct RoutingConfig {
     /// With `hash = "map"`: shard for accounts missing from the map (default: none, an error).
     #[serde(default)]
     pub default_shard: Option<String>,
+    /// With `hash = "map"`: re-read the map (the CSV file or `map_query`) every this many
+    /// seconds, seconds. Default 60; 0 turns the timer off (the map is still re-read on SIGHUP,
+    /// when the CSV file changes, and once when an unknown account shows up).
+    #[serde(default = "default_map_refresh_secs")]
+    pub map_refresh_secs: u64,
+    /// What happens to a change that cannot be routed (a NULL shard key, an account missing
+    /// from the map after a re-lookup): `quarantine` (default: kept in a durable per-table
+    /// quarantine under the spill dir, every other change goes on; see `reshard quarantine`)
+    /// or `stop` (reading from the source stops at that change).
+    #[serde(default)]
+    pub on_unroutable: OnUnroutable,
+}
+
+/// `[routing] on_unroutable`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnroutable {
+    /// Keep the change in the durable quarantine; every other change goes on (default).
+    #[default]
+    Quarantine,
+    /// Stop reading from the source at the change.
+    Stop,
 }
 
 impl Default for RoutingConfig {
@@ -151,6 +173,8 @@ impl Default for RoutingConfig {
             map: None,
             map_query: None,
             default_shard: None,
+            map_refresh_secs: default_map_refresh_secs(),
+            on_unroutable: OnUnroutable::default(),
         }
     }
 }
@@ -374,6 +398,9 @@ fn default_reshard() -> String {
 }
 fn default_key() -> String {
     "account_id".into()
+}
+fn default_map_refresh_secs() -> u64 {
+    60
 }
 fn default_true() -> bool {
     true

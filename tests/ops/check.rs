@@ -231,7 +231,8 @@ async fn check_catches_each_misconfiguration_and_passes_a_good_setup() {
         .unwrap_or_default();
     assert!(
         fix.contains("IS NULL")
-            && fix.contains(r#"ALTER TABLE "public"."notes" ALTER COLUMN "account_id" SET NOT NULL"#),
+            && fix
+                .contains(r#"ALTER TABLE "public"."notes" ALTER COLUMN "account_id" SET NOT NULL"#),
         "{fix}"
     );
     t.ddl_everywhere("DROP TABLE notes");

@@ -140,6 +140,21 @@ pub enum RouteError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// A refreshed account map moves an account to another shard.
+    #[error(
+        "the refreshed account map moves account {account:?} from shard {from} to shard {to}; \
+         a refresh never moves an account between live shards (its rows are on shard {from}; \
+         account moves are a separate feature, issue 17): the refresh is refused and the \
+         previous map stays in use; map the account to shard {from} again"
+    )]
+    MapMove {
+        /// The account.
+        account: String,
+        /// Its shard in the map in use.
+        from: String,
+        /// Its shard in the refreshed map.
+        to: String,
+    },
     /// The account map file cannot be read.
     #[error("account map {path}: {message}")]
     MapFile {

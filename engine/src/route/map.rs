@@ -225,6 +225,44 @@ impl AccountMap {
         self.shards.get(id.index()).map_or("?", String::as_str)
     }
 
+    /// `newer` (a fresh read of the same CSV file or query) as the map to route by from now on,
+    /// or an error if it moves an account this map already routes to another shard: rows of
+    /// that account already live there, and moving an account between live shards is a
+    /// separate operation, never a side effect of a refresh. Accounts missing from `newer` keep
+    /// their shard (their rows are on it); the second value counts them.
+    pub fn refreshed(&self, mut newer: AccountMap) -> Result<(AccountMap, usize), RouteError> {
+        let moved = |account: String, from: ShardId, to: ShardId| RouteError::MapMove {
+            account,
+            from: self.name(from).to_owned(),
+            to: self.name(to).to_owned(),
+        };
+        let mut kept = 0;
+        for (account, &id) in &self.text {
+            let now = newer.text.get(account).copied().or_else(|| {
+                match KeyType::Int8.parse_text(account) {
+                    Ok(Key::Int(v)) => newer.ints.get(&v).map(|&(s, _)| s),
+                    _ => parse_uuid(account).and_then(|u| newer.uuids.get(&u).map(|&(s, _)| s)),
+                }
+            });
+            match now {
+                Some(s) if s != id => return Err(moved(display_value(account), id, s)),
+                Some(_) => {}
+                None => {
+                    kept += 1;
+                    let line = u64::MAX;
+                    if let Ok(Key::Int(v)) = KeyType::Int8.parse_text(account) {
+                        newer.ints.entry(v).or_insert((id, line));
+                    }
+                    if let Some(u) = parse_uuid(account) {
+                        newer.uuids.entry(u).or_insert((id, line));
+                    }
+                    newer.text.insert(account.clone(), id);
+                }
+            }
+        }
+        Ok((newer, kept))
+    }
+
     /// The shard of a key: by value for integers and uuids, by exact bytes for strings.
     pub fn lookup(&self, key: &Key<'_>) -> Result<ShardId, KeyError> {
         let found = match key {
@@ -376,6 +414,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("query row 1"), "{err}");
+    }
+
+    /// See: issue #11 item 9. A refresh adds accounts, keeps dropped ones, and refuses to move
+    /// one.
+    #[test]
+    fn a_refresh_adds_keeps_and_refuses_moves() {
+        let old = AccountMap::from_pairs(
+            &shards(),
+            vec![("1".to_owned(), "s0".to_owned()), ("2".into(), "s1".into())],
+        )
+        .unwrap();
+        let newer = AccountMap::from_pairs(
+            &shards(),
+            vec![
+                ("01".to_owned(), "s0".to_owned()),
+                ("3".into(), "s2".into()),
+            ],
+        )
+        .unwrap();
+        let (m, kept) = old.refreshed(newer).unwrap();
+        assert_eq!(kept, 1);
+        assert_eq!(m.lookup(&Key::Int(1)), Ok(ShardId(0)));
+        assert_eq!(m.lookup(&Key::Int(2)), Ok(ShardId(1)));
+        assert_eq!(m.lookup(&Key::Int(3)), Ok(ShardId(2)));
+        let moved =
+            AccountMap::from_pairs(&shards(), vec![("2".to_owned(), "s2".to_owned())]).unwrap();
+        let err = m.refreshed(moved).unwrap_err().to_string();
+        assert!(
+            err.contains("account \"2\"") && err.contains("from shard s1 to shard s2"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -189,6 +189,17 @@ impl std::fmt::Debug for Router {
     }
 }
 
+/// A change that could not be routed, handed back whole (so that the caller can keep it in the
+/// quarantine instead of losing it).
+#[derive(Debug)]
+pub struct Unrouted {
+    /// Why it could not be routed.
+    pub error: RouteError,
+    /// The change, as it came in (an UPDATE that moves the row may have had unchanged TOAST
+    /// values filled from its old row).
+    pub change: Change,
+}
+
 /// How the full load routes the rows of one table (from [`Router::table_route`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TableRoute {
@@ -320,6 +331,22 @@ impl Router {
     /// The name of a shard (`"?"` for an id out of range).
     pub fn shard_name(&self, id: ShardId) -> &str {
         self.shards.get(id.index()).map_or("?", String::as_str)
+    }
+
+    /// The account map in use (`None` with `hash = "postgres"`).
+    pub fn account_map(&self) -> Option<&Arc<AccountMap>> {
+        match &self.hash {
+            HashKind::Map(m) => Some(m),
+            HashKind::Postgres => None,
+        }
+    }
+
+    /// Routes by `map` from now on (a refreshed account map). With `hash = "postgres"` this
+    /// does nothing.
+    pub fn set_map(&mut self, map: Arc<AccountMap>) {
+        if let HashKind::Map(m) = &mut self.hash {
+            *m = map;
+        }
     }
 
     /// The configured rule of a source table, if listed.
@@ -542,11 +569,28 @@ impl Router {
         change: Change,
         out: &mut impl FnMut(ShardId, Change),
     ) -> Result<(), RouteError> {
+        self.route_or_return(change, out).map_err(|u| u.error)
+    }
+
+    /// Like [`Router::route`], but a change that cannot be routed is handed back with the
+    /// error (nothing has been emitted for it).
+    pub fn route_or_return(
+        &mut self,
+        change: Change,
+        out: &mut impl FnMut(ShardId, Change),
+    ) -> Result<(), Box<Unrouted>> {
+        let back = |error: RouteError, change: Change| Box::new(Unrouted { error, change });
         let placement = match &change {
             Change::Insert { rel, .. }
             | Change::Update { rel, .. }
-            | Change::Delete { rel, .. } => self.placement(rel)?,
-            Change::Truncate { .. } => return self.route_truncate(change, out),
+            | Change::Delete { rel, .. } => match self.placement(rel) {
+                Ok(p) => p,
+                Err(e) => return Err(back(e, change)),
+            },
+            Change::Truncate { .. } => {
+                self.route_truncate(change, out);
+                return Ok(());
+            }
             Change::Message { .. } => return Ok(()),
         };
         let (col, key_type, key_in_identity) = match placement {
@@ -563,22 +607,25 @@ impl Router {
         };
         match change {
             Change::Insert { rel, new } => {
-                let shard = self.shard_of_row(&rel, &new, col, key_type, "insert")?;
-                out(shard, Change::Insert { rel, new });
+                match self.shard_of_row(&rel, &new, col, key_type, "insert") {
+                    Ok(shard) => out(shard, Change::Insert { rel, new }),
+                    Err(e) => return Err(back(e, Change::Insert { rel, new })),
+                }
             }
             Change::Delete { rel, old } => {
                 let shard = match old_key(&old, col, key_in_identity) {
-                    Some(_) => self.shard_of_row(&rel, old.row(), col, key_type, "delete")?,
-                    None => {
-                        return Err(RouteError::KeyNotInReplicaIdentity {
-                            table: rel.qualified_name(),
-                            column: column_name(&rel, col),
-                            op: "delete",
-                            row: describe_row(&rel, old.row()),
-                        })
-                    }
+                    Some(_) => self.shard_of_row(&rel, old.row(), col, key_type, "delete"),
+                    None => Err(RouteError::KeyNotInReplicaIdentity {
+                        table: rel.qualified_name(),
+                        column: column_name(&rel, col),
+                        op: "delete",
+                        row: describe_row(&rel, old.row()),
+                    }),
                 };
-                out(shard, Change::Delete { rel, old });
+                match shard {
+                    Ok(shard) => out(shard, Change::Delete { rel, old }),
+                    Err(e) => return Err(back(e, Change::Delete { rel, old })),
+                }
             }
             Change::Update { rel, old, new } => {
                 self.route_update(rel, old, new, col, key_type, key_in_identity, out)?;
@@ -603,26 +650,78 @@ impl Router {
         &self,
         rel: Arc<Relation>,
         old: Option<OldRow>,
-        new: Row,
+        mut new: Row,
         col: usize,
         key_type: Option<KeyType>,
         key_in_identity: bool,
         out: &mut impl FnMut(ShardId, Change),
-    ) -> Result<(), RouteError> {
-        let new_v = row_value(&rel, &new, col, "update")?;
+    ) -> Result<(), Box<Unrouted>> {
+        match self.update_shards(&rel, old.as_ref(), &mut new, col, key_type, key_in_identity) {
+            Ok((old_shard, new_shard)) if old_shard == new_shard => {
+                out(new_shard, Change::Update { rel, old, new });
+                Ok(())
+            }
+            Ok((old_shard, new_shard)) => {
+                // The key moved to another shard: delete there, insert the full new row here.
+                // `update_shards` returns different shards only when it read them from `old`.
+                let Some(old) = old else {
+                    return Err(Box::new(Unrouted {
+                        error: RouteError::KeyNotInReplicaIdentity {
+                            table: rel.qualified_name(),
+                            column: column_name(&rel, col),
+                            op: "update",
+                            row: describe_row(&rel, &new),
+                        },
+                        change: Change::Update {
+                            rel,
+                            old: None,
+                            new,
+                        },
+                    }));
+                };
+                out(
+                    old_shard,
+                    Change::Delete {
+                        rel: Arc::clone(&rel),
+                        old,
+                    },
+                );
+                out(new_shard, Change::Insert { rel, new });
+                Ok(())
+            }
+            Err(error) => Err(Box::new(Unrouted {
+                error,
+                change: Change::Update { rel, old, new },
+            })),
+        }
+    }
+
+    /// The old and new shard of an UPDATE; when they differ, fills `new`'s unchanged TOAST
+    /// values from the old row (a moving row is inserted whole).
+    fn update_shards(
+        &self,
+        rel: &Arc<Relation>,
+        old: Option<&OldRow>,
+        new: &mut Row,
+        col: usize,
+        key_type: Option<KeyType>,
+        key_in_identity: bool,
+    ) -> Result<(ShardId, ShardId), RouteError> {
+        let rel = &**rel;
+        let new_v = row_value(rel, new, col, "update")?;
         // The old side: from the old tuple when it carries the key; when no old tuple was sent
         // and the key is part of the replica identity, the identity (so the key) is unchanged.
-        let old_shard = match &old {
+        let old_shard = match old {
             Some(o) => match old_key(o, col, key_in_identity) {
                 Some(v) if !matches!(v, Value::UnchangedToast) => {
-                    Some(self.shard_of_row(&rel, o.row(), col, key_type, "update")?)
+                    Some(self.shard_of_row(rel, o.row(), col, key_type, "update")?)
                 }
                 _ => {
                     return Err(RouteError::KeyNotInReplicaIdentity {
                         table: rel.qualified_name(),
-                        column: column_name(&rel, col),
+                        column: column_name(rel, col),
                         op: "update",
-                        row: describe_row(&rel, o.row()),
+                        row: describe_row(rel, o.row()),
                     })
                 }
             },
@@ -630,42 +729,24 @@ impl Router {
             None => {
                 return Err(RouteError::KeyNotInReplicaIdentity {
                     table: rel.qualified_name(),
-                    column: column_name(&rel, col),
+                    column: column_name(rel, col),
                     op: "update",
-                    row: describe_row(&rel, &new),
+                    row: describe_row(rel, new),
                 })
             }
         };
         let new_shard = match (new_v, old_shard) {
             // The key itself was not sent because it did not change.
             (Value::UnchangedToast, Some(s)) => s,
-            _ => self.shard_of_row(&rel, &new, col, key_type, "update")?,
+            _ => self.shard_of_row(rel, new, col, key_type, "update")?,
         };
         let old_shard = old_shard.unwrap_or(new_shard);
-        if old_shard == new_shard {
-            out(new_shard, Change::Update { rel, old, new });
-            return Ok(());
+        if old_shard != new_shard {
+            if let Some(o) = old {
+                self.fill_unchanged_toast(rel, o, new, col, old_shard, new_shard)?;
+            }
         }
-        // The key moved to another shard: delete there, insert the full new row here.
-        let Some(old) = old else {
-            // Unreachable: old_shard differs from new_shard only when read from `old`.
-            return Err(RouteError::KeyNotInReplicaIdentity {
-                table: rel.qualified_name(),
-                column: column_name(&rel, col),
-                op: "update",
-                row: describe_row(&rel, &new),
-            });
-        };
-        let new = self.fill_unchanged_toast(&rel, &old, new, col, old_shard, new_shard)?;
-        out(
-            old_shard,
-            Change::Delete {
-                rel: Arc::clone(&rel),
-                old,
-            },
-        );
-        out(new_shard, Change::Insert { rel, new });
-        Ok(())
+        Ok((old_shard, new_shard))
     }
 
     /// Replaces unchanged-TOAST placeholders of a moving row's new image with the old values,
@@ -674,11 +755,11 @@ impl Router {
         &self,
         rel: &Relation,
         old: &OldRow,
-        mut new: Row,
+        new: &mut Row,
         col: usize,
         from: ShardId,
         to: ShardId,
-    ) -> Result<Row, RouteError> {
+    ) -> Result<(), RouteError> {
         for (i, v) in new.iter_mut().enumerate() {
             if !matches!(v, Value::UnchangedToast) {
                 continue;
@@ -706,21 +787,17 @@ impl Router {
                 },
             )));
         }
-        Ok(new)
+        Ok(())
     }
 
-    fn route_truncate(
-        &mut self,
-        change: Change,
-        out: &mut impl FnMut(ShardId, Change),
-    ) -> Result<(), RouteError> {
+    fn route_truncate(&mut self, change: Change, out: &mut impl FnMut(ShardId, Change)) {
         let Change::Truncate {
             rels,
             cascade,
             restart_identity,
         } = change
         else {
-            return Ok(());
+            return;
         };
         // Sharded and broadcast tables live on every shard; only skipped tables are left out.
         let skipped = |r: &Relation| match self.rules.get(&format!("{}.{}", r.namespace, r.name)) {
@@ -742,7 +819,6 @@ impl Router {
                 out,
             );
         }
-        Ok(())
     }
 }
 
