@@ -771,3 +771,50 @@ fn kill9_before_the_first_chunk_then_restart_converges() {
         t.all_logs()
     );
 }
+
+// See: issue #11 (chaos soak: a shard restarting while the daemon restarts).
+/// A shard that is down while the daemon starts is waited for: the start is retried (each
+/// attempt logged, naming the shard), not a fatal exit, and the shard catches up once it is back.
+#[test]
+fn a_shard_down_while_the_daemon_starts_is_waited_for() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    preload(&t);
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        t.all_logs()
+    );
+
+    t.shards[1].stop().unwrap();
+    t.source_sql("INSERT INTO items SELECT g % 97 + 1, g, 'late' || g, 0 FROM generate_series(50000, 50999) g");
+    let d = t.spawn_run(&[]);
+    t.wait("the start to be retried", Duration::from_secs(60), || {
+        t.last_log().contains("could not start yet").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        t.is_running(d),
+        "the daemon gave up while shard1 was down:\n{}",
+        t.all_logs()
+    );
+    let log = t.last_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("could not start yet") && l.contains("shard1")),
+        "the retry must name the shard it waits for:\n{log}"
+    );
+    t.shards[1].restart().unwrap();
+    t.wait_converged(TABLES, Duration::from_secs(120));
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        t.all_logs()
+    );
+}

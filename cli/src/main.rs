@@ -101,6 +101,10 @@ pub struct RunArgs {
     /// Targets were loaded another way: start CDC from the slot's creation, copy nothing.
     #[arg(long)]
     pub skip_full_load: bool,
+    /// Once the source answers, how long to keep retrying a start that fails because a shard
+    /// or the source is unreachable or restarting (each attempt is logged); then exit 3.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub start_retry_secs: u64,
 }
 
 #[derive(Args, Debug)]

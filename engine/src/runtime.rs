@@ -47,6 +47,10 @@ use crate::status::{
 pub struct RunOptions {
     /// The targets were loaded another way: copy nothing, stream from the slot's creation.
     pub skip_full_load: bool,
+    /// How long a start that failed transiently (a shard or the source restarting, a connection
+    /// dropped) is retried once the source has been reached. Zero: the first failure is
+    /// returned. Errors before the source answers (a wrong URL) are always returned at once.
+    pub start_retry: Duration,
 }
 
 /// Why the daemon could not start or stopped with an error.
@@ -126,6 +130,38 @@ pub struct Running {
 // Start-up errors are built once per run; their size does not matter.
 #[allow(clippy::result_large_err)]
 pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeError> {
+    let deadline = Instant::now() + opts.start_retry;
+    let mut backoff = Duration::from_millis(cfg.apply.retry_initial_ms.max(1));
+    let max = Duration::from_millis(cfg.apply.retry_max_ms.max(1));
+    loop {
+        let mut reached = false;
+        match start_once(cfg.clone(), &opts, &mut reached).await {
+            Err(e)
+                if reached
+                    && e.class() == ErrorClass::Transient
+                    && Instant::now() + backoff < deadline =>
+            {
+                tracing::warn!(
+                    error = %e,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    gives_up_in_s = deadline.saturating_duration_since(Instant::now()).as_secs(),
+                    "could not start yet: a server is unreachable or restarting; retrying (reshard run --start-retry-secs sets how long)"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(max);
+            }
+            r => return r,
+        }
+    }
+}
+
+/// One attempt of [`start`]; sets `reached` once the source answered `IDENTIFY_SYSTEM`.
+#[allow(clippy::result_large_err)]
+async fn start_once(
+    cfg: Config,
+    opts: &RunOptions,
+    reached: &mut bool,
+) -> Result<Running, RuntimeError> {
     let started = Instant::now();
     let names = cfg.shard_names();
     let conn = ConnConfig::parse(&cfg.source.url)?;
@@ -150,6 +186,7 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
     let mut repl = ReplicationClient::connect(&conn).await?;
     let system = repl.identify_system().await?;
     tracing::info!(system_id = %system.system_id, slot = %cfg.source.slot, shards = names.len(), "starting");
+    *reached = true;
 
     let spill_opts = spill_options(&cfg);
     let identity = SpillIdentity {
@@ -293,7 +330,16 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
         if let Some(tmp) = exporter {
             tmp.close().await;
         }
-        first = start_streaming(repl, &ingest_opts, start_at).await?;
+        first = match start_streaming(repl, &ingest_opts, start_at).await {
+            Ok(f) => f,
+            Err(e) => {
+                // No copy may outlive a failed start: a retry starts its own.
+                if let Some(l) = load.take() {
+                    l.abort();
+                }
+                return Err(e.into());
+            }
+        };
         if let Some(load) = load {
             tokio::spawn(async move {
                 match load.await {

@@ -11,14 +11,21 @@ use crate::RunArgs;
 /// position to the slot and exits 0.
 pub async fn run(args: RunArgs) -> CmdResult {
     let cfg = load_config(&args.config.config)?;
-    let running = runtime::start(
+    let start = runtime::start(
         cfg,
         RunOptions {
             skip_full_load: args.skip_full_load,
+            start_retry: std::time::Duration::from_secs(args.start_retry_secs),
         },
-    )
-    .await
-    .context("reshard run could not start")?;
+    );
+    // A signal while starting (or while waiting for a server to come back) ends the start.
+    let running = tokio::select! {
+        r = start => r.context("reshard run could not start")?,
+        sig = runtime::wait_for_signal() => {
+            tracing::info!(signal = sig, "shutting down before the start completed");
+            return Ok(());
+        }
+    };
     let mut done = running.done;
     let result = tokio::select! {
         sig = runtime::wait_for_signal() => {
