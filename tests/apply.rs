@@ -341,6 +341,176 @@ async fn replica_identity_full_with_and_without_target_pk() {
     run.stop().await.0.unwrap();
 }
 
+// See: issue #11 item 4.
+/// REPLICA IDENTITY FULL and no key on the target: identical rows are distinct rows, and each
+/// source UPDATE or DELETE affects exactly one of them, as on the source — also when a run of
+/// such changes to identical rows lands in one batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_identity_full_without_key_changes_exactly_one_of_identical_rows() {
+    let pg = target("CREATE TABLE public.audit (a int, msg text);");
+    let audit = rel(
+        1,
+        "audit",
+        ReplicaIdentity::Full,
+        &[("a", true), ("msg", true)],
+    );
+    let full = |a: &str, m: &str| OldRow::Full(vec![t(a), t(m)]);
+    let row = |a: &str, m: &str| vec![t(a), t(m)];
+    let log = Arc::new(MemLog::new(1024));
+    let mut seed = Vec::new();
+    for (a, m, copies) in [
+        ("1", "a", 3),
+        ("2", "b", 2),
+        ("3", "x", 3),
+        ("4", "y", 2),
+        ("5", "n", 2),
+    ] {
+        for _ in 0..copies {
+            seed.push(ins(&audit, row(a, m)));
+        }
+    }
+    txn(&log, 1, seed).await;
+    // Applied first on its own, so that the next batch meets existing duplicates.
+    let mut run = start(&pg, "shard", log.clone(), opts());
+    run.wait_applied(lsn(1)).await;
+    run.stop().await.0.unwrap();
+    // One batch of changes to identical rows.
+    txn(&log, 2, vec![del(&audit, full("1", "a"))]).await;
+    txn(
+        &log,
+        3,
+        vec![upd(&audit, Some(full("2", "b")), row("2", "c"))],
+    )
+    .await;
+    // Delete then insert of an identical row: still two.
+    txn(
+        &log,
+        4,
+        vec![del(&audit, full("1", "a")), ins(&audit, row("1", "a"))],
+    )
+    .await;
+    // Two deletes of identical rows: two of three go.
+    txn(
+        &log,
+        5,
+        vec![del(&audit, full("3", "x")), del(&audit, full("3", "x"))],
+    )
+    .await;
+    // Two updates of the same one of two identical rows.
+    txn(
+        &log,
+        6,
+        vec![
+            upd(&audit, Some(full("4", "y")), row("4", "z")),
+            upd(&audit, Some(full("4", "z")), row("4", "w")),
+        ],
+    )
+    .await;
+    // Insert of a third copy, then delete of one: still two.
+    txn(
+        &log,
+        7,
+        vec![ins(&audit, row("5", "n")), del(&audit, full("5", "n"))],
+    )
+    .await;
+    let mut run = start(&pg, "shard", log.clone(), opts());
+    run.wait_applied(lsn(7)).await;
+    let c = client(&pg, "shard").await;
+    assert_eq!(
+        rows(
+            &c,
+            "SELECT a, msg, count(*) FROM audit GROUP BY 1, 2 ORDER BY 1, 2"
+        )
+        .await,
+        vec!["1|a|2", "2|b|1", "2|c|1", "3|x|1", "4|w|1", "4|y|1", "5|n|2"]
+    );
+    run.stop().await.0.unwrap();
+}
+
+// See: issue #11 item 5.
+/// An UPDATE of another column of a row whose key is stored out of line arrives with the key as
+/// unchanged TOAST in the new tuple and the key value in the old key tuple (what PostgreSQL
+/// sends for a REPLICA IDENTITY with external values): the row is found and updated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_with_the_key_as_unchanged_toast_finds_the_row() {
+    let pg = target(
+        "CREATE TABLE public.docs (id text PRIMARY KEY, title text, body text);
+         CREATE TABLE public.notes (id text, title text);",
+    );
+    let docs = rel(
+        1,
+        "docs",
+        ReplicaIdentity::Default,
+        &[("id", true), ("title", false), ("body", false)],
+    );
+    // No target key: matched by the source's replica identity.
+    let notes = rel(
+        2,
+        "notes",
+        ReplicaIdentity::Index,
+        &[("id", true), ("title", false)],
+    );
+    let big: String = (0..3000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let log = Arc::new(MemLog::new(1024));
+    txn(
+        &log,
+        1,
+        vec![
+            ins(&docs, vec![t(&big), t("t1"), t("b1")]),
+            ins(&docs, vec![t("small"), t("s1"), t("b1")]),
+            ins(&notes, vec![t(&big), t("n1")]),
+        ],
+    )
+    .await;
+    // The rows exist before the updates' batch (else they fold into the inserts).
+    let mut run = start(&pg, "shard", log.clone(), opts());
+    run.wait_applied(lsn(1)).await;
+    txn(
+        &log,
+        2,
+        vec![
+            upd(
+                &docs,
+                Some(OldRow::Key(vec![t(&big), N, N])),
+                vec![U, t("t2"), U],
+            ),
+            upd(
+                &notes,
+                Some(OldRow::Key(vec![t(&big), N])),
+                vec![U, t("n2")],
+            ),
+        ],
+    )
+    .await;
+    // Then once more, alone in its batch and after a change that folds with it.
+    txn(
+        &log,
+        3,
+        vec![
+            upd(&docs, None, vec![t("small"), t("s2"), U]),
+            upd(
+                &docs,
+                Some(OldRow::Key(vec![t(&big), N, N])),
+                vec![U, U, t("b3")],
+            ),
+        ],
+    )
+    .await;
+    run.wait_applied(lsn(3)).await;
+    let c = client(&pg, "shard").await;
+    assert_eq!(
+        rows(&c, "SELECT length(id), title, body FROM docs ORDER BY 1").await,
+        vec!["5|s2|b1", "3000|t2|b3"]
+    );
+    assert_eq!(
+        rows(&c, "SELECT length(id), title FROM notes").await,
+        vec!["3000|n2"]
+    );
+    run.stop().await.0.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_column_keeps_the_target_value() {
     let pg = target("CREATE TABLE public.docs (id int PRIMARY KEY, title text, body text);");

@@ -818,12 +818,12 @@ impl<'a, L: ShardLog> Session<'a, L> {
             let Some(rel) = c.relation() else { continue };
             if !order.contains(&rel.id) {
                 self.resolve(rel).await?;
-                let key_idx = self
-                    .tables
-                    .get(&rel.id)
-                    .map(|t| t.key_idx.clone())
-                    .unwrap_or_default();
-                folds.insert(rel.id, Fold::new(key_idx));
+                let fold = match self.tables.get(&rel.id) {
+                    Some(t) if t.rows_may_repeat() => Fold::rows_may_repeat(t.key_idx.clone()),
+                    Some(t) => Fold::new(t.key_idx.clone()),
+                    None => Fold::new(Vec::new()),
+                };
+                folds.insert(rel.id, fold);
                 order.push(rel.id);
             } else if !self
                 .tables

@@ -273,21 +273,51 @@ pub fn change_sql(table: &TargetTable, change: &Change) -> Result<Option<String>
             if sets.is_empty() {
                 return Ok(None);
             }
-            Ok(Some(format!(
-                "UPDATE {} SET {} WHERE {}",
-                table.target_sql,
-                sets.join(", "),
-                where_key(table, &key_row)?
-            )))
+            let w = where_key(table, &key_row)?;
+            Ok(Some(if table.rows_may_repeat() {
+                format!(
+                    "{} UPDATE {} SET {} WHERE {ONE_ROW_MATCH}",
+                    one_row_cte(table, &w),
+                    table.target_sql,
+                    sets.join(", "),
+                )
+            } else {
+                format!(
+                    "UPDATE {} SET {} WHERE {w}",
+                    table.target_sql,
+                    sets.join(", "),
+                )
+            }))
         }
-        Change::Delete { old, .. } => Ok(Some(format!(
-            "DELETE FROM {} WHERE {}",
-            table.target_sql,
-            where_key(table, old.row())?
-        ))),
+        Change::Delete { old, .. } => {
+            let w = where_key(table, old.row())?;
+            Ok(Some(if table.rows_may_repeat() {
+                format!(
+                    "{} DELETE FROM {} WHERE {ONE_ROW_MATCH}",
+                    one_row_cte(table, &w),
+                    table.target_sql
+                )
+            } else {
+                format!("DELETE FROM {} WHERE {w}", table.target_sql)
+            }))
+        }
         Change::Truncate { .. } | Change::Message { .. } => Ok(None),
     }
 }
+
+/// `WITH one AS (…)`: the physical address of ONE row matching `where_` (of several identical
+/// ones, any: they are indistinguishable). `tableoid` too, since a `ctid` is unique only within
+/// one partition of a partitioned target.
+fn one_row_cte(table: &TargetTable, where_: &str) -> String {
+    format!(
+        "WITH one AS MATERIALIZED (SELECT tableoid, ctid FROM {} WHERE {where_} LIMIT 1)",
+        table.target_sql
+    )
+}
+
+/// The condition selecting the row of [`one_row_cte`] (a TID scan: `ctid = (scalar)`).
+const ONE_ROW_MATCH: &str =
+    "ctid = (SELECT ctid FROM one) AND tableoid = (SELECT tableoid FROM one)";
 
 /// The row holding the old key of an UPDATE: the old tuple if sent, else the new row (with an
 /// unchanged-TOAST key value filled from the old tuple).
@@ -424,6 +454,69 @@ mod tests {
         assert!(b.statements[2].contains("SET a = s.a::text FROM"));
         assert!(b.statements[3].contains("SET a = s.a::text, b = s.b::text FROM"));
         assert!(b.statements[4].starts_with("TRUNCATE"));
+    }
+
+    #[test]
+    fn full_identity_without_a_key_changes_one_row_per_statement() {
+        let col = |n: &str| Column {
+            name: n.into(),
+            type_oid: 25,
+            type_modifier: -1,
+            is_key: true,
+        };
+        let rel = Arc::new(Relation {
+            id: TableId(2),
+            namespace: "public".into(),
+            name: "f".into(),
+            replica_identity: ReplicaIdentity::Full,
+            columns: vec![col("a"), col("b")],
+        });
+        let tcol = |n: &str| TargetColumn {
+            name: n.into(),
+            type_sql: "text".into(),
+            not_null: false,
+            has_default: false,
+            identity_always: false,
+            identity_by_default: false,
+            generated: false,
+            in_primary_key: false,
+        };
+        let tb = TargetTable::build(
+            rel.clone(),
+            "public.f",
+            &[tcol("a"), tcol("b")],
+            "stg".into(),
+        )
+        .unwrap();
+        let old = OldRow::Full(vec![t("1"), Value::Null]);
+        let d = change_sql(
+            &tb,
+            &Change::Delete {
+                rel: rel.clone(),
+                old: old.clone(),
+            },
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            d,
+            "WITH one AS MATERIALIZED (SELECT tableoid, ctid FROM public.f WHERE a IS NOT DISTINCT FROM '1'::text AND b IS NULL LIMIT 1) \
+             DELETE FROM public.f WHERE ctid = (SELECT ctid FROM one) AND tableoid = (SELECT tableoid FROM one)"
+        );
+        let u = change_sql(
+            &tb,
+            &Change::Update {
+                rel,
+                old: Some(old),
+                new: vec![t("1"), t("x")],
+            },
+        )
+        .unwrap()
+        .unwrap();
+        assert!(
+            u.contains(") UPDATE public.f SET b = 'x'::text WHERE ctid = (SELECT ctid FROM one)"),
+            "{u}"
+        );
     }
 
     #[test]

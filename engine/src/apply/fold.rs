@@ -17,6 +17,11 @@
 //! | update    | *ordered*   | update (columns merged)  | delete      |
 //! | delete    | upsert      | *ordered*                | delete      |
 //!
+//! A key value stored out of line and left unchanged arrives as unchanged TOAST in the new tuple;
+//! it is taken from the old key tuple, so the staged row always carries its key.
+//! Under REPLICA IDENTITY FULL without a target key ([`Fold::rows_may_repeat`]) rows may
+//! repeat and nothing folds: inserts are kept, an update or delete takes the ordered path.
+//!
 //! *ordered* marks sequences the source cannot produce for a real key (a duplicate insert);
 //! the fold then asks for the change-by-change path instead of guessing. An update that changes
 //! the key becomes a delete of the old key and an insert of the new row; if that new row has
@@ -72,6 +77,8 @@ pub struct Folded {
 #[derive(Debug)]
 pub struct Fold {
     key_idx: Vec<usize>,
+    /// Several rows may hold the same key (REPLICA IDENTITY FULL without a target key).
+    rows_may_repeat: bool,
     index: HashMap<Vec<Value>, usize>,
     nets: Vec<Option<NetChange>>,
     needs_ordered: bool,
@@ -83,9 +90,21 @@ impl Fold {
     pub fn new(key_idx: Vec<usize>) -> Fold {
         Fold {
             key_idx,
+            rows_may_repeat: false,
             index: HashMap::new(),
             nets: Vec::new(),
             needs_ordered: false,
+        }
+    }
+
+    /// A fold for a table whose match key is not unique (every column of a REPLICA IDENTITY
+    /// FULL table without a target key): identical rows are distinct rows, and each UPDATE or
+    /// DELETE changes exactly one of them, so nothing folds per key. Inserts are kept as they
+    /// come; an UPDATE or DELETE asks for the ordered path, which matches one row per change.
+    pub fn rows_may_repeat(key_idx: Vec<usize>) -> Fold {
+        Fold {
+            rows_may_repeat: true,
+            ..Fold::new(key_idx)
         }
     }
 
@@ -104,7 +123,7 @@ impl Fold {
     pub fn push(&mut self, change: &Change) -> Result<(), FoldError> {
         match change {
             Change::Insert { new, .. } => {
-                if self.key_idx.is_empty() {
+                if self.key_idx.is_empty() || self.rows_may_repeat {
                     self.nets.push(Some(NetChange::Insert(new.clone())));
                     return Ok(());
                 }
@@ -115,19 +134,31 @@ impl Fold {
                 if self.key_idx.is_empty() {
                     return Err(FoldError::NoKey { kind: "update" });
                 }
+                if self.rows_may_repeat {
+                    self.needs_ordered = true;
+                    return Ok(());
+                }
                 let old_row = old.as_ref().map(OldRow::row);
                 let new_key = self.key_of(new, old_row, "update")?;
                 let old_key = match old_row {
                     Some(o) => self.key_of(o, None, "update")?,
                     None => new_key.clone(),
                 };
+                // A key value stored out of line and not changed arrives as unchanged TOAST in
+                // the new tuple (its value is in the old key tuple): the staged row must carry
+                // it, or the set-based UPDATE matches nothing.
+                let mut row = new.clone();
+                for (&i, k) in self.key_idx.iter().zip(&new_key) {
+                    if let Some(v @ Value::UnchangedToast) = row.get_mut(i) {
+                        *v = k.clone();
+                    }
+                }
                 if old_key == new_key {
-                    self.on_update(new_key, new);
+                    self.on_update(new_key, &row);
                 } else {
                     // The key moved: the old key is deleted, the new one inserted. Carried-over
                     // TOAST values can be filled from a full old row; otherwise only the ordered
                     // path (a real UPDATE) can keep them.
-                    let mut row = new.clone();
                     for (i, v) in row.iter_mut().enumerate() {
                         if *v == Value::UnchangedToast {
                             match old {
@@ -147,6 +178,10 @@ impl Fold {
             Change::Delete { old, .. } => {
                 if self.key_idx.is_empty() {
                     return Err(FoldError::NoKey { kind: "delete" });
+                }
+                if self.rows_may_repeat {
+                    self.needs_ordered = true;
+                    return Ok(());
                 }
                 let key = self.key_of(old.row(), None, "delete")?;
                 self.on_delete(key, old.row().clone());
@@ -428,6 +463,44 @@ mod tests {
     fn duplicate_insert_and_update_after_delete_need_the_ordered_path() {
         assert!(fold(&[ins("1", "a", "b"), ins("1", "a", "b")]).needs_ordered);
         assert!(fold(&[del("1"), upd("1", t("a"), U)]).needs_ordered);
+    }
+
+    #[test]
+    fn an_unchanged_toast_key_is_staged_with_the_old_key_value() {
+        let c = Change::Update {
+            rel: rel(),
+            old: Some(OldRow::Key(vec![t("1"), Value::Null, Value::Null])),
+            new: vec![U, t("a2"), U],
+        };
+        let f = fold(&[c]);
+        assert_eq!(f.changes, vec![NetChange::Update(vec![t("1"), t("a2"), U])]);
+        assert!(!f.needs_ordered);
+    }
+
+    #[test]
+    fn repeating_rows_keep_every_insert_and_order_updates_and_deletes() {
+        let mut f = Fold::rows_may_repeat(vec![0, 1, 2]);
+        f.push(&ins("1", "a", "b")).unwrap();
+        f.push(&ins("1", "a", "b")).unwrap();
+        let f = f.finish();
+        assert_eq!(f.changes.len(), 2);
+        assert!(!f.needs_ordered);
+        let full = OldRow::Full(vec![t("1"), t("a"), t("b")]);
+        for c in [
+            Change::Delete {
+                rel: rel(),
+                old: full.clone(),
+            },
+            Change::Update {
+                rel: rel(),
+                old: Some(full.clone()),
+                new: vec![t("1"), t("a"), t("c")],
+            },
+        ] {
+            let mut f = Fold::rows_may_repeat(vec![0, 1, 2]);
+            f.push(&c).unwrap();
+            assert!(f.finish().needs_ordered, "{c:?}");
+        }
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //! source's replica identity (so the old key of every UPDATE/DELETE is known); upserts then use
 //! `INSERT … ON CONFLICT (pk) DO UPDATE`. Otherwise it is the source's replica identity columns
 //! (`is_key`, or every column for REPLICA IDENTITY FULL), compared with `IS NOT DISTINCT FROM`,
-//! and an upsert is a delete then an insert. A table without either only takes inserts.
+//! and an upsert is a delete then an insert; under REPLICA IDENTITY FULL identical rows may
+//! repeat, so each UPDATE/DELETE then changes exactly one of them, as PostgreSQL's own apply
+//! does. A table without either only takes inserts.
 //! See <https://www.postgresql.org/docs/current/logical-replication-publication.html> on
 //! replica identity.
 
@@ -48,6 +50,10 @@ pub enum KeyMode {
     /// By the source's replica-identity columns, with `IS NOT DISTINCT FROM`; an upsert is a
     /// delete then an insert.
     ReplicaIdentity,
+    /// By every column (REPLICA IDENTITY FULL, no usable target primary key), with `IS NOT
+    /// DISTINCT FROM`. Rows may repeat: each UPDATE or DELETE changes exactly one matching row
+    /// (picked by `tableoid`, `ctid`), as on the source.
+    FullRow,
     /// No key: the table can only take inserts.
     None,
 }
@@ -219,6 +225,9 @@ impl TargetTable {
         };
         let (key_mode, key_idx) = match pk_src {
             Some(idx) => (KeyMode::PrimaryKey, idx),
+            None if source.replica_identity == ReplicaIdentity::Full => {
+                (KeyMode::FullRow, source_key)
+            }
             None if !source_key.is_empty() => (KeyMode::ReplicaIdentity, source_key),
             None => (KeyMode::None, Vec::new()),
         };
@@ -253,6 +262,11 @@ impl TargetTable {
             overriding,
             staging,
         })
+    }
+
+    /// Whether several target rows may hold the same match key (see [`KeyMode::FullRow`]).
+    pub fn rows_may_repeat(&self) -> bool {
+        self.key_mode == KeyMode::FullRow
     }
 
     /// `CREATE TEMP TABLE IF NOT EXISTS` for the staging table: an op code and one `text`
@@ -477,7 +491,8 @@ mod tests {
             "s".into(),
         )
         .unwrap();
-        assert_eq!(t.key_mode, KeyMode::ReplicaIdentity);
+        assert_eq!(t.key_mode, KeyMode::FullRow);
+        assert!(t.rows_may_repeat());
         assert_eq!(t.key_idx, vec![0, 1]);
         assert!(t
             .delete_sql("0")
