@@ -165,3 +165,115 @@ fn status_verify_and_cutover_work_against_the_running_daemon() {
     let st: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(st["phase"], "stopped", "{out}");
 }
+
+// See: issue #11 item 10.
+/// `cutover` started while the daemon is still in its full load (no progress row anywhere
+/// yet) waits for the load and the shard's progress, saying what it waits for, and succeeds.
+#[test]
+fn cutover_started_during_the_full_load_waits_for_it_and_succeeds() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    t.source_sql("INSERT INTO currencies VALUES ('EUR', 'Euro')");
+    t.source_sql("INSERT INTO orders (account_id, amount, note) SELECT a % 40, a, 'n' || a FROM generate_series(1, 24000) a");
+    // About 6 s of full load per shard.
+    let cfg =
+        t.write_config("[snapshot]\nparallel = 1\nchunk_rows = 1000\nmax_rows_per_sec = 2000\n");
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let d = t.spawn_run(&[]);
+    t.wait(
+        "the daemon to be in its full load",
+        Duration::from_secs(60),
+        || {
+            t.status_json()
+                .filter(|s| s["phase"] == "full_load")
+                .map(|_| ())
+        },
+    );
+    let (code, out, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        &cfg,
+        "--shard",
+        "shard0",
+        "--timeout",
+        "120",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "cutover:\n{out}\n{err}\n{}", t.all_logs());
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(r["ok"], true, "{r:#}");
+    assert_eq!(r["verify"]["ok"], true, "{r:#}");
+    assert!(
+        err.contains("waiting up to") && err.contains("no progress row yet"),
+        "cutover must say what it waits for:\n{err}"
+    );
+    let (src, dst) = t.digests(
+        "orders",
+        Some(("account_id", "bigint")),
+        "account_id, id",
+        0,
+    );
+    assert_eq!(src, dst);
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        t.all_logs()
+    );
+}
+
+// See: issue #11 item 11.
+/// Migrate, cut over every shard, stop the daemon (SIGTERM), then verify: the shards' progress
+/// is behind the source's present and nothing will move it. verify notices that, compares the
+/// shards as they are, says so, and returns MATCH instead of waiting for `--timeout`.
+#[test]
+fn verify_with_the_daemon_stopped_compares_as_is_and_says_so() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    t.source_sql("INSERT INTO currencies VALUES ('EUR', 'Euro'), ('USD', 'Dollar')");
+    t.source_sql("INSERT INTO orders (account_id, amount, note) SELECT a % 40, a, 'n' || a FROM generate_series(1, 2000) a");
+    let cfg = t.write_config("");
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    t.source_sql("UPDATE orders SET note = 'cdc' WHERE id % 7 = 0");
+    for shard in ["shard0", "shard1"] {
+        let (code, out, err) =
+            t.reshard(&["cutover", "-c", &cfg, "--shard", shard, "--timeout", "2m"]);
+        assert_eq!(code, 0, "cutover {shard}:\n{out}\n{err}\n{}", t.all_logs());
+    }
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        t.all_logs()
+    );
+    // The source's WAL moves on past every shard's progress (nothing replicated changes).
+    t.source_sql("SELECT pg_logical_emit_message(false, 'test', 'after the daemon stopped')");
+    let (code, out, err) = t.reshard(&["verify", "-c", &cfg, "--json", "--timeout", "60"]);
+    assert_eq!(code, 0, "verify with the daemon stopped:\n{out}\n{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(r["ok"], true, "{r:#}");
+    let stale = r["not_applying"].as_array().cloned().unwrap_or_default();
+    assert!(
+        !stale.is_empty(),
+        "the report must say which shards were compared as they were: {r:#}"
+    );
+    assert!(
+        err.contains("waiting up to") && err.contains("no reshard run is up"),
+        "verify must say what it waits for and why it stopped waiting:\n{err}"
+    );
+    // A real difference on such a shard is not called a match: exit 3 (may be unapplied).
+    t.shards[1]
+        .psql(
+            "app",
+            "DELETE FROM orders WHERE id = (SELECT min(id) FROM orders)",
+        )
+        .unwrap();
+    t.source_sql("SELECT pg_logical_emit_message(false, 'test', 'again')");
+    let (code, out, err) =
+        t.reshard(&["verify", "-c", &cfg, "--shard", "shard1", "--timeout", "60"]);
+    assert_eq!(code, 3, "{out}\n{err}");
+    assert!(err.contains("may be changes not applied yet"), "{err}");
+    assert!(out.contains("missing"), "{out}");
+}

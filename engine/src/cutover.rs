@@ -8,7 +8,9 @@
 //!    returns the LSN M of a WAL record written after every transaction that committed
 //!    before the cutover started (<https://www.postgresql.org/docs/current/functions-admin.html#FUNCTIONS-REPLICATION>).
 //! 2. Wait until the shard's progress row says `commit_lsn >= M - 1`: every source commit below M
-//!    is then applied there (polled every 200 ms, up to the timeout).
+//!    is then applied there (polled every 200 ms, up to the timeout). A shard without a progress
+//!    row yet (the daemon is still in its full load, or just starting) is waited for too; what
+//!    the wait is for, and what the daemon is doing, is logged at once and every 10 s.
 //! 3. Sequences: every sequence of the replicated schemas is set on the shard to at least the
 //!    source's `last_value` + `[cutover] sequence_gap`, never moved backwards
 //!    (`setval(seq, GREATEST(shard's value, source's + gap))`).
@@ -22,10 +24,14 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
-use crate::pgconn::{connect_plain, error_text, quote_literal, quote_qualified};
-use crate::progress::{progress_table_exists, source_system_id};
+use crate::pgconn::{
+    connect_plain, current_insert_lsn, error_text, quote_literal, quote_qualified,
+};
+use crate::progress::source_system_id;
 use crate::tableinfo::split_name;
-use crate::verify::{self, KeyRouter, VerifyError, VerifyOptions, VerifyReport};
+use crate::verify::{
+    self, KeyRouter, ProgressWait, VerifyError, VerifyOptions, VerifyReport, Waited,
+};
 
 /// What to cut over.
 #[derive(Clone)]
@@ -77,11 +83,15 @@ pub enum CutoverError {
         /// What.
         message: String,
     },
-    /// The shard has never been fed by reshard.
-    #[error("shard {shard} has no reshard.progress table: reshard run has never applied changes to it, so there is nothing to wait for; start reshard run first")]
+    /// The shard has no progress row: reshard run has applied nothing to it within the timeout.
+    #[error("shard {shard} has no progress row after waiting {waited_secs:.0}s: reshard run has not applied anything to it yet ({daemon}); start reshard run, or let its full load finish, and retry with a longer --timeout")]
     NoProgress {
         /// Shard.
         shard: String,
+        /// Seconds waited.
+        waited_secs: f64,
+        /// What the daemon was doing.
+        daemon: String,
     },
     /// The shard did not catch up in time.
     #[error("shard {shard} did not reach the cutover LSN {target} within {waited_secs:.1}s: it is at {reached}, {behind_bytes} bytes behind; check `reshard lag` and retry with a longer --timeout")]
@@ -207,22 +217,6 @@ pub async fn cutover(
             endpoint: format!("shard {name}"),
             error: Box::new(error),
         })?;
-    let exists = progress_table_exists(&shard, name)
-        .await
-        .map_err(|e| match e {
-            crate::progress::ProgressError::Query { error, .. } => {
-                qerr(name, "reading progress")(error)
-            }
-            other => CutoverError::Invalid {
-                endpoint: name.to_owned(),
-                message: other.to_string(),
-            },
-        })?;
-    if !exists {
-        return Err(CutoverError::NoProgress {
-            shard: name.to_owned(),
-        });
-    }
     let system_id = source_system_id(&src).await;
 
     // 1. The marker.
@@ -235,28 +229,53 @@ pub async fn cutover(
     {
         Ok(row) => ("logical_message", parse_lsn(&row, "source")?),
         Err(e) => {
-            tracing::warn!(error = %e, "pg_logical_emit_message refused; using pg_current_wal_lsn()");
-            let row = src
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            tracing::warn!(error = %e, "pg_logical_emit_message refused; using pg_current_wal_insert_lsn()");
+            let lsn = current_insert_lsn(&src)
                 .await
-                .map_err(qerr("source", "reading pg_current_wal_lsn()"))?;
-            ("current_wal_lsn", parse_lsn(&row, "source")?)
+                .map_err(qerr("source", "reading pg_current_wal_insert_lsn()"))?;
+            ("current_wal_lsn", lsn)
         }
     };
 
     // 2. Wait.
     let started = Instant::now();
-    let reached = match verify::wait_for_progress(
-        &shard,
-        &config.source.slot,
-        name,
-        system_id.as_deref(),
+    let waited = ProgressWait {
+        config,
+        src: &src,
+        shard_client: &shard,
+        shard: name,
+        system_id: system_id.as_deref(),
         target,
-        opts.timeout,
-    )
-    .await
-    {
-        Ok(l) => l,
+        timeout: opts.timeout,
+        who: "cutover",
+        stop_when_nothing_applies: false,
+    }
+    .run()
+    .await;
+    let reached = match waited {
+        Ok(Waited::Reached(l)) => l,
+        // Not asked for (`stop_when_nothing_applies: false`); never a reason to go on.
+        Ok(Waited::NothingApplying { reached, .. }) => {
+            return Err(CutoverError::Timeout {
+                shard: name.to_owned(),
+                target,
+                reached,
+                behind_bytes: target.bytes_since(reached),
+                waited_secs: started.elapsed().as_secs_f64(),
+            })
+        }
+        Err(VerifyError::Timeout {
+            reached,
+            waited_secs,
+            daemon,
+            ..
+        }) if reached.is_zero() => {
+            return Err(CutoverError::NoProgress {
+                shard: name.to_owned(),
+                waited_secs,
+                daemon,
+            })
+        }
         Err(VerifyError::Timeout {
             reached,
             waited_secs,

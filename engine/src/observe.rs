@@ -96,6 +96,74 @@ pub async fn current_status(config: &Config) -> (StatusSnapshot, StatusOrigin) {
     }
 }
 
+/// Whether a `reshard run` for this config is up, and what it says it is doing.
+#[derive(Debug, Clone)]
+pub enum Daemon {
+    /// Its admin console answered.
+    Answering(Box<StatusSnapshot>),
+    /// The admin console did not answer, but a walsender streams the slot.
+    SlotActive,
+    /// Nothing is up: why the console did not answer; the slot has no walsender.
+    Absent(String),
+}
+
+impl Daemon {
+    /// Whether something is running that can move `shard`'s progress.
+    pub fn is_up(&self) -> bool {
+        !matches!(self, Daemon::Absent(_))
+    }
+
+    /// One clause for a waiting message: what the daemon is doing about `shard`.
+    pub fn describe(&self, config: &Config, shard: &str) -> String {
+        match self {
+            Daemon::Answering(s) => {
+                let mut out = format!("reshard run is {}", s.phase.as_str());
+                if s.phase == Phase::FullLoad && !s.tables.is_empty() {
+                    let done = s.tables.iter().filter(|t| t.state.contains("done")).count();
+                    out.push_str(&format!(
+                        " ({done} of {} tables loaded; shards apply once it finishes)",
+                        s.tables.len()
+                    ));
+                }
+                if let Some(v) = s.shards.iter().find(|v| v.name == shard) {
+                    out.push_str(&format!(", shard {shard} is {}", v.state.as_str()));
+                    if let Some(e) = &v.last_error {
+                        out.push_str(&format!(" (last error: {e})"));
+                    }
+                }
+                out
+            }
+            Daemon::SlotActive => format!(
+                "slot {} is being streamed (the admin console does not answer)",
+                config.source.slot
+            ),
+            Daemon::Absent(why) => format!(
+                "no reshard run is up: {why}, and slot {} has no walsender",
+                config.source.slot
+            ),
+        }
+    }
+}
+
+/// Looks for the daemon: its admin console, else a walsender on the slot (read with `src`).
+pub async fn find_daemon(config: &Config, src: &tokio_postgres::Client) -> Daemon {
+    let why = match query_admin(config).await {
+        Ok(s) => return Daemon::Answering(Box::new(s)),
+        Err(e) => e,
+    };
+    let active = src
+        .query_opt(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.source.slot],
+        )
+        .await;
+    match active {
+        Ok(Some(r)) if r.try_get::<_, bool>(0).unwrap_or(false) => Daemon::SlotActive,
+        // A failing query is no evidence of a running daemon either.
+        _ => Daemon::Absent(why),
+    }
+}
+
 async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
     match tokio::time::timeout(CONNECT_TIMEOUT * 3, connect_plain(url)).await {
         Ok(Ok(c)) => Ok(c),
@@ -281,14 +349,9 @@ async fn source_slot(
     config: &Config,
     snap: &mut StatusSnapshot,
 ) -> Result<(), String> {
-    let cur = src
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+    snap.source.current_wal_lsn = crate::pgconn::current_insert_lsn(src)
         .await
         .map_err(|e| crate::pgconn::error_text(&e))?;
-    let cur: String = cur.try_get(0).map_err(|e| crate::pgconn::error_text(&e))?;
-    snap.source.current_wal_lsn = cur
-        .parse()
-        .map_err(|e: crate::lsn::ParseLsnError| e.to_string())?;
     let row = src
         .query_opt(
             "SELECT coalesce(confirmed_flush_lsn::text, '0/0'), active, \

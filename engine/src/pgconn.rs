@@ -11,6 +11,7 @@
 
 use tokio_postgres::Client;
 
+use crate::lsn::Lsn;
 use crate::source::{ConnConfig, SourceError};
 
 /// Connects with the libpq semantics of [`ConnConfig`] (URL or key=value, environment,
@@ -44,6 +45,23 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
         cause = c.source();
     }
     s
+}
+
+/// The SQL of the source's present, for queries that read it with other values (see
+/// [`current_insert_lsn`]).
+pub const SOURCE_PRESENT_LSN: &str = "pg_current_wal_insert_lsn()";
+
+/// The source's present: `pg_current_wal_insert_lsn()`, the end of the last WAL record
+/// inserted. Every commit any session can see has its commit record below it. Not
+/// `pg_current_wal_lsn()` (the write pointer): with `synchronous_commit = off` a commit is
+/// visible before its record is written, so it can lie past the write pointer
+/// (<https://www.postgresql.org/docs/current/functions-admin.html#FUNCTIONS-ADMIN-BACKUP>).
+pub async fn current_insert_lsn(client: &Client) -> Result<Lsn, tokio_postgres::Error> {
+    let row = client
+        .query_one(&format!("SELECT {SOURCE_PRESENT_LSN}"), &[])
+        .await?;
+    let lsn: tokio_postgres::types::PgLsn = row.try_get(0)?;
+    Ok(Lsn::from_u64(lsn.into()))
 }
 
 /// Session settings that fix the text output of every type, set on every side of a comparison.

@@ -31,6 +31,7 @@ use crate::event::{pg_now, ShardId};
 use crate::handoff::SkipLog;
 use crate::ingest::{start_streaming, Ingest, IngestCounters, IngestError, IngestOptions, Started};
 use crate::lsn::Lsn;
+use crate::pgconn::SOURCE_PRESENT_LSN;
 use crate::route::{self, AccountMap, RouteError, RouteSpec, Router};
 use crate::snapshot::{self, FullLoad, FullLoadProgress, FullLoadReport, SnapshotError};
 use crate::source::{
@@ -740,10 +741,12 @@ impl Supervisor {
     }
 
     async fn poll_source(&self, out: &mut SourceStatus) {
-        let q = "SELECT pg_current_wal_lsn()::text, \
-                 (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1), \
-                 (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1)";
-        match self.sql.query_one(q, &[&self.cfg.source.slot]).await {
+        let q = format!(
+            "SELECT {SOURCE_PRESENT_LSN}::text, \
+             (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1), \
+             (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1)"
+        );
+        match self.sql.query_one(&q, &[&self.cfg.source.slot]).await {
             Ok(row) => {
                 let lsn = |i: usize| {
                     row.get::<_, Option<String>>(i)
@@ -778,7 +781,7 @@ impl Supervisor {
         match self
             .sql
             .query_one(
-                "SELECT pg_logical_emit_message(false, 'reshard.heartbeat', '')::text, pg_current_wal_lsn()::text",
+                &format!("SELECT pg_logical_emit_message(false, 'reshard.heartbeat', '')::text, {SOURCE_PRESENT_LSN}::text"),
                 &[],
             )
             .await

@@ -85,7 +85,7 @@ pub struct SourceStatus {
     pub system_id: String,
     /// The slot's `confirmed_flush_lsn` (what reshard has confirmed).
     pub confirmed_flush_lsn: Lsn,
-    /// The source's current WAL insert position (last known).
+    /// The source's current WAL insert position (last known; `pg_current_wal_insert_lsn()`).
     pub current_wal_lsn: Lsn,
     /// WAL the slot makes the source keep (`pg_current_wal_lsn() - restart_lsn`), bytes.
     pub retained_wal_bytes: u64,

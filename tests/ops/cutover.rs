@@ -207,15 +207,25 @@ async fn cutover_waits_for_the_latest_write_then_sets_sequences() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cutover_refuses_a_shard_reshard_never_fed_and_times_out_when_behind() {
+async fn cutover_waits_for_a_shard_reshard_never_fed_and_times_out_when_behind() {
     let t = Topology::start(2);
     t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
     t.write_config("");
     let cfg = t.config_path();
-    // No progress table at all: exit 3 at once.
-    let (code, _, err) = t.reshard(&["cutover", "-c", cfg.to_str().unwrap(), "--shard", "shard0"]);
+    // No progress table at all and no daemon: exit 3 once the timeout passes, saying what it
+    // waited for and that nothing runs.
+    let (code, _, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--shard",
+        "shard0",
+        "--timeout",
+        "1s",
+    ]);
     assert_eq!(code, 3, "{err}");
-    assert!(err.contains("no reshard.progress"), "{err}");
+    assert!(err.contains("has no progress row after waiting"), "{err}");
+    assert!(err.contains("no reshard run is up"), "{err}");
     // Unknown shard: exit 2.
     let (code, _, err) = t.reshard(&["cutover", "-c", cfg.to_str().unwrap(), "--shard", "nope"]);
     assert_eq!(code, 2, "{err}");

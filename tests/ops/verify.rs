@@ -455,3 +455,37 @@ async fn verify_routes_through_an_account_map() {
         "{out}"
     );
 }
+
+// See: issue #11 item 6.
+/// With `synchronous_commit = off` a commit is visible before its WAL is written, so it lies
+/// past `pg_current_wal_lsn()` (the write pointer) until the WAL writer runs. The source LSN
+/// verify waits for must cover every commit its snapshot sees: the insert position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_source_lsn_covers_an_asynchronous_commit() {
+    let t = Topology::start(1);
+    t.ddl_everywhere("CREATE TABLE plans (id int PRIMARY KEY, name text)");
+    // The WAL writer then leaves an asynchronous commit unwritten for up to 10 s.
+    t.source_sql("ALTER SYSTEM SET wal_writer_delay = '10s'");
+    t.source_sql("SELECT pg_reload_conf()");
+    t.write_config("");
+    t.shards[0]
+        .psql("app", "INSERT INTO plans VALUES (1, 'free')")
+        .unwrap();
+    let src = super::connect(&t.source.url("app")).await;
+    src.batch_execute("SET synchronous_commit = off; INSERT INTO plans VALUES (1, 'free')")
+        .await
+        .unwrap();
+    let after_commit: String = src
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (code, r, err) = verify(&t, &["--timeout", "30"]);
+    assert_eq!(code, 0, "{r:#}\n{err}");
+    let lsn = |s: &str| s.parse::<reshard_engine::Lsn>().unwrap();
+    let source_lsn = lsn(r["source_lsn"].as_str().unwrap());
+    assert!(
+        source_lsn >= lsn(&after_commit),
+        "verify's source LSN {source_lsn} is below the asynchronous commit it sees (ends by {after_commit})"
+    );
+}

@@ -3,7 +3,8 @@
 //! Exit codes: 0 when every table matches on every shard; 1 on any mismatch (the differing
 //! keys are printed); 2 on a config or argument error (unknown `--shard`/`--table`, bad
 //! `--timeout`); 3 when the verification could not complete (unreachable endpoint, a shard
-//! that did not catch up within `--timeout`, a failing query).
+//! that did not catch up within `--timeout`, a failing query, differences only on shards that
+//! no running `reshard run` is applying to).
 
 use reshard_engine::verify::{verify, Difference, VerifyError, VerifyOptions, VerifyReport};
 
@@ -33,12 +34,32 @@ pub async fn run(args: VerifyArgs) -> CmdResult {
         print!("{}", render(&report));
     }
     if report.ok {
-        Ok(())
-    } else {
-        Err(Failure::problem(anyhow::anyhow!(
-            "verification found differences"
-        )))
+        return Ok(());
     }
+    // Differences only on shards nothing was applying to: they may be changes not applied yet,
+    // so the verification could not complete rather than found a divergence.
+    let differing: Vec<&str> = report
+        .results
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| r.shard.as_str())
+        .collect();
+    let unsure = differing
+        .iter()
+        .all(|s| report.not_applying.iter().any(|n| n.shard == *s));
+    if unsure {
+        let mut shards: Vec<&str> = differing;
+        shards.dedup();
+        return Err(Failure::failed(anyhow::anyhow!(
+            "shard(s) {} differ from the source, but no reshard run is applying to them and their \
+             progress is behind the source: the differences may be changes not applied yet; start \
+             reshard run, let it catch up, and verify again",
+            shards.join(", ")
+        )));
+    }
+    Err(Failure::problem(anyhow::anyhow!(
+        "verification found differences"
+    )))
 }
 
 /// Exit code of a verify error: 2 for what the operator typed, 3 for the rest.

@@ -7,10 +7,14 @@
 //!
 //! How (everything heavy runs inside PostgreSQL, reshard holds one row per stream):
 //! 1. Source: a `REPEATABLE READ` transaction whose snapshot is taken together with
-//!    `pg_current_wal_lsn()` = L. Every commit it sees has a commit record below L.
+//!    `pg_current_wal_insert_lsn()` = L. Every commit it sees has a commit record below L.
 //! 2. Each shard is read only after its progress row (`reshard.progress.commit_lsn`) reaches
 //!    L, so it holds at least what the source snapshot holds (shards without a progress row
-//!    — loaded by other means — are read as they are).
+//!    — loaded by other means — are read as they are). While waiting, verify says what for;
+//!    when no `reshard run` is up to move a shard's progress (no admin console, no walsender
+//!    on the slot, progress standing still), that shard is compared as it is and the report
+//!    says so ([`VerifyReport::not_applying`]): a match is still proof, a difference may be
+//!    changes not applied yet.
 //! 3. Per account: `count(*)` and the sum of 64-bit row hashes, streamed `ORDER BY account`
 //!    from the source (with the account's shard computed there by PostgreSQL's own
 //!    `satisfies_hash_partition` on a temporary hash-partitioned helper of the key's type,
@@ -37,7 +41,8 @@ use tokio_postgres::Client;
 use crate::config::{Config, HashKind, TableMode, TableRule};
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
-use crate::pgconn::{connect_plain, error_text, normalize_session};
+use crate::observe::find_daemon;
+use crate::pgconn::{connect_plain, current_insert_lsn, error_text, normalize_session};
 use crate::progress::{read_progress, source_system_id};
 use crate::tableinfo::{describe_table, TableInfo};
 
@@ -112,7 +117,7 @@ pub enum VerifyError {
         error: tokio_postgres::Error,
     },
     /// A shard did not reach the source snapshot's LSN in time.
-    #[error("shard {shard} did not reach source LSN {target} within {waited_secs:.0}s (its progress is at {reached}); is reshard run applying to it? raise --timeout")]
+    #[error("shard {shard} did not reach source LSN {target} within {waited_secs:.0}s (its progress is at {reached}; {daemon}); check `reshard status`, or raise --timeout")]
     Timeout {
         /// Shard.
         shard: String,
@@ -122,6 +127,8 @@ pub enum VerifyError {
         reached: Lsn,
         /// Seconds waited.
         waited_secs: f64,
+        /// What the daemon was doing (see [`crate::observe::Daemon::describe`]).
+        daemon: String,
     },
     /// Routing of an account failed (`hash = "map"`).
     #[error("table {table}: cannot route account {account}: {message}")]
@@ -226,8 +233,24 @@ pub struct VerifyReport {
     pub results: Vec<TableShardResult>,
     /// Remarks (shards read without a progress row, columns left out, …).
     pub notes: Vec<String>,
+    /// Shards compared as they were, behind the source, because nothing was applying to them.
+    pub not_applying: Vec<NotApplying>,
     /// Seconds taken.
     pub elapsed_secs: f64,
+}
+
+/// A shard compared as it was, behind the source, because no `reshard run` was up to apply
+/// the rest.
+#[derive(Debug, Clone, Serialize)]
+pub struct NotApplying {
+    /// Shard.
+    pub shard: String,
+    /// Its progress.
+    pub progress_lsn: Lsn,
+    /// The source LSN it did not reach.
+    pub source_lsn: Lsn,
+    /// Why nothing is applying (see [`crate::observe::Daemon::describe`]).
+    pub daemon: String,
 }
 
 struct ShardConn {
@@ -235,6 +258,8 @@ struct ShardConn {
     name: String,
     client: Client,
     has_progress: bool,
+    /// Set once nothing was found applying to this shard: it is then read as it is.
+    not_applying: std::sync::Mutex<Option<NotApplying>>,
 }
 
 struct Ctx<'a> {
@@ -311,6 +336,7 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
             name: s.name.clone(),
             client,
             has_progress,
+            not_applying: std::sync::Mutex::new(None),
         });
     }
     let system_id = source_system_id(&src).await;
@@ -337,6 +363,18 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
         report.results.extend(results);
     }
     report.ok = report.results.iter().all(|r| r.ok);
+    for s in &ctx.shards {
+        let stale = s.not_applying.lock().map(|g| g.clone()).unwrap_or(None);
+        if let Some(n) = stale {
+            ctx.notes.push(format!(
+                "shard {}: nothing is applying to it ({}); its progress {} is behind the source's {}, \
+                 so it was compared as it is: a match proves it holds the source's rows, a difference \
+                 may be changes not applied yet (start reshard run and verify again)",
+                n.shard, n.daemon, n.progress_lsn, n.source_lsn
+            ));
+            report.not_applying.push(n);
+        }
+    }
     report.notes = ctx.notes;
     report.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
@@ -550,17 +588,9 @@ async fn begin_source(ctx: &Ctx<'_>) -> Result<Lsn, VerifyError> {
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .map_err(q("source", None))?;
-    let row = ctx
-        .src
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+    current_insert_lsn(&ctx.src)
         .await
-        .map_err(q("source", None))?;
-    let s: String = row.try_get(0).map_err(q("source", None))?;
-    s.parse()
-        .map_err(|e: crate::lsn::ParseLsnError| VerifyError::Malformed {
-            table: "-".into(),
-            message: e.to_string(),
-        })
+        .map_err(q("source", None))
 }
 
 /// Waits until the shard has applied everything up to `lsn`, then begins its snapshot.
@@ -568,16 +598,32 @@ async fn begin_shard(ctx: &Ctx<'_>, pos: usize, lsn: Lsn) -> Result<(), VerifyEr
     let Some(s) = ctx.shards.get(pos) else {
         return Ok(());
     };
-    if s.has_progress {
-        wait_for_progress(
-            &s.client,
-            &ctx.config.source.slot,
-            &s.name,
-            ctx.system_id.as_deref(),
-            lsn,
-            ctx.opts.timeout,
-        )
+    let stale = s.not_applying.lock().map(|g| g.is_some()).unwrap_or(false);
+    if s.has_progress && !stale {
+        let waited = ProgressWait {
+            config: ctx.config,
+            src: &ctx.src,
+            shard_client: &s.client,
+            shard: &s.name,
+            system_id: ctx.system_id.as_deref(),
+            target: lsn,
+            timeout: ctx.opts.timeout,
+            who: "verify",
+            stop_when_nothing_applies: true,
+        }
+        .run()
         .await?;
+        if let Waited::NothingApplying { reached, daemon } = waited {
+            tracing::warn!(shard = %s.name, progress = %reached, source_lsn = %lsn, "verify: nothing is applying to this shard ({daemon}); comparing it as it is");
+            if let Ok(mut g) = s.not_applying.lock() {
+                *g = Some(NotApplying {
+                    shard: s.name.clone(),
+                    progress_lsn: reached,
+                    source_lsn: lsn,
+                    daemon,
+                });
+            }
+        }
     }
     s.client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -585,47 +631,129 @@ async fn begin_shard(ctx: &Ctx<'_>, pos: usize, lsn: Lsn) -> Result<(), VerifyEr
         .map_err(q(&s.name, None))
 }
 
-/// Polls the shard's progress row until every source commit before `target` is applied (or
-/// `timeout`). `target` is a WAL position no commit of interest is at or after (the insert
-/// position when a snapshot was taken, or a marker record's start), and progress `P` means
-/// "every commit with `commit_lsn <= P` is applied" — so `P >= target - 1` is enough. (Idle
-/// shards' heartbeats record exactly `durable - 1`, since a commit record may start at the
-/// durable end.)
-pub async fn wait_for_progress(
-    client: &Client,
-    slot: &str,
-    shard: &str,
-    system_id: Option<&str>,
-    target: Lsn,
-    timeout: Duration,
-) -> Result<Lsn, VerifyError> {
-    let started = Instant::now();
-    loop {
-        let reached = match read_progress(client, slot, shard, system_id).await {
-            Ok(p) => p.map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO),
-            Err(crate::progress::ProgressError::Query { error, .. }) => {
-                return Err(q(shard, None)(error))
+/// How long a waiting message is repeated.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// How often the daemon is looked for while waiting.
+const DAEMON_EVERY: Duration = Duration::from_secs(2);
+
+/// A wait for one shard's progress row to cover a source LSN.
+pub struct ProgressWait<'a> {
+    /// The config (admin console, slot).
+    pub config: &'a Config,
+    /// The source (to look for a walsender on the slot).
+    pub src: &'a Client,
+    /// The shard.
+    pub shard_client: &'a Client,
+    /// The shard's name.
+    pub shard: &'a str,
+    /// The source's `system_identifier`, if known.
+    pub system_id: Option<&'a str>,
+    /// A WAL position no commit of interest is at or after (the insert position when a
+    /// snapshot was taken, or a marker record's start).
+    pub target: Lsn,
+    /// Longest wait.
+    pub timeout: Duration,
+    /// Who waits (`verify`, `cutover`), for the messages.
+    pub who: &'a str,
+    /// Return [`Waited::NothingApplying`] once no daemon is up and the progress stands still,
+    /// instead of waiting for a daemon until the timeout.
+    pub stop_when_nothing_applies: bool,
+}
+
+/// How a [`ProgressWait`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Waited {
+    /// The progress covers the target; it is at this LSN.
+    Reached(Lsn),
+    /// Nothing is up to move the progress, which stands at `reached`.
+    NothingApplying {
+        /// Progress.
+        reached: Lsn,
+        /// Why (see [`crate::observe::Daemon::describe`]).
+        daemon: String,
+    },
+}
+
+impl ProgressWait<'_> {
+    /// Polls the shard's progress row until every source commit before `target` is applied.
+    /// Progress `P` means "every commit with `commit_lsn <= P` is applied", so `P >= target - 1`
+    /// is enough. (Idle shards' heartbeats record exactly `durable - 1`, since a commit record
+    /// may start at the durable end.) Says what it waits for at once and every
+    /// [`REPORT_EVERY`], with what the daemon is doing; a missing progress table or row is
+    /// waited for too (the daemon creates them when its shards start applying, after the
+    /// full load).
+    pub async fn run(&self) -> Result<Waited, VerifyError> {
+        let started = Instant::now();
+        let mut first: Option<Lsn> = None;
+        let mut next_report = started;
+        let mut next_daemon = started;
+        let mut daemon = String::new();
+        let mut absent_checks = 0u32;
+        loop {
+            let row = match read_progress(
+                self.shard_client,
+                &self.config.source.slot,
+                self.shard,
+                self.system_id,
+            )
+            .await
+            {
+                Ok(p) => p,
+                Err(crate::progress::ProgressError::Query { error, .. }) => {
+                    return Err(q(self.shard, None)(error))
+                }
+                Err(e) => return Err(VerifyError::Config(e.to_string())),
+            };
+            let reached = row.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO);
+            // An idle shard's progress is a heartbeat at `durable_lsn - 1` (see `spill`), which
+            // says no commit below `durable_lsn` is pending; every commit a snapshot taken at
+            // `target` sees starts below `target`, so `target - 1` covers it. Without the `+ 1`
+            // a caught-up shard of an idle source waits for the source's next WAL record.
+            if reached.add_bytes(1) >= self.target {
+                return Ok(Waited::Reached(reached));
             }
-            Err(e) => {
-                return Err(VerifyError::Config(e.to_string()));
+            let standing_still = *first.get_or_insert(reached) == reached;
+            let now = Instant::now();
+            if now >= next_daemon {
+                let d = find_daemon(self.config, self.src).await;
+                daemon = d.describe(self.config, self.shard);
+                absent_checks = if d.is_up() { 0 } else { absent_checks + 1 };
+                next_daemon = now + DAEMON_EVERY;
             }
-        };
-        // An idle shard's progress is a heartbeat at `durable_lsn - 1` (see `spill`), which
-        // says no commit below `durable_lsn` is pending; every commit a snapshot taken at
-        // `target` sees starts below `target`, so `target - 1` covers it. Without the `+ 1`
-        // a caught-up shard of an idle source waits for the source's next WAL record.
-        if reached.add_bytes(1) >= target {
-            return Ok(reached);
+            if now >= next_report {
+                let progress = match &row {
+                    None => "it has no progress row yet".to_owned(),
+                    Some(p) => format!(
+                        "its progress is at {}, {} bytes behind",
+                        p.commit_lsn,
+                        self.target.bytes_since(p.commit_lsn)
+                    ),
+                };
+                tracing::info!(
+                    "{}: waiting up to {}s for shard {} to apply the source's commits up to {}: {progress}; {daemon}",
+                    self.who,
+                    self.timeout.saturating_sub(started.elapsed()).as_secs(),
+                    self.shard,
+                    self.target
+                );
+                next_report = now + REPORT_EVERY;
+            }
+            // Two looks for the daemon, DAEMON_EVERY apart, found nothing, and the progress
+            // did not move meanwhile: nothing will move it.
+            if self.stop_when_nothing_applies && absent_checks >= 2 && standing_still {
+                return Ok(Waited::NothingApplying { reached, daemon });
+            }
+            if started.elapsed() >= self.timeout {
+                return Err(VerifyError::Timeout {
+                    shard: self.shard.to_owned(),
+                    target: self.target,
+                    reached,
+                    waited_secs: started.elapsed().as_secs_f64(),
+                    daemon,
+                });
+            }
+            tokio::time::sleep(POLL).await;
         }
-        if started.elapsed() >= timeout {
-            return Err(VerifyError::Timeout {
-                shard: shard.to_owned(),
-                target,
-                reached,
-                waited_secs: started.elapsed().as_secs_f64(),
-            });
-        }
-        tokio::time::sleep(POLL).await;
     }
 }
 
