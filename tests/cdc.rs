@@ -134,3 +134,38 @@ fn a_stopped_shard_does_not_block_the_others_and_catches_up() {
     t.shards[1].restart().unwrap();
     t.wait_converged(TABLES, Duration::from_secs(90));
 }
+
+// See: issue #11 item 5.
+/// A key column stored out of line (a text key over 2 kB with STORAGE EXTERNAL), left unchanged
+/// by an UPDATE of another column: PostgreSQL sends it as unchanged TOAST in the new tuple and
+/// in full in the old key tuple. The update reaches the shard.
+#[test]
+fn update_of_a_row_whose_key_is_stored_out_of_line_reaches_the_shard() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(
+        "CREATE TABLE docs (account_id bigint NOT NULL, slug text NOT NULL, title text, \
+         PRIMARY KEY (account_id, slug));
+         ALTER TABLE docs ALTER COLUMN slug SET STORAGE EXTERNAL;",
+    );
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    wait_slot(&t);
+    t.source_sql(
+        "INSERT INTO docs SELECT a, repeat('k', 2100) || a, 'old' FROM generate_series(1, 20) a",
+    );
+    let toast_bytes = t.source_sql(
+        "SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE oid = 'docs'::regclass",
+    );
+    assert_ne!(toast_bytes, "0", "the keys must be stored out of line");
+    t.source_sql("UPDATE docs SET title = 'new'");
+    const DOCS: &[crate::common::TableCheck<'static>] =
+        &[("docs", Some(("account_id", "bigint")), "account_id, slug")];
+    t.wait_converged(DOCS, Duration::from_secs(90));
+    assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        t.all_logs()
+    );
+}
