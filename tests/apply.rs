@@ -347,12 +347,22 @@ async fn replica_identity_full_with_and_without_target_pk() {
 /// such changes to identical rows lands in one batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_identity_full_without_key_changes_exactly_one_of_identical_rows() {
-    let pg = target("CREATE TABLE public.audit (a int, msg text);");
+    let pg = target(
+        "CREATE TABLE public.audit (a int, msg text);
+         CREATE TABLE public.other (id int PRIMARY KEY, x text);",
+    );
     let audit = rel(
         1,
         "audit",
         ReplicaIdentity::Full,
         &[("a", true), ("msg", true)],
+    );
+    // A keyed table in the same batch stays set-based and correct.
+    let other = rel(
+        2,
+        "other",
+        ReplicaIdentity::Default,
+        &[("id", true), ("x", false)],
     );
     let full = |a: &str, m: &str| OldRow::Full(vec![t(a), t(m)]);
     let row = |a: &str, m: &str| vec![t(a), t(m)];
@@ -386,7 +396,13 @@ async fn replica_identity_full_without_key_changes_exactly_one_of_identical_rows
     txn(
         &log,
         4,
-        vec![del(&audit, full("1", "a")), ins(&audit, row("1", "a"))],
+        vec![
+            ins(&other, vec![t("1"), t("one")]),
+            del(&audit, full("1", "a")),
+            ins(&audit, row("1", "a")),
+            upd(&other, None, vec![t("1"), t("uno")]),
+            ins(&other, vec![t("2"), t("two")]),
+        ],
     )
     .await;
     // Two deletes of identical rows: two of three go.
@@ -423,6 +439,10 @@ async fn replica_identity_full_without_key_changes_exactly_one_of_identical_rows
         )
         .await,
         vec!["1|a|2", "2|b|1", "2|c|1", "3|x|1", "4|w|1", "4|y|1", "5|n|2"]
+    );
+    assert_eq!(
+        rows(&c, "SELECT id, x FROM other ORDER BY id").await,
+        vec!["1|uno", "2|two"]
     );
     run.stop().await.0.unwrap();
 }

@@ -788,7 +788,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 // Nothing was written: the same target transaction can take the changes one by
                 // one.
                 Ok(false) => {
-                    self.flush_ordered(&buffer, "a change sequence that cannot be folded")
+                    self.flush_ordered(&buffer, "a relation changed inside the flush")
                         .await
                 }
                 // The transaction is aborted and earlier flushes of it are no longer in memory:
@@ -808,8 +808,9 @@ impl<'a, L: ShardLog> Session<'a, L> {
         Ok(())
     }
 
-    /// Folds and writes `buffer` set-based. `Ok(false)` if the fold asks for the ordered path
-    /// (nothing was written).
+    /// Folds and writes `buffer` set-based; the changes of a table whose fold asks for the
+    /// ordered path are written change by change. `Ok(false)` if a relation changed inside the
+    /// buffer (nothing was written: the caller takes the ordered path for all of it).
     async fn flush_set_based(&mut self, buffer: &[(Lsn, Change)]) -> Result<bool, ApplyError> {
         // Per source table, in order of first appearance.
         let mut order: Vec<TableId> = Vec::new();
@@ -843,13 +844,15 @@ impl<'a, L: ShardLog> Session<'a, L> {
             }
         }
         let mut folded = Vec::with_capacity(order.len());
+        let mut ordered: Vec<TableId> = Vec::new();
         for id in &order {
             if let Some(f) = folds.remove(id) {
                 let f = f.finish();
                 if f.needs_ordered {
-                    return Ok(false);
+                    ordered.push(*id);
+                } else {
+                    folded.push((*id, f));
                 }
-                folded.push((*id, f));
             }
         }
         let first = buffer.first().map(|(l, _)| *l).unwrap_or_default();
@@ -877,19 +880,33 @@ impl<'a, L: ShardLog> Session<'a, L> {
             self.copy_in(&table.copy_sql(), &mut copy, &ctx).await?;
             statements.extend(tb.statements);
         }
-        if statements.is_empty() {
-            return Ok(true);
+        if !statements.is_empty() {
+            let tables: Vec<&str> = folded
+                .iter()
+                .filter_map(|(id, _)| self.tables.get(id).map(|t| t.target.as_str()))
+                .collect();
+            let ctx = format!(
+                "applying {} changes to {} for source commits {first}..{last}",
+                buffer.len(),
+                tables.join(", ")
+            );
+            self.sql(&statements.join(";\n"), &ctx).await?;
         }
-        let tables: Vec<&str> = folded
-            .iter()
-            .filter_map(|(id, _)| self.tables.get(id).map(|t| t.target.as_str()))
-            .collect();
-        let ctx = format!(
-            "applying {} changes to {} for source commits {first}..{last}",
-            buffer.len(),
-            tables.join(", ")
-        );
-        self.sql(&statements.join(";\n"), &ctx).await?;
+        if !ordered.is_empty() {
+            // Only the tables whose changes cannot be folded go change by change (in source
+            // order, after the set-based tables): one REPLICA IDENTITY FULL table without a key
+            // does not slow the others down. The order across tables does not matter to the
+            // target; where it would (a foreign key checked without session_replication_role =
+            // replica), the violation is replayable and the whole flush is replayed in source
+            // order.
+            let changes: Vec<(Lsn, Change)> = buffer
+                .iter()
+                .filter(|(_, c)| c.relation().is_some_and(|r| ordered.contains(&r.id)))
+                .cloned()
+                .collect();
+            self.flush_ordered(&changes, "changes of a table that cannot be folded")
+                .await?;
+        }
         Ok(true)
     }
 
