@@ -10,6 +10,7 @@ mod common;
 mod console;
 mod decode;
 mod demo;
+mod key_outside_identity;
 mod operate;
 mod ops;
 mod robust;

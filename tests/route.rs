@@ -114,7 +114,10 @@ fn router(n: usize) -> Router {
         tables: vec![(
             "public.p".into(),
             TableRule {
-                mode: TableMode::Sharded { key: "k".into() },
+                mode: TableMode::Sharded {
+                    key: "k".into(),
+                    key_immutable: false,
+                },
                 target: None,
             },
         )],

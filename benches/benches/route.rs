@@ -33,6 +33,7 @@ fn router(shards: usize) -> Router {
             TableRule {
                 mode: TableMode::Sharded {
                     key: "account_id".into(),
+                    key_immutable: false,
                 },
                 target: None,
             },

@@ -114,6 +114,11 @@ pub struct CheckArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    /// First fix what can be fixed safely on the source: for every sharded table whose replica
+    /// identity lacks the shard key (and no key_immutable), build a unique index (identity
+    /// columns, key) CONCURRENTLY and make it the replica identity. Idempotent.
+    #[arg(long)]
+    pub fix: bool,
 }
 
 #[derive(Args, Debug)]

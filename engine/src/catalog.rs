@@ -181,6 +181,7 @@ pub async fn resolve(client: &Client, cfg: &Config) -> Result<TableSet, CatalogE
                     target: name,
                     mode: TableMode::Sharded,
                     key: cfg.routing.key.clone(),
+                    key_immutable: cfg.routing.key_immutable,
                 }
             })
             .collect()

@@ -3,7 +3,8 @@
 //! In: the validated [`Config`]. Out: a [`CheckReport`]: one [`CheckResult`] per check, each
 //! PASS / WARN / FAIL with the target it concerns (`source` or a shard name), a detail naming
 //! the table, column, role or setting, and for failures the SQL that fixes it. Nothing is
-//! written anywhere: every check reads catalogs and settings only.
+//! written anywhere: every check reads catalogs and settings only (`reshard check --fix` runs
+//! [`crate::identity::fix_replica_identity`] first).
 //!
 //! What must hold before `reshard run` (each has a check here):
 //! - logical decoding is possible: `wal_level = logical`, a free replication slot and WAL
@@ -11,7 +12,8 @@
 //! - the role may stream and read: `REPLICATION` (or superuser), `SELECT` on every table, and
 //!   CREATE on the database plus table ownership if the publication must be created
 //!   (<https://www.postgresql.org/docs/current/logical-replication-security.html>);
-//! - every UPDATE/DELETE can be routed: a usable replica identity that contains the shard key
+//! - every UPDATE/DELETE can be routed: a usable replica identity that contains the shard key,
+//!   or `key_immutable` (see [`crate::identity`]; `reshard run` refuses the same tables)
 //!   (<https://www.postgresql.org/docs/current/sql-altertable.html#SQL-ALTERTABLE-REPLICA-IDENTITY>);
 //! - every shard has the tables with the same column types and lets the role write them and
 //!   create the `reshard` schema;
@@ -25,6 +27,7 @@ use tokio_postgres::Client;
 
 use crate::catalog::{CatalogError, TableSet};
 use crate::config::{Config, TableMode, TableRule};
+use crate::identity::KeyStrategy;
 use crate::pgconn::{connect_plain, quote_ident, quote_literal, quote_qualified};
 use crate::tableinfo::{describe_table, TableInfo, SUPPORTED_KEY_TYPES};
 
@@ -78,6 +81,9 @@ pub struct CheckReport {
     pub unreachable: bool,
     /// Every check, in the order run.
     pub checks: Vec<CheckResult>,
+    /// What `check --fix` did before checking (empty without `--fix`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fixed: Vec<crate::identity::FixAction>,
 }
 
 impl CheckReport {
@@ -648,26 +654,29 @@ async fn check_source_table(
                         )),
                     );
                 } else {
-                    let covered = t.replica_identity == 'f'
-                        || t.identity_columns().is_some_and(|cols| cols.iter().any(|k| k == key));
-                    if covered {
-                        report.pass(
+                    match crate::identity::key_strategy(t, key, rule.key_immutable) {
+                        Ok(KeyStrategy::InIdentity) => report.pass(
                             "shard_key",
                             SOURCE,
                             format!("{name}.{key} ({}) is in the replica identity", c.type_name),
-                        );
-                    } else if t.has_usable_identity() {
-                        report.fail(
+                        ),
+                        Ok(KeyStrategy::Full) => report.pass(
+                            "shard_key",
+                            SOURCE,
+                            format!("{name}.{key} ({}): REPLICA IDENTITY FULL, old rows carry it", c.type_name),
+                        ),
+                        Ok(KeyStrategy::Immutable) => report.pass(
                             "shard_key",
                             SOURCE,
                             format!(
-                                "{name}: shard key {key} is not part of the replica identity ({}); a DELETE would not say which shard it belongs to",
+                                "{name}.{key} ({}) is outside the replica identity ({}); key_immutable = true: an UPDATE routes by its new row, a DELETE by primary key goes to every shard, verify reports rows on the wrong shard",
+                                c.type_name,
                                 t.identity_columns().map(|c| c.join(", ")).unwrap_or_default()
                             ),
-                            Some(format!(
-                                "ALTER TABLE {qname} REPLICA IDENTITY FULL;  -- or make the primary key include {key}"
-                            )),
-                        );
+                        ),
+                        // The replica_identity check above FAILs this table.
+                        Ok(KeyStrategy::NoIdentity) => {}
+                        Err(e) => report.fail("shard_key", SOURCE, e.detail(), Some(e.fix_sql())),
                     }
                 }
             }

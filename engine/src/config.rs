@@ -152,6 +152,13 @@ pub struct RoutingConfig {
     /// or `stop` (reading from the source stops at that change).
     #[serde(default)]
     pub on_unroutable: OnUnroutable,
+    /// The shard key of a row never changes (default false). For a sharded table whose replica
+    /// identity does not contain the key (a surrogate `id` primary key): an UPDATE routes by
+    /// its new row's key and a DELETE, which carries only the primary key, goes to every shard.
+    /// `verify` reports rows left on the wrong shard if the assumption is violated. Per table:
+    /// `[[tables]] key_immutable`.
+    #[serde(default)]
+    pub key_immutable: bool,
 }
 
 /// `[routing] on_unroutable`.
@@ -175,6 +182,7 @@ impl Default for RoutingConfig {
             default_shard: None,
             map_refresh_secs: default_map_refresh_secs(),
             on_unroutable: OnUnroutable::default(),
+            key_immutable: false,
         }
     }
 }
@@ -217,6 +225,10 @@ pub struct TableConfig {
     /// `sharded` (default), `broadcast` or `skip`.
     #[serde(default)]
     pub mode: Option<TableMode>,
+    /// The shard key of a row never changes (see `[routing] key_immutable`). Default: `[routing]
+    /// key_immutable`.
+    #[serde(default)]
+    pub key_immutable: Option<bool>,
 }
 
 /// `[apply]`.
@@ -474,6 +486,8 @@ pub struct TableRule {
     pub mode: TableMode,
     /// Shard-key column (meaningful for `sharded`).
     pub key: String,
+    /// The key never changes (`key_immutable`; meaningful for `sharded`).
+    pub key_immutable: bool,
 }
 
 /// Normalizes `t` or `schema.t` to `schema.table` (unquoted names, as `pg_class` spells them).
@@ -695,6 +709,7 @@ impl Config {
                     source,
                     mode: t.mode.unwrap_or_default(),
                     key: t.key.clone().unwrap_or_else(|| self.routing.key.clone()),
+                    key_immutable: t.key_immutable.unwrap_or(self.routing.key_immutable),
                 }
             })
             .collect()
@@ -795,6 +810,23 @@ mode = "broadcast"
         assert_eq!(rules[0].target, "public.events");
         assert_eq!(rules[0].key, "account_id");
         assert_eq!(rules[1].mode, TableMode::Broadcast);
+        assert!(!rules[0].key_immutable);
+    }
+
+    #[test]
+    fn key_immutable_is_global_with_a_per_table_override() {
+        let text = GOOD.replace(
+            "mode = \"broadcast\"",
+            "mode = \"broadcast\"\nkey_immutable = false",
+        );
+        let c = Config::parse(
+            &format!("{text}\n[routing]\nkey_immutable = true\n"),
+            "t.toml",
+        )
+        .unwrap();
+        let rules = c.table_rules();
+        assert!(rules[0].key_immutable, "inherits [routing] key_immutable");
+        assert!(!rules[1].key_immutable, "the table's own setting wins");
     }
 
     #[test]

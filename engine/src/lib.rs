@@ -48,6 +48,7 @@ pub mod status;
 
 pub mod check;
 pub mod cutover;
+pub mod identity;
 pub mod observe;
 pub mod pgconn;
 pub mod progress;

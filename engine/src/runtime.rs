@@ -29,6 +29,7 @@ use crate::config::{Config, HashKind, TableMode as CfgMode};
 use crate::error::{Classify, ErrorClass};
 use crate::event::{pg_now, ShardId};
 use crate::handoff::SkipLog;
+use crate::identity;
 use crate::ingest::{start_streaming, Ingest, IngestCounters, IngestError, IngestOptions, Started};
 use crate::lsn::Lsn;
 use crate::pgconn::SOURCE_PRESENT_LSN;
@@ -66,6 +67,9 @@ pub enum RuntimeError {
     /// Routing set-up.
     #[error("routing: {0}")]
     Route(#[from] RouteError),
+    /// Sharded tables whose UPDATEs and DELETEs could not be routed (nothing was started).
+    #[error("{} sharded table(s) have the shard key outside the replica identity and no strategy; nothing was created or copied. Run `reshard check --fix` (builds the replica identity indexes concurrently), or apply one fix per table, then run again:\n{}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    KeyOutsideIdentity(Vec<identity::KeyOutsideIdentity>),
     /// The spill log.
     #[error("{0}")]
     Spill(#[from] SpillError),
@@ -168,6 +172,17 @@ async fn start_once(
     let conn = ConnConfig::parse(&cfg.source.url)?;
     let sql = conn.connect_sql().await?;
     let tables = catalog::discover(&sql, &cfg).await?;
+    // Before anything is created or copied: every sharded table's UPDATEs and DELETEs must be
+    // routable (the same verdict as `reshard check`), never a stop minutes into the stream.
+    let unroutable = identity::tables_without_strategy(&sql, tables.iter().map(|t| &t.rule))
+        .await
+        .map_err(|source| CatalogError::Query {
+            what: "reading replica identities",
+            source,
+        })?;
+    if !unroutable.is_empty() {
+        return Err(RuntimeError::KeyOutsideIdentity(unroutable));
+    }
     let created = catalog::ensure_publication(&sql, &cfg.source.publication, &tables).await?;
     if created {
         tracing::info!(publication = %cfg.source.publication, tables = tables.len(), "created the publication");
@@ -1130,6 +1145,7 @@ async fn route_spec(
                 let mode = match t.rule.mode {
                     CfgMode::Sharded => route::TableMode::Sharded {
                         key: t.rule.key.clone(),
+                        key_immutable: t.rule.key_immutable,
                     },
                     CfgMode::Broadcast => route::TableMode::Broadcast,
                     CfgMode::Skip => route::TableMode::Skip,

@@ -1,11 +1,14 @@
 //! `reshard check`: preflight checks of the source and every shard.
 //!
+//! With `--fix`, first runs [`fix_replica_identity`] on the source and prints what it did.
+//!
 //! Exit codes: 0 when no check FAILs (WARNs allowed); 1 when any check FAILs; 2 on a config
 //! error; 3 when the source or a shard could not be reached. Every check that could run is
 //! printed in all cases; an unreachable endpoint is itself a FAIL line (`connect`), and the
 //! exit code 3 tells scripts that the report is incomplete.
 
 use reshard_engine::check::{run_checks, CheckReport, CheckStatus};
+use reshard_engine::identity::{fix_replica_identity, FixAction};
 
 use crate::output::{load_config, CmdResult, Failure};
 use crate::CheckArgs;
@@ -13,7 +16,17 @@ use crate::CheckArgs;
 /// Runs `reshard check`.
 pub async fn run(args: CheckArgs) -> CmdResult {
     let config = load_config(&args.config.config)?;
-    let report = run_checks(&config).await;
+    let mut fixed = Vec::new();
+    if args.fix {
+        fixed = fix_replica_identity(&config)
+            .await
+            .map_err(|e| Failure::failed(anyhow::Error::from(e).context("check --fix")))?;
+        if !args.json {
+            print!("{}", render_fixes(&fixed));
+        }
+    }
+    let mut report = run_checks(&config).await;
+    report.fixed = fixed;
     if args.json {
         let json = serde_json::to_string_pretty(&report)
             .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the report: {e}")))?;
@@ -33,6 +46,24 @@ pub async fn run(args: CheckArgs) -> CmdResult {
     } else {
         Ok(())
     }
+}
+
+/// What `--fix` did, one line per statement or skip, then a blank line.
+fn render_fixes(actions: &[FixAction]) -> String {
+    if actions.is_empty() {
+        return "--fix: nothing to fix (every sharded table's replica identity carries its key, or it has a strategy)\n\n".into();
+    }
+    let mut out = String::from("--fix:\n");
+    for a in actions {
+        out.push_str(&format!(
+            "  {} {}: {}\n",
+            if a.ok { "done" } else { "NOT DONE" },
+            a.table,
+            a.action
+        ));
+    }
+    out.push('\n');
+    out
 }
 
 /// Aligned `STATUS  CHECK  TARGET  DETAIL` table, then the fixes.

@@ -1,6 +1,5 @@
 //! `reshard run`: the migration daemon.
 
-use anyhow::Context;
 use reshard_engine::runtime::{self, RunOptions};
 
 use crate::output::{load_config, CmdResult, Failure};
@@ -20,7 +19,16 @@ pub async fn run(args: RunArgs) -> CmdResult {
     );
     // A signal while starting (or while waiting for a server to come back) ends the start.
     let running = tokio::select! {
-        r = start => r.context("reshard run could not start")?,
+        r = start => match r {
+            Ok(running) => running,
+            // The source's schema needs a decision (config or SQL): like a configuration error.
+            Err(e @ runtime::RuntimeError::KeyOutsideIdentity(_)) => {
+                return Err(Failure::usage(
+                    anyhow::Error::from(e).context("reshard run refuses to start"),
+                ))
+            }
+            Err(e) => return Err(Failure::from(anyhow::Error::from(e).context("reshard run could not start"))),
+        },
         sig = runtime::wait_for_signal() => {
             tracing::info!(signal = sig, "shutting down before the start completed");
             return Ok(());

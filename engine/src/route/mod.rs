@@ -57,6 +57,9 @@ pub enum TableMode {
     Sharded {
         /// The shard-key column.
         key: String,
+        /// The key of a row never changes (`key_immutable`): when the replica identity lacks
+        /// the key, an UPDATE routes by its new row and a DELETE goes to every shard.
+        key_immutable: bool,
     },
     /// Every row goes to every shard (reference tables).
     Broadcast,
@@ -121,6 +124,8 @@ enum Placement {
         /// Whether UPDATE/DELETE old tuples carry the key (replica identity FULL, or the key
         /// column is part of the identity).
         key_in_identity: bool,
+        /// The table is configured `key_immutable`.
+        key_immutable: bool,
     },
     Broadcast,
     Skip,
@@ -300,7 +305,7 @@ impl Router {
         }
         let mut rules = HashMap::with_capacity(spec.tables.len());
         for (name, rule) in spec.tables {
-            if let TableMode::Sharded { key } = &rule.mode {
+            if let TableMode::Sharded { key, .. } = &rule.mode {
                 if key.is_empty() {
                     return cfg(format!("table {name}: empty shard key column"));
                 }
@@ -361,11 +366,12 @@ impl Router {
 
     /// Resolves how `rel` is routed (no caching).
     fn resolve(&self, rel: &Relation) -> Result<Placement, RouteError> {
-        let key = match self.rules.get(&format!("{}.{}", rel.namespace, rel.name)) {
+        let (key, key_immutable) = match self.rules.get(&format!("{}.{}", rel.namespace, rel.name))
+        {
             Some(TableRule {
-                mode: TableMode::Sharded { key },
+                mode: TableMode::Sharded { key, key_immutable },
                 ..
-            }) => key.as_str(),
+            }) => (key.as_str(), *key_immutable),
             Some(TableRule {
                 mode: TableMode::Broadcast,
                 ..
@@ -379,7 +385,8 @@ impl Router {
                 Unlisted::Auto if rel.column_index(&self.default_key).is_none() => {
                     return Ok(Placement::Broadcast)
                 }
-                Unlisted::Auto => self.default_key.as_str(),
+                // Unlisted tables make no immutability promise.
+                Unlisted::Auto => (self.default_key.as_str(), false),
             },
         };
         let table = || rel.qualified_name();
@@ -410,6 +417,7 @@ impl Router {
             col,
             key_type,
             key_in_identity: column.is_key || rel.replica_identity == ReplicaIdentity::Full,
+            key_immutable,
         })
     }
 
@@ -436,14 +444,16 @@ impl Router {
     }
 
     /// Start-up check of one published relation: its rule resolves, its key column exists and
-    /// has a supported type, and its replica identity carries the key, so UPDATE and DELETE can
-    /// be routed. A [`RouteError::KeyNotInReplicaIdentity`] may be ignored for a publication
-    /// that publishes neither updates nor deletes.
+    /// has a supported type, and its replica identity carries the key (or the table is
+    /// `key_immutable`), so UPDATE and DELETE can be routed. A
+    /// [`RouteError::KeyNotInReplicaIdentity`] may be ignored for a publication that publishes
+    /// neither updates nor deletes.
     pub fn validate_relation(&self, rel: &Relation) -> Result<(), RouteError> {
         match self.resolve(rel)? {
             Placement::Sharded {
                 col,
                 key_in_identity: false,
+                key_immutable: false,
                 ..
             } => Err(RouteError::KeyNotInReplicaIdentity {
                 table: rel.qualified_name(),
@@ -593,7 +603,7 @@ impl Router {
             }
             Change::Message { .. } => return Ok(()),
         };
-        let (col, key_type, key_in_identity) = match placement {
+        let (col, key_type, key_in_identity, key_immutable) = match placement {
             Placement::Skip => return Ok(()),
             Placement::Broadcast => {
                 self.to_all(change, out);
@@ -603,7 +613,8 @@ impl Router {
                 col,
                 key_type,
                 key_in_identity,
-            } => (col, key_type, key_in_identity),
+                key_immutable,
+            } => (col, key_type, key_in_identity, key_immutable),
         };
         match change {
             Change::Insert { rel, new } => {
@@ -615,6 +626,12 @@ impl Router {
             Change::Delete { rel, old } => {
                 let shard = match old_key(&old, col, key_in_identity) {
                     Some(_) => self.shard_of_row(&rel, old.row(), col, key_type, "delete"),
+                    None if key_immutable => {
+                        // Only the primary key is known, and exactly one shard holds it (the
+                        // source's key is unique): delete it by key everywhere.
+                        self.to_all(Change::Delete { rel, old }, out);
+                        return Ok(());
+                    }
                     None => Err(RouteError::KeyNotInReplicaIdentity {
                         table: rel.qualified_name(),
                         column: column_name(&rel, col),
@@ -625,6 +642,14 @@ impl Router {
                 match shard {
                     Ok(shard) => out(shard, Change::Delete { rel, old }),
                     Err(e) => return Err(back(e, Change::Delete { rel, old })),
+                }
+            }
+            Change::Update { rel, old, new } if !key_in_identity && key_immutable => {
+                // The old row carries no key, but the key never changes: the new row's key
+                // is the old one's.
+                match self.shard_of_row(&rel, &new, col, key_type, "update") {
+                    Ok(shard) => out(shard, Change::Update { rel, old, new }),
+                    Err(e) => return Err(back(e, Change::Update { rel, old, new })),
                 }
             }
             Change::Update { rel, old, new } => {

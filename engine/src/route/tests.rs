@@ -255,6 +255,85 @@ fn update_and_delete_need_the_key_in_the_replica_identity() {
     assert_eq!(out[0].0, pg_shard(7, 4));
 }
 
+/// `key_immutable`: with only the primary key in the identity, an UPDATE routes by its new
+/// row's key and a DELETE goes to every shard; with the key in the identity (or FULL) the exact
+/// path (key moves included) is kept. See: issue #12.
+#[test]
+fn key_immutable_routes_updates_by_the_new_row_and_deletes_everywhere() {
+    let mut s = spec(4);
+    s.tables = vec![(
+        "public.users".into(),
+        TableRule {
+            mode: TableMode::Sharded {
+                key: "account_id".into(),
+                key_immutable: true,
+            },
+            target: None,
+        },
+    )];
+    let mut r = Router::new(s).unwrap();
+    let users = rel(1, "users", false, ReplicaIdentity::Default);
+    assert_eq!(r.validate_relation(&users), Ok(()));
+    // UPDATE without an old row (the primary key did not change).
+    let out = run(
+        &mut r,
+        Change::Update {
+            rel: users.clone(),
+            old: None,
+            new: row(5, "7", t("b")),
+        },
+    )
+    .unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, pg_shard(7, 4));
+    assert!(matches!(out[0].1, Change::Update { .. }));
+    // UPDATE of the primary key: the old key row travels with it.
+    let out = run(
+        &mut r,
+        Change::Update {
+            rel: users.clone(),
+            old: Some(OldRow::Key(vec![t("5"), Value::Null, Value::Null])),
+            new: row(6, "7", t("b")),
+        },
+    )
+    .unwrap();
+    assert!(
+        matches!(out.as_slice(), [(s, Change::Update { old: Some(OldRow::Key(_)), .. })] if *s == pg_shard(7, 4))
+    );
+    // DELETE by primary key: every shard, in shard order.
+    let out = run(
+        &mut r,
+        Change::Delete {
+            rel: users.clone(),
+            old: OldRow::Key(vec![t("5"), Value::Null, Value::Null]),
+        },
+    )
+    .unwrap();
+    let shards: Vec<ShardId> = out.iter().map(|(s, _)| *s).collect();
+    assert_eq!(shards, (0..4).map(ShardId).collect::<Vec<_>>());
+    assert!(out.iter().all(|(_, c)| matches!(c, Change::Delete { .. })));
+    // The key in the identity: exact routing, a key move is a delete plus an insert.
+    let (a, b) = two_accounts_on_different_shards(4);
+    let exact = rel(2, "users", true, ReplicaIdentity::Index);
+    let out = run(
+        &mut r,
+        Change::Update {
+            rel: exact,
+            old: Some(OldRow::Key(vec![t("5"), t(&a.to_string()), Value::Null])),
+            new: row(5, &b.to_string(), t("b")),
+        },
+    )
+    .unwrap();
+    assert!(
+        matches!(
+            out.as_slice(),
+            [(s1, Change::Delete { .. }), (s2, Change::Insert { .. })]
+                if *s1 == pg_shard(a, 4) && *s2 == pg_shard(b, 4)
+        ),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn null_and_garbage_keys_are_named() {
     let mut r = Router::new(spec(3)).unwrap();
@@ -404,6 +483,7 @@ fn validate_names_missing_and_unsupported_key_columns() {
         TableRule {
             mode: TableMode::Sharded {
                 key: "tenant".into(),
+                key_immutable: false,
             },
             target: None,
         },
@@ -574,6 +654,7 @@ fn relation_change_is_picked_up() {
         TableRule {
             mode: TableMode::Sharded {
                 key: "account_id".into(),
+                key_immutable: false,
             },
             target: None,
         },
