@@ -169,3 +169,44 @@ fn update_of_a_row_whose_key_is_stored_out_of_line_reaches_the_shard() {
         t.all_logs()
     );
 }
+
+// See: issue #11 item 4.
+/// REPLICA IDENTITY FULL and no key anywhere: identical rows are distinct rows. Deleting or
+/// updating one of three identical rows on the source changes exactly one on the shard.
+#[test]
+fn one_of_identical_rows_of_a_full_identity_table_is_changed_alone() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(
+        "CREATE TABLE likes (account_id bigint NOT NULL, what text, n int);
+         ALTER TABLE likes REPLICA IDENTITY FULL;",
+    );
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    wait_slot(&t);
+    t.source_sql(
+        "INSERT INTO likes SELECT a, 'x', 1 FROM generate_series(1, 10) a, generate_series(1, 3)",
+    );
+    t.source_sql(
+        "DELETE FROM likes WHERE ctid IN (SELECT min(ctid) FROM likes GROUP BY account_id)",
+    );
+    t.source_sql(
+        "UPDATE likes SET n = 2 WHERE ctid IN (SELECT min(ctid) FROM likes GROUP BY account_id)",
+    );
+    assert_eq!(
+        t.source_sql("SELECT count(*) FILTER (WHERE n = 1) || '/' || count(*) FROM likes"),
+        "10/20"
+    );
+    const LIKES: &[crate::common::TableCheck<'static>] = &[(
+        "likes",
+        Some(("account_id", "bigint")),
+        "account_id, what, n",
+    )];
+    t.wait_converged(LIKES, Duration::from_secs(90));
+    assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        t.all_logs()
+    );
+}
