@@ -14,7 +14,10 @@
 //!   killed with SIGKILL takes its servers with it.
 //!
 //! Binaries are found through `PG_BIN`, then `pg_config --bindir`, then the newest
-//! `/usr/lib/postgresql/*/bin`.
+//! `/usr/lib/postgresql/*/bin`. A cluster of another major ([`Builder::major`]) runs the server
+//! binaries of that major: the system's when they are that major, else
+//! `/usr/lib/postgresql/<major>/bin`, else the cache that `scripts/fetch-postgres <major>` fills
+//! ([`pg_cache_dir`]). `psql` is always the system's: it talks to every server 12..18.
 
 pub mod workload;
 
@@ -48,6 +51,7 @@ pub struct Builder {
     settings: Vec<(String, String)>,
     password: Option<String>,
     auth: Auth,
+    major: Option<u32>,
 }
 
 impl Default for Builder {
@@ -70,6 +74,7 @@ impl Default for Builder {
             ],
             password: None,
             auth: Auth::Trust,
+            major: None,
         }
     }
 }
@@ -86,6 +91,13 @@ impl Builder {
     pub fn password(mut self, password: &str, auth: Auth) -> Self {
         self.password = Some(password.to_owned());
         self.auth = auth;
+        self
+    }
+
+    /// Runs the server binaries of PostgreSQL `major` (12..18) instead of the system's default
+    /// (see [`server_bindir`]).
+    pub fn major(mut self, major: u32) -> Self {
+        self.major = Some(major);
         self
     }
 
@@ -179,6 +191,63 @@ pub fn bindir() -> Result<PathBuf, HarnessError> {
     .map_err(err)
 }
 
+/// The major version of the server binaries in `bin` (`postgres --version`).
+fn bindir_major(bin: &Path) -> Option<u32> {
+    let out = Command::new(bin.join("postgres"))
+        .arg("--version")
+        .output()
+        .ok()?;
+    // "postgres (PostgreSQL) 15.4 (Debian 15.4-1)"
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.split_whitespace().nth(2)?;
+    version.split(['.', 'b', 'r']).next()?.parse().ok()
+}
+
+/// Where `scripts/fetch-postgres` caches server binaries, one directory per major:
+/// `$RESHARD_PG_CACHE`, else `/var/cache/reshard/pg` as root (the `postgres` user that runs
+/// the servers cannot enter root's home), else `~/.cache/reshard/pg`.
+pub fn pg_cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("RESHARD_PG_CACHE") {
+        return PathBuf::from(p);
+    }
+    if is_root() {
+        return PathBuf::from("/var/cache/reshard/pg");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    PathBuf::from(home).join(".cache/reshard/pg")
+}
+
+/// The directory with `initdb` and `postgres` of PostgreSQL `major` (`None`: the system's
+/// default, [`bindir`]). A missing major is an error that names the script that fetches it.
+pub fn server_bindir(major: Option<u32>) -> Result<PathBuf, HarnessError> {
+    static FOUND: OnceLock<Mutex<Vec<(u32, PathBuf)>>> = OnceLock::new();
+    let Some(major) = major else {
+        return bindir();
+    };
+    let found = FOUND.get_or_init(|| Mutex::new(Vec::new()));
+    let mut found = found.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, p)) = found.iter().find(|(m, _)| *m == major) {
+        return Ok(p.clone());
+    }
+    let cache = pg_cache_dir().join(major.to_string()).join("bin");
+    let mut candidates = Vec::new();
+    if let Ok(system) = bindir() {
+        candidates.push(system);
+    }
+    candidates.push(PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
+    candidates.push(cache.clone());
+    for bin in candidates {
+        if bin.join("initdb").exists() && bindir_major(&bin) == Some(major) {
+            found.push((major, bin.clone()));
+            return Ok(bin);
+        }
+    }
+    Err(err(format!(
+        "PostgreSQL {major} server binaries not found (looked in the system's bin dir,          /usr/lib/postgresql/{major}/bin and {}); fetch them with: scripts/fetch-postgres {major}",
+        cache.display()
+    )))
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -228,44 +297,60 @@ fn base_dir() -> Result<PathBuf, HarnessError> {
     Ok(base)
 }
 
-/// The template data directory, made by `initdb` once per process.
-fn template() -> Result<PathBuf, HarnessError> {
-    static TEMPLATE: OnceLock<Result<(tempfile::TempDir, PathBuf), String>> = OnceLock::new();
-    let r = TEMPLATE.get_or_init(|| {
-        (|| -> Result<(tempfile::TempDir, PathBuf), HarnessError> {
-            let ids = postgres_ids()?;
-            let dir = tempfile::Builder::new()
-                .prefix("template-")
-                .tempdir_in(base_dir()?)?;
-            fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
-            chown(dir.path(), ids)?;
-            let data = dir.path().join("data");
-            let log = dir.path().join("initdb.log");
-            let logf = fs::File::create(&log)?;
-            chown(&log, ids)?;
-            let status = as_postgres(
-                Command::new(bindir()?.join("initdb"))
-                    .arg("-D")
-                    .arg(&data)
-                    .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
-                    .args(["--locale=C"])
-                    .stdin(Stdio::null())
-                    .stdout(logf.try_clone()?)
-                    .stderr(logf),
-            )?
-            .status()?;
-            if !status.success() {
-                let out = fs::read_to_string(&log).unwrap_or_default();
-                return Err(err(format!("initdb failed ({status}):\n{out}")));
-            }
-            Ok((dir, data))
-        })()
-        .map_err(|e| e.0)
-    });
-    match r {
+/// The template data directory of the binaries in `bin`, made by `initdb` once per process and
+/// bin dir.
+fn template(bin: &Path) -> Result<PathBuf, HarnessError> {
+    type Templates = Vec<(PathBuf, Result<(tempfile::TempDir, PathBuf), String>)>;
+    static TEMPLATES: OnceLock<Mutex<Templates>> = OnceLock::new();
+    // Held while initdb runs: a second cluster of the same major waits for the first template.
+    let mut templates = TEMPLATES
+        .get_or_init(|| Mutex::new(Vec::new()))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some((_, r)) = templates.iter().find(|(b, _)| b == bin) {
+        return match r {
+            Ok((_, p)) => Ok(p.clone()),
+            Err(e) => Err(err(e.clone())),
+        };
+    }
+    let r = (|| -> Result<(tempfile::TempDir, PathBuf), HarnessError> {
+        let ids = postgres_ids()?;
+        let dir = tempfile::Builder::new()
+            .prefix("template-")
+            .tempdir_in(base_dir()?)?;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
+        chown(dir.path(), ids)?;
+        let data = dir.path().join("data");
+        let log = dir.path().join("initdb.log");
+        let logf = fs::File::create(&log)?;
+        chown(&log, ids)?;
+        let status = as_postgres(
+            Command::new(bin.join("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+                .args(["--locale=C"])
+                .stdin(Stdio::null())
+                .stdout(logf.try_clone()?)
+                .stderr(logf),
+        )?
+        .status()?;
+        if !status.success() {
+            let out = fs::read_to_string(&log).unwrap_or_default();
+            return Err(err(format!(
+                "initdb ({}) failed ({status}):\n{out}",
+                bin.display()
+            )));
+        }
+        Ok((dir, data))
+    })()
+    .map_err(|e| e.0);
+    let out = match &r {
         Ok((_, p)) => Ok(p.clone()),
         Err(e) => Err(err(e.clone())),
-    }
+    };
+    templates.push((bin.to_owned(), r));
+    out
 }
 
 /// Every postmaster is spawned by this one thread, which lives as long as the process, so that
@@ -327,7 +412,7 @@ impl PgCluster {
 
     fn start_with(builder: Builder) -> Result<PgCluster, HarnessError> {
         let ids = postgres_ids()?;
-        let template = template()?;
+        let template = template(&server_bindir(builder.major)?)?;
         let dir = tempfile::Builder::new()
             .prefix("pg-")
             .tempdir_in(base_dir()?)?;
@@ -409,7 +494,7 @@ impl PgCluster {
 
     fn launch(&mut self) -> Result<(), HarnessError> {
         let logf = fs::OpenOptions::new().append(true).open(&self.log)?;
-        let mut cmd = Command::new(bindir()?.join("postgres"));
+        let mut cmd = Command::new(server_bindir(self.builder.major)?.join("postgres"));
         cmd.arg("-D")
             .arg(&self.data)
             .arg("-p")
@@ -496,6 +581,13 @@ impl PgCluster {
             "host=127.0.0.1 port={} user=postgres dbname={db}",
             self.port
         )
+    }
+
+    /// `server_version_num` of the running server (`130023` for 13.23).
+    pub fn server_version_num(&self) -> Result<u32, HarnessError> {
+        let v = self.psql("postgres", "SHOW server_version_num")?;
+        v.parse()
+            .map_err(|_| err(format!("server_version_num {v:?} on port {}", self.port)))
     }
 
     /// Creates a database.
@@ -656,6 +748,20 @@ mod tests {
         assert_ne!(a.port(), b.port());
         assert_eq!(a.psql("postgres", "SELECT 1").unwrap(), "1");
         assert_eq!(b.psql("postgres", "SELECT 2").unwrap(), "2");
+    }
+
+    /// Needs `scripts/fetch-postgres 13` (CI runs it).
+    #[test]
+    fn a_cluster_of_another_major_runs_its_binaries() {
+        let c = PgCluster::builder().major(13).start().unwrap();
+        assert_eq!(c.server_version_num().unwrap() / 10000, 13);
+        assert_eq!(c.psql("postgres", "SHOW wal_level").unwrap(), "logical");
+    }
+
+    #[test]
+    fn a_missing_major_names_the_script_that_fetches_it() {
+        let e = server_bindir(Some(11)).unwrap_err().to_string();
+        assert!(e.contains("scripts/fetch-postgres 11"), "{e}");
     }
 
     #[test]
