@@ -18,3 +18,4 @@ mod route;
 mod service;
 mod snapshot;
 mod source;
+mod versions;

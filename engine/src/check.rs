@@ -328,6 +328,34 @@ async fn check_source(
         );
     }
 
+    // PostgreSQL 18 invalidates a slot that stays inactive longer than
+    // idle_replication_slot_timeout (at the next checkpoint): a reshard stopped for maintenance
+    // longer than that loses its slot and the migration starts over.
+    // https://www.postgresql.org/docs/18/runtime-config-replication.html#GUC-IDLE-REPLICATION-SLOT-TIMEOUT
+    if setting_i64(client, "server_version_num").await? >= 180000 {
+        let idle = setting_i64(client, "idle_replication_slot_timeout").await?;
+        let shown = setting(client, "idle_replication_slot_timeout").await?;
+        if idle > 0 {
+            report.warn(
+                "idle_replication_slot_timeout",
+                SOURCE,
+                format!(
+                    "idle_replication_slot_timeout = {shown}: if reshard is stopped longer than                      that, PostgreSQL invalidates slot {slot} at the next checkpoint and the                      migration must start over"
+                ),
+                Some(
+                    "ALTER SYSTEM SET idle_replication_slot_timeout = 0; SELECT pg_reload_conf();"
+                        .into(),
+                ),
+            );
+        } else {
+            report.pass(
+                "idle_replication_slot_timeout",
+                SOURCE,
+                "idle_replication_slot_timeout = 0 (an idle slot is never invalidated)".into(),
+            );
+        }
+    }
+
     // Role attributes.
     let role = client
         .query_one(

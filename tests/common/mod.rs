@@ -39,6 +39,37 @@ impl Topology {
         Self::start_with(n, PgCluster::builder)
     }
 
+    /// A source of PostgreSQL `source` and one shard per entry of `shards` (their majors), each
+    /// cluster with `builder`'s settings and database `app`. A major that is not installed
+    /// fails with the script that fetches it (`scripts/fetch-postgres <major>`).
+    pub fn start_majors(
+        source: u32,
+        shards: &[u32],
+        builder: impl Fn() -> reshard_harness::Builder,
+    ) -> Topology {
+        let start = |major: u32, what: &str| {
+            let c = builder()
+                .major(major)
+                .start()
+                .unwrap_or_else(|e| panic!("start {what} (PostgreSQL {major}): {e}"));
+            c.create_database("app").expect("create db");
+            c
+        };
+        let source = start(source, "source");
+        let shards = shards
+            .iter()
+            .enumerate()
+            .map(|(i, m)| start(*m, &format!("shard{i}")))
+            .collect();
+        Topology {
+            source,
+            shards,
+            dir: tempfile::tempdir().expect("tempdir"),
+            daemons: vec![],
+            runs: 0,
+        }
+    }
+
     /// Like [`Topology::start`] with a custom builder for every cluster.
     pub fn start_with(n: usize, builder: impl Fn() -> reshard_harness::Builder) -> Topology {
         let source = builder().start().expect("start source");

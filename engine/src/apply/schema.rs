@@ -3,8 +3,10 @@
 //! In: a source [`Relation`] (as pgoutput describes it) and the target table's catalog rows
 //! (`pg_attribute`, `pg_index`). Out: a [`TargetTable`]: source columns mapped BY NAME to
 //! target columns, the match key, and the SQL of the set-based statements. Invariant: the
-//! target column list never contains a stored generated column, and a source column that the
-//! target lacks is a definite error naming shard, table and column (never a silent drop).
+//! target column list never contains a stored generated column (PostgreSQL 18 may publish them,
+//! `publish_generated_columns = stored`: the target computes its own, as the full load leaves
+//! them to it), and a source column that the target lacks is a definite error naming shard,
+//! table and column (never a silent drop).
 //!
 //! The match key is the target's primary key when every one of its columns is part of the
 //! source's replica identity (so the old key of every UPDATE/DELETE is known); upserts then use
@@ -96,8 +98,8 @@ pub enum SchemaError {
         /// The column.
         column: String,
     },
-    /// The source sends a column the target computes.
-    #[error("column {column:?} of target table {target} is GENERATED ALWAYS AS … STORED but source table {source_table} sends it; make it a plain column on the shard")]
+    /// The source sends a key column the target computes.
+    #[error("column {column:?} of target table {target} is GENERATED ALWAYS AS … STORED but it is part of the key source table {source_table} matches rows by; make it a plain column on the shard")]
     GeneratedOnTarget {
         /// Source `schema.table`.
         source_table: String,
@@ -173,25 +175,13 @@ impl TargetTable {
             source.key_indexes().collect()
         };
 
-        // Every source column must land in a writable target column.
-        for c in &source.columns {
-            match find(&c.name) {
-                None => {
-                    return Err(SchemaError::MissingColumn {
-                        source_table: src_name,
-                        target: target.to_owned(),
-                        column: c.name.clone(),
-                    })
-                }
-                Some(t) if t.generated => {
-                    return Err(SchemaError::GeneratedOnTarget {
-                        source_table: src_name,
-                        target: target.to_owned(),
-                        column: c.name.clone(),
-                    })
-                }
-                Some(_) => {}
-            }
+        // Every source column must land in a target column (a generated one computes it).
+        if let Some(c) = source.columns.iter().find(|c| find(&c.name).is_none()) {
+            return Err(SchemaError::MissingColumn {
+                source_table: src_name,
+                target: target.to_owned(),
+                column: c.name.clone(),
+            });
         }
         // Every target column left out must be able to take its default (or NULL).
         for t in target_columns {
@@ -232,13 +222,27 @@ impl TargetTable {
             None => (KeyMode::None, Vec::new()),
         };
 
+        // A generated target column is never written; one the rows are matched by cannot be
+        // left out.
+        if let Some(c) = key_idx
+            .iter()
+            .map(|&i| &source.columns[i])
+            .find(|c| find(&c.name).is_some_and(|t| t.generated))
+        {
+            return Err(SchemaError::GeneratedOnTarget {
+                source_table: src_name,
+                target: target.to_owned(),
+                column: c.name.clone(),
+            });
+        }
+
         let mut overriding = false;
         let columns = source
             .columns
             .iter()
             .enumerate()
             .filter_map(|(i, c)| {
-                let t = find(&c.name)?;
+                let t = find(&c.name).filter(|t| !t.generated)?;
                 overriding |= t.identity_always;
                 let is_key = key_idx.contains(&i);
                 Some(MappedColumn {
@@ -523,11 +527,12 @@ mod tests {
         let e =
             TargetTable::build(r.clone(), "public.t", &[tcol("id", true)], "s".into()).unwrap_err();
         assert!(e.to_string().contains("\"x\""), "{e}");
-        let mut g = tcol("x", false);
+        // A generated key column cannot be left out of the match.
+        let mut g = tcol("id", true);
         g.generated = true;
-        let e = TargetTable::build(r.clone(), "public.t", &[tcol("id", true), g], "s".into())
+        let e = TargetTable::build(r.clone(), "public.t", &[g, tcol("x", false)], "s".into())
             .unwrap_err();
-        assert!(matches!(e, SchemaError::GeneratedOnTarget { .. }));
+        assert!(matches!(e, SchemaError::GeneratedOnTarget { .. }), "{e}");
         let mut req = tcol("extra", false);
         req.not_null = true;
         let e = TargetTable::build(
@@ -538,6 +543,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, SchemaError::ExtraColumnRequired { .. }));
+    }
+
+    /// See: issue #12 — PostgreSQL 18 publishes stored generated columns
+    /// (`publish_generated_columns = stored`); the target computes them, so they are never in
+    /// the written column list.
+    #[test]
+    fn a_generated_target_column_sent_by_the_source_is_never_written() {
+        let r = rel(
+            ReplicaIdentity::Default,
+            vec![col("id", true), col("x", false), col("total", false)],
+        );
+        let mut g = tcol("total", false);
+        g.generated = true;
+        let t = TargetTable::build(
+            r,
+            "public.t",
+            &[tcol("id", true), tcol("x", false), g],
+            "s".into(),
+        )
+        .unwrap();
+        let names: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["id", "x"]);
+        assert!(!t.copy_sql().contains("total"), "{}", t.copy_sql());
+        assert!(!t.create_staging_sql().contains("total"));
     }
 
     #[test]

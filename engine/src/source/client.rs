@@ -106,6 +106,74 @@ pub fn max_proto_version(server_version_num: u32) -> u32 {
     }
 }
 
+/// The `START_REPLICATION … LOGICAL` command for a server of `server_version_num`: options the
+/// server's pgoutput does not know are left out, since it refuses unknown options
+/// (PostgreSQL 12/13 refuse `messages`, and speak only protocol 1, without `streaming`).
+/// See <https://www.postgresql.org/docs/current/protocol-logical-replication.html#PROTOCOL-LOGICAL-REPLICATION-PARAMS>.
+pub fn start_replication_sql(
+    server_version_num: u32,
+    slot: &str,
+    start: Lsn,
+    opts: &PgOutputOptions,
+) -> Result<String, SourceError> {
+    check_slot_name(slot)?;
+    if opts.publication_names.is_empty() {
+        return Err(SourceError::Config {
+            key: "publication_names".into(),
+            message: "name at least one publication to stream".into(),
+        });
+    }
+    let max = max_proto_version(server_version_num);
+    let proto = opts.proto_version.unwrap_or(max);
+    if proto == 0 || proto > max {
+        return Err(SourceError::Config {
+            key: "proto_version".into(),
+            message: format!(
+                "pgoutput protocol {proto} is not spoken by PostgreSQL {} (1..={max})",
+                server_version_num / 10000
+            ),
+        });
+    }
+    let pubs = opts
+        .publication_names
+        .iter()
+        .map(|p| crate::event::quote_ident(p))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut sql = format!(
+        "START_REPLICATION SLOT \"{slot}\" LOGICAL {start} (proto_version '{proto}', \
+         publication_names {}",
+        quote_literal(&pubs)
+    );
+    // `messages` is a pgoutput option since PostgreSQL 14 (whatever the protocol version).
+    if opts.messages && server_version_num >= 140000 {
+        sql.push_str(", messages 'true'");
+    }
+    if opts.binary {
+        sql.push_str(", binary 'true'");
+    }
+    if opts.streaming {
+        if proto >= 2 {
+            sql.push_str(", streaming 'on'");
+        } else {
+            tracing::info!(
+                proto,
+                "pgoutput protocol 1 cannot stream in-progress transactions: a large transaction \
+                 arrives whole at its commit and is written to the spill log as it arrives"
+            );
+        }
+    }
+    if opts.two_phase {
+        if proto >= 3 {
+            sql.push_str(", two_phase 'true'");
+        } else {
+            tracing::warn!(proto, "two_phase needs pgoutput protocol 3+; not requested");
+        }
+    }
+    sql.push(')');
+    Ok(sql)
+}
+
 /// A connection in `replication=database` mode.
 pub struct ReplicationClient {
     wire: Wire,
@@ -563,60 +631,7 @@ impl ReplicationClient {
         start: Lsn,
         opts: &PgOutputOptions,
     ) -> Result<String, SourceError> {
-        check_slot_name(slot)?;
-        if opts.publication_names.is_empty() {
-            return Err(SourceError::Config {
-                key: "publication_names".into(),
-                message: "name at least one publication to stream".into(),
-            });
-        }
-        let max = max_proto_version(self.server_version_num());
-        let proto = opts.proto_version.unwrap_or(max);
-        if proto == 0 || proto > max {
-            return Err(SourceError::Config {
-                key: "proto_version".into(),
-                message: format!(
-                    "pgoutput protocol {proto} is not spoken by PostgreSQL {} (1..={max})",
-                    self.parameter("server_version").unwrap_or("?")
-                ),
-            });
-        }
-        let pubs = opts
-            .publication_names
-            .iter()
-            .map(|p| crate::event::quote_ident(p))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut sql = format!(
-            "START_REPLICATION SLOT \"{slot}\" LOGICAL {start} (proto_version '{proto}', \
-             publication_names {}",
-            quote_literal(&pubs)
-        );
-        if opts.messages {
-            sql.push_str(", messages 'true'");
-        }
-        if opts.binary {
-            sql.push_str(", binary 'true'");
-        }
-        if opts.streaming {
-            if proto >= 2 {
-                sql.push_str(", streaming 'on'");
-            } else {
-                tracing::warn!(
-                    proto,
-                    "streaming of large transactions needs pgoutput protocol 2+; not requested"
-                );
-            }
-        }
-        if opts.two_phase {
-            if proto >= 3 {
-                sql.push_str(", two_phase 'true'");
-            } else {
-                tracing::warn!(proto, "two_phase needs pgoutput protocol 3+; not requested");
-            }
-        }
-        sql.push(')');
-        Ok(sql)
+        start_replication_sql(self.server_version_num(), slot, start, opts)
     }
 
     /// `START_REPLICATION SLOT slot LOGICAL start (...)`: hands the connection to a
@@ -705,6 +720,36 @@ mod tests {
         assert_eq!(max_proto_version(150004), 3);
         assert_eq!(max_proto_version(160000), 4);
         assert_eq!(max_proto_version(170002), 4);
+    }
+
+    /// See: issue #12 — a PostgreSQL 13 source refused `messages` at START_REPLICATION.
+    #[test]
+    fn start_replication_leaves_out_what_old_servers_refuse() {
+        let opts = PgOutputOptions {
+            publication_names: vec!["reshard".into()],
+            messages: true,
+            streaming: true,
+            ..Default::default()
+        };
+        let start = Lsn::from_u64(0x100);
+        for v in [120022, 130023] {
+            let sql = start_replication_sql(v, "reshard", start, &opts).unwrap();
+            assert!(sql.contains("proto_version '1'"), "{sql}");
+            assert!(!sql.contains("messages"), "{v}: {sql}");
+            assert!(!sql.contains("streaming"), "{v}: {sql}");
+        }
+        let sql = start_replication_sql(140010, "reshard", start, &opts).unwrap();
+        assert!(
+            sql.contains("proto_version '2'")
+                && sql.contains("messages 'true'")
+                && sql.contains("streaming 'on'"),
+            "{sql}"
+        );
+        let sql = start_replication_sql(180004, "reshard", start, &opts).unwrap();
+        assert!(
+            sql.contains("proto_version '4'") && sql.contains("messages 'true'"),
+            "{sql}"
+        );
     }
 
     #[test]
