@@ -322,7 +322,8 @@ fn key_immutable_migrates_a_rails_schema_under_a_live_writer() {
 }
 
 /// `key_immutable = true` but a row's key changes anyway: the row stays on its old shard, and
-/// verify reports it there (and missing where it belongs) instead of passing.
+/// verify reports it there as a row on the wrong shard (naming the shard it belongs to) and
+/// missing where it belongs, instead of passing.
 #[test]
 fn verify_reports_a_row_left_behind_when_key_immutable_is_violated() {
     let mut t = rails(2);
@@ -351,8 +352,8 @@ fn verify_reports_a_row_left_behind_when_key_immutable_is_violated() {
         code, 1,
         "a violated key_immutable must fail verify: {report:#}"
     );
-    // Keys are (account_id, id).
-    let diffs: Vec<(String, String, String)> = report["results"]
+    // Keys are (account_id, id); a stale row names the shard it belongs to.
+    let diffs: Vec<(String, String, String, String)> = report["results"]
         .as_array()
         .unwrap()
         .iter()
@@ -369,6 +370,7 @@ fn verify_reports_a_row_left_behind_when_key_immutable_is_violated() {
                         .map(|v| v.as_str().unwrap_or("NULL"))
                         .collect::<Vec<_>>()
                         .join(","),
+                    d["belongs_to"].as_str().unwrap_or("-").to_owned(),
                 )
             })
         })
@@ -376,11 +378,21 @@ fn verify_reports_a_row_left_behind_when_key_immutable_is_violated() {
     let old = format!("shard{}", shard_of(from));
     let new = format!("shard{}", shard_of(to));
     assert!(
-        diffs.contains(&(old.clone(), "extra".into(), format!("{from},{user}"))),
+        diffs.contains(&(
+            old.clone(),
+            "extra".into(),
+            format!("{from},{user}"),
+            new.clone()
+        )),
         "the stale row on {old}: {diffs:?}\n{report:#}"
     );
     assert!(
-        diffs.contains(&(new.clone(), "missing".into(), format!("{to},{user}"))),
+        diffs.contains(&(
+            new.clone(),
+            "missing".into(),
+            format!("{to},{user}"),
+            "-".into()
+        )),
         "the row missing on {new}: {diffs:?}\n{report:#}"
     );
     assert_eq!(

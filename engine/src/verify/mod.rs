@@ -24,6 +24,10 @@
 //!    snapshots (a live system converges; a real divergence persists), then drilled down row
 //!    by row (md5 per primary key) to name the keys.
 //!
+//! 5. For a `key_immutable` table, a row left on a shard although the source now holds its
+//!    primary key under a key that routes elsewhere (the promise was broken) is named with the
+//!    shard it belongs to (`belongs_to`), so the violated assumption is reported, not hidden.
+//!
 //! Broadcast tables: whole-table count and hash sum on every shard, drilled down by primary
 //! key on a mismatch. `--sample N` additionally compares N random accounts row by row.
 
@@ -42,7 +46,10 @@ use crate::config::{Config, HashKind, TableMode, TableRule};
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
 use crate::observe::find_daemon;
-use crate::pgconn::{connect_plain, current_insert_lsn, error_text, normalize_session};
+use crate::pgconn::{
+    connect_plain, current_insert_lsn, error_text, normalize_session, quote_ident, quote_literal,
+    quote_qualified,
+};
 use crate::progress::{read_progress, source_system_id};
 use crate::tableinfo::{describe_table, TableInfo};
 
@@ -177,7 +184,8 @@ pub struct Difference {
     pub account: Option<String>,
     /// Row key values (text), in the order of [`TableShardResult::key_columns`].
     pub key: Vec<Option<String>>,
-    /// For rows on a shard the source routes elsewhere: the shard they belong to.
+    /// For rows on a shard the source routes elsewhere: the shard they belong to (also for a
+    /// `key_immutable` row whose key changed on the source: the new key's shard).
     pub belongs_to: Option<String>,
 }
 
@@ -1107,6 +1115,9 @@ async fn drill_accounts(
         }
         let persistent = persistent.unwrap_or_default();
         diffs.retain(|d| persistent.contains(&d.key));
+        if plan.rule.key_immutable {
+            mark_moved_rows(ctx, plan, shard.index, &mut diffs).await?;
+        }
         for d in diffs {
             if let Some(a) = &d.account {
                 bad_accounts.insert(a.clone());
@@ -1115,6 +1126,75 @@ async fn drill_accounts(
         }
     }
     r.accounts_mismatched += bad_accounts.len() as u64;
+    Ok(())
+}
+
+/// A `key_immutable` table whose promise was broken: a row left on this shard whose primary
+/// key the source now holds under a key that routes elsewhere. Names that shard in
+/// `belongs_to` (the row is on the wrong shard), so the violated assumption is reported as
+/// such. Looked up by primary key on the source, one row per listed difference.
+async fn mark_moved_rows(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    here: usize,
+    diffs: &mut [Difference],
+) -> Result<(), VerifyError> {
+    let pk = plan.order.get(1..).unwrap_or_default();
+    if pk.is_empty() {
+        return Ok(());
+    }
+    let names = ctx.config.shard_names();
+    let key = quote_ident(&plan.rule.key);
+    let shard_sql = plan
+        .route
+        .as_ref()
+        .map_or_else(|| "NULL::int4".to_owned(), |r| r.shard_expr(&key));
+    let source = &plan.rule.source;
+    for d in diffs
+        .iter_mut()
+        .filter(|d| d.kind == DiffKind::Extra && d.belongs_to.is_none())
+        .take(MAX_DIFFS)
+    {
+        let Some(values) = d.key.get(1..).filter(|v| v.iter().all(Option::is_some)) else {
+            continue;
+        };
+        let cond: Vec<String> = pk
+            .iter()
+            .zip(values)
+            .map(|(c, v)| {
+                format!(
+                    "{} = {}",
+                    quote_ident(c),
+                    quote_literal(v.as_deref().unwrap_or_default())
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT {key}::text, ({shard_sql})::int4 FROM {} WHERE {}",
+            quote_qualified(source),
+            cond.join(" AND ")
+        );
+        let Some(row) = ctx
+            .src
+            .query_opt(&sql, &[])
+            .await
+            .map_err(q("source", Some(source)))?
+        else {
+            continue;
+        };
+        let now: Option<String> = row.try_get(0).map_err(q("source", Some(source)))?;
+        if now.is_none() || now == d.account {
+            continue;
+        }
+        let shard = match (row.try_get::<_, Option<i32>>(1), &ctx.opts.router, &now) {
+            (Ok(Some(s)), _, _) => usize::try_from(s).ok(),
+            (_, Some(router), Some(a)) => router(plan.key_type_oid, a).ok(),
+            _ => None,
+        };
+        if let Some(s) = shard.filter(|s| *s != here) {
+            d.belongs_to = names.get(s).cloned();
+        }
+    }
     Ok(())
 }
 
