@@ -402,3 +402,38 @@ fn verify_reports_a_row_left_behind_when_key_immutable_is_violated() {
         t.all_logs()
     );
 }
+
+/// `check --fix` never builds on a key that may be NULL (an identity index needs NOT NULL
+/// columns) nor on a table without a usable unique key; it says why and `check` still FAILs.
+#[test]
+fn check_fix_leaves_a_nullable_key_and_a_table_without_a_key_alone() {
+    let t = Topology::start(1);
+    t.ddl_everywhere(
+        "CREATE TABLE notes (id bigint PRIMARY KEY, account_id bigint, body text);
+         CREATE TABLE logs (account_id bigint NOT NULL, msg text);",
+    );
+    t.write_config("");
+    let (code, out, err) = check(&t, &["--fix"]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("NOT DONE public.notes: skipped: account_id may be NULL"),
+        "{out}"
+    );
+    let fixes = out.split("STATUS").next().unwrap_or_default();
+    assert!(
+        !fixes.contains("public.logs"),
+        "no fix action on a keyless table: {out}"
+    );
+    assert_eq!(
+        t.source_sql(
+            "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+             WHERE c.relname IN ('notes', 'logs') AND NOT i.indisprimary"
+        ),
+        "0",
+        "--fix built an index it must not build"
+    );
+    assert_eq!(
+        t.source_sql("SELECT string_agg(relreplident::text, '' ORDER BY relname) FROM pg_class WHERE relname IN ('logs', 'notes')"),
+        "dd"
+    );
+}
