@@ -818,3 +818,53 @@ fn a_shard_down_while_the_daemon_starts_is_waited_for() {
         t.all_logs()
     );
 }
+
+// See: issue #11 (chaos soak: a shard's backends terminated while the full load runs).
+/// A transient failure of the full load after the start (a shard's copy connections cut) does
+/// not end the daemon: it stops every stage, starts again by itself (as a restart would), resumes
+/// the load without recopying finished tables, and converges.
+#[test]
+fn a_transient_full_load_failure_starts_the_daemon_again() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    preload(&t);
+    t.source_sql(
+        "INSERT INTO audit SELECT g % 89 + 1, repeat('x', 200), g FROM generate_series(10001, 400000) g",
+    );
+    t.write_config("[snapshot]\nchunk_rows = 10000\n");
+    let d = t.spawn_run(&[]);
+    // Once shard0 has committed a chunk of audit (the load is under way), cut its connections.
+    t.wait("a first chunk on shard0", Duration::from_secs(120), || {
+        let n: i64 = t.shards[0]
+            .psql("app", "SELECT count(*) FROM audit")
+            .ok()?
+            .parse()
+            .ok()?;
+        (n > 0).then_some(())
+    });
+    t.shards[0]
+        .psql(
+            "app",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = 'app' AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    t.wait_converged(TABLES, Duration::from_secs(300));
+    assert!(
+        t.is_running(d),
+        "the daemon exited after a transient full-load failure:\n{}",
+        t.all_logs()
+    );
+    let log = t.last_log();
+    assert!(
+        log.contains("the full load failed") && log.contains("starting again"),
+        "the load must have failed under the cut and the daemon started again:\n{}",
+        t.all_logs()
+    );
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        t.all_logs()
+    );
+}

@@ -1,6 +1,9 @@
 //! `reshard run`: the migration daemon.
 
-use reshard_engine::runtime::{self, RunOptions};
+use std::time::{Duration, Instant};
+
+use reshard_engine::error::{Classify, ErrorClass};
+use reshard_engine::runtime::{self, RunOptions, RunSummary, RuntimeError};
 
 use crate::output::{load_config, CmdResult, Failure};
 use crate::RunArgs;
@@ -10,39 +13,73 @@ use crate::RunArgs;
 /// position to the slot and exits 0.
 pub async fn run(args: RunArgs) -> CmdResult {
     let cfg = load_config(&args.config.config)?;
-    let start = runtime::start(
-        cfg,
-        RunOptions {
-            skip_full_load: args.skip_full_load,
-            start_retry: std::time::Duration::from_secs(args.start_retry_secs),
-        },
-    );
-    // A signal while starting (or while waiting for a server to come back) ends the start.
-    let running = tokio::select! {
-        r = start => match r {
-            Ok(running) => running,
-            // The source's schema needs a decision (config or SQL): like a configuration error.
-            Err(e @ runtime::RuntimeError::KeyOutsideIdentity(_)) => {
-                return Err(Failure::usage(
-                    anyhow::Error::from(e).context("reshard run refuses to start"),
-                ))
+    let retry_initial = Duration::from_millis(cfg.apply.retry_initial_ms.max(1));
+    let retry_max = Duration::from_millis(cfg.apply.retry_max_ms.max(1));
+    let mut backoff = retry_initial;
+    loop {
+        let start = runtime::start(
+            cfg.clone(),
+            RunOptions {
+                skip_full_load: args.skip_full_load,
+                start_retry: Duration::from_secs(args.start_retry_secs),
+            },
+        );
+        // A signal while starting (or while waiting for a server to come back) ends the start.
+        let running = tokio::select! {
+            r = start => match r {
+                Ok(running) => running,
+                // The source's schema needs a decision (config or SQL): like a configuration error.
+                Err(e @ RuntimeError::KeyOutsideIdentity(_)) => {
+                    return Err(Failure::usage(
+                        anyhow::Error::from(e).context("reshard run refuses to start"),
+                    ))
+                }
+                Err(e) => return Err(Failure::from(anyhow::Error::from(e).context("reshard run could not start"))),
+            },
+            sig = runtime::wait_for_signal() => {
+                tracing::info!(signal = sig, "shutting down before the start completed");
+                return Ok(());
             }
-            Err(e) => return Err(Failure::from(anyhow::Error::from(e).context("reshard run could not start"))),
-        },
-        sig = runtime::wait_for_signal() => {
-            tracing::info!(signal = sig, "shutting down before the start completed");
-            return Ok(());
+        };
+        let started = Instant::now();
+        let mut done = running.done;
+        let result = tokio::select! {
+            sig = runtime::wait_for_signal() => {
+                tracing::info!(signal = sig, "shutting down");
+                let _ = running.shutdown.send(true);
+                return finish(done.await);
+            }
+            r = &mut done => r,
+        };
+        match result {
+            // A transient failure after the start (a shard restarting under the full load, a
+            // connection cut): every stage has stopped and flushed; start again as a restart
+            // of the process would, after a backoff.
+            Ok(Err(e)) if e.class() == ErrorClass::Transient => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = retry_initial;
+                }
+                tracing::warn!(
+                    error = %e,
+                    restart_in_ms = backoff.as_millis() as u64,
+                    "reshard run stopped after a transient failure; starting again"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    sig = runtime::wait_for_signal() => {
+                        tracing::info!(signal = sig, "shutting down");
+                        return Ok(());
+                    }
+                }
+                backoff = (backoff * 2).min(retry_max);
+            }
+            r => return finish(r),
         }
-    };
-    let mut done = running.done;
-    let result = tokio::select! {
-        sig = runtime::wait_for_signal() => {
-            tracing::info!(signal = sig, "shutting down");
-            let _ = running.shutdown.send(true);
-            done.await
-        }
-        r = &mut done => r,
-    };
+    }
+}
+
+/// The exit of a daemon run that is not started again.
+fn finish(result: Result<Result<RunSummary, RuntimeError>, tokio::task::JoinError>) -> CmdResult {
     match result {
         Ok(Ok(summary)) => {
             tracing::info!(confirmed_flush_lsn = %summary.confirmed_flush_lsn, "clean shutdown");
