@@ -1,8 +1,16 @@
 //! The full-load → CDC handoff filter.
 //!
 //! In: a shard's [`ShardLog`] and, from the full load, per table the LSN its copy is consistent
-//! at (`skip_until`). Out: the same log without the changes of those tables committed at or
-//! below that LSN — they are already in the copied data.
+//! at (`skip_until`). Out: the same log without the changes of those tables committed below
+//! that LSN — they are already in the copied data.
+//!
+//! Why strictly below: a snapshot exported when a slot reaches its consistent point C holds
+//! exactly the transactions whose commit record starts before C (logical decoding skips
+//! those, `SnapBuildXactNeedsSkip(start_decoding_at)` in PostgreSQL's `snapbuild.c`, and the
+//! exported snapshot treats every later committer as running). A commit record that starts
+//! exactly at C is sent by the walsender and is not in the snapshot. pgoutput's Begin and
+//! Commit carry that start as `commit_lsn` (`final_lsn`), see
+//! <https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html>.
 //!
 //! Invariant: a table recopied under a later snapshot (a full load resumed after a crash)
 //! receives each change exactly once: the copy holds everything committed up to its snapshot's
@@ -21,8 +29,8 @@ pub struct SkipLog<L: ShardLog> {
 }
 
 impl<L: ShardLog> SkipLog<L> {
-    /// Wraps `inner`; `skip_until` maps source `schema.table` (unquoted) to the LSN at or below
-    /// which its changes are dropped.
+    /// Wraps `inner`; `skip_until` maps source `schema.table` (unquoted) to the snapshot LSN
+    /// below which its changes are dropped.
     pub fn new(inner: Arc<L>, skip_until: HashMap<String, Lsn>) -> SkipLog<L> {
         SkipLog {
             inner,
@@ -63,7 +71,7 @@ impl<R: ShardReader> SkipReader<R> {
         let key = format!("{namespace}.{name}");
         self.skip_until
             .get(&key)
-            .is_some_and(|l| self.commit_lsn <= *l)
+            .is_some_and(|l| self.commit_lsn < *l)
     }
 
     /// The event with already-copied changes removed (`None` to drop it whole).
@@ -168,9 +176,16 @@ mod tests {
                 commit_time: 0,
             })
         };
-        assert!(r.filter(begin(100)).is_some());
-        assert!(r.filter(ins("a")).is_none(), "a at 100 is in the copy");
+        assert!(r.filter(begin(99)).is_some());
+        assert!(
+            r.filter(ins("a")).is_none(),
+            "a committed below 100 is in the copy"
+        );
         assert!(r.filter(ins("b")).is_some(), "b is not skipped");
+        // See: issue #11 item 3. A snapshot exported at consistent point 100 does not hold a
+        // commit record that starts exactly at 100: the walsender sends it, CDC applies it.
+        assert!(r.filter(begin(100)).is_some());
+        assert!(r.filter(ins("a")).is_some(), "a committed at 100 is CDC's");
         assert!(r.filter(begin(101)).is_some());
         assert!(r.filter(ins("a")).is_some(), "a after 100 is CDC's");
         r.filter(begin(50));

@@ -33,7 +33,7 @@
 //!    slot with `EXPORT_SNAPSHOT` instead. Either gives an [`ExportedSnapshot`].
 //! 3. [`PreparedLoad::run`], keeping the exporting replication connection idle until `imported`
 //!    fires. Then start CDC at the main slot's consistent point and skip, per table, the
-//!    changes at or below [`FullLoadReport::skip_until`]. The report is rebuilt from the
+//!    changes committed below [`FullLoadReport::skip_until`]. The report is rebuilt from the
 //!    shards' records on every run, so it survives restarts.
 //!
 //! See `catalog` for the checks and how tables are chunked, `copy` for the worker loop and
@@ -309,13 +309,14 @@ pub struct FullLoadReport {
 }
 
 impl FullLoadReport {
-    /// Tables whose copy is consistent at a later LSN than the slot's consistent point, with that
-    /// LSN: CDC must skip those tables' changes from transactions committed at or below it (the
-    /// copy already contains them).
-    pub fn skip_until(&self, slot_consistent_point: Lsn) -> HashMap<String, Lsn> {
+    /// Tables whose copy is consistent at a later LSN than where the log starts (the slot's
+    /// consistent point on a first run), with that LSN: CDC must skip those tables' changes
+    /// from transactions whose commit record starts below it (the copy already contains
+    /// them; see `handoff`).
+    pub fn skip_until(&self, log_start: Lsn) -> HashMap<String, Lsn> {
         self.tables
             .iter()
-            .filter(|t| t.as_of > slot_consistent_point)
+            .filter(|t| t.as_of > log_start)
             .map(|t| (t.table.clone(), t.as_of))
             .collect()
     }
@@ -417,6 +418,27 @@ impl PreparedLoad {
             .filter(|t| !matches!(t.status, catalog::TableStatus::Finished { .. }))
             .map(|t| t.source_display.clone())
             .collect()
+    }
+
+    /// Whether an earlier run recorded chunks of any table on any shard.
+    pub fn has_records(&self) -> bool {
+        self.plan
+            .tables
+            .iter()
+            .any(|t| t.status != catalog::TableStatus::Fresh)
+    }
+
+    /// The earliest snapshot an earlier run finished a table under: the shards need that
+    /// table's changes committed from there on.
+    pub fn oldest_finished_as_of(&self) -> Option<Lsn> {
+        self.plan
+            .tables
+            .iter()
+            .filter_map(|t| match t.status {
+                catalog::TableStatus::Finished { as_of, .. } => Some(as_of),
+                _ => None,
+            })
+            .min()
     }
 
     /// Whether [`PreparedLoad::run`] needs a snapshot (some table must be copied).
