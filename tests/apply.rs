@@ -7,12 +7,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use reshard_engine::apply::memlog::MemLog;
 use reshard_engine::apply::{
-    read_progress, ApplyError, ApplyOptions, ApplyState, PgConnect, ShardApplier, ShardStatus,
+    ApplyError, ApplyOptions, ApplyState, PgConnect, ShardApplier, ShardStatus,
 };
 use reshard_engine::event::{
     Begin, Change, Column, Commit, OldRow, Relation, ReplicaIdentity, ShardEvent, ShardId, TableId,
     Value,
 };
+use reshard_engine::progress::read_progress;
 use reshard_engine::Lsn;
 use reshard_harness::PgCluster;
 use tokio::sync::watch;
@@ -280,7 +281,7 @@ async fn composite_key_inserts_updates_deletes_and_truncate() {
     assert_eq!(st.rows_deleted, 3);
     assert_eq!(st.truncates, 1);
     assert_eq!(log.applied_lsn(SHARD), Some(lsn(3)));
-    let p = read_progress(&c, "7300000000000000001", "reshard_test", "shard-a")
+    let p = read_progress(&c, "reshard_test", "shard-a", Some("7300000000000000001"))
         .await
         .unwrap()
         .unwrap();
@@ -765,7 +766,7 @@ async fn restart_resumes_exactly_after_progress() {
         rows(&c, "SELECT count(*), sum(n), count(DISTINCT n) FROM events").await,
         vec!["12|78|12"]
     );
-    let p = read_progress(&c, "7300000000000000001", "reshard_test", "shard-a")
+    let p = read_progress(&c, "reshard_test", "shard-a", Some("7300000000000000001"))
         .await
         .unwrap()
         .unwrap();
@@ -925,7 +926,7 @@ async fn idle_shard_records_heartbeat_progress() {
     assert_eq!(st.txns_applied, 0);
     assert_eq!(st.batches, 0);
     let c = client(&pg, "shard").await;
-    let p = read_progress(&c, "7300000000000000001", "reshard_test", "shard-a")
+    let p = read_progress(&c, "reshard_test", "shard-a", Some("7300000000000000001"))
         .await
         .unwrap()
         .unwrap();
@@ -940,7 +941,7 @@ async fn concurrent_creators_of_the_progress_table_all_succeed() {
     for _ in 0..6 {
         let c = client(&pg, "shard").await;
         tasks.push(tokio::spawn(async move {
-            reshard_engine::apply::progress::ensure_progress_table(&c).await
+            reshard_engine::progress::ensure_progress_table(&c).await
         }));
     }
     for task in tasks {
@@ -948,7 +949,7 @@ async fn concurrent_creators_of_the_progress_table_all_succeed() {
     }
     let c = client(&pg, "shard").await;
     assert_eq!(
-        read_progress(&c, "x", "y", "z").await.unwrap(),
+        read_progress(&c, "y", "z", Some("x")).await.unwrap(),
         None,
         "no row yet"
     );
@@ -1178,7 +1179,7 @@ async fn shutdown_commits_complete_transactions_and_rolls_back_a_partly_written_
     r.unwrap();
     assert_eq!(st.applied_commit_lsn, lsn(1));
     assert_eq!(rows(&c, "SELECT k FROM kv ORDER BY k").await, vec!["1"]);
-    let p = read_progress(&c, "7300000000000000001", "reshard_test", "shard-a")
+    let p = read_progress(&c, "reshard_test", "shard-a", Some("7300000000000000001"))
         .await
         .unwrap()
         .unwrap();

@@ -868,3 +868,237 @@ fn a_transient_full_load_failure_starts_the_daemon_again() {
         t.all_logs()
     );
 }
+
+/// Single-row inserts into `items` and `audit`, back to back, each transaction open for a
+/// while before its commit: a slot's consistent point then often falls exactly on the start
+/// of a commit record. Ids start at `base`.
+fn spin_inserts(url: String, base: i64, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("spin_inserts connect");
+            tokio::spawn(conn);
+            let mut n = base;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let sql = if n % 2 == 0 {
+                    format!(
+                        "BEGIN; INSERT INTO items VALUES ({}, {n}, 's{n}', 0)",
+                        n % 193 + 1
+                    )
+                } else {
+                    format!(
+                        "BEGIN; INSERT INTO audit VALUES ({}, 's', {n})",
+                        n % 191 + 1
+                    )
+                };
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .expect("spin_inserts insert");
+                // Most of the time is spent inside the transaction, so the next WAL record
+                // after a random point is most often a commit record.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                client
+                    .batch_execute("COMMIT")
+                    .await
+                    .expect("spin_inserts commit");
+            }
+            (n - base) as u64
+        })
+    })
+}
+
+// See: issue #11 item 3 (the full-load/CDC boundary after a restart).
+/// Several rounds, each from a fresh slot: a throttled full load under a mixed writer and two
+/// back-to-back inserters, SIGKILLed and restarted while it copies; after the load every shard
+/// holds exactly its share. A commit record that starts exactly at a snapshot's consistent
+/// point is not in that snapshot and must come from CDC.
+#[test]
+fn restarts_during_the_full_load_under_writes_keep_every_commit_at_the_snapshot_boundary() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    t.source_sql("INSERT INTO plans SELECT g, 'plan' || g FROM generate_series(1, 50) g");
+    t.source_sql("INSERT INTO audit SELECT g % 89 + 1, 'pre', g FROM generate_series(1, 3000) g");
+    t.source_sql(
+        "INSERT INTO items SELECT g % 97 + 1, g, 'pre' || g, 0 FROM generate_series(1, 20000) g",
+    );
+    t.source_sql("ANALYZE");
+    t.write_config("[snapshot]\nparallel = 1\nchunk_rows = 1000\nmax_rows_per_sec = 5000\n");
+    for round in 0..3i64 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let spinners: Vec<_> = (0..3)
+            .map(|k| {
+                let base = 10_000_000 * (round + 1) + 1_000_000 * k;
+                spin_inserts(t.source.url("app"), base, stop.clone())
+            })
+            .collect();
+        let writer = Writer::start(t.source.url("app"), seed.wrapping_add(round as u64), false);
+        let mut d = t.spawn_run(&[]);
+        let mut kills = 0;
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(rng.gen_range(1500..3500)));
+            if t.last_log().contains("full load done") {
+                break;
+            }
+            t.kill9(d);
+            kills += 1;
+            d = t.spawn_run(&[]);
+        }
+        t.wait("the full load to finish", Duration::from_secs(120), || {
+            t.last_log().contains("full load done").then_some(())
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::SeqCst);
+        let spun: u64 = spinners
+            .into_iter()
+            .map(|h| h.join().expect("spinner"))
+            .sum();
+        let commits = writer.finish();
+        println!("round {round}: {kills} kills during the load; {commits} mixed and {spun} single-row commits");
+        t.wait_converged(TABLES, Duration::from_secs(120));
+        assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
+        assert_eq!(
+            t.terminate(d, Duration::from_secs(30)),
+            Some(0),
+            "SIGTERM must be a clean exit 0:\n{}",
+            t.all_logs()
+        );
+        // The next round starts over: new slot, empty shards and spill directory; the mixed
+        // writer's ids are free again.
+        t.source_sql("SELECT pg_drop_replication_slot('reshard')");
+        t.source_sql(&format!(
+            "DELETE FROM items WHERE id >= {WRITER_ID_BASE} AND id < 10000000; \
+             DELETE FROM plans WHERE id >= {WRITER_ID_BASE}"
+        ));
+        t.shards_sql("DROP SCHEMA reshard CASCADE; TRUNCATE items, audit, plans");
+        std::fs::remove_dir_all(t.spill_dir()).expect("remove the spill directory");
+    }
+}
+
+// See: issue #11 item 1 (a fresh spill directory while the slot exists and a shard lags).
+/// A shard is down while rows are written and confirmed to the slot, the engine is SIGKILLed,
+/// and it is restarted with an empty spill directory (a pod without its volume): it refuses
+/// to stream, naming the shard, the missing LSN range, the directory and the ways out, and
+/// leaves the shard's progress where it was. With the original directory back it resumes and
+/// every shard converges.
+#[test]
+fn a_fresh_spill_directory_behind_a_lagging_shard_is_refused_naming_shard_and_range() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    preload(&t);
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    // Both shards apply streamed transactions, so shard1's progress is a real position.
+    t.source_sql("INSERT INTO audit SELECT g % 101 + 1, 'streamed', g FROM generate_series(400000, 400999) g");
+    t.wait_converged(TABLES, Duration::from_secs(60));
+
+    t.shards[1].stop().unwrap();
+    for k in 0..5 {
+        t.source_sql(&format!(
+            "INSERT INTO audit SELECT g % 101 + 1, 'while shard1 is down', g \
+             FROM generate_series({0} * 1000 + 500000, {0} * 1000 + 500999) g",
+            k
+        ));
+    }
+    let written = t.source_sql("SELECT pg_current_wal_lsn()");
+    t.wait(
+        &format!("confirmed_flush_lsn to pass {written} while shard1 is down"),
+        Duration::from_secs(60),
+        || lsn_at_least(&t, &written).then_some(()),
+    );
+    t.kill9(d);
+    t.shards[1].restart().unwrap();
+    let progress = |t: &Topology| {
+        t.shards[1]
+            .psql("app", "SELECT commit_lsn FROM reshard.progress")
+            .unwrap()
+    };
+    let before = progress(&t);
+    let kept = t.dir.path().join("spill-volume");
+    std::fs::rename(t.spill_dir(), &kept).unwrap();
+
+    let d = t.spawn_run(&[]);
+    let code = t.wait_exit(d, Duration::from_secs(60));
+    let log = t.last_log();
+    assert_eq!(
+        code,
+        Some(3),
+        "an empty spill directory behind a lagging shard must be refused:\n{}",
+        t.all_logs()
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("does not cover shard shard1"))
+        .unwrap_or_else(|| panic!("no refusal naming shard1:\n{log}"));
+    for part in [
+        format!("committed after {before}, "),
+        format!("transactions after {before} and before "),
+        t.spill_dir().display().to_string(),
+        "re-sync shard shard1".to_string(),
+        "point [spill] dir".to_string(),
+    ] {
+        assert!(line.contains(&part), "{part:?} missing from:\n{line}");
+    }
+    assert_eq!(progress(&t), before, "nothing may move shard1's progress");
+
+    // The right directory back: it resumes and catches up.
+    std::fs::remove_dir_all(t.spill_dir()).unwrap();
+    std::fs::rename(&kept, t.spill_dir()).unwrap();
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "SIGTERM must be a clean exit 0:\n{}",
+        t.all_logs()
+    );
+}
+
+// See: issue #11 item 2 (the slot dropped by hand, old progress rows and chunk records).
+/// After a migration ran, rows are written while the daemon is stopped, a DBA drops the slot
+/// and the spill directory is gone: a restart would create a new slot past those rows and
+/// never copy the finished tables again. It refuses instead, names a shard and the way to
+/// start over, and creates no slot.
+#[test]
+fn a_slot_dropped_by_hand_with_old_progress_is_refused_not_recreated() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    preload(&t);
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    assert_eq!(t.terminate(d, Duration::from_secs(30)), Some(0));
+
+    t.source_sql(
+        "INSERT INTO audit SELECT g % 89 + 1, 'gap', g FROM generate_series(900000, 900999) g",
+    );
+    t.source_sql("SELECT pg_drop_replication_slot('reshard')");
+    std::fs::remove_dir_all(t.spill_dir()).unwrap();
+
+    let d = t.spawn_run(&[]);
+    let code = t.wait_exit(d, Duration::from_secs(60));
+    let log = t.last_log();
+    assert_eq!(code, Some(3), "must refuse:\n{}", t.all_logs());
+    assert!(
+        log.contains("no longer exists on the source")
+            && (log.contains("shard shard0 holds") || log.contains("shard shard1 holds"))
+            && log.contains("reshard slot drop -c <config> --purge"),
+        "the refusal must name the shard, its progress and the way out:\n{log}"
+    );
+    assert_eq!(
+        t.source_sql("SELECT count(*) FROM pg_replication_slots"),
+        "0",
+        "no slot may be created"
+    );
+}

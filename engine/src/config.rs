@@ -274,7 +274,8 @@ impl Default for ApplyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpillConfig {
-    /// Directory of the spill log (relative to the working directory). Default
+    /// Directory of the spill log; a relative path is relative to the config file's directory
+    /// (not the working directory, so every command finds the same log). Default
     /// `./reshard-data`.
     #[serde(default = "default_spill_dir")]
     pub dir: PathBuf,
@@ -508,11 +509,12 @@ impl Config {
             source,
         })?;
         let mut cfg = Config::parse(&text, &path.display().to_string())?;
-        // Relative map files are relative to the config file.
-        if let Some(map) = cfg.routing.map.as_mut() {
-            if map.is_relative() {
-                if let Some(dir) = path.parent() {
-                    *map = dir.join(&*map);
+        // Relative map files and spill directories are relative to the config file (issue
+        // #11 item 1: a cwd-relative spill dir silently became a fresh, empty log).
+        if let Some(dir) = path.parent() {
+            for p in cfg.routing.map.iter_mut().chain([&mut cfg.spill.dir]) {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
                 }
             }
         }
@@ -827,6 +829,25 @@ mode = "broadcast"
         let rules = c.table_rules();
         assert!(rules[0].key_immutable, "inherits [routing] key_immutable");
         assert!(!rules[1].key_immutable, "the table's own setting wins");
+    }
+
+    // See: issue #11 item 1 (the default ./reshard-data followed the working directory).
+    #[test]
+    fn a_relative_spill_dir_is_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        let path = etc.join("reshard.toml");
+        std::fs::write(&path, GOOD).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.spill.dir, etc.join("./reshard-data"));
+        std::fs::write(
+            &path,
+            format!("{GOOD}\n[spill]\ndir = \"/var/lib/reshard/x\"\n"),
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.spill.dir, PathBuf::from("/var/lib/reshard/x"));
     }
 
     #[test]

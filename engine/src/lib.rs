@@ -44,6 +44,7 @@ pub mod runtime;
 pub mod snapshot;
 pub mod source;
 pub mod spill;
+pub mod startup;
 pub mod status;
 
 pub mod check;

@@ -41,6 +41,20 @@ impl Lsn {
     pub const fn add_bytes(self, bytes: u64) -> Lsn {
         Lsn(self.0.saturating_add(bytes))
     }
+
+    /// Read as a shard's progress ("every commit whose record starts at or below `self` is
+    /// applied"): whether it holds every commit that starts before `end`, an end-of-record or
+    /// insert position. A commit record may start exactly at `end`, so `end - 1` is enough and
+    /// `end` itself is not needed (see `spill`'s heartbeats).
+    pub const fn covers(self, end: Lsn) -> bool {
+        self.0.saturating_add(1) >= end.0
+    }
+
+    /// The smallest progress that [`covers`](Lsn::covers) `end`: the position of an idle
+    /// shard's heartbeat when everything before `end` is durable (`0/0` for `0/0`).
+    pub const fn covering(end: Lsn) -> Lsn {
+        Lsn(end.0.saturating_sub(1))
+    }
 }
 
 impl fmt::Display for Lsn {
@@ -111,6 +125,17 @@ mod tests {
         for s in ["", "/", "1/", "/1", "x/1", "1/2/3", "123456789/0", "1-2"] {
             assert!(s.parse::<Lsn>().is_err(), "{s}");
         }
+    }
+
+    #[test]
+    fn progress_covers_every_commit_starting_before_an_end() {
+        let end = Lsn::from_u64(100);
+        assert_eq!(Lsn::covering(end), Lsn::from_u64(99));
+        assert!(Lsn::covering(end).covers(end));
+        assert!(!Lsn::from_u64(98).covers(end));
+        assert!(end.covers(end));
+        assert_eq!(Lsn::covering(Lsn::ZERO), Lsn::ZERO);
+        assert!(Lsn::MAX.covers(Lsn::MAX));
     }
 
     #[test]

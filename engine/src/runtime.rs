@@ -39,6 +39,7 @@ use crate::source::{
     list_slots, ConnConfig, ReplicationClient, SlotOptions, SnapshotAction, SourceError,
 };
 use crate::spill::{SpillError, SpillIdentity, SpillLog, SpillOptions, SpillWriter};
+use crate::startup::{self, StartupError};
 use crate::status::{
     AdminHandle, ControlCommand, ControlRequest, Phase, ShardState, ShardView, SourceStatus,
     SpillView, StatusSnapshot, TableView,
@@ -93,9 +94,28 @@ pub enum RuntimeError {
     /// Inconsistent local state.
     #[error("{0}")]
     State(String),
+    /// A shard's progress row could not be read for the start-up proof (retried: the shard
+    /// may be restarting).
+    #[error("shard {shard}: cannot read its progress row, which is needed to prove that the spill log covers it before streaming: {message}; waiting for the shard to be reachable")]
+    ShardUnreadable {
+        /// The shard.
+        shard: String,
+        /// The error.
+        message: String,
+    },
+    /// The spill log, the slot and the shards' progress do not prove a lossless start.
+    #[error("refusing to start: {0}")]
+    Startup(StartupError),
     /// A task panicked or could not be joined.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<StartupError> for RuntimeError {
+    // Not `#[from]`: the message already holds the cause; a `source` would print it twice.
+    fn from(e: StartupError) -> RuntimeError {
+        RuntimeError::Startup(e)
+    }
 }
 
 impl Classify for RuntimeError {
@@ -106,6 +126,7 @@ impl Classify for RuntimeError {
             RuntimeError::Spill(e) => e.class(),
             RuntimeError::Snapshot(e) => e.class(),
             RuntimeError::Ingest(e) => e.class(),
+            RuntimeError::ShardUnreadable { .. } => ErrorClass::Transient,
             _ => ErrorClass::Definite,
         }
     }
@@ -210,27 +231,69 @@ async fn start_once(
         slot: cfg.source.slot.clone(),
         shards: names.clone(),
     };
-    let (writer, spill_report) =
+    let (mut writer, spill_report) =
         tokio::task::spawn_blocking(move || SpillWriter::open(spill_opts, identity))
             .await
             .map_err(|e| RuntimeError::Internal(format!("opening the spill log: {e}")))??;
     let log: Arc<SpillLog> = Arc::new(writer.log());
 
-    let slot_exists = list_slots(&sql)
+    let slot_row = list_slots(&sql)
         .await?
-        .iter()
-        .any(|s| s.slot_name == cfg.source.slot);
-    if !slot_exists && spill_report.durable_lsn > Lsn::ZERO {
-        return Err(RuntimeError::State(format!(
-            "the spill directory {} holds data up to {} from an earlier slot {}, but that slot no \
-             longer exists on the source: the shards cannot be resumed from it. Start over: drop \
-             the shards' data and the `reshard` schema on every shard, remove {}, then run again",
-            cfg.spill.dir.display(),
-            spill_report.durable_lsn,
-            cfg.source.slot,
-            cfg.spill.dir.display()
-        )));
-    }
+        .into_iter()
+        .find(|s| s.slot_name == cfg.source.slot);
+    let slot_exists = slot_row.is_some();
+    let slot_state = match &slot_row {
+        None => startup::SlotState::Missing,
+        Some(s) => startup::SlotState::Exists {
+            confirmed_flush_lsn: s.confirmed_flush_lsn.unwrap_or_default(),
+        },
+    };
+    // The full load's plan (read-only) says which tables earlier runs copied, and under which
+    // snapshots: part of what the start-up proof needs.
+    let prepared = if opts.skip_full_load {
+        None
+    } else {
+        let full_load = FullLoad::new(
+            sql_connect(conn.clone()),
+            cfg.shards
+                .iter()
+                .zip(&shard_conns)
+                .map(|(s, c)| snapshot::ShardTarget {
+                    name: s.name.clone(),
+                    connect: sql_connect(c.clone()),
+                })
+                .collect(),
+            table_specs(&tables),
+            route_fn(&router),
+            snapshot_options(&cfg)?,
+        );
+        Some(full_load.prepare().await?)
+    };
+    let shard_states =
+        shard_states(&cfg, &shard_conns, &system.system_id, prepared.as_ref()).await?;
+    let plan = startup::plan(
+        &cfg.source.slot,
+        slot_state,
+        &startup::LogState {
+            dir: cfg.spill.dir.clone(),
+            migration_id: spill_report.migration_id.clone(),
+            start_lsn: spill_report.start_lsn,
+            durable_lsn: spill_report.durable_lsn,
+        },
+        &shard_states,
+        || startup::new_migration_id(&system.system_id),
+    )?;
+    let migration_id = plan.migration_id().to_owned();
+    // Where the log starts: everything committed from here on is in the log or still comes
+    // from the slot. A new slot's consistent point, recorded once the slot exists.
+    let log_start = match &plan {
+        startup::Plan::Resume { log_start, .. } => {
+            writer.record_lineage(&migration_id, *log_start)?;
+            *log_start
+        }
+        startup::Plan::Create { .. } => Lsn::ZERO,
+    };
+    tracing::info!(migration = %migration_id, log_start = %log_start, slot_exists, "start-up proof: the spill log covers every shard");
 
     // Full load and the first replication stream.
     let ingest_opts = IngestOptions {
@@ -262,26 +325,14 @@ async fn start_once(
                 )
                 .await?;
             tracing::info!(slot = %info.name, consistent_point = %info.consistent_point, "created the slot (no full load)");
+            writer.record_lineage(&migration_id, info.consistent_point)?;
             info.consistent_point
         };
         first = start_streaming(repl, &ingest_opts, start_at).await?;
         let _ = load_tx.send(Some(Arc::new(HashMap::new())));
     } else {
-        let full_load = FullLoad::new(
-            sql_connect(conn.clone()),
-            cfg.shards
-                .iter()
-                .zip(&shard_conns)
-                .map(|(s, c)| snapshot::ShardTarget {
-                    name: s.name.clone(),
-                    connect: sql_connect(c.clone()),
-                })
-                .collect(),
-            table_specs(&tables),
-            route_fn(&router),
-            snapshot_options(&cfg)?,
-        );
-        let prepared = full_load.prepare().await?;
+        let prepared = prepared
+            .ok_or_else(|| RuntimeError::Internal("the full load was not prepared".into()))?;
         load_progress = Some(prepared.progress());
         let (imported_tx, imported_rx) = oneshot::channel();
         let (snapshot, start_at, consistent_point, exporter) = if !slot_exists {
@@ -295,6 +346,7 @@ async fn start_once(
                 )
                 .await?;
             tracing::info!(slot = %info.name, consistent_point = %info.consistent_point, "created the slot with an exported snapshot");
+            writer.record_lineage(&migration_id, info.consistent_point)?;
             let snap = info.snapshot_name.map(|name| snapshot::ExportedSnapshot {
                 name,
                 lsn: info.consistent_point,
@@ -319,9 +371,9 @@ async fn start_once(
                 name,
                 lsn: info.consistent_point,
             });
-            (snap, spill_report.durable_lsn, Lsn::ZERO, Some(tmp))
+            (snap, spill_report.durable_lsn, log_start, Some(tmp))
         } else {
-            (None, spill_report.durable_lsn, Lsn::ZERO, None)
+            (None, spill_report.durable_lsn, log_start, None)
         };
         let needs = prepared.needs_snapshot();
         let load = tokio::spawn(prepared.run(snapshot, Some(imported_tx)));
@@ -429,6 +481,7 @@ async fn start_once(
             shard_name: s.name.clone(),
             source_system_id: system.system_id.clone(),
             slot: cfg.source.slot.clone(),
+            migration_id: Some(migration_id.clone()),
             batch_max_rows: cfg.apply.batch_max_rows,
             batch_max_bytes: cfg.apply.batch_max_bytes,
             batch_max_delay_ms: cfg.apply.batch_max_delay_ms,
@@ -845,9 +898,9 @@ impl Supervisor {
                 }
             };
             let applied = st.applied_commit_lsn;
-            // An idle shard's heartbeat stops at `durable_lsn - 1` (see `spill`): that is
+            // An idle shard's heartbeat stops just below `durable_lsn` (see `spill`): that is
             // caught up, not one byte (and ever more seconds) behind.
-            let caught_up = applied.add_bytes(1) >= spill.durable_lsn;
+            let caught_up = applied.covers(spill.durable_lsn);
             let lag_bytes = if caught_up {
                 0
             } else {
@@ -1020,6 +1073,40 @@ impl Rates {
         }
         Self::rate(&mut self.shards[i], total, dt)
     }
+}
+
+/// Every shard's progress row (and what earlier full loads copied), for the start-up proof.
+async fn shard_states(
+    cfg: &Config,
+    conns: &[ConnConfig],
+    system_id: &str,
+    prepared: Option<&snapshot::PreparedLoad>,
+) -> Result<Vec<startup::ShardState>, RuntimeError> {
+    let mut out = Vec::with_capacity(conns.len());
+    for (s, c) in cfg.shards.iter().zip(conns) {
+        let unreadable = |e: &dyn std::fmt::Display| RuntimeError::ShardUnreadable {
+            shard: s.name.clone(),
+            message: e.to_string(),
+        };
+        let client = c.connect_sql().await.map_err(|e| unreadable(&e))?;
+        let row =
+            crate::progress::read_progress(&client, &cfg.source.slot, &s.name, Some(system_id))
+                .await
+                .map_err(|e| match e {
+                    e @ crate::progress::ProgressError::Invalid { .. } => {
+                        RuntimeError::State(e.to_string())
+                    }
+                    e => unreadable(&e),
+                })?;
+        out.push(startup::ShardState {
+            name: s.name.clone(),
+            progress: row.as_ref().map(|r| r.commit_lsn),
+            migration_id: row.and_then(|r| r.migration_id),
+            has_load_records: prepared.is_some_and(|p| p.has_records()),
+            oldest_copy_lsn: prepared.and_then(|p| p.oldest_finished_as_of()),
+        });
+    }
+    Ok(out)
 }
 
 fn log_load_report(report: &FullLoadReport) {

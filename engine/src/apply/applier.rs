@@ -21,7 +21,6 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::batch::{change_sql, encode_table, key_text};
 use super::fold::Fold;
-use super::progress::{ensure_progress_table, ProgressKey};
 use super::schema::{
     columns_query, exists_query, source_name, split_name, SchemaError, TargetColumn, TargetTable,
 };
@@ -33,6 +32,7 @@ use crate::event::{
     ShardReader, TableId, Value,
 };
 use crate::lsn::Lsn;
+use crate::progress::{ensure_progress_table, read_progress, ProgressError, ProgressKey};
 
 /// Fixed cost counted per buffered change on top of its value bytes.
 const CHANGE_OVERHEAD_BYTES: usize = 64;
@@ -255,6 +255,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 source_system_id: opts.source_system_id.clone(),
                 slot: opts.slot.clone(),
                 shard: opts.shard_name.clone(),
+                migration_id: opts.migration_id.clone(),
             },
             client: None,
             tables: HashMap::new(),
@@ -461,14 +462,23 @@ impl<'a, L: ShardLog> Session<'a, L> {
             .batch_execute(&self.key.init_sql())
             .await
             .map_err(|e| ApplyError::pg(self.shard(), "creating the progress row", &e))?;
-        let p = super::progress::read_progress(
+        let p = read_progress(
             client,
-            &self.key.source_system_id,
             &self.key.slot,
             &self.key.shard,
+            Some(&self.key.source_system_id),
         )
         .await
-        .map_err(|e| ApplyError::pg(self.shard(), "reading reshard.progress", &e))?;
+        .map_err(|e| match e {
+            ProgressError::Query { error, .. } => {
+                ApplyError::pg(self.shard(), "reading reshard.progress", &error)
+            }
+            e @ ProgressError::Invalid { .. } => ApplyError::Log {
+                shard: self.shard().to_owned(),
+                message: e.to_string(),
+                class: ErrorClass::Definite,
+            },
+        })?;
         self.applied = p.map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO);
         Ok(())
     }

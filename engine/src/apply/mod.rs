@@ -30,7 +30,6 @@ pub mod batch;
 mod error;
 pub mod fold;
 pub mod memlog;
-pub mod progress;
 pub mod schema;
 pub mod text;
 
@@ -41,7 +40,6 @@ use tokio_postgres::Client;
 
 pub use applier::ShardApplier;
 pub use error::ApplyError;
-pub use progress::{read_progress, Progress};
 
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::event::{PgTimestamp, ShardId};
@@ -58,6 +56,9 @@ pub struct ApplyOptions {
     pub source_system_id: String,
     /// The slot name, recorded in the progress row. Default `"reshard"`.
     pub slot: String,
+    /// The migration id (shared with the spill directory), recorded in the progress row.
+    /// Default `None` (the row's is left as it is).
+    pub migration_id: Option<String>,
     /// At most this many changes are buffered before they are written to the target, and a
     /// target transaction is committed at the first source Commit past this many. Default
     /// 10 000.
@@ -90,6 +91,7 @@ impl Default for ApplyOptions {
             shard_name: "0".to_owned(),
             source_system_id: String::new(),
             slot: "reshard".to_owned(),
+            migration_id: None,
             batch_max_rows: 10_000,
             batch_max_bytes: 16 << 20,
             batch_max_delay_ms: 100,

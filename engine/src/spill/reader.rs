@@ -413,7 +413,7 @@ impl SpillReader {
             // Caught up. Every transaction with commit LSN below the durable LSN is in the log
             // (the next one's commit record starts at or after it), so nothing at or below
             // durable - 1 is missing for this shard.
-            let hb = Lsn::from_u64(durable.as_u64().saturating_sub(1));
+            let hb = Lsn::covering(durable);
             if !self.in_txn && !durable.is_zero() && hb > self.progress {
                 self.progress = hb;
                 return Ok(Step::Heartbeat(hb));

@@ -41,6 +41,11 @@ pub struct OpenReport {
     pub durable_lsn: Lsn,
     /// The directory was empty and has just been initialised.
     pub created: bool,
+    /// The migration the directory belongs to, if recorded ([`SpillWriter::record_lineage`]).
+    pub migration_id: Option<String>,
+    /// The log holds every transaction with commit LSN at or after this (up to
+    /// `durable_lsn`), if recorded.
+    pub start_lsn: Option<Lsn>,
     /// Per shard, in shard order.
     pub shards: Vec<ShardOpenReport>,
 }
@@ -114,6 +119,8 @@ pub struct SpillWriter {
     last_commit_start: Instant,
     last_deleted_through: Vec<Lsn>,
     failed: bool,
+    /// The identity file's content.
+    lineage: IdentityFile,
     /// Holds the directory's exclusive `flock` for as long as the writer lives.
     _lock: File,
 }
@@ -151,7 +158,7 @@ impl SpillWriter {
         }
         create_private_dir_all(&opts.dir).map_err(|e| io_err("create", &opts.dir, e))?;
         let lock = lock_dir(&opts.dir)?;
-        let created = check_identity(&opts.dir, &identity)?;
+        let (created, lineage) = check_identity(&opts.dir, &identity)?;
         let (checkpoint, cp) = CheckpointFile::open(&opts.dir)?;
         let n = identity.shards.len();
         if let Some(cp) = &cp {
@@ -215,6 +222,8 @@ impl SpillWriter {
         let report = OpenReport {
             durable_lsn: durable,
             created,
+            migration_id: lineage.migration_id.clone(),
+            start_lsn: lineage.start_lsn,
             shards: reports,
         };
         Ok((
@@ -233,10 +242,28 @@ impl SpillWriter {
                 last_commit_start: Instant::now(),
                 last_deleted_through,
                 failed: false,
+                lineage,
                 _lock: lock,
             },
             report,
         ))
+    }
+
+    /// Records the migration this directory belongs to and the LSN from which it holds every
+    /// transaction (the slot's consistent point for a new slot, the position the stream resumes
+    /// at for an empty directory). A no-op when both are already recorded as given.
+    pub fn record_lineage(&mut self, migration_id: &str, start_lsn: Lsn) -> Result<(), SpillError> {
+        if self.lineage.migration_id.as_deref() == Some(migration_id)
+            && self.lineage.start_lsn == Some(start_lsn)
+        {
+            return Ok(());
+        }
+        let mut next = self.lineage.clone();
+        next.migration_id = Some(migration_id.to_owned());
+        next.start_lsn = Some(start_lsn);
+        write_identity(&self.shared.opts.dir, &next)?;
+        self.lineage = next;
+        Ok(())
     }
 
     /// The readable side, for the shards' apply pipelines (cheap to clone).
@@ -959,13 +986,31 @@ fn lock_dir(dir: &Path) -> Result<File, SpillError> {
     Ok(f)
 }
 
+/// The identity file: whose data the directory holds ([`SpillIdentity`]), which migration it
+/// belongs to and from which LSN on it holds every transaction (both recorded by the runtime
+/// once known, see [`SpillWriter::record_lineage`]; absent in directories of older versions).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityFile {
+    system_id: String,
+    slot: String,
+    shards: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    migration_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    start_lsn: Option<Lsn>,
+}
+
 /// Checks (or, for a fresh directory, writes) the identity file. Returns whether the
-/// directory was fresh.
-fn check_identity(dir: &Path, identity: &SpillIdentity) -> Result<bool, SpillError> {
+/// directory was fresh, and its lineage (migration id, start LSN) if recorded.
+fn check_identity(
+    dir: &Path,
+    identity: &SpillIdentity,
+) -> Result<(bool, IdentityFile), SpillError> {
     let path = dir.join(IDENTITY_FILE);
     match std::fs::read(&path) {
         Ok(data) => {
-            let found: SpillIdentity =
+            let found: IdentityFile =
                 serde_json::from_slice(&data).map_err(|e| SpillError::Corrupt {
                     path: path.clone(),
                     offset: e.column() as u64,
@@ -987,7 +1032,7 @@ fn check_identity(dir: &Path, identity: &SpillIdentity) -> Result<bool, SpillErr
                     expected: identity.shards.clone(),
                 });
             }
-            Ok(false)
+            Ok((false, found))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let has_data = std::fs::read_dir(dir)
@@ -1005,27 +1050,40 @@ fn check_identity(dir: &Path, identity: &SpillIdentity) -> Result<bool, SpillErr
                     reason: "the identity file is missing but the directory holds spill data, so it is unknown which source and slot it belongs to; move the directory away and start with an empty one".into(),
                 });
             }
-            let tmp = dir.join("identity.tmp");
-            let json = serde_json::to_vec_pretty(identity).map_err(|e| SpillError::Io {
-                op: "serialise identity for",
-                path: path.clone(),
-                source: std::io::Error::other(e),
-            })?;
-            let mut f = private_file()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(|e| io_err("create", &tmp, e))?;
-            f.write_all(&json)
-                .and_then(|()| f.sync_data())
-                .map_err(|e| io_err("write", &tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| io_err("rename", &tmp, e))?;
-            sync_dir(dir)?;
-            Ok(true)
+            let file = IdentityFile {
+                system_id: identity.system_id.clone(),
+                slot: identity.slot.clone(),
+                shards: identity.shards.clone(),
+                migration_id: None,
+                start_lsn: None,
+            };
+            write_identity(dir, &file)?;
+            Ok((true, file))
         }
         Err(e) => Err(io_err("read", &path, e)),
     }
+}
+
+/// Replaces the identity file atomically (temporary file, sync, rename, directory sync).
+fn write_identity(dir: &Path, file: &IdentityFile) -> Result<(), SpillError> {
+    let path = dir.join(IDENTITY_FILE);
+    let tmp = dir.join("identity.tmp");
+    let json = serde_json::to_vec_pretty(file).map_err(|e| SpillError::Io {
+        op: "serialise identity for",
+        path: path.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    let mut f = private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| io_err("create", &tmp, e))?;
+    f.write_all(&json)
+        .and_then(|()| f.sync_data())
+        .map_err(|e| io_err("write", &tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io_err("rename", &tmp, e))?;
+    sync_dir(dir)
 }
 
 /// Cuts shard `i`'s log back to its checkpointed end and verifies what remains of its last

@@ -683,10 +683,9 @@ pub enum Waited {
 }
 
 impl ProgressWait<'_> {
-    /// Polls the shard's progress row until every source commit before `target` is applied.
-    /// Progress `P` means "every commit with `commit_lsn <= P` is applied", so `P >= target - 1`
-    /// is enough. (Idle shards' heartbeats record exactly `durable - 1`, since a commit record
-    /// may start at the durable end.) Says what it waits for at once and every
+    /// Polls the shard's progress row until every source commit before `target` is applied
+    /// (`Lsn::covers`: a commit record may start exactly at `target`, so it is not needed).
+    /// Says what it waits for at once and every
     /// [`REPORT_EVERY`], with what the daemon is doing; a missing progress table or row is
     /// waited for too (the daemon creates them when its shards start applying, after the
     /// full load).
@@ -713,11 +712,10 @@ impl ProgressWait<'_> {
                 Err(e) => return Err(VerifyError::Config(e.to_string())),
             };
             let reached = row.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO);
-            // An idle shard's progress is a heartbeat at `durable_lsn - 1` (see `spill`), which
-            // says no commit below `durable_lsn` is pending; every commit a snapshot taken at
-            // `target` sees starts below `target`, so `target - 1` covers it. Without the `+ 1`
-            // a caught-up shard of an idle source waits for the source's next WAL record.
-            if reached.add_bytes(1) >= self.target {
+            // Every commit a snapshot taken at `target` sees starts below `target`; an idle
+            // shard's heartbeat covers exactly that. Asking for `target` itself would make a
+            // caught-up shard of an idle source wait for the source's next WAL record.
+            if reached.covers(self.target) {
                 return Ok(Waited::Reached(reached));
             }
             let standing_still = *first.get_or_insert(reached) == reached;
