@@ -47,11 +47,15 @@
 //! it are known to hold nothing more for the shard (a progress row at `durable_lsn` could make
 //! a restarted reader skip that transaction).
 //!
+//! The directory (0700, files 0600) records the migration it belongs to and the LSN from which
+//! it holds every transaction ([`SpillWriter::record_lineage`]); the runtime's start-up proof
+//! (`startup`) compares them with the slot and every shard's progress row before streaming.
+//!
 //! Layout of `[spill] dir`:
 //!
 //! ```text
 //! lock                              flock'ed by the one writer process
-//! identity                          source system id, slot, shard names (JSON)
+//! identity                          source system id, slot, shard names, migration id, start LSN (JSON)
 //! checkpoint                        append-only CRC-framed durable checkpoints
 //! shard-0000/<first commit LSN>-<seq>.seg   segments of shard 0: zstd frames (see `block`)
 //! shard-0001/…
