@@ -686,7 +686,7 @@ impl ProgressWait<'_> {
     /// Polls the shard's progress row until every source commit before `target` is applied
     /// (`Lsn::covers`: a commit record may start exactly at `target`, so it is not needed).
     /// Says what it waits for at once and every
-    /// [`REPORT_EVERY`], with what the daemon is doing; a missing progress table or row is
+    /// `REPORT_EVERY` (10 s), with what the daemon is doing; a missing progress table or row is
     /// waited for too (the daemon creates them when its shards start applying, after the
     /// full load).
     pub async fn run(&self) -> Result<Waited, VerifyError> {
