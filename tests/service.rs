@@ -1171,3 +1171,140 @@ fn deploy_readme_lists_exactly_the_exported_metrics() {
         );
     }
 }
+
+/// The README's configuration block, parsed.
+fn readme_config() -> reshard_engine::config::Config {
+    let text = repo_file("README.md");
+    let start = text
+        .find("## Configuration")
+        .expect("README has a Configuration section");
+    let block = &text[start..];
+    let open = block.find("```toml\n").expect("a ```toml block") + "```toml\n".len();
+    let close = block[open..].find("```").expect("the block's end");
+    reshard_engine::config::Config::parse(&block[open..open + close], "README.md")
+        .unwrap_or_else(|e| panic!("README's config block does not parse: {e}"))
+}
+
+/// One set of defaults (issue #13): every default in `config.rs` is the one the README's
+/// config block and `deploy/reshard.example.toml` show, and the one each stage runs with when
+/// built with its own defaults (tests, benches) — so no second set of defaults exists anywhere.
+#[test]
+fn config_defaults_are_documented_and_are_the_stage_defaults() {
+    use reshard_engine::apply::ApplyOptions;
+    use reshard_engine::config::Config;
+    use reshard_engine::snapshot::FullLoadOptions;
+    use reshard_engine::spill::SpillOptions;
+    let minimal = Config::parse(
+        "[source]\nurl = \"postgres://x\"\n[[shards]]\nname = \"s\"\nurl = \"postgres://y\"\n",
+        "minimal",
+    )
+    .unwrap();
+    let d = &minimal;
+    let example = Config::parse(
+        &repo_file("deploy/reshard.example.toml"),
+        "deploy/reshard.example.toml",
+    )
+    .unwrap();
+    let readme = readme_config();
+    for (origin, c) in [("README.md", &readme), ("reshard.example.toml", &example)] {
+        for (section, got, want) in [
+            (
+                "[source] (without url)",
+                {
+                    let mut s = c.source.clone();
+                    s.url = d.source.url.clone();
+                    format!("{s:?}")
+                },
+                format!("{:?}", d.source),
+            ),
+            (
+                "[routing]",
+                format!("{:?}", c.routing),
+                format!("{:?}", d.routing),
+            ),
+            (
+                "[apply]",
+                format!("{:?}", c.apply),
+                format!("{:?}", d.apply),
+            ),
+            (
+                "[spill]",
+                format!("{:?}", c.spill),
+                format!("{:?}", d.spill),
+            ),
+            (
+                "[snapshot]",
+                format!("{:?}", c.snapshot),
+                format!("{:?}", d.snapshot),
+            ),
+            (
+                "[admin]",
+                format!("{:?}", c.admin),
+                format!("{:?}", d.admin),
+            ),
+            (
+                "[cutover]",
+                format!("{:?}", c.cutover),
+                format!("{:?}", d.cutover),
+            ),
+        ] {
+            assert_eq!(
+                got, want,
+                "{origin} {section} differs from config.rs's defaults"
+            );
+        }
+    }
+
+    // The stages' own defaults are config's.
+    let a = ApplyOptions::default();
+    assert_eq!(
+        (
+            a.batch_max_rows,
+            a.batch_max_bytes,
+            a.batch_max_delay_ms,
+            a.session_replication_role_replica,
+            a.retry_initial_ms,
+            a.retry_max_ms,
+        ),
+        (
+            d.apply.batch_max_rows,
+            d.apply.batch_max_bytes,
+            d.apply.batch_max_delay_ms,
+            d.apply.session_replication_role_replica,
+            d.apply.retry_initial_ms,
+            d.apply.retry_max_ms,
+        ),
+        "ApplyOptions::default() vs [apply]"
+    );
+    let s = SpillOptions::default();
+    assert_eq!(
+        (
+            s.dir.clone(),
+            s.segment_bytes,
+            s.max_bytes,
+            s.zstd_level,
+            s.memory_tail_bytes,
+            s.flush_interval_ms,
+        ),
+        (
+            d.spill.dir.clone(),
+            d.spill.segment_bytes,
+            d.spill.max_bytes,
+            d.spill.zstd_level,
+            d.spill.memory_tail_bytes,
+            d.spill.flush_interval_ms,
+        ),
+        "SpillOptions::default() vs [spill]"
+    );
+    assert_eq!(
+        FullLoadOptions::default(),
+        FullLoadOptions::from_config(&d.snapshot).unwrap(),
+        "FullLoadOptions::default() vs [snapshot]"
+    );
+    let f = FullLoadOptions::default();
+    assert_eq!(
+        (f.parallel.get(), f.chunk_rows.get()),
+        (d.snapshot.parallel, d.snapshot.chunk_rows),
+        "FullLoadOptions::default() vs [snapshot]"
+    );
+}

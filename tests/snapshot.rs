@@ -9,9 +9,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use reshard_engine::config::SnapshotConfig;
 use reshard_engine::snapshot::{
     render_line, Connect, ExportedSnapshot, FullLoad, FullLoadOptions, FullLoadReport, RouteFn,
-    ShardTarget, SnapshotConfig, SnapshotError, TableMode, TableName, TableSpec, TableState,
+    ShardTarget, SnapshotError, TableMode, TableName, TableSpec, TableState,
 };
 use reshard_engine::{Lsn, ShardId};
 use reshard_harness::PgCluster;
@@ -197,7 +198,7 @@ fn options(f: impl FnOnce(&mut SnapshotConfig)) -> FullLoadOptions {
         ..SnapshotConfig::default()
     };
     f(&mut c);
-    c.validate().expect("valid options")
+    FullLoadOptions::from_config(&c).expect("valid options")
 }
 
 /// Exports a snapshot from a REPEATABLE READ transaction that stays open on `client`.
@@ -419,13 +420,15 @@ async fn throttle_keeps_each_shard_under_max_rows_per_sec() {
     let env = Env::start(30_000);
     let exporter = client(&env.source).await;
     let snap = export(&exporter).await;
-    let load = env.load(options(|c| {
-        c.parallel = 4;
-        c.max_rows_per_sec = Some(5_000);
-        c.max_concurrent_copies_per_shard = Some(1);
-        c.chunk_rows = 5_000;
-        c.batch_bytes = 8 * 1024;
-    }));
+    let load = env.load(FullLoadOptions {
+        batch_bytes: std::num::NonZeroUsize::new(8 * 1024).unwrap(),
+        ..options(|c| {
+            c.parallel = 4;
+            c.max_rows_per_sec = 5_000;
+            c.max_concurrent_copies_per_shard = 1;
+            c.chunk_rows = 5_000;
+        })
+    });
     let task = tokio::spawn(load.prepare().await.unwrap().run(Some(snap), None));
     // Four workers, but at most one COPY into a shard at any moment.
     let watcher = client(&env.shards[0]).await;
@@ -617,7 +620,7 @@ async fn deferred_indexes_are_dropped_for_the_load_and_rebuilt_identically() {
     let want = expected(&exporter).await;
     let load = env.load(options(|c| {
         c.defer_indexes = true;
-        c.max_rows_per_sec = Some(20_000);
+        c.max_rows_per_sec = 20_000;
         c.chunk_rows = 10_000;
     }));
     let mut progress = load.progress();
@@ -663,7 +666,7 @@ async fn a_crashed_load_resumes_without_recopying_finished_tables() {
     // Run 1, slowed down so it can be killed half-way through the big table.
     let load = env.load(options(|c| {
         c.parallel = 2;
-        c.max_rows_per_sec = Some(30_000);
+        c.max_rows_per_sec = 30_000;
     }));
     let mut progress = load.progress();
     let task = tokio::spawn(load.prepare().await.unwrap().run(Some(snap1.clone()), None));
@@ -845,7 +848,7 @@ async fn measure_one_million_rows_into_four_shards() {
             },
         }],
         route_mod(4),
-        SnapshotConfig::default().validate().unwrap(),
+        FullLoadOptions::default(),
     );
     let started = std::time::Instant::now();
     let report = load
@@ -877,7 +880,7 @@ async fn a_shard_outage_fails_the_load_naming_the_shard_and_a_rerun_completes() 
     let exporter1 = client(&env.source).await;
     let snap1 = export(&exporter1).await;
     let load = env.load(options(|c| {
-        c.max_rows_per_sec = Some(30_000);
+        c.max_rows_per_sec = 30_000;
         c.chunk_rows = 10_000;
     }));
     let mut progress = load.progress();

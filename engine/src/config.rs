@@ -105,9 +105,11 @@ pub struct SourceConfig {
     /// Interval between standby status updates, in milliseconds. Default 10000.
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
-    /// Bound of the channel between the source reader and the router, in messages. Default 4096.
-    #[serde(default = "default_channel_capacity")]
-    pub channel_capacity: usize,
+    /// No effect (default: unset); accepted so that older files still parse, and `run` warns
+    /// when it is set. It bounded a reader → router channel that no longer exists: ingest
+    /// reads, decodes, routes and spills on one thread (see `ingest.rs`).
+    #[serde(default)]
+    pub channel_capacity: Option<usize>,
 }
 
 /// Hash kind of `[routing] hash`.
@@ -279,10 +281,11 @@ pub struct SpillConfig {
     /// `./reshard-data`.
     #[serde(default = "default_spill_dir")]
     pub dir: PathBuf,
-    /// Cap on the log's size on disk; at the cap reading from the source pauses. Default 10 GiB.
+    /// Cap on the log's size on disk (at least twice `segment_bytes`); at the cap reading from
+    /// the source pauses. Default 10 GiB.
     #[serde(default = "default_spill_max_bytes")]
     pub max_bytes: u64,
-    /// Size of one segment file. Default 64 MiB.
+    /// Size of one segment file (at least 1 MiB: twice the spill's block size). Default 64 MiB.
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
     /// Group-commit interval: how often appended data is fsynced and confirmed to the source,
@@ -292,7 +295,7 @@ pub struct SpillConfig {
     /// Recent data kept in memory for caught-up shards. Default 64 MiB.
     #[serde(default = "default_memory_tail_bytes")]
     pub memory_tail_bytes: u64,
-    /// zstd level of the blocks. Default 1.
+    /// zstd level of the blocks, 1..=9. Default 1.
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
 }
@@ -336,7 +339,8 @@ pub struct SnapshotConfig {
     /// false.
     #[serde(default)]
     pub defer_indexes: bool,
-    /// Progress line interval when not on a terminal, seconds. Default 10.
+    /// During the full load, `run` logs a progress line per table being copied this often,
+    /// seconds (0: none). Default 10.
     #[serde(default = "default_progress_interval_secs")]
     pub progress_interval_secs: u64,
 }
@@ -420,9 +424,6 @@ fn default_true() -> bool {
 }
 fn default_status_interval_ms() -> u64 {
     10_000
-}
-fn default_channel_capacity() -> usize {
-    4096
 }
 fn default_batch_max_rows() -> usize {
     10_000
@@ -656,32 +657,24 @@ impl Config {
         if a.batch_max_rows == 0 || a.batch_max_bytes == 0 {
             return Err(invalid("apply.batch_max_rows", "must be at least 1".into()));
         }
-        if self.spill.segment_bytes < 1 << 16 {
-            return Err(invalid(
-                "spill.segment_bytes",
-                "must be at least 65536".into(),
-            ));
+        // The ranges of [spill] and [snapshot] are the stages' own (one definition each).
+        if let Err(e) = crate::spill::SpillOptions::from(&self.spill).validate() {
+            let (key, message) = match e {
+                crate::spill::SpillError::Config { key, msg } => {
+                    (key.replace("[spill] ", "spill."), msg)
+                }
+                e => ("spill".to_owned(), e.to_string()),
+            };
+            return Err(invalid(&key, message));
         }
-        if self.spill.max_bytes < self.spill.segment_bytes {
-            return Err(invalid(
-                "spill.max_bytes",
-                format!(
-                    "must be at least spill.segment_bytes ({})",
-                    self.spill.segment_bytes
-                ),
-            ));
-        }
-        if self.snapshot.parallel == 0 {
-            return Err(invalid("snapshot.parallel", "must be at least 1".into()));
-        }
-        if self.snapshot.chunk_rows == 0 {
-            return Err(invalid("snapshot.chunk_rows", "must be at least 1".into()));
-        }
-        if !(-7..=22).contains(&self.spill.zstd_level) {
-            return Err(invalid(
-                "spill.zstd_level",
-                "must be between -7 and 22".into(),
-            ));
+        if let Err(e) = crate::snapshot::FullLoadOptions::from_config(&self.snapshot) {
+            let (key, message) = match e {
+                crate::snapshot::SnapshotError::Config { key, message } => {
+                    (format!("snapshot.{key}"), message)
+                }
+                e => ("snapshot".to_owned(), e.to_string()),
+            };
+            return Err(invalid(&key, message));
         }
         Ok(())
     }

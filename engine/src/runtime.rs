@@ -34,7 +34,9 @@ use crate::ingest::{start_streaming, Ingest, IngestCounters, IngestError, Ingest
 use crate::lsn::Lsn;
 use crate::pgconn::SOURCE_PRESENT_LSN;
 use crate::route::{self, AccountMap, RouteError, RouteSpec, Router};
-use crate::snapshot::{self, FullLoad, FullLoadProgress, FullLoadReport, SnapshotError};
+use crate::snapshot::{
+    self, FullLoad, FullLoadProgress, FullLoadReport, SnapshotError, TableState,
+};
 use crate::source::{
     list_slots, ConnConfig, ReplicationClient, SlotOptions, SnapshotAction, SourceError,
 };
@@ -190,6 +192,9 @@ async fn start_once(
 ) -> Result<Running, RuntimeError> {
     let started = Instant::now();
     let names = cfg.shard_names();
+    if let Some(n) = cfg.source.channel_capacity {
+        tracing::warn!(channel_capacity = n, "[source] channel_capacity has no effect (ingest reads, routes and spills on one thread); remove it from the config");
+    }
     let conn = ConnConfig::parse(&cfg.source.url)?;
     let sql = conn.connect_sql().await?;
     let tables = catalog::discover(&sql, &cfg).await?;
@@ -334,6 +339,10 @@ async fn start_once(
         let prepared = prepared
             .ok_or_else(|| RuntimeError::Internal("the full load was not prepared".into()))?;
         load_progress = Some(prepared.progress());
+        log_load_progress(
+            prepared.progress(),
+            Duration::from_secs(cfg.snapshot.progress_interval_secs),
+        );
         let (imported_tx, imported_rx) = oneshot::channel();
         let (snapshot, start_at, consistent_point, exporter) = if !slot_exists {
             let info = repl
@@ -482,18 +491,12 @@ async fn start_once(
             source_system_id: system.system_id.clone(),
             slot: cfg.source.slot.clone(),
             migration_id: Some(migration_id.clone()),
-            batch_max_rows: cfg.apply.batch_max_rows,
-            batch_max_bytes: cfg.apply.batch_max_bytes,
-            batch_max_delay_ms: cfg.apply.batch_max_delay_ms,
-            session_replication_role_replica: cfg.apply.session_replication_role_replica,
             table_map: tables
                 .iter()
                 .filter(|t| t.rule.target != t.rule.source)
                 .map(|t| (t.rule.source.clone(), t.rule.target.clone()))
                 .collect(),
-            retry_initial_ms: cfg.apply.retry_initial_ms,
-            retry_max_ms: cfg.apply.retry_max_ms,
-            ..ApplyOptions::default()
+            ..ApplyOptions::from_config(&cfg.apply)
         };
         let conn = c.clone();
         let connect = move || {
@@ -1109,6 +1112,32 @@ async fn shard_states(
     Ok(out)
 }
 
+/// `[snapshot] progress_interval_secs`: every interval, one log line per table being copied,
+/// until the load is finished (or dropped). 0 turns the lines off.
+fn log_load_progress(mut progress: watch::Receiver<FullLoadProgress>, every: Duration) {
+    if every.is_zero() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate: nothing is copied yet
+        loop {
+            tick.tick().await;
+            if progress.has_changed().is_err() {
+                return; // the load is over (its sender is gone)
+            }
+            let p = progress.borrow_and_update().clone();
+            if p.finished() {
+                return;
+            }
+            for t in p.tables.iter().filter(|t| t.state == TableState::Copying) {
+                tracing::info!(table = %t.table, "full load progress: {}", snapshot::render_line(t));
+            }
+        }
+    });
+}
+
 fn log_load_report(report: &FullLoadReport) {
     for t in &report.tables {
         tracing::info!(table = %t.table, rows = t.rows, bytes = t.bytes, chunks = t.chunks_copied, as_of = %t.as_of, recopied = t.recopied, "table loaded");
@@ -1120,32 +1149,11 @@ fn log_load_report(report: &FullLoadReport) {
 }
 
 fn spill_options(cfg: &Config) -> SpillOptions {
-    SpillOptions {
-        dir: cfg.spill.dir.clone(),
-        segment_bytes: cfg.spill.segment_bytes,
-        max_bytes: cfg.spill.max_bytes,
-        zstd_level: cfg.spill.zstd_level,
-        memory_tail_bytes: cfg.spill.memory_tail_bytes,
-        flush_interval_ms: cfg.spill.flush_interval_ms,
-        ..SpillOptions::default()
-    }
+    SpillOptions::from(&cfg.spill)
 }
 
 fn snapshot_options(cfg: &Config) -> Result<snapshot::FullLoadOptions, SnapshotError> {
-    let s = &cfg.snapshot;
-    let nz = |v: u64| (v > 0).then_some(v);
-    snapshot::SnapshotConfig {
-        parallel: s.parallel,
-        chunk_rows: s.chunk_rows,
-        max_rows_per_sec: nz(s.max_rows_per_sec),
-        max_bytes_per_sec: nz(s.max_bytes_per_sec),
-        max_concurrent_copies_per_shard: (s.max_concurrent_copies_per_shard > 0)
-            .then_some(s.max_concurrent_copies_per_shard),
-        truncate_targets: s.truncate_targets,
-        defer_indexes: s.defer_indexes,
-        ..snapshot::SnapshotConfig::default()
-    }
-    .validate()
+    snapshot::FullLoadOptions::from_config(&cfg.snapshot)
 }
 
 fn sql_connect(conn: ConnConfig) -> snapshot::Connect {

@@ -9,6 +9,7 @@
 pub(crate) use crate::common;
 
 mod check;
+mod config_keys;
 mod cutover;
 mod status;
 mod table_set;

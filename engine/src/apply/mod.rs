@@ -41,6 +41,7 @@ use tokio_postgres::Client;
 pub use applier::ShardApplier;
 pub use error::ApplyError;
 
+use crate::config::ApplyConfig;
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::event::{PgTimestamp, ShardId};
 use crate::lsn::Lsn;
@@ -66,7 +67,7 @@ pub struct ApplyOptions {
     /// Same bound in bytes of value text. Default 16 MiB.
     pub batch_max_bytes: usize,
     /// A target transaction is committed at the latest this long after its first source
-    /// transaction ended (or at that transaction's Commit, if it ends later). Default 100 ms.
+    /// transaction ended (or at that transaction's Commit, if it ends later). Default: `[apply]`'s.
     pub batch_max_delay_ms: u64,
     /// Run with `session_replication_role = replica` so that the target's ordinary triggers and
     /// foreign-key checks do not fire (the source already ran them); if the role lacks the
@@ -76,31 +77,40 @@ pub struct ApplyOptions {
     /// Source `schema.table` → target `schema.table` (unquoted). Tables not listed keep their
     /// name. Default empty (identity).
     pub table_map: HashMap<String, String>,
-    /// First retry delay after a transient error. Default 100 ms.
+    /// First retry delay after a transient error. Default: `[apply]`'s.
     pub retry_initial_ms: u64,
-    /// Largest retry delay (the delay doubles up to it). Default 10 000 ms.
+    /// Largest retry delay (the delay doubles up to it). Default: `[apply]`'s.
     pub retry_max_ms: u64,
     /// An idle shard records heartbeat progress at most this often. Default 1 000 ms.
     pub heartbeat_interval_ms: u64,
 }
 
-impl Default for ApplyOptions {
-    fn default() -> Self {
+impl ApplyOptions {
+    /// The `[apply]` section's settings; the shard's identity fields keep their defaults.
+    /// The one place the config becomes apply options.
+    pub fn from_config(c: &ApplyConfig) -> ApplyOptions {
         ApplyOptions {
             shard: ShardId(0),
             shard_name: "0".to_owned(),
             source_system_id: String::new(),
             slot: "reshard".to_owned(),
             migration_id: None,
-            batch_max_rows: 10_000,
-            batch_max_bytes: 16 << 20,
-            batch_max_delay_ms: 100,
-            session_replication_role_replica: true,
+            batch_max_rows: c.batch_max_rows,
+            batch_max_bytes: c.batch_max_bytes,
+            batch_max_delay_ms: c.batch_max_delay_ms,
+            session_replication_role_replica: c.session_replication_role_replica,
             table_map: HashMap::new(),
-            retry_initial_ms: 100,
-            retry_max_ms: 10_000,
+            retry_initial_ms: c.retry_initial_ms,
+            retry_max_ms: c.retry_max_ms,
             heartbeat_interval_ms: 1_000,
         }
+    }
+}
+
+impl Default for ApplyOptions {
+    /// The `[apply]` defaults ([`ApplyConfig::default`]).
+    fn default() -> Self {
+        ApplyOptions::from_config(&ApplyConfig::default())
     }
 }
 

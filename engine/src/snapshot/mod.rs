@@ -57,6 +57,7 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 use tokio_postgres::Client;
 
+use crate::config::SnapshotConfig;
 use crate::event::{quote_ident, Oid, ShardId};
 use crate::lsn::Lsn;
 
@@ -157,61 +158,8 @@ pub struct ExportedSnapshot {
     pub lsn: Lsn,
 }
 
-/// The `[snapshot]` config section as written.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotConfig {
-    /// Concurrent chunk copies (source connections). Default 4.
-    #[serde(default = "default_parallel")]
-    pub parallel: usize,
-    /// Target rows per chunk; tables larger than this are split. Default 100000.
-    #[serde(default = "default_chunk_rows")]
-    pub chunk_rows: u64,
-    /// Per-shard row rate limit shared by all workers. Default unlimited.
-    #[serde(default)]
-    pub max_rows_per_sec: Option<u64>,
-    /// Per-shard byte rate limit (COPY text bytes) shared by all workers. Default unlimited.
-    #[serde(default)]
-    pub max_bytes_per_sec: Option<u64>,
-    /// Concurrent COPYs into one shard. Default `parallel`.
-    #[serde(default)]
-    pub max_concurrent_copies_per_shard: Option<usize>,
-    /// TRUNCATE non-empty target tables before loading them. Default false (refuse).
-    #[serde(default)]
-    pub truncate_targets: bool,
-    /// Drop secondary indexes on the targets before the load and rebuild them after.
-    /// Default false.
-    #[serde(default)]
-    pub defer_indexes: bool,
-    /// Bytes buffered per shard before a write. Default 65536.
-    #[serde(default = "default_batch_bytes")]
-    pub batch_bytes: usize,
-}
-
-fn default_parallel() -> usize {
-    4
-}
-fn default_chunk_rows() -> u64 {
-    100_000
-}
-fn default_batch_bytes() -> usize {
-    64 * 1024
-}
-
-impl Default for SnapshotConfig {
-    fn default() -> Self {
-        SnapshotConfig {
-            parallel: default_parallel(),
-            chunk_rows: default_chunk_rows(),
-            max_rows_per_sec: None,
-            max_bytes_per_sec: None,
-            max_concurrent_copies_per_shard: None,
-            truncate_targets: false,
-            defer_indexes: false,
-            batch_bytes: default_batch_bytes(),
-        }
-    }
-}
+/// Bytes buffered per shard before a COPY write (a tuning constant, not a config key).
+pub const BATCH_BYTES: usize = 64 * 1024;
 
 /// Validated full-load options.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -234,47 +182,44 @@ pub struct FullLoadOptions {
     pub batch_bytes: NonZeroUsize,
 }
 
-impl SnapshotConfig {
-    /// Checks the settings and converts them.
-    pub fn validate(&self) -> Result<FullLoadOptions, SnapshotError> {
-        let nz = |key: &'static str, v: usize| {
-            NonZeroUsize::new(v).ok_or_else(|| SnapshotError::Config {
-                key,
-                message: "must be at least 1".into(),
-            })
-        };
-        let positive = |key: &'static str, v: Option<u64>| match v {
-            None => Ok(None),
-            Some(v) => NonZeroU64::new(v)
-                .map(Some)
-                .ok_or_else(|| SnapshotError::Config {
+impl FullLoadOptions {
+    /// Checks the `[snapshot]` section and converts it: the one place the config becomes
+    /// full-load options (0 means "no limit" / "`parallel`" in the file).
+    pub fn from_config(c: &SnapshotConfig) -> Result<FullLoadOptions, SnapshotError> {
+        for (key, v) in [
+            ("parallel", c.parallel as u64),
+            ("chunk_rows", c.chunk_rows),
+        ] {
+            if v == 0 {
+                return Err(SnapshotError::Config {
                     key,
-                    message: "must be at least 1 (leave it out for no limit)".into(),
-                }),
-        };
-        let parallel = nz("parallel", self.parallel)?;
-        if self.batch_bytes < 1024 {
-            return Err(SnapshotError::Config {
-                key: "batch_bytes",
-                message: format!("{} is too small; use at least 1024", self.batch_bytes),
-            });
+                    message: "must be at least 1".into(),
+                });
+            }
         }
-        Ok(FullLoadOptions {
+        Ok(Self::convert(c))
+    }
+
+    fn convert(c: &SnapshotConfig) -> FullLoadOptions {
+        let parallel = NonZeroUsize::new(c.parallel).unwrap_or(NonZeroUsize::MIN);
+        FullLoadOptions {
             parallel,
-            chunk_rows: NonZeroU64::new(self.chunk_rows).ok_or(SnapshotError::Config {
-                key: "chunk_rows",
-                message: "must be at least 1".into(),
-            })?,
-            max_rows_per_sec: positive("max_rows_per_sec", self.max_rows_per_sec)?,
-            max_bytes_per_sec: positive("max_bytes_per_sec", self.max_bytes_per_sec)?,
-            max_concurrent_copies_per_shard: match self.max_concurrent_copies_per_shard {
-                Some(v) => nz("max_concurrent_copies_per_shard", v)?,
-                None => parallel,
-            },
-            truncate_targets: self.truncate_targets,
-            defer_indexes: self.defer_indexes,
-            batch_bytes: nz("batch_bytes", self.batch_bytes)?,
-        })
+            chunk_rows: NonZeroU64::new(c.chunk_rows).unwrap_or(NonZeroU64::MIN),
+            max_rows_per_sec: NonZeroU64::new(c.max_rows_per_sec),
+            max_bytes_per_sec: NonZeroU64::new(c.max_bytes_per_sec),
+            max_concurrent_copies_per_shard: NonZeroUsize::new(c.max_concurrent_copies_per_shard)
+                .unwrap_or(parallel),
+            truncate_targets: c.truncate_targets,
+            defer_indexes: c.defer_indexes,
+            batch_bytes: NonZeroUsize::new(BATCH_BYTES).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
+impl Default for FullLoadOptions {
+    /// The options of the `[snapshot]` defaults ([`SnapshotConfig::default`]).
+    fn default() -> Self {
+        Self::convert(&SnapshotConfig::default())
     }
 }
 
@@ -560,20 +505,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn config_defaults_and_validation() {
-        let c: SnapshotConfig = toml::from_str("").unwrap();
-        let o = c.validate().unwrap();
-        assert_eq!(o.parallel.get(), 4);
-        assert_eq!(o.max_concurrent_copies_per_shard.get(), 4);
+    fn options_come_from_the_config_section() {
+        let o = FullLoadOptions::from_config(&SnapshotConfig::default()).unwrap();
+        assert_eq!(o, FullLoadOptions::default());
+        assert_eq!(o.max_concurrent_copies_per_shard, o.parallel);
         assert_eq!(o.max_rows_per_sec, None);
-        assert_eq!(o.batch_bytes.get(), 65536);
+        assert_eq!(o.batch_bytes.get(), BATCH_BYTES);
 
-        let c: SnapshotConfig = toml::from_str("parallel = 0").unwrap();
-        let e = c.validate().unwrap_err().to_string();
+        let c = SnapshotConfig {
+            parallel: 0,
+            ..SnapshotConfig::default()
+        };
+        let e = FullLoadOptions::from_config(&c).unwrap_err().to_string();
         assert!(e.contains("[snapshot] parallel"), "{e}");
-
-        let e = toml::from_str::<SnapshotConfig>("paralel = 2").unwrap_err();
-        assert!(e.to_string().contains("paralel"));
     }
 
     #[test]

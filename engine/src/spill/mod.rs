@@ -84,6 +84,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
+use crate::config::SpillConfig;
 use crate::error::{Classify, ErrorClass};
 use crate::event::ShardId;
 use crate::lsn::Lsn;
@@ -92,57 +93,52 @@ pub use codec::CodecError;
 pub use reader::{SpillLog, SpillReader};
 pub use writer::{OpenReport, ShardOpenReport, SpillWriter};
 
-/// Default `[spill] dir`.
-pub const DEFAULT_DIR: &str = "./reshard-data";
-/// Default `[spill] segment_bytes`: 64 MiB.
-pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
-/// Default `[spill] max_bytes`: 10 GiB.
-pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
-/// Default `[spill] block_bytes`: 512 KiB uncompressed.
+/// Uncompressed size of a block (512 KiB): a tuning constant, not a config key.
 pub const DEFAULT_BLOCK_BYTES: usize = 512 << 10;
-/// Default `[spill] zstd_level`.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
-/// Default `[spill] memory_tail_bytes`: 64 MiB shared by all shards.
-pub const DEFAULT_MEMORY_TAIL_BYTES: u64 = 64 << 20;
-/// Default `[spill] flush_interval_ms`.
-pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 20;
 
-/// `[spill]` settings.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// The spill log's settings: `[spill]` ([`SpillConfig`]) plus the block size.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpillOptions {
-    /// Directory of the spill log. Default `./reshard-data`. Must be on a local disk that
-    /// honours fsync; it belongs to one source and slot (see the `identity` file).
+    /// Directory of the spill log. Must be on a local disk that honours fsync; it belongs to
+    /// one source and slot (see the `identity` file).
     pub dir: PathBuf,
-    /// Size at which a shard's segment file is sealed and a new one started. Default 64 MiB.
-    /// Retention deletes whole segments.
+    /// Size at which a shard's segment file is sealed and a new one started. Retention deletes
+    /// whole segments.
     pub segment_bytes: u64,
-    /// Cap on the bytes of all segments together. Default 10 GiB. At the cap the ingest stops
-    /// reading from the source until shards drain.
+    /// Cap on the bytes of all segments together. At the cap the ingest stops reading from the
+    /// source until shards drain.
     pub max_bytes: u64,
     /// Uncompressed size at which a block of records is compressed and written. Default
-    /// 512 KiB. Bounds the writer's and each reader's memory.
+    /// [`DEFAULT_BLOCK_BYTES`]. Bounds the writer's and each reader's memory.
     pub block_bytes: usize,
-    /// zstd level of the blocks, 1..=9. Default 1.
+    /// zstd level of the blocks, 1..=9.
     pub zstd_level: i32,
     /// Bytes of recent uncompressed blocks kept in memory (all shards together) so caught-up
-    /// readers do not read files. Default 64 MiB; 0 disables the tail.
+    /// readers do not read files; 0 disables the tail.
     pub memory_tail_bytes: u64,
-    /// How often the ingest should group-commit ([`SpillWriter::flush_due`]). Default 20 ms.
+    /// How often the ingest should group-commit ([`SpillWriter::flush_due`]).
     pub flush_interval_ms: u64,
 }
 
-impl Default for SpillOptions {
-    fn default() -> SpillOptions {
+impl From<&SpillConfig> for SpillOptions {
+    /// The one place `[spill]` becomes the spill log's options.
+    fn from(c: &SpillConfig) -> SpillOptions {
         SpillOptions {
-            dir: PathBuf::from(DEFAULT_DIR),
-            segment_bytes: DEFAULT_SEGMENT_BYTES,
-            max_bytes: DEFAULT_MAX_BYTES,
+            dir: c.dir.clone(),
+            segment_bytes: c.segment_bytes,
+            max_bytes: c.max_bytes,
             block_bytes: DEFAULT_BLOCK_BYTES,
-            zstd_level: DEFAULT_ZSTD_LEVEL,
-            memory_tail_bytes: DEFAULT_MEMORY_TAIL_BYTES,
-            flush_interval_ms: DEFAULT_FLUSH_INTERVAL_MS,
+            zstd_level: c.zstd_level,
+            memory_tail_bytes: c.memory_tail_bytes,
+            flush_interval_ms: c.flush_interval_ms,
         }
+    }
+}
+
+impl Default for SpillOptions {
+    /// The `[spill]` defaults ([`SpillConfig::default`]).
+    fn default() -> SpillOptions {
+        SpillOptions::from(&SpillConfig::default())
     }
 }
 

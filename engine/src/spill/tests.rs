@@ -741,8 +741,8 @@ async fn a_200_mb_transaction_streams_in_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = opts(dir.path());
     o.block_bytes = DEFAULT_BLOCK_BYTES;
-    o.segment_bytes = DEFAULT_SEGMENT_BYTES;
-    o.max_bytes = DEFAULT_MAX_BYTES;
+    o.segment_bytes = SpillOptions::default().segment_bytes;
+    o.max_bytes = SpillOptions::default().max_bytes;
     o.memory_tail_bytes = 8 << 20;
     let (mut w, _) = SpillWriter::open(o, identity(1)).unwrap();
     let log = w.log();
@@ -813,16 +813,18 @@ async fn a_200_mb_transaction_streams_in_bounded_memory() {
 }
 
 #[test]
-fn options_parse_from_toml_and_validate_with_the_key_named() {
-    let o: SpillOptions =
-        toml::from_str("dir = '/var/lib/reshard'\nmax_bytes = 1073741824").unwrap();
+fn options_come_from_the_config_and_validate_with_the_key_named() {
+    let c = crate::config::SpillConfig {
+        dir: PathBuf::from("/var/lib/reshard"),
+        max_bytes: 1 << 30,
+        ..Default::default()
+    };
+    let o = SpillOptions::from(&c);
     assert_eq!(o.dir, PathBuf::from("/var/lib/reshard"));
     assert_eq!(o.max_bytes, 1 << 30);
-    assert_eq!(o.segment_bytes, DEFAULT_SEGMENT_BYTES);
+    assert_eq!(o.segment_bytes, SpillOptions::default().segment_bytes);
     o.validate().unwrap();
     SpillOptions::default().validate().unwrap();
-    let err = toml::from_str::<SpillOptions>("max_byte = 1").unwrap_err();
-    assert!(err.to_string().contains("max_byte"), "{err}");
     let bad = SpillOptions {
         zstd_level: 30,
         ..SpillOptions::default()
@@ -830,7 +832,7 @@ fn options_parse_from_toml_and_validate_with_the_key_named() {
     let err = bad.validate().unwrap_err();
     assert!(err.to_string().contains("[spill] zstd_level"), "{err}");
     let bad = SpillOptions {
-        max_bytes: DEFAULT_SEGMENT_BYTES,
+        max_bytes: SpillOptions::default().segment_bytes,
         ..SpillOptions::default()
     };
     assert!(bad
