@@ -1102,3 +1102,70 @@ fn a_slot_dropped_by_hand_with_old_progress_is_refused_not_recreated() {
         "no slot may be created"
     );
 }
+
+// See: issue #11 item 7.
+/// Without streaming (PG 12/13, or `streaming = false`) one source transaction larger than
+/// `[spill] max_bytes` is read whole: the cap is checked between transactions, the shards
+/// apply it, and the slot moves past it. Spool directories left by a killed process are
+/// removed at start.
+#[test]
+fn a_transaction_larger_than_the_spill_cap_is_read_whole() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    let cfg = t.write_config_spill(
+        "segment_bytes = 1048576\nmax_bytes = 3145728\nmemory_tail_bytes = 1048576\n",
+        "",
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replacen("\n\n[spill]", "\nstreaming = false\n\n[spill]", 1),
+    )
+    .unwrap();
+    let first = t.spawn_run(&[]);
+    t.wait("the slot to be streaming", Duration::from_secs(60), || {
+        (t.source_sql("SELECT count(*) FROM pg_replication_slots WHERE active") == "1")
+            .then_some(())
+    });
+    t.source_sql("INSERT INTO plans VALUES (1, 'one')");
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    // kill -9 leaves the spool directory of its assembler behind (made by hand here: a
+    // killed process's directory has the same shape).
+    t.kill9(first);
+    let leftover = t.spill_dir().join("streams").join("assemble-killed");
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("1.spool"), vec![7u8; 1 << 20]).unwrap();
+
+    let d = t.spawn_run(&[]);
+    t.wait("the slot to be streaming", Duration::from_secs(60), || {
+        (t.source_sql("SELECT count(*) FROM pg_replication_slots WHERE active") == "1")
+            .then_some(())
+    });
+    t.source_sql("INSERT INTO plans VALUES (3, 'three')");
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    // Streaming (so the ingest runs): the leftover is gone.
+    assert!(
+        !leftover.exists(),
+        "the spool directory of a killed process is still there:\n{}",
+        t.all_logs()
+    );
+
+    // About 12 MB of hardly compressible text in ONE transaction: about twice the cap once
+    // compressed.
+    t.source_sql(
+        "INSERT INTO audit SELECT g % 101 + 1, \
+         (SELECT string_agg(md5(random()::text || x || g), '') FROM generate_series(1, 30) x), g \
+         FROM generate_series(1, 12000) g",
+    );
+    t.source_sql("INSERT INTO plans VALUES (2, 'after the big one')");
+    let end = t.source_sql("SELECT pg_current_wal_insert_lsn()");
+    t.wait_converged(TABLES, Duration::from_secs(120));
+    t.wait(
+        "the slot to confirm past the big transaction",
+        Duration::from_secs(60),
+        || lsn_at_least(&t, &end).then_some(()),
+    );
+    assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
+    let code = t.terminate(d, Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", t.all_logs());
+}

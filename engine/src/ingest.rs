@@ -14,7 +14,8 @@
 //!   is removed from the log ([`SpillWriter::abort_incomplete`]).
 //! - **Bounded memory**: nothing here holds a transaction; changes go to the spill log as they
 //!   arrive, streamed transactions are spooled to disk by the assembler, and at the spill cap
-//!   reading stops (the connection is kept alive with status updates).
+//!   (log plus spool) reading stops between transactions (the connection is kept alive with
+//!   status updates); the log may exceed the cap by the transaction being read.
 //!
 //! It runs on its own OS thread (decoding and file writes are CPU and disk work that must not
 //! stall the apply tasks) with a current-thread tokio runtime.
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::decode::{AssembleError, Assembler, AssemblerOptions};
+use crate::decode::{remove_leftover_spools, AssembleError, Assembler, AssemblerOptions};
 use crate::error::{Classify, ErrorClass};
 use crate::event::{Begin, ShardEvent, ShardId, TxnEvent};
 use crate::lsn::Lsn;
@@ -184,6 +185,12 @@ impl Ingest {
         mut shutdown: watch::Receiver<bool>,
         mut pause: watch::Receiver<bool>,
     ) -> Result<Lsn, IngestError> {
+        // Spool directories of a killed process: nothing else uses them (this process holds
+        // the spill directory's lock and has no assembler yet).
+        let removed = remove_leftover_spools(&self.opts.stream_dir)?;
+        if removed > 0 {
+            tracing::info!(dir = %self.opts.stream_dir.display(), removed, "removed spool directories left by a previous process");
+        }
         let mut delay = self.opts.retry_initial;
         loop {
             let s = match stream.take() {
@@ -263,7 +270,12 @@ impl Ingest {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_flush = Instant::now();
         loop {
-            let over_cap = self.spill.over_cap();
+            // The cap is checked only between transactions: a shard cannot apply (and free) a
+            // transaction it has not wholly received, so pausing inside one larger than the
+            // cap would never end (issue #11 item 7). The spool of buffered streamed
+            // transactions counts toward the cap.
+            let between_txns = self.current.is_none() && assembler.is_idle();
+            let over_cap = between_txns && self.spill.over_cap(assembler.spool_bytes());
             let paused = *pause.borrow();
             self.counters
                 .backpressure

@@ -194,6 +194,8 @@ struct Spool {
     first_lsn: Lsn,
     /// Messages written.
     messages: u64,
+    /// Bytes written (frames, headers included).
+    bytes: u64,
 }
 
 impl Spool {
@@ -214,6 +216,7 @@ impl Spool {
             relations: Vec::new(),
             first_lsn,
             messages: 0,
+            bytes: 0,
         })
     }
 
@@ -229,6 +232,7 @@ impl Spool {
             source,
         })?;
         self.messages += 1;
+        self.bytes += (super::frame::FRAME_HEADER_LEN + data.len()) as u64;
         Ok(())
     }
 
@@ -269,6 +273,40 @@ enum Open {
     Preparing { xid: Xid, spool: Spool },
 }
 
+/// Removes the private spool directories (`assemble-*`) that assemblers of a process killed
+/// with `kill -9` left in `stream_dir` (a dropped assembler removes its own). Call it only
+/// while no assembler uses `stream_dir`: the ingest does, under the spill directory's lock.
+/// Returns how many it removed.
+pub fn remove_leftover_spools(stream_dir: &Path) -> Result<usize, AssembleError> {
+    let err = |path: &Path, source| AssembleError::Spool {
+        path: path.to_owned(),
+        source,
+    };
+    let entries = match fs::read_dir(stream_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(err(stream_dir, e)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| err(stream_dir, e))?;
+        let path = entry.path();
+        let is_spool = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(SPOOL_DIR_PREFIX)
+            && entry.file_type().map_err(|e| err(&path, e))?.is_dir();
+        if is_spool {
+            fs::remove_dir_all(&path).map_err(|e| err(&path, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Prefix of an assembler's private spool directory inside `stream_dir`.
+const SPOOL_DIR_PREFIX: &str = "assemble-";
+
 /// The transaction assembler. One per replication connection: create a new one when
 /// streaming restarts (PostgreSQL re-sends Relation messages and open transactions then).
 #[derive(Debug)]
@@ -307,7 +345,7 @@ impl Assembler {
             }
         })?;
         let dir = tempfile::Builder::new()
-            .prefix("assemble-")
+            .prefix(SPOOL_DIR_PREFIX)
             .tempdir_in(&options.stream_dir)
             .and_then(|d| crate::localfs::create_private_dir_all(d.path()).map(|()| d))
             .map_err(|source| AssembleError::Spool {
@@ -355,6 +393,19 @@ impl Assembler {
     /// Prepared transactions waiting for COMMIT/ROLLBACK PREPARED.
     pub fn open_prepared(&self) -> usize {
         self.prepared.len()
+    }
+
+    /// Bytes in the spool files of the transactions still buffered (streamed and prepared, not
+    /// yet decided): what the spool holds on disk now. The ingest counts them toward the spill
+    /// cap.
+    pub fn spool_bytes(&self) -> u64 {
+        let open = match &self.open {
+            Open::Preparing { spool, .. } => spool.bytes,
+            _ => 0,
+        };
+        self.streams.values().map(|s| s.bytes).sum::<u64>()
+            + self.prepared.values().map(|p| p.spool.bytes).sum::<u64>()
+            + open
     }
 
     /// Whether the assembler is between transactions and outside any stream block: every event
@@ -1046,6 +1097,56 @@ mod tests {
         fn spool_files(&self) -> usize {
             fs::read_dir(self.asm.spool_dir()).unwrap().count()
         }
+    }
+
+    // See: issue #11 item 7.
+    /// The spool's size is known while a streamed transaction is buffered, and drops to zero
+    /// when it is decided.
+    #[test]
+    fn spool_bytes_count_buffered_streams_until_they_are_decided() {
+        let mut h = Harness::new();
+        h.push(wire::relation(None, 1, "t", &["v"])).unwrap();
+        assert_eq!(h.asm.spool_bytes(), 0);
+        h.all([
+            wire::stream_start(100, true),
+            wire::insert(Some(100), 1, &["1", "a"]),
+            wire::insert(Some(100), 1, &["2", "b"]),
+            wire::stream_stop(),
+        ]);
+        let one = h.asm.spool_bytes();
+        assert!(
+            one > 2 * 12,
+            "two framed inserts are more than their headers: {one}"
+        );
+        h.all([
+            wire::stream_start(200, true),
+            wire::insert(Some(200), 1, &["3", "c"]),
+            wire::stream_stop(),
+        ]);
+        assert!(h.asm.spool_bytes() > one);
+        h.push(wire::stream_commit(100, 0x900, 0x930)).unwrap();
+        h.push(wire::stream_abort(200, 200)).unwrap();
+        assert_eq!(h.asm.spool_bytes(), 0);
+    }
+
+    // See: issue #11 item 7.
+    /// Spool directories left by a killed process are removed; anything else stays.
+    #[test]
+    fn leftover_spool_directories_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = dir.path().join("streams");
+        assert_eq!(remove_leftover_spools(&streams).unwrap(), 0, "no dir yet");
+        for d in ["assemble-a1b2", "assemble-c3d4"] {
+            fs::create_dir_all(streams.join(d)).unwrap();
+            fs::write(streams.join(d).join("spool-1"), vec![7u8; 4096]).unwrap();
+        }
+        fs::write(streams.join("notes"), b"keep").unwrap();
+        assert_eq!(remove_leftover_spools(&streams).unwrap(), 2);
+        let left: Vec<_> = fs::read_dir(&streams)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, ["notes"]);
     }
 
     #[test]

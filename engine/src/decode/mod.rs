@@ -12,6 +12,6 @@ pub mod frame;
 pub mod json;
 pub mod pgoutput;
 
-pub use assemble::{AssembleError, Assembler, AssemblerOptions};
+pub use assemble::{remove_leftover_spools, AssembleError, Assembler, AssemblerOptions};
 pub use json::JsonRenderer;
 pub use pgoutput::{decode_message, DecodeError, DecodeErrorKind, Decoder, PgOutputMessage};

@@ -32,7 +32,7 @@
 //! let (mut w, report) = SpillWriter::open(opts, identity)?;  // resume the slot at report.durable_lsn
 //! let log = w.log();                                          // one clone per shard's apply task
 //! for each committed source transaction:
-//!     if w.over_cap() { block_on(w.wait_for_space()) }       // between transactions only
+//!     if w.over_cap(spool) { pause reading }                 // between transactions only
 //!     per touched shard: append(Begin), append(Change)*, append(Commit)
 //!     w.end_txn(commit.end_lsn)
 //!     if w.flush_due() { w.commit()? }                        // group commit, not waiting
@@ -447,6 +447,21 @@ pub(crate) struct ShardShared {
     pub memory_block_reads: u64,
 }
 
+impl ShardShared {
+    /// Newest commit LSN in this shard's segments, if known.
+    pub(crate) fn newest_commit(&self) -> Option<Lsn> {
+        self.segments
+            .values()
+            .next_back()
+            .and_then(|m| m.last_commit.or(Some(m.first_commit)))
+    }
+
+    /// Whether the log holds something this shard has not applied yet.
+    pub(crate) fn has_unapplied(&self) -> bool {
+        self.newest_commit().is_some_and(|n| n > self.applied)
+    }
+}
+
 /// Counters of the writer.
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -515,11 +530,7 @@ impl Shared {
             .iter()
             .zip(&self.identity.shards)
             .map(|(s, name)| {
-                let newest = s
-                    .segments
-                    .values()
-                    .next_back()
-                    .and_then(|m| m.last_commit.or(Some(m.first_commit)));
+                let newest = s.newest_commit();
                 let oldest = s.segments.values().next().map(|m| m.first_commit);
                 let oldest_unapplied = s
                     .segments
@@ -560,42 +571,49 @@ impl Shared {
         }
     }
 
-    /// Whether the cap is reached; logs once when backpressure starts.
-    pub(crate) fn over_cap(&self) -> bool {
+    /// Whether reading should pause at the cap: the log plus `extra` bytes (the ingest's
+    /// spool of streamed transactions) reach `max_bytes`, and some shard has not applied
+    /// everything in the log, so that applying can free space. When every shard has applied
+    /// everything, pausing could free nothing (the last segment of each shard stays, and a
+    /// spool only shrinks by reading on) and would never end: reading goes on over the cap.
+    /// Logs once when backpressure starts and once when it ends.
+    pub(crate) fn over_cap(&self, extra: u64) -> bool {
         let mut st = self.lock();
-        let over = st.bytes_on_disk >= self.opts.max_bytes;
+        let bytes = st.bytes_on_disk + extra;
+        let over = bytes >= self.opts.max_bytes && st.shards.iter().any(|s| s.has_unapplied());
         if over && !st.backpressure {
             st.backpressure = true;
             tracing::warn!(
                 bytes_on_disk = st.bytes_on_disk,
+                spool_bytes = extra,
                 max_bytes = self.opts.max_bytes,
                 dir = %self.opts.dir.display(),
                 "spill log reached [spill] max_bytes: pausing reads from the source until shards apply their backlog"
+            );
+        } else if !over && st.backpressure {
+            st.backpressure = false;
+            tracing::info!(
+                bytes_on_disk = st.bytes_on_disk,
+                spool_bytes = extra,
+                max_bytes = self.opts.max_bytes,
+                "spill log below [spill] max_bytes again (or nothing left to apply): resuming reads from the source"
             );
         }
         over
     }
 
-    /// Clears backpressure (logging once) when below the cap; wakes waiters.
-    pub(crate) fn release_space(&self, st: &mut State) {
-        if st.backpressure && st.bytes_on_disk < self.opts.max_bytes {
-            st.backpressure = false;
-            tracing::info!(
-                bytes_on_disk = st.bytes_on_disk,
-                max_bytes = self.opts.max_bytes,
-                "spill log below [spill] max_bytes again: resuming reads from the source"
-            );
-        }
+    /// Wakes waiters after retention freed space.
+    pub(crate) fn release_space(&self, _st: &mut State) {
         self.space.notify_waiters();
     }
 
-    /// Resolves once the spill log is below its cap. Cancel-safe.
+    /// Resolves once reading may go on ([`Shared::over_cap`] with no spool). Cancel-safe.
     pub(crate) async fn wait_for_space(&self) {
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.over_cap() {
+            if !self.over_cap(0) {
                 return;
             }
             notified.await;

@@ -58,7 +58,7 @@ impl SpillLog {
 
     /// Whether the log is at its cap (logs once when backpressure starts).
     pub fn over_cap(&self) -> bool {
-        self.shared.over_cap()
+        self.shared.over_cap(0)
     }
 
     /// Resolves once the log is below its cap. Cancel-safe.

@@ -560,7 +560,7 @@ async fn cap_blocks_the_writer_and_releases_when_shards_drain() {
     let (mut w, _) = SpillWriter::open(o, identity(1)).unwrap();
     let log = w.log();
     let mut k = 0;
-    while !w.over_cap() {
+    while !w.over_cap(0) {
         k += 1;
         write_txn(&mut w, k, &[0], 8);
         w.flush().unwrap();
@@ -585,7 +585,7 @@ async fn cap_blocks_the_writer_and_releases_when_shards_drain() {
         .await
         .expect("wait_for_space did not wake up")
         .unwrap();
-    assert!(!w.over_cap());
+    assert!(!w.over_cap(0));
     assert!(!log.backpressure_active());
 }
 

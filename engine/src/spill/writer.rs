@@ -617,12 +617,14 @@ impl SpillWriter {
         self.shared.lock().durable
     }
 
-    /// Whether the spill log is at its `max_bytes` cap; the ingest should stop reading from the
-    /// source and [`wait_for_space`](Self::wait_for_space). Logs once when it starts. Check it
-    /// between transactions: a shard cannot apply (and free) a transaction it has not fully
-    /// received, so pausing inside one larger than the cap would never resume.
-    pub fn over_cap(&self) -> bool {
-        self.shared.over_cap()
+    /// Whether the spill log plus `spool_bytes` (the ingest's spool of streamed transactions)
+    /// is at its `max_bytes` cap while some shard still has something to apply: the ingest
+    /// should stop reading from the source until it is not. Logs when backpressure starts and
+    /// ends. Check it only between transactions: a shard cannot apply (and free) a transaction
+    /// it has not fully received, so pausing inside one larger than the cap would never
+    /// resume. The log may therefore exceed the cap by the transaction being read.
+    pub fn over_cap(&self, spool_bytes: u64) -> bool {
+        self.shared.over_cap(spool_bytes)
     }
 
     /// Resolves once the log is below its cap (shards applied and retention freed segments).
