@@ -169,3 +169,35 @@ fn unreachable_source_is_exit_3_naming_it() {
     assert!(err.contains(&port.to_string()), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+// See: issue #11 item 12.
+/// `reshard run` refuses an admin console on a non-loopback address without a password:
+/// exit 2 before connecting anywhere, naming the config keys.
+#[test]
+fn run_refuses_an_exposed_admin_console_without_a_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("reshard.toml");
+    let port = crate::common::free_port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[source]\nurl = \"postgres://postgres@127.0.0.1:{port}/app?connect_timeout=3\"\n\n\
+             [spill]\ndir = \"{}\"\n\n[admin]\nlisten = \"0.0.0.0:{}\"\nmetrics = \"\"\n\n\
+             [[shards]]\nname = \"shard0\"\nurl = \"postgres://postgres@127.0.0.1:{port}/app\"\n",
+            dir.path().join("spill").display(),
+            crate::common::free_port()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(crate::common::reshard_bin())
+        .args(["run", "-c", cfg.to_str().unwrap()])
+        .env_remove("RESHARD_ADMIN_PASSWORD")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("admin.listen") && err.contains("admin.password"),
+        "{err}"
+    );
+}

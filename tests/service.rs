@@ -167,6 +167,7 @@ async fn console(handle: AdminHandle, password: Option<&str>) -> Console {
     let auth = AdminAuth {
         user: "reshard".into(),
         password: password.map(str::to_owned),
+        tls: None,
     };
     let task = tokio::spawn(admin::serve_on(listener, auth, handle, shutdown_rx));
     Console {
@@ -735,6 +736,7 @@ async fn admin_bind_errors_name_the_address_and_config_key_and_empty_turns_off()
     let auth = AdminAuth {
         user: "reshard".into(),
         password: None,
+        tls: None,
     };
     let e = admin::serve(&addr, auth, rt.handle.clone(), rx.clone())
         .await
@@ -752,6 +754,7 @@ async fn admin_bind_errors_name_the_address_and_config_key_and_empty_turns_off()
     let auth = AdminAuth {
         user: "reshard".into(),
         password: None,
+        tls: None,
     };
     tokio::time::timeout(
         Duration::from_secs(5),
@@ -1307,4 +1310,181 @@ fn config_defaults_are_documented_and_are_the_stage_defaults() {
         (d.snapshot.parallel, d.snapshot.chunk_rows),
         "FullLoadOptions::default() vs [snapshot]"
     );
+}
+
+/// A console for `password` over TLS with a fresh self-signed certificate for `localhost`.
+async fn tls_console(handle: AdminHandle, password: &str, dir: &std::path::Path) -> Console {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "admin.key",
+            "-out",
+            "admin.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("openssl is needed for the TLS test");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = reshard_engine::config::AdminConfig {
+        password: Some(password.to_owned()),
+        tls_cert: Some(dir.join("admin.crt")),
+        tls_key: Some(dir.join("admin.key")),
+        ..Default::default()
+    };
+    let auth = AdminAuth::from_config(&cfg).expect("TLS files load");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let task = tokio::spawn(admin::serve_on(listener, auth, handle, shutdown_rx));
+    Console {
+        addr,
+        shutdown,
+        task,
+    }
+}
+
+/// `psql` with `sslmode` set; the rest as [`psql`].
+async fn psql_ssl(addr: SocketAddr, password: &str, sslmode: &str, sql: &str) -> Output {
+    let mut cmd = tokio::process::Command::new(psql_bin());
+    cmd.args(["-X", "-w", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=reshard dbname=reshard sslmode={sslmode}",
+            addr.port()
+        ))
+        .args(["-c", sql])
+        .env_remove("PGSERVICE")
+        .env_remove("PGSSLMODE")
+        .env("PGCONNECT_TIMEOUT", "5")
+        .env("PGPASSFILE", "/nonexistent")
+        .env("PGPASSWORD", password);
+    tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("psql finishes")
+        .expect("psql runs")
+}
+
+/// The first authentication request the console sends to a fresh connection (after a plain
+/// StartupMessage for `reshard`): the `R` message's code and body.
+async fn first_auth_request(addr: SocketAddr) -> (i32, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608i32.to_be_bytes()); // protocol 3.0
+    for kv in ["user", "reshard", "database", "reshard"] {
+        body.extend_from_slice(kv.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    s.write_all(&msg).await.unwrap();
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(
+        head[0], b'R',
+        "expected an authentication request, got {:?}",
+        head[0] as char
+    );
+    let len = i32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+    let mut rest = vec![0u8; len - 4];
+    s.read_exact(&mut rest).await.unwrap();
+    (
+        i32::from_be_bytes(rest[..4].try_into().unwrap()),
+        rest[4..].to_vec(),
+    )
+}
+
+// See: issue #11 item 12.
+/// With a password the console asks for SCRAM-SHA-256 (SASL, code 10), not md5 (code 5);
+/// psql connects with the password and is refused with a wrong one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console_password_is_checked_with_scram_sha_256() {
+    let rt = runtime();
+    let c = console(rt.handle.clone(), Some("s3cret")).await;
+    let (code, body) = first_auth_request(c.addr).await;
+    assert_eq!(
+        code, 10,
+        "authentication request {code} instead of SASL (10)"
+    );
+    assert_eq!(
+        body,
+        b"SCRAM-SHA-256\0\0",
+        "{:?}",
+        String::from_utf8_lossy(&body)
+    );
+    let ok = psql(c.addr, "reshard", Some("s3cret"), "SHOW LAG").await;
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let bad = psql(c.addr, "reshard", Some("wrong"), "SHOW LAG").await;
+    assert!(!bad.status.success(), "a wrong password was accepted");
+    c.stop().await;
+}
+
+// See: issue #11 item 12.
+/// With `tls_cert`/`tls_key` the console speaks TLS: psql with `sslmode=require` connects
+/// (and SCRAM runs inside TLS); a client without TLS is refused with the way out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console_speaks_tls_when_a_certificate_is_configured() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let c = tls_console(rt.handle.clone(), "s3cret", dir.path()).await;
+    let ok = psql_ssl(c.addr, "s3cret", "require", "SHOW LAG").await;
+    assert!(ok.status.success(), "sslmode=require: {}", stderr(&ok));
+    assert!(stdout(&ok).contains("shard0"), "{}", stdout(&ok));
+    let plain = psql_ssl(c.addr, "s3cret", "disable", "SHOW LAG").await;
+    assert!(
+        !plain.status.success(),
+        "a connection without TLS was accepted"
+    );
+    assert!(
+        stderr(&plain).contains("requires TLS") && stderr(&plain).contains("sslmode=require"),
+        "{}",
+        stderr(&plain)
+    );
+    c.stop().await;
+}
+
+// See: issue #11 item 12.
+/// A non-loopback `listen` without a password is refused before anything is served, naming
+/// the config keys and the ways out; with a password it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console_refuses_a_non_loopback_listen_without_a_password() {
+    let rt = runtime();
+    let (tx, rx) = watch::channel(false);
+    let auth = AdminAuth {
+        user: "reshard".into(),
+        password: None,
+        tls: None,
+    };
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        admin::serve("0.0.0.0:0", auth, rt.handle.clone(), rx.clone()),
+    )
+    .await
+    .expect("the console served on 0.0.0.0 without a password instead of refusing");
+    let e = r.unwrap_err().to_string();
+    for needle in ["0.0.0.0:", "admin.listen", "admin.password", "127.0.0.1"] {
+        assert!(e.contains(needle), "{needle}: {e}");
+    }
+    let auth = AdminAuth {
+        user: "reshard".into(),
+        password: Some("s3cret".into()),
+        tls: None,
+    };
+    let served = tokio::spawn(admin::serve("0.0.0.0:0", auth, rt.handle.clone(), rx));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!served.is_finished(), "{:?}", served.await);
+    tx.send(true).unwrap();
+    served.await.unwrap().unwrap();
 }

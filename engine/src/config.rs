@@ -375,10 +375,18 @@ pub struct AdminConfig {
     /// User name accepted by the admin console. Default `reshard`.
     #[serde(default = "default_reshard")]
     pub user: String,
-    /// Password of the admin console (default: none, trust on the listen address). `${VAR}` is
-    /// expanded; `RESHARD_ADMIN_PASSWORD` overrides it.
+    /// Password of the admin console, checked with SCRAM-SHA-256 (default: none, trust; then
+    /// `listen` must be a loopback address). `${VAR}` is expanded; `RESHARD_ADMIN_PASSWORD`
+    /// overrides it.
     #[serde(default)]
     pub password: Option<String>,
+    /// PEM certificate chain for TLS on the admin console (relative to the config file's
+    /// directory). Default: none, no TLS. With it (and `tls_key`), clients must use TLS.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (relative to the config file's directory).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -388,6 +396,8 @@ impl Default for AdminConfig {
             metrics: default_admin_metrics(),
             user: default_reshard(),
             password: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -510,10 +520,17 @@ impl Config {
             source,
         })?;
         let mut cfg = Config::parse(&text, &path.display().to_string())?;
-        // Relative map files and spill directories are relative to the config file (issue
+        // Relative map files, spill directories and TLS files are relative to the config file (issue
         // #11 item 1: a cwd-relative spill dir silently became a fresh, empty log).
         if let Some(dir) = path.parent() {
-            for p in cfg.routing.map.iter_mut().chain([&mut cfg.spill.dir]) {
+            for p in cfg
+                .routing
+                .map
+                .iter_mut()
+                .chain([&mut cfg.spill.dir])
+                .chain(cfg.admin.tls_cert.iter_mut())
+                .chain(cfg.admin.tls_key.iter_mut())
+            {
                 if p.is_relative() {
                     *p = dir.join(&*p);
                 }
@@ -676,6 +693,14 @@ impl Config {
             };
             return Err(invalid(&key, message));
         }
+        if self.admin.tls_cert.is_some() != self.admin.tls_key.is_some() {
+            return Err(invalid(
+                "admin.tls_cert",
+                "admin.tls_cert and admin.tls_key go together: set both (PEM certificate chain \
+                 and its private key) or neither"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -708,6 +733,18 @@ impl Config {
                 }
             })
             .collect()
+    }
+}
+
+/// Whether an `[admin] listen` address (`host:port`) is a loopback address, reachable only
+/// from this machine: an IP in 127.0.0.0/8 or `::1`, or the name `localhost`.
+pub fn listen_is_loopback(listen: &str) -> bool {
+    if let Ok(addr) = listen.trim().parse::<std::net::SocketAddr>() {
+        return addr.ip().is_loopback();
+    }
+    match listen.trim().rsplit_once(':') {
+        Some((host, _)) => host.eq_ignore_ascii_case("localhost"),
+        None => false,
     }
 }
 
@@ -866,6 +903,27 @@ mode = "broadcast"
         let text = format!("{GOOD}\n[routing]\nhash = \"map\"\n");
         let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(e.contains("routing.map"), "{e}");
+    }
+
+    #[test]
+    fn loopback_listen_addresses() {
+        for a in [
+            "127.0.0.1:6433",
+            "127.0.0.2:1",
+            "[::1]:6433",
+            "localhost:6433",
+        ] {
+            assert!(listen_is_loopback(a), "{a}");
+        }
+        for a in [
+            "0.0.0.0:6433",
+            "[::]:6433",
+            "10.1.2.3:6433",
+            "db.example:6433",
+            "6433",
+        ] {
+            assert!(!listen_is_loopback(a), "{a}");
+        }
     }
 
     #[test]

@@ -108,6 +108,9 @@ pub enum RuntimeError {
     /// The spill log, the slot and the shards' progress do not prove a lossless start.
     #[error("refusing to start: {0}")]
     Startup(StartupError),
+    /// The admin console's settings are refused (exposed without a password, bad TLS files).
+    #[error("{0}")]
+    Admin(#[from] crate::admin::AdminError),
     /// A task panicked or could not be joined.
     #[error("internal error: {0}")]
     Internal(String),
@@ -194,6 +197,11 @@ async fn start_once(
     let names = cfg.shard_names();
     if let Some(n) = cfg.source.channel_capacity {
         tracing::warn!(channel_capacity = n, "[source] channel_capacity has no effect (ingest reads, routes and spills on one thread); remove it from the config");
+    }
+    // The admin console's settings are checked before anything touches the source.
+    let admin_auth = crate::admin::AdminAuth::from_config(&cfg.admin)?;
+    if !cfg.admin.listen.is_empty() {
+        admin_auth.check_exposure(&cfg.admin.listen)?;
     }
     let conn = ConnConfig::parse(&cfg.source.url)?;
     let sql = conn.connect_sql().await?;
@@ -545,10 +553,7 @@ async fn start_once(
         control: control_tx,
     };
     if !cfg.admin.listen.is_empty() {
-        let auth = crate::admin::AdminAuth {
-            user: cfg.admin.user.clone(),
-            password: cfg.admin.password.clone(),
-        };
+        let auth = admin_auth;
         let (listen, handle, shutdown) =
             (cfg.admin.listen.clone(), admin.clone(), shutdown_rx.clone());
         let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {

@@ -198,6 +198,7 @@ async fn status_and_lag_ask_the_running_daemon() {
     let auth = AdminAuth {
         user: "ops".into(),
         password: Some("s3cret".into()),
+        tls: None,
     };
     tokio::spawn(serve_on(
         listener,

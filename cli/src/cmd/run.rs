@@ -26,16 +26,7 @@ pub async fn run(args: RunArgs) -> CmdResult {
         );
         // A signal while starting (or while waiting for a server to come back) ends the start.
         let running = tokio::select! {
-            r = start => match r {
-                Ok(running) => running,
-                // The source's schema needs a decision (config or SQL): like a configuration error.
-                Err(e @ RuntimeError::KeyOutsideIdentity(_)) => {
-                    return Err(Failure::usage(
-                        anyhow::Error::from(e).context("reshard run refuses to start"),
-                    ))
-                }
-                Err(e) => return Err(Failure::from(anyhow::Error::from(e).context("reshard run could not start"))),
-            },
+            r = start => r.map_err(start_failure)?,
             sig = runtime::wait_for_signal() => {
                 tracing::info!(signal = sig, "shutting down before the start completed");
                 return Ok(());
@@ -89,5 +80,20 @@ fn finish(result: Result<Result<RunSummary, RuntimeError>, tokio::task::JoinErro
             anyhow::Error::from(e).context("reshard run stopped"),
         )),
         Err(e) => Err(Failure::failed(anyhow::anyhow!("reshard run crashed: {e}"))),
+    }
+}
+
+/// Why the start failed, as an exit code: a source schema that needs a decision (config or
+/// SQL) and an admin console configuration that is refused are like configuration errors
+/// (exit 2); anything else could not complete (exit 3).
+fn start_failure(e: RuntimeError) -> Failure {
+    match e {
+        e @ RuntimeError::KeyOutsideIdentity(_) => {
+            Failure::usage(anyhow::Error::from(e).context("reshard run refuses to start"))
+        }
+        e @ RuntimeError::Admin(_) => {
+            Failure::usage(anyhow::Error::from(e).context("reshard run could not start"))
+        }
+        e => Failure::from(anyhow::Error::from(e).context("reshard run could not start")),
     }
 }

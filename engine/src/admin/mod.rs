@@ -8,9 +8,13 @@
 //!
 //! Guarantees:
 //! - Only the configured `[admin] user` may connect; with `[admin] password` set the client must
-//!   prove it with md5 password authentication (a fresh random salt per connection, so the
-//!   password never crosses the wire in clear). See
-//!   <https://www.postgresql.org/docs/current/auth-password.html>.
+//!   prove it with SCRAM-SHA-256 (the password never crosses the wire, and a captured exchange
+//!   cannot be replayed). See <https://www.postgresql.org/docs/current/auth-password.html>.
+//! - Without a password the console only listens on a loopback address: a non-loopback
+//!   `[admin] listen` without `[admin] password` is refused before anything is served, since
+//!   anyone who can reach it could `PAUSE` or `SHUTDOWN` the migration.
+//! - With `[admin] tls_cert` and `tls_key` set, the console speaks TLS (`sslmode=require`
+//!   works) and refuses clients that do not use it.
 //! - Bounded: at most [`MAX_CONNECTIONS`] sessions at once (further clients wait in the listen
 //!   backlog); a result set is at most one row per shard/table.
 //! - Nothing typed here can crash the daemon: a statement that is not understood gets
@@ -24,14 +28,16 @@ pub mod command;
 pub mod render;
 
 use std::fmt::{self, Debug};
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::sink::{Sink, SinkExt};
 use futures_util::stream;
-use pgwire::api::auth::md5pass::{hash_md5_password, Md5PasswordAuth};
 use pgwire::api::auth::mechanism::AuthMechanismFactory;
+use pgwire::api::auth::sasl::scram::{gen_salted_password, ScramAuth, SCRAM_ITERATIONS};
 use pgwire::api::auth::{
     protocol_negotiation, save_startup_parameters_to_metadata, AuthDriver, AuthOutcome, AuthSource,
     DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
@@ -49,7 +55,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::config::AdminConfig;
+use crate::config::{listen_is_loopback, AdminConfig};
 use crate::error::{Classify, ErrorClass};
 use crate::status::{AdminHandle, ControlCommand, StatusSnapshot};
 
@@ -76,32 +82,81 @@ pub enum AdminError {
         /// Why.
         source: std::io::Error,
     },
+    /// A non-loopback listen address without a password.
+    #[error(
+        "the admin console would listen on {addr} (config key admin.listen), which is not a \
+         loopback address, without a password: anyone who can reach it could PAUSE or SHUTDOWN \
+         the migration; set admin.password (or RESHARD_ADMIN_PASSWORD), or listen on \
+         127.0.0.1, or set admin.listen = \"\" to turn the console off"
+    )]
+    Exposed {
+        /// The address.
+        addr: String,
+    },
+    /// The TLS certificate or key cannot be used.
+    #[error(
+        "admin console TLS (config keys admin.tls_cert / admin.tls_key): {path}: {message}; \
+         give a PEM certificate chain in admin.tls_cert and its PEM private key in \
+         admin.tls_key, or remove both to turn TLS off"
+    )]
+    Tls {
+        /// The file (or the pair) at fault.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 impl Classify for AdminError {
     fn class(&self) -> ErrorClass {
         match self {
-            AdminError::Bind { .. } => ErrorClass::Definite,
+            AdminError::Bind { .. } | AdminError::Exposed { .. } | AdminError::Tls { .. } => {
+                ErrorClass::Definite
+            }
         }
     }
 }
 
-/// Who may connect: `[admin] user` and `[admin] password`.
+/// Who may connect and how: `[admin] user`, `password`, `tls_cert`/`tls_key`.
 #[derive(Clone)]
 pub struct AdminAuth {
     /// The only user name accepted.
     pub user: String,
-    /// Required password (md5 authentication), or none (trust on the listen address).
+    /// Required password (SCRAM-SHA-256), or none (trust, on a loopback address only).
     pub password: Option<String>,
+    /// TLS for the console (clients must use it), or none.
+    pub tls: Option<AdminTls>,
 }
 
 impl AdminAuth {
-    /// From the `[admin]` section.
-    pub fn from_config(cfg: &AdminConfig) -> AdminAuth {
-        AdminAuth {
+    /// From the `[admin]` section; loads the TLS certificate and key when configured.
+    pub fn from_config(cfg: &AdminConfig) -> Result<AdminAuth, AdminError> {
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => Some(AdminTls::load(cert, key)?),
+            (None, None) => None,
+            _ => {
+                return Err(AdminError::Tls {
+                    path: "admin.tls_cert / admin.tls_key".into(),
+                    message: "only one of the two is set".into(),
+                })
+            }
+        };
+        Ok(AdminAuth {
             user: cfg.user.clone(),
             password: cfg.password.clone(),
+            tls,
+        })
+    }
+
+    /// Refuses a non-loopback `addr` (`[admin] listen`, or the address actually bound) when
+    /// no password is set.
+    pub fn check_exposure(&self, addr: &str) -> Result<(), AdminError> {
+        if self.password.is_none() && !listen_is_loopback(addr) {
+            return Err(AdminError::Exposed {
+                addr: addr.to_owned(),
+            });
         }
+        Ok(())
     }
 }
 
@@ -110,7 +165,61 @@ impl Debug for AdminAuth {
         f.debug_struct("AdminAuth")
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .finish()
+    }
+}
+
+/// The console's TLS server side: a certificate chain and its key, loaded from PEM files.
+#[derive(Clone)]
+pub struct AdminTls {
+    cert: PathBuf,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl Debug for AdminTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminTls")
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminTls {
+    /// Loads `cert` (PEM certificate chain, server certificate first) and `key` (its PEM
+    /// private key: PKCS#8, PKCS#1 or SEC1).
+    pub fn load(cert: &Path, key: &Path) -> Result<AdminTls, AdminError> {
+        let bad = |p: &Path, message: String| AdminError::Tls {
+            path: p.display().to_string(),
+            message,
+        };
+        let open = |p: &Path| {
+            std::fs::File::open(p)
+                .map(BufReader::new)
+                .map_err(|e| bad(p, format!("cannot read it: {e}")))
+        };
+        let certs = rustls_pemfile::certs(&mut open(cert)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(cert, format!("not a PEM certificate file: {e}")))?;
+        if certs.is_empty() {
+            return Err(bad(cert, "holds no PEM certificate".into()));
+        }
+        let private = rustls_pemfile::private_key(&mut open(key)?)
+            .map_err(|e| bad(key, format!("not a PEM key file: {e}")))?
+            .ok_or_else(|| bad(key, "holds no PEM private key".into()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(cert, e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, private)
+            .map_err(|e| bad(key, format!("does not fit the certificate: {e}")))?;
+        // PostgreSQL 17's direct TLS (`sslnegotiation=direct`) requires this ALPN name.
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        Ok(AdminTls {
+            cert: cert.to_owned(),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        })
     }
 }
 
@@ -147,7 +256,9 @@ pub async fn serve_on(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    info!(addr = %addr, user = %cfg.user, password = cfg.password.is_some(), "admin console listening");
+    cfg.check_exposure(&addr)?;
+    let tls = cfg.tls.as_ref().map(|t| t.acceptor.clone());
+    info!(addr = %addr, user = %cfg.user, password = cfg.password.is_some(), tls = tls.is_some(), "admin console listening");
     let handlers = Arc::new(Handlers::new(cfg, handle));
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut sessions = JoinSet::new();
@@ -177,12 +288,13 @@ pub async fn serve_on(
             },
         };
         let handlers = handlers.clone();
+        let tls = tls.clone();
         let span = info_span!("admin_session", peer = %peer);
         sessions.spawn(
             async move {
                 let _permit = permit;
                 debug!("admin session opened");
-                if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                     debug!(error = %e, "admin session ended with an error");
                 }
             }
@@ -215,17 +327,17 @@ struct Handlers {
 
 impl Handlers {
     fn new(auth: AdminAuth, handle: AdminHandle) -> Handlers {
-        let md5: Option<Arc<dyn AuthMechanismFactory>> = auth.password.clone().map(|pw| {
-            let source = Arc::new(PasswordSource {
-                user: auth.user.clone(),
-                password: pw,
-            });
-            Arc::new(Md5PasswordAuth::new(source)) as Arc<dyn AuthMechanismFactory>
+        let scram: Option<Arc<dyn AuthMechanismFactory>> = auth.password.as_deref().map(|pw| {
+            let source = Arc::new(PasswordSource::new(&auth.user, pw));
+            let mut scram = ScramAuth::new(source);
+            scram.set_iterations(SCRAM_ITERATIONS);
+            Arc::new(scram) as Arc<dyn AuthMechanismFactory>
         });
         Handlers {
             startup: Arc::new(Startup {
                 user: auth.user,
-                md5,
+                scram,
+                tls: auth.tls.is_some(),
                 driver: AuthDriver::new(DefaultServerParameterProvider::default()),
             }),
             queries: Arc::new(Queries { handle }),
@@ -247,10 +359,23 @@ impl PgWireServerHandlers for Handlers {
     }
 }
 
-/// The expected md5 answer for one connection, with a fresh salt.
+/// The SCRAM secret of the one console user: its salted password, derived once (4096
+/// PBKDF2 rounds) with a random salt when the console starts.
 struct PasswordSource {
     user: String,
-    password: String,
+    salt: Vec<u8>,
+    salted_password: Vec<u8>,
+}
+
+impl PasswordSource {
+    fn new(user: &str, password: &str) -> PasswordSource {
+        let salt: [u8; 16] = rand::random();
+        PasswordSource {
+            user: user.to_owned(),
+            salt: salt.to_vec(),
+            salted_password: gen_salted_password(password, &salt, SCRAM_ITERATIONS),
+        }
+    }
 }
 
 impl Debug for PasswordSource {
@@ -264,16 +389,19 @@ impl Debug for PasswordSource {
 #[async_trait]
 impl AuthSource for PasswordSource {
     async fn get_password(&self, _login: &LoginInfo) -> PgWireResult<Password> {
-        let salt: [u8; 4] = rand::random();
-        let expected = hash_md5_password(&self.user, &self.password, &salt);
-        Ok(Password::new(Some(salt.to_vec()), expected.into_bytes()))
+        Ok(Password::new(
+            Some(self.salt.clone()),
+            self.salted_password.clone(),
+        ))
     }
 }
 
-/// Startup: checks the user name, then md5 authentication or none.
+/// Startup: checks TLS and the user name, then SCRAM-SHA-256 authentication or none.
 struct Startup {
     user: String,
-    md5: Option<Arc<dyn AuthMechanismFactory>>,
+    scram: Option<Arc<dyn AuthMechanismFactory>>,
+    /// TLS is configured: plain connections are refused.
+    tls: bool,
     driver: AuthDriver<DefaultServerParameterProvider>,
 }
 
@@ -301,6 +429,15 @@ impl StartupHandler for Startup {
             PgWireFrontendMessage::Startup(ref startup) => {
                 protocol_negotiation(client, startup).await?;
                 save_startup_parameters_to_metadata(client, startup);
+                if self.tls && !client.is_secure() {
+                    warn!("admin console: refused a connection without TLS");
+                    return Err(fatal(
+                        "28000",
+                        "the reshard admin console requires TLS (config key admin.tls_cert is \
+                         set); connect with sslmode=require"
+                            .to_owned(),
+                    ));
+                }
                 let user = client.metadata().get(METADATA_USER).cloned();
                 match user {
                     None => return Err(PgWireError::UserNameRequired),
@@ -317,7 +454,7 @@ impl StartupHandler for Startup {
                     }
                     Some(_) => {}
                 }
-                match &self.md5 {
+                match &self.scram {
                     Some(factory) => {
                         self.driver
                             .begin_authentication(client, factory.create())
@@ -334,7 +471,14 @@ impl StartupHandler for Startup {
                     Ok(o) => o,
                     Err(e) => {
                         warn!(error = %e, "admin console: authentication failed");
-                        return Err(e);
+                        // SCRAM clients leave the user name out of their messages (PostgreSQL
+                        // takes it from the startup packet): name the user we checked.
+                        return Err(match e {
+                            PgWireError::InvalidPassword(_) => {
+                                PgWireError::InvalidPassword(self.user.clone())
+                            }
+                            e => e,
+                        });
                     }
                 }
             }
