@@ -29,6 +29,7 @@ mod applier;
 pub mod batch;
 mod error;
 pub mod fold;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod memlog;
 pub mod schema;
 pub mod text;
