@@ -24,7 +24,29 @@
 //! ```
 //!
 //! The full load (`snapshot`) runs before CDC on the same slot, under the slot's exported
-//! snapshot. [`runtime`] wires the stages and holds no logic.
+//! snapshot. [`runtime`] wires the stages.
+//!
+//! ## The tree as it is (flat modules, grouped here by role)
+//!
+//! ```text
+//! ground      lsn event error config status localfs       types and config, defined once
+//! pg toolkit  pgconn     connections, quoting, error text
+//!             catalog    THE table-set resolver (run, check, verify, cutover, status) + publication
+//!             tableinfo  describe one table (columns, keys, replica identity)
+//!             progress   reshard.progress rows     identity  migration identity
+//! stages      source/ decode/ route/ spill/ apply/ snapshot/ admin/
+//! wiring      runtime (start), ingest (slot -> decode -> route -> spill, one thread),
+//!             startup (the start-up proof), handoff (full load -> CDC), metrics
+//! operator    check verify/ cutover observe (status, lag) purge
+//! ```
+//!
+//! Rules the code keeps: a stage imports the ground and the pg toolkit, never another stage
+//! nor the wiring or operator modules; the ground imports no stage, except that
+//! [`config::Config`] validates `[spill]` and `[snapshot]` with those stages' own checks so a
+//! range is defined once; each config section converts once into its stage's options
+//! (`SpillOptions::from`, `FullLoadOptions::from_config`, `ApplyOptions::from_config`), whose
+//! `Default` is the section's default. Known exceptions, kept for now: `pgconn` uses
+//! `source::ConnConfig`; `metrics` serves through `admin`.
 
 pub mod catalog;
 pub mod config;
