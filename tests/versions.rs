@@ -73,8 +73,10 @@ fn wait_streaming(t: &mut Topology, d: usize) {
 
 /// The scenario every pair of majors runs.
 fn migrate(source: u32, targets: &[u32]) {
-    let mut t = Topology::start_majors(source, targets, || {
-        PgCluster::builder().setting("logical_decoding_work_mem", "64kB")
+    let mut t = Topology::start_majors(source, targets, |major| match major {
+        // logical_decoding_work_mem is PostgreSQL 13+ (12 holds 4096 changes per transaction).
+        12 => PgCluster::builder(),
+        _ => PgCluster::builder().setting("logical_decoding_work_mem", "64kB"),
     });
     assert_eq!(major_of(&t.source), source);
     for (s, m) in t.shards.iter().zip(targets) {
@@ -100,6 +102,13 @@ fn migrate(source: u32, targets: &[u32]) {
         "memory_tail_bytes = 65536\nsegment_bytes = 1048576\n",
         "[[tables]]\nname = \"public.accounts\"\n\n[[tables]]\nname = \"public.events\"\n\n\
          [[tables]]\nname = \"public.plans\"\nmode = \"broadcast\"\n",
+    );
+    // Preflight speaks every major's catalog.
+    let cfg = t.config_path();
+    let (code, out, err) = t.reshard(&["check", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(
+        code, 0,
+        "check on PostgreSQL {source} -> {targets:?}:\n{out}\n{err}"
     );
     let d = t.spawn_run(&[]);
     wait_streaming(&mut t, d);
@@ -166,7 +175,6 @@ fn migrate(source: u32, targets: &[u32]) {
     );
 
     // Cutover of shard0 while the daemon runs.
-    let cfg = t.config_path();
     let (code, out, err) = t.reshard(&[
         "cutover",
         "-c",
@@ -256,7 +264,7 @@ fn pg17_source_to_pg14_and_pg18_shards() {
 /// invalidate the slot of a stopped reshard, with the fix; after the fix it passes that line.
 #[test]
 fn check_warns_on_idle_replication_slot_timeout() {
-    let t = Topology::start_majors(18, &[18], PgCluster::builder);
+    let t = Topology::start_majors(18, &[18], |_| PgCluster::builder());
     t.ddl_everywhere(SCHEMA);
     t.source_sql("ALTER SYSTEM SET idle_replication_slot_timeout = '1d'");
     t.source_sql("SELECT pg_reload_conf()");

@@ -251,9 +251,12 @@ pub async fn ensure_publication(
     tables: &[SourceTable],
 ) -> Result<bool, CatalogError> {
     let q = |what| move |source| CatalogError::Query { what, source };
+    // `pubviaroot` and `publish_via_partition_root` are PostgreSQL 13+; 12 cannot publish a
+    // partitioned table at all (CREATE PUBLICATION names the table then).
     let existing = client
         .query_opt(
-            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+            "SELECT coalesce((to_jsonb(p) ->> 'pubviaroot')::bool, false) \
+             FROM pg_publication p WHERE pubname = $1",
             &[&publication],
         )
         .await
@@ -264,10 +267,23 @@ pub async fn ensure_publication(
                 .iter()
                 .map(|t| quote_qualified(&t.rule.source))
                 .collect();
+            let has_via_root: bool = client
+                .query_one(
+                    "SELECT current_setting('server_version_num')::int4 >= 130000",
+                    &[],
+                )
+                .await
+                .map_err(q("reading server_version_num"))?
+                .get(0);
             let sql = format!(
-                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
+                "CREATE PUBLICATION {} FOR TABLE {}{}",
                 quote_ident(publication),
-                list.join(", ")
+                list.join(", "),
+                if has_via_root {
+                    " WITH (publish_via_partition_root = true)"
+                } else {
+                    ""
+                }
             );
             client
                 .batch_execute(&sql)

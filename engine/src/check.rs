@@ -239,8 +239,8 @@ async fn check_source(
         .query_opt(
             "SELECT coalesce(plugin, ''), slot_type, coalesce(database::text, ''), active, \
                     active_pid, coalesce(confirmed_flush_lsn::text, ''), \
-                    coalesce(wal_status, ''), current_database() \
-             FROM pg_replication_slots WHERE slot_name = $1",
+                    coalesce(to_jsonb(s) ->> 'wal_status', ''), current_database() \
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[slot],
         )
         .await?;
@@ -295,9 +295,23 @@ async fn check_source(
         );
     }
 
-    // max_slot_wal_keep_size (MB, -1 = unlimited)
-    let keep_mb = setting_i64(client, "max_slot_wal_keep_size").await?;
-    if keep_mb < 0 {
+    // max_slot_wal_keep_size (MB, -1 = unlimited; PostgreSQL 13+)
+    let server_version = setting_i64(client, "server_version_num").await?;
+    let keep_mb = if server_version >= 130000 {
+        setting_i64(client, "max_slot_wal_keep_size").await?
+    } else {
+        0
+    };
+    if server_version < 130000 {
+        report.warn(
+            "max_slot_wal_keep_size",
+            SOURCE,
+            "PostgreSQL 12 cannot cap the WAL a slot keeps (max_slot_wal_keep_size is 13+): \
+             while reshard is stopped the slot keeps every WAL segment; watch the source's disk"
+                .into(),
+            None,
+        );
+    } else if keep_mb < 0 {
         report.warn(
             "max_slot_wal_keep_size",
             SOURCE,
@@ -332,7 +346,7 @@ async fn check_source(
     // idle_replication_slot_timeout (at the next checkpoint): a reshard stopped for maintenance
     // longer than that loses its slot and the migration starts over.
     // https://www.postgresql.org/docs/18/runtime-config-replication.html#GUC-IDLE-REPLICATION-SLOT-TIMEOUT
-    if setting_i64(client, "server_version_num").await? >= 180000 {
+    if server_version >= 180000 {
         let idle = setting_i64(client, "idle_replication_slot_timeout").await?;
         let shown = setting(client, "idle_replication_slot_timeout").await?;
         if idle > 0 {
@@ -752,8 +766,10 @@ async fn check_publication(
         .any(|(_, i)| i.as_ref().is_some_and(|i| i.partitioned));
     let pubrow = client
         .query_opt(
-            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot \
-             FROM pg_publication WHERE pubname = $1",
+            // pubviaroot is PostgreSQL 13+ (12 cannot publish partitioned tables).
+            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, \
+                    coalesce((to_jsonb(p) ->> 'pubviaroot')::bool, false) \
+             FROM pg_publication p WHERE pubname = $1",
             &[&publication],
         )
         .await?;

@@ -40,15 +40,15 @@ impl Topology {
     }
 
     /// A source of PostgreSQL `source` and one shard per entry of `shards` (their majors), each
-    /// cluster with `builder`'s settings and database `app`. A major that is not installed
+    /// cluster with the settings of `builder(major)` and database `app`. A major that is not installed
     /// fails with the script that fetches it (`scripts/fetch-postgres <major>`).
     pub fn start_majors(
         source: u32,
         shards: &[u32],
-        builder: impl Fn() -> reshard_harness::Builder,
+        builder: impl Fn(u32) -> reshard_harness::Builder,
     ) -> Topology {
         let start = |major: u32, what: &str| {
-            let c = builder()
+            let c = builder(major)
                 .major(major)
                 .start()
                 .unwrap_or_else(|e| panic!("start {what} (PostgreSQL {major}): {e}"));

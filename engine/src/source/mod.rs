@@ -382,14 +382,15 @@ impl fmt::Display for SlotRow {
 /// the WAL each one retains. Works on a primary and on a standby (there the current position is
 /// `pg_last_wal_receive_lsn()`).
 ///
-/// See <https://www.postgresql.org/docs/current/view-pg-replication-slots.html>.
+/// See <https://www.postgresql.org/docs/current/view-pg-replication-slots.html> (`wal_status`
+/// is PostgreSQL 13+: read through `to_jsonb` so that 12 answers NULL).
 pub async fn list_slots(client: &tokio_postgres::Client) -> Result<Vec<SlotRow>, SourceError> {
     const SQL: &str = "SELECT slot_name::text, plugin::text, slot_type::text, database::text, \
          active, active_pid, restart_lsn::text, confirmed_flush_lsn::text, \
          pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() \
                               ELSE pg_current_wal_lsn() END, restart_lsn)::bigint, \
-         wal_status::text \
-         FROM pg_replication_slots ORDER BY slot_name";
+         to_jsonb(s) ->> 'wal_status' \
+         FROM pg_replication_slots s ORDER BY slot_name";
     let rows = client
         .query(SQL, &[])
         .await
