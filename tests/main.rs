@@ -8,6 +8,7 @@ mod chaos;
 mod cli;
 mod common;
 mod console;
+mod ddl;
 mod decode;
 mod demo;
 mod key_outside_identity;

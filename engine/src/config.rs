@@ -257,6 +257,35 @@ pub struct ApplyConfig {
     /// Longest retry delay, ms. Default 30000.
     #[serde(default = "default_retry_max_ms")]
     pub retry_max_ms: u64,
+    /// What a shard does when the source's table gains a column its shard table lacks
+    /// (`ALTER TABLE … ADD COLUMN` on the source mid-migration). Default `propagate`.
+    #[serde(default)]
+    pub ddl: DdlMode,
+}
+
+/// `[apply] ddl`: how additive schema changes on the source reach the shards. Non-additive
+/// changes (DROP / RENAME / ALTER TYPE) always pause the shard's apply until the shard table
+/// matches, in both modes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DdlMode {
+    /// reshard adds the column on every shard itself, in stream order (before the first change
+    /// that carries it), with the source's type, nullability and default. The default.
+    #[default]
+    Propagate,
+    /// The shard pauses with an error naming table and column (state `waiting_for_ddl`),
+    /// retries on the backoff, and resumes by itself once the operator added the column.
+    Wait,
+}
+
+impl DdlMode {
+    /// The config value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DdlMode::Propagate => "propagate",
+            DdlMode::Wait => "wait",
+        }
+    }
 }
 
 impl Default for ApplyConfig {
@@ -268,6 +297,7 @@ impl Default for ApplyConfig {
             session_replication_role_replica: true,
             retry_initial_ms: default_retry_initial_ms(),
             retry_max_ms: default_retry_max_ms(),
+            ddl: DdlMode::default(),
         }
     }
 }

@@ -191,12 +191,13 @@ const ALL_PHASES: [Phase; 6] = [
     Phase::Stopped,
 ];
 
-const ALL_SHARD_STATES: [ShardState; 5] = [
+const ALL_SHARD_STATES: [ShardState; 6] = [
     ShardState::Waiting,
     ShardState::Running,
     ShardState::Retrying,
     ShardState::Paused,
     ShardState::Stopped,
+    ShardState::WaitingForDdl,
 ];
 
 // Compile-time reminder: a new Phase or ShardState variant must be added to the lists above.
@@ -218,10 +219,11 @@ const _: () = {
             ShardState::Retrying => 2,
             ShardState::Paused => 3,
             ShardState::Stopped => 4,
+            ShardState::WaitingForDdl => 5,
         }
     }
     assert!(phase_index(Phase::Stopped) + 1 == ALL_PHASES.len());
-    assert!(state_index(ShardState::Stopped) + 1 == ALL_SHARD_STATES.len());
+    assert!(state_index(ShardState::WaitingForDdl) + 1 == ALL_SHARD_STATES.len());
 };
 
 /// Escapes a label value for the text exposition (`\`, `"` and newlines), which the encoder

@@ -23,7 +23,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::apply::{ApplyOptions, ApplyState, ShardApplier, ShardStatus};
+use crate::apply::{ApplyOptions, ApplyState, ShardApplier, ShardStatus, SourceConnect};
 use crate::catalog::{self, CatalogError, SourceTable};
 use crate::config::{Config, HashKind, TableMode as CfgMode};
 use crate::error::{Classify, ErrorClass};
@@ -485,7 +485,15 @@ async fn start_once(
             .map_err(|e| RuntimeError::Internal(format!("spawning the ingest thread: {e}")))?;
     }
 
-    // One apply task per shard.
+    // One apply task per shard. Each reads the source catalog (when a source table's columns
+    // change mid-stream) on a connection of its own, opened only then.
+    let source_catalog: SourceConnect = {
+        let conn = conn.clone();
+        Arc::new(move || {
+            let conn = conn.clone();
+            Box::pin(async move { conn.connect_sql().await.map_err(|e| e.to_string()) })
+        })
+    };
     let mut shards = Vec::new();
     for (i, (s, c)) in cfg.shards.iter().zip(&shard_conns).enumerate() {
         let (status_tx, status_rx) = watch::channel(ShardStatus {
@@ -517,6 +525,7 @@ async fn start_once(
         let latency: LatencySlot = Arc::new(OnceLock::new());
         let latency_slot = latency.clone();
         let name = s.name.clone();
+        let source_catalog = source_catalog.clone();
         let task = tokio::spawn(async move {
             // Wait for the full load (or shutdown).
             let skip = loop {
@@ -530,7 +539,9 @@ async fn start_once(
                 }
             };
             let skip_log = Arc::new(SkipLog::new(log, (*skip).clone()));
-            let applier = ShardApplier::new(apply_opts, connect, skip_log).with_pause(pause_rx);
+            let applier = ShardApplier::new(apply_opts, connect, skip_log)
+                .with_pause(pause_rx)
+                .with_source_catalog(source_catalog);
             let _ = latency_slot.set(applier.latency_histogram());
             tracing::info!(shard = %name, "apply starting");
             applier.run(shutdown, status_tx).await
@@ -744,6 +755,9 @@ impl Supervisor {
         }
     }
 
+    /// Whether every shard's apply task ended with an error. A shard waiting for DDL (a schema
+    /// change on the source) is not among them: its applier retries on the backoff and resumes
+    /// by itself, so the daemon keeps running.
     fn all_shards_stopped(&mut self) -> bool {
         for s in &mut self.shards {
             if let Some(t) = &s.task {
@@ -901,6 +915,7 @@ impl Supervisor {
                     ApplyState::Starting => ShardState::Waiting,
                     ApplyState::Running => ShardState::Running,
                     ApplyState::Retrying => ShardState::Retrying,
+                    ApplyState::WaitingForDdl => ShardState::WaitingForDdl,
                     ApplyState::Paused => ShardState::Paused,
                     ApplyState::Stopped => ShardState::Stopped,
                 }

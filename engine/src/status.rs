@@ -59,6 +59,10 @@ pub enum ShardState {
     Paused,
     /// Stopped by a definite error (see `last_error`).
     Stopped,
+    /// Paused until the shard table matches its source table (a schema change on the source:
+    /// `last_error` says "waiting for DDL: …" with the table, columns and fix); retried on the
+    /// backoff, resumes by itself.
+    WaitingForDdl,
 }
 
 impl ShardState {
@@ -70,6 +74,7 @@ impl ShardState {
             ShardState::Retrying => "retrying",
             ShardState::Paused => "paused",
             ShardState::Stopped => "stopped",
+            ShardState::WaitingForDdl => "waiting_for_ddl",
         }
     }
 }

@@ -130,8 +130,18 @@ impl Topology {
     /// Like [`Topology::write_config`], with `spill` lines (e.g. `max_bytes = 3145728`) added
     /// to the generated `[spill]` section.
     pub fn write_config_spill(&self, spill: &str, extra: &str) -> PathBuf {
+        self.write_config_sections(spill, "", extra)
+    }
+
+    /// Like [`Topology::write_config`], with `apply` lines (e.g. `ddl = "wait"`) added to the
+    /// generated `[apply]` section.
+    pub fn write_config_apply(&self, apply: &str, extra: &str) -> PathBuf {
+        self.write_config_sections("", apply, extra)
+    }
+
+    fn write_config_sections(&self, spill: &str, apply: &str, extra: &str) -> PathBuf {
         let mut s = format!(
-            "[source]\nurl = \"{}\"\n\n[spill]\ndir = \"{}\"\nflush_interval_ms = 10\n{spill}\n[apply]\nbatch_max_delay_ms = 20\nretry_initial_ms = 100\nretry_max_ms = 1000\n\n",
+            "[source]\nurl = \"{}\"\n\n[spill]\ndir = \"{}\"\nflush_interval_ms = 10\n{spill}\n[apply]\nbatch_max_delay_ms = 20\nretry_initial_ms = 100\nretry_max_ms = 1000\n{apply}\n",
             self.source.url("app"),
             self.spill_dir().display()
         );

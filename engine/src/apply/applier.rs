@@ -20,6 +20,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::{debug, info, warn, Instrument};
 
 use super::batch::{change_sql, encode_table, key_text};
+use super::ddl::{Ddl, SourceConnect, Verdict};
 use super::fold::Fold;
 use super::schema::{
     columns_query, exists_query, source_name, split_name, SchemaError, TargetColumn, TargetTable,
@@ -47,6 +48,7 @@ pub struct ShardApplier<C: Connect, L: ShardLog> {
     log: Arc<L>,
     pause: Option<watch::Receiver<bool>>,
     latency: Arc<Mutex<Histogram<u64>>>,
+    ddl: Ddl,
 }
 
 impl<C: Connect, L: ShardLog> ShardApplier<C, L> {
@@ -57,12 +59,21 @@ impl<C: Connect, L: ShardLog> ShardApplier<C, L> {
         let hist = Histogram::new_with_bounds(1, 86_400_000_000, 3)
             .expect("constant histogram bounds are valid");
         ShardApplier {
+            ddl: Ddl::new(opts.ddl, None),
             opts,
             connect,
             log,
             pause: None,
             latency: Arc::new(Mutex::new(hist)),
         }
+    }
+
+    /// Reads the source catalog through `source` when a source table's columns change (to
+    /// propagate an added column with its type, nullability and default, and to name the fix
+    /// of a change it will not propagate). Without it such a change waits for the operator.
+    pub fn with_source_catalog(mut self, source: SourceConnect) -> Self {
+        self.ddl = Ddl::new(self.opts.ddl, Some(source));
+        self
     }
 
     /// Pauses the shard while the receiver holds `true`: reading and committing stop after the
@@ -106,7 +117,8 @@ impl<C: Connect, L: ShardLog> ShardApplier<C, L> {
         let max = Duration::from_millis(self.opts.retry_max_ms.max(self.opts.retry_initial_ms));
         let mut backoff = initial;
         loop {
-            let mut session = Session::new(&self.opts, &self.log, &self.latency, status);
+            let mut session =
+                Session::new(&self.opts, &self.log, &self.latency, status, &mut self.ddl);
             let result = session.run(shutdown, &mut self.pause, &self.connect).await;
             if session.committed_any {
                 backoff = initial;
@@ -118,9 +130,18 @@ impl<C: Connect, L: ShardLog> ShardApplier<C, L> {
                     return Ok(());
                 }
                 Err(e) if e.class() == ErrorClass::Transient => {
-                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "transient apply error; reconnecting");
+                    let ddl = matches!(e, ApplyError::WaitingForDdl { .. });
+                    if ddl {
+                        warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "apply paused until the shard table matches the source table");
+                    } else {
+                        warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "transient apply error; reconnecting");
+                    }
                     status.send_modify(|s| {
-                        s.state = ApplyState::Retrying;
+                        s.state = if ddl {
+                            ApplyState::WaitingForDdl
+                        } else {
+                            ApplyState::Retrying
+                        };
                         s.retries += 1;
                         s.last_error = Some(e.to_string());
                     });
@@ -211,6 +232,7 @@ struct Session<'a, L: ShardLog> {
     log: &'a Arc<L>,
     latency: &'a Arc<Mutex<Histogram<u64>>>,
     status: &'a watch::Sender<ShardStatus>,
+    ddl: &'a mut Ddl,
     key: ProgressKey,
     client: Option<Client>,
     tables: HashMap<TableId, TargetTable>,
@@ -237,6 +259,12 @@ struct Session<'a, L: ShardLog> {
     /// Flushes whose changes start at or below this LSN are applied change by change (set
     /// after a set-based flush failed with a constraint or data error).
     ordered_until: Option<Lsn>,
+    /// Source commit LSN of the transaction whose change last waited for DDL (set by
+    /// `resolve`'s callers).
+    ddl_failed_at: Option<Lsn>,
+    /// Apply stops before the source transaction with this commit LSN, commits what precedes
+    /// it, and returns the wait.
+    ddl_barrier: Option<(Lsn, ApplyError)>,
 }
 
 impl<'a, L: ShardLog> Session<'a, L> {
@@ -245,12 +273,14 @@ impl<'a, L: ShardLog> Session<'a, L> {
         log: &'a Arc<L>,
         latency: &'a Arc<Mutex<Histogram<u64>>>,
         status: &'a watch::Sender<ShardStatus>,
+        ddl: &'a mut Ddl,
     ) -> Self {
         Session {
             opts,
             log,
             latency,
             status,
+            ddl,
             key: ProgressKey {
                 source_system_id: opts.source_system_id.clone(),
                 slot: opts.slot.clone(),
@@ -275,6 +305,8 @@ impl<'a, L: ShardLog> Session<'a, L> {
             paused: false,
             committed_any: false,
             ordered_until: None,
+            ddl_failed_at: None,
+            ddl_barrier: None,
         }
     }
 
@@ -391,6 +423,12 @@ impl<'a, L: ShardLog> Session<'a, L> {
     /// Passes errors through, except a set-based flush that must be replayed: then the target
     /// transaction is rolled back, the reader reopened after the durable progress, and every
     /// change up to the failing flush's last one is applied change by change in source order.
+    ///
+    /// A change that waits for DDL (its shard table does not match) pauses the shard exactly
+    /// before its source transaction: the target transaction is rolled back, the log re-read
+    /// from the durable progress, every source transaction before that one committed, and
+    /// then the wait is returned. The operator's fix then meets the shard at the point of the
+    /// source's schema change (the earlier changes still fit the old shard table).
     async fn after_step(
         &mut self,
         step: Result<(), ApplyError>,
@@ -398,15 +436,38 @@ impl<'a, L: ShardLog> Session<'a, L> {
     ) -> Result<(), ApplyError> {
         let (up_to, cause) = match step {
             Err(ApplyError::ReplayFromLog { up_to, cause, .. }) => (up_to, cause),
+            Err(e @ ApplyError::WaitingForDdl { .. }) => {
+                let Some(at) = self.ddl_failed_at.take() else {
+                    return Err(e);
+                };
+                if self.ddl_barrier.as_ref().is_some_and(|(b, _)| *b <= at) {
+                    return Err(e);
+                }
+                debug!(before = %at, error = %e, "a change waits for DDL; committing every source transaction before it first");
+                self.rewind(reader).await?;
+                self.ddl_barrier = Some((at, e));
+                return Ok(());
+            }
             other => return other,
         };
         warn!(up_to = %up_to, cause = %cause, "set-based apply failed; rolling back and replaying change by change in source order");
+        self.rewind(reader).await?;
+        self.ordered_until = Some(up_to);
+        self.status.send_modify(|s| s.replays += 1);
+        Ok(())
+    }
+
+    /// Rolls back the target transaction, forgets everything not durable, and reopens the
+    /// reader after the durable progress.
+    async fn rewind(&mut self, reader: &mut L::Reader) -> Result<(), ApplyError> {
         if self.in_target_txn {
             self.sql("ROLLBACK", "rolling back before a replay").await?;
             self.in_target_txn = false;
         }
-        // Staging tables created in the rolled-back transaction are gone.
+        // Staging tables created in the rolled-back transaction are gone, and so is any column
+        // propagated in it: resolve every table again.
         self.staging_ready.clear();
+        self.tables.clear();
         self.group = None;
         self.current = None;
         self.txn = TxnCounts::default();
@@ -415,8 +476,6 @@ impl<'a, L: ShardLog> Session<'a, L> {
         self.buffer_committed = 0;
         self.partial_flushed = false;
         self.pending_heartbeat = None;
-        self.ordered_until = Some(up_to);
-        self.status.send_modify(|s| s.replays += 1);
         *reader = self
             .log
             .open_reader(self.opts.shard, self.applied)
@@ -524,6 +583,16 @@ impl<'a, L: ShardLog> Session<'a, L> {
                         "Begin of {} while {} is open",
                         b.commit_lsn, cur.commit_lsn
                     )));
+                }
+                if self
+                    .ddl_barrier
+                    .as_ref()
+                    .is_some_and(|(at, _)| b.commit_lsn >= *at)
+                {
+                    self.commit_group().await?;
+                    if let Some((_, e)) = self.ddl_barrier.take() {
+                        return Err(e);
+                    }
                 }
                 let skip = b.commit_lsn <= self.position();
                 if skip {
@@ -702,7 +771,15 @@ impl<'a, L: ShardLog> Session<'a, L> {
 
     /// The resolved target of `rel`, introspecting it if new or if the source relation
     /// changed, and creating its staging table if this session has none.
-    async fn resolve(&mut self, rel: &Arc<Relation>) -> Result<(), ApplyError> {
+    async fn resolve(&mut self, rel: &Arc<Relation>, commit_lsn: Lsn) -> Result<(), ApplyError> {
+        let r = self.resolve_inner(rel).await;
+        if matches!(r, Err(ApplyError::WaitingForDdl { .. })) {
+            self.ddl_failed_at = Some(commit_lsn);
+        }
+        r
+    }
+
+    async fn resolve_inner(&mut self, rel: &Arc<Relation>) -> Result<(), ApplyError> {
         let fresh = self
             .tables
             .get(&rel.id)
@@ -718,39 +795,40 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 .iter()
                 .any(|m| matches!(m, SimpleQueryMessage::Row(r) if r.get(0) == Some("t")));
             if !found {
-                return Err(ApplyError::Schema {
-                    shard: self.shard().to_owned(),
-                    source: SchemaError::MissingTable {
-                        source_table: source_name(rel),
-                        target,
-                    },
-                });
+                return Err(self.schema_wait(&SchemaError::MissingTable {
+                    source_table: source_name(rel),
+                    target,
+                }));
             }
-            let rows = self.sql(&columns_query(&lit), &ctx).await?;
-            let cols: Vec<TargetColumn> = rows
-                .iter()
-                .filter_map(|m| match m {
-                    SimpleQueryMessage::Row(r) => Some(TargetColumn {
-                        name: r.get(0).unwrap_or_default().to_owned(),
-                        type_sql: r.get(1).unwrap_or("text").to_owned(),
-                        not_null: r.get(2) == Some("t"),
-                        has_default: r.get(3) == Some("t"),
-                        identity_always: r.get(4) == Some("a"),
-                        identity_by_default: r.get(4) == Some("d"),
-                        generated: r.get(5) == Some("s"),
-                        in_primary_key: r.get(6) == Some("t"),
-                    }),
-                    _ => None,
-                })
-                .collect();
+            let mut cols = self.target_columns(&lit, &ctx).await?;
+            let target_sql = format!("{}.{}", quote_ident(&s), quote_ident(&t));
+            let shard = self.opts.shard_name.as_str();
+            match self
+                .ddl
+                .check(shard, rel, &target, &target_sql, &cols)
+                .await
+            {
+                Verdict::Ready => {}
+                Verdict::Wait(wait) => {
+                    return Err(ApplyError::WaitingForDdl {
+                        shard: self.shard().to_owned(),
+                        wait,
+                    })
+                }
+                Verdict::Add(sql) => {
+                    // In the target transaction of the first change that carries the column:
+                    // it commits with that change and the progress row, or not at all.
+                    self.begin_target_txn().await?;
+                    let ctx = format!("adding the source's new column(s) to {target}: {sql}");
+                    self.sql(&sql, &ctx).await?;
+                    cols = self.target_columns(&lit, &ctx).await?;
+                }
+            }
             self.staging_seq += 1;
             let staging = format!("reshard_stage_{}", self.staging_seq);
-            let table = TargetTable::build(rel.clone(), &target, &cols, staging).map_err(|e| {
-                ApplyError::Schema {
-                    shard: self.shard().to_owned(),
-                    source: e,
-                }
-            })?;
+            let table = TargetTable::build(rel.clone(), &target, &cols, staging)
+                .map_err(|e| self.schema_wait(&e))?;
+            self.ddl.matched(rel);
             debug!(table = %target, key = ?table.key_mode, "resolved target table");
             self.tables.insert(rel.id, table);
         }
@@ -773,6 +851,39 @@ impl<'a, L: ShardLog> Session<'a, L> {
             self.staging_ready.insert(name, true);
         }
         Ok(())
+    }
+
+    /// A shard table that does not fit its source table waits for DDL on the shard.
+    fn schema_wait(&self, e: &SchemaError) -> ApplyError {
+        ApplyError::WaitingForDdl {
+            shard: self.shard().to_owned(),
+            wait: super::ddl::DdlWait::from_schema(e),
+        }
+    }
+
+    /// The shard table's columns (`regclass_literal`: its quoted name as an SQL literal).
+    async fn target_columns(
+        &self,
+        regclass_literal: &str,
+        ctx: &str,
+    ) -> Result<Vec<TargetColumn>, ApplyError> {
+        let rows = self.sql(&columns_query(regclass_literal), ctx).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(TargetColumn {
+                    name: r.get(0).unwrap_or_default().to_owned(),
+                    type_sql: r.get(1).unwrap_or("text").to_owned(),
+                    not_null: r.get(2) == Some("t"),
+                    has_default: r.get(3) == Some("t"),
+                    identity_always: r.get(4) == Some("a"),
+                    identity_by_default: r.get(4) == Some("d"),
+                    generated: r.get(5) == Some("s"),
+                    in_primary_key: r.get(6) == Some("t"),
+                }),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Writes the buffer into the target transaction: set-based, or change by change when the
@@ -828,7 +939,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         for (lsn, c) in buffer {
             let Some(rel) = c.relation() else { continue };
             if !order.contains(&rel.id) {
-                self.resolve(rel).await?;
+                self.resolve(rel, *lsn).await?;
                 let fold = match self.tables.get(&rel.id) {
                     Some(t) if t.rows_may_repeat() => Fold::rows_may_repeat(t.key_idx.clone()),
                     Some(t) => Fold::new(t.key_idx.clone()),
@@ -944,7 +1055,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         debug!(changes = buffer.len(), why, "applying change by change");
         for (lsn, c) in buffer {
             let Some(rel) = c.relation() else { continue };
-            self.resolve(rel).await?;
+            self.resolve(rel, *lsn).await?;
             let Some(table) = self.tables.get(&rel.id) else {
                 continue;
             };

@@ -2,6 +2,7 @@
 //! SQLSTATE, and whether to retry.
 
 use super::batch::EncodeError;
+use super::ddl::DdlWait;
 use super::fold::FoldError;
 use super::schema::SchemaError;
 use crate::error::{class_of_pg, Classify, ErrorClass};
@@ -52,6 +53,16 @@ pub enum ApplyError {
         /// The mismatch.
         #[source]
         source: SchemaError,
+    },
+    /// The shard table must change before this source table's changes can be written (a
+    /// schema change on the source, a missing table or column): transient, the shard retries
+    /// on the backoff and resumes by itself once the shard table matches.
+    #[error("shard {shard}: {wait}")]
+    WaitingForDdl {
+        /// Shard name.
+        shard: String,
+        /// What is waited for and the fix.
+        wait: DdlWait,
     },
     /// A change cannot be folded (no key, key unknown).
     #[error("shard {shard}: table {table}, source commit {commit_lsn}: {source}")]
@@ -175,7 +186,9 @@ impl Classify for ApplyError {
             ApplyError::Pg { class, .. }
             | ApplyError::Connect { class, .. }
             | ApplyError::Log { class, .. } => *class,
-            ApplyError::ReplayFromLog { .. } => ErrorClass::Transient,
+            ApplyError::ReplayFromLog { .. } | ApplyError::WaitingForDdl { .. } => {
+                ErrorClass::Transient
+            }
             ApplyError::Schema { .. }
             | ApplyError::Fold { .. }
             | ApplyError::Encode { .. }

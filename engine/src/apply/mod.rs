@@ -27,6 +27,7 @@
 
 mod applier;
 pub mod batch;
+pub mod ddl;
 mod error;
 pub mod fold;
 #[cfg(any(test, feature = "test-utils"))]
@@ -40,9 +41,10 @@ use std::future::Future;
 use tokio_postgres::Client;
 
 pub use applier::ShardApplier;
+pub use ddl::{DdlWait, SourceConnect};
 pub use error::ApplyError;
 
-use crate::config::ApplyConfig;
+use crate::config::{ApplyConfig, DdlMode};
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::event::{PgTimestamp, ShardId};
 use crate::lsn::Lsn;
@@ -84,6 +86,9 @@ pub struct ApplyOptions {
     pub retry_max_ms: u64,
     /// An idle shard records heartbeat progress at most this often. Default 1 000 ms.
     pub heartbeat_interval_ms: u64,
+    /// What to do when a source table gains a column its shard table lacks. Default:
+    /// `[apply]`'s ([`DdlMode::Propagate`]).
+    pub ddl: DdlMode,
 }
 
 impl ApplyOptions {
@@ -104,6 +109,7 @@ impl ApplyOptions {
             retry_initial_ms: c.retry_initial_ms,
             retry_max_ms: c.retry_max_ms,
             heartbeat_interval_ms: 1_000,
+            ddl: c.ddl,
         }
     }
 }
@@ -126,6 +132,9 @@ pub enum ApplyState {
     Running,
     /// Waiting to retry after a transient error (see `last_error`).
     Retrying,
+    /// Waiting for the shard table to match the source table (a schema change; `last_error`
+    /// says which table and columns, and the fix); retried on the backoff.
+    WaitingForDdl,
     /// Paused by the operator: nothing is read or committed.
     Paused,
     /// Stopped: shut down, or a definite error (see `last_error`).

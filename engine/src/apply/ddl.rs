@@ -1,0 +1,519 @@
+//! Schema changes on the source during the migration: what a shard does when a source table's
+//! pgoutput Relation message no longer matches its shard table.
+//!
+//! In: the source [`Relation`] a change carries, the shard table's columns ([`TargetColumn`]),
+//! the last relation this shard table was found to match, and (looked up only when a
+//! difference is found) the source catalog. Out: a [`Verdict`]: write as is, add columns first
+//! (`ALTER TABLE … ADD COLUMN IF NOT EXISTS …`, run by the applier inside the target transaction
+//! that carries the first change using them, so it commits with that change and the progress
+//! row), or wait ([`DdlWait`]).
+//!
+//! Invariant: nothing is ever written to a column the shard lacks, and a column is only added
+//! when the change is additive. A column the source stopped sending while the shard still has
+//! it (DROP or RENAME on the source), a changed type, or a new column next to a column the
+//! source no longer sends (a possible RENAME) is never guessed at: the shard's apply waits,
+//! naming table, columns and the fix, retries on the apply backoff and resumes by itself once
+//! the shard table matches. A wait is a transient error, so a shard that only waits for DDL
+//! keeps the daemon running.
+//!
+//! Limits: which relation a shard table matched is known since this process started; after a
+//! restart a DROP COLUMN on the source leaves a nullable shard column in place (NULL in new
+//! rows), and a type change surfaces as the cast error of the first value that does not fit.
+//! An added column's default is evaluated by the shard; a volatile default (`now()`,
+//! `nextval`, identity) is never propagated, because the source filled its existing rows in a
+//! table rewrite that logical decoding does not send.
+//! See <https://www.postgresql.org/docs/current/logical-replication-restrictions.html>.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+use tracing::{info, warn};
+
+use super::schema::{source_name, SchemaError, TargetColumn};
+use crate::config::DdlMode;
+use crate::event::{quote_ident, Relation, TableId};
+
+/// Opens a SQL connection to the source (for its catalog); the error text names the cause.
+pub type SourceConnect =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<Client, String>> + Send>> + Send + Sync>;
+
+/// What a shard's apply waits for: the shard table must change before the changes of
+/// `source_table` can be written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DdlWait {
+    /// Source `schema.table`.
+    pub source_table: String,
+    /// What differs, naming the table and columns.
+    pub what: String,
+    /// The SQL or action that ends the wait (empty when `what` already says it).
+    pub fix: String,
+}
+
+impl std::fmt::Display for DdlWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "waiting for DDL: {}", self.what)?;
+        if !self.fix.is_empty() {
+            write!(f, "; {}", self.fix)?;
+        }
+        f.write_str("; apply resumes by itself once the shard table matches")
+    }
+}
+
+impl std::error::Error for DdlWait {}
+
+impl DdlWait {
+    /// A shard table that cannot take the source table's changes (missing, a missing or
+    /// computed column, a required column the source does not send): fixed by DDL on the
+    /// shard, so the shard waits for it instead of stopping. A table new in the publication's
+    /// scope lands here too: its rows wait in the spill log until the table exists on the
+    /// shard.
+    pub fn from_schema(e: &SchemaError) -> DdlWait {
+        let source_table = match e {
+            SchemaError::MissingTable { source_table, .. }
+            | SchemaError::MissingColumn { source_table, .. }
+            | SchemaError::GeneratedOnTarget { source_table, .. }
+            | SchemaError::ExtraColumnRequired { source_table, .. } => source_table.clone(),
+        };
+        DdlWait {
+            source_table,
+            what: e.to_string(),
+            fix: String::new(),
+        }
+    }
+}
+
+/// What to do with a source relation before writing its changes.
+#[derive(Debug)]
+pub(super) enum Verdict {
+    /// The shard table takes the relation's columns as they are.
+    Ready,
+    /// Run this `ALTER TABLE` on the shard first (additive, idempotent), then re-read the
+    /// shard table's columns.
+    Add(String),
+    /// Pause this shard's apply.
+    Wait(DdlWait),
+}
+
+/// One column as the source catalog describes it now.
+#[derive(Clone, Debug)]
+struct SourceColumn {
+    name: String,
+    type_sql: String,
+    not_null: bool,
+    default: Option<String>,
+    /// The default (or identity) computes a value per row.
+    volatile: bool,
+}
+
+/// The schema-change state of one shard's applier (kept across reconnects).
+pub(super) struct Ddl {
+    mode: DdlMode,
+    source: Option<SourceConnect>,
+    client: Option<Client>,
+    /// Per source table: the relation the shard table was last found to match.
+    matched: HashMap<TableId, Arc<Relation>>,
+}
+
+impl Ddl {
+    pub(super) fn new(mode: DdlMode, source: Option<SourceConnect>) -> Ddl {
+        Ddl {
+            mode,
+            source,
+            client: None,
+            matched: HashMap::new(),
+        }
+    }
+
+    /// Records that the shard table now takes `rel` as it is.
+    pub(super) fn matched(&mut self, rel: &Arc<Relation>) {
+        self.matched.insert(rel.id, Arc::clone(rel));
+    }
+
+    /// Compares `rel` with the shard table `target` (unquoted) / `target_sql` (quoted) and
+    /// its columns `cols`; `shard` is for messages.
+    pub(super) async fn check(
+        &mut self,
+        shard: &str,
+        rel: &Arc<Relation>,
+        target: &str,
+        target_sql: &str,
+        cols: &[TargetColumn],
+    ) -> Verdict {
+        let src = source_name(rel);
+        let prev = self.matched.get(&rel.id).cloned();
+        let has = |n: &str| cols.iter().any(|c| c.name == n);
+        let missing: Vec<&str> = rel
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .filter(|n| !has(n))
+            .collect();
+        // Shard columns the source does not send: harmless extras, unless the source sent them
+        // before (dropped or renamed there), or, with no earlier relation known, unless the
+        // source also sends a column the shard lacks (it may be the same column renamed).
+        let gone: Vec<&str> = cols
+            .iter()
+            .filter(|c| !c.generated && rel.column_index(&c.name).is_none())
+            .map(|c| c.name.as_str())
+            .filter(|n| match &prev {
+                Some(p) => p.column_index(n).is_some(),
+                None => !missing.is_empty(),
+            })
+            .collect();
+        if !gone.is_empty() {
+            return Verdict::Wait(non_additive(
+                shard, &src, target, target_sql, &gone, &missing,
+            ));
+        }
+        // Same column, new type on the source (ALTER TYPE): the shard's type must follow.
+        let retyped: Vec<&str> = match &prev {
+            Some(p) => rel
+                .columns
+                .iter()
+                .filter(|c| {
+                    p.columns.iter().any(|o| {
+                        o.name == c.name
+                            && (o.type_oid, o.type_modifier) != (c.type_oid, c.type_modifier)
+                    })
+                })
+                .map(|c| c.name.as_str())
+                .filter(|n| has(n))
+                .collect(),
+            None => Vec::new(),
+        };
+        if missing.is_empty() && retyped.is_empty() {
+            return Verdict::Ready;
+        }
+        let catalog = match self.source_columns(rel).await {
+            Ok(c) => c,
+            Err(e) => {
+                return Verdict::Wait(DdlWait {
+                    source_table: src.clone(),
+                    what: format!(
+                        "source table {src} changed ({}) and its definition cannot be read from the source catalog: {e}",
+                        describe(&missing, &retyped)
+                    ),
+                    fix: format!(
+                        "make shard {shard} table {target} match source table {src}, or restore the source connection"
+                    ),
+                })
+            }
+        };
+        let find = |n: &str| catalog.iter().find(|c| c.name == n);
+        let mut wrong_type = Vec::new();
+        for n in &retyped {
+            let now = find(n).map(|c| c.type_sql.clone());
+            let shard_type = cols
+                .iter()
+                .find(|c| c.name == *n)
+                .map(|c| c.type_sql.clone());
+            if let (Some(now), Some(st)) = (now, shard_type) {
+                if now != st {
+                    wrong_type.push(format!(
+                        "ALTER TABLE {target_sql} ALTER COLUMN {c} TYPE {now} USING {c}::{now}",
+                        c = quote_ident(n)
+                    ));
+                }
+            }
+        }
+        if !wrong_type.is_empty() {
+            return Verdict::Wait(DdlWait {
+                source_table: src.clone(),
+                what: format!(
+                    "source table {src} changed the type of column(s) {} (ALTER TYPE, not additive); shard {shard} table {target} has the old type",
+                    quoted(&retyped)
+                ),
+                fix: format!("run on shard {shard}: {}", wrong_type.join("; ")),
+            });
+        }
+        if missing.is_empty() {
+            return Verdict::Ready;
+        }
+        let mut adds = Vec::new();
+        let mut unsure = Vec::new();
+        for n in &missing {
+            match find(n) {
+                Some(c) => {
+                    if c.volatile {
+                        unsure.push(format!(
+                            "column {:?} has a volatile default {} (the source computed it for every existing row in a table rewrite that is not replicated)",
+                            c.name,
+                            c.default.as_deref().unwrap_or("(identity)")
+                        ));
+                    }
+                    adds.push(add_column_sql(c));
+                }
+                None => unsure.push(format!(
+                    "column {n:?} is no longer in the source catalog (dropped again since)"
+                )),
+            }
+        }
+        let add_sql = format!("ALTER TABLE {target_sql} {}", adds.join(", "));
+        let what = format!(
+            "shard {shard} table {target} has no column(s) {} that source table {src} now sends (ADD COLUMN on the source)",
+            quoted(&missing)
+        );
+        if !unsure.is_empty() {
+            return Verdict::Wait(DdlWait {
+                source_table: src,
+                what: format!("{what}; not propagated: {}", unsure.join("; ")),
+                fix: format!(
+                    "add the column(s) on shard {shard} with the values the source holds, e.g. {add_sql}, then copy the existing rows' values"
+                ),
+            });
+        }
+        match self.mode {
+            DdlMode::Propagate => {
+                info!(table = %src, target = %target, columns = %quoted(&missing), "propagating ADD COLUMN to the shard");
+                Verdict::Add(add_sql)
+            }
+            DdlMode::Wait => Verdict::Wait(DdlWait {
+                source_table: src,
+                what,
+                fix: format!(
+                    "run on shard {shard}: {add_sql} (or set [apply] ddl = \"propagate\")"
+                ),
+            }),
+        }
+    }
+
+    /// The source catalog's columns of `rel` (by OID), reconnecting once if the connection
+    /// broke.
+    async fn source_columns(&mut self, rel: &Relation) -> Result<Vec<SourceColumn>, String> {
+        let Some(connect) = self.source.clone() else {
+            return Err("no source connection is configured for the applier".into());
+        };
+        for attempt in 0..2 {
+            if self.client.as_ref().is_none_or(Client::is_closed) {
+                self.client = Some(connect().await?);
+            }
+            let Some(client) = &self.client else { continue };
+            match client.query(SOURCE_COLUMNS, &[&rel.id.0]).await {
+                Ok(rows) => {
+                    return Ok(rows
+                        .iter()
+                        .map(|r| SourceColumn {
+                            name: r.get(0),
+                            type_sql: r.get(1),
+                            not_null: r.get(2),
+                            default: r.get(3),
+                            volatile: r.get(4),
+                        })
+                        .collect())
+                }
+                Err(e) if attempt == 0 && e.as_db_error().is_none() => {
+                    warn!(error = %e, "source catalog connection failed; reconnecting");
+                    self.client = None;
+                }
+                Err(e) => return Err(crate::pgconn::error_text(&e)),
+            }
+        }
+        Err("the source catalog connection failed twice".into())
+    }
+}
+
+/// The current columns of a source table by OID: name, `format_type`, NOT NULL, default
+/// expression, and whether a row's value is computed per row (a default calling a volatile
+/// function, found through the `funcid`s of its stored expression tree, or an identity).
+const SOURCE_COLUMNS: &str = "\
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+       pg_get_expr(d.adbin, d.adrelid), \
+       a.attidentity <> '' OR coalesce((SELECT bool_or(p.provolatile = 'v') \
+         FROM regexp_matches(d.adbin::text, ':(?:funcid|opfuncid) (\\d+)', 'g') m \
+         JOIN pg_proc p ON p.oid = m[1]::oid), false) \
+FROM pg_attribute a \
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped \
+ORDER BY a.attnum";
+
+/// `ADD COLUMN IF NOT EXISTS name type [DEFAULT expr] [NOT NULL]`.
+fn add_column_sql(c: &SourceColumn) -> String {
+    let mut s = format!(
+        "ADD COLUMN IF NOT EXISTS {} {}",
+        quote_ident(&c.name),
+        c.type_sql
+    );
+    if let Some(d) = &c.default {
+        s.push_str(" DEFAULT ");
+        s.push_str(d);
+    }
+    if c.not_null {
+        s.push_str(" NOT NULL");
+    }
+    s
+}
+
+/// The wait for a column the source no longer sends while the shard still has it.
+fn non_additive(
+    shard: &str,
+    src: &str,
+    target: &str,
+    target_sql: &str,
+    gone: &[&str],
+    missing: &[&str],
+) -> DdlWait {
+    let what = format!(
+        "source table {src} no longer sends column(s) {} that shard {shard} table {target} still has{} (DROP or RENAME on the source, not additive; nothing is written to {target} until it matches)",
+        quoted(gone),
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!(", and sends column(s) {} that it lacks", quoted(missing))
+        }
+    );
+    let fix = if let ([old], [new]) = (gone, missing) {
+        format!(
+            "if the column was renamed, run on shard {shard}: ALTER TABLE {target_sql} RENAME COLUMN {} TO {}; if it was dropped, drop it on the shard and add the new one",
+            quote_ident(old),
+            quote_ident(new)
+        )
+    } else {
+        let drops: Vec<String> = gone
+            .iter()
+            .map(|c| format!("DROP COLUMN {}", quote_ident(c)))
+            .collect();
+        format!(
+            "if dropped, run on shard {shard}: ALTER TABLE {target_sql} {}; if renamed, RENAME COLUMN each on the shard{}",
+            drops.join(", "),
+            if missing.is_empty() {
+                ""
+            } else {
+                "; add any new column too"
+            }
+        )
+    };
+    DdlWait {
+        source_table: src.to_owned(),
+        what,
+        fix,
+    }
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn describe(missing: &[&str], retyped: &[&str]) -> String {
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("new column(s) {}", quoted(missing)));
+    }
+    if !retyped.is_empty() {
+        parts.push(format!("new type of {}", quoted(retyped)));
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Column, ReplicaIdentity};
+
+    fn rel(cols: &[&str]) -> Arc<Relation> {
+        Arc::new(Relation {
+            id: TableId(7),
+            namespace: "public".into(),
+            name: "items".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: cols
+                .iter()
+                .map(|n| Column {
+                    name: (*n).into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                    is_key: *n == "id",
+                })
+                .collect(),
+        })
+    }
+
+    fn tcols(cols: &[&str]) -> Vec<TargetColumn> {
+        cols.iter()
+            .map(|n| TargetColumn {
+                name: (*n).into(),
+                type_sql: "text".into(),
+                not_null: false,
+                has_default: false,
+                identity_always: false,
+                identity_by_default: false,
+                generated: false,
+                in_primary_key: *n == "id",
+            })
+            .collect()
+    }
+
+    async fn check(d: &mut Ddl, r: &[&str], t: &[&str]) -> Verdict {
+        d.check("shard0", &rel(r), "public.items", "public.items", &tcols(t))
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_rename_is_never_taken_for_an_added_column() {
+        let mut d = Ddl::new(DdlMode::Propagate, None);
+        d.matched(&rel(&["id", "name"]));
+        let Verdict::Wait(w) = check(&mut d, &["id", "title"], &["id", "name"]).await else {
+            panic!("a rename must wait");
+        };
+        let m = w.to_string();
+        assert!(m.contains("\"name\"") && m.contains("\"title\""), "{m}");
+        assert!(m.contains("RENAME COLUMN name TO title"), "{m}");
+        // Without an earlier relation (after a restart) it is just as ambiguous.
+        let mut d = Ddl::new(DdlMode::Propagate, None);
+        assert!(matches!(
+            check(&mut d, &["id", "title"], &["id", "name"]).await,
+            Verdict::Wait(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_column_waits_and_an_extra_shard_column_does_not() {
+        let mut d = Ddl::new(DdlMode::Propagate, None);
+        // A shard column the source never sent is the operator's own.
+        assert!(matches!(
+            check(&mut d, &["id"], &["id", "extra"]).await,
+            Verdict::Ready
+        ));
+        d.matched(&rel(&["id", "gone"]));
+        let Verdict::Wait(w) = check(&mut d, &["id"], &["id", "gone"]).await else {
+            panic!("a drop must wait");
+        };
+        assert!(w.to_string().contains("DROP COLUMN gone"), "{w}");
+        // Resumes once the shard matches.
+        assert!(matches!(
+            check(&mut d, &["id"], &["id"]).await,
+            Verdict::Ready
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_added_column_without_the_source_catalog_waits_naming_it() {
+        let mut d = Ddl::new(DdlMode::Propagate, None);
+        d.matched(&rel(&["id"]));
+        let Verdict::Wait(w) = check(&mut d, &["id", "note"], &["id"]).await else {
+            panic!("must wait");
+        };
+        assert!(w.to_string().contains("\"note\""), "{w}");
+    }
+
+    #[test]
+    fn add_column_sql_carries_type_default_and_nullability() {
+        let c = SourceColumn {
+            name: "score".into(),
+            type_sql: "integer".into(),
+            not_null: true,
+            default: Some("7".into()),
+            volatile: false,
+        };
+        assert_eq!(
+            add_column_sql(&c),
+            "ADD COLUMN IF NOT EXISTS score integer DEFAULT 7 NOT NULL"
+        );
+    }
+}

@@ -1,0 +1,309 @@
+//! Schema changes on the source while the daemon streams (issue #12, "Schema changes during
+//! the migration"): `ADD COLUMN` in both `[apply] ddl` modes and both orders (shards first,
+//! source first) under a live writer, and a non-additive change (RENAME) that pauses the
+//! shards it touches until they match, with the daemon running throughout.
+//!
+//! Correctness is judged by PostgreSQL's own hash partitioning (`satisfies_hash_partition`),
+//! never by reshard's routing code.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::common::{TableCheck, Topology};
+
+const SCHEMA: &str = "
+CREATE TABLE items (account_id bigint NOT NULL, id bigint NOT NULL, name text, n int,
+                    PRIMARY KEY (account_id, id));
+CREATE TABLE plans (id bigint PRIMARY KEY, name text NOT NULL);
+";
+
+const TABLES: &[TableCheck<'static>] = &[
+    ("items", Some(("account_id", "bigint")), "account_id, id"),
+    ("plans", None, "id"),
+];
+
+/// The additive change under test: a nullable column without a default and a NOT NULL one
+/// with a default (existing rows take it on the source without any WAL for them).
+const ADD_COLUMNS: &str =
+    "ALTER TABLE items ADD COLUMN note text, ADD COLUMN score int NOT NULL DEFAULT 7";
+
+/// What the writer's statements look like.
+const PLAIN: u64 = 0;
+/// Inserts and updates also write `note` and `score`.
+const WITH_COLUMNS: u64 = 1;
+/// `name` was renamed to `title`.
+const RENAMED: u64 = 2;
+
+/// A thread committing inserts, updates, deletes and key moves on the source until stopped;
+/// its statements follow `shape` (set by the test after each source DDL).
+struct Writer {
+    stop: Arc<AtomicBool>,
+    shape: Arc<AtomicU64>,
+    commits: Arc<AtomicU64>,
+    handle: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Writer {
+    fn start(url: String) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let shape = Arc::new(AtomicU64::new(PLAIN));
+        let commits = Arc::new(AtomicU64::new(0));
+        let (s, sh, c) = (stop.clone(), shape.clone(), commits.clone());
+        let handle = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(write_loop(url, s, sh, c))
+        });
+        Writer {
+            stop,
+            shape,
+            commits,
+            handle: Some(handle),
+        }
+    }
+
+    fn set_shape(&self, shape: u64) {
+        self.shape.store(shape, Ordering::SeqCst);
+    }
+
+    fn commits(&self) -> u64 {
+        self.commits.load(Ordering::SeqCst)
+    }
+
+    /// Waits for `n` more commits (the writer is alive and the source takes its statements).
+    fn wait_commits(&self, t: &Topology, n: u64) {
+        let target = self.commits() + n;
+        t.wait(
+            &format!("the writer to commit {n} more transactions"),
+            Duration::from_secs(60),
+            || {
+                (self.commits() >= target || self.handle.as_ref().is_some_and(|h| h.is_finished()))
+                    .then_some(())
+            },
+        );
+    }
+
+    /// Stops the writer; panics with its error if a statement failed.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("the writer failed: {e}"),
+                Err(_) => panic!("the writer panicked"),
+            }
+        }
+        self.commits()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn write_loop(
+    url: String,
+    stop: Arc<AtomicBool>,
+    shape: Arc<AtomicU64>,
+    commits: Arc<AtomicU64>,
+) -> Result<(), String> {
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("writer connect: {e}"))?;
+    tokio::spawn(conn);
+    let mut next: i64 = 1_000_000;
+    let mut k: i64 = 0;
+    while !stop.load(Ordering::SeqCst) {
+        k += 1;
+        next += 3;
+        let (a, b, c) = (next, next + 1, next + 2);
+        let acct = k % 97 + 1;
+        let old = next - 30;
+        let shape = shape.load(Ordering::SeqCst);
+        let (name, extra_cols, extra_vals, extra_set) = match shape {
+            PLAIN => ("name", "", String::new(), String::new()),
+            WITH_COLUMNS => (
+                "name",
+                ", note, score",
+                format!(", 'note{k}', {k}"),
+                format!(", note = 'u{k}', score = score + 1"),
+            ),
+            _ => ("title", "", String::new(), String::new()),
+        };
+        let sql = format!(
+            "BEGIN;\
+             INSERT INTO items (account_id, id, {name}, n{extra_cols}) VALUES \
+               ({acct}, {a}, 'i{a}', 0{extra_vals}), ({acct} + 1, {b}, 'i{b}', 0{extra_vals}), \
+               ({acct} + 2, {c}, 'i{c}', 0{extra_vals});\
+             UPDATE items SET n = n + 1, {name} = 'u{k}'{extra_set} WHERE id = {old};\
+             DELETE FROM items WHERE id = {old} + 1;\
+             UPDATE items SET account_id = account_id + 5 WHERE id = {old} + 2;\
+             COMMIT;"
+        );
+        match client.batch_execute(&sql).await {
+            Ok(()) => {}
+            // A statement built just before the test renamed a column on the source: build it
+            // again with the new shape (the transaction rolled back; the ids are skipped).
+            Err(e) if e.code().is_some_and(|c| c.code() == "42703") => {
+                client
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(|e| format!("writer: {e}"))?;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            Err(e) => return Err(format!("writer: {e}\n{sql}")),
+        }
+        commits.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// Source, 2 shards, schema everywhere, some preloaded rows, the daemon started with
+/// `[apply] ddl = mode` and streaming, and the writer running.
+fn start(mode: &str) -> (Topology, usize, Writer) {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    t.source_sql("INSERT INTO plans SELECT g, 'plan' || g FROM generate_series(1, 10) g");
+    t.source_sql(
+        "INSERT INTO items SELECT g % 97 + 1, g, 'pre' || g, 0 FROM generate_series(1, 500) g",
+    );
+    t.write_config_apply(&format!("ddl = \"{mode}\"\n"), "");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    let w = Writer::start(t.source.url("app"));
+    w.wait_commits(&t, 20);
+    (t, d, w)
+}
+
+/// The shards hold exactly their share of the source, the daemon still runs, and SIGTERM
+/// is a clean exit.
+fn converge_and_stop(mut t: Topology, d: usize, w: Writer) {
+    w.wait_commits(&t, 20);
+    let commits = w.finish();
+    println!("writer committed {commits} transactions");
+    t.wait_converged(TABLES, Duration::from_secs(120));
+    assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+    let code = t.terminate(d, Duration::from_secs(30));
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM must be a clean exit 0:\n{}",
+        t.all_logs()
+    );
+}
+
+/// Waits until `reshard status --json` shows some shard waiting for DDL with a message that
+/// contains every one of `words`; returns that message.
+fn wait_ddl_state(t: &Topology, words: &[&str]) -> String {
+    t.wait(
+        "a shard to show \"waiting for DDL\" in status",
+        Duration::from_secs(60),
+        || {
+            let st = t.status_json()?;
+            st["shards"].as_array()?.iter().find_map(|s| {
+                let err = s["last_error"].as_str().unwrap_or_default();
+                (s["state"] == "waiting_for_ddl"
+                    && err.contains("waiting for DDL")
+                    && words.iter().all(|w| err.contains(w)))
+                .then(|| err.to_owned())
+            })
+        },
+    )
+}
+
+// See: issue #12 (ADD COLUMN on the source before the shards stopped every shard, then the
+// daemon exited "every shard stopped").
+/// wait mode, source first: the shards pause naming table and column, the daemon keeps
+/// running, and once the column exists on the shards apply resumes by itself.
+#[test]
+fn ddl_wait_add_column_on_source_first_then_shards_resumes() {
+    let (mut t, d, w) = start("wait");
+    t.source_sql(ADD_COLUMNS);
+    w.set_shape(WITH_COLUMNS);
+    w.wait_commits(&t, 20);
+    let msg = wait_ddl_state(&t, &["public.items", "note"]);
+    println!("status says: {msg}");
+    assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+    t.shards_sql(ADD_COLUMNS);
+    converge_and_stop(t, d, w);
+}
+
+/// wait mode, shards first: nothing pauses, nothing is lost.
+#[test]
+fn ddl_wait_add_column_on_shards_first_then_source() {
+    let (t, d, w) = start("wait");
+    t.shards_sql(ADD_COLUMNS);
+    w.wait_commits(&t, 20);
+    t.source_sql(ADD_COLUMNS);
+    w.set_shape(WITH_COLUMNS);
+    converge_and_stop(t, d, w);
+}
+
+/// propagate mode, source first: reshard adds the columns on every shard itself, with the
+/// source's type, nullability and default, before the first change that carries them.
+#[test]
+fn ddl_propagate_add_column_on_source_first() {
+    let (t, d, w) = start("propagate");
+    t.source_sql(ADD_COLUMNS);
+    w.set_shape(WITH_COLUMNS);
+    w.wait_commits(&t, 20);
+    t.wait("the columns on every shard", Duration::from_secs(60), || {
+        t.shards.iter().all(|s| {
+            s.psql(
+                "app",
+                "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod) || ' ' || attnotnull || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '-'), ', ' ORDER BY attnum) \
+                 FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+                 WHERE attrelid = 'items'::regclass AND attname IN ('note', 'score')",
+            )
+            .is_ok_and(|s| s == "note text false -, score integer true 7")
+        })
+        .then_some(())
+    });
+    converge_and_stop(t, d, w);
+}
+
+/// propagate mode, shards first: the shards already have the columns (ADD COLUMN IF NOT
+/// EXISTS is a no-op), nothing pauses, nothing is lost.
+#[test]
+fn ddl_propagate_add_column_on_shards_first_then_source() {
+    let (t, d, w) = start("propagate");
+    t.shards_sql(ADD_COLUMNS);
+    w.wait_commits(&t, 20);
+    t.source_sql(ADD_COLUMNS);
+    w.set_shape(WITH_COLUMNS);
+    converge_and_stop(t, d, w);
+}
+
+/// A RENAME on the source is not additive: even in propagate mode the shards that receive the
+/// table's changes pause, naming the table, both columns and the fix; the daemon keeps
+/// running; after the operator renames the column on the shards apply resumes by itself.
+#[test]
+fn ddl_rename_on_source_pauses_the_table_until_the_shards_match() {
+    let (mut t, d, w) = start("propagate");
+    t.source_sql("ALTER TABLE items RENAME COLUMN name TO title");
+    w.set_shape(RENAMED);
+    w.wait_commits(&t, 20);
+    let msg = wait_ddl_state(
+        &t,
+        &["public.items", "\"name\"", "\"title\"", "RENAME COLUMN"],
+    );
+    println!("status says: {msg}");
+    // Nothing was added on a shard behind the operator's back.
+    for (i, s) in t.shards.iter().enumerate() {
+        let cols = s
+            .psql("app", "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = 'items'::regclass AND attnum > 0 AND NOT attisdropped")
+            .unwrap();
+        assert_eq!(cols, "account_id,id,name,n", "shard{i}");
+    }
+    assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+    t.shards_sql("ALTER TABLE items RENAME COLUMN name TO title");
+    converge_and_stop(t, d, w);
+}
