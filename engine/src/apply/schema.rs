@@ -142,13 +142,8 @@ pub struct TargetTable {
     pub staging: String,
 }
 
-/// Splits a `schema.table` name (unquoted; no schema means `public`).
-pub fn split_name(name: &str) -> (String, String) {
-    match name.split_once('.') {
-        Some((s, t)) => (s.to_owned(), t.to_owned()),
-        None => ("public".to_owned(), name.to_owned()),
-    }
-}
+/// Splits a `schema.table` name (unquoted; no schema means `public`): the one definition.
+pub use crate::tableinfo::split_name;
 
 /// The source relation's `schema.table`, unquoted: the key of `table_map`.
 pub fn source_name(rel: &Relation) -> String {
