@@ -4,7 +4,6 @@
 //! by PostgreSQL's own hash partitioning, LSNs read back and compared), nothing is stubbed.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -12,7 +11,7 @@ use std::time::Duration;
 use reshard_engine::lsn::Lsn;
 use reshard_harness::workload::SCHEMA_SQL;
 
-use crate::common::{wait_for, Topology};
+use crate::common::{http_get, port_of, sample, wait_for, Topology};
 
 /// A table compared between source and shards: (table, shard key and its type, order).
 type Compared = (
@@ -100,48 +99,8 @@ fn applied(port: u16, shard: &str) -> Lsn {
         .expect("applied_lsn is an LSN")
 }
 
-/// A raw `GET` over TCP: (status code, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).expect("read the response");
-    let (head, body) = buf.split_once("\r\n\r\n").expect("an HTTP response");
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status code in {head:?}"));
-    (code, body.to_owned())
-}
-
-/// The value of the sample `series` (`name{labels}`) in a `/metrics` body.
-fn sample(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
-        .trim()
-        .parse::<f64>()
-        .expect("a number") as u64
-}
-
 const SHARD0_INSERTS: &str = "reshard_shard_rows_applied_total{shard=\"shard0\",kind=\"insert\"}";
 const SOURCE_CHANGES: &str = "reshard_source_changes_total";
-
-/// The `host:port` value of `key` in the generated config.
-fn port_of(config: &str, key: &str) -> u16 {
-    config
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key} = \"127.0.0.1:")))
-        .and_then(|r| r.trim_end_matches('"').parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in config:\n{config}"))
-}
 
 /// Source rows of `customers` named `wave` that PostgreSQL's hash partitioning puts on `shard`.
 fn wave_rows_for(t: &Topology, helper: &str, wave: &str, shard: usize) -> u64 {

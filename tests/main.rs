@@ -14,6 +14,7 @@ mod demo;
 mod key_outside_identity;
 mod operate;
 mod ops;
+mod quarantine;
 mod robust;
 mod route;
 mod service;

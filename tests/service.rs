@@ -114,6 +114,7 @@ fn snapshot() -> StatusSnapshot {
             txns_per_fsync: 64.9,
             high_water_bytes: 6 << 20,
         },
+        ..Default::default()
     }
 }
 

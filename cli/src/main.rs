@@ -59,6 +59,9 @@ pub enum Command {
     Slot(SlotArgs),
     /// Stream a slot and print decoded changes as JSON lines.
     Peek(PeekArgs),
+    /// Changes that could not be routed (NULL shard key, unknown account): list them, replay
+    /// them with the current account map, or drop them.
+    Quarantine(QuarantineArgs),
     /// Start throwaway local clusters (a source and three shards), migrate a live multi-tenant
     /// workload, verify, cut over one shard, report.
     Demo(DemoArgs),
@@ -215,6 +218,47 @@ pub enum SlotAction {
         /// Also drop the publication and the `reshard` schema on every shard (needs -c).
         #[arg(long)]
         purge: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct QuarantineArgs {
+    #[command(subcommand)]
+    pub action: QuarantineAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QuarantineAction {
+    /// Per table: quarantined changes, first and last LSN, reason, a sample row.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Route the quarantined changes with the account map as it is now and apply those that
+    /// route to their shards, in source order (stop `reshard run` first). Exit 1 if some stay.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this table.
+        #[arg(long)]
+        table: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete quarantined changes for good (stop `reshard run` first; needs --yes).
+    Drop {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this table (default: every table).
+        #[arg(long)]
+        table: Option<String>,
+        /// Confirm: the changes are deleted and their rows reach no shard.
+        #[arg(long)]
+        yes: bool,
     },
 }
 

@@ -27,11 +27,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::config::OnUnroutable;
 use crate::decode::{remove_leftover_spools, AssembleError, Assembler, AssemblerOptions};
 use crate::error::{Classify, ErrorClass};
 use crate::event::{Begin, ShardEvent, ShardId, TxnEvent};
 use crate::lsn::Lsn;
-use crate::route::{RouteError, Router};
+use crate::quarantine::{Quarantine, QuarantineError, HELD_REASON, TRUNCATE_REASON};
+use crate::route::refresh::MapHandle;
+use crate::route::{KeyError, RouteError, Router, Unrouted};
 use crate::source::{
     max_proto_version, ConnConfig, PgOutputOptions, ReplicationClient, ReplicationStream,
     SourceError,
@@ -48,8 +51,11 @@ pub enum IngestError {
     #[error(transparent)]
     Assemble(#[from] AssembleError),
     /// A change could not be routed (e.g. a NULL shard key).
-    #[error("{0}; reading from the source stopped here so nothing is skipped: fix the row or the routing config, then restart")]
+    #[error("{0}; reading from the source stopped here so nothing is skipped: fix the row or the routing config, then restart (or set [routing] on_unroutable = \"quarantine\" to keep such changes aside and go on)")]
     Route(#[from] RouteError),
+    /// The quarantine could not be written.
+    #[error(transparent)]
+    Quarantine(#[from] QuarantineError),
     /// The spill log failed.
     #[error(transparent)]
     Spill(#[from] SpillError),
@@ -60,7 +66,7 @@ impl Classify for IngestError {
         match self {
             IngestError::Source(e) => e.class(),
             IngestError::Assemble(_) => ErrorClass::Definite,
-            IngestError::Route(_) => ErrorClass::Definite,
+            IngestError::Route(_) | IngestError::Quarantine(_) => ErrorClass::Definite,
             IngestError::Spill(e) => e.class(),
         }
     }
@@ -128,6 +134,20 @@ pub struct IngestOptions {
     pub retry_max: Duration,
 }
 
+/// What the ingest does with a change it cannot route.
+pub struct UnroutableHandling {
+    /// `[routing] on_unroutable`.
+    pub policy: OnUnroutable,
+    /// The quarantine (also holds later changes of quarantined rows, whatever the policy).
+    pub quarantine: Quarantine,
+    /// The account map's refresher, with `hash = "map"`.
+    pub map: Option<MapHandle>,
+}
+
+/// Most accounts remembered as unknown after a re-lookup (not asked again until the map
+/// changes).
+const UNKNOWN_CACHE_MAX: usize = 10_000;
+
 /// The ingest stage: owns the router and the spill writer.
 pub struct Ingest {
     opts: IngestOptions,
@@ -145,6 +165,9 @@ pub struct Ingest {
     routed: Vec<(ShardId, crate::event::Change)>,
     /// End LSN last given to [`SpillWriter::end_txn`].
     last_end: Lsn,
+    unroutable: UnroutableHandling,
+    /// Accounts still unknown after a re-lookup with the current map.
+    unknown: std::collections::HashSet<String>,
 }
 
 enum Stop {
@@ -160,6 +183,7 @@ impl Ingest {
         spill: SpillWriter,
         counters: Arc<IngestCounters>,
         resume_after: Lsn,
+        unroutable: UnroutableHandling,
     ) -> Ingest {
         Ingest {
             opts,
@@ -172,6 +196,8 @@ impl Ingest {
             skipping: false,
             routed: Vec::new(),
             last_end: resume_after,
+            unroutable,
+            unknown: std::collections::HashSet::new(),
         }
     }
 
@@ -235,6 +261,7 @@ impl Ingest {
                     tracing::warn!(slot = %self.opts.slot, error = %e, "source connection lost; resuming from the spill log's durable position");
                     self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                     self.spill.abort_incomplete()?;
+                    self.unroutable.quarantine.abort_txn()?;
                     self.current = None;
                     self.skipping = false;
                     if sleep_or_shutdown(delay, &mut shutdown).await {
@@ -341,6 +368,8 @@ impl Ingest {
         // reading goes on), and confirm what the last finished one made durable.
         self.spill.commit()?;
         let durable = self.spill.durable_lsn();
+        // Quarantined changes of the transactions confirmed now must be on disk first.
+        self.unroutable.quarantine.sync()?;
         s.set_flushed(durable);
         self.counters
             .confirmed_lsn
@@ -352,9 +381,11 @@ impl Ingest {
         if self.current.is_some() {
             // A transaction cut by shutdown: the source resends it from its start.
             self.spill.abort_incomplete()?;
+            self.unroutable.quarantine.abort_txn()?;
             self.current = None;
         }
         let durable = self.spill.flush()?;
+        self.unroutable.quarantine.sync()?;
         s.set_flushed(durable);
         self.counters
             .confirmed_lsn
@@ -369,6 +400,11 @@ impl Ingest {
     fn on_event(&mut self, ev: TxnEvent) -> Result<(), IngestError> {
         match ev {
             TxnEvent::Begin(b) => {
+                // A refreshed account map applies from a transaction boundary on.
+                if let Some(m) = self.unroutable.map.as_mut().and_then(MapHandle::changed) {
+                    self.router.set_map(m);
+                    self.unknown.clear();
+                }
                 self.skipping =
                     already_appended(b.commit_lsn, self.last_appended_commit, self.resume_from);
                 self.current = Some((b, vec![false; self.router.shard_names().len()]));
@@ -377,11 +413,15 @@ impl Ingest {
                 if self.skipping {
                     return Ok(());
                 }
-                let Some((begin, touched)) = self.current.as_mut() else {
+                let Some((begin, _)) = self.current.as_ref() else {
                     return Ok(());
                 };
                 self.counters.changes.fetch_add(1, Ordering::Relaxed);
-                self.router.route_into(c, &mut self.routed)?;
+                let begin = *begin;
+                self.route_change(&begin, c)?;
+                let Some((begin, touched)) = self.current.as_mut() else {
+                    return Ok(());
+                };
                 for (shard, change) in self.routed.drain(..) {
                     let i = shard.index();
                     if !touched[i] {
@@ -399,6 +439,7 @@ impl Ingest {
                     self.skipping = false;
                     return Ok(());
                 }
+                self.unroutable.quarantine.commit_txn();
                 for (i, t) in touched.iter().enumerate() {
                     if *t {
                         self.spill
@@ -414,6 +455,80 @@ impl Ingest {
             }
         }
         Ok(())
+    }
+}
+
+impl Ingest {
+    /// Routes `c` into `self.routed`, or keeps it in the quarantine: a later change of a
+    /// quarantined row, or one that cannot be routed (after one re-read of the account map for
+    /// an unknown account) under `on_unroutable = "quarantine"`.
+    fn route_change(&mut self, begin: &Begin, c: crate::event::Change) -> Result<(), IngestError> {
+        let q = &mut self.unroutable.quarantine;
+        if q.holds(&c) {
+            return Ok(q.append(begin, c, HELD_REASON.to_owned())?);
+        }
+        if let crate::event::Change::Truncate { rels, .. } = &c {
+            // The quarantined changes before a TRUNCATE are obsolete: a marker says so.
+            let held: Vec<_> = rels
+                .iter()
+                .filter(|r| q.holds_table(r.id))
+                .cloned()
+                .collect();
+            for rel in held {
+                let marker = crate::event::Change::Truncate {
+                    rels: vec![rel],
+                    cascade: false,
+                    restart_identity: false,
+                };
+                q.append(begin, marker, TRUNCATE_REASON.to_owned())?;
+            }
+        }
+        let Err(u) = self.router.route_into_or_return(c, &mut self.routed) else {
+            return Ok(());
+        };
+        let u = match unknown_account(&u).map(str::to_owned) {
+            Some(account) if !self.unknown.contains(&account) => {
+                let relooked = self
+                    .unroutable
+                    .map
+                    .as_mut()
+                    .and_then(MapHandle::relookup_blocking);
+                let u = match relooked {
+                    Some(m) => {
+                        self.router.set_map(m);
+                        self.unknown.clear();
+                        match self.router.route_into_or_return(u.change, &mut self.routed) {
+                            Ok(()) => return Ok(()),
+                            Err(u) => u,
+                        }
+                    }
+                    None => u,
+                };
+                if unknown_account(&u).is_some() && self.unknown.len() < UNKNOWN_CACHE_MAX {
+                    self.unknown.insert(account);
+                }
+                u
+            }
+            _ => u,
+        };
+        let quarantinable = matches!(u.error, RouteError::Key(_));
+        if self.unroutable.policy == OnUnroutable::Stop || !quarantinable {
+            return Err(IngestError::Route(u.error));
+        }
+        tracing::warn!(commit_lsn = %begin.commit_lsn, error = %u.error, "quarantined an unroutable change (see `reshard quarantine list`)");
+        let reason = u.error.to_string();
+        Ok(self.unroutable.quarantine.append(begin, u.change, reason)?)
+    }
+}
+
+/// The account of an unknown-account routing failure.
+fn unknown_account(u: &Unrouted) -> Option<&str> {
+    match &u.error {
+        RouteError::Key(k) => match &k.source {
+            KeyError::UnknownAccount { account } => Some(account),
+            _ => None,
+        },
+        _ => None,
     }
 }
 

@@ -61,6 +61,7 @@ pub mod apply;
 pub mod decode;
 pub mod handoff;
 pub mod ingest;
+pub mod quarantine;
 pub mod route;
 pub mod runtime;
 pub mod snapshot;

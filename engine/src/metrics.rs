@@ -109,6 +109,9 @@ pub const UPTIME_SECONDS: &str = "reshard_uptime_seconds";
 /// Build information (OpenMetrics `info`: always 1, label `version`).
 pub const BUILD_INFO: &str = "reshard_build_info";
 
+/// Changes kept in the quarantine because they could not be routed, per table (counter).
+pub const QUARANTINED_CHANGES_TOTAL: &str = "reshard_quarantined_changes_total";
+
 /// Every metric name this module exports.
 pub const ALL: &[&str] = &[
     SHARD_APPLIED_LSN,
@@ -145,6 +148,7 @@ pub const ALL: &[&str] = &[
     READY,
     UPTIME_SECONDS,
     BUILD_INFO,
+    QUARANTINED_CHANGES_TOTAL,
 ];
 
 /// Largest request head accepted (request line + headers).
@@ -615,6 +619,17 @@ impl Collector for SnapshotCollector {
             "Estimated rows of the table (pg_class.reltuples)",
             &est,
         )?;
+        let quarantined: Vec<(Labels, u64)> = s
+            .quarantine
+            .iter()
+            .map(|q| (vec![("table", label(&q.table))], q.changes))
+            .collect();
+        counters(
+            e,
+            QUARANTINED_CHANGES_TOTAL,
+            "Changes kept in the quarantine because they could not be routed (see `reshard quarantine list`)",
+            &quarantined,
+        )?;
         Ok(())
     }
 }
@@ -931,6 +946,11 @@ mod tests {
                 rows_copied: 5,
                 ..Default::default()
             }],
+            quarantine: vec![crate::quarantine::TableSummary {
+                table: "public.notes".into(),
+                changes: 3,
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
@@ -963,6 +983,7 @@ mod tests {
             "reshard_shard_apply_latency_seconds{shard=\"shard0\",quantile=\"0.99\"} 0.25"
         ));
         assert!(text.contains("reshard_fullload_rows_copied_total{table=\"public.events\"} 5"));
+        assert!(text.contains("reshard_quarantined_changes_total{table=\"public.notes\"} 3"));
         // Label values are escaped.
         assert!(text.contains("shard=\"we\\\"ird\\\\name\""), "{text}");
     }

@@ -30,9 +30,14 @@ use crate::error::{Classify, ErrorClass};
 use crate::event::{pg_now, ShardId};
 use crate::handoff::SkipLog;
 use crate::identity;
-use crate::ingest::{start_streaming, Ingest, IngestCounters, IngestError, IngestOptions, Started};
+use crate::ingest::{
+    start_streaming, Ingest, IngestCounters, IngestError, IngestOptions, Started,
+    UnroutableHandling,
+};
 use crate::lsn::Lsn;
 use crate::pgconn::SOURCE_PRESENT_LSN;
+use crate::quarantine::{Quarantine, QuarantineError, QuarantineStats};
+use crate::route::refresh::{MapRefresher, MapSource, MapStatus};
 use crate::route::{self, AccountMap, RouteError, RouteSpec, Router};
 use crate::snapshot::{
     self, FullLoad, FullLoadProgress, FullLoadReport, SnapshotError, TableState,
@@ -76,6 +81,9 @@ pub enum RuntimeError {
     /// The spill log.
     #[error("{0}")]
     Spill(#[from] SpillError),
+    /// The quarantine of unroutable changes.
+    #[error("{0}")]
+    Quarantine(#[from] QuarantineError),
     /// The full load.
     #[error("full load: {0}")]
     Snapshot(#[from] SnapshotError),
@@ -221,7 +229,12 @@ async fn start_once(
     if created {
         tracing::info!(publication = %cfg.source.publication, tables = tables.len(), "created the publication");
     }
-    let router = Router::new(route_spec(&cfg, &tables, &sql).await?)?;
+    let map_source = MapSource::from_config(&cfg)?;
+    let initial_map = match &map_source {
+        Some(src) => Some(Arc::new(src.load(&mut None).await?)),
+        None => None,
+    };
+    let router = Router::new(route_spec(&cfg, &tables, initial_map.clone()))?;
     let shard_conns = cfg
         .shards
         .iter()
@@ -450,12 +463,30 @@ async fn start_once(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (pause_source_tx, pause_source_rx) = watch::channel(false);
     let counters = Arc::new(IngestCounters::default());
+    let quarantine = Quarantine::open(&cfg.spill.dir, spill_report.durable_lsn)?;
+    let quarantine_stats = quarantine.stats();
+    let (map, map_status) = match (map_source, initial_map) {
+        (Some(src), Some(initial)) => {
+            let every = (cfg.routing.map_refresh_secs > 0)
+                .then(|| Duration::from_secs(cfg.routing.map_refresh_secs));
+            let (refresher, handle) = MapRefresher::new(src, initial, every);
+            let status = refresher.status();
+            tokio::spawn(refresher.run(shutdown_rx.clone()));
+            (Some(handle), Some(status))
+        }
+        _ => (None, None),
+    };
     let ingest = Ingest::new(
         ingest_opts,
         router,
         writer,
         counters.clone(),
         spill_report.durable_lsn,
+        UnroutableHandling {
+            policy: cfg.routing.on_unroutable,
+            quarantine,
+            map,
+        },
     );
     let (ingest_done_tx, ingest_done_rx) = oneshot::channel::<Result<Lsn, IngestError>>();
     {
@@ -601,6 +632,8 @@ async fn start_once(
         log,
         shards,
         tables,
+        quarantine: quarantine_stats,
+        map_status,
         load_progress,
         load_rx,
         status_tx,
@@ -643,6 +676,8 @@ struct Supervisor {
     log: Arc<SpillLog>,
     shards: Vec<ShardHandle>,
     tables: Vec<SourceTable>,
+    quarantine: Arc<QuarantineStats>,
+    map_status: Option<Arc<Mutex<MapStatus>>>,
     load_progress: Option<watch::Receiver<FullLoadProgress>>,
     load_rx: watch::Receiver<Option<Arc<HashMap<String, Lsn>>>>,
     status_tx: watch::Sender<StatusSnapshot>,
@@ -1043,6 +1078,11 @@ impl Supervisor {
                 txns_per_fsync: spill.txns_per_fsync_avg,
                 high_water_bytes: rates.high_water,
             },
+            quarantine: self.quarantine.tables(),
+            account_map: self
+                .map_status
+                .as_ref()
+                .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).clone()),
         }
     }
 }
@@ -1216,43 +1256,16 @@ fn route_fn(router: &Router) -> snapshot::RouteFn {
     Arc::new(move |oid, text| r.shard_of_text(oid, text).map_err(|e| e.to_string()))
 }
 
-/// The router's spec from the config and the discovered tables; loads the account map.
-async fn route_spec(
-    cfg: &Config,
-    tables: &[SourceTable],
-    sql: &tokio_postgres::Client,
-) -> Result<RouteSpec, RuntimeError> {
+/// The router's spec from the config, the discovered tables and the account map (with
+/// `hash = "map"`).
+pub fn route_spec(cfg: &Config, tables: &[SourceTable], map: Option<Arc<AccountMap>>) -> RouteSpec {
     let shards = cfg.shard_names();
-    let hash = match cfg.routing.hash {
-        HashKind::Postgres => route::HashKind::Postgres,
-        HashKind::Map => {
-            let mut map = if let Some(path) = &cfg.routing.map {
-                AccountMap::from_csv_path(path, &shards)?
-            } else if let Some(q) = &cfg.routing.map_query {
-                let rows = sql.simple_query(q).await.map_err(|e| {
-                    RuntimeError::State(format!("[routing] map_query failed on the source: {e}"))
-                })?;
-                let pairs: Vec<(String, String)> = rows
-                    .iter()
-                    .filter_map(|m| match m {
-                        tokio_postgres::SimpleQueryMessage::Row(r) => Some((
-                            r.get(0).unwrap_or_default().to_owned(),
-                            r.get(1).unwrap_or_default().to_owned(),
-                        )),
-                        _ => None,
-                    })
-                    .collect();
-                AccountMap::from_pairs(&shards, pairs)?
-            } else {
-                AccountMap::new(&shards)
-            };
-            if let Some(d) = &cfg.routing.default_shard {
-                map = map.with_default(d)?;
-            }
-            route::HashKind::Map(Arc::new(map))
-        }
+    let hash = match (cfg.routing.hash, map) {
+        (HashKind::Map, Some(m)) => route::HashKind::Map(m),
+        (HashKind::Map, None) => route::HashKind::Map(Arc::new(AccountMap::new(&shards))),
+        (HashKind::Postgres, _) => route::HashKind::Postgres,
     };
-    Ok(RouteSpec {
+    RouteSpec {
         shards,
         tables: tables
             .iter()
@@ -1272,7 +1285,21 @@ async fn route_spec(
         default_key: cfg.routing.key.clone(),
         hash,
         unlisted: route::Unlisted::Skip,
-    })
+    }
+}
+
+/// The router `reshard run` would use now: the source's replicated tables and the account map
+/// as read now (for `reshard quarantine replay`).
+pub async fn current_router(cfg: &Config) -> Result<(Router, Vec<SourceTable>), RuntimeError> {
+    let conn = ConnConfig::parse(&cfg.source.url)?;
+    let sql = conn.connect_sql().await?;
+    let tables = catalog::discover(&sql, cfg).await?;
+    let map = match MapSource::from_config(cfg)? {
+        Some(src) => Some(Arc::new(src.load(&mut None).await?)),
+        None => None,
+    };
+    let router = Router::new(route_spec(cfg, &tables, map))?;
+    Ok((router, tables))
 }
 
 /// Resolves on SIGTERM or SIGINT.

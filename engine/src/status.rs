@@ -219,6 +219,12 @@ pub struct StatusSnapshot {
     pub tables: Vec<TableView>,
     /// Spill log.
     pub spill: SpillView,
+    /// Quarantined (unroutable) changes, per table.
+    #[serde(default)]
+    pub quarantine: Vec<crate::quarantine::TableSummary>,
+    /// The account map (`hash = "map"`).
+    #[serde(default)]
+    pub account_map: Option<crate::route::refresh::MapStatus>,
 }
 
 impl StatusSnapshot {

@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -432,4 +434,44 @@ pub fn dir_bytes(dir: &Path) -> u64 {
 /// Reads a file if it exists.
 pub fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A raw `GET` over TCP: (status code, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read the response");
+    let (head, body) = buf.split_once("\r\n\r\n").expect("an HTTP response");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status code in {head:?}"));
+    (code, body.to_owned())
+}
+
+/// The value of the sample `series` (`name{labels}`) in a `/metrics` body.
+pub fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+        .trim()
+        .parse::<f64>()
+        .expect("a number") as u64
+}
+
+/// The `host:port` value of `key` in the generated config.
+pub fn port_of(config: &str, key: &str) -> u16 {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} = \"127.0.0.1:")))
+        .and_then(|r| r.trim_end_matches('"').parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in config:\n{config}"))
 }

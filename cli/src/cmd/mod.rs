@@ -10,6 +10,7 @@ mod cutover;
 mod demo;
 mod lag;
 mod peek;
+mod quarantine;
 mod run;
 mod slot;
 mod source_args;
@@ -27,6 +28,7 @@ pub async fn dispatch(command: Command) -> ExitCode {
         Command::Cutover(a) => cutover::run(a).await,
         Command::Slot(a) => slot::run(a).await,
         Command::Peek(a) => peek::run(a).await,
+        Command::Quarantine(a) => quarantine::run(a).await,
         Command::Demo(a) => demo::run(a).await,
     };
     finish(r)

@@ -71,6 +71,28 @@ pub fn status(snap: &StatusSnapshot) -> ResultSet {
         ("spill_max_bytes", s(sp.max_bytes)),
         ("spill_segments", s(sp.segments)),
         ("spill_durable_lsn", lsn(sp.durable_lsn)),
+        (
+            "quarantined_changes",
+            s(snap.quarantine.iter().map(|q| q.changes).sum::<u64>()),
+        ),
+        (
+            "quarantined_tables",
+            Some(
+                snap.quarantine
+                    .iter()
+                    .map(|q| format!("{} ({})", q.table, q.changes))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        ),
+        (
+            "account_map_accounts",
+            snap.account_map.as_ref().map(|m| m.accounts.to_string()),
+        ),
+        (
+            "account_map_last_error",
+            snap.account_map.as_ref().and_then(|m| m.last_error.clone()),
+        ),
     ];
     ResultSet {
         columns: vec!["key", "value"],

@@ -20,7 +20,67 @@
 
 use std::sync::Arc;
 
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::text::sql_literal;
+use super::ApplyError;
 use crate::event::{quote_ident, Relation, ReplicaIdentity};
+
+/// Introspects `target` on a shard and maps `rel` onto it ([`TargetTable::build`]), naming
+/// `staging` as its staging table. Errors name the shard and the table.
+pub async fn load_target_table(
+    client: &Client,
+    shard: &str,
+    rel: &Arc<Relation>,
+    target: &str,
+    staging: String,
+) -> Result<TargetTable, ApplyError> {
+    let (s, t) = split_name(target);
+    let lit = sql_literal(format!("{}.{}", quote_ident(&s), quote_ident(&t)).as_bytes())
+        .unwrap_or_default();
+    let ctx = format!("reading the columns of target table {target}");
+    let failed = |e: tokio_postgres::Error| ApplyError::pg(shard, ctx.clone(), &e);
+    let exists = client
+        .simple_query(&exists_query(&lit))
+        .await
+        .map_err(failed)?;
+    let found = exists
+        .iter()
+        .any(|m| matches!(m, SimpleQueryMessage::Row(r) if r.get(0) == Some("t")));
+    if !found {
+        return Err(ApplyError::Schema {
+            shard: shard.to_owned(),
+            source: SchemaError::MissingTable {
+                source_table: source_name(rel),
+                target: target.to_owned(),
+            },
+        });
+    }
+    let rows = client
+        .simple_query(&columns_query(&lit))
+        .await
+        .map_err(failed)?;
+    let cols: Vec<TargetColumn> = rows
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(TargetColumn {
+                name: r.get(0).unwrap_or_default().to_owned(),
+                type_sql: r.get(1).unwrap_or("text").to_owned(),
+                not_null: r.get(2) == Some("t"),
+                has_default: r.get(3) == Some("t"),
+                identity_always: r.get(4) == Some("a"),
+                identity_by_default: r.get(4) == Some("d"),
+                generated: r.get(5) == Some("s"),
+                in_primary_key: r.get(6) == Some("t"),
+            }),
+            _ => None,
+        })
+        .collect();
+    TargetTable::build(rel.clone(), target, &cols, staging).map_err(|e| ApplyError::Schema {
+        shard: shard.to_owned(),
+        source: e,
+    })
+}
 
 /// One column of the target table (a row of `pg_attribute`).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -155,6 +155,14 @@ pub enum RouteError {
         /// Its shard in the refreshed map.
         to: String,
     },
+    /// `[routing] map_query` failed.
+    #[error("[routing] map_query {query:?} failed on the source: {message}")]
+    MapQuery {
+        /// The query.
+        query: String,
+        /// The error.
+        message: String,
+    },
     /// The account map file cannot be read.
     #[error("account map {path}: {message}")]
     MapFile {

@@ -38,6 +38,7 @@ pub mod error;
 pub mod hash;
 pub mod key;
 pub mod map;
+pub mod refresh;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -658,6 +659,16 @@ impl Router {
             Change::Truncate { .. } | Change::Message { .. } => {}
         }
         Ok(())
+    }
+
+    /// [`Router::route_into`] that hands an unroutable change back
+    /// ([`Router::route_or_return`]).
+    pub fn route_into_or_return(
+        &mut self,
+        change: Change,
+        out: &mut Vec<(ShardId, Change)>,
+    ) -> Result<(), Box<Unrouted>> {
+        self.route_or_return(change, &mut |s, c| out.push((s, c)))
     }
 
     /// Convenience for fallible sinks: appends the routed changes to `out` (reuse the vector

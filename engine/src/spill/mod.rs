@@ -91,7 +91,9 @@ use crate::lsn::Lsn;
 
 pub use codec::CodecError;
 pub use reader::{SpillLog, SpillReader};
-pub use writer::{OpenReport, ShardOpenReport, SpillWriter};
+pub use writer::{
+    lock_spill_dir, read_identity, DirLock, OpenReport, ShardOpenReport, SpillWriter,
+};
 
 /// Uncompressed size of a block (512 KiB): a tuning constant, not a config key.
 pub const DEFAULT_BLOCK_BYTES: usize = 512 << 10;

@@ -965,6 +965,31 @@ impl Drop for SpillWriter {
 }
 
 /// Takes an exclusive advisory lock on `<dir>/lock`, so two processes never write one log.
+/// The spill directory's exclusive lock, held by an operator command that must not run beside
+/// the daemon (released on drop).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+/// Takes the spill directory's lock ([`SpillError::Locked`] while `reshard run` holds it).
+pub fn lock_spill_dir(dir: &Path) -> Result<DirLock, SpillError> {
+    Ok(DirLock {
+        _file: lock_dir(dir)?,
+    })
+}
+
+/// The identity recorded in a spill directory (source system id, slot, shards), if any.
+pub fn read_identity(dir: &Path) -> Option<SpillIdentity> {
+    let data = std::fs::read(dir.join(IDENTITY_FILE)).ok()?;
+    let file: IdentityFile = serde_json::from_slice(&data).ok()?;
+    Some(SpillIdentity {
+        system_id: file.system_id,
+        slot: file.slot,
+        shards: file.shards,
+    })
+}
+
 fn lock_dir(dir: &Path) -> Result<File, SpillError> {
     use std::os::fd::AsRawFd;
     let path = dir.join("lock");
