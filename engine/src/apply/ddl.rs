@@ -3,7 +3,7 @@
 //!
 //! In: the source [`Relation`] a change carries, the shard table's columns ([`TargetColumn`]),
 //! the last relation this shard table was found to match, and (looked up only when a
-//! difference is found) the source catalog. Out: a [`Verdict`]: write as is, add columns first
+//! difference is found) the source catalog. Out: a `Verdict`: write as is, add columns first
 //! (`ALTER TABLE … ADD COLUMN IF NOT EXISTS …`, run by the applier inside the target transaction
 //! that carries the first change using them, so it commits with that change and the progress
 //! row), or wait ([`DdlWait`]).
