@@ -868,22 +868,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         ctx: &str,
     ) -> Result<Vec<TargetColumn>, ApplyError> {
         let rows = self.sql(&columns_query(regclass_literal), ctx).await?;
-        Ok(rows
-            .iter()
-            .filter_map(|m| match m {
-                SimpleQueryMessage::Row(r) => Some(TargetColumn {
-                    name: r.get(0).unwrap_or_default().to_owned(),
-                    type_sql: r.get(1).unwrap_or("text").to_owned(),
-                    not_null: r.get(2) == Some("t"),
-                    has_default: r.get(3) == Some("t"),
-                    identity_always: r.get(4) == Some("a"),
-                    identity_by_default: r.get(4) == Some("d"),
-                    generated: r.get(5) == Some("s"),
-                    in_primary_key: r.get(6) == Some("t"),
-                }),
-                _ => None,
-            })
-            .collect())
+        Ok(super::schema::target_columns(&rows))
     }
 
     /// Writes the buffer into the target transaction: set-based, or change by change when the

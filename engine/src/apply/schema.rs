@@ -60,8 +60,16 @@ pub async fn load_target_table(
         .simple_query(&columns_query(&lit))
         .await
         .map_err(failed)?;
-    let cols: Vec<TargetColumn> = rows
-        .iter()
+    let cols = target_columns(&rows);
+    TargetTable::build(rel.clone(), target, &cols, staging).map_err(|e| ApplyError::Schema {
+        shard: shard.to_owned(),
+        source: e,
+    })
+}
+
+/// The target table's columns from the rows of [`columns_query`].
+pub(crate) fn target_columns(rows: &[SimpleQueryMessage]) -> Vec<TargetColumn> {
+    rows.iter()
         .filter_map(|m| match m {
             SimpleQueryMessage::Row(r) => Some(TargetColumn {
                 name: r.get(0).unwrap_or_default().to_owned(),
@@ -75,11 +83,7 @@ pub async fn load_target_table(
             }),
             _ => None,
         })
-        .collect();
-    TargetTable::build(rel.clone(), target, &cols, staging).map_err(|e| ApplyError::Schema {
-        shard: shard.to_owned(),
-        source: e,
-    })
+        .collect()
 }
 
 /// One column of the target table (a row of `pg_attribute`).
