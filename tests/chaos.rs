@@ -305,6 +305,17 @@ fn soak(shards: usize, kills: usize, faults: usize) {
                 });
             }
             Fault::SpillCap => {
+                // The episode is about the cap, so it starts from a streaming daemon (after a
+                // kill the daemon may still be starting, and a start waits for every shard).
+                t.wait(
+                    "the daemon to stream before the spill-cap episode",
+                    Duration::from_secs(180),
+                    || {
+                        t.status_json()
+                            .filter(|s| s["phase"] == "streaming")
+                            .map(|_| ())
+                    },
+                );
                 t.shards[shard].stop().expect("stop shard");
                 // Hardly compressible rows for the stopped shard's accounts only (n < 0: never
                 // the writer's), about 1 MB a transaction, until reading pauses at the cap.
