@@ -530,7 +530,7 @@ fn shards_line(s: &StatusSnapshot) -> String {
                 "{} {} lag {} {:.2}s {:.0} rows/s{}",
                 x.name,
                 x.applied_lsn,
-                human_bytes(x.lag_bytes),
+                super::slot::human_bytes(i64::try_from(x.lag_bytes).unwrap_or(i64::MAX)),
                 x.lag_seconds,
                 x.rows_per_sec,
                 if x.state == ShardState::Running {
@@ -542,14 +542,6 @@ fn shards_line(s: &StatusSnapshot) -> String {
         })
         .collect::<Vec<_>>()
         .join(" | ")
-}
-
-fn human_bytes(b: u64) -> String {
-    match b {
-        0..=1023 => format!("{b} B"),
-        1024..=1_048_575 => format!("{:.1} kB", b as f64 / 1024.0),
-        _ => format!("{:.1} MB", b as f64 / 1_048_576.0),
-    }
 }
 
 fn print_verify(r: &VerifyReport) {

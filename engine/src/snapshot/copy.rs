@@ -159,10 +159,6 @@ impl CopyContext {
     }
 }
 
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 /// Opens the worker connections, imports the snapshot on each source connection, signals
 /// `imported`, then runs the workers to completion. The first error aborts every worker
 /// (dropping their connections rolls back their open chunk transactions).
@@ -188,7 +184,7 @@ pub(crate) async fn run_workers(
         .map_err(source_err("starting a copy transaction".into()))?;
         src.batch_execute(&format!(
             "SET TRANSACTION SNAPSHOT {}",
-            quote_literal(&snapshot.name)
+            crate::pgconn::quote_literal(&snapshot.name)
         ))
         .await
         .map_err(|source| SnapshotError::SnapshotImport {
