@@ -162,12 +162,7 @@ fn update_of_a_row_whose_key_is_stored_out_of_line_reaches_the_shard() {
         &[("docs", Some(("account_id", "bigint")), "account_id, slug")];
     t.wait_converged(DOCS, Duration::from_secs(90));
     assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 // See: issue #11 item 4.
@@ -203,10 +198,5 @@ fn one_of_identical_rows_of_a_full_identity_table_is_changed_alone() {
     )];
     t.wait_converged(LIKES, Duration::from_secs(90));
     assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }

@@ -276,12 +276,7 @@ fn run_refuses_without_a_strategy_and_check_fix_makes_key_moves_exact() {
     assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
     let (code, report) = verify(&t);
     assert_eq!(code, 0, "verify: {report:#}");
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 /// `key_immutable = true`: no index, no FULL. The migration converges under a live writer
@@ -313,12 +308,7 @@ fn key_immutable_migrates_a_rails_schema_under_a_live_writer() {
     assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
     let (code, report) = verify(&t);
     assert_eq!(code, 0, "verify: {report:#}");
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 /// `key_immutable = true` but a row's key changes anyway: the row stays on its old shard, and
@@ -395,12 +385,7 @@ fn verify_reports_a_row_left_behind_when_key_immutable_is_violated() {
         )),
         "the row missing on {new}: {diffs:?}\n{report:#}"
     );
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 /// `check --fix` never builds on a key that may be NULL (an identity index needs NOT NULL

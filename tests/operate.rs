@@ -153,12 +153,7 @@ fn status_verify_and_cutover_work_against_the_running_daemon() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("missing"), "{out}");
 
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
     // status works with the daemon down, from the databases and the spill directory.
     let (code, out, err) = t.reshard(&["status", "-c", &cfg, "--json"]);
     assert_eq!(code, 0, "{err}");
@@ -214,12 +209,7 @@ fn cutover_started_during_the_full_load_waits_for_it_and_succeeds() {
         0,
     );
     assert_eq!(src, dst);
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 // See: issue #11 item 11.
@@ -242,12 +232,7 @@ fn verify_with_the_daemon_stopped_compares_as_is_and_says_so() {
             t.reshard(&["cutover", "-c", &cfg, "--shard", shard, "--timeout", "2m"]);
         assert_eq!(code, 0, "cutover {shard}:\n{out}\n{err}\n{}", t.all_logs());
     }
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
     // The source's WAL moves on past every shard's progress (nothing replicated changes).
     t.source_sql("SELECT pg_logical_emit_message(false, 'test', 'after the daemon stopped')");
     let (code, out, err) = t.reshard(&["verify", "-c", &cfg, "--json", "--timeout", "60"]);

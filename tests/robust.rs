@@ -784,12 +784,7 @@ fn a_shard_down_while_the_daemon_starts_is_waited_for() {
     let d = t.spawn_run(&[]);
     t.wait_slot_active(Duration::from_secs(60));
     t.wait_converged(TABLES, Duration::from_secs(60));
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 
     t.shards[1].stop().unwrap();
     t.source_sql("INSERT INTO items SELECT g % 97 + 1, g, 'late' || g, 0 FROM generate_series(50000, 50999) g");
@@ -811,12 +806,7 @@ fn a_shard_down_while_the_daemon_starts_is_waited_for() {
     );
     t.shards[1].restart().unwrap();
     t.wait_converged(TABLES, Duration::from_secs(120));
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 // See: issue #11 (chaos soak: a shard's backends terminated while the full load runs).
@@ -861,12 +851,7 @@ fn a_transient_full_load_failure_starts_the_daemon_again() {
         "the load must have failed under the cut and the daemon started again:\n{}",
         t.all_logs()
     );
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 /// Single-row inserts into `items` and `audit`, back to back, each transaction open for a

@@ -226,6 +226,17 @@ impl Topology {
         self.wait_exit(i, timeout)
     }
 
+    /// SIGTERMs daemon `i` and asserts the clean exit 0 (panics with the daemon logs).
+    pub fn stop_cleanly(&mut self, i: usize) {
+        let code = self.terminate(i, Duration::from_secs(30));
+        assert_eq!(
+            code,
+            Some(0),
+            "SIGTERM must be a clean exit 0:\n{}",
+            self.all_logs()
+        );
+    }
+
     /// The process id of daemon `i`.
     pub fn pid(&self, i: usize) -> u32 {
         self.daemons[i].id()

@@ -115,10 +115,5 @@ async fn check_run_verify_and_cutover_resolve_one_table_set() {
         .iter()
         .map(|r| r["table"].as_str().unwrap().to_owned()));
     assert_eq!(cut, expected, "tables cutover counts");
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
