@@ -90,13 +90,7 @@ fn every_kind_of_change_reaches_the_right_shard() {
 
     t.wait_converged(TABLES, Duration::from_secs(90));
     assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
-    let code = t.terminate(d, Duration::from_secs(30));
-    assert_eq!(
-        code,
-        Some(0),
-        "SIGTERM must be a clean exit 0:\n{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 /// A shard that is down does not stop the others; it catches up after it returns.

@@ -191,13 +191,7 @@ fn converge_and_stop(mut t: Topology, d: usize, w: Writer) {
     println!("writer committed {commits} transactions");
     t.wait_converged(TABLES, Duration::from_secs(120));
     assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
-    let code = t.terminate(d, Duration::from_secs(30));
-    assert_eq!(
-        code,
-        Some(0),
-        "SIGTERM must be a clean exit 0:\n{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 /// Waits until `reshard status --json` shows some shard waiting for DDL with a message that

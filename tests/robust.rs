@@ -220,13 +220,7 @@ fn kill_repeatedly(t: &mut Topology, writer: Writer, kills: usize, seed: u64) {
     );
     t.wait_converged(TABLES, Duration::from_secs(120));
     assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
-    let code = t.terminate(d, Duration::from_secs(30));
-    assert_eq!(
-        code,
-        Some(0),
-        "SIGTERM must be a clean exit 0:\n{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 // See: issue "Route and apply" (kill -9 repeatedly mid-stream under a concurrent write load).
@@ -325,13 +319,7 @@ fn a_stopped_shard_keeps_the_slot_advancing_and_drains_from_the_spill_log() {
     // See: a SIGTERM during streaming exits 0 and logs the final LSNs.
     t.source_sql("INSERT INTO plans VALUES (999, 'last')");
     t.wait_converged(TABLES, Duration::from_secs(30));
-    let code = t.terminate(d, Duration::from_secs(30));
-    assert_eq!(
-        code,
-        Some(0),
-        "SIGTERM must be a clean exit 0:\n{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
     let log = t.last_log();
     for s in ["shard0", "shard1"] {
         assert!(
@@ -466,13 +454,7 @@ fn the_spill_cap_pauses_reading_and_resumes_after_the_shard_returns() {
         "no log line says reading resumed:\n{}",
         t.all_logs()
     );
-    let code = t.terminate(d, Duration::from_secs(30));
-    assert_eq!(
-        code,
-        Some(0),
-        "SIGTERM must be a clean exit 0:\n{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 /// Source tables whose full load finished on every shard (every chunk recorded on each).
@@ -566,13 +548,7 @@ fn full_load_under_writes_survives_kill9_mid_copy_without_recopying_finished_tab
     println!("writer committed {commits} transactions");
     t.wait_converged(TABLES, Duration::from_secs(120));
     assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
-    let code = t.terminate(d, Duration::from_secs(30));
-    assert_eq!(
-        code,
-        Some(0),
-        "SIGTERM must be a clean exit 0:\n{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 /// Peak resident set (VmHWM) of process `pid`, in KiB.
@@ -713,13 +689,7 @@ fn an_idle_shard_advances_past_transactions_routed_elsewhere() {
         Duration::from_secs(30),
         || shard_progress_at_least(&t, 1, &written).then_some(()),
     );
-    let code = t.terminate(d, Duration::from_secs(30));
-    assert_eq!(
-        code,
-        Some(0),
-        "SIGTERM must be a clean exit 0:\n{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 // See: issue "Full load" (restart paths of `runtime::start`: slot exists, nothing loaded yet).
@@ -763,13 +733,7 @@ fn kill9_before_the_first_chunk_then_restart_converges() {
     writer.finish();
     t.wait_converged(TABLES, Duration::from_secs(120));
     assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
-    let code = t.terminate(d, Duration::from_secs(30));
-    assert_eq!(
-        code,
-        Some(0),
-        "SIGTERM must be a clean exit 0:\n{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 // See: issue #11 (chaos soak: a shard restarting while the daemon restarts).
