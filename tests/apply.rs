@@ -13,7 +13,7 @@ use reshard_engine::event::{
     Begin, Change, Column, Commit, OldRow, Relation, ReplicaIdentity, ShardEvent, ShardId, TableId,
     Value,
 };
-use reshard_engine::progress::read_progress;
+use reshard_engine::pg::progress::read_progress;
 use reshard_engine::Lsn;
 use reshard_harness::PgCluster;
 use tokio::sync::watch;
@@ -957,7 +957,7 @@ async fn concurrent_creators_of_the_progress_table_all_succeed() {
     for _ in 0..6 {
         let c = client(&pg, "shard").await;
         tasks.push(tokio::spawn(async move {
-            reshard_engine::progress::ensure_progress_table(&c).await
+            reshard_engine::pg::progress::ensure_progress_table(&c).await
         }));
     }
     for task in tasks {

@@ -24,61 +24,55 @@
 //! ```
 //!
 //! The full load (`snapshot`) runs before CDC on the same slot, under the slot's exported
-//! snapshot. [`runtime`] wires the stages.
+//! snapshot. [`runtime`] wires the stages; [`ops`] holds the operator's commands.
 //!
-//! ## The tree as it is (flat modules, grouped here by role)
+//! ## The tree: three tiers around the stages
 //!
 //! ```text
-//! ground      lsn event error config status localfs       types and config, defined once
-//! pg toolkit  pgconn     connections, quoting, error text
-//!             catalog    THE table-set resolver (run, check, verify, cutover, status) + publication
-//!             tableinfo  describe one table (columns, keys, replica identity)
-//!             progress   reshard.progress rows     identity  migration identity
-//! stages      source/ decode/ route/ spill/ apply/ snapshot/ admin/
-//! wiring      runtime (start), ingest (slot -> decode -> route -> spill, one thread),
-//!             startup (the start-up proof), handoff (full load -> CDC), metrics
-//! operator    check verify/ cutover observe (status, lag) purge
+//! ground      lsn event error config status localfs metrics     types and config, defined once
+//! pg/         conn (connections, quoting, error text), catalog (THE table-set resolver and the
+//!             publication), table (one table described), progress (reshard.progress rows, one
+//!             reader and one writer), identity (the shard key against the replica identity)
+//! stages      source/ decode/ route/ spill/ apply/ snapshot/ (+ handoff: full load -> CDC)
+//!             quarantine/ admin/
+//! runtime/    mod (start: the wiring), startup (the start-up proof), ingest (slot -> decode ->
+//!             route -> spill, one OS thread)
+//! ops/        the operator's commands: check verify/ cutover observe (status, lag) purge
 //! ```
 //!
-//! Rules the code keeps: a stage imports the ground and the pg toolkit, never another stage
-//! nor the wiring or operator modules; the ground imports no stage, except that
-//! [`config::Config`] validates `[spill]` and `[snapshot]` with those stages' own checks so a
-//! range is defined once; each config section converts once into its stage's options
-//! (`SpillOptions::from`, `FullLoadOptions::from_config`, `ApplyOptions::from_config`), whose
-//! `Default` is the section's default. Known exceptions, kept for now: `pgconn` uses
-//! `source::ConnConfig`; `metrics` serves through `admin`.
+//! Rules the code keeps: [`pg`] imports the ground only; a stage imports the ground and
+//! [`pg`], never another stage nor [`runtime`] or [`ops`]; [`runtime`] wires stages and imports
+//! no [`ops`] module; the CLI talks to [`runtime`], [`ops`], [`pg`] and the ground. Each config
+//! section converts once into its stage's options (`SpillOptions::from`,
+//! `FullLoadOptions::from_config`, `ApplyOptions::from_config`), whose `Default` is the
+//! section's default, so a default lives in one place; [`config::Config`] validates `[spill]` and
+//! `[snapshot]` with those stages' own checks so a range is defined once. Known exceptions, kept
+//! and named: `pg::conn` and `route::refresh` use `source::ConnConfig`; `status` shows
+//! `quarantine::TableSummary` and `route::refresh::MapStatus`; `metrics` serves through `admin`;
+//! `quarantine` stores events with the spill codec and replays through `apply` and `route`.
 
-pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod event;
 pub mod localfs;
 pub mod lsn;
 pub mod metrics;
+pub mod status;
+
+pub mod pg;
 
 pub mod admin;
 pub mod apply;
 pub mod decode;
-pub mod handoff;
-pub mod ingest;
 pub mod quarantine;
 pub mod route;
-pub mod runtime;
 pub mod snapshot;
 pub mod source;
 pub mod spill;
-pub mod startup;
-pub mod status;
 
-pub mod check;
-pub mod cutover;
-pub mod identity;
-pub mod observe;
-pub mod pgconn;
-pub mod progress;
-pub mod purge;
-pub mod tableinfo;
-pub mod verify;
+pub mod runtime;
+
+pub mod ops;
 
 pub use event::{
     Begin, Change, Column, Commit, OldRow, Relation, ReplicaIdentity, Row, ShardEvent, ShardId,

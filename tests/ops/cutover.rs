@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use reshard_engine::progress::PROGRESS_DDL;
+use reshard_engine::pg::progress::PROGRESS_DDL;
 use reshard_engine::Lsn;
 use reshard_harness::workload::FillSpec;
 

@@ -1,7 +1,7 @@
 //! `reshard status` and `reshard lag` without a running daemon: rebuilt from the slot, the
 //! progress rows and the spill directory.
 
-use reshard_engine::progress::PROGRESS_DDL;
+use reshard_engine::pg::progress::PROGRESS_DDL;
 
 use super::common::Topology;
 use super::json;
@@ -121,7 +121,7 @@ async fn purge_leaves_nothing_behind() {
     t.write_config("");
     t.shards[2].stop().unwrap();
     let config = reshard_engine::config::Config::load(&t.config_path()).unwrap();
-    let steps = reshard_engine::purge::purge(&config).await;
+    let steps = reshard_engine::ops::purge::purge(&config).await;
     assert_eq!(steps.len(), 4);
     assert!(
         steps[0].error.is_none() && steps[0].target == "source",
@@ -157,7 +157,7 @@ async fn purge_leaves_nothing_behind() {
     );
     // Idempotent.
     t.shards[2].restart().unwrap();
-    let again = reshard_engine::purge::purge(&config).await;
+    let again = reshard_engine::ops::purge::purge(&config).await;
     assert!(again.iter().all(|s| s.error.is_none()), "{again:?}");
     assert_eq!(
         t.shards[2]

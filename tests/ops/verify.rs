@@ -318,7 +318,7 @@ async fn verify_is_clean_on_a_live_correct_migration() {
     let sysid = t.source_sql("SELECT system_identifier FROM pg_control_system()");
     let lsn = t.source_sql("SELECT pg_current_wal_lsn()");
     for (i, s) in t.shards.iter().enumerate() {
-        s.psql("app", reshard_engine::progress::PROGRESS_DDL)
+        s.psql("app", reshard_engine::pg::progress::PROGRESS_DDL)
             .unwrap();
         s.psql(
             "app",

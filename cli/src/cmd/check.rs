@@ -7,8 +7,8 @@
 //! printed in all cases; an unreachable endpoint is itself a FAIL line (`connect`), and the
 //! exit code 3 tells scripts that the report is incomplete.
 
-use reshard_engine::check::{run_checks, CheckReport, CheckStatus};
-use reshard_engine::identity::{fix_replica_identity, FixAction};
+use reshard_engine::ops::check::{run_checks, CheckReport, CheckStatus};
+use reshard_engine::pg::identity::{fix_replica_identity, FixAction};
 
 use crate::output::{load_config, CmdResult, Failure};
 use crate::CheckArgs;

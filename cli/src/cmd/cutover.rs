@@ -6,7 +6,7 @@
 //! argument error (unknown shard, bad `--timeout`); 3 = could not complete (unreachable
 //! endpoint, the shard has never been fed by reshard, a failing query).
 
-use reshard_engine::cutover::{cutover, CutoverError, CutoverOptions, CutoverReport};
+use reshard_engine::ops::cutover::{cutover, CutoverError, CutoverOptions, CutoverReport};
 
 use super::check::table;
 use crate::output::{load_config, CmdResult, Failure};
@@ -15,7 +15,7 @@ use crate::CutoverArgs;
 /// Runs `reshard cutover`.
 pub async fn run(args: CutoverArgs) -> CmdResult {
     let config = load_config(&args.config.config)?;
-    let timeout = reshard_engine::pgconn::parse_duration(&args.timeout)
+    let timeout = reshard_engine::pg::conn::parse_duration(&args.timeout)
         .map_err(|e| Failure::usage(anyhow::anyhow!("--timeout: {e}")))?;
     let opts = CutoverOptions {
         shard: args.shard.clone(),

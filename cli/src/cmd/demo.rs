@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use reshard_engine::config::Config;
-use reshard_engine::cutover::{cutover, CutoverOptions, CutoverReport};
 use reshard_engine::lsn::Lsn;
+use reshard_engine::ops::cutover::{cutover, CutoverOptions, CutoverReport};
+use reshard_engine::ops::verify::{verify, VerifyOptions, VerifyReport};
 use reshard_engine::runtime::{self, RunOptions, RunSummary, Running};
 use reshard_engine::status::{Phase, ShardState, StatusSnapshot};
-use reshard_engine::verify::{verify, VerifyOptions, VerifyReport};
 use reshard_harness::workload::{self, FillSpec, LiveSpec, LiveStats};
 use reshard_harness::PgCluster;
 use tokio_postgres::NoTls;

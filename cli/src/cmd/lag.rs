@@ -7,7 +7,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use reshard_engine::observe::{current_status, StatusOrigin};
+use reshard_engine::ops::observe::{current_status, StatusOrigin};
 use reshard_engine::status::StatusSnapshot;
 
 use super::check::table;

@@ -9,9 +9,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
-use reshard_engine::catalog;
 use reshard_engine::decode::{AssembleError, Assembler, AssemblerOptions, JsonRenderer};
 use reshard_engine::event::TxnEvent;
+use reshard_engine::pg::catalog;
 use reshard_engine::source::{
     list_slots, max_proto_version, PgOutputOptions, ReplicationClient, SlotOptions, SnapshotAction,
 };

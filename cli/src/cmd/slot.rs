@@ -1,7 +1,7 @@
 //! `reshard slot list|create|drop`: inspect and manage the replication slot.
 
 use anyhow::Context;
-use reshard_engine::catalog;
+use reshard_engine::pg::catalog;
 use reshard_engine::source::{list_slots, ReplicationClient, SlotOptions, SnapshotAction};
 
 use super::source_args::{config_or_default, resolve};
@@ -129,7 +129,7 @@ pub async fn run(args: SlotArgs) -> CmdResult {
                     )));
                 };
                 let mut failed = 0;
-                for step in reshard_engine::purge::purge(cfg).await {
+                for step in reshard_engine::ops::purge::purge(cfg).await {
                     match &step.error {
                         None => println!("{}: {}: done", step.target, step.sql),
                         Some(e) => {

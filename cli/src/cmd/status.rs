@@ -5,7 +5,7 @@
 //! Exit codes: 0 when the status could be shown; 2 on a config error. An unreachable source
 //! or shard is shown in the screen (its error column), not as a failure.
 
-use reshard_engine::observe::{current_status, StatusOrigin};
+use reshard_engine::ops::observe::{current_status, StatusOrigin};
 use reshard_engine::status::StatusSnapshot;
 
 use super::check::table;

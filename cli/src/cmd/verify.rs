@@ -6,7 +6,7 @@
 //! that did not catch up within `--timeout`, a failing query, differences only on shards that
 //! no running `reshard run` is applying to).
 
-use reshard_engine::verify::{verify, Difference, VerifyError, VerifyOptions, VerifyReport};
+use reshard_engine::ops::verify::{verify, Difference, VerifyError, VerifyOptions, VerifyReport};
 
 use super::check::table;
 use crate::output::{load_config, CmdResult, Failure};
@@ -15,7 +15,7 @@ use crate::VerifyArgs;
 /// Runs `reshard verify`.
 pub async fn run(args: VerifyArgs) -> CmdResult {
     let config = load_config(&args.config.config)?;
-    let timeout = reshard_engine::pgconn::parse_duration(&args.timeout)
+    let timeout = reshard_engine::pg::conn::parse_duration(&args.timeout)
         .map_err(|e| Failure::usage(anyhow::anyhow!("--timeout: {e}")))?;
     let opts = VerifyOptions {
         tables: args.table.clone(),

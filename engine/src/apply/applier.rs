@@ -33,7 +33,7 @@ use crate::event::{
     ShardReader, TableId, Value,
 };
 use crate::lsn::Lsn;
-use crate::progress::{ensure_progress_table, read_progress, ProgressError, ProgressKey};
+use crate::pg::progress::{ensure_progress_table, read_progress, ProgressError, ProgressKey};
 
 /// Fixed cost counted per buffered change on top of its value bytes.
 const CHANGE_OVERHEAD_BYTES: usize = 64;

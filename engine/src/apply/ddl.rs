@@ -308,7 +308,7 @@ impl Ddl {
                     warn!(error = %e, "source catalog connection failed; reconnecting");
                     self.client = None;
                 }
-                Err(e) => return Err(crate::pgconn::error_text(&e)),
+                Err(e) => return Err(crate::pg::conn::error_text(&e)),
             }
         }
         Err("the source catalog connection failed twice".into())

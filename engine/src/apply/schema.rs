@@ -207,7 +207,7 @@ pub struct TargetTable {
 }
 
 /// Splits a `schema.table` name (unquoted; no schema means `public`): the one definition.
-pub use crate::tableinfo::split_name;
+pub use crate::pg::table::split_name;
 
 /// The source relation's `schema.table`, unquoted: the key of `table_map`.
 pub fn source_name(rel: &Relation) -> String {

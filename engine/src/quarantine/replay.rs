@@ -25,7 +25,7 @@ use crate::apply::schema::{load_target_table, source_name, TargetTable};
 use crate::apply::ApplyError;
 use crate::event::{Change, ShardId, TableId};
 use crate::lsn::Lsn;
-use crate::progress::{read_progress, ProgressError};
+use crate::pg::progress::{read_progress, ProgressError};
 use crate::route::Router;
 
 /// One shard, for replay.

@@ -184,7 +184,7 @@ pub(crate) async fn run_workers(
         .map_err(source_err("starting a copy transaction".into()))?;
         src.batch_execute(&format!(
             "SET TRANSACTION SNAPSHOT {}",
-            crate::pgconn::quote_literal(&snapshot.name)
+            crate::pg::conn::quote_literal(&snapshot.name)
         ))
         .await
         .map_err(|source| SnapshotError::SnapshotImport {

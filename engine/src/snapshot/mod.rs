@@ -42,6 +42,7 @@
 mod catalog;
 mod copy;
 mod error;
+pub mod handoff;
 mod indexes;
 mod progress;
 mod rows;

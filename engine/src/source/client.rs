@@ -214,7 +214,7 @@ fn check_slot_name(name: &str) -> Result<(), SourceError> {
 }
 
 /// `'text'` as a string literal of the replication command grammar, which knows no `E''` form
-/// (so not [`crate::pgconn::quote_literal`]).
+/// (so not [`crate::pg::conn::quote_literal`]).
 fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }

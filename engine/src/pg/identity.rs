@@ -21,8 +21,8 @@ use std::time::Instant;
 use tokio_postgres::Client;
 
 use crate::config::{Config, TableMode, TableRule};
-use crate::pgconn::{connect_plain, error_text, quote_ident, quote_qualified};
-use crate::tableinfo::{describe_table, split_name, TableInfo};
+use crate::pg::conn::{connect_plain, error_text, quote_ident, quote_qualified};
+use crate::pg::table::{describe_table, split_name, TableInfo};
 
 /// How a sharded table's UPDATEs and DELETEs find their shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,7 +227,7 @@ pub enum FixError {
     Query(#[from] tokio_postgres::Error),
     /// Resolving the table set failed.
     #[error("{0}")]
-    Catalog(#[from] crate::catalog::CatalogError),
+    Catalog(#[from] crate::pg::catalog::CatalogError),
 }
 
 /// `reshard check --fix`: for every sharded table without a strategy, builds the unique index
@@ -242,7 +242,7 @@ pub async fn fix_replica_identity(config: &Config) -> Result<Vec<FixAction>, Fix
     client
         .batch_execute("SET statement_timeout = 0; SET lock_timeout = '10s'")
         .await?;
-    let set = crate::catalog::resolve(&client, config).await?;
+    let set = crate::pg::catalog::resolve(&client, config).await?;
     let todo = tables_without_strategy(&client, set.tables.iter().map(|t| &t.rule)).await?;
     let mut actions = Vec::new();
     for t in todo {
@@ -360,7 +360,7 @@ async fn run(client: &Client, sql: &str, act: &mut impl FnMut(String, bool)) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tableinfo::ColumnInfo;
+    use crate::pg::table::ColumnInfo;
 
     fn col(name: &str, not_null: bool) -> ColumnInfo {
         ColumnInfo {

@@ -8,7 +8,7 @@
 //! key under `COLLATE "C"` (byte order, which is Rust's `str` order) with `NULLS FIRST`
 //! (which is `Option`'s order), so reshard can merge-join them.
 
-use crate::pgconn::{quote_ident, quote_literal, quote_qualified};
+use crate::pg::conn::{quote_ident, quote_literal, quote_qualified};
 
 /// `md5(ROW(c1::text, …)::text)`.
 pub fn row_md5(columns: &[String]) -> String {

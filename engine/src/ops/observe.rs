@@ -13,8 +13,8 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::event::pg_now;
 use crate::lsn::Lsn;
-use crate::pgconn::connect_plain;
-use crate::progress::{read_progress, source_system_id};
+use crate::pg::conn::connect_plain;
+use crate::pg::progress::{read_progress, source_system_id};
 use crate::status::{Phase, ShardState, ShardView, SpillView, StatusSnapshot, TableView};
 
 /// How long the admin console and each database get to answer.
@@ -192,7 +192,7 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
             if let Err(e) = source_slot(&src, config, &mut snap).await {
                 snap.source.last_error = Some(format!("reading the slot: {e}"));
             }
-            if let Ok(set) = crate::catalog::resolve(&src, config).await {
+            if let Ok(set) = crate::pg::catalog::resolve(&src, config).await {
                 snap.tables = set
                     .tables
                     .into_iter()
@@ -349,9 +349,9 @@ async fn source_slot(
     config: &Config,
     snap: &mut StatusSnapshot,
 ) -> Result<(), String> {
-    snap.source.current_wal_lsn = crate::pgconn::current_insert_lsn(src)
+    snap.source.current_wal_lsn = crate::pg::conn::current_insert_lsn(src)
         .await
-        .map_err(|e| crate::pgconn::error_text(&e))?;
+        .map_err(|e| crate::pg::conn::error_text(&e))?;
     let row = src
         .query_opt(
             "SELECT coalesce(confirmed_flush_lsn::text, '0/0'), active, \
@@ -360,7 +360,7 @@ async fn source_slot(
             &[&config.source.slot],
         )
         .await
-        .map_err(|e| crate::pgconn::error_text(&e))?;
+        .map_err(|e| crate::pg::conn::error_text(&e))?;
     match row {
         None => {
             snap.source.last_error = Some(format!(
@@ -369,10 +369,10 @@ async fn source_slot(
             ))
         }
         Some(r) => {
-            let flush: String = r.try_get(0).map_err(|e| crate::pgconn::error_text(&e))?;
+            let flush: String = r.try_get(0).map_err(|e| crate::pg::conn::error_text(&e))?;
             snap.source.confirmed_flush_lsn = flush.parse().unwrap_or(Lsn::ZERO);
-            let active: bool = r.try_get(1).map_err(|e| crate::pgconn::error_text(&e))?;
-            let retained: i64 = r.try_get(2).map_err(|e| crate::pgconn::error_text(&e))?;
+            let active: bool = r.try_get(1).map_err(|e| crate::pg::conn::error_text(&e))?;
+            let retained: i64 = r.try_get(2).map_err(|e| crate::pg::conn::error_text(&e))?;
             snap.source.retained_wal_bytes = retained.max(0) as u64;
             if active {
                 snap.source.last_error = Some(format!(

@@ -11,7 +11,13 @@
 //! created with an exported snapshot; the full load's connections import it; only then does
 //! `START_REPLICATION` run on the connection that created the slot. Changes read while the copy
 //! runs go to the spill log; the shards' apply starts when the copy is done, from the slot's
-//! consistent point, skipping tables whose copy is newer (`handoff`).
+//! consistent point, skipping tables whose copy is newer (`snapshot::handoff`).
+//!
+//! - [`startup`]: the start-up proof (the spill log covers what the shards still need).
+//! - [`ingest`]: slot → decode → route → spill, on one OS thread.
+
+pub mod ingest;
+pub mod startup;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,21 +30,17 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::apply::{ApplyOptions, ApplyState, ShardApplier, ShardStatus, SourceConnect};
-use crate::catalog::{self, CatalogError, SourceTable};
 use crate::config::{Config, HashKind, TableMode as CfgMode};
 use crate::error::{Classify, ErrorClass};
 use crate::event::{pg_now, ShardId};
-use crate::handoff::SkipLog;
-use crate::identity;
-use crate::ingest::{
-    start_streaming, Ingest, IngestCounters, IngestError, IngestOptions, Started,
-    UnroutableHandling,
-};
 use crate::lsn::Lsn;
-use crate::pgconn::SOURCE_PRESENT_LSN;
+use crate::pg::catalog::{self, CatalogError, SourceTable};
+use crate::pg::conn::SOURCE_PRESENT_LSN;
+use crate::pg::identity;
 use crate::quarantine::{Quarantine, QuarantineError, QuarantineStats};
 use crate::route::refresh::{MapRefresher, MapSource, MapStatus};
 use crate::route::{self, AccountMap, RouteError, RouteSpec, Router};
+use crate::snapshot::handoff::SkipLog;
 use crate::snapshot::{
     self, FullLoad, FullLoadProgress, FullLoadReport, SnapshotError, TableState,
 };
@@ -46,11 +48,15 @@ use crate::source::{
     list_slots, ConnConfig, ReplicationClient, SlotOptions, SnapshotAction, SourceError,
 };
 use crate::spill::{SpillError, SpillIdentity, SpillLog, SpillOptions, SpillWriter};
-use crate::startup::{self, StartupError};
 use crate::status::{
     AdminHandle, ControlCommand, ControlRequest, Phase, ShardState, ShardView, SourceStatus,
     SpillView, StatusSnapshot, TableView,
 };
+use ingest::{
+    start_streaming, Ingest, IngestCounters, IngestError, IngestOptions, Started,
+    UnroutableHandling,
+};
+use startup::StartupError;
 
 /// Options of `reshard run` beyond the config file.
 #[derive(Debug, Clone, Default)]
@@ -1153,10 +1159,10 @@ async fn shard_states(
         };
         let client = c.connect_sql().await.map_err(|e| unreadable(&e))?;
         let row =
-            crate::progress::read_progress(&client, &cfg.source.slot, &s.name, Some(system_id))
+            crate::pg::progress::read_progress(&client, &cfg.source.slot, &s.name, Some(system_id))
                 .await
                 .map_err(|e| match e {
-                    e @ crate::progress::ProgressError::Invalid { .. } => {
+                    e @ crate::pg::progress::ProgressError::Invalid { .. } => {
                         RuntimeError::State(e.to_string())
                     }
                     e => unreadable(&e),

@@ -8,7 +8,7 @@
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::pgconn::{connect_plain, quote_ident};
+use crate::pg::conn::{connect_plain, quote_ident};
 
 /// One clean-up step.
 #[derive(Debug, Clone, Serialize)]
@@ -42,7 +42,7 @@ async fn run(target: &str, url: &str, sql: &str) -> PurgeStep {
             .batch_execute(sql)
             .await
             .err()
-            .map(|e| crate::pgconn::error_text(&e)),
+            .map(|e| crate::pg::conn::error_text(&e)),
     };
     PurgeStep {
         target: target.to_owned(),

@@ -24,14 +24,14 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
-use crate::pgconn::{
-    connect_plain, current_insert_lsn, error_text, quote_literal, quote_qualified,
-};
-use crate::progress::source_system_id;
-use crate::tableinfo::split_name;
-use crate::verify::{
+use crate::ops::verify::{
     self, KeyRouter, ProgressWait, VerifyError, VerifyOptions, VerifyReport, Waited,
 };
+use crate::pg::conn::{
+    connect_plain, current_insert_lsn, error_text, quote_literal, quote_qualified,
+};
+use crate::pg::progress::source_system_id;
+use crate::pg::table::split_name;
 
 /// What to cut over.
 #[derive(Clone)]
@@ -107,9 +107,9 @@ pub enum CutoverError {
         /// Seconds waited.
         waited_secs: f64,
     },
-    /// The replicated tables could not be resolved (see [`crate::catalog`]).
+    /// The replicated tables could not be resolved (see [`crate::pg::catalog`]).
     #[error(transparent)]
-    Tables(crate::catalog::CatalogError),
+    Tables(crate::pg::catalog::CatalogError),
     /// The verification could not complete.
     #[error("verify of shard {shard}: {source}")]
     Verify {
@@ -300,7 +300,7 @@ pub async fn cutover(
     let waited_secs = started.elapsed().as_secs_f64();
 
     // 3. Sequences.
-    let rules: Vec<_> = crate::catalog::discover(&src, config)
+    let rules: Vec<_> = crate::pg::catalog::discover(&src, config)
         .await
         .map_err(CutoverError::Tables)?
         .into_iter()

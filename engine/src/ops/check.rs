@@ -4,7 +4,7 @@
 //! PASS / WARN / FAIL with the target it concerns (`source` or a shard name), a detail naming
 //! the table, column, role or setting, and for failures the SQL that fixes it. Nothing is
 //! written anywhere: every check reads catalogs and settings only (`reshard check --fix` runs
-//! [`crate::identity::fix_replica_identity`] first).
+//! [`crate::pg::identity::fix_replica_identity`] first).
 //!
 //! What must hold before `reshard run` (each has a check here):
 //! - logical decoding is possible: `wal_level = logical`, a free replication slot and WAL
@@ -13,7 +13,7 @@
 //!   CREATE on the database plus table ownership if the publication must be created
 //!   (<https://www.postgresql.org/docs/current/logical-replication-security.html>);
 //! - every UPDATE/DELETE can be routed: a usable replica identity that contains the shard key,
-//!   or `key_immutable` (see [`crate::identity`]; `reshard run` refuses the same tables)
+//!   or `key_immutable` (see [`crate::pg::identity`]; `reshard run` refuses the same tables)
 //!   (<https://www.postgresql.org/docs/current/sql-altertable.html#SQL-ALTERTABLE-REPLICA-IDENTITY>);
 //! - every shard has the tables with the same column types and lets the role write them and
 //!   create the `reshard` schema;
@@ -25,11 +25,11 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::catalog::{CatalogError, TableSet};
 use crate::config::{Config, TableMode, TableRule};
-use crate::identity::KeyStrategy;
-use crate::pgconn::{connect_plain, quote_ident, quote_literal, quote_qualified};
-use crate::tableinfo::{describe_table, TableInfo, SUPPORTED_KEY_TYPES};
+use crate::pg::catalog::{CatalogError, TableSet};
+use crate::pg::conn::{connect_plain, quote_ident, quote_literal, quote_qualified};
+use crate::pg::identity::KeyStrategy;
+use crate::pg::table::{describe_table, TableInfo, SUPPORTED_KEY_TYPES};
 
 /// How long one endpoint may take to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,7 +83,7 @@ pub struct CheckReport {
     pub checks: Vec<CheckResult>,
     /// What `check --fix` did before checking (empty without `--fix`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub fixed: Vec<crate::identity::FixAction>,
+    pub fixed: Vec<crate::pg::identity::FixAction>,
 }
 
 impl CheckReport {
@@ -134,7 +134,10 @@ pub async fn run_checks(config: &Config) -> CheckReport {
                     report.fail(
                         "source_query",
                         SOURCE,
-                        format!("a catalog query failed: {}", crate::pgconn::error_text(&e)),
+                        format!(
+                            "a catalog query failed: {}",
+                            crate::pg::conn::error_text(&e)
+                        ),
                         None,
                     );
                     Vec::new()
@@ -162,7 +165,10 @@ pub async fn run_checks(config: &Config) -> CheckReport {
                     report.fail(
                         "shard_query",
                         &shard.name,
-                        format!("a catalog query failed: {}", crate::pgconn::error_text(&e)),
+                        format!(
+                            "a catalog query failed: {}",
+                            crate::pg::conn::error_text(&e)
+                        ),
                         None,
                     );
                 }
@@ -405,7 +411,7 @@ async fn check_source(
     }
 
     // Tables: the one resolver `run` uses, with every problem reported here.
-    let set = match crate::catalog::resolve(client, config).await {
+    let set = match crate::pg::catalog::resolve(client, config).await {
         Ok(set) => set,
         Err(CatalogError::Query { source, .. }) => return Err(source),
         Err(e) => {
@@ -507,7 +513,7 @@ async fn check_source(
     .await?;
 
     if config.routing.hash == crate::config::HashKind::Map {
-        match crate::verify::map_router(config, client).await {
+        match crate::ops::verify::map_router(config, client).await {
             Ok(_) => report.pass(
                 "routing_map",
                 SOURCE,
@@ -696,7 +702,7 @@ async fn check_source_table(
                         )),
                     );
                 } else {
-                    match crate::identity::key_strategy(t, key, rule.key_immutable) {
+                    match crate::pg::identity::key_strategy(t, key, rule.key_immutable) {
                         Ok(KeyStrategy::InIdentity) => report.pass(
                             "shard_key",
                             SOURCE,
@@ -982,7 +988,7 @@ async fn check_shard(
             Some(format!("GRANT CREATE ON DATABASE {} TO {quser};", quote_ident(&database))),
         );
     }
-    let has_progress = crate::progress::read_progress(client, &config.source.slot, shard, None)
+    let has_progress = crate::pg::progress::read_progress(client, &config.source.slot, shard, None)
         .await
         .ok()
         .flatten()
@@ -1128,7 +1134,7 @@ async fn check_shard(
                 format!("{target}: INSERT, UPDATE, DELETE, TRUNCATE granted"),
             );
         } else {
-            let (schema, _) = crate::tableinfo::split_name(target);
+            let (schema, _) = crate::pg::table::split_name(target);
             let mut fix = Vec::new();
             if lacking.contains(&"USAGE") {
                 fix.push(format!(

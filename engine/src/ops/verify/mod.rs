@@ -45,13 +45,13 @@ use tokio_postgres::Client;
 use crate::config::{Config, HashKind, TableMode, TableRule};
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
-use crate::observe::find_daemon;
-use crate::pgconn::{
+use crate::ops::observe::find_daemon;
+use crate::pg::conn::{
     connect_plain, current_insert_lsn, error_text, normalize_session, quote_ident, quote_literal,
     quote_qualified,
 };
-use crate::progress::{read_progress, source_system_id};
-use crate::tableinfo::{describe_table, TableInfo};
+use crate::pg::progress::{read_progress, source_system_id};
+use crate::pg::table::{describe_table, TableInfo};
 
 use cursor::{Cursor, Peeked, RowSource, TextRow};
 use merge::{merge_accounts, merge_rows, DiffKind, MergeError, ShardTally, Suspect};
@@ -134,7 +134,7 @@ pub enum VerifyError {
         reached: Lsn,
         /// Seconds waited.
         waited_secs: f64,
-        /// What the daemon was doing (see [`crate::observe::Daemon::describe`]).
+        /// What the daemon was doing (see [`crate::ops::observe::Daemon::describe`]).
         daemon: String,
     },
     /// Routing of an account failed (`hash = "map"`).
@@ -147,9 +147,9 @@ pub enum VerifyError {
         /// Router's message.
         message: String,
     },
-    /// The replicated tables could not be resolved (see [`crate::catalog`]).
+    /// The replicated tables could not be resolved (see [`crate::pg::catalog`]).
     #[error(transparent)]
-    Tables(crate::catalog::CatalogError),
+    Tables(crate::pg::catalog::CatalogError),
     /// `hash = "map"` without a router, or another config problem.
     #[error("{0}")]
     Config(String),
@@ -257,7 +257,7 @@ pub struct NotApplying {
     pub progress_lsn: Lsn,
     /// The source LSN it did not reach.
     pub source_lsn: Lsn,
-    /// Why nothing is applying (see [`crate::observe::Daemon::describe`]).
+    /// Why nothing is applying (see [`crate::ops::observe::Daemon::describe`]).
     pub daemon: String,
 }
 
@@ -314,7 +314,7 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
         opts.router = Some(map_router(config, &src).await?);
     }
     let opts = &opts;
-    let rules = crate::catalog::discover(&src, config)
+    let rules = crate::pg::catalog::discover(&src, config)
         .await
         .map_err(VerifyError::Tables)?
         .into_iter()
@@ -677,7 +677,7 @@ pub enum Waited {
     NothingApplying {
         /// Progress.
         reached: Lsn,
-        /// Why (see [`crate::observe::Daemon::describe`]).
+        /// Why (see [`crate::ops::observe::Daemon::describe`]).
         daemon: String,
     },
 }
@@ -706,7 +706,7 @@ impl ProgressWait<'_> {
             .await
             {
                 Ok(p) => p,
-                Err(crate::progress::ProgressError::Query { error, .. }) => {
+                Err(crate::pg::progress::ProgressError::Query { error, .. }) => {
                     return Err(q(self.shard, None)(error))
                 }
                 Err(e) => return Err(VerifyError::Config(e.to_string())),

@@ -2,7 +2,7 @@
 //!
 //! In: a SQL connection and a `schema.table` name. Out: [`TableInfo`] (columns with their
 //! `format_type`, primary key, replica identity). Which tables are replicated is decided by
-//! [`crate::catalog`] alone.
+//! [`crate::pg::catalog`] alone.
 
 use crate::config::qualify;
 

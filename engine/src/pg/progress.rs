@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::event::{PgTimestamp, PG_EPOCH_OFFSET_MICROS};
 use crate::lsn::Lsn;
-use crate::pgconn::quote_literal;
+use crate::pg::conn::quote_literal;
 
 /// DDL of the progress table. `IF NOT EXISTS` is not atomic against a concurrent creator, see
 /// [`ensure_progress_table`]. `migration_id` (the migration that wrote the row, shared with the
@@ -148,7 +148,7 @@ pub enum ProgressError {
     /// The query failed.
     #[error(
         "reading reshard.progress on shard {shard}: {}",
-        crate::pgconn::error_text(error)
+        crate::pg::conn::error_text(error)
     )]
     Query {
         /// Shard name.

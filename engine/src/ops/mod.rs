@@ -1,0 +1,15 @@
+//! The operator's commands, engine side: each is a function the CLI calls, built on the
+//! [`crate::pg`] toolkit, the ground and the stages; nothing below (no stage, not the runtime)
+//! imports them.
+//!
+//! - [`check`]: preflight (source settings, tables, keys, targets).
+//! - [`verify`]: the shards against the source, per table (counts and ordered hashes).
+//! - [`cutover`]: wait, sync sequences, verify, SAFE.
+//! - [`observe`]: `status` and `lag` without a running daemon, and finding one.
+//! - [`purge`]: reshard's objects removed from the shards.
+
+pub mod check;
+pub mod cutover;
+pub mod observe;
+pub mod purge;
+pub mod verify;

@@ -1,0 +1,15 @@
+//! The PostgreSQL toolkit: what every stage and command needs to talk to a PostgreSQL server,
+//! defined once. It imports the ground only (one known exception: [`conn`] takes the source
+//! stage's `ConnConfig`, the one parsed connection description).
+//!
+//! - [`conn`]: connections, quoting, error text, the source's present LSN.
+//! - [`catalog`]: THE table-set resolver (run, check, verify, cutover, status) and the publication.
+//! - [`table`]: one table described (columns, keys, replica identity).
+//! - [`progress`]: the `reshard.progress` rows on the shards, one reader and one writer.
+//! - [`identity`]: where a table's shard key stands relative to its replica identity.
+
+pub mod catalog;
+pub mod conn;
+pub mod identity;
+pub mod progress;
+pub mod table;
