@@ -21,3 +21,4 @@ mod service;
 mod snapshot;
 mod source;
 mod versions;
+mod watermark;

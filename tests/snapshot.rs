@@ -20,7 +20,7 @@ use tokio_postgres::{Client, NoTls};
 
 const SHARDS: usize = 3;
 
-const SOURCE_DDL: &str = "
+pub(crate) const SOURCE_DDL: &str = "
 CREATE TABLE events (
     id bigint PRIMARY KEY,
     account_id bigint NOT NULL,
@@ -43,7 +43,7 @@ CREATE TABLE orders_us PARTITION OF orders FOR VALUES IN ('us');
 CREATE TABLE orders_other PARTITION OF orders DEFAULT;
 ";
 
-const TARGET_DDL: &str = "
+pub(crate) const TARGET_DDL: &str = "
 CREATE TABLE events (
     id bigint PRIMARY KEY,
     account_id bigint NOT NULL,
@@ -158,7 +158,7 @@ fn specs() -> Vec<TableSpec> {
         .collect()
 }
 
-fn connector(url: String) -> Connect {
+pub(crate) fn connector(url: String) -> Connect {
     Arc::new(move || {
         let url = url.clone();
         Box::pin(async move {
@@ -171,7 +171,7 @@ fn connector(url: String) -> Connect {
     })
 }
 
-async fn client(c: &PgCluster) -> Client {
+pub(crate) async fn client(c: &PgCluster) -> Client {
     let (client, conn) = tokio_postgres::connect(&c.url("postgres"), NoTls)
         .await
         .expect("connect");
@@ -182,7 +182,7 @@ async fn client(c: &PgCluster) -> Client {
 }
 
 /// `account_id mod n`, the way the test's SQL computes it.
-fn route_mod(n: i64) -> RouteFn {
+pub(crate) fn route_mod(n: i64) -> RouteFn {
     Arc::new(move |_oid, text: &[u8]| {
         let s = std::str::from_utf8(text).map_err(|e| e.to_string())?;
         let v: i64 = s
@@ -202,7 +202,7 @@ fn options(f: impl FnOnce(&mut SnapshotConfig)) -> FullLoadOptions {
 }
 
 /// Exports a snapshot from a REPEATABLE READ transaction that stays open on `client`.
-async fn export(client: &Client) -> ExportedSnapshot {
+pub(crate) async fn export(client: &Client) -> ExportedSnapshot {
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         .await
@@ -270,7 +270,7 @@ async fn actual(env: &Env) -> Vec<Vec<String>> {
     out
 }
 
-fn count(c: &PgCluster, sql: &str) -> i64 {
+pub(crate) fn count(c: &PgCluster, sql: &str) -> i64 {
     c.psql("postgres", sql).unwrap().trim().parse().unwrap()
 }
 

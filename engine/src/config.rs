@@ -343,10 +343,27 @@ impl Default for SpillConfig {
     }
 }
 
+/// How the full load reads the source: `[snapshot] mode`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    /// Every table under the slot's exported snapshot, held until the load ends (default).
+    #[default]
+    Exported,
+    /// Tables with an integer primary key in key-ordered chunks, each under its own short
+    /// snapshot (no snapshot held across chunks); other tables fall back to `Exported`.
+    Watermark,
+}
+
 /// `[snapshot]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotConfig {
+    /// `"exported"` (one snapshot for the whole load) or `"watermark"` (key-ordered chunks,
+    /// each under its own short snapshot, no snapshot held across chunks). Default
+    /// `"exported"`.
+    #[serde(default)]
+    pub mode: SnapshotMode,
     /// Concurrent chunk copies. Default 4.
     #[serde(default = "default_parallel")]
     pub parallel: usize,
@@ -378,6 +395,7 @@ pub struct SnapshotConfig {
 impl Default for SnapshotConfig {
     fn default() -> Self {
         SnapshotConfig {
+            mode: SnapshotMode::default(),
             parallel: default_parallel(),
             chunk_rows: default_chunk_rows(),
             max_rows_per_sec: 0,

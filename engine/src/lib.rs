@@ -24,7 +24,9 @@
 //! ```
 //!
 //! The full load (`snapshot`) runs before CDC on the same slot, under the slot's exported
-//! snapshot. [`runtime`] wires the stages; [`ops`] holds the operator's commands.
+//! snapshot, or (`[snapshot] mode = "watermark"`) in key-ordered chunks each under its own
+//! short snapshot while CDC fills the spill log. [`runtime`] wires the stages; [`ops`] holds
+//! the operator's commands.
 //!
 //! ## The tree: three tiers around the stages
 //!

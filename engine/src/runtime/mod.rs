@@ -19,7 +19,6 @@
 pub mod ingest;
 pub mod startup;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -40,7 +39,7 @@ use crate::pg::identity;
 use crate::quarantine::{Quarantine, QuarantineError, QuarantineStats};
 use crate::route::refresh::{MapRefresher, MapSource, MapStatus};
 use crate::route::{self, AccountMap, RouteError, RouteSpec, Router};
-use crate::snapshot::handoff::SkipLog;
+use crate::snapshot::handoff::{Handoff, SkipLog};
 use crate::snapshot::{
     self, FullLoad, FullLoadProgress, FullLoadReport, SnapshotError, TableState,
 };
@@ -339,7 +338,7 @@ async fn start_once(
         retry_initial: Duration::from_millis(cfg.apply.retry_initial_ms),
         retry_max: Duration::from_millis(cfg.apply.retry_max_ms),
     };
-    let (load_tx, load_rx) = watch::channel::<Option<Arc<HashMap<String, Lsn>>>>(None);
+    let (load_tx, load_rx) = watch::channel::<Option<Arc<Handoff>>>(None);
     let (load_err_tx, load_err_rx) = oneshot::channel::<SnapshotError>();
     let mut load_progress: Option<watch::Receiver<FullLoadProgress>> = None;
     let first: Started;
@@ -361,7 +360,7 @@ async fn start_once(
             info.consistent_point
         };
         first = start_streaming(repl, &ingest_opts, start_at).await?;
-        let _ = load_tx.send(Some(Arc::new(HashMap::new())));
+        let _ = load_tx.send(Some(Arc::new(Handoff::default())));
     } else {
         let prepared = prepared
             .ok_or_else(|| RuntimeError::Internal("the full load was not prepared".into()))?;
@@ -449,7 +448,7 @@ async fn start_once(
                 match load.await {
                     Ok(Ok(report)) => {
                         log_load_report(&report);
-                        let _ = load_tx.send(Some(Arc::new(report.skip_until(consistent_point))));
+                        let _ = load_tx.send(Some(Arc::new(report.handoff(consistent_point))));
                     }
                     Ok(Err(e)) => {
                         let _ = load_err_tx.send(e);
@@ -575,7 +574,7 @@ async fn start_once(
                     r = load_rx.changed() => if r.is_err() { return Ok(()) },
                 }
             };
-            let skip_log = Arc::new(SkipLog::new(log, (*skip).clone()));
+            let skip_log = Arc::new(SkipLog::new(log, skip));
             let applier = ShardApplier::new(apply_opts, connect, skip_log)
                 .with_pause(pause_rx)
                 .with_source_catalog(source_catalog);
@@ -685,7 +684,7 @@ struct Supervisor {
     quarantine: Arc<QuarantineStats>,
     map_status: Option<Arc<Mutex<MapStatus>>>,
     load_progress: Option<watch::Receiver<FullLoadProgress>>,
-    load_rx: watch::Receiver<Option<Arc<HashMap<String, Lsn>>>>,
+    load_rx: watch::Receiver<Option<Arc<Handoff>>>,
     status_tx: watch::Sender<StatusSnapshot>,
     control_rx: mpsc::Receiver<ControlRequest>,
     pause_source: watch::Sender<bool>,

@@ -17,13 +17,21 @@
 //! visible tuple is in exactly one chunk wherever it lies. Before 14 a ctid range would be a
 //! sequential scan per chunk, so such servers get one chunk per relation. A partitioned source
 //! table is chunked per leaf partition, each read with `SELECT … FROM ONLY leaf`.
+//!
+//! With `[snapshot] mode = "watermark"`, a table whose row identity is an integer key is loaded
+//! in key-ordered chunks without a long-held snapshot instead (`watermark`); the page ranges
+//! then only estimate its chunk count for the progress. A table without such a key falls back
+//! to the exported snapshot, with a log line saying why. A table keeps the mode its records on
+//! the shards were written in, whatever the config says now.
 
 use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
 use super::error::{fix_for, SnapshotError};
-use super::{Connect, ShardTarget, TableMode, TableSpec};
+use super::watermark::{self, WatermarkPlan};
+use super::{Connect, ShardTarget, TableMode, TableName, TableSpec};
+use crate::config::SnapshotMode;
 use crate::event::Oid;
 use crate::lsn::Lsn;
 
@@ -31,7 +39,9 @@ use crate::lsn::Lsn;
 const DEFAULT_ROWS_PER_PAGE: f64 = 60.0;
 
 /// reshard's bookkeeping on every shard. `fullload_chunks` gets one row per chunk, written in
-/// the same transaction as the chunk's rows; `deferred_indexes` holds the definitions of
+/// the same transaction as the chunk's rows (`watermark_chunks` likewise for a watermark load:
+/// the chunk's key range `(key_after, key_last]`, NULL meaning unbounded, the snapshot it was
+/// read under and its low and high watermarks); `deferred_indexes` holds the definitions of
 /// secondary indexes dropped for the load until they are rebuilt.
 pub(crate) const STATE_DDL: &str = "\
 CREATE SCHEMA IF NOT EXISTS reshard;
@@ -51,6 +61,19 @@ CREATE TABLE IF NOT EXISTS reshard.deferred_indexes (
     indexdef text NOT NULL,
     recorded_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (target_table, index_name)
+);
+CREATE TABLE IF NOT EXISTS reshard.watermark_chunks (
+    source_table text NOT NULL,
+    chunk_id integer NOT NULL,
+    key_after bigint[],
+    key_last bigint[],
+    snapshot text NOT NULL,
+    low_lsn pg_lsn NOT NULL,
+    high_lsn pg_lsn NOT NULL,
+    rows bigint NOT NULL,
+    bytes bigint NOT NULL,
+    done_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source_table, chunk_id)
 );";
 
 /// What an earlier run left for a table.
@@ -114,6 +137,8 @@ pub(crate) struct KeyColumn {
 /// A table as the load will copy it.
 #[derive(Clone, Debug)]
 pub(crate) struct PlannedTable {
+    /// Source table.
+    pub source: TableName,
     /// Source table, quoted `schema.table`.
     pub source_display: String,
     /// Target table, quoted `schema.table`.
@@ -128,6 +153,8 @@ pub(crate) struct PlannedTable {
     pub chunks: Vec<ChunkRange>,
     /// What an earlier run left.
     pub status: TableStatus,
+    /// Loaded in watermark chunks (`None`: under the exported snapshot).
+    pub watermark: Option<WatermarkPlan>,
 }
 
 impl PlannedTable {
@@ -353,6 +380,7 @@ pub(crate) async fn inspect(
     specs: &[TableSpec],
     truncate_targets: bool,
     chunk_rows: u64,
+    mode: SnapshotMode,
 ) -> Result<Plan, SnapshotError> {
     let mut problems: Vec<String> = Vec::new();
     let src = connect("source", source).await?;
@@ -415,11 +443,13 @@ pub(crate) async fn inspect(
     // Every shard's side.
     let mut targets: Vec<Vec<Option<Vec<ColumnInfo>>>> = Vec::new();
     let mut records: Vec<Records> = Vec::new();
+    let mut wm_records: Vec<watermark::Records> = Vec::new();
     let mut nonempty: Vec<Vec<bool>> = Vec::new();
     for shard in shards {
         let client = connect(&shard.name, &shard.connect).await?;
         ensure_state(&shard.name, &client).await?;
         records.push(read_records(&shard.name, &client).await?);
+        wm_records.push(watermark::read_records(&shard.name, &client).await?);
         let mut cols_here = Vec::new();
         let mut nonempty_here = Vec::new();
         for spec in specs {
@@ -460,7 +490,8 @@ pub(crate) async fn inspect(
     for (i, spec) in specs.iter().enumerate() {
         let source_display = spec.source.to_string();
         let target_display = spec.target.to_string();
-        let status = status_of(&source_display, &records);
+        let exported_status = status_of(&source_display, &records);
+        let agreed = watermark::agreed(&source_display, &wm_records);
         let Some(Some((src_cols, heaps))) = sources.get(i) else {
             continue;
         };
@@ -501,6 +532,50 @@ pub(crate) async fn inspect(
             }
             copy.push(col);
         }
+        // The load's mode: a table keeps the mode its records were written in; a fresh one
+        // takes the config's, if its key allows.
+        let wants_watermark = agreed.any
+            || (exported_status == TableStatus::Fresh && mode == SnapshotMode::Watermark);
+        let watermark = if wants_watermark {
+            let names: Vec<String> = copy.iter().map(|c| c.name.clone()).collect();
+            match watermark::chunk_key(&src, spec, &names)
+                .await
+                .map_err(source_err(format!("reading the key of {source_display}")))?
+            {
+                Ok((key, partitioned)) => Some(WatermarkPlan {
+                    key,
+                    partitioned,
+                    agreed: agreed.clone(),
+                }),
+                Err(why) if agreed.any => {
+                    problems.push(format!(
+                        "table {source_display}: its load was started in watermark chunks \
+                         (reshard.watermark_chunks) but {why}; restore the key, or empty the \
+                         table on every shard and delete its rows from \
+                         reshard.watermark_chunks to load it under an exported snapshot"
+                    ));
+                    None
+                }
+                Err(why) => {
+                    tracing::warn!(table = %source_display, reason = %why,
+                        "[snapshot] mode = \"watermark\": this table has no integer primary key \
+                         (or replica identity index) to cut chunks on; it falls back to the \
+                         exported snapshot, held while it is copied");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let status = match &watermark {
+            None => exported_status,
+            Some(wm) if wm.agreed.finished => TableStatus::Finished {
+                as_of: wm.agreed.first_low.unwrap_or(Lsn::ZERO),
+                chunks: u32::try_from(wm.agreed.chunks).unwrap_or(u32::MAX),
+            },
+            Some(wm) if wm.agreed.any => TableStatus::Partial,
+            Some(_) => TableStatus::Fresh,
+        };
         // Target columns that COPY would leave NULL but that may not be.
         for (s, shard) in shards.iter().enumerate() {
             let Some(Some(tcols)) = targets.get(s).and_then(|t| t.get(i)) else {
@@ -560,6 +635,7 @@ pub(crate) async fn inspect(
             }
         }
         tables.push(PlannedTable {
+            source: spec.source.clone(),
             source_display,
             target_display,
             columns: copy
@@ -570,6 +646,7 @@ pub(crate) async fn inspect(
             relations: heaps.clone(),
             chunks,
             status,
+            watermark,
         });
     }
     if !problems.is_empty() {
@@ -589,12 +666,14 @@ pub(crate) async fn reset_targets(
     let truncate: Vec<&str> = to_copy
         .iter()
         .filter_map(|&i| plan.tables.get(i))
+        .filter(|t| t.watermark.is_none())
         .filter(|t| truncate_targets || t.status == TableStatus::Partial)
         .map(|t| t.target_display.as_str())
         .collect();
     let forget: Vec<String> = to_copy
         .iter()
         .filter_map(|&i| plan.tables.get(i))
+        .filter(|t| t.watermark.is_none())
         .map(|t| t.source_display.clone())
         .collect();
     for shard in shards {

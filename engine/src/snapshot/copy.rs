@@ -1,6 +1,7 @@
 //! Copy workers: each owns one source connection inside a transaction that imported the
 //! snapshot, and one connection per shard; it takes chunks from a shared queue and copies each
-//! one, reading it once and writing each row to the shard(s) it belongs to.
+//! one, reading it once and writing each row to the shard(s) it belongs to. [`copy_rows`], the
+//! read-route-write of one chunk, is shared with the watermark load (`watermark`).
 //!
 //! In: chunks (`COPY (SELECT cols FROM ONLY heap WHERE ctid range) TO STDOUT`, text format).
 //! Out: per shard, one transaction per chunk holding the chunk's rows for that shard (via
@@ -52,6 +53,7 @@ struct ChunkJob {
 /// What the workers share.
 pub(crate) struct CopyContext {
     tables: HashMap<usize, CopyTable>,
+    shards: Vec<ShardTarget>,
     shard_names: Vec<String>,
     route: RouteFn,
     throttles: Vec<Arc<Throttle>>,
@@ -99,7 +101,13 @@ impl CopyContext {
                     chunks_total: t.chunks_total(),
                 },
             );
-            for (id, chunk) in t.chunks.iter().enumerate() {
+            // A watermark table is read by key, not by these page ranges (see `watermark`).
+            let chunks = if t.watermark.is_some() {
+                &[][..]
+            } else {
+                t.chunks.as_slice()
+            };
+            for (id, chunk) in chunks.iter().enumerate() {
                 let Some(rel) = t.relations.get(chunk.relation) else {
                     continue;
                 };
@@ -127,12 +135,18 @@ impl CopyContext {
                     };
                     tp.chunks_total = t.chunks_total;
                     tp.chunks_done = 0;
+                    if let Some(wm) = plan.tables.get(i).and_then(|p| p.watermark.as_ref()) {
+                        tp.chunks_done = u32::try_from(wm.agreed.chunks).unwrap_or(0);
+                        tp.chunks_total = tp.chunks_total.max(tp.chunks_done + 1);
+                        tp.state = TableState::Pending;
+                    }
                 }
             }
         });
         let slots = options.max_concurrent_copies_per_shard.get();
         CopyContext {
             tables,
+            shards: shards.to_vec(),
             shard_names: shards.iter().map(|s| s.name.clone()).collect(),
             route,
             throttles,
@@ -157,15 +171,56 @@ impl CopyContext {
     fn jobs(&self) -> usize {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
+
+    /// The name of shard `s`, for messages.
+    pub(crate) fn shard_name(&self, s: usize) -> &str {
+        self.shard_names.get(s).map_or("shard", String::as_str)
+    }
+
+    /// Records a chunk committed on every shard in the progress. `last`: `Some(true)` for a
+    /// watermark table's last chunk, `Some(false)` for another of its chunks (the total is an
+    /// estimate), `None` for a planned chunk.
+    pub(crate) fn chunk_committed(&self, table: usize, copied: &Copied, last: Option<bool>) {
+        self.progress.send_modify(|p| {
+            if let Some(t) = p.tables.get_mut(table) {
+                t.add(copied.report_rows, copied.report_bytes);
+                t.chunks_done += 1;
+                match last {
+                    Some(true) => t.chunks_total = t.chunks_done,
+                    Some(false) => t.chunks_total = t.chunks_total.max(t.chunks_done + 1),
+                    None => {}
+                }
+                if t.chunks_done >= t.chunks_total {
+                    t.state = TableState::Done;
+                }
+            }
+        });
+    }
+}
+
+/// One connection per shard, set up for copying (no statement timeout).
+pub(crate) async fn shard_clients(ctx: &CopyContext) -> Result<Vec<Client>, SnapshotError> {
+    let mut targets = Vec::with_capacity(ctx.shards.len());
+    for shard in &ctx.shards {
+        let client = connect(&shard.name, &shard.connect).await?;
+        client
+            .batch_execute("SET statement_timeout = 0")
+            .await
+            .map_err(shard_err(
+                &shard.name,
+                "setting up a copy connection".into(),
+            ))?;
+        targets.push(client);
+    }
+    Ok(targets)
 }
 
 /// Opens the worker connections, imports the snapshot on each source connection, signals
 /// `imported`, then runs the workers to completion. The first error aborts every worker
 /// (dropping their connections rolls back their open chunk transactions).
 pub(crate) async fn run_workers(
-    ctx: CopyContext,
+    ctx: Arc<CopyContext>,
     source: &super::Connect,
-    shards: &[ShardTarget],
     snapshot: &ExportedSnapshot,
     parallel: usize,
     imported: Option<oneshot::Sender<()>>,
@@ -191,18 +246,7 @@ pub(crate) async fn run_workers(
             name: snapshot.name.clone(),
             source,
         })?;
-        let mut targets = Vec::with_capacity(shards.len());
-        for shard in shards {
-            let client = connect(&shard.name, &shard.connect).await?;
-            client
-                .batch_execute("SET statement_timeout = 0")
-                .await
-                .map_err(shard_err(
-                    &shard.name,
-                    "setting up a copy connection".into(),
-                ))?;
-            targets.push(client);
-        }
+        let targets = shard_clients(&ctx).await?;
         workers.push(Worker {
             id,
             source: src,
@@ -215,7 +259,6 @@ pub(crate) async fn run_workers(
     }
     tracing::info!(workers = n_workers, chunks = ctx.jobs(), snapshot = %snapshot.name,
         lsn = %snapshot.lsn, "full load copying");
-    let ctx = Arc::new(ctx);
     let mut set = JoinSet::new();
     for w in workers {
         let span = tracing::info_span!("fullload_worker", worker = w.id, snapshot = %snapshot.name);
@@ -285,132 +328,22 @@ impl Worker {
             return Ok((0, 0));
         };
         let what = || format!("copying table {} chunk {}", table.source_display, job.id);
-        let n = self.shards.len();
-
-        // Slots in shard order (no deadlock), then one transaction + COPY per shard.
-        let mut _permits: Vec<OwnedSemaphorePermit> = Vec::with_capacity(n);
-        for slot in &ctx.copy_slots {
-            let permit = slot
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|e| SnapshotError::Task {
-                    what: "copy slot".into(),
-                    message: e.to_string(),
-                })?;
-            _permits.push(permit);
-        }
-        let mut sinks: Vec<Sink> = Vec::with_capacity(n);
-        for (s, client) in self.shards.iter().enumerate() {
-            let name = ctx.shard_names.get(s).map_or("shard", String::as_str);
-            client
-                .batch_execute("BEGIN")
-                .await
-                .map_err(shard_err(name, what()))?;
-            let sink = client
-                .copy_in::<_, Bytes>(table.copy_in_sql.as_str())
-                .await
-                .map_err(shard_err(name, what()))?;
-            sinks.push(Box::pin(sink));
-        }
-        ctx.progress.send_modify(|p| {
-            if let Some(t) = p.tables.get_mut(job.table) {
-                t.add(0, 0);
-            }
-        });
-
-        let stream = self
-            .source
-            .copy_out(job.copy_out_sql.as_str())
-            .await
-            .map_err(source_err(what()))?;
-        let mut stream = std::pin::pin!(stream);
-        let mut batches: Vec<Batch> = (0..n).map(|_| Batch::default()).collect();
-        let mut shard_rows = vec![0i64; n];
-        let mut shard_bytes = vec![0i64; n];
-        let mut splitter = RowSplitter::default();
-        let (mut rows, mut bytes) = (0u64, 0u64);
-        let (mut report_rows, mut report_bytes) = (0u64, 0u64);
-        // Reading the stream is cancel-safe: a dropped chunk rolls back on every shard.
-        while let Some(part) = stream.next().await {
-            let part = part.map_err(source_err(what()))?;
-            bytes += part.len() as u64;
-            report_bytes += part.len() as u64;
-            splitter.feed(&part, |row| {
-                rows += 1;
-                report_rows += 1;
-                match &table.key {
-                    None => {
-                        for (s, b) in batches.iter_mut().enumerate() {
-                            b.buf.extend_from_slice(row);
-                            b.rows += 1;
-                            if let (Some(r), Some(by)) =
-                                (shard_rows.get_mut(s), shard_bytes.get_mut(s))
-                            {
-                                *r += 1;
-                                *by += row.len() as i64;
-                            }
-                        }
-                    }
-                    Some(key) => {
-                        let s = route_row(&ctx.route, table, key, job.id, row, n)?;
-                        if let Some(b) = batches.get_mut(s) {
-                            b.buf.extend_from_slice(row);
-                            b.rows += 1;
-                        }
-                        if let (Some(r), Some(by)) = (shard_rows.get_mut(s), shard_bytes.get_mut(s))
-                        {
-                            *r += 1;
-                            *by += row.len() as i64;
-                        }
-                    }
-                }
-                Ok::<(), SnapshotError>(())
-            })?;
-            for (s, (batch, sink)) in batches.iter_mut().zip(sinks.iter_mut()).enumerate() {
-                if batch.buf.len() >= ctx.batch_bytes {
-                    let name = ctx.shard_names.get(s).map_or("shard", String::as_str);
-                    let throttle = ctx.throttles.get(s).map(Arc::as_ref);
-                    flush(sink, throttle, batch)
-                        .await
-                        .map_err(shard_err(name, what()))?;
-                }
-            }
-            if report_bytes >= ctx.batch_bytes as u64 {
-                ctx.progress.send_modify(|p| {
-                    if let Some(t) = p.tables.get_mut(job.table) {
-                        t.add(report_rows, report_bytes);
-                    }
-                });
-                (report_rows, report_bytes) = (0, 0);
-            }
-        }
-        if let Some(left) = splitter.leftover() {
-            return Err(SnapshotError::Malformed {
-                table: table.source_display.clone(),
-                chunk: job.id,
-                detail: format!("the stream ended inside a row: [{}]", preview(left)),
-            });
-        }
-        for (s, (batch, sink)) in batches.iter_mut().zip(sinks.iter_mut()).enumerate() {
-            let name = ctx.shard_names.get(s).map_or("shard", String::as_str);
-            if !batch.buf.is_empty() {
-                let throttle = ctx.throttles.get(s).map(Arc::as_ref);
-                flush(sink, throttle, batch)
-                    .await
-                    .map_err(shard_err(name, what()))?;
-            }
-            sink.as_mut()
-                .finish()
-                .await
-                .map_err(shard_err(name, what()))?;
-        }
+        let copied = copy_rows(
+            ctx,
+            &self.source,
+            &self.shards,
+            job.table,
+            job.id,
+            &job.copy_out_sql,
+            false,
+        )
+        .await?;
         let total = i32::try_from(table.chunks_total).unwrap_or(i32::MAX);
         let id = i32::try_from(job.id).unwrap_or(i32::MAX);
         for (s, client) in self.shards.iter().enumerate() {
-            let name = ctx.shard_names.get(s).map_or("shard", String::as_str);
-            let r = shard_rows.get(s).copied().unwrap_or(0);
-            let b = shard_bytes.get(s).copied().unwrap_or(0);
+            let name = ctx.shard_name(s);
+            let r = copied.shard_rows.get(s).copied().unwrap_or(0);
+            let b = copied.shard_bytes.get(s).copied().unwrap_or(0);
             client
                 .execute(
                     "INSERT INTO reshard.fullload_chunks
@@ -432,18 +365,182 @@ impl Worker {
                 .await
                 .map_err(shard_err(name, what()))?;
         }
-        ctx.progress.send_modify(|p| {
-            if let Some(t) = p.tables.get_mut(job.table) {
-                t.add(report_rows, report_bytes);
-                t.chunks_done += 1;
-                if t.chunks_done >= t.chunks_total {
-                    t.state = TableState::Done;
+        ctx.chunk_committed(job.table, &copied, None);
+        tracing::debug!(table = %table.source_display, chunk = job.id, rows = copied.rows,
+            bytes = copied.bytes, "chunk copied");
+        Ok((copied.rows, copied.bytes))
+    }
+}
+
+/// One chunk read from the source and written into one open transaction per shard.
+pub(crate) struct Copied {
+    /// Source rows read.
+    pub rows: u64,
+    /// COPY bytes read.
+    pub bytes: u64,
+    /// Per shard, rows written.
+    pub shard_rows: Vec<i64>,
+    /// Per shard, bytes written.
+    pub shard_bytes: Vec<i64>,
+    /// The chunk's last row (when asked for).
+    pub last_row: Option<Vec<u8>>,
+    report_rows: u64,
+    report_bytes: u64,
+    /// The shards' copy slots, held until the caller commits (dropped with this value).
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// Reads one chunk with `copy_out_sql` on `source` (in whatever transaction the caller opened)
+/// and writes each row into the shard(s) it belongs to, inside one transaction per shard that
+/// is left open: the caller records the chunk in it and commits. Takes every shard's copy slot
+/// first, in shard order (no deadlock); they are released when the returned value is dropped.
+pub(crate) async fn copy_rows(
+    ctx: &CopyContext,
+    source: &Client,
+    shards: &[Client],
+    table_index: usize,
+    chunk: u32,
+    copy_out_sql: &str,
+    keep_last_row: bool,
+) -> Result<Copied, SnapshotError> {
+    let Some(table) = ctx.tables.get(&table_index) else {
+        return Err(SnapshotError::Task {
+            what: "copy".into(),
+            message: format!("table #{table_index} is not in the load"),
+        });
+    };
+    let what = || format!("copying table {} chunk {chunk}", table.source_display);
+    let n = shards.len();
+
+    // Slots in shard order (no deadlock), then one transaction + COPY per shard.
+    let mut permits: Vec<OwnedSemaphorePermit> = Vec::with_capacity(n);
+    for slot in &ctx.copy_slots {
+        let permit = slot
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| SnapshotError::Task {
+                what: "copy slot".into(),
+                message: e.to_string(),
+            })?;
+        permits.push(permit);
+    }
+    let mut sinks: Vec<Sink> = Vec::with_capacity(n);
+    for (s, client) in shards.iter().enumerate() {
+        let name = ctx.shard_name(s);
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(shard_err(name, what()))?;
+        let sink = client
+            .copy_in::<_, Bytes>(table.copy_in_sql.as_str())
+            .await
+            .map_err(shard_err(name, what()))?;
+        sinks.push(Box::pin(sink));
+    }
+    ctx.progress.send_modify(|p| {
+        if let Some(t) = p.tables.get_mut(table_index) {
+            t.add(0, 0);
+        }
+    });
+
+    let stream = source
+        .copy_out(copy_out_sql)
+        .await
+        .map_err(source_err(what()))?;
+    let mut stream = std::pin::pin!(stream);
+    let mut batches: Vec<Batch> = (0..n).map(|_| Batch::default()).collect();
+    let mut shard_rows = vec![0i64; n];
+    let mut shard_bytes = vec![0i64; n];
+    let mut splitter = RowSplitter::default();
+    let mut last_row: Vec<u8> = Vec::new();
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    let (mut report_rows, mut report_bytes) = (0u64, 0u64);
+    // Reading the stream is cancel-safe: a dropped chunk rolls back on every shard.
+    while let Some(part) = stream.next().await {
+        let part = part.map_err(source_err(what()))?;
+        bytes += part.len() as u64;
+        report_bytes += part.len() as u64;
+        splitter.feed(&part, |row| {
+            rows += 1;
+            report_rows += 1;
+            if keep_last_row {
+                last_row.clear();
+                last_row.extend_from_slice(row);
+            }
+            match &table.key {
+                None => {
+                    for (s, b) in batches.iter_mut().enumerate() {
+                        b.buf.extend_from_slice(row);
+                        b.rows += 1;
+                        if let (Some(r), Some(by)) = (shard_rows.get_mut(s), shard_bytes.get_mut(s))
+                        {
+                            *r += 1;
+                            *by += row.len() as i64;
+                        }
+                    }
+                }
+                Some(key) => {
+                    let s = route_row(&ctx.route, table, key, chunk, row, n)?;
+                    if let Some(b) = batches.get_mut(s) {
+                        b.buf.extend_from_slice(row);
+                        b.rows += 1;
+                    }
+                    if let (Some(r), Some(by)) = (shard_rows.get_mut(s), shard_bytes.get_mut(s)) {
+                        *r += 1;
+                        *by += row.len() as i64;
+                    }
                 }
             }
-        });
-        tracing::debug!(table = %table.source_display, chunk = job.id, rows, bytes, "chunk copied");
-        Ok((rows, bytes))
+            Ok::<(), SnapshotError>(())
+        })?;
+        for (s, (batch, sink)) in batches.iter_mut().zip(sinks.iter_mut()).enumerate() {
+            if batch.buf.len() >= ctx.batch_bytes {
+                let throttle = ctx.throttles.get(s).map(Arc::as_ref);
+                flush(sink, throttle, batch)
+                    .await
+                    .map_err(shard_err(ctx.shard_name(s), what()))?;
+            }
+        }
+        if report_bytes >= ctx.batch_bytes as u64 {
+            ctx.progress.send_modify(|p| {
+                if let Some(t) = p.tables.get_mut(table_index) {
+                    t.add(report_rows, report_bytes);
+                }
+            });
+            (report_rows, report_bytes) = (0, 0);
+        }
     }
+    if let Some(left) = splitter.leftover() {
+        return Err(SnapshotError::Malformed {
+            table: table.source_display.clone(),
+            chunk,
+            detail: format!("the stream ended inside a row: [{}]", preview(left)),
+        });
+    }
+    for (s, (batch, sink)) in batches.iter_mut().zip(sinks.iter_mut()).enumerate() {
+        let name = ctx.shard_name(s);
+        if !batch.buf.is_empty() {
+            let throttle = ctx.throttles.get(s).map(Arc::as_ref);
+            flush(sink, throttle, batch)
+                .await
+                .map_err(shard_err(name, what()))?;
+        }
+        sink.as_mut()
+            .finish()
+            .await
+            .map_err(shard_err(name, what()))?;
+    }
+    Ok(Copied {
+        rows,
+        bytes,
+        shard_rows,
+        shard_bytes,
+        last_row: (keep_last_row && rows > 0).then_some(last_row),
+        report_rows,
+        report_bytes,
+        _permits: permits,
+    })
 }
 
 /// The shard index of a sharded row.

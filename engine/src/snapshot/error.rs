@@ -109,6 +109,14 @@ pub enum SnapshotError {
         /// The tables, comma-separated.
         tables: String,
     },
+    /// The watermark chunks recorded for a table cannot be handed to CDC.
+    #[error("table {table}: watermark load: {message}")]
+    Watermark {
+        /// Source table.
+        table: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
 }
 
 impl Classify for SnapshotError {
@@ -127,7 +135,8 @@ impl Classify for SnapshotError {
             | SnapshotError::Malformed { .. }
             | SnapshotError::Config { .. }
             | SnapshotError::Task { .. }
-            | SnapshotError::NoSnapshot { .. } => ErrorClass::Definite,
+            | SnapshotError::NoSnapshot { .. }
+            | SnapshotError::Watermark { .. } => ErrorClass::Definite,
         }
     }
 }

@@ -36,6 +36,12 @@
 //!    changes committed below [`FullLoadReport::skip_until`]. The report is rebuilt from the
 //!    shards' records on every run, so it survives restarts.
 //!
+//! With `[snapshot] mode = "watermark"` ([`SnapshotMode::Watermark`]), tables with an integer
+//! key are copied in key-ordered chunks, each under its own short snapshot, and need no
+//! exported snapshot at all (`watermark`); the report then carries their chunk windows and
+//! [`FullLoadReport::handoff`] hands them to CDC (`handoff`, `window`). Only tables left in
+//! exported mode make [`PreparedLoad::needs_snapshot`] true.
+//!
 //! See `catalog` for the checks and how tables are chunked, `copy` for the worker loop and
 //! `indexes` for `defer_indexes`.
 
@@ -47,6 +53,8 @@ mod indexes;
 mod progress;
 mod rows;
 mod throttle;
+mod watermark;
+pub mod window;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -59,6 +67,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_postgres::Client;
 
 use crate::config::SnapshotConfig;
+pub use crate::config::SnapshotMode;
 use crate::event::{quote_ident, Oid, ShardId};
 use crate::lsn::Lsn;
 
@@ -181,6 +190,8 @@ pub struct FullLoadOptions {
     pub defer_indexes: bool,
     /// Bytes buffered per shard before a write.
     pub batch_bytes: NonZeroUsize,
+    /// How tables are read: under one exported snapshot, or in watermark chunks.
+    pub mode: SnapshotMode,
 }
 
 impl FullLoadOptions {
@@ -213,6 +224,7 @@ impl FullLoadOptions {
             truncate_targets: c.truncate_targets,
             defer_indexes: c.defer_indexes,
             batch_bytes: NonZeroUsize::new(BATCH_BYTES).unwrap_or(NonZeroUsize::MIN),
+            mode: c.mode,
         }
     }
 }
@@ -239,8 +251,12 @@ pub struct TableReport {
     pub rows: u64,
     /// COPY bytes read from the source in this run.
     pub bytes: u64,
-    /// The table was partly loaded by an earlier run and was emptied and copied again.
+    /// The table was partly loaded by an earlier run and was emptied and copied again (for a
+    /// watermark table: resumed after its last chunk on every shard).
     pub recopied: bool,
+    /// Loaded in watermark chunks: `as_of` is its first chunk's low watermark, and the
+    /// handoff uses its chunk windows, not `as_of`.
+    pub watermark: bool,
 }
 
 /// The outcome of a full load.
@@ -252,6 +268,8 @@ pub struct FullLoadReport {
     pub throttle: Vec<ThrottleStats>,
     /// Deferred secondary indexes rebuilt in this run.
     pub indexes_rebuilt: usize,
+    /// The chunk windows of the tables loaded in watermark chunks (`schema.table`, unquoted).
+    pub windows: HashMap<String, Arc<window::TableWindows>>,
 }
 
 impl FullLoadReport {
@@ -262,9 +280,18 @@ impl FullLoadReport {
     pub fn skip_until(&self, log_start: Lsn) -> HashMap<String, Lsn> {
         self.tables
             .iter()
-            .filter(|t| t.as_of > log_start)
+            .filter(|t| !t.watermark && t.as_of > log_start)
             .map(|t| (t.table.clone(), t.as_of))
             .collect()
+    }
+
+    /// What CDC must drop because the copy holds it: [`FullLoadReport::skip_until`] for the
+    /// tables copied under an exported snapshot, the chunk windows for the others.
+    pub fn handoff(&self, log_start: Lsn) -> handoff::Handoff {
+        handoff::Handoff {
+            skip_until: self.skip_until(log_start),
+            windows: self.windows.clone(),
+        }
     }
 
     /// The table's entry.
@@ -326,6 +353,7 @@ impl FullLoad {
             &self.tables,
             self.options.truncate_targets,
             self.options.chunk_rows.get(),
+            self.options.mode,
         )
         .await?;
         let progress = FullLoadProgress {
@@ -387,9 +415,12 @@ impl PreparedLoad {
             .min()
     }
 
-    /// Whether [`PreparedLoad::run`] needs a snapshot (some table must be copied).
+    /// Whether [`PreparedLoad::run`] needs an exported snapshot (some table must be copied
+    /// under one; a watermark table needs none).
     pub fn needs_snapshot(&self) -> bool {
-        !self.tables_to_copy().is_empty()
+        self.plan.tables.iter().any(|t| {
+            t.watermark.is_none() && !matches!(t.status, catalog::TableStatus::Finished { .. })
+        })
     }
 
     /// Receives progress updates.
@@ -430,47 +461,81 @@ impl PreparedLoad {
                 as_of.insert(i, lsn);
             }
         }
+        let exported: Vec<usize> = to_copy
+            .iter()
+            .copied()
+            .filter(|&i| plan.tables.get(i).is_some_and(|t| t.watermark.is_none()))
+            .collect();
+        let chunked: Vec<usize> = to_copy
+            .iter()
+            .copied()
+            .filter(|&i| plan.tables.get(i).is_some_and(|t| t.watermark.is_some()))
+            .collect();
         let mut copied: HashMap<usize, (u32, u64, u64)> = HashMap::new();
+        let mut ctx = None;
         if !to_copy.is_empty() {
-            let snapshot = snapshot.ok_or_else(|| SnapshotError::NoSnapshot {
-                tables: to_copy
-                    .iter()
-                    .filter_map(|&i| plan.tables.get(i))
-                    .map(|t| t.source_display.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
-            catalog::reset_targets(&load.shards, &plan, &to_copy, load.options.truncate_targets)
-                .await?;
             if load.options.defer_indexes {
                 indexes::defer(&load.shards, &plan, &to_copy).await?;
             }
-            let ctx = copy::CopyContext::new(
+            ctx = Some(Arc::new(copy::CopyContext::new(
                 &plan,
                 &to_copy,
                 &load.shards,
                 load.route.clone(),
                 throttles.clone(),
                 &load.options,
-                snapshot.lsn,
+                snapshot.as_ref().map_or(Lsn::ZERO, |s| s.lsn),
                 load.progress.clone(),
-            );
-            let stats = copy::run_workers(
-                ctx,
-                &load.source,
+            )));
+        }
+        if let (false, Some(ctx)) = (exported.is_empty(), &ctx) {
+            let snapshot = snapshot.ok_or_else(|| SnapshotError::NoSnapshot {
+                tables: exported
+                    .iter()
+                    .filter_map(|&i| plan.tables.get(i))
+                    .map(|t| t.source_display.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+            catalog::reset_targets(
                 &load.shards,
+                &plan,
+                &exported,
+                load.options.truncate_targets,
+            )
+            .await?;
+            let stats = copy::run_workers(
+                ctx.clone(),
+                &load.source,
                 &snapshot,
                 load.options.parallel.get(),
                 imported,
             )
             .await?;
-            for &i in &to_copy {
+            for &i in &exported {
                 as_of.insert(i, snapshot.lsn);
             }
             copied = stats;
         } else if let Some(tx) = imported {
             let _ = tx.send(());
         }
+        if let (false, Some(ctx)) = (chunked.is_empty(), ctx) {
+            watermark::reset(&load.shards, &plan, &chunked, load.options.truncate_targets).await?;
+            let stats = watermark::run(
+                ctx,
+                &plan,
+                &chunked,
+                &load.source,
+                load.options.parallel.get(),
+                load.options.chunk_rows.get(),
+            )
+            .await?;
+            copied.extend(stats);
+        }
+        let windows = match load.shards.first() {
+            Some(first) => watermark::windows(first, &plan).await?,
+            None => HashMap::new(),
+        };
         let indexes_rebuilt =
             indexes::rebuild(&load.shards, load.options.parallel.get(), &load.progress).await?;
         let tables = plan
@@ -490,6 +555,7 @@ impl PreparedLoad {
                     rows,
                     bytes,
                     recopied: matches!(t.status, catalog::TableStatus::Partial),
+                    watermark: t.watermark.is_some(),
                 }
             })
             .collect();
@@ -497,6 +563,7 @@ impl PreparedLoad {
             tables,
             throttle: throttles.iter().map(|t| t.stats()).collect(),
             indexes_rebuilt,
+            windows,
         })
     }
 }
@@ -531,11 +598,13 @@ mod tests {
             rows: 0,
             bytes: 0,
             recopied: false,
+            watermark: false,
         };
         let r = FullLoadReport {
             tables: vec![t("a", 100), t("b", 200)],
             throttle: vec![],
             indexes_rebuilt: 0,
+            windows: HashMap::new(),
         };
         let s = r.skip_until(Lsn::from_u64(100));
         assert_eq!(s.len(), 1);
