@@ -124,6 +124,36 @@ impl Setup {
         Ok(())
     }
 
+    /// Runs `reshard cutover -c <config> --shard <shard> [--no-verify]` to its end and returns
+    /// how long it took (wall clock: what an operator waits on). An exit status other than 0
+    /// (not safe, or failed) is an error carrying the command's output.
+    pub fn cutover(&self, shard: &str, verify: bool, timeout: Duration) -> Result<Duration> {
+        self.check_bin()?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["cutover", "-c"])
+            .arg(&self.config)
+            .args(["--shard", shard, "--timeout"])
+            .arg(timeout.as_secs().max(1).to_string());
+        if !verify {
+            cmd.arg("--no-verify");
+        }
+        let t = Instant::now();
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} cutover --shard {shard}", self.bin.display()))?;
+        let el = t.elapsed();
+        if !out.status.success() {
+            bail!(
+                "reshard cutover --shard {shard} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(el)
+    }
+
     /// Starts `reshard run -c <config> [--skip-full-load]`.
     pub fn spawn(&self, skip_full_load: bool) -> Result<Daemon> {
         self.check_bin()?;
@@ -131,6 +161,9 @@ impl Setup {
             .with_context(|| format!("creating {}", self.log.display()))?;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("run").arg("-c").arg(&self.config);
+        // Its shard connections must show as `application_name = reshard` (the shard-side CPU
+        // sampler finds them by it; see `procstat::APPLYING_BACKENDS_SQL`).
+        cmd.env_remove("PGAPPNAME");
         if skip_full_load {
             cmd.arg("--skip-full-load");
         }

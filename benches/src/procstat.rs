@@ -2,9 +2,10 @@
 //! walsenders, the reshard process and its spill directory.
 //!
 //! In: pids (the reshard child; walsender pids found through `pg_replication_slots.active_pid`
-//! of the slots being measured). Out: [`Samples`]: CPU seconds (`utime + stime` of
-//! `/proc/<pid>/stat`) of each process at its last sample, peak RSS (`VmHWM` of
-//! `/proc/<pid>/status`) and the spill directory's largest size. A process's counters vanish
+//! of the slots being measured; the shard servers' backends that apply a contestant's changes,
+//! found through `pg_stat_activity` of its shard databases). Out: [`Samples`]: CPU seconds
+//! (`utime + stime` of `/proc/<pid>/stat`) of each process at its last sample, peak RSS (`VmHWM`
+//! of `/proc/<pid>/status`) and the spill directory's largest size. A process's counters vanish
 //! when it exits, so the sampler reads them every [`INTERVAL`] and once more when stopped, just
 //! before the caller stops the consumer; the last value seen is the process's total.
 //! See `proc(5)`.
@@ -79,6 +80,10 @@ pub struct Samples {
     pub process_hwm_kib: Option<u64>,
     /// Largest size of the spill directory, bytes.
     pub spill_max_bytes: Option<u64>,
+    /// Last CPU seconds seen per applying backend on the shard servers: `(shard, pid)`.
+    pub shard_backend_cpu: BTreeMap<(usize, u32), f64>,
+    /// Whether the shard servers' backends were sampled at all (they must be on this machine).
+    pub shard_backends_sampled: bool,
 }
 
 impl Samples {
@@ -86,7 +91,23 @@ impl Samples {
     pub fn walsender_cpu_total(&self) -> f64 {
         self.walsender_cpu.values().sum()
     }
+
+    /// CPU seconds of all applying shard backends seen.
+    pub fn shard_backend_cpu_total(&self) -> f64 {
+        self.shard_backend_cpu.values().sum()
+    }
 }
+
+/// The backends of a shard database that apply a contestant's changes: native logical
+/// replication's workers (`backend_type` `logical replication worker` on PostgreSQL 15,
+/// `logical replication apply worker` / `… parallel worker` from 16) and reshard's own
+/// connections (`application_name` `reshard`). The benchmark's own monitoring connections set
+/// no `application_name` and are not counted.
+/// See <https://www.postgresql.org/docs/current/monitoring-stats.html#MONITORING-PG-STAT-ACTIVITY-VIEW>.
+pub const APPLYING_BACKENDS_SQL: &str = "SELECT pid FROM pg_stat_activity \
+     WHERE datname = current_database() AND pid <> pg_backend_pid() \
+       AND (backend_type LIKE 'logical replication%' \
+            OR (backend_type = 'client backend' AND application_name LIKE 'reshard%'))";
 
 /// What to watch.
 #[derive(Debug, Clone, Default)]
@@ -106,7 +127,18 @@ pub struct Sampler {
     task: JoinHandle<Samples>,
 }
 
-async fn sample_once(src: Option<&Client>, w: &Watch, s: &mut Samples) {
+async fn sample_once(src: Option<&Client>, shards: &[Client], w: &Watch, s: &mut Samples) {
+    for (k, c) in shards.iter().enumerate() {
+        if let Ok(rows) = c.query(APPLYING_BACKENDS_SQL, &[]).await {
+            s.shard_backends_sampled = true;
+            for r in rows {
+                let pid: i32 = r.get(0);
+                if let Some(cpu) = cpu_secs(pid as u32) {
+                    s.shard_backend_cpu.insert((k, pid as u32), cpu);
+                }
+            }
+        }
+    }
     if let (Some(c), Some(like)) = (src, &w.slot_like) {
         if let Ok(rows) = c
             .query(
@@ -140,13 +172,15 @@ async fn sample_once(src: Option<&Client>, w: &Watch, s: &mut Samples) {
 
 impl Sampler {
     /// Starts sampling. `src` is an SQL connection to the source (used to find walsender pids),
-    /// `None` when the source is not on this machine.
-    pub fn start(src: Option<Client>, w: Watch) -> Sampler {
+    /// `None` when the source is not on this machine; `shards` are connections to the
+    /// contestant's shard databases, in shard order, whose applying backends are sampled (empty
+    /// when the shards are not on this machine or not measured).
+    pub fn start(src: Option<Client>, shards: Vec<Client>, w: Watch) -> Sampler {
         let (stop, mut rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             let mut s = Samples::default();
             loop {
-                sample_once(src.as_ref(), &w, &mut s).await;
+                sample_once(src.as_ref(), &shards, &w, &mut s).await;
                 tokio::select! {
                     biased;
                     // Cancel-safe: a watch change is not lost.
@@ -154,7 +188,7 @@ impl Sampler {
                     _ = tokio::time::sleep(INTERVAL) => {}
                 }
             }
-            sample_once(src.as_ref(), &w, &mut s).await;
+            sample_once(src.as_ref(), &shards, &w, &mut s).await;
             s
         });
         Sampler { stop, task }

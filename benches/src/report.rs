@@ -28,6 +28,48 @@ pub struct Figure {
     pub note: Option<String>,
 }
 
+/// How a goal judges reshard's figure `a` against the comparison's `b`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Goal {
+    /// `a / b >= r` (needs both).
+    RatioAtLeast(f64),
+    /// `a / b <= r` (needs both).
+    RatioAtMost(f64),
+    /// `a / b < r` (needs both).
+    RatioBelow(f64),
+    /// `a <= limit`, in the figures' unit (the comparison is shown, not needed).
+    AtMost(f64),
+    /// No goal: the ratio is shown for information.
+    Info,
+}
+
+impl Goal {
+    /// Whether `a` (and `b`) meet the goal; `None` when a needed figure is missing or there
+    /// is no goal.
+    pub fn met(self, a: Option<f64>, b: Option<f64>) -> Option<bool> {
+        // A small tolerance so that a figure exactly at the limit is not failed by rounding.
+        const EPS: f64 = 1e-9;
+        match (self, a, b) {
+            (Goal::RatioAtLeast(r), Some(a), Some(b)) => Some(a >= r * b * (1.0 - EPS)),
+            (Goal::RatioAtMost(r), Some(a), Some(b)) => Some(a <= r * b * (1.0 + EPS)),
+            (Goal::RatioBelow(r), Some(a), Some(b)) => Some(a < r * b),
+            (Goal::AtMost(x), Some(a), _) => Some(a <= x * (1.0 + EPS)),
+            _ => None,
+        }
+    }
+
+    /// The goal as the report shows it.
+    pub fn describe(self, unit: &str) -> String {
+        match self {
+            Goal::RatioAtLeast(r) => format!("ratio >= {r}"),
+            Goal::RatioAtMost(r) => format!("ratio <= {r:.3}"),
+            Goal::RatioBelow(r) => format!("ratio < {r}"),
+            Goal::AtMost(x) => format!("reshard <= {x} {unit}"),
+            Goal::Info => "(no goal; for information)".into(),
+        }
+    }
+}
+
 /// A goal: reshard's figure next to a comparison's, their ratio, and whether the goal is met.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
@@ -135,6 +177,22 @@ impl Report {
         });
     }
 
+    /// Records a figure with a note that qualifies it (e.g. the setting it was measured under).
+    pub fn add_noted(
+        &mut self,
+        scenario: &str,
+        contestant: &str,
+        metric: &str,
+        value: f64,
+        unit: &str,
+        note: &str,
+    ) {
+        self.add(scenario, contestant, metric, value, unit);
+        if let Some(f) = self.figures.last_mut() {
+            f.note = Some(note.into());
+        }
+    }
+
     /// Records a figure that could not be measured, with the reason.
     pub fn missing(&mut self, scenario: &str, contestant: &str, metric: &str, why: &str) {
         self.figures.push(Figure {
@@ -147,6 +205,11 @@ impl Report {
         });
     }
 
+    /// Whether any figure of `scenario` was recorded (measured or missing).
+    pub fn has_scenario(&self, scenario: &str) -> bool {
+        self.figures.iter().any(|f| f.scenario == scenario)
+    }
+
     /// A recorded value.
     pub fn get(&self, scenario: &str, contestant: &str, metric: &str) -> Option<f64> {
         self.figures
@@ -155,8 +218,8 @@ impl Report {
             .and_then(|f| f.value)
     }
 
-    /// Adds a comparison of two recorded figures. `met` judges the ratio (reshard/comparison).
-    #[allow(clippy::too_many_arguments)]
+    /// Adds a goal row: reshard's figure, the comparison's, their ratio and whether `goal` is
+    /// met.
     pub fn compare(
         &mut self,
         scenario: &str,
@@ -164,15 +227,10 @@ impl Report {
         reshard: Option<f64>,
         comparison: Option<f64>,
         unit: &str,
-        goal: &str,
-        met: impl Fn(f64, f64) -> bool,
+        goal: Goal,
     ) {
         let ratio = match (reshard, comparison) {
             (Some(a), Some(b)) if b != 0.0 => Some(a / b),
-            _ => None,
-        };
-        let ok = match (reshard, comparison) {
-            (Some(a), Some(b)) => Some(met(a, b)),
             _ => None,
         };
         self.comparisons.push(Comparison {
@@ -182,8 +240,8 @@ impl Report {
             comparison,
             unit: unit.into(),
             ratio,
-            goal: goal.into(),
-            met: ok,
+            goal: goal.describe(unit),
+            met: goal.met(reshard, comparison),
         });
     }
 
@@ -236,6 +294,7 @@ impl Report {
                 match c.met {
                     Some(true) => "yes",
                     Some(false) => "NO",
+                    None if c.goal.starts_with('(') => "-",
                     None => "not measured",
                 }
             ));
@@ -319,8 +378,7 @@ mod tests {
             a,
             b,
             "changes/s",
-            ">= 1.0",
-            |a, b| a >= b,
+            Goal::RatioAtLeast(1.5),
         );
         r.compare(
             "catchup",
@@ -328,19 +386,55 @@ mod tests {
             a,
             None,
             "changes/s",
-            ">= 1.0",
-            |a, b| a >= b,
+            Goal::RatioAtLeast(1.0),
         );
+        r.compare("catchup", "ratio only", a, b, "changes/s", Goal::Info);
         assert_eq!(r.comparisons[0].ratio, Some(1.5));
         assert_eq!(r.comparisons[0].met, Some(true));
         assert_eq!(r.comparisons[1].met, None);
+        assert_eq!(r.comparisons[2].met, None);
         let md = r.markdown();
         assert!(
             md.contains(
-                "| catchup | vs native | 90000 | 60000 | changes/s | 1.500 | >= 1.0 | yes |"
+                "| catchup | vs native | 90000 | 60000 | changes/s | 1.500 | ratio >= 1.5 | yes |"
             ),
             "{md}"
         );
-        assert!(md.contains("not measured"));
+        assert!(
+            md.contains("| vs nothing | 90000 | - | changes/s | - | ratio >= 1 | not measured |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 1.500 | (no goal; for information) | - |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn goals_judge_ratios_and_limits() {
+        assert_eq!(
+            Goal::RatioAtLeast(1.5).met(Some(149.0), Some(100.0)),
+            Some(false)
+        );
+        assert_eq!(
+            Goal::RatioAtLeast(1.5).met(Some(150.0), Some(100.0)),
+            Some(true)
+        );
+        assert_eq!(
+            Goal::RatioAtMost(0.25).met(Some(2.0), Some(8.0)),
+            Some(true)
+        );
+        assert_eq!(
+            Goal::RatioAtMost(0.25).met(Some(2.1), Some(8.0)),
+            Some(false)
+        );
+        assert_eq!(Goal::RatioBelow(1.0).met(Some(8.0), Some(8.0)), Some(false));
+        assert_eq!(Goal::RatioBelow(1.0).met(Some(7.9), Some(8.0)), Some(true));
+        // A limit needs only reshard's figure.
+        assert_eq!(Goal::AtMost(15.0).met(Some(15.0), None), Some(true));
+        assert_eq!(Goal::AtMost(15.0).met(Some(15.1), Some(1.0)), Some(false));
+        assert_eq!(Goal::AtMost(15.0).met(None, Some(1.0)), None);
+        assert_eq!(Goal::Info.met(Some(1.0), Some(1.0)), None);
+        assert_eq!(Goal::AtMost(256.0).describe("MiB"), "reshard <= 256 MiB");
     }
 }

@@ -40,6 +40,8 @@ fn quick_run_without_reshard_measures_every_comparison() {
             "2",
             "--steady-secs",
             "3",
+            "--light-secs",
+            "3",
         ])
         .args(["--changes", "20000", "--fullload-scale", "0.4"])
         .arg("--results-dir")
@@ -81,17 +83,39 @@ fn quick_run_without_reshard_measures_every_comparison() {
     for (s, c, m) in [
         ("catchup", "ceiling", "changes_per_sec"),
         ("catchup", "native", "changes_per_sec"),
+        ("catchup-1row", "ceiling", "changes_per_sec"),
+        ("catchup-1row", "native", "changes_per_sec"),
+        ("catchup-5row", "ceiling", "changes_per_sec"),
+        ("catchup-5row", "native", "changes_per_sec"),
         ("fullload", "raw-copy", "rows_per_sec"),
         ("fullload", "native", "rows_per_sec"),
+        ("fullload", "native", "mib_per_sec"),
         ("cost", "native", "walsender_cpu_s_per_1M_changes"),
+        ("cost", "native", "shard_cpu_s_per_1M_changes"),
+        ("cost-1row", "native", "shard_cpu_s_per_1M_changes"),
+        ("cost-5row", "native", "shard_cpu_s_per_1M_changes"),
     ] {
         assert!(must(s, c, m) > 0.0, "{s}/{c}/{m}");
     }
+    // The backlogs have the shapes they claim: one row per transaction, or five.
+    for (s, rows_per_txn) in [("catchup-1row", 1.0), ("catchup-5row", 5.0)] {
+        let changes = must(s, "backlog", "changes");
+        let txns = must(s, "ceiling", "txns");
+        let per = changes / txns;
+        assert!(
+            (rows_per_txn * 0.95..=rows_per_txn * 1.05).contains(&per),
+            "{s}: {changes} changes in {txns} transactions"
+        );
+    }
+    // Native's apply workers ran on both shards.
+    assert_eq!(must("catchup-1row", "native", "shard_backends"), 2.0);
     // Two shards, two native walsenders.
     assert_eq!(must("catchup", "native", "walsenders"), 2.0);
     // Fast but wrong does not count: each contestant's shards hold exactly their share.
     for (s, c) in [
         ("catchup", "native"),
+        ("catchup-1row", "native"),
+        ("catchup-5row", "native"),
         ("fullload", "raw-copy"),
         ("fullload", "native"),
     ] {
@@ -101,6 +125,23 @@ fn quick_run_without_reshard_measures_every_comparison() {
     let p99 = must("steady", "native", "p99_ms");
     assert!(p50 <= p99 && p99 > 0.0, "p50 {p50} p99 {p99}");
     assert!(must("steady", "native", "probes") > 100.0);
+    // Light load: the probes are the load, at the asked rate, the source committing
+    // synchronously (and the report says so next to the figure).
+    let p50 = must("light", "native", "p50_ms");
+    let p99 = must("light", "native", "p99_ms");
+    assert!(p50 <= p99 && p99 > 0.0, "light p50 {p50} p99 {p99}");
+    let rate = must("light", "native", "achieved_txns_per_sec");
+    assert!((60.0..=160.0).contains(&rate), "light rate {rate}");
+    let note = report["figures"]
+        .as_array()
+        .and_then(|fs| {
+            fs.iter().find(|f| {
+                f["scenario"] == "light" && f["contestant"] == "native" && f["metric"] == "p99_ms"
+            })
+        })
+        .and_then(|f| f["note"].as_str())
+        .unwrap_or_default();
+    assert!(note.contains("synchronous_commit=on"), "{note}");
     // reshard was not asked for: its goals are reported as not measured, not invented.
     assert!(figure(&report, "catchup", "reshard", "changes_per_sec").is_none());
     assert!(stdout.contains("not measured"));

@@ -287,10 +287,25 @@ pub async fn write_mix(
     large_percent: u32,
     seed: f64,
 ) -> Result<u64, tokio_postgres::Error> {
+    write_mix_txns(client, changes, accounts, large_percent, 1, seed).await
+}
+
+/// [`write_mix`] with its single-row statements grouped: each transaction holds single-row
+/// statements on one account until it has at least `txn_rows` rows (1: every statement its
+/// own transaction, as [`write_mix`]). Large statements still commit on their own.
+pub async fn write_mix_txns(
+    client: &Client,
+    changes: u64,
+    accounts: u32,
+    large_percent: u32,
+    txn_rows: u32,
+    seed: f64,
+) -> Result<u64, tokio_postgres::Error> {
     // Simple protocol: a procedure that COMMITs must not run inside an implicit transaction.
     let sql = format!(
-        "CALL bench.write_mix({changes}, {accounts}, {large_percent}, {})",
-        seed.clamp(-1.0, 1.0)
+        "CALL bench.write_mix({changes}, {accounts}, {large_percent}, {}, 0, {})",
+        seed.clamp(-1.0, 1.0),
+        txn_rows.max(1)
     );
     let mut written = 0u64;
     for m in client.simple_query(&sql).await? {
@@ -361,32 +376,34 @@ mod tests {
         )
         .await
         .unwrap();
-        let before: i64 = client
-            .query_one(
-                "SELECT xact_commit FROM pg_stat_database WHERE datname = 'app'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        // Commits so far in database `app` (the statistics flushed first).
+        async fn commits(client: &Client) -> i64 {
+            client
+                .execute("SELECT pg_stat_force_next_flush()", &[])
+                .await
+                .unwrap();
+            client
+                .query_one(
+                    "SELECT xact_commit FROM pg_stat_database WHERE datname = 'app'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0)
+        }
+        let before = commits(&client).await;
         let written = write_mix(&client, 5_000, 20, 5, 0.25).await.unwrap();
         assert!((5_000..5_300).contains(&written), "{written}");
-        client
-            .execute("SELECT pg_stat_force_next_flush()", &[])
-            .await
-            .unwrap();
-        let after: i64 = client
-            .query_one(
-                "SELECT xact_commit FROM pg_stat_database WHERE datname = 'app'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let after = commits(&client).await;
         // 95 % of the transactions are single-row, 5 % carry 100-299 rows: about 460 commits
         // (far more than the 17-50 of only large ones, far fewer than 5000 single-row ones).
-        let commits = after - before;
-        assert!((200..2_000).contains(&commits), "{commits} commits");
+        let n = after - before;
+        assert!((200..2_000).contains(&n), "{n} commits");
+        // Grouped: single-row statements only, 5 rows per commit: about 400 commits.
+        let written = write_mix_txns(&client, 2_000, 20, 0, 5, 0.5).await.unwrap();
+        assert!((2_000..2_010).contains(&written), "{written}");
+        let n = commits(&client).await - after;
+        assert!((390..=420).contains(&n), "{n} commits of 5 rows");
         let moved: i64 = client
             .query_one(
                 "SELECT count(*) FROM events WHERE kind IN ('bulk', 'seen', 'live')",

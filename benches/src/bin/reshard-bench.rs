@@ -25,12 +25,13 @@ struct Args {
     /// Number of shards.
     #[arg(long, default_value_t = 4)]
     shards: usize,
-    /// Scenarios to run, comma-separated: catchup, fullload, steady, cost (cost is measured
-    /// during catchup).
+    /// Scenarios to run, comma-separated: catchup (the mixed workload), catchup-1row,
+    /// catchup-5row, fullload, steady, light, cost (cost is measured during the catch-ups;
+    /// alone it means catchup).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "catchup,fullload,steady,cost"
+        default_value = "catchup,catchup-1row,catchup-5row,fullload,steady,light,cost"
     )]
     scenario: Vec<String>,
     /// Use this source server (libpq URL; the benchmark creates and drops rb_* databases on
@@ -46,13 +47,17 @@ struct Args {
     /// Run only the comparisons (native, raw COPY, ceiling), not reshard.
     #[arg(long)]
     without_reshard: bool,
-    /// Row changes in the catch-up backlog (default 1 000 000; quick 50 000).
+    /// Row changes in each catch-up backlog (default 1 000 000; quick 50 000).
     #[arg(long)]
     changes: Option<u64>,
-    /// Share of large (100-299 row) transactions in the write mix, percent (the rest are
-    /// single-row). At 2, about 80 % of the changes arrive in large transactions.
+    /// Share of large (100-299 row) transactions in the mixed write mix (catchup, steady),
+    /// percent (the rest are single-row). At 2, about 80 % of the changes arrive in large
+    /// transactions.
     #[arg(long, default_value_t = 2)]
     large_percent: u32,
+    /// Rows per transaction of the catchup-5row backlog.
+    #[arg(long, default_value_t = 5)]
+    small_txn_rows: u32,
     /// Scale of the full-load data as a fraction of the default (about 1 000 000 rows; quick
     /// about 50 000).
     #[arg(long)]
@@ -64,6 +69,12 @@ struct Args {
     /// native's without reshard; quick: 2000).
     #[arg(long)]
     steady_rate: Option<u64>,
+    /// Light load: single-row transactions per second, the source at synchronous_commit = on.
+    #[arg(long, default_value_t = 150)]
+    light_rate: u64,
+    /// Light-load duration in seconds (default 30; quick 10).
+    #[arg(long)]
+    light_secs: Option<u64>,
     /// Where to write `<timestamp>.json` and `latest.md`.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     results_dir: PathBuf,
@@ -72,7 +83,15 @@ struct Args {
     timeout_secs: u64,
 }
 
-const SCENARIOS: &[&str] = &["catchup", "fullload", "steady", "cost"];
+const SCENARIOS: &[&str] = &[
+    "catchup",
+    "catchup-1row",
+    "catchup-5row",
+    "fullload",
+    "steady",
+    "light",
+    "cost",
+];
 
 fn main() {
     let args = Args::parse();
@@ -128,6 +147,7 @@ async fn run(args: Args) -> Result<bool> {
             .changes
             .unwrap_or(if quick { 50_000 } else { 1_000_000 }),
         large_percent: args.large_percent.min(100),
+        small_txn_rows: args.small_txn_rows.max(1),
         accounts: if quick { 200 } else { 1000 },
         base_customers: if quick { 100 } else { 1000 },
         base_events: if quick { 1000 } else { 15_000 },
@@ -138,6 +158,8 @@ async fn run(args: Args) -> Result<bool> {
         steady_rate: args.steady_rate,
         steady_fallback_rate: 2000,
         probe_interval_ms: 5,
+        light_rate: args.light_rate.max(1),
+        light_secs: args.light_secs.unwrap_or(if quick { 10 } else { 30 }),
         timeout_secs: args.timeout_secs,
         work_dir: work.path().to_owned(),
     };
@@ -215,10 +237,15 @@ async fn run(args: Args) -> Result<bool> {
             rep.notes.push(format!("fullload could not run: {e:#}"));
         }
     }
-    if has("catchup") || has("cost") {
-        if let Err(e) = scenarios::catchup(&topo, &set, &mut rep).await {
+    for mix in scenarios::MIXES {
+        let wanted = has(mix.scenario) || (mix == scenarios::MIXED && has("cost"));
+        if !wanted {
+            continue;
+        }
+        if let Err(e) = scenarios::catchup(&topo, &set, &mut rep, mix).await {
             ok = false;
-            rep.notes.push(format!("catchup could not run: {e:#}"));
+            rep.notes
+                .push(format!("{} could not run: {e:#}", mix.scenario));
         }
     }
     if has("steady") {
@@ -233,6 +260,12 @@ async fn run(args: Args) -> Result<bool> {
         if let Err(e) = scenarios::steady(&topo, &set, &mut rep, rate.max(1)).await {
             ok = false;
             rep.notes.push(format!("steady could not run: {e:#}"));
+        }
+    }
+    if has("light") {
+        if let Err(e) = scenarios::light(&topo, &set, &mut rep).await {
+            ok = false;
+            rep.notes.push(format!("light could not run: {e:#}"));
         }
     }
     scenarios::compare(&mut rep, args.shards);
