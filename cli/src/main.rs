@@ -59,6 +59,11 @@ pub enum Command {
     Slot(SlotArgs),
     /// Stream a slot and print decoded changes as JSON lines.
     Peek(PeekArgs),
+    /// Refuse the application's writes to one shard's accounts: on the source (rows that route
+    /// to the shard) or on the shard itself (every write to its sharded tables).
+    Fence(FenceArgs),
+    /// Lift a fence installed by `fence` or `cutover --fence`.
+    Unfence(FenceArgs),
     /// Changes that could not be routed (NULL shard key, unknown account): list them, replay
     /// them with the current account map, or drop them.
     Quarantine(QuarantineArgs),
@@ -185,9 +190,38 @@ pub struct CutoverArgs {
     /// Skip the verification of the shard.
     #[arg(long)]
     pub no_verify: bool,
+    /// First fence the shard's accounts on the source (their writes are refused there from
+    /// then on; the fence stays until `reshard unfence`).
+    #[arg(long)]
+    pub fence: bool,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FenceArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The shard whose writes are refused.
+    #[arg(long)]
+    pub shard: String,
+    /// Where: `source` (rows that route to the shard) or `shard` (every write to the shard's
+    /// sharded tables, on the shard).
+    #[arg(long, value_enum, default_value_t = FenceOn::Source)]
+    pub on: FenceOn,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where a fence goes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FenceOn {
+    /// The source.
+    Source,
+    /// The shard's own database.
+    Shard,
 }
 
 #[derive(Args, Debug)]

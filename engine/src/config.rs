@@ -458,12 +458,19 @@ pub struct CutoverConfig {
     /// 1000.
     #[serde(default = "default_sequence_gap")]
     pub sequence_gap: i64,
+    /// Longest wait for each table lock when a fence is installed or removed
+    /// (`lock_timeout`), milliseconds. Default 2000: a long transaction on a fenced table makes
+    /// `fence`/`cutover --fence` fail with its name instead of queueing the application's writes
+    /// behind the fence's lock.
+    #[serde(default = "default_fence_lock_timeout_ms")]
+    pub fence_lock_timeout_ms: u64,
 }
 
 impl Default for CutoverConfig {
     fn default() -> Self {
         CutoverConfig {
             sequence_gap: default_sequence_gap(),
+            fence_lock_timeout_ms: default_fence_lock_timeout_ms(),
         }
     }
 }
@@ -533,6 +540,9 @@ fn default_admin_metrics() -> String {
 }
 fn default_sequence_gap() -> i64 {
     1000
+}
+fn default_fence_lock_timeout_ms() -> u64 {
+    2000
 }
 
 /// A table rule after defaults: source and target names are `schema.table`.

@@ -11,6 +11,7 @@ pub(crate) use crate::common;
 mod check;
 mod config_keys;
 mod cutover;
+mod fence;
 mod status;
 mod table_set;
 mod verify;

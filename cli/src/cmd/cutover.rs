@@ -1,12 +1,17 @@
-//! `reshard cutover --shard S`: wait until S has applied everything the source committed
-//! before the command started, move its sequences past the source's, verify it, report.
+//! `reshard cutover --shard S [--fence]`: (fence S's accounts on the source,) wait until S has
+//! applied everything the source committed before the command started, move its sequences
+//! past the source's, verify it, report.
 //!
 //! Exit codes: 0 = safe to point the shard's accounts at it; 1 = not safe (timed out with the
 //! shard still behind, a verify mismatch, a sequence that could not be set); 2 = config or
 //! argument error (unknown shard, bad `--timeout`); 3 = could not complete (unreachable
-//! endpoint, the shard has never been fed by reshard, a failing query).
+//! endpoint, the shard has never been fed by reshard, a failing query, a fence that could not
+//! be installed, e.g. its table locks not granted within `[cutover] fence_lock_timeout_ms`).
+//! With `--fence`, the fence stays in place whatever the outcome; run the command again to
+//! resume, or `reshard unfence --shard S` to lift it.
 
 use reshard_engine::ops::cutover::{cutover, CutoverError, CutoverOptions, CutoverReport};
+use reshard_engine::ops::fence::FenceError;
 
 use super::check::table;
 use crate::output::{load_config, CmdResult, Failure};
@@ -22,6 +27,7 @@ pub async fn run(args: CutoverArgs) -> CmdResult {
         timeout,
         verify: !args.no_verify,
         router: None,
+        fence: args.fence,
     };
     let report = match cutover(&config, &opts).await {
         Ok(r) => r,
@@ -36,6 +42,10 @@ pub async fn run(args: CutoverArgs) -> CmdResult {
                 CutoverError::UnknownShard { .. } => Failure::usage(e),
                 CutoverError::Timeout { .. } => Failure::problem(e),
                 CutoverError::Verify { source, .. } => super::verify::verify_failure(source),
+                CutoverError::Fence {
+                    source: FenceError::UnknownShard { .. } | FenceError::Config(_),
+                    ..
+                } => Failure::usage(e),
                 other => Failure::failed(other),
             });
         }
@@ -62,6 +72,13 @@ fn render(r: &CutoverReport) -> String {
         "shard {}: reached source LSN {} (progress {}) after waiting {:.1}s ({})\n\n",
         r.shard, r.target_lsn, r.reached_lsn, r.waited_secs, r.marker
     );
+    match &r.fence {
+        Some(f) => out.push_str(&format!(
+            "fence: shard {} fenced on the source since {} ({:.1}s of refused writes so far, {} refused); it stays until `reshard unfence --shard {}`\n\n",
+            r.shard, f.installed_at, f.fenced_secs, f.refused, r.shard
+        )),
+        None => out.push_str("fence: none (writes to the shard's accounts on the source were not refused; use --fence to close that window)\n\n"),
+    }
     let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
     if r.sequences.is_empty() {
         out.push_str("sequences: none in the replicated schemas\n");

@@ -463,6 +463,7 @@ async fn verify_and_cut_over(env: &Env) -> Result<(VerifyReport, CutoverReport),
             timeout: PHASE_TIMEOUT,
             verify: true,
             router: None,
+            fence: false,
         },
     )
     .await

@@ -8,6 +8,7 @@ use crate::Command;
 mod check;
 mod cutover;
 mod demo;
+mod fence;
 mod lag;
 mod peek;
 mod quarantine;
@@ -28,6 +29,8 @@ pub async fn dispatch(command: Command) -> ExitCode {
         Command::Cutover(a) => cutover::run(a).await,
         Command::Slot(a) => slot::run(a).await,
         Command::Peek(a) => peek::run(a).await,
+        Command::Fence(a) => fence::run_fence(a).await,
+        Command::Unfence(a) => fence::run_unfence(a).await,
         Command::Quarantine(a) => quarantine::run(a).await,
         Command::Demo(a) => demo::run(a).await,
     };

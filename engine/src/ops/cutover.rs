@@ -1,9 +1,15 @@
-//! Cutover of one shard (`reshard cutover --shard S`).
+//! Cutover of one shard (`reshard cutover --shard S [--fence]`).
 //!
 //! In: the config, the shard's name, a timeout. Out: a [`CutoverReport`] saying whether the
 //! application may now send that shard's accounts to it.
 //!
 //! Steps, in order (each one is a precondition of the next):
+//! 0. With `--fence`: fence the shard's accounts on the source ([`crate::ops::fence`]): from the
+//!    fence's commit on, the source refuses every write that routes to the shard, so the
+//!    marker of step 1 is the last source position the shard ever needs; the race between the
+//!    wait and the application's flag flip is closed. The fence stays after the cutover (the
+//!    application sends those accounts to the shard now); only `reshard unfence` or a rollback
+//!    lifts it.
 //! 1. Mark the source's present: `pg_logical_emit_message(true, 'reshard.cutover', S)`
 //!    returns the LSN M of a WAL record written after every transaction that committed
 //!    before the cutover started (<https://www.postgresql.org/docs/current/functions-admin.html#FUNCTIONS-REPLICATION>).
@@ -15,17 +21,27 @@
 //!    source's `last_value` + `[cutover] sequence_gap`, never moved backwards
 //!    (`setval(seq, GREATEST(shard's value, source's + gap))`).
 //! 4. Verify that shard (unless `--no-verify`) and count its rows.
+//!
+//! When the shard is fenced on the source (by `--fence` or an earlier `reshard fence`), every
+//! step is recorded in the fence's row (`reshard.fence.step`: `fenced`, `caught_up`,
+//! `sequences_synced`, `safe` or `not_safe`) and in `reshard.fence_log`, so `status` shows where
+//! a cutover stands. Every step is idempotent (the fence install keeps its first
+//! `installed_at`, the wait takes a fresh marker, sequences only move forward, verify reads),
+//! so a cutover killed at any step is resumed by running the same command again; `unfence`
+//! undoes the fence at any point.
 
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::config::Config;
+use crate::config::{Config, HashKind};
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
+use crate::ops::fence::{self, Fence, FenceError, FenceSide, FenceSpec};
 use crate::ops::verify::{
-    self, KeyRouter, ProgressWait, VerifyError, VerifyOptions, VerifyReport, Waited,
+    self, load_account_map, KeyRouter, ProgressWait, VerifyError, VerifyOptions, VerifyReport,
+    Waited,
 };
 use crate::pg::conn::{
     connect_plain, current_insert_lsn, error_text, quote_literal, quote_qualified,
@@ -44,6 +60,8 @@ pub struct CutoverOptions {
     pub verify: bool,
     /// Router for `hash = "map"`.
     pub router: Option<std::sync::Arc<KeyRouter>>,
+    /// Fence the shard's accounts on the source first (step 0).
+    pub fence: bool,
 }
 
 /// Cutover could not be done.
@@ -118,6 +136,15 @@ pub enum CutoverError {
         /// Why.
         source: VerifyError,
     },
+    /// The fence could not be installed or recorded (the cutover did not start, or stopped at
+    /// the step named; run it again).
+    #[error("fence of shard {shard}: {source}")]
+    Fence {
+        /// Shard.
+        shard: String,
+        /// Why.
+        source: FenceError,
+    },
 }
 
 impl Classify for CutoverError {
@@ -128,6 +155,7 @@ impl Classify for CutoverError {
             CutoverError::Timeout { .. } => ErrorClass::Transient,
             CutoverError::Verify { source, .. } => source.class(),
             CutoverError::Tables(e) => e.class(),
+            CutoverError::Fence { source, .. } => source.class(),
             _ => ErrorClass::Definite,
         }
     }
@@ -181,6 +209,9 @@ pub struct CutoverReport {
     pub verify: Option<VerifyReport>,
     /// Rows on the shard per table.
     pub tables: Vec<TableRows>,
+    /// The shard's fence on the source, as recorded at the end (absent: not fenced; the
+    /// application's writes to the shard's accounts were not refused during the cutover).
+    pub fence: Option<Fence>,
 }
 
 fn qerr(endpoint: &str, what: &str) -> impl Fn(tokio_postgres::Error) -> CutoverError {
@@ -205,12 +236,13 @@ pub async fn cutover(
         });
     };
     let name = shard_cfg.name.as_str();
-    let src = connect_plain(&config.source.url)
-        .await
-        .map_err(|error| CutoverError::Connect {
-            endpoint: "source".into(),
-            error: Box::new(error),
-        })?;
+    let mut src =
+        connect_plain(&config.source.url)
+            .await
+            .map_err(|error| CutoverError::Connect {
+                endpoint: "source".into(),
+                error: Box::new(error),
+            })?;
     let shard = connect_plain(&shard_cfg.url)
         .await
         .map_err(|error| CutoverError::Connect {
@@ -218,6 +250,60 @@ pub async fn cutover(
             error: Box::new(error),
         })?;
     let system_id = source_system_id(&src).await;
+    let ferr = |source| CutoverError::Fence {
+        shard: name.to_owned(),
+        source,
+    };
+
+    // 0. The fence (or the one an earlier `reshard fence` installed).
+    let fenced = if opts.fence {
+        let map = match config.routing.hash {
+            HashKind::Map => Some(load_account_map(config, &src).await.map_err(|source| {
+                CutoverError::Verify {
+                    shard: name.to_owned(),
+                    source,
+                }
+            })?),
+            HashKind::Postgres => None,
+        };
+        let spec = FenceSpec::for_source(config, &src, name, "cutover", map)
+            .await
+            .map_err(ferr)?;
+        let f = fence::install(&mut src, &spec).await.map_err(ferr)?;
+        fence::record_step(
+            &src,
+            FenceSide::Source,
+            name,
+            "fenced",
+            None,
+            "cutover started",
+        )
+        .await
+        .map_err(ferr)?;
+        tracing::info!(shard = name, installed_at = %f.installed_at, tables = f.tables.len(), "cutover: shard {name} is fenced on the source: its accounts' writes are refused from now on");
+        true
+    } else {
+        fence::status(&src, FenceSide::Source)
+            .await
+            .map_err(ferr)?
+            .iter()
+            .any(|f| f.shard == name)
+    };
+    let step = |step: &'static str, lsn: Option<Lsn>, detail: String| {
+        let src = &src;
+        async move {
+            if fenced {
+                fence::record_step(src, FenceSide::Source, name, step, lsn, &detail)
+                    .await
+                    .map_err(|source| CutoverError::Fence {
+                        shard: name.to_owned(),
+                        source,
+                    })?;
+            }
+            tracing::info!(shard = name, step, lsn = ?lsn, "cutover: {detail}");
+            Ok::<(), CutoverError>(())
+        }
+    };
 
     // 1. The marker.
     let (marker, target) = match src
@@ -298,6 +384,12 @@ pub async fn cutover(
         }
     };
     let waited_secs = started.elapsed().as_secs_f64();
+    step(
+        "caught_up",
+        Some(target),
+        format!("shard {name} reached {reached} (target {target}) after {waited_secs:.1}s"),
+    )
+    .await?;
 
     // 3. Sequences.
     let rules: Vec<_> = crate::pg::catalog::discover(&src, config)
@@ -311,6 +403,16 @@ pub async fn cutover(
     schemas.dedup();
     let sequences =
         sync_sequences(&src, &shard, name, &schemas, config.cutover.sequence_gap).await?;
+    step(
+        "sequences_synced",
+        None,
+        format!(
+            "{} sequences checked, {} set",
+            sequences.len(),
+            sequences.iter().filter(|s| s.action == "set").count()
+        ),
+    )
+    .await?;
 
     // 4. Verify and count.
     let mut report = CutoverReport {
@@ -324,6 +426,7 @@ pub async fn cutover(
         sequences,
         verify: None,
         tables: Vec::new(),
+        fence: None,
     };
     if opts.verify {
         let v = verify::verify(
@@ -368,6 +471,23 @@ pub async fn cutover(
             .sequences
             .iter()
             .all(|s| !s.action.starts_with("error"));
+    let verdict = if report.ok { "safe" } else { "not_safe" };
+    step(
+        verdict,
+        Some(target),
+        format!(
+            "shard {name} is {} at source LSN {target}",
+            if report.ok { "SAFE" } else { "NOT SAFE" }
+        ),
+    )
+    .await?;
+    if fenced {
+        report.fence = fence::status(&src, FenceSide::Source)
+            .await
+            .map_err(ferr)?
+            .into_iter()
+            .find(|f| f.shard == name);
+    }
     Ok(report)
 }
 

@@ -4,12 +4,14 @@
 //!
 //! - [`check`]: preflight (source settings, tables, keys, targets).
 //! - [`verify`]: the shards against the source, per table (counts and ordered hashes).
-//! - [`cutover`]: wait, sync sequences, verify, SAFE.
+//! - [`cutover`]: (fence,) wait, sync sequences, verify, SAFE.
+//! - [`fence`]: refuse one shard's writes on the source or on the shard (triggers in `reshard`).
 //! - [`observe`]: `status` and `lag` without a running daemon, and finding one.
 //! - [`purge`]: reshard's objects removed from the shards.
 
 pub mod check;
 pub mod cutover;
+pub mod fence;
 pub mod observe;
 pub mod purge;
 pub mod verify;

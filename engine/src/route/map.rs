@@ -225,6 +225,27 @@ impl AccountMap {
         self.shards.get(id.index()).map_or("?", String::as_str)
     }
 
+    /// The shard of accounts the map does not list (`[routing] default_shard`), if any.
+    pub fn default_shard(&self) -> Option<&str> {
+        self.default.map(|d| self.name(d))
+    }
+
+    /// Every listed account with its shard's name, under each spelling a key column's
+    /// `::text` can give it: as listed, and for integers and uuids also PostgreSQL's own output
+    /// form (`7` for `007`, lower-case uuids), the forms [`AccountMap::lookup`] matches by value.
+    pub fn spellings(&self) -> impl Iterator<Item = (String, &str)> + '_ {
+        self.text.iter().flat_map(move |(account, &id)| {
+            let shard = self.name(id);
+            let listed = String::from_utf8_lossy(account).into_owned();
+            let canonical = match KeyType::Int8.parse_text(account) {
+                Ok(Key::Int(v)) => Some(v.to_string()),
+                _ => parse_uuid(account).map(|u| format_uuid(&u)),
+            }
+            .filter(|c| *c != listed);
+            std::iter::once((listed, shard)).chain(canonical.map(|c| (c, shard)))
+        })
+    }
+
     /// `newer` (a fresh read of the same CSV file or query) as the map to route by from now on,
     /// or an error if it moves an account this map already routes to another shard: rows of
     /// that account already live there, and moving an account between live shards is a

@@ -391,7 +391,25 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
 /// The account map of `[routing]` (`map` CSV file or `map_query` on the source) as a
 /// [`KeyRouter`].
 pub async fn map_router(config: &Config, src: &Client) -> Result<Arc<KeyRouter>, VerifyError> {
-    use crate::route::{AccountMap, KeyType};
+    use crate::route::KeyType;
+    let map = load_account_map(config, src).await?;
+    Ok(Arc::new(move |type_oid: u32, text: &str| {
+        let kt = KeyType::from_oid(type_oid)
+            .ok_or_else(|| format!("key type OID {type_oid} cannot be routed"))?;
+        let key = kt.parse_text(text.as_bytes()).map_err(|e| e.to_string())?;
+        map.lookup(&key)
+            .map(|s| s.index())
+            .map_err(|e| e.to_string())
+    }))
+}
+
+/// The account map of `[routing]` as it is now: the `map` CSV file or `map_query` on the
+/// source, with `default_shard`.
+pub async fn load_account_map(
+    config: &Config,
+    src: &Client,
+) -> Result<Arc<crate::route::AccountMap>, VerifyError> {
+    use crate::route::AccountMap;
     let shards = config.shard_names();
     let map = if let Some(path) = &config.routing.map {
         AccountMap::from_csv_path(path, &shards)
@@ -419,14 +437,7 @@ pub async fn map_router(config: &Config, src: &Client) -> Result<Arc<KeyRouter>,
             .with_default(d)
             .map_err(|e| VerifyError::Config(e.to_string()))?;
     }
-    Ok(Arc::new(move |type_oid: u32, text: &str| {
-        let kt = KeyType::from_oid(type_oid)
-            .ok_or_else(|| format!("key type OID {type_oid} cannot be routed"))?;
-        let key = kt.parse_text(text.as_bytes()).map_err(|e| e.to_string())?;
-        map.lookup(&key)
-            .map(|s| s.index())
-            .map_err(|e| e.to_string())
-    }))
+    Ok(Arc::new(map))
 }
 
 fn select_tables(rules: Vec<TableRule>, wanted: &[String]) -> Result<Vec<TableRule>, VerifyError> {

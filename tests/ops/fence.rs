@@ -1,0 +1,548 @@
+//! Write fencing (`reshard fence`, `unfence`, `cutover --fence`) against real clusters: the
+//! fence refuses exactly the writes that PostgreSQL's own hash partitioning routes to the
+//! fenced shard, counts them, and a cutover killed at any step converges when run again.
+//! See: issue #15.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reshard_engine::ops::fence::{self, FenceSide, FENCE_SQLSTATE};
+use reshard_harness::workload::FillSpec;
+
+use super::common::{reshard_bin, wait_for, Topology};
+use super::{connect, json, load_shards, shard_of, topology_with_data, SHARDED};
+
+const SPEC: FillSpec = FillSpec {
+    accounts: 30,
+    customers: 4,
+    events: 8,
+    body_bytes: 16,
+};
+
+/// The SQLSTATE of a failed statement (`""` for a non-database error).
+fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_owned()).unwrap_or_default()
+}
+
+fn fence_triggers(t: &Topology) -> usize {
+    t.source_sql("SELECT count(*) FROM pg_trigger WHERE tgname = 'zz_reshard_fence'")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_refuses_the_fenced_shards_writes_only_and_counts_them() {
+    let t = topology_with_data(3, SPEC).await;
+    t.write_config("");
+    let cfg = t.config_path();
+    let cfg = cfg.to_str().unwrap();
+    let (code, out, err) = t.reshard(&["fence", "-c", cfg, "--shard", "shard1", "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let first = json(&out, &err);
+    assert_eq!(first["shard"], "shard1");
+    assert_eq!(first["side"], "source");
+    // Idempotent: a second install keeps the first one's time and adds no trigger.
+    let (code, out, err) = t.reshard(&["fence", "-c", cfg, "--shard", "shard1", "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(json(&out, &err)["installed_at"], first["installed_at"]);
+    assert_eq!(
+        fence_triggers(&t),
+        SHARDED.len(),
+        "one trigger per sharded table, none on plans"
+    );
+
+    let app = connect(&t.source.url("app")).await;
+    let mut refused = 0i64;
+    let mut allowed = 0;
+    for acct in 1..=30i64 {
+        let fenced = shard_of(&t, acct) == 1;
+        let writes = [
+            format!("INSERT INTO events (account_id, kind) VALUES ({acct}, 'fenced?')"),
+            format!("UPDATE customers SET name = name || '!' WHERE account_id = {acct}"),
+            format!("DELETE FROM events WHERE account_id = {acct} AND id IN (SELECT min(id) FROM events WHERE account_id = {acct})"),
+        ];
+        for sql in &writes {
+            match app.execute(sql.as_str(), &[]).await {
+                Ok(_) => {
+                    assert!(
+                        !fenced,
+                        "account {acct} routes to shard1 but `{sql}` went through"
+                    );
+                    allowed += 1;
+                }
+                Err(e) => {
+                    assert!(
+                        fenced,
+                        "account {acct} does not route to shard1 but `{sql}` failed: {e:?}"
+                    );
+                    assert_eq!(sqlstate(&e), FENCE_SQLSTATE, "{e:?}");
+                    let msg = e.as_db_error().unwrap().message().to_owned();
+                    assert!(
+                        msg.contains("shard shard1") && msg.contains(&format!("account_id={acct}")),
+                        "{msg}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        refused > 0 && allowed > 0,
+        "refused {refused}, allowed {allowed}"
+    );
+    // Moving a row of another shard's account into shard1's accounts is a write to shard1.
+    let a0 = (1..=30).find(|a| shard_of(&t, *a) == 0).unwrap();
+    let a1 = (1..=30).find(|a| shard_of(&t, *a) == 1).unwrap();
+    let e = app
+        .execute(
+            &format!("UPDATE events SET account_id = {a1} WHERE account_id = {a0}"),
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), FENCE_SQLSTATE, "{e:?}");
+    refused += 1;
+    // TRUNCATE would remove shard1's rows too.
+    let e = app.execute("TRUNCATE events", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), FENCE_SQLSTATE, "{e:?}");
+    refused += 1;
+    // Broadcast tables are untouched.
+    app.execute("UPDATE plans SET name = name || '!'", &[])
+        .await
+        .expect("broadcast writes are never fenced");
+    // reshard's own apply (session_replication_role = replica) and an explicit bypass write.
+    app.batch_execute(&format!(
+        "SET session_replication_role = replica; INSERT INTO events (account_id, kind) VALUES ({a1}, 'replica'); \
+         RESET session_replication_role; SET {} = on; INSERT INTO events (account_id, kind) VALUES ({a1}, 'bypass'); RESET {}",
+        fence::FENCE_BYPASS_SETTING,
+        fence::FENCE_BYPASS_SETTING
+    ))
+    .await
+    .expect("replica-role and bypass sessions write through the fence");
+
+    // The counter survived every aborted write.
+    let fences = fence::status(&app, FenceSide::Source).await.unwrap();
+    assert_eq!(fences.len(), 1);
+    assert_eq!(fences[0].refused, refused, "{fences:?}");
+
+    let (code, out, err) = t.reshard(&["unfence", "-c", cfg, "--shard", "shard1", "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let removed = json(&out, &err);
+    assert_eq!(removed["removed"]["refused"], refused, "{removed:#}");
+    assert_eq!(fence_triggers(&t), 0);
+    app.execute(
+        &format!("INSERT INTO events (account_id, kind) VALUES ({a1}, 'after')"),
+        &[],
+    )
+    .await
+    .expect("unfenced: shard1's accounts are writable again");
+    let (code, out, err) = t.reshard(&["unfence", "-c", cfg, "--shard", "shard1", "--json"]);
+    assert_eq!(code, 0, "unfence is idempotent: {out}\n{err}");
+    assert_eq!(json(&out, &err)["removed"], serde_json::Value::Null);
+
+    // Unknown shard: exit 2, naming the configured ones.
+    let (code, _, err) = t.reshard(&["fence", "-c", cfg, "--shard", "nope"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("nope") && err.contains("shard0"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_on_a_shard_refuses_every_write_of_its_sharded_tables() {
+    let t = topology_with_data(2, SPEC).await;
+    load_shards(&t);
+    t.write_config("");
+    let cfg = t.config_path();
+    let cfg = cfg.to_str().unwrap();
+    let (code, out, err) = t.reshard(&["fence", "-c", cfg, "--shard", "shard1", "--on", "shard"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let s1 = connect(&t.shards[1].url("app")).await;
+    let a1 = (1..=30).find(|a| shard_of(&t, *a) == 1).unwrap();
+    let e = s1
+        .execute(
+            &format!("INSERT INTO events (account_id, id, kind) VALUES ({a1}, 999999, 'x')"),
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), FENCE_SQLSTATE, "{e:?}");
+    s1.execute("UPDATE plans SET name = name", &[])
+        .await
+        .expect("broadcast tables are not fenced");
+    // The source and the other shard are not fenced.
+    let s0 = connect(&t.shards[0].url("app")).await;
+    s0.execute(
+        "INSERT INTO events (account_id, id, kind) VALUES (1, 999999, 'x')",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(fence_triggers(&t), 0);
+    let (code, out, err) = t.reshard(&["unfence", "-c", cfg, "--shard", "shard1", "--on", "shard"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    s1.execute(
+        &format!("INSERT INTO events (account_id, id, kind) VALUES ({a1}, 999999, 'x')"),
+        &[],
+    )
+    .await
+    .expect("unfenced");
+}
+
+/// Digest of `events` rows: the source's rows that PostgreSQL routes to `shard`, and the
+/// shard's rows except those the application wrote there directly (`kind = 'direct'`).
+fn events_digests(t: &Topology, shard: usize) -> (String, String) {
+    let helper = t.create_route_helper("bigint");
+    let n = t.shards.len();
+    let q = |f: &str| {
+        format!(
+            "SELECT count(*) || ':' || coalesce(md5(string_agg(e::text, '|' ORDER BY account_id, id)), '-') FROM events e {f}"
+        )
+    };
+    let src = t.source_sql(&q(&format!(
+        "WHERE satisfies_hash_partition('{helper}'::regclass, {n}, {shard}, account_id)"
+    )));
+    let dst = t.shards[shard]
+        .psql("app", &q("WHERE kind <> 'direct'"))
+        .unwrap();
+    (src, dst)
+}
+
+/// An application that follows a per-shard flag: writes for shard1's accounts go to the
+/// source until the flag flips, then to shard1. Counts what the fence refused.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    flipped: Arc<AtomicBool>,
+    refused: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+fn start_writer(t: &Topology, fenced: Vec<i64>) -> Writer {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flipped = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicU64::new(0));
+    let written = Arc::new(AtomicU64::new(0));
+    let (src_url, shard_url) = (t.source.url("app"), t.shards[1].url("app"));
+    let (s, f, r, w) = (
+        stop.clone(),
+        flipped.clone(),
+        refused.clone(),
+        written.clone(),
+    );
+    let handle = tokio::spawn(async move {
+        let src = connect(&src_url).await;
+        let shard = connect(&shard_url).await;
+        let mut acct = 0i64;
+        while !s.load(Ordering::Relaxed) {
+            acct = acct % 30 + 1;
+            let on_shard = fenced.contains(&acct) && f.load(Ordering::Relaxed);
+            let (client, kind) = if on_shard {
+                (&shard, "direct")
+            } else {
+                (&src, "live")
+            };
+            match client
+                .execute(
+                    "INSERT INTO events (account_id, kind) VALUES ($1, $2)",
+                    &[&acct, &kind],
+                )
+                .await
+            {
+                Ok(_) => {
+                    w.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    assert_eq!(sqlstate(&e), FENCE_SQLSTATE, "account {acct}: {e:?}");
+                    assert!(
+                        fenced.contains(&acct),
+                        "account {acct} is not shard1's but was refused: {e:?}"
+                    );
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    Writer {
+        stop,
+        flipped,
+        refused,
+        written,
+        handle,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_cutover_under_a_live_writer_refuses_only_the_shards_accounts() {
+    let mut t = topology_with_data(3, SPEC).await;
+    t.write_config("");
+    let cfg = t.config_path();
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let d = t.spawn_run(&[]);
+    let fenced: Vec<i64> = (1..=30).filter(|a| shard_of(&t, *a) == 1).collect();
+    let w = start_writer(&t, fenced.clone());
+    wait_for("the writer's first rows", Duration::from_secs(30), || {
+        (w.written.load(Ordering::Relaxed) > 50).then_some(())
+    });
+
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        t.reshard(&[
+            "cutover",
+            "-c",
+            &cfg,
+            "--shard",
+            "shard1",
+            "--fence",
+            "--json",
+            "--timeout",
+            "120s",
+        ])
+    });
+    assert_eq!(code, 0, "{out}\n{err}\n{}", t.all_logs());
+    let r = json(&out, &err);
+    assert_eq!(r["ok"], true, "{r:#}");
+    let f = &r["fence"];
+    assert_eq!(f["step"], "safe", "{r:#}");
+    assert!(f["fenced_secs"].as_f64().unwrap() > 0.0, "{r:#}");
+    // The application flips its flag for shard1's accounts.
+    w.flipped.store(true, Ordering::Relaxed);
+    let at_flip = w.written.load(Ordering::Relaxed);
+    wait_for("writes after the flip", Duration::from_secs(30), || {
+        (w.written.load(Ordering::Relaxed) > at_flip + 100).then_some(())
+    });
+    w.stop.store(true, Ordering::Relaxed);
+    w.handle.await.unwrap();
+    let refused = w.refused.load(Ordering::Relaxed);
+    assert!(
+        refused > 0,
+        "the writer never hit the fence during the cutover"
+    );
+
+    // What the source counted is what the application saw.
+    let src = connect(&t.source.url("app")).await;
+    let fences = fence::status(&src, FenceSide::Source).await.unwrap();
+    assert_eq!(fences.len(), 1, "{fences:?}");
+    assert_eq!(fences[0].refused as u64, refused);
+    // Every shard holds exactly its share of the source (shard1 plus the rows written to it
+    // directly after the flip), and the source holds nothing new for shard1's accounts.
+    tokio::task::block_in_place(|| {
+        wait_for(
+            "every shard to hold its share",
+            Duration::from_secs(60),
+            || {
+                (0..3)
+                    .all(|s| {
+                        let (a, b) = events_digests(&t, s);
+                        a == b
+                    })
+                    .then_some(())
+            },
+        )
+    });
+    let direct: i64 = t.shards[1]
+        .psql("app", "SELECT count(*) FROM events WHERE kind = 'direct'")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(direct > 0);
+    // No write of shard1's accounts reached the source once the fence was in place
+    // (`installed_at` is cut to the millisecond).
+    let fenced_list = fenced
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let since = f["installed_at"].as_str().unwrap();
+    assert_eq!(
+        t.source_sql(&format!(
+            "SELECT coalesce(string_agg(e::text, E'\\n'), '') FROM events e WHERE kind = 'direct' OR (account_id IN ({fenced_list}) \
+             AND occurred_at >= '{since}'::timestamptz + interval '1 millisecond')"
+        ))
+        .trim(),
+        "",
+        "rows of shard1's accounts written on the source after the fence at {since}"
+    );
+    t.stop_cleanly(d);
+}
+
+fn spawn_cutover(cfg: &str) -> Child {
+    Command::new(reshard_bin())
+        .args([
+            "cutover",
+            "-c",
+            cfg,
+            "--shard",
+            "shard1",
+            "--fence",
+            "--json",
+            "--timeout",
+            "120s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cutover")
+}
+
+/// The fence's `(step, installed_at)` on the source, if there is one.
+fn fence_row(t: &Topology) -> Option<(String, String)> {
+    if t.source_sql("SELECT to_regclass('reshard.fence') IS NULL")
+        .trim()
+        == "t"
+    {
+        return None;
+    }
+    let out = t.source_sql(
+        "SELECT coalesce(max(step || '|' || installed_at::text), '') FROM reshard.fence WHERE shard = 'shard1'",
+    );
+    let out = out.trim();
+    out.split_once('|')
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+}
+
+fn lock_waiters(c: &reshard_harness::PgCluster) -> usize {
+    c.psql(
+        "app",
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'reshard'",
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_cutover_killed_at_each_step_converges_when_run_again() {
+    let mut t = topology_with_data(3, SPEC).await;
+    t.write_config("");
+    let cfg = t.config_path();
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let mut d = t.spawn_run(&[]);
+    tokio::task::block_in_place(|| {
+        t.wait_converged(
+            &[("events", Some(("account_id", "bigint")), "account_id, id")],
+            Duration::from_secs(60),
+        )
+    });
+    let a1 = (1..=30).find(|a| shard_of(&t, *a) == 1).unwrap();
+    let write_a1 = |t: &Topology| {
+        t.source
+            .psql(
+                "app",
+                &format!("INSERT INTO events (account_id, kind) VALUES ({a1}, 'probe')"),
+            )
+            .map_err(|e| e.to_string())
+    };
+
+    // 1. Killed while installing the fence (a transaction holds a fenced table).
+    let holder = connect(&t.source.url("app")).await;
+    holder
+        .batch_execute("BEGIN; INSERT INTO events (account_id, kind) VALUES (1, 'holder')")
+        .await
+        .unwrap();
+    let mut c = spawn_cutover(&cfg);
+    wait_for(
+        "the fence install to wait for the table lock",
+        Duration::from_secs(30),
+        || (lock_waiters(&t.source) > 0).then_some(()),
+    );
+    c.kill().unwrap();
+    c.wait().unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
+    wait_for(
+        "the killed install to roll back",
+        Duration::from_secs(10),
+        || (lock_waiters(&t.source) == 0).then_some(()),
+    );
+    assert_eq!(fence_row(&t), None, "a killed install left a fence");
+    assert_eq!(fence_triggers(&t), 0);
+    write_a1(&t).expect("no fence: shard1's accounts are writable");
+
+    // 2. Killed while waiting for the shard (the daemon is down): the fence stays.
+    t.stop_cleanly(d);
+    let mut c = spawn_cutover(&cfg);
+    let (step, installed_at) = wait_for("step fenced", Duration::from_secs(30), || fence_row(&t));
+    assert_eq!(step, "fenced");
+    std::thread::sleep(Duration::from_millis(500));
+    c.kill().unwrap();
+    c.wait().unwrap();
+    assert_eq!(fence_row(&t).map(|r| r.0).as_deref(), Some("fenced"));
+    let e = write_a1(&t).unwrap_err();
+    assert!(e.contains(FENCE_SQLSTATE) || e.contains("fenced"), "{e}");
+    d = t.spawn_run(&[]);
+
+    // 3. Killed while syncing sequences (a transaction holds a shard sequence).
+    let s1 = connect(&t.shards[1].url("app")).await;
+    s1.batch_execute("BEGIN; ALTER SEQUENCE events_id_seq INCREMENT BY 1")
+        .await
+        .unwrap();
+    let mut c = spawn_cutover(&cfg);
+    wait_for("the sequence step to wait", Duration::from_secs(60), || {
+        (fence_row(&t).is_some_and(|r| r.0 == "caught_up") && lock_waiters(&t.shards[1]) > 0)
+            .then_some(())
+    });
+    c.kill().unwrap();
+    c.wait().unwrap();
+    s1.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        fence_row(&t),
+        Some(("caught_up".to_owned(), installed_at.clone()))
+    );
+
+    // 4. Killed while verifying (a transaction holds a shard table).
+    s1.batch_execute("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut c = spawn_cutover(&cfg);
+    wait_for("the verify step to wait", Duration::from_secs(60), || {
+        (fence_row(&t).is_some_and(|r| r.0 == "sequences_synced") && lock_waiters(&t.shards[1]) > 0)
+            .then_some(())
+    });
+    c.kill().unwrap();
+    c.wait().unwrap();
+    s1.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        fence_row(&t),
+        Some(("sequences_synced".to_owned(), installed_at.clone()))
+    );
+
+    // Run again: it converges, with the first fence's time.
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        t.reshard(&[
+            "cutover",
+            "-c",
+            &cfg,
+            "--shard",
+            "shard1",
+            "--fence",
+            "--json",
+            "--timeout",
+            "120s",
+        ])
+    });
+    assert_eq!(code, 0, "{out}\n{err}\n{}", t.all_logs());
+    let r = json(&out, &err);
+    assert_eq!(r["ok"], true, "{r:#}");
+    assert_eq!(fence_row(&t), Some(("safe".to_owned(), installed_at)));
+    assert!(write_a1(&t).is_err(), "the fence outlives the cutover");
+    let log = t.source_sql(
+        "SELECT string_agg(event, ',' ORDER BY at) FROM reshard.fence_log WHERE shard = 'shard1'",
+    );
+    for step in [
+        "installed",
+        "fenced",
+        "caught_up",
+        "sequences_synced",
+        "safe",
+    ] {
+        assert!(log.contains(step), "{step} not logged: {log}");
+    }
+    let (code, out, err) = t.reshard(&["unfence", "-c", &cfg, "--shard", "shard1"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    write_a1(&t).expect("unfenced");
+    t.stop_cleanly(d);
+}
