@@ -546,3 +546,49 @@ async fn fenced_cutover_killed_at_each_step_converges_when_run_again() {
     write_a1(&t).expect("unfenced");
     t.stop_cleanly(d);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_fence_refuses_the_accounts_the_map_and_its_default_send_to_the_shard() {
+    let t = topology_with_data(3, SPEC).await;
+    // Accounts 1..=29 by the map (account % 3), 30 and anything unlisted by default_shard.
+    let csv: String = (1..=29)
+        .map(|a| format!("{a:03},shard{}\n", a % 3))
+        .collect();
+    std::fs::write(
+        t.dir.path().join("accounts.csv"),
+        format!("account_id,shard\n{csv}"),
+    )
+    .unwrap();
+    t.write_config(
+        "[routing]\nhash = \"map\"\nmap = \"accounts.csv\"\ndefault_shard = \"shard1\"\n",
+    );
+    let cfg = t.config_path();
+    let cfg = cfg.to_str().unwrap();
+    let (code, out, err) = t.reshard(&["fence", "-c", cfg, "--shard", "shard1"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let app = connect(&t.source.url("app")).await;
+    for acct in 1..=31i64 {
+        let fenced = acct >= 30 || acct % 3 == 1;
+        let r = app
+            .execute(
+                "INSERT INTO events (account_id, kind) VALUES ($1, 'map')",
+                &[&acct],
+            )
+            .await;
+        match r {
+            Ok(_) => assert!(!fenced, "account {acct} maps to shard1 but was written"),
+            Err(e) => {
+                assert!(fenced, "account {acct} does not map to shard1: {e:?}");
+                assert_eq!(sqlstate(&e), FENCE_SQLSTATE, "{e:?}");
+            }
+        }
+    }
+    let (code, out, err) = t.reshard(&["unfence", "-c", cfg, "--shard", "shard1"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    app.execute(
+        "INSERT INTO events (account_id, kind) VALUES (1, 'map')",
+        &[],
+    )
+    .await
+    .expect("unfenced");
+}
