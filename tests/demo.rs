@@ -69,6 +69,9 @@ fn demo_migrates_verifies_cuts_over_and_cleans_up() {
         "verify:                      PASSED",
         "cutover shard0:              DONE at LSN",
         "daemon stopped cleanly",
+        // The latency report means something: the source flushes at commit (issue #14).
+        "source synchronous_commit: on ",
+        "source commit to shard apply, source synchronous_commit=on",
     ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
