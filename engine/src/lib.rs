@@ -37,8 +37,10 @@
 //!             reader and one writer), identity (the shard key against the replica identity)
 //! stages      source/ decode/ route/ spill/ apply/ snapshot/ (+ handoff: full load -> CDC)
 //!             quarantine/ admin/
-//! runtime/    mod (start: the wiring), startup (the start-up proof), ingest (slot -> decode ->
-//!             route -> spill, one OS thread)
+//! runtime/    mod (start: the wiring only), options (config -> each stage's options, the
+//!             account map), startup (the start-up proof), begin (proof inputs, slot, full load,
+//!             first stream, in that order), ingest (slot -> decode -> route -> spill, one OS
+//!             thread), supervisor (watches, control, heartbeats, stop), status (the snapshot)
 //! ops/        the operator's commands: check verify/ cutover observe (status, lag) purge
 //! ```
 //!

@@ -1,0 +1,377 @@
+//! The supervisor: watches the stages of a running daemon, publishes its status, serves the
+//! admin console's control commands, and stops everything on shutdown or when nothing can go
+//! on.
+//!
+//! In: the stages' handles (the ingest thread's result, each shard's apply task and status,
+//! the full load's [`LoadWatch`]), the control channel and the shutdown signal. Out: a
+//! [`StatusSnapshot`] every 250 ms (built in [`super::status`]) and the [`RunSummary`] once
+//! every stage stopped. Once a second it also polls the source (its WAL position and the
+//! slot) and, when the stream is idle, emits a heartbeat message so idle shards' progress
+//! reaches the source's present.
+//!
+//! Invariant: on the way out every stage is asked to stop and joined (ingest flushes and
+//! confirms, each apply finishes or rolls back its batch) before the summary is returned.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::apply::{ApplyOptions, ShardApplier, ShardStatus, SourceConnect};
+use crate::config::Config;
+use crate::lsn::Lsn;
+use crate::pg::catalog::SourceTable;
+use crate::pg::conn::SOURCE_PRESENT_LSN;
+use crate::quarantine::QuarantineStats;
+use crate::route::refresh::MapStatus;
+use crate::runtime::begin::{LoadDone, LoadWatch};
+use crate::runtime::ingest::{IngestCounters, IngestError};
+use crate::runtime::status::Rates;
+use crate::runtime::{RunSummary, RuntimeError};
+use crate::snapshot::handoff::SkipLog;
+use crate::source::{ConnConfig, SourceError};
+use crate::spill::SpillLog;
+use crate::status::{ControlCommand, ControlRequest, SourceStatus, StatusSnapshot};
+
+/// The apply's latency histogram, set once the shard's applier exists (after the full load).
+pub type LatencySlot = Arc<OnceLock<Arc<Mutex<Histogram<u64>>>>>;
+
+/// One shard's apply task, as the supervisor sees it.
+pub struct ShardHandle {
+    /// Shard name.
+    pub name: String,
+    /// What the applier reports.
+    pub status: watch::Receiver<ShardStatus>,
+    /// `true` pauses the shard (`PAUSE <shard>`).
+    pub pause: watch::Sender<bool>,
+    /// The apply's latency histogram.
+    pub latency: LatencySlot,
+    /// The task (`None` once joined).
+    pub task: Option<JoinHandle<Result<(), crate::apply::ApplyError>>>,
+    /// Why it stopped, once it did with an error.
+    pub error: Option<String>,
+}
+
+impl ShardHandle {
+    /// Spawns one shard's apply task. It waits for the full load (or shutdown), then applies
+    /// the spill log from the shard's progress, skipping each table's changes that its copy
+    /// already holds (`snapshot::handoff`). The source catalog is read (when a source table's
+    /// columns change mid-stream) on a connection of its own, opened only then.
+    pub fn spawn(
+        opts: ApplyOptions,
+        conn: ConnConfig,
+        log: Arc<SpillLog>,
+        mut load_done: watch::Receiver<LoadDone>,
+        source_catalog: SourceConnect,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> ShardHandle {
+        let name = opts.shard_name.clone();
+        let (status_tx, status_rx) = watch::channel(ShardStatus {
+            shard: name.clone(),
+            ..Default::default()
+        });
+        let (pause_tx, pause_rx) = watch::channel(false);
+        let connect = move || {
+            let conn = conn.clone();
+            async move { conn.connect_sql().await }
+        };
+        let latency: LatencySlot = Arc::new(OnceLock::new());
+        let latency_slot = latency.clone();
+        let shard = name.clone();
+        let task = tokio::spawn(async move {
+            // Wait for the full load (or shutdown).
+            let skip = loop {
+                if let Some(skip) = load_done.borrow().clone() {
+                    break skip;
+                }
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => if *shutdown.borrow() { return Ok(()) },
+                    r = load_done.changed() => if r.is_err() { return Ok(()) },
+                }
+            };
+            let skip_log = Arc::new(SkipLog::new(log, skip));
+            let applier = ShardApplier::new(opts, connect, skip_log)
+                .with_pause(pause_rx)
+                .with_source_catalog(source_catalog);
+            let _ = latency_slot.set(applier.latency_histogram());
+            tracing::info!(shard = %shard, "apply starting");
+            applier.run(shutdown, status_tx).await
+        });
+        ShardHandle {
+            name,
+            status: status_rx,
+            pause: pause_tx,
+            latency,
+            task: Some(task),
+            error: None,
+        }
+    }
+}
+
+/// Watches the stages, publishes the status, serves control commands, and stops everything
+/// on shutdown or when nothing can go on.
+pub struct Supervisor {
+    pub(super) cfg: Config,
+    /// The source's `IDENTIFY_SYSTEM` id, shown in the status.
+    pub(super) system_id: String,
+    pub(super) started: Instant,
+    pub(super) sql: tokio_postgres::Client,
+    pub(super) counters: Arc<IngestCounters>,
+    pub(super) log: Arc<SpillLog>,
+    pub(super) shards: Vec<ShardHandle>,
+    pub(super) tables: Vec<SourceTable>,
+    pub(super) quarantine: Arc<QuarantineStats>,
+    pub(super) map_status: Option<Arc<Mutex<MapStatus>>>,
+    pub(super) load: LoadWatch,
+    pub(super) status_tx: watch::Sender<StatusSnapshot>,
+    pub(super) control_rx: mpsc::Receiver<ControlRequest>,
+    pub(super) pause_source: watch::Sender<bool>,
+    pub(super) shutdown_tx: watch::Sender<bool>,
+    pub(super) shutdown_rx: watch::Receiver<bool>,
+    pub(super) ingest_done: oneshot::Receiver<Result<Lsn, IngestError>>,
+}
+
+impl Supervisor {
+    /// Runs until shutdown, or until the ingest, the full load or every shard stopped; then
+    /// stops and joins every stage.
+    pub(super) async fn run(mut self) -> Result<RunSummary, RuntimeError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut source_poll = Instant::now() - Duration::from_secs(60);
+        let mut source_info = SourceStatus::default();
+        let mut heartbeat = Heartbeat::default();
+        let mut rates = Rates::default();
+        let mut failure: Option<RuntimeError> = None;
+        let mut ingest_result: Option<Result<Lsn, IngestError>> = None;
+        let mut load_watch_done = false;
+        loop {
+            tokio::select! {
+                biased;
+                // This is cancellation-safe.
+                _ = self.shutdown_rx.changed() => {
+                    if *self.shutdown_rx.borrow() { break; }
+                }
+                // This is cancellation-safe (a oneshot receiver).
+                r = &mut self.ingest_done, if ingest_result.is_none() => {
+                    let r = r.unwrap_or_else(|_| Err(IngestError::Source(SourceError::protocol("ingest thread ended"))));
+                    // An error is returned from `ingest_result` once every stage stopped.
+                    if let Err(e) = &r {
+                        tracing::error!(error = %e, "reading from the source stopped");
+                    }
+                    ingest_result = Some(r);
+                    break;
+                }
+                // This is cancellation-safe (a oneshot receiver).
+                r = &mut self.load.failed, if !load_watch_done => {
+                    load_watch_done = true;
+                    if let Ok(e) = r {
+                        tracing::error!(error = %e, "the full load failed; restart to resume it (finished tables are not copied again)");
+                        failure = Some(e.into());
+                        break;
+                    }
+                }
+                // This is cancellation-safe.
+                Some((cmd, reply)) = self.control_rx.recv() => {
+                    let answer = self.control(cmd);
+                    let _ = reply.send(answer);
+                }
+                // This is cancellation-safe.
+                _ = tick.tick() => {
+                    if source_poll.elapsed() >= Duration::from_secs(1) {
+                        source_poll = Instant::now();
+                        self.poll_source(&mut source_info).await;
+                        self.heartbeat(&source_info, &mut heartbeat).await;
+                    }
+                    let snap = self.snapshot(&source_info, &mut rates);
+                    self.status_tx.send_replace(snap);
+                    if !*self.shutdown_rx.borrow() && self.all_shards_stopped() {
+                        let errors: Vec<String> = self.shards.iter().map(|s| format!("  {}: {}", s.name, s.error.clone().unwrap_or_default())).collect();
+                        failure = Some(RuntimeError::AllShardsStopped(errors.join("\n")));
+                        break;
+                    }
+                }
+            }
+        }
+        // Shut everything down: ingest flushes and confirms, applies finish or roll back.
+        let _ = self.shutdown_tx.send(true);
+        let ingest_result = match ingest_result {
+            Some(r) => r,
+            None => (&mut self.ingest_done).await.unwrap_or_else(|_| {
+                Err(IngestError::Source(SourceError::protocol(
+                    "ingest thread ended",
+                )))
+            }),
+        };
+        for s in &mut self.shards {
+            if let Some(t) = s.task.take() {
+                match tokio::time::timeout(Duration::from_secs(60), t).await {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(e))) => s.error = Some(e.to_string()),
+                    Ok(Err(e)) => s.error = Some(format!("apply task failed: {e}")),
+                    Err(_) => s.error = Some("apply did not stop within 60 s".into()),
+                }
+            }
+        }
+        let final_snap = self.snapshot(&SourceStatus::default(), &mut Rates::default());
+        let summary = RunSummary {
+            confirmed_flush_lsn: self.counters.confirmed(),
+            shards: final_snap
+                .shards
+                .iter()
+                .map(|s| (s.name.clone(), s.applied_lsn, s.state))
+                .collect(),
+        };
+        for (name, lsn, state) in &summary.shards {
+            tracing::info!(shard = %name, applied_lsn = %lsn, state = state.as_str(), "shard stopped");
+        }
+        tracing::info!(slot = %self.cfg.source.slot, confirmed_flush_lsn = %summary.confirmed_flush_lsn, "reshard stopped");
+        if let Err(e) = ingest_result {
+            return Err(e.into());
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(summary),
+        }
+    }
+
+    /// Whether every shard's apply task ended with an error. A shard waiting for DDL (a schema
+    /// change on the source) is not among them: its applier retries on the backoff and resumes
+    /// by itself, so the daemon keeps running.
+    fn all_shards_stopped(&mut self) -> bool {
+        for s in &mut self.shards {
+            if let Some(t) = &s.task {
+                if t.is_finished() {
+                    if let Some(t) = s.task.take() {
+                        // Finished: collect the error without waiting.
+                        let name = s.name.clone();
+                        match futures_util::FutureExt::now_or_never(t) {
+                            Some(Ok(Err(e))) => {
+                                tracing::error!(shard = %name, error = %e, "shard stopped");
+                                s.error = Some(e.to_string());
+                            }
+                            Some(Err(e)) => s.error = Some(format!("apply task failed: {e}")),
+                            // A clean stop (shutdown) is not a failure.
+                            Some(Ok(Ok(()))) => {}
+                            None => s.error = Some("stopped".into()),
+                        }
+                    }
+                }
+            }
+        }
+        !self.shards.is_empty()
+            && self
+                .shards
+                .iter()
+                .all(|s| s.task.is_none() && s.error.is_some())
+    }
+
+    fn control(&mut self, cmd: ControlCommand) -> Result<String, String> {
+        let find = |shards: &[ShardHandle], name: &str| {
+            shards.iter().position(|s| s.name == name).ok_or_else(|| {
+                format!(
+                    "unknown shard {name:?}; shards are: {}",
+                    shards
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+        };
+        match cmd {
+            ControlCommand::Pause(Some(name)) => {
+                let i = find(&self.shards, &name)?;
+                self.shards[i].pause.send_replace(true);
+                tracing::info!(shard = %name, "shard paused by operator");
+                Ok(format!("PAUSE {name}"))
+            }
+            ControlCommand::Resume(Some(name)) => {
+                let i = find(&self.shards, &name)?;
+                self.shards[i].pause.send_replace(false);
+                tracing::info!(shard = %name, "shard resumed by operator");
+                Ok(format!("RESUME {name}"))
+            }
+            ControlCommand::Pause(None) => {
+                self.pause_source.send_replace(true);
+                tracing::info!("reading from the source paused by operator");
+                Ok("PAUSE".into())
+            }
+            ControlCommand::Resume(None) => {
+                self.pause_source.send_replace(false);
+                tracing::info!("reading from the source resumed by operator");
+                Ok("RESUME".into())
+            }
+            ControlCommand::Shutdown => {
+                tracing::info!("shutdown requested on the admin console");
+                let _ = self.shutdown_tx.send(true);
+                Ok("SHUTDOWN".into())
+            }
+        }
+    }
+
+    async fn poll_source(&self, out: &mut SourceStatus) {
+        let q = format!(
+            "SELECT {SOURCE_PRESENT_LSN}::text, \
+             (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1), \
+             (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1)"
+        );
+        match self.sql.query_one(&q, &[&self.cfg.source.slot]).await {
+            Ok(row) => {
+                let lsn = |i: usize| {
+                    row.get::<_, Option<String>>(i)
+                        .and_then(|s| s.parse::<Lsn>().ok())
+                        .unwrap_or_default()
+                };
+                out.current_wal_lsn = lsn(0);
+                out.confirmed_flush_lsn = lsn(1);
+                out.retained_wal_bytes = row.get::<_, Option<i64>>(2).unwrap_or(0).max(0) as u64;
+                out.last_error = None;
+            }
+            Err(e) => out.last_error = Some(format!("polling the source: {e}")),
+        }
+    }
+
+    /// When the source wrote WAL that reshard was not sent (writes to unpublished tables, or
+    /// nothing at all since the last transaction) and the stream is idle, a non-transactional
+    /// logical message makes the walsender send a position; the ingest records it as durable,
+    /// so idle shards' progress (and lag, `verify`, `cutover`) reach the source's present.
+    async fn heartbeat(&self, src: &SourceStatus, hb: &mut Heartbeat) {
+        let received = self.counters.received();
+        let idle = received == hb.last_received;
+        hb.last_received = received;
+        if hb.disabled
+            || !idle
+            || src.current_wal_lsn.is_zero()
+            || src.current_wal_lsn <= self.counters.confirmed()
+            || src.current_wal_lsn == hb.after_emit
+        {
+            return;
+        }
+        match self
+            .sql
+            .query_one(
+                &format!("SELECT pg_logical_emit_message(false, 'reshard.heartbeat', '')::text, {SOURCE_PRESENT_LSN}::text"),
+                &[],
+            )
+            .await
+        {
+            Ok(row) => {
+                hb.after_emit = row.get::<_, Option<String>>(1).and_then(|s| s.parse().ok()).unwrap_or_default();
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "cannot emit heartbeat messages on the source (pg_logical_emit_message); idle shards' progress advances only with the source's own traffic");
+                hb.disabled = true;
+            }
+        }
+    }
+}
+
+/// State of the idle heartbeat.
+#[derive(Default)]
+struct Heartbeat {
+    last_received: Lsn,
+    after_emit: Lsn,
+    disabled: bool,
+}
