@@ -46,6 +46,10 @@ pub enum Command {
     Run(RunArgs),
     /// Preflight checks of source and shards; prints the SQL that fixes each failure.
     Check(CheckArgs),
+    /// Split the migration into K groups that share nothing (own slot, publication, spill
+    /// directory, tables), balanced by table size: write one config per group and the Helm
+    /// values of deploy/helm/reshard, print the plan.
+    Plan(PlanArgs),
     /// One screen: phase, tables, shards, slot, spill log.
     Status(StatusArgs),
     /// Per-shard lag (bytes, seconds, p50/p99 commit-to-apply latency).
@@ -127,6 +131,25 @@ pub struct CheckArgs {
     /// columns, key) CONCURRENTLY and make it the replica identity. Idempotent.
     #[arg(long)]
     pub fix: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Number of groups: 2 or more, at most the number of replicated tables.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(2..))]
+    pub groups: u16,
+    /// Directory for the group configs (`<config stem>-g<k>.toml`) and the Helm values; created
+    /// if missing.
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+    /// Overwrite files that exist in --out.
+    #[arg(long)]
+    pub force: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -84,6 +84,10 @@ pub struct Config {
     /// `[cutover]`: cutover helpers.
     #[serde(default)]
     pub cutover: CutoverConfig,
+    /// `[group]`: this file is one group of a migration split by `reshard plan --groups K`
+    /// (default: none, the file is the whole migration).
+    #[serde(default)]
+    pub group: Option<GroupConfig>,
 }
 
 /// `[source]`.
@@ -450,6 +454,19 @@ impl Default for AdminConfig {
     }
 }
 
+/// `[group]`: one of the K groups of a migration (`reshard plan --groups K`), each with its own
+/// slot, publication, spill directory and tables. `check` reports, and `run` refuses, any
+/// table, slot, publication or spill directory it shares with a peer.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// The group's name (required in `[group]`); `reshard plan` writes `g0` … `g{K-1}`.
+    pub name: String,
+    /// The other groups' config files, relative to this file's directory. Default: none.
+    #[serde(default)]
+    pub peers: Vec<PathBuf>,
+}
+
 /// `[cutover]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -588,6 +605,7 @@ impl Config {
                 .chain([&mut cfg.spill.dir])
                 .chain(cfg.admin.tls_cert.iter_mut())
                 .chain(cfg.admin.tls_key.iter_mut())
+                .chain(cfg.group.iter_mut().flat_map(|g| g.peers.iter_mut()))
             {
                 if p.is_relative() {
                     *p = dir.join(&*p);
@@ -750,6 +768,14 @@ impl Config {
                 e => ("snapshot".to_owned(), e.to_string()),
             };
             return Err(invalid(&key, message));
+        }
+        if let Some(g) = &self.group {
+            if g.name.trim().is_empty() {
+                return Err(invalid(
+                    "group.name",
+                    "is empty; name the group (reshard plan writes g0, g1, ...)".into(),
+                ));
+            }
         }
         if self.admin.tls_cert.is_some() != self.admin.tls_key.is_some() {
             return Err(invalid(

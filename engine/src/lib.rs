@@ -41,7 +41,7 @@
 //!             account map), startup (the start-up proof), begin (proof inputs, slot, full load,
 //!             first stream, in that order), ingest (slot -> decode -> route -> spill, one OS
 //!             thread), supervisor (watches, control, heartbeats, stop), status (the snapshot)
-//! ops/        the operator's commands: check verify/ cutover observe (status, lag) purge
+//! ops/        the operator's commands: check verify/ cutover observe (status, lag) purge plan
 //! ```
 //!
 //! Rules the code keeps: [`pg`] imports the ground only; a stage imports the ground and

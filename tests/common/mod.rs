@@ -169,13 +169,20 @@ impl Topology {
     /// Starts `reshard run -c reshard.toml <args>`; output goes to `run-<k>.log` in the
     /// working directory.
     pub fn spawn_run(&mut self, args: &[&str]) -> usize {
+        let config = self.config_path();
+        self.spawn_run_config(&config, args)
+    }
+
+    /// Starts `reshard run -c <config> <args>` (e.g. one group's config written by `reshard
+    /// plan`); output goes to `run-<k>.log` in the working directory.
+    pub fn spawn_run_config(&mut self, config: &Path, args: &[&str]) -> usize {
         self.runs += 1;
         let log = self.dir.path().join(format!("run-{}.log", self.runs));
         let f = fs::File::create(&log).expect("log file");
         let child = Command::new(reshard_bin())
             .arg("run")
             .arg("-c")
-            .arg(self.config_path())
+            .arg(config)
             .args(args)
             .args(["--log-level", "info,reshard_engine=debug"])
             .stdin(Stdio::null())

@@ -12,6 +12,7 @@ mod check;
 mod config_keys;
 mod cutover;
 mod fence;
+mod groups;
 mod status;
 mod table_set;
 mod verify;

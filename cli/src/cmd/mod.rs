@@ -11,6 +11,7 @@ mod demo;
 mod fence;
 mod lag;
 mod peek;
+mod plan;
 mod quarantine;
 mod run;
 mod slot;
@@ -23,6 +24,7 @@ pub async fn dispatch(command: Command) -> ExitCode {
     let r = match command {
         Command::Run(a) => run::run(a).await,
         Command::Check(a) => check::run(a).await,
+        Command::Plan(a) => plan::run(a).await,
         Command::Status(a) => status::run(a).await,
         Command::Lag(a) => lag::run(a).await,
         Command::Verify(a) => verify::run(a).await,

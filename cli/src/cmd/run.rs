@@ -2,7 +2,10 @@
 
 use std::time::{Duration, Instant};
 
+use reshard_engine::config::Config;
 use reshard_engine::error::{Classify, ErrorClass};
+use reshard_engine::ops::plan::peer_overlaps;
+use reshard_engine::pg::conn::connect_plain;
 use reshard_engine::runtime::{self, RunOptions, RunSummary, RuntimeError};
 
 use crate::output::{load_config, CmdResult, Failure};
@@ -13,6 +16,9 @@ use crate::RunArgs;
 /// position to the slot and exits 0.
 pub async fn run(args: RunArgs) -> CmdResult {
     let cfg = load_config(&args.config.config)?;
+    if cfg.group.is_some() {
+        refuse_overlapping_peers(&cfg, &args.config.config).await?;
+    }
     let retry_initial = Duration::from_millis(cfg.apply.retry_initial_ms.max(1));
     let retry_max = Duration::from_millis(cfg.apply.retry_max_ms.max(1));
     let mut backoff = retry_initial;
@@ -96,4 +102,31 @@ fn start_failure(e: RuntimeError) -> Failure {
         }
         e => Failure::from(anyhow::Error::from(e).context("reshard run could not start")),
     }
+}
+
+/// A group's config (`[group]`, see `reshard plan`) must share no table, slot, publication or
+/// spill directory with its peers: the proof `check` runs, refused here (exit 2) before anything
+/// is created on the source or the shards.
+async fn refuse_overlapping_peers(cfg: &Config, path: &std::path::Path) -> Result<(), Failure> {
+    let file = path.display().to_string();
+    let client = connect_plain(&cfg.source.url).await.map_err(|e| {
+        Failure::failed(anyhow::anyhow!(
+            "cannot connect to the source to prove {file} disjoint from its [group] peers: {e}"
+        ))
+    })?;
+    let found = peer_overlaps(&client, cfg, &file)
+        .await
+        .map_err(|e| Failure::usage(anyhow::Error::from(e).context(file.clone())))?;
+    let fatal: Vec<String> = found
+        .into_iter()
+        .filter(|o| o.fatal)
+        .map(|o| o.detail)
+        .collect();
+    if fatal.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::usage(anyhow::anyhow!(
+        "{file} overlaps its [group] peers, refusing to start (`reshard check -c {file}` shows the whole report):\n  {}",
+        fatal.join("\n  ")
+    )))
 }

@@ -128,6 +128,9 @@ pub async fn run_checks(config: &Config) -> CheckReport {
     let tables = match connect(&config.source.url).await {
         Ok(client) => {
             report.pass("connect", SOURCE, "source is reachable".into());
+            if config.group.is_some() {
+                check_group(config, &client, &mut report).await;
+            }
             match check_source(config, &client, &mut report).await {
                 Ok(t) => t,
                 Err(e) => {
@@ -189,6 +192,52 @@ pub async fn run_checks(config: &Config) -> CheckReport {
     }
     report.ok = report.count(CheckStatus::Fail) == 0;
     report
+}
+
+/// A group's config (`[group]`, from `reshard plan --groups K`) against its peers: a FAIL
+/// `group_overlap` line per table, slot, publication or spill directory it shares with one (see
+/// [`crate::ops::plan::peer_overlaps`]), else one PASS `group_peers` line.
+async fn check_group(config: &Config, client: &Client, report: &mut CheckReport) {
+    let Some(group) = &config.group else {
+        return;
+    };
+    let me = format!("group {}", group.name);
+    if group.peers.is_empty() {
+        report.warn(
+            "group_peers",
+            &me,
+            format!("{me} lists no peers, so nothing proves it disjoint from the other groups"),
+            Some("-- in [group]: peers = [\"<the other groups' config files>\"] (reshard plan writes them)".into()),
+        );
+        return;
+    }
+    match crate::ops::plan::peer_overlaps(client, config, &me).await {
+        Err(e) => report.fail("group_peers", &me, e.to_string(), None),
+        Ok(found) => {
+            let fatal = found.iter().filter(|o| o.fatal).count();
+            for o in found {
+                let fix = Some(format!(
+                    "-- re-plan the groups from the base config (reshard plan --groups K), or fix {} or {}",
+                    me, o.peer
+                ));
+                if o.fatal {
+                    report.fail("group_overlap", &o.peer, o.detail, fix);
+                } else {
+                    report.warn("group_overlap", &o.peer, o.detail, None);
+                }
+            }
+            if fatal == 0 {
+                report.pass(
+                    "group_peers",
+                    &me,
+                    format!(
+                        "{me} shares no table, slot, publication or spill directory with its {} peer(s)",
+                        group.peers.len()
+                    ),
+                );
+            }
+        }
+    }
 }
 
 async fn connect(url: &str) -> Result<Client, String> {

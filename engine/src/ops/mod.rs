@@ -8,10 +8,13 @@
 //! - [`fence`]: refuse one shard's writes on the source or on the shard (triggers in `reshard`).
 //! - [`observe`]: `status` and `lag` without a running daemon, and finding one.
 //! - [`purge`]: reshard's objects removed from the shards.
+//! - [`plan`]: one migration split into K groups that share nothing, and the proof that group
+//!   configs are disjoint.
 
 pub mod check;
 pub mod cutover;
 pub mod fence;
 pub mod observe;
+pub mod plan;
 pub mod purge;
 pub mod verify;

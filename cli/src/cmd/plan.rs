@@ -1,0 +1,156 @@
+//! `reshard plan --groups K`: split one migration into K groups that share nothing (see
+//! [`reshard_engine::ops::plan`]), write their configs and the Helm values, print the plan.
+//!
+//! Exit codes: 0 when the files are written; 2 on a config error, a `--groups` out of range or
+//! an output file that exists (without `--force`); 3 when the source cannot be reached.
+
+use std::path::Path;
+
+use reshard_engine::ops::plan::{make_plan, slot_headroom, table_sizes, Plan};
+use reshard_engine::pg::conn::connect_plain;
+
+use super::check::table;
+use super::slot::human_bytes;
+use crate::output::{load_config, CmdResult, Failure};
+use crate::PlanArgs;
+
+/// Runs `reshard plan`.
+pub async fn run(args: PlanArgs) -> CmdResult {
+    let path = &args.config.config;
+    let config = load_config(path)?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read {}: {e}", path.display())))?;
+    let client = connect_plain(&config.source.url).await.map_err(|e| {
+        Failure::failed(anyhow::anyhow!(
+            "cannot connect to the source ([source] url) to read the tables and their sizes: {e}"
+        ))
+    })?;
+    let tables = table_sizes(&client, &config)
+        .await
+        .map_err(|e| Failure::failed(anyhow::Error::from(e).context("reading the table set")))?;
+    let plan = make_plan(path, &text, &config, tables, usize::from(args.groups))
+        .map_err(|e| Failure::usage(anyhow::Error::from(e)))?;
+    let headroom = slot_headroom(&client)
+        .await
+        .map_err(|e| Failure::failed(anyhow::anyhow!("reading max_replication_slots: {e}")))?;
+    write(&plan, &args.out, args.force)?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&plan)
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the plan: {e}")))?;
+        println!("{json}");
+    } else {
+        print!("{}", render(&plan, &args.out));
+        let k = plan.groups.len() as i64;
+        if headroom.free_slots < k || headroom.free_senders < k {
+            println!(
+                "\nWARNING: the groups need {k} replication slots and {k} WAL senders on the source; \
+                 {} slot(s) and {} sender(s) are free (max_replication_slots = {}, max_wal_senders = {}). \
+                 Raise them (ALTER SYSTEM SET …; restart) before starting every group.",
+                headroom.free_slots, headroom.free_senders, headroom.max_slots, headroom.max_senders
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes every group config and the Helm values into `out` (created if missing); refuses to
+/// overwrite an existing file unless `force`, before writing anything.
+fn write(plan: &Plan, out: &Path, force: bool) -> Result<(), Failure> {
+    let files: Vec<&(String, String)> = plan
+        .configs
+        .iter()
+        .chain(std::iter::once(&plan.helm_values))
+        .collect();
+    if !force {
+        let existing: Vec<String> = files
+            .iter()
+            .map(|(f, _)| out.join(f))
+            .filter(|p| p.exists())
+            .map(|p| p.display().to_string())
+            .collect();
+        if !existing.is_empty() {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "{} already exist(s); choose another --out directory or pass --force to overwrite",
+                existing.join(", ")
+            )));
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| {
+        Failure::usage(anyhow::anyhow!(
+            "cannot create --out {}: {e}",
+            out.display()
+        ))
+    })?;
+    for (f, text) in files {
+        let p = out.join(f);
+        std::fs::write(&p, text)
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot write {}: {e}", p.display())))?;
+    }
+    Ok(())
+}
+
+/// The groups, then every table with its group, then what to run.
+fn render(plan: &Plan, out: &Path) -> String {
+    let total: i64 = plan.groups.iter().map(|g| g.bytes).sum();
+    let tables: usize = plan.groups.iter().map(|g| g.tables.len()).sum();
+    let mut s = format!(
+        "{} groups over {tables} tables ({}), balanced by pg_total_relation_size; each table in exactly one group (broadcast tables too: their group copies them to every shard)\n\n",
+        plan.groups.len(),
+        human_bytes(total)
+    );
+    let mut rows = vec![[
+        "GROUP".to_owned(),
+        "TABLES".into(),
+        "SIZE".into(),
+        "SLOT".into(),
+        "PUBLICATION".into(),
+        "SPILL DIR".into(),
+        "METRICS".into(),
+        "CONFIG".into(),
+    ]];
+    for g in &plan.groups {
+        rows.push([
+            g.name.clone(),
+            g.tables.len().to_string(),
+            human_bytes(g.bytes),
+            g.slot.clone(),
+            g.publication.clone(),
+            g.spill_dir.display().to_string(),
+            if g.metrics.is_empty() {
+                "off".into()
+            } else {
+                g.metrics.clone()
+            },
+            out.join(&g.file).display().to_string(),
+        ]);
+    }
+    s.push_str(&table(&rows));
+    let mut rows = vec![[
+        "TABLE".to_owned(),
+        "MODE".into(),
+        "SIZE".into(),
+        "GROUP".into(),
+    ]];
+    for g in &plan.groups {
+        for t in &g.tables {
+            rows.push([
+                t.table.clone(),
+                t.mode.to_string(),
+                human_bytes(t.bytes),
+                g.name.clone(),
+            ]);
+        }
+    }
+    s.push('\n');
+    s.push_str(&table(&rows));
+    s.push_str(&format!(
+        "\nWrote {} and the Helm values {}.\nEach group is an ordinary daemon: `reshard check -c <group config>` (proves the groups disjoint), then `reshard run -c <group config>` for every group.\n",
+        plan.configs
+            .iter()
+            .map(|(f, _)| out.join(f).display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        out.join(&plan.helm_values.0).display()
+    ));
+    s
+}
