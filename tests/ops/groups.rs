@@ -36,6 +36,30 @@ const TABLES: &[TableCheck<'static>] = &[
     ("plans", None, "id"),
 ];
 
+/// A base config whose admin console and metrics ports `p` have `p + 1` free too (group k
+/// listens on base + k), below the kernel's ephemeral range, where no connection takes `p + 1`
+/// between the plan and the daemon's start.
+fn write_base_config(t: &Topology) -> PathBuf {
+    let pair = |from: u16| {
+        (from..from + 2000)
+            .step_by(2)
+            .find(|p| {
+                let bind = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+                bind(*p) && bind(p + 1)
+            })
+            .expect("two free ports")
+    };
+    // Apart per process and per call, so concurrent tests do not pick the same pair.
+    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+    let seed = u16::try_from(std::process::id() % 200).unwrap_or(0) * 20 + call * 2;
+    let admin = pair(20000 + seed);
+    let metrics = pair(26000 + seed);
+    t.write_config(&format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\nmetrics = \"127.0.0.1:{metrics}\"\n\n"
+    ))
+}
+
 /// `reshard plan --groups 2 --json` on a base config without `[[tables]]`: (plan, group config
 /// paths).
 fn plan_two(t: &Topology, base: &Path) -> (serde_json::Value, Vec<PathBuf>) {
@@ -65,7 +89,7 @@ fn plan_two(t: &Topology, base: &Path) -> (serde_json::Value, Vec<PathBuf>) {
 async fn two_groups_from_plan_run_as_two_daemons_and_converge_on_three_shards() {
     let mut t = topology_with_data(3, SPEC).await;
     t.source_sql("ANALYZE");
-    let base = t.write_config("");
+    let base = write_base_config(&t);
     let (plan, files) = plan_two(&t, &base);
 
     // Every table in exactly one group (the broadcast table too), no group empty.
@@ -116,17 +140,26 @@ async fn two_groups_from_plan_run_as_two_daemons_and_converge_on_three_shards() 
         .iter()
         .map(|g| g["slot"].as_str().unwrap().to_owned())
         .collect();
-    t.wait(
-        "both groups' slots streaming",
-        Duration::from_secs(120),
-        || {
-            let active = t.source_sql(&format!(
+    // Both walsenders attached, and both daemons still up (a daemon that died says why).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        for d in [d0, d1] {
+            assert!(t.is_running(d), "a group daemon exited:\n{}", t.all_logs());
+        }
+        let active = t.source_sql(&format!(
             "SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name IN ('{}', '{}')",
             slots[0], slots[1]
         ));
-            (active == "2").then_some(())
-        },
-    );
+        if active == "2" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both groups' slots not streaming after 120 s:\n{}",
+            t.all_logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Live writes: transactions that touch tables of both groups, inserts, updates that move
     // rows between accounts (shards), deletes.
@@ -145,6 +178,9 @@ async fn two_groups_from_plan_run_as_two_daemons_and_converge_on_three_shards() 
     .await
     .expect("live writes");
     assert!(stats.txns > 0);
+    for d in [d0, d1] {
+        assert!(t.is_running(d), "a group daemon exited:\n{}", t.all_logs());
+    }
     t.wait_converged(TABLES, Duration::from_secs(120));
 
     // Each group publishes exactly its tables, and each shard holds one progress row per group
@@ -242,7 +278,7 @@ async fn two_groups_from_plan_run_as_two_daemons_and_converge_on_three_shards() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_and_run_refuse_overlapping_group_configs() {
     let mut t = topology_with_data(2, SPEC).await;
-    let base = t.write_config("");
+    let base = write_base_config(&t);
 
     // More groups than tables: refused, naming the range.
     let (code, out, err) = t.reshard(&["plan", "--groups", "7", "-c", base.to_str().unwrap()]);
