@@ -45,8 +45,8 @@ pub async fn purge(config: &Config) -> Vec<PurgeStep> {
 }
 
 /// A group's clean-up on a shard: its progress rows (keyed by its slot) and its tables'
-/// full-load records (keyed by table, as the full load writes them), then the `reshard` schema
-/// only when no other group's progress row is left.
+/// full-load records (`fullload_chunks`, `watermark_chunks`: keyed by table, as the full load
+/// writes them), then the `reshard` schema only when no other group's progress row is left.
 fn group_purge_sql(config: &Config) -> String {
     let tables: Vec<String> = config
         .table_rules()
@@ -68,6 +68,8 @@ fn group_purge_sql(config: &Config) -> String {
            DELETE FROM reshard.progress WHERE slot = {slot}; END IF; \
          IF to_regclass('reshard.fullload_chunks') IS NOT NULL THEN \
            DELETE FROM reshard.fullload_chunks WHERE source_table IN ({tables}); END IF; \
+         IF to_regclass('reshard.watermark_chunks') IS NOT NULL THEN \
+           DELETE FROM reshard.watermark_chunks WHERE source_table IN ({tables}); END IF; \
          IF to_regclass('reshard.progress') IS NULL OR NOT EXISTS (SELECT FROM reshard.progress) THEN \
            DROP SCHEMA IF EXISTS reshard CASCADE; END IF; \
          END $purge$",
