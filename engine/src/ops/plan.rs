@@ -856,6 +856,27 @@ mod tests {
         );
     }
 
+    /// Secrets stay out of the written files: `${VAR}` is kept as written, never expanded.
+    #[test]
+    fn group_configs_keep_env_references_not_their_values() {
+        std::env::set_var("RESHARD_TEST_PLAN_PW", "s3cret-value");
+        let text = base_text().replace(
+            "postgres://reshard@db/ingest",
+            "postgres://reshard:${RESHARD_TEST_PLAN_PW}@db/ingest",
+        );
+        let base = Config::parse(&text, "reshard.toml").unwrap();
+        assert!(base.source.url.contains("s3cret-value"));
+        let tables = vec![t("a", 1, TableMode::Sharded), t("b", 1, TableMode::Sharded)];
+        let plan = make_plan(Path::new("reshard.toml"), &text, &base, tables, 2).unwrap();
+        for (f, text) in plan.configs.iter().chain([&plan.helm_values]) {
+            assert!(text.contains("${RESHARD_TEST_PLAN_PW}"), "{f}:\n{text}");
+            assert!(
+                !text.contains("s3cret-value"),
+                "{f} holds the secret:\n{text}"
+            );
+        }
+    }
+
     #[test]
     fn derived_names_and_ports() {
         assert_eq!(
