@@ -186,6 +186,36 @@ fn a_watermark_load_holds_no_snapshot_and_resumes_after_its_last_chunk() {
     t.stop_cleanly(d);
 }
 
+/// The watermark load from PostgreSQL 13 (pgoutput protocol 1, no logical messages: nothing
+/// of the watermark travels through the stream) into 17, under a live writer.
+#[test]
+fn a_watermark_load_from_postgres_13_converges() {
+    let mut t = Topology::start_majors(13, &[17, 17], |_| reshard_harness::PgCluster::builder());
+    t.ddl_everywhere(SCHEMA);
+    t.source_sql("INSERT INTO plans SELECT g, 'plan' || g FROM generate_series(1, 500) g");
+    t.source_sql(
+        "INSERT INTO items SELECT g % 197 + 1, g, 'pre' || g, 0 FROM generate_series(1, 20000) g",
+    );
+    t.source_sql("INSERT INTO audit SELECT g % 89 + 1, 'pre', g FROM generate_series(1, 500) g");
+    t.write_config(
+        "[snapshot]\nmode = \"watermark\"\nchunk_rows = 1000\nmax_rows_per_sec = 5000\n",
+    );
+    let writer = Writer::start(t.source.url("app"), seed(), false);
+    let d = t.spawn_run(&[]);
+    t.wait("the load to finish", Duration::from_secs(90), || {
+        t.last_log().contains("full load done").then_some(())
+    });
+    t.source_sql("UPDATE items SET n = n + 1 WHERE id % 10 = 0 AND id < 1000000");
+    let commits = writer.finish();
+    assert!(
+        commits > 10,
+        "the writer made too little progress ({commits} commits)"
+    );
+    assert!(finished(&t, "public.items") && chunks(&t, 0, "public.items").len() >= 20);
+    t.wait_converged(TABLES, Duration::from_secs(120));
+    t.stop_cleanly(d);
+}
+
 /// The load's rate in watermark mode next to the exported mode and raw COPY pipes, on the same
 /// clusters in the same run: 1M rows into 4 shards. The raw pipe per shard is `COPY (SELECT …
 /// WHERE account_id % 4 = s) TO STDOUT` streamed into the shard's `COPY … FROM STDIN`, all four

@@ -172,6 +172,23 @@ impl CopyContext {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Every shard's copy slot, taken in shard order (so workers cannot deadlock on them).
+    pub(crate) async fn take_slots(&self) -> Result<Vec<OwnedSemaphorePermit>, SnapshotError> {
+        let mut permits = Vec::with_capacity(self.copy_slots.len());
+        for slot in &self.copy_slots {
+            let permit = slot
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| SnapshotError::Task {
+                    what: "copy slot".into(),
+                    message: e.to_string(),
+                })?;
+            permits.push(permit);
+        }
+        Ok(permits)
+    }
+
     /// The name of shard `s`, for messages.
     pub(crate) fn shard_name(&self, s: usize) -> &str {
         self.shard_names.get(s).map_or("shard", String::as_str)
@@ -328,8 +345,10 @@ impl Worker {
             return Ok((0, 0));
         };
         let what = || format!("copying table {} chunk {}", table.source_display, job.id);
+        let slots = ctx.take_slots().await?;
         let copied = copy_rows(
             ctx,
+            slots,
             &self.source,
             &self.shards,
             job.table,
@@ -392,10 +411,12 @@ pub(crate) struct Copied {
 
 /// Reads one chunk with `copy_out_sql` on `source` (in whatever transaction the caller opened)
 /// and writes each row into the shard(s) it belongs to, inside one transaction per shard that
-/// is left open: the caller records the chunk in it and commits. Takes every shard's copy slot
-/// first, in shard order (no deadlock); they are released when the returned value is dropped.
+/// is left open: the caller records the chunk in it and commits. `slots` are every shard's copy
+/// slot ([`CopyContext::take_slots`]); they are released when the returned value is dropped.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn copy_rows(
     ctx: &CopyContext,
+    slots: Vec<OwnedSemaphorePermit>,
     source: &Client,
     shards: &[Client],
     table_index: usize,
@@ -412,19 +433,7 @@ pub(crate) async fn copy_rows(
     let what = || format!("copying table {} chunk {chunk}", table.source_display);
     let n = shards.len();
 
-    // Slots in shard order (no deadlock), then one transaction + COPY per shard.
-    let mut permits: Vec<OwnedSemaphorePermit> = Vec::with_capacity(n);
-    for slot in &ctx.copy_slots {
-        let permit = slot
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| SnapshotError::Task {
-                what: "copy slot".into(),
-                message: e.to_string(),
-            })?;
-        permits.push(permit);
-    }
+    // One transaction + COPY per shard.
     let mut sinks: Vec<Sink> = Vec::with_capacity(n);
     for (s, client) in shards.iter().enumerate() {
         let name = ctx.shard_name(s);
@@ -539,7 +548,7 @@ pub(crate) async fn copy_rows(
         last_row: (keep_last_row && rows > 0).then_some(last_row),
         report_rows,
         report_bytes,
-        _permits: permits,
+        _permits: slots,
     })
 }
 

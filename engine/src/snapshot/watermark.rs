@@ -388,6 +388,8 @@ impl Worker {
         loop {
             let id = job.next_id;
             let what = || format!("reading table {} chunk {id}", job.source_display);
+            // The shards' copy slots first: no snapshot waits for them.
+            let slots = ctx.take_slots().await?;
             let low: String = self
                 .source
                 .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
@@ -422,8 +424,17 @@ impl Worker {
                 "COPY ({}{filter} ORDER BY {keys} LIMIT {}) TO STDOUT",
                 job.select, self.chunk_rows
             );
-            let copied =
-                copy::copy_rows(ctx, &self.source, &self.shards, job.table, id, &sql, true).await?;
+            let copied = copy::copy_rows(
+                ctx,
+                slots,
+                &self.source,
+                &self.shards,
+                job.table,
+                id,
+                &sql,
+                true,
+            )
+            .await?;
             self.source
                 .batch_execute("COMMIT")
                 .await
