@@ -704,24 +704,83 @@ async fn swapped_unique_values_are_replayed_in_source_order() {
     .await;
     let mut run = start(&pg, "shard", log.clone(), opts());
     run.wait_applied(lsn(1)).await;
-    // Swap the emails through a temporary value, as the source did.
-    txn(
-        &log,
-        2,
-        vec![
-            upd(&users, None, vec![t("1"), t("tmp@x")]),
-            upd(&users, None, vec![t("2"), t("a@x")]),
-            upd(&users, None, vec![t("1"), t("b@x")]),
-        ],
-    )
-    .await;
+    // Swap the emails through a temporary value, as the source did; with enough other rows in
+    // the transaction that it goes set-based (a small group is written change by change).
+    let mut swap = vec![
+        upd(&users, None, vec![t("1"), t("tmp@x")]),
+        upd(&users, None, vec![t("2"), t("a@x")]),
+        upd(&users, None, vec![t("1"), t("b@x")]),
+    ];
+    for k in 100..150 {
+        swap.push(ins(&users, vec![t(&k.to_string()), t(&format!("{k}@x"))]));
+    }
+    txn(&log, 2, swap).await;
     let st = run.wait_applied(lsn(2)).await;
     assert!(st.replays >= 1, "expected a replay: {st:?}");
     let c = client(&pg, "shard").await;
     assert_eq!(
-        rows(&c, "SELECT id, email FROM users ORDER BY id").await,
+        rows(&c, "SELECT id, email FROM users WHERE id < 100 ORDER BY id").await,
         vec!["1|b@x", "2|a@x"]
     );
+    assert_eq!(
+        rows(&c, "SELECT count(*) FROM users WHERE id >= 100").await,
+        vec!["50"]
+    );
+    run.stop().await.0.unwrap();
+}
+
+/// Waits until the shard's durable progress reaches `target`, at most `within`.
+async fn applied_within(run: &mut Running, target: Lsn, within: Duration) -> ShardStatus {
+    let r = tokio::time::timeout(
+        within,
+        run.status.wait_for(|s| s.applied_commit_lsn >= target),
+    )
+    .await;
+    match r {
+        Ok(Ok(s)) => s.clone(),
+        _ => {
+            drop(r);
+            panic!(
+                "shard did not reach {target} within {within:?}: {:?}",
+                *run.status.borrow()
+            )
+        }
+    }
+}
+
+// See: issue #14 (a caught-up shard should not wait out a batching delay when nothing else is
+// coming).
+/// A shard whose log has nothing more to read commits what it has at once, whatever
+/// `batch_max_delay_ms` says; transactions already queued together still go in one batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_up_shard_commits_at_once_and_batches_only_what_is_queued() {
+    let pg = target("CREATE TABLE public.kv (k int PRIMARY KEY, v text);");
+    let kv = rel(
+        1,
+        "kv",
+        ReplicaIdentity::Default,
+        &[("k", true), ("v", false)],
+    );
+    let o = ApplyOptions {
+        batch_max_delay_ms: 600_000,
+        ..opts()
+    };
+    // Five transactions queued before the applier starts: one target transaction.
+    let log = Arc::new(MemLog::new(1024));
+    for n in 1..=5 {
+        txn(&log, n, vec![ins(&kv, vec![t(&n.to_string()), t("v")])]).await;
+    }
+    let mut run = start(&pg, "shard", log.clone(), o);
+    let st = applied_within(&mut run, lsn(5), Duration::from_secs(30)).await;
+    assert_eq!((st.batches, st.txns_applied), (1, 5), "{st:?}");
+    // Then one at a time, each alone in the log: each is committed without waiting.
+    for n in 6..=8 {
+        txn(&log, n, vec![ins(&kv, vec![t(&n.to_string()), t("v")])]).await;
+        let st = applied_within(&mut run, lsn(n), Duration::from_secs(30)).await;
+        assert_eq!(st.batches, n - 4, "{st:?}");
+    }
+    let c = client(&pg, "shard").await;
+    assert_eq!(rows(&c, "SELECT count(*) FROM kv").await, vec!["8"]);
     run.stop().await.0.unwrap();
 }
 

@@ -3,7 +3,7 @@
 //! Correctness is always judged by PostgreSQL's own hash partitioning
 //! (`satisfies_hash_partition`), never by reshard's routing code.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::{wait_for, Topology};
 
@@ -192,5 +192,58 @@ fn one_of_identical_rows_of_a_full_identity_table_is_changed_alone() {
     )];
     t.wait_converged(LIKES, Duration::from_secs(90));
     assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
+    t.stop_cleanly(d);
+}
+
+// See: issue #14 (a caught-up shard should not wait out a batching delay when nothing else is
+// coming).
+/// With long batching delays configured (`[spill] flush_interval_ms` 10 s, `[apply]
+/// batch_max_delay_ms` 10 min), a row written to an idle source still reaches its shard within
+/// seconds: at the end of a burst the ingest hands what it read to the shards, and a shard whose
+/// log has nothing more commits at once.
+#[test]
+fn a_caught_up_shard_applies_without_waiting_out_the_batching_delays() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    let p = t.write_config("");
+    let cfg = std::fs::read_to_string(&p).expect("read config");
+    let cfg = cfg
+        .replace("flush_interval_ms = 10\n", "flush_interval_ms = 10000\n")
+        .replace("batch_max_delay_ms = 20\n", "batch_max_delay_ms = 600000\n");
+    assert!(
+        cfg.contains("flush_interval_ms = 10000") && cfg.contains("batch_max_delay_ms = 600000")
+    );
+    std::fs::write(&p, cfg).expect("write config");
+    let helper = t.create_route_helper("bigint");
+    let d = t.spawn_run(&[]);
+    wait_slot(&t);
+    // The first row also waits for the start-up (the full load's hand-off to streaming
+    // completes at a group commit): not timed.
+    for account in 0..=4 {
+        let written = Instant::now();
+        t.source_sql(&format!(
+            "INSERT INTO items (account_id, id, name) VALUES ({account}, 1, 'x')"
+        ));
+        let shard = t.source_sql(&format!(
+            "SELECT k FROM generate_series(0, 1) k \
+             WHERE satisfies_hash_partition('{helper}'::regclass, 2, k, {account}::bigint)"
+        ));
+        let shard: usize = shard.trim().parse().expect("shard index");
+        wait_for("the row on its shard", Duration::from_secs(60), || {
+            let n = t.shards[shard]
+                .psql(
+                    "app",
+                    &format!("SELECT count(*) FROM items WHERE account_id = {account}"),
+                )
+                .ok()?;
+            (n.trim() == "1").then_some(())
+        });
+        assert!(
+            account == 0 || written.elapsed() < Duration::from_secs(8),
+            "account {account}: applied after {:?}, i.e. after a batching delay\n{}",
+            written.elapsed(),
+            t.all_logs()
+        );
+    }
     t.stop_cleanly(d);
 }

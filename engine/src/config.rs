@@ -247,8 +247,9 @@ pub struct ApplyConfig {
     /// Most bytes of row data in one target transaction. Default 16 MiB.
     #[serde(default = "default_batch_max_bytes")]
     pub batch_max_bytes: usize,
-    /// A group is committed at the latest this long after its first transaction, ms. Default 10
-    /// (a shortest delay: under load groups fill by rows/bytes long before it).
+    /// A group is committed as soon as the shard's log has nothing more to read (a caught-up
+    /// shard does not wait), and at the latest this long after its first transaction, ms.
+    /// Default 10 (under load groups fill by rows/bytes long before it).
     #[serde(default = "default_batch_max_delay_ms")]
     pub batch_max_delay_ms: u64,
     /// Run the target session with `session_replication_role = replica` (triggers and FK

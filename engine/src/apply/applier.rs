@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::SinkExt;
+use futures_util::{FutureExt, SinkExt};
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -314,6 +314,15 @@ impl<'a, L: ShardLog> Session<'a, L> {
         &self.opts.shard_name
     }
 
+    /// A failure of the shard's log (opening or reading it).
+    fn log_error<E: std::error::Error + Classify>(&self, e: &E) -> ApplyError {
+        ApplyError::Log {
+            shard: self.shard().to_owned(),
+            message: e.to_string(),
+            class: e.class(),
+        }
+    }
+
     fn client(&self) -> Result<&Client, ApplyError> {
         self.client.as_ref().ok_or_else(|| ApplyError::Connect {
             shard: self.opts.shard_name.clone(),
@@ -350,11 +359,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         let mut reader = self
             .log
             .open_reader(self.opts.shard, self.applied)
-            .map_err(|e| ApplyError::Log {
-                shard: self.shard().to_owned(),
-                message: e.to_string(),
-                class: e.class(),
-            })?;
+            .map_err(|e| self.log_error(&e))?;
         info!(after = %self.applied, "applying");
         let applied = self.applied;
         self.status.send_modify(|s| {
@@ -373,6 +378,21 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 if self.group.is_none() {
                     self.status.send_modify(|s| s.state = ApplyState::Paused);
                 }
+            }
+            if self.current.is_none() && self.group.as_ref().is_some_and(|g| g.last.is_some()) {
+                // A group of complete source transactions waits to be committed. If the log has
+                // more to read right now, take it into the group (batching under load);
+                // otherwise the shard is caught up and nothing else is coming: commit now
+                // instead of waiting out `batch_max_delay_ms`.
+                // Cancel-safe by the `ShardReader::next` contract: a call dropped after one poll
+                // loses nothing.
+                let step = match reader.next().now_or_never() {
+                    Some(Ok(ev)) => self.on_event(ev).await,
+                    Some(Err(e)) => return Err(self.log_error(&e)),
+                    None => self.commit_group().await,
+                };
+                self.after_step(step, &mut reader).await?;
+                continue;
             }
             let reading = !(self.paused && self.current.is_none());
             let deadline = if self.current.is_none() {
@@ -408,11 +428,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 }
                 // Cancel-safe by the `ShardReader::next` contract: a dropped call loses nothing.
                 ev = reader.next(), if reading => {
-                    let ev = ev.map_err(|e| ApplyError::Log {
-                        shard: self.shard().to_owned(),
-                        message: e.to_string(),
-                        class: e.class(),
-                    })?;
+                    let ev = ev.map_err(|e| self.log_error(&e))?;
                     self.on_event(ev).await
                 }
             };
@@ -479,11 +495,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         *reader = self
             .log
             .open_reader(self.opts.shard, self.applied)
-            .map_err(|e| ApplyError::Log {
-                shard: self.shard().to_owned(),
-                message: e.to_string(),
-                class: e.class(),
-            })?;
+            .map_err(|e| self.log_error(&e))?;
         Ok(())
     }
 

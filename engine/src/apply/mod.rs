@@ -4,7 +4,8 @@
 //! In: that shard's [`ShardEvent`](crate::event::ShardEvent)s, read from a
 //! [`ShardLog`](crate::event::ShardLog) (the spill log) after the shard's durable progress.
 //! Out: the source transactions applied to the shard, grouped into target transactions bounded
-//! by rows, bytes and time, with the shard's progress row (`reshard.progress`) written in the
+//! by rows, bytes and time (and committed as soon as the log has nothing more to read: a
+//! caught-up shard batches only what is already queued), with the shard's progress row (`reshard.progress`) written in the
 //! same target transaction; [`ShardStatus`] updates; `ShardLog::applied` after each durable
 //! commit.
 //!
@@ -69,8 +70,9 @@ pub struct ApplyOptions {
     pub batch_max_rows: usize,
     /// Same bound in bytes of value text. Default 16 MiB.
     pub batch_max_bytes: usize,
-    /// A target transaction is committed at the latest this long after its first source
-    /// transaction ended (or at that transaction's Commit, if it ends later). Default: `[apply]`'s.
+    /// A target transaction is committed when the log has nothing more to read right now, and
+    /// at the latest this long after its first source transaction ended (or at that
+    /// transaction's Commit, if it ends later). Default: `[apply]`'s.
     pub batch_max_delay_ms: u64,
     /// Run with `session_replication_role = replica` so that the target's ordinary triggers and
     /// foreign-key checks do not fire (the source already ran them); if the role lacks the

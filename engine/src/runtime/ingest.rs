@@ -17,6 +17,12 @@
 //!   (log plus spool) reading stops between transactions (the connection is kept alive with
 //!   status updates); the log may exceed the cap by the transaction being read.
 //!
+//! Latency: a group commit also hands the transactions read to the shards' readers; besides
+//! every `flush_interval`, it runs at the end of each burst from the source (between
+//! transactions, when nothing more has arrived), so a caught-up shard gets a transaction as
+//! soon as it is read. What the shards apply early is confirmed to the source only once
+//! durable here.
+//!
 //! It runs on its own OS thread (decoding and file writes are CPU and disk work that must not
 //! stall the apply tasks) with a current-thread tokio runtime.
 
@@ -25,6 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::sync::watch;
 
 use crate::config::OnUnroutable;
@@ -330,18 +337,41 @@ impl Ingest {
                 // `keepalive_while_paused` (while paused: status updates without reading, so
                 // the server does not time the connection out) loses nothing either.
                 msg = read_or_keepalive(s, reading) => {
-                    let Some(x) = msg? else {
-                        return Err(SourceError::ConnectionLost {
-                            last_lsn: self.counters.received(),
-                            reason: "the server ended the replication stream".into(),
-                        }.into());
-                    };
-                    self.counters.bytes_received.fetch_add(x.data.len() as u64, Ordering::Relaxed);
-                    IngestCounters::set_lsn(&self.counters.received_lsn, x.wal_start);
-                    assembler.push(x.wal_start, x.data, &mut |_lsn, ev| self.on_event(ev))?;
-                    if self.spill.flush_due() || last_flush.elapsed() >= self.opts.flush_interval {
-                        self.group_commit(s, &assembler)?;
-                        last_flush = Instant::now();
+                    let mut msg = msg;
+                    loop {
+                        let Some(x) = msg? else {
+                            return Err(SourceError::ConnectionLost {
+                                last_lsn: self.counters.received(),
+                                reason: "the server ended the replication stream".into(),
+                            }.into());
+                        };
+                        self.counters.bytes_received.fetch_add(x.data.len() as u64, Ordering::Relaxed);
+                        IngestCounters::set_lsn(&self.counters.received_lsn, x.wal_start);
+                        assembler.push(x.wal_start, x.data, &mut |_lsn, ev| self.on_event(ev))?;
+                        if self.spill.flush_due() || last_flush.elapsed() >= self.opts.flush_interval {
+                            self.group_commit(s, &assembler)?;
+                            last_flush = Instant::now();
+                        }
+                        // Between transactions, with transactions the shards have not got yet:
+                        // take what the server has already sent (a keepalive, the next
+                        // transaction); when nothing is there the burst is over, and they are
+                        // handed to the shards now rather than at the next tick, so a caught-up
+                        // shard applies them at once.
+                        let handoff = self.current.is_none()
+                            && assembler.is_idle()
+                            && self.spill.has_unpublished();
+                        if !handoff || *pause.borrow() || self.spill.over_cap(assembler.spool_bytes()) {
+                            break;
+                        }
+                        // Cancellation-safe like the arm (`next` loses nothing); polled once.
+                        match s.next().now_or_never() {
+                            Some(m) => msg = m,
+                            None => {
+                                self.group_commit(s, &assembler)?;
+                                last_flush = Instant::now();
+                                break;
+                            }
+                        }
                     }
                 }
             }

@@ -382,7 +382,7 @@ impl SpillWriter {
     /// LSN ([`durable_lsn`](Self::durable_lsn), [`SpillLog::durable_watch`]). Appends continue
     /// meanwhile, so the next group is whatever arrives while the disk is busy. Returns
     /// whether a group commit was started (not when one is still in flight, or nothing is
-    /// new).
+    /// new). Either way the complete transactions are sealed and visible to readers at once.
     pub fn commit(&mut self) -> Result<bool, SpillError> {
         self.check_failed()?;
         let r = self.commit_inner();
@@ -403,6 +403,12 @@ impl SpillWriter {
         Ok(self.durable_lsn())
     }
 
+    /// Whether complete transactions are appended but not yet handed to readers (they are at
+    /// the next [`commit`](Self::commit)).
+    pub fn has_unpublished(&self) -> bool {
+        self.shards.iter().any(|w| w.mark_buf > 0)
+    }
+
     /// Whether a group commit should start now: no group commit is in flight, a transaction
     /// completed since the last one, and `flush_interval_ms` passed or 8 blocks' worth of
     /// records are waiting.
@@ -415,6 +421,14 @@ impl SpillWriter {
     }
 
     fn commit_inner(&mut self) -> Result<bool, SpillError> {
+        // Readers get the complete transactions at once, even while the previous group commit
+        // is still with the disk (what they apply is confirmed to the source only once durable;
+        // a crash before that cuts the log back and the source resends).
+        for i in 0..self.shards.len() {
+            if self.shards[i].mark_buf > 0 {
+                self.seal_prefix(i)?;
+            }
+        }
         let deleted: Vec<Lsn> = {
             let st = self.shared.lock();
             if st.sync_in_flight {
@@ -425,11 +439,6 @@ impl SpillWriter {
         if self.last_end == self.committed && deleted == self.last_deleted_through {
             self.publish_counters();
             return Ok(false);
-        }
-        for i in 0..self.shards.len() {
-            if self.shards[i].mark_buf > 0 {
-                self.seal_prefix(i)?;
-            }
         }
         let mut files = Vec::new();
         let mut dirs = Vec::new();
