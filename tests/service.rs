@@ -14,7 +14,7 @@ use reshard_engine::admin::{self, AdminAuth, AdminError};
 use reshard_engine::lsn::Lsn;
 use reshard_engine::metrics;
 use reshard_engine::status::{
-    AdminHandle, ControlCommand, ControlRequest, Phase, ShardState, ShardView, SourceStatus,
+    AdminHandle, ControlCommand, ControlRequest, Fence, Phase, ShardState, ShardView, SourceStatus,
     SpillView, StatusSnapshot, TableView,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -69,6 +69,14 @@ fn snapshot() -> StatusSnapshot {
             backpressure: false,
             connected: true,
             last_error: None,
+            fences: vec![Fence {
+                shard: "shard1".into(),
+                reason: "cutover".into(),
+                step: "safe".into(),
+                fenced_secs: 12.5,
+                refused: 3,
+                ..Fence::default()
+            }],
         },
         shards: vec![
             shard("shard0", ShardState::Running, 0x2_FFFF_0000, 1000),

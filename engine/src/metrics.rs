@@ -112,6 +112,13 @@ pub const BUILD_INFO: &str = "reshard_build_info";
 /// Changes kept in the quarantine because they could not be routed, per table (counter).
 pub const QUARANTINED_CHANGES_TOTAL: &str = "reshard_quarantined_changes_total";
 
+/// Seconds a shard's write fence has stood on the source (gauge, `shard`; absent when the shard is
+/// not fenced).
+pub const FENCE_SECONDS: &str = "reshard_fence_seconds";
+/// Writes the source refused because they route to a fenced shard (counter, `shard`; counted on
+/// the source by the fence itself).
+pub const FENCE_REFUSED_WRITES_TOTAL: &str = "reshard_fence_refused_writes_total";
+
 /// Every metric name this module exports.
 pub const ALL: &[&str] = &[
     SHARD_APPLIED_LSN,
@@ -149,6 +156,8 @@ pub const ALL: &[&str] = &[
     UPTIME_SECONDS,
     BUILD_INFO,
     QUARANTINED_CHANGES_TOTAL,
+    FENCE_SECONDS,
+    FENCE_REFUSED_WRITES_TOTAL,
 ];
 
 /// Largest request head accepted (request line + headers).
@@ -629,6 +638,25 @@ impl Collector for SnapshotCollector {
             QUARANTINED_CHANGES_TOTAL,
             "Changes kept in the quarantine because they could not be routed (see `reshard quarantine list`)",
             &quarantined,
+        )?;
+        let fences = &s.source.fences;
+        gauges(
+            e,
+            FENCE_SECONDS,
+            "Seconds the shard's write fence has stood on the source (reshard fence, cutover --fence)",
+            &fences
+                .iter()
+                .map(|f| (vec![("shard", label(&f.shard))], f.fenced_secs))
+                .collect::<Vec<_>>(),
+        )?;
+        counters(
+            e,
+            FENCE_REFUSED_WRITES_TOTAL,
+            "Writes the source refused because they route to a fenced shard",
+            &fences
+                .iter()
+                .map(|f| (vec![("shard", label(&f.shard))], f.refused.max(0) as u64))
+                .collect::<Vec<_>>(),
         )?;
         Ok(())
     }

@@ -110,6 +110,58 @@ pub struct SourceStatus {
     pub connected: bool,
     /// Last source error.
     pub last_error: Option<String>,
+    /// The write fences installed on the source (`reshard fence`, `cutover --fence`).
+    #[serde(default)]
+    pub fences: Vec<Fence>,
+}
+
+/// Where a fence is installed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FenceSide {
+    /// On the source: refuse rows that route to the shard.
+    #[default]
+    Source,
+    /// On the shard's own database: refuse every write to its sharded tables.
+    Shard,
+}
+
+impl std::fmt::Display for FenceSide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FenceSide::Source => "source",
+            FenceSide::Shard => "shard",
+        })
+    }
+}
+
+/// A write fence as recorded in `reshard.fence` on the database it guards, with its counter
+/// (installed and removed by `ops::fence`, read by [`crate::pg::fence::read_fences`]).
+#[derive(Clone, Debug, Serialize, Deserialize, Default, PartialEq)]
+pub struct Fence {
+    /// The fenced shard.
+    pub shard: String,
+    /// Source or shard.
+    pub side: FenceSide,
+    /// What it is for.
+    pub reason: String,
+    /// `hash`, `map` or `all`.
+    pub rule: String,
+    /// Fenced tables.
+    pub tables: Vec<String>,
+    /// When it was first installed (UTC, ISO 8601).
+    pub installed_at: String,
+    /// Seconds since then: how long writes to the shard's accounts have been refused.
+    pub fenced_secs: f64,
+    /// The last step recorded by the command that uses the fence (`fenced`, `caught_up`, …).
+    pub step: String,
+    /// When that step was recorded.
+    pub step_at: String,
+    /// The LSN the step is about (the cutover's target), if any.
+    pub lsn: Option<Lsn>,
+    /// Writes refused so far (statements; counted by a sequence, so the count survives the
+    /// aborted writes).
+    pub refused: i64,
 }
 
 /// One shard.

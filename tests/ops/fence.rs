@@ -11,7 +11,7 @@ use std::time::Duration;
 use reshard_engine::ops::fence::{self, FenceSide, FENCE_SQLSTATE};
 use reshard_harness::workload::FillSpec;
 
-use super::common::{reshard_bin, wait_for, Topology};
+use super::common::{http_get, port_of, reshard_bin, sample, wait_for, Topology};
 use super::{connect, json, load_shards, shard_of, topology_with_data, SHARDED};
 
 const SPEC: FillSpec = FillSpec {
@@ -365,6 +365,52 @@ async fn fenced_cutover_under_a_live_writer_refuses_only_the_shards_accounts() {
         "",
         "rows of shard1's accounts written on the source after the fence at {since}"
     );
+
+    // The running daemon shows the fence: status, console, metrics (it polls the source every
+    // second).
+    let config_text = std::fs::read_to_string(t.config_path()).unwrap();
+    let (admin, metrics) = (
+        port_of(&config_text, "listen"),
+        port_of(&config_text, "metrics"),
+    );
+    let series = "reshard_fence_refused_writes_total{shard=\"shard1\"}";
+    tokio::task::block_in_place(|| {
+        wait_for(
+            "the metrics to count the refusals",
+            Duration::from_secs(15),
+            || {
+                let (_, body) = http_get(metrics, "/metrics");
+                (body.contains(series) && sample(&body, series) == refused).then_some(())
+            },
+        )
+    });
+    let (code, out, err) = t.reshard(&["status", "-c", &cfg, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let st = json(&out, &err);
+    let sf = &st["source"]["fences"][0];
+    assert_eq!(sf["shard"], "shard1", "{st:#}");
+    assert_eq!(sf["step"], "safe", "{st:#}");
+    assert_eq!(sf["refused"].as_u64(), Some(refused), "{st:#}");
+    let (console, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={admin} user=reshard dbname=reshard"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let rows: Vec<_> = console
+        .simple_query("SHOW FENCES")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get("shard"), Some("shard1"));
+    assert_eq!(rows[0].get("refused"), Some(refused.to_string().as_str()));
     t.stop_cleanly(d);
 }
 

@@ -1,4 +1,4 @@
-//! `reshard status`: one screen — phase, source slot, shards, tables, spill log.
+//! `reshard status`: one screen — phase, source slot, shards, tables, write fences, spill log.
 //!
 //! Asks the running daemon's admin console; when it does not answer, rebuilds the status from
 //! the source's slot, the shards' progress rows and the spill directory (phase `stopped`).
@@ -121,6 +121,10 @@ fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
             ]);
         }
         out.push_str(&table(&rows));
+    }
+    if !s.source.fences.is_empty() {
+        out.push_str("\nwrite fences on the source (lift with: reshard unfence --shard S):\n");
+        out.push_str(&super::fence::render(&s.source.fences));
     }
     let sp = &s.spill;
     out.push_str(&format!(

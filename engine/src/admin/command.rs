@@ -21,6 +21,8 @@ pub enum AdminCommand {
     ShowLag,
     /// `SHOW SPILL`: the local spill log.
     ShowSpill,
+    /// `SHOW FENCES`: the write fences on the source.
+    ShowFences,
     /// `SHOW HELP`: the command list.
     ShowHelp,
     /// `PAUSE [shard]`: pause one shard, or reading from the source.
@@ -70,6 +72,10 @@ pub const HELP: &[(&str, &str)] = &[
     (
         "SHOW SPILL",
         "the local spill log: size, cap, segments, durable LSN, backpressure, fsyncs",
+    ),
+    (
+        "SHOW FENCES",
+        "write fences on the source: shard, since, seconds fenced, writes refused, cutover step, LSN",
     ),
     ("SHOW HELP", "this list"),
     (
@@ -180,6 +186,7 @@ fn parse_statement(stmt: &str) -> Result<AdminCommand, ParseError> {
         ["SHOW", "TABLES"] => Ok(AdminCommand::ShowTables),
         ["SHOW", "LAG"] => Ok(AdminCommand::ShowLag),
         ["SHOW", "SPILL"] => Ok(AdminCommand::ShowSpill),
+        ["SHOW", "FENCES"] => Ok(AdminCommand::ShowFences),
         ["SHOW", "HELP"] | ["HELP"] => Ok(AdminCommand::ShowHelp),
         ["PAUSE"] => Ok(AdminCommand::Pause(None)),
         ["RESUME"] => Ok(AdminCommand::Resume(None)),

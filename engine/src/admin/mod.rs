@@ -559,6 +559,7 @@ impl Queries {
             AdminCommand::ShowTables => render::tables(&self.snapshot()),
             AdminCommand::ShowLag => render::lag(&self.snapshot()),
             AdminCommand::ShowSpill => render::spill(&self.snapshot()),
+            AdminCommand::ShowFences => render::fences(&self.snapshot()),
             AdminCommand::ShowHelp => render::help(),
             AdminCommand::ShowStatusJson => render::status_json(&self.snapshot()).map_err(|e| {
                 PgWireError::UserError(error_info(
@@ -683,6 +684,7 @@ fn columns_of(cmd: &AdminCommand) -> Vec<&'static str> {
         AdminCommand::ShowTables => render::tables(&empty).columns,
         AdminCommand::ShowLag => render::lag(&empty).columns,
         AdminCommand::ShowSpill => render::spill(&empty).columns,
+        AdminCommand::ShowFences => render::fences(&empty).columns,
         AdminCommand::ShowHelp => render::help().columns,
         AdminCommand::Pause(_)
         | AdminCommand::Resume(_)

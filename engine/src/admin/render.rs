@@ -86,6 +86,16 @@ pub fn status(snap: &StatusSnapshot) -> ResultSet {
             ),
         ),
         (
+            "fenced_shards",
+            Some(
+                src.fences
+                    .iter()
+                    .map(|f| format!("{} ({}, {})", f.shard, f.reason, f.step))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        ),
+        (
             "account_map_accounts",
             snap.account_map.as_ref().map(|m| m.accounts.to_string()),
         ),
@@ -236,6 +246,43 @@ pub fn spill(snap: &StatusSnapshot) -> ResultSet {
             s(sp.fsyncs_total),
             f1(sp.txns_per_fsync),
         ]],
+    }
+}
+
+/// `SHOW FENCES`: one row per write fence on the source.
+pub fn fences(snap: &StatusSnapshot) -> ResultSet {
+    ResultSet {
+        columns: vec![
+            "shard",
+            "reason",
+            "rule",
+            "installed_at",
+            "fenced_secs",
+            "refused",
+            "step",
+            "step_at",
+            "lsn",
+            "tables",
+        ],
+        rows: snap
+            .source
+            .fences
+            .iter()
+            .map(|f| {
+                vec![
+                    s(&f.shard),
+                    s(&f.reason),
+                    s(&f.rule),
+                    s(&f.installed_at),
+                    f1(f.fenced_secs),
+                    s(f.refused),
+                    s(&f.step),
+                    s(&f.step_at),
+                    f.lsn.map(|l| l.to_string()),
+                    s(f.tables.len()),
+                ]
+            })
+            .collect(),
     }
 }
 

@@ -51,17 +51,18 @@
 //! <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-SESSION-REPLICATION-ROLE>.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio_postgres::{Client, Transaction};
 
 use crate::config::{Config, HashKind, TableMode};
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
 use crate::pg::conn::{error_text, quote_ident, quote_literal, quote_qualified};
+use crate::pg::fence::{fence_table_exists, read_fences};
 use crate::route::AccountMap;
+
+pub use crate::status::{Fence, FenceSide};
 
 /// The SQLSTATE of a refused write (a reshard-specific code: class `RS`, "reshard").
 pub const FENCE_SQLSTATE: &str = "RSF01";
@@ -73,25 +74,6 @@ pub const FENCE_REFUSE_FN: &str = "reshard.fence_refuse";
 pub const ROW_TRIGGER: &str = "zz_reshard_fence";
 /// Name of the TRUNCATE trigger on each fenced table.
 pub const TRUNCATE_TRIGGER: &str = "zz_reshard_fence_truncate";
-
-/// Where a fence is installed.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FenceSide {
-    /// On the source: refuse rows that route to the shard.
-    Source,
-    /// On the shard's own database: refuse every write to its sharded tables.
-    Shard,
-}
-
-impl fmt::Display for FenceSide {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            FenceSide::Source => "source",
-            FenceSide::Shard => "shard",
-        })
-    }
-}
 
 /// Which rows of a fenced table are refused.
 #[derive(Clone, Debug)]
@@ -227,33 +209,6 @@ async fn sharded_tables(
             key: t.rule.key.clone(),
         })
         .collect())
-}
-
-/// A fence as recorded in `reshard.fence`, with its counter.
-#[derive(Clone, Debug, Serialize)]
-pub struct Fence {
-    /// The fenced shard.
-    pub shard: String,
-    /// Source or shard.
-    pub side: FenceSide,
-    /// What it is for.
-    pub reason: String,
-    /// `hash`, `map` or `all`.
-    pub rule: String,
-    /// Fenced tables.
-    pub tables: Vec<String>,
-    /// When it was first installed (UTC, ISO 8601).
-    pub installed_at: String,
-    /// Seconds since then: how long writes to the shard's accounts have been refused.
-    pub fenced_secs: f64,
-    /// The last step recorded by the command that uses the fence (`fenced`, `caught_up`, …).
-    pub step: String,
-    /// When that step was recorded.
-    pub step_at: String,
-    /// The LSN the step is about (the cutover's target), if any.
-    pub lsn: Option<Lsn>,
-    /// Writes refused so far (statements; see the module docs).
-    pub refused: i64,
 }
 
 /// Fencing failed.
@@ -416,6 +371,9 @@ pub async fn install(client: &mut Client, spec: &FenceSpec) -> Result<Fence, Fen
         .await
         .map_err(qerr(side, "starting the fence transaction"))?;
     // Two reshard commands never change fences at once.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .map_err(qerr(side, "setting client_min_messages"))?;
     tx.batch_execute(SCHEMA_SQL)
         .await
         .map_err(qerr(side, "creating the reshard schema"))?;
@@ -519,7 +477,10 @@ pub async fn remove(
     shard: &str,
     lock_timeout: Duration,
 ) -> Result<Option<Fence>, FenceError> {
-    if !fence_table_exists(client, side).await? {
+    if !fence_table_exists(client)
+        .await
+        .map_err(qerr(side, "looking for reshard.fence"))?
+    {
         return Ok(None);
     }
     let before = status(client, side)
@@ -572,52 +533,9 @@ pub async fn remove(
 
 /// The fences installed on this database (none when reshard never fenced anything here).
 pub async fn status(client: &Client, side: FenceSide) -> Result<Vec<Fence>, FenceError> {
-    if !fence_table_exists(client, side).await? {
-        return Ok(Vec::new());
-    }
-    let rows = client
-        .query(
-            "SELECT id, shard, side, reason, rule, tables, \
-                    to_char(installed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
-                    extract(epoch FROM clock_timestamp() - installed_at)::float8, step, \
-                    to_char(step_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), lsn::text \
-             FROM reshard.fence ORDER BY shard",
-            &[],
-        )
+    read_fences(client)
         .await
-        .map_err(qerr(side, "reading reshard.fence"))?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let id: i64 = r.get(0);
-        let counter = client
-            .query_one(
-                &format!("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM reshard.fence_refused_{id}"),
-                &[],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0))
-            .unwrap_or(0);
-        let side_s: String = r.get(2);
-        let lsn: Option<String> = r.get(10);
-        out.push(Fence {
-            shard: r.get(1),
-            side: if side_s == "shard" {
-                FenceSide::Shard
-            } else {
-                FenceSide::Source
-            },
-            reason: r.get(3),
-            rule: r.get(4),
-            tables: r.get(5),
-            installed_at: r.get(6),
-            fenced_secs: r.get(7),
-            step: r.get(8),
-            step_at: r.get(9),
-            lsn: lsn.and_then(|s| s.parse().ok()),
-            refused: counter,
-        });
-    }
-    Ok(out)
+        .map_err(qerr(side, "reading reshard.fence"))
 }
 
 /// Records a step of the command that uses the fence (`caught_up`, `sequences_synced`, …) in
@@ -657,14 +575,6 @@ pub async fn record_step(
         .await
         .map_err(qerr(side, "logging a fence step"))?;
     Ok(())
-}
-
-async fn fence_table_exists(client: &Client, side: FenceSide) -> Result<bool, FenceError> {
-    client
-        .query_one("SELECT to_regclass('reshard.fence') IS NOT NULL", &[])
-        .await
-        .map(|r| r.get(0))
-        .map_err(qerr(side, "looking for reshard.fence"))
 }
 
 async fn log(

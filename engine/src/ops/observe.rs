@@ -192,6 +192,15 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
             if let Err(e) = source_slot(&src, config, &mut snap).await {
                 snap.source.last_error = Some(format!("reading the slot: {e}"));
             }
+            match crate::pg::fence::read_fences(&src).await {
+                Ok(f) => snap.source.fences = f,
+                Err(e) => {
+                    snap.source.last_error = Some(format!(
+                        "reading the write fences (reshard.fence): {}",
+                        crate::pg::conn::error_text(&e)
+                    ))
+                }
+            }
             if let Ok(set) = crate::pg::catalog::resolve(&src, config).await {
                 snap.tables = set
                     .tables

@@ -6,10 +6,12 @@
 //! - [`catalog`]: THE table-set resolver (run, check, verify, cutover, status) and the publication.
 //! - [`table`]: one table described (columns, keys, replica identity).
 //! - [`progress`]: the `reshard.progress` rows on the shards, one reader and one writer.
+//! - [`fence`]: the write fences' record (`reshard.fence`), one reader.
 //! - [`identity`]: where a table's shard key stands relative to its replica identity.
 
 pub mod catalog;
 pub mod conn;
+pub mod fence;
 pub mod identity;
 pub mod progress;
 pub mod table;

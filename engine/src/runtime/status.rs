@@ -157,6 +157,7 @@ impl Supervisor {
                 backpressure,
                 connected: c.connected.load(Ordering::Relaxed),
                 last_error: src.last_error.clone(),
+                fences: src.fences.clone(),
             },
             shards,
             tables,

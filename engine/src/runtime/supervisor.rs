@@ -331,6 +331,12 @@ impl Supervisor {
             }
             Err(e) => out.last_error = Some(format!("polling the source: {e}")),
         }
+        // The write fences (`reshard fence`, `cutover --fence`): shown in status, the console
+        // and the metrics. Reading them is best effort; the last known list stays on an error.
+        match crate::pg::fence::read_fences(&self.sql).await {
+            Ok(f) => out.fences = f,
+            Err(e) => tracing::debug!(error = %e, "cannot read reshard.fence on the source"),
+        }
     }
 
     /// When the source wrote WAL that reshard was not sent (writes to unpublished tables, or
