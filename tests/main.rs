@@ -15,6 +15,7 @@ mod key_outside_identity;
 mod operate;
 mod ops;
 mod quarantine;
+mod reverse;
 mod robust;
 mod route;
 mod service;

@@ -277,6 +277,9 @@ pub struct StatusSnapshot {
     /// The account map (`hash = "map"`).
     #[serde(default)]
     pub account_map: Option<crate::route::refresh::MapStatus>,
+    /// Shards whose writes stream back to the source (after a fenced cutover).
+    #[serde(default)]
+    pub reverse: Vec<ReverseView>,
 }
 
 impl StatusSnapshot {
@@ -284,6 +287,49 @@ impl StatusSnapshot {
     pub fn is_ready(&self) -> bool {
         self.phase == Phase::Streaming && self.shards.iter().all(|s| s.state != ShardState::Stopped)
     }
+}
+
+/// One shard's reverse direction (its writes streaming back to the source after a fenced
+/// cutover), as the daemon runs it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReverseView {
+    /// The shard whose writes stream back.
+    pub shard: String,
+    /// Its reverse slot (on the shard).
+    pub slot: String,
+    /// 1 for the first cutover of the shard, +1 for each cutover after a rollback.
+    pub epoch: i32,
+    /// `streaming`, `draining` (a rollback waits for it) or `rolled_back` (see
+    /// `reshard.reverse` on the source).
+    pub state: String,
+    /// The stream in this daemon: `starting`, `running`, `retrying`, `waiting_for_ddl`,
+    /// `stopped`, or empty when it does not run here.
+    pub stream: String,
+    /// Connected to the shard's slot.
+    pub connected: bool,
+    /// The slot's consistent point (the shard's writes from here on come back).
+    pub start_lsn: Lsn,
+    /// With `draining`: the shard LSN the source must reach.
+    pub drain_lsn: Option<Lsn>,
+    /// End of the last message received from the shard.
+    pub received_lsn: Lsn,
+    /// Every shard commit at or below this is on the source (the source's progress row
+    /// `reverse:<shard>`).
+    pub applied_lsn: Lsn,
+    /// Bytes of the shard's WAL received but not yet applied to the source.
+    pub lag_bytes: u64,
+    /// Seconds since the shard committed the oldest transaction not yet applied.
+    pub lag_seconds: f64,
+    /// Shard transactions applied to the source (this run).
+    pub txns_applied_total: u64,
+    /// Rows inserted on the source (this run).
+    pub rows_inserted_total: u64,
+    /// Rows updated on the source (this run).
+    pub rows_updated_total: u64,
+    /// Rows deleted on the source (this run).
+    pub rows_deleted_total: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
 }
 
 /// An operator's command to the running daemon.

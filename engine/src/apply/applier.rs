@@ -526,6 +526,27 @@ impl<'a, L: ShardLog> Session<'a, L> {
             )
             .await
             .map_err(|e| ApplyError::pg(self.shard(), "preparing the session", &e))?;
+        if let Some(origin) = &self.opts.replication_origin {
+            let o = crate::pg::conn::quote_literal(origin);
+            client
+                .batch_execute(&format!(
+                    "SELECT pg_replication_origin_create({o}) \
+                     WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {o}); \
+                     SELECT pg_replication_origin_session_setup({o})"
+                ))
+                .await
+                .map_err(|e| {
+                    ApplyError::pg(
+                        self.shard(),
+                        format!(
+                            "setting up the replication origin {origin} (needs a superuser, or EXECUTE on \
+                             pg_replication_origin_create and pg_replication_origin_session_setup granted to the role: \
+                             without it the forward stream could not tell these rows from the application's)"
+                        ),
+                        &e,
+                    )
+                })?;
+        }
         ensure_progress_table(client)
             .await
             .map_err(|e| ApplyError::pg(self.shard(), "creating reshard.progress", &e))?;

@@ -91,6 +91,12 @@ pub struct ApplyOptions {
     /// What to do when a source table gains a column its shard table lacks. Default:
     /// `[apply]`'s ([`DdlMode::Propagate`]).
     pub ddl: DdlMode,
+    /// Apply under this replication origin (created if missing, then
+    /// `pg_replication_origin_session_setup`), so that logical decoding on the target marks
+    /// the applied transactions with it. The reverse stream applies a shard's writes to the
+    /// source under one, and the forward stream drops them by it. Default `None`.
+    /// See <https://www.postgresql.org/docs/current/replication-origins.html>.
+    pub replication_origin: Option<String>,
 }
 
 impl ApplyOptions {
@@ -112,6 +118,7 @@ impl ApplyOptions {
             retry_max_ms: c.retry_max_ms,
             heartbeat_interval_ms: 1_000,
             ddl: c.ddl,
+            replication_origin: None,
         }
     }
 }

@@ -196,6 +196,8 @@ struct Spool {
     messages: u64,
     /// Bytes written (frames, headers included).
     bytes: u64,
+    /// Its origin is skipped ([`Assembler::skip_origins`]): replayed without its changes.
+    skip: bool,
 }
 
 impl Spool {
@@ -217,6 +219,7 @@ impl Spool {
             first_lsn,
             messages: 0,
             bytes: 0,
+            skip: false,
         })
     }
 
@@ -321,6 +324,13 @@ pub struct Assembler {
     streams: HashMap<Xid, Spool>,
     prepared: HashMap<Xid, Prepared>,
     next_file: u64,
+    /// Transactions replayed under a replication origin whose name starts with this lose their
+    /// changes ([`Assembler::skip_origins`]).
+    skip_origin: Option<String>,
+    /// The plain transaction being received is one of those.
+    skipping: bool,
+    /// Transactions emitted without their changes for their origin.
+    skipped_txns: u64,
 }
 
 /// What [`Assembler::replay`] needs to know about the decided transaction.
@@ -362,7 +372,31 @@ impl Assembler {
             streams: HashMap::new(),
             prepared: HashMap::new(),
             next_file: 0,
+            skip_origin: None,
+            skipping: false,
+            skipped_txns: 0,
         })
+    }
+
+    /// Transactions that were replayed under a replication origin whose name starts with
+    /// `prefix` (pgoutput sends an Origin message after their Begin) are emitted as Begin and
+    /// Commit only, without their changes: their position still advances, their rows are not
+    /// sent on. reshard's reverse stream applies a shard's writes to the source under such an
+    /// origin, and the forward stream must not carry them back to the shard.
+    pub fn skip_origins(&mut self, prefix: &str) {
+        self.skip_origin = Some(prefix.to_owned());
+    }
+
+    /// Transactions emitted without their changes because of their origin
+    /// ([`Assembler::skip_origins`]).
+    pub fn skipped_origin_txns(&self) -> u64 {
+        self.skipped_txns
+    }
+
+    fn origin_skipped(&self, name: &str) -> bool {
+        self.skip_origin
+            .as_deref()
+            .is_some_and(|p| name.starts_with(p))
     }
 
     /// The relation cache: every relation announced so far (outside uncommitted streams).
@@ -459,6 +493,7 @@ impl Assembler {
             }) => {
                 self.expect_idle("begin", lsn)?;
                 self.open = Open::Plain { xid };
+                self.skipping = false;
                 out(
                     lsn,
                     TxnEvent::Begin(Begin {
@@ -473,6 +508,9 @@ impl Assembler {
                     return Err(self.unexpected("commit", lsn).into());
                 };
                 self.open = Open::None;
+                if std::mem::take(&mut self.skipping) {
+                    self.skipped_txns += 1;
+                }
                 out(
                     lsn,
                     TxnEvent::Commit(Commit {
@@ -483,11 +521,11 @@ impl Assembler {
                     }),
                 )?;
             }
-            PgOutputMessage::Origin(_) => {
-                if matches!(self.open, Open::None) {
-                    return Err(self.unexpected("origin", lsn).into());
-                }
-            }
+            PgOutputMessage::Origin(o) => match self.open {
+                Open::None => return Err(self.unexpected("origin", lsn).into()),
+                Open::Plain { .. } => self.skipping = self.origin_skipped(&o.name),
+                Open::Preparing { .. } => {}
+            },
             PgOutputMessage::Relation(r) => {
                 if let Open::Preparing { spool, .. } = &mut self.open {
                     spool.append(lsn, &data)?;
@@ -512,6 +550,7 @@ impl Assembler {
             | PgOutputMessage::Delete(_)
             | PgOutputMessage::Truncate(_)
             | PgOutputMessage::Message(_)) => match &mut self.open {
+                Open::Plain { .. } if self.skipping => {}
                 Open::Plain { .. } => {
                     let change = resolve(&self.relations, None, lsn, m)?;
                     out(lsn, TxnEvent::Change(change))?;
@@ -673,7 +712,14 @@ impl Assembler {
                 Ok(())
             }
             // pgoutput sends the transaction's origin after the first Stream Start.
-            PgOutputMessage::Origin(_) => Ok(()),
+            PgOutputMessage::Origin(o) => {
+                if self.origin_skipped(&o.name) {
+                    if let Some(spool) = self.streams.get_mut(&xid) {
+                        spool.skip = true;
+                    }
+                }
+                Ok(())
+            }
             PgOutputMessage::Relation(_)
             | PgOutputMessage::Type(_)
             | PgOutputMessage::Insert(_)
@@ -748,7 +794,7 @@ impl Assembler {
                     .into())
                 }
             };
-            if sub.is_some_and(|s| spool.aborted.contains(&s)) {
+            if spool.skip || sub.is_some_and(|s| spool.aborted.contains(&s)) {
                 continue;
             }
             let change = resolve(&self.relations, Some(&local), lsn, msg)?;
@@ -756,6 +802,9 @@ impl Assembler {
         }
         if d.merge_relations {
             self.relations.extend(local);
+        }
+        if spool.skip {
+            self.skipped_txns += 1;
         }
         spool.remove();
         out(
@@ -1444,6 +1493,44 @@ mod tests {
             h.push(wire::origin(1, "x")).is_err(),
             "origin outside a transaction"
         );
+    }
+
+    /// See: issue #15. Rows the reverse stream applied to the source under a reshard origin
+    /// must not go back to the shard: their transactions keep their Begin and Commit (the
+    /// position advances) and lose their changes, in plain and in streamed transactions;
+    /// another origin's transactions pass whole.
+    #[test]
+    fn transactions_of_a_skipped_origin_lose_their_changes() {
+        let mut h = Harness::new();
+        h.asm.skip_origins("reshard_");
+        h.all([
+            wire::relation(None, 1, "t", &[]),
+            wire::begin(0x500, 7),
+            wire::origin(0xabc, "reshard_reverse_s1"),
+            wire::insert(None, 1, &["a"]),
+            wire::commit(0x500, 0x510),
+            wire::begin(0x520, 9),
+            wire::origin(0xabc, "upstream"),
+            wire::insert(None, 1, &["c"]),
+            wire::commit(0x520, 0x530),
+            wire::begin(0x540, 10),
+            wire::insert(None, 1, &["d"]),
+            wire::commit(0x540, 0x550),
+            wire::stream_start(8, true),
+            wire::origin(0xabd, "reshard_reverse_s1"),
+            wire::relation(Some(8), 1, "t", &[]),
+            wire::insert(Some(8), 1, &["b"]),
+            wire::stream_stop(),
+            wire::stream_commit(8, 0x600, 0x610),
+        ]);
+        assert_eq!(
+            h.summary(),
+            [
+                "B7@500", "C7@510", "B9@520", "It:c/1", "C9@530", "B10@540", "It:d/1", "C10@550",
+                "B8@600", "C8@610"
+            ]
+        );
+        assert_eq!(h.asm.skipped_origin_txns(), 2);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`purge`]: reshard's objects removed from the shards.
 //! - [`plan`]: one migration split into K groups that share nothing, and the proof that group
 //!   configs are disjoint.
+//! - [`reverse`]: the reverse direction set up at a fenced cutover, and `rollback`.
 
 pub mod check;
 pub mod cutover;
@@ -17,4 +18,5 @@ pub mod fence;
 pub mod observe;
 pub mod plan;
 pub mod purge;
+pub mod reverse;
 pub mod verify;

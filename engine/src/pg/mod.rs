@@ -8,10 +8,13 @@
 //! - [`progress`]: the `reshard.progress` rows on the shards, one reader and one writer.
 //! - [`fence`]: the write fences' record (`reshard.fence`), one reader.
 //! - [`identity`]: where a table's shard key stands relative to its replica identity.
+//! - [`reverse`]: the `reshard.reverse` rows on the source (a shard's writes streaming back
+//!   after its cutover), and the slot, publication and origin names of that direction.
 
 pub mod catalog;
 pub mod conn;
 pub mod fence;
 pub mod identity;
 pub mod progress;
+pub mod reverse;
 pub mod table;

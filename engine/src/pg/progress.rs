@@ -124,9 +124,15 @@ pub fn timestamptz_sql(t: PgTimestamp) -> String {
 /// make `IF NOT EXISTS` fail with a unique violation on the catalog (23505) or "already
 /// exists" (42P06, 42P07); then the other one won, and trying again succeeds.
 pub async fn ensure_progress_table(client: &Client) -> Result<(), tokio_postgres::Error> {
+    create_if_missing(client, PROGRESS_DDL).await
+}
+
+/// Runs `IF NOT EXISTS` DDL of reshard's own tables, retrying when a concurrent creator won
+/// the race (see [`ensure_progress_table`]).
+pub async fn create_if_missing(client: &Client, ddl: &str) -> Result<(), tokio_postgres::Error> {
     let mut attempt = 0;
     loop {
-        match client.batch_execute(PROGRESS_DDL).await {
+        match client.batch_execute(ddl).await {
             Ok(()) => return Ok(()),
             Err(e)
                 if attempt < 5

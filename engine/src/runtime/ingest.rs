@@ -32,13 +32,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::config::OnUnroutable;
 use crate::decode::{remove_leftover_spools, AssembleError, Assembler, AssemblerOptions};
 use crate::error::{Classify, ErrorClass};
 use crate::event::{Begin, ShardEvent, ShardId, TxnEvent};
 use crate::lsn::Lsn;
+use crate::pg::reverse::ORIGIN_PREFIX;
 use crate::quarantine::{Quarantine, QuarantineError, HELD_REASON, TRUNCATE_REASON};
 use crate::route::refresh::MapHandle;
 use crate::route::{KeyError, RouteError, Router, Unrouted};
@@ -281,6 +282,40 @@ impl Ingest {
         }
     }
 
+    /// Runs [`Ingest::run`] on a new OS thread named `name` (decoding and file writes must not
+    /// stall the async tasks), with a current-thread runtime, inside `span`. The receiver gets
+    /// its result.
+    pub fn spawn_thread(
+        self,
+        name: String,
+        span: tracing::Span,
+        first: Option<Started>,
+        shutdown: watch::Receiver<bool>,
+        pause: watch::Receiver<bool>,
+    ) -> std::io::Result<oneshot::Receiver<Result<Lsn, IngestError>>> {
+        let (done_tx, done_rx) = oneshot::channel();
+        std::thread::Builder::new().name(name).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = done_tx.send(Err(IngestError::Spill(SpillError::Io {
+                        op: "start the ingest runtime for",
+                        path: PathBuf::from("(ingest thread)"),
+                        source: e,
+                    })));
+                    return;
+                }
+            };
+            let _g = span.enter();
+            let r = rt.block_on(self.run(first, shutdown, pause));
+            let _ = done_tx.send(r);
+        })?;
+        Ok(done_rx)
+    }
+
     async fn start_stream(&mut self) -> Result<Started, IngestError> {
         let client = ReplicationClient::connect(&self.opts.conn).await?;
         let start = self.spill.durable_lsn();
@@ -300,6 +335,8 @@ impl Ingest {
             stream_dir: self.opts.stream_dir.clone(),
             proto_version,
         })?;
+        // What reshard's reverse stream applied here came from a shard: never send it back.
+        assembler.skip_origins(ORIGIN_PREFIX);
         let mut tick = tokio::time::interval(self.opts.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_flush = Instant::now();

@@ -20,19 +20,20 @@
 //! - [`ingest`]: slot → decode → route → spill, on one OS thread.
 //! - [`supervisor`]: watches the stages, serves control commands, emits heartbeats, stops.
 //! - [`status`]: the running daemon's status snapshot (lag, rates).
+//! - [`reverse`]: after a fenced cutover, a shard's writes streaming back to the source.
 
 pub mod begin;
 pub mod ingest;
 pub mod options;
+pub mod reverse;
 pub mod startup;
 pub mod status;
 pub mod supervisor;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::apply::{ApplyOptions, SourceConnect};
@@ -46,7 +47,7 @@ use crate::quarantine::{Quarantine, QuarantineError};
 use crate::route::refresh::MapRefresher;
 use crate::route::{RouteError, Router};
 use crate::runtime::begin::Proof;
-use crate::runtime::ingest::{Ingest, IngestCounters, IngestError, Started, UnroutableHandling};
+use crate::runtime::ingest::{Ingest, IngestCounters, IngestError, UnroutableHandling};
 use crate::runtime::startup::StartupError;
 use crate::runtime::supervisor::{ShardHandle, Supervisor};
 use crate::snapshot::SnapshotError;
@@ -123,6 +124,9 @@ pub enum RuntimeError {
     /// The admin console's settings are refused (exposed without a password, bad TLS files).
     #[error("{0}")]
     Admin(#[from] crate::admin::AdminError),
+    /// The reverse direction could not be set up.
+    #[error("reverse replication: {0}")]
+    Reverse(#[from] reverse::ReverseError),
     /// A task panicked or could not be joined.
     #[error("internal error: {0}")]
     Internal(String),
@@ -331,7 +335,15 @@ async fn start_once(
             map,
         },
     );
-    let ingest_done = spawn_ingest(ingest, first, shutdown_rx.clone(), pause_source_rx)?;
+    let ingest_done = ingest
+        .spawn_thread(
+            "reshard-ingest".into(),
+            tracing::info_span!("ingest"),
+            Some(first),
+            shutdown_rx.clone(),
+            pause_source_rx,
+        )
+        .map_err(|e| RuntimeError::Internal(format!("spawning the ingest thread: {e}")))?;
 
     // One apply task per shard.
     let source_catalog: SourceConnect = {
@@ -394,7 +406,10 @@ async fn start_once(
         });
     }
 
+    // After a fenced cutover, shards' writes stream back to the source.
+    let reverse = reverse::spawn(cfg.clone(), tables.clone(), shutdown_rx.clone())?;
     let supervisor = Supervisor {
+        reverse,
         cfg,
         system_id: system.system_id.clone(),
         started,
@@ -419,42 +434,6 @@ async fn start_once(
         shutdown: shutdown_tx,
         done,
     })
-}
-
-/// Runs the ingest on its own OS thread with a current-thread runtime (decoding and file
-/// writes must not stall the apply tasks); the receiver gets its result.
-#[allow(clippy::result_large_err)]
-fn spawn_ingest(
-    ingest: Ingest,
-    first: Started,
-    shutdown: watch::Receiver<bool>,
-    pause: watch::Receiver<bool>,
-) -> Result<oneshot::Receiver<Result<Lsn, IngestError>>, RuntimeError> {
-    let (done_tx, done_rx) = oneshot::channel::<Result<Lsn, IngestError>>();
-    std::thread::Builder::new()
-        .name("reshard-ingest".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = done_tx.send(Err(IngestError::Spill(SpillError::Io {
-                        op: "start the ingest runtime for",
-                        path: PathBuf::from("(ingest thread)"),
-                        source: e,
-                    })));
-                    return;
-                }
-            };
-            let span = tracing::info_span!("ingest");
-            let _g = span.enter();
-            let r = rt.block_on(ingest.run(Some(first), shutdown, pause));
-            let _ = done_tx.send(r);
-        })
-        .map_err(|e| RuntimeError::Internal(format!("spawning the ingest thread: {e}")))?;
-    Ok(done_rx)
 }
 
 /// Binds `[admin] <key> = addr` (the admin console or the metrics endpoint).

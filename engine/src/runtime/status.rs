@@ -182,6 +182,7 @@ impl Supervisor {
                 .map_status
                 .as_ref()
                 .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            reverse: self.reverse.views.borrow().clone(),
         }
     }
 }

@@ -114,6 +114,8 @@ impl ShardHandle {
 /// Watches the stages, publishes the status, serves control commands, and stops everything
 /// on shutdown or when nothing can go on.
 pub struct Supervisor {
+    /// The reverse streams' watcher (after fenced cutovers).
+    pub(super) reverse: super::reverse::ReverseHandle,
     pub(super) cfg: Config,
     /// The source's `IDENTIFY_SYSTEM` id, shown in the status.
     pub(super) system_id: String,
@@ -213,6 +215,12 @@ impl Supervisor {
                     Err(_) => s.error = Some("apply did not stop within 60 s".into()),
                 }
             }
+        }
+        if tokio::time::timeout(Duration::from_secs(60), &mut self.reverse.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the reverse streams did not stop within 60 s");
         }
         let final_snap = self.snapshot(&SourceStatus::default(), &mut Rates::default());
         let summary = RunSummary {

@@ -1,0 +1,223 @@
+//! Reverse replication and rollback (issue #15): after a fenced cutover of a shard, the writes
+//! the application makes there stream back to the source (exactly once, never looping back to
+//! the shard), and `reshard rollback` makes the source authoritative again.
+
+use std::time::Duration;
+
+use reshard_engine::config::Config;
+use reshard_harness::workload::FillSpec;
+
+use crate::common::{TableCheck, Topology};
+use crate::ops::topology_with_data;
+
+const SPEC: FillSpec = FillSpec {
+    accounts: 24,
+    customers: 4,
+    events: 6,
+    body_bytes: 16,
+};
+
+/// Every table of the fixture, sharded ones by `account_id`.
+const TABLES: &[TableCheck<'static>] = &[
+    ("plans", None, "id"),
+    ("accounts", Some(("account_id", "bigint")), "account_id"),
+    (
+        "customers",
+        Some(("account_id", "bigint")),
+        "account_id, id",
+    ),
+    (
+        "subscriptions",
+        Some(("account_id", "bigint")),
+        "account_id, id",
+    ),
+    ("invoices", Some(("account_id", "bigint")), "account_id, id"),
+    ("events", Some(("account_id", "bigint")), "account_id, id"),
+];
+
+fn status(t: &Topology) -> serde_json::Value {
+    t.wait("the daemon's status", Duration::from_secs(30), || {
+        t.status_json()
+    })
+}
+
+fn reverse_of<'a>(s: &'a serde_json::Value, shard: &str) -> Option<&'a serde_json::Value> {
+    s["reverse"]
+        .as_array()?
+        .iter()
+        .find(|r| r["shard"] == shard)
+}
+
+fn forward_rows(s: &serde_json::Value) -> Vec<(u64, u64, u64)> {
+    s["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["rows_inserted_total"].as_u64().unwrap(),
+                x["rows_updated_total"].as_u64().unwrap(),
+                x["rows_deleted_total"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The accounts shard `i` holds.
+fn accounts_on(t: &Topology, i: usize) -> Vec<i64> {
+    t.shards[i]
+        .psql("app", "SELECT account_id FROM accounts ORDER BY 1")
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect()
+}
+
+/// Waits until the forward stream has read the source past its present (so a transaction it
+/// would send back to a shard has been seen).
+fn wait_forward_read_past_now(t: &Topology) {
+    let now: reshard_engine::Lsn = t
+        .source_sql("SELECT pg_current_wal_insert_lsn()")
+        .parse()
+        .unwrap();
+    t.wait(
+        "the forward stream to read past the source's present",
+        Duration::from_secs(30),
+        || {
+            let s = t.status_json()?;
+            let c: reshard_engine::Lsn =
+                s["source"]["confirmed_flush_lsn"].as_str()?.parse().ok()?;
+            c.covers(now).then_some(())
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_over_shards_writes_stream_back_to_the_source_exactly_once() {
+    let mut t = topology_with_data(2, SPEC).await;
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    let config = Config::load(&t.config_path()).unwrap();
+
+    let row = reshard_engine::ops::reverse::begin(&config, "shard1")
+        .await
+        .unwrap();
+    assert_eq!(row.epoch, 1);
+    // Idempotent: a second call (a cutover rerun) keeps the same stream.
+    let again = reshard_engine::ops::reverse::begin(&config, "shard1")
+        .await
+        .unwrap();
+    assert_eq!(again, row);
+    t.wait(
+        "the reverse stream of shard1 to run",
+        Duration::from_secs(60),
+        || {
+            let s = t.status_json()?;
+            (reverse_of(&s, "shard1")?["stream"] == "running").then_some(())
+        },
+    );
+    wait_forward_read_past_now(&t);
+    let before = status(&t);
+    let changes_before = before["source"]["changes_received_total"].as_u64().unwrap();
+
+    // The cutover moved the shard's sequences past the source's; the test does the same.
+    t.shards[1]
+        .psql(
+            "app",
+            "SELECT setval('events_id_seq', 1000000); SELECT setval('customers_id_seq', 1000000)",
+        )
+        .unwrap();
+    // The application writes shard1's accounts on shard1: single rows, a large transaction,
+    // updates (the customers' names) and deletes.
+    let mine = accounts_on(&t, 1);
+    assert!(mine.len() >= 3, "{mine:?}");
+    let list = mine
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    for a in &mine {
+        t.shards[1]
+            .psql(
+                "app",
+                &format!("INSERT INTO events (account_id, kind, payload) VALUES ({a}, 'on-shard', '{{\"n\": 1}}')"),
+            )
+            .unwrap();
+    }
+    t.shards[1]
+        .psql(
+            "app",
+            &format!(
+                "INSERT INTO events (account_id, kind, body) SELECT {}, 'bulk', repeat('x', 100) FROM generate_series(1, 2000)",
+                mine[0]
+            ),
+        )
+        .unwrap();
+    t.shards[1]
+        .psql(
+            "app",
+            &format!("UPDATE customers SET name = name || ' (shard)' WHERE account_id IN ({list})"),
+        )
+        .unwrap();
+    t.shards[1]
+        .psql(
+            "app",
+            &format!(
+                "DELETE FROM events WHERE account_id = {} AND kind <> 'bulk'",
+                mine[1]
+            ),
+        )
+        .unwrap();
+    let on_shard: i64 = t.shards[1]
+        .psql("app", "SELECT count(*) FROM events WHERE kind = 'bulk'")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(on_shard, 2000);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+
+    // No loop: the forward stream received none of the rows the reverse stream wrote on the
+    // source, so no shard got them (again).
+    wait_forward_read_past_now(&t);
+    let after = status(&t);
+    assert_eq!(
+        after["source"]["changes_received_total"].as_u64().unwrap(),
+        changes_before,
+        "the forward stream decoded the reverse stream's writes: {after:#}"
+    );
+    assert_eq!(forward_rows(&after), forward_rows(&before), "{after:#}");
+    let rev = reverse_of(&after, "shard1").unwrap();
+    assert_eq!(rev["state"], "streaming", "{rev:#}");
+    assert!(
+        rev["rows_inserted_total"].as_u64().unwrap() >= 2000 + mine.len() as u64,
+        "{rev:#}"
+    );
+    assert!(rev["rows_updated_total"].as_u64().unwrap() >= 1, "{rev:#}");
+    assert!(rev["rows_deleted_total"].as_u64().unwrap() >= 1, "{rev:#}");
+    assert!(reverse_of(&after, "shard0").is_none(), "{after:#}");
+
+    // kill -9, more writes on the shard while nothing streams, restart: exactly once.
+    t.kill9(d);
+    t.shards[1]
+        .psql(
+            "app",
+            &format!("UPDATE events SET kind = 'after-crash' WHERE account_id = {} AND kind = 'bulk' AND id % 7 = 0", mine[0]),
+        )
+        .unwrap();
+    t.shards[1]
+        .psql(
+            "app",
+            &format!(
+                "INSERT INTO customers (account_id, name) VALUES ({}, 'new while down')",
+                mine[2]
+            ),
+        )
+        .unwrap();
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    let progress =
+        t.source_sql("SELECT count(*) FROM reshard.progress WHERE shard = 'reverse:shard1'");
+    assert_eq!(progress, "1");
+    t.stop_cleanly(d);
+}
