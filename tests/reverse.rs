@@ -187,14 +187,21 @@ async fn a_cut_over_shards_writes_stream_back_to_the_source_exactly_once() {
         "the forward stream decoded the reverse stream's writes: {after:#}"
     );
     assert_eq!(forward_rows(&after), forward_rows(&before), "{after:#}");
-    let rev = reverse_of(&after, "shard1").unwrap();
-    assert_eq!(rev["state"], "streaming", "{rev:#}");
-    assert!(
-        rev["rows_inserted_total"].as_u64().unwrap() >= 2000 + mine.len() as u64,
-        "{rev:#}"
+    // The reverse stream's own counters (published with the status, a moment later).
+    let want = 2000 + mine.len() as u64;
+    let rev = t.wait(
+        "the reverse stream's counters",
+        Duration::from_secs(10),
+        || {
+            let s = t.status_json()?;
+            let r = reverse_of(&s, "shard1")?.clone();
+            (r["rows_inserted_total"].as_u64()? >= want
+                && r["rows_updated_total"].as_u64()? >= 1
+                && r["rows_deleted_total"].as_u64()? >= 1)
+                .then_some(r)
+        },
     );
-    assert!(rev["rows_updated_total"].as_u64().unwrap() >= 1, "{rev:#}");
-    assert!(rev["rows_deleted_total"].as_u64().unwrap() >= 1, "{rev:#}");
+    assert_eq!(rev["state"], "streaming", "{rev:#}");
     assert!(reverse_of(&after, "shard0").is_none(), "{after:#}");
 
     // kill -9, more writes on the shard while nothing streams, restart: exactly once.

@@ -56,8 +56,10 @@ use crate::source::{list_slots, ConnConfig, ReplicationClient, SourceError};
 use crate::spill::{SpillError, SpillIdentity, SpillLog, SpillOptions, SpillWriter};
 use crate::status::ReverseView;
 
-/// How often the watcher reads `reshard.reverse` and the streams' state.
+/// How often the watcher reads `reshard.reverse`.
 const POLL: Duration = Duration::from_secs(1);
+/// How often the watcher publishes the streams' state (the daemon's status refresh).
+const PUBLISH: Duration = Duration::from_millis(250);
 /// The one target of a reverse stream (the spill log's only "shard").
 const SOURCE_TARGET: &str = "source";
 
@@ -209,8 +211,9 @@ struct Watcher {
 
 impl Watcher {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(POLL);
+        let mut tick = tokio::time::interval(PUBLISH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_poll: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -221,7 +224,15 @@ impl Watcher {
                     }
                 }
                 // This is cancellation-safe.
-                _ = tick.tick() => self.step().await,
+                _ = tick.tick() => {
+                    if last_poll.is_none_or(|t| t.elapsed() >= POLL) {
+                        last_poll = Some(Instant::now());
+                        self.step().await;
+                    } else {
+                        let rows = self.rows.clone();
+                        self.publish(&rows);
+                    }
+                }
             }
         }
         for (shard, s) in self.streams.drain() {
