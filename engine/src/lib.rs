@@ -34,14 +34,16 @@
 //! ground      lsn event error config status localfs metrics     types and config, defined once
 //! pg/         conn (connections, quoting, error text), catalog (THE table-set resolver and the
 //!             publication), table (one table described), progress (reshard.progress rows, one
-//!             reader and one writer), identity (the shard key against the replica identity)
+//!             reader and one writer), identity (the shard key against the replica identity),
+//!             fence (reshard.fence, the write fences' record: one reader)
 //! stages      source/ decode/ route/ spill/ apply/ snapshot/ (+ handoff: full load -> CDC)
 //!             quarantine/ admin/
 //! runtime/    mod (start: the wiring only), options (config -> each stage's options, the
 //!             account map), startup (the start-up proof), begin (proof inputs, slot, full load,
 //!             first stream, in that order), ingest (slot -> decode -> route -> spill, one OS
 //!             thread), supervisor (watches, control, heartbeats, stop), status (the snapshot)
-//! ops/        the operator's commands: check verify/ cutover observe (status, lag) purge plan
+//! ops/        the operator's commands: check verify/ cutover fence observe (status, lag) purge
+//!             plan
 //! ```
 //!
 //! Rules the code keeps: [`pg`] imports the ground only; a stage imports the ground and
