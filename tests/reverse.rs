@@ -228,3 +228,135 @@ async fn a_cut_over_shards_writes_stream_back_to_the_source_exactly_once() {
     assert_eq!(progress, "1");
     t.stop_cleanly(d);
 }
+
+/// See: issue #15. The whole way back: a fenced cutover starts the reverse stream, the shard
+/// takes writes, `reshard rollback` fences the shard, waits until the source holds them,
+/// moves the sequences and unfences the source; the forward stream then carries the source's
+/// new writes to the shard. A rerun of the rollback converges to the same state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_hands_the_shards_accounts_back_to_the_source_with_every_write() {
+    let mut t = topology_with_data(2, SPEC).await;
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    let cfg = t.config_path();
+    let c = cfg.to_str().unwrap();
+    let (code, out, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        c,
+        "--shard",
+        "shard1",
+        "--fence",
+        "--json",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["reverse_slot"], "reshard_rev_shard1_1", "{r:#}");
+    let mine = accounts_on(&t, 1);
+    let insert = |a: i64, kind: &str| {
+        format!("INSERT INTO events (account_id, kind) VALUES ({a}, '{kind}')")
+    };
+    // The source refuses shard1's accounts now; the shard takes them.
+    assert!(t.source.psql("app", &insert(mine[0], "refused")).is_err());
+    t.wait(
+        "the reverse stream of shard1 to run",
+        Duration::from_secs(60),
+        || {
+            let s = t.status_json()?;
+            (reverse_of(&s, "shard1")?["stream"] == "running").then_some(())
+        },
+    );
+    for a in &mine {
+        t.shards[1].psql("app", &insert(*a, "on-shard")).unwrap();
+    }
+    t.shards[1]
+        .psql(
+            "app",
+            &format!(
+                "UPDATE customers SET name = 'renamed on the shard' WHERE account_id = {}",
+                mine[1]
+            ),
+        )
+        .unwrap();
+    let on_shard_max: i64 = t.shards[1]
+        .psql("app", "SELECT max(id) FROM events")
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let (code, out, err) = t.reshard(&[
+        "rollback",
+        "-c",
+        c,
+        "--shard",
+        "shard1",
+        "--json",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", t.all_logs());
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["ok"], true, "{r:#}");
+    assert_eq!(r["resumed"], false, "{r:#}");
+    // Every write the shard took is on the source.
+    let on_source: i64 = t
+        .source_sql("SELECT count(*) FROM events WHERE kind = 'on-shard'")
+        .parse()
+        .unwrap();
+    assert_eq!(on_source, mine.len() as i64);
+    // The shard refuses writes now; the source takes shard1's accounts again, with ids past
+    // the shard's (the sequences moved).
+    assert!(t.shards[1]
+        .psql("app", &insert(mine[0], "refused"))
+        .is_err());
+    t.source_sql(&insert(mine[0], "back-on-source"));
+    let id: i64 = t
+        .source_sql("SELECT id FROM events WHERE kind = 'back-on-source'")
+        .parse()
+        .unwrap();
+    assert!(
+        id > on_shard_max,
+        "source id {id} <= shard's {on_shard_max}"
+    );
+    // The forward stream carries it to the shard.
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    assert_eq!(
+        t.shards[1]
+            .psql(
+                "app",
+                "SELECT count(*) FROM events WHERE kind = 'back-on-source'"
+            )
+            .unwrap(),
+        "1"
+    );
+    t.wait(
+        "the reverse slot to be dropped",
+        Duration::from_secs(30),
+        || {
+            (t.shards[1]
+                .psql("app", "SELECT count(*) FROM pg_replication_slots")
+                .ok()?
+                == "0")
+                .then_some(())
+        },
+    );
+    // A rerun converges to the same state.
+    let (code, out, err) = t.reshard(&[
+        "rollback",
+        "-c",
+        c,
+        "--shard",
+        "shard1",
+        "--json",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["resumed"], true, "{r:#}");
+    t.source_sql(&insert(mine[1], "still-on-source"));
+    t.stop_cleanly(d);
+}

@@ -68,6 +68,10 @@ pub enum Command {
     Fence(FenceArgs),
     /// Lift a fence installed by `fence` or `cutover --fence`.
     Unfence(FenceArgs),
+    /// After a fenced cutover: fence the shard on itself, wait until the source holds every
+    /// write it took (the reverse stream), move its sequences onto the source, unfence the
+    /// source. The application then sends the shard's accounts to the source again.
+    Rollback(RollbackArgs),
     /// Changes that could not be routed (NULL shard key, unknown account): list them, replay
     /// them with the current account map, or drop them.
     Quarantine(QuarantineArgs),
@@ -198,6 +202,21 @@ pub struct VerifyArgs {
     /// Longest wait for shards to reach the source's LSN, seconds or a duration (`10m`).
     #[arg(long, default_value = "300")]
     pub timeout: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The shard to roll back.
+    #[arg(long)]
+    pub shard: String,
+    /// Longest wait for the reverse stream to drain, seconds or a duration such as `10m`.
+    #[arg(long, default_value = "600")]
+    pub timeout: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

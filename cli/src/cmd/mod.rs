@@ -13,6 +13,7 @@ mod lag;
 mod peek;
 mod plan;
 mod quarantine;
+mod rollback;
 mod run;
 mod slot;
 mod source_args;
@@ -33,6 +34,7 @@ pub async fn dispatch(command: Command) -> ExitCode {
         Command::Peek(a) => peek::run(a).await,
         Command::Fence(a) => fence::run_fence(a).await,
         Command::Unfence(a) => fence::run_unfence(a).await,
+        Command::Rollback(a) => rollback::run(a).await,
         Command::Quarantine(a) => quarantine::run(a).await,
         Command::Demo(a) => demo::run(a).await,
     };

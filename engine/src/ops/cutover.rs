@@ -136,6 +136,14 @@ pub enum CutoverError {
         /// Why.
         source: VerifyError,
     },
+    /// The reverse slot and publication could not be created on the shard.
+    #[error("shard {shard}: cannot set up reverse replication (its writes streaming back to the source): {message}; the shard stays fenced on the source; fix it and run cutover again")]
+    Reverse {
+        /// The shard.
+        shard: String,
+        /// Why.
+        message: String,
+    },
     /// The fence could not be installed or recorded (the cutover did not start, or stopped at
     /// the step named; run it again).
     #[error("fence of shard {shard}: {source}")]
@@ -209,6 +217,9 @@ pub struct CutoverReport {
     pub verify: Option<VerifyReport>,
     /// Rows on the shard per table.
     pub tables: Vec<TableRows>,
+    /// The reverse slot on the shard that streams its writes back to the source (fenced
+    /// cutovers only; see [`crate::ops::reverse`]).
+    pub reverse_slot: Option<String>,
     /// The shard's fence on the source, as recorded at the end (absent: not fenced; the
     /// application's writes to the shard's accounts were not refused during the cutover).
     pub fence: Option<Fence>,
@@ -427,6 +438,7 @@ pub async fn cutover(
         verify: None,
         tables: Vec::new(),
         fence: None,
+        reverse_slot: None,
     };
     if opts.verify {
         let v = verify::verify(
@@ -471,6 +483,18 @@ pub async fn cutover(
             .sequences
             .iter()
             .all(|s| !s.action.starts_with("error"));
+    // Reverse replication: from here on the shard's writes stream back to the source (the
+    // slot exists before the application is told SAFE). Only behind a fence: without one the
+    // source could still take the same accounts' writes.
+    if fenced && report.ok {
+        let row = crate::ops::reverse::begin(config, name)
+            .await
+            .map_err(|e| CutoverError::Reverse {
+                shard: name.to_owned(),
+                message: e.to_string(),
+            })?;
+        report.reverse_slot = Some(row.slot);
+    }
     let verdict = if report.ok { "safe" } else { "not_safe" };
     step(
         verdict,
