@@ -35,15 +35,17 @@
 //! pg/         conn (connections, quoting, error text), catalog (THE table-set resolver and the
 //!             publication), table (one table described), progress (reshard.progress rows, one
 //!             reader and one writer), identity (the shard key against the replica identity),
-//!             fence (reshard.fence, the write fences' record: one reader)
+//!             fence (reshard.fence, the write fences' record: one reader), reverse
+//!             (reshard.reverse, the reverse direction's record; its slot and publication)
 //! stages      source/ decode/ route/ spill/ apply/ snapshot/ (+ handoff: full load -> CDC)
 //!             quarantine/ admin/
 //! runtime/    mod (start: the wiring only), options (config -> each stage's options, the
 //!             account map), startup (the start-up proof), begin (proof inputs, slot, full load,
 //!             first stream, in that order), ingest (slot -> decode -> route -> spill, one OS
-//!             thread), supervisor (watches, control, heartbeats, stop), status (the snapshot)
+//!             thread), supervisor (watches, control, heartbeats, stop), status (the snapshot),
+//!             reverse (a cut-over shard's writes streaming back to the source)
 //! ops/        the operator's commands: check verify/ cutover fence observe (status, lag) purge
-//!             plan
+//!             plan reverse (set up at a fenced cutover; rollback)
 //! ```
 //!
 //! Rules the code keeps: [`pg`] imports the ground only; a stage imports the ground and
