@@ -14,6 +14,7 @@ use reshard_engine::event::{
     Value,
 };
 use reshard_engine::pg::progress::read_progress;
+use reshard_engine::shutdown::ShutdownTx;
 use reshard_engine::Lsn;
 use reshard_harness::PgCluster;
 use tokio::sync::watch;
@@ -115,7 +116,7 @@ fn opts() -> ApplyOptions {
 
 struct Running {
     handle: JoinHandle<Result<(), ApplyError>>,
-    shutdown: watch::Sender<bool>,
+    shutdown: ShutdownTx,
     status: watch::Receiver<ShardStatus>,
 }
 
@@ -140,7 +141,7 @@ impl Running {
     }
 
     async fn stop(self) -> (Result<(), ApplyError>, ShardStatus) {
-        self.shutdown.send(true).unwrap();
+        self.shutdown.shutdown();
         let r = tokio::time::timeout(Duration::from_secs(30), self.handle)
             .await
             .expect("applier did not stop")
@@ -153,7 +154,7 @@ impl Running {
 fn start(pg: &PgCluster, db: &str, log: Arc<MemLog>, opts: ApplyOptions) -> Running {
     let config: tokio_postgres::Config = pg.url(db).parse().unwrap();
     let applier = ShardApplier::new(opts, PgConnect(config), log);
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = reshard_engine::shutdown::channel();
     let (status_tx, status) = watch::channel(ShardStatus::default());
     let handle = tokio::spawn(applier.run(shutdown_rx, status_tx));
     Running {
@@ -1141,7 +1142,7 @@ async fn paused_shard_stops_committing_until_resumed() {
     let (pause_tx, pause_rx) = watch::channel(false);
     let applier = ShardApplier::new(opts(), PgConnect(config), log.clone()).with_pause(pause_rx);
     let latency = applier.latency_histogram();
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = reshard_engine::shutdown::channel();
     let (status_tx, status) = watch::channel(ShardStatus::default());
     let mut run = Running {
         handle: tokio::spawn(applier.run(shutdown_rx, status_tx)),
@@ -1280,7 +1281,7 @@ async fn role_without_replica_permission_falls_back_and_applies() {
     let mut config: tokio_postgres::Config = pg.url("shard").parse().unwrap();
     config.user("applier");
     let applier = ShardApplier::new(opts(), PgConnect(config), log);
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = reshard_engine::shutdown::channel();
     let (status_tx, status) = watch::channel(ShardStatus::default());
     let mut run = Running {
         handle: tokio::spawn(applier.run(shutdown_rx, status_tx)),

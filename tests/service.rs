@@ -13,6 +13,7 @@ use std::time::Duration;
 use reshard_engine::admin::{self, AdminAuth, AdminError};
 use reshard_engine::lsn::Lsn;
 use reshard_engine::metrics;
+use reshard_engine::shutdown::{self, ShutdownTx};
 use reshard_engine::status::{
     AdminHandle, ControlCommand, ControlRequest, Fence, Phase, ShardState, ShardView, SourceStatus,
     SpillView, StatusSnapshot, TableView,
@@ -165,14 +166,14 @@ fn runtime() -> Runtime {
 
 struct Console {
     addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
+    shutdown: ShutdownTx,
     task: JoinHandle<Result<(), AdminError>>,
 }
 
 async fn console(handle: AdminHandle, password: Option<&str>) -> Console {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = shutdown::channel();
     let auth = AdminAuth {
         user: "reshard".into(),
         password: password.map(str::to_owned),
@@ -188,7 +189,7 @@ async fn console(handle: AdminHandle, password: Option<&str>) -> Console {
 
 impl Console {
     async fn stop(self) {
-        self.shutdown.send(true).unwrap();
+        self.shutdown.shutdown();
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
             .expect("admin console stops on shutdown")
@@ -741,7 +742,7 @@ async fn admin_bind_errors_name_the_address_and_config_key_and_empty_turns_off()
     let rt = runtime();
     let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let (_tx, rx) = watch::channel(false);
+    let (_tx, rx) = shutdown::channel();
     let auth = AdminAuth {
         user: "reshard".into(),
         password: None,
@@ -759,7 +760,7 @@ async fn admin_bind_errors_name_the_address_and_config_key_and_empty_turns_off()
     assert!(e.contains(&addr) && e.contains("admin.metrics"), "{e}");
 
     // "" turns them off: they return at once, without waiting for shutdown.
-    let (_tx, rx) = watch::channel(false);
+    let (_tx, rx) = shutdown::channel();
     let auth = AdminAuth {
         user: "reshard".into(),
         password: None,
@@ -825,7 +826,7 @@ async fn metrics_endpoint_follows_the_snapshot_and_reports_health() {
     let rt = runtime();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = shutdown::channel();
     let task = tokio::spawn(metrics::serve_metrics_on(
         listener,
         rt.handle.status.clone(),
@@ -955,7 +956,7 @@ async fn metrics_endpoint_follows_the_snapshot_and_reports_health() {
     let buf = String::from_utf8_lossy(&buf);
     assert!(buf.starts_with("HTTP/1.1 431 "), "{buf}");
 
-    shutdown.send(true).unwrap();
+    shutdown.shutdown();
     tokio::time::timeout(Duration::from_secs(10), task)
         .await
         .expect("metrics endpoint stops on shutdown")
@@ -1356,7 +1357,7 @@ async fn tls_console(handle: AdminHandle, password: &str, dir: &std::path::Path)
     let auth = AdminAuth::from_config(&cfg).expect("TLS files load");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = shutdown::channel();
     let task = tokio::spawn(admin::serve_on(listener, auth, handle, shutdown_rx));
     Console {
         addr,
@@ -1470,7 +1471,7 @@ async fn admin_console_speaks_tls_when_a_certificate_is_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_console_refuses_a_non_loopback_listen_without_a_password() {
     let rt = runtime();
-    let (tx, rx) = watch::channel(false);
+    let (tx, rx) = shutdown::channel();
     let auth = AdminAuth {
         user: "reshard".into(),
         password: None,
@@ -1494,6 +1495,6 @@ async fn admin_console_refuses_a_non_loopback_listen_without_a_password() {
     let served = tokio::spawn(admin::serve("0.0.0.0:0", auth, rt.handle.clone(), rx));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!served.is_finished(), "{:?}", served.await);
-    tx.send(true).unwrap();
+    tx.shutdown();
     served.await.unwrap().unwrap();
 }

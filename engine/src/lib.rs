@@ -65,6 +65,7 @@ pub mod event;
 pub mod localfs;
 pub mod lsn;
 pub mod metrics;
+pub mod shutdown;
 pub mod status;
 
 pub mod pg;

@@ -34,6 +34,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::error::{Classify, ErrorClass};
+use crate::shutdown::ShutdownRx;
 use crate::status::{Phase, ShardState, StatusSnapshot};
 
 /// Last applied source commit LSN of a shard (gauge, label `shard`).
@@ -682,7 +683,7 @@ pub fn encode(snapshot: &StatusSnapshot) -> String {
 pub async fn serve_metrics(
     listen: &str,
     status: watch::Receiver<StatusSnapshot>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: ShutdownRx,
 ) -> Result<(), MetricsError> {
     if listen.trim().is_empty() {
         info!("metrics endpoint off (admin.metrics = \"\")");
@@ -701,7 +702,7 @@ pub async fn serve_metrics(
 pub async fn serve_metrics_on(
     listener: TcpListener,
     status: watch::Receiver<StatusSnapshot>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: ShutdownRx,
 ) -> Result<(), MetricsError> {
     let addr = listener
         .local_addr()
@@ -712,10 +713,10 @@ pub async fn serve_metrics_on(
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        // Cancel-safe: dropping `acquire_owned`/`changed` loses nothing.
+        // Cancel-safe: dropping `acquire_owned`/`requested` loses nothing.
         let permit = tokio::select! {
             biased;
-            _ = crate::admin::shutdown_requested(&mut shutdown) => break,
+            _ = shutdown.requested() => break,
             p = limit.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
@@ -724,7 +725,7 @@ pub async fn serve_metrics_on(
         // Cancel-safe: an unaccepted connection stays queued.
         let (socket, peer) = tokio::select! {
             biased;
-            _ = crate::admin::shutdown_requested(&mut shutdown) => break,
+            _ = shutdown.requested() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {

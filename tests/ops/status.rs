@@ -194,7 +194,7 @@ async fn status_and_lag_ask_the_running_daemon() {
     };
     let (_status_tx, status_rx) = tokio::sync::watch::channel(snap);
     let (control_tx, _control_rx) = tokio::sync::mpsc::channel(4);
-    let (_shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let (_shutdown_tx, shutdown_rx) = reshard_engine::shutdown::channel();
     let auth = AdminAuth {
         user: "ops".into(),
         password: Some("s3cret".into()),

@@ -95,7 +95,7 @@ pub async fn run(args: DemoArgs) -> CmdResult {
     }
 
     // Clean shutdown: the daemon finishes or rolls back its batches and confirms to the slot.
-    let _ = shutdown.send(true);
+    shutdown.shutdown();
     let stopped = match tokio::time::timeout(Duration::from_secs(60), done).await {
         Ok(Ok(Ok(summary))) => Ok(summary),
         Ok(Ok(Err(e))) => Err(anyhow!("the daemon stopped with an error: {e:#}")),

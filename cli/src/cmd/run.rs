@@ -43,7 +43,7 @@ pub async fn run(args: RunArgs) -> CmdResult {
         let result = tokio::select! {
             sig = runtime::wait_for_signal() => {
                 tracing::info!(signal = sig, "shutting down");
-                let _ = running.shutdown.send(true);
+                running.shutdown.shutdown();
                 return finish(done.await);
             }
             r = &mut done => r,

@@ -51,12 +51,13 @@ use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type, MET
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::{listen_is_loopback, AdminConfig};
 use crate::error::{Classify, ErrorClass};
+use crate::shutdown::ShutdownRx;
 use crate::status::{AdminHandle, ControlCommand, StatusSnapshot};
 
 use self::command::AdminCommand;
@@ -229,7 +230,7 @@ pub async fn serve(
     listen: &str,
     cfg: AdminAuth,
     handle: AdminHandle,
-    shutdown: watch::Receiver<bool>,
+    shutdown: ShutdownRx,
 ) -> Result<(), AdminError> {
     if listen.trim().is_empty() {
         info!("admin console off (admin.listen = \"\")");
@@ -250,7 +251,7 @@ pub async fn serve_on(
     listener: TcpListener,
     cfg: AdminAuth,
     handle: AdminHandle,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: ShutdownRx,
 ) -> Result<(), AdminError> {
     let addr = listener
         .local_addr()
@@ -264,10 +265,10 @@ pub async fn serve_on(
     let mut sessions = JoinSet::new();
     loop {
         while sessions.try_join_next().is_some() {}
-        // Both arms are cancel-safe: `changed` and `acquire_owned` lose nothing when dropped.
+        // Both arms are cancel-safe: `requested` and `acquire_owned` lose nothing when dropped.
         let permit = tokio::select! {
             biased;
-            _ = shutdown_requested(&mut shutdown) => break,
+            _ = shutdown.requested() => break,
             p = limit.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
@@ -276,7 +277,7 @@ pub async fn serve_on(
         // `accept` is cancel-safe: a connection is either returned or stays queued.
         let (socket, peer) = tokio::select! {
             biased;
-            _ = shutdown_requested(&mut shutdown) => break,
+            _ = shutdown.requested() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -305,18 +306,6 @@ pub async fn serve_on(
     sessions.abort_all();
     while sessions.join_next().await.is_some() {}
     Ok(())
-}
-
-/// Resolves when the shutdown flag is true or its sender is gone.
-pub(crate) async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
-    loop {
-        if *rx.borrow_and_update() {
-            return;
-        }
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
 }
 
 /// The pgwire handler set: startup (auth) and simple queries.

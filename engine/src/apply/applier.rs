@@ -34,6 +34,7 @@ use crate::event::{
 };
 use crate::lsn::Lsn;
 use crate::pg::progress::{ensure_progress_table, read_progress, ProgressError, ProgressKey};
+use crate::shutdown::ShutdownRx;
 
 /// Fixed cost counted per buffered change on top of its value bytes.
 const CHANGE_OVERHEAD_BYTES: usize = 64;
@@ -94,7 +95,7 @@ impl<C: Connect, L: ShardLog> ShardApplier<C, L> {
     /// backoff, and resume after the durable progress.
     pub async fn run(
         self,
-        mut shutdown: watch::Receiver<bool>,
+        mut shutdown: ShutdownRx,
         status: watch::Sender<ShardStatus>,
     ) -> Result<(), ApplyError> {
         let span =
@@ -106,7 +107,7 @@ impl<C: Connect, L: ShardLog> ShardApplier<C, L> {
 
     async fn run_inner(
         mut self,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &mut ShutdownRx,
         status: &watch::Sender<ShardStatus>,
     ) -> Result<(), ApplyError> {
         status.send_modify(|s| {
@@ -148,7 +149,7 @@ impl<C: Connect, L: ShardLog> ShardApplier<C, L> {
                     // Cancel-safe: both futures only wait.
                     tokio::select! {
                         biased;
-                        _ = shutdown.wait_for(|v| *v) => {
+                        _ = shutdown.requested() => {
                             status.send_modify(|s| s.state = ApplyState::Stopped);
                             return Ok(());
                         }
@@ -341,11 +342,11 @@ impl<'a, L: ShardLog> Session<'a, L> {
     /// Connects, prepares the session, reads progress and applies until shutdown or error.
     async fn run<C: Connect>(
         &mut self,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &mut ShutdownRx,
         pause: &mut Option<watch::Receiver<bool>>,
         connect: &C,
     ) -> Result<(), ApplyError> {
-        if *shutdown.borrow() {
+        if shutdown.is_requested() {
             return Ok(());
         }
         let client = connect.connect().await.map_err(|e| ApplyError::Connect {
@@ -369,7 +370,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         self.paused = pause.as_ref().is_some_and(|p| *p.borrow());
 
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_requested() {
                 return self.shut_down().await;
             }
             if self.paused && self.current.is_none() {
@@ -402,13 +403,8 @@ impl<'a, L: ShardLog> Session<'a, L> {
             };
             let step = tokio::select! {
                 biased;
-                // Cancel-safe: `changed` only waits for the next value.
-                r = shutdown.changed() => {
-                    if r.is_err() || *shutdown.borrow() {
-                        return self.shut_down().await;
-                    }
-                    Ok(())
-                }
+                // Cancel-safe: `requested` only waits.
+                _ = shutdown.requested() => return self.shut_down().await,
                 // Cancel-safe: same.
                 p = pause_changed(pause) => {
                     match p {

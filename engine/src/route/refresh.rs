@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use super::error::RouteError;
 use super::map::AccountMap;
 use crate::config::{Config, HashKind};
+use crate::shutdown::ShutdownRx;
 use crate::source::ConnConfig;
 
 /// Shortest time between two reads of the map caused by unknown accounts.
@@ -222,7 +223,7 @@ impl MapRefresher {
     }
 
     /// Runs until `shutdown`.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut shutdown: ShutdownRx) {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup()).ok();
         let every = self.every.unwrap_or(Duration::from_secs(3600));
@@ -234,11 +235,7 @@ impl MapRefresher {
             tokio::select! {
                 biased;
                 // This is cancellation-safe.
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
-                        return;
-                    }
-                }
+                _ = shutdown.requested() => return,
                 // This is cancellation-safe (mpsc recv).
                 Some(reply) = self.ask.recv() => {
                     if let Some(at) = last_relookup {

@@ -43,6 +43,7 @@ use crate::pg::reverse::ORIGIN_PREFIX;
 use crate::quarantine::{Quarantine, QuarantineError, HELD_REASON, TRUNCATE_REASON};
 use crate::route::refresh::MapHandle;
 use crate::route::{KeyError, RouteError, Router, Unrouted};
+use crate::shutdown::ShutdownRx;
 use crate::source::{
     max_proto_version, ConnConfig, PgOutputOptions, ReplicationClient, ReplicationStream,
     SourceError,
@@ -216,7 +217,7 @@ impl Ingest {
     pub async fn run(
         mut self,
         mut stream: Option<Started>,
-        mut shutdown: watch::Receiver<bool>,
+        mut shutdown: ShutdownRx,
         mut pause: watch::Receiver<bool>,
     ) -> Result<Lsn, IngestError> {
         // Spool directories of a killed process: nothing else uses them (this process holds
@@ -230,7 +231,7 @@ impl Ingest {
             let s = match stream.take() {
                 Some(s) => s,
                 None => {
-                    if *shutdown.borrow() {
+                    if shutdown.is_requested() {
                         return Ok(self.spill.durable_lsn());
                     }
                     match self.start_stream().await {
@@ -290,7 +291,7 @@ impl Ingest {
         name: String,
         span: tracing::Span,
         first: Option<Started>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: ShutdownRx,
         pause: watch::Receiver<bool>,
     ) -> std::io::Result<oneshot::Receiver<Result<Lsn, IngestError>>> {
         let (done_tx, done_rx) = oneshot::channel();
@@ -328,7 +329,7 @@ impl Ingest {
         &mut self,
         s: &mut ReplicationStream,
         proto_version: u32,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &mut ShutdownRx,
         pause: &mut watch::Receiver<bool>,
     ) -> Result<Stop, IngestError> {
         let mut assembler = Assembler::new(AssemblerOptions {
@@ -358,11 +359,7 @@ impl Ingest {
             tokio::select! {
                 biased;
                 // This is cancellation-safe.
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
-                        return Ok(Stop::Shutdown);
-                    }
-                }
+                _ = shutdown.requested() => return Ok(Stop::Shutdown),
                 // This is cancellation-safe.
                 _ = pause.changed() => {}
                 // This is cancellation-safe.
@@ -658,10 +655,10 @@ async fn read_or_keepalive(
 }
 
 /// Sleeps; returns `true` if shutdown was requested meanwhile.
-async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+async fn sleep_or_shutdown(d: Duration, shutdown: &mut ShutdownRx) -> bool {
     tokio::select! {
-        _ = tokio::time::sleep(d) => *shutdown.borrow(),
-        _ = shutdown.changed() => true,
+        _ = tokio::time::sleep(d) => shutdown.is_requested(),
+        _ = shutdown.requested() => true,
     }
 }
 

@@ -50,6 +50,7 @@ use crate::runtime::begin::Proof;
 use crate::runtime::ingest::{Ingest, IngestCounters, IngestError, UnroutableHandling};
 use crate::runtime::startup::StartupError;
 use crate::runtime::supervisor::{ShardHandle, Supervisor};
+use crate::shutdown::{self, ShutdownTx};
 use crate::snapshot::SnapshotError;
 use crate::source::{ConnConfig, ReplicationClient, SourceError};
 use crate::spill::{SpillError, SpillIdentity, SpillLog, SpillOptions, SpillWriter};
@@ -166,8 +167,8 @@ pub struct RunSummary {
 pub struct Running {
     /// Status and control (what the admin console serves).
     pub admin: AdminHandle,
-    /// Set to `true` to shut down cleanly.
-    pub shutdown: watch::Sender<bool>,
+    /// Asks the daemon to shut down cleanly.
+    pub shutdown: ShutdownTx,
     /// Completes when the daemon has stopped.
     pub done: JoinHandle<Result<RunSummary, RuntimeError>>,
 }
@@ -307,7 +308,7 @@ async fn start_once(
     .await?;
 
     // Ingest on its own thread.
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = shutdown::channel();
     let (pause_source_tx, pause_source_rx) = watch::channel(false);
     let counters = Arc::new(IngestCounters::default());
     let quarantine = Quarantine::open(&cfg.spill.dir, spill_report.durable_lsn)?;

@@ -52,6 +52,7 @@ use crate::runtime::ingest::{
     start_streaming, Ingest, IngestCounters, IngestError, IngestOptions, UnroutableHandling,
 };
 use crate::runtime::startup::{self, StartupError};
+use crate::shutdown::{self, ShutdownRx, ShutdownTx};
 use crate::source::{list_slots, ConnConfig, ReplicationClient, SourceError};
 use crate::spill::{SpillError, SpillIdentity, SpillLog, SpillOptions, SpillWriter};
 use crate::status::ReverseView;
@@ -168,7 +169,7 @@ pub struct ReverseHandle {
 pub fn spawn(
     cfg: Config,
     tables: Vec<SourceTable>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: ShutdownRx,
 ) -> Result<ReverseHandle, ReverseError> {
     let source = ConnConfig::parse(&cfg.source.url)?;
     let (views_tx, views) = watch::channel(Vec::new());
@@ -210,7 +211,7 @@ struct Watcher {
 }
 
 impl Watcher {
-    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    async fn run(mut self, mut shutdown: ShutdownRx) {
         let mut tick = tokio::time::interval(PUBLISH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_poll: Option<Instant> = None;
@@ -218,11 +219,7 @@ impl Watcher {
             tokio::select! {
                 biased;
                 // This is cancellation-safe.
-                r = shutdown.changed() => {
-                    if r.is_err() || *shutdown.borrow() {
-                        break;
-                    }
-                }
+                _ = shutdown.requested() => break,
                 // This is cancellation-safe.
                 _ = tick.tick() => {
                     if last_poll.is_none_or(|t| t.elapsed() >= POLL) {
@@ -435,7 +432,7 @@ fn reverse_dir(cfg: &Config, row: &ReverseRow) -> PathBuf {
 /// One shard's running reverse stream.
 struct Stream {
     row: ReverseRow,
-    stop: watch::Sender<bool>,
+    stop: ShutdownTx,
     status: watch::Receiver<ShardStatus>,
     counters: Arc<IngestCounters>,
     task: JoinHandle<Result<(), ReverseError>>,
@@ -579,12 +576,12 @@ impl Stream {
             async move { conn.connect_sql().await }
         };
         let applier = ShardApplier::new(apply_opts, connect, log);
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = shutdown::channel();
         let (status_tx, status) = watch::channel(ShardStatus {
             shard: row.progress_shard(),
             ..Default::default()
         });
-        let (inner_tx, inner_rx) = watch::channel(false);
+        let (inner_tx, inner_rx) = shutdown::channel();
         let (pause_tx, pause_rx) = watch::channel(false);
         let span = tracing::info_span!("reverse", shard = %row.shard, slot = %row.slot);
         let ingest_done = ingest
@@ -613,7 +610,7 @@ impl Stream {
     }
 
     async fn stop(self) -> Result<(), ReverseError> {
-        let _ = self.stop.send(true);
+        self.stop.shutdown();
         self.task
             .await
             .map_err(|e| ReverseError::Internal(format!("reverse stream task: {e}")))?
@@ -657,8 +654,8 @@ impl Stream {
 
 /// Runs until `stop` (or until the ingest or the apply ends), then stops the other one.
 async fn supervise(
-    mut stop: watch::Receiver<bool>,
-    inner: watch::Sender<bool>,
+    mut stop: ShutdownRx,
+    inner: ShutdownTx,
     _pause: watch::Sender<bool>,
     mut ingest_done: oneshot::Receiver<Result<Lsn, IngestError>>,
     mut apply: JoinHandle<Result<(), ApplyError>>,
@@ -668,13 +665,13 @@ async fn supervise(
     tokio::select! {
         biased;
         // This is cancellation-safe.
-        _ = stop.wait_for(|v| *v) => {}
+        _ = stop.requested() => {}
         // This is cancellation-safe (a oneshot receiver).
         r = &mut ingest_done => ingest_result = Some(r),
         // This is cancellation-safe (a join handle).
         r = &mut apply => apply_result = Some(r),
     }
-    let _ = inner.send(true);
+    inner.shutdown();
     let ingest = match ingest_result {
         Some(r) => r,
         None => ingest_done.await,

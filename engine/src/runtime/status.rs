@@ -26,7 +26,7 @@ impl Supervisor {
         let now = pg_now();
         let loading = self.load.done.borrow().is_none();
         let backpressure = c.backpressure.load(Ordering::Relaxed);
-        let phase = if *self.shutdown_rx.borrow() {
+        let phase = if self.shutdown_rx.is_requested() {
             Phase::Stopping
         } else if loading {
             Phase::FullLoad

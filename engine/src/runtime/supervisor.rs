@@ -30,6 +30,7 @@ use crate::runtime::begin::{LoadDone, LoadWatch};
 use crate::runtime::ingest::{IngestCounters, IngestError};
 use crate::runtime::status::Rates;
 use crate::runtime::{RunSummary, RuntimeError};
+use crate::shutdown::{ShutdownRx, ShutdownTx};
 use crate::snapshot::handoff::SkipLog;
 use crate::source::{ConnConfig, SourceError};
 use crate::spill::SpillLog;
@@ -65,7 +66,7 @@ impl ShardHandle {
         log: Arc<SpillLog>,
         mut load_done: watch::Receiver<LoadDone>,
         source_catalog: SourceConnect,
-        mut shutdown: watch::Receiver<bool>,
+        mut shutdown: ShutdownRx,
     ) -> ShardHandle {
         let name = opts.shard_name.clone();
         let (status_tx, status_rx) = watch::channel(ShardStatus {
@@ -88,7 +89,7 @@ impl ShardHandle {
                 }
                 tokio::select! {
                     biased;
-                    _ = shutdown.changed() => if *shutdown.borrow() { return Ok(()) },
+                    _ = shutdown.requested() => return Ok(()),
                     r = load_done.changed() => if r.is_err() { return Ok(()) },
                 }
             };
@@ -131,8 +132,8 @@ pub struct Supervisor {
     pub(super) status_tx: watch::Sender<StatusSnapshot>,
     pub(super) control_rx: mpsc::Receiver<ControlRequest>,
     pub(super) pause_source: watch::Sender<bool>,
-    pub(super) shutdown_tx: watch::Sender<bool>,
-    pub(super) shutdown_rx: watch::Receiver<bool>,
+    pub(super) shutdown_tx: ShutdownTx,
+    pub(super) shutdown_rx: ShutdownRx,
     pub(super) ingest_done: oneshot::Receiver<Result<Lsn, IngestError>>,
 }
 
@@ -152,9 +153,7 @@ impl Supervisor {
             tokio::select! {
                 biased;
                 // This is cancellation-safe.
-                _ = self.shutdown_rx.changed() => {
-                    if *self.shutdown_rx.borrow() { break; }
-                }
+                _ = self.shutdown_rx.requested() => break,
                 // This is cancellation-safe (a oneshot receiver).
                 r = &mut self.ingest_done, if ingest_result.is_none() => {
                     let r = r.unwrap_or_else(|_| Err(IngestError::Source(SourceError::protocol("ingest thread ended"))));
@@ -188,7 +187,7 @@ impl Supervisor {
                     }
                     let snap = self.snapshot(&source_info, &mut rates);
                     self.status_tx.send_replace(snap);
-                    if !*self.shutdown_rx.borrow() && self.all_shards_stopped() {
+                    if !self.shutdown_rx.is_requested() && self.all_shards_stopped() {
                         let errors: Vec<String> = self.shards.iter().map(|s| format!("  {}: {}", s.name, s.error.clone().unwrap_or_default())).collect();
                         failure = Some(RuntimeError::AllShardsStopped(errors.join("\n")));
                         break;
@@ -197,7 +196,7 @@ impl Supervisor {
             }
         }
         // Shut everything down: ingest flushes and confirms, applies finish or roll back.
-        let _ = self.shutdown_tx.send(true);
+        self.shutdown_tx.shutdown();
         let ingest_result = match ingest_result {
             Some(r) => r,
             None => (&mut self.ingest_done).await.unwrap_or_else(|_| {
@@ -313,7 +312,7 @@ impl Supervisor {
             }
             ControlCommand::Shutdown => {
                 tracing::info!("shutdown requested on the admin console");
-                let _ = self.shutdown_tx.send(true);
+                self.shutdown_tx.shutdown();
                 Ok("SHUTDOWN".into())
             }
         }
