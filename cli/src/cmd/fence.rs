@@ -63,7 +63,7 @@ pub async fn run_fence(args: FenceArgs) -> CmdResult {
         FenceSide::Source => {
             let map = match config.routing.hash {
                 HashKind::Map => Some(
-                    load_account_map(&config, &src)
+                    load_account_map(&config)
                         .await
                         .map_err(|e| Failure::usage(anyhow::anyhow!("{e}")))?,
                 ),

@@ -562,7 +562,7 @@ async fn check_source(
     .await?;
 
     if config.routing.hash == crate::config::HashKind::Map {
-        match crate::ops::verify::map_router(config, client).await {
+        match crate::ops::verify::map_router(config).await {
             Ok(_) => report.pass(
                 "routing_map",
                 SOURCE,

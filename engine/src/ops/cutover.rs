@@ -269,12 +269,16 @@ pub async fn cutover(
     // 0. The fence (or the one an earlier `reshard fence` installed).
     let fenced = if opts.fence {
         let map = match config.routing.hash {
-            HashKind::Map => Some(load_account_map(config, &src).await.map_err(|source| {
-                CutoverError::Verify {
-                    shard: name.to_owned(),
-                    source,
-                }
-            })?),
+            HashKind::Map => {
+                Some(
+                    load_account_map(config)
+                        .await
+                        .map_err(|source| CutoverError::Verify {
+                            shard: name.to_owned(),
+                            source,
+                        })?,
+                )
+            }
             HashKind::Postgres => None,
         };
         let spec = FenceSpec::for_source(config, &src, name, "cutover", map)

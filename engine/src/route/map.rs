@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
-use crate::event::ShardId;
+use crate::event::{Oid, ShardId};
 
 use super::error::{KeyError, RouteError};
 use super::key::{display_value, format_uuid, parse_uuid, Key, KeyType};
@@ -282,6 +282,16 @@ impl AccountMap {
             }
         }
         Ok((newer, kept))
+    }
+
+    /// The shard of a key given as its text form, for a column of type `type_oid`: a
+    /// supported key type is parsed (so `007` finds account `7`), any other type is looked up
+    /// by its exact text.
+    pub fn shard_of_text(&self, type_oid: Oid, text: &[u8]) -> Result<ShardId, KeyError> {
+        match KeyType::from_oid(type_oid) {
+            Some(t) => self.lookup(&t.parse_text(text)?),
+            None => self.lookup(&Key::Bytes(text)),
+        }
     }
 
     /// The shard of a key: by value for integers and uuids, by exact bytes for strings.

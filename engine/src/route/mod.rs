@@ -519,10 +519,12 @@ impl Router {
     /// escapes), for a column of type `type_oid`. With an account map, a type that is not a
     /// supported key type is looked up by its exact text.
     pub fn shard_of_text(&self, type_oid: Oid, text: &[u8]) -> Result<ShardId, KeyError> {
-        match (KeyType::from_oid(type_oid), &self.hash) {
-            (Some(t), _) => self.shard_of_key(&t.parse_text(text)?),
-            (None, HashKind::Map(_)) => self.shard_of_key(&Key::Bytes(text)),
-            (None, HashKind::Postgres) => Err(KeyError::UnsupportedType { type_oid }),
+        match &self.hash {
+            HashKind::Map(m) => m.shard_of_text(type_oid, text),
+            HashKind::Postgres => match KeyType::from_oid(type_oid) {
+                Some(t) => self.shard_of_key(&t.parse_text(text)?),
+                None => Err(KeyError::UnsupportedType { type_oid }),
+            },
         }
     }
 

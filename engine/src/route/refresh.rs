@@ -53,6 +53,13 @@ pub struct MapSource {
     pub default_shard: Option<String>,
 }
 
+/// `hash = "map"` with neither `map` nor `map_query`: nothing could be routed.
+pub fn no_map_configured() -> RouteError {
+    RouteError::Config(
+        "[routing] hash = \"map\" needs an account map: set [routing] map (a CSV file) or map_query".into(),
+    )
+}
+
 impl MapSource {
     /// The map source of `cfg`, or `None` with `hash = "postgres"`.
     pub fn from_config(cfg: &Config) -> Result<Option<MapSource>, RouteError> {
@@ -68,9 +75,7 @@ impl MapSource {
                 sql: q.clone(),
             }
         } else {
-            return Err(RouteError::Config(
-                "hash = \"map\" needs [routing] map or map_query".into(),
-            ));
+            return Err(no_map_configured());
         };
         Ok(Some(MapSource {
             origin,

@@ -243,7 +243,7 @@ async fn start_once(
         &cfg,
         &tables,
         map.as_ref().map(|m| m.map.clone()),
-    ))?;
+    )?)?;
     let shard_conns = cfg
         .shards
         .iter()
@@ -452,7 +452,7 @@ pub async fn current_router(cfg: &Config) -> Result<(Router, Vec<SourceTable>), 
     let sql = conn.connect_sql().await?;
     let tables = catalog::discover(&sql, cfg).await?;
     let map = options::load_map(cfg).await?.map(|m| m.map);
-    let router = Router::new(route_spec(cfg, &tables, map))?;
+    let router = Router::new(route_spec(cfg, &tables, map)?)?;
     Ok((router, tables))
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::config::{Config, HashKind, TableMode as CfgMode};
 use crate::pg::catalog::SourceTable;
-use crate::route::refresh::MapSource;
+use crate::route::refresh::{no_map_configured, MapSource};
 use crate::route::{self, AccountMap, RouteError, RouteSpec, Router};
 use crate::runtime::ingest::IngestOptions;
 use crate::snapshot;
@@ -37,16 +37,20 @@ pub async fn load_map(cfg: &Config) -> Result<Option<LoadedMap>, RouteError> {
     }
 }
 
-/// The router's spec from the config, the discovered tables and the account map (with
-/// `hash = "map"`, see [`load_map`]).
-pub fn route_spec(cfg: &Config, tables: &[SourceTable], map: Option<Arc<AccountMap>>) -> RouteSpec {
+/// The router's spec from the config, the discovered tables and the account map (`Some` with
+/// `hash = "map"`, see [`load_map`]; without one nothing could be routed, so that is refused).
+pub fn route_spec(
+    cfg: &Config,
+    tables: &[SourceTable],
+    map: Option<Arc<AccountMap>>,
+) -> Result<RouteSpec, RouteError> {
     let shards = cfg.shard_names();
     let hash = match (cfg.routing.hash, map) {
         (HashKind::Map, Some(m)) => route::HashKind::Map(m),
-        (HashKind::Map, None) => route::HashKind::Map(Arc::new(AccountMap::new(&shards))),
+        (HashKind::Map, None) => return Err(no_map_configured()),
         (HashKind::Postgres, _) => route::HashKind::Postgres,
     };
-    RouteSpec {
+    Ok(RouteSpec {
         shards,
         tables: tables
             .iter()
@@ -66,7 +70,7 @@ pub fn route_spec(cfg: &Config, tables: &[SourceTable], map: Option<Arc<AccountM
         default_key: cfg.routing.key.clone(),
         hash,
         unlisted: route::Unlisted::Skip,
-    }
+    })
 }
 
 /// The ingest stage's options.

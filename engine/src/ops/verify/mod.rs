@@ -52,6 +52,7 @@ use crate::pg::conn::{
 };
 use crate::pg::progress::{read_progress, source_system_id};
 use crate::pg::table::{describe_table, TableInfo};
+use crate::route::refresh::MapSource;
 
 use cursor::{Cursor, Peeked, RowSource, TextRow};
 use merge::{merge_accounts, merge_rows, DiffKind, MergeError, ShardTally, Suspect};
@@ -311,7 +312,7 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
     normalize_session(&src).await.map_err(q("source", None))?;
     let mut opts = opts.clone();
     if config.routing.hash == HashKind::Map && opts.router.is_none() {
-        opts.router = Some(map_router(config, &src).await?);
+        opts.router = Some(map_router(config).await?);
     }
     let opts = &opts;
     let rules = crate::pg::catalog::discover(&src, config)
@@ -388,56 +389,34 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
     Ok(report)
 }
 
-/// The account map of `[routing]` (`map` CSV file or `map_query` on the source) as a
-/// [`KeyRouter`].
-pub async fn map_router(config: &Config, src: &Client) -> Result<Arc<KeyRouter>, VerifyError> {
-    use crate::route::KeyType;
-    let map = load_account_map(config, src).await?;
+/// The account map of `[routing]` (`map` CSV file or `map_query` on the source), as a
+/// [`KeyRouter`] that routes like the daemon's router
+/// ([`crate::route::AccountMap::shard_of_text`]).
+pub async fn map_router(config: &Config) -> Result<Arc<KeyRouter>, VerifyError> {
+    let map = load_account_map(config).await?;
     Ok(Arc::new(move |type_oid: u32, text: &str| {
-        let kt = KeyType::from_oid(type_oid)
-            .ok_or_else(|| format!("key type OID {type_oid} cannot be routed"))?;
-        let key = kt.parse_text(text.as_bytes()).map_err(|e| e.to_string())?;
-        map.lookup(&key)
+        map.shard_of_text(type_oid, text.as_bytes())
             .map(|s| s.index())
             .map_err(|e| e.to_string())
     }))
 }
 
-/// The account map of `[routing]` as it is now: the `map` CSV file or `map_query` on the
-/// source, with `default_shard`.
+/// The account map of `[routing]` as it is now, read the way `reshard run` reads it
+/// ([`MapSource`]: the `map` CSV file or `map_query` on the source, with `default_shard`).
 pub async fn load_account_map(
     config: &Config,
-    src: &Client,
 ) -> Result<Arc<crate::route::AccountMap>, VerifyError> {
-    use crate::route::AccountMap;
-    let shards = config.shard_names();
-    let map = if let Some(path) = &config.routing.map {
-        AccountMap::from_csv_path(path, &shards)
-    } else if let Some(query) = &config.routing.map_query {
-        let msgs = src
-            .simple_query(query)
-            .await
-            .map_err(q("source", Some("[routing] map_query")))?;
-        let pairs = msgs.into_iter().filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
-                r.get(0).unwrap_or_default().to_owned(),
-                r.get(1).unwrap_or_default().to_owned(),
-            )),
-            _ => None,
-        });
-        AccountMap::from_pairs(&shards, pairs)
-    } else {
-        return Err(VerifyError::Config(
-            "routing.hash = \"map\" needs routing.map or routing.map_query".into(),
-        ));
-    };
-    let mut map = map.map_err(|e| VerifyError::Config(e.to_string()))?;
-    if let Some(d) = &config.routing.default_shard {
-        map = map
-            .with_default(d)
-            .map_err(|e| VerifyError::Config(e.to_string()))?;
-    }
-    Ok(Arc::new(map))
+    let config_error = |e: crate::route::RouteError| VerifyError::Config(e.to_string());
+    let source = MapSource::from_config(config)
+        .map_err(config_error)?
+        .ok_or_else(|| {
+            VerifyError::Config(
+                "[routing] hash = \"postgres\": there is no account map to read".into(),
+            )
+        })?;
+    Ok(Arc::new(
+        source.load(&mut None).await.map_err(config_error)?,
+    ))
 }
 
 fn select_tables(rules: Vec<TableRule>, wanted: &[String]) -> Result<Vec<TableRule>, VerifyError> {
@@ -1333,4 +1312,77 @@ async fn one_row(
         table: table.to_owned(),
         message: "aggregate returned no row".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RoutingConfig, ShardConfig};
+    use crate::route::Router;
+    use crate::runtime::options::{load_map, route_spec};
+
+    fn map_config(map: Option<std::path::PathBuf>) -> Config {
+        Config {
+            routing: RoutingConfig {
+                hash: HashKind::Map,
+                map,
+                ..Default::default()
+            },
+            shards: ["a", "b"]
+                .iter()
+                .map(|n| ShardConfig {
+                    name: (*n).into(),
+                    url: format!("postgres://localhost/{n}"),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// See: issue #13 (account-map loading twice). `hash = "map"` with neither `map` nor
+    /// `map_query` is refused by `run` (loading the map and building the router) and by
+    /// `verify` alike, naming both keys; the router never runs with an empty map.
+    #[tokio::test]
+    async fn no_map_or_map_query_is_refused_by_run_and_verify_alike() {
+        let cfg = map_config(None);
+        let run = load_map(&cfg).await.err().expect("run refuses").to_string();
+        let spec = route_spec(&cfg, &[], None)
+            .expect_err("no router without a map")
+            .to_string();
+        let verify = map_router(&cfg)
+            .await
+            .err()
+            .expect("verify refuses")
+            .to_string();
+        for e in [&run, &spec, &verify] {
+            assert!(
+                e.contains("[routing] map") && e.contains("map_query"),
+                "names the keys: {e}"
+            );
+        }
+        assert!(verify.contains(&run), "{verify} / {run}");
+        assert_eq!(run, spec);
+    }
+
+    /// See: issue #13. `verify` routes a key exactly as the daemon's router does, including a
+    /// key column whose type is not a parsed key type (looked up by its text).
+    #[tokio::test]
+    async fn verify_routes_keys_like_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("map.csv");
+        std::fs::write(&path, "account_id,shard\n7,b\nacme,a\nzeta,b\n").unwrap();
+        let cfg = map_config(Some(path));
+        let map = load_map(&cfg).await.unwrap().expect("a map").map;
+        let daemon = Router::new(route_spec(&cfg, &[], Some(map)).unwrap()).unwrap();
+        let verify = map_router(&cfg).await.unwrap();
+        // int8 `007`, text, and `name` (OID 19: not a parsed key type).
+        for (oid, text) in [(20u32, "007"), (25, "acme"), (19, "zeta"), (19, "acme")] {
+            let want = daemon
+                .shard_of_text(oid, text.as_bytes())
+                .map(|s| s.index())
+                .map_err(|e| e.to_string());
+            assert_eq!(verify(oid, text), want, "OID {oid} {text:?}");
+            assert!(want.is_ok(), "OID {oid} {text:?}: {want:?}");
+        }
+    }
 }
