@@ -12,8 +12,9 @@ use anyhow::Context;
 use reshard_engine::decode::{AssembleError, Assembler, AssemblerOptions, JsonRenderer};
 use reshard_engine::event::TxnEvent;
 use reshard_engine::pg::catalog;
+use reshard_engine::source::slot::create_slot;
 use reshard_engine::source::{
-    list_slots, max_proto_version, PgOutputOptions, ReplicationClient, SlotOptions, SnapshotAction,
+    list_slots, max_proto_version, PgOutputOptions, ReplicationClient, SnapshotAction,
 };
 use reshard_engine::Lsn;
 
@@ -62,18 +63,21 @@ pub async fn run(args: PeekArgs) -> CmdResult {
         let tables = catalog::discover(&sql, &cfg)
             .await
             .context("listing the tables to publish")?;
-        catalog::ensure_publication(&sql, &sel.publication, &tables)
-            .await
-            .context("creating the publication")?;
-        repl.create_slot(
+        create_slot(
+            &sql,
+            &mut repl,
+            &sel.publication,
+            &tables,
             &sel.slot,
-            SlotOptions {
-                snapshot: SnapshotAction::NoExport,
-                ..Default::default()
-            },
+            SnapshotAction::NoExport,
         )
         .await
-        .with_context(|| format!("creating slot {}", sel.slot))?;
+        .with_context(|| {
+            format!(
+                "creating publication {} and slot {}",
+                sel.publication, sel.slot
+            )
+        })?;
         eprintln!(
             "created slot {} and publication {}",
             sel.slot, sel.publication

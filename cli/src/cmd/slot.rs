@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use reshard_engine::pg::catalog;
-use reshard_engine::source::{list_slots, ReplicationClient, SlotOptions, SnapshotAction};
+use reshard_engine::source::slot::create_slot;
+use reshard_engine::source::{list_slots, ReplicationClient, SnapshotAction};
 
 use super::source_args::{config_or_default, resolve};
 use crate::output::{CmdResult, Failure};
@@ -72,29 +73,31 @@ pub async fn run(args: SlotArgs) -> CmdResult {
             let tables = catalog::discover(&client, &cfg)
                 .await
                 .context("listing the tables to publish")?;
-            let created = catalog::ensure_publication(&client, &sel.publication, &tables)
-                .await
-                .context("creating the publication")?;
             let mut repl = ReplicationClient::connect(&sel.conn)
                 .await
                 .context("opening a replication connection to the source")?;
-            let info = repl
-                .create_slot(
-                    &sel.slot,
-                    SlotOptions {
-                        snapshot: SnapshotAction::NoExport,
-                        ..Default::default()
-                    },
+            let created = create_slot(
+                &client,
+                &mut repl,
+                &sel.publication,
+                &tables,
+                &sel.slot,
+                SnapshotAction::NoExport,
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "creating publication {} and replication slot {}",
+                    sel.publication, sel.slot
                 )
-                .await
-                .with_context(|| format!("creating replication slot {}", sel.slot))?;
+            })?;
             repl.close().await;
             println!(
                 "created slot {} (pgoutput) at consistent point {}; publication {} {}",
-                info.name,
-                info.consistent_point,
+                created.info.name,
+                created.info.consistent_point,
                 sel.publication,
-                if created {
+                if created.publication_created {
                     "created"
                 } else {
                     "already existed"

@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
-use crate::config::Config;
+use crate::config::{Config, SourceConfig};
 use crate::lsn::Lsn;
+use crate::pg::catalog::SourceTable;
 use crate::runtime::ingest::{start_streaming, IngestOptions, Started};
 use crate::runtime::startup;
 use crate::runtime::RuntimeError;
@@ -26,6 +27,7 @@ use crate::snapshot::handoff::Handoff;
 use crate::snapshot::{
     self, FullLoad, FullLoadProgress, FullLoadReport, PreparedLoad, SnapshotError, TableState,
 };
+use crate::source::slot::{CreatedSlot, SlotError};
 use crate::source::{list_slots, ConnConfig, ReplicationClient, SlotOptions, SnapshotAction};
 use crate::spill::{OpenReport, SpillWriter};
 
@@ -139,6 +141,33 @@ async fn shard_states(
 /// `None` while the full load runs.
 pub type LoadDone = Option<Arc<Handoff>>;
 
+/// The source's SQL connection and its replicated tables (what the publication publishes).
+#[derive(Clone, Copy)]
+pub struct Source<'a> {
+    /// An SQL connection to the source.
+    pub sql: &'a tokio_postgres::Client,
+    /// The replicated tables.
+    pub tables: &'a [SourceTable],
+}
+
+/// Creates `[source] slot` (with `[source] publication`).
+async fn create_slot(
+    source: Source<'_>,
+    repl: &mut ReplicationClient,
+    cfg: &SourceConfig,
+    snapshot: SnapshotAction,
+) -> Result<CreatedSlot, SlotError> {
+    crate::source::slot::create_slot(
+        source.sql,
+        repl,
+        &cfg.publication,
+        source.tables,
+        &cfg.slot,
+        snapshot,
+    )
+    .await
+}
+
 /// What the running full load tells the rest of the daemon.
 pub struct LoadWatch {
     /// Set once the load finished (at once with no load to run).
@@ -153,9 +182,11 @@ pub struct LoadWatch {
 /// run), starts the full load under that snapshot (or a temporary slot's, when an interrupted
 /// load resumes), and starts streaming once every copy connection imported the snapshot.
 #[allow(clippy::result_large_err)]
+#[allow(clippy::too_many_arguments)]
 pub async fn begin(
     cfg: &Config,
     conn: &ConnConfig,
+    source: Source<'_>,
     mut repl: ReplicationClient,
     writer: &mut SpillWriter,
     durable_lsn: Lsn,
@@ -175,16 +206,9 @@ pub async fn begin(
         let start_at = if slot_exists {
             durable_lsn
         } else {
-            let info = repl
-                .create_slot(
-                    &cfg.source.slot,
-                    SlotOptions {
-                        snapshot: SnapshotAction::NoExport,
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            tracing::info!(slot = %info.name, consistent_point = %info.consistent_point, "created the slot (no full load)");
+            let info = create_slot(source, &mut repl, &cfg.source, SnapshotAction::NoExport)
+                .await?
+                .info;
             writer.record_lineage(&migration_id, info.consistent_point)?;
             info.consistent_point
         };
@@ -204,16 +228,9 @@ pub async fn begin(
     );
     let (imported_tx, imported_rx) = oneshot::channel();
     let (snapshot, start_at, consistent_point, exporter) = if !slot_exists {
-        let info = repl
-            .create_slot(
-                &cfg.source.slot,
-                SlotOptions {
-                    snapshot: SnapshotAction::Export,
-                    ..Default::default()
-                },
-            )
-            .await?;
-        tracing::info!(slot = %info.name, consistent_point = %info.consistent_point, "created the slot with an exported snapshot");
+        let info = create_slot(source, &mut repl, &cfg.source, SnapshotAction::Export)
+            .await?
+            .info;
         writer.record_lineage(&migration_id, info.consistent_point)?;
         let snap = info.snapshot_name.map(|name| snapshot::ExportedSnapshot {
             name,

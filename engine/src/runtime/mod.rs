@@ -52,6 +52,7 @@ use crate::runtime::startup::StartupError;
 use crate::runtime::supervisor::{ShardHandle, Supervisor};
 use crate::shutdown::{self, ShutdownTx};
 use crate::snapshot::SnapshotError;
+use crate::source::slot::SlotError;
 use crate::source::{ConnConfig, ReplicationClient, SourceError};
 use crate::spill::{SpillError, SpillIdentity, SpillLog, SpillOptions, SpillWriter};
 use crate::status::{AdminHandle, ControlRequest, ShardState, StatusSnapshot};
@@ -131,6 +132,16 @@ pub enum RuntimeError {
     /// A task panicked or could not be joined.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<SlotError> for RuntimeError {
+    // The publication's and the slot's errors are the source's own.
+    fn from(e: SlotError) -> RuntimeError {
+        match e {
+            SlotError::Publication(e) => RuntimeError::Catalog(e),
+            SlotError::Slot(e) => RuntimeError::Source(e),
+        }
+    }
 }
 
 impl From<StartupError> for RuntimeError {
@@ -296,9 +307,14 @@ async fn start_once(
     .await?;
     let migration_id = proof.migration_id.clone();
     let ingest_opts = options::ingest_options(&cfg, &conn);
+    let source = begin::Source {
+        sql: &sql,
+        tables: &tables,
+    };
     let (first, load) = begin::begin(
         &cfg,
         &conn,
+        source,
         repl,
         &mut writer,
         spill_report.durable_lsn,

@@ -16,6 +16,7 @@
 
 mod client;
 mod conn;
+pub mod slot;
 mod stream;
 mod wire;
 
