@@ -254,6 +254,35 @@ pub struct SpillView {
     pub high_water_bytes: u64,
 }
 
+/// Quarantined changes of one table (`quarantine`), for `reshard quarantine list`, the status
+/// and the metric.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TableSummary {
+    /// `schema.table`.
+    pub table: String,
+    /// Quarantined changes (TRUNCATE markers not counted).
+    pub changes: u64,
+    /// Commit LSN of the first.
+    pub first_lsn: Lsn,
+    /// Commit LSN of the last.
+    pub last_lsn: Lsn,
+    /// The first change's reason.
+    pub reason: String,
+    /// The first change's row, e.g. `insert (id=5, account_id=NULL)`.
+    pub sample: String,
+}
+
+/// What the status shows about the account map (`route::refresh`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MapStatus {
+    /// Accounts in the map in use.
+    pub accounts: u64,
+    /// Accepted refreshes since start.
+    pub refreshes_total: u64,
+    /// Why the last refresh was refused or failed, if it was.
+    pub last_error: Option<String>,
+}
+
 /// Everything, at one instant.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct StatusSnapshot {
@@ -273,10 +302,10 @@ pub struct StatusSnapshot {
     pub spill: SpillView,
     /// Quarantined (unroutable) changes, per table.
     #[serde(default)]
-    pub quarantine: Vec<crate::quarantine::TableSummary>,
+    pub quarantine: Vec<TableSummary>,
     /// The account map (`hash = "map"`).
     #[serde(default)]
-    pub account_map: Option<crate::route::refresh::MapStatus>,
+    pub account_map: Option<MapStatus>,
     /// Shards whose writes stream back to the source (after a fenced cutover).
     #[serde(default)]
     pub reverse: Vec<ReverseView>,

@@ -37,6 +37,8 @@ use crate::event::{Begin, Change, PgTimestamp, Relation, Row, ShardEvent, TableI
 use crate::localfs;
 use crate::lsn::Lsn;
 use crate::spill::codec::{Decoder, Encoder};
+// Defined in the ground (the status shows it); re-exported where it is made.
+pub use crate::status::TableSummary;
 
 /// The quarantine's directory under the spill dir.
 pub const DIR: &str = "quarantine";
@@ -286,36 +288,18 @@ fn identities(change: &Change) -> Option<(TableId, Vec<u8>, Option<Vec<u8>>)> {
     }
 }
 
-/// Per-table summary, for `list`, the status and the metric.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TableSummary {
-    /// `schema.table`.
-    pub table: String,
-    /// Quarantined changes (TRUNCATE markers not counted).
-    pub changes: u64,
-    /// Commit LSN of the first.
-    pub first_lsn: Lsn,
-    /// Commit LSN of the last.
-    pub last_lsn: Lsn,
-    /// The first change's reason.
-    pub reason: String,
-    /// The first change's row, e.g. `insert (id=5, account_id=NULL)`.
-    pub sample: String,
-}
-
-impl TableSummary {
-    fn add(&mut self, r: &Record) {
-        if r.is_truncate() {
-            return;
-        }
-        if self.changes == 0 {
-            self.first_lsn = r.commit_lsn;
-            self.reason = r.reason.clone();
-            self.sample = describe(&r.change);
-        }
-        self.changes += 1;
-        self.last_lsn = r.commit_lsn;
+/// Counts `r` in its table's summary.
+fn add(s: &mut TableSummary, r: &Record) {
+    if r.is_truncate() {
+        return;
     }
+    if s.changes == 0 {
+        s.first_lsn = r.commit_lsn;
+        s.reason = r.reason.clone();
+        s.sample = describe(&r.change);
+    }
+    s.changes += 1;
+    s.last_lsn = r.commit_lsn;
 }
 
 /// `insert (id=5, account_id=NULL)`: the kind and the replica-identity values (or every value).
@@ -356,7 +340,7 @@ pub fn summarize_dir(dir: &Path) -> Result<Vec<TableSummary>, QuarantineError> {
             if s.table.is_empty() {
                 s.table = record_table(r);
             }
-            s.add(r);
+            add(&mut s, r);
         }
         if !s.table.is_empty() {
             out.push(s);
@@ -396,7 +380,7 @@ impl QuarantineStats {
                 table: table.to_owned(),
                 ..TableSummary::default()
             });
-            s.add(r);
+            add(s, r);
         }
     }
 }

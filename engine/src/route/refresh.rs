@@ -22,6 +22,8 @@ use super::map::AccountMap;
 use crate::config::{Config, HashKind};
 use crate::shutdown::ShutdownRx;
 use crate::source::ConnConfig;
+// Defined in the ground (the status shows it); re-exported where it is made.
+pub use crate::status::MapStatus;
 
 /// Shortest time between two reads of the map caused by unknown accounts.
 pub const RELOOKUP_MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -140,17 +142,6 @@ impl MapSource {
             MapOrigin::Query { .. } => None,
         }
     }
-}
-
-/// What the status shows about the map.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct MapStatus {
-    /// Accounts in the map in use.
-    pub accounts: u64,
-    /// Accepted refreshes since start.
-    pub refreshes_total: u64,
-    /// Why the last refresh was refused or failed, if it was.
-    pub last_error: Option<String>,
 }
 
 /// The ingest's end: the current map, and re-lookups.
