@@ -223,16 +223,18 @@ pub fn rewrite_file(path: &Path, records: &[Record]) -> Result<(), QuarantineErr
     for r in records {
         r.encode(&mut buf);
     }
-    let mut f = localfs::private_file()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io("create", &tmp))?;
-    f.write_all(&buf).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("sync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("rename into place", path))?;
-    sync_parent(path)
+    localfs::replace_file(path, &tmp, &buf)?;
+    Ok(())
+}
+
+impl From<localfs::FileError> for QuarantineError {
+    fn from(e: localfs::FileError) -> QuarantineError {
+        QuarantineError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 fn sync_parent(path: &Path) -> Result<(), QuarantineError> {

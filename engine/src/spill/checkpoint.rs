@@ -11,12 +11,11 @@
 //! temporary file, `sync_data`, rename, fsync the directory).
 
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::{io_err, sync_dir, Pos, SpillError};
-use crate::localfs::private_file;
+use super::{io_err, Pos, SpillError};
+use crate::localfs::{private_file, replace_file};
 use crate::lsn::Lsn;
 
 const FILE_NAME: &str = "checkpoint";
@@ -187,19 +186,7 @@ impl CheckpointFile {
     }
 
     fn rotate(&mut self, rec: &[u8]) -> Result<(), SpillError> {
-        let tmp = self.dir.join(TMP_NAME);
-        let mut f = private_file()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| io_err("create", &tmp, e))?;
-        f.write_all(rec)
-            .and_then(|()| f.sync_data())
-            .map_err(|e| io_err("write", &tmp, e))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| io_err("rename", &tmp, e))?;
-        sync_dir(&self.dir)?;
-        self.file = f;
+        self.file = replace_file(&self.path, &self.dir.join(TMP_NAME), rec)?;
         self.len = rec.len() as u64;
         Ok(())
     }

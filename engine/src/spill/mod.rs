@@ -631,6 +631,16 @@ pub(crate) fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> S
     }
 }
 
+impl From<crate::localfs::FileError> for SpillError {
+    fn from(e: crate::localfs::FileError) -> SpillError {
+        SpillError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// fsyncs a directory so that created, renamed or removed entries are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpillError> {
     std::fs::File::open(dir)

@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +28,7 @@ use super::{
     SpillOptions, SpillStats, State, TailBlock,
 };
 use crate::event::{ShardEvent, ShardId};
-use crate::localfs::{create_private_dir_all, private_file};
+use crate::localfs::{create_private_dir_all, private_file, replace_file};
 use crate::lsn::Lsn;
 
 const IDENTITY_FILE: &str = "identity";
@@ -1109,17 +1108,8 @@ fn write_identity(dir: &Path, file: &IdentityFile) -> Result<(), SpillError> {
         path: path.clone(),
         source: std::io::Error::other(e),
     })?;
-    let mut f = private_file()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| io_err("create", &tmp, e))?;
-    f.write_all(&json)
-        .and_then(|()| f.sync_data())
-        .map_err(|e| io_err("write", &tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| io_err("rename", &tmp, e))?;
-    sync_dir(dir)
+    replace_file(&path, &tmp, &json)?;
+    Ok(())
 }
 
 /// Cuts shard `i`'s log back to its checkpointed end and verifies what remains of its last
