@@ -70,6 +70,24 @@ impl From<anyhow::Error> for Failure {
 /// Result of a command.
 pub type CmdResult = Result<(), Failure>;
 
+/// Prints a command's result on stdout: pretty-printed JSON with `--json`, else `text` (called
+/// only then). The one place a report is encoded, so every `--json` prints the same way.
+pub fn emit<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce() -> String,
+) -> CmdResult {
+    if json {
+        let json = serde_json::to_string_pretty(value).map_err(|e| {
+            Failure::failed(anyhow::anyhow!("cannot encode the output as JSON: {e}"))
+        })?;
+        println!("{json}");
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
+}
+
 /// Prints the failure (the whole context chain) and maps it to an exit code.
 pub fn finish(r: CmdResult) -> ExitCode {
     match r {

@@ -10,7 +10,7 @@
 use reshard_engine::ops::check::{run_checks, CheckReport, CheckStatus};
 use reshard_engine::pg::identity::{fix_replica_identity, FixAction};
 
-use crate::output::{load_config, CmdResult, Failure};
+use crate::output::{emit, load_config, CmdResult, Failure};
 use crate::CheckArgs;
 
 /// Runs `reshard check`.
@@ -27,13 +27,7 @@ pub async fn run(args: CheckArgs) -> CmdResult {
     }
     let mut report = run_checks(&config).await;
     report.fixed = fixed;
-    if args.json {
-        let json = serde_json::to_string_pretty(&report)
-            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the report: {e}")))?;
-        println!("{json}");
-    } else {
-        print!("{}", render(&report));
-    }
+    emit(args.json, &report, || render(&report))?;
     let fails = report.count(CheckStatus::Fail);
     if report.unreachable {
         Err(Failure::failed(anyhow::anyhow!(

@@ -14,7 +14,7 @@ use reshard_engine::ops::cutover::{cutover, CutoverError, CutoverOptions, Cutove
 use reshard_engine::ops::fence::FenceError;
 
 use super::check::table;
-use crate::output::{load_config, CmdResult, Failure};
+use crate::output::{emit, load_config, CmdResult, Failure};
 use crate::CutoverArgs;
 
 /// Runs `reshard cutover`.
@@ -50,13 +50,7 @@ pub async fn run(args: CutoverArgs) -> CmdResult {
             });
         }
     };
-    if args.json {
-        let json = serde_json::to_string_pretty(&report)
-            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the report: {e}")))?;
-        println!("{json}");
-    } else {
-        print!("{}", render(&report));
-    }
+    emit(args.json, &report, || render(&report))?;
     if report.ok {
         Ok(())
     } else {

@@ -9,21 +9,14 @@ use reshard_engine::ops::observe::{current_status, StatusOrigin};
 use reshard_engine::status::StatusSnapshot;
 
 use super::check::table;
-use crate::output::{load_config, CmdResult, Failure};
+use crate::output::{emit, load_config, CmdResult};
 use crate::StatusArgs;
 
 /// Runs `reshard status`.
 pub async fn run(args: StatusArgs) -> CmdResult {
     let config = load_config(&args.config.config)?;
     let (snap, origin) = current_status(&config).await;
-    if args.json {
-        let json = serde_json::to_string_pretty(&snap)
-            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the status: {e}")))?;
-        println!("{json}");
-    } else {
-        print!("{}", render(&snap, origin));
-    }
-    Ok(())
+    emit(args.json, &snap, || render(&snap, origin))
 }
 
 /// `1.5 GiB`-style sizes.

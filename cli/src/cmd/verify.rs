@@ -9,7 +9,7 @@
 use reshard_engine::ops::verify::{verify, Difference, VerifyError, VerifyOptions, VerifyReport};
 
 use super::check::table;
-use crate::output::{load_config, CmdResult, Failure};
+use crate::output::{emit, load_config, CmdResult, Failure};
 use crate::VerifyArgs;
 
 /// Runs `reshard verify`.
@@ -26,13 +26,7 @@ pub async fn run(args: VerifyArgs) -> CmdResult {
         router: None,
     };
     let report = verify(&config, &opts).await.map_err(verify_failure)?;
-    if args.json {
-        let json = serde_json::to_string_pretty(&report)
-            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the report: {e}")))?;
-        println!("{json}");
-    } else {
-        print!("{}", render(&report));
-    }
+    emit(args.json, &report, || render(&report))?;
     if report.ok {
         return Ok(());
     }
