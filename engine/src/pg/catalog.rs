@@ -17,8 +17,9 @@
 
 use tokio_postgres::Client;
 
-use crate::config::{qualify, Config, TableMode, TableRule};
+use crate::config::{Config, TableMode, TableRule};
 use crate::event::quote_ident;
+use crate::pg::sql::TableName;
 
 /// Errors of catalog discovery and publication management.
 #[derive(Debug, thiserror::Error)]
@@ -233,15 +234,6 @@ pub async fn discover(client: &Client, cfg: &Config) -> Result<Vec<SourceTable>,
     resolve(client, cfg).await?.into_replicated()
 }
 
-/// `schema.table` quoted for SQL.
-pub fn quote_qualified(name: &str) -> String {
-    let q = qualify(name);
-    match q.split_once('.') {
-        Some((s, t)) => format!("{}.{}", quote_ident(s), quote_ident(t)),
-        None => quote_ident(&q),
-    }
-}
-
 /// Creates the publication for `tables` if it does not exist (returns `true` if created);
 /// if it exists, checks that it publishes every table and publishes partitioned tables via
 /// their root.
@@ -265,7 +257,7 @@ pub async fn ensure_publication(
         None => {
             let list: Vec<String> = tables
                 .iter()
-                .map(|t| quote_qualified(&t.rule.source))
+                .map(|t| TableName::parse(&t.rule.source).to_string())
                 .collect();
             let has_via_root: bool = client
                 .query_one(
@@ -304,7 +296,7 @@ pub async fn ensure_publication(
             let missing: Vec<String> = tables
                 .iter()
                 .filter(|t| !published.contains(&t.rule.source))
-                .map(|t| quote_qualified(&t.rule.source))
+                .map(|t| TableName::parse(&t.rule.source).to_string())
                 .collect();
             if !missing.is_empty() {
                 return Err(CatalogError::PublicationIncomplete {

@@ -74,28 +74,8 @@ pub async fn normalize_session(client: &Client) -> Result<(), tokio_postgres::Er
     client.batch_execute(NORMALIZE_SESSION_SQL).await
 }
 
-/// `'text'` as an SQL string literal (E'' form when it contains a backslash).
-pub fn quote_literal(s: &str) -> String {
-    let body = s.replace('\'', "''");
-    if body.contains('\\') {
-        format!("E'{}'", body.replace('\\', "\\\\"))
-    } else {
-        format!("'{body}'")
-    }
-}
-
-/// `"ident"` quoted as an SQL identifier.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// `schema.table` (unquoted, as in the config) as a quoted qualified name.
-pub fn quote_qualified(name: &str) -> String {
-    match name.split_once('.') {
-        Some((schema, table)) => format!("{}.{}", quote_ident(schema), quote_ident(table)),
-        None => quote_ident(name),
-    }
-}
+// Quoting lives in `pg::sql`; these are its names for the commands that connect here.
+pub use super::sql::{quote_ident, quote_literal, quote_qualified};
 
 /// Parses a duration: plain seconds (`600`, `1.5`) or a number with a unit `ms`, `s`, `m`, `h`
 /// (`10m`, `500ms`).
@@ -135,13 +115,5 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("-1").is_err());
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote_literal("a'b"), "'a''b'");
-        assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
-        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
-        assert_eq!(quote_qualified("public.t"), "\"public\".\"t\"");
     }
 }

@@ -2,8 +2,10 @@
 //! defined once. It imports the ground only (one known exception: [`conn`] takes the source
 //! stage's `ConnConfig`, the one parsed connection description).
 //!
-//! - [`conn`]: connections, quoting, error text, the source's present LSN.
+//! - [`conn`]: connections, error text, the source's present LSN.
+//! - [`sql`]: quoting (literals, identifiers, qualified names) and the [`sql::TableName`] type.
 //! - [`catalog`]: THE table-set resolver (run, check, verify, cutover, status) and the publication.
+//! - [`copy_text`]: COPY text's field escapes, one decoder.
 //! - [`table`]: one table described (columns, keys, replica identity).
 //! - [`progress`]: the `reshard.progress` rows on the shards, one reader and one writer.
 //! - [`fence`]: the write fences' record (`reshard.fence`), one reader.
@@ -13,8 +15,10 @@
 
 pub mod catalog;
 pub mod conn;
+pub mod copy_text;
 pub mod fence;
 pub mod identity;
 pub mod progress;
 pub mod reverse;
+pub mod sql;
 pub mod table;

@@ -4,8 +4,6 @@
 //! `format_type`, primary key, replica identity). Which tables are replicated is decided by
 //! [`crate::pg::catalog`] alone.
 
-use crate::config::qualify;
-
 /// Type OIDs a shard key may have (`int2`, `int4`, `int8`, `text`, `varchar`, `uuid`).
 pub const SUPPORTED_KEY_TYPES: &[(u32, &str)] = &[
     (21, "smallint"),
@@ -92,14 +90,7 @@ impl TableInfo {
     }
 }
 
-/// Splits `schema.table` (already qualified).
-pub fn split_name(name: &str) -> (String, String) {
-    let q = qualify(name);
-    match q.split_once('.') {
-        Some((s, t)) => (s.to_owned(), t.to_owned()),
-        None => ("public".to_owned(), q),
-    }
-}
+pub use super::sql::split_name;
 
 /// Describes a table or partitioned table; `None` if it does not exist.
 pub async fn describe_table(
@@ -211,11 +202,5 @@ mod tests {
         t.replica_identity = 'f';
         assert!(t.has_usable_identity());
         assert!(t.identity_columns().is_none());
-    }
-
-    #[test]
-    fn names_split() {
-        assert_eq!(split_name("t"), ("public".into(), "t".into()));
-        assert_eq!(split_name("s.t"), ("s".into(), "t".into()));
     }
 }

@@ -9,8 +9,6 @@
 //! (`int2in`/`int4in`/`int8in`, `uuid_in`, text as-is, `bpchar` without trailing spaces), or it
 //! is rejected with an error naming the value; it never silently hashes something else.
 
-use std::borrow::Cow;
-
 use crate::event::Oid;
 
 use super::error::KeyError;
@@ -255,74 +253,8 @@ pub fn format_uuid(u: &[u8; 16]) -> String {
     s
 }
 
-/// Undoes the backslash escapes of a `COPY … TO STDOUT` text-format field (`\\`, `\t`, `\n`,
-/// `\r`, `\b`, `\f`, `\v`, octal `\NNN`, hex `\xHH`; any other escaped character stands for
-/// itself). Borrows when the field has no backslash. The caller has already recognised `\N`
-/// (NULL). See <https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.2>.
-pub fn unescape_copy_field(field: &[u8]) -> Cow<'_, [u8]> {
-    if !field.contains(&b'\\') {
-        return Cow::Borrowed(field);
-    }
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while let Some(&c) = field.get(i) {
-        i += 1;
-        if c != b'\\' {
-            out.push(c);
-            continue;
-        }
-        let Some(&e) = field.get(i) else {
-            // A trailing lone backslash: keep it (COPY never prints one).
-            out.push(b'\\');
-            break;
-        };
-        i += 1;
-        match e {
-            b'b' => out.push(0x08),
-            b'f' => out.push(0x0c),
-            b'n' => out.push(b'\n'),
-            b'r' => out.push(b'\r'),
-            b't' => out.push(b'\t'),
-            b'v' => out.push(0x0b),
-            b'0'..=b'7' => {
-                let mut v = u32::from(e - b'0');
-                for _ in 0..2 {
-                    match field.get(i) {
-                        Some(&d @ b'0'..=b'7') => {
-                            v = v * 8 + u32::from(d - b'0');
-                            i += 1;
-                        }
-                        _ => break,
-                    }
-                }
-                out.push((v & 0xff) as u8);
-            }
-            b'x' => {
-                let mut v: Option<u8> = None;
-                for _ in 0..2 {
-                    match field.get(i).and_then(|&d| hex_val(d)) {
-                        Some(d) => {
-                            v = Some(v.unwrap_or(0) * 16 + d);
-                            i += 1;
-                        }
-                        None => break,
-                    }
-                }
-                match v {
-                    Some(v) => out.push(v),
-                    None => out.push(b'x'),
-                }
-            }
-            other => out.push(other),
-        }
-    }
-    Cow::Owned(out)
-}
-
-/// Whether a COPY text field is the NULL marker `\N`.
-pub fn is_copy_null(field: &[u8]) -> bool {
-    field == b"\\N"
-}
+// COPY text's escapes: one decoder, in the `pg` toolkit (these names are the route stage's).
+pub use crate::pg::copy_text::{is_null as is_copy_null, unescape as unescape_copy_field};
 
 /// A key's text for messages: lossy UTF-8, at most 200 characters.
 pub(crate) fn display_value(bytes: &[u8]) -> String {
@@ -339,6 +271,7 @@ pub(crate) fn display_value(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
 
     #[test]
     fn ints_parse_full_range_and_reject_overflow() {

@@ -230,14 +230,6 @@ pub struct ShardedKey {
     key_type: Option<KeyType>,
 }
 
-fn qualify(name: &str) -> String {
-    if name.contains('.') {
-        name.to_owned()
-    } else {
-        format!("public.{name}")
-    }
-}
-
 /// `" (row id=5, region=eu)"` from the replica-identity columns of `row`, or `""`.
 fn describe_row(rel: &Relation, row: &Row) -> String {
     let mut parts = Vec::new();
@@ -311,7 +303,7 @@ impl Router {
                     return cfg(format!("table {name}: empty shard key column"));
                 }
             }
-            let q = qualify(&name);
+            let q = crate::config::qualify(&name);
             if rules.insert(q.clone(), rule).is_some() {
                 return cfg(format!("table {q} is configured twice"));
             }

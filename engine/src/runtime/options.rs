@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::config::{Config, HashKind, TableMode as CfgMode};
 use crate::pg::catalog::SourceTable;
+use crate::pg::sql::TableName;
 use crate::route::refresh::{no_map_configured, MapSource};
 use crate::route::{self, AccountMap, RouteError, RouteSpec, Router};
 use crate::runtime::ingest::IngestOptions;
@@ -123,20 +124,13 @@ fn sql_connect(conn: ConnConfig) -> snapshot::Connect {
     })
 }
 
-fn split(name: &str) -> snapshot::TableName {
-    match name.split_once('.') {
-        Some((s, t)) => snapshot::TableName::new(s, t),
-        None => snapshot::TableName::new("public", name),
-    }
-}
-
 fn table_specs(tables: &[SourceTable]) -> Vec<snapshot::TableSpec> {
     tables
         .iter()
         .filter(|t| t.rule.mode != CfgMode::Skip)
         .map(|t| snapshot::TableSpec {
-            source: split(&t.rule.source),
-            target: split(&t.rule.target),
+            source: TableName::parse(&t.rule.source),
+            target: TableName::parse(&t.rule.target),
             mode: match t.rule.mode {
                 CfgMode::Broadcast => snapshot::TableMode::Broadcast,
                 _ => snapshot::TableMode::Sharded {

@@ -68,7 +68,7 @@ use tokio_postgres::Client;
 
 use crate::config::SnapshotConfig;
 pub use crate::config::SnapshotMode;
-use crate::event::{quote_ident, Oid, ShardId};
+use crate::event::{Oid, ShardId};
 use crate::lsn::Lsn;
 
 pub use error::{BoxError, SnapshotError};
@@ -86,36 +86,8 @@ pub type Connect = Arc<dyn Fn() -> ConnectFuture + Send + Sync>;
 /// already de-escaped from COPY text format. The runtime wires in `Router::shard_of_text`.
 pub type RouteFn = Arc<dyn Fn(Oid, &[u8]) -> Result<ShardId, String> + Send + Sync>;
 
-/// A schema-qualified table name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TableName {
-    /// Schema.
-    pub schema: String,
-    /// Table.
-    pub name: String,
-}
-
-impl TableName {
-    /// `schema.name` from its parts.
-    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> TableName {
-        TableName {
-            schema: schema.into(),
-            name: name.into(),
-        }
-    }
-}
-
-impl fmt::Display for TableName {
-    /// Quoted where needed: `public.events`, `"Sales"."Q1"`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}.{}",
-            quote_ident(&self.schema),
-            quote_ident(&self.name)
-        )
-    }
-}
+// One table-name type for the toolkit and the stages.
+pub use crate::pg::sql::TableName;
 
 /// How a table's rows are distributed.
 #[derive(Clone, Debug, PartialEq, Eq)]

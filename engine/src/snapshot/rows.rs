@@ -9,8 +9,6 @@
 //! and a data tab as `\t`, so a raw 0x0A byte always ends a row and a raw 0x09 byte always ends
 //! a field (<https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.2>).
 
-use std::borrow::Cow;
-
 use bytes::{Bytes, BytesMut};
 
 /// Splits a stream of COPY chunks into whole rows, carrying a partial row over to the next chunk.
@@ -69,61 +67,8 @@ pub(crate) fn field(row: &[u8], index: usize) -> Option<&[u8]> {
     row.split(|&b| b == b'\t').nth(index)
 }
 
-/// Whether an escaped field is the NULL marker `\N`.
-pub(crate) fn is_null(field: &[u8]) -> bool {
-    field == b"\\N"
-}
-
-/// Decodes COPY text escapes (`\\`, `\t`, `\n`, `\r`, `\b`, `\f`, `\v`, octal `\NNN`, hex
-/// `\xHH`; any other escaped character stands for itself) into the value's text form. Borrows
-/// when there is nothing to decode.
-pub(crate) fn unescape(field: &[u8]) -> Cow<'_, [u8]> {
-    if !field.contains(&b'\\') {
-        return Cow::Borrowed(field);
-    }
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        let b = field[i];
-        if b != b'\\' || i + 1 >= field.len() {
-            out.push(b);
-            i += 1;
-            continue;
-        }
-        let c = field[i + 1];
-        i += 2;
-        match c {
-            b'b' => out.push(0x08),
-            b'f' => out.push(0x0C),
-            b'n' => out.push(b'\n'),
-            b'r' => out.push(b'\r'),
-            b't' => out.push(b'\t'),
-            b'v' => out.push(0x0B),
-            b'0'..=b'7' => {
-                let mut v = u32::from(c - b'0');
-                let mut n = 1;
-                while n < 3 && i < field.len() && (b'0'..=b'7').contains(&field[i]) {
-                    v = v * 8 + u32::from(field[i] - b'0');
-                    i += 1;
-                    n += 1;
-                }
-                out.push((v & 0xFF) as u8);
-            }
-            b'x' if i < field.len() && field[i].is_ascii_hexdigit() => {
-                let mut v = 0u32;
-                let mut n = 0;
-                while n < 2 && i < field.len() && field[i].is_ascii_hexdigit() {
-                    v = v * 16 + (field[i] as char).to_digit(16).unwrap_or(0);
-                    i += 1;
-                    n += 1;
-                }
-                out.push(v as u8);
-            }
-            other => out.push(other),
-        }
-    }
-    Cow::Owned(out)
-}
+// COPY text's escapes: one decoder, in the `pg` toolkit.
+pub(crate) use crate::pg::copy_text::{is_null, unescape};
 
 /// A short, printable prefix of a row for error messages.
 pub(crate) fn preview(row: &[u8]) -> String {
@@ -194,16 +139,6 @@ mod tests {
         assert_eq!(field(row, 2), Some(&b"x\\ty"[..]));
         assert_eq!(field(row, 3), None);
         assert_eq!(field(b"\n", 0), Some(&b""[..]));
-    }
-
-    #[test]
-    fn escapes_are_decoded() {
-        assert!(matches!(unescape(b"plain"), Cow::Borrowed(_)));
-        assert_eq!(&*unescape(b"a\\tb\\nc\\\\d"), b"a\tb\nc\\d");
-        assert_eq!(&*unescape(b"\\101\\x42\\7"), b"AB\x07");
-        assert_eq!(&*unescape(b"\\b\\f\\r\\v\\q"), b"\x08\x0c\r\x0bq");
-        assert_eq!(&*unescape(b"\\x"), b"x");
-        assert_eq!(&*unescape(b"end\\"), b"end\\");
     }
 
     #[test]
