@@ -31,13 +31,15 @@
 //! ## The tree: three tiers around the stages
 //!
 //! ```text
-//! ground      lsn event error config status localfs metrics     types and config, defined once
-//! pg/         conn (connections, quoting, error text), catalog (THE table-set resolver and the
-//!             publication), table (one table described), progress (reshard.progress rows, one
-//!             reader and one writer), identity (the shard key against the replica identity),
-//!             fence (reshard.fence, the write fences' record: one reader), reverse
-//!             (reshard.reverse, the reverse direction's record; its slot and publication)
-//! stages      source/ decode/ route/ spill/ apply/ snapshot/ (+ handoff: full load -> CDC)
+//! ground      lsn event error config status shutdown localfs metrics   types, config, defined once
+//! pg/         conn (connections, error text), sql (quoting, TableName), copy_text (COPY text's
+//!             escapes), catalog (THE table-set resolver and the publication), table (one table
+//!             described), progress (reshard.progress rows, one reader and one writer), identity
+//!             (the shard key against the replica identity), fence (reshard.fence, the write
+//!             fences' record: one reader), reverse (reshard.reverse, the reverse direction's
+//!             record; its slot and publication)
+//! stages      source/ (+ slot: publication and slot, created once) decode/ route/ spill/ apply/
+//!             snapshot/ (+ handoff: full load -> CDC)
 //!             quarantine/ admin/
 //! runtime/    mod (start: the wiring only), options (config -> each stage's options, the
 //!             account map), startup (the start-up proof), begin (proof inputs, slot, full load,
@@ -55,9 +57,10 @@
 //! `FullLoadOptions::from_config`, `ApplyOptions::from_config`), whose `Default` is the
 //! section's default, so a default lives in one place; [`config::Config`] validates `[spill]` and
 //! `[snapshot]` with those stages' own checks so a range is defined once. Known exceptions, kept
-//! and named: `pg::conn` and `route::refresh` use `source::ConnConfig`; `status` shows
-//! `quarantine::TableSummary` and `route::refresh::MapStatus`; `metrics` serves through `admin`;
-//! `quarantine` stores events with the spill codec and replays through `apply` and `route`.
+//! and named: `pg::conn` and `route::refresh` use `source::ConnConfig` (the one parsed
+//! connection description; it is built on the replication client's own wire and error type);
+//! `metrics` serves through `admin`; `quarantine` stores events with the spill codec and
+//! replays through `apply` and `route`.
 
 pub mod config;
 pub mod error;
