@@ -11,14 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 use reshard_engine::decode::{AssembleError, Assembler, AssemblerOptions, JsonRenderer};
 use reshard_engine::event::TxnEvent;
-use reshard_engine::pg::catalog;
-use reshard_engine::source::slot::create_slot;
-use reshard_engine::source::{
-    list_slots, max_proto_version, PgOutputOptions, ReplicationClient, SnapshotAction,
-};
+use reshard_engine::source::{list_slots, max_proto_version, PgOutputOptions, ReplicationClient};
 use reshard_engine::Lsn;
 
-use super::source_args::{config_or_default, resolve};
+use super::source_args::{create_selected_slot, resolve};
 use crate::output::{CmdResult, Failure};
 use crate::PeekArgs;
 
@@ -39,11 +35,7 @@ impl From<AssembleError> for PeekStop {
 /// Runs `reshard peek`.
 pub async fn run(args: PeekArgs) -> CmdResult {
     let sel = resolve(&args.source)?;
-    let sql = sel
-        .conn
-        .connect_sql()
-        .await
-        .context("connecting to the source")?;
+    let sql = sel.connect_sql().await?;
     let exists = list_slots(&sql)
         .await
         .context("listing slots")?
@@ -59,25 +51,7 @@ pub async fn run(args: PeekArgs) -> CmdResult {
                 sel.slot
             )));
         }
-        let cfg = config_or_default(&sel)?;
-        let tables = catalog::discover(&sql, &cfg)
-            .await
-            .context("listing the tables to publish")?;
-        create_slot(
-            &sql,
-            &mut repl,
-            &sel.publication,
-            &tables,
-            &sel.slot,
-            SnapshotAction::NoExport,
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "creating publication {} and slot {}",
-                sel.publication, sel.slot
-            )
-        })?;
+        create_selected_slot(&sel, &sql, &mut repl).await?;
         eprintln!(
             "created slot {} and publication {}",
             sel.slot, sel.publication

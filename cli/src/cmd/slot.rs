@@ -1,11 +1,9 @@
 //! `reshard slot list|create|drop`: inspect and manage the replication slot.
 
 use anyhow::Context;
-use reshard_engine::pg::catalog;
-use reshard_engine::source::slot::create_slot;
-use reshard_engine::source::{list_slots, ReplicationClient, SnapshotAction};
+use reshard_engine::source::{list_slots, ReplicationClient};
 
-use super::source_args::{config_or_default, resolve};
+use super::source_args::{create_selected_slot, resolve};
 use crate::output::{CmdResult, Failure};
 use crate::{SlotAction, SlotArgs};
 
@@ -14,11 +12,7 @@ pub async fn run(args: SlotArgs) -> CmdResult {
     match args.action {
         SlotAction::List { source, json } => {
             let sel = resolve(&source)?;
-            let client = sel
-                .conn
-                .connect_sql()
-                .await
-                .context("connecting to the source")?;
+            let client = sel.connect_sql().await?;
             let slots = list_slots(&client)
                 .await
                 .context("listing replication slots")?;
@@ -64,33 +58,11 @@ pub async fn run(args: SlotArgs) -> CmdResult {
         }
         SlotAction::Create { source } => {
             let sel = resolve(&source)?;
-            let cfg = config_or_default(&sel)?;
-            let client = sel
-                .conn
-                .connect_sql()
-                .await
-                .context("connecting to the source")?;
-            let tables = catalog::discover(&client, &cfg)
-                .await
-                .context("listing the tables to publish")?;
+            let client = sel.connect_sql().await?;
             let mut repl = ReplicationClient::connect(&sel.conn)
                 .await
                 .context("opening a replication connection to the source")?;
-            let created = create_slot(
-                &client,
-                &mut repl,
-                &sel.publication,
-                &tables,
-                &sel.slot,
-                SnapshotAction::NoExport,
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "creating publication {} and replication slot {}",
-                    sel.publication, sel.slot
-                )
-            })?;
+            let created = create_selected_slot(&sel, &client, &mut repl).await?;
             repl.close().await;
             println!(
                 "created slot {} (pgoutput) at consistent point {}; publication {} {}",

@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use reshard_engine::config::Config;
-use reshard_engine::source::ConnConfig;
+use reshard_engine::pg::catalog;
+use reshard_engine::source::slot::{create_slot, CreatedSlot};
+use reshard_engine::source::{ConnConfig, ReplicationClient, SnapshotAction};
 
 use crate::output::{load_config, Failure};
 use crate::SourceArgs;
@@ -56,6 +58,44 @@ pub fn resolve(a: &SourceArgs) -> Result<SourceSel, Failure> {
         slot,
         publication,
         config,
+    })
+}
+
+impl SourceSel {
+    /// An SQL connection to the selected source.
+    pub async fn connect_sql(&self) -> anyhow::Result<tokio_postgres::Client> {
+        self.conn
+            .connect_sql()
+            .await
+            .context("connecting to the source")
+    }
+}
+
+/// Creates the selected slot (no exported snapshot) and the publication of the tables `reshard
+/// run` would replicate (`slot create`, `peek --create`).
+pub async fn create_selected_slot(
+    sel: &SourceSel,
+    sql: &tokio_postgres::Client,
+    repl: &mut ReplicationClient,
+) -> anyhow::Result<CreatedSlot> {
+    let cfg = config_or_default(sel)?;
+    let tables = catalog::discover(sql, &cfg)
+        .await
+        .context("listing the tables to publish")?;
+    create_slot(
+        sql,
+        repl,
+        &sel.publication,
+        &tables,
+        &sel.slot,
+        SnapshotAction::NoExport,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "creating publication {} and replication slot {}",
+            sel.publication, sel.slot
+        )
     })
 }
 
