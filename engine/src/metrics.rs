@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use crate::error::{Classify, ErrorClass};
 use crate::shutdown::ShutdownRx;
@@ -713,27 +713,16 @@ pub async fn serve_metrics_on(
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        // Cancel-safe: dropping `acquire_owned`/`requested` loses nothing.
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.requested() => break,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        // Cancel-safe: an unaccepted connection stays queued.
-        let (socket, peer) = tokio::select! {
-            biased;
-            _ = shutdown.requested() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(addr = %addr, error = %e, "metrics endpoint: accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((socket, peer, permit)) = crate::admin::next_connection(
+            &listener,
+            &limit,
+            &mut shutdown,
+            "metrics endpoint",
+            &addr,
+        )
+        .await
+        else {
+            break;
         };
         let status = status.clone();
         let span = info_span!("metrics_request", peer = %peer);

@@ -50,8 +50,9 @@ use pgwire::api::store::PortalStore;
 use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type, METADATA_USER};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use std::net::SocketAddr;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -265,28 +266,10 @@ pub async fn serve_on(
     let mut sessions = JoinSet::new();
     loop {
         while sessions.try_join_next().is_some() {}
-        // Both arms are cancel-safe: `requested` and `acquire_owned` lose nothing when dropped.
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.requested() => break,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        // `accept` is cancel-safe: a connection is either returned or stays queued.
-        let (socket, peer) = tokio::select! {
-            biased;
-            _ = shutdown.requested() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: transient, keep serving.
-                    warn!(addr = %addr, error = %e, "admin console: accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((socket, peer, permit)) =
+            next_connection(&listener, &limit, &mut shutdown, "admin console", &addr).await
+        else {
+            break;
         };
         let handlers = handlers.clone();
         let tls = tls.clone();
@@ -306,6 +289,38 @@ pub async fn serve_on(
     sessions.abort_all();
     while sessions.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The next connection of a server that serves at most `limit` at once (the admin console, the
+/// metrics endpoint), with its slot; `None` once shutdown is requested. Accept errors (out of
+/// file descriptors and the like) are transient: logged naming `what` and `addr`, retried.
+pub(crate) async fn next_connection(
+    listener: &TcpListener,
+    limit: &Arc<Semaphore>,
+    shutdown: &mut ShutdownRx,
+    what: &str,
+    addr: &str,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    // Both arms are cancel-safe: `requested` and `acquire_owned` lose nothing when dropped.
+    let permit = tokio::select! {
+        biased;
+        _ = shutdown.requested() => return None,
+        p = limit.clone().acquire_owned() => p.ok()?,
+    };
+    loop {
+        // `accept` is cancel-safe: a connection is either returned or stays queued.
+        tokio::select! {
+            biased;
+            _ = shutdown.requested() => return None,
+            r = listener.accept() => match r {
+                Ok((socket, peer)) => return Some((socket, peer, permit)),
+                Err(e) => {
+                    warn!(addr = %addr, error = %e, "{what}: accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
 }
 
 /// The pgwire handler set: startup (auth) and simple queries.
