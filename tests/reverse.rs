@@ -360,3 +360,92 @@ async fn rollback_hands_the_shards_accounts_back_to_the_source_with_every_write(
     t.source_sql(&insert(mine[1], "still-on-source"));
     t.stop_cleanly(d);
 }
+
+/// See: issue #15. A rollback killed right after each of its steps (`RESHARD_CRASH_AT`, test
+/// builds only: the process aborts there like a kill -9), then run again, converges: the
+/// source holds every write the shard took, the source is unfenced, the shard fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_killed_at_each_step_converges_when_run_again() {
+    let mut t = topology_with_data(2, SPEC).await;
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    let cfg = t.config_path();
+    let c = cfg.to_str().unwrap();
+    let mine = accounts_on(&t, 1);
+    for (epoch, step) in [
+        "rollback:fenced",
+        "rollback:draining",
+        "rollback:drained",
+        "rollback:rolled_back",
+        "rollback:unfenced",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (code, out, err) = t.reshard(&[
+            "cutover",
+            "-c",
+            c,
+            "--shard",
+            "shard1",
+            "--fence",
+            "--json",
+            "--timeout",
+            "60",
+        ]);
+        assert_eq!(code, 0, "{step}: {out}\n{err}");
+        // The shard was fenced on itself by the previous rollback: the application lifts it
+        // as it sends the accounts there again.
+        let _ = t.reshard(&["unfence", "-c", c, "--shard", "shard1", "--on", "shard"]);
+        t.wait("the reverse stream to run", Duration::from_secs(60), || {
+            let s = t.status_json()?;
+            let r = reverse_of(&s, "shard1")?;
+            (r["stream"] == "running" && r["epoch"] == epoch as i64 + 1).then_some(())
+        });
+        t.shards[1]
+            .psql(
+                "app",
+                &format!(
+                    "INSERT INTO customers (account_id, name) VALUES ({}, '{step}')",
+                    mine[0]
+                ),
+            )
+            .unwrap();
+        let crashed = std::process::Command::new(crate::common::reshard_bin())
+            .args(["rollback", "-c", c, "--shard", "shard1", "--timeout", "60"])
+            .env("RESHARD_CRASH_AT", step)
+            .output()
+            .unwrap();
+        assert_eq!(
+            crashed.status.code(),
+            None,
+            "{step}: not aborted: {crashed:?}"
+        );
+        let (code, out, err) =
+            t.reshard(&["rollback", "-c", c, "--shard", "shard1", "--timeout", "60"]);
+        assert_eq!(code, 0, "{step}: {out}\n{err}");
+        assert_eq!(
+            t.source_sql(&format!(
+                "SELECT count(*) FROM customers WHERE name = '{step}'"
+            )),
+            "1",
+            "{step}"
+        );
+        t.source_sql(&format!(
+            "INSERT INTO customers (account_id, name) VALUES ({}, 'source after {step}')",
+            mine[0]
+        ));
+        assert!(t.shards[1]
+            .psql(
+                "app",
+                &format!(
+                    "INSERT INTO customers (account_id, name) VALUES ({}, 'x')",
+                    mine[0]
+                )
+            )
+            .is_err());
+    }
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    t.stop_cleanly(d);
+}
