@@ -1174,6 +1174,65 @@ async fn paused_shard_stops_committing_until_resumed() {
     run.stop().await.0.unwrap();
 }
 
+/// An idle shard's heartbeat read just before PAUSE stays unwritten while the shard is paused:
+/// a paused shard's progress stands still (the console test once saw it move).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_shard_does_not_write_a_pending_heartbeat() {
+    let pg = target("CREATE TABLE public.kv (k int PRIMARY KEY, v text);");
+    let kv = rel(
+        1,
+        "kv",
+        ReplicaIdentity::Default,
+        &[("k", true), ("v", false)],
+    );
+    let log = Arc::new(MemLog::new(1024));
+    txn(&log, 1, vec![ins(&kv, vec![t("1"), t("v")])]).await;
+    let config: tokio_postgres::Config = pg.url("shard").parse().unwrap();
+    let (pause_tx, pause_rx) = watch::channel(false);
+    let o = ApplyOptions {
+        heartbeat_interval_ms: 600,
+        ..opts()
+    };
+    let applier = ShardApplier::new(o, PgConnect(config), log.clone()).with_pause(pause_rx);
+    let (shutdown, shutdown_rx) = reshard_engine::shutdown::channel();
+    let (status_tx, status) = watch::channel(ShardStatus::default());
+    let mut run = Running {
+        handle: tokio::spawn(applier.run(shutdown_rx, status_tx)),
+        shutdown,
+        status,
+    };
+    run.wait_applied(lsn(1)).await;
+    // Read at once but not written yet: the last progress write was just now.
+    log.send(SHARD, ShardEvent::Heartbeat(lsn(50)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pause_tx.send(true).unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        run.status.wait_for(|s| s.state == ApplyState::Paused),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Well past the heartbeat interval.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        run.status.borrow().applied_commit_lsn,
+        lsn(1),
+        "a paused shard wrote a heartbeat"
+    );
+    let c = client(&pg, "shard").await;
+    let p = read_progress(&c, "reshard_test", "shard-a", Some("7300000000000000001"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.commit_lsn, lsn(1));
+    pause_tx.send(false).unwrap();
+    run.wait_applied(lsn(50)).await;
+    run.stop().await.0.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_commits_complete_transactions_and_rolls_back_a_partly_written_one() {
     let pg = target("CREATE TABLE public.kv (k int PRIMARY KEY, v text);");

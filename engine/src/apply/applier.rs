@@ -584,6 +584,11 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 .first_at
                 .map(|t| t + Duration::from_millis(self.opts.batch_max_delay_ms));
         }
+        // A paused shard records nothing, not even an idle heartbeat: its progress stands
+        // still until the operator resumes it.
+        if self.paused {
+            return None;
+        }
         self.pending_heartbeat.map(|_| {
             self.last_heartbeat_write + Duration::from_millis(self.opts.heartbeat_interval_ms)
         })
@@ -1162,6 +1167,10 @@ impl<'a, L: ShardLog> Session<'a, L> {
         };
         if lsn <= self.applied || self.group.is_some() {
             self.pending_heartbeat = None;
+            return Ok(());
+        }
+        if self.paused {
+            // Kept: written once the shard is resumed.
             return Ok(());
         }
         let mut g = Group::new();
