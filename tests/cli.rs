@@ -201,3 +201,63 @@ fn run_refuses_an_exposed_admin_console_without_a_password() {
         "{err}"
     );
 }
+
+/// Ctrl-C ends `reshard lag --watch` at once even while a refresh is waiting on a server that
+/// does not answer (a silent listener stands in for a hung source). Before, the SIGINT was
+/// either fatal (exit by signal, before the first wait had listened) or lost (between two
+/// waits, once tokio's handler had replaced the default action).
+#[test]
+fn lag_watch_ends_on_ctrl_c_while_a_refresh_waits() {
+    let t = Topology::start(1);
+    // Accepts connections and never answers: the startup packet waits forever.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let text = std::fs::read_to_string(t.write_config("")).unwrap();
+    let text = text.replace(
+        &t.source.url("app"),
+        &format!("postgres://postgres@127.0.0.1:{port}/app"),
+    );
+    std::fs::write(t.config_path(), text).unwrap();
+    for round in 0..2 {
+        let mut child = std::process::Command::new(crate::common::reshard_bin())
+            .args([
+                "lag",
+                "-c",
+                t.config_path().to_str().unwrap(),
+                "--watch",
+                "--interval",
+                "0.1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Round 0: inside the first refresh; round 1: later, inside another one (the offline
+        // status waits several seconds on the silent source each time).
+        std::thread::sleep(Duration::from_millis(if round == 0 {
+            1500
+        } else {
+            11_000
+        }));
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+        }
+        let sent = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if sent.elapsed() > Duration::from_secs(5) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let status = status
+            .unwrap_or_else(|| panic!("round {round}: lag --watch still running 5 s after SIGINT"));
+        assert_eq!(status.code(), Some(0), "round {round}: {status:?}");
+    }
+    drop(silent);
+}

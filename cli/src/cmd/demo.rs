@@ -50,6 +50,9 @@ const SOURCE_SETTINGS: &[(&str, &str)] = &[("synchronous_commit", "on")];
 /// Runs `reshard demo`.
 pub async fn run(args: DemoArgs) -> CmdResult {
     let started = Instant::now();
+    // Listening from here on: Ctrl-C while the clusters start is kept and acted on once they
+    // are up (so they are cleaned up, not left running).
+    let mut signals = runtime::Signals::new();
     let env = Env::start(&args).await.map_err(Failure::failed)?;
     println!(
         "config:  {}  (the daemon runs in this process)",
@@ -68,7 +71,7 @@ pub async fn run(args: DemoArgs) -> CmdResult {
     let mut daemon_ended = false;
     let outcome = tokio::select! {
         r = drive(&env, &admin.status, &args, started) => r,
-        sig = runtime::wait_for_signal() => Err(Failure::problem(anyhow!("interrupted by {sig}"))),
+        sig = signals.recv() => Err(Failure::problem(anyhow!("interrupted by {sig}"))),
         // The daemon runs until told to stop: finishing now is an error.
         r = &mut done => {
             let why = match r {
@@ -90,7 +93,7 @@ pub async fn run(args: DemoArgs) -> CmdResult {
 
     if args.keep {
         print_keep(&env);
-        let sig = runtime::wait_for_signal().await;
+        let sig = signals.recv().await;
         println!("{sig}: stopping the daemon and the clusters");
     }
 

@@ -8,6 +8,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use reshard_engine::ops::observe::{current_status, StatusOrigin};
+use reshard_engine::runtime;
 use reshard_engine::status::StatusSnapshot;
 
 use super::check::table;
@@ -24,29 +25,41 @@ pub async fn run(args: LagArgs) -> CmdResult {
         )));
     }
     let tty = std::io::stdout().is_terminal();
-    loop {
+    if !args.watch {
         let (snap, origin) = current_status(&config).await;
-        if args.json {
-            let json = serde_json::to_string(&lag_json(&snap, origin))
-                .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode: {e}")))?;
-            println!("{json}");
-        } else {
-            if args.watch && tty {
-                print!("\x1b[2J\x1b[H");
-            }
-            print!("{}", render(&snap, origin));
-            if args.watch && !tty {
-                println!();
-            }
-        }
-        if !args.watch {
-            return Ok(());
+        return print_lag(&snap, origin, &args, tty);
+    }
+    // One listener for the whole watch: Ctrl-C while a refresh is being built (a slow or
+    // unreachable server) ends the command at once instead of being lost.
+    let mut signals = runtime::Signals::new();
+    loop {
+        tokio::select! {
+            _ = signals.recv() => return Ok(()),
+            (snap, origin) = current_status(&config) => print_lag(&snap, origin, &args, tty)?,
         }
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = signals.recv() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_secs_f64(args.interval)) => {}
         }
     }
+}
+
+/// One refresh of `reshard lag`, as JSON lines or as a table.
+fn print_lag(s: &StatusSnapshot, origin: StatusOrigin, args: &LagArgs, tty: bool) -> CmdResult {
+    if args.json {
+        let json = serde_json::to_string(&lag_json(s, origin))
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode: {e}")))?;
+        println!("{json}");
+    } else {
+        if args.watch && tty {
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{}", render(s, origin));
+        if args.watch && !tty {
+            println!();
+        }
+    }
+    Ok(())
 }
 
 fn lag_json(s: &StatusSnapshot, origin: StatusOrigin) -> serde_json::Value {

@@ -85,19 +85,18 @@ pub async fn run(args: PeekArgs) -> CmdResult {
     let limit = args.limit.unwrap_or(u64::MAX);
     let idle = args.idle_timeout.map(Duration::from_secs_f64);
     let mut last_end: Option<Lsn> = None;
+    // One listener for the whole read: Ctrl-C while a message is being printed is kept.
+    let mut signals = reshard_engine::runtime::Signals::new();
     let outcome: Result<(), PeekStop> = loop {
         if changes >= limit {
             break Err(PeekStop::Limit);
         }
-        let next = match idle {
-            Some(d) => match tokio::time::timeout(d, stream.next()).await {
-                Ok(r) => r,
-                Err(_) => break Ok(()),
+        let next = tokio::select! {
+            r = next_within(idle, &mut stream) => match r {
+                Some(r) => r,
+                None => break Ok(()),
             },
-            None => tokio::select! {
-                r = stream.next() => r,
-                _ = tokio::signal::ctrl_c() => break Ok(()),
-            },
+            _ = signals.recv() => break Ok(()),
         };
         let Some(x) = next.context("reading from the slot")? else {
             break Ok(());
@@ -147,4 +146,15 @@ pub async fn run(args: PeekArgs) -> CmdResult {
         tracing::debug!(error = %e, "closing the replication connection");
     }
     Ok(())
+}
+
+/// The next message, or `None` once `idle` (when given) passed without one.
+async fn next_within(
+    idle: Option<Duration>,
+    stream: &mut reshard_engine::source::ReplicationStream,
+) -> Option<Result<Option<reshard_engine::source::XLogData>, reshard_engine::source::SourceError>> {
+    match idle {
+        Some(d) => tokio::time::timeout(d, stream.next()).await.ok(),
+        None => Some(stream.next().await),
+    }
 }

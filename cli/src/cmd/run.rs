@@ -15,6 +15,8 @@ use crate::RunArgs;
 /// A clean shutdown finishes or rolls back every open batch, confirms the final flush
 /// position to the slot and exits 0.
 pub async fn run(args: RunArgs) -> CmdResult {
+    // Listening from here on: a signal between two waits below is kept, not lost.
+    let mut signals = runtime::Signals::new();
     let cfg = load_config(&args.config.config)?;
     if cfg.group.is_some() {
         refuse_overlapping_peers(&cfg, &args.config.config).await?;
@@ -33,7 +35,7 @@ pub async fn run(args: RunArgs) -> CmdResult {
         // A signal while starting (or while waiting for a server to come back) ends the start.
         let running = tokio::select! {
             r = start => r.map_err(start_failure)?,
-            sig = runtime::wait_for_signal() => {
+            sig = signals.recv() => {
                 tracing::info!(signal = sig, "shutting down before the start completed");
                 return Ok(());
             }
@@ -41,7 +43,7 @@ pub async fn run(args: RunArgs) -> CmdResult {
         let started = Instant::now();
         let mut done = running.done;
         let result = tokio::select! {
-            sig = runtime::wait_for_signal() => {
+            sig = signals.recv() => {
                 tracing::info!(signal = sig, "shutting down");
                 running.shutdown.shutdown();
                 return finish(done.await);
@@ -63,7 +65,7 @@ pub async fn run(args: RunArgs) -> CmdResult {
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    sig = runtime::wait_for_signal() => {
+                    sig = signals.recv() => {
                         tracing::info!(signal = sig, "shutting down");
                         return Ok(());
                     }

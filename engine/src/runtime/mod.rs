@@ -472,19 +472,50 @@ pub async fn current_router(cfg: &Config) -> Result<(Router, Vec<SourceTable>), 
     Ok((router, tables))
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    let mut int = match signal(SignalKind::interrupt()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, listened to from the moment this is made until it is dropped.
+///
+/// Make it once, at a command's start, and keep it: a signal that arrives while the command
+/// is busy elsewhere (between two `recv` calls) is kept for the next `recv`. A fresh listener
+/// per wait would lose it: once tokio has installed its handler the default action (exit) no
+/// longer applies, so a lost signal is an ignored Ctrl-C or an ignored `systemctl stop`.
+pub struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Starts listening. A signal that cannot be listened to (no signal driver) keeps its
+    /// default action.
+    pub fn new() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT (at once if one came since the last call).
+    /// Cancel-safe: a dropped call loses no signal.
+    pub async fn recv(&mut self) -> &'static str {
+        async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    if s.recv().await.is_none() {
+                        std::future::pending::<()>().await
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        tokio::select! {
+            _ = next(&mut self.term) => "SIGTERM",
+            _ = next(&mut self.int) => "SIGINT",
+        }
+    }
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Signals::new()
     }
 }
