@@ -263,7 +263,9 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
                 Ok(Some(p)) => {
                     v.applied_lsn = p.commit_lsn;
                     v.last_commit_time = p.commit_time;
-                    if !current.is_zero() {
+                    // An idle shard's heartbeat stands just below the end it covers (the
+                    // same rule as the daemon's status): that is caught up, not 1 byte behind.
+                    if !current.is_zero() && !p.commit_lsn.covers(current) {
                         v.lag_bytes = current.bytes_since(p.commit_lsn);
                         v.lag_seconds = match p.commit_time {
                             Some(t) if v.lag_bytes > 0 => ((pg_now() - t) as f64 / 1e6).max(0.0),
