@@ -2,13 +2,16 @@
 //! the application makes there stream back to the source (exactly once, never looping back to
 //! the shard), and `reshard rollback` makes the source authoritative again.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reshard_engine::config::Config;
+use reshard_engine::ops::fence::{self, FenceSide, FENCE_SQLSTATE};
 use reshard_harness::workload::FillSpec;
 
-use crate::common::{TableCheck, Topology};
-use crate::ops::topology_with_data;
+use crate::common::{http_get, port_of, sample, sqlstate, TableCheck, Topology};
+use crate::ops::{connect, shard_of, topology_with_data};
 
 const SPEC: FillSpec = FillSpec {
     accounts: 24,
@@ -447,5 +450,400 @@ async fn rollback_killed_at_each_step_converges_when_run_again() {
             .is_err());
     }
     t.wait_converged(TABLES, Duration::from_secs(90));
+    t.stop_cleanly(d);
+}
+
+/// Where the application sends a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source = 0,
+    Shard = 1,
+}
+
+/// The cycle's phases, as the application's flag and the test see them.
+const BEFORE: usize = 0;
+/// `reshard cutover --fence` runs; the flag still sends S's accounts to the source.
+const CUTTING_OVER: usize = 1;
+/// The flag flipped: S's accounts are written on S.
+const ON_SHARD: usize = 2;
+/// `reshard rollback` runs; the flag still sends S's accounts to S.
+const ROLLING_BACK: usize = 3;
+/// The flag flipped back: S's accounts are written on the source again.
+const BACK: usize = 4;
+const PHASE_NAMES: [&str; 5] = ["before", "cutting_over", "on_shard", "rolling_back", "back"];
+
+/// An application that follows a per-shard flag: writes (inserts, updates, deletes) for the
+/// accounts of the cut-over shard go to the source in phases `BEFORE`/`CUTTING_OVER`/`BACK`
+/// and to the shard in `ON_SHARD`/`ROLLING_BACK`; every other account is written on the
+/// source throughout. It counts what went through and what the fence refused, per phase and
+/// side; anything else (another error, a refusal of another shard's account) is a violation.
+struct App {
+    phase: Arc<AtomicUsize>,
+    /// The phase the writer last read (every statement of an older phase has ended).
+    seen: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    /// `[phase * 2 + side]`.
+    written: Arc<Vec<AtomicU64>>,
+    refused: Arc<Vec<AtomicU64>>,
+    violations: Arc<Mutex<Vec<String>>>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl App {
+    fn start(source_url: String, shard_url: String, accounts: i64, mine: Vec<i64>) -> App {
+        let cells = || Arc::new((0..10).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+        let phase = Arc::new(AtomicUsize::new(BEFORE));
+        let seen = Arc::new(AtomicUsize::new(BEFORE));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (written, refused) = (cells(), cells());
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let (p, sn, st, w, r, v) = (
+            phase.clone(),
+            seen.clone(),
+            stop.clone(),
+            written.clone(),
+            refused.clone(),
+            violations.clone(),
+        );
+        let handle = tokio::spawn(async move {
+            let src = connect(&source_url).await;
+            let shard = connect(&shard_url).await;
+            let mut n = 0u64;
+            while !st.load(Ordering::SeqCst) {
+                n += 1;
+                let acct = (n % accounts as u64) as i64 + 1;
+                let ph = p.load(Ordering::SeqCst);
+                sn.store(ph, Ordering::SeqCst);
+                let is_mine = mine.contains(&acct);
+                let side = if is_mine && (ph == ON_SHARD || ph == ROLLING_BACK) {
+                    Side::Shard
+                } else {
+                    Side::Source
+                };
+                let client = if side == Side::Shard { &shard } else { &src };
+                let kind = format!("p{ph}");
+                let res = match n % 10 {
+                    3 | 7 => {
+                        client
+                            .execute(
+                                "UPDATE customers SET name = $2 WHERE account_id = $1 \
+                                 AND id = (SELECT min(id) FROM customers WHERE account_id = $1)",
+                                &[&acct, &format!("{kind} #{n}")],
+                            )
+                            .await
+                    }
+                    9 => {
+                        client
+                            .execute(
+                                "DELETE FROM events WHERE account_id = $1 \
+                                 AND id = (SELECT min(id) FROM events WHERE account_id = $1)",
+                                &[&acct],
+                            )
+                            .await
+                    }
+                    _ => {
+                        client
+                            .execute(
+                                "INSERT INTO events (account_id, kind) VALUES ($1, $2)",
+                                &[&acct, &kind],
+                            )
+                            .await
+                    }
+                };
+                let cell = ph * 2 + side as usize;
+                match res {
+                    Ok(_) => {
+                        w[cell].fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) if sqlstate(&e) == FENCE_SQLSTATE && is_mine => {
+                        r[cell].fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => v.lock().unwrap().push(format!(
+                        "phase {}, {side:?}, account {acct} (shard1's: {is_mine}): {e:?}",
+                        PHASE_NAMES[ph]
+                    )),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        App {
+            phase,
+            seen,
+            stop,
+            written,
+            refused,
+            violations,
+            handle,
+        }
+    }
+
+    /// Stops the writer and returns its violations.
+    async fn stop(&mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        (&mut self.handle).await.expect("the writer task");
+        self.violations.lock().unwrap().clone()
+    }
+
+    /// Flips the flag and waits until the writer follows it (no statement of the old phase is
+    /// still running).
+    fn set_phase(&self, t: &Topology, ph: usize) {
+        self.phase.store(ph, Ordering::SeqCst);
+        t.wait(
+            "the writer to follow the flag",
+            Duration::from_secs(30),
+            || (self.seen.load(Ordering::SeqCst) == ph).then_some(()),
+        );
+    }
+
+    fn written(&self, ph: usize, side: Side) -> u64 {
+        self.written[ph * 2 + side as usize].load(Ordering::SeqCst)
+    }
+
+    fn refused(&self, ph: usize, side: Side) -> u64 {
+        self.refused[ph * 2 + side as usize].load(Ordering::SeqCst)
+    }
+
+    /// Waits for `more` writes that went through in phase `ph` on `side`.
+    fn wait_written(&self, t: &Topology, ph: usize, side: Side, more: u64) {
+        let from = self.written(ph, side);
+        t.wait(
+            &format!("{more} writes in phase {} on the {side:?}", PHASE_NAMES[ph]),
+            Duration::from_secs(60),
+            || (self.written(ph, side) >= from + more).then_some(()),
+        );
+    }
+
+    fn table(&self) -> String {
+        (0..PHASE_NAMES.len())
+            .map(|ph| {
+                format!(
+                    "{:>12}: source {} written / {} refused, shard {} written / {} refused",
+                    PHASE_NAMES[ph],
+                    self.written(ph, Side::Source),
+                    self.refused(ph, Side::Source),
+                    self.written(ph, Side::Shard),
+                    self.refused(ph, Side::Shard)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Writes one row of `account` on `client` and returns the SQLSTATE it failed with (`None`:
+/// written).
+async fn probe(client: &tokio_postgres::Client, account: i64) -> Option<String> {
+    client
+        .execute(
+            "INSERT INTO events (account_id, kind) VALUES ($1, 'probe')",
+            &[&account],
+        )
+        .await
+        .err()
+        .map(|e| sqlstate(&e))
+}
+
+/// The value of `series` in the daemon's `/metrics`, `None` when the series is absent.
+fn metric(port: u16, series: &str) -> Option<u64> {
+    let (_, body) = http_get(port, "/metrics");
+    body.contains(&format!("{series} "))
+        .then(|| sample(&body, series))
+}
+
+/// See: issue #15 (Must show). The whole cycle under a live application that follows a
+/// per-shard flag: fence → cutover → flip → writes on S → reverse stream → rollback → flip
+/// back → writes on the source (the forward stream carries them to S again). At the end the
+/// source and every shard hold their share; the fence refused the application's writes only
+/// while it pointed at the fenced side and only for S's accounts, the source's count and the
+/// daemon's metric agree with the application's, and at no moment were S's accounts writable
+/// on both sides (the side the flag left is refused, probed after each flip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_cycle_under_a_live_writer_fences_each_side_only_while_the_other_takes_writes() {
+    let mut t = topology_with_data(3, SPEC).await;
+    let config_text = {
+        t.write_config("");
+        std::fs::read_to_string(t.config_path()).unwrap()
+    };
+    let metrics = port_of(&config_text, "metrics");
+    let cfg = t.config_path();
+    let c = cfg.to_str().unwrap().to_owned();
+    let d = t.spawn_run(&[]);
+    tokio::task::block_in_place(|| t.wait_converged(TABLES, Duration::from_secs(90)));
+    let accounts = SPEC.accounts as i64;
+    let mine: Vec<i64> = (1..=accounts).filter(|a| shard_of(&t, *a) == 1).collect();
+    assert!(mine.len() >= 3, "{mine:?}");
+    let src = connect(&t.source.url("app")).await;
+    let s1 = connect(&t.shards[1].url("app")).await;
+
+    let mut app = App::start(
+        t.source.url("app"),
+        t.shards[1].url("app"),
+        accounts,
+        mine.clone(),
+    );
+    tokio::task::block_in_place(|| app.wait_written(&t, BEFORE, Side::Source, 100));
+
+    // Fence and cut over while the application still writes shard1's accounts on the source.
+    tokio::task::block_in_place(|| app.set_phase(&t, CUTTING_OVER));
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        t.reshard(&[
+            "cutover",
+            "-c",
+            &c,
+            "--shard",
+            "shard1",
+            "--fence",
+            "--json",
+            "--timeout",
+            "120s",
+        ])
+    });
+    assert_eq!(code, 0, "{out}\n{err}\n{}", t.all_logs());
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["ok"], true, "{r:#}");
+    assert_eq!(r["fence"]["step"], "safe", "{r:#}");
+    assert!(r["reverse_slot"].is_string(), "{r:#}");
+
+    // The flag flips: shard1's accounts are written on shard1. The source refuses them.
+    tokio::task::block_in_place(|| app.set_phase(&t, ON_SHARD));
+    let mut source_probes = 0;
+    for a in &mine {
+        assert_eq!(
+            probe(&src, *a).await.as_deref(),
+            Some(FENCE_SQLSTATE),
+            "account {a} is writable on the source while shard1 takes its writes"
+        );
+        source_probes += 1;
+    }
+    tokio::task::block_in_place(|| app.wait_written(&t, ON_SHARD, Side::Shard, 100));
+    // The source's count of refusals is final now: it is the application's (+ the probes), and
+    // the daemon's metric says the same.
+    let refused_on_source = app.refused(CUTTING_OVER, Side::Source) + source_probes;
+    assert!(
+        app.refused(CUTTING_OVER, Side::Source) > 0,
+        "the application never hit the fence during the cutover:\n{}",
+        app.table()
+    );
+    let fences = fence::status(&src, FenceSide::Source).await.unwrap();
+    assert_eq!(fences.len(), 1, "{fences:?}");
+    assert_eq!(
+        fences[0].refused as u64,
+        refused_on_source,
+        "{}",
+        app.table()
+    );
+    let series = "reshard_fence_refused_writes_total{shard=\"shard1\"}";
+    tokio::task::block_in_place(|| {
+        t.wait(
+            "the daemon's metric to count the source's refusals",
+            Duration::from_secs(15),
+            || (metric(metrics, series) == Some(refused_on_source)).then_some(()),
+        )
+    });
+    // The reverse stream brings shard1's writes to the source while the application writes.
+    tokio::task::block_in_place(|| {
+        t.wait(
+            "the reverse stream to apply shard1's writes to the source",
+            Duration::from_secs(60),
+            || {
+                let s = t.status_json()?;
+                let r = reverse_of(&s, "shard1")?;
+                (r["stream"] == "running" && r["rows_inserted_total"].as_u64()? > 0).then_some(())
+            },
+        )
+    });
+
+    // Roll back while the application still writes shard1's accounts on shard1.
+    tokio::task::block_in_place(|| app.set_phase(&t, ROLLING_BACK));
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        t.reshard(&[
+            "rollback",
+            "-c",
+            &c,
+            "--shard",
+            "shard1",
+            "--json",
+            "--timeout",
+            "120s",
+        ])
+    });
+    assert_eq!(code, 0, "{out}\n{err}\n{}", t.all_logs());
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["ok"], true, "{r:#}");
+
+    // The flag flips back: shard1's accounts are written on the source; shard1 refuses them.
+    tokio::task::block_in_place(|| app.set_phase(&t, BACK));
+    let mut shard_probes = 0;
+    for a in &mine {
+        assert_eq!(
+            probe(&s1, *a).await.as_deref(),
+            Some(FENCE_SQLSTATE),
+            "account {a} is writable on shard1 while the source takes its writes again"
+        );
+        shard_probes += 1;
+    }
+    tokio::task::block_in_place(|| app.wait_written(&t, BACK, Side::Source, 150));
+    let violations = app.stop().await;
+    assert!(violations.is_empty(), "{violations:#?}\n{}", app.table());
+    let table = app.table();
+
+    // Refusals only while fenced, only on the side the flag was leaving: the source during the
+    // cutover, shard1 during the rollback (only shard1's accounts: see the violations).
+    for ph in 0..PHASE_NAMES.len() {
+        for side in [Side::Source, Side::Shard] {
+            let allowed = matches!(
+                (ph, side),
+                (CUTTING_OVER, Side::Source) | (ROLLING_BACK, Side::Shard)
+            );
+            if !allowed {
+                assert_eq!(
+                    app.refused(ph, side),
+                    0,
+                    "refused in phase {} on the {side:?}:\n{table}",
+                    PHASE_NAMES[ph]
+                );
+            }
+        }
+    }
+    // shard1's fence (it stays after the rollback) counted what the application saw there.
+    let on_shard = fence::status(&s1, FenceSide::Shard).await.unwrap();
+    assert_eq!(on_shard.len(), 1, "{on_shard:?}");
+    assert_eq!(
+        on_shard[0].refused as u64,
+        app.refused(ROLLING_BACK, Side::Shard) + shard_probes,
+        "{table}"
+    );
+    // The source's fence is gone, and so is its series.
+    assert!(fence::status(&src, FenceSide::Source)
+        .await
+        .unwrap()
+        .is_empty());
+    tokio::task::block_in_place(|| {
+        t.wait(
+            "the metric of the lifted fence to go",
+            Duration::from_secs(15),
+            || metric(metrics, series).is_none().then_some(()),
+        )
+    });
+
+    // The source and every shard hold their share: what shard1 took came back to the source,
+    // what the source took after the rollback went forward to shard1.
+    tokio::task::block_in_place(|| t.wait_converged(TABLES, Duration::from_secs(120)));
+    let list = mine
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    for kind in ["p2", "p4"] {
+        let q =
+            format!("SELECT count(*) FROM events WHERE kind = '{kind}' AND account_id IN ({list})");
+        let (on_source, on_shard) = (t.source_sql(&q), t.shards[1].psql("app", &q).unwrap());
+        assert_eq!(on_source, on_shard, "{kind}");
+        assert_ne!(
+            on_source, "0",
+            "no {kind} rows of shard1's accounts:\n{table}"
+        );
+    }
+    eprintln!("{table}");
     t.stop_cleanly(d);
 }

@@ -449,6 +449,11 @@ pub fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// The SQLSTATE of a failed statement (`""` for a non-database error).
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_owned()).unwrap_or_default()
+}
+
 /// Reads a file if it exists.
 pub fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()

@@ -11,7 +11,7 @@ use std::time::Duration;
 use reshard_engine::ops::fence::{self, FenceSide, FENCE_SQLSTATE};
 use reshard_harness::workload::FillSpec;
 
-use super::common::{http_get, port_of, reshard_bin, sample, wait_for, Topology};
+use super::common::{http_get, port_of, reshard_bin, sample, sqlstate, wait_for, Topology};
 use super::{connect, json, load_shards, shard_of, topology_with_data, SHARDED};
 
 const SPEC: FillSpec = FillSpec {
@@ -20,11 +20,6 @@ const SPEC: FillSpec = FillSpec {
     events: 8,
     body_bytes: 16,
 };
-
-/// The SQLSTATE of a failed statement (`""` for a non-database error).
-fn sqlstate(e: &tokio_postgres::Error) -> String {
-    e.code().map(|c| c.code().to_owned()).unwrap_or_default()
-}
 
 fn fence_triggers(t: &Topology) -> usize {
     t.source_sql("SELECT count(*) FROM pg_trigger WHERE tgname = 'zz_reshard_fence'")
