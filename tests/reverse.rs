@@ -789,7 +789,7 @@ async fn the_whole_cycle_under_a_live_writer_fences_each_side_only_while_the_oth
 
     // Refusals only while fenced, only on the side the flag was leaving: the source during the
     // cutover, shard1 during the rollback (only shard1's accounts: see the violations).
-    for ph in 0..PHASE_NAMES.len() {
+    for (ph, name) in PHASE_NAMES.iter().enumerate() {
         for side in [Side::Source, Side::Shard] {
             let allowed = matches!(
                 (ph, side),
@@ -799,8 +799,7 @@ async fn the_whole_cycle_under_a_live_writer_fences_each_side_only_while_the_oth
                 assert_eq!(
                     app.refused(ph, side),
                     0,
-                    "refused in phase {} on the {side:?}:\n{table}",
-                    PHASE_NAMES[ph]
+                    "refused in phase {name} on the {side:?}:\n{table}"
                 );
             }
         }
