@@ -126,6 +126,7 @@ impl Env {
             .map(|(i, c)| ShardTarget {
                 name: format!("shard{i}"),
                 connect: connector(c.url("postgres")),
+                replicas: vec![],
             })
             .collect()
     }
@@ -833,6 +834,7 @@ async fn measure_one_million_rows_into_four_shards() {
         .map(|(i, c)| ShardTarget {
             name: format!("shard{i}"),
             connect: connector(c.url("postgres")),
+            replicas: vec![],
         })
         .collect();
     let exporter = client(&source).await;

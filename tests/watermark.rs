@@ -276,6 +276,7 @@ async fn measure_watermark_load_against_exported_and_raw_copy() {
             .map(|(i, c)| ShardTarget {
                 name: format!("shard{i}"),
                 connect: connector(c.url("postgres")),
+                replicas: vec![],
             })
             .collect();
         let options = FullLoadOptions::from_config(&SnapshotConfig {

@@ -201,6 +201,11 @@ pub struct ShardConfig {
     pub name: String,
     /// libpq URL or key=value string (required). `${VAR}` is expanded.
     pub url: String,
+    /// The shard's read replicas (libpq URLs or key=value strings; `${VAR}` is expanded): with
+    /// `[snapshot] max_replica_lag_ms`, the full load slows down while their replay lag is
+    /// over the bound. Default: none.
+    #[serde(default)]
+    pub replicas: Vec<String>,
 }
 
 /// `mode` of a `[[tables]]` entry.
@@ -395,6 +400,26 @@ pub struct SnapshotConfig {
     /// seconds (0: none). Default 10.
     #[serde(default = "default_progress_interval_secs")]
     pub progress_interval_secs: u64,
+    /// Adaptive throttle: the copy into a shard slows down (halves its row rate) while a probe
+    /// query on the shard takes longer than this, milliseconds (0: not watched). Default 0.
+    #[serde(default)]
+    pub max_probe_latency_ms: u64,
+    /// Adaptive throttle: … while the shard has more active client backends than this, reshard's
+    /// own sessions not counted (0: not watched). Default 0.
+    #[serde(default)]
+    pub max_active_backends: u64,
+    /// Adaptive throttle: … while a replica of the shard (`[[shards]] replicas`) replays more than
+    /// this far behind the shard, milliseconds (0: not watched). Default 0.
+    #[serde(default)]
+    pub max_replica_lag_ms: u64,
+    /// Adaptive throttle: the floor of a shard's row rate (the load always goes on at least this
+    /// fast), and the step by which the rate grows back per `health_interval_ms` while every
+    /// signal is within its bound, rows per second. Default 1000.
+    #[serde(default = "default_min_rows_per_sec")]
+    pub min_rows_per_sec: u64,
+    /// Adaptive throttle: how often each shard's health is sampled, milliseconds. Default 500.
+    #[serde(default = "default_health_interval_ms")]
+    pub health_interval_ms: u64,
 }
 
 impl Default for SnapshotConfig {
@@ -409,6 +434,11 @@ impl Default for SnapshotConfig {
             truncate_targets: false,
             defer_indexes: false,
             progress_interval_secs: default_progress_interval_secs(),
+            max_probe_latency_ms: 0,
+            max_active_backends: 0,
+            max_replica_lag_ms: 0,
+            min_rows_per_sec: default_min_rows_per_sec(),
+            health_interval_ms: default_health_interval_ms(),
         }
     }
 }
@@ -550,6 +580,12 @@ fn default_chunk_rows() -> u64 {
 fn default_progress_interval_secs() -> u64 {
     10
 }
+fn default_min_rows_per_sec() -> u64 {
+    1000
+}
+fn default_health_interval_ms() -> u64 {
+    500
+}
 fn default_admin_listen() -> String {
     "127.0.0.1:6433".into()
 }
@@ -638,6 +674,9 @@ impl Config {
                 s.url = url;
             }
             s.url = expand_env(&s.url, origin, &format!("shards[{i}].url"))?;
+            for (j, r) in s.replicas.iter_mut().enumerate() {
+                *r = expand_env(r, origin, &format!("shards[{i}].replicas[{j}]"))?;
+            }
         }
         if let Ok(pw) = std::env::var("RESHARD_ADMIN_PASSWORD") {
             self.admin.password = Some(pw);
@@ -704,6 +743,21 @@ impl Config {
             if s.url.trim().is_empty() {
                 return Err(invalid(&format!("shards[{i}].url"), "is empty".into()));
             }
+            if let Some(j) = s.replicas.iter().position(|r| r.trim().is_empty()) {
+                return Err(invalid(
+                    &format!("shards[{i}].replicas[{j}]"),
+                    "is empty".into(),
+                ));
+            }
+        }
+        if self.snapshot.max_replica_lag_ms > 0 && self.shards.iter().all(|s| s.replicas.is_empty())
+        {
+            return Err(invalid(
+                "snapshot.max_replica_lag_ms",
+                "is set but no [[shards]] entry lists replicas; add replicas = [\"postgres://…\"] \
+                 to the shards whose read replicas the full load must protect, or set it to 0"
+                    .into(),
+            ));
         }
         match self.routing.hash {
             HashKind::Postgres => {

@@ -101,6 +101,19 @@ pub const FULLLOAD_BYTES_COPIED_TOTAL: &str = "reshard_fullload_bytes_copied_tot
 /// Estimated rows of a table (gauge, `table`).
 pub const FULLLOAD_ROWS_ESTIMATED: &str = "reshard_fullload_rows_estimated";
 
+/// The row rate the full load's copy into a shard is held to now (gauge, `shard`; present while
+/// a full load runs and the shard's rate is limited, absent when unlimited).
+pub const SNAPSHOT_THROTTLE_ROWS_PER_SECOND: &str = "reshard_snapshot_throttle_rows_per_second";
+/// Times the adaptive throttle cut a shard's rate because a health signal was over its bound
+/// (counter, `shard`).
+pub const SNAPSHOT_THROTTLE_BACKOFFS_TOTAL: &str = "reshard_snapshot_throttle_backoffs_total";
+/// Round trip of the adaptive throttle's last probe query on a shard (gauge, `shard`).
+pub const SNAPSHOT_PROBE_LATENCY_SECONDS: &str = "reshard_snapshot_probe_latency_seconds";
+/// Active client backends on a shard at the last probe, reshard's own excluded (gauge, `shard`).
+pub const SNAPSHOT_ACTIVE_BACKENDS: &str = "reshard_snapshot_active_backends";
+/// Largest replay lag of a shard's read replicas at the last probe (gauge, `shard`).
+pub const SNAPSHOT_REPLICA_LAG_SECONDS: &str = "reshard_snapshot_replica_lag_seconds";
+
 /// 1 for the current phase, 0 for the others (gauge, `phase`).
 pub const PHASE: &str = "reshard_phase";
 /// 1 when ready (streaming, no shard stopped) (gauge).
@@ -152,6 +165,11 @@ pub const ALL: &[&str] = &[
     FULLLOAD_ROWS_COPIED_TOTAL,
     FULLLOAD_BYTES_COPIED_TOTAL,
     FULLLOAD_ROWS_ESTIMATED,
+    SNAPSHOT_THROTTLE_ROWS_PER_SECOND,
+    SNAPSHOT_THROTTLE_BACKOFFS_TOTAL,
+    SNAPSHOT_PROBE_LATENCY_SECONDS,
+    SNAPSHOT_ACTIVE_BACKENDS,
+    SNAPSHOT_REPLICA_LAG_SECONDS,
     PHASE,
     READY,
     UPTIME_SECONDS,
@@ -629,6 +647,46 @@ impl Collector for SnapshotCollector {
             "Estimated rows of the table (pg_class.reltuples)",
             &est,
         )?;
+        // The full load's throttles.
+        let per_shard = |f: &dyn Fn(&crate::status::ThrottleView) -> Option<f64>| {
+            s.throttle
+                .iter()
+                .filter_map(|t| f(t).map(|v| (vec![("shard", label(&t.shard))], v)))
+                .collect::<Vec<(Labels, f64)>>()
+        };
+        gauges(
+            e,
+            SNAPSHOT_THROTTLE_ROWS_PER_SECOND,
+            "Row rate the full load's copy into the shard is held to (absent: unlimited)",
+            &per_shard(&|t| t.rows_per_sec),
+        )?;
+        counters(
+            e,
+            SNAPSHOT_THROTTLE_BACKOFFS_TOTAL,
+            "Times the adaptive throttle cut the shard's rate (a health signal over its bound)",
+            &s.throttle
+                .iter()
+                .map(|t| (vec![("shard", label(&t.shard))], t.backoffs_total))
+                .collect::<Vec<_>>(),
+        )?;
+        gauges(
+            e,
+            SNAPSHOT_PROBE_LATENCY_SECONDS,
+            "Round trip of the adaptive throttle's last probe query on the shard",
+            &per_shard(&|t| t.probe_latency_ms.map(|v| v / 1000.0)),
+        )?;
+        gauges(
+            e,
+            SNAPSHOT_ACTIVE_BACKENDS,
+            "Active client backends on the shard at the last probe (reshard's own excluded)",
+            &per_shard(&|t| t.active_backends.map(|v| v as f64)),
+        )?;
+        gauges(
+            e,
+            SNAPSHOT_REPLICA_LAG_SECONDS,
+            "Largest replay lag of the shard's read replicas at the last probe",
+            &per_shard(&|t| t.replica_lag_ms.map(|v| v / 1000.0)),
+        )?;
         let quarantined: Vec<(Labels, u64)> = s
             .quarantine
             .iter()
@@ -969,6 +1027,21 @@ mod tests {
                 changes: 3,
                 ..Default::default()
             }],
+            throttle: vec![
+                crate::status::ThrottleView {
+                    shard: "shard0".into(),
+                    adaptive: true,
+                    rows_per_sec: Some(2500.0),
+                    backoffs_total: 4,
+                    probe_latency_ms: Some(12.5),
+                    active_backends: Some(3),
+                    ..Default::default()
+                },
+                crate::status::ThrottleView {
+                    shard: "shard1".into(),
+                    ..Default::default()
+                },
+            ],
             ..Default::default()
         }
     }
@@ -1002,6 +1075,12 @@ mod tests {
         ));
         assert!(text.contains("reshard_fullload_rows_copied_total{table=\"public.events\"} 5"));
         assert!(text.contains("reshard_quarantined_changes_total{table=\"public.notes\"} 3"));
+        assert!(text.contains("reshard_snapshot_throttle_rows_per_second{shard=\"shard0\"} 2500.0"));
+        assert!(!text.contains("reshard_snapshot_throttle_rows_per_second{shard=\"shard1\"}"));
+        assert!(text.contains("reshard_snapshot_throttle_backoffs_total{shard=\"shard0\"} 4"));
+        assert!(text.contains("reshard_snapshot_probe_latency_seconds{shard=\"shard0\"} 0.0125"));
+        assert!(text.contains("reshard_snapshot_active_backends{shard=\"shard0\"} 3.0"));
+        assert!(!text.contains("reshard_snapshot_probe_latency_seconds{shard=\"shard1\"}"));
         // Label values are escaped.
         assert!(text.contains("shard=\"we\\\"ird\\\\name\""), "{text}");
     }

@@ -229,6 +229,38 @@ pub struct TableView {
     pub bytes_copied: u64,
 }
 
+/// One shard's full-load throttle (`snapshot::health`): the rate the copy into the shard is
+/// held to now and the health sample that chose it. Shown by `status`, `SHOW THROTTLE`, the
+/// metrics and the full load's progress lines.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct ThrottleView {
+    /// Shard name.
+    pub shard: String,
+    /// Whether the rate adapts to the shard's health (some `[snapshot] max_probe_latency_ms`,
+    /// `max_active_backends` or `max_replica_lag_ms` is set).
+    pub adaptive: bool,
+    /// The row rate the copy into the shard is held to now; `None`: unlimited.
+    pub rows_per_sec: Option<f64>,
+    /// The fixed ceiling (`[snapshot] max_rows_per_sec`); `None`: none.
+    pub max_rows_per_sec: Option<u64>,
+    /// The floor (`[snapshot] min_rows_per_sec`): the rate never goes below it.
+    pub min_rows_per_sec: u64,
+    /// Rows granted to the copy so far (this run).
+    pub rows_total: u64,
+    /// Times the rate was cut because a health signal was over its bound.
+    pub backoffs_total: u64,
+    /// Latency of the last probe query on the shard, milliseconds.
+    pub probe_latency_ms: Option<f64>,
+    /// Active client backends on the shard at the last probe, reshard's own excluded.
+    pub active_backends: Option<u64>,
+    /// Largest replay lag of the shard's replicas at the last probe, milliseconds (`None`
+    /// without `[[shards]] replicas`).
+    pub replica_lag_ms: Option<f64>,
+    /// Why the rate is held down (the signal over its bound, or the probe's error); `None`
+    /// when every signal is within its bound.
+    pub holding_back: Option<String>,
+}
+
 /// The spill log.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct SpillView {
@@ -309,6 +341,9 @@ pub struct StatusSnapshot {
     /// Shards whose writes stream back to the source (after a fenced cutover).
     #[serde(default)]
     pub reverse: Vec<ReverseView>,
+    /// Per shard, the full load's throttle (empty when no full load runs in this process).
+    #[serde(default)]
+    pub throttle: Vec<ThrottleView>,
 }
 
 impl StatusSnapshot {

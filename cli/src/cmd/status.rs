@@ -115,6 +115,42 @@ fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
         }
         out.push_str(&table(&rows));
     }
+    if !s.throttle.is_empty() {
+        out.push('\n');
+        let mut rows = vec![[
+            "THROTTLE",
+            "ROWS/S",
+            "FLOOR",
+            "CEILING",
+            "BACKOFFS",
+            "PROBE MS",
+            "BACKENDS",
+            "REPLICA LAG MS",
+            "HOLDING BACK",
+        ]
+        .map(String::from)];
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        for t in &s.throttle {
+            rows.push([
+                t.shard.clone(),
+                t.rows_per_sec
+                    .map_or("unlimited".into(), |r| format!("{r:.0}")),
+                if t.adaptive {
+                    t.min_rows_per_sec.to_string()
+                } else {
+                    "fixed".into()
+                },
+                t.max_rows_per_sec
+                    .map_or("unlimited".into(), |c| c.to_string()),
+                t.backoffs_total.to_string(),
+                opt(t.probe_latency_ms.map(|v| format!("{v:.1}"))),
+                opt(t.active_backends.map(|v| v.to_string())),
+                opt(t.replica_lag_ms.map(|v| format!("{v:.0}"))),
+                opt(t.holding_back.clone()),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
     if !s.source.fences.is_empty() {
         out.push_str("\nwrite fences on the source (lift with: reshard unfence --shard S):\n");
         out.push_str(&super::fence::render(&s.source.fences));

@@ -23,6 +23,8 @@ pub enum AdminCommand {
     ShowSpill,
     /// `SHOW FENCES`: the write fences on the source.
     ShowFences,
+    /// `SHOW THROTTLE`: per shard, the full load's throttle (rate in force, health signals).
+    ShowThrottle,
     /// `SHOW HELP`: the command list.
     ShowHelp,
     /// `PAUSE [shard]`: pause one shard, or reading from the source.
@@ -76,6 +78,10 @@ pub const HELP: &[(&str, &str)] = &[
     (
         "SHOW FENCES",
         "write fences on the source: shard, since, seconds fenced, writes refused, cutover step, LSN",
+    ),
+    (
+        "SHOW THROTTLE",
+        "per shard, the full load's throttle: rows/s in force, floor, ceiling, backoffs, probe latency, active backends, replica lag, why it holds back",
     ),
     ("SHOW HELP", "this list"),
     (
@@ -187,6 +193,7 @@ fn parse_statement(stmt: &str) -> Result<AdminCommand, ParseError> {
         ["SHOW", "LAG"] => Ok(AdminCommand::ShowLag),
         ["SHOW", "SPILL"] => Ok(AdminCommand::ShowSpill),
         ["SHOW", "FENCES"] => Ok(AdminCommand::ShowFences),
+        ["SHOW", "THROTTLE"] => Ok(AdminCommand::ShowThrottle),
         ["SHOW", "HELP"] | ["HELP"] => Ok(AdminCommand::ShowHelp),
         ["PAUSE"] => Ok(AdminCommand::Pause(None)),
         ["RESUME"] => Ok(AdminCommand::Resume(None)),
@@ -218,6 +225,10 @@ mod tests {
         );
         assert_eq!(parse("show lag").unwrap(), vec![AdminCommand::ShowLag]);
         assert_eq!(parse("SHOW spill").unwrap(), vec![AdminCommand::ShowSpill]);
+        assert_eq!(
+            parse("show throttle").unwrap(),
+            vec![AdminCommand::ShowThrottle]
+        );
         assert_eq!(
             parse("show tables").unwrap(),
             vec![AdminCommand::ShowTables]

@@ -564,6 +564,7 @@ impl Queries {
             AdminCommand::ShowLag => render::lag(&self.snapshot()),
             AdminCommand::ShowSpill => render::spill(&self.snapshot()),
             AdminCommand::ShowFences => render::fences(&self.snapshot()),
+            AdminCommand::ShowThrottle => render::throttle(&self.snapshot()),
             AdminCommand::ShowHelp => render::help(),
             AdminCommand::ShowStatusJson => render::status_json(&self.snapshot()).map_err(|e| {
                 PgWireError::UserError(error_info(
@@ -689,6 +690,7 @@ fn columns_of(cmd: &AdminCommand) -> Vec<&'static str> {
         AdminCommand::ShowLag => render::lag(&empty).columns,
         AdminCommand::ShowSpill => render::spill(&empty).columns,
         AdminCommand::ShowFences => render::fences(&empty).columns,
+        AdminCommand::ShowThrottle => render::throttle(&empty).columns,
         AdminCommand::ShowHelp => render::help().columns,
         AdminCommand::Pause(_)
         | AdminCommand::Resume(_)

@@ -286,6 +286,45 @@ pub fn fences(snap: &StatusSnapshot) -> ResultSet {
     }
 }
 
+/// `SHOW THROTTLE`: one row per shard while a full load runs (none otherwise). `rows_per_sec`
+/// is NULL when unlimited.
+pub fn throttle(snap: &StatusSnapshot) -> ResultSet {
+    ResultSet {
+        columns: vec![
+            "shard",
+            "adaptive",
+            "rows_per_sec",
+            "min_rows_per_sec",
+            "max_rows_per_sec",
+            "rows",
+            "backoffs",
+            "probe_latency_ms",
+            "active_backends",
+            "replica_lag_ms",
+            "holding_back",
+        ],
+        rows: snap
+            .throttle
+            .iter()
+            .map(|t| {
+                vec![
+                    s(&t.shard),
+                    s(t.adaptive),
+                    t.rows_per_sec.and_then(|r| f1(r.round())),
+                    s(t.min_rows_per_sec),
+                    t.max_rows_per_sec.map(|m| m.to_string()),
+                    s(t.rows_total),
+                    s(t.backoffs_total),
+                    t.probe_latency_ms.and_then(f1),
+                    t.active_backends.map(|n| n.to_string()),
+                    t.replica_lag_ms.and_then(f1),
+                    t.holding_back.clone(),
+                ]
+            })
+            .collect(),
+    }
+}
+
 /// `SHOW STATUS JSON`: one row, one column `status`.
 pub fn status_json(snap: &StatusSnapshot) -> Result<ResultSet, serde_json::Error> {
     Ok(ResultSet {
@@ -305,7 +344,7 @@ pub fn help() -> ResultSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{Phase, ShardState, ShardView, SpillView, TableView};
+    use crate::status::{Phase, ShardState, ShardView, SpillView, TableView, ThrottleView};
 
     fn snap() -> StatusSnapshot {
         StatusSnapshot {
@@ -338,6 +377,17 @@ mod tests {
                 oldest_unapplied_lsn: None,
                 ..Default::default()
             },
+            throttle: vec![ThrottleView {
+                shard: "shard0".into(),
+                adaptive: true,
+                rows_per_sec: Some(2500.0),
+                min_rows_per_sec: 1000,
+                backoffs_total: 2,
+                probe_latency_ms: Some(14.26),
+                active_backends: Some(3),
+                holding_back: Some("probe latency 14.2 ms > max_probe_latency_ms 10".into()),
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
@@ -357,6 +407,7 @@ mod tests {
             tables(&s),
             lag(&s),
             spill(&s),
+            throttle(&s),
             status_json(&s).unwrap(),
             help(),
         ] {
@@ -386,6 +437,14 @@ mod tests {
         assert_eq!(l.rows[0][6].as_deref(), Some("12.5"));
         let sp = spill(&s);
         assert_eq!(sp.rows[0][6], None, "no oldest_unapplied_lsn is NULL");
+        let th = throttle(&s);
+        assert_eq!(th.rows[0][2].as_deref(), Some("2500.0"));
+        assert_eq!(th.rows[0][4], None, "no ceiling is NULL");
+        assert_eq!(th.rows[0][7].as_deref(), Some("14.3"));
+        assert!(th.rows[0][10]
+            .as_deref()
+            .unwrap()
+            .contains("max_probe_latency_ms"));
         let j = status_json(&s).unwrap();
         let v: serde_json::Value = serde_json::from_str(j.rows[0][0].as_deref().unwrap()).unwrap();
         assert_eq!(v["shards"][0]["name"], "shard0");

@@ -337,6 +337,14 @@ fn log_load_progress(mut progress: watch::Receiver<FullLoadProgress>, every: Dur
             for t in p.tables.iter().filter(|t| t.state == TableState::Copying) {
                 tracing::info!(table = %t.table, "full load progress: {}", snapshot::render_line(t));
             }
+            // The rate each shard is held to, when a throttle is set (fixed or adaptive).
+            for t in p
+                .throttle
+                .iter()
+                .filter(|t| t.adaptive || t.rows_per_sec.is_some())
+            {
+                tracing::info!(shard = %t.shard, "full load throttle: {}", snapshot::render_throttle_line(t));
+            }
         }
     });
 }

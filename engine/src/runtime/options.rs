@@ -102,11 +102,27 @@ pub fn full_load(
         cfg.shards
             .iter()
             .zip(shard_conns)
-            .map(|(s, c)| snapshot::ShardTarget {
-                name: s.name.clone(),
-                connect: sql_connect(c.clone()),
+            .map(|(s, c)| {
+                let replicas = s
+                    .replicas
+                    .iter()
+                    .enumerate()
+                    .map(|(j, url)| {
+                        ConnConfig::parse(url).map(sql_connect).map_err(|e| {
+                            snapshot::SnapshotError::Connect {
+                                target: format!("replica {} of shard {}", j + 1, s.name),
+                                source: Box::new(e),
+                            }
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(snapshot::ShardTarget {
+                    name: s.name.clone(),
+                    connect: sql_connect(c.clone()),
+                    replicas,
+                })
             })
-            .collect(),
+            .collect::<Result<Vec<_>, snapshot::SnapshotError>>()?,
         table_specs(tables),
         route_fn(router),
         snapshot::FullLoadOptions::from_config(&cfg.snapshot)?,

@@ -183,6 +183,11 @@ impl Supervisor {
                 .as_ref()
                 .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             reverse: self.reverse.views.borrow().clone(),
+            // The full load's throttles, while it runs (afterwards they hold nothing back).
+            throttle: match (&progress, loading) {
+                (Some(p), true) => p.throttle.clone(),
+                _ => vec![],
+            },
         }
     }
 }

@@ -49,6 +49,7 @@ mod catalog;
 mod copy;
 mod error;
 pub mod handoff;
+mod health;
 mod indexes;
 mod progress;
 mod rows;
@@ -62,6 +63,7 @@ use std::future::Future;
 use std::num::{NonZeroU64, NonZeroUsize};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio_postgres::Client;
@@ -72,7 +74,10 @@ use crate::event::{Oid, ShardId};
 use crate::lsn::Lsn;
 
 pub use error::{BoxError, SnapshotError};
-pub use progress::{render_line, FullLoadProgress, TableProgress, TableState};
+pub use health::{Aimd, HealthBounds, HealthSample};
+pub use progress::{
+    render_line, render_throttle_line, FullLoadProgress, TableProgress, TableState,
+};
 pub use throttle::{Throttle, ThrottleStats};
 
 /// A future that opens a SQL connection (its driver task already spawned).
@@ -119,6 +124,9 @@ pub struct ShardTarget {
     pub name: String,
     /// Opens a connection to the shard's database.
     pub connect: Connect,
+    /// Open connections to the shard's read replicas (`[[shards]] replicas`), whose replay lag
+    /// the adaptive throttle watches.
+    pub replicas: Vec<Connect>,
 }
 
 impl fmt::Debug for ShardTarget {
@@ -164,6 +172,12 @@ pub struct FullLoadOptions {
     pub batch_bytes: NonZeroUsize,
     /// How tables are read: under one exported snapshot, or in watermark chunks.
     pub mode: SnapshotMode,
+    /// The adaptive throttle's bounds (none set: the throttle is the fixed one).
+    pub health: HealthBounds,
+    /// The adaptive throttle's floor and additive step, rows per second.
+    pub min_rows_per_sec: NonZeroU64,
+    /// How often each shard's health is sampled.
+    pub health_interval: Duration,
 }
 
 impl FullLoadOptions {
@@ -173,6 +187,8 @@ impl FullLoadOptions {
         for (key, v) in [
             ("parallel", c.parallel as u64),
             ("chunk_rows", c.chunk_rows),
+            ("min_rows_per_sec", c.min_rows_per_sec),
+            ("health_interval_ms", c.health_interval_ms),
         ] {
             if v == 0 {
                 return Err(SnapshotError::Config {
@@ -180,6 +196,16 @@ impl FullLoadOptions {
                     message: "must be at least 1".into(),
                 });
             }
+        }
+        if c.max_rows_per_sec > 0 && c.min_rows_per_sec > c.max_rows_per_sec {
+            return Err(SnapshotError::Config {
+                key: "min_rows_per_sec",
+                message: format!(
+                    "{} is above max_rows_per_sec {}: the adaptive throttle's floor must be under \
+                     its ceiling; lower min_rows_per_sec or raise max_rows_per_sec",
+                    c.min_rows_per_sec, c.max_rows_per_sec
+                ),
+            });
         }
         Ok(Self::convert(c))
     }
@@ -197,6 +223,15 @@ impl FullLoadOptions {
             defer_indexes: c.defer_indexes,
             batch_bytes: NonZeroUsize::new(BATCH_BYTES).unwrap_or(NonZeroUsize::MIN),
             mode: c.mode,
+            health: HealthBounds {
+                probe_latency: (c.max_probe_latency_ms > 0)
+                    .then(|| Duration::from_millis(c.max_probe_latency_ms)),
+                active_backends: (c.max_active_backends > 0).then_some(c.max_active_backends),
+                replica_lag: (c.max_replica_lag_ms > 0)
+                    .then(|| Duration::from_millis(c.max_replica_lag_ms)),
+            },
+            min_rows_per_sec: NonZeroU64::new(c.min_rows_per_sec).unwrap_or(NonZeroU64::MIN),
+            health_interval: Duration::from_millis(c.health_interval_ms.max(1)),
         }
     }
 }
@@ -343,10 +378,67 @@ impl FullLoad {
                 })
                 .collect(),
             indexes_pending: 0,
+            throttle: vec![],
         };
         self.progress.send_replace(progress);
         Ok(PreparedLoad { load: self, plan })
     }
+}
+
+/// Starts, per shard, the task that keeps the shard's [`crate::status::ThrottleView`] in the
+/// progress: with bounds set (`max_probe_latency_ms`, …), the health watcher that steers the
+/// shard's throttle (`health`); without, a refresh of the fixed throttle's counters.
+fn watch_shards(load: &FullLoad, throttles: &[Arc<Throttle>]) -> tokio::task::JoinSet<()> {
+    let o = &load.options;
+    let adaptive = o.health.any();
+    let floor = o.min_rows_per_sec.get();
+    load.progress.send_modify(|p| {
+        p.throttle = load
+            .shards
+            .iter()
+            .zip(throttles)
+            .map(|(s, t)| health::fixed_view(&s.name, t, adaptive, floor))
+            .collect();
+    });
+    let mut set = tokio::task::JoinSet::new();
+    for (index, (shard, throttle)) in load.shards.iter().zip(throttles).enumerate() {
+        if adaptive {
+            let w = health::Watcher {
+                index,
+                shard: shard.name.clone(),
+                bounds: o.health.clone(),
+                interval: o.health_interval,
+                floor,
+                ceiling: o.max_rows_per_sec.map(NonZeroU64::get),
+                throttle: throttle.clone(),
+                progress: load.progress.clone(),
+            };
+            let probe = health::ShardProbe::new(
+                shard.name.clone(),
+                shard.connect.clone(),
+                shard.replicas.clone(),
+                o.health_interval,
+            );
+            set.spawn(w.run(probe));
+        } else {
+            let (name, throttle, progress) =
+                (shard.name.clone(), throttle.clone(), load.progress.clone());
+            let every = o.health_interval;
+            set.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let v = health::fixed_view(&name, &throttle, false, floor);
+                    progress.send_modify(|p| {
+                        if let Some(slot) = p.throttle.get_mut(index) {
+                            *slot = v;
+                        }
+                    });
+                }
+            });
+        }
+    }
+    set
 }
 
 /// A checked load, ready to run.
@@ -427,6 +519,8 @@ impl PreparedLoad {
                 ))
             })
             .collect();
+        // Dropped with this future: the watchers stop when the load ends or is aborted.
+        let _watchers = watch_shards(&load, &throttles);
         let mut as_of: BTreeMap<usize, Lsn> = BTreeMap::new();
         for (i, t) in plan.tables.iter().enumerate() {
             if let catalog::TableStatus::Finished { as_of: lsn, .. } = t.status {

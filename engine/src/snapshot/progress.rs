@@ -6,6 +6,8 @@
 
 use tokio::time::Instant;
 
+use crate::status::ThrottleView;
+
 /// Where a table is in the load.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum TableState {
@@ -89,6 +91,9 @@ pub struct FullLoadProgress {
     pub tables: Vec<TableProgress>,
     /// Secondary indexes still to rebuild (with `defer_indexes`).
     pub indexes_pending: usize,
+    /// Per shard (in shard order), its throttle: the rate in force and, when it adapts, the
+    /// last health sample.
+    pub throttle: Vec<ThrottleView>,
 }
 
 impl FullLoadProgress {
@@ -121,6 +126,44 @@ pub fn render_line(t: &TableProgress) -> String {
     )
 }
 
+/// One log line for a shard's throttle:
+/// `shard0: 4500 rows/s (floor 1000, ceiling unlimited), 12034 rows, 3 backoffs; probe 12.3 ms,
+/// 4 active backends; holding back: probe latency 12.3 ms > max_probe_latency_ms 10`.
+pub fn render_throttle_line(t: &ThrottleView) -> String {
+    let rate = |r: Option<f64>| r.map_or("unlimited".to_owned(), |r| format!("{r:.0} rows/s"));
+    let mut line = format!("{}: {}", t.shard, rate(t.rows_per_sec));
+    if t.adaptive {
+        line.push_str(&format!(
+            " (floor {}, ceiling {}), {} rows, {} backoffs",
+            t.min_rows_per_sec,
+            rate(t.max_rows_per_sec.map(|c| c as f64)),
+            t.rows_total,
+            t.backoffs_total
+        ));
+        let mut signals = vec![];
+        if let Some(l) = t.probe_latency_ms {
+            signals.push(format!("probe {l:.1} ms"));
+        }
+        if let Some(n) = t.active_backends {
+            signals.push(format!("{n} active backends"));
+        }
+        if let Some(l) = t.replica_lag_ms {
+            signals.push(format!("replica lag {l:.0} ms"));
+        }
+        if !signals.is_empty() {
+            line.push_str("; ");
+            line.push_str(&signals.join(", "));
+        }
+        match &t.holding_back {
+            Some(why) => line.push_str(&format!("; holding back: {why}")),
+            None => line.push_str("; within bounds"),
+        }
+    } else {
+        line.push_str(&format!(" (fixed), {} rows", t.rows_total));
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +175,39 @@ mod tests {
         t.chunks_done = 3;
         let line = render_line(&t);
         assert!(line.starts_with("public.events: copying 3/10 chunks, 1000 rows, 2.0 MiB"));
+    }
+
+    #[test]
+    fn a_throttle_line_names_the_rate_the_signals_and_why() {
+        let t = ThrottleView {
+            shard: "shard0".into(),
+            adaptive: true,
+            rows_per_sec: Some(4500.0),
+            max_rows_per_sec: None,
+            min_rows_per_sec: 1000,
+            rows_total: 12034,
+            backoffs_total: 3,
+            probe_latency_ms: Some(12.34),
+            active_backends: Some(4),
+            replica_lag_ms: None,
+            holding_back: Some("probe latency 12.3 ms > max_probe_latency_ms 10".into()),
+        };
+        assert_eq!(
+            render_throttle_line(&t),
+            "shard0: 4500 rows/s (floor 1000, ceiling unlimited), 12034 rows, 3 backoffs; \
+             probe 12.3 ms, 4 active backends; holding back: probe latency 12.3 ms > \
+             max_probe_latency_ms 10"
+        );
+        let fixed = ThrottleView {
+            shard: "shard1".into(),
+            rows_per_sec: Some(5000.0),
+            rows_total: 7,
+            ..ThrottleView::default()
+        };
+        assert_eq!(
+            render_throttle_line(&fixed),
+            "shard1: 5000 rows/s (fixed), 7 rows"
+        );
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! Per-shard write throttling for the full load: a token bucket for rows and one for bytes,
 //! shared by every copy worker writing to that shard.
 //!
-//! In: `acquire(rows, bytes)` before a batch is sent to the shard. Out: the call returns when
-//! the batch may go, and the bucket keeps its own accounting ([`ThrottleStats`]).
+//! In: `acquire(rows, bytes)` before a batch is sent to the shard, and, from the shard's health
+//! watcher (`health`), [`Throttle::set_rows_rate`] with the rate it chose. Out: the call returns
+//! when the batch may go, and the bucket keeps its own accounting ([`ThrottleStats`]).
+//!
+//! The configured limits (`max_rows_per_sec`, `max_bytes_per_sec`) are ceilings: a rate set by
+//! the watcher only ever lowers the row bucket's rate below `max_rows_per_sec`.
 //!
 //! Invariant: for each bucket with rate `r` and burst `b`, the units granted by the time the
 //! last grant is released never exceed `b + r × (last_release − first_request)`. Reservations
@@ -27,7 +31,10 @@ struct Bucket {
 
 impl Bucket {
     fn new(rate_per_sec: u64, now: Instant) -> Bucket {
-        let rate = rate_per_sec as f64;
+        Bucket::with_rate(rate_per_sec as f64, now)
+    }
+
+    fn with_rate(rate: f64, now: Instant) -> Bucket {
         let burst = (rate * BURST_SECONDS).max(1.0);
         Bucket {
             rate_per_sec: rate,
@@ -35,6 +42,17 @@ impl Bucket {
             tokens: burst,
             last: now,
         }
+    }
+
+    /// Changes the rate from `now` on: what accrued so far at the old rate is kept (up to the
+    /// new burst), debt stays debt.
+    fn set_rate(&mut self, rate: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens += elapsed * self.rate_per_sec;
+        self.last = now;
+        self.rate_per_sec = rate;
+        self.burst = (rate * BURST_SECONDS).max(1.0);
+        self.tokens = self.tokens.min(self.burst);
     }
 
     /// Takes `n` units now; returns when they are paid for.
@@ -70,6 +88,9 @@ pub struct ThrottleStats {
     pub window: Duration,
     /// Total time callers were made to wait.
     pub waited: Duration,
+    /// The row rate in force now: the health watcher's choice under the ceiling, or the
+    /// ceiling; `None`: unlimited.
+    pub rows_per_sec: Option<f64>,
 }
 
 impl ThrottleStats {
@@ -88,6 +109,8 @@ impl ThrottleStats {
 
 #[derive(Debug)]
 struct State {
+    /// `max_rows_per_sec`, the ceiling of any rate set later.
+    ceiling_rows: Option<u64>,
     rows: Option<Bucket>,
     bytes: Option<Bucket>,
     first_request: Option<Instant>,
@@ -116,10 +139,12 @@ impl Throttle {
             max_bytes_per_sec: bytes.as_ref().map(|_| max_bytes_per_sec.unwrap_or(0)),
             rows_burst: rows.as_ref().map_or(0.0, |b| b.burst),
             bytes_burst: bytes.as_ref().map_or(0.0, |b| b.burst),
+            rows_per_sec: rows.as_ref().map(|b| b.rate_per_sec),
             ..ThrottleStats::default()
         };
         Throttle {
             state: Mutex::new(State {
+                ceiling_rows: max_rows_per_sec.filter(|r| *r > 0),
                 rows,
                 bytes,
                 first_request: None,
@@ -150,6 +175,35 @@ impl Throttle {
         if release > now {
             tokio::time::sleep_until(release).await;
         }
+    }
+
+    /// Holds the row rate to `rate` rows per second from now on (`None`: back to the
+    /// ceiling), never above `max_rows_per_sec`. Callers already waiting keep their release
+    /// time; later reservations pay at the new rate.
+    pub fn set_rows_rate(&self, rate: Option<f64>) {
+        let now = Instant::now();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let ceiling = st.ceiling_rows.map(|c| c as f64);
+        let effective = match (rate.filter(|r| r.is_finite() && *r > 0.0), ceiling) {
+            (Some(r), Some(c)) => Some(r.min(c)),
+            (Some(r), None) => Some(r),
+            (None, c) => c,
+        };
+        match (effective, st.rows.as_mut()) {
+            (Some(r), Some(b)) => b.set_rate(r, now),
+            (Some(r), None) => st.rows = Some(Bucket::with_rate(r, now)),
+            (None, _) => st.rows = None,
+        }
+        st.stats.rows_per_sec = effective;
+    }
+
+    /// Rows granted so far (cheaper than [`Throttle::stats`]).
+    pub fn rows_granted(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stats
+            .rows
     }
 
     /// The accounting so far.
@@ -227,6 +281,42 @@ mod tests {
         // 1000 rows at 500/s with a 50-row burst: 1.9 s.
         assert!(Instant::now() - start >= Duration::from_millis(1_890));
         assert!(t.stats().within_limits());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_set_rate_paces_and_the_ceiling_caps_it() {
+        let t = Throttle::new(Some(1_000), None);
+        t.set_rows_rate(Some(100.0));
+        assert_eq!(t.stats().rows_per_sec, Some(100.0));
+        let start = Instant::now();
+        for _ in 0..10 {
+            t.acquire(100, 0).await;
+        }
+        // 1000 rows at 100/s with a 10-row burst: 9.9 s.
+        let took = Instant::now() - start;
+        assert!(took >= Duration::from_millis(9_890), "{took:?}");
+        // Above the ceiling is the ceiling; None is the ceiling again.
+        t.set_rows_rate(Some(50_000.0));
+        assert_eq!(t.stats().rows_per_sec, Some(1_000.0));
+        t.set_rows_rate(None);
+        assert_eq!(t.stats().rows_per_sec, Some(1_000.0));
+        assert!(t.stats().within_limits());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_ceiling_none_is_unlimited_again() {
+        let t = Throttle::new(None, None);
+        t.set_rows_rate(Some(10.0));
+        let start = Instant::now();
+        t.acquire(1, 0).await;
+        t.acquire(10, 0).await;
+        assert!(Instant::now() - start >= Duration::from_millis(990));
+        t.set_rows_rate(None);
+        assert_eq!(t.stats().rows_per_sec, None);
+        let at = Instant::now();
+        t.acquire(1_000_000, 0).await;
+        assert_eq!(Instant::now(), at);
+        assert_eq!(t.rows_granted(), 1_000_011);
     }
 
     #[test]

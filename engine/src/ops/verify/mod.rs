@@ -1333,6 +1333,7 @@ mod tests {
                 .map(|n| ShardConfig {
                     name: (*n).into(),
                     url: format!("postgres://localhost/{n}"),
+                    replicas: vec![],
                 })
                 .collect(),
             ..Default::default()
