@@ -21,5 +21,6 @@ mod route;
 mod service;
 mod snapshot;
 mod source;
+mod throttle;
 mod versions;
 mod watermark;
