@@ -5,6 +5,8 @@
 //!   keep the shard's active backends over `max_active_backends`; the controller holds the copy
 //!   at the floor and says why in `status`, the metrics and the progress lines; when the
 //!   competition stops the rate climbs again; every row arrives.
+//! - [`backs_off_while_a_replica_lags_and_speeds_up_when_it_catches_up`] (CI): the same with a
+//!   physical standby of the shard (`[[shards]] replicas`) whose replay is paused, then resumed.
 //! - [`measure`] (`#[ignore]`d, run by hand): the competing workload's latency percentiles
 //!   while the same load runs without and with `max_probe_latency_ms`, in the same run:
 //!   `cargo test --release -p reshard-cli --test integration throttle::measure -- --ignored --nocapture`.
@@ -213,6 +215,72 @@ fn backs_off_while_the_shard_is_busy_and_the_load_finishes() {
             && log.contains("active backends > max_active_backends 2"),
         "{log}"
     );
+    t.stop_cleanly(d);
+}
+
+#[test]
+fn backs_off_while_a_replica_lags_and_speeds_up_when_it_catches_up() {
+    const ROWS: u64 = 100_000;
+    const FLOOR: f64 = 10_000.0;
+    let mut t = topology(ROWS);
+    let standby = t.shards[0].start_standby().expect("a standby of shard0");
+    // The standby replays nothing from here on: every byte of WAL the load writes on the
+    // shard is lag.
+    standby
+        .psql("postgres", "SELECT pg_wal_replay_pause()")
+        .expect("pause replay");
+    let config = t.write_config(
+        "[snapshot]\nparallel = 2\nchunk_rows = 10000\nmax_replica_lag_ms = 300\n\
+         min_rows_per_sec = 10000\nhealth_interval_ms = 200\nprogress_interval_secs = 1\n",
+    );
+    let text = read(&config).replacen(
+        "name = \"shard0\"\n",
+        &format!(
+            "name = \"shard0\"\nreplicas = [\"{}\"]\n",
+            standby.url("app")
+        ),
+        1,
+    );
+    std::fs::write(&config, text).expect("config with the replica");
+    let d = t.spawn_run(&[]);
+
+    let held = t.wait(
+        "the throttle to hold the copy at the floor while the replica lags",
+        Duration::from_secs(60),
+        || {
+            throttle_of(&t).filter(|v| {
+                v["rows_per_sec"].as_f64() == Some(FLOOR)
+                    && v["holding_back"]
+                        .as_str()
+                        .is_some_and(|w| w.contains("> max_replica_lag_ms 300"))
+            })
+        },
+    );
+    assert!(held["replica_lag_ms"].as_f64() > Some(300.0), "{held}");
+    assert!(
+        count(&t) < ROWS,
+        "the load finished while held at the floor"
+    );
+
+    // Replay resumes: the replica catches up, its lag is 0 again although the shard keeps
+    // writing, and the copy speeds up.
+    standby
+        .psql("postgres", "SELECT pg_wal_replay_resume()")
+        .expect("resume replay");
+    t.wait(
+        "the throttle to let the copy speed up",
+        Duration::from_secs(30),
+        || {
+            t.last_log()
+                .contains("full load speeds up again")
+                .then_some(())
+        },
+    );
+    t.wait("the full load to finish", Duration::from_secs(120), || {
+        t.last_log().contains("full load done").then_some(())
+    });
+    assert_eq!(count(&t), ROWS);
+    assert!(t.last_log().contains("replica lag"), "{}", t.last_log());
     t.stop_cleanly(d);
 }
 

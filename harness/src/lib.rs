@@ -684,6 +684,69 @@ impl PgCluster {
         Err(last.unwrap_or_else(|| err("restart failed")))
     }
 
+    /// A physical standby of this cluster, streaming from it (`pg_basebackup -R -X stream`,
+    /// hot standby): same binaries and settings, its own port and directory. Stopped on drop
+    /// like any cluster.
+    pub fn start_standby(&self) -> Result<PgCluster, HarnessError> {
+        let ids = postgres_ids()?;
+        let bin = server_bindir(self.builder.major)?;
+        let dir = tempfile::Builder::new()
+            .prefix("pg-standby-")
+            .tempdir_in(base_dir()?)?;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
+        chown(dir.path(), ids)?;
+        let data = dir.path().join("data");
+        let mut cmd = Command::new(bin.join("pg_basebackup"));
+        cmd.arg("-D")
+            .arg(&data)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-R", "-X", "stream", "-c", "fast"])
+            .stdin(Stdio::null());
+        if let Some(pw) = &self.builder.password {
+            cmd.env("PGPASSWORD", pw);
+        }
+        as_postgres(&mut cmd)?;
+        let out = cmd.output()?;
+        if !out.status.success() {
+            return Err(err(format!(
+                "pg_basebackup from port {} failed: {}",
+                self.port,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let socket_dir = dir.path().join("sock");
+        fs::create_dir(&socket_dir)?;
+        chown(&socket_dir, ids)?;
+        let log = dir.path().join("server.log");
+        fs::File::create(&log)?;
+        chown(&log, ids)?;
+        let mut c = PgCluster {
+            child: None,
+            port: 0,
+            data,
+            log,
+            socket_dir,
+            builder: self.builder.clone(),
+            dir,
+        };
+        let mut last = None;
+        for _ in 0..5 {
+            c.port = free_port()?;
+            match c.launch() {
+                Ok(()) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| err("the standby did not start")))
+    }
+
     fn signal_and_wait(&mut self, sig: libc::c_int, timeout: Duration) {
         let Some(mut child) = self.child.take() else {
             return;
