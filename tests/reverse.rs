@@ -846,3 +846,214 @@ async fn the_whole_cycle_under_a_live_writer_fences_each_side_only_while_the_oth
     eprintln!("{table}");
     t.stop_cleanly(d);
 }
+
+/// The console's rows of `sql` (simple protocol), as column -> value maps.
+async fn console_rows(port: u16, sql: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=reshard dbname=reshard"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("the admin console");
+    tokio::spawn(conn);
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn lsn_of(v: &serde_json::Value) -> reshard_engine::Lsn {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an LSN: {v}"))
+}
+
+/// See: issue #15. The reverse direction shows wherever the forward one does: `reshard lag`
+/// and `reshard status` (live from the daemon, and offline from `reshard.reverse`, the source's
+/// progress row `reverse:<S>` and the shard's present), the console's `SHOW REVERSE`, and the
+/// metrics `reshard_reverse_applied_lsn` / `_lag_bytes` / `_lag_seconds`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reverse_direction_shows_in_lag_status_console_and_metrics_live_and_offline() {
+    let mut t = topology_with_data(2, SPEC).await;
+    t.write_config("");
+    let config_text = std::fs::read_to_string(t.config_path()).unwrap();
+    let (admin, metrics) = (
+        port_of(&config_text, "listen"),
+        port_of(&config_text, "metrics"),
+    );
+    let cfg = t.config_path();
+    let c = cfg.to_str().unwrap().to_owned();
+    let d = t.spawn_run(&[]);
+    tokio::task::block_in_place(|| t.wait_converged(TABLES, Duration::from_secs(90)));
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        t.reshard(&[
+            "cutover",
+            "-c",
+            &c,
+            "--shard",
+            "shard1",
+            "--fence",
+            "--json",
+            "--timeout",
+            "60",
+        ])
+    });
+    assert_eq!(code, 0, "{out}\n{err}");
+    tokio::task::block_in_place(|| {
+        t.wait(
+            "the reverse stream of shard1 to run",
+            Duration::from_secs(60),
+            || {
+                let s = t.status_json()?;
+                (reverse_of(&s, "shard1")?["stream"] == "running").then_some(())
+            },
+        )
+    });
+    let shard_lsn = |t: &Topology| -> reshard_engine::Lsn {
+        t.shards[1]
+            .psql("app", "SELECT pg_current_wal_insert_lsn()")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before_writes = shard_lsn(&t);
+    let mine = accounts_on(&t, 1);
+    t.shards[1]
+        .psql(
+            "app",
+            &format!(
+                "SELECT setval('events_id_seq', 1000000); \
+                 INSERT INTO events (account_id, kind) SELECT {}, 'on-shard' FROM generate_series(1, 500)",
+                mine[0]
+            ),
+        )
+        .unwrap();
+    tokio::task::block_in_place(|| t.wait_converged(TABLES, Duration::from_secs(90)));
+
+    // Live: `reshard lag` shows the reverse stream past the writes and caught up.
+    let (code, out, err) = t.reshard(&["lag", "-c", &c, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let lag: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(lag["source"], "daemon", "{lag:#}");
+    let rev = &lag["reverse"][0];
+    assert_eq!(rev["shard"], "shard1", "{lag:#}");
+    assert_eq!(rev["state"], "streaming", "{lag:#}");
+    assert!(lsn_of(&rev["applied_lsn"]) > before_writes, "{lag:#}");
+    tokio::task::block_in_place(|| {
+        t.wait("the reverse lag to be 0", Duration::from_secs(30), || {
+            let (_, out, _) = t.reshard(&["lag", "-c", &c, "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            (v["reverse"][0]["lag_bytes"] == 0).then_some(())
+        })
+    });
+    let (code, out, _) = t.reshard(&["lag", "-c", &c]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("reverse (shard -> source") && out.contains("reshard_rev_shard1_1"),
+        "{out}"
+    );
+    let (code, out, _) = t.reshard(&["status", "-c", &c]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("reverse streams") && out.contains("reshard_rev_shard1_1"),
+        "{out}"
+    );
+    // The console.
+    let rows = console_rows(admin, "SHOW REVERSE").await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let r = &rows[0];
+    assert_eq!(r["shard"], "shard1");
+    assert_eq!(r["state"], "streaming");
+    assert_eq!(r["stream"], "running");
+    assert!(
+        r["applied_lsn"].parse::<reshard_engine::Lsn>().unwrap() > before_writes,
+        "{r:?}"
+    );
+    assert!(r["rows_inserted"].parse::<u64>().unwrap() >= 500, "{r:?}");
+    // The metrics.
+    let (_, body) = http_get(metrics, "/metrics");
+    assert!(
+        sample(&body, "reshard_reverse_applied_lsn{shard=\"shard1\"}") > before_writes.as_u64(),
+        "{body}"
+    );
+    for series in [
+        "reshard_reverse_lag_bytes{shard=\"shard1\"}",
+        "reshard_reverse_lag_seconds{shard=\"shard1\"}",
+        "reshard_reverse_up{shard=\"shard1\"}",
+    ] {
+        assert!(body.contains(series), "{series} missing:\n{body}");
+    }
+    assert!(
+        sample(
+            &body,
+            "reshard_reverse_rows_applied_total{shard=\"shard1\",kind=\"insert\"}"
+        ) >= 500
+    );
+
+    // Offline: the daemon is down; the shard takes more writes. The reverse stream's position
+    // is the source's progress row, its lag the shard's WAL since.
+    t.stop_cleanly(d);
+    let applied: reshard_engine::Lsn = t
+        .source_sql("SELECT commit_lsn FROM reshard.progress WHERE shard = 'reverse:shard1'")
+        .parse()
+        .unwrap();
+    assert!(applied > before_writes);
+    t.shards[1]
+        .psql(
+            "app",
+            &format!(
+                "INSERT INTO events (account_id, kind) SELECT {}, 'while-down' FROM generate_series(1, 200)",
+                mine[1]
+            ),
+        )
+        .unwrap();
+    let (code, out, err) = t.reshard(&["status", "-c", &c, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["phase"], "stopped", "{st:#}");
+    let rev = reverse_of(&st, "shard1").unwrap_or_else(|| panic!("{st:#}"));
+    assert_eq!(rev["state"], "streaming", "{st:#}");
+    assert_eq!(rev["stream"], "", "{st:#}");
+    assert_eq!(rev["slot"], "reshard_rev_shard1_1", "{st:#}");
+    assert_eq!(lsn_of(&rev["applied_lsn"]), applied, "{st:#}");
+    let behind = shard_lsn(&t).bytes_since(applied);
+    let lag_bytes = rev["lag_bytes"].as_u64().unwrap();
+    assert!(
+        lag_bytes > 0 && lag_bytes <= behind,
+        "{lag_bytes} vs {behind}: {st:#}"
+    );
+    assert!(rev["lag_seconds"].as_f64().unwrap() > 0.0, "{st:#}");
+    let (code, out, err) = t.reshard(&["lag", "-c", &c, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let lag: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(lag["source"], "offline", "{lag:#}");
+    assert_eq!(
+        lsn_of(&lag["reverse"][0]["applied_lsn"]),
+        applied,
+        "{lag:#}"
+    );
+    assert!(
+        lag["reverse"][0]["lag_bytes"].as_u64().unwrap() > 0,
+        "{lag:#}"
+    );
+    let (code, out, _) = t.reshard(&["status", "-c", &c]);
+    assert_eq!(code, 0);
+    assert!(out.contains("reshard_rev_shard1_1"), "{out}");
+
+    // Up again: the writes made while it was down come back.
+    let d = t.spawn_run(&[]);
+    tokio::task::block_in_place(|| t.wait_converged(TABLES, Duration::from_secs(90)));
+    t.stop_cleanly(d);
+}

@@ -133,6 +133,21 @@ pub const FENCE_SECONDS: &str = "reshard_fence_seconds";
 /// the source by the fence itself).
 pub const FENCE_REFUSED_WRITES_TOTAL: &str = "reshard_fence_refused_writes_total";
 
+/// The reverse direction (a cut-over shard's writes streaming back to the source): every shard
+/// commit at or below this LSN is on the source (gauge, `shard`; the shard's LSN as a number).
+pub const REVERSE_APPLIED_LSN: &str = "reshard_reverse_applied_lsn";
+/// Bytes of the shard's WAL received by its reverse stream and not yet applied to the source
+/// (gauge, `shard`).
+pub const REVERSE_LAG_BYTES: &str = "reshard_reverse_lag_bytes";
+/// Seconds since the shard committed the oldest transaction its reverse stream has not yet
+/// applied to the source (gauge, `shard`; 0 when caught up).
+pub const REVERSE_LAG_SECONDS: &str = "reshard_reverse_lag_seconds";
+/// Rows the reverse stream applied to the source (counter, `shard` and `kind` =
+/// insert/update/delete; this run).
+pub const REVERSE_ROWS_APPLIED_TOTAL: &str = "reshard_reverse_rows_applied_total";
+/// 1 while the shard's reverse stream runs in this daemon (gauge, `shard`).
+pub const REVERSE_UP: &str = "reshard_reverse_up";
+
 /// Every metric name this module exports.
 pub const ALL: &[&str] = &[
     SHARD_APPLIED_LSN,
@@ -177,6 +192,11 @@ pub const ALL: &[&str] = &[
     QUARANTINED_CHANGES_TOTAL,
     FENCE_SECONDS,
     FENCE_REFUSED_WRITES_TOTAL,
+    REVERSE_APPLIED_LSN,
+    REVERSE_LAG_BYTES,
+    REVERSE_LAG_SECONDS,
+    REVERSE_ROWS_APPLIED_TOTAL,
+    REVERSE_UP,
 ];
 
 /// Largest request head accepted (request line + headers).
@@ -717,6 +737,62 @@ impl Collector for SnapshotCollector {
                 .map(|f| (vec![("shard", label(&f.shard))], f.refused.max(0) as u64))
                 .collect::<Vec<_>>(),
         )?;
+
+        // The reverse direction.
+        let per_reverse = |f: &dyn Fn(&crate::status::ReverseView) -> f64| -> Vec<(Labels, f64)> {
+            s.reverse
+                .iter()
+                .map(|r| (vec![("shard", label(&r.shard))], f(r)))
+                .collect()
+        };
+        gauges(
+            e,
+            REVERSE_APPLIED_LSN,
+            "Every commit of the cut-over shard at or below this LSN is on the source (the shard's LSN as a number)",
+            &per_reverse(&|r| r.applied_lsn.as_u64() as f64),
+        )?;
+        gauges(
+            e,
+            REVERSE_LAG_BYTES,
+            "Bytes of the shard's WAL received by its reverse stream and not yet applied to the source",
+            &per_reverse(&|r| r.lag_bytes as f64),
+        )?;
+        gauges(
+            e,
+            REVERSE_LAG_SECONDS,
+            "Seconds since the shard committed the oldest transaction not yet applied to the source",
+            &per_reverse(&|r| r.lag_seconds),
+        )?;
+        gauges(
+            e,
+            REVERSE_UP,
+            "1 while the shard's reverse stream runs in this daemon",
+            &per_reverse(&|r| flag(r.stream == "running")),
+        )?;
+        let reverse_rows: Vec<(Labels, u64)> = s
+            .reverse
+            .iter()
+            .flat_map(|r| {
+                [
+                    ("insert", r.rows_inserted_total),
+                    ("update", r.rows_updated_total),
+                    ("delete", r.rows_deleted_total),
+                ]
+                .into_iter()
+                .map(move |(kind, n)| {
+                    (
+                        vec![("shard", label(&r.shard)), ("kind", kind.to_owned())],
+                        n,
+                    )
+                })
+            })
+            .collect();
+        counters(
+            e,
+            REVERSE_ROWS_APPLIED_TOTAL,
+            "Rows the reverse stream applied to the source, by kind (this run)",
+            &reverse_rows,
+        )?;
         Ok(())
     }
 }
@@ -1042,6 +1118,15 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            reverse: vec![crate::status::ReverseView {
+                shard: "shard1".into(),
+                stream: "running".into(),
+                applied_lsn: Lsn::from_u64(8192),
+                lag_bytes: 100,
+                lag_seconds: 1.5,
+                rows_updated_total: 4,
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
@@ -1081,6 +1166,13 @@ mod tests {
         assert!(text.contains("reshard_snapshot_probe_latency_seconds{shard=\"shard0\"} 0.0125"));
         assert!(text.contains("reshard_snapshot_active_backends{shard=\"shard0\"} 3.0"));
         assert!(!text.contains("reshard_snapshot_probe_latency_seconds{shard=\"shard1\"}"));
+        assert!(text.contains("reshard_reverse_applied_lsn{shard=\"shard1\"} 8192"));
+        assert!(text.contains("reshard_reverse_lag_bytes{shard=\"shard1\"} 100"));
+        assert!(text.contains("reshard_reverse_lag_seconds{shard=\"shard1\"} 1.5"));
+        assert!(text.contains("reshard_reverse_up{shard=\"shard1\"} 1"));
+        assert!(
+            text.contains("reshard_reverse_rows_applied_total{shard=\"shard1\",kind=\"update\"} 4")
+        );
         // Label values are escaped.
         assert!(text.contains("shard=\"we\\\"ird\\\\name\""), "{text}");
     }

@@ -1,4 +1,6 @@
-//! `reshard lag`: per shard applied LSN, lag in bytes and seconds, commit-to-apply latency.
+//! `reshard lag`: per shard applied LSN, lag in bytes and seconds, commit-to-apply latency;
+//! and, for each cut-over shard whose writes stream back to the source, the reverse stream's
+//! applied LSN and lag (JSON `reverse`).
 //!
 //! From the daemon when it answers; offline (progress rows) otherwise, where latencies are
 //! `-`. `--watch` refreshes every `--interval` seconds until Ctrl-C (clearing the screen on a
@@ -12,7 +14,7 @@ use reshard_engine::runtime;
 use reshard_engine::status::StatusSnapshot;
 
 use super::check::table;
-use super::status::bytes;
+use super::status::{bytes, reverse_table};
 use crate::output::{load_config, CmdResult, Failure};
 use crate::LagArgs;
 
@@ -77,6 +79,16 @@ fn lag_json(s: &StatusSnapshot, origin: StatusOrigin) -> serde_json::Value {
             "latency_p99_ms": live.then_some(sh.latency_p99_ms),
             "last_error": sh.last_error,
         })).collect::<Vec<_>>(),
+        "reverse": s.reverse.iter().map(|r| serde_json::json!({
+            "shard": r.shard,
+            "state": r.state,
+            "stream": (!r.stream.is_empty()).then_some(&r.stream),
+            "slot": r.slot,
+            "applied_lsn": r.applied_lsn,
+            "lag_bytes": r.lag_bytes,
+            "lag_seconds": r.lag_seconds,
+            "last_error": r.last_error,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -104,7 +116,7 @@ fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
             ms(sh.latency_p99_ms),
         ]);
     }
-    format!(
+    let mut out = format!(
         "source WAL {} ({})\n{}",
         s.source.current_wal_lsn,
         if live {
@@ -113,5 +125,10 @@ fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
             "offline: daemon not running"
         },
         table(&rows)
-    )
+    );
+    if !s.reverse.is_empty() {
+        out.push_str("\nreverse (shard -> source; LSNs are the shard's)\n");
+        out.push_str(&reverse_table(s));
+    }
+    out
 }

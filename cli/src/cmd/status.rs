@@ -1,7 +1,9 @@
-//! `reshard status`: one screen — phase, source slot, shards, tables, write fences, spill log.
+//! `reshard status`: one screen — phase, source slot, shards, tables, write fences, reverse
+//! streams (cut-over shards' writes back to the source), spill log.
 //!
 //! Asks the running daemon's admin console; when it does not answer, rebuilds the status from
-//! the source's slot, the shards' progress rows and the spill directory (phase `stopped`).
+//! the source's slot, the shards' progress rows, `reshard.reverse` with the reverse streams'
+//! progress rows on the source, and the spill directory (phase `stopped`).
 //! Exit codes: 0 when the status could be shown; 2 on a config error. An unreachable source
 //! or shard is shown in the screen (its error column), not as a failure.
 
@@ -33,6 +35,41 @@ pub(crate) fn bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// One row per shard whose writes stream back to the source (`reshard status` and `reshard
+/// lag` both show it).
+pub(crate) fn reverse_table(s: &StatusSnapshot) -> String {
+    let mut rows = vec![[
+        "SHARD",
+        "STATE",
+        "STREAM",
+        "SLOT",
+        "APPLIED LSN",
+        "LAG",
+        "LAG S",
+        "ROWS",
+        "LAST ERROR",
+    ]
+    .map(String::from)];
+    for r in &s.reverse {
+        rows.push([
+            r.shard.clone(),
+            r.state.clone(),
+            if r.stream.is_empty() {
+                "-".into()
+            } else {
+                r.stream.clone()
+            },
+            r.slot.clone(),
+            r.applied_lsn.to_string(),
+            bytes(r.lag_bytes),
+            format!("{:.1}", r.lag_seconds),
+            (r.rows_inserted_total + r.rows_updated_total + r.rows_deleted_total).to_string(),
+            r.last_error.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    table(&rows)
 }
 
 fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
@@ -154,6 +191,12 @@ fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
     if !s.source.fences.is_empty() {
         out.push_str("\nwrite fences on the source (lift with: reshard unfence --shard S):\n");
         out.push_str(&super::fence::render(&s.source.fences));
+    }
+    if !s.reverse.is_empty() {
+        out.push_str(
+            "\nreverse streams: cut-over shards' writes back to the source (LSNs are the shard's):\n",
+        );
+        out.push_str(&reverse_table(s));
     }
     let sp = &s.spill;
     out.push_str(&format!(

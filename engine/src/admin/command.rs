@@ -25,6 +25,8 @@ pub enum AdminCommand {
     ShowFences,
     /// `SHOW THROTTLE`: per shard, the full load's throttle (rate in force, health signals).
     ShowThrottle,
+    /// `SHOW REVERSE`: the cut-over shards' writes streaming back to the source.
+    ShowReverse,
     /// `SHOW HELP`: the command list.
     ShowHelp,
     /// `PAUSE [shard]`: pause one shard, or reading from the source.
@@ -82,6 +84,10 @@ pub const HELP: &[(&str, &str)] = &[
     (
         "SHOW THROTTLE",
         "per shard, the full load's throttle: rows/s in force, floor, ceiling, backoffs, probe latency, active backends, replica lag, why it holds back",
+    ),
+    (
+        "SHOW REVERSE",
+        "per cut-over shard, its writes streaming back to the source: state, stream, slot, applied_lsn, lag, rows applied",
     ),
     ("SHOW HELP", "this list"),
     (
@@ -194,6 +200,7 @@ fn parse_statement(stmt: &str) -> Result<AdminCommand, ParseError> {
         ["SHOW", "SPILL"] => Ok(AdminCommand::ShowSpill),
         ["SHOW", "FENCES"] => Ok(AdminCommand::ShowFences),
         ["SHOW", "THROTTLE"] => Ok(AdminCommand::ShowThrottle),
+        ["SHOW", "REVERSE"] => Ok(AdminCommand::ShowReverse),
         ["SHOW", "HELP"] | ["HELP"] => Ok(AdminCommand::ShowHelp),
         ["PAUSE"] => Ok(AdminCommand::Pause(None)),
         ["RESUME"] => Ok(AdminCommand::Resume(None)),
@@ -238,6 +245,10 @@ mod tests {
             vec![AdminCommand::ShowShards]
         );
         assert_eq!(parse("show help").unwrap(), vec![AdminCommand::ShowHelp]);
+        assert_eq!(
+            parse("show reverse").unwrap(),
+            vec![AdminCommand::ShowReverse]
+        );
         assert_eq!(parse("shutdown").unwrap(), vec![AdminCommand::Shutdown]);
     }
 

@@ -565,6 +565,7 @@ impl Queries {
             AdminCommand::ShowSpill => render::spill(&self.snapshot()),
             AdminCommand::ShowFences => render::fences(&self.snapshot()),
             AdminCommand::ShowThrottle => render::throttle(&self.snapshot()),
+            AdminCommand::ShowReverse => render::reverse(&self.snapshot()),
             AdminCommand::ShowHelp => render::help(),
             AdminCommand::ShowStatusJson => render::status_json(&self.snapshot()).map_err(|e| {
                 PgWireError::UserError(error_info(
@@ -691,6 +692,7 @@ fn columns_of(cmd: &AdminCommand) -> Vec<&'static str> {
         AdminCommand::ShowSpill => render::spill(&empty).columns,
         AdminCommand::ShowFences => render::fences(&empty).columns,
         AdminCommand::ShowThrottle => render::throttle(&empty).columns,
+        AdminCommand::ShowReverse => render::reverse(&empty).columns,
         AdminCommand::ShowHelp => render::help().columns,
         AdminCommand::Pause(_)
         | AdminCommand::Resume(_)

@@ -325,6 +325,55 @@ pub fn throttle(snap: &StatusSnapshot) -> ResultSet {
     }
 }
 
+/// `SHOW REVERSE`: one row per shard whose writes stream back to the source (after a fenced
+/// cutover); `applied_lsn` and `drain_lsn` are the shard's LSNs.
+pub fn reverse(snap: &StatusSnapshot) -> ResultSet {
+    ResultSet {
+        columns: vec![
+            "shard",
+            "state",
+            "stream",
+            "slot",
+            "epoch",
+            "start_lsn",
+            "received_lsn",
+            "applied_lsn",
+            "drain_lsn",
+            "lag_bytes",
+            "lag_seconds",
+            "txns_applied",
+            "rows_inserted",
+            "rows_updated",
+            "rows_deleted",
+            "last_error",
+        ],
+        rows: snap
+            .reverse
+            .iter()
+            .map(|r| {
+                vec![
+                    s(&r.shard),
+                    s(&r.state),
+                    (!r.stream.is_empty()).then(|| r.stream.clone()),
+                    s(&r.slot),
+                    s(r.epoch),
+                    lsn(r.start_lsn),
+                    lsn(r.received_lsn),
+                    lsn(r.applied_lsn),
+                    r.drain_lsn.map(|l| l.to_string()),
+                    s(r.lag_bytes),
+                    f3(r.lag_seconds),
+                    s(r.txns_applied_total),
+                    s(r.rows_inserted_total),
+                    s(r.rows_updated_total),
+                    s(r.rows_deleted_total),
+                    r.last_error.clone(),
+                ]
+            })
+            .collect(),
+    }
+}
+
 /// `SHOW STATUS JSON`: one row, one column `status`.
 pub fn status_json(snap: &StatusSnapshot) -> Result<ResultSet, serde_json::Error> {
     Ok(ResultSet {
@@ -344,7 +393,9 @@ pub fn help() -> ResultSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{Phase, ShardState, ShardView, SpillView, TableView, ThrottleView};
+    use crate::status::{
+        Phase, ReverseView, ShardState, ShardView, SpillView, TableView, ThrottleView,
+    };
 
     fn snap() -> StatusSnapshot {
         StatusSnapshot {
@@ -388,6 +439,16 @@ mod tests {
                 holding_back: Some("probe latency 14.2 ms > max_probe_latency_ms 10".into()),
                 ..Default::default()
             }],
+            reverse: vec![ReverseView {
+                shard: "shard1".into(),
+                slot: "reshard_rev_shard1_1".into(),
+                epoch: 1,
+                state: "streaming".into(),
+                stream: "running".into(),
+                applied_lsn: Lsn::from_u64(0x2_0000_0020),
+                lag_bytes: 7,
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
@@ -408,6 +469,8 @@ mod tests {
             lag(&s),
             spill(&s),
             throttle(&s),
+            fences(&s),
+            reverse(&s),
             status_json(&s).unwrap(),
             help(),
         ] {
@@ -445,6 +508,11 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("max_probe_latency_ms"));
+        let r = reverse(&s);
+        assert_eq!(r.rows[0][0].as_deref(), Some("shard1"));
+        assert_eq!(r.rows[0][7].as_deref(), Some("2/20"));
+        assert_eq!(r.rows[0][8], None, "no drain_lsn is NULL");
+        assert_eq!(r.rows[0][9].as_deref(), Some("7"));
         let j = status_json(&s).unwrap();
         let v: serde_json::Value = serde_json::from_str(j.rows[0][0].as_deref().unwrap()).unwrap();
         assert_eq!(v["shards"][0]["name"], "shard0");

@@ -2,8 +2,9 @@
 //!
 //! In: the config. Out: a [`StatusSnapshot`] — from the daemon's admin console
 //! (`SHOW STATUS JSON` on `[admin] listen`) when it answers, otherwise rebuilt offline from
-//! what is durable: the source's slot (`pg_replication_slots`), each shard's progress row, and
-//! the spill directory on disk. The offline snapshot has phase `stopped` and no rates or
+//! what is durable: the source's slot (`pg_replication_slots`), each shard's progress row, the
+//! reverse streams (`reshard.reverse` and their progress rows `reverse:<shard>` on the source,
+//! against each such shard's present), and the spill directory on disk. The offline snapshot has phase `stopped` and no rates or
 //! latencies (those live only in the daemon).
 
 use std::collections::HashMap;
@@ -14,8 +15,10 @@ use crate::config::Config;
 use crate::event::pg_now;
 use crate::lsn::Lsn;
 use crate::pg::conn::connect_plain;
-use crate::pg::progress::{read_progress, source_system_id};
-use crate::status::{Phase, ShardState, ShardView, SpillView, StatusSnapshot, TableView};
+use crate::pg::progress::{read_progress, source_system_id, ProgressRow};
+use crate::status::{
+    Phase, ReverseView, ShardState, ShardView, SpillView, StatusSnapshot, TableView,
+};
 
 /// How long the admin console and each database get to answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -192,6 +195,14 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
             if let Err(e) = source_slot(&src, config, &mut snap).await {
                 snap.source.last_error = Some(format!("reading the slot: {e}"));
             }
+            match offline_reverse(&src, config).await {
+                Ok(r) => snap.reverse = r,
+                Err(e) => {
+                    snap.source.last_error = Some(format!(
+                        "reading the reverse streams (reshard.reverse): {e}"
+                    ))
+                }
+            }
             match crate::pg::fence::read_fences(&src).await {
                 Ok(f) => snap.source.fences = f,
                 Err(e) => {
@@ -263,15 +274,7 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
                 Ok(Some(p)) => {
                     v.applied_lsn = p.commit_lsn;
                     v.last_commit_time = p.commit_time;
-                    // An idle shard's heartbeat stands just below the end it covers (the
-                    // same rule as the daemon's status): that is caught up, not 1 byte behind.
-                    if !current.is_zero() && !p.commit_lsn.covers(current) {
-                        v.lag_bytes = current.bytes_since(p.commit_lsn);
-                        v.lag_seconds = match p.commit_time {
-                            Some(t) if v.lag_bytes > 0 => ((pg_now() - t) as f64 / 1e6).max(0.0),
-                            _ => 0.0,
-                        };
-                    }
+                    (v.lag_bytes, v.lag_seconds) = offline_lag(current, &p);
                 }
             },
         }
@@ -295,6 +298,75 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
     }
     snap.spill = spill_view(config);
     snap
+}
+
+/// `(lag_bytes, lag_seconds)` of a progress row against the present of the database it
+/// follows (`current`, zero when unknown). An idle stream's heartbeat stands just below the end
+/// it covers (the same rule as the daemon's status): that is caught up, not 1 byte behind.
+fn offline_lag(current: Lsn, p: &ProgressRow) -> (u64, f64) {
+    if current.is_zero() || p.commit_lsn.covers(current) {
+        return (0, 0.0);
+    }
+    let bytes = current.bytes_since(p.commit_lsn);
+    let secs = match p.commit_time {
+        Some(t) if bytes > 0 => ((pg_now() - t) as f64 / 1e6).max(0.0),
+        _ => 0.0,
+    };
+    (bytes, secs)
+}
+
+/// The reverse direction without the daemon: each row of `reshard.reverse`, with the source's
+/// progress row of its stream (`reverse:<shard>`) against the shard's present. An unreachable
+/// shard is reported in the view's `last_error`.
+async fn offline_reverse(
+    src: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<ReverseView>, String> {
+    let rows = crate::pg::reverse::read_all(src)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut v = row.view();
+        match read_progress(
+            src,
+            &row.slot,
+            &row.progress_shard(),
+            Some(&row.shard_system_id),
+        )
+        .await
+        {
+            Err(e) => v.last_error = Some(e.to_string()),
+            Ok(None) => {}
+            Ok(Some(p)) => {
+                v.applied_lsn = p.commit_lsn;
+                if row.state.streams() {
+                    let current = match config.shards.iter().find(|s| s.name == row.shard) {
+                        None => {
+                            v.last_error = Some(format!(
+                                "shard {} is not in the config's [[shards]]",
+                                row.shard
+                            ));
+                            Lsn::ZERO
+                        }
+                        Some(s) => match connect(&s.url).await {
+                            Err(e) => {
+                                v.last_error =
+                                    Some(format!("cannot connect to shard {}: {e}", s.name));
+                                Lsn::ZERO
+                            }
+                            Ok(c) => crate::pg::conn::current_insert_lsn(&c)
+                                .await
+                                .unwrap_or(Lsn::ZERO),
+                        },
+                    };
+                    (v.lag_bytes, v.lag_seconds) = offline_lag(current, &p);
+                }
+            }
+        }
+        out.push(v);
+    }
+    Ok(out)
 }
 
 /// Full-load progress of one table, summed over the shards.

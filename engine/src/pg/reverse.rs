@@ -106,6 +106,20 @@ impl ReverseRow {
     pub fn origin(&self) -> String {
         origin_name(&self.shard)
     }
+
+    /// What `status`, `lag`, the console and the metrics show of this row before anything
+    /// about the running stream (its position, lag and counters) is filled in.
+    pub fn view(&self) -> crate::status::ReverseView {
+        crate::status::ReverseView {
+            shard: self.shard.clone(),
+            slot: self.slot.clone(),
+            epoch: self.epoch,
+            state: self.state.as_str().to_owned(),
+            start_lsn: self.start_lsn.unwrap_or_default(),
+            drain_lsn: self.drain_lsn,
+            ..Default::default()
+        }
+    }
 }
 
 /// The progress row's shard name on the source for the reverse stream of `shard`.

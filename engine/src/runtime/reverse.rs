@@ -399,15 +399,7 @@ impl Watcher {
         let views = rows
             .iter()
             .map(|row| {
-                let mut v = ReverseView {
-                    shard: row.shard.clone(),
-                    slot: row.slot.clone(),
-                    epoch: row.epoch,
-                    state: row.state.as_str().to_owned(),
-                    start_lsn: row.start_lsn.unwrap_or_default(),
-                    drain_lsn: row.drain_lsn,
-                    ..Default::default()
-                };
+                let mut v = row.view();
                 if let Some(s) = self.streams.get(&row.shard) {
                     s.fill(&mut v);
                 }
