@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::{debug, info, warn, Instrument};
 
-use super::batch::{change_sql, encode_table, key_text};
+use super::batch::{change_sql, encode_table, encode_table_inline, key_text};
 use super::ddl::{Ddl, SourceConnect, Verdict};
 use super::fold::Fold;
 use super::schema::{
@@ -767,14 +767,36 @@ impl<'a, L: ShardLog> Session<'a, L> {
         Ok(())
     }
 
-    /// `BEGIN`, lock the progress row (checking nobody else moved it), set the flush savepoint.
+    /// `BEGIN` and lock the progress row (checking nobody else moved it).
     async fn begin_target_txn(&mut self) -> Result<(), ApplyError> {
         if self.in_target_txn {
             return Ok(());
         }
-        let sql = format!("BEGIN; {}", self.key.lock_sql());
-        let msgs = self.sql(&sql, "starting a target transaction").await?;
+        self.sql_in_target_txn("", "starting a target transaction")
+            .await
+            .map(drop)
+    }
+
+    /// Runs `sql` (statements that return no rows, or none) inside the target transaction. If
+    /// none is open, `BEGIN` and the progress row's lock go first in the same simple query (one
+    /// round trip): the lock's answer is checked before anything can commit, and a conflict
+    /// leaves the transaction open, to be rolled back with the session.
+    async fn sql_in_target_txn(&mut self, sql: &str, context: &str) -> Result<(), ApplyError> {
+        if self.in_target_txn {
+            if !sql.is_empty() {
+                self.sql(sql, context).await?;
+            }
+            return Ok(());
+        }
+        let batch = if sql.is_empty() {
+            format!("BEGIN; {}", self.key.lock_sql())
+        } else {
+            format!("BEGIN; {};\n{sql}", self.key.lock_sql())
+        };
+        // Open even if a later statement fails: the server keeps the aborted transaction until
+        // a ROLLBACK (a multi-statement simple query stops at the failing statement).
         self.in_target_txn = true;
+        let msgs = self.sql(&batch, context).await?;
         let found = msgs.iter().find_map(|m| match m {
             SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or_default().to_owned()),
             _ => None,
@@ -911,7 +933,8 @@ impl<'a, L: ShardLog> Session<'a, L> {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        self.begin_target_txn().await?;
+        // The target transaction begins with the flush's first statements (see
+        // `flush_set_based`) or in `flush_ordered`.
         let buffer = std::mem::take(&mut self.buffer);
         let first = buffer.first().map(|(l, _)| *l).unwrap_or_default();
         let last = buffer.last().map(|(l, _)| *l).unwrap_or_default();
@@ -1003,16 +1026,28 @@ impl<'a, L: ShardLog> Session<'a, L> {
             let Some(table) = self.tables.get(id) else {
                 continue;
             };
-            copy.clear();
-            let tb = encode_table(table, f, &mut copy).map_err(|e| ApplyError::Encode {
+            let encode_error = |e| ApplyError::Encode {
                 shard: self.shard().to_owned(),
                 table: table.target.clone(),
                 commit_lsn: last,
                 source: e,
-            })?;
+            };
+            // A small flush carries its rows inside the merge statements: no COPY round trips,
+            // no staging table to truncate.
+            if let Some(tb) = encode_table_inline(table, f).map_err(encode_error)? {
+                statements.extend(tb.statements);
+                continue;
+            }
+            copy.clear();
+            let tb = encode_table(table, f, &mut copy).map_err(encode_error)?;
             if tb.rows == 0 {
                 continue;
             }
+            // COPY needs the target transaction open (else it would commit on its own).
+            self.begin_target_txn().await?;
+            let Some(table) = self.tables.get(id) else {
+                continue;
+            };
             let ctx = format!(
                 "copying {} rows of target table {} for source commits {first}..{last}",
                 tb.rows, table.target
@@ -1030,7 +1065,8 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 buffer.len(),
                 tables.join(", ")
             );
-            self.sql(&statements.join(";\n"), &ctx).await?;
+            self.sql_in_target_txn(&statements.join(";\n"), &ctx)
+                .await?;
         }
         if !ordered.is_empty() {
             // Only the tables whose changes cannot be folded go change by change (in source
@@ -1072,6 +1108,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         why: &str,
     ) -> Result<(), ApplyError> {
         debug!(changes = buffer.len(), why, "applying change by change");
+        self.begin_target_txn().await?;
         for (lsn, c) in buffer {
             let Some(rel) = c.relation() else { continue };
             self.resolve(rel, *lsn).await?;

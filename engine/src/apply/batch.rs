@@ -13,7 +13,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::fold::{Folded, NetChange};
 use super::schema::{KeyMode, TargetTable};
-use super::text::{push_copy_escaped, sql_literal, COPY_NULL};
+use super::text::{push_copy_escaped, push_sql_literal, sql_literal, COPY_NULL};
 use crate::event::{Change, OldRow, Row, Value};
 
 /// Op code of a staged delete.
@@ -24,6 +24,12 @@ const OP_UPSERT: u32 = 1;
 const OP_INSERT: u32 = 2;
 /// First op code of staged updates; one per set of carried columns.
 const OP_UPDATE_BASE: u32 = 3;
+
+/// Most net changes of one table a flush writes inline (as `VALUES` lists inside the merge
+/// statements) instead of through COPY into the staging table.
+pub const INLINE_MAX_ROWS: usize = 1000;
+/// Most bytes of `VALUES` lists one table's inline flush writes.
+pub const INLINE_MAX_BYTES: usize = 1 << 20;
 
 /// A value that cannot be written.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -186,6 +192,126 @@ pub fn encode_table(
         rows: folded.changes.len(),
         statements,
     })
+}
+
+/// Appends `(op, 'v', NULL, …)` for `row` to the `VALUES` list `out` (see [`put_row`] for
+/// `keys_only` and `complete`). `Ok(false)`: a value is not UTF-8, so no SQL literal can carry
+/// it (the caller takes COPY instead).
+fn push_values_row(
+    out: &mut String,
+    table: &TargetTable,
+    op: u32,
+    row: &Row,
+    keys_only: bool,
+    complete: bool,
+) -> Result<bool, EncodeError> {
+    use std::fmt::Write as _;
+    if !out.is_empty() {
+        out.push_str(", ");
+    }
+    // Writing into a String cannot fail.
+    let _ = write!(out, "({op}");
+    for c in &table.columns {
+        out.push_str(", ");
+        let v = row.get(c.source_idx);
+        if complete && matches!(v, Some(Value::UnchangedToast) | None) {
+            return Err(EncodeError::MissingValue {
+                column: c.name.clone(),
+            });
+        }
+        match v {
+            _ if keys_only && !c.is_key => out.push_str("NULL"),
+            Some(Value::Text(b)) => {
+                if push_sql_literal(out, b).is_err() {
+                    return Ok(false);
+                }
+            }
+            Some(Value::Null) | Some(Value::UnchangedToast) | None => out.push_str("NULL"),
+            Some(Value::Binary(_)) => {
+                return Err(EncodeError::Binary {
+                    column: column_name(table, c.source_idx),
+                })
+            }
+        }
+    }
+    out.push(')');
+    Ok(true)
+}
+
+/// Encodes `folded` into the same merge statements as [`encode_table`], each reading its rows
+/// from a `VALUES` list instead of the staging table: no COPY, no staging table, no `TRUNCATE`
+/// (one simple query carries a small flush). `Ok(None)` when the flush is too large
+/// ([`INLINE_MAX_ROWS`], [`INLINE_MAX_BYTES`]) or a value is not UTF-8: use [`encode_table`].
+pub fn encode_table_inline(
+    table: &TargetTable,
+    folded: &Folded,
+) -> Result<Option<TableBatch>, EncodeError> {
+    if folded.changes.len() > INLINE_MAX_ROWS {
+        return Ok(None);
+    }
+    let upsert_by_delete = table.key_mode != KeyMode::PrimaryKey;
+    let mut deletes = String::new();
+    let mut inserts = String::new();
+    let mut groups: HashMap<Vec<bool>, usize> = HashMap::new();
+    let mut updates: Vec<(Vec<bool>, String)> = Vec::new();
+    let mut update_bytes = 0usize;
+    for net in &folded.changes {
+        let ok = match net {
+            NetChange::Delete(r) => {
+                push_values_row(&mut deletes, table, OP_DELETE, r, true, false)?
+            }
+            NetChange::Upsert(r) => {
+                (!upsert_by_delete
+                    || push_values_row(&mut deletes, table, OP_UPSERT, r, true, false)?)
+                    && push_values_row(&mut inserts, table, OP_UPSERT, r, false, true)?
+            }
+            NetChange::Insert(r) => {
+                push_values_row(&mut inserts, table, OP_INSERT, r, false, true)?
+            }
+            NetChange::Update(r) => {
+                let carried: Vec<bool> = r.iter().map(|v| *v != Value::UnchangedToast).collect();
+                let g = match groups.get(&carried) {
+                    Some(g) => *g,
+                    None => {
+                        groups.insert(carried.clone(), updates.len());
+                        updates.push((carried, String::new()));
+                        updates.len() - 1
+                    }
+                };
+                let op = OP_UPDATE_BASE + g as u32;
+                match updates.get_mut(g) {
+                    Some((_, rows)) => {
+                        let before = rows.len();
+                        let ok = push_values_row(rows, table, op, r, false, false)?;
+                        update_bytes += rows.len() - before;
+                        ok
+                    }
+                    None => false,
+                }
+            }
+        };
+        if !ok || deletes.len() + inserts.len() + update_bytes > INLINE_MAX_BYTES {
+            return Ok(None);
+        }
+    }
+    let mut statements = Vec::new();
+    if !deletes.is_empty() {
+        let ops = if upsert_by_delete { "0, 1" } else { "0" };
+        statements.push(table.delete_sql_from(ops, &table.values_source(&deletes)));
+    }
+    if !inserts.is_empty() {
+        statements.push(table.insert_sql_from("1, 2", &table.values_source(&inserts)));
+    }
+    for (g, (carried, rows)) in updates.iter().enumerate() {
+        let op = OP_UPDATE_BASE + g as u32;
+        if let Some(sql) = table.update_sql_from(op, carried, &table.values_source(rows)) {
+            statements.push(sql);
+        }
+    }
+    Ok(Some(TableBatch {
+        rows: folded.changes.len(),
+        statements,
+    }))
 }
 
 fn literal(table: &TargetTable, idx: usize, v: Option<&Value>) -> Result<String, EncodeError> {
@@ -517,6 +643,72 @@ mod tests {
             u.contains(") UPDATE public.f SET b = 'x'::text WHERE ctid = (SELECT ctid FROM one)"),
             "{u}"
         );
+    }
+
+    #[test]
+    fn small_flushes_carry_their_rows_in_values_lists() {
+        let tb = table();
+        let rel = tb.source.clone();
+        let mut f = Fold::new(tb.key_idx.clone());
+        for c in [
+            Change::Insert {
+                rel: rel.clone(),
+                new: vec![t("1"), t("it's"), Value::Null],
+            },
+            Change::Update {
+                rel: rel.clone(),
+                old: None,
+                new: vec![t("2"), t("a"), Value::UnchangedToast],
+            },
+            Change::Delete {
+                rel: rel.clone(),
+                old: OldRow::Key(vec![t("4"), Value::Null, Value::Null]),
+            },
+        ] {
+            f.push(&c).unwrap();
+        }
+        let b = encode_table_inline(&tb, &f.finish()).unwrap().unwrap();
+        assert_eq!(b.rows, 3);
+        assert_eq!(
+            b.statements,
+            vec![
+                "DELETE FROM public.t AS t USING (VALUES (0, '4', NULL, NULL)) AS s(_reshard_op, id, a, b) \
+                 WHERE s._reshard_op IN (0) AND t.id = s.id::bigint"
+                    .to_owned(),
+                "INSERT INTO public.t (id, a, b) SELECT s.id::bigint, s.a::text, s.b::text \
+                 FROM (VALUES (2, '1', 'it''s', NULL)) AS s(_reshard_op, id, a, b) \
+                 WHERE s._reshard_op IN (1, 2) ON CONFLICT (id) DO UPDATE SET a = EXCLUDED.a, b = EXCLUDED.b"
+                    .to_owned(),
+                "UPDATE public.t AS t SET a = s.a::text FROM (VALUES (3, '2', 'a', NULL)) AS s(_reshard_op, id, a, b) \
+                 WHERE s._reshard_op = 3 AND t.id = s.id::bigint"
+                    .to_owned(),
+            ]
+        );
+    }
+
+    #[test]
+    fn values_that_no_literal_can_carry_fall_back_to_copy() {
+        let tb = table();
+        let mut f = Fold::new(tb.key_idx.clone());
+        f.push(&Change::Insert {
+            rel: tb.source.clone(),
+            new: vec![
+                t("1"),
+                Value::Text(Bytes::from_static(b"\xff")),
+                Value::Null,
+            ],
+        })
+        .unwrap();
+        assert!(encode_table_inline(&tb, &f.finish()).unwrap().is_none());
+        let mut f = Fold::new(tb.key_idx.clone());
+        for i in 0..=INLINE_MAX_ROWS {
+            f.push(&Change::Insert {
+                rel: tb.source.clone(),
+                new: vec![t(&i.to_string()), Value::Null, Value::Null],
+            })
+            .unwrap();
+        }
+        assert!(encode_table_inline(&tb, &f.finish()).unwrap().is_none());
     }
 
     #[test]

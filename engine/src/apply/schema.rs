@@ -378,12 +378,31 @@ impl TargetTable {
             .join(" AND ")
     }
 
+    /// The staging table as the row source `s` of the merge statements.
+    pub fn staging_source(&self) -> String {
+        format!("{} AS s", self.staging)
+    }
+
+    /// A `VALUES` list (`(op, 'v', NULL, …), …`, the staging table's columns in order: the op
+    /// code, then every mapped column as text) as the row source `s` of the merge statements.
+    /// Untyped literals in `VALUES` resolve to `text`, the staging table's column type, so the
+    /// statements cast exactly as they do from the staging table
+    /// (<https://www.postgresql.org/docs/current/typeconv-union-case.html>).
+    pub fn values_source(&self, rows: &str) -> String {
+        let cols: Vec<&str> = self.columns.iter().map(|c| c.name_sql.as_str()).collect();
+        format!("(VALUES {rows}) AS s(_reshard_op, {})", cols.join(", "))
+    }
+
     /// Deletes the keys staged with the given op codes.
     pub fn delete_sql(&self, ops: &str) -> String {
+        self.delete_sql_from(ops, &self.staging_source())
+    }
+
+    /// Deletes the keys with the given op codes read from `source` (see [`Self::staging_source`]).
+    pub fn delete_sql_from(&self, ops: &str, source: &str) -> String {
         format!(
-            "DELETE FROM {} AS t USING {} AS s WHERE s._reshard_op IN ({ops}) AND {}",
+            "DELETE FROM {} AS t USING {source} WHERE s._reshard_op IN ({ops}) AND {}",
             self.target_sql,
-            self.staging,
             self.key_match("t", "s")
         )
     }
@@ -391,6 +410,11 @@ impl TargetTable {
     /// Inserts the rows staged with the given op codes (upserting by primary key when the
     /// target has one).
     pub fn insert_sql(&self, ops: &str) -> String {
+        self.insert_sql_from(ops, &self.staging_source())
+    }
+
+    /// Inserts the rows with the given op codes read from `source` (see [`Self::insert_sql`]).
+    pub fn insert_sql_from(&self, ops: &str, source: &str) -> String {
         let cols: Vec<&str> = self.columns.iter().map(|c| c.name_sql.as_str()).collect();
         let vals: Vec<String> = self
             .columns
@@ -398,7 +422,7 @@ impl TargetTable {
             .map(|c| format!("s.{}::{}", c.name_sql, c.type_sql))
             .collect();
         format!(
-            "INSERT INTO {} ({}){} SELECT {} FROM {} AS s WHERE s._reshard_op IN ({ops}){}",
+            "INSERT INTO {} ({}){} SELECT {} FROM {source} WHERE s._reshard_op IN ({ops}){}",
             self.target_sql,
             cols.join(", "),
             if self.overriding {
@@ -407,7 +431,6 @@ impl TargetTable {
                 ""
             },
             vals.join(", "),
-            self.staging,
             self.on_conflict()
         )
     }
@@ -443,6 +466,11 @@ impl TargetTable {
     /// Updates the rows staged with op code `op`, setting the columns at source positions
     /// `carried` (those not settable are skipped). `None` when there is nothing to set.
     pub fn update_sql(&self, op: u32, carried: &[bool]) -> Option<String> {
+        self.update_sql_from(op, carried, &self.staging_source())
+    }
+
+    /// Updates the rows with op code `op` read from `source` (see [`Self::update_sql`]).
+    pub fn update_sql_from(&self, op: u32, carried: &[bool], source: &str) -> Option<String> {
         let sets: Vec<String> = self
             .columns
             .iter()
@@ -453,10 +481,9 @@ impl TargetTable {
             return None;
         }
         Some(format!(
-            "UPDATE {} AS t SET {} FROM {} AS s WHERE s._reshard_op = {op} AND {}",
+            "UPDATE {} AS t SET {} FROM {source} WHERE s._reshard_op = {op} AND {}",
             self.target_sql,
             sets.join(", "),
-            self.staging,
             self.key_match("t", "s")
         ))
     }

@@ -40,17 +40,26 @@ pub const COPY_NULL: &[u8] = b"\\N";
 /// Fails if the bytes are not UTF-8 (the session's `client_encoding` is UTF8, the encoding
 /// pgoutput values arrive in).
 pub fn sql_literal(value: &[u8]) -> Result<String, std::str::Utf8Error> {
-    let s = std::str::from_utf8(value)?;
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('\'');
-    for c in s.chars() {
-        if c == '\'' {
-            out.push('\'');
-        }
-        out.push(c);
-    }
-    out.push('\'');
+    let mut out = String::with_capacity(value.len() + 2);
+    push_sql_literal(&mut out, value)?;
     Ok(out)
+}
+
+/// Appends `value` to `out` as [`sql_literal`] writes it; on error `out` is unchanged.
+pub fn push_sql_literal(out: &mut String, value: &[u8]) -> Result<(), std::str::Utf8Error> {
+    let s = std::str::from_utf8(value)?;
+    out.reserve(s.len() + 2);
+    out.push('\'');
+    // Copy runs without a quote at once; double each quote.
+    let mut rest = s;
+    while let Some(i) = rest.find('\'') {
+        out.push_str(&rest[..=i]);
+        out.push('\'');
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
+    out.push('\'');
+    Ok(())
 }
 
 #[cfg(test)]
