@@ -27,6 +27,11 @@ pub type PgTimestamp = i64;
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
+/// Prefix of the transactional logical message `reshard cutover` writes on the source as its
+/// marker. Routing sends it to every shard, so a caught-up shard's progress passes the marker
+/// with its next commit instead of its next idle heartbeat.
+pub const CUTOVER_MESSAGE_PREFIX: &str = "reshard.cutover";
+
 /// Now, as a [`PgTimestamp`].
 pub fn pg_now() -> PgTimestamp {
     let d = std::time::SystemTime::now()

@@ -14,7 +14,9 @@
 //!    returns the LSN M of a WAL record written after every transaction that committed
 //!    before the cutover started (<https://www.postgresql.org/docs/current/functions-admin.html#FUNCTIONS-REPLICATION>).
 //! 2. Wait until the shard's progress row says `commit_lsn >= M - 1`: every source commit below M
-//!    is then applied there (polled every 200 ms, up to the timeout). A shard without a progress
+//!    is then applied there (polled every 5 ms at first, backing off to 200 ms, up to the
+//!    timeout). The marker's own transaction is routed to every shard, so a caught-up shard
+//!    commits past M at once. A shard without a progress
 //!    row yet (the daemon is still in its full load, or just starting) is waited for too; what
 //!    the wait is for, and what the daemon is doing, is logged at once and every 10 s.
 //! 3. Sequences: every sequence of the replicated schemas is set on the shard to at least the
@@ -37,6 +39,7 @@ use tokio_postgres::Client;
 
 use crate::config::{Config, HashKind};
 use crate::error::{class_of_pg, Classify, ErrorClass};
+use crate::event::CUTOVER_MESSAGE_PREFIX;
 use crate::lsn::Lsn;
 use crate::ops::fence::{self, Fence, FenceError, FenceSide, FenceSpec};
 use crate::ops::verify::{
@@ -323,8 +326,8 @@ pub async fn cutover(
     // 1. The marker.
     let (marker, target) = match src
         .query_one(
-            "SELECT pg_logical_emit_message(true, 'reshard.cutover', $1)::text",
-            &[&name],
+            "SELECT pg_logical_emit_message(true, $1, $2)::text",
+            &[&CUTOVER_MESSAGE_PREFIX, &name],
         )
         .await
     {

@@ -21,7 +21,9 @@
 //!   on, so no shard sees half of it.
 //!
 //! Logical decoding messages (`pg_logical_emit_message`) are dropped: they describe the
-//! source, not rows of any shard.
+//! source, not rows of any shard. The one exception is the cutover marker
+//! ([`CUTOVER_MESSAGE_PREFIX`]), sent to every shard: it writes nothing there, but its
+//! transaction moves each shard's progress past the marker at once.
 //!
 //! Text keys hash the bytes as received, which equal the source's bytes only when the
 //! replication connection's `client_encoding` is the database encoding (reshard connects with
@@ -45,7 +47,10 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroU64;
 use std::sync::Arc;
 
-use crate::event::{Change, Oid, OldRow, Relation, ReplicaIdentity, Row, ShardId, TableId, Value};
+use crate::event::{
+    Change, Oid, OldRow, Relation, ReplicaIdentity, Row, ShardId, TableId, Value,
+    CUTOVER_MESSAGE_PREFIX,
+};
 
 pub use error::{KeyError, RouteError};
 pub use key::{Key, KeyType};
@@ -594,6 +599,10 @@ impl Router {
             },
             Change::Truncate { .. } => {
                 self.route_truncate(change, out);
+                return Ok(());
+            }
+            Change::Message { prefix, .. } if prefix == CUTOVER_MESSAGE_PREFIX => {
+                self.to_all(change, out);
                 return Ok(());
             }
             Change::Message { .. } => return Ok(()),

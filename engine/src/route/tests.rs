@@ -472,6 +472,15 @@ fn truncate_goes_everywhere_without_skipped_tables() {
         content: Bytes::from_static(b"x"),
     };
     assert!(run(&mut r, msg).unwrap().is_empty());
+    // The cutover marker reaches every shard (its transaction moves their progress).
+    let marker = Change::Message {
+        prefix: crate::event::CUTOVER_MESSAGE_PREFIX.into(),
+        content: Bytes::from_static(b"shard1"),
+    };
+    assert_eq!(
+        run(&mut r, marker.clone()).unwrap(),
+        vec![(ShardId(0), marker.clone()), (ShardId(1), marker)]
+    );
 }
 
 #[test]

@@ -64,8 +64,11 @@ pub const MAX_DIFFS: usize = 100;
 const DRILL_BATCH: usize = 200;
 /// Re-check rounds for accounts that differ while the shards are being fed.
 const RECHECK_ROUNDS: usize = 3;
-/// Poll interval of progress rows.
+/// Longest poll interval of progress rows.
 const POLL: Duration = Duration::from_millis(200);
+/// First poll interval of progress rows (doubling up to [`POLL`]): a caught-up shard passes a
+/// fresh marker within milliseconds, and the look is one primary-key read.
+const POLL_FIRST: Duration = Duration::from_millis(5);
 
 /// Maps a shard-key value (its type OID and text form) to a shard index (`hash = "map"`).
 pub type KeyRouter = dyn Fn(u32, &str) -> Result<usize, String> + Send + Sync;
@@ -686,6 +689,7 @@ impl ProgressWait<'_> {
         let mut next_daemon = started;
         let mut daemon = String::new();
         let mut absent_checks = 0u32;
+        let mut poll = POLL_FIRST;
         loop {
             let row = match read_progress(
                 self.shard_client,
@@ -748,7 +752,8 @@ impl ProgressWait<'_> {
                     daemon,
                 });
             }
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(POLL);
         }
     }
 }
