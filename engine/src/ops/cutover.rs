@@ -39,7 +39,6 @@ use tokio_postgres::Client;
 
 use crate::config::{Config, HashKind};
 use crate::error::{class_of_pg, Classify, ErrorClass};
-use crate::event::CUTOVER_MESSAGE_PREFIX;
 use crate::lsn::Lsn;
 use crate::ops::fence::{self, Fence, FenceError, FenceSide, FenceSpec};
 use crate::ops::verify::{
@@ -47,7 +46,7 @@ use crate::ops::verify::{
     Waited,
 };
 use crate::pg::conn::{
-    connect_plain, current_insert_lsn, error_text, quote_literal, quote_qualified,
+    connect_plain, current_insert_lsn, emit_marker, error_text, quote_literal, quote_qualified,
 };
 use crate::pg::progress::source_system_id;
 use crate::pg::table::split_name;
@@ -324,14 +323,8 @@ pub async fn cutover(
     };
 
     // 1. The marker.
-    let (marker, target) = match src
-        .query_one(
-            "SELECT pg_logical_emit_message(true, $1, $2)::text",
-            &[&CUTOVER_MESSAGE_PREFIX, &name],
-        )
-        .await
-    {
-        Ok(row) => ("logical_message", parse_lsn(&row, "source")?),
+    let (marker, target) = match emit_marker(&src, name).await {
+        Ok(lsn) => ("logical_message", lsn),
         Err(e) => {
             tracing::warn!(error = %e, "pg_logical_emit_message refused; using pg_current_wal_insert_lsn()");
             let lsn = current_insert_lsn(&src)
@@ -520,15 +513,6 @@ pub async fn cutover(
             .find(|f| f.shard == name);
     }
     Ok(report)
-}
-
-fn parse_lsn(row: &tokio_postgres::Row, endpoint: &str) -> Result<Lsn, CutoverError> {
-    let s: String = row.try_get(0).map_err(qerr(endpoint, "reading an LSN"))?;
-    s.parse()
-        .map_err(|e: crate::lsn::ParseLsnError| CutoverError::Invalid {
-            endpoint: endpoint.to_owned(),
-            message: e.to_string(),
-        })
 }
 
 /// Sets every sequence of `schemas` on the shard to at least the source's value + `gap`.

@@ -64,6 +64,23 @@ pub async fn current_insert_lsn(client: &Client) -> Result<Lsn, tokio_postgres::
     Ok(Lsn::from_u64(lsn.into()))
 }
 
+/// Writes the cutover marker (a transactional logical message with prefix
+/// [`CUTOVER_MESSAGE_PREFIX`](crate::event::CUTOVER_MESSAGE_PREFIX) and `content`) in its own
+/// transaction and returns the LSN of its record: routed to every shard, it makes a caught-up
+/// shard's progress pass every commit before it at once
+/// (<https://www.postgresql.org/docs/current/functions-admin.html#FUNCTIONS-REPLICATION>).
+/// Fails where the role may not call `pg_logical_emit_message`.
+pub async fn emit_marker(client: &Client, content: &str) -> Result<Lsn, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
+            &[&crate::event::CUTOVER_MESSAGE_PREFIX, &content],
+        )
+        .await?;
+    let lsn: tokio_postgres::types::PgLsn = row.try_get(0)?;
+    Ok(Lsn::from_u64(lsn.into()))
+}
+
 /// Session settings that fix the text output of every type, set on every side of a comparison.
 pub const NORMALIZE_SESSION_SQL: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
      SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET bytea_output = 'hex'; \

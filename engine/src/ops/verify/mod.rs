@@ -47,8 +47,8 @@ use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
 use crate::ops::observe::find_daemon;
 use crate::pg::conn::{
-    connect_plain, current_insert_lsn, error_text, normalize_session, quote_ident, quote_literal,
-    quote_qualified,
+    connect_plain, current_insert_lsn, emit_marker, error_text, normalize_session, quote_ident,
+    quote_literal, quote_qualified,
 };
 use crate::pg::progress::{read_progress, source_system_id};
 use crate::pg::table::{describe_table, TableInfo};
@@ -278,6 +278,9 @@ struct Ctx<'a> {
     config: &'a Config,
     opts: &'a VerifyOptions,
     src: Client,
+    /// A second source connection that writes a marker after each source snapshot (see
+    /// [`begin_source`]); `None` when no shard is applying or the role may not.
+    marker: std::sync::Mutex<Option<Client>>,
     shards: Vec<ShardConn>,
     system_id: Option<String>,
     live: bool,
@@ -360,10 +363,17 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
             s.name, config.source.slot
         ));
     }
+    // Only worth a connection when some shard's progress is waited for.
+    let marker = if live {
+        connect_plain(&config.source.url).await.ok()
+    } else {
+        None
+    };
     let mut ctx = Ctx {
         config,
         opts,
         src,
+        marker: std::sync::Mutex::new(marker),
         shards,
         system_id,
         live,
@@ -589,9 +599,25 @@ async fn begin_source(ctx: &Ctx<'_>) -> Result<Lsn, VerifyError> {
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .map_err(q("source", None))?;
-    current_insert_lsn(&ctx.src)
+    let lsn = current_insert_lsn(&ctx.src)
         .await
-        .map_err(q("source", None))
+        .map_err(q("source", None))?;
+    // A marker committed after the snapshot: a caught-up shard commits past it (and so past
+    // the snapshot's LSN) at once, instead of at its next idle heartbeat.
+    let marker = ctx.marker.lock().ok().and_then(|mut m| m.take());
+    if let Some(m) = marker {
+        match emit_marker(&m, "verify").await {
+            Ok(_) => {
+                if let Ok(mut slot) = ctx.marker.lock() {
+                    *slot = Some(m);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "verify: no marker (pg_logical_emit_message refused); caught-up shards are waited for until their next heartbeat")
+            }
+        }
+    }
+    Ok(lsn)
 }
 
 /// Waits until the shard has applied everything up to `lsn`, then begins its snapshot.
