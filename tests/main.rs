@@ -24,3 +24,4 @@ mod source;
 mod throttle;
 mod versions;
 mod watermark;
+mod watermark_edge;

@@ -11,7 +11,7 @@ use crate::common::Topology;
 use crate::robust::{seed, Writer, SCHEMA, TABLES};
 
 /// Chunk records of `table` on shard `s`: `chunk_id|snapshot|last?` lines in chunk order.
-fn chunks(t: &Topology, s: usize, table: &str) -> Vec<String> {
+pub(crate) fn chunks(t: &Topology, s: usize, table: &str) -> Vec<String> {
     let out = t.shards[s]
         .psql(
             "app",
@@ -27,7 +27,7 @@ fn chunks(t: &Topology, s: usize, table: &str) -> Vec<String> {
         .collect()
 }
 
-fn finished(t: &Topology, table: &str) -> bool {
+pub(crate) fn finished(t: &Topology, table: &str) -> bool {
     (0..t.shards.len()).all(|s| {
         chunks(t, s, table)
             .last()

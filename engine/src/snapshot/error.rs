@@ -87,6 +87,16 @@ pub enum SnapshotError {
         /// What was wrong.
         detail: String,
     },
+    /// A table being loaded in watermark chunks no longer exists on the source.
+    #[error("source table {table} was dropped or renamed during the full load (before its chunk {chunk}): {}; remove it from the publication and the config's [[tables]] (or recreate it), then run again: the other tables resume after their last chunk", pg_message(.source))]
+    TableGone {
+        /// Source table.
+        table: String,
+        /// The chunk that found it gone.
+        chunk: u32,
+        /// The error (`42P01`).
+        source: tokio_postgres::Error,
+    },
     /// A bad setting.
     #[error("[snapshot] {key}: {message}")]
     Config {
@@ -134,6 +144,7 @@ impl Classify for SnapshotError {
             | SnapshotError::Route { .. }
             | SnapshotError::Malformed { .. }
             | SnapshotError::Config { .. }
+            | SnapshotError::TableGone { .. }
             | SnapshotError::Task { .. }
             | SnapshotError::NoSnapshot { .. }
             | SnapshotError::Watermark { .. } => ErrorClass::Definite,

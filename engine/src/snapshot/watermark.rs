@@ -11,9 +11,10 @@
 //! DBLog and Debezium's incremental snapshots while CDC streams into the spill log from the
 //! start:
 //! 1. low watermark: `pg_current_wal_insert_lsn()`;
-//! 2. `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY`, then in one statement the chunk's
-//!    snapshot (`pg_current_snapshot()`; `txid_current_snapshot()` before PostgreSQL 13) and
-//!    the high watermark (`pg_current_wal_insert_lsn()` read under it);
+//! 2. `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY`, `LOCK TABLE … IN ACCESS SHARE MODE`,
+//!    then in one statement the chunk's snapshot (`pg_current_snapshot()`;
+//!    `txid_current_snapshot()` before PostgreSQL 13) and the high watermark
+//!    (`pg_current_wal_insert_lsn()` read under it);
 //! 3. `COPY (SELECT … WHERE (key) > (last key of the previous chunk) ORDER BY key LIMIT
 //!    chunk_rows) TO STDOUT`, rows routed and written into each shard's open transaction;
 //! 4. `COMMIT` on the source (the snapshot is released), then per shard the chunk's record
@@ -26,6 +27,15 @@
 //! same as 4. A snapshot lives for one chunk's read, so the source's `backend_xmin` (and, as
 //! the spill log acknowledges, the slot's `catalog_xmin`) advances during the load and VACUUM
 //! keeps cleaning.
+//!
+//! The lock comes before the snapshot. A table rewrite (`ALTER TABLE … TYPE`, `VACUUM FULL`,
+//! `CLUSTER`) or a `TRUNCATE` swaps the table's file under `ACCESS EXCLUSIVE`; a snapshot
+//! taken before it committed reads the new file as empty or partly invisible ("not
+//! MVCC-safe", <https://www.postgresql.org/docs/current/mvcc-caveats.html>), and such a chunk
+//! would end the table's load there. With `ACCESS SHARE` held before the snapshot exists
+//! (`LOCK` takes none: <https://www.postgresql.org/docs/current/sql-lock.html>), a rewrite
+//! either committed before the snapshot, which then sees it, or waits until the chunk is read.
+//! A table dropped meanwhile fails the `LOCK`, naming the table.
 //!
 //! Resume: the chunks a table has on every shard with the same snapshot form its agreed
 //! prefix; a restarted load deletes, per shard in one transaction, the rows past the prefix's
@@ -50,6 +60,9 @@ use crate::lsn::Lsn;
 
 /// Key column types a watermark chunk can be cut on: `smallint`, `integer`, `bigint`.
 const KEY_TYPES: &[u32] = &[21, 23, 20];
+
+/// A chunk that waited this long for its table's lock says so (once), then goes on waiting.
+const LOCK_NOTICE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The load may not span more transaction ids than this: a 32-bit xid from the stream is
 /// widened relative to each chunk's snapshot (see `window`).
@@ -275,6 +288,8 @@ struct TableJob {
     table: usize,
     source_display: String,
     select: String,
+    /// `LOCK TABLE … IN ACCESS SHARE MODE`, taken before the chunk's snapshot.
+    lock: String,
     key: Vec<KeyPart>,
     next_id: u32,
     after: Option<Key>,
@@ -305,6 +320,7 @@ pub(crate) async fn run(
                 t.columns.join(", "),
                 t.source_display
             ),
+            lock: format!("LOCK TABLE {only}{} IN ACCESS SHARE MODE", t.source_display),
             key: wm.key.clone(),
             next_id: u32::try_from(wm.agreed.chunks).unwrap_or(u32::MAX),
             after: wm.agreed.after.clone(),
@@ -373,6 +389,39 @@ struct Worker {
 }
 
 impl Worker {
+    /// Takes `ACCESS SHARE` on the chunk's table inside its open transaction, before any
+    /// snapshot: a rewrite or TRUNCATE waiting for or holding `ACCESS EXCLUSIVE` finishes first
+    /// and the snapshot sees it. Says what it waits for when that takes long.
+    async fn lock(&self, job: &TableJob, chunk: u32) -> Result<(), SnapshotError> {
+        let lock = self.source.batch_execute(&job.lock);
+        tokio::pin!(lock);
+        let res = match tokio::time::timeout(LOCK_NOTICE, &mut lock).await {
+            Ok(res) => res,
+            Err(_) => {
+                tracing::warn!(table = %job.source_display, chunk,
+                    waited_s = LOCK_NOTICE.as_secs(),
+                    "the watermark chunk waits for ACCESS SHARE on its table: a session holds or \
+                     waits for ACCESS EXCLUSIVE (ALTER TABLE, VACUUM FULL, CLUSTER, TRUNCATE, \
+                     DROP; see pg_locks on the source); the load goes on when it is done");
+                lock.await
+            }
+        };
+        res.map_err(|source| {
+            if source.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+                SnapshotError::TableGone {
+                    table: job.source_display.clone(),
+                    chunk,
+                    source,
+                }
+            } else {
+                source_err(format!(
+                    "locking table {} for chunk {chunk}",
+                    job.source_display
+                ))(source)
+            }
+        })
+    }
+
     /// Copies a table's remaining chunks; returns `((table, chunks copied), rows, bytes)`.
     async fn load_table(
         &self,
@@ -400,6 +449,7 @@ impl Worker {
                 .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 .await
                 .map_err(source_err(what()))?;
+            self.lock(&job, id).await?;
             // The snapshot is taken by this statement; the insert position is read under it,
             // so every transaction it sees committed below `high`.
             let row = self
@@ -632,6 +682,7 @@ mod tests {
             table: 0,
             source_display: "public.t".into(),
             select: String::new(),
+            lock: String::new(),
             key: vec![
                 KeyPart {
                     name: "a".into(),
