@@ -344,6 +344,19 @@ pub enum Change {
         /// `RESTART IDENTITY` was given.
         restart_identity: bool,
     },
+    /// DELETE of every row whose integer key lies in a range: what a TRUNCATE of a table loaded
+    /// in watermark chunks means for the rows of the chunks read before it (the chunks read
+    /// after it hold rows written after it). Made by the full-load handoff, never decoded.
+    DeleteRange {
+        /// The table.
+        rel: Arc<Relation>,
+        /// The key columns (unquoted), in key order.
+        key: Vec<String>,
+        /// Rows whose key is above this one (exclusive); `None`: from the first row.
+        after: Option<Vec<i64>>,
+        /// Rows whose key is up to this one (inclusive); `None`: to the last row.
+        upto: Option<Vec<i64>>,
+    },
     /// A transactional logical decoding message (`pg_logical_emit_message(true, …)`).
     Message {
         /// The prefix.
@@ -359,17 +372,19 @@ impl Change {
         match self {
             Change::Insert { rel, .. }
             | Change::Update { rel, .. }
-            | Change::Delete { rel, .. } => Some(rel),
+            | Change::Delete { rel, .. }
+            | Change::DeleteRange { rel, .. } => Some(rel),
             Change::Truncate { .. } | Change::Message { .. } => None,
         }
     }
 
-    /// `insert`, `update`, `delete`, `truncate` or `message`.
+    /// `insert`, `update`, `delete`, `delete_range`, `truncate` or `message`.
     pub fn kind(&self) -> &'static str {
         match self {
             Change::Insert { .. } => "insert",
             Change::Update { .. } => "update",
             Change::Delete { .. } => "delete",
+            Change::DeleteRange { .. } => "delete_range",
             Change::Truncate { .. } => "truncate",
             Change::Message { .. } => "message",
         }

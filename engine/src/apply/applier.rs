@@ -36,6 +36,34 @@ use crate::lsn::Lsn;
 use crate::pg::progress::{ensure_progress_table, read_progress, ProgressError, ProgressKey};
 use crate::shutdown::ShutdownRx;
 
+/// `DELETE FROM table WHERE (key) > (after) AND (key) <= (upto)`: a row comparison, which
+/// orders like the key's `i64`s (<https://www.postgresql.org/docs/current/functions-comparisons.html#ROW-WISE-COMPARISON>).
+fn delete_range_sql(
+    table: &str,
+    key: &[String],
+    after: Option<&[i64]>,
+    upto: Option<&[i64]>,
+) -> String {
+    let cols = key
+        .iter()
+        .map(|k| quote_ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let vals = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+    let mut conds = Vec::new();
+    if let Some(a) = after {
+        conds.push(format!("({cols}) > ({})", vals(a)));
+    }
+    if let Some(u) = upto {
+        conds.push(format!("({cols}) <= ({})", vals(u)));
+    }
+    if conds.is_empty() {
+        format!("DELETE FROM {table}")
+    } else {
+        format!("DELETE FROM {table} WHERE {}", conds.join(" AND "))
+    }
+}
+
 /// Fixed cost counted per buffered change on top of its value bytes.
 const CHANGE_OVERHEAD_BYTES: usize = 64;
 /// Largest piece of COPY data sent at once.
@@ -716,6 +744,26 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 self.txn.rows += 1;
                 return Ok(());
             }
+            Change::DeleteRange {
+                rel,
+                key,
+                after,
+                upto,
+            } => {
+                self.flush().await?;
+                self.begin_target_txn().await?;
+                let table = self.target_sql_name(rel);
+                let sql = delete_range_sql(&table, key, after.as_deref(), upto.as_deref());
+                let ctx = format!(
+                    "deleting from {table} the rows of the watermark chunks read before the \
+                     TRUNCATE at source commit {commit_lsn}"
+                );
+                self.sql(&sql, &ctx).await?;
+                self.partial_flushed = true;
+                self.txn.truncates += 1;
+                self.txn.rows += 1;
+                return Ok(());
+            }
             Change::Insert { .. } => self.txn.inserted += 1,
             Change::Update { .. } => self.txn.updated += 1,
             Change::Delete { .. } => self.txn.deleted += 1,
@@ -1267,7 +1315,7 @@ fn change_bytes(c: &Change) -> usize {
                 row_bytes(new) + old.as_ref().map(|o| row_bytes(o.row())).unwrap_or(0)
             }
             Change::Delete { old, .. } => row_bytes(old.row()),
-            Change::Truncate { .. } | Change::Message { .. } => 0,
+            Change::Truncate { .. } | Change::DeleteRange { .. } | Change::Message { .. } => 0,
         }
 }
 

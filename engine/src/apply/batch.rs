@@ -427,7 +427,7 @@ pub fn change_sql(table: &TargetTable, change: &Change) -> Result<Option<String>
                 format!("DELETE FROM {} WHERE {w}", table.target_sql)
             }))
         }
-        Change::Truncate { .. } | Change::Message { .. } => Ok(None),
+        Change::Truncate { .. } | Change::DeleteRange { .. } | Change::Message { .. } => Ok(None),
     }
 }
 
@@ -470,7 +470,9 @@ pub fn key_text(table: &TargetTable, change: &Change) -> String {
         Change::Insert { new, .. } => new.clone(),
         Change::Update { old, new, .. } => key_row(old.as_ref(), new),
         Change::Delete { old, .. } => old.row().clone(),
-        Change::Truncate { .. } | Change::Message { .. } => return String::new(),
+        Change::Truncate { .. } | Change::DeleteRange { .. } | Change::Message { .. } => {
+            return String::new()
+        }
     };
     let key_idx: Vec<usize> = if table.key_idx.is_empty() {
         (0..table.source.columns.len()).collect()

@@ -186,7 +186,7 @@ impl Fold {
                 let key = self.key_of(old.row(), None, "delete")?;
                 self.on_delete(key, old.row().clone());
             }
-            Change::Truncate { .. } | Change::Message { .. } => {}
+            Change::Truncate { .. } | Change::DeleteRange { .. } | Change::Message { .. } => {}
         }
         Ok(())
     }

@@ -128,6 +128,17 @@ fn render_change(change: &Change, o: &mut Map<String, Json>) {
             o.insert("cascade".into(), (*cascade).into());
             o.insert("restart_identity".into(), (*restart_identity).into());
         }
+        Change::DeleteRange {
+            rel,
+            key,
+            after,
+            upto,
+        } => {
+            o.insert("table".into(), rel.qualified_name().into());
+            o.insert("key".into(), key.clone().into());
+            o.insert("after".into(), after.clone().into());
+            o.insert("upto".into(), upto.clone().into());
+        }
         Change::Message { prefix, content } => {
             o.insert("prefix".into(), prefix.clone().into());
             o.insert("content".into(), hex(content).into());

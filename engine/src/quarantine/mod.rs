@@ -286,7 +286,7 @@ fn identities(change: &Change) -> Option<(TableId, Vec<u8>, Option<Vec<u8>>)> {
             }
         }
         Change::Delete { rel, old } => Some((rel.id, identity(rel, old.row(), None), None)),
-        Change::Truncate { .. } | Change::Message { .. } => None,
+        Change::Truncate { .. } | Change::DeleteRange { .. } | Change::Message { .. } => None,
     }
 }
 
@@ -310,7 +310,9 @@ pub fn describe(change: &Change) -> String {
         Change::Insert { rel, new } => (rel, new),
         Change::Update { rel, new, .. } => (rel, new),
         Change::Delete { rel, old } => (rel, old.row()),
-        Change::Truncate { .. } | Change::Message { .. } => return change.kind().to_owned(),
+        Change::Truncate { .. } | Change::DeleteRange { .. } | Change::Message { .. } => {
+            return change.kind().to_owned()
+        }
     };
     let mut idx: Vec<usize> = rel.key_indexes().collect();
     if idx.is_empty() || idx.len() == rel.columns.len() {

@@ -593,7 +593,8 @@ impl Router {
         let placement = match &change {
             Change::Insert { rel, .. }
             | Change::Update { rel, .. }
-            | Change::Delete { rel, .. } => match self.placement(rel) {
+            | Change::Delete { rel, .. }
+            | Change::DeleteRange { rel, .. } => match self.placement(rel) {
                 Ok(p) => p,
                 Err(e) => return Err(back(e, change)),
             },
@@ -659,6 +660,8 @@ impl Router {
             Change::Update { rel, old, new } => {
                 self.route_update(rel, old, new, col, key_type, key_in_identity, out)?;
             }
+            // A range of keys is on every shard.
+            c @ Change::DeleteRange { .. } => self.to_all(c, out),
             Change::Truncate { .. } | Change::Message { .. } => {}
         }
         Ok(())

@@ -18,14 +18,15 @@
 //! in commit order, as if each chunk's rows had entered the stream at its high watermark. An
 //! UPDATE that moves a primary key between two chunks that judge it differently becomes the
 //! half the copy lacks (the INSERT of the new key, or the DELETE of the old one). A TRUNCATE
-//! that some chunks saw and others did not cannot be reproduced from the stream and stops the
-//! shard, naming the table.
+//! that some chunks saw and others did not (it committed between their reads: a chunk's lock
+//! keeps it out of the read itself) becomes a [`Change::DeleteRange`] per run of chunks that
+//! did not see it: their rows are from before it, the other chunks' rows are from after it.
 //!
 //! Invariant: a table recopied under a later snapshot (a full load resumed after a crash)
 //! receives each change exactly once: the copy holds everything committed up to its snapshot's
 //! LSN, CDC everything after it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::error::{Classify, ErrorClass};
@@ -103,6 +104,7 @@ impl<L: ShardLog> ShardLog for SkipLog<L> {
             handoff: self.handoff.clone(),
             commit_lsn: Lsn::ZERO,
             xid: 0,
+            more: VecDeque::new(),
         })
     }
 
@@ -117,6 +119,8 @@ pub struct SkipReader<R: ShardReader> {
     handoff: Arc<Handoff>,
     commit_lsn: Lsn,
     xid: Xid,
+    /// Events made from one input event, returned before the next is read.
+    more: VecDeque<ShardEvent>,
 }
 
 type Filtered<E> = Result<Option<ShardEvent>, HandoffError<E>>;
@@ -241,17 +245,29 @@ impl<R: ShardReader> SkipReader<R> {
                     if self.skipped(&r.namespace, &r.name) {
                         continue;
                     }
-                    if let Some(w) = self.windows(&r) {
-                        match w.all_see(self.xid, self.commit_lsn) {
-                            Some(true) => continue,
-                            Some(false) => {}
-                            None => return Err(self.error(&r, "a TRUNCATE committed while the table was loaded in watermark chunks: some chunks hold rows from before it, others from after, and the stream cannot tell which rows to remove; empty the table on every shard, drop its rows from reshard.watermark_chunks, and run again".into())),
+                    if let Some(w) = self.windows(&r).cloned() {
+                        let ranges = w.unseen_ranges(self.xid, self.commit_lsn);
+                        if ranges
+                            .first()
+                            .is_some_and(|g| g.0.is_none() && g.1.is_none())
+                        {
+                            kept.push(r);
+                            continue;
                         }
+                        for (after, upto) in ranges {
+                            self.more.push_back(ShardEvent::Change(Change::DeleteRange {
+                                rel: r.clone(),
+                                key: w.key_columns.clone(),
+                                after,
+                                upto,
+                            }));
+                        }
+                        continue;
                     }
                     kept.push(r);
                 }
                 if kept.is_empty() {
-                    Ok(None)
+                    Ok(self.more.pop_front())
                 } else {
                     Ok(Some(ShardEvent::Change(Change::Truncate {
                         rels: kept,
@@ -278,7 +294,11 @@ impl<R: ShardReader> ShardReader for SkipReader<R> {
 
     async fn next(&mut self) -> Result<ShardEvent, Self::Error> {
         loop {
-            // Cancel-safe: the inner `next` is, and filtering happens after it completed.
+            if let Some(ev) = self.more.pop_front() {
+                return Ok(ev);
+            }
+            // Cancel-safe: the inner `next` is, and filtering happens after it completed (what
+            // one event turns into waits in `more`).
             let ev = self.inner.next().await.map_err(HandoffError::Log)?;
             if self.handoff.is_empty() {
                 return Ok(ev);
@@ -334,6 +354,7 @@ mod tests {
             handoff: Arc::new(handoff),
             commit_lsn: Lsn::ZERO,
             xid: 0,
+            more: VecDeque::new(),
         }
     }
 
@@ -468,23 +489,54 @@ mod tests {
     }
 
     #[test]
-    fn a_truncate_is_dropped_kept_or_refused_by_what_the_chunks_saw() {
+    fn a_truncate_is_dropped_kept_or_cut_to_the_chunks_read_before_it() {
         let mut r = windowed();
-        let t = || {
+        let t = |rels: Vec<Arc<Relation>>| {
             ShardEvent::Change(Change::Truncate {
-                rels: vec![rel("w")],
+                rels,
                 cascade: false,
                 restart_identity: false,
             })
         };
         r.filter(begin(99, 900)).unwrap();
-        assert!(r.filter(t()).unwrap().is_none(), "both chunks saw it");
+        assert!(
+            r.filter(t(vec![rel("w")])).unwrap().is_none(),
+            "both chunks saw it"
+        );
         r.filter(begin(300, 2500)).unwrap();
-        assert!(r.filter(t()).unwrap().is_some(), "after every chunk");
+        assert!(
+            r.filter(t(vec![rel("w")])).unwrap().is_some(),
+            "after every chunk"
+        );
+        // Chunk 0 (keys up to 10) was read before xid 150, chunk 1 after it: the TRUNCATE of
+        // `w` removes chunk 0's keys only; `other` is truncated whole, first.
         r.filter(begin(150, 1500)).unwrap();
-        let e = r.filter(t()).unwrap_err().to_string();
-        assert!(e.contains("public.w") && e.contains("TRUNCATE"), "{e}");
-        r.filter(begin(150, 1500)).unwrap();
+        match r.filter(t(vec![rel("w"), rel("other")])).unwrap() {
+            Some(ShardEvent::Change(Change::Truncate { rels, .. })) => {
+                assert_eq!(rels.len(), 1);
+                assert_eq!(rels[0].name, "other");
+            }
+            other => panic!("{other:?}"),
+        }
+        match r.more.pop_front() {
+            Some(ShardEvent::Change(Change::DeleteRange {
+                rel,
+                key,
+                after,
+                upto,
+            })) => {
+                assert_eq!(rel.name, "w");
+                assert_eq!(key, vec!["id".to_owned()]);
+                assert_eq!((after, upto), (None, Some(vec![10])));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(r.more.is_empty());
+        // Only `w`: the range delete is the event itself.
+        assert!(matches!(
+            r.filter(t(vec![rel("w")])).unwrap(),
+            Some(ShardEvent::Change(Change::DeleteRange { .. }))
+        ));
         let bad = ShardEvent::Change(Change::Insert {
             rel: rel("w"),
             new: vec![Value::Null],

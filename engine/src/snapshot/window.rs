@@ -161,19 +161,25 @@ impl TableWindows {
         }
     }
 
-    /// For a change to every key (TRUNCATE): `Some(true)` when every chunk saw it,
-    /// `Some(false)` when none did, `None` when some did and some did not.
-    pub fn all_see(&self, xid: u32, commit_lsn: Lsn) -> Option<bool> {
-        let seen = self
-            .chunks
-            .iter()
-            .filter(|c| commit_lsn < c.high && c.snapshot.sees(xid))
-            .count();
-        match seen {
-            0 => Some(false),
-            n if n == self.chunks.len() => Some(true),
-            _ => None,
+    /// For a change to every key (TRUNCATE): the key ranges of the chunks that did not see it,
+    /// adjacent chunks merged, as `(after, upto)` (exclusive lower and inclusive upper bound,
+    /// `None` for open). Empty when every chunk saw it; `[(None, None)]` when none did. The
+    /// chunks that saw it were read after it: their rows were written after it and stay.
+    pub fn unseen_ranges(&self, xid: u32, commit_lsn: Lsn) -> Vec<(Option<Key>, Option<Key>)> {
+        let mut out: Vec<(Option<Key>, Option<Key>)> = Vec::new();
+        let mut open = false;
+        let mut lower: Option<&Key> = None;
+        for c in &self.chunks {
+            let seen = commit_lsn < c.high && c.snapshot.sees(xid);
+            match (seen, open, out.last_mut()) {
+                (false, true, Some(last)) => last.1 = c.last.clone(),
+                (false, _, _) => out.push((lower.cloned(), c.last.clone())),
+                (true, _, _) => {}
+            }
+            open = !seen;
+            lower = c.last.as_ref();
         }
+        out
     }
 
     /// Chunks.
@@ -277,9 +283,56 @@ mod tests {
         // At or after the high watermark, nothing is in the chunk, whatever the xid says.
         assert!(!t.sees(&[11], 150, l(2000)));
         assert!(t.past(l(2000)) && !t.past(l(1999)));
-        assert_eq!(t.all_see(99, l(900)), Some(true));
-        assert_eq!(t.all_see(150, l(1500)), None);
-        assert_eq!(t.all_see(300, l(2500)), Some(false));
+        assert!(t.unseen_ranges(99, l(900)).is_empty());
+        assert_eq!(t.unseen_ranges(150, l(1500)), vec![(None, Some(vec![10]))]);
+        assert_eq!(t.unseen_ranges(300, l(2500)), vec![(None, None)]);
+    }
+
+    #[test]
+    fn a_truncate_removes_the_ranges_of_the_chunks_that_did_not_see_it() {
+        let l = Lsn::from_u64;
+        // Xid 150 committed between chunk 1's read and chunk 2's.
+        let t = TableWindows::new(
+            vec!["a".into(), "b".into()],
+            vec![
+                ChunkWindow {
+                    last: Some(vec![1, 5]),
+                    snapshot: snap("100:100:"),
+                    high: l(1000),
+                },
+                ChunkWindow {
+                    last: Some(vec![3, 0]),
+                    snapshot: snap("120:120:"),
+                    high: l(1200),
+                },
+                ChunkWindow {
+                    last: Some(vec![7, 2]),
+                    snapshot: snap("200:200:"),
+                    high: l(2000),
+                },
+                w(None, "300:300:", 3000),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            t.unseen_ranges(150, l(1500)),
+            vec![(None, Some(vec![3, 0]))],
+            "chunks 0 and 1 merged; chunks 2 and 3 saw it"
+        );
+        // Seen by a middle chunk only (chunks read out of order by a resumed load): two ranges.
+        let t = TableWindows::new(
+            vec!["id".into()],
+            vec![
+                w(Some(10), "100:100:", 1000),
+                w(Some(20), "200:200:", 2000),
+                w(None, "100:100:", 3000),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            t.unseen_ranges(150, l(1500)),
+            vec![(None, Some(vec![10])), (Some(vec![20]), None)]
+        );
     }
 
     #[test]

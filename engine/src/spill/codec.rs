@@ -47,6 +47,7 @@ const TAG_UPDATE: u8 = 0x11;
 const TAG_DELETE: u8 = 0x12;
 const TAG_TRUNCATE: u8 = 0x13;
 const TAG_MESSAGE: u8 = 0x14;
+const TAG_DELETE_RANGE: u8 = 0x15;
 
 const OLD_NONE: u8 = 0x00;
 const OLD_KEY: u8 = 0x01;
@@ -174,6 +175,31 @@ impl Encoder {
                 put_varint(rels.len() as u64, out);
                 for rel in rels {
                     self.put_relation(rel, out);
+                }
+            }
+            Change::DeleteRange {
+                rel,
+                key,
+                after,
+                upto,
+            } => {
+                out.push(TAG_DELETE_RANGE);
+                self.put_relation(rel, out);
+                put_varint(key.len() as u64, out);
+                for k in key {
+                    put_bytes(k.as_bytes(), out);
+                }
+                for bound in [after, upto] {
+                    match bound {
+                        None => out.push(0),
+                        Some(v) => {
+                            out.push(1);
+                            put_varint(v.len() as u64, out);
+                            for x in v {
+                                out.extend_from_slice(&x.to_le_bytes());
+                            }
+                        }
+                    }
                 }
             }
             Change::Message { prefix, content } => {
@@ -334,6 +360,40 @@ impl Decoder {
                     rels,
                     cascade: flags & 1 != 0,
                     restart_identity: flags & 2 != 0,
+                })
+            }
+            TAG_DELETE_RANGE => {
+                let rel = self.relation(cur)?;
+                let n = cur.count("delete range key columns")?;
+                let mut key = Vec::with_capacity(n);
+                for _ in 0..n {
+                    key.push(cur.string("delete range key column")?);
+                }
+                let mut bound = || -> Result<Option<Vec<i64>>, CodecError> {
+                    let at = cur.pos;
+                    match cur.u8("delete range bound")? {
+                        0 => Ok(None),
+                        1 => {
+                            let n = cur.count("delete range bound length")?;
+                            let mut v = Vec::with_capacity(n);
+                            for _ in 0..n {
+                                v.push(cur.i64("delete range bound value")?);
+                            }
+                            Ok(Some(v))
+                        }
+                        _ => Err(CodecError::Invalid {
+                            offset: at,
+                            what: "delete range bound",
+                        }),
+                    }
+                };
+                let after = bound()?;
+                let upto = bound()?;
+                ShardEvent::Change(Change::DeleteRange {
+                    rel,
+                    key,
+                    after,
+                    upto,
                 })
             }
             TAG_MESSAGE => {
@@ -684,7 +744,7 @@ pub(crate) mod tests {
     /// A random event of any kind, every `Change` variant included.
     pub(crate) fn event(rng: &mut StdRng, rels: &[Arc<Relation>]) -> ShardEvent {
         let rel = Arc::clone(&rels[rng.gen_range(0..rels.len())]);
-        match rng.gen_range(0..9) {
+        match rng.gen_range(0..10) {
             0 => ShardEvent::Begin(Begin {
                 xid: rng.gen(),
                 commit_lsn: Lsn::from_u64(rng.gen()),
@@ -720,6 +780,16 @@ pub(crate) mod tests {
                     .collect(),
                 cascade: rng.gen(),
                 restart_identity: rng.gen(),
+            }),
+            7 => ShardEvent::Change(Change::DeleteRange {
+                rel,
+                key: (0..rng.gen_range(1..4)).map(|i| format!("k{i}")).collect(),
+                after: rng
+                    .gen_bool(0.5)
+                    .then(|| (0..rng.gen_range(1..4)).map(|_| rng.gen()).collect()),
+                upto: rng
+                    .gen_bool(0.5)
+                    .then(|| (0..rng.gen_range(1..4)).map(|_| rng.gen()).collect()),
             }),
             _ => ShardEvent::Change(Change::Message {
                 prefix: "pr\u{e9}fixe".into(),
