@@ -301,3 +301,94 @@ fn check_warns_on_idle_replication_slot_timeout() {
     let pass = line(&t);
     assert_eq!(pass["status"], "pass", "{pass}");
 }
+
+/// A write fence on a partitioned source table (ChartMogul's shape): rows of the fenced shard's
+/// accounts are refused in every partition, a row moved across partitions too, the others
+/// written, and unfencing opens it again. PostgreSQL 12 has no BEFORE row triggers on
+/// partitioned tables; the fence must still hold there.
+async fn fence_on_a_partitioned_table(major: u32) {
+    let t = Topology::start_majors(major, &[major, major], |_| PgCluster::builder());
+    assert_eq!(major_of(&t.source), major);
+    t.source_sql(
+        "CREATE TABLE events (account_id bigint NOT NULL, id bigint NOT NULL, kind text, \
+           PRIMARY KEY (account_id, id)) PARTITION BY RANGE (id); \
+         CREATE TABLE events_low PARTITION OF events FOR VALUES FROM (MINVALUE) TO (1000); \
+         CREATE TABLE events_high PARTITION OF events FOR VALUES FROM (1000) TO (MAXVALUE); \
+         CREATE TABLE plans (id int PRIMARY KEY, name text NOT NULL)",
+    );
+    t.write_config(
+        "[[tables]]\nname = \"public.events\"\n\n[[tables]]\nname = \"public.plans\"\nmode = \"broadcast\"\n",
+    );
+    let cfg = t.config_path();
+    let c = cfg.to_str().unwrap();
+    let (code, out, err) = t.reshard(&["fence", "-c", c, "--shard", "shard1"]);
+    assert_eq!(code, 0, "PostgreSQL {major}: {out}\n{err}");
+    let app = crate::ops::connect(&t.source.url("app")).await;
+    let (mut refused, mut written) = (0, 0);
+    for acct in 1..=20i64 {
+        let fenced = crate::ops::shard_of(&t, acct) == 1;
+        for id in [acct, 1000 + acct] {
+            let r = app
+                .execute("INSERT INTO events VALUES ($1, $2, 'x')", &[&acct, &id])
+                .await;
+            match r {
+                Ok(_) => {
+                    assert!(!fenced, "PostgreSQL {major}: account {acct} (shard1) written into partition of id {id}");
+                    written += 1;
+                }
+                Err(e) => {
+                    assert!(fenced, "PostgreSQL {major}: account {acct}: {e:?}");
+                    assert_eq!(crate::common::sqlstate(&e), "RSF01", "{e:?}");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        refused > 0 && written > 0,
+        "refused {refused}, written {written}"
+    );
+    // A row of another shard's account moved into shard1's accounts, across partitions.
+    let a0 = (1..=20)
+        .find(|a| crate::ops::shard_of(&t, *a) == 0)
+        .unwrap();
+    let a1 = (1..=20)
+        .find(|a| crate::ops::shard_of(&t, *a) == 1)
+        .unwrap();
+    let e = app
+        .execute(
+            &format!("UPDATE events SET account_id = {a1}, id = 5000 WHERE account_id = {a0} AND id = {a0}"),
+            &[],
+        )
+        .await
+        .expect_err("a row moved into shard1's accounts");
+    assert_eq!(crate::common::sqlstate(&e), "RSF01", "{e:?}");
+    let e = app
+        .execute("TRUNCATE events", &[])
+        .await
+        .expect_err("TRUNCATE removes shard1's rows too");
+    assert_eq!(crate::common::sqlstate(&e), "RSF01", "{e:?}");
+    app.execute("INSERT INTO plans VALUES (1, 'free')", &[])
+        .await
+        .expect("broadcast tables are not fenced");
+    let (code, out, err) = t.reshard(&["unfence", "-c", c, "--shard", "shard1", "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let removed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(removed["removed"]["refused"], refused + 2, "{removed:#}");
+    app.execute("INSERT INTO events VALUES ($1, 2000, 'after')", &[&a1])
+        .await
+        .expect("unfenced");
+}
+
+/// See: issue #15. PostgreSQL 13 (CI): the fence's BEFORE row trigger on the partitioned parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_on_a_partitioned_table_pg13() {
+    fence_on_a_partitioned_table(13).await;
+}
+
+/// See: issue #15. PostgreSQL 12: no BEFORE row triggers on partitioned tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full version matrix: scripts/fetch-postgres all, then --include-ignored"]
+async fn fence_on_a_partitioned_table_pg12() {
+    fence_on_a_partitioned_table(12).await;
+}
