@@ -1013,6 +1013,87 @@ fn a_fresh_spill_directory_behind_a_lagging_shard_is_refused_naming_shard_and_ra
     );
 }
 
+// Found by the outside-user acceptance runs (explore): an emptied shard log.
+/// A shard is down while rows are written and confirmed to the slot, the engine is SIGKILLed,
+/// and the segment files of that shard's log are deleted by hand (the `identity` and
+/// `checkpoint` files stay): those rows exist nowhere else, so it refuses to stream, naming
+/// the shard and the directory, and leaves the shard's progress where it was. With the files
+/// back it resumes and every shard converges.
+#[test]
+fn a_shard_log_emptied_by_hand_behind_a_lagging_shard_is_refused() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    preload(&t);
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    t.source_sql("INSERT INTO audit SELECT g % 101 + 1, 'streamed', g FROM generate_series(400000, 400999) g");
+    t.wait_converged(TABLES, Duration::from_secs(60));
+
+    t.shards[1].stop().unwrap();
+    for k in 0..5 {
+        t.source_sql(&format!(
+            "INSERT INTO audit SELECT g % 101 + 1, 'while shard1 is down', g \
+             FROM generate_series({0} * 1000 + 500000, {0} * 1000 + 500999) g",
+            k
+        ));
+    }
+    let written = t.source_sql("SELECT pg_current_wal_lsn()");
+    t.wait(
+        &format!("confirmed_flush_lsn to pass {written} while shard1 is down"),
+        Duration::from_secs(60),
+        || lsn_at_least(&t, &written).then_some(()),
+    );
+    t.kill9(d);
+    t.shards[1].restart().unwrap();
+    let progress = |t: &Topology| {
+        t.shards[1]
+            .psql("app", "SELECT commit_lsn FROM reshard.progress")
+            .unwrap()
+    };
+    let before = progress(&t);
+    let shard_log = t.spill_dir().join("shard-0001");
+    let kept = t.dir.path().join("shard-0001-segments");
+    std::fs::create_dir(&kept).unwrap();
+    let mut moved = 0;
+    for e in std::fs::read_dir(&shard_log).unwrap() {
+        let e = e.unwrap();
+        std::fs::rename(e.path(), kept.join(e.file_name())).unwrap();
+        moved += 1;
+    }
+    assert!(moved > 0, "shard1's log holds no segment to remove");
+
+    let d = t.spawn_run(&[]);
+    let code = t.wait_exit(d, Duration::from_secs(60));
+    let log = t.last_log();
+    assert_eq!(
+        code,
+        Some(3),
+        "a shard log emptied behind a lagging shard must be refused:\n{}",
+        t.all_logs()
+    );
+    assert!(
+        log.contains("shard 1") && log.contains(&shard_log.display().to_string()),
+        "the refusal must name the shard and its directory:\n{log}"
+    );
+    assert_eq!(progress(&t), before, "nothing may move shard1's progress");
+
+    // The files back: it resumes and catches up.
+    for e in std::fs::read_dir(&kept).unwrap() {
+        let e = e.unwrap();
+        std::fs::rename(e.path(), shard_log.join(e.file_name())).unwrap();
+    }
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "SIGTERM must be a clean exit 0:\n{}",
+        t.all_logs()
+    );
+}
+
 // See: issue #11 item 2 (the slot dropped by hand, old progress rows and chunk records).
 /// After a migration ran, rows are written while the daemon is stopped, a DBA drops the slot
 /// and the spill directory is gone: a restart would create a new slot past those rows and

@@ -264,6 +264,17 @@ pub enum SpillError {
         /// The shard's directory.
         dir: PathBuf,
     },
+    /// A shard's newest segment, which the durable checkpoint says holds data, is gone (with
+    /// every earlier one): the segment files were removed by hand.
+    #[error("spill log of shard {shard} has lost its newest segment {seq} (in {dir}): the durable checkpoint says it holds transactions already confirmed to the source, which sends them no more, and retention never deletes a shard's newest segment, so its files were removed; reshard never skips them. Restore the files; or, if the shard may have applied everything, remove the whole spill directory: the next start proves from the shards' progress whether anything is missing")]
+    NewestSegmentMissing {
+        /// The shard.
+        shard: ShardId,
+        /// Sequence number of the missing segment.
+        seq: u64,
+        /// The shard's directory.
+        dir: PathBuf,
+    },
     /// A shard log is shorter than the durable checkpoint says.
     #[error("spill segment {path} has {have} bytes but the durable checkpoint says {need}: data confirmed to the source is lost (disk or filesystem lost synced writes); re-copy the shard, or restore the spill directory from a backup")]
     DurableDataLost {
@@ -339,6 +350,7 @@ impl Classify for SpillError {
             | SpillError::ShardsMismatch { .. }
             | SpillError::Corrupt { .. }
             | SpillError::MissingSegment { .. }
+            | SpillError::NewestSegmentMissing { .. }
             | SpillError::DurableDataLost { .. }
             | SpillError::Discarded { .. }
             | SpillError::UnknownShard { .. }

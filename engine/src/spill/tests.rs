@@ -501,6 +501,50 @@ async fn corruption_in_the_middle_is_an_error_naming_file_and_offset() {
 }
 
 #[tokio::test]
+async fn a_shard_log_emptied_by_hand_is_an_error_not_an_empty_log() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut w, _) = SpillWriter::open(opts(dir.path()), identity(2)).unwrap();
+        for k in 1..=50u64 {
+            write_txn(&mut w, k, &[0, 1], 4);
+        }
+        w.flush().unwrap();
+    }
+    for seg in segments(dir.path(), 1) {
+        std::fs::remove_file(seg).unwrap();
+    }
+    let err = SpillWriter::open(opts(dir.path()), identity(2))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            SpillError::NewestSegmentMissing {
+                shard: ShardId(1),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.class(), crate::error::ErrorClass::Definite);
+    // The whole shard directory gone is the same.
+    std::fs::remove_dir_all(dir.path().join("shard-0001")).unwrap();
+    let err = SpillWriter::open(opts(dir.path()), identity(2))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            SpillError::NewestSegmentMissing {
+                shard: ShardId(1),
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn retention_deletes_only_fully_applied_segments() {
     let dir = tempfile::tempdir().unwrap();
     let (mut w, _) = SpillWriter::open(opts(dir.path()), identity(2)).unwrap();

@@ -1196,6 +1196,15 @@ fn recover_shard(
             seq: cp.end.seq,
             dir,
         });
+    } else if cp.end.offset > 0 && later.is_empty() {
+        // The checkpoint's segment held durable data and retention never deletes a shard's
+        // newest segment (a later one existed, and was cut off above as not durable, only when
+        // retention deleted this one after the shard applied it): the files were removed.
+        return Err(SpillError::NewestSegmentMissing {
+            shard,
+            seq: cp.end.seq,
+            dir,
+        });
     }
     if !later.is_empty() || discarded > 0 {
         sync_dir(&dir)?;
