@@ -26,6 +26,7 @@ pub mod begin;
 pub mod ingest;
 pub mod options;
 pub mod reverse;
+pub mod side;
 pub mod startup;
 pub mod status;
 pub mod supervisor;

@@ -32,128 +32,30 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::apply::{ApplyError, ApplyOptions, ApplyState, ShardApplier, ShardStatus};
 use crate::config::{Config, TableMode as CfgMode};
-use crate::error::{Classify, ErrorClass};
-use crate::event::{pg_now, ShardId};
-use crate::lsn::Lsn;
 use crate::pg::catalog::SourceTable;
-use crate::pg::progress::{read_progress, ProgressError};
-use crate::pg::reverse::{self as record, ReverseRow, ReverseState, ReverseTableError};
-use crate::quarantine::{Quarantine, QuarantineError};
-use crate::route::{self, RouteError, RouteSpec, Router};
-use crate::runtime::ingest::{
-    start_streaming, Ingest, IngestCounters, IngestError, IngestOptions, UnroutableHandling,
-};
-use crate::runtime::startup::{self, StartupError};
-use crate::shutdown::{self, ShutdownRx, ShutdownTx};
-use crate::source::{list_slots, ConnConfig, ReplicationClient, SourceError};
-use crate::spill::{SpillError, SpillIdentity, SpillLog, SpillOptions, SpillWriter};
+use crate::pg::reverse::{self as record, ReverseRow, ReverseState};
+use crate::route::{self, RouteSpec};
+use crate::runtime::side::{SideSpec, SideStream};
+use crate::shutdown::ShutdownRx;
+use crate::source::ConnConfig;
 use crate::status::ReverseView;
 
 /// How often the watcher reads `reshard.reverse`.
 const POLL: Duration = Duration::from_secs(1);
 /// How often the watcher publishes the streams' state (the daemon's status refresh).
 const PUBLISH: Duration = Duration::from_millis(250);
+
+/// Why a reverse stream could not start or stopped (a side stream's error).
+pub use super::side::SideError as ReverseError;
+
 /// The one target of a reverse stream (the spill log's only "shard").
 const SOURCE_TARGET: &str = "source";
-
-/// Why a reverse stream could not start or stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum ReverseError {
-    /// `reshard.reverse` names a shard the config does not have.
-    #[error("reshard.reverse on the source names shard {shard}, which the config does not list; add it back to [[shards]], or roll it back with the config that cut it over")]
-    UnknownShard {
-        /// The shard.
-        shard: String,
-    },
-    /// The shard's connection or a replication command.
-    #[error("{0}")]
-    Source(#[from] SourceError),
-    /// The slot the cutover created is gone.
-    #[error("the reverse slot {slot} on shard {shard} does not exist: the writes S took since its cutover can no longer stream back. If they are on the source already, run `reshard rollback --shard {shard}`; otherwise recreate nothing, and copy them by hand")]
-    SlotMissing {
-        /// The shard.
-        shard: String,
-        /// The slot.
-        slot: String,
-    },
-    /// The shard's URL now leads to another server than the one cut over.
-    #[error("shard {shard} is now system {found}, but its reverse slot was created on system {expected}: the config's url for it changed; point it back at the server that was cut over")]
-    OtherSystem {
-        /// The shard.
-        shard: String,
-        /// Recorded at cutover.
-        expected: String,
-        /// Found now.
-        found: String,
-    },
-    /// The reverse spill log.
-    #[error("{0}")]
-    Spill(#[from] SpillError),
-    /// The reverse spill log, the slot and the source's progress row do not prove a lossless start.
-    #[error("{0}")]
-    Startup(StartupError),
-    /// The source's progress row.
-    #[error("{0}")]
-    Progress(#[from] ProgressError),
-    /// `reshard.reverse`.
-    #[error("{0}")]
-    Table(#[from] ReverseTableError),
-    /// The quarantine (never written: every reverse table is routed to the source).
-    #[error("{0}")]
-    Quarantine(#[from] QuarantineError),
-    /// Routing set-up.
-    #[error("{0}")]
-    Route(#[from] RouteError),
-    /// Reading from the shard stopped.
-    #[error("reading from the shard: {0}")]
-    Ingest(Box<IngestError>),
-    /// Applying to the source stopped.
-    #[error("applying to the source: {0}")]
-    Apply(Box<ApplyError>),
-    /// A task could not be started or joined.
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl From<StartupError> for ReverseError {
-    fn from(e: StartupError) -> ReverseError {
-        ReverseError::Startup(e)
-    }
-}
-
-impl From<IngestError> for ReverseError {
-    fn from(e: IngestError) -> ReverseError {
-        ReverseError::Ingest(Box::new(e))
-    }
-}
-
-impl From<ApplyError> for ReverseError {
-    fn from(e: ApplyError) -> ReverseError {
-        ReverseError::Apply(Box::new(e))
-    }
-}
-
-impl Classify for ReverseError {
-    fn class(&self) -> ErrorClass {
-        match self {
-            ReverseError::Source(e) => e.class(),
-            ReverseError::Spill(e) => e.class(),
-            ReverseError::Progress(e) => e.class(),
-            ReverseError::Table(e) => e.class(),
-            ReverseError::Ingest(e) => e.class(),
-            ReverseError::Apply(e) => e.class(),
-            _ => ErrorClass::Definite,
-        }
-    }
-}
 
 /// The running watcher.
 pub struct ReverseHandle {
@@ -307,16 +209,15 @@ impl Watcher {
         if let Some(s) = self.streams.get_mut(&row.shard) {
             s.row.state = row.state;
             s.row.drain_lsn = row.drain_lsn;
-            if !s.task.is_finished() {
+            if !s.side.is_finished() {
                 return;
             }
             let Some(s) = self.streams.remove(&row.shard) else {
                 return;
             };
-            let e = match s.task.await {
-                Ok(Ok(())) => "stopped".to_owned(),
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => format!("task failed: {e}"),
+            let e = match s.side.stop().await {
+                Ok(()) => "stopped".to_owned(),
+                Err(e) => e.to_string(),
             };
             tracing::error!(shard = %row.shard, error = %e, "reverse stream stopped; restarting it");
             self.failed(&row.shard, e);
@@ -424,15 +325,11 @@ fn reverse_dir(cfg: &Config, row: &ReverseRow) -> PathBuf {
 /// One shard's running reverse stream.
 struct Stream {
     row: ReverseRow,
-    stop: ShutdownTx,
-    status: watch::Receiver<ShardStatus>,
-    counters: Arc<IngestCounters>,
-    task: JoinHandle<Result<(), ReverseError>>,
+    side: SideStream,
 }
 
 impl Stream {
-    /// Proves the local log covers what the source still needs, starts streaming from the
-    /// shard's slot, and spawns the ingest thread and the apply task.
+    /// Starts the side stream from the shard's reverse slot into the source.
     async fn start(
         cfg: &Config,
         tables: &[SourceTable],
@@ -445,242 +342,41 @@ impl Stream {
             .ok_or_else(|| ReverseError::UnknownShard {
                 shard: row.shard.clone(),
             })?;
-        let shard_conn = ConnConfig::parse(&shard_cfg.url)?;
-        let source_conn = ConnConfig::parse(&cfg.source.url)?;
-        let mut repl = ReplicationClient::connect(&shard_conn).await?;
-        let system = repl.identify_system().await?;
-        if system.system_id != row.shard_system_id {
-            return Err(ReverseError::OtherSystem {
-                shard: row.shard.clone(),
-                expected: row.shard_system_id.clone(),
-                found: system.system_id,
-            });
-        }
-        let shard_sql = shard_conn.connect_sql().await?;
-        let slot = list_slots(&shard_sql)
-            .await?
-            .into_iter()
-            .find(|s| s.slot_name == row.slot)
-            .ok_or_else(|| ReverseError::SlotMissing {
-                shard: row.shard.clone(),
-                slot: row.slot.clone(),
-            })?;
-        drop(shard_sql);
-
-        let dir = reverse_dir(cfg, row);
-        let spill_opts = SpillOptions {
-            dir: dir.clone(),
-            ..SpillOptions::from(&cfg.spill)
-        };
-        let identity = SpillIdentity {
-            system_id: row.shard_system_id.clone(),
-            slot: row.slot.clone(),
-            shards: vec![SOURCE_TARGET.to_owned()],
-        };
-        let (mut writer, report) =
-            tokio::task::spawn_blocking(move || SpillWriter::open(spill_opts, identity))
-                .await
-                .map_err(|e| {
-                    ReverseError::Internal(format!("opening the reverse spill log: {e}"))
-                })??;
-        let log: Arc<SpillLog> = Arc::new(writer.log());
-
-        let source_sql = source_conn.connect_sql().await?;
-        let progress_shard = row.progress_shard();
-        let progress = read_progress(
-            &source_sql,
-            &row.slot,
-            &progress_shard,
-            Some(&row.shard_system_id),
-        )
-        .await?;
-        drop(source_sql);
-        let plan = startup::plan(
-            &row.slot,
-            startup::SlotState::Exists {
-                confirmed_flush_lsn: slot.confirmed_flush_lsn.unwrap_or_default(),
-            },
-            &startup::LogState {
-                dir: dir.clone(),
-                migration_id: report.migration_id.clone(),
-                start_lsn: report.start_lsn,
-                durable_lsn: report.durable_lsn,
-            },
-            &[startup::ShardState {
-                name: progress_shard.clone(),
-                progress: progress.as_ref().map(|p| p.commit_lsn),
-                migration_id: progress.and_then(|p| p.migration_id),
-                has_load_records: false,
-                oldest_copy_lsn: None,
-            }],
-            || startup::new_migration_id(&row.shard_system_id),
-        )?;
-        let migration_id = plan.migration_id().to_owned();
-        if let startup::Plan::Resume { log_start, .. } = &plan {
-            writer.record_lineage(&migration_id, *log_start)?;
-        }
-
-        let ingest_opts = IngestOptions {
-            conn: shard_conn,
+        let spec = SideSpec {
+            shard: row.shard.clone(),
+            shard_conn: ConnConfig::parse(&shard_cfg.url)?,
+            shard_system_id: row.shard_system_id.clone(),
             slot: row.slot.clone(),
             publication: row.publication.clone(),
-            streaming: cfg.source.streaming,
-            status_interval: Duration::from_millis(cfg.source.status_interval_ms),
-            flush_interval: Duration::from_millis(cfg.spill.flush_interval_ms),
-            stream_dir: dir.join("streams"),
-            retry_initial: Duration::from_millis(cfg.apply.retry_initial_ms),
-            retry_max: Duration::from_millis(cfg.apply.retry_max_ms),
-        };
-        let first = start_streaming(repl, &ingest_opts, report.durable_lsn).await?;
-        let router = Router::new(reverse_route_spec(cfg, tables))?;
-        let counters = Arc::new(IngestCounters::default());
-        let ingest = Ingest::new(
-            ingest_opts,
-            router,
-            writer,
-            counters.clone(),
-            report.durable_lsn,
-            UnroutableHandling {
-                policy: crate::config::OnUnroutable::Stop,
-                quarantine: Quarantine::open(&dir, report.durable_lsn)?,
-                map: None,
-            },
-        );
-
-        let apply_opts = ApplyOptions {
-            shard: ShardId(0),
-            shard_name: progress_shard,
-            source_system_id: row.shard_system_id.clone(),
-            slot: row.slot.clone(),
-            migration_id: Some(migration_id),
+            slot_missing_advice: format!(
+                "the writes the shard took since its cutover can no longer stream back. If they are on the source already, run `reshard rollback --shard {}`; otherwise recreate nothing, and copy them by hand",
+                row.shard
+            ),
+            dir: reverse_dir(cfg, row),
+            target_conn: ConnConfig::parse(&cfg.source.url)?,
+            progress_shard: row.progress_shard(),
+            route: reverse_route_spec(cfg, tables),
             table_map: tables
                 .iter()
                 .filter(|t| t.rule.mode == CfgMode::Sharded && t.rule.target != t.rule.source)
                 .map(|t| (t.rule.target.clone(), t.rule.source.clone()))
                 .collect(),
-            // Through the source's fence, without firing its triggers a second time.
-            session_replication_role_replica: true,
-            replication_origin: Some(row.origin()),
-            ..ApplyOptions::from_config(&cfg.apply)
+            origin: row.origin(),
+            kind: "reverse",
         };
-        let connect = move || {
-            let conn = source_conn.clone();
-            async move { conn.connect_sql().await }
-        };
-        let applier = ShardApplier::new(apply_opts, connect, log);
-        let (stop, stop_rx) = shutdown::channel();
-        let (status_tx, status) = watch::channel(ShardStatus {
-            shard: row.progress_shard(),
-            ..Default::default()
-        });
-        let (inner_tx, inner_rx) = shutdown::channel();
-        let (pause_tx, pause_rx) = watch::channel(false);
-        let span = tracing::info_span!("reverse", shard = %row.shard, slot = %row.slot);
-        let ingest_done = ingest
-            .spawn_thread(
-                "reshard-reverse".into(),
-                span.clone(),
-                Some(first),
-                inner_rx.clone(),
-                pause_rx,
-            )
-            .map_err(|e| {
-                ReverseError::Internal(format!("spawning the reverse ingest thread: {e}"))
-            })?;
-        let apply = tokio::spawn(tracing::Instrument::instrument(
-            applier.run(inner_rx, status_tx),
-            span,
-        ));
-        let task = tokio::spawn(supervise(stop_rx, inner_tx, pause_tx, ingest_done, apply));
         Ok(Stream {
             row: row.clone(),
-            stop,
-            status,
-            counters,
-            task,
+            side: SideStream::start(cfg, spec).await?,
         })
     }
 
     async fn stop(self) -> Result<(), ReverseError> {
-        self.stop.shutdown();
-        self.task
-            .await
-            .map_err(|e| ReverseError::Internal(format!("reverse stream task: {e}")))?
+        self.side.stop().await
     }
 
     fn fill(&self, v: &mut ReverseView) {
-        let st = self.status.borrow().clone();
-        let received = self.counters.received().max(self.counters.confirmed());
-        v.stream = match st.state {
-            ApplyState::Starting => "starting",
-            ApplyState::Running => "running",
-            ApplyState::Retrying => "retrying",
-            ApplyState::WaitingForDdl => "waiting_for_ddl",
-            ApplyState::Paused => "paused",
-            ApplyState::Stopped => "stopped",
-        }
-        .into();
-        v.connected = self
-            .counters
-            .connected
-            .load(std::sync::atomic::Ordering::Relaxed);
-        v.received_lsn = received;
-        v.applied_lsn = st.applied_commit_lsn;
-        let caught_up = st.applied_commit_lsn.covers(self.counters.confirmed());
-        v.lag_bytes = if caught_up {
-            0
-        } else {
-            received.bytes_since(st.applied_commit_lsn)
-        };
-        v.lag_seconds = match st.last_commit_time {
-            Some(t) if !caught_up => ((pg_now() - t).max(0) as f64) / 1e6,
-            _ => 0.0,
-        };
-        v.txns_applied_total = st.txns_applied;
-        v.rows_inserted_total = st.rows_inserted;
-        v.rows_updated_total = st.rows_updated;
-        v.rows_deleted_total = st.rows_deleted;
-        v.last_error = st.last_error;
+        self.side.fill(v);
     }
-}
-
-/// Runs until `stop` (or until the ingest or the apply ends), then stops the other one.
-async fn supervise(
-    mut stop: ShutdownRx,
-    inner: ShutdownTx,
-    _pause: watch::Sender<bool>,
-    mut ingest_done: oneshot::Receiver<Result<Lsn, IngestError>>,
-    mut apply: JoinHandle<Result<(), ApplyError>>,
-) -> Result<(), ReverseError> {
-    let mut ingest_result = None;
-    let mut apply_result = None;
-    tokio::select! {
-        biased;
-        // This is cancellation-safe.
-        _ = stop.requested() => {}
-        // This is cancellation-safe (a oneshot receiver).
-        r = &mut ingest_done => ingest_result = Some(r),
-        // This is cancellation-safe (a join handle).
-        r = &mut apply => apply_result = Some(r),
-    }
-    inner.shutdown();
-    let ingest = match ingest_result {
-        Some(r) => r,
-        None => ingest_done.await,
-    }
-    .unwrap_or_else(|_| {
-        Err(IngestError::Source(SourceError::protocol(
-            "reverse ingest thread ended",
-        )))
-    });
-    let apply = match apply_result {
-        Some(r) => r,
-        None => apply.await,
-    }
-    .map_err(|e| ReverseError::Internal(format!("reverse apply task: {e}")))?;
-    ingest?;
-    apply?;
-    Ok(())
 }
 
 /// The reverse router: one target (the source); every table S publishes is S's share of a
