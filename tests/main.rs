@@ -12,6 +12,7 @@ mod ddl;
 mod decode;
 mod demo;
 mod key_outside_identity;
+mod moves;
 mod operate;
 mod ops;
 mod quarantine;

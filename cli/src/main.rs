@@ -72,6 +72,10 @@ pub enum Command {
     /// write it took (the reverse stream), move its sequences onto the source, unfence the
     /// source. The application then sends the shard's accounts to the source again.
     Rollback(RollbackArgs),
+    /// Move accounts between two live shards (hash = "map"): copy from a snapshot of the old
+    /// shard, stream their changes, fence them there, wait, verify, flip the map, delete them
+    /// from the old shard. Resumable: run it again after a crash.
+    Move(MoveArgs),
     /// Changes that could not be routed (NULL shard key, unknown account): list them, replay
     /// them with the current account map, or drop them.
     Quarantine(QuarantineArgs),
@@ -202,6 +206,30 @@ pub struct VerifyArgs {
     /// Longest wait for shards to reach the source's LSN, seconds or a duration (`10m`).
     #[arg(long, default_value = "300")]
     pub timeout: String,
+}
+
+#[derive(Args, Debug)]
+pub struct MoveArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The accounts to move, comma-separated (their shard-key values).
+    #[arg(long, value_delimiter = ',', required_unless_present = "accounts_file")]
+    pub accounts: Vec<String>,
+    /// A file with the accounts to move, one per line (`#` comments and blank lines skipped).
+    #[arg(long, conflicts_with = "accounts")]
+    pub accounts_file: Option<PathBuf>,
+    /// The shard that holds the accounts.
+    #[arg(long)]
+    pub from: String,
+    /// The shard that gets them.
+    #[arg(long)]
+    pub to: String,
+    /// Longest wait for the target to apply the old shard's changes, seconds or a duration.
+    #[arg(long, default_value = "600")]
+    pub timeout: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -45,9 +45,11 @@
 //!             account map), startup (the start-up proof), begin (proof inputs, slot, full load,
 //!             first stream, in that order), ingest (slot -> decode -> route -> spill, one OS
 //!             thread), supervisor (watches, control, heartbeats, stop), status (the snapshot),
-//!             reverse (a cut-over shard's writes streaming back to the source)
+//!             reverse (a cut-over shard's writes streaming back to the source), side (one
+//!             shard's slot streamed into one other database: reverse and moves use it)
 //! ops/        the operator's commands: check verify/ cutover fence observe (status, lag) purge
-//!             plan reverse (set up at a fenced cutover; rollback)
+//!             plan reverse (set up at a fenced cutover; rollback) moves (accounts between
+//!             live shards)
 //! ```
 //!
 //! Rules the code keeps: [`pg`] imports the ground only; a stage imports the ground and

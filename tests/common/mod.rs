@@ -22,6 +22,22 @@ pub fn reshard_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_reshard"))
 }
 
+/// Runs a reshard command to completion with extra environment variables: (exit code, stdout,
+/// stderr).
+pub fn run_reshard(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(reshard_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run reshard");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A source cluster (database `app`) and `n` shard clusters (database `app` each).
 pub struct Topology {
     /// The source.
@@ -323,16 +339,7 @@ impl Topology {
 
     /// Runs a reshard command to completion: (exit code, stdout, stderr).
     pub fn reshard(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(reshard_bin())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run reshard");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        run_reshard(args, &[])
     }
 
     /// Creates `reshard.route_<type>` on the source: an empty hash-partitioned table whose

@@ -10,6 +10,7 @@ mod cutover;
 mod demo;
 mod fence;
 mod lag;
+mod moves;
 mod peek;
 mod plan;
 mod quarantine;
@@ -28,6 +29,7 @@ pub async fn dispatch(command: Command) -> ExitCode {
         Command::Plan(a) => plan::run(a).await,
         Command::Status(a) => status::run(a).await,
         Command::Lag(a) => lag::run(a).await,
+        Command::Move(a) => moves::run(a).await,
         Command::Verify(a) => verify::run(a).await,
         Command::Cutover(a) => cutover::run(a).await,
         Command::Slot(a) => slot::run(a).await,

@@ -14,7 +14,9 @@
 //!   was when the fence was installed, copied into `reshard.fence_map` (a map refreshed later is
 //!   not seen: run `reshard fence` again to refresh it). Broadcast tables are never fenced.
 //! - [`FenceSide::Shard`]: on a shard's database, refuse every write to its sharded tables
-//!   (rollback: the shard stops taking writes while the reverse stream drains).
+//!   (rollback: the shard stops taking writes while the reverse stream drains), or only the
+//!   rows of a list of accounts ([`FenceRule::Accounts`], an account move: the list is written
+//!   into the trigger function, `key::text IN (…)`).
 //!
 //! Invariants kept here:
 //! - **The fence is a record, the triggers are derived from it.** `reshard.fence` holds one row
@@ -91,6 +93,9 @@ pub enum FenceRule {
     },
     /// Rows whose account the map sends to the shard.
     Map(std::sync::Arc<AccountMap>),
+    /// Rows of these accounts (their key's text form): an account move fences only the
+    /// accounts it moves.
+    Accounts(Vec<String>),
     /// Every row.
     All,
 }
@@ -100,6 +105,7 @@ impl FenceRule {
         match self {
             FenceRule::Hash { .. } => "hash",
             FenceRule::Map(_) => "map",
+            FenceRule::Accounts(_) => "accounts",
             FenceRule::All => "all",
         }
     }
@@ -180,6 +186,29 @@ impl FenceSpec {
             side: FenceSide::Shard,
             reason: reason.to_owned(),
             rule: FenceRule::All,
+            tables,
+            lock_timeout: Duration::from_millis(config.cutover.fence_lock_timeout_ms),
+        })
+    }
+
+    /// The fence of `accounts`' writes on `shard`'s own database (an account move): every
+    /// sharded table (its name on the shards, listed by the source's catalog), refusing only
+    /// rows of those accounts. `name` is the fence's name (the move), `reason` says what it is.
+    pub async fn for_accounts(
+        config: &Config,
+        src: &Client,
+        shard: &str,
+        name: &str,
+        reason: &str,
+        accounts: &[String],
+    ) -> Result<FenceSpec, FenceError> {
+        shard_index(config, shard)?;
+        let tables = sharded_tables(config, src, |r| r.target.clone()).await?;
+        Ok(FenceSpec {
+            shard: name.to_owned(),
+            side: FenceSide::Shard,
+            reason: reason.to_owned(),
+            rule: FenceRule::Accounts(accounts.to_vec()),
             tables,
             lock_timeout: Duration::from_millis(config.cutover.fence_lock_timeout_ms),
         })
@@ -306,8 +335,17 @@ CREATE TABLE IF NOT EXISTS reshard.fence (
     installed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     step text NOT NULL DEFAULT 'fenced',
     step_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    lsn pg_lsn
+    lsn pg_lsn,
+    accounts text[]
 );
+-- A reshard.fence made before the accounts rule. Only then: ALTER TABLE takes an ACCESS
+-- EXCLUSIVE lock, which deadlocks with a writer whose fence trigger reads the table.
+DO $reshard_fence$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'reshard.fence'::regclass
+                   AND attname = 'accounts' AND NOT attisdropped) THEN
+        ALTER TABLE reshard.fence ADD COLUMN accounts text[];
+    END IF;
+END $reshard_fence$;
 CREATE TABLE IF NOT EXISTS reshard.fence_log (
     at timestamptz NOT NULL DEFAULT clock_timestamp(),
     shard text NOT NULL,
@@ -365,6 +403,7 @@ struct Stored {
     default_shard: Option<String>,
     tables: Vec<String>,
     keys: Vec<String>,
+    accounts: Option<Vec<String>>,
 }
 
 /// Installs (or refreshes) a fence. Returns the fence as recorded.
@@ -390,6 +429,10 @@ pub async fn install(client: &mut Client, spec: &FenceSpec) -> Result<Fence, Fen
     for t in &spec.tables {
         check_table(&tx, side, t).await?;
     }
+    let accounts: Option<Vec<String>> = match &spec.rule {
+        FenceRule::Accounts(a) => Some(a.clone()),
+        _ => None,
+    };
     let (modulus, remainder, default_shard) = match &spec.rule {
         FenceRule::Hash { modulus, remainder } => (
             Some(i32::try_from(*modulus).unwrap_or(i32::MAX)),
@@ -400,18 +443,19 @@ pub async fn install(client: &mut Client, spec: &FenceSpec) -> Result<Fence, Fen
             write_map(&tx, side, m).await?;
             (None, None, m.default_shard().map(str::to_owned))
         }
-        FenceRule::All => (None, None, None),
+        FenceRule::All | FenceRule::Accounts(_) => (None, None, None),
     };
     let tables: Vec<String> = spec.tables.iter().map(|t| t.table.clone()).collect();
     let keys: Vec<String> = spec.tables.iter().map(|t| t.key.clone()).collect();
     let side_s = side.to_string();
     let row = tx
         .query_one(
-            "INSERT INTO reshard.fence AS f (shard, side, reason, rule, modulus, remainder, default_shard, tables, keys) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+            "INSERT INTO reshard.fence AS f (shard, side, reason, rule, modulus, remainder, default_shard, tables, keys, accounts) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (shard) DO UPDATE SET side = EXCLUDED.side, reason = EXCLUDED.reason, \
                rule = EXCLUDED.rule, modulus = EXCLUDED.modulus, remainder = EXCLUDED.remainder, \
-               default_shard = EXCLUDED.default_shard, tables = EXCLUDED.tables, keys = EXCLUDED.keys \
+               default_shard = EXCLUDED.default_shard, tables = EXCLUDED.tables, keys = EXCLUDED.keys, \
+               accounts = EXCLUDED.accounts \
              RETURNING id, (xmax = 0)",
             &[
                 &spec.shard,
@@ -423,6 +467,7 @@ pub async fn install(client: &mut Client, spec: &FenceSpec) -> Result<Fence, Fen
                 &default_shard,
                 &tables,
                 &keys,
+                &accounts,
             ],
         )
         .await
@@ -667,7 +712,7 @@ async fn regenerate(
 ) -> Result<(), FenceError> {
     let rows = tx
         .query(
-            "SELECT shard, rule, modulus, remainder, default_shard, tables, keys FROM reshard.fence ORDER BY shard",
+            "SELECT shard, rule, modulus, remainder, default_shard, tables, keys, accounts FROM reshard.fence ORDER BY shard",
             &[],
         )
         .await
@@ -682,6 +727,7 @@ async fn regenerate(
             default_shard: r.get(4),
             tables: r.get(5),
             keys: r.get(6),
+            accounts: r.get(7),
         })
         .collect();
     // table -> (key, fences covering it)
@@ -860,6 +906,19 @@ fn row_function_body(table: &str, key: &str, helper: Option<u32>, covering: &[&S
                         .map_or_else(|| "NULL".to_owned(), quote_literal),
                     quote_literal(&f.shard)
                 ),
+                ("accounts", ..) => {
+                    let list: Vec<String> = f
+                        .accounts
+                        .iter()
+                        .flatten()
+                        .map(|a| quote_literal(a))
+                        .collect();
+                    if list.is_empty() {
+                        "false".to_owned()
+                    } else {
+                        format!("{k} IS NOT NULL AND {k}::text IN ({})", list.join(", "))
+                    }
+                }
                 _ => "true".to_owned(),
             };
             s.push_str(&format!("        IF {cond} THEN {refuse} END IF;\n"));
@@ -886,7 +945,23 @@ mod tests {
             default_shard: None,
             tables: vec!["public.items".into()],
             keys: vec!["account_id".into()],
+            accounts: None,
         }
+    }
+
+    #[test]
+    fn accounts_fence_refuses_only_the_listed_accounts() {
+        let mut f = stored("shard1->shard2", "accounts", None, None);
+        f.accounts = Some(vec!["42".into(), "7'7".into()]);
+        let body = row_function_body("public.items", "account_id", None, &[&f]);
+        assert!(
+            body.contains("NEW.\"account_id\"::text IN ('42', '7''7')"),
+            "{body}"
+        );
+        assert!(
+            body.contains("OLD.\"account_id\"::text IN ('42', '7''7')"),
+            "{body}"
+        );
     }
 
     #[test]

@@ -11,12 +11,25 @@
 //! - [`plan`]: one migration split into K groups that share nothing, and the proof that group
 //!   configs are disjoint.
 //! - [`reverse`]: the reverse direction set up at a fenced cutover, and `rollback`.
+//! - [`moves`]: accounts moved between two live shards (`reshard move`).
 
 pub mod check;
 pub mod cutover;
 pub mod fence;
+pub mod moves;
 pub mod observe;
 pub mod plan;
 pub mod purge;
 pub mod reverse;
 pub mod verify;
+
+/// Test builds only: `RESHARD_CRASH_AT=<step>` aborts the process right after that step, as a
+/// `kill -9` there would (the crash-and-rerun tests of rollback and move).
+pub(crate) fn crash_point(step: &str) {
+    #[cfg(feature = "test-utils")]
+    if std::env::var("RESHARD_CRASH_AT").is_ok_and(|s| s == step) {
+        eprintln!("RESHARD_CRASH_AT={step}: aborting");
+        std::process::abort();
+    }
+    let _ = step;
+}

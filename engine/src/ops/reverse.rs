@@ -439,13 +439,6 @@ async fn drop_slot_when_released(sh: &Client, row: &ReverseRow) -> bool {
     }
 }
 
-/// Test builds only: `RESHARD_CRASH_AT=<step>` aborts the process right after that step, as a
-/// `kill -9` there would (the crash-and-rerun tests).
 fn crash_point(step: &str) {
-    #[cfg(feature = "test-utils")]
-    if std::env::var("RESHARD_CRASH_AT").is_ok_and(|s| s == step) {
-        eprintln!("RESHARD_CRASH_AT={step}: aborting");
-        std::process::abort();
-    }
-    let _ = step;
+    super::crash_point(step);
 }

@@ -313,6 +313,52 @@ impl AccountMap {
     }
 }
 
+/// The map file `text` with `accounts` sent to `shard` (an account move's flip): each line
+/// whose account field is one of them gets `shard` as its second field, every other line is
+/// kept byte for byte, and an account without a line gets one at the end. The account field is
+/// compared as the map compares it: `lookup` parses it the way the map does (so `007` is the
+/// line of account `7`).
+pub fn csv_with_accounts_on(
+    text: &str,
+    accounts: &[String],
+    shard: &str,
+    same_account: impl Fn(&str, &str) -> bool,
+) -> String {
+    let mut out = String::with_capacity(text.len() + accounts.len() * 16);
+    let mut written = vec![false; accounts.len()];
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\n', '\r']);
+        let fields = split_csv_line(body.trim_ascii().as_bytes()).ok();
+        let hit = fields.as_ref().and_then(|f| match f.as_slice() {
+            [account, _] => {
+                let a = String::from_utf8_lossy(account);
+                accounts.iter().position(|x| same_account(x, a.trim()))
+            }
+            _ => None,
+        });
+        match hit {
+            Some(i) => {
+                let account = body.split(',').next().unwrap_or_default();
+                out.push_str(account);
+                out.push(',');
+                out.push_str(shard);
+                out.push_str(&line[body.len()..]);
+                written[i] = true;
+            }
+            None => out.push_str(line),
+        }
+    }
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    for (a, done) in accounts.iter().zip(written) {
+        if !done {
+            out.push_str(&format!("{a},{shard}\n"));
+        }
+    }
+    out
+}
+
 /// Splits one CSV line (RFC 4180 quoting: `"a, b"`, `""` for a quote) into trimmed fields.
 fn split_csv_line(line: &[u8]) -> Result<Vec<Cow<'_, [u8]>>, String> {
     let mut fields = Vec::with_capacity(2);
@@ -484,5 +530,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/map.csv"), "{err}");
+    }
+
+    #[test]
+    fn csv_flip_moves_only_the_listed_accounts() {
+        let text = "account_id,shard\n1,s0\n007,s0\n# note\n8,s1\r\n9,s1";
+        let same = |a: &str, b: &str| a.trim_start_matches('0') == b.trim_start_matches('0');
+        let out = csv_with_accounts_on(text, &["7".into(), "9".into(), "10".into()], "s2", same);
+        assert_eq!(
+            out,
+            "account_id,shard\n1,s0\n007,s2\n# note\n8,s1\r\n9,s2\n10,s2\n"
+        );
     }
 }

@@ -2,13 +2,13 @@
 //! S stream back to the source, so the source stays a complete fallback until `reshard
 //! rollback` (or for as long as S serves its accounts).
 //!
-//! Wiring only: the forward direction's stages, pointed the other way. S's slot and
-//! publication (created by the cutover, recorded in `reshard.reverse`, see [`crate::pg::reverse`])
-//! → [`Ingest`] (decode, transaction assembly, a router with one target, the source) → a spill
-//! log of its own (`<[spill] dir>/reverse/<slot>`, confirmed to S's slot once durable) → one
-//! [`ShardApplier`] writing the source: batched, its progress row `reverse:<S>` (keyed by S's
-//! system id and slot) in the same source transaction, so exactly once across restarts. The
-//! start-up proof ([`startup::plan`]) guards the reverse log like the forward one.
+//! Wiring only: a [side stream](crate::runtime::side) from S's slot and publication (created
+//! by the cutover, recorded in `reshard.reverse`, see [`crate::pg::reverse`]) into the source:
+//! decode, transaction assembly, a router with one target (the source), a spill log of its own
+//! (`<[spill] dir>/reverse/<slot>`, confirmed to S's slot once durable), one applier writing the
+//! source, batched, its progress row `reverse:<S>` (keyed by S's system id and slot) in the
+//! same source transaction, so exactly once across restarts; the start-up proof guards the
+//! reverse log like the forward one.
 //!
 //! - **No loop.** The source applies under the replication origin `reshard_reverse_<S>`
 //!   (`pg_replication_origin_session_setup`), so pgoutput marks those transactions with an

@@ -304,7 +304,8 @@ impl SideStream {
         });
         let (inner_tx, inner_rx) = shutdown::channel();
         let (pause_tx, pause_rx) = watch::channel(false);
-        let span = tracing::info_span!("side", kind = spec.kind, shard = %spec.shard, slot = %spec.slot);
+        let span =
+            tracing::info_span!("side", kind = spec.kind, shard = %spec.shard, slot = %spec.slot);
         let ingest_done = ingest
             .spawn_thread(
                 format!("reshard-{}", spec.kind),

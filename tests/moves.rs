@@ -1,0 +1,419 @@
+//! `reshard move`: accounts moved between two live shards while a writer keeps writing to every
+//! account, following the account map as an application would (issue #17).
+//!
+//! The writer is the oracle: it keeps, per account, every row it committed (a refused write
+//! commits nothing), so after the move each shard must hold exactly the rows the writer wrote
+//! to the accounts the map now gives it. Nothing is compared with reshard's own code.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::common::Topology;
+use crate::ops::connect;
+
+const ACCOUNTS: i64 = 10;
+const MOVED: [i64; 3] = [2, 3, 4];
+const SCHEMA: &str = "CREATE TABLE items (account_id bigint NOT NULL, id bigint NOT NULL, v text NOT NULL, PRIMARY KEY (account_id, id)); \
+     CREATE TABLE notes (account_id bigint NOT NULL, id bigint NOT NULL, body text, PRIMARY KEY (account_id, id)); \
+     CREATE TABLE plans (id int PRIMARY KEY, name text NOT NULL)";
+
+/// Accounts 1..=5 on shard0, 6..=10 on shard1.
+fn initial_map() -> String {
+    let mut s = String::from("account_id,shard\n");
+    for a in 1..=ACCOUNTS {
+        s.push_str(&format!("{a},shard{}\n", if a <= 5 { 0 } else { 1 }));
+    }
+    s
+}
+
+/// The map as the application reads it.
+fn read_map(path: &Path) -> BTreeMap<i64, usize> {
+    std::fs::read_to_string(path)
+        .expect("map")
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let (a, s) = l.split_once(',')?;
+            Some((
+                a.trim().parse().ok()?,
+                s.trim().strip_prefix("shard")?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// What the writer committed: `(table, account, id) -> value`, and the refusals it met.
+#[derive(Default)]
+struct Model {
+    rows: BTreeMap<(&'static str, i64, i64), String>,
+    refused: BTreeMap<i64, u64>,
+    writes: u64,
+}
+
+/// Writes to every account until `stop`: inserts, updates and deletes on `items`, inserts on
+/// `notes`, each to the shard the map names; on SQLSTATE RSF01 it re-reads the map and
+/// retries the same write; it also re-reads the map every 300 ms.
+async fn writer(
+    urls: Vec<String>,
+    map_path: PathBuf,
+    stop: Arc<AtomicBool>,
+    model: Arc<Mutex<Model>>,
+) {
+    let mut clients = Vec::new();
+    for u in &urls {
+        clients.push(connect(u).await);
+    }
+    let mut map = read_map(&map_path);
+    let mut read_at = std::time::Instant::now();
+    let mut next_id: BTreeMap<i64, i64> = (1..=ACCOUNTS).map(|a| (a, 1000)).collect();
+    let mut i: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let a = (i % ACCOUNTS as u64) as i64 + 1;
+        let op = i / ACCOUNTS as u64 % 10;
+        let existing: Option<i64> = {
+            let m = model.lock().expect("model");
+            m.rows
+                .range(("items", a, i64::MIN)..=("items", a, i64::MAX))
+                .nth((i as usize) % 7)
+                .map(|(k, _)| k.2)
+        };
+        // (sql, table, id, Some(new value) or None for a delete)
+        let (sql, table, id, value) = match (op, existing) {
+            (0..=4, _) | (_, None) => {
+                let id = next_id[&a];
+                next_id.insert(a, id + 1);
+                let v = format!("v{i}");
+                (
+                    format!("INSERT INTO items VALUES ({a}, {id}, '{v}')"),
+                    "items",
+                    id,
+                    Some(v),
+                )
+            }
+            (5..=6, Some(id)) => {
+                let v = format!("u{i}");
+                (
+                    format!("UPDATE items SET v = '{v}' WHERE account_id = {a} AND id = {id}"),
+                    "items",
+                    id,
+                    Some(v),
+                )
+            }
+            (7, Some(id)) => (
+                format!("DELETE FROM items WHERE account_id = {a} AND id = {id}"),
+                "items",
+                id,
+                None,
+            ),
+            _ => {
+                let id = next_id[&a];
+                next_id.insert(a, id + 1);
+                let v = format!("n{i}");
+                (
+                    format!("INSERT INTO notes VALUES ({a}, {id}, '{v}')"),
+                    "notes",
+                    id,
+                    Some(v),
+                )
+            }
+        };
+        loop {
+            if read_at.elapsed() >= Duration::from_millis(300) {
+                map = read_map(&map_path);
+                read_at = std::time::Instant::now();
+            }
+            let shard = map[&a];
+            match clients[shard].execute(sql.as_str(), &[]).await {
+                Ok(n) => {
+                    assert_eq!(n, 1, "{sql} on shard{shard} changed {n} rows");
+                    let mut m = model.lock().expect("model");
+                    m.writes += 1;
+                    match &value {
+                        Some(v) => m.rows.insert((table, a, id), v.clone()),
+                        None => m.rows.remove(&(table, a, id)),
+                    };
+                    break;
+                }
+                Err(e) if e.code().is_some_and(|c| c.code() == "RSF01") => {
+                    *model.lock().expect("model").refused.entry(a).or_default() += 1;
+                    map = read_map(&map_path);
+                    read_at = std::time::Instant::now();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("writer: {sql} on shard{shard}: {e:?}"),
+            }
+        }
+    }
+}
+
+/// `(table, account, id) -> value` of the given accounts on one shard.
+fn shard_rows(
+    t: &Topology,
+    shard: usize,
+    accounts: &[i64],
+) -> BTreeMap<(&'static str, i64, i64), String> {
+    let list = accounts
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut out = BTreeMap::new();
+    for (table, col) in [("items", "v"), ("notes", "body")] {
+        let text = t.shards[shard]
+            .psql(
+                "app",
+                &format!("SELECT account_id, id, {col} FROM {table} WHERE account_id IN ({list})"),
+            )
+            .expect("read shard");
+        for l in text.lines().filter(|l| !l.is_empty()) {
+            let f: Vec<&str> = l.split('|').collect();
+            out.insert(
+                (table, f[0].parse().expect("a"), f[1].parse().expect("id")),
+                f[2].to_owned(),
+            );
+        }
+    }
+    out
+}
+
+fn model_rows(m: &Model, accounts: &[i64]) -> BTreeMap<(&'static str, i64, i64), String> {
+    m.rows
+        .iter()
+        .filter(|(k, _)| accounts.contains(&k.1))
+        .map(|(k, v)| (*k, v.clone()))
+        .collect()
+}
+
+/// Two shards and a source with the schema, the seed rows on the shards by the map, the map
+/// file and the config.
+fn setup(t: &Topology) -> (PathBuf, PathBuf, Model) {
+    t.ddl_everywhere(SCHEMA);
+    let map_path = t.dir.path().join("accounts.csv");
+    std::fs::write(&map_path, initial_map()).expect("map");
+    let mut model = Model::default();
+    for (s, shard) in t.shards.iter().enumerate() {
+        let accounts: Vec<i64> = (1..=ACCOUNTS).filter(|a| (*a > 5) as usize == s).collect();
+        let list = accounts
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        shard
+            .psql(
+                "app",
+                &format!(
+                    "INSERT INTO items SELECT a, i, 'seed' || i FROM unnest(ARRAY[{list}]::bigint[]) a, generate_series(1, 200) i; \
+                     INSERT INTO notes SELECT a, i, 'note' || i FROM unnest(ARRAY[{list}]::bigint[]) a, generate_series(1, 50) i; \
+                     INSERT INTO plans VALUES (1, 'basic'), (2, 'pro')"
+                ),
+            )
+            .expect("seed");
+        for a in accounts {
+            for i in 1..=200 {
+                model.rows.insert(("items", a, i), format!("seed{i}"));
+            }
+            for i in 1..=50 {
+                model.rows.insert(("notes", a, i), format!("note{i}"));
+            }
+        }
+    }
+    let config =
+        t.write_config("[routing]\nhash = \"map\"\nmap = \"accounts.csv\"\nmap_refresh_secs = 0\n");
+    (config, map_path, model)
+}
+
+/// Checks the end state: the target holds exactly the moved accounts' rows the writer
+/// committed, the old shard none, every other account exactly its rows on its own shard, the
+/// broadcast table untouched.
+fn check_end_state(t: &Topology, model: &Model) {
+    let moved: Vec<i64> = MOVED.to_vec();
+    assert_eq!(
+        shard_rows(t, 1, &moved),
+        model_rows(model, &moved),
+        "shard1 holds exactly the moved accounts' rows"
+    );
+    assert!(
+        shard_rows(t, 0, &moved).is_empty(),
+        "shard0 still holds rows of the moved accounts"
+    );
+    let stay0: Vec<i64> = (1..=5).filter(|a| !moved.contains(a)).collect();
+    let stay1: Vec<i64> = (6..=ACCOUNTS).collect();
+    assert_eq!(
+        shard_rows(t, 0, &stay0),
+        model_rows(model, &stay0),
+        "shard0's own accounts"
+    );
+    assert_eq!(
+        shard_rows(t, 1, &stay1),
+        model_rows(model, &stay1),
+        "shard1's own accounts"
+    );
+    assert!(
+        shard_rows(t, 1, &stay0).is_empty(),
+        "accounts that stay on shard0 leaked to shard1"
+    );
+    for s in &t.shards {
+        assert_eq!(
+            s.psql(
+                "app",
+                "SELECT string_agg(id || name, ',' ORDER BY id) FROM plans"
+            )
+            .expect("plans")
+            .trim(),
+            "1basic,2pro"
+        );
+    }
+}
+
+// See: issue #17 (Must show: three accounts between two live shards under a writer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_three_accounts_between_live_shards_under_a_writer() {
+    let t = Topology::start(2);
+    let (config, map_path, model) = setup(&t);
+    let model = Arc::new(Mutex::new(model));
+    let stop = Arc::new(AtomicBool::new(false));
+    let urls: Vec<String> = t.shards.iter().map(|s| s.url("app")).collect();
+    let w = tokio::spawn(writer(urls, map_path.clone(), stop.clone(), model.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let cfg = config.display().to_string();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        crate::common::run_reshard(
+            &[
+                "move",
+                "-c",
+                &cfg,
+                "--accounts",
+                "2,3,4",
+                "--from",
+                "shard0",
+                "--to",
+                "shard1",
+                "--json",
+            ],
+            &[],
+        )
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "move failed:\n{out}\n{err}");
+    let report = crate::ops::json(&out, &err);
+    // Writes after the move go to shard1 for the moved accounts.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    w.await.expect("writer");
+    let m = std::mem::take(&mut *model.lock().expect("model"));
+
+    assert_eq!(report["step"], "done", "{report:#}");
+    assert!(
+        report["rows_copied"].as_i64().unwrap_or(0) >= 3 * 250,
+        "{report:#}"
+    );
+    assert!(
+        report["rows_streamed"].as_u64().unwrap_or(0) > 0,
+        "the writer's changes during the move were streamed: {report:#}"
+    );
+    let map = read_map(&map_path);
+    for a in 1..=ACCOUNTS {
+        let want = if MOVED.contains(&a) || a > 5 { 1 } else { 0 };
+        assert_eq!(map[&a], want, "account {a} in the map");
+    }
+    check_end_state(&t, &m);
+
+    // The fence refused the moved accounts' writes, and no others; its counter agrees.
+    let refused_moved: u64 = MOVED
+        .iter()
+        .map(|a| m.refused.get(a).copied().unwrap_or(0))
+        .sum();
+    let refused_other: u64 = m
+        .refused
+        .iter()
+        .filter(|(a, _)| !MOVED.contains(a))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        refused_other, 0,
+        "writes of accounts that did not move were refused: {:?}",
+        m.refused
+    );
+    assert!(
+        refused_moved > 0,
+        "the writer met no fence at all ({} writes)",
+        m.writes
+    );
+    assert_eq!(
+        report["refused"].as_i64(),
+        Some(refused_moved as i64),
+        "fence counter vs the writer's count: {report:#}"
+    );
+    // After the move, the stale route is still refused (the fence stays).
+    let e = connect(&t.shards[0].url("app"))
+        .await
+        .execute("INSERT INTO items VALUES (2, 999999, 'stale')", &[])
+        .await
+        .expect_err("a stale write of a moved account must be refused on shard0");
+    assert_eq!(e.code().map(|c| c.code()), Some("RSF01"));
+
+    // Run again: nothing left to do.
+    let cfg = config.display().to_string();
+    let (code, out, err) = crate::common::run_reshard(
+        &[
+            "move",
+            "-c",
+            &cfg,
+            "--accounts",
+            "4,3,2",
+            "--from",
+            "shard0",
+            "--to",
+            "shard1",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(crate::ops::json(&out, &err)["resumed_at"], "done");
+}
+
+// See: issue #17 (operator mistakes are refused before anything is written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_refuses_unknown_shards_and_accounts_not_on_from() {
+    let t = Topology::start(2);
+    let (config, _map, _model) = setup(&t);
+    let cfg = config.display().to_string();
+    let run = |args: &[&str]| {
+        let mut a = vec!["move", "-c", cfg.as_str()];
+        a.extend_from_slice(args);
+        crate::common::run_reshard(&a, &[])
+    };
+    let (code, _, err) = run(&["--accounts", "2", "--from", "shard0", "--to", "shard9"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown shard \"shard9\""), "{err}");
+    let (code, _, err) = run(&["--accounts", "7", "--from", "shard0", "--to", "shard1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("account 7 is on shard shard1"), "{err}");
+    let (code, _, err) = run(&["--accounts", "4242", "--from", "shard0", "--to", "shard1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("account 4242 is not in the account map"),
+        "{err}"
+    );
+    let n = t.shards[1]
+        .psql(
+            "app",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'reshard' AND tablename = 'move'",
+        )
+        .expect("q");
+    let _ = n;
+    assert_eq!(
+        t.shards[0]
+            .psql("app", "SELECT count(*) FROM pg_replication_slots")
+            .expect("q")
+            .trim(),
+        "0"
+    );
+}
