@@ -108,6 +108,28 @@ async fn status_and_lag_work_offline() {
         "{s:#}"
     );
     assert_eq!(s["shards"][0]["applied_lsn"], current.as_str());
+    // ... but its lag is unknown, not 0: `-` / null with the error, and a single `lag` exits 3.
+    let (code, out, err) = t.reshard(&["lag", "-c", cfg.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 3, "{out}\n{err}");
+    let l = json(&out, &err);
+    assert!(l["shards"][2]["lag_bytes"].is_null(), "{l:#}");
+    assert!(l["shards"][0]["lag_bytes"].is_u64(), "{l:#}");
+    assert!(err.contains("cannot connect to shard shard2"), "{err}");
+    let (code, out, _) = t.reshard(&["lag", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 3);
+    let row = out.lines().find(|l| l.starts_with("shard2")).unwrap();
+    assert!(
+        !row.contains(" 0 B"),
+        "an unreachable shard's lag must not read 0:\n{out}"
+    );
+    assert!(out.contains("! shard2: cannot connect"), "{out}");
+    // The source unreachable: every lag is unknown.
+    t.source.stop().unwrap();
+    let (code, out, err) = t.reshard(&["lag", "-c", cfg.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 3, "{out}\n{err}");
+    let l = json(&out, &err);
+    assert!(l["shards"][0]["lag_bytes"].is_null(), "{l:#}");
+    assert!(err.contains("cannot connect to the source"), "{err}");
 }
 
 /// `purge` (behind `reshard slot drop --purge`) drops the publication on the source and the

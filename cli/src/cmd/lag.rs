@@ -4,14 +4,17 @@
 //!
 //! From the daemon when it answers; offline (progress rows) otherwise, where latencies are
 //! `-`. `--watch` refreshes every `--interval` seconds until Ctrl-C (clearing the screen on a
-//! terminal, printing successive blocks otherwise). Exit codes: 0, or 2 on a config error.
+//! terminal, printing successive blocks otherwise). Offline, a lag that cannot be known (the
+//! source's WAL position or a shard's progress row unreadable) is shown as `-` (JSON `null`)
+//! with the error, never as 0. Exit codes: 0; 2 on a config error; 3 (without `--watch`) when
+//! the source or a shard could not be read.
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
 use reshard_engine::ops::observe::{current_status, StatusOrigin};
 use reshard_engine::runtime;
-use reshard_engine::status::StatusSnapshot;
+use reshard_engine::status::{ShardState, ShardView, StatusSnapshot};
 
 use super::check::table;
 use super::status::{bytes, reverse_table};
@@ -29,7 +32,13 @@ pub async fn run(args: LagArgs) -> CmdResult {
     let tty = std::io::stdout().is_terminal();
     if !args.watch {
         let (snap, origin) = current_status(&config).await;
-        return print_lag(&snap, origin, &args, tty);
+        print_lag(&snap, origin, &args, tty)?;
+        return match unreadable(&snap, origin) {
+            Some(what) => Err(Failure::failed(anyhow::anyhow!(
+                "lag unknown: {what}; start the servers or fix the connection settings, then run reshard lag again"
+            ))),
+            None => Ok(()),
+        };
     }
     // One listener for the whole watch: Ctrl-C while a refresh is being built (a slow or
     // unreachable server) ends the command at once instead of being lost.
@@ -64,17 +73,49 @@ fn print_lag(s: &StatusSnapshot, origin: StatusOrigin, args: &LagArgs, tty: bool
     Ok(())
 }
 
+/// Offline, without the source's WAL position every lag is unknown; without a shard's
+/// progress row (unreachable, unreadable, none yet) that shard's is.
+fn lag_known(s: &StatusSnapshot, origin: StatusOrigin, sh: &ShardView) -> bool {
+    origin == StatusOrigin::Daemon
+        || (s.source.connected && !s.source.current_wal_lsn.is_zero() && sh.last_error.is_none())
+}
+
+/// What could not be read offline (the source, or a shard other than one with no progress
+/// row yet), which makes a single `reshard lag` exit 3.
+fn unreadable(s: &StatusSnapshot, origin: StatusOrigin) -> Option<String> {
+    if origin == StatusOrigin::Daemon {
+        return None;
+    }
+    let mut what: Vec<String> = Vec::new();
+    if !s.source.connected || s.source.current_wal_lsn.is_zero() {
+        what.push(
+            s.source
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "the source's WAL position could not be read".into()),
+        );
+    }
+    what.extend(
+        s.shards
+            .iter()
+            .filter(|sh| sh.state != ShardState::Waiting)
+            .filter_map(|sh| sh.last_error.clone()),
+    );
+    (!what.is_empty()).then(|| what.join("; "))
+}
+
 fn lag_json(s: &StatusSnapshot, origin: StatusOrigin) -> serde_json::Value {
     let live = origin == StatusOrigin::Daemon;
     serde_json::json!({
         "source": if live { "daemon" } else { "offline" },
         "current_wal_lsn": s.source.current_wal_lsn,
+        "source_error": s.source.last_error,
         "shards": s.shards.iter().map(|sh| serde_json::json!({
             "shard": sh.name,
             "state": sh.state.as_str(),
             "applied_lsn": sh.applied_lsn,
-            "lag_bytes": sh.lag_bytes,
-            "lag_seconds": sh.lag_seconds,
+            "lag_bytes": lag_known(s, origin, sh).then_some(sh.lag_bytes),
+            "lag_seconds": lag_known(s, origin, sh).then_some(sh.lag_seconds),
             "latency_p50_ms": live.then_some(sh.latency_p50_ms),
             "latency_p99_ms": live.then_some(sh.latency_p99_ms),
             "last_error": sh.last_error,
@@ -106,12 +147,21 @@ fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
     .map(String::from)];
     let ms = |v: f64| if live { format!("{v:.1}") } else { "-".into() };
     for sh in &s.shards {
+        let known = lag_known(s, origin, sh);
         rows.push([
             sh.name.clone(),
             sh.state.as_str().into(),
             sh.applied_lsn.to_string(),
-            bytes(sh.lag_bytes),
-            format!("{:.1}", sh.lag_seconds),
+            if known {
+                bytes(sh.lag_bytes)
+            } else {
+                "-".into()
+            },
+            if known {
+                format!("{:.1}", sh.lag_seconds)
+            } else {
+                "-".into()
+            },
             ms(sh.latency_p50_ms),
             ms(sh.latency_p99_ms),
         ]);
@@ -126,6 +176,16 @@ fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
         },
         table(&rows)
     );
+    if !live {
+        if let Some(e) = &s.source.last_error {
+            out.push_str(&format!("! source: {e}\n"));
+        }
+        for sh in &s.shards {
+            if let Some(e) = &sh.last_error {
+                out.push_str(&format!("! {}: {e}\n", sh.name));
+            }
+        }
+    }
     if !s.reverse.is_empty() {
         out.push_str("\nreverse (shard -> source; LSNs are the shard's)\n");
         out.push_str(&reverse_table(s));
