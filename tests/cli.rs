@@ -150,6 +150,8 @@ fn config_errors_name_the_key_and_line_and_exit_2() {
     let (code, _, err) = t.reshard(&["check", "-c", "/nonexistent/reshard.toml"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("/nonexistent/reshard.toml"), "{err}");
+    // A wrapped error that already prints its cause is not followed by the cause again.
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
 }
 
 /// A source that cannot be reached is exit code 3 with the host and port named, quickly.
@@ -167,6 +169,15 @@ fn unreachable_source_is_exit_3_naming_it() {
     let (code, _, err) = t.reshard(&["run", "-c", t.config_path().to_str().unwrap()]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains(&port.to_string()), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    assert_eq!(
+        line.matches(&format!("127.0.0.1:{port}")).count(),
+        1,
+        "the cause is printed once:\n{err}"
+    );
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 

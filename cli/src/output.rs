@@ -94,11 +94,29 @@ pub fn finish(r: CmdResult) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if !f.error.to_string().is_empty() {
-                eprintln!("error: {:#}", f.error);
+                eprintln!("error: {}", chain_text(&f.error));
             }
             ExitCode::from(f.code)
         }
     }
+}
+
+/// The error and its causes joined by `: ` (as `{:#}` does), leaving out a cause whose text
+/// the message so far already ends with: an error that wraps its source and prints it (a
+/// `thiserror` `"{0}"` with `#[from]`) would otherwise say everything twice.
+fn chain_text(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Loads the config file, mapping errors to exit code 2.
