@@ -293,6 +293,8 @@ async fn move_three_accounts_between_live_shards_under_a_writer() {
                 "shard0",
                 "--to",
                 "shard1",
+                "--delete-grace",
+                "1s",
                 "--json",
             ],
             &[],
@@ -371,6 +373,8 @@ async fn move_three_accounts_between_live_shards_under_a_writer() {
             "shard0",
             "--to",
             "shard1",
+            "--delete-grace",
+            "1s",
             "--json",
         ],
         &[],
@@ -416,4 +420,118 @@ async fn move_refuses_unknown_shards_and_accounts_not_on_from() {
             .trim(),
         "0"
     );
+}
+
+/// Every account's rows are on the shard the map names, exactly as the writer committed them,
+/// and on no other shard.
+fn check_by_map(t: &Topology, model: &Model, map: &BTreeMap<i64, usize>) {
+    for (a, shard) in map {
+        assert_eq!(
+            shard_rows(t, *shard, &[*a]),
+            model_rows(model, &[*a]),
+            "account {a} on shard{shard}, its shard by the map"
+        );
+        assert!(
+            shard_rows(t, 1 - shard, &[*a]).is_empty(),
+            "account {a} still has rows on shard{}",
+            1 - shard
+        );
+    }
+}
+
+// See: issue #17 (kill -9 during each phase of a move, then resume: it converges).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_killed_at_each_step_converges_when_run_again() {
+    let t = Topology::start(2);
+    let (config, map_path, model) = setup(&t);
+    let model = Arc::new(Mutex::new(model));
+    let stop = Arc::new(AtomicBool::new(false));
+    let urls: Vec<String> = t.shards.iter().map(|s| s.url("app")).collect();
+    let w = tokio::spawn(writer(urls, map_path.clone(), stop.clone(), model.clone()));
+    let cfg = config.display().to_string();
+    // One account per crash point: 1..=5 leave shard0, then 6..=9 leave shard1.
+    let points = [
+        "slot_created",
+        "copied",
+        "fenced",
+        "caught_up",
+        "verified",
+        "flipped",
+        "delete_batch",
+        "deleted",
+        "slot_dropped",
+    ];
+    for (i, point) in points.iter().enumerate() {
+        let account = (i + 1).to_string();
+        let (from, to) = if i < 5 {
+            ("shard0", "shard1")
+        } else {
+            ("shard1", "shard0")
+        };
+        let args = [
+            "move",
+            "-c",
+            &cfg,
+            "--accounts",
+            &account,
+            "--from",
+            from,
+            "--to",
+            to,
+            "--delete-grace",
+            "1s",
+            "--json",
+        ];
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let point = point.to_string();
+        let (code, out, err) = tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            let killed = crate::common::run_reshard(&a, &[("RESHARD_CRASH_AT", &point)]);
+            assert!(
+                killed
+                    .2
+                    .contains(&format!("RESHARD_CRASH_AT={point}: aborting")),
+                "the move did not reach {point}:\n{}\n{}",
+                killed.1,
+                killed.2
+            );
+            crate::common::run_reshard(&a, &[])
+        })
+        .await
+        .expect("join");
+        assert_eq!(
+            code, 0,
+            "move of account {account} after a crash at {}:\n{out}\n{err}",
+            points[i]
+        );
+        let report = crate::ops::json(&out, &err);
+        assert_eq!(report["step"], "done", "{report:#}");
+        assert!(!report["resumed_at"].is_null(), "{report:#}");
+        // Nothing of the move is left on the old shard but its fence.
+        let from_shard = &t.shards[if i < 5 { 0 } else { 1 }];
+        assert_eq!(
+            from_shard
+                .psql("app", "SELECT count(*) FROM pg_replication_slots")
+                .expect("slots")
+                .trim(),
+            "0",
+            "slot left after the move of {account}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    w.await.expect("writer");
+    let m = std::mem::take(&mut *model.lock().expect("model"));
+    let map = read_map(&map_path);
+    for a in 1..=ACCOUNTS {
+        let want = match a {
+            1..=5 => 1,
+            6..=9 => 0,
+            _ => 1,
+        };
+        assert_eq!(map[&a], want, "account {a} in the map");
+    }
+    check_by_map(&t, &m, &map);
+    let refused_other = m.refused.get(&10).copied().unwrap_or(0);
+    assert_eq!(refused_other, 0, "account 10 never moved but was refused");
 }

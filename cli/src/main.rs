@@ -227,6 +227,10 @@ pub struct MoveArgs {
     /// Longest wait for the target to apply the old shard's changes, seconds or a duration.
     #[arg(long, default_value = "600")]
     pub timeout: String,
+    /// How long after the map flip the accounts' rows are deleted from the old shard: longer
+    /// than the application keeps an old map (seconds or a duration).
+    #[arg(long, default_value = "10s")]
+    pub delete_grace: String,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,

@@ -18,6 +18,8 @@ pub async fn run(args: MoveArgs) -> CmdResult {
     let config = load_config(&args.config.config)?;
     let timeout = reshard_engine::pg::conn::parse_duration(&args.timeout)
         .map_err(|e| Failure::usage(anyhow::anyhow!("--timeout: {e}")))?;
+    let delete_grace = reshard_engine::pg::conn::parse_duration(&args.delete_grace)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("--delete-grace: {e}")))?;
     let mut accounts = args.accounts.clone();
     if let Some(path) = &args.accounts_file {
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -35,6 +37,7 @@ pub async fn run(args: MoveArgs) -> CmdResult {
         from: args.from.clone(),
         to: args.to.clone(),
         timeout,
+        delete_grace,
     };
     let report = match run_move(&config, &opts).await {
         Ok(r) => r,

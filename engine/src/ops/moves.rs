@@ -21,8 +21,11 @@
 //! 4. `verified`: per table and account, S and T hold the same rows (count and row-hash sum,
 //!    the verify's digest). A difference stops here (exit 1), the accounts stay fenced.
 //! 5. `flipped`: the map file sends the accounts to T (rewritten atomically, read back).
-//! 6. `deleted`: the accounts' rows are deleted from S in batches of [`DELETE_BATCH_ROWS`]
-//!    (one transaction each, through the fence with `session_replication_role = replica`).
+//! 6. `deleted`: once `--delete-grace` has passed since the flip (the application's readers
+//!    have the new map: until then a stale UPDATE or DELETE on S matches rows and the fence
+//!    refuses it; after the delete it would match nothing), the accounts' rows are deleted
+//!    from S in batches of [`DELETE_BATCH_ROWS`] (one transaction each, through the fence with
+//!    `session_replication_role = replica`).
 //! 7. `done`: the slot and the publication on S are dropped, the local spill log removed.
 //!
 //! Why the record lives on T: T holds the copy and the stream's progress row; the copy and the
@@ -126,6 +129,11 @@ pub struct MoveOptions {
     pub to: String,
     /// Longest wait for the target to catch up.
     pub timeout: Duration,
+    /// How long after the map flip the old shard's rows are deleted: longer than the
+    /// application keeps an old map. A stale UPDATE or DELETE that reaches the old shard before
+    /// the delete is refused by the fence (it matches rows); after it, it matches nothing and
+    /// changes nothing there, silently.
+    pub delete_grace: Duration,
 }
 
 /// One account's rows in one table, on both shards.
@@ -154,7 +162,7 @@ pub struct MoveReport {
     pub to: String,
     /// The accounts.
     pub accounts: Vec<String>,
-    /// The step it was at when this run started (`None`: a new move).
+    /// The step it was at when this run started (`None`: a new move, recorded by this run).
     pub resumed_at: Option<Step>,
     /// The step it reached.
     pub step: Step,
@@ -439,7 +447,9 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
         ))
         .await
         .map_err(qerr(&ctx.to_ep, "creating reshard.move"))?;
-    let mut record = match ctx.read_record().await? {
+    let existing = ctx.read_record().await?;
+    let resumed_at = existing.as_ref().map(|r| r.step);
+    let mut record = match existing {
         Some(r) => {
             tracing::info!(id = %ctx.id, step = r.step.as_str(), "move: resuming");
             r
@@ -463,7 +473,6 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
             }
         }
     };
-    let resumed_at = (record.step != Step::Started).then_some(record.step);
     let mut report = MoveReport {
         id: ctx.id.clone(),
         from: opts.from.clone(),
@@ -508,6 +517,7 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
         record = ctx.must_record().await?;
     }
     if record.step == Step::Flipped {
+        ctx.grace().await?;
         ctx.delete_from_old().await?;
         ctx.set_step(Step::Deleted, None).await?;
         crash_point("deleted");
@@ -515,6 +525,7 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
     }
     if record.step == Step::Deleted {
         ctx.drop_slot().await?;
+        crash_point("slot_dropped");
         ctx.set_step(Step::Done, None).await?;
         record = ctx.must_record().await?;
     }
@@ -743,6 +754,7 @@ impl Ctx<'_> {
             )
             .await
             .map_err(|source| self.repl_err(source))?;
+        crash_point("slot_created");
         let snapshot = info.snapshot_name.clone().unwrap_or_default();
         tracing::info!(id = %self.id, slot = %self.id, consistent_point = %info.consistent_point, "move: slot created on shard {}", self.opts.from);
 
@@ -1115,6 +1127,26 @@ impl Ctx<'_> {
                 path.display(),
                 self.opts.to
             )));
+        }
+        Ok(())
+    }
+
+    /// Waits until `delete_grace` has passed since the flip (recorded on the target, so a
+    /// resumed move waits only the rest).
+    async fn grace(&self) -> Result<(), MoveError> {
+        let since: f64 = self
+            .to
+            .query_one(
+                "SELECT extract(epoch FROM clock_timestamp() - step_at)::float8 FROM reshard.move WHERE id = $1",
+                &[&self.id],
+            )
+            .await
+            .map_err(qerr(&self.to_ep, "reading the flip's time"))?
+            .get(0);
+        let left = self.opts.delete_grace.as_secs_f64() - since.max(0.0);
+        if left > 0.0 {
+            tracing::info!(id = %self.id, "move: waiting {left:.1}s (--delete-grace) for the application to read the new map before deleting the accounts' rows from shard {}", self.opts.from);
+            tokio::time::sleep(Duration::from_secs_f64(left)).await;
         }
         Ok(())
     }
