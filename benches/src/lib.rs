@@ -9,6 +9,7 @@
 //!  servers ── setup (schema, fill, expected shares) ──► scenarios ──► report (md + json)
 //!                                                        │  catchup: ceiling | native | reshard
 //!                                                        │  fullload: raw-copy | native | reshard
+//!                                                        │            | reshard-watermark
 //!                                                        │  steady:  native | reshard (latency)
 //!                                                        └─ procstat: CPU, RSS, spill size
 //! ```

@@ -22,6 +22,7 @@ use tokio_postgres::Client;
 use crate::procstat::{Sampler, Samples, Watch};
 use crate::report::{Goal, Report};
 use crate::servers::Topology;
+use crate::setup::Counts;
 use crate::setup::{self, count_mismatches, expected_counts, shard_db};
 use crate::{ceiling, daemon, native, raw_copy};
 
@@ -507,7 +508,7 @@ async fn run_reshard_catchup(
 }
 
 /// Full load: about a million rows (quick: about 50 000) into N empty shards, by the raw COPY
-/// pipes, by native initial sync and by `reshard run`.
+/// pipes, by native initial sync and by `reshard run` (exported snapshot, then watermark chunks).
 pub async fn fullload(topo: &Topology, set: &Settings, rep: &mut Report) -> Result<()> {
     const SC: &str = "fullload";
     let src_db = "rb_fullload";
@@ -618,16 +619,61 @@ pub async fn fullload(topo: &Topology, set: &Settings, rep: &mut Report) -> Resu
     drop_shard_dbs(topo, "fullload_native").await;
 
     if set.with_reshard {
-        eprintln!("[fullload] reshard run (full load)");
-        setup::prepare_shards(topo, "fullload_reshard").await?;
+        let run = FullLoadRun {
+            topo,
+            set,
+            src_db,
+            expected: &expected,
+            rows: src_rows,
+            mib,
+        };
+        // The exported snapshot (default), then the watermark chunks, on the same data.
+        run.reshard(rep, "reshard", "fullload_reshard", "rb_reshard_fl", "")
+            .await;
+        run.reshard(
+            rep,
+            "reshard-watermark",
+            "fullload_watermark",
+            "rb_reshard_flw",
+            "[snapshot]\nmode = \"watermark\"\n",
+        )
+        .await;
+    }
+    let _ = topo.source.drop_db(src_db).await;
+    Ok(())
+}
+
+/// One `reshard run` full load of the `fullload` scenario's source.
+struct FullLoadRun<'a> {
+    topo: &'a Topology,
+    set: &'a Settings,
+    src_db: &'a str,
+    expected: &'a Counts,
+    rows: i64,
+    mib: f64,
+}
+
+impl FullLoadRun<'_> {
+    /// Loads the source into fresh shard databases `what` with `reshard run` (config plus
+    /// `extra`) and records the rate as contestant `who`: from the daemon's start until every
+    /// shard holds exactly its share.
+    async fn reshard(&self, rep: &mut Report, who: &str, what: &str, slot: &str, extra: &str) {
+        const SC: &str = "fullload";
+        let (topo, set) = (self.topo, self.set);
+        eprintln!("[fullload] {who}: reshard run (full load)");
+        if let Err(e) = setup::prepare_shards(topo, what).await {
+            rep.missing(SC, who, "rows_per_sec", &format!("{e:#}"));
+            return;
+        }
         let res = async {
-            let s = daemon::write_config(
+            let s = daemon::write_config_with(
                 &set.reshard_bin,
                 &set.work_dir,
                 topo,
-                src_db,
-                "fullload_reshard",
-                "rb_reshard_fl",
+                self.src_db,
+                what,
+                slot,
+                extra,
             )?;
             let t = Instant::now();
             let mut d = s.spawn(false)?;
@@ -639,40 +685,38 @@ pub async fn fullload(topo: &Topology, set: &Settings, rep: &mut Report) -> Resu
                     ..Default::default()
                 },
             );
-            let res = daemon::wait_counts(topo, &s, &mut d, &expected, set.timeout()).await;
+            let res = daemon::wait_counts(topo, &s, &mut d, self.expected, set.timeout()).await;
             let samples = sampler.finish().await;
             d.stop(Duration::from_secs(20));
-            daemon::drop_slot(topo, src_db, &s.slot).await;
+            daemon::drop_slot(topo, self.src_db, &s.slot).await;
             Ok::<_, anyhow::Error>((res? - t, samples))
         }
         .await;
         match res {
             Ok((el, samples)) => {
-                rep.add(SC, "reshard", "seconds", secs(el), "s");
+                rep.add(SC, who, "seconds", secs(el), "s");
                 rep.add(
                     SC,
-                    "reshard",
+                    who,
                     "rows_per_sec",
-                    src_rows as f64 / secs(el),
+                    self.rows as f64 / secs(el),
                     "rows/s",
                 );
-                rep.add(SC, "reshard", "mib_per_sec", mib / secs(el), "MiB/s");
+                rep.add(SC, who, "mib_per_sec", self.mib / secs(el), "MiB/s");
                 if let Some(c) = samples.process_cpu {
-                    rep.add(SC, "reshard", "process_cpu_s", c, "s");
+                    rep.add(SC, who, "process_cpu_s", c, "s");
                 }
                 if let Some(h) = samples.process_hwm_kib {
-                    rep.add(SC, "reshard", "peak_rss_mib", h as f64 / 1024.0, "MiB");
+                    rep.add(SC, who, "peak_rss_mib", h as f64 / 1024.0, "MiB");
                 }
             }
             Err(e) => {
-                rep.missing(SC, "reshard", "rows_per_sec", &format!("{e:#}"));
-                rep.notes.push(format!("fullload/reshard failed: {e:#}"));
+                rep.missing(SC, who, "rows_per_sec", &format!("{e:#}"));
+                rep.notes.push(format!("fullload/{who} failed: {e:#}"));
             }
         }
-        drop_shard_dbs(topo, "fullload_reshard").await;
+        drop_shard_dbs(topo, what).await;
     }
-    let _ = topo.source.drop_db(src_db).await;
-    Ok(())
 }
 
 /// Which commit setting a latency figure was measured under (the report says it next to every
@@ -1263,6 +1307,31 @@ pub fn compare(rep: &mut Report, n: usize) {
             g(rep, "fullload", "native", "rows_per_sec"),
             "rows/s",
             Goal::RatioAtLeast(1.0),
+        );
+        let w = g(rep, "fullload", "reshard-watermark", "rows_per_sec");
+        rep.compare(
+            "fullload",
+            "watermark full-load rate vs raw filtered COPY",
+            w,
+            g(rep, "fullload", "raw-copy", "rows_per_sec"),
+            "rows/s",
+            Goal::Info,
+        );
+        rep.compare(
+            "fullload",
+            "watermark full-load rate vs exported snapshot",
+            w,
+            a,
+            "rows/s",
+            Goal::Info,
+        );
+        rep.compare(
+            "fullload",
+            "watermark full-load MiB/s vs raw filtered COPY",
+            g(rep, "fullload", "reshard-watermark", "mib_per_sec"),
+            g(rep, "fullload", "raw-copy", "mib_per_sec"),
+            "MiB/s",
+            Goal::Info,
         );
         rep.compare(
             "fullload",
