@@ -294,13 +294,25 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
     v[i.min(v.len() - 1)].as_secs_f64() * 1000.0
 }
 
+/// What one load under the competing workload came to.
+struct Run {
+    /// The writers' latencies in the 3 s before the load started.
+    idle: Vec<Duration>,
+    /// The writers' latencies while the load ran.
+    loaded: Vec<Duration>,
+    /// The load's wall time.
+    took: Duration,
+    /// "full load slows down" lines logged.
+    slowdowns: usize,
+}
+
 /// One load of `rows` rows under the competing workload; `snapshot` is the `[snapshot]`
-/// section. Returns (the writers' latencies during the load, the load's wall time).
-fn loaded_once(rows: u64, snapshot: &str) -> (Vec<Duration>, Duration, String) {
+/// section.
+fn loaded_once(rows: u64, snapshot: &str) -> Run {
     let mut t = topology(rows);
     let competitor = Competitor::start(&t.shards[0].url("app"), 0, 2);
-    // Let the competitor settle before the load starts.
-    std::thread::sleep(Duration::from_secs(2));
+    let settle = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
     t.write_config(snapshot);
     let began = Instant::now();
     let d = t.spawn_run(&[]);
@@ -308,64 +320,78 @@ fn loaded_once(rows: u64, snapshot: &str) -> (Vec<Duration>, Duration, String) {
         t.last_log().contains("full load done").then_some(())
     });
     let took = began.elapsed();
-    let lat: Vec<Duration> = competitor
-        .stop()
-        .into_iter()
+    let all = competitor.stop();
+    let idle = all
+        .iter()
+        .filter(|(at, _)| *at >= settle && *at < began)
+        .map(|(_, l)| *l)
+        .collect();
+    let loaded = all
+        .iter()
         .filter(|(at, _)| *at >= began && at.duration_since(began) <= took)
-        .map(|(_, l)| l)
+        .map(|(_, l)| *l)
         .collect();
     assert_eq!(count(&t), rows);
-    let log = t.last_log();
-    let slowdowns = log.matches("full load slows down").count();
+    let slowdowns = t.last_log().matches("full load slows down").count();
     t.stop_cleanly(d);
-    (lat, took, format!("{slowdowns} slow-downs logged"))
+    Run {
+        idle,
+        loaded,
+        took,
+        slowdowns,
+    }
 }
 
 /// The competing workload's latency while the same load runs without and with the adaptive
 /// throttle (`max_probe_latency_ms`), in the same run. Prints; asserts only that both loads
-/// finished with every row.
+/// finished with every row. `RESHARD_THROTTLE_ROWS` (default 500000) and
+/// `RESHARD_THROTTLE_BOUND_MS` (default 5) change the size and the bound. The clusters run with
+/// the harness's settings (`fsync = off`), so the competition is for CPU, not for WAL flushes.
 #[test]
 #[ignore = "a measurement (minutes); run by hand with --release --ignored --nocapture"]
 fn measure() {
-    let rows: u64 = std::env::var("RESHARD_THROTTLE_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let bound_ms: u64 = std::env::var("RESHARD_THROTTLE_BOUND_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let base = "[snapshot]\nparallel = 2\nchunk_rows = 100000\n";
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let rows = env("RESHARD_THROTTLE_ROWS", 500_000);
+    let bound_ms = env("RESHARD_THROTTLE_BOUND_MS", 5);
+    let base = "[snapshot]\nparallel = 2\nchunk_rows = 50000\n";
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
     println!(
-        "rows {rows}, 2 writers (single-row UPDATE transactions) on the shard; loadavg before: {}",
-        load.trim()
+        "rows {rows}; 2 writer sessions (single-row UPDATE transactions) on the shard; loadavg before: {}",
+        loadavg()
     );
-    let (mut off, off_took, _) = loaded_once(rows, base);
-    let (mut on, on_took, note) = loaded_once(
+    let off = loaded_once(rows, base);
+    let on = loaded_once(
         rows,
         &format!(
-            "{base}max_probe_latency_ms = {bound_ms}\nmin_rows_per_sec = 2000\nhealth_interval_ms = 200\n"
+            "{base}max_probe_latency_ms = {bound_ms}\nmin_rows_per_sec = 5000\nhealth_interval_ms = 200\n"
         ),
     );
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    for (what, v, took) in [
-        ("without throttle", &mut off, off_took),
-        (
-            &format!("with max_probe_latency_ms = {bound_ms}") as &str,
-            &mut on,
-            on_took,
-        ),
+    let after = loadavg();
+    for (what, mut r) in [
+        ("without throttle".to_owned(), off),
+        (format!("max_probe_latency_ms = {bound_ms}"), on),
     ] {
-        let n = v.len();
         println!(
-            "{what:>34}: load {:6.1} s ({:6.0} rows/s); competing txns {n:6}: p50 {:6.2} ms  p99 {:6.2} ms  max {:7.2} ms",
-            took.as_secs_f64(),
-            rows as f64 / took.as_secs_f64(),
-            pct(v, 50.0),
-            pct(v, 99.0),
-            pct(v, 100.0),
+            "{what:>26}: load {:6.1} s ({:6.0} rows/s, {} slow-downs); competing txns before the load: p99 {:6.2} ms; during: n {:6}  p50 {:6.2} ms  p99 {:6.2} ms  max {:7.2} ms",
+            r.took.as_secs_f64(),
+            rows as f64 / r.took.as_secs_f64(),
+            r.slowdowns,
+            pct(&mut r.idle, 99.0),
+            r.loaded.len(),
+            pct(&mut r.loaded, 50.0),
+            pct(&mut r.loaded, 99.0),
+            pct(&mut r.loaded, 100.0),
         );
     }
-    println!("with throttle: {note}; loadavg after: {}", load.trim());
+    println!("loadavg after: {after}");
 }

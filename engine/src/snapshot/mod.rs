@@ -197,7 +197,9 @@ impl FullLoadOptions {
                 });
             }
         }
-        if c.max_rows_per_sec > 0 && c.min_rows_per_sec > c.max_rows_per_sec {
+        let adaptive =
+            c.max_probe_latency_ms > 0 || c.max_active_backends > 0 || c.max_replica_lag_ms > 0;
+        if adaptive && c.max_rows_per_sec > 0 && c.min_rows_per_sec > c.max_rows_per_sec {
             return Err(SnapshotError::Config {
                 key: "min_rows_per_sec",
                 message: format!(
@@ -652,6 +654,29 @@ mod tests {
         };
         let e = FullLoadOptions::from_config(&c).unwrap_err().to_string();
         assert!(e.contains("[snapshot] parallel"), "{e}");
+
+        // The adaptive throttle's floor must be under its ceiling, once it adapts.
+        let c = SnapshotConfig {
+            max_rows_per_sec: 500,
+            ..SnapshotConfig::default()
+        };
+        assert!(!FullLoadOptions::from_config(&c).unwrap().health.any());
+        let c = SnapshotConfig {
+            max_probe_latency_ms: 20,
+            ..c
+        };
+        let e = FullLoadOptions::from_config(&c).unwrap_err().to_string();
+        assert!(
+            e.contains("[snapshot] min_rows_per_sec: 1000 is above max_rows_per_sec 500"),
+            "{e}"
+        );
+        let o = FullLoadOptions::from_config(&SnapshotConfig {
+            min_rows_per_sec: 100,
+            ..c
+        })
+        .unwrap();
+        assert_eq!(o.health.probe_latency, Some(Duration::from_millis(20)));
+        assert_eq!(o.min_rows_per_sec.get(), 100);
     }
 
     #[test]
