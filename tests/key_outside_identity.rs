@@ -422,3 +422,66 @@ fn check_fix_leaves_a_nullable_key_and_a_table_without_a_key_alone() {
         "dd"
     );
 }
+
+// Found by the outside-user acceptance runs (explore).
+/// A table without a row identity (no primary key, REPLICA IDENTITY DEFAULT): publishing it
+/// would make the source refuse the application's UPDATEs and DELETEs on it. `run` refuses
+/// (exit 2) naming the table and the fix, before any publication or slot exists, and the
+/// source still takes UPDATEs on it; with REPLICA IDENTITY FULL it migrates.
+#[test]
+fn run_refuses_a_table_without_row_identity_instead_of_breaking_source_updates() {
+    let t = Topology::start(2);
+    t.ddl_everywhere(
+        "CREATE TABLE events (account_id bigint NOT NULL, id bigint NOT NULL, PRIMARY KEY (account_id, id));
+         CREATE TABLE notes (account_id bigint NOT NULL, body text);
+         CREATE TABLE settings (name text, value text)",
+    );
+    t.source_sql(
+        "INSERT INTO events SELECT g % 7, g FROM generate_series(1, 100) g;
+         INSERT INTO notes SELECT g % 7, 'n' FROM generate_series(1, 100) g;
+         INSERT INTO settings VALUES ('a', '1')",
+    );
+    t.write_config("");
+    let mut t = t;
+    let d = t.spawn_run(&[]);
+    let code = t.wait_exit(d, Duration::from_secs(60));
+    let log = t.last_log();
+    assert_eq!(code, Some(2), "run must refuse to start:\n{}", t.all_logs());
+    for needle in [
+        "public.notes: no primary key and REPLICA IDENTITY DEFAULT",
+        "public.settings: no primary key",
+        "ALTER TABLE \"public\".\"notes\" REPLICA IDENTITY FULL",
+    ] {
+        assert!(log.contains(needle), "{needle:?} not in:\n{log}");
+    }
+    assert_eq!(
+        t.source_sql("SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)"),
+        "0",
+        "run created a slot or publication before refusing"
+    );
+    // The application's writes still work.
+    t.source_sql("UPDATE notes SET body = 'x' WHERE account_id = 1; DELETE FROM settings");
+
+    t.source_sql(
+        "ALTER TABLE notes REPLICA IDENTITY FULL; ALTER TABLE settings REPLICA IDENTITY FULL",
+    );
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.source_sql(
+        "UPDATE notes SET body = 'y' WHERE account_id = 2; INSERT INTO settings VALUES ('b', '2')",
+    );
+    t.wait_converged(
+        &[
+            ("events", Some(("account_id", "bigint")), "account_id, id"),
+            ("notes", Some(("account_id", "bigint")), "account_id, body"),
+            ("settings", None, "name, value"),
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        t.all_logs()
+    );
+}

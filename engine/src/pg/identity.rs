@@ -205,6 +205,61 @@ pub async fn tables_without_strategy<'a>(
     Ok(out)
 }
 
+/// A replicated table without a row identity (no primary key and REPLICA IDENTITY DEFAULT,
+/// or REPLICA IDENTITY NOTHING): once a publication publishes it, the source itself refuses
+/// its UPDATEs and DELETEs ("cannot update table … because it does not have a replica
+/// identity and publishes updates"), so the application's writes would fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoRowIdentity {
+    /// Source `schema.table`.
+    pub table: String,
+    /// `relreplident`: `d` or `n`.
+    pub replica_identity: char,
+    /// Whether it has a primary key (then REPLICA IDENTITY DEFAULT is the fix).
+    pub has_primary_key: bool,
+}
+
+impl std::fmt::Display for NoRowIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let qtable = quote_qualified(&self.table);
+        if self.replica_identity == 'n' && self.has_primary_key {
+            write!(
+                f,
+                "{}: REPLICA IDENTITY NOTHING; fix: ALTER TABLE {qtable} REPLICA IDENTITY DEFAULT;",
+                self.table
+            )
+        } else {
+            write!(f, "{}: no primary key and REPLICA IDENTITY {}; fix: ALTER TABLE {qtable} ADD PRIMARY KEY (<columns>); or ALTER TABLE {qtable} REPLICA IDENTITY FULL; or leave it out ([[tables]] mode = \"skip\")",
+                self.table, if self.replica_identity == 'n' { "NOTHING" } else { "DEFAULT" })
+        }
+    }
+}
+
+/// Every replicated (sharded or broadcast) table among `rules` without a row identity (what
+/// `reshard run` refuses before it creates or extends the publication; `check` FAILs the same
+/// tables as `replica_identity`).
+pub async fn tables_without_row_identity<'a>(
+    client: &Client,
+    rules: impl IntoIterator<Item = &'a TableRule>,
+) -> Result<Vec<NoRowIdentity>, tokio_postgres::Error> {
+    let mut out = Vec::new();
+    for rule in rules {
+        if rule.mode == TableMode::Skip {
+            continue;
+        }
+        if let Some(info) = describe_table(client, &rule.source).await? {
+            if !info.has_usable_identity() {
+                out.push(NoRowIdentity {
+                    table: info.name.clone(),
+                    replica_identity: info.replica_identity,
+                    has_primary_key: !info.primary_key.is_empty(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// What `--fix` did for one table.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct FixAction {

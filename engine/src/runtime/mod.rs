@@ -86,6 +86,9 @@ pub enum RuntimeError {
     /// Sharded tables whose UPDATEs and DELETEs could not be routed (nothing was started).
     #[error("{} sharded table(s) have the shard key outside the replica identity and no strategy; nothing was created or copied. Run `reshard check --fix` (builds the replica identity indexes concurrently), or apply one fix per table, then run again:\n{}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
     KeyOutsideIdentity(Vec<identity::KeyOutsideIdentity>),
+    /// Replicated tables without a row identity (nothing was started).
+    #[error("{} replicated table(s) have no row identity: publishing them would make the source refuse their UPDATEs and DELETEs (\"cannot update table … because it does not have a replica identity and publishes updates\"), so the application's writes would fail; nothing was created or copied. Fix each, then run again:\n{}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    NoRowIdentity(Vec<identity::NoRowIdentity>),
     /// The spill log.
     #[error("{0}")]
     Spill(#[from] SpillError),
@@ -245,6 +248,17 @@ async fn start_once(
         })?;
     if !unroutable.is_empty() {
         return Err(RuntimeError::KeyOutsideIdentity(unroutable));
+    }
+    // Publishing a table without a row identity makes the source refuse its UPDATEs and
+    // DELETEs: the application's writes would fail.
+    let no_identity = identity::tables_without_row_identity(&sql, tables.iter().map(|t| &t.rule))
+        .await
+        .map_err(|source| CatalogError::Query {
+            what: "reading replica identities",
+            source,
+        })?;
+    if !no_identity.is_empty() {
+        return Err(RuntimeError::NoRowIdentity(no_identity));
     }
     let created = catalog::ensure_publication(&sql, &cfg.source.publication, &tables).await?;
     if created {
