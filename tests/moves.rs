@@ -360,6 +360,37 @@ async fn move_three_accounts_between_live_shards_under_a_writer() {
         .expect_err("a stale write of a moved account must be refused on shard0");
     assert_eq!(e.code().map(|c| c.code()), Some("RSF01"));
 
+    // Account 2 moves back: shard0's fence of the first move stops refusing it.
+    let cfg = config.display().to_string();
+    let (code, out, err) = crate::common::run_reshard(
+        &[
+            "move",
+            "-c",
+            &cfg,
+            "--accounts",
+            "2",
+            "--from",
+            "shard1",
+            "--to",
+            "shard0",
+            "--delete-grace",
+            "1s",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "moving account 2 back:\n{out}\n{err}");
+    let c0 = connect(&t.shards[0].url("app")).await;
+    c0.execute("INSERT INTO items VALUES (2, 999999, 'back')", &[])
+        .await
+        .expect("account 2 is written on shard0 again");
+    let e = c0
+        .execute("INSERT INTO items VALUES (3, 999999, 'stale')", &[])
+        .await
+        .expect_err("account 3 stays fenced on shard0");
+    assert_eq!(e.code().map(|c| c.code()), Some("RSF01"));
+    assert_eq!(read_map(&map_path)[&2], 0);
+
     // Run again: nothing left to do.
     let cfg = config.display().to_string();
     let (code, out, err) = crate::common::run_reshard(

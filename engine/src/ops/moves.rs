@@ -20,7 +20,8 @@
 //!    (`pg_logical_emit_message`) gives S's present; once T applied up to it, the stream stops.
 //! 4. `verified`: per table and account, S and T hold the same rows (count and row-hash sum,
 //!    the verify's digest). A difference stops here (exit 1), the accounts stay fenced.
-//! 5. `flipped`: the map file sends the accounts to T (rewritten atomically, read back).
+//! 5. `flipped`: a fence an earlier move of the accounts away from T left there stops
+//!    refusing them; the map file sends the accounts to T (rewritten atomically, read back).
 //! 6. `deleted`: once `--delete-grace` has passed since the flip (the application's readers
 //!    have the new map: until then a stale UPDATE or DELETE on S matches rows and the fence
 //!    refuses it; after the delete it would match nothing), the accounts' rows are deleted
@@ -511,6 +512,7 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
         record = ctx.must_record().await?;
     }
     if record.step == Step::Verified {
+        ctx.unfence_on_target().await?;
         ctx.flip_map().await?;
         ctx.set_step(Step::Flipped, None).await?;
         crash_point("flipped");
@@ -1070,6 +1072,65 @@ impl Ctx<'_> {
         }
         tracing::info!(id = %self.id, checks = out.len(), "move: verified: both shards hold the same rows of the accounts");
         Ok(out)
+    }
+
+    /// Before the flip: an earlier move of these accounts away from the target left a fence
+    /// there that refuses them; the target owns them again, so they leave that fence (which is
+    /// removed once it refuses no account).
+    async fn unfence_on_target(&self) -> Result<(), MoveError> {
+        let ferr = |source| MoveError::Fence {
+            shard: self.opts.to.clone(),
+            source,
+        };
+        let fences = crate::pg::fence::account_fences_of(&self.to, &self.accounts)
+            .await
+            .map_err(qerr(&self.to_ep, "reading reshard.fence"))?;
+        if fences.is_empty() {
+            return Ok(());
+        }
+        let mut c = ConnConfig::parse(&self.shard_url(&self.opts.to))
+            .map_err(|error| MoveError::Connect {
+                endpoint: self.to_ep.clone(),
+                error: Box::new(error),
+            })?
+            .connect_sql()
+            .await
+            .map_err(|error| MoveError::Connect {
+                endpoint: self.to_ep.clone(),
+                error: Box::new(error),
+            })?;
+        for f in fences {
+            let left: Vec<String> = f
+                .accounts
+                .iter()
+                .filter(|a| !self.accounts.contains(a))
+                .cloned()
+                .collect();
+            if left.is_empty() {
+                fence::remove(
+                    &mut c,
+                    FenceSide::Shard,
+                    &f.name,
+                    Duration::from_millis(self.config.cutover.fence_lock_timeout_ms),
+                )
+                .await
+                .map_err(ferr)?;
+            } else {
+                let spec = FenceSpec::for_accounts(
+                    self.config,
+                    &self.src,
+                    &self.opts.to,
+                    &f.name,
+                    &f.reason,
+                    &left,
+                )
+                .await
+                .map_err(ferr)?;
+                fence::install(&mut c, &spec).await.map_err(ferr)?;
+            }
+            tracing::info!(id = %self.id, fence = %f.name, "move: shard {} takes the accounts' writes again (an earlier move's fence no longer refuses them)", self.opts.to);
+        }
+        Ok(())
     }
 
     /// Step 5: the map file sends the accounts to the target; read back.

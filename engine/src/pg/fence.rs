@@ -16,6 +16,43 @@ pub async fn fence_table_exists(client: &Client) -> Result<bool, tokio_postgres:
         .map(|r| r.get(0))
 }
 
+/// An `accounts` fence (an account move's, on the shard the accounts left).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountFence {
+    /// The fence's name (the move's id).
+    pub name: String,
+    /// What it is for.
+    pub reason: String,
+    /// The accounts it refuses.
+    pub accounts: Vec<String>,
+}
+
+/// The `accounts` fences on this database that refuse any of `accounts`.
+pub async fn account_fences_of(
+    client: &Client,
+    accounts: &[String],
+) -> Result<Vec<AccountFence>, tokio_postgres::Error> {
+    if !fence_table_exists(client).await? {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT shard, reason, coalesce(accounts, '{}') FROM reshard.fence \
+             WHERE rule = 'accounts' AND accounts && $1::text[] ORDER BY shard",
+            &[&accounts],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(AccountFence {
+                name: r.try_get(0)?,
+                reason: r.try_get(1)?,
+                accounts: r.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
 /// The fences recorded on this database, by shard name.
 pub async fn read_fences(client: &Client) -> Result<Vec<Fence>, tokio_postgres::Error> {
     if !fence_table_exists(client).await? {
