@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use reshard_engine::apply::batch::encode_table;
+use reshard_engine::apply::batch::{encode_table, encode_table_inline};
 use reshard_engine::apply::fold::Fold;
 use reshard_engine::apply::schema::{TargetColumn, TargetTable};
 use reshard_engine::event::{Change, Column, OldRow, Relation, ReplicaIdentity, TableId, Value};
@@ -134,6 +134,44 @@ fn bench(c: &mut Criterion) {
             out.clear();
             let tb = encode_table(&table, &fold.finish(), &mut out).expect("encodable");
             black_box((tb.rows, out.len()))
+        })
+    });
+    g.finish();
+    // The caught-up case: one small source transaction per flush, its rows inline in the merge
+    // statements (`encode_table_inline`) against the COPY encoding of the same rows.
+    const SMALL: usize = 5;
+    let mut g = c.benchmark_group("apply_batch_small");
+    g.throughput(Throughput::Elements((ROWS / SMALL * SMALL) as u64));
+    g.bench_function("fold_and_encode_inline_5row_flushes", |b| {
+        b.iter(|| {
+            let mut n = 0usize;
+            for chunk in input.chunks_exact(SMALL) {
+                let mut fold = Fold::new(table.key_idx.clone());
+                for ch in chunk {
+                    fold.push(ch).expect("foldable");
+                }
+                let tb = encode_table_inline(&table, &fold.finish())
+                    .expect("encodable")
+                    .expect("small enough");
+                n += tb.statements.iter().map(String::len).sum::<usize>();
+            }
+            black_box(n)
+        })
+    });
+    g.bench_function("fold_and_encode_copy_5row_flushes", |b| {
+        let mut out = BytesMut::with_capacity(1 << 16);
+        b.iter(|| {
+            let mut n = 0usize;
+            for chunk in input.chunks_exact(SMALL) {
+                let mut fold = Fold::new(table.key_idx.clone());
+                for ch in chunk {
+                    fold.push(ch).expect("foldable");
+                }
+                out.clear();
+                let tb = encode_table(&table, &fold.finish(), &mut out).expect("encodable");
+                n += out.len() + tb.statements.iter().map(String::len).sum::<usize>();
+            }
+            black_box(n)
         })
     });
     g.finish();
