@@ -301,3 +301,64 @@ fn ddl_rename_on_source_pauses_the_table_until_the_shards_match() {
     t.shards_sql("ALTER TABLE items RENAME COLUMN name TO title");
     converge_and_stop(t, d, w);
 }
+
+// Found by the outside-user acceptance runs (explore).
+/// An ADD COLUMN on the source reaches a shard with the first change of that table it gets;
+/// before that the shard lacks the column (verify leaves it out of the comparison). `cutover`
+/// must not call such a shard SAFE (the application's reads and writes of the column would
+/// fail there): exit 1 naming the column; once the shard has it, SAFE.
+#[test]
+fn cutover_is_not_safe_while_the_shard_lacks_a_source_column() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    t.source_sql(
+        "INSERT INTO items SELECT g % 13, g, 'i', g FROM generate_series(1, 200) g;
+         INSERT INTO plans VALUES (1, 'one')",
+    );
+    let cfg = t.write_config("");
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    t.source_sql(ADD_COLUMNS);
+    let (code, out, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        &cfg,
+        "--shard",
+        "shard0",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(
+        code, 1,
+        "a shard without items.note must not be SAFE:\n{out}\n{err}"
+    );
+    assert!(
+        out.contains("NOT SAFE") && out.contains("lacks column public.items.note"),
+        "{out}"
+    );
+    t.shards[0]
+        .psql(
+            "app",
+            "ALTER TABLE items ADD COLUMN note text, ADD COLUMN score int NOT NULL DEFAULT 7",
+        )
+        .unwrap();
+    let (code, out, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        &cfg,
+        "--shard",
+        "shard0",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("SAFE: point"), "{out}");
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        t.all_logs()
+    );
+}

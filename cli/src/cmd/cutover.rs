@@ -107,6 +107,12 @@ fn render(r: &CutoverReport) -> String {
         Some(v) => {
             out.push_str("\nverify:\n");
             out.push_str(&super::verify::render(v));
+            for c in &v.missing_columns {
+                out.push_str(&format!(
+                    "shard {} lacks column {c} that the source has: add it on the shard (ALTER TABLE … ADD COLUMN, as on the source), then cut over again\n",
+                    r.shard
+                ));
+            }
         }
         None => out.push_str("\nverify: skipped (--no-verify)\n"),
     }

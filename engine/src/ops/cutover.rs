@@ -478,7 +478,12 @@ pub async fn cutover(
             });
         }
     }
-    report.ok = report.verify.as_ref().is_none_or(|v| v.ok)
+    // A shard without a column the source has (an ADD COLUMN not propagated yet: no change
+    // of that table reached it) would break the application's reads and writes of it.
+    report.ok = report
+        .verify
+        .as_ref()
+        .is_none_or(|v| v.ok && v.missing_columns.is_empty())
         && report
             .sequences
             .iter()

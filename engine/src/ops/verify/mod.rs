@@ -245,6 +245,9 @@ pub struct VerifyReport {
     pub results: Vec<TableShardResult>,
     /// Remarks (shards read without a progress row, columns left out, …).
     pub notes: Vec<String>,
+    /// Source columns (`table.column`) missing on a verified shard, left out of the
+    /// comparison: `cutover` does not call such a shard SAFE.
+    pub missing_columns: Vec<String>,
     /// Shards compared as they were, behind the source, because nothing was applying to them.
     pub not_applying: Vec<NotApplying>,
     /// Seconds taken.
@@ -285,6 +288,7 @@ struct Ctx<'a> {
     system_id: Option<String>,
     live: bool,
     notes: Vec<String>,
+    missing_columns: Vec<String>,
 }
 
 fn q(endpoint: &str, table: Option<&str>) -> impl Fn(tokio_postgres::Error) -> VerifyError {
@@ -378,6 +382,7 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
         system_id,
         live,
         notes,
+        missing_columns: Vec::new(),
     };
     let mut report = VerifyReport::default();
     for rule in &rules {
@@ -398,6 +403,7 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
         }
     }
     report.notes = ctx.notes;
+    report.missing_columns = ctx.missing_columns;
     report.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -506,6 +512,7 @@ async fn verify_table(
                 "{name}.{} is missing on some shard and is left out of the comparison (run reshard check)",
                 c.name
             ));
+            ctx.missing_columns.push(format!("{name}.{}", c.name));
         }
     }
     let sharded = rule.mode == TableMode::Sharded;
