@@ -566,3 +566,81 @@ async fn move_killed_at_each_step_converges_when_run_again() {
     let refused_other = m.refused.get(&10).copied().unwrap_or(0);
     assert_eq!(refused_other, 0, "account 10 never moved but was refused");
 }
+
+/// The move's rate next to a plain filtered `COPY … TO | COPY … FROM` pipe (two psql
+/// processes) for the same accounts, same run (issue #17). Run by hand:
+/// `cargo test -p reshard-cli --test integration measure_move_rate -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn measure_move_rate_against_a_filtered_copy_pipe() {
+    let rows_per_account: i64 = std::env::var("MOVE_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let t = Topology::start(2);
+    let (config, _map, _model) = setup(&t);
+    t.shards[0]
+        .psql(
+            "app",
+            &format!(
+                "INSERT INTO items SELECT a, 1000 + i, repeat('x', 100) || i FROM unnest(ARRAY[2,3,4]::bigint[]) a, generate_series(1, {rows_per_account}) i; ANALYZE items"
+            ),
+        )
+        .expect("seed");
+    t.shards[1]
+        .psql("app", "CREATE TABLE items_pipe (LIKE items INCLUDING ALL)")
+        .expect("pipe table");
+    let started = std::time::Instant::now();
+    crate::ops::pipe_copy(
+        &t.shards[0],
+        "SET client_min_messages = warning",
+        "SELECT * FROM items WHERE account_id IN (2, 3, 4)",
+        &t.shards[1],
+        "items_pipe",
+    );
+    let pipe_secs = started.elapsed().as_secs_f64();
+    let piped: i64 = t.shards[1]
+        .psql("app", "SELECT count(*) FROM items_pipe")
+        .expect("count")
+        .trim()
+        .parse()
+        .expect("n");
+    let cfg = config.display().to_string();
+    let started = std::time::Instant::now();
+    let (code, out, err) = crate::common::run_reshard(
+        &[
+            "move",
+            "-c",
+            &cfg,
+            "--accounts",
+            "2,3,4",
+            "--from",
+            "shard0",
+            "--to",
+            "shard1",
+            "--delete-grace",
+            "0s",
+            "--json",
+        ],
+        &[],
+    );
+    let move_secs = started.elapsed().as_secs_f64();
+    assert_eq!(code, 0, "{out}\n{err}");
+    let report = crate::ops::json(&out, &err);
+    let copied = report["rows_copied"].as_i64().unwrap_or(0);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "pipe (items only): {piped} rows in {pipe_secs:.2}s = {:.0} rows/s",
+        piped as f64 / pipe_secs
+    );
+    println!(
+        "reshard move (every step: slot, copy of items+notes, stream, fence, verify, flip, delete {} rows): {copied} rows in {move_secs:.2}s = {:.0} rows/s",
+        report["rows_deleted"], copied as f64 / move_secs
+    );
+    let copy_secs = report["copy_secs"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "reshard move's copy step alone (publication, slot, snapshot copy, commit): {copied} rows in {copy_secs:.2}s = {:.0} rows/s",
+        copied as f64 / copy_secs
+    );
+    println!("load average: {}", load.trim());
+}

@@ -169,6 +169,9 @@ pub struct MoveReport {
     pub step: Step,
     /// Rows copied from the snapshot.
     pub rows_copied: i64,
+    /// Seconds the copy took in this run (publication, slot, copy, commit); `None` when an
+    /// earlier run copied.
+    pub copy_secs: Option<f64>,
     /// Changes the stream applied in this run (inserted + updated + deleted rows).
     pub rows_streamed: u64,
     /// The old shard's marker the target reached.
@@ -482,6 +485,7 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
         resumed_at,
         step: record.step,
         rows_copied: 0,
+        copy_secs: None,
         rows_streamed: 0,
         fence_lsn: None,
         rows_deleted: 0,
@@ -491,7 +495,9 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
     };
 
     if record.step == Step::Started {
+        let copy_started = Instant::now();
         ctx.copy().await?;
+        report.copy_secs = Some(copy_started.elapsed().as_secs_f64());
         crash_point("copied");
         record = ctx.must_record().await?;
     }
@@ -822,7 +828,8 @@ impl Ctx<'_> {
             let mut sink = std::pin::pin!(sink);
             while let Some(part) = out.next().await {
                 let part = part.map_err(qerr(&self.from_ep, "reading the accounts' rows"))?;
-                sink.send(part)
+                // `feed`, not `send`: no flush (a round trip) per row; `finish` flushes.
+                sink.feed(part)
                     .await
                     .map_err(qerr(&self.to_ep, "copying the accounts' rows"))?;
             }
