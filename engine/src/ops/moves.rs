@@ -1221,10 +1221,23 @@ impl Ctx<'_> {
 
     /// Step 6: delete the accounts' rows on the old shard, in bounded transactions.
     async fn delete_from_old(&self) -> Result<(), MoveError> {
+        // The deletes carry the move's replication origin (`reshard_…`), which every reshard
+        // ingest drops: a reverse stream from this shard (cut over with --fence) must not
+        // carry them back to the source, where these accounts' rows stay.
+        let o = crate::pg::conn::quote_literal(&format!("{ORIGIN_PREFIX}{}", self.id));
         self.from
-            .batch_execute("SET session_replication_role = replica")
+            .batch_execute(&format!(
+                "SET session_replication_role = replica; \
+                 SELECT pg_replication_origin_create({o}) \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {o}); \
+                 SELECT pg_replication_origin_session_setup({o})"
+            ))
             .await
-            .map_err(qerr(&self.from_ep, "setting session_replication_role"))?;
+            .map_err(qerr(
+                &self.from_ep,
+                "setting session_replication_role and the move's replication origin (needs a superuser, or \
+                 EXECUTE on pg_replication_origin_create and pg_replication_origin_session_setup)",
+            ))?;
         let mut total = 0i64;
         for t in &self.tables {
             let q = quote_qualified(&t.name);
@@ -1254,7 +1267,10 @@ impl Ctx<'_> {
             }
         }
         self.from
-            .batch_execute("RESET session_replication_role")
+            .batch_execute(&format!(
+                "RESET session_replication_role; SELECT pg_replication_origin_session_reset(); \
+                 SELECT pg_replication_origin_drop({o})"
+            ))
             .await
             .map_err(qerr(&self.from_ep, "resetting session_replication_role"))?;
         tracing::info!(id = %self.id, rows = total, "move: the accounts' rows are deleted from shard {}", self.opts.from);
