@@ -88,6 +88,19 @@ pub fn emit<T: serde::Serialize>(
     Ok(())
 }
 
+/// With `--json`, prints a command's failure on stdout as one JSON line: `fields` (what the
+/// command was asked to do) with `"ok": false` and the error's text. Without, prints nothing
+/// (the error goes to stderr through [`finish`]).
+pub fn emit_failure(json: bool, fields: serde_json::Value, error: &impl std::fmt::Display) {
+    if !json {
+        return;
+    }
+    let mut v = fields;
+    v["ok"] = serde_json::Value::Bool(false);
+    v["error"] = serde_json::Value::String(error.to_string());
+    println!("{v}");
+}
+
 /// Prints the failure (the whole context chain) and maps it to an exit code.
 pub fn finish(r: CmdResult) -> ExitCode {
     match r {

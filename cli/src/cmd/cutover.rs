@@ -14,7 +14,7 @@ use reshard_engine::ops::cutover::{cutover, CutoverError, CutoverOptions, Cutove
 use reshard_engine::ops::fence::FenceError;
 
 use super::check::table;
-use crate::output::{emit, load_config, CmdResult, Failure};
+use crate::output::{emit, emit_failure, load_config, CmdResult, Failure};
 use crate::CutoverArgs;
 
 /// Runs `reshard cutover`.
@@ -32,12 +32,7 @@ pub async fn run(args: CutoverArgs) -> CmdResult {
     let report = match cutover(&config, &opts).await {
         Ok(r) => r,
         Err(e) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"ok": false, "shard": args.shard, "error": e.to_string()})
-                );
-            }
+            emit_failure(args.json, serde_json::json!({"shard": args.shard}), &e);
             return Err(match e {
                 CutoverError::UnknownShard { .. } => Failure::usage(e),
                 CutoverError::Timeout { .. } => Failure::problem(e),

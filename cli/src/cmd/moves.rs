@@ -10,7 +10,7 @@
 
 use reshard_engine::ops::moves::{run_move, MoveError, MoveOptions, MoveReport};
 
-use crate::output::{load_config, CmdResult, Failure};
+use crate::output::{emit_failure, load_config, CmdResult, Failure};
 use crate::MoveArgs;
 
 /// Runs `reshard move`.
@@ -42,12 +42,11 @@ pub async fn run(args: MoveArgs) -> CmdResult {
     let report = match run_move(&config, &opts).await {
         Ok(r) => r,
         Err(e) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"ok": false, "from": args.from, "to": args.to, "error": e.to_string()})
-                );
-            }
+            emit_failure(
+                args.json,
+                serde_json::json!({"from": args.from, "to": args.to}),
+                &e,
+            );
             return Err(match e {
                 MoveError::Usage(_) => Failure::usage(e),
                 MoveError::Timeout { .. } | MoveError::Mismatch { .. } => Failure::problem(e),

@@ -8,7 +8,7 @@
 
 use reshard_engine::ops::reverse::{rollback, ReverseOpError, RollbackOptions, RollbackReport};
 
-use crate::output::{load_config, CmdResult, Failure};
+use crate::output::{emit_failure, load_config, CmdResult, Failure};
 use crate::RollbackArgs;
 
 /// Runs `reshard rollback`.
@@ -23,12 +23,7 @@ pub async fn run(args: RollbackArgs) -> CmdResult {
     let report = match rollback(&config, &opts).await {
         Ok(r) => r,
         Err(e) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"ok": false, "shard": args.shard, "error": e.to_string()})
-                );
-            }
+            emit_failure(args.json, serde_json::json!({"shard": args.shard}), &e);
             return Err(match e {
                 ReverseOpError::UnknownShard { .. }
                 | ReverseOpError::NotCutOver { .. }
