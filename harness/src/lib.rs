@@ -430,35 +430,7 @@ impl PgCluster {
                 data.display()
             )));
         }
-        let socket_dir = dir.path().join("sock");
-        fs::create_dir(&socket_dir)?;
-        chown(&socket_dir, ids)?;
-        let log = dir.path().join("server.log");
-        fs::File::create(&log)?;
-        chown(&log, ids)?;
-        let mut c = PgCluster {
-            child: None,
-            port: 0,
-            data,
-            log,
-            socket_dir,
-            builder,
-            dir,
-        };
-        let mut last = None;
-        for _ in 0..5 {
-            c.port = free_port()?;
-            match c.launch() {
-                Ok(()) => {
-                    last = None;
-                    break;
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        if let Some(e) = last {
-            return Err(e);
-        }
+        let c = PgCluster::launch_in(dir, data, builder, ids)?;
         if let Some(pw) = c.builder.password.clone() {
             let method = match c.builder.auth {
                 Auth::Trust => "trust",
@@ -721,6 +693,17 @@ impl PgCluster {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
+        PgCluster::launch_in(dir, data, self.builder.clone(), ids)
+    }
+
+    /// Starts the server of the data directory `data` in `dir` (its socket directory and log
+    /// file made there, owned by `ids`) on a free port, trying up to five ports.
+    fn launch_in(
+        dir: tempfile::TempDir,
+        data: PathBuf,
+        builder: Builder,
+        ids: Option<(u32, u32)>,
+    ) -> Result<PgCluster, HarnessError> {
         let socket_dir = dir.path().join("sock");
         fs::create_dir(&socket_dir)?;
         chown(&socket_dir, ids)?;
@@ -733,7 +716,7 @@ impl PgCluster {
             data,
             log,
             socket_dir,
-            builder: self.builder.clone(),
+            builder,
             dir,
         };
         let mut last = None;
@@ -744,7 +727,7 @@ impl PgCluster {
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or_else(|| err("the standby did not start")))
+        Err(last.unwrap_or_else(|| err("the server did not start")))
     }
 
     fn signal_and_wait(&mut self, sig: libc::c_int, timeout: Duration) {
