@@ -42,8 +42,9 @@
 //! [`FullLoadReport::handoff`] hands them to CDC (`handoff`, `window`). Only tables left in
 //! exported mode make [`PreparedLoad::needs_snapshot`] true.
 //!
-//! See `catalog` for the checks and how tables are chunked, `copy` for the worker loop and
-//! `indexes` for `defer_indexes`.
+//! See `catalog` for the checks and how tables are chunked, `copy` for the worker loop,
+//! `indexes` for `defer_indexes`, `throttle` for the per-shard token buckets and `health` for
+//! the adaptive throttle (a health watcher per shard steering its bucket's row rate).
 
 mod catalog;
 mod copy;
