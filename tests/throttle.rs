@@ -220,7 +220,10 @@ fn backs_off_while_the_shard_is_busy_and_the_load_finishes() {
 
 #[test]
 fn backs_off_while_a_replica_lags_and_speeds_up_when_it_catches_up() {
-    const ROWS: u64 = 100_000;
+    // At the ceiling the load takes ~10 s: long enough for the replica's lag to pass its bound
+    // and be seen, however fast the machine (unbounded, 100k rows loaded in half a second on
+    // an idle machine, before any lag could build up).
+    const ROWS: u64 = 200_000;
     const FLOOR: f64 = 10_000.0;
     let mut t = topology(ROWS);
     let standby = t.shards[0].start_standby().expect("a standby of shard0");
@@ -231,7 +234,7 @@ fn backs_off_while_a_replica_lags_and_speeds_up_when_it_catches_up() {
         .expect("pause replay");
     let config = t.write_config(
         "[snapshot]\nparallel = 2\nchunk_rows = 10000\nmax_replica_lag_ms = 300\n\
-         min_rows_per_sec = 10000\nhealth_interval_ms = 200\nprogress_interval_secs = 1\n",
+         min_rows_per_sec = 10000\nmax_rows_per_sec = 20000\nhealth_interval_ms = 200\nprogress_interval_secs = 1\n",
     );
     let text = read(&config).replacen(
         "name = \"shard0\"\n",
