@@ -358,10 +358,8 @@ fn where_key(table: &TargetTable, key_row: &Row) -> Result<String, EncodeError> 
 pub fn change_sql(table: &TargetTable, change: &Change) -> Result<Option<String>, EncodeError> {
     match change {
         Change::Insert { new, .. } => {
-            let mut cols = Vec::new();
             let mut vals = Vec::new();
             for c in &table.columns {
-                cols.push(c.name_sql.as_str());
                 vals.push(format!(
                     "{}::{}",
                     literal(table, c.source_idx, new.get(c.source_idx))?,
@@ -369,14 +367,8 @@ pub fn change_sql(table: &TargetTable, change: &Change) -> Result<Option<String>
                 ));
             }
             Ok(Some(format!(
-                "INSERT INTO {} ({}){} VALUES ({}){}",
-                table.target_sql,
-                cols.join(", "),
-                if table.overriding {
-                    " OVERRIDING SYSTEM VALUE"
-                } else {
-                    ""
-                },
+                "{} VALUES ({}){}",
+                table.insert_into(),
                 vals.join(", "),
                 table.on_conflict()
             )))

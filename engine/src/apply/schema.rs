@@ -415,23 +415,32 @@ impl TargetTable {
 
     /// Inserts the rows with the given op codes read from `source` (see [`Self::insert_sql`]).
     pub fn insert_sql_from(&self, ops: &str, source: &str) -> String {
-        let cols: Vec<&str> = self.columns.iter().map(|c| c.name_sql.as_str()).collect();
         let vals: Vec<String> = self
             .columns
             .iter()
             .map(|c| format!("s.{}::{}", c.name_sql, c.type_sql))
             .collect();
         format!(
-            "INSERT INTO {} ({}){} SELECT {} FROM {source} WHERE s._reshard_op IN ({ops}){}",
+            "{} SELECT {} FROM {source} WHERE s._reshard_op IN ({ops}){}",
+            self.insert_into(),
+            vals.join(", "),
+            self.on_conflict()
+        )
+    }
+
+    /// `INSERT INTO t (every column)`, with ` OVERRIDING SYSTEM VALUE` where the target needs
+    /// it: the head of every insert into this table, whatever supplies the rows.
+    pub fn insert_into(&self) -> String {
+        let cols: Vec<&str> = self.columns.iter().map(|c| c.name_sql.as_str()).collect();
+        format!(
+            "INSERT INTO {} ({}){}",
             self.target_sql,
             cols.join(", "),
             if self.overriding {
                 " OVERRIDING SYSTEM VALUE"
             } else {
                 ""
-            },
-            vals.join(", "),
-            self.on_conflict()
+            }
         )
     }
 
