@@ -948,15 +948,25 @@ async fn the_reverse_direction_shows_in_lag_status_console_and_metrics_live_and_
         .unwrap();
     tokio::task::block_in_place(|| t.wait_converged(TABLES, Duration::from_secs(90)));
 
-    // Live: `reshard lag` shows the reverse stream past the writes and caught up.
-    let (code, out, err) = t.reshard(&["lag", "-c", &c, "--json"]);
-    assert_eq!(code, 0, "{err}");
-    let lag: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // Live: `reshard lag` shows the reverse stream past the writes and caught up. (The
+    // digests above do not wait for the source: it may take the writes a moment later.)
+    let lag = tokio::task::block_in_place(|| {
+        t.wait(
+            "reshard lag to show the reverse stream past the writes on shard1",
+            Duration::from_secs(60),
+            || {
+                let (code, out, _) = t.reshard(&["lag", "-c", &c, "--json"]);
+                let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+                let applied: reshard_engine::Lsn =
+                    v["reverse"][0]["applied_lsn"].as_str()?.parse().ok()?;
+                (code == 0 && applied > before_writes).then_some(v)
+            },
+        )
+    });
     assert_eq!(lag["source"], "daemon", "{lag:#}");
     let rev = &lag["reverse"][0];
     assert_eq!(rev["shard"], "shard1", "{lag:#}");
     assert_eq!(rev["state"], "streaming", "{lag:#}");
-    assert!(lsn_of(&rev["applied_lsn"]) > before_writes, "{lag:#}");
     tokio::task::block_in_place(|| {
         t.wait("the reverse lag to be 0", Duration::from_secs(30), || {
             let (_, out, _) = t.reshard(&["lag", "-c", &c, "--json"]);
