@@ -48,7 +48,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Split the migration into K groups that share nothing (own slot, publication, spill
     /// directory, tables), balanced by table size: write one config per group and the Helm
-    /// values of deploy/helm/reshard, print the plan.
+    /// values of deploy/helm/reshard, print the plan. With --shards M instead: print, read-only,
+    /// what growing the hash layout from N to M shards moves (rows, bytes, time per new shard).
     Plan(PlanArgs),
     /// One screen: phase, tables, shards, slot, spill log.
     Status(StatusArgs),
@@ -146,8 +147,16 @@ pub struct PlanArgs {
     #[command(flatten)]
     pub config: ConfigArg,
     /// Number of groups: 2 or more, at most the number of replicated tables.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(2..))]
-    pub groups: u16,
+    #[arg(long, value_parser = clap::value_parser!(u16).range(2..), required_unless_present = "shards", conflicts_with = "shards")]
+    pub groups: Option<u16>,
+    /// New shard count M (hash = "postgres": a multiple of the current N): print, writing
+    /// nothing, which old shard each new shard's rows come from, the rows and bytes to move and
+    /// the time at --rate.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub shards: Option<u16>,
+    /// The copy rate (rows per second) the --shards time estimate assumes.
+    #[arg(long, default_value_t = reshard_engine::ops::grow::DEFAULT_RATE_ROWS_PER_SEC)]
+    pub rate: u64,
     /// Directory for the group configs (`<config stem>-g<k>.toml`) and the Helm values; created
     /// if missing.
     #[arg(long, default_value = ".")]

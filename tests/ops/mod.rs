@@ -13,6 +13,7 @@ mod config_keys;
 mod cutover;
 mod fence;
 mod groups;
+mod grow;
 mod status;
 mod table_set;
 mod verify;

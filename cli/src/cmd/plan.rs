@@ -1,11 +1,15 @@
 //! `reshard plan --groups K`: split one migration into K groups that share nothing (see
 //! [`reshard_engine::ops::plan`]), write their configs and the Helm values, print the plan.
+//! `reshard plan --shards M`: print, read-only, what growing the hash layout from N to M
+//! shards moves (see [`reshard_engine::ops::grow`]).
 //!
-//! Exit codes: 0 when the files are written; 2 on a config error, a `--groups` out of range or
-//! an output file that exists (without `--force`); 3 when the source cannot be reached.
+//! Exit codes: 0 when the files are written (or the growth plan printed); 2 on a config error,
+//! a `--groups` out of range, an output file that exists (without `--force`), or an M that is
+//! not a multiple of N; 3 when the source or a shard cannot be reached.
 
 use std::path::Path;
 
+use reshard_engine::ops::grow::{check_shards, plan_growth, GrowError, GrowPlan};
 use reshard_engine::ops::plan::{make_plan, slot_headroom, table_sizes, Plan};
 use reshard_engine::pg::conn::connect_plain;
 
@@ -18,6 +22,15 @@ use crate::PlanArgs;
 pub async fn run(args: PlanArgs) -> CmdResult {
     let path = &args.config.config;
     let config = load_config(path)?;
+    let groups = match (args.groups, args.shards) {
+        (_, Some(m)) => return grow(&config, usize::from(m), args.rate, args.json).await,
+        (Some(k), None) => k,
+        (None, None) => {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "give --groups K (split the migration) or --shards M (plan a new shard count)"
+            )))
+        }
+    };
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read {}: {e}", path.display())))?;
     let client = connect_plain(&config.source.url).await.map_err(|e| {
@@ -28,7 +41,7 @@ pub async fn run(args: PlanArgs) -> CmdResult {
     let tables = table_sizes(&client, &config)
         .await
         .map_err(|e| Failure::failed(anyhow::Error::from(e).context("reading the table set")))?;
-    let plan = make_plan(path, &text, &config, tables, usize::from(args.groups))
+    let plan = make_plan(path, &text, &config, tables, usize::from(groups))
         .map_err(|e| Failure::usage(anyhow::Error::from(e)))?;
     let headroom = slot_headroom(&client)
         .await
@@ -152,5 +165,73 @@ fn render(plan: &Plan, out: &Path) -> String {
             .join(", "),
         out.join(&plan.helm_values.0).display()
     ));
+    s
+}
+
+/// `reshard plan --shards M`: the growth plan, printed; nothing is written.
+async fn grow(
+    config: &reshard_engine::config::Config,
+    to: usize,
+    rate: u64,
+    json: bool,
+) -> CmdResult {
+    check_shards(config, to).map_err(|e| Failure::usage(anyhow::Error::from(e)))?;
+    let plan = plan_growth(config, to, rate).await.map_err(|e| match e {
+        GrowError::NotMultiple { .. } | GrowError::NotHash => {
+            Failure::usage(anyhow::Error::from(e))
+        }
+        _ => Failure::failed(anyhow::Error::from(e)),
+    })?;
+    if json {
+        let text = serde_json::to_string_pretty(&plan)
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the plan: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{}", render_growth(&plan));
+    }
+    Ok(())
+}
+
+/// One line per new shard, then the totals and the estimate.
+fn render_growth(plan: &GrowPlan) -> String {
+    let mut s = format!(
+        "{} -> {} shards (hash = \"postgres\"): new shard j takes the rows of old shard j mod {} whose hash satisfies MODULUS {}, REMAINDER j; no row moves between two old shards. Read-only: nothing was written.\n\n",
+        plan.from_shards, plan.to_shards, plan.from_shards, plan.to_shards
+    );
+    let mut rows = vec![[
+        "NEW SHARD".to_owned(),
+        "FROM".into(),
+        "ROWS".into(),
+        "BYTES".into(),
+        "ACTION".into(),
+    ]];
+    for n in &plan.shards {
+        rows.push([
+            n.index.to_string(),
+            format!("{} ({})", n.from, n.from_index),
+            n.rows.to_string(),
+            human_bytes(n.bytes),
+            if n.stays {
+                "stays in place".into()
+            } else {
+                "move".into()
+            },
+        ]);
+    }
+    s.push_str(&table(&rows));
+    s.push_str(&format!(
+        "\nTo move: {} rows, {} (row data, pg_column_size). At {} rows/s (--rate): about {}s.\n",
+        plan.rows_to_move,
+        human_bytes(plan.bytes_to_move),
+        plan.rate_rows_per_sec,
+        plan.eta_secs.ceil()
+    ));
+    if plan.misplaced_rows > 0 {
+        s.push_str(&format!(
+            "WARNING: {} row(s) are on an old shard that hash partitioning does not assign them to (not part of this plan); run `reshard verify`.\n",
+            plan.misplaced_rows
+        ));
+    }
+    s.push_str("Executing the plan (`reshard rebalance`) is not yet implemented.\n");
     s
 }

@@ -11,11 +11,13 @@
 //! - [`plan`]: one migration split into K groups that share nothing, and the proof that group
 //!   configs are disjoint.
 //! - [`reverse`]: the reverse direction set up at a fenced cutover, and `rollback`.
+//! - [`grow`]: what growing a hash layout from N to M shards moves (`reshard plan --shards`).
 //! - [`moves`]: accounts moved between two live shards (`reshard move`).
 
 pub mod check;
 pub mod cutover;
 pub mod fence;
+pub mod grow;
 pub mod moves;
 pub mod observe;
 pub mod plan;
