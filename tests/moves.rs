@@ -451,6 +451,34 @@ async fn move_refuses_unknown_shards_and_accounts_not_on_from() {
             .trim(),
         "0"
     );
+
+    // A reshard run still streaming from the source keeps its map (a refresh never moves an
+    // account) and would send the moved accounts' new rows to their old shard: refused.
+    let mut t = t;
+    // (The shards already hold the accounts' rows: no full load.)
+    let d = t.spawn_run(&["--skip-full-load"]);
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        t.wait_slot_active(std::time::Duration::from_secs(60))
+    }))
+    .is_err()
+    {
+        panic!("the daemon did not stream: {}", t.last_log());
+    }
+    let (code, _, err) = run(&["--accounts", "2", "--from", "shard0", "--to", "shard1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("reshard run is still streaming"), "{err}");
+    assert_eq!(
+        t.shards[0]
+            .psql(
+                "app",
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'reshard_mv%'"
+            )
+            .expect("q")
+            .trim(),
+        "0",
+        "nothing was set up on the old shard"
+    );
+    t.stop_cleanly(d);
 }
 
 /// Every account's rows are on the shard the map names, exactly as the writer committed them,

@@ -372,6 +372,36 @@ struct Ctx<'a> {
 }
 
 /// Runs (or resumes) a move; see the module doc.
+/// A move flips the account map under a `reshard run` that still streams from the source; the
+/// daemon keeps its map (a refresh never moves an account) and would go on writing the moved
+/// accounts' new source rows to the old shard. Refused while its console answers or its slot
+/// has a walsender. A source that no longer answers (retired after the cutover) is no daemon.
+async fn refuse_while_the_daemon_streams(config: &Config) -> Result<(), MoveError> {
+    let src = match ConnConfig::parse(&config.source.url) {
+        Ok(c) => tokio::time::timeout(Duration::from_secs(10), c.connect_sql())
+            .await
+            .ok()
+            .and_then(Result::ok),
+        Err(_) => None,
+    };
+    let daemon = match &src {
+        Some(src) => Some(crate::ops::observe::find_daemon(config, src).await),
+        None => None,
+    };
+    if let Some(d) = daemon.filter(|d| d.is_up()) {
+        let what = match d {
+            crate::ops::observe::Daemon::Answering(_) => "its admin console answers".to_owned(),
+            _ => format!("slot {} on the source has a walsender", config.source.slot),
+        };
+        return Err(MoveError::Usage(format!(
+            "reshard run is still streaming from the source ({what}): it would keep routing the \
+             moved accounts' new rows to their old shard. Cut every shard over and stop \
+             reshard run first, then move"
+        )));
+    }
+    Ok(())
+}
+
 pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport, MoveError> {
     let started = Instant::now();
     if config.routing.hash != HashKind::Map {
@@ -406,6 +436,7 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
             opts.from
         )));
     }
+    refuse_while_the_daemon_streams(config).await?;
     let connect = |url: String, endpoint: String| async move {
         ConnConfig::parse(&url)
             .map_err(|error| MoveError::Connect {
