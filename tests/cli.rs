@@ -272,3 +272,44 @@ fn lag_watch_ends_on_ctrl_c_while_a_refresh_waits() {
     }
     drop(silent);
 }
+
+/// `reshard slot drop` while a daemon streams the slot fails at once (exit 3, naming the fix)
+/// instead of waiting silently; the waiting drop used to remove the slot as soon as the daemon
+/// stopped, so the next run had to start over.
+#[test]
+fn slot_drop_while_the_daemon_streams_fails_at_once_and_drops_nothing() {
+    let mut t = Topology::start(1);
+    t.ddl_everywhere("CREATE TABLE t (account_id bigint, id int, PRIMARY KEY (account_id, id))");
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    let mut child = std::process::Command::new(crate::common::reshard_bin())
+        .args(["slot", "drop", "-c", t.config_path().to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("reshard slot drop still waiting after 20 s on a streamed slot");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(err.contains("stop the daemon first"), "{err}");
+    t.stop_cleanly(d);
+    assert_eq!(
+        t.source_sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'reshard'")
+            .trim(),
+        "1",
+        "the slot outlives the refused drop"
+    );
+}

@@ -82,9 +82,18 @@ pub async fn run(args: SlotArgs) -> CmdResult {
             let mut repl = ReplicationClient::connect(&sel.conn)
                 .await
                 .context("opening a replication connection to the source")?;
-            let dropped = match repl.drop_slot(&sel.slot, true).await {
+            // Never WAIT: a drop waiting on a running daemon's walsender hangs silently, and
+            // once the daemon stops it drops the slot anyway (the next run must start over).
+            let dropped = match repl.drop_slot(&sel.slot, false).await {
                 Ok(()) => true,
                 Err(e) if e.sqlstate() == Some("42704") => false,
+                Err(e) if e.sqlstate() == Some("55006") => {
+                    return Err(Failure::failed(anyhow::Error::from(e).context(format!(
+                        "slot {} is being streamed (a reshard run is up?): nothing was dropped; \
+                         stop the daemon first (SIGTERM), then run this again",
+                        sel.slot
+                    ))))
+                }
                 Err(e) => {
                     return Err(Failure::failed(
                         anyhow::Error::from(e).context(format!("dropping slot {}", sel.slot)),
