@@ -452,6 +452,41 @@ async fn move_refuses_unknown_shards_and_accounts_not_on_from() {
         "0"
     );
 
+    // A table of the old shard whose replica identity lacks the key (a surrogate-key identity):
+    // a row-filtered publication would make the shard refuse the application's UPDATEs and
+    // DELETEs of it. Refused before anything is created; the table keeps taking writes.
+    t.shards[0]
+        .psql(
+            "app",
+            "ALTER TABLE notes ADD COLUMN nid bigserial; \
+             CREATE UNIQUE INDEX notes_nid ON notes (nid); \
+             ALTER TABLE notes REPLICA IDENTITY USING INDEX notes_nid",
+        )
+        .expect("surrogate identity");
+    let (code, _, err) = run(&["--accounts", "2", "--from", "shard0", "--to", "shard1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("public.notes") && err.contains("replica identity"),
+        "{err}"
+    );
+    t.shards[0]
+        .psql("app", "UPDATE notes SET body = body WHERE account_id = 2")
+        .expect("the application's UPDATE still works on the old shard");
+    assert_eq!(
+        t.shards[0]
+            .psql("app", "SELECT count(*) FROM pg_publication")
+            .expect("q")
+            .trim(),
+        "0",
+        "no publication was created on the old shard"
+    );
+    t.shards[0]
+        .psql(
+            "app",
+            "ALTER TABLE notes REPLICA IDENTITY DEFAULT; ALTER TABLE notes DROP COLUMN nid",
+        )
+        .expect("restore");
+
     // A reshard run still streaming from the source keeps its map (a refresh never moves an
     // account) and would send the moved accounts' new rows to their old shard: refused.
     let mut t = t;

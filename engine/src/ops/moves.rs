@@ -765,6 +765,31 @@ impl Ctx<'_> {
             .identify_system()
             .await
             .map_err(|source| self.repl_err(source))?;
+        // A row filter on a publication of UPDATEs and DELETEs must use replica identity
+        // columns: published without the key in the identity, the shard itself would refuse
+        // the application's UPDATEs and DELETEs on the table. Checked before anything exists.
+        for t in &self.tables {
+            let info = crate::pg::table::describe_table(&self.from, &t.name)
+                .await
+                .map_err(qerr(&self.from_ep, "reading the table's replica identity"))?;
+            let Some(info) = info else { continue };
+            match crate::pg::identity::key_strategy(&info, &t.key, false) {
+                Ok(crate::pg::identity::KeyStrategy::InIdentity)
+                | Ok(crate::pg::identity::KeyStrategy::Full) => {}
+                Ok(_) => {
+                    return Err(MoveError::Usage(format!(
+                        "table {} on shard {} has no replica identity: a publication would make the shard refuse its UPDATEs and DELETEs; give it a primary key (or REPLICA IDENTITY FULL) first",
+                        t.name, self.opts.from
+                    )))
+                }
+                Err(e) => {
+                    return Err(MoveError::Usage(format!(
+                        "on shard {} (the move's row filter needs the key in the replica identity, else the shard would refuse the application's UPDATEs and DELETEs of the table): {e}",
+                        self.opts.from
+                    )))
+                }
+            }
+        }
         // A slot left by a run that crashed before its copy committed: nothing used it.
         self.drop_slot().await?;
         let list: Vec<String> = self
