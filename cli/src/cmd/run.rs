@@ -96,7 +96,9 @@ fn finish(result: Result<Result<RunSummary, RuntimeError>, tokio::task::JoinErro
 /// (exit 2); anything else could not complete (exit 3).
 fn start_failure(e: RuntimeError) -> Failure {
     match e {
-        e @ (RuntimeError::KeyOutsideIdentity(_) | RuntimeError::NoRowIdentity(_)) => {
+        e @ (RuntimeError::KeyOutsideIdentity(_)
+        | RuntimeError::NoRowIdentity(_)
+        | RuntimeError::PartitionedOnPg12(_)) => {
             Failure::usage(anyhow::Error::from(e).context("reshard run refuses to start"))
         }
         e @ RuntimeError::Admin(_) => {

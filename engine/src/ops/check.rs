@@ -706,6 +706,17 @@ async fn check_source_table(
         ),
     }
 
+    if t.partitioned && setting_i64(client, "server_version_num").await? < 130_000 {
+        report.fail(
+            "publish_partitioned",
+            SOURCE,
+            format!("{name} is a partitioned table: PostgreSQL 12 cannot publish partitioned tables (reshard run refuses to start)"),
+            Some(format!(
+                "-- reshard.toml: [[tables]] name = \"{name}\" mode = \"skip\" (and move it another way), or upgrade the source to PostgreSQL 13 or later"
+            )),
+        );
+    }
+
     if rule.mode == TableMode::Sharded {
         let key = &rule.key;
         match t.column(key) {

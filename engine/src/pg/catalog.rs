@@ -234,6 +234,18 @@ pub async fn discover(client: &Client, cfg: &Config) -> Result<Vec<SourceTable>,
     resolve(client, cfg).await?.into_replicated()
 }
 
+/// The server's `server_version_num` (e.g. 150004).
+pub async fn server_version_num(client: &Client) -> Result<i32, CatalogError> {
+    Ok(client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await
+        .map_err(|source| CatalogError::Query {
+            what: "reading server_version_num",
+            source,
+        })?
+        .get(0))
+}
+
 /// Creates the publication for `tables` if it does not exist (returns `true` if created);
 /// if it exists, checks that it publishes every table and publishes partitioned tables via
 /// their root.
@@ -259,14 +271,7 @@ pub async fn ensure_publication(
                 .iter()
                 .map(|t| TableName::parse(&t.rule.source).to_string())
                 .collect();
-            let has_via_root: bool = client
-                .query_one(
-                    "SELECT current_setting('server_version_num')::int4 >= 130000",
-                    &[],
-                )
-                .await
-                .map_err(q("reading server_version_num"))?
-                .get(0);
+            let has_via_root = server_version_num(client).await? >= 130_000;
             let sql = format!(
                 "CREATE PUBLICATION {} FOR TABLE {}{}",
                 quote_ident(publication),

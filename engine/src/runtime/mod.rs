@@ -89,6 +89,9 @@ pub enum RuntimeError {
     /// Replicated tables without a row identity (nothing was started).
     #[error("{} replicated table(s) have no row identity: publishing them would make the source refuse their UPDATEs and DELETEs (\"cannot update table … because it does not have a replica identity and publishes updates\"), so the application's writes would fail; nothing was created or copied. Fix each, then run again:\n{}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
     NoRowIdentity(Vec<identity::NoRowIdentity>),
+    /// Partitioned tables on a PostgreSQL 12 source (nothing was started).
+    #[error("the source runs PostgreSQL 12, which cannot publish partitioned tables; nothing was created or copied. For each of {}: leave it out ([[tables]] name = \"…\" mode = \"skip\") and move it another way, or upgrade the source to PostgreSQL 13 or later, then run again", .0.join(", "))]
+    PartitionedOnPg12(Vec<String>),
     /// The spill log.
     #[error("{0}")]
     Spill(#[from] SpillError),
@@ -259,6 +262,15 @@ async fn start_once(
         })?;
     if !no_identity.is_empty() {
         return Err(RuntimeError::NoRowIdentity(no_identity));
+    }
+    // PostgreSQL 12 cannot publish a partitioned table (CREATE PUBLICATION fails on it).
+    let partitioned: Vec<String> = tables
+        .iter()
+        .filter(|t| t.partitioned)
+        .map(|t| t.rule.source.clone())
+        .collect();
+    if !partitioned.is_empty() && catalog::server_version_num(&sql).await? < 130_000 {
+        return Err(RuntimeError::PartitionedOnPg12(partitioned));
     }
     let created = catalog::ensure_publication(&sql, &cfg.source.publication, &tables).await?;
     if created {
