@@ -1127,6 +1127,30 @@ async fn constraint_error_that_replay_also_hits_names_the_row() {
     assert_eq!(rows(&c, "SELECT id FROM acct ORDER BY id").await, vec!["1"]);
 }
 
+/// Like [`start`], with a PAUSE switch (`true` pauses) and the applier's latency histogram.
+fn start_pausable(
+    pg: &PgCluster,
+    log: Arc<MemLog>,
+    opts: ApplyOptions,
+) -> (
+    Running,
+    watch::Sender<bool>,
+    reshard_engine::apply::LatencyHistogram,
+) {
+    let config: tokio_postgres::Config = pg.url("shard").parse().unwrap();
+    let (pause_tx, pause_rx) = watch::channel(false);
+    let applier = ShardApplier::new(opts, PgConnect(config), log).with_pause(pause_rx);
+    let latency = applier.latency_histogram();
+    let (shutdown, shutdown_rx) = reshard_engine::shutdown::channel();
+    let (status_tx, status) = watch::channel(ShardStatus::default());
+    let run = Running {
+        handle: tokio::spawn(applier.run(shutdown_rx, status_tx)),
+        shutdown,
+        status,
+    };
+    (run, pause_tx, latency)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_shard_stops_committing_until_resumed() {
     let pg = target("CREATE TABLE public.kv (k int PRIMARY KEY, v text);");
@@ -1138,17 +1162,7 @@ async fn paused_shard_stops_committing_until_resumed() {
     );
     let log = Arc::new(MemLog::new(1024));
     txn(&log, 1, vec![ins(&kv, vec![t("1"), t("v")])]).await;
-    let config: tokio_postgres::Config = pg.url("shard").parse().unwrap();
-    let (pause_tx, pause_rx) = watch::channel(false);
-    let applier = ShardApplier::new(opts(), PgConnect(config), log.clone()).with_pause(pause_rx);
-    let latency = applier.latency_histogram();
-    let (shutdown, shutdown_rx) = reshard_engine::shutdown::channel();
-    let (status_tx, status) = watch::channel(ShardStatus::default());
-    let mut run = Running {
-        handle: tokio::spawn(applier.run(shutdown_rx, status_tx)),
-        shutdown,
-        status,
-    };
+    let (mut run, pause_tx, latency) = start_pausable(&pg, log.clone(), opts());
     run.wait_applied(lsn(1)).await;
     pause_tx.send(true).unwrap();
     tokio::time::timeout(
@@ -1187,20 +1201,11 @@ async fn paused_shard_does_not_write_a_pending_heartbeat() {
     );
     let log = Arc::new(MemLog::new(1024));
     txn(&log, 1, vec![ins(&kv, vec![t("1"), t("v")])]).await;
-    let config: tokio_postgres::Config = pg.url("shard").parse().unwrap();
-    let (pause_tx, pause_rx) = watch::channel(false);
     let o = ApplyOptions {
         heartbeat_interval_ms: 600,
         ..opts()
     };
-    let applier = ShardApplier::new(o, PgConnect(config), log.clone()).with_pause(pause_rx);
-    let (shutdown, shutdown_rx) = reshard_engine::shutdown::channel();
-    let (status_tx, status) = watch::channel(ShardStatus::default());
-    let mut run = Running {
-        handle: tokio::spawn(applier.run(shutdown_rx, status_tx)),
-        shutdown,
-        status,
-    };
+    let (mut run, pause_tx, _) = start_pausable(&pg, log.clone(), o);
     run.wait_applied(lsn(1)).await;
     // Read at once but not written yet: the last progress write was just now.
     log.send(SHARD, ShardEvent::Heartbeat(lsn(50)))

@@ -36,6 +36,8 @@ use crate::lsn::Lsn;
 use crate::pg::progress::{ensure_progress_table, read_progress, ProgressError, ProgressKey};
 use crate::shutdown::ShutdownRx;
 
+/// A shard's commit-to-apply latencies (microseconds), shared with the status view.
+pub type LatencyHistogram = Arc<Mutex<Histogram<u64>>>;
 /// `DELETE FROM table WHERE (key) > (after) AND (key) <= (upto)`: a row comparison, which
 /// orders like the key's `i64`s (<https://www.postgresql.org/docs/current/functions-comparisons.html#ROW-WISE-COMPARISON>).
 fn delete_range_sql(
@@ -114,7 +116,7 @@ impl<C: Connect, L: ShardLog> ShardApplier<C, L> {
 
     /// Commit-to-apply latency (µs, target commit time minus source commit time), one sample
     /// per applied source transaction. Lock it briefly; never hold it across an await.
-    pub fn latency_histogram(&self) -> Arc<Mutex<Histogram<u64>>> {
+    pub fn latency_histogram(&self) -> LatencyHistogram {
         self.latency.clone()
     }
 

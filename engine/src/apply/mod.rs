@@ -41,7 +41,7 @@ use std::future::Future;
 
 use tokio_postgres::Client;
 
-pub use applier::ShardApplier;
+pub use applier::{LatencyHistogram, ShardApplier};
 pub use ddl::{DdlWait, SourceConnect};
 pub use error::ApplyError;
 
