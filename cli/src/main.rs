@@ -149,18 +149,25 @@ pub struct PlanArgs {
     /// Number of groups: 2 or more, at most the number of replicated tables.
     #[arg(long, value_parser = clap::value_parser!(u16).range(2..), required_unless_present = "shards", conflicts_with = "shards")]
     pub groups: Option<u16>,
-    /// New shard count M (hash = "postgres": a multiple of the current N): print, writing
+    /// New shard count M. hash = "postgres" (M a multiple of the current N): print, writing
     /// nothing, which old shard each new shard's rows come from, the rows and bytes to move and
-    /// the time at --rate.
+    /// the time at --rate. hash = "map": a balanced account map for M of the config's shards
+    /// (those holding accounts, then the empty ones), moving as few bytes as it can: the map
+    /// diff, bytes per shard before and after, the time at --rate; --out FILE writes the new map.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub shards: Option<u16>,
     /// The copy rate (rows per second) the --shards time estimate assumes.
     #[arg(long, default_value_t = reshard_engine::ops::grow::DEFAULT_RATE_ROWS_PER_SEC)]
     pub rate: u64,
-    /// Directory for the group configs (`<config stem>-g<k>.toml`) and the Helm values; created
-    /// if missing.
-    #[arg(long, default_value = ".")]
-    pub out: PathBuf,
+    /// With --shards M and hash = "map": the balance aimed at, every shard within ±this percent
+    /// of the mean bytes.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100), default_value_t = reshard_engine::ops::balance::DEFAULT_TOLERANCE_PCT)]
+    pub tolerance: u32,
+    /// --groups: directory for the group configs (`<config stem>-g<k>.toml`) and the Helm
+    /// values, created if missing (default: the current directory). --shards with hash =
+    /// "map": the file the new account map is written to (never the live map).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Overwrite files that exist in --out.
     #[arg(long)]
     pub force: bool,

@@ -3,12 +3,17 @@
 //! `reshard plan --shards M`: print, read-only, what growing the hash layout from N to M
 //! shards moves (see [`reshard_engine::ops::grow`]).
 //!
+//! With hash = "map", `--shards M` plans a balanced account map (see
+//! [`reshard_engine::ops::balance`]) and `--out FILE` writes it.
+//!
 //! Exit codes: 0 when the files are written (or the growth plan printed); 2 on a config error,
 //! a `--groups` out of range, an output file that exists (without `--force`), or an M that is
 //! not a multiple of N; 3 when the source or a shard cannot be reached.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use reshard_engine::config::HashKind;
+use reshard_engine::ops::balance::{plan_map, MapPlan};
 use reshard_engine::ops::grow::{check_shards, plan_growth, GrowError, GrowPlan};
 use reshard_engine::ops::plan::{make_plan, slot_headroom, table_sizes, Plan};
 use reshard_engine::pg::conn::connect_plain;
@@ -23,6 +28,9 @@ pub async fn run(args: PlanArgs) -> CmdResult {
     let path = &args.config.config;
     let config = load_config(path)?;
     let groups = match (args.groups, args.shards) {
+        (_, Some(m)) if config.routing.hash == HashKind::Map => {
+            return balance(&config, usize::from(m), &args).await
+        }
         (_, Some(m)) => return grow(&config, usize::from(m), args.rate, args.json).await,
         (Some(k), None) => k,
         (None, None) => {
@@ -46,13 +54,14 @@ pub async fn run(args: PlanArgs) -> CmdResult {
     let headroom = slot_headroom(&client)
         .await
         .map_err(|e| Failure::failed(anyhow::anyhow!("reading max_replication_slots: {e}")))?;
-    write(&plan, &args.out, args.force)?;
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("."));
+    write(&plan, &out, args.force)?;
     if args.json {
         let json = serde_json::to_string_pretty(&plan)
             .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the plan: {e}")))?;
         println!("{json}");
     } else {
-        print!("{}", render(&plan, &args.out));
+        print!("{}", render(&plan, &out));
         let k = plan.groups.len() as i64;
         if headroom.free_slots < k || headroom.free_senders < k {
             println!(
@@ -177,9 +186,12 @@ async fn grow(
 ) -> CmdResult {
     check_shards(config, to).map_err(|e| Failure::usage(anyhow::Error::from(e)))?;
     let plan = plan_growth(config, to, rate).await.map_err(|e| match e {
-        GrowError::NotMultiple { .. } | GrowError::NotHash => {
-            Failure::usage(anyhow::Error::from(e))
-        }
+        GrowError::NotMultiple { .. }
+        | GrowError::NotHash
+        | GrowError::NotMap
+        | GrowError::MapTooMany { .. }
+        | GrowError::MapTooFew { .. }
+        | GrowError::Map(_) => Failure::usage(anyhow::Error::from(e)),
         _ => Failure::failed(anyhow::Error::from(e)),
     })?;
     if json {
@@ -233,5 +245,154 @@ fn render_growth(plan: &GrowPlan) -> String {
         ));
     }
     s.push_str("Executing the plan (`reshard rebalance`) is not yet implemented.\n");
+    s
+}
+
+/// `reshard plan --shards M` for `hash = "map"`: the balanced map, printed; with `--out` the new
+/// map file is written (nothing else is).
+async fn balance(config: &reshard_engine::config::Config, to: usize, args: &PlanArgs) -> CmdResult {
+    check_shards(config, to).map_err(|e| Failure::usage(anyhow::Error::from(e)))?;
+    // Writing the plan over the live map would route the accounts to shards that do not hold
+    // their rows yet: refused before anything is measured.
+    if let (Some(out), Some(live)) = (&args.out, &config.routing.map) {
+        let same = match (std::fs::canonicalize(out), std::fs::canonicalize(live)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => out == live,
+        };
+        if same {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "--out {} is the live account map ([routing] map): the application would send the accounts to shards that do not hold their rows yet; write the plan to another file (the moves flip the live map account by account)",
+                out.display()
+            )));
+        }
+    }
+    if let Some(out) = &args.out {
+        if out.exists() && !args.force {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "{} already exists; choose another --out file or pass --force to overwrite",
+                out.display()
+            )));
+        }
+    }
+    let plan = plan_map(config, to, args.rate, args.tolerance)
+        .await
+        .map_err(|e| match e {
+            GrowError::Shard { .. } | GrowError::Catalog(_) => {
+                Failure::failed(anyhow::Error::from(e))
+            }
+            _ => Failure::usage(anyhow::Error::from(e)),
+        })?;
+    if let Some(out) = &args.out {
+        let text = plan.csv().map_err(|e| {
+            Failure::failed(anyhow::anyhow!("cannot write the new map: account {e}"))
+        })?;
+        std::fs::write(out, text)
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot write {}: {e}", out.display())))?;
+    }
+    if args.json {
+        let mut v = serde_json::to_value(&plan)
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the plan: {e}")))?;
+        v["batches"] = serde_json::to_value(plan.batches())
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the plan: {e}")))?;
+        v["out"] = serde_json::json!(args.out.as_ref().map(|p| p.display().to_string()));
+        let text = serde_json::to_string_pretty(&v)
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the plan: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{}", render_balance(&plan, args.out.as_deref()));
+    }
+    Ok(())
+}
+
+/// The map diff, the shards before and after, the totals and the estimate.
+fn render_balance(plan: &MapPlan, out: Option<&Path>) -> String {
+    let mut s = format!(
+        "{} -> {} shards (hash = \"map\"): accounts stay where they are; greedy by bytes: the largest account that fits moves from the most loaded shard to the least loaded until every shard is within ±{}% of the mean ({}). Read-only{}.\n\n",
+        plan.from_shards,
+        plan.to_shards,
+        plan.tolerance_pct,
+        human_bytes(plan.mean_bytes),
+        if out.is_some() { ": only --out was written" } else { ": nothing was written" }
+    );
+    let mut rows = vec![[
+        "ACCOUNT".to_owned(),
+        "FROM".into(),
+        "TO".into(),
+        "ROWS".into(),
+        "BYTES".into(),
+    ]];
+    for m in &plan.moves {
+        rows.push([
+            m.account.clone(),
+            m.from.clone(),
+            m.to.clone(),
+            m.rows.to_string(),
+            human_bytes(m.bytes),
+        ]);
+    }
+    if plan.moves.is_empty() {
+        s.push_str("No account moves: the shards are already within the tolerance.\n");
+    } else {
+        s.push_str(&table(&rows));
+    }
+    let mut rows = vec![[
+        "SHARD".to_owned(),
+        "ACCOUNTS".into(),
+        "BYTES BEFORE".into(),
+        "BYTES AFTER".into(),
+        "ROWS AFTER".into(),
+    ]];
+    for sh in &plan.shards {
+        rows.push([
+            if sh.new {
+                format!("{} (new)", sh.name)
+            } else {
+                sh.name.clone()
+            },
+            format!("{} -> {}", sh.accounts_before, sh.accounts_after),
+            human_bytes(sh.bytes_before),
+            human_bytes(sh.bytes_after),
+            sh.rows_after.to_string(),
+        ]);
+    }
+    s.push('\n');
+    s.push_str(&table(&rows));
+    let ratio = |r: f64| {
+        if r.is_finite() {
+            format!("{r:.2}")
+        } else {
+            "inf".into()
+        }
+    };
+    s.push_str(&format!(
+        "\nMost/least loaded shard: {} now, {} after{}.\nTo move: {} accounts in {} moves (one `reshard move` per from/to pair), {} rows, {} (row data, pg_column_size). At {} rows/s (--rate): about {}s.\n",
+        ratio(plan.max_min_ratio_before),
+        ratio(plan.max_min_ratio_after),
+        if plan.balanced {
+            String::new()
+        } else {
+            format!(" (NOT within ±{}%: an account is larger than the shards' share, or the accounts are too coarse to balance finer)", plan.tolerance_pct)
+        },
+        plan.moves.len(),
+        plan.batches().len(),
+        plan.rows_to_move,
+        human_bytes(plan.bytes_to_move),
+        plan.rate_rows_per_sec,
+        plan.eta_secs.ceil()
+    ));
+    if plan.misplaced_rows > 0 || plan.unmapped_rows > 0 {
+        s.push_str(&format!(
+            "WARNING: {} row(s) are on a shard the map does not give their account and {} row(s) belong to accounts the map does not know (neither is part of this plan); run `reshard verify`.\n",
+            plan.misplaced_rows, plan.unmapped_rows
+        ));
+    }
+    match out {
+        Some(p) => s.push_str(&format!(
+            "Wrote the new account map to {} ({} accounts).\n",
+            p.display(),
+            plan.accounts
+        )),
+        None => s.push_str("Give --out FILE to write the new account map.\n"),
+    }
     s
 }

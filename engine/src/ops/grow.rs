@@ -40,9 +40,34 @@ pub enum GrowError {
         /// Requested shards (M).
         to: usize,
     },
-    /// The layout is not `hash = "postgres"`.
-    #[error("plan --shards supports [routing] hash = \"postgres\" only; a balanced account map for hash = \"map\" is not yet implemented")]
+    /// The layout is not `hash = "postgres"` ([`plan_growth`] plans hash layouts only; a map
+    /// layout is planned by [`crate::ops::balance::plan_map`]).
+    #[error("this plan is for [routing] hash = \"postgres\"; a hash = \"map\" layout is planned as a balanced account map (ops::balance::plan_map)")]
     NotHash,
+    /// The layout is not `hash = "map"`.
+    #[error("a balanced account map is planned for [routing] hash = \"map\" only")]
+    NotMap,
+    /// M is more than the config's shards (a map layout).
+    #[error("cannot plan {to} shards for hash = \"map\": the config lists {listed} ([[shards]]); list the new shards in the config first (a shard that holds no account in the map is one the plan fills)")]
+    MapTooMany {
+        /// Requested shards (M).
+        to: usize,
+        /// Shards the config lists.
+        listed: usize,
+    },
+    /// M is fewer than the shards that hold accounts (a map layout).
+    #[error("cannot plan {to} shards for hash = \"map\": {holding} shards hold accounts now ({names}); a plan moves accounts onto shards and never empties one: give --shards {holding} or more")]
+    MapTooFew {
+        /// Requested shards (M).
+        to: usize,
+        /// Shards that hold accounts now.
+        holding: usize,
+        /// Their names.
+        names: String,
+    },
+    /// The account map could not be read.
+    #[error("reading the account map: {0}")]
+    Map(crate::route::RouteError),
     /// The table set could not be read on the source.
     #[error("reading the table set on the source: {0}")]
     Catalog(#[from] CatalogError),
@@ -99,10 +124,18 @@ pub struct GrowPlan {
     pub eta_secs: f64,
 }
 
-/// Checks M against N (before connecting to anything).
+/// Checks M against N (before connecting to anything). For `hash = "map"`, M against the
+/// config's shards only (which of them hold accounts needs the map:
+/// [`crate::ops::balance::map_targets`]).
 pub fn check_shards(config: &Config, to: usize) -> Result<(), GrowError> {
-    if config.routing.hash != HashKind::Postgres {
-        return Err(GrowError::NotHash);
+    if config.routing.hash == HashKind::Map {
+        if to > config.shards.len() {
+            return Err(GrowError::MapTooMany {
+                to,
+                listed: config.shards.len(),
+            });
+        }
+        return Ok(());
     }
     let from = config.shards.len();
     if from == 0 || to <= from || to % from != 0 {
@@ -113,6 +146,9 @@ pub fn check_shards(config: &Config, to: usize) -> Result<(), GrowError> {
 
 /// Counts, on every old shard, the rows and bytes of each new shard and makes the plan.
 pub async fn plan_growth(config: &Config, to: usize, rate: u64) -> Result<GrowPlan, GrowError> {
+    if config.routing.hash != HashKind::Postgres {
+        return Err(GrowError::NotHash);
+    }
     check_shards(config, to)?;
     let from = config.shards.len();
     let src = connect_plain(&config.source.url)

@@ -12,8 +12,10 @@
 //!   configs are disjoint.
 //! - [`reverse`]: the reverse direction set up at a fenced cutover, and `rollback`.
 //! - [`grow`]: what growing a hash layout from N to M shards moves (`reshard plan --shards`).
+//! - [`balance`]: the same for an account map: a balanced new map that moves few bytes.
 //! - [`moves`]: accounts moved between two live shards (`reshard move`).
 
+pub mod balance;
 pub mod check;
 pub mod cutover;
 pub mod fence;

@@ -237,12 +237,15 @@ impl AccountMap {
         self.text.iter().flat_map(move |(account, &id)| {
             let shard = self.name(id);
             let listed = String::from_utf8_lossy(account).into_owned();
-            let canonical = match KeyType::Int8.parse_text(account) {
-                Ok(Key::Int(v)) => Some(v.to_string()),
-                _ => parse_uuid(account).map(|u| format_uuid(&u)),
-            }
-            .filter(|c| *c != listed);
+            let canonical = canonical_account(account).filter(|c| *c != listed);
             std::iter::once((listed, shard)).chain(canonical.map(|c| (c, shard)))
+        })
+    }
+
+    /// Every listed account, as listed, with its shard's name (in no particular order).
+    pub fn accounts(&self) -> impl Iterator<Item = (String, &str)> + '_ {
+        self.text.iter().map(move |(account, &id)| {
+            (String::from_utf8_lossy(account).into_owned(), self.name(id))
         })
     }
 
@@ -311,6 +314,53 @@ impl AccountMap {
                 },
             })
     }
+}
+
+/// PostgreSQL's own text form of an account the map matches by value (`7` for `007`, a
+/// lower-case uuid), or `None` for an account matched by its exact text. Two spellings with the
+/// same canonical form are the same account to [`AccountMap::lookup`].
+pub fn canonical_account(account: &[u8]) -> Option<String> {
+    match KeyType::Int8.parse_text(account) {
+        Ok(Key::Int(v)) => Some(v.to_string()),
+        _ => parse_uuid(account).map(|u| format_uuid(&u)),
+    }
+}
+
+/// A whole map file in the format [`AccountMap::from_csv_reader`] reads: a header, then one
+/// `account_id,shard_name` line per pair, in the given order. A field is double-quoted when the
+/// reader would otherwise change it (a comma, a quote, surrounding whitespace, a leading `#`,
+/// an empty field). Fails, naming the account, on a value no map line can hold (a line break).
+pub fn csv_of_pairs<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<String, String> {
+    fn field(out: &mut String, v: &str, first: bool) -> Result<(), String> {
+        if v.contains(['\n', '\r']) {
+            return Err(format!(
+                "{:?} contains a line break, which a map line cannot hold",
+                v
+            ));
+        }
+        let quote = v.is_empty()
+            || v.contains([',', '"'])
+            || v.trim_ascii() != v
+            || (first && (v.starts_with('#') || v.starts_with('\u{feff}')));
+        if quote {
+            out.push('"');
+            out.push_str(&v.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(v);
+        }
+        Ok(())
+    }
+    let mut out = String::from("account_id,shard_name\n");
+    for (account, shard) in pairs {
+        field(&mut out, account, true)?;
+        out.push(',');
+        field(&mut out, shard, false)?;
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// The map file `text` with `accounts` sent to `shard` (an account move's flip): each line
@@ -530,6 +580,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/map.csv"), "{err}");
+    }
+
+    #[test]
+    fn written_pairs_read_back_the_same() {
+        let pairs = [
+            ("1", "s0"),
+            ("007", "s1"),
+            ("a,b", "s2"),
+            ("say \"hi\"", "s0"),
+            (" padded ", "s1"),
+            ("#hash", "s2"),
+            ("shard", "s0"),
+        ];
+        let text = csv_of_pairs(pairs).unwrap();
+        let m = AccountMap::from_csv_reader("new.csv", text.as_bytes(), &shards()).unwrap();
+        assert_eq!(m.len(), pairs.len(), "{text}");
+        for (a, s) in pairs {
+            let got = m.lookup(&Key::Bytes(a.as_bytes())).unwrap();
+            assert_eq!(m.shards()[got.index()], s, "{a:?} in\n{text}");
+        }
+        assert_eq!(m.lookup(&Key::Int(7)), Ok(ShardId(1)));
+        let err = csv_of_pairs([("a\nb", "s0")]).unwrap_err();
+        assert!(err.contains("line break"), "{err}");
     }
 
     #[test]
