@@ -549,7 +549,7 @@ mod tests {
             assert!((*l as f64 - mean).abs() <= mean * 0.05, "{after:?}");
         }
         // No target both gives and takes; targets under the mean give nothing.
-        for t in 0..4 {
+        for (t, load) in loads.iter().enumerate() {
             let gives = accounts
                 .iter()
                 .zip(&placed)
@@ -559,7 +559,7 @@ mod tests {
                 .zip(&placed)
                 .any(|(a, &p)| a.1 != t && p == t);
             assert!(!(gives && takes), "target {t} gives and takes");
-            if (loads[t] as f64) <= mean {
+            if (*load as f64) <= mean {
                 assert!(!gives, "target {t} was under the mean and gave");
             }
         }
