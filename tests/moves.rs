@@ -707,3 +707,152 @@ async fn measure_move_rate_against_a_filtered_copy_pipe() {
     );
     println!("load average: {}", load.trim());
 }
+
+// See: issue #17 (`reshard unfence --shard S` could not lift a move's fence).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfence_lists_and_lifts_move_fences_by_name_or_all_but_not_mid_move() {
+    let t = Topology::start(2);
+    let (config, _map, _model) = setup(&t);
+    let cfg = config.display().to_string();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut a = vec![args[0], "-c", cfg.as_str()];
+        a.extend_from_slice(&args[1..]);
+        crate::common::run_reshard(&a, env)
+    };
+    let mv = |account: &str, env: &[(&str, &str)]| {
+        run(
+            &[
+                "move",
+                "--accounts",
+                account,
+                "--from",
+                "shard0",
+                "--to",
+                "shard1",
+                "--delete-grace",
+                "0s",
+                "--json",
+            ],
+            env,
+        )
+    };
+    let c0 = connect(&t.shards[0].url("app")).await;
+    let write = |a: i64| {
+        let c0 = &c0;
+        async move {
+            c0.execute(&format!("INSERT INTO items VALUES ({a}, 777777, 'w')"), &[])
+                .await
+                .map(|_| ())
+                .map_err(|e| e.code().map(|c| c.code().to_owned()))
+        }
+    };
+
+    let (code, out, err) = mv("2", &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let id2 = crate::ops::json(&out, &err)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(write(2).await, Err(Some("RSF01".into())));
+
+    // Plain unfence: shard0 has no fence of its own; the move's fence is listed and stays.
+    let (code, out, err) = run(&["unfence", "--shard", "shard0", "--on", "shard"], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("Still fenced") && out.contains(&id2) && out.contains("--fence NAME"),
+        "the move's fence is not listed:\n{out}"
+    );
+    assert_eq!(
+        write(2).await,
+        Err(Some("RSF01".into())),
+        "listing lifted the fence"
+    );
+
+    // A move stopped after `verified` (its rows are not deleted from shard0 yet): its fence is
+    // not lifted, and the refusal says the step.
+    let (_, _, err) = mv("3", &[("RESHARD_CRASH_AT", "verified")]);
+    assert!(err.contains("RESHARD_CRASH_AT=verified"), "{err}");
+    let id3 = t.shards[0]
+        .psql(
+            "app",
+            "SELECT shard FROM reshard.fence WHERE accounts @> '{3}'",
+        )
+        .expect("fence of 3")
+        .trim()
+        .to_owned();
+    assert!(id3.starts_with("move_"), "{id3}");
+    let (code, out, err) = run(
+        &[
+            "unfence", "--shard", "shard0", "--on", "shard", "--fence", &id3,
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("at step verified") && err.contains("Nothing was lifted"),
+        "{err}"
+    );
+    assert_eq!(write(3).await, Err(Some("RSF01".into())));
+
+    // By name: only that fence goes.
+    let (code, out, err) = run(
+        &[
+            "unfence", "--shard", "shard0", "--on", "shard", "--fence", &id2, "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let v = crate::ops::json(&out, &err);
+    let lifted: Vec<&str> = v["lifted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["shard"].as_str().unwrap())
+        .collect();
+    assert_eq!(lifted, vec![id2.as_str()], "{v:#}");
+    assert!(
+        v["left"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["shard"] == id3.as_str()),
+        "{v:#}"
+    );
+    write(2)
+        .await
+        .expect("account 2 is writable on shard0 again");
+    assert_eq!(write(3).await, Err(Some("RSF01".into())));
+
+    // The move of 3 finishes; with shard0's own fence too, --all lifts both.
+    let (code, out, err) = mv("3", &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = run(&["fence", "--shard", "shard0", "--on", "shard"], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(write(1).await, Err(Some("RSF01".into())));
+    let (code, _, err) = run(&["unfence", "--shard", "shard0", "--all"], &[]);
+    assert_eq!(code, 2, "--all on the source: {err}");
+    assert!(err.contains("--on shard"), "{err}");
+    let (code, out, err) = run(
+        &[
+            "unfence", "--shard", "shard0", "--on", "shard", "--all", "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let v = crate::ops::json(&out, &err);
+    let mut lifted: Vec<&str> = v["lifted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["shard"].as_str().unwrap())
+        .collect();
+    lifted.sort();
+    let mut want = vec![id3.as_str(), "shard0"];
+    want.sort();
+    assert_eq!(lifted, want, "{v:#}");
+    assert_eq!(v["left"].as_array().map(Vec::len), Some(0), "{v:#}");
+    write(1).await.expect("account 1 writable");
+    write(3)
+        .await
+        .expect("account 3 writable on shard0 once every fence is lifted");
+}

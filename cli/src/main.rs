@@ -67,7 +67,8 @@ pub enum Command {
     /// Refuse the application's writes to one shard's accounts: on the source (rows that route
     /// to the shard) or on the shard itself (every write to its sharded tables).
     Fence(FenceArgs),
-    /// Lift a fence installed by `fence` or `cutover --fence`.
+    /// Lift a fence installed by `fence` or `cutover --fence`; with `--on shard`, list the
+    /// account moves' fences on the shard, and lift one (`--fence NAME`) or all (`--all`).
     Unfence(FenceArgs),
     /// After a fenced cutover: fence the shard on itself, wait until the source holds every
     /// write it took (the reverse stream), move its sequences onto the source, unfence the
@@ -300,6 +301,15 @@ pub struct FenceArgs {
     /// sharded tables, on the shard).
     #[arg(long, value_enum, default_value_t = FenceOn::Source)]
     pub on: FenceOn,
+    /// unfence only: lift the fence called NAME on that database instead of the shard's own
+    /// (an account move's fence on the shard its accounts left is named after the move,
+    /// `move_<from>_<to>_<crc>`: `reshard unfence --shard S --on shard` lists them).
+    #[arg(long, value_name = "NAME", conflicts_with = "all")]
+    pub fence: Option<String>,
+    /// unfence only, with --on shard: lift every fence on the shard's database, its own and
+    /// every account move's.
+    #[arg(long)]
+    pub all: bool,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,

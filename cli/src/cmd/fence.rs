@@ -2,6 +2,10 @@
 //! application's writes to S's accounts on the source (`--on source`, the default) or every
 //! write to S's sharded tables on S itself (`--on shard`).
 //!
+//! `unfence --on shard` also lists the fences account moves left on S (named after the move);
+//! `--fence NAME` lifts one of them, `--all` every fence there. A move's fence is only lifted
+//! once the move has deleted its rows from S (exit 2 before that, naming the move's step).
+//!
 //! Exit codes: 0 = the fence is installed (refreshed if it was) / removed (or was not there);
 //! 2 = config or argument error (unknown shard, an account map that does not load);
 //! 3 = could not complete (unreachable database, a table lock not granted within
@@ -56,6 +60,11 @@ async fn target(config: &Config, shard: &str, on: FenceSide) -> Result<Client, F
 /// Runs `reshard fence`.
 pub async fn run_fence(args: FenceArgs) -> CmdResult {
     let config = load_config(&args.config.config)?;
+    if args.fence.is_some() || args.all {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "--fence and --all are options of reshard unfence"
+        )));
+    }
     let on = side(args.on);
     let src = connect(&config.source.url, "the source").await?;
     let reason = "reshard fence";
@@ -101,7 +110,8 @@ pub async fn run_fence(args: FenceArgs) -> CmdResult {
     Ok(())
 }
 
-/// Runs `reshard unfence`.
+/// Runs `reshard unfence`: the shard's own fence, one fence by name (`--fence`), or every fence
+/// on the shard's database (`--all`); then lists the fences left there.
 pub async fn run_unfence(args: FenceArgs) -> CmdResult {
     let config = load_config(&args.config.config)?;
     let on = side(args.on);
@@ -111,21 +121,106 @@ pub async fn run_unfence(args: FenceArgs) -> CmdResult {
             known: config.shard_names(),
         }));
     }
+    if args.all && on != FenceSide::Shard {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "--all lifts every fence on a shard's own database: give --on shard (on the source, lift one shard's fence with --shard S)"
+        )));
+    }
     let mut db = target(&config, &args.shard, on).await?;
     let lock_timeout = std::time::Duration::from_millis(config.cutover.fence_lock_timeout_ms);
-    let removed = fence::remove(&mut db, on, &args.shard, lock_timeout)
-        .await
-        .map_err(fence_failure)?;
+    let present = fence::status(&db, on).await.map_err(fence_failure)?;
+    // Which fences to lift, by name.
+    let names: Vec<String> = if args.all {
+        present.iter().map(|f| f.shard.clone()).collect()
+    } else if let Some(name) = &args.fence {
+        vec![name.clone()]
+    } else {
+        vec![args.shard.clone()]
+    };
+    // A move's fence keeps stale writers off rows the move has not deleted yet: lifting it
+    // before the move's delete would let writes land on the old shard that nothing carries to
+    // the target. Refused, naming the move's step, before anything is lifted.
+    for name in &names {
+        let is_move = present
+            .iter()
+            .any(|f| &f.shard == name && f.rule == "accounts");
+        if !is_move {
+            continue;
+        }
+        let step = reshard_engine::ops::moves::move_step(&config, name)
+            .await
+            .map_err(|e| Failure::failed(anyhow::anyhow!("looking up move {name}: {e}")))?;
+        if let Some((to, step)) = step {
+            if step < reshard_engine::ops::moves::Step::Deleted {
+                return Err(Failure::usage(anyhow::anyhow!(
+                    "fence {name} on shard {} belongs to a move that is at step {} (recorded in reshard.move on shard {to}): lifting it now would let writes of the moved accounts land on shard {} that never reach shard {to}; finish the move first (run the same `reshard move` again), then unfence. Nothing was lifted",
+                    args.shard,
+                    step.as_str(),
+                    args.shard
+                )));
+            }
+        }
+    }
+    let mut lifted = Vec::new();
+    for name in &names {
+        if let Some(f) = fence::remove(&mut db, on, name, lock_timeout)
+            .await
+            .map_err(fence_failure)?
+        {
+            lifted.push(f);
+        }
+    }
+    let left = fence::status(&db, on).await.map_err(fence_failure)?;
+    let which = if args.all {
+        "every fence".to_owned()
+    } else {
+        format!("fence {}", names.join(", "))
+    };
     if args.json {
-        let v = serde_json::json!({"shard": args.shard, "on": on, "removed": removed});
+        let own = lifted.iter().find(|f| f.shard == args.shard);
+        let v = serde_json::json!({
+            "shard": args.shard,
+            "on": on,
+            "asked": which,
+            "removed": own,
+            "lifted": lifted,
+            "left": left,
+        });
         println!("{v}");
     } else {
-        match removed {
-            Some(f) => println!(
-                "shard {} is no longer fenced on the {on}: the fence stood {:.1}s (since {}, last step {}) and refused {} writes",
-                f.shard, f.fenced_secs, f.installed_at, f.step, f.refused
-            ),
-            None => println!("shard {} was not fenced on the {on}; nothing to do", args.shard),
+        for f in &lifted {
+            println!(
+                "fence {} ({}) on the {on} of shard {} is lifted: it stood {:.1}s (since {}, last step {}) and refused {} writes",
+                f.shard, f.reason, args.shard, f.fenced_secs, f.installed_at, f.step, f.refused
+            );
+        }
+        if lifted.is_empty() {
+            println!(
+                "{which}: not on the {on} of shard {}; nothing to do",
+                args.shard
+            );
+        }
+        if !left.is_empty() {
+            println!(
+                "\nStill fenced on the {on} of shard {} (lift one with --fence NAME{}):",
+                args.shard,
+                if on == FenceSide::Shard {
+                    ", all with --all"
+                } else {
+                    ""
+                }
+            );
+            let mut rows = vec![["NAME", "RULE", "REASON", "SINCE", "REFUSED"].map(String::from)];
+            for f in &left {
+                rows.push([
+                    f.shard.clone(),
+                    f.rule.clone(),
+                    f.reason.clone(),
+                    f.installed_at.clone(),
+                    f.refused.to_string(),
+                ]);
+            }
+            print!("{}", table(&rows));
         }
     }
     Ok(())

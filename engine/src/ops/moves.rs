@@ -1360,6 +1360,49 @@ impl Ctx<'_> {
     }
 }
 
+/// The step of move `id`, looked up in `reshard.move` on every configured shard (the record
+/// lives on the move's target): `(target, step)`, or `None` when no shard records that move.
+/// For `reshard unfence`: a move's fence may only be lifted once the move is past its delete.
+pub async fn move_step(config: &Config, id: &str) -> Result<Option<(String, Step)>, MoveError> {
+    for shard in &config.shards {
+        let ep = format!("shard {}", shard.name);
+        let c = ConnConfig::parse(&shard.url)
+            .map_err(|error| MoveError::Connect {
+                endpoint: ep.clone(),
+                error: Box::new(error),
+            })?
+            .connect_sql()
+            .await
+            .map_err(|error| MoveError::Connect {
+                endpoint: ep.clone(),
+                error: Box::new(error),
+            })?;
+        let exists: bool = c
+            .query_one("SELECT to_regclass('reshard.move') IS NOT NULL", &[])
+            .await
+            .map_err(qerr(&ep, "looking for reshard.move"))?
+            .get(0);
+        if !exists {
+            continue;
+        }
+        let row = c
+            .query_opt("SELECT step FROM reshard.move WHERE id = $1", &[&id])
+            .await
+            .map_err(qerr(&ep, "reading reshard.move"))?;
+        if let Some(r) = row {
+            let step: String = r.get(0);
+            let step = Step::parse(&step).ok_or_else(|| {
+                MoveError::Usage(format!(
+                    "reshard.move on shard {} has step {step:?} for move {id}, which this reshard does not know",
+                    shard.name
+                ))
+            })?;
+            return Ok(Some((shard.name.clone(), step)));
+        }
+    }
+    Ok(None)
+}
+
 /// Per account: `(count, row-hash sum)` from [`account_aggregates`].
 async fn digests(
     c: &Client,
