@@ -856,3 +856,77 @@ async fn unfence_lists_and_lifts_move_fences_by_name_or_all_but_not_mid_move() {
         .await
         .expect("account 3 writable on shard0 once every fence is lifted");
 }
+
+// See: issue #17 (a map read by `map_query` was not flipped: the move stopped before the flip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_flips_a_map_query_directory_with_map_update() {
+    let t = Topology::start(2);
+    let (_config, _map, model) = setup(&t);
+    // The account directory lives on the source; the application reads it.
+    let mut rows = Vec::new();
+    for a in 1..=ACCOUNTS {
+        rows.push(format!("({a}, 'shard{}')", if a <= 5 { 0 } else { 1 }));
+    }
+    t.source_sql(&format!(
+        "CREATE TABLE account_shards (account_id bigint PRIMARY KEY, shard text NOT NULL); \
+         INSERT INTO account_shards VALUES {}",
+        rows.join(", ")
+    ));
+    let base = "[routing]\nhash = \"map\"\nmap_query = \"SELECT account_id, shard FROM account_shards\"\nmap_refresh_secs = 0\n\n[[tables]]\nname = \"items\"\n\n[[tables]]\nname = \"notes\"\n\n[[tables]]\nname = \"plans\"\nmode = \"broadcast\"\n";
+    let directory = |a: i64| {
+        t.source_sql(&format!(
+            "SELECT shard FROM account_shards WHERE account_id = {a}"
+        ))
+        .trim()
+        .to_owned()
+    };
+    let args = [
+        "--accounts",
+        "2,3",
+        "--from",
+        "shard0",
+        "--to",
+        "shard1",
+        "--delete-grace",
+        "0s",
+        "--json",
+    ];
+
+    // Without map_update: refused before anything is copied or fenced, naming the key.
+    let cfg = t.write_config(base).display().to_string();
+    let mut a = vec!["move", "-c", cfg.as_str()];
+    a.extend_from_slice(&args);
+    let (code, out, err) = crate::common::run_reshard(&a, &[]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("[routing] map_update"), "{err}");
+    assert_eq!(
+        t.shards[0]
+            .psql("app", "SELECT count(*) FROM pg_replication_slots")
+            .expect("q")
+            .trim(),
+        "0"
+    );
+    assert_eq!(directory(2), "shard0");
+
+    // With it: the directory sends the accounts to shard1, the rows follow.
+    let with_update = base.replace(
+        "map_refresh_secs = 0\n",
+        "map_refresh_secs = 0\nmap_update = \"UPDATE account_shards SET shard = $2 WHERE account_id = ANY($1::bigint[])\"\n",
+    );
+    let cfg = t.write_config(&with_update).display().to_string();
+    let mut a = vec!["move", "-c", cfg.as_str()];
+    a.extend_from_slice(&args);
+    let (code, out, err) = crate::common::run_reshard(&a, &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(crate::ops::json(&out, &err)["step"], "done");
+    for a in 1..=ACCOUNTS {
+        let want = if a == 2 || a == 3 || a > 5 {
+            "shard1"
+        } else {
+            "shard0"
+        };
+        assert_eq!(directory(a), want, "account {a} in the directory");
+    }
+    assert_eq!(shard_rows(&t, 1, &[2, 3]), model_rows(&model, &[2, 3]));
+    assert!(shard_rows(&t, 0, &[2, 3]).is_empty());
+}

@@ -144,6 +144,12 @@ pub struct RoutingConfig {
     /// With `hash = "map"`: a query on the source returning `(account_id, shard_name)`.
     #[serde(default)]
     pub map_query: Option<String>,
+    /// With `map_query`: the statement `reshard move` runs on the source to flip its accounts
+    /// in the account directory the query reads, with `$1` the accounts (`text[]`) and `$2` the
+    /// target shard's name (`text`), e.g. `UPDATE account_shards SET shard = $2 WHERE account_id
+    /// = ANY($1::bigint[])`. Default: none (a move with `map_query` is refused before it starts).
+    #[serde(default)]
+    pub map_update: Option<String>,
     /// With `hash = "map"`: shard for accounts missing from the map (default: none, an error).
     #[serde(default)]
     pub default_shard: Option<String>,
@@ -185,6 +191,7 @@ impl Default for RoutingConfig {
             hash: HashKind::Postgres,
             map: None,
             map_query: None,
+            map_update: None,
             default_shard: None,
             map_refresh_secs: default_map_refresh_secs(),
             on_unroutable: OnUnroutable::default(),
@@ -774,6 +781,20 @@ impl Config {
                         "routing.map",
                         "hash = \"map\" needs exactly one of map (a CSV file) or map_query".into(),
                     ));
+                }
+                if let Some(u) = &self.routing.map_update {
+                    if self.routing.map_query.is_none() {
+                        return Err(invalid(
+                            "routing.map_update",
+                            "flips an account directory read with map_query; with a map file (map) reshard move rewrites the file itself: remove map_update".into(),
+                        ));
+                    }
+                    if !(u.contains("$1") && u.contains("$2")) {
+                        return Err(invalid(
+                            "routing.map_update",
+                            "must use $1 (the accounts, text[]) and $2 (the target shard's name), e.g. UPDATE account_shards SET shard = $2 WHERE account_id = ANY($1::bigint[])".into(),
+                        ));
+                    }
                 }
                 if let Some(d) = &self.routing.default_shard {
                     if !names.contains(d.as_str()) {

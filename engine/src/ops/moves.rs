@@ -21,7 +21,9 @@
 //! 4. `verified`: per table and account, S and T hold the same rows (count and row-hash sum,
 //!    the verify's digest). A difference stops here (exit 1), the accounts stay fenced.
 //! 5. `flipped`: a fence an earlier move of the accounts away from T left there stops
-//!    refusing them; the map file sends the accounts to T (rewritten atomically, read back).
+//!    refusing them; the map file sends the accounts to T (rewritten atomically, read back),
+//!    or, for a map read with `map_query`, `[routing] map_update` flips them in the directory
+//!    on the source (the query is read back; a new move without `map_update` is refused).
 //! 6. `deleted`: once `--delete-grace` has passed since the flip (the application's readers
 //!    have the new map: until then a stale UPDATE or DELETE on S matches rows and the fence
 //!    refuses it; after the delete it would match nothing), the accounts' rows are deleted
@@ -490,6 +492,13 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
             r
         }
         None => {
+            if config.routing.map_query.is_some() && config.routing.map_update.is_none() {
+                return Err(MoveError::Usage(format!(
+                    "the account map is read with [routing] map_query, and a move must flip the accounts {} to shard {} in the directory that query reads: set [routing] map_update to the statement that does it ($1 = the accounts as text[], $2 = the target shard), e.g. map_update = \"UPDATE account_shards SET shard = $2 WHERE account_id = ANY($1::bigint[])\". Nothing was copied or fenced",
+                    ctx.accounts.join(","),
+                    opts.to
+                )));
+            }
             ctx.check_new().await?;
             ctx.to
                 .execute(
@@ -1196,10 +1205,16 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Step 5: the map file sends the accounts to the target; read back.
+    /// Step 5: the map file (or, with `map_query`, the directory through `map_update`) sends
+    /// the accounts to the target; read back.
     async fn flip_map(&self) -> Result<(), MoveError> {
         let source =
             MapSource::from_config(self.config)?.ok_or_else(route::refresh::no_map_configured)?;
+        if let (MapOrigin::Query { .. }, Some(update)) =
+            (&source.origin, &self.config.routing.map_update)
+        {
+            return self.flip_directory(update).await;
+        }
         let MapOrigin::Csv(path) = &source.origin else {
             return Err(MoveError::Usage(format!(
                 "the account map is read with [routing] map_query; reshard move flips a map file ([routing] map). Point the accounts {} at shard {} in the account directory yourself, then run the same `reshard move` again after setting reshard.move.step = 'flipped' for move {} on shard {}",
@@ -1250,6 +1265,46 @@ impl Ctx<'_> {
                 "the account map {} does not send every account of the move to shard {} after the flip",
                 path.display(),
                 self.opts.to
+            )));
+        }
+        Ok(())
+    }
+
+    /// Step 5 with `map_query`: `[routing] map_update` on the source, in one transaction, with
+    /// the accounts and the target; then the query must send every account to the target.
+    async fn flip_directory(&self, update: &str) -> Result<(), MoveError> {
+        use tokio_postgres::types::Type;
+        let what = "flipping the accounts in the account directory ([routing] map_update)";
+        let stmt = self
+            .src
+            .prepare_typed(update, &[Type::TEXT_ARRAY, Type::TEXT])
+            .await
+            .map_err(qerr("source", what))?;
+        let n = self
+            .src
+            .execute(&stmt, &[&self.accounts, &self.opts.to])
+            .await
+            .map_err(qerr("source", what))?;
+        tracing::info!(id = %self.id, rows = n, "move: [routing] map_update sends the accounts to shard {}", self.opts.to);
+        let key_oid = self.tables.first().map_or(25, |t| t.key_oid);
+        let after = self.load_map().await?;
+        let wrong: Vec<&String> = self
+            .accounts
+            .iter()
+            .filter(|a| {
+                after
+                    .shard_of_text(key_oid, a.as_bytes())
+                    .ok()
+                    .map(|s| after.shards()[s.index()].as_str())
+                    != Some(self.opts.to.as_str())
+            })
+            .collect();
+        if !wrong.is_empty() {
+            return Err(MoveError::Usage(format!(
+                "after [routing] map_update ({n} rows changed), [routing] map_query does not send accounts {} to shard {}: the statement must update the rows the query reads; fix map_update and run the same `reshard move` again (the accounts stay fenced on {} until then)",
+                wrong.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","),
+                self.opts.to,
+                self.opts.from
             )));
         }
         Ok(())
