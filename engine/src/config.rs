@@ -1066,6 +1066,32 @@ mode = "broadcast"
     }
 
     #[test]
+    fn map_update_needs_map_query_and_both_parameters() {
+        let file = format!("{GOOD}\n[routing]\nhash = \"map\"\nmap = \"a.csv\"\nmap_update = \"UPDATE d SET s = $2 WHERE a = ANY($1)\"\n");
+        let e = Config::parse(&file, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("routing.map_update") && e.contains("map_query"),
+            "{e}"
+        );
+        let q = "[routing]\nhash = \"map\"\nmap_query = \"SELECT a, s FROM d\"\n";
+        let e = Config::parse(
+            &format!("{GOOD}\n{q}map_update = \"UPDATE d SET s = 'x'\"\n"),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("routing.map_update") && e.contains("$1"), "{e}");
+        let ok = format!(
+            "{GOOD}\n{q}map_update = \"UPDATE d SET s = $2 WHERE a = ANY($1::bigint[])\"\n"
+        );
+        assert!(Config::parse(&ok, "t.toml")
+            .unwrap()
+            .routing
+            .map_update
+            .is_some());
+    }
+
+    #[test]
     fn loopback_listen_addresses() {
         for a in [
             "127.0.0.1:6433",
