@@ -1094,6 +1094,112 @@ fn a_shard_log_emptied_by_hand_behind_a_lagging_shard_is_refused() {
     );
 }
 
+// See: explore-findings "Not fixed" (spill segments deleted from the front of a shard's log).
+/// shard1 is down while the source writes several segments' worth of rows for it (after
+/// retention already deleted segments of its log it had applied); the daemon is killed and the
+/// OLDEST remaining segment of shard1's log is removed by hand, newer ones kept. Before, the
+/// next start took the missing front for retention, streamed, and shard1 silently lacked those
+/// rows. Now the start is refused (exit 3) naming shard 1, its directory and the LSN range;
+/// with the file back it resumes and converges.
+#[test]
+fn a_segment_removed_by_hand_from_the_front_of_a_lagging_shard_log_is_refused() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    preload(&t);
+    t.write_config_spill("segment_bytes = 1048576\nmemory_tail_bytes = 1048576\n", "");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    // 512 hex digits of noise per row: zstd keeps about half, so each batch fills segments.
+    let batch = |t: &Topology, from: u64, msg: &str| {
+        t.source_sql(&format!(
+            "INSERT INTO audit SELECT g % 101 + 1, '{msg} ' || \
+               (SELECT string_agg(md5(g::text || '.' || i), '') FROM generate_series(1, 16) i), g \
+             FROM generate_series({from}, {from} + 9999) g"
+        ));
+    };
+    for k in 0..2 {
+        batch(&t, 600_000 + k * 10_000, "applied");
+    }
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    let shard_log = t.spill_dir().join("shard-0001");
+    let seg_files = |dir: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".seg"))
+            .collect();
+        v.sort();
+        v
+    };
+    t.wait(
+        "retention to delete a segment of shard1's log",
+        Duration::from_secs(30),
+        || {
+            seg_files(&shard_log)
+                .first()
+                .is_some_and(|n| !n.ends_with("-0000000001.seg"))
+                .then_some(())
+        },
+    );
+
+    t.shards[1].stop().unwrap();
+    for k in 0..6 {
+        batch(&t, 700_000 + k * 10_000, "while shard1 is down");
+    }
+    let written = t.source_sql("SELECT pg_current_wal_lsn()");
+    t.wait(
+        &format!("confirmed_flush_lsn to pass {written} while shard1 is down"),
+        Duration::from_secs(90),
+        || lsn_at_least(&t, &written).then_some(()),
+    );
+    t.kill9(d);
+    t.shards[1].restart().unwrap();
+    let progress = |t: &Topology| {
+        t.shards[1]
+            .psql("app", "SELECT commit_lsn FROM reshard.progress")
+            .unwrap()
+    };
+    let before = progress(&t);
+    let segs = seg_files(&shard_log);
+    assert!(
+        segs.len() >= 3,
+        "shard1's backlog must span several segments to remove only the oldest: {segs:?}"
+    );
+    let oldest = shard_log.join(&segs[0]);
+    let held = t.dir.path().join(&segs[0]);
+    std::fs::rename(&oldest, &held).unwrap();
+
+    let d = t.spawn_run(&[]);
+    let code = t.wait_exit(d, Duration::from_secs(60));
+    let log = t.last_log();
+    assert_eq!(
+        code,
+        Some(3),
+        "a segment removed from the front of a lagging shard's log must be refused:\n{}",
+        t.all_logs()
+    );
+    assert!(
+        log.contains("shard 1")
+            && log.contains(&shard_log.display().to_string())
+            && log.contains("at the front of its log")
+            && log.contains("Restore the files"),
+        "the refusal must name the shard, its directory, the LSN range and the fix:\n{log}"
+    );
+    assert_eq!(progress(&t), before, "nothing may move shard1's progress");
+
+    // The file back: it resumes and converges.
+    std::fs::rename(&held, &oldest).unwrap();
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(120));
+    assert_eq!(
+        t.terminate(d, Duration::from_secs(30)),
+        Some(0),
+        "SIGTERM must be a clean exit 0:\n{}",
+        t.all_logs()
+    );
+}
+
 // See: issue #11 item 2 (the slot dropped by hand, old progress rows and chunk records).
 /// After a migration ran, rows are written while the daemon is stopped, a DBA drops the slot
 /// and the spill directory is gone: a restart would create a new slot past those rows and

@@ -24,7 +24,9 @@
 //!   caught-up readers is capped at `memory_tail_bytes`.
 //! - **No silent skip.** A torn tail is cut off at open; a bad frame followed by good data, or
 //!   a missing segment, is a [`SpillError::Corrupt`] / [`SpillError::MissingSegment`] naming
-//!   the file and offset.
+//!   the file and offset. Retention records the first segment it keeps before deleting any in
+//!   front of it, so segments missing at the front of a log that retention did not release
+//!   are [`SpillError::FrontSegmentsMissing`].
 //!
 //! How the ingest drives the writer (on its blocking thread):
 //!
@@ -58,6 +60,7 @@
 //! identity                          source system id, slot, shard names, migration id, start LSN (JSON)
 //! checkpoint                        append-only CRC-framed durable checkpoints
 //! shard-0000/<first commit LSN>-<seq>.seg   segments of shard 0: zstd frames (see `block`)
+//! shard-0000/retained               first segment retention keeps (JSON, see `retained`)
 //! shard-0001/…
 //! ```
 //!
@@ -72,6 +75,7 @@ mod block;
 mod checkpoint;
 pub mod codec;
 mod reader;
+mod retained;
 mod writer;
 
 #[cfg(test)]
@@ -275,6 +279,23 @@ pub enum SpillError {
         /// The shard's directory.
         dir: PathBuf,
     },
+    /// Segments at the front of a shard's log are gone although retention never released
+    /// them (its record says so): files were removed by hand.
+    #[error("spill log of shard {shard} has lost segments {first_missing}..={last_missing} at the front of its log (in {dir}): retention deleted only the transactions through {after}, so the ones committed after {after} and before {before}, already confirmed to the source (which sends them no more), are not on disk; the files were removed by hand and reshard never skips them. Restore the files; or, if the shard may have applied everything, remove the whole spill directory: the next start proves from the shards' progress whether anything is missing")]
+    FrontSegmentsMissing {
+        /// The shard.
+        shard: ShardId,
+        /// The shard's directory.
+        dir: PathBuf,
+        /// Sequence number of the first missing segment.
+        first_missing: u64,
+        /// Sequence number of the last missing segment.
+        last_missing: u64,
+        /// Retention deleted the records with commit LSN at or below this.
+        after: Lsn,
+        /// First commit LSN of the oldest segment still present.
+        before: Lsn,
+    },
     /// A shard log is shorter than the durable checkpoint says.
     #[error("spill segment {path} has {have} bytes but the durable checkpoint says {need}: data confirmed to the source is lost (disk or filesystem lost synced writes); re-copy the shard, or restore the spill directory from a backup")]
     DurableDataLost {
@@ -351,6 +372,7 @@ impl Classify for SpillError {
             | SpillError::Corrupt { .. }
             | SpillError::MissingSegment { .. }
             | SpillError::NewestSegmentMissing { .. }
+            | SpillError::FrontSegmentsMissing { .. }
             | SpillError::DurableDataLost { .. }
             | SpillError::Discarded { .. }
             | SpillError::UnknownShard { .. }
@@ -513,6 +535,8 @@ pub(crate) struct Shared {
     pub durable_tx: tokio::sync::watch::Sender<Lsn>,
     /// Per shard: the cut-back epoch, readable without the lock.
     pub epochs: Vec<AtomicU64>,
+    /// Per shard: held for one retention step (record, then file deletions).
+    pub retention: Vec<Mutex<()>>,
 }
 
 impl Shared {

@@ -19,6 +19,7 @@ use bytes::Bytes;
 
 use super::block::{self, FrameError};
 use super::codec::{CodecError, Decoder};
+use super::retained::Retained;
 use super::{io_err, Pos, Shared, SpillError, SpillStats, TailBlock};
 use crate::event::{ShardEvent, ShardId, ShardLog, ShardReader};
 use crate::lsn::Lsn;
@@ -121,7 +122,16 @@ impl ShardLog for SpillLog {
     }
 
     fn applied(&self, shard: ShardId, commit_lsn: Lsn) {
+        // One retention step of a shard at a time: its record must only move forward and be
+        // on disk before the files it releases are deleted. Held across file I/O, never across
+        // an `.await`; only this shard's retention waits on it.
+        let Some(step) = self.shared.retention.get(shard.index()) else {
+            tracing::warn!(shard = %shard, "applied() for a shard the spill log does not have");
+            return;
+        };
+        let _step = step.lock().unwrap_or_else(|e| e.into_inner());
         let mut remove: Vec<PathBuf> = Vec::new();
+        let mut record = None;
         {
             let mut st = self.shared.lock();
             let Some(sh) = st.shards.get_mut(shard.index()) else {
@@ -146,6 +156,13 @@ impl ShardLog for SpillLog {
                 freed += m.bytes;
                 sh.deleted_through = sh.deleted_through.max(last);
                 sh.segments.remove(&seq);
+                record = Some((
+                    sh.dir.clone(),
+                    Retained {
+                        retained_from: seq + 1,
+                        deleted_through: sh.deleted_through.as_u64(),
+                    },
+                ));
                 while sh.tail.front().is_some_and(|b| b.pos.seq <= seq) {
                     if let Some(b) = sh.tail.pop_front() {
                         sh.tail_bytes -= b.raw.len() as u64;
@@ -157,8 +174,16 @@ impl ShardLog for SpillLog {
                 self.shared.release_space(&mut st);
             }
         }
-        // Oldest first, each removal made durable before the next, so a crash can never
-        // leave a hole (a missing segment between two present ones) behind.
+        // The record first: a segment missing at open at or after `retained_from` was not
+        // deleted here (SpillError::FrontSegmentsMissing). Then the files, oldest first, each
+        // removal made durable before the next, so a crash can never leave a hole (a missing
+        // segment between two present ones) behind.
+        if let Some((dir, rec)) = record {
+            if let Err(e) = rec.write(&dir) {
+                tracing::warn!(shard = %shard, error = %e, "could not record what retention releases; its spill segments stay on disk until the next start");
+                return;
+            }
+        }
         for p in remove {
             let removed = std::fs::remove_file(&p)
                 .map_err(|e| io_err("remove", &p, e))

@@ -544,6 +544,124 @@ async fn a_shard_log_emptied_by_hand_is_an_error_not_an_empty_log() {
     );
 }
 
+// See: explore-findings "Not fixed" (spill segments deleted from the front of a shard's log).
+/// Files removed by hand from the FRONT of a lagging shard's log, newer segments kept, are a
+/// refusal naming the shard, directory and LSN range, both behind retention (shard 0) and on a
+/// log retention never touched (shard 1); they are not taken for retention.
+#[tokio::test]
+async fn front_segments_removed_by_hand_are_refused_not_taken_for_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut w, _) = SpillWriter::open(opts(dir.path()), identity(2)).unwrap();
+        for k in 1..=300u64 {
+            write_txn(&mut w, k, &[0, 1], 4);
+        }
+        w.flush().unwrap();
+        w.log().applied(ShardId(0), commit_lsn(100));
+        w.flush().unwrap();
+    }
+    let before0 = segments(dir.path(), 0);
+    let before1 = segments(dir.path(), 1);
+    assert!(before0.len() >= 3 && before1.len() > before0.len());
+    let held = dir.path().join("held");
+    std::fs::create_dir(&held).unwrap();
+    for shard in [0usize, 1] {
+        let oldest = segments(dir.path(), shard)[0].clone();
+        let kept = held.join(oldest.file_name().unwrap());
+        std::fs::rename(&oldest, &kept).unwrap();
+        let err = SpillWriter::open(opts(dir.path()), identity(2))
+            .err()
+            .unwrap();
+        match &err {
+            SpillError::FrontSegmentsMissing {
+                shard: s,
+                dir: d,
+                after,
+                before,
+                ..
+            } => {
+                assert_eq!(*s, ShardId(shard as u16));
+                assert_eq!(*d, block::shard_dir(dir.path(), shard));
+                assert!(after < before, "{err}");
+                if shard == 0 {
+                    assert!(*after > Lsn::ZERO && *after <= commit_lsn(100), "{err}");
+                } else {
+                    assert_eq!(*after, Lsn::ZERO, "{err}");
+                }
+            }
+            other => panic!("expected FrontSegmentsMissing, got {other}"),
+        }
+        assert_eq!(err.class(), crate::error::ErrorClass::Definite);
+        let msg = err.to_string();
+        assert!(msg.contains("Restore the files"), "{msg}");
+        std::fs::rename(&kept, &oldest).unwrap();
+    }
+    // Restored: the log opens with every segment.
+    let (_w, rep) = SpillWriter::open(opts(dir.path()), identity(2)).unwrap();
+    assert_eq!(rep.shards[0].segments, before0.len());
+    assert_eq!(rep.shards[1].segments, before1.len());
+}
+
+/// Retention records what it releases before deleting: a crash between the record and the
+/// deletions leaves released segments behind, which the next open deletes (not a refusal).
+/// A directory without records (written by an older reshard) opens as before and gets them.
+#[tokio::test]
+async fn released_segments_left_behind_are_deleted_and_old_directories_get_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let copies = dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let spill = dir.path().join("spill");
+    {
+        let (mut w, _) = SpillWriter::open(opts(&spill), identity(1)).unwrap();
+        for k in 1..=300u64 {
+            write_txn(&mut w, k, &[0], 4);
+        }
+        w.flush().unwrap();
+        let before = segments(&spill, 0);
+        for p in &before {
+            std::fs::copy(p, copies.join(p.file_name().unwrap())).unwrap();
+        }
+        w.log().applied(ShardId(0), commit_lsn(150));
+        let after = segments(&spill, 0);
+        assert!(after.len() < before.len());
+        // The crash: the released files are back, as if their deletion never happened.
+        for p in &before {
+            if !p.exists() {
+                std::fs::copy(copies.join(p.file_name().unwrap()), p).unwrap();
+            }
+        }
+        w.flush().unwrap();
+    }
+    let kept_by_retention = {
+        let (w, rep) = SpillWriter::open(opts(&spill), identity(1)).unwrap();
+        let n = segments(&spill, 0).len();
+        assert_eq!(rep.shards[0].segments, n);
+        drop(w);
+        n
+    };
+    assert!(kept_by_retention < std::fs::read_dir(&copies).unwrap().count());
+
+    // An older reshard's directory: no record. Its front cannot be checked at this open …
+    std::fs::remove_file(block::shard_dir(&spill, 0).join("retained")).unwrap();
+    std::fs::remove_file(&segments(&spill, 0)[0]).unwrap();
+    let (w, rep) = SpillWriter::open(opts(&spill), identity(1)).unwrap();
+    assert_eq!(rep.shards[0].segments, kept_by_retention - 1);
+    drop(w);
+    // … but from then on it is.
+    std::fs::remove_file(&segments(&spill, 0)[0]).unwrap();
+    let err = SpillWriter::open(opts(&spill), identity(1)).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            SpillError::FrontSegmentsMissing {
+                shard: ShardId(0),
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn retention_deletes_only_fully_applied_segments() {
     let dir = tempfile::tempdir().unwrap();

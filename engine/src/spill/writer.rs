@@ -23,6 +23,7 @@ use super::block::{self, BlockHeader, FrameError};
 use super::checkpoint::{Checkpoint, CheckpointFile, ShardCheckpoint};
 use super::codec::Encoder;
 use super::reader::SpillLog;
+use super::retained::{self, Retained};
 use super::{
     io_err, sync_dir, Counters, Pos, SegMeta, ShardShared, Shared, SpillError, SpillIdentity,
     SpillOptions, SpillStats, State, TailBlock,
@@ -208,6 +209,7 @@ impl SpillWriter {
             synced: std::sync::Condvar::new(),
             durable_tx: tokio::sync::watch::Sender::new(durable),
             epochs: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            retention: (0..n).map(|_| Mutex::new(())).collect(),
             opts,
         });
         tracing::info!(
@@ -1126,11 +1128,18 @@ fn recover_shard(
         end: Pos { seq: 0, offset: 0 },
         deleted_through: Lsn::ZERO,
     });
+    let retained = Retained::read(&dir)?;
+    // Released by retention: every segment before this may be gone (None: a directory written
+    // by a reshard without the retention record, which cannot tell).
+    let released_before = retained.map(|r| r.retained_from);
     let mut found: BTreeMap<u64, (Lsn, PathBuf)> = BTreeMap::new();
     for entry in std::fs::read_dir(&dir).map_err(|e| io_err("list", &dir, e))? {
         let entry = entry.map_err(|e| io_err("list", &dir, e))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
+        if retained::is_record_file(&name) {
+            continue;
+        }
         match block::parse_segment_name(&name) {
             Some((lsn, seq)) => {
                 if let Some((_, other)) = found.insert(seq, (lsn, entry.path())) {
@@ -1190,6 +1199,9 @@ fn recover_shard(
                 .and_then(|()| file.sync_all())
                 .map_err(|e| io_err("truncate", &path, e))?;
         }
+    } else if released_before.is_some_and(|r| r > cp.end.seq) {
+        // Retention released the checkpoint's segment (its shard applied it; a later segment,
+        // not yet durable and cut off above, held the newer data): nothing is missing.
     } else if cp.end.offset > 0 && found.range(..cp.end.seq).next().is_some() {
         return Err(SpillError::MissingSegment {
             shard,
@@ -1206,7 +1218,39 @@ fn recover_shard(
             dir,
         });
     }
-    if !later.is_empty() || discarded > 0 {
+    let mut deleted_through = cp.deleted_through;
+    let mut released = false;
+    if let Some(rec) = retained {
+        deleted_through = deleted_through.max(rec.deleted_through());
+        // Retention recorded these as released but stopped before deleting them.
+        let stale: Vec<u64> = found.range(..rec.retained_from).map(|(s, _)| *s).collect();
+        for seq in stale {
+            if let Some((_, path)) = found.remove(&seq) {
+                tracing::info!(shard = i, file = %path.display(), "deleting a spill segment retention had released");
+                released = true;
+                std::fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
+            }
+        }
+        if let Some((&first, &(first_commit, _))) = found.iter().next() {
+            if first > rec.retained_from {
+                if cp.deleted_through > rec.deleted_through() {
+                    // Retention of a reshard without this record ran after it was written.
+                    tracing::warn!(shard = i, dir = %dir.display(), retained_from = rec.retained_from, first_segment = first,
+                        "the spill log's retention record is older than its checkpoint (an older reshard ran on this directory): segments missing before the first one cannot be told from retention");
+                } else {
+                    return Err(SpillError::FrontSegmentsMissing {
+                        shard,
+                        dir,
+                        first_missing: rec.retained_from,
+                        last_missing: first - 1,
+                        after: rec.deleted_through(),
+                        before: first_commit,
+                    });
+                }
+            }
+        }
+    }
+    if !later.is_empty() || discarded > 0 || released {
         sync_dir(&dir)?;
     }
     let mut prev: Option<u64> = None;
@@ -1249,9 +1293,17 @@ fn recover_shard(
             offset: 0,
         },
     };
+    // From here on a segment missing at or after the first one kept is refused.
+    let record = Retained {
+        retained_from: found.keys().next().copied().unwrap_or(next_seq),
+        deleted_through: deleted_through.as_u64(),
+    };
+    if retained != Some(record) {
+        record.write(&dir)?;
+    }
     let report = ShardOpenReport {
         oldest_retained_lsn: segments.values().next().map(|m| m.first_commit),
-        deleted_through: cp.deleted_through,
+        deleted_through,
         discarded_bytes: discarded,
         segments: segments.len(),
     };
@@ -1262,7 +1314,7 @@ fn recover_shard(
         tail: Default::default(),
         tail_bytes: 0,
         applied: Lsn::ZERO,
-        deleted_through: cp.deleted_through,
+        deleted_through,
         epoch: 0,
         cuts: Default::default(),
         file_block_reads: 0,
