@@ -188,22 +188,22 @@ pub async fn run_unfence(args: FenceArgs) -> CmdResult {
         });
         println!("{v}");
     } else {
+        let place = match on {
+            FenceSide::Source => "the source".to_owned(),
+            FenceSide::Shard => format!("shard {}'s own database", args.shard),
+        };
         for f in &lifted {
             println!(
-                "fence {} ({}) on the {on} of shard {} is lifted: it stood {:.1}s (since {}, last step {}) and refused {} writes",
-                f.shard, f.reason, args.shard, f.fenced_secs, f.installed_at, f.step, f.refused
+                "fence {} ({}) on {place} is lifted: it stood {:.1}s (since {}, last step {}) and refused {} writes",
+                f.shard, f.reason, f.fenced_secs, f.installed_at, f.step, f.refused
             );
         }
         if lifted.is_empty() {
-            println!(
-                "{which}: not on the {on} of shard {}; nothing to do",
-                args.shard
-            );
+            println!("{which}: not on {place}; nothing to do");
         }
         if !left.is_empty() {
             println!(
-                "\nStill fenced on the {on} of shard {} (lift one with --fence NAME{}):",
-                args.shard,
+                "\nStill fenced on {place} (lift one with --fence NAME{}):",
                 if on == FenceSide::Shard {
                     ", all with --all"
                 } else {
