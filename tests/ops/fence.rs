@@ -633,3 +633,52 @@ async fn map_fence_refuses_the_accounts_the_map_and_its_default_send_to_the_shar
     .await
     .expect("unfenced");
 }
+
+/// A partitioned sharded table on the source: PostgreSQL clones the fence's row trigger onto
+/// each partition. Every fence change after the first one (the same fence again, as a resumed
+/// `cutover --fence` does; a second shard's fence) used to try to drop those clones as
+/// "stale" and failed with 2BP01 (exit 3: no second shard could be fenced). Found by an
+/// outside-user run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fences_of_two_shards_and_a_repeated_fence_keep_a_partitioned_tables_trigger() {
+    let t = topology_with_data(2, SPEC).await;
+    // Partitions that sort before their parent, so no drop order can hide a clone.
+    t.source_sql(
+        "CREATE TABLE zparted (account_id bigint NOT NULL, id bigint NOT NULL, PRIMARY KEY (account_id, id)) \
+           PARTITION BY HASH (account_id); \
+         CREATE TABLE aparted_p0 PARTITION OF zparted FOR VALUES WITH (MODULUS 2, REMAINDER 0); \
+         CREATE TABLE aparted_p1 PARTITION OF zparted FOR VALUES WITH (MODULUS 2, REMAINDER 1); \
+         INSERT INTO zparted SELECT a, 1 FROM generate_series(1, 30) a",
+    );
+    t.write_config("");
+    let cfg = t.config_path();
+    let cfg = cfg.to_str().unwrap();
+    for shard in ["shard1", "shard1", "shard0", "shard1"] {
+        let (code, out, err) = t.reshard(&["fence", "-c", cfg, "--shard", shard]);
+        assert_eq!(code, 0, "fence {shard}: {out}\n{err}");
+    }
+    let app = connect(&t.source.url("app")).await;
+    for acct in [
+        (1..=30).find(|a| shard_of(&t, *a) == 0).unwrap(),
+        (1..=30).find(|a| shard_of(&t, *a) == 1).unwrap(),
+    ] {
+        let e = app
+            .execute(&format!("INSERT INTO zparted VALUES ({acct}, 2)"), &[])
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), FENCE_SQLSTATE, "account {acct}: {e:?}");
+    }
+    let (code, out, err) = t.reshard(&["unfence", "-c", cfg, "--shard", "shard0"]);
+    assert_eq!(code, 0, "unfence shard0: {out}\n{err}");
+    let a0 = (1..=30).find(|a| shard_of(&t, *a) == 0).unwrap();
+    app.execute(&format!("INSERT INTO zparted VALUES ({a0}, 3)"), &[])
+        .await
+        .expect("shard0 unfenced: its accounts are writable");
+    let (code, out, err) = t.reshard(&["unfence", "-c", cfg, "--shard", "shard1"]);
+    assert_eq!(code, 0, "unfence shard1: {out}\n{err}");
+    assert_eq!(
+        fence_triggers(&t),
+        0,
+        "no fence trigger left, on no partition"
+    );
+}

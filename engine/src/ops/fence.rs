@@ -741,12 +741,18 @@ async fn regenerate(
                 .push(f);
         }
     }
-    // Tables that carry a fence trigger now.
+    // Tables that carry a fence trigger now, without the partitions of a fenced partitioned
+    // table: PostgreSQL clones the parent's row trigger onto each of them, and only the
+    // parent's can be dropped (dropping a clone fails with 2BP01, which made every fence
+    // change after the first one fail on a source with a partitioned sharded table).
     let existing: Vec<String> = tx
         .query(
             "SELECT n.nspname || '.' || c.relname FROM pg_trigger g \
              JOIN pg_class c ON c.oid = g.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE g.tgname = $1 ORDER BY 1",
+             WHERE g.tgname = $1 AND NOT (c.relispartition AND EXISTS ( \
+               SELECT 1 FROM pg_partition_ancestors(c.oid) a(relid) \
+               JOIN pg_trigger p ON p.tgrelid = a.relid AND p.tgname = g.tgname \
+               WHERE a.relid <> c.oid)) ORDER BY 1",
             &[&ROW_TRIGGER],
         )
         .await
