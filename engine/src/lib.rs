@@ -48,8 +48,8 @@
 //!             reverse (a cut-over shard's writes streaming back to the source), side (one
 //!             shard's slot streamed into one other database: reverse and moves use it)
 //! ops/        the operator's commands: check verify/ cutover fence observe (status, lag) purge
-//!             plan reverse (set up at a fenced cutover; rollback) moves (accounts between
-//!             live shards)
+//!             plan grow (N -> M for hash layouts) balance (N -> M for account maps) reverse
+//!             (set up at a fenced cutover; rollback) moves (accounts between live shards)
 //! ```
 //!
 //! Rules the code keeps: [`pg`] imports the ground only; a stage imports the ground and
