@@ -49,6 +49,7 @@ use crate::config::{ApplyConfig, DdlMode};
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::event::{PgTimestamp, ShardId};
 use crate::lsn::Lsn;
+use crate::pg::conn::drive_connection;
 
 /// Options of one shard's apply pipeline.
 #[derive(Clone, Debug)]
@@ -237,8 +238,13 @@ impl Connect for PgConnect {
                 .connect(tokio_postgres::NoTls)
                 .await
                 .map_err(PgConnectError)?;
+            let target = format!(
+                "{:?}/{}",
+                config.get_hosts(),
+                config.get_dbname().unwrap_or("")
+            );
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                if let Err(e) = drive_connection(conn, target).await {
                     tracing::debug!(error = %e, "target connection closed");
                 }
             });

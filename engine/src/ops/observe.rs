@@ -67,8 +67,9 @@ pub async fn query_admin(config: &Config) -> Result<StatusSnapshot, String> {
             .connect(tokio_postgres::NoTls)
             .await
             .map_err(|e| format!("admin console at {listen}: {e}"))?;
+        let target = format!("admin console at {listen}");
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = crate::pg::conn::drive_connection(conn, target).await;
         });
         let msgs = client
             .simple_query("SHOW STATUS JSON")

@@ -20,6 +20,37 @@ pub async fn connect_plain(url: &str) -> Result<Client, SourceError> {
     ConnConfig::parse(url)?.connect_sql().await
 }
 
+/// Drives a connection's I/O to its end (spawn it), logging what the server sends on its own:
+/// NOTICE, INFO, LOG and DEBUG messages ("relation … already exists, skipping") at DEBUG,
+/// WARNING and worse at WARN, each naming `target`. The ONE place connection I/O is driven:
+/// `tokio_postgres`'s own driver logs every notice at INFO, which floods the operator's terminal.
+pub async fn drive_connection<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    target: String,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio_postgres::error::Severity;
+    use tokio_postgres::AsyncMessage;
+    loop {
+        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notice(n))) => match n.parsed_severity() {
+                Some(Severity::Warning | Severity::Error | Severity::Fatal | Severity::Panic) => {
+                    tracing::warn!(target_db = %target, sqlstate = n.code().code(), detail = ?n.detail(), "server {}: {}", n.severity(), n.message())
+                }
+                _ => {
+                    tracing::debug!(target_db = %target, sqlstate = n.code().code(), "server {}: {}", n.severity(), n.message())
+                }
+            },
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Ok(()),
+        }
+    }
+}
+
 /// A driver error as one line with everything the server said: severity, message, SQLSTATE,
 /// detail and hint for database errors; the cause chain (e.g. `Connection refused`) otherwise.
 pub fn error_text(e: &tokio_postgres::Error) -> String {

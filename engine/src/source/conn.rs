@@ -29,6 +29,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::wire::Transport;
 use super::{from_pg_error, SourceError};
+use crate::pg::conn::drive_connection;
 
 /// libpq's `sslmode`. See
 /// <https://www.postgresql.org/docs/current/libpq-ssl.html#LIBPQ-SSL-PROTECTION>.
@@ -518,7 +519,7 @@ impl ConnConfig {
                     .await
                     .map_err(map)?;
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    if let Err(e) = drive_connection(conn, target.clone()).await {
                         tracing::warn!(target_db = %target, error = %e, "SQL connection ended with an error");
                     }
                 });
@@ -527,7 +528,7 @@ impl ConnConfig {
             _ => {
                 let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(map)?;
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    if let Err(e) = drive_connection(conn, target.clone()).await {
                         tracing::warn!(target_db = %target, error = %e, "SQL connection ended with an error");
                     }
                 });
