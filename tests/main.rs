@@ -16,6 +16,7 @@ mod moves;
 mod operate;
 mod ops;
 mod quarantine;
+mod rebalance;
 mod reverse;
 mod robust;
 mod route;

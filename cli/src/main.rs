@@ -78,6 +78,11 @@ pub enum Command {
     /// shard, stream their changes, fence them there, wait, verify, flip the map, delete them
     /// from the old shard. Resumable: run it again after a crash.
     Move(MoveArgs),
+    /// Grow a hash = "postgres" layout from N to M shards under live writers: one move per new
+    /// shard (the rows of hash remainder j of MODULUS M, from old shard j mod N to the
+    /// config's `[[new_shards]]`), each copied, streamed, fenced, verified, flipped in
+    /// reshard.layout and deleted. Resumable: run it again after a crash.
+    Rebalance(RebalanceArgs),
     /// Changes that could not be routed (NULL shard key, unknown account): list them, replay
     /// them with the current account map, or drop them.
     Quarantine(QuarantineArgs),
@@ -246,6 +251,33 @@ pub struct MoveArgs {
     pub timeout: String,
     /// How long after the map flip the accounts' rows are deleted from the old shard: longer
     /// than the application keeps an old map (seconds or a duration).
+    #[arg(long, default_value = "10s")]
+    pub delete_grace: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RebalanceArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The new shard count M (a multiple of the current N; the config lists M − N
+    /// `[[new_shards]]`).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(2..))]
+    pub shards: u16,
+    /// Moves at once (each has its own target, so never two onto one shard).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub parallel: u16,
+    /// Ceiling of each move's copy, rows per second into its target (default: unthrottled).
+    #[arg(long)]
+    pub max_rows_per_sec: Option<u64>,
+    /// Longest wait of each move for its target to apply the old shard's changes, seconds or
+    /// a duration.
+    #[arg(long, default_value = "600")]
+    pub timeout: String,
+    /// How long after a flip the moved rows are deleted from the old shard: longer than the
+    /// application keeps an old reshard.layout (seconds or a duration).
     #[arg(long, default_value = "10s")]
     pub delete_grace: String,
     /// Machine-readable output.

@@ -65,6 +65,11 @@ pub struct Config {
     /// `[[shards]]`: the targets, in hash-remainder order 0..N-1.
     #[serde(default)]
     pub shards: Vec<ShardConfig>,
+    /// `[[new_shards]]`: shards that join the layout when it grows (`reshard plan --shards M`,
+    /// `reshard rebalance --shards M`), in remainder order N..M-1 after `[[shards]]`. Every
+    /// other command ignores them. Default: none.
+    #[serde(default)]
+    pub new_shards: Vec<ShardConfig>,
     /// `[[tables]]`: optional per-table rules; without it every table of the source database
     /// that has the key column is sharded and every other one is broadcast.
     #[serde(default)]
@@ -685,6 +690,9 @@ impl Config {
                 *r = expand_env(r, origin, &format!("shards[{i}].replicas[{j}]"))?;
             }
         }
+        for (i, s) in self.new_shards.iter_mut().enumerate() {
+            s.url = expand_env(&s.url, origin, &format!("new_shards[{i}].url"))?;
+        }
         if let Ok(pw) = std::env::var("RESHARD_ADMIN_PASSWORD") {
             self.admin.password = Some(pw);
         }
@@ -755,6 +763,23 @@ impl Config {
                     &format!("shards[{i}].replicas[{j}]"),
                     "is empty".into(),
                 ));
+            }
+        }
+        for (i, s) in self.new_shards.iter().enumerate() {
+            if s.name.trim().is_empty() {
+                return Err(invalid(&format!("new_shards[{i}].name"), "is empty".into()));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(invalid(
+                    &format!("new_shards[{i}].name"),
+                    format!(
+                        "shard name {:?} is used twice ([[shards]] and [[new_shards]] names must be unique)",
+                        s.name
+                    ),
+                ));
+            }
+            if s.url.trim().is_empty() {
+                return Err(invalid(&format!("new_shards[{i}].url"), "is empty".into()));
             }
         }
         if self.snapshot.max_replica_lag_ms > 0 && self.shards.iter().all(|s| s.replicas.is_empty())
@@ -867,6 +892,15 @@ impl Config {
     /// Shard names in remainder order.
     pub fn shard_names(&self) -> Vec<String> {
         self.shards.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// The URL of the shard called `name`, among `[[shards]]` and `[[new_shards]]`.
+    pub fn any_shard_url(&self, name: &str) -> Option<&str> {
+        self.shards
+            .iter()
+            .chain(&self.new_shards)
+            .find(|s| s.name == name)
+            .map(|s| s.url.as_str())
     }
 
     /// Index of the shard called `name`.

@@ -49,7 +49,8 @@
 //!             shard's slot streamed into one other database: reverse and moves use it)
 //! ops/        the operator's commands: check verify/ cutover fence observe (status, lag) purge
 //!             plan grow (N -> M for hash layouts) balance (N -> M for account maps) reverse
-//!             (set up at a fenced cutover; rollback) moves (accounts between live shards)
+//!             (set up at a fenced cutover; rollback) moves (accounts or a hash range between
+//!             live shards) rebalance (growing N -> M for hash layouts as hash-range moves)
 //! ```
 //!
 //! Rules the code keeps: [`pg`] imports the ground only; a stage imports the ground and

@@ -18,7 +18,11 @@ const SPEC: FillSpec = FillSpec {
 async fn plan_two_hash_shards_to_four_matches_satisfies_hash_partition_and_refuses_three() {
     let t = topology_with_data(2, SPEC).await;
     load_shards(&t);
-    let cfg = t.write_config("");
+    // The new shards' names and URLs ([[new_shards]]); the plan reads only the old shards.
+    let cfg = t.write_config(
+        "[[new_shards]]\nname = \"shard2\"\nurl = \"postgres://postgres@127.0.0.1:1/app\"\n\n\
+         [[new_shards]]\nname = \"shard3\"\nurl = \"postgres://postgres@127.0.0.1:1/app\"\n",
+    );
     let cfg = cfg.to_str().unwrap();
 
     let (code, out, err) = t.reshard(&["plan", "-c", cfg, "--shards", "4", "--json"]);
@@ -51,6 +55,11 @@ async fn plan_two_hash_shards_to_four_matches_satisfies_hash_partition_and_refus
         );
         assert_eq!(s["rows"].as_i64(), Some(want), "new shard {j}: {s}");
         assert_eq!(s["from_index"].as_u64(), Some(j as u64 % 2), "{s}");
+        assert_eq!(
+            s["name"].as_str(),
+            Some(format!("shard{j}").as_str()),
+            "{s}"
+        );
         assert_eq!(s["stays"].as_bool(), Some(j < 2), "{s}");
         assert!(s["bytes"].as_i64().unwrap() > 0, "{s}");
         if j >= 2 {

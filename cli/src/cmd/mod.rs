@@ -14,6 +14,7 @@ mod moves;
 mod peek;
 mod plan;
 mod quarantine;
+mod rebalance;
 mod rollback;
 mod run;
 mod slot;
@@ -30,6 +31,7 @@ pub async fn dispatch(command: Command) -> ExitCode {
         Command::Status(a) => status::run(a).await,
         Command::Lag(a) => lag::run(a).await,
         Command::Move(a) => moves::run(a).await,
+        Command::Rebalance(a) => rebalance::run(a).await,
         Command::Verify(a) => verify::run(a).await,
         Command::Cutover(a) => cutover::run(a).await,
         Command::Slot(a) => slot::run(a).await,

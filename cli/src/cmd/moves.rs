@@ -8,7 +8,7 @@
 //! accounts, S older than PostgreSQL 15); 3 = could not complete (unreachable shard, failing
 //! query).
 
-use reshard_engine::ops::moves::{run_move, MoveError, MoveOptions, MoveReport};
+use reshard_engine::ops::moves::{run_move, MoveError, MoveOptions, MoveReport, Selector};
 
 use crate::output::{emit_failure, load_config, CmdResult, Failure};
 use crate::MoveArgs;
@@ -33,11 +33,12 @@ pub async fn run(args: MoveArgs) -> CmdResult {
         );
     }
     let opts = MoveOptions {
-        accounts,
+        selector: Selector::Accounts(accounts),
         from: args.from.clone(),
         to: args.to.clone(),
         timeout,
         delete_grace,
+        max_rows_per_sec: None,
     };
     let report = match run_move(&config, &opts).await {
         Ok(r) => r,

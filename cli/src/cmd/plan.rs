@@ -187,6 +187,7 @@ async fn grow(
     check_shards(config, to).map_err(|e| Failure::usage(anyhow::Error::from(e)))?;
     let plan = plan_growth(config, to, rate).await.map_err(|e| match e {
         GrowError::NotMultiple { .. }
+        | GrowError::NewShardsMissing { .. }
         | GrowError::NotHash
         | GrowError::NotMap
         | GrowError::MapTooMany { .. }
@@ -212,6 +213,7 @@ fn render_growth(plan: &GrowPlan) -> String {
     );
     let mut rows = vec![[
         "NEW SHARD".to_owned(),
+        "NAME".into(),
         "FROM".into(),
         "ROWS".into(),
         "BYTES".into(),
@@ -220,6 +222,7 @@ fn render_growth(plan: &GrowPlan) -> String {
     for n in &plan.shards {
         rows.push([
             n.index.to_string(),
+            n.name.clone(),
             format!("{} ({})", n.from, n.from_index),
             n.rows.to_string(),
             human_bytes(n.bytes),
@@ -244,7 +247,10 @@ fn render_growth(plan: &GrowPlan) -> String {
             plan.misplaced_rows
         ));
     }
-    s.push_str("Executing the plan (`reshard rebalance`) is not yet implemented.\n");
+    s.push_str(&format!(
+        "Execute it with `reshard rebalance --shards {}` (the same plan, as one move per new shard).\n",
+        plan.to_shards
+    ));
     s
 }
 

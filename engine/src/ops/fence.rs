@@ -215,6 +215,40 @@ impl FenceSpec {
     }
 }
 
+impl FenceSpec {
+    /// The fence of one hash range's writes on `shard`'s own database (a move of
+    /// `reshard rebalance`): every sharded table (its name on the shards), refusing the rows
+    /// whose key satisfies `satisfies_hash_partition(helper, modulus, remainder, key)`. `name`
+    /// is the fence's name (the move).
+    pub async fn for_hash_range(
+        config: &Config,
+        src: &Client,
+        shard: &str,
+        name: &str,
+        reason: &str,
+        modulus: u32,
+        remainder: u32,
+    ) -> Result<FenceSpec, FenceError> {
+        shard_index(config, shard)?;
+        let tables = sharded_tables(config, src, |r| r.target.clone()).await?;
+        Ok(FenceSpec {
+            shard: name.to_owned(),
+            side: FenceSide::Shard,
+            reason: reason.to_owned(),
+            rule: FenceRule::Hash { modulus, remainder },
+            tables,
+            lock_timeout: Duration::from_millis(config.cutover.fence_lock_timeout_ms),
+        })
+    }
+}
+
+/// The hash-partitioned helper table (in the `reshard` schema) whose partition key has the
+/// type of OID `type_oid`: the first argument of every `satisfies_hash_partition` reshard
+/// writes (fences, hash-range moves).
+pub fn hash_helper_name(type_oid: u32) -> String {
+    format!("reshard.fence_route_{type_oid}")
+}
+
 fn shard_index(config: &Config, shard: &str) -> Result<u32, FenceError> {
     config
         .shards
@@ -871,7 +905,7 @@ async fn ensure_helper(
     type_oid: u32,
     type_name: &str,
 ) -> Result<u32, FenceError> {
-    let name = format!("reshard.fence_route_{type_oid}");
+    let name = hash_helper_name(type_oid);
     tx.batch_execute(&format!(
         "CREATE TABLE IF NOT EXISTS {name} (k {type_name}) PARTITION BY HASH (k)"
     ))

@@ -40,6 +40,16 @@ pub enum GrowError {
         /// Requested shards (M).
         to: usize,
     },
+    /// M needs more shards than `[[shards]]` and `[[new_shards]]` list (hash = "postgres").
+    #[error("growing {from} shards to {to} needs {} [[new_shards]] entries (name, url) in the config, for remainders {from}..{}; it lists {listed}: add the missing ones (config key new_shards)", .to - .from, .to - 1)]
+    NewShardsMissing {
+        /// Current shards (N).
+        from: usize,
+        /// Requested shards (M).
+        to: usize,
+        /// `[[new_shards]]` entries listed.
+        listed: usize,
+    },
     /// The layout is not `hash = "postgres"` ([`plan_growth`] plans hash layouts only; a map
     /// layout is planned by [`crate::ops::balance::plan_map`]).
     #[error("this plan is for [routing] hash = \"postgres\"; a hash = \"map\" layout is planned as a balanced account map (ops::balance::plan_map)")]
@@ -92,6 +102,8 @@ pub struct NewShard {
     pub from_index: usize,
     /// That old shard's name.
     pub from: String,
+    /// The new shard's name: the old shard's for j < N, else the (j − N)-th `[[new_shards]]`.
+    pub name: String,
     /// The new shard is the old shard itself (j < N): its rows stay in place.
     pub stays: bool,
     /// Rows it takes, over every sharded table.
@@ -141,6 +153,13 @@ pub fn check_shards(config: &Config, to: usize) -> Result<(), GrowError> {
     if from == 0 || to <= from || to % from != 0 {
         return Err(GrowError::NotMultiple { from, to });
     }
+    if config.new_shards.len() < to - from {
+        return Err(GrowError::NewShardsMissing {
+            from,
+            to,
+            listed: config.new_shards.len(),
+        });
+    }
     Ok(())
 }
 
@@ -169,6 +188,13 @@ pub async fn plan_growth(config: &Config, to: usize, rate: u64) -> Result<GrowPl
             index: j,
             from_index: j % from,
             from: config.shards[j % from].name.clone(),
+            name: config
+                .shards
+                .iter()
+                .chain(&config.new_shards)
+                .nth(j)
+                .map(|s| s.name.clone())
+                .unwrap_or_default(),
             stays: j < from,
             rows: 0,
             bytes: 0,
@@ -280,6 +306,11 @@ mod tests {
         for i in 0..n {
             s.push_str(&format!("[[shards]]\nname = \"s{i}\"\nurl = \"host=y\"\n"));
         }
+        for i in n..3 * n {
+            s.push_str(&format!(
+                "[[new_shards]]\nname = \"s{i}\"\nurl = \"host=y\"\n"
+            ));
+        }
         toml::from_str(&s).expect("config")
     }
 
@@ -299,5 +330,19 @@ mod tests {
                 "{e}"
             );
         }
+        // 8 needs 6 new shards; the config lists 4: refused, naming the config key.
+        let e = check_shards(&c, 8).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                GrowError::NewShardsMissing {
+                    from: 2,
+                    to: 8,
+                    listed: 4
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("needs 6 [[new_shards]]"), "{e}");
     }
 }

@@ -14,6 +14,8 @@
 //! - [`grow`]: what growing a hash layout from N to M shards moves (`reshard plan --shards`).
 //! - [`balance`]: the same for an account map: a balanced new map that moves few bytes.
 //! - [`moves`]: accounts moved between two live shards (`reshard move`).
+//! - [`rebalance`]: growing a hash layout from N to M shards as a series of hash-range moves
+//!   (`reshard rebalance`).
 
 pub mod balance;
 pub mod check;
@@ -24,6 +26,7 @@ pub mod moves;
 pub mod observe;
 pub mod plan;
 pub mod purge;
+pub mod rebalance;
 pub mod reverse;
 pub mod verify;
 

@@ -121,11 +121,39 @@ impl Step {
     }
 }
 
+/// Which rows a move takes from the old shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// The rows of these accounts (their key's text form; `hash = "map"`).
+    Accounts(Vec<String>),
+    /// The rows whose key satisfies `satisfies_hash_partition(…, modulus, remainder, key)`
+    /// (`hash = "postgres"`, `reshard rebalance`): every account of that hash range, including
+    /// accounts created while the move runs.
+    HashRemainder {
+        /// The new shard count (M).
+        modulus: u32,
+        /// The new shard's index.
+        remainder: u32,
+    },
+}
+
+impl Selector {
+    /// What the move takes, for messages (`accounts 2,3` / `hash remainder 2 of modulus 4`).
+    pub fn describe(&self) -> String {
+        match self {
+            Selector::Accounts(a) => format!("accounts {}", a.join(",")),
+            Selector::HashRemainder { modulus, remainder } => {
+                format!("hash remainder {remainder} of modulus {modulus}")
+            }
+        }
+    }
+}
+
 /// What to move.
 #[derive(Clone, Debug)]
 pub struct MoveOptions {
-    /// The accounts (their key's text form).
-    pub accounts: Vec<String>,
+    /// The rows to move.
+    pub selector: Selector,
     /// The shard that holds them.
     pub from: String,
     /// The shard that gets them.
@@ -137,6 +165,9 @@ pub struct MoveOptions {
     /// the delete is refused by the fence (it matches rows); after it, it matches nothing and
     /// changes nothing there, silently.
     pub delete_grace: Duration,
+    /// Ceiling of the copy's rows per second into the target (`None`: unthrottled). A
+    /// rebalance runs one move per target at a time, so this is the per-target ceiling.
+    pub max_rows_per_sec: Option<u64>,
 }
 
 /// One account's rows in one table, on both shards.
@@ -163,8 +194,10 @@ pub struct MoveReport {
     pub from: String,
     /// Target.
     pub to: String,
-    /// The accounts.
+    /// The accounts (empty for a hash-range move).
     pub accounts: Vec<String>,
+    /// What the move takes (`accounts …` or `hash remainder j of modulus M`).
+    pub selector: String,
     /// The step it was at when this run started (`None`: a new move, recorded by this run).
     pub resumed_at: Option<Step>,
     /// The step it reached.
@@ -365,6 +398,8 @@ struct Ctx<'a> {
     opts: &'a MoveOptions,
     id: String,
     accounts: Vec<String>,
+    /// `Some((modulus, remainder))` for a hash-range move.
+    hash: Option<(u32, u32)>,
     tables: Vec<MovedTable>,
     src: Client,
     from: Client,
@@ -406,23 +441,34 @@ async fn refuse_while_the_daemon_streams(config: &Config) -> Result<(), MoveErro
 
 pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport, MoveError> {
     let started = Instant::now();
-    if config.routing.hash != HashKind::Map {
-        return Err(MoveError::Usage(
-            "reshard move needs [routing] hash = \"map\": with hash = \"postgres\" an account's shard is fixed by its hash".into(),
-        ));
-    }
-    let accounts = normalize_accounts(&opts.accounts);
-    if accounts.is_empty() {
-        return Err(MoveError::Usage(
-            "no accounts to move: give --accounts 42,77 or --accounts-file".into(),
-        ));
-    }
+    let (accounts, hash) = match &opts.selector {
+        Selector::Accounts(a) => {
+            if config.routing.hash != HashKind::Map {
+                return Err(MoveError::Usage(
+                    "reshard move needs [routing] hash = \"map\": with hash = \"postgres\" an account's shard is fixed by its hash (grow the layout with reshard rebalance --shards M)".into(),
+                ));
+            }
+            let accounts = normalize_accounts(a);
+            if accounts.is_empty() {
+                return Err(MoveError::Usage(
+                    "no accounts to move: give --accounts 42,77 or --accounts-file".into(),
+                ));
+            }
+            (accounts, None)
+        }
+        Selector::HashRemainder { modulus, remainder } => {
+            if config.routing.hash != HashKind::Postgres || remainder >= modulus {
+                return Err(MoveError::Usage(format!(
+                    "a hash-range move (remainder {remainder} of modulus {modulus}) needs [routing] hash = \"postgres\" and a remainder below the modulus"
+                )));
+            }
+            (Vec::new(), Some((*modulus, *remainder)))
+        }
+    };
     let shard_url = |name: &str| {
         config
-            .shards
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| s.url.clone())
+            .any_shard_url(name)
+            .map(str::to_owned)
             .ok_or_else(|| {
                 MoveError::Usage(format!(
                     "unknown shard {name:?}; the config's shards are {:?}",
@@ -463,12 +509,16 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
     crate::pg::conn::normalize_session(&to)
         .await
         .map_err(qerr(&to_ep, "setting the session"))?;
-    let id = move_id(&opts.from, &opts.to, &accounts);
+    let id = match hash {
+        Some((m, r)) => move_id(&opts.from, &opts.to, &[format!("hash:{m}:{r}")]),
+        None => move_id(&opts.from, &opts.to, &accounts),
+    };
     let mut ctx = Ctx {
         config,
         opts,
         id,
         accounts,
+        hash,
         tables: Vec::new(),
         src,
         from,
@@ -477,6 +527,9 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
         to_ep,
     };
     ctx.tables = ctx.moved_tables().await?;
+    if ctx.hash.is_some() {
+        ctx.ensure_hash_helpers().await?;
+    }
 
     ctx.to
         .batch_execute(&format!(
@@ -507,7 +560,7 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
                 )
                 .await
                 .map_err(qerr(&ctx.to_ep, "recording the move in reshard.move"))?;
-            tracing::info!(id = %ctx.id, from = %opts.from, to = %opts.to, accounts = ?ctx.accounts, "move: started");
+            tracing::info!(id = %ctx.id, from = %opts.from, to = %opts.to, rows = %opts.selector.describe(), "move: started");
             Record {
                 step: Step::Started,
                 from_system_id: None,
@@ -522,6 +575,7 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
         from: opts.from.clone(),
         to: opts.to.clone(),
         accounts: ctx.accounts.clone(),
+        selector: opts.selector.describe(),
         resumed_at,
         step: record.step,
         rows_copied: 0,
@@ -644,8 +698,37 @@ impl Ctx<'_> {
         Ok(out)
     }
 
+    /// The moved rows of `t`, as an SQL condition (the same text on both shards: a hash
+    /// range names its helper by regclass, created on both by [`Ctx::ensure_hash_helpers`]).
     fn filter(&self, t: &MovedTable) -> String {
-        key_in(&t.key, &t.key_type, &self.accounts)
+        match self.hash {
+            None => key_in(&t.key, &t.key_type, &self.accounts),
+            Some((m, r)) => {
+                let k = quote_ident(&t.key);
+                format!(
+                    "{k} IS NOT NULL AND satisfies_hash_partition({}::regclass, {m}, {r}, {k})",
+                    crate::pg::conn::quote_literal(&fence::hash_helper_name(t.key_oid))
+                )
+            }
+        }
+    }
+
+    /// A hash-range move: the hash-partitioned helper of each key type (the fence's own, see
+    /// [`fence::hash_helper_name`]) on both shards, so the filter reads the same on both.
+    async fn ensure_hash_helpers(&self) -> Result<(), MoveError> {
+        for (c, ep) in [(&self.from, &self.from_ep), (&self.to, &self.to_ep)] {
+            for t in &self.tables {
+                c.batch_execute(&format!(
+                    "SET client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS reshard; \
+                     CREATE TABLE IF NOT EXISTS {} (k {}) PARTITION BY HASH (k); RESET client_min_messages",
+                    fence::hash_helper_name(t.key_oid),
+                    t.key_type
+                ))
+                .await
+                .map_err(qerr(ep, "creating the hash routing helper"))?;
+            }
+        }
+        Ok(())
     }
 
     async fn read_record(&self) -> Result<Option<Record>, MoveError> {
@@ -701,9 +784,17 @@ impl Ctx<'_> {
 
     /// A new move: every account is on `--from` by the map, and the target has none of its rows.
     async fn check_new(&self) -> Result<(), MoveError> {
-        let map = self.load_map().await?;
+        let map = if self.hash.is_none() {
+            Some(self.load_map().await?)
+        } else {
+            None
+        };
         let key_oid = self.tables.first().map_or(25, |t| t.key_oid);
-        for a in &self.accounts {
+        for (a, map) in self
+            .accounts
+            .iter()
+            .filter_map(|a| Some((a, map.as_ref()?)))
+        {
             let shard = match map.shard_of_text(key_oid, a.as_bytes()) {
                 Ok(s) => map.shards()[s.0 as usize].clone(),
                 Err(_) if map.default_shard().is_some() => {
@@ -871,6 +962,10 @@ impl Ctx<'_> {
             .await
             .map_err(qerr(&self.to_ep, "starting the copy transaction"))?;
         let mut rows = 0i64;
+        let throttle = self
+            .opts
+            .max_rows_per_sec
+            .map(|r| crate::snapshot::Throttle::new(Some(r), None));
         for t in &self.tables {
             let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
             let cols = cols.join(", ");
@@ -893,6 +988,10 @@ impl Ctx<'_> {
             let mut sink = std::pin::pin!(sink);
             while let Some(part) = out.next().await {
                 let part = part.map_err(qerr(&self.from_ep, "reading the accounts' rows"))?;
+                // One COPY data message is one row.
+                if let Some(t) = &throttle {
+                    t.acquire(1, part.len() as u64).await;
+                }
                 // `feed`, not `send`: no flush (a round trip) per row; `finish` flushes.
                 sink.feed(part)
                     .await
@@ -929,10 +1028,8 @@ impl Ctx<'_> {
 
     fn shard_url(&self, name: &str) -> String {
         self.config
-            .shards
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| s.url.clone())
+            .any_shard_url(name)
+            .map(str::to_owned)
             .unwrap_or_default()
     }
 
@@ -952,21 +1049,35 @@ impl Ctx<'_> {
             shard: self.opts.from.clone(),
             source,
         };
-        let spec = FenceSpec::for_accounts(
-            self.config,
-            &self.src,
-            &self.opts.from,
-            &self.id,
-            &format!(
-                "move of accounts {} from {} to {}",
-                self.accounts.join(","),
-                self.opts.from,
-                self.opts.to
-            ),
-            &self.accounts,
-        )
-        .await
-        .map_err(ferr)?;
+        let reason = format!(
+            "move of {} from {} to {}",
+            self.opts.selector.describe(),
+            self.opts.from,
+            self.opts.to
+        );
+        let spec = match self.hash {
+            None => FenceSpec::for_accounts(
+                self.config,
+                &self.src,
+                &self.opts.from,
+                &self.id,
+                &reason,
+                &self.accounts,
+            )
+            .await
+            .map_err(ferr)?,
+            Some((modulus, remainder)) => FenceSpec::for_hash_range(
+                self.config,
+                &self.src,
+                &self.opts.from,
+                &self.id,
+                &reason,
+                modulus,
+                remainder,
+            )
+            .await
+            .map_err(ferr)?,
+        };
         let mut c = ConnConfig::parse(&self.shard_url(&self.opts.from))
             .map_err(|error| MoveError::Connect {
                 endpoint: self.from_ep.clone(),
@@ -1150,6 +1261,10 @@ impl Ctx<'_> {
     /// there that refuses them; the target owns them again, so they leave that fence (which is
     /// removed once it refuses no account).
     async fn unfence_on_target(&self) -> Result<(), MoveError> {
+        if self.hash.is_some() {
+            // A new shard of a rebalance: no earlier move fenced anything there.
+            return Ok(());
+        }
         let ferr = |source| MoveError::Fence {
             shard: self.opts.to.clone(),
             source,
@@ -1208,6 +1323,16 @@ impl Ctx<'_> {
     /// Step 5: the map file (or, with `map_query`, the directory through `map_update`) sends
     /// the accounts to the target; read back.
     async fn flip_map(&self) -> Result<(), MoveError> {
+        if let Some((modulus, remainder)) = self.hash {
+            return crate::ops::rebalance::flip_layout(
+                self.config,
+                modulus,
+                remainder,
+                &self.opts.to,
+            )
+            .await
+            .map_err(|e| MoveError::Usage(e.to_string()));
+        }
         let source =
             MapSource::from_config(self.config)?.ok_or_else(route::refresh::no_map_configured)?;
         if let (MapOrigin::Query { .. }, Some(update)) =

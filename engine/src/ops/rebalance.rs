@@ -1,0 +1,548 @@
+//! `reshard rebalance --shards M`: grows a `hash = "postgres"` layout from N to M shards under
+//! live writers, as a series of hash-range moves (issue #17, "N → M").
+//!
+//! In: the config (its N `[[shards]]` and at least M − N `[[new_shards]]`), M, the concurrency
+//! and the per-target ceiling. Out: a [`RebalanceReport`]; afterwards old shard i holds only the
+//! rows with hash mod M = i, new shard j (the (j − N)-th `[[new_shards]]`) the rows with hash
+//! mod M = j, and the layout is plain hash partitioning with MODULUS M over the shards in the
+//! order the report's `config` lists.
+//!
+//! The plan is [`crate::ops::grow::plan_growth`]'s: new shard j takes its rows from old shard
+//! j mod N. Each is one move of [`crate::ops::moves`] with
+//! [`Selector::HashRemainder`]: copied from a snapshot, streamed, fenced
+//! ([`crate::ops::fence::FenceRule::Hash`] on the old shard), verified, flipped, deleted. The
+//! range covers accounts created during the rebalance too (a key is in it by its hash).
+//!
+//! What the application routes by while it runs: the table `reshard.layout` on the first
+//! `[[shards]]` entry (the "directory shard"): one row `(modulus M, remainder j, shard)` per
+//! flipped new shard. A key goes to the shard of the row `(M, hash mod M)` if there is one,
+//! else to old shard `hash mod N`. A flip happens after the old shard fences the range
+//! (SQLSTATE `RSF01`), so a writer that routed by a stale layout is refused and re-reads it.
+//!
+//! State: `reshard.rebalance` on the directory shard (one row per rebalance: moves done and
+//! total, rows planned and done, `running` / `done`), for `reshard status`-like readers and a
+//! human with psql. Every move records its own steps on its target (`reshard.move`), so
+//! running the same `reshard rebalance` again after a crash at any point re-runs the moves that
+//! are not done and skips those that are.
+//!
+//! Concurrency: at most `--parallel` moves at once; every move has its own target (new shard j
+//! is the target of exactly one move), so two moves never write one target at once, and a
+//! move's `--max-rows-per-sec` is its target's ceiling.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use crate::config::{Config, TableMode};
+use crate::ops::grow::{self, GrowError, GrowPlan};
+use crate::ops::moves::{run_move, MoveError, MoveOptions, MoveReport, Selector, Step};
+use crate::pg::conn::{connect_plain, error_text};
+
+/// How often a running rebalance logs its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+const STATE_SQL: &str = "
+SET client_min_messages = warning;
+CREATE SCHEMA IF NOT EXISTS reshard;
+CREATE TABLE IF NOT EXISTS reshard.layout (
+    modulus int NOT NULL,
+    remainder int NOT NULL,
+    shard text NOT NULL,
+    flipped_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (modulus, remainder)
+);
+CREATE TABLE IF NOT EXISTS reshard.rebalance (
+    id text PRIMARY KEY,
+    from_shards int NOT NULL,
+    to_shards int NOT NULL,
+    state text NOT NULL,
+    moves_total int NOT NULL,
+    moves_done int NOT NULL DEFAULT 0,
+    rows_planned bigint NOT NULL DEFAULT 0,
+    bytes_planned bigint NOT NULL DEFAULT 0,
+    rows_done bigint NOT NULL DEFAULT 0,
+    started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+RESET client_min_messages";
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct RebalanceOptions {
+    /// The new shard count (M).
+    pub to: usize,
+    /// Moves at once (at least 1).
+    pub parallel: usize,
+    /// Longest wait of each move for its target to catch up.
+    pub timeout: Duration,
+    /// Each move's `--delete-grace`.
+    pub delete_grace: Duration,
+    /// Rows per second per target (the copy), `None`: unthrottled.
+    pub max_rows_per_sec: Option<u64>,
+}
+
+/// One move of the rebalance.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartReport {
+    /// The new shard's index (the hash remainder for MODULUS M).
+    pub remainder: usize,
+    /// The old shard.
+    pub from: String,
+    /// The new shard.
+    pub to: String,
+    /// Rows the plan counted for it.
+    pub rows_planned: i64,
+    /// Their bytes.
+    pub bytes_planned: i64,
+    /// The move's report, once it ran.
+    pub report: Option<MoveReport>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// What a rebalance did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RebalanceReport {
+    /// `rebalance_<N>_to_<M>`.
+    pub id: String,
+    /// N.
+    pub from_shards: usize,
+    /// M.
+    pub to_shards: usize,
+    /// Moves that reached `done` (this run or an earlier one).
+    pub moves_done: usize,
+    /// Moves of the plan (M − N).
+    pub moves_total: usize,
+    /// Rows the plan moves.
+    pub rows_to_move: i64,
+    /// Their bytes.
+    pub bytes_to_move: i64,
+    /// Rows the moves copied (from their snapshots).
+    pub rows_copied: i64,
+    /// Changes the moves streamed in this run.
+    pub rows_streamed: u64,
+    /// Rows deleted from the old shards.
+    pub rows_deleted: i64,
+    /// Seconds this run took.
+    pub secs: f64,
+    /// Where the application reads the layout while the rebalance runs.
+    pub layout: String,
+    /// The shards in remainder order for MODULUS M (the final layout).
+    pub shards: Vec<String>,
+    /// The `[[shards]]` section of the final layout (old shards, then the new ones).
+    pub config: String,
+    /// Per move.
+    pub moves: Vec<PartReport>,
+}
+
+/// A rebalance could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum RebalanceError {
+    /// Bad arguments or config (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The plan.
+    #[error(transparent)]
+    Plan(#[from] GrowError),
+    /// The directory shard (layout and state).
+    #[error(
+        "shard {shard} (the directory shard: reshard.layout, reshard.rebalance): {what}: {message}"
+    )]
+    Directory {
+        /// Its name.
+        shard: String,
+        /// What was being done.
+        what: String,
+        /// Why.
+        message: String,
+    },
+    /// A move failed (the others that were running finished; run the same command again).
+    #[error("the move of hash remainder {remainder} of modulus {modulus} from shard {from} to shard {to} failed: {source}; {done}/{total} moves are done; run the same `reshard rebalance` again to resume")]
+    Move {
+        /// Its remainder.
+        remainder: usize,
+        /// M.
+        modulus: usize,
+        /// Old shard.
+        from: String,
+        /// New shard.
+        to: String,
+        /// Moves done.
+        done: usize,
+        /// Moves planned.
+        total: usize,
+        /// Why.
+        source: Box<MoveError>,
+        /// What was done before it failed.
+        report: Box<RebalanceReport>,
+    },
+}
+
+/// The directory shard: the first `[[shards]]` entry.
+fn directory(config: &Config) -> Result<(&str, &str), RebalanceError> {
+    config
+        .shards
+        .first()
+        .map(|s| (s.name.as_str(), s.url.as_str()))
+        .ok_or_else(|| RebalanceError::Usage("no [[shards]] given".into()))
+}
+
+async fn directory_client(config: &Config) -> Result<tokio_postgres::Client, RebalanceError> {
+    let (name, url) = directory(config)?;
+    let c = connect_plain(url)
+        .await
+        .map_err(|e| RebalanceError::Directory {
+            shard: name.to_owned(),
+            what: "connecting".into(),
+            message: e.to_string(),
+        })?;
+    c.batch_execute(STATE_SQL)
+        .await
+        .map_err(|e| RebalanceError::Directory {
+            shard: name.to_owned(),
+            what: "creating reshard.layout and reshard.rebalance".into(),
+            message: error_text(&e),
+        })?;
+    Ok(c)
+}
+
+/// A move's flip: the application's layout sends hash remainder `remainder` of `modulus` to
+/// `shard` (`reshard.layout` on the directory shard; idempotent).
+pub async fn flip_layout(
+    config: &Config,
+    modulus: u32,
+    remainder: u32,
+    shard: &str,
+) -> Result<(), MoveError> {
+    let (name, _) = directory(config).map_err(|e| MoveError::Usage(e.to_string()))?;
+    let ep = format!("shard {name} (reshard.layout)");
+    let c = directory_client(config)
+        .await
+        .map_err(|e| MoveError::Io(e.to_string()))?;
+    let (m, r) = (
+        i32::try_from(modulus).unwrap_or(i32::MAX),
+        i32::try_from(remainder).unwrap_or(i32::MAX),
+    );
+    c.execute(
+        "INSERT INTO reshard.layout (modulus, remainder, shard) VALUES ($1, $2, $3) \
+         ON CONFLICT (modulus, remainder) DO UPDATE SET shard = EXCLUDED.shard, flipped_at = clock_timestamp()",
+        &[&m, &r, &shard],
+    )
+    .await
+    .map_err(|error| MoveError::Query {
+        endpoint: ep,
+        what: "recording the flip in reshard.layout".into(),
+        error,
+    })?;
+    tracing::info!(
+        modulus,
+        remainder,
+        shard,
+        "rebalance: reshard.layout on shard {name} sends hash remainder {remainder} of modulus {modulus} to shard {shard}"
+    );
+    Ok(())
+}
+
+/// The `[[shards]]` section of the layout after growing to `to` shards.
+fn final_config(config: &Config, to: usize) -> (Vec<String>, String) {
+    let all: Vec<_> = config
+        .shards
+        .iter()
+        .chain(&config.new_shards)
+        .take(to)
+        .collect();
+    let names = all.iter().map(|s| s.name.clone()).collect();
+    let text = all
+        .iter()
+        .map(|s| format!("[[shards]]\nname = {:?}\nurl = {:?}\n", s.name, s.url))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (names, text)
+}
+
+/// Checks the config can grow to `to` shards: M a multiple of N, enough `[[new_shards]]`.
+pub fn check(config: &Config, to: usize) -> Result<(), RebalanceError> {
+    if config.routing.hash != crate::config::HashKind::Postgres {
+        return Err(RebalanceError::Usage(
+            "reshard rebalance grows [routing] hash = \"postgres\" layouts; with hash = \"map\" run the moves of `reshard plan --shards M` with reshard move".into(),
+        ));
+    }
+    grow::check_shards(config, to).map_err(|e| RebalanceError::Usage(e.to_string()))
+}
+
+/// Every sharded table exists on every new shard (a move copies into them): refused before
+/// anything is written otherwise.
+async fn check_new_shards(config: &Config, to: usize) -> Result<(), RebalanceError> {
+    let src = connect_plain(&config.source.url)
+        .await
+        .map_err(|e| RebalanceError::Usage(format!("cannot connect to the source: {e}")))?;
+    let tables: Vec<String> = crate::pg::catalog::discover(&src, config)
+        .await
+        .map_err(|e| RebalanceError::Plan(GrowError::Catalog(e)))?
+        .into_iter()
+        .filter(|t| t.rule.mode == TableMode::Sharded)
+        .map(|t| t.rule.target)
+        .collect();
+    for s in config.new_shards.iter().take(to - config.shards.len()) {
+        let c = connect_plain(&s.url).await.map_err(|e| {
+            RebalanceError::Usage(format!(
+                "cannot connect to new shard {} ([[new_shards]] url): {e}",
+                s.name
+            ))
+        })?;
+        for t in &tables {
+            let found: bool = c
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL",
+                    &[&crate::pg::sql::quote_qualified(t)],
+                )
+                .await
+                .map_err(|e| {
+                    RebalanceError::Usage(format!("new shard {}: {}", s.name, error_text(&e)))
+                })?
+                .get(0);
+            if !found {
+                return Err(RebalanceError::Usage(format!(
+                    "table {t} does not exist on new shard {}: create the schema there first (e.g. pg_dump --schema-only of an old shard, restored into it)",
+                    s.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Shared progress of the running moves.
+#[derive(Default)]
+struct Progress {
+    done: usize,
+    rows_done: i64,
+    bytes_done: i64,
+}
+
+/// Runs (or resumes) a rebalance; see the module doc.
+pub async fn run_rebalance(
+    config: &Config,
+    opts: &RebalanceOptions,
+) -> Result<RebalanceReport, RebalanceError> {
+    let started = Instant::now();
+    check(config, opts.to)?;
+    check_new_shards(config, opts.to).await?;
+    let plan: GrowPlan =
+        grow::plan_growth(config, opts.to, grow::DEFAULT_RATE_ROWS_PER_SEC).await?;
+    let n = config.shards.len();
+    let id = format!("rebalance_{n}_to_{}", opts.to);
+    let (dir_name, _) = directory(config)?;
+    let dir_name = dir_name.to_owned();
+    let dir = directory_client(config).await?;
+    let derr = |what: &'static str| {
+        let shard = dir_name.clone();
+        move |e: tokio_postgres::Error| RebalanceError::Directory {
+            shard,
+            what: what.into(),
+            message: error_text(&e),
+        }
+    };
+    let parts: Vec<PartReport> = plan
+        .shards
+        .iter()
+        .filter(|s| !s.stays)
+        .map(|s| PartReport {
+            remainder: s.index,
+            from: s.from.clone(),
+            to: s.name.clone(),
+            rows_planned: s.rows,
+            bytes_planned: s.bytes,
+            report: None,
+            error: None,
+        })
+        .collect();
+    let total = parts.len();
+    let (rows_total, bytes_total) = (plan.rows_to_move, plan.bytes_to_move);
+    let (from_i, to_i, total_i) = (
+        i32::try_from(n).unwrap_or(i32::MAX),
+        i32::try_from(opts.to).unwrap_or(i32::MAX),
+        i32::try_from(total).unwrap_or(i32::MAX),
+    );
+    dir.execute(
+        "INSERT INTO reshard.rebalance (id, from_shards, to_shards, state, moves_total, rows_planned, bytes_planned) \
+         VALUES ($1, $2, $3, 'running', $4, $5, $6) \
+         ON CONFLICT (id) DO UPDATE SET state = 'running', updated_at = clock_timestamp()",
+        &[&id, &from_i, &to_i, &total_i, &rows_total, &bytes_total],
+    )
+    .await
+    .map_err(derr("recording the rebalance"))?;
+    tracing::info!(%id, moves = total, rows = rows_total, bytes = bytes_total, parallel = opts.parallel, "rebalance: started ({n} shards to {}); the application routes by reshard.layout on shard {dir_name}", opts.to);
+
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let ticker = {
+        let progress = progress.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            loop {
+                tokio::time::sleep(PROGRESS_EVERY).await;
+                let (done, rows, bytes) = {
+                    let p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                    (p.done, p.rows_done, p.bytes_done)
+                };
+                let eta = if rows > 0 && rows < rows_total {
+                    let secs =
+                        t0.elapsed().as_secs_f64() * (rows_total - rows) as f64 / rows as f64;
+                    format!("{secs:.0}s")
+                } else {
+                    "unknown".into()
+                };
+                tracing::info!(%id, "rebalance progress: {done}/{total} moves done, {rows}/{rows_total} rows, {bytes}/{bytes_total} bytes, ETA {eta}");
+            }
+        })
+    };
+
+    let modulus = opts.to;
+    let results: Vec<(PartReport, Result<MoveReport, MoveError>)> =
+        futures_util::stream::iter(parts.into_iter().map(|part| {
+            let progress = progress.clone();
+            let dir = &dir;
+            let id = &id;
+            async move {
+                let mo = MoveOptions {
+                    selector: Selector::HashRemainder {
+                        modulus: u32::try_from(modulus).unwrap_or(u32::MAX),
+                        remainder: u32::try_from(part.remainder).unwrap_or(u32::MAX),
+                    },
+                    from: part.from.clone(),
+                    to: part.to.clone(),
+                    timeout: opts.timeout,
+                    delete_grace: opts.delete_grace,
+                    max_rows_per_sec: opts.max_rows_per_sec,
+                };
+                let r = run_move(config, &mo).await;
+                if let Ok(rep) = &r {
+                    if rep.step == Step::Done {
+                        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                        p.done += 1;
+                        p.rows_done += part.rows_planned;
+                        p.bytes_done += part.bytes_planned;
+                    }
+                    let rows = part.rows_planned;
+                    if let Err(e) = dir
+                        .execute(
+                            "UPDATE reshard.rebalance SET moves_done = moves_done + 1, rows_done = rows_done + $2, \
+                             updated_at = clock_timestamp() WHERE id = $1 AND moves_done < moves_total",
+                            &[id, &rows],
+                        )
+                        .await
+                    {
+                        tracing::warn!(%id, "rebalance: recording progress in reshard.rebalance: {}", error_text(&e));
+                    }
+                }
+                (part, r)
+            }
+        }))
+        .buffer_unordered(opts.parallel.max(1))
+        .collect()
+        .await;
+    ticker.abort();
+
+    let (names, text) = final_config(config, opts.to);
+    let mut report = RebalanceReport {
+        id: id.clone(),
+        from_shards: n,
+        to_shards: opts.to,
+        moves_done: 0,
+        moves_total: total,
+        rows_to_move: rows_total,
+        bytes_to_move: bytes_total,
+        rows_copied: 0,
+        rows_streamed: 0,
+        rows_deleted: 0,
+        secs: 0.0,
+        layout: format!("reshard.layout on shard {dir_name}"),
+        shards: names,
+        config: text,
+        moves: Vec::new(),
+    };
+    let mut first_error = None;
+    for (mut part, r) in results {
+        match r {
+            Ok(rep) => {
+                report.moves_done += usize::from(rep.step == Step::Done);
+                report.rows_copied += rep.rows_copied;
+                report.rows_streamed += rep.rows_streamed;
+                report.rows_deleted += rep.rows_deleted;
+                part.report = Some(rep);
+            }
+            Err(e) => {
+                part.error = Some(e.to_string());
+                if first_error.is_none() {
+                    first_error = Some((part.remainder, part.from.clone(), part.to.clone(), e));
+                }
+            }
+        }
+        report.moves.push(part);
+    }
+    report.moves.sort_by_key(|p| p.remainder);
+    report.secs = started.elapsed().as_secs_f64();
+    let done_i = i32::try_from(report.moves_done).unwrap_or(i32::MAX);
+    dir.execute(
+        "UPDATE reshard.rebalance SET moves_done = $2, state = CASE WHEN $2 = moves_total THEN 'done' ELSE 'running' END, \
+         updated_at = clock_timestamp() WHERE id = $1",
+        &[&id, &done_i],
+    )
+    .await
+    .map_err(derr("recording the rebalance's end"))?;
+    if let Some((remainder, from, to, e)) = first_error {
+        return Err(RebalanceError::Move {
+            remainder,
+            modulus: opts.to,
+            from,
+            to,
+            done: report.moves_done,
+            total,
+            source: Box::new(e),
+            report: Box::new(report),
+        });
+    }
+    tracing::info!(%id, secs = report.secs, "rebalance: done: {} shards, hash modulus {}", opts.to, opts.to);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(n: usize, new: usize) -> Config {
+        let mut s = "[source]\nurl = \"host=x\"\n[routing]\nhash = \"postgres\"\n".to_owned();
+        for i in 0..n {
+            s.push_str(&format!(
+                "[[shards]]\nname = \"s{i}\"\nurl = \"host=y{i}\"\n"
+            ));
+        }
+        for i in n..n + new {
+            s.push_str(&format!(
+                "[[new_shards]]\nname = \"s{i}\"\nurl = \"host=y{i}\"\n"
+            ));
+        }
+        toml::from_str(&s).expect("config")
+    }
+
+    #[test]
+    fn growing_needs_the_new_shards_in_the_config() {
+        let e = check(&config(2, 1), 4).unwrap_err();
+        assert!(matches!(e, RebalanceError::Usage(_)), "{e}");
+        assert!(e.to_string().contains("needs 2 [[new_shards]]"), "{e}");
+        assert!(e.to_string().contains("new_shards"), "{e}");
+        assert!(check(&config(2, 2), 4).is_ok());
+        assert!(check(&config(2, 4), 3).is_err());
+    }
+
+    #[test]
+    fn the_final_layout_lists_old_then_new_shards() {
+        let (names, text) = final_config(&config(2, 3), 4);
+        assert_eq!(names, ["s0", "s1", "s2", "s3"]);
+        assert_eq!(text.matches("[[shards]]").count(), 4);
+        assert!(text.contains("name = \"s3\"\nurl = \"host=y3\""), "{text}");
+    }
+}
