@@ -90,7 +90,8 @@ pub struct SourceStatus {
     pub system_id: String,
     /// The slot's `confirmed_flush_lsn` (what reshard has confirmed).
     pub confirmed_flush_lsn: Lsn,
-    /// The source's current WAL insert position (last known; `pg_current_wal_insert_lsn()`).
+    /// The source's current WAL insert position (last known; `pg_current_wal_insert_lsn()`), never
+    /// below `confirmed_flush_lsn` (the two are read at one moment, or the older raised).
     pub current_wal_lsn: Lsn,
     /// WAL the slot makes the source keep (`pg_current_wal_lsn() - restart_lsn`), bytes.
     pub retained_wal_bytes: u64,

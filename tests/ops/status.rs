@@ -57,6 +57,13 @@ async fn status_and_lag_work_offline() {
     assert_eq!(s["source"]["slot"], "reshard");
     assert_eq!(s["source"]["system_id"], sysid.as_str());
     assert_ne!(s["source"]["confirmed_flush_lsn"], "0/0");
+    // See: explore-findings "Not fixed" (current WAL shown below confirmed flush).
+    let lsn =
+        |v: &serde_json::Value| -> reshard_engine::Lsn { v.as_str().unwrap().parse().unwrap() };
+    assert!(
+        lsn(&s["source"]["current_wal_lsn"]) >= lsn(&s["source"]["confirmed_flush_lsn"]),
+        "current WAL below confirmed flush: {s:#}"
+    );
     assert!(
         s["source"]["retained_wal_bytes"].as_u64().unwrap() > 0,
         "{s:#}"

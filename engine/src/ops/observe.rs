@@ -433,19 +433,28 @@ async fn source_slot(
     config: &Config,
     snap: &mut StatusSnapshot,
 ) -> Result<(), String> {
-    snap.source.current_wal_lsn = crate::pg::conn::current_insert_lsn(src)
-        .await
-        .map_err(|e| crate::pg::conn::error_text(&e))?;
+    // One query, one moment: the source's present and the slot's position read apart could
+    // show the present below the confirmed position.
     let row = src
-        .query_opt(
-            "SELECT coalesce(confirmed_flush_lsn::text, '0/0'), active, \
-                    coalesce((pg_current_wal_lsn() - restart_lsn)::int8, 0) \
-             FROM pg_replication_slots WHERE slot_name = $1",
+        .query_one(
+            &format!(
+                "SELECT {}::text, coalesce(s.confirmed_flush_lsn::text, '0/0'), s.active, \
+                        coalesce((pg_current_wal_lsn() - s.restart_lsn)::int8, 0), s.slot_name IS NOT NULL \
+                 FROM (SELECT 1) one LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
+                crate::pg::conn::SOURCE_PRESENT_LSN
+            ),
             &[&config.source.slot],
         )
         .await
         .map_err(|e| crate::pg::conn::error_text(&e))?;
-    match row {
+    let present: String = row
+        .try_get(0)
+        .map_err(|e| crate::pg::conn::error_text(&e))?;
+    snap.source.current_wal_lsn = present.parse().unwrap_or(Lsn::ZERO);
+    let exists: bool = row
+        .try_get(4)
+        .map_err(|e| crate::pg::conn::error_text(&e))?;
+    match exists.then_some(row) {
         None => {
             snap.source.last_error = Some(format!(
                 "slot {} does not exist on the source (reshard run creates it)",
@@ -453,10 +462,10 @@ async fn source_slot(
             ))
         }
         Some(r) => {
-            let flush: String = r.try_get(0).map_err(|e| crate::pg::conn::error_text(&e))?;
+            let flush: String = r.try_get(1).map_err(|e| crate::pg::conn::error_text(&e))?;
             snap.source.confirmed_flush_lsn = flush.parse().unwrap_or(Lsn::ZERO);
-            let active: bool = r.try_get(1).map_err(|e| crate::pg::conn::error_text(&e))?;
-            let retained: i64 = r.try_get(2).map_err(|e| crate::pg::conn::error_text(&e))?;
+            let active: bool = r.try_get(2).map_err(|e| crate::pg::conn::error_text(&e))?;
+            let retained: i64 = r.try_get(3).map_err(|e| crate::pg::conn::error_text(&e))?;
             snap.source.retained_wal_bytes = retained.max(0) as u64;
             if active {
                 snap.source.last_error = Some(format!(

@@ -138,6 +138,7 @@ impl Supervisor {
             })
             .collect();
         rates.high_water = rates.high_water.max(spill.bytes_on_disk);
+        let confirmed = src.confirmed_flush_lsn.max(c.confirmed());
         StatusSnapshot {
             phase,
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -146,8 +147,11 @@ impl Supervisor {
                 slot: self.cfg.source.slot.clone(),
                 publication: self.cfg.source.publication.clone(),
                 system_id: self.system_id.clone(),
-                confirmed_flush_lsn: src.confirmed_flush_lsn.max(c.confirmed()),
-                current_wal_lsn: src.current_wal_lsn,
+                confirmed_flush_lsn: confirmed,
+                // Sampled by the supervisor every few seconds, while `confirmed` is this
+                // instant's: the source's WAL is at least where the slot is confirmed, so an
+                // older sample below it is raised to it (never "current below confirmed").
+                current_wal_lsn: src.current_wal_lsn.max(confirmed),
                 retained_wal_bytes: src.retained_wal_bytes,
                 received_lsn: c.received(),
                 bytes_received_total: c.bytes_received.load(Ordering::Relaxed),
