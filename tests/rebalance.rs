@@ -416,6 +416,27 @@ async fn grow_two_to_four(crash_at: Option<&'static str>, parallel: &'static str
         )
         .expect("layout");
     assert_eq!(layout.trim(), "2=shard2,3=shard3");
+    // `reshard status` shows the rebalance from reshard.rebalance on the directory shard.
+    let (code, out, err) = t.reshard(&["status", "-c", &cfg, "--json"]);
+    assert_eq!(code, 0, "status:\n{out}\n{err}");
+    let status = json(&out, &err);
+    let r = &status["rebalance"][0];
+    assert_eq!(r["id"], "rebalance_2_to_4", "{status:#}");
+    assert_eq!(r["state"], "done", "{status:#}");
+    assert_eq!(r["moves_done"].as_i64(), Some(2), "{status:#}");
+    assert_eq!(r["moves_total"].as_i64(), Some(2), "{status:#}");
+    assert_eq!(
+        r["rows_planned"].as_i64(),
+        report["rows_to_move"].as_i64(),
+        "{status:#}"
+    );
+    assert_eq!(r["rows_done"], r["rows_planned"], "{status:#}");
+    let (code, out, err) = t.reshard(&["status", "-c", &cfg]);
+    assert_eq!(code, 0, "status:\n{out}\n{err}");
+    assert!(
+        out.contains("rebalance_2_to_4") && out.contains("2/2"),
+        "{out}"
+    );
     // No slot or publication is left on the old shards.
     for s in &t.shards[..2] {
         assert_eq!(

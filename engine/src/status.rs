@@ -345,6 +345,35 @@ pub struct StatusSnapshot {
     /// Per shard, the full load's throttle (empty when no full load runs in this process).
     #[serde(default)]
     pub throttle: Vec<ThrottleView>,
+    /// Rebalances (`reshard rebalance`), read from `reshard.rebalance` on the directory shard
+    /// (the first `[[shards]]` entry) by the offline status.
+    #[serde(default)]
+    pub rebalance: Vec<RebalanceView>,
+}
+
+/// One rebalance's progress, as `reshard.rebalance` on the directory shard records it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RebalanceView {
+    /// `rebalance_<N>_to_<M>`.
+    pub id: String,
+    /// N.
+    pub from_shards: i32,
+    /// M.
+    pub to_shards: i32,
+    /// `running` or `done`.
+    pub state: String,
+    /// Moves done.
+    pub moves_done: i32,
+    /// Moves planned.
+    pub moves_total: i32,
+    /// Rows the plan moves.
+    pub rows_planned: i64,
+    /// Rows of the finished moves (as planned).
+    pub rows_done: i64,
+    /// Bytes the plan moves.
+    pub bytes_planned: i64,
+    /// Seconds since the row last changed.
+    pub idle_secs: f64,
 }
 
 impl StatusSnapshot {

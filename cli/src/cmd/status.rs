@@ -192,6 +192,31 @@ fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
         out.push_str("\nwrite fences on the source (lift with: reshard unfence --shard S):\n");
         out.push_str(&super::fence::render(&s.source.fences));
     }
+    if !s.rebalance.is_empty() {
+        out.push_str("\nrebalances (reshard.rebalance on the directory shard):\n");
+        let mut rows = vec![[
+            "ID",
+            "SHARDS",
+            "STATE",
+            "MOVES",
+            "ROWS",
+            "BYTES PLANNED",
+            "UPDATED",
+        ]
+        .map(String::from)];
+        for r in &s.rebalance {
+            rows.push([
+                r.id.clone(),
+                format!("{} -> {}", r.from_shards, r.to_shards),
+                r.state.clone(),
+                format!("{}/{}", r.moves_done, r.moves_total),
+                format!("{}/{}", r.rows_done, r.rows_planned),
+                bytes(r.bytes_planned.max(0) as u64),
+                format!("{:.0}s ago", r.idle_secs),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
     if !s.reverse.is_empty() {
         out.push_str(
             "\nreverse streams: cut-over shards' writes back to the source (LSNs are the shard's):\n",

@@ -1330,8 +1330,7 @@ impl Ctx<'_> {
                 remainder,
                 &self.opts.to,
             )
-            .await
-            .map_err(|e| MoveError::Usage(e.to_string()));
+            .await;
         }
         let source =
             MapSource::from_config(self.config)?.ok_or_else(route::refresh::no_map_configured)?;

@@ -20,8 +20,9 @@
 //! (SQLSTATE `RSF01`), so a writer that routed by a stale layout is refused and re-reads it.
 //!
 //! State: `reshard.rebalance` on the directory shard (one row per rebalance: moves done and
-//! total, rows planned and done, `running` / `done`), for `reshard status`-like readers and a
-//! human with psql. Every move records its own steps on its target (`reshard.move`), so
+//! total, rows planned and done, `running` / `done`), which `reshard status` reads
+//! ([`read_state`]) and a human can with psql. The console and metrics are the daemon's, which
+//! never runs beside a rebalance. Every move records its own steps on its target (`reshard.move`), so
 //! running the same `reshard rebalance` again after a crash at any point re-runs the moves that
 //! are not done and skips those that are.
 //!
@@ -245,6 +246,52 @@ pub async fn flip_layout(
     Ok(())
 }
 
+/// Every rebalance recorded in `reshard.rebalance` on the directory shard (for `reshard
+/// status`); none when the table does not exist.
+pub async fn read_state(
+    config: &Config,
+) -> Result<Vec<crate::status::RebalanceView>, RebalanceError> {
+    let (name, url) = directory(config)?;
+    let derr = |what: &str, message: String| RebalanceError::Directory {
+        shard: name.to_owned(),
+        what: what.to_owned(),
+        message,
+    };
+    let c = connect_plain(url)
+        .await
+        .map_err(|e| derr("connecting", e.to_string()))?;
+    let rows = c
+        .query(
+            "SELECT id, from_shards, to_shards, state, moves_done, moves_total, rows_planned, \
+               rows_done, bytes_planned, extract(epoch FROM clock_timestamp() - updated_at)::float8 \
+             FROM reshard.rebalance ORDER BY started_at",
+            &[],
+        )
+        .await;
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(derr("reading reshard.rebalance", error_text(&e))),
+    };
+    Ok(rows
+        .iter()
+        .map(|r| crate::status::RebalanceView {
+            id: r.get(0),
+            from_shards: r.get(1),
+            to_shards: r.get(2),
+            state: r.get(3),
+            moves_done: r.get(4),
+            moves_total: r.get(5),
+            rows_planned: r.get(6),
+            rows_done: r.get(7),
+            bytes_planned: r.get(8),
+            idle_secs: r.get(9),
+        })
+        .collect())
+}
+
 /// The `[[shards]]` section of the layout after growing to `to` shards.
 fn final_config(config: &Config, to: usize) -> (Vec<String>, String) {
     let all: Vec<_> = config
@@ -369,7 +416,9 @@ pub async fn run_rebalance(
     dir.execute(
         "INSERT INTO reshard.rebalance (id, from_shards, to_shards, state, moves_total, rows_planned, bytes_planned) \
          VALUES ($1, $2, $3, 'running', $4, $5, $6) \
-         ON CONFLICT (id) DO UPDATE SET state = 'running', updated_at = clock_timestamp()",
+         ON CONFLICT (id) DO UPDATE SET state = 'running', moves_done = 0, rows_done = 0, \
+           rows_planned = EXCLUDED.rows_planned, bytes_planned = EXCLUDED.bytes_planned, \
+           updated_at = clock_timestamp()",
         &[&id, &from_i, &to_i, &total_i, &rows_total, &bytes_total],
     )
     .await
@@ -420,18 +469,21 @@ pub async fn run_rebalance(
                 };
                 let r = run_move(config, &mo).await;
                 if let Ok(rep) = &r {
-                    if rep.step == Step::Done {
+                    // Absolute values (this run's plan): a resumed rebalance counts again from 0.
+                    let (done, rows) = {
                         let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
-                        p.done += 1;
-                        p.rows_done += part.rows_planned;
-                        p.bytes_done += part.bytes_planned;
-                    }
-                    let rows = part.rows_planned;
+                        if rep.step == Step::Done {
+                            p.done += 1;
+                            p.rows_done += part.rows_planned;
+                            p.bytes_done += part.bytes_planned;
+                        }
+                        (i32::try_from(p.done).unwrap_or(i32::MAX), p.rows_done)
+                    };
                     if let Err(e) = dir
                         .execute(
-                            "UPDATE reshard.rebalance SET moves_done = moves_done + 1, rows_done = rows_done + $2, \
-                             updated_at = clock_timestamp() WHERE id = $1 AND moves_done < moves_total",
-                            &[id, &rows],
+                            "UPDATE reshard.rebalance SET moves_done = $2, rows_done = $3, \
+                             updated_at = clock_timestamp() WHERE id = $1",
+                            &[id, &done, &rows],
                         )
                         .await
                     {
@@ -486,10 +538,12 @@ pub async fn run_rebalance(
     report.moves.sort_by_key(|p| p.remainder);
     report.secs = started.elapsed().as_secs_f64();
     let done_i = i32::try_from(report.moves_done).unwrap_or(i32::MAX);
+    let rows_done = progress.lock().unwrap_or_else(|e| e.into_inner()).rows_done;
     dir.execute(
-        "UPDATE reshard.rebalance SET moves_done = $2, state = CASE WHEN $2 = moves_total THEN 'done' ELSE 'running' END, \
-         updated_at = clock_timestamp() WHERE id = $1",
-        &[&id, &done_i],
+        "UPDATE reshard.rebalance SET moves_done = $2, rows_done = $3, \
+           state = CASE WHEN $2 = moves_total THEN 'done' ELSE 'running' END, \
+           updated_at = clock_timestamp() WHERE id = $1",
+        &[&id, &done_i, &rows_done],
     )
     .await
     .map_err(derr("recording the rebalance's end"))?;

@@ -192,6 +192,9 @@ impl Supervisor {
                 (Some(p), true) => p.throttle.clone(),
                 _ => vec![],
             },
+            // A rebalance never runs beside the daemon (its moves refuse while it streams):
+            // the offline status reads it from reshard.rebalance.
+            rebalance: Vec::new(),
         }
     }
 }
