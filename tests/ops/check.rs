@@ -150,6 +150,21 @@ async fn check_catches_each_misconfiguration_and_passes_a_good_setup() {
         "shard1",
         "public.plans",
     );
+    // See: explore-findings R2-1 (the fix line's pg_dump -t argument, unquoted): one shell word
+    // that pg_dump reads as a literal, case-kept name.
+    let (_, report) = check(&t);
+    let fix = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["status"] == "fail" && c["check"] == "target_table")
+        .and_then(|c| c["fix"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        fix.contains(r#"pg_dump --schema-only -t '"public"."plans"' "#),
+        "{fix}"
+    );
     t.shards[1]
         .psql("app", "ALTER TABLE plans_old RENAME TO plans")
         .unwrap();

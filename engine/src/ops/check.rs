@@ -1065,7 +1065,7 @@ async fn check_shard(
                 format!("table {target} does not exist on shard {shard}"),
                 Some(format!(
                     "-- create it with the source's definition, e.g.: pg_dump --schema-only -t {} <source> | psql <shard {shard}>",
-                    rule.source
+                    pg_dump_table_arg(&rule.source)
                 )),
             );
             continue;
@@ -1237,4 +1237,30 @@ async fn check_shard(
         }
     }
     Ok(())
+}
+
+/// `schema.table` as one `pg_dump -t` argument for a shell: quoted as identifiers so that
+/// pg_dump's pattern keeps case, spaces and dots literal (`"My App"."Weird Table"`), then
+/// quoted for the shell so that it stays one word.
+fn pg_dump_table_arg(name: &str) -> String {
+    let pattern = quote_qualified(name);
+    // Only a NUL byte cannot be quoted, and no PostgreSQL name holds one.
+    shlex::try_quote(&pattern).map_or(pattern.clone(), |q| q.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_pg_dump_table_argument_is_one_shell_word_and_a_literal_pattern() {
+        assert_eq!(
+            super::pg_dump_table_arg("My App.Weird Table"),
+            r#"'"My App"."Weird Table"'"#
+        );
+        // The shell gives pg_dump exactly the quoted pattern back, a quote in the name too.
+        for name in ["My App.Weird Table", "public.it's", "s.a\"b"] {
+            let arg = super::pg_dump_table_arg(name);
+            let words = shlex::split(&arg).unwrap();
+            assert_eq!(words, vec![crate::pg::sql::quote_qualified(name)], "{arg}");
+        }
+    }
 }
