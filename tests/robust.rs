@@ -1200,6 +1200,46 @@ fn a_segment_removed_by_hand_from_the_front_of_a_lagging_shard_log_is_refused() 
     );
 }
 
+// See: explore-findings "Not fixed" (a second migration under a new slot name).
+/// A finished migration under slot `reshard`; then the config is pointed at a new slot and
+/// publication (`r3`) and a fresh spill directory. The start is refused naming the slot the
+/// shards' full-load records belong to (`reshard`), not the new one, and creates no slot.
+#[test]
+fn a_new_slot_on_shards_holding_another_migrations_records_names_that_slot() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    preload(&t);
+    let cfg = t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    assert_eq!(t.terminate(d, Duration::from_secs(30)), Some(0));
+
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let spill = t.spill_dir().display().to_string();
+    let text = text
+        .replacen(
+            "[source]\n",
+            "[source]\nslot = \"r3\"\npublication = \"r3\"\n",
+            1,
+        )
+        .replace(&spill, &format!("{spill}-r3"));
+    std::fs::write(&cfg, text).unwrap();
+    let d = t.spawn_run(&[]);
+    let code = t.wait_exit(d, Duration::from_secs(60));
+    let log = t.last_log();
+    assert_ne!(code, Some(0), "{}", t.all_logs());
+    assert!(
+        log.contains("name slot reshard, not r3") && !log.contains("earlier run of slot r3"),
+        "the refusal must name the slot the records belong to:\n{log}"
+    );
+    assert_eq!(
+        t.source_sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'r3'"),
+        "0",
+        "no slot may be created"
+    );
+}
+
 // See: issue #11 item 2 (the slot dropped by hand, old progress rows and chunk records).
 /// After a migration ran, rows are written while the daemon is stopped, a DBA drops the slot
 /// and the spill directory is gone: a restart would create a new slot past those rows and

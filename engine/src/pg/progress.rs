@@ -218,6 +218,29 @@ pub async fn progress_table_exists(
     Ok(row.get(0))
 }
 
+/// The other slots (not `slot`) that have progress rows on `shard`, sorted: the migrations
+/// whose bookkeeping (progress, full-load records) the shard holds. Empty without the table.
+pub async fn other_slots(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    shard: &str,
+) -> Result<Vec<String>, ProgressError> {
+    if !progress_table_exists(client, shard).await? {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT DISTINCT slot FROM reshard.progress WHERE slot <> $1 ORDER BY 1",
+            &[&slot],
+        )
+        .await
+        .map_err(|error| ProgressError::Query {
+            shard: shard.to_owned(),
+            error,
+        })?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Reads the progress row of `slot` on `shard` (optionally only for one source system).
 /// `None` when the table or the row does not exist yet. With several rows (several source
 /// systems under the same slot name and no filter) the most recently updated one is returned.

@@ -126,11 +126,15 @@ async fn shard_states(
                     }
                     e => unreadable(&e),
                 })?;
+        let other_slots = crate::pg::progress::other_slots(&client, &cfg.source.slot, &s.name)
+            .await
+            .map_err(|e| unreadable(&e))?;
         out.push(startup::ShardState {
             name: s.name.clone(),
             progress: row.as_ref().map(|r| r.commit_lsn),
             migration_id: row.and_then(|r| r.migration_id),
             has_load_records: prepared.is_some_and(|p| p.has_records()),
+            other_slots,
             oldest_copy_lsn: prepared.and_then(|p| p.oldest_finished_as_of()),
         });
     }

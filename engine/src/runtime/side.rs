@@ -243,6 +243,7 @@ impl SideStream {
                 progress: progress.as_ref().map(|p| p.commit_lsn),
                 migration_id: progress.and_then(|p| p.migration_id),
                 has_load_records: false,
+                other_slots: Vec::new(),
                 oldest_copy_lsn: None,
             }],
             || startup::new_migration_id(&spec.shard_system_id),

@@ -58,6 +58,8 @@ pub struct ShardState {
     pub migration_id: Option<String>,
     /// Whether an earlier full load recorded chunks on the shards.
     pub has_load_records: bool,
+    /// Other slots with progress rows on the shard: the migrations its records may belong to.
+    pub other_slots: Vec<String>,
     /// The earliest snapshot LSN of a table an earlier full load finished: its changes from
     /// there on are needed.
     pub oldest_copy_lsn: Option<Lsn>,
@@ -126,6 +128,17 @@ pub enum StartupError {
         /// The spill directory.
         dir: PathBuf,
     },
+    /// The slot is new, and a shard holds full-load records while its progress rows name only
+    /// other slots: the records are another migration's.
+    #[error("shard {shard} holds full-load records (reshard.fullload_chunks) of another migration: its reshard.progress rows name slot {others}, not {slot} (this config's [source] slot). To go on with that migration, set [source] slot (and its publication) back to it; to start a new one, re-sync from scratch: `reshard slot drop -c <config> --purge` (drops the `reshard` schema on every shard), empty the target tables (or set [snapshot] truncate_targets = true), remove the spill directory if it holds anything, then run again")]
+    LoadRecordsOfAnotherSlot {
+        /// The shard.
+        shard: String,
+        /// The slots named by its progress rows, comma-separated.
+        others: String,
+        /// This config's slot.
+        slot: String,
+    },
     /// The spill log and a shard's progress were written by different migrations.
     #[error("the spill directory {dir} belongs to migration {log_migration}, but shard {shard}'s progress row was written by migration {shard_migration}: this is another migration's spill log. Point [spill] dir at the directory of migration {shard_migration}, or re-sync shard {shard} (`DROP SCHEMA reshard CASCADE` and empty its tables)")]
     MigrationMismatch {
@@ -188,6 +201,16 @@ pub fn plan(
                 });
             }
             for s in shards {
+                if s.has_load_records
+                    && s.progress.is_none_or(|p| p.is_zero())
+                    && !s.other_slots.is_empty()
+                {
+                    return Err(StartupError::LoadRecordsOfAnotherSlot {
+                        shard: s.name.clone(),
+                        others: s.other_slots.join(", "),
+                        slot: slot_name.to_owned(),
+                    });
+                }
                 let what = match s.progress {
                     Some(p) if !p.is_zero() => format!("progress up to {p}"),
                     _ if s.has_load_records => "full-load records (reshard.fullload_chunks)".into(),
@@ -330,6 +353,7 @@ mod tests {
             progress: progress.map(l),
             migration_id: id.map(str::to_owned),
             has_load_records: progress.is_some(),
+            other_slots: Vec::new(),
             oldest_copy_lsn: None,
         }
     }
@@ -509,6 +533,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("full-load records"), "{e}");
+        // See: explore-findings "Not fixed" (the refusal named the new slot, not the records').
+        // A new slot on a shard whose records belong to slot r2's migration names r2 and the fix.
+        let mut c = shard("a", None, None);
+        c.has_load_records = true;
+        c.other_slots = vec!["r2".into()];
+        let e = plan("r3", SlotState::Missing, &log(None, None, 0), &[c], || {
+            "n".into()
+        })
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, StartupError::LoadRecordsOfAnotherSlot { .. })
+                && msg.contains("name slot r2, not r3")
+                && msg.contains("set [source] slot (and its publication) back to it")
+                && !msg.contains("earlier run of slot r3"),
+            "{msg}"
+        );
         let e = plan(
             "reshard",
             SlotState::Missing,
