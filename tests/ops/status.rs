@@ -130,6 +130,18 @@ async fn status_and_lag_work_offline() {
         "an unreachable shard's lag must not read 0:\n{out}"
     );
     assert!(out.contains("! shard2: cannot connect"), "{out}");
+    // See: explore-findings "Not fixed" (status printed an unreachable shard's LAG as 0 B):
+    // `status` shows it as `lag` does (one rule), and exits 0 (it reads what it can).
+    let (code, out, _) = t.reshard(&["status", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    let row = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("shard2"))
+        .unwrap();
+    assert!(
+        !row.contains(" 0 B") && row.contains(" - "),
+        "an unreachable shard's LAG must read -, not 0 B:\n{out}"
+    );
     // The source unreachable: every lag is unknown.
     t.source.stop().unwrap();
     let (code, out, err) = t.reshard(&["lag", "-c", cfg.to_str().unwrap(), "--json"]);

@@ -12,9 +12,9 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use reshard_engine::ops::observe::{current_status, StatusOrigin};
+use reshard_engine::ops::observe::{current_status, lag_known, unreadable, StatusOrigin};
 use reshard_engine::runtime;
-use reshard_engine::status::{ShardState, ShardView, StatusSnapshot};
+use reshard_engine::status::StatusSnapshot;
 
 use super::check::table;
 use super::status::{bytes, reverse_table};
@@ -71,37 +71,6 @@ fn print_lag(s: &StatusSnapshot, origin: StatusOrigin, args: &LagArgs, tty: bool
         }
     }
     Ok(())
-}
-
-/// Offline, without the source's WAL position every lag is unknown; without a shard's
-/// progress row (unreachable, unreadable, none yet) that shard's is.
-fn lag_known(s: &StatusSnapshot, origin: StatusOrigin, sh: &ShardView) -> bool {
-    origin == StatusOrigin::Daemon
-        || (s.source.connected && !s.source.current_wal_lsn.is_zero() && sh.last_error.is_none())
-}
-
-/// What could not be read offline (the source, or a shard other than one with no progress
-/// row yet), which makes a single `reshard lag` exit 3.
-fn unreadable(s: &StatusSnapshot, origin: StatusOrigin) -> Option<String> {
-    if origin == StatusOrigin::Daemon {
-        return None;
-    }
-    let mut what: Vec<String> = Vec::new();
-    if !s.source.connected || s.source.current_wal_lsn.is_zero() {
-        what.push(
-            s.source
-                .last_error
-                .clone()
-                .unwrap_or_else(|| "the source's WAL position could not be read".into()),
-        );
-    }
-    what.extend(
-        s.shards
-            .iter()
-            .filter(|sh| sh.state != ShardState::Waiting)
-            .filter_map(|sh| sh.last_error.clone()),
-    );
-    (!what.is_empty()).then(|| what.join("; "))
 }
 
 fn lag_json(s: &StatusSnapshot, origin: StatusOrigin) -> serde_json::Value {

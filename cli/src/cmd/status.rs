@@ -7,7 +7,7 @@
 //! Exit codes: 0 when the status could be shown; 2 on a config error. An unreachable source
 //! or shard is shown in the screen (its error column), not as a failure.
 
-use reshard_engine::ops::observe::{current_status, StatusOrigin};
+use reshard_engine::ops::observe::{current_status, lag_known, StatusOrigin};
 use reshard_engine::status::StatusSnapshot;
 
 use super::check::table;
@@ -120,12 +120,21 @@ fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
     ]
     .map(String::from)];
     for sh in &s.shards {
+        let known = lag_known(s, origin, sh);
         rows.push([
             sh.name.clone(),
             sh.state.as_str().into(),
             sh.applied_lsn.to_string(),
-            bytes(sh.lag_bytes),
-            format!("{:.1}", sh.lag_seconds),
+            if known {
+                bytes(sh.lag_bytes)
+            } else {
+                "-".into()
+            },
+            if known {
+                format!("{:.1}", sh.lag_seconds)
+            } else {
+                "-".into()
+            },
             sh.txns_applied_total.to_string(),
             (sh.rows_inserted_total + sh.rows_updated_total + sh.rows_deleted_total).to_string(),
             format!("{:.0}", sh.rows_per_sec),

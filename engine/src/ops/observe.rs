@@ -32,6 +32,38 @@ pub enum StatusOrigin {
     Offline,
 }
 
+/// Whether a shard's lag in `s` is known. Offline, without the source's WAL position every
+/// lag is unknown; without a shard's progress row (unreachable, unreadable, none yet) that
+/// shard's is. `status` and `lag` show an unknown lag as `-` (JSON `null`), never as 0.
+pub fn lag_known(s: &StatusSnapshot, origin: StatusOrigin, sh: &crate::status::ShardView) -> bool {
+    origin == StatusOrigin::Daemon
+        || (s.source.connected && !s.source.current_wal_lsn.is_zero() && sh.last_error.is_none())
+}
+
+/// What could not be read offline (the source, or a shard other than one with no progress
+/// row yet): `None` when everything was.
+pub fn unreadable(s: &StatusSnapshot, origin: StatusOrigin) -> Option<String> {
+    if origin == StatusOrigin::Daemon {
+        return None;
+    }
+    let mut what: Vec<String> = Vec::new();
+    if !s.source.connected || s.source.current_wal_lsn.is_zero() {
+        what.push(
+            s.source
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "the source's WAL position could not be read".into()),
+        );
+    }
+    what.extend(
+        s.shards
+            .iter()
+            .filter(|sh| sh.state != crate::status::ShardState::Waiting)
+            .filter_map(|sh| sh.last_error.clone()),
+    );
+    (!what.is_empty()).then(|| what.join("; "))
+}
+
 /// Asks the running daemon (`SHOW STATUS JSON` on `[admin] listen`).
 pub async fn query_admin(config: &Config) -> Result<StatusSnapshot, String> {
     let listen = config.admin.listen.trim();
