@@ -1,8 +1,10 @@
 //! Block frames and segment files of one shard's spill log.
 //!
 //! In: uncompressed record payloads (a run of [`codec`](super::codec) records) from the
-//! writer. Out: CRC-checked, zstd-compressed frames appended to segment files, and the same
-//! payloads read back.
+//! writer. Out: CRC-checked frames appended to segment files, and the same payloads read back.
+//! A frame's payload is zstd-compressed, or stored as it is ([`FLAG_STORED`]) when the writer
+//! knows its shard's reader takes it from the in-memory tail (compressing it would be work
+//! only a later file read could use; see the writer's `write_block`).
 //!
 //! A segment file is a sequence of frames; a frame is a 40-byte header and the compressed
 //! payload:
@@ -10,10 +12,10 @@
 //! ```text
 //! 0  magic            u32  "RSB1"
 //! 4  crc32c           u32  over bytes 8.. of the header and the whole payload
-//! 8  payload_len      u32  compressed bytes that follow the header
+//! 8  payload_len      u32  payload bytes that follow the header
 //! 12 raw_len          u32  uncompressed bytes
 //! 16 records          u32  records in the payload
-//! 20 reserved         u32  0
+//! 20 flags            u32  0: zstd payload; FLAG_STORED (1): payload is the raw bytes
 //! 24 first_commit_lsn u64  commit LSN of the transaction of the first record
 //! 32 last_commit_lsn  u64  commit LSN of the transaction of the last record
 //! ```
@@ -34,6 +36,8 @@ use crate::lsn::Lsn;
 pub(crate) const MAGIC: u32 = u32::from_le_bytes(*b"RSB1");
 /// Header bytes of a frame.
 pub(crate) const HEADER_LEN: u64 = 40;
+/// Frame flag: the payload is stored uncompressed (`payload_len == raw_len`).
+pub(crate) const FLAG_STORED: u32 = 1;
 /// Largest uncompressed payload accepted when reading (a single record can exceed the
 /// configured block size: PostgreSQL values reach 1 GB).
 pub(crate) const MAX_RAW_LEN: u32 = 1536 << 20;
@@ -45,6 +49,8 @@ pub(crate) struct BlockHeader {
     pub payload_len: u32,
     pub raw_len: u32,
     pub records: u32,
+    /// The payload is the raw bytes, not zstd ([`FLAG_STORED`]).
+    pub stored: bool,
     pub first_commit: Lsn,
     pub last_commit: Lsn,
 }
@@ -62,6 +68,8 @@ impl BlockHeader {
         h[8..12].copy_from_slice(&self.payload_len.to_le_bytes());
         h[12..16].copy_from_slice(&self.raw_len.to_le_bytes());
         h[16..20].copy_from_slice(&self.records.to_le_bytes());
+        let flags = if self.stored { FLAG_STORED } else { 0 };
+        h[20..24].copy_from_slice(&flags.to_le_bytes());
         h[24..32].copy_from_slice(&self.first_commit.as_u64().to_le_bytes());
         h[32..40].copy_from_slice(&self.last_commit.as_u64().to_le_bytes());
         let crc = crc32c::crc32c_append(crc32c::crc32c(&h[8..]), payload);
@@ -77,7 +85,8 @@ impl BlockHeader {
             a.copy_from_slice(&h[i..i + 8]);
             u64::from_le_bytes(a)
         };
-        if u32_at(0) != MAGIC || u32_at(20) != 0 {
+        let flags = u32_at(20);
+        if u32_at(0) != MAGIC || flags & !FLAG_STORED != 0 {
             return None;
         }
         let hdr = BlockHeader {
@@ -85,10 +94,14 @@ impl BlockHeader {
             payload_len: u32_at(8),
             raw_len: u32_at(12),
             records: u32_at(16),
+            stored: flags & FLAG_STORED != 0,
             first_commit: Lsn::from_u64(u64_at(24)),
             last_commit: Lsn::from_u64(u64_at(32)),
         };
-        if hdr.raw_len > MAX_RAW_LEN || hdr.first_commit > hdr.last_commit {
+        if hdr.raw_len > MAX_RAW_LEN
+            || hdr.first_commit > hdr.last_commit
+            || (hdr.stored && hdr.payload_len != hdr.raw_len)
+        {
             return None;
         }
         Some(hdr)
@@ -153,11 +166,14 @@ pub(crate) fn read_header(file: &File, offset: u64, limit: u64) -> Result<BlockH
     Ok(header)
 }
 
-/// Decompresses a frame's payload.
+/// Decompresses a frame's payload (a stored payload is taken as it is).
 pub(crate) fn decompress(
     dctx: &mut zstd::bulk::Decompressor<'static>,
-    frame: &RawFrame,
+    frame: RawFrame,
 ) -> Result<Bytes, FrameError> {
+    if frame.header.stored {
+        return Ok(Bytes::from(frame.payload));
+    }
     let raw = dctx
         .decompress(&frame.payload, frame.header.raw_len as usize)
         .map_err(|e| FrameError::Bad(format!("zstd payload does not decompress: {e}")))?;
@@ -223,6 +239,7 @@ mod tests {
             payload_len: 10,
             raw_len: 20,
             records: 3,
+            stored: false,
             first_commit: Lsn::from_u64(5),
             last_commit: Lsn::from_u64(9),
         };
@@ -232,8 +249,26 @@ mod tests {
         assert!(parsed.crc_ok(&bytes, &payload));
         assert!(!parsed.crc_ok(&bytes, &[2u8; 10]));
         assert_eq!(parsed.records, 3);
+        assert!(!parsed.stored);
         let mut bad = bytes;
         bad[0] ^= 1;
         assert!(BlockHeader::parse(&bad).is_none());
+        // An unknown flag is refused, and so is a stored payload whose length is not raw_len.
+        let mut bad = bytes;
+        bad[20] = 2;
+        assert!(BlockHeader::parse(&bad).is_none());
+        let stored = BlockHeader {
+            stored: true,
+            ..hdr
+        };
+        assert!(BlockHeader::parse(&stored.encode(&payload)).is_none());
+        let stored = BlockHeader {
+            payload_len: 20,
+            ..stored
+        };
+        let bytes = stored.encode(&[1u8; 20]);
+        assert!(
+            BlockHeader::parse(&bytes).is_some_and(|h| h.stored && h.crc_ok(&bytes, &[1u8; 20]))
+        );
     }
 }

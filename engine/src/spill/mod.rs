@@ -403,8 +403,13 @@ pub struct SpillStats {
     pub txns_per_fsync_avg: f64,
     /// Uncompressed record bytes appended.
     pub appended_bytes_total: u64,
-    /// Compressed frame bytes written.
+    /// Frame bytes written (headers and payloads, compressed or stored).
     pub written_bytes_total: u64,
+    /// Frames (blocks) written.
+    pub blocks_total: u64,
+    /// Of those, frames stored uncompressed because their shard's reader was taking them from
+    /// the memory tail.
+    pub stored_blocks_total: u64,
     /// Per shard, in shard order.
     pub shards: Vec<ShardSpillStats>,
 }
@@ -481,9 +486,27 @@ pub(crate) struct ShardShared {
     pub cuts: VecDeque<(u64, Pos)>,
     pub file_block_reads: u64,
     pub memory_block_reads: u64,
+    /// Where this shard's furthest reader will take its next frame (set when it looks for
+    /// one): how far behind the writer the reader is decides whether a new block is worth
+    /// compressing (see `SpillWriter::write_block`).
+    pub read_pos: Option<Pos>,
 }
 
 impl ShardShared {
+    /// Bytes of frames written after `read_pos`; `None` if no reader has looked yet.
+    pub(crate) fn reader_lag(&self) -> Option<u64> {
+        let r = self.read_pos?;
+        if r.seq == self.end.seq {
+            return Some(self.end.offset.saturating_sub(r.offset));
+        }
+        let bytes: u64 = self
+            .segments
+            .range(r.seq..=self.end.seq)
+            .map(|(_, m)| m.bytes)
+            .sum();
+        Some(bytes.saturating_sub(r.offset))
+    }
+
     /// Newest commit LSN in this shard's segments, if known.
     pub(crate) fn newest_commit(&self) -> Option<Lsn> {
         self.segments
@@ -506,6 +529,8 @@ pub(crate) struct Counters {
     pub txns_total: u64,
     pub appended_bytes_total: u64,
     pub written_bytes_total: u64,
+    pub blocks_total: u64,
+    pub stored_blocks_total: u64,
 }
 
 /// Everything the writer shares with readers and the retention side.
@@ -525,8 +550,9 @@ pub(crate) struct Shared {
     pub opts: SpillOptions,
     pub identity: SpillIdentity,
     pub state: Mutex<State>,
-    /// Woken when frames are written, the durable LSN moves or the log is cut back.
-    pub data: tokio::sync::Notify,
+    /// Per shard: woken when frames of that shard are written or its log is cut back; every
+    /// one when the durable LSN moves ([`Shared::wake_readers`]).
+    pub data: Vec<tokio::sync::Notify>,
     /// Woken when retention frees space.
     pub space: tokio::sync::Notify,
     /// Signalled (with `state`) when a group commit finishes.
@@ -544,6 +570,14 @@ impl Shared {
         // A panic while holding the lock cannot leave the state half-updated in a way that
         // matters more than stopping would; keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the readers of every shard (the durable LSN moved: idle readers may yield a
+    /// heartbeat).
+    pub(crate) fn wake_readers(&self) {
+        for n in &self.data {
+            n.notify_waiters();
+        }
     }
 
     pub(crate) fn shard_count(&self) -> usize {
@@ -605,6 +639,8 @@ impl Shared {
             },
             appended_bytes_total: c.appended_bytes_total,
             written_bytes_total: c.written_bytes_total,
+            blocks_total: c.blocks_total,
+            stored_blocks_total: c.stored_blocks_total,
             shards,
         }
     }

@@ -259,7 +259,7 @@ impl SpillReader {
             if let Some(ev) = self.next_in_block()? {
                 return Ok(ev);
             }
-            let notified = shared.data.notified();
+            let notified = shared.data[self.shard.index()].notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             match self.locate()? {
@@ -434,6 +434,7 @@ impl SpillReader {
                 }
             }
         }
+        sh.read_pos = sh.read_pos.max(Some(p));
         if p >= sh.end {
             // Caught up. Every transaction with commit LSN below the durable LSN is in the log
             // (the next one's commit record starts at or after it), so nothing at or below
@@ -521,15 +522,16 @@ impl SpillReader {
             return Ok(());
         }
         let frame = block::read_frame(file, offset, limit).map_err(|e| fail(self, e))?;
-        let raw = block::decompress(&mut self.dctx, &frame).map_err(|e| fail(self, e))?;
+        let header = frame.header;
+        let raw = block::decompress(&mut self.dctx, frame).map_err(|e| fail(self, e))?;
         self.pos = Pos {
             seq,
-            offset: offset + frame.header.frame_len(),
+            offset: offset + header.frame_len(),
         };
         self.cur = Some(Cur {
             raw,
             pos: 0,
-            first_commit: frame.header.first_commit,
+            first_commit: header.first_commit,
             origin: path,
             origin_offset: offset,
         });

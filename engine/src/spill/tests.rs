@@ -269,6 +269,81 @@ async fn memory_tail_serves_a_caught_up_reader() {
     assert!(s.file_block_reads > 0 && s.memory_block_reads > 0, "{s:?}");
 }
 
+/// Files of one shard: (stored frames, zstd frames).
+fn frame_kinds(dir: &Path, shard: usize) -> (usize, usize) {
+    let (mut stored, mut zstd) = (0, 0);
+    for p in segments(dir, shard) {
+        let f = std::fs::File::open(&p).unwrap();
+        let len = f.metadata().unwrap().len();
+        let mut off = 0;
+        while off < len {
+            let fr = block::read_frame(&f, off, len).unwrap();
+            if fr.header.stored {
+                stored += 1;
+            } else {
+                zstd += 1;
+            }
+            off += fr.header.frame_len();
+        }
+    }
+    (stored, zstd)
+}
+
+#[tokio::test]
+async fn blocks_a_caught_up_reader_takes_from_memory_are_not_compressed() {
+    // See: issue #14 (zstd compressed every block, though caught-up shards read the memory tail).
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.memory_tail_bytes = 64 << 10; // 32 KiB per shard: a reader 16 KiB behind reads files
+    let (mut w, _) = SpillWriter::open(o.clone(), identity(2)).unwrap();
+    let log = w.log();
+    let mut r = log.open_reader(ShardId(0), Lsn::ZERO).unwrap();
+    let mut want = [Vec::new(), Vec::new()];
+    // Shard 0 is read as it is written; shard 1 is never read.
+    for k in 1..=200u64 {
+        let evs = write_txn(&mut w, k, &[0, 1], 3);
+        w.flush().unwrap();
+        for ev in &evs {
+            assert_eq!(&next(&mut r).await.unwrap(), ev);
+        }
+        want[0].extend(evs.iter().cloned());
+        want[1].extend(evs);
+    }
+    let (stored0, zstd0) = frame_kinds(dir.path(), 0);
+    let (stored1, zstd1) = frame_kinds(dir.path(), 1);
+    // The first block was written before the reader had looked for one.
+    assert!(
+        stored0 >= 199 && zstd0 <= 1,
+        "shard 0: {stored0} stored, {zstd0} zstd"
+    );
+    assert_eq!(stored1, 0, "shard 1 has no reader: every block compressed");
+    assert!(zstd1 >= 200);
+    let st = log.stats();
+    assert_eq!(st.blocks_total, (stored0 + zstd0 + stored1 + zstd1) as u64);
+    assert_eq!(st.stored_blocks_total, stored0 as u64);
+    assert_eq!(st.shards[0].file_block_reads, 0);
+
+    // Shard 0 falls behind by more than half its tail: its new blocks are compressed again.
+    let before = frame_kinds(dir.path(), 0);
+    for k in 201..=400u64 {
+        want[0].extend(write_txn(&mut w, k, &[0], 3));
+        w.flush().unwrap();
+    }
+    let after = frame_kinds(dir.path(), 0);
+    assert!(after.1 - before.1 >= 100, "{before:?} -> {after:?}");
+    drop(w);
+
+    // After a restart (which checks every frame of the last segments) both kinds read back.
+    let (w, rep) = SpillWriter::open(o, identity(2)).unwrap();
+    assert_eq!(rep.durable_lsn, end_lsn(400));
+    let log = w.log();
+    for s in 0..2u16 {
+        let mut r = log.open_reader(ShardId(s), Lsn::ZERO).unwrap();
+        let (got, _) = read_until_heartbeat(&mut r).await;
+        assert!(got == want[s as usize], "shard {s}");
+    }
+}
+
 #[tokio::test]
 async fn shards_read_at_their_own_pace() {
     let dir = tempfile::tempdir().unwrap();

@@ -204,7 +204,7 @@ impl SpillWriter {
                 sync_in_flight: false,
                 sync_error: None,
             }),
-            data: tokio::sync::Notify::new(),
+            data: (0..n).map(|_| tokio::sync::Notify::new()).collect(),
             space: tokio::sync::Notify::new(),
             synced: std::sync::Condvar::new(),
             durable_tx: tokio::sync::watch::Sender::new(durable),
@@ -618,7 +618,7 @@ impl SpillWriter {
         }
         tracing::warn!(shard = i, cut_to = ?mark, removed_segments = remove.len(),
             "spill log cut back to the last complete transaction");
-        self.shared.data.notify_waiters();
+        self.shared.data[i].notify_waiters();
         Ok(())
     }
 
@@ -746,10 +746,27 @@ impl SpillWriter {
                 ),
             });
         }
-        let payload = self
-            .cctx
-            .compress(raw)
-            .map_err(|e| io_err("compress a block for", &w.dir, e))?;
+        // A block the shard's reader will take from the memory tail is stored as it is:
+        // compressing it would only help a file read that will not happen (the reader is
+        // less than half the tail's budget behind). A reader further behind reads from the
+        // files, and for it (and for the disk) the block is compressed.
+        let budget = self.shared.tail_budget();
+        let stored = budget > 0 && {
+            let st = self.shared.lock();
+            st.shards[i]
+                .reader_lag()
+                .is_some_and(|lag| lag.saturating_add(raw.len() as u64) <= budget / 2)
+        };
+        let compressed;
+        let payload: &[u8] = if stored {
+            raw
+        } else {
+            compressed = self
+                .cctx
+                .compress(raw)
+                .map_err(|e| io_err("compress a block for", &w.dir, e))?;
+            &compressed
+        };
         let header = BlockHeader {
             crc: 0,
             payload_len: u32::try_from(payload.len()).map_err(|_| SpillError::Protocol {
@@ -758,10 +775,11 @@ impl SpillWriter {
             })?,
             raw_len: raw.len() as u32,
             records,
+            stored,
             first_commit: first,
             last_commit: last,
         }
-        .encode(&payload);
+        .encode(payload);
         // Roll to a new segment when the current one is full.
         let mut sealed_seq = None;
         if let Some(a) = &w.active {
@@ -803,7 +821,7 @@ impl SpillWriter {
         };
         a.file
             .write_all_at(&header, a.bytes)
-            .and_then(|()| a.file.write_all_at(&payload, a.bytes + block::HEADER_LEN))
+            .and_then(|()| a.file.write_all_at(payload, a.bytes + block::HEADER_LEN))
             .map_err(|e| io_err("write", &a.path, e))?;
         let frame = block::HEADER_LEN + payload.len() as u64;
         a.bytes += frame;
@@ -813,7 +831,6 @@ impl SpillWriter {
         };
         w.written = next;
         w.dirty = true;
-        let budget = self.shared.tail_budget();
         let tail = (budget > 0).then(|| {
             Arc::new(TailBlock {
                 pos,
@@ -827,6 +844,8 @@ impl SpillWriter {
             let mut st = self.shared.lock();
             st.bytes_on_disk += frame;
             st.counters.written_bytes_total += frame;
+            st.counters.stored_blocks_total += u64::from(stored);
+            st.counters.blocks_total += 1;
             st.counters.appended_bytes_total += self.appended_unpublished;
             self.appended_unpublished = 0;
             if sealed_seq.is_some() {
@@ -862,7 +881,7 @@ impl SpillWriter {
                 }
             }
         }
-        self.shared.data.notify_waiters();
+        self.shared.data[i].notify_waiters();
         Ok(())
     }
 }
@@ -904,9 +923,10 @@ impl Syncer {
         rx: &std::sync::mpsc::Receiver<SyncJob>,
         mut checkpoint: CheckpointFile,
     ) {
-        while let Ok(job) = rx.recv() {
+        let mut pool = SyncPool::default();
+        while let Ok(mut job) = rx.recv() {
             let syncs = (job.files.len() + job.dirs.len() + 1) as u64;
-            let r = Syncer::sync(&job, &mut checkpoint);
+            let r = Syncer::sync(&mut job, &mut checkpoint, &mut pool);
             {
                 let mut st = shared.lock();
                 st.sync_in_flight = false;
@@ -927,7 +947,7 @@ impl Syncer {
                 shared.durable_tx.send_replace(job.checkpoint.durable);
             }
             shared.synced.notify_all();
-            shared.data.notify_waiters();
+            shared.wake_readers();
             if r.is_err() {
                 return;
             }
@@ -936,28 +956,98 @@ impl Syncer {
 
     /// Segment files first (in parallel: each `sync_data` waits for the disk), then the
     /// directories, then the checkpoint that makes them count.
-    fn sync(job: &SyncJob, checkpoint: &mut CheckpointFile) -> Result<(), SpillError> {
-        let sync_file =
-            |(f, p): &(File, PathBuf)| f.sync_data().map_err(|e| io_err("sync_data", p, e));
-        match job.files.as_slice() {
-            [] => {}
-            [one] => sync_file(one)?,
-            many => std::thread::scope(|s| {
-                let handles: Vec<_> = many.iter().map(|f| s.spawn(move || sync_file(f))).collect();
-                handles.into_iter().try_for_each(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(SpillError::WriterFailed {
-                            durable: Lsn::ZERO,
-                            reason: "a sync_data thread panicked".into(),
-                        })
-                    })
-                })
-            })?,
+    fn sync(
+        job: &mut SyncJob,
+        checkpoint: &mut CheckpointFile,
+        pool: &mut SyncPool,
+    ) -> Result<(), SpillError> {
+        let mut files = std::mem::take(&mut job.files);
+        if let Some(first) = files.pop() {
+            // The others go to the pool's threads; this thread syncs one itself meanwhile.
+            let handed = pool.start(files)?;
+            let mine = sync_file(&first);
+            pool.wait(handed)?;
+            mine?;
         }
         for d in &job.dirs {
             sync_dir(d)?;
         }
         checkpoint.append(&job.checkpoint)
+    }
+}
+
+fn sync_file((f, p): &(File, PathBuf)) -> Result<(), SpillError> {
+    f.sync_data().map_err(|e| io_err("sync_data", p, e))
+}
+
+/// Threads that `sync_data` segment files for the syncer, kept for the writer's life: a
+/// group commit every few milliseconds must not create and join a thread per file (issue
+/// #14). Grows to the most files a group commit has synced at once, minus one.
+#[derive(Default)]
+struct SyncPool {
+    workers: Vec<SyncWorker>,
+}
+
+struct SyncWorker {
+    tx: std::sync::mpsc::SyncSender<(File, PathBuf)>,
+    done: std::sync::mpsc::Receiver<Result<(), SpillError>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Drop for SyncPool {
+    /// Stops and joins the threads (each ends when its channel closes).
+    fn drop(&mut self) {
+        for w in self.workers.drain(..) {
+            drop(w.tx);
+            let _ = w.thread.join();
+        }
+    }
+}
+
+impl SyncPool {
+    /// Hands one file to each worker (starting workers as needed); returns how many.
+    fn start(&mut self, files: Vec<(File, PathBuf)>) -> Result<usize, SpillError> {
+        let n = files.len();
+        for (k, file) in files.into_iter().enumerate() {
+            if k == self.workers.len() {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<(File, PathBuf)>(1);
+                let (done_tx, done) = std::sync::mpsc::sync_channel(1);
+                let thread = std::thread::Builder::new()
+                    .name("spill-sync-file".into())
+                    .spawn(move || {
+                        while let Ok(f) = rx.recv() {
+                            if done_tx.send(sync_file(&f)).is_err() {
+                                return;
+                            }
+                        }
+                    })
+                    .map_err(|e| io_err("start a sync thread for", &file.1, e))?;
+                self.workers.push(SyncWorker { tx, done, thread });
+            }
+            let gone = || SpillError::WriterFailed {
+                durable: Lsn::ZERO,
+                reason: "a sync_data thread is gone".into(),
+            };
+            self.workers[k].tx.send(file).map_err(|_| gone())?;
+        }
+        Ok(n)
+    }
+
+    /// Waits for the first `n` workers' results; the first error wins.
+    fn wait(&mut self, n: usize) -> Result<(), SpillError> {
+        let mut first_err = None;
+        for w in &self.workers[..n] {
+            let r = w.done.recv().unwrap_or_else(|_| {
+                Err(SpillError::WriterFailed {
+                    durable: Lsn::ZERO,
+                    reason: "a sync_data thread is gone".into(),
+                })
+            });
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 }
 
@@ -1319,6 +1409,7 @@ fn recover_shard(
         cuts: Default::default(),
         file_block_reads: 0,
         memory_block_reads: 0,
+        read_pos: None,
     };
     let writer = ShardWriter {
         dir,
