@@ -266,7 +266,7 @@ struct Session<'a, L: ShardLog> {
     ddl: &'a mut Ddl,
     key: ProgressKey,
     client: Option<Client>,
-    tables: HashMap<TableId, TargetTable>,
+    tables: foldhash::HashMap<TableId, TargetTable>,
     staging_ready: HashMap<String, bool>,
     staging_seq: u32,
     /// Durable progress (what the progress row says).
@@ -319,7 +319,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 migration_id: opts.migration_id.clone(),
             },
             client: None,
-            tables: HashMap::new(),
+            tables: foldhash::HashMap::default(),
             staging_ready: HashMap::new(),
             staging_seq: 0,
             applied: Lsn::ZERO,
@@ -1027,7 +1027,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
     async fn flush_set_based(&mut self, buffer: &[(Lsn, Change)]) -> Result<bool, ApplyError> {
         // Per source table, in order of first appearance.
         let mut order: Vec<TableId> = Vec::new();
-        let mut folds: HashMap<TableId, Fold> = HashMap::new();
+        let mut folds: foldhash::HashMap<TableId, Fold> = foldhash::HashMap::default();
         for (lsn, c) in buffer {
             let Some(rel) = c.relation() else { continue };
             if !order.contains(&rel.id) {

@@ -28,8 +28,6 @@
 //! unchanged-TOAST columns the fold also asks for the ordered path, since the set-based path
 //! cannot carry the old value over.
 
-use std::collections::HashMap;
-
 use crate::event::{Change, OldRow, Row, Value};
 
 /// The net effect on one key.
@@ -79,7 +77,9 @@ pub struct Fold {
     key_idx: Vec<usize>,
     /// Several rows may hold the same key (REPLICA IDENTITY FULL without a target key).
     rows_may_repeat: bool,
-    index: HashMap<Vec<Value>, usize>,
+    /// foldhash, not SipHash: hashing every key of a flush was 2 % of the daemon's CPU
+    /// (issue #14); its per-map random seed still spreads crafted keys.
+    index: foldhash::HashMap<Vec<Value>, usize>,
     nets: Vec<Option<NetChange>>,
     needs_ordered: bool,
 }
@@ -91,7 +91,7 @@ impl Fold {
         Fold {
             key_idx,
             rows_may_repeat: false,
-            index: HashMap::new(),
+            index: foldhash::HashMap::default(),
             nets: Vec::new(),
             needs_ordered: false,
         }

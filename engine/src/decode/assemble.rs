@@ -316,7 +316,7 @@ const SPOOL_DIR_PREFIX: &str = "assemble-";
 pub struct Assembler {
     proto_version: u32,
     dir: tempfile::TempDir,
-    relations: HashMap<Oid, Arc<Relation>>,
+    relations: foldhash::HashMap<Oid, Arc<Relation>>,
     types: HashMap<Oid, TypeMessage>,
     open: Open,
     /// Top-level xid of the current stream block.
@@ -365,7 +365,7 @@ impl Assembler {
         Ok(Assembler {
             proto_version: options.proto_version,
             dir,
-            relations: HashMap::new(),
+            relations: foldhash::HashMap::default(),
             types: HashMap::new(),
             open: Open::None,
             stream: None,
@@ -855,7 +855,7 @@ impl Assembler {
 
 /// Looks up a relation: the transaction-local ones first, then the shared cache.
 fn lookup(
-    shared: &HashMap<Oid, Arc<Relation>>,
+    shared: &foldhash::HashMap<Oid, Arc<Relation>>,
     local: Option<&HashMap<Oid, Arc<Relation>>>,
     oid: Oid,
     message: &'static str,
@@ -889,7 +889,7 @@ fn check_width(
 
 /// Turns a row-level message into a [`Change`] bound to its relation.
 fn resolve(
-    shared: &HashMap<Oid, Arc<Relation>>,
+    shared: &foldhash::HashMap<Oid, Arc<Relation>>,
     local: Option<&HashMap<Oid, Arc<Relation>>>,
     lsn: Lsn,
     msg: PgOutputMessage,
