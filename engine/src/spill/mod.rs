@@ -59,7 +59,7 @@
 //! lock                              flock'ed by the one writer process
 //! identity                          source system id, slot, shard names, migration id, start LSN (JSON)
 //! checkpoint                        append-only CRC-framed durable checkpoints
-//! shard-0000/<first commit LSN>-<seq>.seg   segments of shard 0: zstd frames (see `block`)
+//! shard-0000/<first commit LSN>-<seq>.seg   segments of shard 0: frames, zstd or stored (see `block`)
 //! shard-0000/retained               first segment retention keeps (JSON, see `retained`)
 //! shard-0001/…
 //! ```
