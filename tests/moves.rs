@@ -930,3 +930,114 @@ async fn move_flips_a_map_query_directory_with_map_update() {
     assert_eq!(shard_rows(&t, 1, &[2, 3]), model_rows(&model, &[2, 3]));
     assert!(shard_rows(&t, 0, &[2, 3]).is_empty());
 }
+
+// See: issue #17 (`reshard rebalance` executes a plan as a series of moves: a `hash = "map"`
+// layout balanced by measured account size, under a writer that follows the map, killed once
+// mid-move and run again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_of_a_map_layout_moves_the_planned_accounts_under_a_writer() {
+    let t = Topology::start(2);
+    let (config, map_path, mut model) = setup(&t);
+    // Accounts 1 and 2 grow large on shard0: shard0 holds far more than shard1.
+    t.shards[0]
+        .psql(
+            "app",
+            "INSERT INTO items SELECT a, i, 'big' || i FROM unnest(ARRAY[1,2]::bigint[]) a, generate_series(100000, 101499) i",
+        )
+        .expect("grow");
+    for a in [1, 2] {
+        for i in 100_000..=101_499 {
+            model.rows.insert(("items", a, i), format!("big{i}"));
+        }
+    }
+    let count = |s: usize| -> i64 {
+        t.shards[s]
+            .psql(
+                "app",
+                "SELECT (SELECT count(*) FROM items) + (SELECT count(*) FROM notes)",
+            )
+            .expect("count")
+            .trim()
+            .parse()
+            .expect("n")
+    };
+    let gap_before = (count(0) - count(1)).abs();
+    let model = Arc::new(Mutex::new(model));
+    let stop = Arc::new(AtomicBool::new(false));
+    let urls: Vec<String> = t.shards.iter().map(|s| s.url("app")).collect();
+    let w = tokio::spawn(writer(urls, map_path.clone(), stop.clone(), model.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let cfg = config.display().to_string();
+    let (killed, (code, out, err)) = tokio::task::spawn_blocking(move || {
+        let args = [
+            "rebalance",
+            "-c",
+            &cfg,
+            "--shards",
+            "2",
+            "--tolerance",
+            "20",
+            "--parallel",
+            "2",
+            "--delete-grace",
+            "1s",
+            "--json",
+        ];
+        let killed = crate::common::run_reshard(&args, &[("RESHARD_CRASH_AT", "copied")]);
+        (killed, crate::common::run_reshard(&args, &[]))
+    })
+    .await
+    .expect("join");
+    assert!(
+        killed.2.contains("RESHARD_CRASH_AT=copied: aborting"),
+        "the first run did not reach its first move's copy:\n{}\n{}",
+        killed.1,
+        killed.2
+    );
+    assert_eq!(code, 0, "rebalance after the crash:\n{out}\n{err}");
+    assert!(
+        err.contains("resuming the plan kept in reshard.rebalance"),
+        "the second run planned again instead of finishing the kept plan:\n{err}"
+    );
+    let report = crate::ops::json(&out, &err);
+    assert_eq!(report["map"], true, "{report:#}");
+    let total = report["moves_total"].as_u64().expect("total");
+    assert!(total >= 1, "nothing planned: {report:#}");
+    assert_eq!(report["moves_done"].as_u64(), Some(total), "{report:#}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    w.await.expect("writer");
+
+    // The map sends every planned account to its move's target, and the rows follow the map
+    // exactly as the writer committed them.
+    let map = read_map(&map_path);
+    let mut moved = 0;
+    for m in report["moves"].as_array().expect("moves") {
+        assert_eq!(m["report"]["step"], "done", "{m:#}");
+        let to: usize = m["to"]
+            .as_str()
+            .and_then(|s| s.strip_prefix("shard"))
+            .and_then(|s| s.parse().ok())
+            .expect("to");
+        for a in m["accounts"].as_array().expect("accounts") {
+            let a: i64 = a.as_str().expect("account").parse().expect("n");
+            assert_eq!(map[&a], to, "account {a} in the map after the rebalance");
+            moved += 1;
+        }
+    }
+    assert!(moved >= 1, "{report:#}");
+    let m = std::mem::take(&mut *model.lock().expect("model"));
+    check_by_map(&t, &m, &map);
+    let gap_after = (count(0) - count(1)).abs();
+    assert!(
+        gap_after < gap_before,
+        "the rebalance did not narrow the gap between the shards: {gap_before} rows before, {gap_after} after"
+    );
+    let (code, out, err) = t.reshard(&["status", "-c", &config.display().to_string(), "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("rebalance_map_to_2"),
+        "status shows the rebalance: {out}"
+    );
+}

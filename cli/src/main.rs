@@ -81,7 +81,9 @@ pub enum Command {
     /// Grow a hash = "postgres" layout from N to M shards under live writers: one move per new
     /// shard (the rows of hash remainder j of MODULUS M, from old shard j mod N to the
     /// config's `[[new_shards]]`), each copied, streamed, fenced, verified, flipped in
-    /// reshard.layout and deleted. Resumable: run it again after a crash.
+    /// reshard.layout and deleted. With hash = "map": the moves of `reshard plan --shards M`'s
+    /// balanced map, each a `reshard move` (the plan is kept until they are done). Resumable:
+    /// run it again after a crash.
     Rebalance(RebalanceArgs),
     /// Changes that could not be routed (NULL shard key, unknown account): list them, replay
     /// them with the current account map, or drop them.
@@ -262,10 +264,15 @@ pub struct MoveArgs {
 pub struct RebalanceArgs {
     #[command(flatten)]
     pub config: ConfigArg,
-    /// The new shard count M (a multiple of the current N; the config lists M − N
-    /// `[[new_shards]]`).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(2..))]
+    /// The new shard count M. hash = "postgres": a multiple of the current N, the config
+    /// lists M − N `[[new_shards]]`. hash = "map": M of the config's `[[shards]]` (those
+    /// holding accounts, then the empty ones), balanced as `reshard plan --shards M` plans.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub shards: u16,
+    /// hash = "map": the balance aimed at, every shard within ±this percent of the mean bytes
+    /// (as `reshard plan --tolerance`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100), default_value_t = reshard_engine::ops::balance::DEFAULT_TOLERANCE_PCT)]
+    pub tolerance: u32,
     /// Moves at once (each has its own target, so never two onto one shard).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub parallel: u16,

@@ -1,11 +1,12 @@
-//! `reshard rebalance --shards M`: grow a `hash = "postgres"` layout from N to M shards under
-//! live writers (see `reshard_engine::ops::rebalance`).
+//! `reshard rebalance --shards M`: grow a `hash = "postgres"` layout from N to M shards, or
+//! balance a `hash = "map"` layout onto M shards, under live writers (see
+//! `reshard_engine::ops::rebalance`).
 //!
 //! Exit codes: 0 = every move done (old shard i holds only hash remainder i of MODULUS M, the
 //! new shards the others; the final `[[shards]]` are printed); 1 = a move is not done: its
 //! target did not catch up within `--timeout`, or the shards' rows differ (the range stays
 //! fenced on its old shard; run it again); 2 = bad invocation or config (M not a multiple of
-//! N, too few `[[new_shards]]`, `hash = "map"`, a table missing on a new shard, a new shard
+//! N, too few `[[new_shards]]`, a map's M outside what the config lists, a table missing on a new shard, a new shard
 //! already holding rows of its range); 3 = could not complete (unreachable shard, failing
 //! query).
 
@@ -32,6 +33,7 @@ pub async fn run(args: RebalanceArgs) -> CmdResult {
         timeout,
         delete_grace,
         max_rows_per_sec: args.max_rows_per_sec.filter(|r| *r > 0),
+        tolerance_pct: args.tolerance,
     };
     let report = match run_rebalance(&config, &opts).await {
         Ok(r) => r,
@@ -76,7 +78,7 @@ fn render(r: &RebalanceReport) -> String {
         r.id, r.from_shards, r.to_shards, r.moves_done, r.moves_total, r.secs
     );
     let mut rows = vec![[
-        "REMAINDER".to_owned(),
+        if r.map { "MOVE" } else { "REMAINDER" }.to_owned(),
         "FROM".into(),
         "TO".into(),
         "PLANNED".into(),
@@ -88,7 +90,11 @@ fn render(r: &RebalanceReport) -> String {
     for p in &r.moves {
         let m = p.report.as_ref();
         rows.push([
-            p.remainder.to_string(),
+            if r.map {
+                p.what.clone()
+            } else {
+                p.remainder.to_string()
+            },
             p.from.clone(),
             p.to.clone(),
             format!("{} rows, {}", p.rows_planned, human_bytes(p.bytes_planned)),
@@ -99,6 +105,15 @@ fn render(r: &RebalanceReport) -> String {
         ]);
     }
     out.push_str(&table(&rows));
+    if r.map {
+        out.push_str(&format!(
+            "\nDONE: {} sends every moved account to its new shard ({} shards: {})\n",
+            r.layout,
+            r.to_shards,
+            r.shards.join(", ")
+        ));
+        return out;
+    }
     out.push_str(&format!(
         "\nDONE: the layout is hash partitioning with MODULUS {} over these shards, in remainder order (the application may drop {} and use this config):\n\n{}",
         r.to_shards, r.layout, r.config

@@ -61,7 +61,7 @@ pub struct AccountMove {
 }
 
 /// The accounts moving from one shard to another: one `reshard move`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct MoveBatch {
     /// The shard that holds them.
     pub from: String,

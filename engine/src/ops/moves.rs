@@ -1359,6 +1359,10 @@ impl Ctx<'_> {
             })
         };
         if !on_target(&current) {
+            // Moves of one process (`reshard rebalance --parallel`) rewrite the file one at a
+            // time: each reads the map the last one wrote.
+            static MAP_FILE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _one_writer = MAP_FILE.lock().unwrap_or_else(|e| e.into_inner());
             let text = std::fs::read_to_string(path).map_err(|e| {
                 MoveError::Io(format!("reading the account map {}: {e}", path.display()))
             })?;

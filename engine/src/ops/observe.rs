@@ -228,11 +228,9 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
             if let Err(e) = source_slot(&src, config, &mut snap).await {
                 snap.source.last_error = Some(format!("reading the slot: {e}"));
             }
-            if config.routing.hash == crate::config::HashKind::Postgres {
-                match crate::ops::rebalance::read_state(config).await {
-                    Ok(r) => snap.rebalance = r,
-                    Err(e) => tracing::warn!("status: {e}"),
-                }
+            match crate::ops::rebalance::read_state(config).await {
+                Ok(r) => snap.rebalance = r,
+                Err(e) => tracing::warn!("status: {e}"),
             }
             match offline_reverse(&src, config).await {
                 Ok(r) => snap.reverse = r,

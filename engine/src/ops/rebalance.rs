@@ -1,5 +1,6 @@
 //! `reshard rebalance --shards M`: grows a `hash = "postgres"` layout from N to M shards under
-//! live writers, as a series of hash-range moves (issue #17, "N → M").
+//! live writers, as a series of hash-range moves, or balances a `hash = "map"` layout onto M
+//! shards as a series of account moves (issue #17, "N → M").
 //!
 //! In: the config (its N `[[shards]]` and at least M − N `[[new_shards]]`), M, the concurrency
 //! and the per-target ceiling. Out: a [`RebalanceReport`]; afterwards old shard i holds only the
@@ -26,9 +27,16 @@
 //! running the same `reshard rebalance` again after a crash at any point re-runs the moves that
 //! are not done and skips those that are.
 //!
-//! Concurrency: at most `--parallel` moves at once; every move has its own target (new shard j
-//! is the target of exactly one move), so two moves never write one target at once, and a
-//! move's `--max-rows-per-sec` is its target's ceiling.
+//! Concurrency: at most `--parallel` targets at once, and the moves of one target one after the
+//! other, so two moves never write one target at once and a move's `--max-rows-per-sec` is its
+//! target's ceiling (a hash growth has exactly one move per new shard).
+//!
+//! `hash = "map"`: the plan is [`crate::ops::balance::plan_map`]'s balanced map for M of the
+//! config's shards, one account move ([`Selector::Accounts`]) per (from, to) pair of its
+//! batches; each move flips the account map itself, so the application routes by the map as
+//! during any `reshard move`. The plan is kept in `reshard.rebalance.plan` (row
+//! `rebalance_map_to_<M>`) until every move is done: a resumed run finishes the kept plan
+//! instead of measuring again (the accounts already moved would give another one).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,7 +44,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde::Serialize;
 
-use crate::config::{Config, TableMode};
+use crate::config::{Config, HashKind, TableMode};
 use crate::ops::grow::{self, GrowError, GrowPlan};
 use crate::ops::moves::{run_move, MoveError, MoveOptions, MoveReport, Selector, Step};
 use crate::pg::conn::{connect_plain, error_text};
@@ -67,6 +75,7 @@ CREATE TABLE IF NOT EXISTS reshard.rebalance (
     started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+ALTER TABLE reshard.rebalance ADD COLUMN IF NOT EXISTS plan text;
 RESET client_min_messages";
 
 /// What to run.
@@ -82,13 +91,21 @@ pub struct RebalanceOptions {
     pub delete_grace: Duration,
     /// Rows per second per target (the copy), `None`: unthrottled.
     pub max_rows_per_sec: Option<u64>,
+    /// `hash = "map"`: the balance the plan aims at, ±percent of the mean bytes
+    /// ([`crate::ops::balance::plan_map`]).
+    pub tolerance_pct: u32,
 }
 
 /// One move of the rebalance.
 #[derive(Clone, Debug, Serialize)]
 pub struct PartReport {
-    /// The new shard's index (the hash remainder for MODULUS M).
+    /// `hash = "postgres"`: the new shard's index (the hash remainder for MODULUS M);
+    /// `hash = "map"`: the move's index in the plan.
     pub remainder: usize,
+    /// What the move takes (`hash remainder 2 of modulus 4` / `accounts 5,8`).
+    pub what: String,
+    /// `hash = "map"`: the accounts it moves (empty for a hash range).
+    pub accounts: Vec<String>,
     /// The old shard.
     pub from: String,
     /// The new shard.
@@ -128,8 +145,12 @@ pub struct RebalanceReport {
     pub rows_deleted: i64,
     /// Seconds this run took.
     pub secs: f64,
-    /// Where the application reads the layout while the rebalance runs.
+    /// Where the application reads the layout while the rebalance runs (`hash = "postgres"`:
+    /// `reshard.layout`; `hash = "map"`: the account map).
     pub layout: String,
+    /// `hash = "map"`: the account map sends each moved account to its new shard (nothing
+    /// to change in the config afterwards).
+    pub map: bool,
     /// The shards in remainder order for MODULUS M (the final layout).
     pub shards: Vec<String>,
     /// The `[[shards]]` section of the final layout (old shards, then the new ones).
@@ -160,12 +181,10 @@ pub enum RebalanceError {
         message: String,
     },
     /// A move failed (the others that were running finished; run the same command again).
-    #[error("the move of hash remainder {remainder} of modulus {modulus} from shard {from} to shard {to} failed: {source}; {done}/{total} moves are done; run the same `reshard rebalance` again to resume")]
+    #[error("the move of {what} from shard {from} to shard {to} failed: {source}; {done}/{total} moves are done; run the same `reshard rebalance` again to resume")]
     Move {
-        /// Its remainder.
-        remainder: usize,
-        /// M.
-        modulus: usize,
+        /// What it moves ([`Selector::describe`]).
+        what: String,
         /// Old shard.
         from: String,
         /// New shard.
@@ -309,12 +328,11 @@ fn final_config(config: &Config, to: usize) -> (Vec<String>, String) {
     (names, text)
 }
 
-/// Checks the config can grow to `to` shards: M a multiple of N, enough `[[new_shards]]`.
+/// Checks the config can grow to `to` shards: for `hash = "postgres"`, M a multiple of N and
+/// enough `[[new_shards]]` (a map's plan checks M against the config's shards itself).
 pub fn check(config: &Config, to: usize) -> Result<(), RebalanceError> {
-    if config.routing.hash != crate::config::HashKind::Postgres {
-        return Err(RebalanceError::Usage(
-            "reshard rebalance grows [routing] hash = \"postgres\" layouts; with hash = \"map\" run the moves of `reshard plan --shards M` with reshard move".into(),
-        ));
+    if config.routing.hash == HashKind::Map {
+        return Ok(());
     }
     grow::check_shards(config, to).map_err(|e| RebalanceError::Usage(e.to_string()))
 }
@@ -369,6 +387,178 @@ struct Progress {
     bytes_done: i64,
 }
 
+/// One planned move and what it takes.
+struct Part {
+    report: PartReport,
+    selector: Selector,
+}
+
+/// What a run executes: the plan of a hash growth or of a balanced map.
+struct Planned {
+    id: String,
+    from_shards: usize,
+    parts: Vec<Part>,
+    rows_total: i64,
+    bytes_total: i64,
+    layout: String,
+    shards: Vec<String>,
+    config: String,
+    map: bool,
+}
+
+/// A hash growth: one hash-range move per new shard ([`grow::plan_growth`]).
+async fn plan_hash(config: &Config, to: usize, dir_name: &str) -> Result<Planned, RebalanceError> {
+    check_new_shards(config, to).await?;
+    let plan: GrowPlan = grow::plan_growth(config, to, grow::DEFAULT_RATE_ROWS_PER_SEC).await?;
+    let n = config.shards.len();
+    let modulus = u32::try_from(to).unwrap_or(u32::MAX);
+    let parts = plan
+        .shards
+        .iter()
+        .filter(|s| !s.stays)
+        .map(|s| {
+            let selector = Selector::HashRemainder {
+                modulus,
+                remainder: u32::try_from(s.index).unwrap_or(u32::MAX),
+            };
+            Part {
+                report: PartReport {
+                    remainder: s.index,
+                    what: selector.describe(),
+                    accounts: Vec::new(),
+                    from: s.from.clone(),
+                    to: s.name.clone(),
+                    rows_planned: s.rows,
+                    bytes_planned: s.bytes,
+                    report: None,
+                    error: None,
+                },
+                selector,
+            }
+        })
+        .collect();
+    let (shards, text) = final_config(config, to);
+    Ok(Planned {
+        id: format!("rebalance_{n}_to_{to}"),
+        from_shards: n,
+        parts,
+        rows_total: plan.rows_to_move,
+        bytes_total: plan.bytes_to_move,
+        layout: format!("reshard.layout on shard {dir_name}"),
+        shards,
+        config: text,
+        map: false,
+    })
+}
+
+/// A balanced map ([`crate::ops::balance::plan_map`]): one account move per (from, to) pair.
+/// The plan is kept in `reshard.rebalance.plan` while the rebalance runs, so a resumed run
+/// finishes the moves it started (measured again, the moved accounts would give another plan).
+async fn plan_accounts(
+    config: &Config,
+    opts: &RebalanceOptions,
+    dir: &tokio_postgres::Client,
+    dir_name: &str,
+) -> Result<Planned, RebalanceError> {
+    use crate::ops::balance::{plan_map, MoveBatch};
+    let id = format!("rebalance_map_to_{}", opts.to);
+    let derr = |what: &str, e: tokio_postgres::Error| RebalanceError::Directory {
+        shard: dir_name.to_owned(),
+        what: what.to_owned(),
+        message: error_text(&e),
+    };
+    let kept: Option<(i32, Option<String>)> = dir
+        .query_opt(
+            "SELECT from_shards, plan FROM reshard.rebalance WHERE id = $1 AND state = 'running'",
+            &[&id],
+        )
+        .await
+        .map_err(|e| derr("reading reshard.rebalance", e))?
+        .map(|r| (r.get(0), r.get(1)));
+    let (from_shards, batches): (usize, Vec<MoveBatch>) = match kept {
+        Some((from, Some(text))) => {
+            let batches = serde_json::from_str(&text).map_err(|e| RebalanceError::Directory {
+                shard: dir_name.to_owned(),
+                what: format!("reading the kept plan of {id} in reshard.rebalance.plan"),
+                message: format!(
+                    "{e}: delete that row to plan again from the shards' present state"
+                ),
+            })?;
+            tracing::info!(%id, "rebalance: resuming the plan kept in reshard.rebalance on shard {dir_name}");
+            (usize::try_from(from).unwrap_or(0), batches)
+        }
+        _ => {
+            let plan = plan_map(
+                config,
+                opts.to,
+                grow::DEFAULT_RATE_ROWS_PER_SEC,
+                opts.tolerance_pct,
+            )
+            .await?;
+            (plan.from_shards, plan.batches())
+        }
+    };
+    let text = serde_json::to_string(&batches).map_err(|e| RebalanceError::Directory {
+        shard: dir_name.to_owned(),
+        what: "encoding the plan".into(),
+        message: e.to_string(),
+    })?;
+    dir.execute(
+        "INSERT INTO reshard.rebalance (id, from_shards, to_shards, state, moves_total, plan) \
+         VALUES ($1, $2, $3, 'running', $4, $5) \
+         ON CONFLICT (id) DO UPDATE SET plan = EXCLUDED.plan, from_shards = EXCLUDED.from_shards, \
+           moves_total = EXCLUDED.moves_total",
+        &[
+            &id,
+            &i32::try_from(from_shards).unwrap_or(i32::MAX),
+            &i32::try_from(opts.to).unwrap_or(i32::MAX),
+            &i32::try_from(batches.len()).unwrap_or(i32::MAX),
+            &text,
+        ],
+    )
+    .await
+    .map_err(|e| derr("keeping the plan in reshard.rebalance", e))?;
+    let (rows_total, bytes_total) = batches
+        .iter()
+        .fold((0, 0), |(r, b), m| (r + m.rows, b + m.bytes));
+    let parts = batches
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let selector = Selector::Accounts(b.accounts.clone());
+            Part {
+                report: PartReport {
+                    remainder: i,
+                    what: selector.describe(),
+                    accounts: b.accounts,
+                    from: b.from,
+                    to: b.to,
+                    rows_planned: b.rows,
+                    bytes_planned: b.bytes,
+                    report: None,
+                    error: None,
+                },
+                selector,
+            }
+        })
+        .collect();
+    let layout = match &config.routing.map {
+        Some(path) => format!("the account map {}", path.display()),
+        None => "the account directory ([routing] map_query)".into(),
+    };
+    Ok(Planned {
+        id,
+        from_shards,
+        parts,
+        rows_total,
+        bytes_total,
+        layout,
+        shards: config.shard_names().into_iter().take(opts.to).collect(),
+        config: String::new(),
+        map: true,
+    })
+}
+
 /// Runs (or resumes) a rebalance; see the module doc.
 pub async fn run_rebalance(
     config: &Config,
@@ -376,14 +566,25 @@ pub async fn run_rebalance(
 ) -> Result<RebalanceReport, RebalanceError> {
     let started = Instant::now();
     check(config, opts.to)?;
-    check_new_shards(config, opts.to).await?;
-    let plan: GrowPlan =
-        grow::plan_growth(config, opts.to, grow::DEFAULT_RATE_ROWS_PER_SEC).await?;
-    let n = config.shards.len();
-    let id = format!("rebalance_{n}_to_{}", opts.to);
     let (dir_name, _) = directory(config)?;
     let dir_name = dir_name.to_owned();
     let dir = directory_client(config).await?;
+    let planned = if config.routing.hash == HashKind::Map {
+        plan_accounts(config, opts, &dir, &dir_name).await?
+    } else {
+        plan_hash(config, opts.to, &dir_name).await?
+    };
+    let Planned {
+        id,
+        from_shards: n,
+        parts,
+        rows_total,
+        bytes_total,
+        layout,
+        shards,
+        config: text,
+        map,
+    } = planned;
     let derr = |what: &'static str| {
         let shard = dir_name.clone();
         move |e: tokio_postgres::Error| RebalanceError::Directory {
@@ -392,22 +593,7 @@ pub async fn run_rebalance(
             message: error_text(&e),
         }
     };
-    let parts: Vec<PartReport> = plan
-        .shards
-        .iter()
-        .filter(|s| !s.stays)
-        .map(|s| PartReport {
-            remainder: s.index,
-            from: s.from.clone(),
-            to: s.name.clone(),
-            rows_planned: s.rows,
-            bytes_planned: s.bytes,
-            report: None,
-            error: None,
-        })
-        .collect();
     let total = parts.len();
-    let (rows_total, bytes_total) = (plan.rows_to_move, plan.bytes_to_move);
     let (from_i, to_i, total_i) = (
         i32::try_from(n).unwrap_or(i32::MAX),
         i32::try_from(opts.to).unwrap_or(i32::MAX),
@@ -417,13 +603,14 @@ pub async fn run_rebalance(
         "INSERT INTO reshard.rebalance (id, from_shards, to_shards, state, moves_total, rows_planned, bytes_planned) \
          VALUES ($1, $2, $3, 'running', $4, $5, $6) \
          ON CONFLICT (id) DO UPDATE SET state = 'running', moves_done = 0, rows_done = 0, \
+           moves_total = EXCLUDED.moves_total, \
            rows_planned = EXCLUDED.rows_planned, bytes_planned = EXCLUDED.bytes_planned, \
            updated_at = clock_timestamp()",
         &[&id, &from_i, &to_i, &total_i, &rows_total, &bytes_total],
     )
     .await
     .map_err(derr("recording the rebalance"))?;
-    tracing::info!(%id, moves = total, rows = rows_total, bytes = bytes_total, parallel = opts.parallel, "rebalance: started ({n} shards to {}); the application routes by reshard.layout on shard {dir_name}", opts.to);
+    tracing::info!(%id, moves = total, rows = rows_total, bytes = bytes_total, parallel = opts.parallel, "rebalance: started ({n} shards to {}); the application routes by {layout}", opts.to);
 
     let progress = Arc::new(Mutex::new(Progress::default()));
     let ticker = {
@@ -449,56 +636,84 @@ pub async fn run_rebalance(
         })
     };
 
-    let modulus = opts.to;
-    let results: Vec<(PartReport, Result<MoveReport, MoveError>)> =
-        futures_util::stream::iter(parts.into_iter().map(|part| {
-            let progress = progress.clone();
-            let dir = &dir;
-            let id = &id;
-            async move {
-                let mo = MoveOptions {
-                    selector: Selector::HashRemainder {
-                        modulus: u32::try_from(modulus).unwrap_or(u32::MAX),
-                        remainder: u32::try_from(part.remainder).unwrap_or(u32::MAX),
-                    },
-                    from: part.from.clone(),
-                    to: part.to.clone(),
-                    timeout: opts.timeout,
-                    delete_grace: opts.delete_grace,
-                    max_rows_per_sec: opts.max_rows_per_sec,
+    // Never two moves onto one target at once: the moves of one target run one after the
+    // other (a hash growth has one per target), the targets `--parallel` at once.
+    let mut by_target: Vec<Vec<Part>> = Vec::new();
+    for part in parts {
+        match by_target
+            .iter_mut()
+            .find(|c| c[0].report.to == part.report.to)
+        {
+            Some(chain) => chain.push(part),
+            None => by_target.push(vec![part]),
+        }
+    }
+    let one = |part: Part| {
+        let progress = progress.clone();
+        let dir = &dir;
+        let id = &id;
+        async move {
+            let Part {
+                report: part,
+                selector,
+            } = part;
+            let mo = MoveOptions {
+                selector,
+                from: part.from.clone(),
+                to: part.to.clone(),
+                timeout: opts.timeout,
+                delete_grace: opts.delete_grace,
+                max_rows_per_sec: opts.max_rows_per_sec,
+            };
+            let r = run_move(config, &mo).await;
+            if let Ok(rep) = &r {
+                // Absolute values (this run's plan): a resumed rebalance counts again from 0.
+                let (done, rows) = {
+                    let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                    if rep.step == Step::Done {
+                        p.done += 1;
+                        p.rows_done += part.rows_planned;
+                        p.bytes_done += part.bytes_planned;
+                    }
+                    (i32::try_from(p.done).unwrap_or(i32::MAX), p.rows_done)
                 };
-                let r = run_move(config, &mo).await;
-                if let Ok(rep) = &r {
-                    // Absolute values (this run's plan): a resumed rebalance counts again from 0.
-                    let (done, rows) = {
-                        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
-                        if rep.step == Step::Done {
-                            p.done += 1;
-                            p.rows_done += part.rows_planned;
-                            p.bytes_done += part.bytes_planned;
-                        }
-                        (i32::try_from(p.done).unwrap_or(i32::MAX), p.rows_done)
-                    };
-                    if let Err(e) = dir
-                        .execute(
-                            "UPDATE reshard.rebalance SET moves_done = $2, rows_done = $3, \
-                             updated_at = clock_timestamp() WHERE id = $1",
-                            &[id, &done, &rows],
-                        )
-                        .await
-                    {
-                        tracing::warn!(%id, "rebalance: recording progress in reshard.rebalance: {}", error_text(&e));
+                if let Err(e) = dir
+                    .execute(
+                        "UPDATE reshard.rebalance SET moves_done = $2, rows_done = $3, \
+                         updated_at = clock_timestamp() WHERE id = $1",
+                        &[id, &done, &rows],
+                    )
+                    .await
+                {
+                    tracing::warn!(%id, "rebalance: recording progress in reshard.rebalance: {}", error_text(&e));
+                }
+            }
+            (part, r)
+        }
+    };
+    let results: Vec<(PartReport, Result<MoveReport, MoveError>)> =
+        futures_util::stream::iter(by_target.into_iter().map(|chain| {
+            let one = &one;
+            async move {
+                let mut out = Vec::with_capacity(chain.len());
+                for part in chain {
+                    let (part, r) = one(part).await;
+                    let failed = r.is_err();
+                    out.push((part, r));
+                    if failed {
+                        // The target's later moves wait for this one: run the command again.
+                        break;
                     }
                 }
-                (part, r)
+                out
             }
         }))
         .buffer_unordered(opts.parallel.max(1))
+        .flat_map(futures_util::stream::iter)
         .collect()
         .await;
     ticker.abort();
 
-    let (names, text) = final_config(config, opts.to);
     let mut report = RebalanceReport {
         id: id.clone(),
         from_shards: n,
@@ -511,8 +726,9 @@ pub async fn run_rebalance(
         rows_streamed: 0,
         rows_deleted: 0,
         secs: 0.0,
-        layout: format!("reshard.layout on shard {dir_name}"),
-        shards: names,
+        layout,
+        map,
+        shards,
         config: text,
         moves: Vec::new(),
     };
@@ -529,7 +745,7 @@ pub async fn run_rebalance(
             Err(e) => {
                 part.error = Some(e.to_string());
                 if first_error.is_none() {
-                    first_error = Some((part.remainder, part.from.clone(), part.to.clone(), e));
+                    first_error = Some((part.what.clone(), part.from.clone(), part.to.clone(), e));
                 }
             }
         }
@@ -547,10 +763,9 @@ pub async fn run_rebalance(
     )
     .await
     .map_err(derr("recording the rebalance's end"))?;
-    if let Some((remainder, from, to, e)) = first_error {
+    if let Some((what, from, to, e)) = first_error {
         return Err(RebalanceError::Move {
-            remainder,
-            modulus: opts.to,
+            what,
             from,
             to,
             done: report.moves_done,
@@ -559,7 +774,7 @@ pub async fn run_rebalance(
             report: Box::new(report),
         });
     }
-    tracing::info!(%id, secs = report.secs, "rebalance: done: {} shards, hash modulus {}", opts.to, opts.to);
+    tracing::info!(%id, secs = report.secs, "rebalance: done: {} shards", opts.to);
     Ok(report)
 }
 
