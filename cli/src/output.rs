@@ -88,6 +88,24 @@ pub fn emit<T: serde::Serialize>(
     Ok(())
 }
 
+/// [`emit`] for a command that also reports failures with [`emit_failure`]: with `--json`, the
+/// value with `"ok": true`, so a script reads one field whichever way the command ended.
+pub fn emit_ok<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce() -> String,
+) -> CmdResult {
+    if json {
+        let mut v = serde_json::to_value(value)
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the report: {e}")))?;
+        v["ok"] = serde_json::Value::Bool(true);
+        println!("{v:#}");
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
+}
+
 /// With `--json`, prints a command's failure on stdout as one JSON line: `fields` (what the
 /// command was asked to do) with `"ok": false` and the error's text. Without, prints nothing
 /// (the error goes to stderr through [`finish`]).

@@ -10,7 +10,7 @@
 
 use reshard_engine::ops::moves::{run_move, MoveError, MoveOptions, MoveReport, Selector};
 
-use crate::output::{emit_failure, load_config, CmdResult, Failure};
+use crate::output::{emit_failure, emit_ok, load_config, CmdResult, Failure};
 use crate::MoveArgs;
 
 /// Runs `reshard move`.
@@ -55,15 +55,7 @@ pub async fn run(args: MoveArgs) -> CmdResult {
             });
         }
     };
-    if args.json {
-        let mut v = serde_json::to_value(&report)
-            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the report: {e}")))?;
-        v["ok"] = serde_json::Value::Bool(true);
-        println!("{v:#}");
-    } else {
-        print!("{}", render(&report));
-    }
-    Ok(())
+    emit_ok(args.json, &report, || render(&report))
 }
 
 fn render(r: &MoveReport) -> String {

@@ -17,7 +17,7 @@ use reshard_engine::ops::rebalance::{
 
 use super::check::table;
 use super::slot::human_bytes;
-use crate::output::{emit_failure, load_config, CmdResult, Failure};
+use crate::output::{emit_failure, emit_ok, load_config, CmdResult, Failure};
 use crate::RebalanceArgs;
 
 /// Runs `reshard rebalance`.
@@ -61,15 +61,7 @@ pub async fn run(args: RebalanceArgs) -> CmdResult {
             });
         }
     };
-    if args.json {
-        let mut v = serde_json::to_value(&report)
-            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the report: {e}")))?;
-        v["ok"] = serde_json::Value::Bool(true);
-        println!("{v:#}");
-    } else {
-        print!("{}", render(&report));
-    }
-    Ok(())
+    emit_ok(args.json, &report, || render(&report))
 }
 
 fn render(r: &RebalanceReport) -> String {

@@ -30,10 +30,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde::Serialize;
 
-use crate::config::{Config, HashKind, TableMode};
+use crate::config::{Config, HashKind};
 use crate::event::Oid;
 use crate::ops::grow::GrowError;
-use crate::pg::catalog;
 use crate::pg::conn::{connect_plain, error_text};
 use crate::pg::sql::{quote_ident, quote_qualified};
 use crate::route::key::KeyType;
@@ -304,19 +303,7 @@ pub async fn plan_map(
         .ok_or_else(|| GrowError::Map(no_map_configured()))?;
     let map = source.load(&mut None).await.map_err(GrowError::Map)?;
     let targets = map_targets(config, &map, to)?;
-    let src = connect_plain(&config.source.url)
-        .await
-        .map_err(|e| GrowError::Shard {
-            shard: "source".into(),
-            what: "connecting ([source] url)".into(),
-            message: e.to_string(),
-        })?;
-    let tables: Vec<_> = catalog::discover(&src, config)
-        .await?
-        .into_iter()
-        .filter(|t| t.rule.mode == TableMode::Sharded)
-        .map(|t| t.rule)
-        .collect();
+    let tables = crate::ops::grow::sharded_tables(config).await?;
 
     // Measured: (canonical account) -> entry. Only the shards that hold accounts are read.
     let mut entries: HashMap<String, Entry> = HashMap::new();

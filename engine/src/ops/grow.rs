@@ -20,7 +20,7 @@
 
 use serde::Serialize;
 
-use crate::config::{Config, HashKind, TableMode};
+use crate::config::{Config, HashKind, TableMode, TableRule};
 use crate::ops::verify::sql::HashRoute;
 use crate::pg::catalog::{self, CatalogError};
 use crate::pg::conn::connect_plain;
@@ -163,13 +163,9 @@ pub fn check_shards(config: &Config, to: usize) -> Result<(), GrowError> {
     Ok(())
 }
 
-/// Counts, on every old shard, the rows and bytes of each new shard and makes the plan.
-pub async fn plan_growth(config: &Config, to: usize, rate: u64) -> Result<GrowPlan, GrowError> {
-    if config.routing.hash != HashKind::Postgres {
-        return Err(GrowError::NotHash);
-    }
-    check_shards(config, to)?;
-    let from = config.shards.len();
+/// The sharded tables of the table set, read on the source (what a plan measures and a
+/// rebalance moves).
+pub async fn sharded_tables(config: &Config) -> Result<Vec<TableRule>, GrowError> {
     let src = connect_plain(&config.source.url)
         .await
         .map_err(|e| GrowError::Shard {
@@ -177,12 +173,22 @@ pub async fn plan_growth(config: &Config, to: usize, rate: u64) -> Result<GrowPl
             what: "connecting ([source] url)".into(),
             message: e.to_string(),
         })?;
-    let tables: Vec<_> = catalog::discover(&src, config)
+    Ok(catalog::discover(&src, config)
         .await?
         .into_iter()
         .filter(|t| t.rule.mode == TableMode::Sharded)
         .map(|t| t.rule)
-        .collect();
+        .collect())
+}
+
+/// Counts, on every old shard, the rows and bytes of each new shard and makes the plan.
+pub async fn plan_growth(config: &Config, to: usize, rate: u64) -> Result<GrowPlan, GrowError> {
+    if config.routing.hash != HashKind::Postgres {
+        return Err(GrowError::NotHash);
+    }
+    check_shards(config, to)?;
+    let from = config.shards.len();
+    let tables = sharded_tables(config).await?;
     let mut shards: Vec<NewShard> = (0..to)
         .map(|j| NewShard {
             index: j,

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde::Serialize;
 
-use crate::config::{Config, HashKind, TableMode};
+use crate::config::{Config, HashKind};
 use crate::ops::grow::{self, GrowError, GrowPlan};
 use crate::ops::moves::{run_move, MoveError, MoveOptions, MoveReport, Selector, Step};
 use crate::pg::conn::{connect_plain, error_text};
@@ -340,15 +340,10 @@ pub fn check(config: &Config, to: usize) -> Result<(), RebalanceError> {
 /// Every sharded table exists on every new shard (a move copies into them): refused before
 /// anything is written otherwise.
 async fn check_new_shards(config: &Config, to: usize) -> Result<(), RebalanceError> {
-    let src = connect_plain(&config.source.url)
-        .await
-        .map_err(|e| RebalanceError::Usage(format!("cannot connect to the source: {e}")))?;
-    let tables: Vec<String> = crate::pg::catalog::discover(&src, config)
-        .await
-        .map_err(|e| RebalanceError::Plan(GrowError::Catalog(e)))?
+    let tables: Vec<String> = grow::sharded_tables(config)
+        .await?
         .into_iter()
-        .filter(|t| t.rule.mode == TableMode::Sharded)
-        .map(|t| t.rule.target)
+        .map(|t| t.target)
         .collect();
     for s in config.new_shards.iter().take(to - config.shards.len()) {
         let c = connect_plain(&s.url).await.map_err(|e| {
