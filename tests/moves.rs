@@ -950,18 +950,6 @@ async fn rebalance_of_a_map_layout_moves_the_planned_accounts_under_a_writer() {
             model.rows.insert(("items", a, i), format!("big{i}"));
         }
     }
-    let count = |s: usize| -> i64 {
-        t.shards[s]
-            .psql(
-                "app",
-                "SELECT (SELECT count(*) FROM items) + (SELECT count(*) FROM notes)",
-            )
-            .expect("count")
-            .trim()
-            .parse()
-            .expect("n")
-    };
-    let gap_before = (count(0) - count(1)).abs();
     let model = Arc::new(Mutex::new(model));
     let stop = Arc::new(AtomicBool::new(false));
     let urls: Vec<String> = t.shards.iter().map(|s| s.url("app")).collect();
@@ -1015,6 +1003,14 @@ async fn rebalance_of_a_map_layout_moves_the_planned_accounts_under_a_writer() {
     let mut moved = 0;
     for m in report["moves"].as_array().expect("moves") {
         assert_eq!(m["report"]["step"], "done", "{m:#}");
+        // shard0 holds 3,000 rows more than shard1 (the writer adds a few hundred evenly): a
+        // balanced plan only takes accounts off shard0 (how close it gets is the plan's test,
+        // ops::grow).
+        assert_eq!(
+            (m["from"].as_str(), m["to"].as_str()),
+            (Some("shard0"), Some("shard1")),
+            "{m:#}"
+        );
         let to: usize = m["to"]
             .as_str()
             .and_then(|s| s.strip_prefix("shard"))
@@ -1029,11 +1025,6 @@ async fn rebalance_of_a_map_layout_moves_the_planned_accounts_under_a_writer() {
     assert!(moved >= 1, "{report:#}");
     let m = std::mem::take(&mut *model.lock().expect("model"));
     check_by_map(&t, &m, &map);
-    let gap_after = (count(0) - count(1)).abs();
-    assert!(
-        gap_after < gap_before,
-        "the rebalance did not narrow the gap between the shards: {gap_before} rows before, {gap_after} after"
-    );
     let (code, out, err) = t.reshard(&["status", "-c", &config.display().to_string(), "--json"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
