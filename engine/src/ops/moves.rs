@@ -897,9 +897,11 @@ impl Ctx<'_> {
             .iter()
             .map(|t| format!("{} WHERE ({})", quote_qualified(&t.name), self.filter(t)))
             .collect();
+        // publish_via_partition_root: a row filter on a partitioned table needs it (S is 15+),
+        // and the changes then carry the table's own name, as the copy does.
         self.from
             .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert, update, delete')",
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert, update, delete', publish_via_partition_root = true)",
                 quote_ident(&self.id),
                 list.join(", ")
             ))
@@ -1480,9 +1482,12 @@ impl Ctx<'_> {
         let mut total = 0i64;
         for t in &self.tables {
             let q = quote_qualified(&t.name);
+            // The filter again on the deleted rows: a ctid is unique only within one relation,
+            // and a partitioned table's partitions share ctids (without it, rows of accounts
+            // that stay on S were deleted with the moved ones).
             let sql = format!(
-                "DELETE FROM {q} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {q} WHERE {} LIMIT {DELETE_BATCH_ROWS}))",
-                self.filter(t)
+                "DELETE FROM {q} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {q} WHERE {f} LIMIT {DELETE_BATCH_ROWS})) AND ({f})",
+                f = self.filter(t)
             );
             loop {
                 let n = self
