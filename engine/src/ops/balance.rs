@@ -33,7 +33,7 @@ use serde::Serialize;
 use crate::config::{Config, HashKind};
 use crate::event::Oid;
 use crate::ops::grow::GrowError;
-use crate::pg::conn::{connect_plain, error_text};
+use crate::pg::conn::error_text;
 use crate::pg::sql::{quote_ident, quote_qualified};
 use crate::route::key::KeyType;
 use crate::route::map::{canonical_account, csv_of_pairs};
@@ -321,13 +321,7 @@ pub async fn plan_map(
                 message: error_text(&e),
             }
         };
-        let c = connect_plain(&shard.url)
-            .await
-            .map_err(|e| GrowError::Shard {
-                shard: shard.name.clone(),
-                what: "connecting ([[shards]] url)".into(),
-                message: e.to_string(),
-            })?;
+        let c = crate::ops::grow::connect_shard(shard).await?;
         for rule in &tables {
             let oid: Option<Oid> = c
                 .query_opt(

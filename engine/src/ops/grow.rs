@@ -181,6 +181,19 @@ pub async fn sharded_tables(config: &Config) -> Result<Vec<TableRule>, GrowError
         .collect())
 }
 
+/// A SQL connection to one of the config's `[[shards]]`.
+pub async fn connect_shard(
+    shard: &crate::config::ShardConfig,
+) -> Result<tokio_postgres::Client, GrowError> {
+    connect_plain(&shard.url)
+        .await
+        .map_err(|e| GrowError::Shard {
+            shard: shard.name.clone(),
+            what: "connecting ([[shards]] url)".into(),
+            message: e.to_string(),
+        })
+}
+
 /// Counts, on every old shard, the rows and bytes of each new shard and makes the plan.
 pub async fn plan_growth(config: &Config, to: usize, rate: u64) -> Result<GrowPlan, GrowError> {
     if config.routing.hash != HashKind::Postgres {
@@ -218,13 +231,7 @@ pub async fn plan_growth(config: &Config, to: usize, rate: u64) -> Result<GrowPl
                 message: crate::pg::conn::error_text(&e),
             }
         };
-        let c = connect_plain(&shard.url)
-            .await
-            .map_err(|e| GrowError::Shard {
-                shard: shard.name.clone(),
-                what: "connecting ([[shards]] url)".into(),
-                message: e.to_string(),
-            })?;
+        let c = connect_shard(shard).await?;
         for rule in &tables {
             let ty: Option<String> = c
                 .query_opt(

@@ -439,6 +439,19 @@ async fn refuse_while_the_daemon_streams(config: &Config) -> Result<(), MoveErro
     Ok(())
 }
 
+/// A SQL connection to `url`, failing with `endpoint` ("source", "shard S") named.
+async fn connect_sql(url: &str, endpoint: &str) -> Result<Client, MoveError> {
+    let err = |error| MoveError::Connect {
+        endpoint: endpoint.to_owned(),
+        error: Box::new(error),
+    };
+    ConnConfig::parse(url)
+        .map_err(err)?
+        .connect_sql()
+        .await
+        .map_err(err)
+}
+
 pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport, MoveError> {
     let started = Instant::now();
     let (accounts, hash) = match &opts.selector {
@@ -485,24 +498,11 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
         )));
     }
     refuse_while_the_daemon_streams(config).await?;
-    let connect = |url: String, endpoint: String| async move {
-        ConnConfig::parse(&url)
-            .map_err(|error| MoveError::Connect {
-                endpoint: endpoint.clone(),
-                error: Box::new(error),
-            })?
-            .connect_sql()
-            .await
-            .map_err(|error| MoveError::Connect {
-                endpoint,
-                error: Box::new(error),
-            })
-    };
     let from_ep = format!("shard {}", opts.from);
     let to_ep = format!("shard {}", opts.to);
-    let src = connect(config.source.url.clone(), "source".into()).await?;
-    let from = connect(from_url, from_ep.clone()).await?;
-    let to = connect(to_url, to_ep.clone()).await?;
+    let src = connect_sql(&config.source.url, "source").await?;
+    let from = connect_sql(&from_url, &from_ep).await?;
+    let to = connect_sql(&to_url, &to_ep).await?;
     crate::pg::conn::normalize_session(&from)
         .await
         .map_err(qerr(&from_ep, "setting the session"))?;
@@ -925,17 +925,7 @@ impl Ctx<'_> {
         tracing::info!(id = %self.id, slot = %self.id, consistent_point = %info.consistent_point, "move: slot created on shard {}", self.opts.from);
 
         // The copy connection imports the snapshot before anything else runs on `repl`.
-        let reader = ConnConfig::parse(&self.shard_url(&self.opts.from))
-            .map_err(|error| MoveError::Connect {
-                endpoint: self.from_ep.clone(),
-                error: Box::new(error),
-            })?
-            .connect_sql()
-            .await
-            .map_err(|error| MoveError::Connect {
-                endpoint: self.from_ep.clone(),
-                error: Box::new(error),
-            })?;
+        let reader = connect_sql(&self.shard_url(&self.opts.from), &self.from_ep).await?;
         reader
             .batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
@@ -943,17 +933,7 @@ impl Ctx<'_> {
             ))
             .await
             .map_err(qerr(&self.from_ep, "importing the slot's snapshot"))?;
-        let writer = ConnConfig::parse(&self.shard_url(&self.opts.to))
-            .map_err(|error| MoveError::Connect {
-                endpoint: self.to_ep.clone(),
-                error: Box::new(error),
-            })?
-            .connect_sql()
-            .await
-            .map_err(|error| MoveError::Connect {
-                endpoint: self.to_ep.clone(),
-                error: Box::new(error),
-            })?;
+        let writer = connect_sql(&self.shard_url(&self.opts.to), &self.to_ep).await?;
         let role = if self.config.apply.session_replication_role_replica {
             "SET LOCAL session_replication_role = replica"
         } else {
@@ -1080,17 +1060,7 @@ impl Ctx<'_> {
             .await
             .map_err(ferr)?,
         };
-        let mut c = ConnConfig::parse(&self.shard_url(&self.opts.from))
-            .map_err(|error| MoveError::Connect {
-                endpoint: self.from_ep.clone(),
-                error: Box::new(error),
-            })?
-            .connect_sql()
-            .await
-            .map_err(|error| MoveError::Connect {
-                endpoint: self.from_ep.clone(),
-                error: Box::new(error),
-            })?;
+        let mut c = connect_sql(&self.shard_url(&self.opts.from), &self.from_ep).await?;
         fence::install(&mut c, &spec).await.map_err(ferr)?;
         Ok(())
     }
@@ -1277,17 +1247,7 @@ impl Ctx<'_> {
         if fences.is_empty() {
             return Ok(());
         }
-        let mut c = ConnConfig::parse(&self.shard_url(&self.opts.to))
-            .map_err(|error| MoveError::Connect {
-                endpoint: self.to_ep.clone(),
-                error: Box::new(error),
-            })?
-            .connect_sql()
-            .await
-            .map_err(|error| MoveError::Connect {
-                endpoint: self.to_ep.clone(),
-                error: Box::new(error),
-            })?;
+        let mut c = connect_sql(&self.shard_url(&self.opts.to), &self.to_ep).await?;
         for f in fences {
             let left: Vec<String> = f
                 .accounts
@@ -1554,17 +1514,7 @@ impl Ctx<'_> {
 pub async fn move_step(config: &Config, id: &str) -> Result<Option<(String, Step)>, MoveError> {
     for shard in &config.shards {
         let ep = format!("shard {}", shard.name);
-        let c = ConnConfig::parse(&shard.url)
-            .map_err(|error| MoveError::Connect {
-                endpoint: ep.clone(),
-                error: Box::new(error),
-            })?
-            .connect_sql()
-            .await
-            .map_err(|error| MoveError::Connect {
-                endpoint: ep.clone(),
-                error: Box::new(error),
-            })?;
+        let c = connect_sql(&shard.url, &ep).await?;
         let exists: bool = c
             .query_one("SELECT to_regclass('reshard.move') IS NOT NULL", &[])
             .await
