@@ -17,7 +17,7 @@ use reshard_engine::runtime;
 use reshard_engine::status::StatusSnapshot;
 
 use super::check::table;
-use super::status::{bytes, reverse_table};
+use super::status::{lag_cells, reverse_table};
 use crate::output::{load_config, CmdResult, Failure};
 use crate::LagArgs;
 
@@ -116,21 +116,13 @@ fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
     .map(String::from)];
     let ms = |v: f64| if live { format!("{v:.1}") } else { "-".into() };
     for sh in &s.shards {
-        let known = lag_known(s, origin, sh);
+        let [lag_b, lag_s] = lag_cells(s, origin, sh);
         rows.push([
             sh.name.clone(),
             sh.state.as_str().into(),
             sh.applied_lsn.to_string(),
-            if known {
-                bytes(sh.lag_bytes)
-            } else {
-                "-".into()
-            },
-            if known {
-                format!("{:.1}", sh.lag_seconds)
-            } else {
-                "-".into()
-            },
+            lag_b,
+            lag_s,
             ms(sh.latency_p50_ms),
             ms(sh.latency_p99_ms),
         ]);

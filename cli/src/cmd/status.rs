@@ -21,6 +21,20 @@ pub async fn run(args: StatusArgs) -> CmdResult {
     emit(args.json, &snap, || render(&snap, origin))
 }
 
+/// A shard's LAG BYTES and LAG S cells: `-` where the lag is not known
+/// ([`lag_known`]: the daemon is down and the shard or the source could not be read).
+pub(crate) fn lag_cells(
+    s: &StatusSnapshot,
+    origin: StatusOrigin,
+    sh: &reshard_engine::status::ShardView,
+) -> [String; 2] {
+    if lag_known(s, origin, sh) {
+        [bytes(sh.lag_bytes), format!("{:.1}", sh.lag_seconds)]
+    } else {
+        ["-".into(), "-".into()]
+    }
+}
+
 /// `1.5 GiB`-style sizes.
 pub(crate) fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -120,21 +134,13 @@ fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
     ]
     .map(String::from)];
     for sh in &s.shards {
-        let known = lag_known(s, origin, sh);
+        let [lag_b, lag_s] = lag_cells(s, origin, sh);
         rows.push([
             sh.name.clone(),
             sh.state.as_str().into(),
             sh.applied_lsn.to_string(),
-            if known {
-                bytes(sh.lag_bytes)
-            } else {
-                "-".into()
-            },
-            if known {
-                format!("{:.1}", sh.lag_seconds)
-            } else {
-                "-".into()
-            },
+            lag_b,
+            lag_s,
             sh.txns_applied_total.to_string(),
             (sh.rows_inserted_total + sh.rows_updated_total + sh.rows_deleted_total).to_string(),
             format!("{:.0}", sh.rows_per_sec),
