@@ -323,25 +323,7 @@ pub async fn plan_map(
         };
         let c = crate::ops::grow::connect_shard(shard).await?;
         for rule in &tables {
-            let oid: Option<Oid> = c
-                .query_opt(
-                    "SELECT a.atttypid FROM pg_attribute a \
-                     WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-                    &[&quote_qualified(&rule.target), &rule.key],
-                )
-                .await
-                .map_err(err(format!("reading the key type of {}", rule.target)))?
-                .map(|r| r.get(0));
-            let Some(oid) = oid else {
-                return Err(GrowError::Shard {
-                    shard: shard.name.clone(),
-                    what: format!("table {}", rule.target),
-                    message: format!(
-                        "missing, or without its shard key column {} (run reshard check)",
-                        rule.key
-                    ),
-                });
-            };
+            let (oid, _) = crate::ops::grow::key_type(&c, &shard.name, rule).await?;
             key_oid.get_or_insert(oid);
             let k = quote_ident(&rule.key);
             let sql = format!(

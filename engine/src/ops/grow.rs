@@ -194,6 +194,36 @@ pub async fn connect_shard(
         })
 }
 
+/// The type of `rule`'s shard key column on a shard: its OID and `format_type` text; a table
+/// missing there, or without the column, is an error naming both.
+pub async fn key_type(
+    c: &tokio_postgres::Client,
+    shard: &str,
+    rule: &TableRule,
+) -> Result<(tokio_postgres::types::Oid, String), GrowError> {
+    let row = c
+        .query_opt(
+            "SELECT a.atttypid, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
+            &[&quote_qualified(&rule.target), &rule.key],
+        )
+        .await
+        .map_err(|e| GrowError::Shard {
+            shard: shard.to_owned(),
+            what: format!("reading the key type of {}", rule.target),
+            message: crate::pg::conn::error_text(&e),
+        })?;
+    row.map(|r| (r.get(0), r.get(1)))
+        .ok_or_else(|| GrowError::Shard {
+            shard: shard.to_owned(),
+            what: format!("table {}", rule.target),
+            message: format!(
+                "missing, or without its shard key column {} (run reshard check)",
+                rule.key
+            ),
+        })
+}
+
 /// Counts, on every old shard, the rows and bytes of each new shard and makes the plan.
 pub async fn plan_growth(config: &Config, to: usize, rate: u64) -> Result<GrowPlan, GrowError> {
     if config.routing.hash != HashKind::Postgres {
@@ -233,25 +263,7 @@ pub async fn plan_growth(config: &Config, to: usize, rate: u64) -> Result<GrowPl
         };
         let c = connect_shard(shard).await?;
         for rule in &tables {
-            let ty: Option<String> = c
-                .query_opt(
-                    "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
-                     WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-                    &[&quote_qualified(&rule.target), &rule.key],
-                )
-                .await
-                .map_err(err(&format!("reading the key type of {}", rule.target)))?
-                .map(|r| r.get(0));
-            let Some(ty) = ty else {
-                return Err(GrowError::Shard {
-                    shard: shard.name.clone(),
-                    what: format!("table {}", rule.target),
-                    message: format!(
-                        "missing, or without its shard key column {} (run reshard check)",
-                        rule.key
-                    ),
-                });
-            };
+            let (_, ty) = key_type(&c, &shard.name, rule).await?;
             let route = HashRoute {
                 helper: format!(
                     "reshard_plan_route_{}",
