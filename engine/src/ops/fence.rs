@@ -179,16 +179,7 @@ impl FenceSpec {
         shard: &str,
         reason: &str,
     ) -> Result<FenceSpec, FenceError> {
-        shard_index(config, shard)?;
-        let tables = sharded_tables(config, src, |r| r.target.clone()).await?;
-        Ok(FenceSpec {
-            shard: shard.to_owned(),
-            side: FenceSide::Shard,
-            reason: reason.to_owned(),
-            rule: FenceRule::All,
-            tables,
-            lock_timeout: Duration::from_millis(config.cutover.fence_lock_timeout_ms),
-        })
+        Self::on_shard_db(config, src, shard, shard, reason, FenceRule::All).await
     }
 
     /// The fence of `accounts`' writes on `shard`'s own database (an account move): every
@@ -202,13 +193,27 @@ impl FenceSpec {
         reason: &str,
         accounts: &[String],
     ) -> Result<FenceSpec, FenceError> {
+        let rule = FenceRule::Accounts(accounts.to_vec());
+        Self::on_shard_db(config, src, shard, name, reason, rule).await
+    }
+
+    /// A fence named `name` on `shard`'s own database: every sharded table (its name on the
+    /// shards, listed by the source's catalog), refusing the rows `rule` selects.
+    async fn on_shard_db(
+        config: &Config,
+        src: &Client,
+        shard: &str,
+        name: &str,
+        reason: &str,
+        rule: FenceRule,
+    ) -> Result<FenceSpec, FenceError> {
         shard_index(config, shard)?;
         let tables = sharded_tables(config, src, |r| r.target.clone()).await?;
         Ok(FenceSpec {
             shard: name.to_owned(),
             side: FenceSide::Shard,
             reason: reason.to_owned(),
-            rule: FenceRule::Accounts(accounts.to_vec()),
+            rule,
             tables,
             lock_timeout: Duration::from_millis(config.cutover.fence_lock_timeout_ms),
         })
@@ -229,16 +234,8 @@ impl FenceSpec {
         modulus: u32,
         remainder: u32,
     ) -> Result<FenceSpec, FenceError> {
-        shard_index(config, shard)?;
-        let tables = sharded_tables(config, src, |r| r.target.clone()).await?;
-        Ok(FenceSpec {
-            shard: name.to_owned(),
-            side: FenceSide::Shard,
-            reason: reason.to_owned(),
-            rule: FenceRule::Hash { modulus, remainder },
-            tables,
-            lock_timeout: Duration::from_millis(config.cutover.fence_lock_timeout_ms),
-        })
+        let rule = FenceRule::Hash { modulus, remainder };
+        Self::on_shard_db(config, src, shard, name, reason, rule).await
     }
 }
 
