@@ -306,15 +306,31 @@ pub async fn create_on_shard(
         .await
         .map_err(q("reading pg_publication on the shard"))?
         .is_some();
+    // A partitioned table's changes must arrive under its own name, the one the reverse router
+    // knows (under a partition's name they would be skipped as unlisted): via the root, which
+    // is PostgreSQL 13+ (12 cannot publish a partitioned table at all).
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(q("reading the shard's server_version_num"))?
+        .get(0);
+    let via_root = if version >= 130_000 {
+        ", publish_via_partition_root = true"
+    } else {
+        ""
+    };
+    let publication = quote_ident(&row.publication);
     let sql = if exists {
-        format!(
-            "ALTER PUBLICATION {} SET TABLE {list}",
-            quote_ident(&row.publication)
-        )
+        let mut sql = format!("ALTER PUBLICATION {publication} SET TABLE {list}");
+        if !via_root.is_empty() {
+            sql.push_str(&format!(
+                "; ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"
+            ));
+        }
+        sql
     } else {
         format!(
-            "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish = 'insert, update, delete')",
-            quote_ident(&row.publication)
+            "CREATE PUBLICATION {publication} FOR TABLE {list} WITH (publish = 'insert, update, delete'{via_root})"
         )
     };
     client
