@@ -82,13 +82,82 @@ fn count(row: &TextRow) -> Result<u64, MergeError> {
         .map_err(|_| MergeError::Malformed(format!("count is not a number in {row:?}")))
 }
 
-async fn head_is<S: RowSource>(
-    s: &mut Peeked<S>,
-    account: &str,
-) -> Result<bool, tokio_postgres::Error> {
-    Ok(s.peek()
-        .await?
-        .is_some_and(|r| r.first().and_then(|v| v.as_deref()) == Some(account)))
+/// A row's key: its first `key_len` columns.
+fn key_of(row: &TextRow, key_len: usize) -> &[Option<String>] {
+    row.get(..key_len).unwrap_or(row)
+}
+
+/// The merge itself, one definition for both joins: walks `source` and `streams` (each ordered
+/// by its rows' first `key_len` columns) in key order and calls `group` once per key with the
+/// row the source has at that key (if any) and, per stream, the row that stream has (if any).
+/// Rows with equal keys pair up one to one: a stream holding a key twice yields two groups.
+/// The first `FETCH` of every stream is started at once: it runs that side's whole query, so
+/// the source and the shards work in parallel.
+async fn merge<S, T, G>(
+    source: &mut Peeked<S>,
+    streams: &mut [Peeked<T>],
+    key_len: usize,
+    mut group: G,
+) -> Result<(), MergeError>
+where
+    S: RowSource,
+    T: RowSource,
+    G: FnMut(Option<&TextRow>, &[Option<TextRow>]) -> Result<(), MergeError>,
+{
+    let src_err = |source| MergeError::Stream {
+        shard_pos: None,
+        source,
+    };
+    let shard_err = |pos| {
+        move |source| MergeError::Stream {
+            shard_pos: Some(pos),
+            source,
+        }
+    };
+    {
+        let first = futures_util::future::join(
+            source.peek(),
+            futures_util::future::join_all(streams.iter_mut().map(|s| s.peek())),
+        )
+        .await;
+        first.0.map_err(src_err)?;
+        for (pos, r) in first.1.into_iter().enumerate() {
+            r.map_err(shard_err(pos))?;
+        }
+    }
+    let mut rows: Vec<Option<TextRow>> = Vec::with_capacity(streams.len());
+    loop {
+        // The smallest key at any head.
+        let mut min = source
+            .peek()
+            .await
+            .map_err(src_err)?
+            .map(|r| key_of(r, key_len).to_vec());
+        for (pos, s) in streams.iter_mut().enumerate() {
+            if let Some(r) = s.peek().await.map_err(shard_err(pos))? {
+                let k = key_of(r, key_len);
+                if min.as_deref().is_none_or(|m| k < m) {
+                    min = Some(k.to_vec());
+                }
+            }
+        }
+        let Some(min) = min else { return Ok(()) };
+        let at_min = |r: Option<&TextRow>| r.is_some_and(|r| key_of(r, key_len) == min);
+        let src = if at_min(source.peek().await.map_err(src_err)?) {
+            source.pop().await.map_err(src_err)?
+        } else {
+            None
+        };
+        rows.clear();
+        for (pos, s) in streams.iter_mut().enumerate() {
+            rows.push(if at_min(s.peek().await.map_err(shard_err(pos))?) {
+                s.pop().await.map_err(shard_err(pos))?
+            } else {
+                None
+            });
+        }
+        group(src.as_ref(), &rows)?;
+    }
 }
 
 /// Merges per-account aggregates `(account, count, sum[, shard])` of the source against the
@@ -106,111 +175,47 @@ where
     T: RowSource,
     R: Fn(&str, Option<&str>) -> Result<usize, String>,
 {
-    // The first FETCH of each cursor runs that side's whole aggregation: start them all at
-    // once so that the source and the shards aggregate in parallel.
-    {
-        let first = futures_util::future::join(
-            source.peek(),
-            futures_util::future::join_all(streams.iter_mut().map(|s| s.peek())),
-        )
-        .await;
-        if let Err(e) = first.0 {
-            return Err(MergeError::Stream {
-                shard_pos: None,
-                source: e,
-            });
-        }
-        for (pos, r) in first.1.into_iter().enumerate() {
-            if let Err(e) = r {
-                return Err(MergeError::Stream {
-                    shard_pos: Some(pos),
-                    source: e,
-                });
-            }
-        }
-    }
-    loop {
-        // The smallest account at any head.
-        let mut min: Option<String> = match source.peek().await {
-            Ok(r) => r.map(|r| field(r, 0).map(str::to_owned)).transpose()?,
-            Err(e) => {
-                return Err(MergeError::Stream {
-                    shard_pos: None,
-                    source: e,
-                })
-            }
+    merge(source, streams, 1, |src, shards| {
+        let Some(first) = src.or_else(|| shards.iter().flatten().next()) else {
+            return Ok(());
         };
-        for (pos, s) in streams.iter_mut().enumerate() {
-            let head = s.peek().await.map_err(|e| MergeError::Stream {
-                shard_pos: Some(pos),
-                source: e,
-            })?;
-            if let Some(r) = head {
-                let a = field(r, 0)?;
-                if min.as_deref().is_none_or(|m| a < m) {
-                    min = Some(a.to_owned());
-                }
-            }
-        }
-        let Some(account) = min else { return Ok(()) };
-        let src = if head_is(source, &account)
-            .await
-            .map_err(|e| MergeError::Stream {
-                shard_pos: None,
-                source: e,
-            })? {
-            source.pop().await.map_err(|e| MergeError::Stream {
-                shard_pos: None,
-                source: e,
-            })?
-        } else {
-            None
-        };
-        let expected = match &src {
-            Some(r) => Some(
-                route(&account, r.get(3).and_then(|v| v.as_deref())).map_err(|message| {
-                    MergeError::Route {
-                        account: account.clone(),
-                        message,
-                    }
-                })?,
-            ),
+        let account = field(first, 0)?;
+        let expected = match src {
+            Some(r) => Some(route(account, r.get(3).and_then(|v| v.as_deref())).map_err(
+                |message| MergeError::Route {
+                    account: account.to_owned(),
+                    message,
+                },
+            )?),
             None => None,
         };
-        for (pos, s) in streams.iter_mut().enumerate() {
-            let stream_err = |e| MergeError::Stream {
-                shard_pos: Some(pos),
-                source: e,
-            };
-            let here = if head_is(s, &account).await.map_err(stream_err)? {
-                s.pop().await.map_err(stream_err)?
-            } else {
-                None
-            };
+        for (pos, here) in shards.iter().enumerate() {
             let id = shard_ids.get(pos).copied().unwrap_or(usize::MAX);
             let Some(tally) = tallies.get_mut(pos) else {
                 continue;
             };
-            if let Some(h) = &here {
+            if let Some(h) = here {
                 tally.rows_shard += count(h)?;
             }
             if expected == Some(id) {
-                let Some(src) = &src else { continue };
+                let Some(src) = src else { continue };
                 tally.accounts_checked += 1;
                 tally.rows_source += count(src)?;
-                let same = match &here {
+                let same = match here {
                     Some(h) => field(h, 1)? == field(src, 1)? && field(h, 2)? == field(src, 2)?,
                     None => false,
                 };
                 if !same {
-                    tally.suspect(&account, expected);
+                    tally.suspect(account, expected);
                 }
             } else if here.is_some() {
                 // On this shard, but the source routes it elsewhere (or has no such account).
-                tally.suspect(&account, expected);
+                tally.suspect(account, expected);
             }
         }
-    }
+        Ok(())
+    })
+    .await
 }
 
 /// How a row differs.
@@ -239,48 +244,25 @@ where
     T: RowSource,
     F: FnMut(DiffKind, &[Option<String>]),
 {
-    let src_err = |e| MergeError::Stream {
-        shard_pos: None,
-        source: e,
-    };
-    let sh_err = |e| MergeError::Stream {
-        shard_pos: Some(0),
-        source: e,
-    };
-    loop {
-        let a = source.peek().await.map_err(src_err)?;
-        let b = shard.peek().await.map_err(sh_err)?;
-        let order = match (a, b) {
-            (None, None) => return Ok(()),
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some(a), Some(b)) => a
-                .get(..key_len)
-                .unwrap_or(a)
-                .cmp(b.get(..key_len).unwrap_or(b)),
-        };
-        match order {
-            std::cmp::Ordering::Less => {
-                if let Some(r) = source.pop().await.map_err(src_err)? {
-                    diff(DiffKind::Missing, r.get(..key_len).unwrap_or(&r));
-                }
-            }
-            std::cmp::Ordering::Greater => {
-                if let Some(r) = shard.pop().await.map_err(sh_err)? {
-                    diff(DiffKind::Extra, r.get(..key_len).unwrap_or(&r));
-                }
-            }
-            std::cmp::Ordering::Equal => {
-                let a = source.pop().await.map_err(src_err)?;
-                let b = shard.pop().await.map_err(sh_err)?;
-                if let (Some(a), Some(b)) = (a, b) {
+    merge(
+        source,
+        std::slice::from_mut(shard),
+        key_len,
+        |src, shards| {
+            match (src, shards.first().and_then(Option::as_ref)) {
+                (Some(a), None) => diff(DiffKind::Missing, key_of(a, key_len)),
+                (None, Some(b)) => diff(DiffKind::Extra, key_of(b, key_len)),
+                (Some(a), Some(b)) => {
                     if a.get(key_len) != b.get(key_len) {
-                        diff(DiffKind::Different, a.get(..key_len).unwrap_or(&a));
+                        diff(DiffKind::Different, key_of(a, key_len));
                     }
                 }
+                (None, None) => {}
             }
-        }
-    }
+            Ok(())
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

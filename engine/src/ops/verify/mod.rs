@@ -1036,6 +1036,76 @@ fn record(r: &mut TableShardResult, d: Difference) {
     }
 }
 
+/// Which source rows [`diff_rows`] reads.
+enum SourceRows<'a> {
+    /// The whole table.
+    All,
+    /// The rows matching this SQL condition.
+    Matching(&'a str),
+    /// None (the shard's rows are all extra).
+    Nothing,
+}
+
+/// Row-by-row comparison of `plan`'s table on the source and on shard position `pos`: md5 per
+/// row key on each side (`sql::row_hashes`, the shard's rows restricted by `shard_filter`),
+/// merged by [`merge_rows`], which calls `diff` for each key that is missing, extra or
+/// different. The caller has begun the source snapshot at `lsn` ([`begin_source`]); this
+/// begins the shard's ([`begin_shard`]) and commits both, also on an error.
+async fn diff_rows(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    pos: usize,
+    lsn: Lsn,
+    src: SourceRows<'_>,
+    shard_filter: Option<&str>,
+    diff: impl FnMut(DiffKind, &[Option<String>]),
+) -> Result<(), VerifyError> {
+    let Some(shard) = ctx.shards.get(pos) else {
+        return Ok(());
+    };
+    let mut began = Vec::with_capacity(1);
+    let outcome = async {
+        begin_shard(ctx, pos, lsn).await?;
+        began.push(pos);
+        let src_filter = match src {
+            SourceRows::All => Some(None),
+            SourceRows::Matching(f) => Some(Some(f)),
+            SourceRows::Nothing => None,
+        };
+        let src = match src_filter {
+            None => MaybeCursor::Empty,
+            Some(filter) => MaybeCursor::Open(
+                Cursor::open(
+                    &ctx.src,
+                    "reshard_verify_src",
+                    &sql::row_hashes(&plan.rule.source, &plan.order, &plan.columns, filter),
+                )
+                .await
+                .map_err(q("source", Some(&plan.rule.source)))?,
+            ),
+        };
+        let sh = Cursor::open(
+            &shard.client,
+            "reshard_verify_shard",
+            &sql::row_hashes(&plan.rule.target, &plan.order, &plan.columns, shard_filter),
+        )
+        .await
+        .map_err(q(&shard.name, Some(&plan.rule.target)))?;
+        merge_rows(
+            &mut Peeked::new(src),
+            &mut Peeked::new(sh),
+            plan.order.len(),
+            diff,
+        )
+        .await
+        .map_err(|e| merge_err(ctx, plan, &[pos], e))
+    }
+    .await;
+    let closed = commit_all(ctx, &began).await;
+    outcome?;
+    closed
+}
+
 /// Row-by-row comparison of `accounts` on shard position `pos`.
 async fn drill_accounts(
     ctx: &Ctx<'_>,
@@ -1077,62 +1147,28 @@ async fn drill_accounts(
             let lsn = begin_source(ctx).await?;
             first_lsn.get_or_insert(lsn);
             diffs.clear();
-            let mut began = Vec::with_capacity(1);
-            let outcome = async {
-                begin_shard(ctx, pos, lsn).await?;
-                began.push(pos);
-                let src = if routed_here.is_empty() {
-                    MaybeCursor::Empty
-                } else {
-                    let f = sql::key_in(&plan.rule.key, &plan.key_type, &routed_here);
-                    MaybeCursor::Open(
-                        Cursor::open(
-                            &ctx.src,
-                            "reshard_verify_src",
-                            &sql::row_hashes(
-                                &plan.rule.source,
-                                &plan.order,
-                                &plan.columns,
-                                Some(&f),
-                            ),
-                        )
-                        .await
-                        .map_err(q("source", Some(&plan.rule.source)))?,
-                    )
+            let src_filter;
+            let src = if routed_here.is_empty() {
+                SourceRows::Nothing
+            } else {
+                src_filter = sql::key_in(&plan.rule.key, &plan.key_type, &routed_here);
+                SourceRows::Matching(&src_filter)
+            };
+            let f = sql::key_in(&plan.rule.key, &plan.key_type, &all);
+            diff_rows(ctx, plan, pos, lsn, src, Some(&f), |kind, key| {
+                let account = key.first().cloned().flatten();
+                let belongs_to = match (kind, account.as_deref().and_then(|a| belongs.get(a))) {
+                    (DiffKind::Extra, Some(Some(e))) if *e != shard.index => names.get(*e).cloned(),
+                    _ => None,
                 };
-                let f = sql::key_in(&plan.rule.key, &plan.key_type, &all);
-                let sh = Cursor::open(
-                    &shard.client,
-                    "reshard_verify_shard",
-                    &sql::row_hashes(&plan.rule.target, &plan.order, &plan.columns, Some(&f)),
-                )
-                .await
-                .map_err(q(&shard.name, Some(&plan.rule.target)))?;
-                let mut src = Peeked::new(src);
-                let mut sh = Peeked::new(sh);
-                merge_rows(&mut src, &mut sh, plan.order.len(), |kind, key| {
-                    let account = key.first().cloned().flatten();
-                    let belongs_to = match (kind, account.as_deref().and_then(|a| belongs.get(a))) {
-                        (DiffKind::Extra, Some(Some(e))) if *e != shard.index => {
-                            names.get(*e).cloned()
-                        }
-                        _ => None,
-                    };
-                    diffs.push(Difference {
-                        kind,
-                        account,
-                        key: key.to_vec(),
-                        belongs_to,
-                    });
-                })
-                .await
-                .map_err(|e| merge_err(ctx, plan, &[pos], e))?;
-                Ok::<(), VerifyError>(())
-            }
-            .await;
-            let closed = commit_all(ctx, &began).await;
-            outcome?;
-            closed?;
+                diffs.push(Difference {
+                    kind,
+                    account,
+                    key: key.to_vec(),
+                    belongs_to,
+                });
+            })
+            .await?;
             let keys: BTreeSet<Vec<Option<String>>> = diffs.iter().map(|d| d.key.clone()).collect();
             persistent = Some(match persistent.take() {
                 None => keys,
@@ -1271,52 +1307,23 @@ async fn verify_broadcast(
         pending = still;
     }
     for pos in pending {
-        let Some(shard) = ctx.shards.get(pos) else {
+        if ctx.shards.get(pos).is_none() {
             continue;
-        };
+        }
         let Some(r) = results.get_mut(pos) else {
             continue;
         };
         let lsn = begin_source(ctx).await?;
         let mut diffs = Vec::new();
-        let mut began = Vec::with_capacity(1);
-        let outcome = async {
-            begin_shard(ctx, pos, lsn).await?;
-            began.push(pos);
-            let mut src = Peeked::new(
-                Cursor::open(
-                    &ctx.src,
-                    "reshard_verify_src",
-                    &sql::row_hashes(&plan.rule.source, &plan.order, &plan.columns, None),
-                )
-                .await
-                .map_err(q("source", Some(&plan.rule.source)))?,
-            );
-            let mut sh = Peeked::new(
-                Cursor::open(
-                    &shard.client,
-                    "reshard_verify_shard",
-                    &sql::row_hashes(&plan.rule.target, &plan.order, &plan.columns, None),
-                )
-                .await
-                .map_err(q(&shard.name, Some(&plan.rule.target)))?,
-            );
-            merge_rows(&mut src, &mut sh, plan.order.len(), |kind, key| {
-                diffs.push(Difference {
-                    kind,
-                    account: None,
-                    key: key.to_vec(),
-                    belongs_to: None,
-                })
+        diff_rows(ctx, plan, pos, lsn, SourceRows::All, None, |kind, key| {
+            diffs.push(Difference {
+                kind,
+                account: None,
+                key: key.to_vec(),
+                belongs_to: None,
             })
-            .await
-            .map_err(|e| merge_err(ctx, plan, &[pos], e))?;
-            Ok::<(), VerifyError>(())
-        }
-        .await;
-        let closed = commit_all(ctx, &began).await;
-        outcome?;
-        closed?;
+        })
+        .await?;
         for d in diffs {
             record(r, d);
         }
