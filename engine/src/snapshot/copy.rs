@@ -30,6 +30,7 @@ use super::error::SnapshotError;
 use super::progress::{FullLoadProgress, TableState};
 use super::rows::{field, is_null, preview, unescape, RowSplitter};
 use super::throttle::Throttle;
+use super::window::Key;
 use super::{ExportedSnapshot, FullLoadOptions, RouteFn, ShardTarget};
 use crate::event::ShardId;
 use crate::lsn::Lsn;
@@ -357,33 +358,20 @@ impl Worker {
             false,
         )
         .await?;
-        let total = i32::try_from(table.chunks_total).unwrap_or(i32::MAX);
-        let id = i32::try_from(job.id).unwrap_or(i32::MAX);
-        for (s, client) in self.shards.iter().enumerate() {
-            let name = ctx.shard_name(s);
-            let r = copied.shard_rows.get(s).copied().unwrap_or(0);
-            let b = copied.shard_bytes.get(s).copied().unwrap_or(0);
-            client
-                .execute(
-                    "INSERT INTO reshard.fullload_chunks
-                        (source_table, chunk_id, chunks_total, snapshot_lsn, rows, bytes)
-                     VALUES ($1, $2, $3, $4::text::pg_lsn, $5, $6)",
-                    &[
-                        &table.source_display,
-                        &id,
-                        &total,
-                        &ctx.snapshot_lsn,
-                        &r,
-                        &b,
-                    ],
-                )
-                .await
-                .map_err(shard_err(name, what()))?;
-            client
-                .batch_execute("COMMIT")
-                .await
-                .map_err(shard_err(name, what()))?;
-        }
+        let record = ChunkRecord::Planned {
+            chunks_total: i32::try_from(table.chunks_total).unwrap_or(i32::MAX),
+            snapshot_lsn: &ctx.snapshot_lsn,
+        };
+        copied
+            .commit(
+                ctx,
+                &self.shards,
+                &table.source_display,
+                job.id,
+                &record,
+                what,
+            )
+            .await?;
         ctx.chunk_committed(job.table, &copied, None);
         tracing::debug!(table = %table.source_display, chunk = job.id, rows = copied.rows,
             bytes = copied.bytes, "chunk copied");
@@ -407,6 +395,109 @@ pub(crate) struct Copied {
     report_bytes: u64,
     /// The shards' copy slots, held until the caller commits (dropped with this value).
     _permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// A chunk's row in reshard's bookkeeping on a shard, written in the transaction that holds
+/// the chunk's rows there: after a crash a shard holds a chunk whole with its record, or
+/// neither. The two loads keep different records (one definition of each, here).
+pub(crate) enum ChunkRecord<'a> {
+    /// `reshard.fullload_chunks`: a planned chunk of the load under the exported snapshot.
+    Planned {
+        /// The table's planned chunks.
+        chunks_total: i32,
+        /// The exported snapshot's LSN (text form).
+        snapshot_lsn: &'a str,
+    },
+    /// `reshard.watermark_chunks`: a chunk of the watermark load (see `window`).
+    Watermark {
+        /// The chunk's rows follow this key (`None`: the table's first chunk).
+        key_after: &'a Option<Key>,
+        /// The chunk's last key (`None`: the table's last chunk).
+        key_last: &'a Option<Key>,
+        /// The snapshot the chunk was read under (`pg_current_snapshot()`, text form).
+        snapshot: &'a str,
+        /// The insert position before the snapshot (text form).
+        low_lsn: &'a str,
+        /// The insert position read under the snapshot (text form).
+        high_lsn: &'a str,
+    },
+}
+
+impl Copied {
+    /// Writes `record` of chunk `chunk` of `source_table` on every shard, with that shard's
+    /// rows and bytes, into the transaction [`copy_rows`] left open there, and commits it.
+    pub(crate) async fn commit(
+        &self,
+        ctx: &CopyContext,
+        shards: &[Client],
+        source_table: &str,
+        chunk: u32,
+        record: &ChunkRecord<'_>,
+        what: impl Fn() -> String,
+    ) -> Result<(), SnapshotError> {
+        let chunk_id = i32::try_from(chunk).unwrap_or(i32::MAX);
+        for (s, client) in shards.iter().enumerate() {
+            let name = ctx.shard_name(s);
+            let rows = self.shard_rows.get(s).copied().unwrap_or(0);
+            let bytes = self.shard_bytes.get(s).copied().unwrap_or(0);
+            let written = match record {
+                ChunkRecord::Planned {
+                    chunks_total,
+                    snapshot_lsn,
+                } => {
+                    client
+                        .execute(
+                            "INSERT INTO reshard.fullload_chunks
+                                (source_table, chunk_id, chunks_total, snapshot_lsn, rows, bytes)
+                             VALUES ($1, $2, $3, $4::text::pg_lsn, $5, $6)",
+                            &[
+                                &source_table,
+                                &chunk_id,
+                                chunks_total,
+                                snapshot_lsn,
+                                &rows,
+                                &bytes,
+                            ],
+                        )
+                        .await
+                }
+                ChunkRecord::Watermark {
+                    key_after,
+                    key_last,
+                    snapshot,
+                    low_lsn,
+                    high_lsn,
+                } => {
+                    client
+                        .execute(
+                            "INSERT INTO reshard.watermark_chunks
+                                (source_table, chunk_id, key_after, key_last, snapshot, low_lsn,
+                                 high_lsn, rows, bytes)
+                             VALUES ($1, $2, $3, $4, $5, $6::text::pg_lsn, $7::text::pg_lsn,
+                                     $8, $9)",
+                            &[
+                                &source_table,
+                                &chunk_id,
+                                key_after,
+                                key_last,
+                                snapshot,
+                                low_lsn,
+                                high_lsn,
+                                &rows,
+                                &bytes,
+                            ],
+                        )
+                        .await
+                }
+            };
+            written.map_err(shard_err(name, what()))?;
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(shard_err(name, what()))?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads one chunk with `copy_out_sql` on `source` (in whatever transaction the caller opened)

@@ -495,36 +495,16 @@ impl Worker {
             } else {
                 Some(last_key(&job, id, copied.last_row.as_deref())?)
             };
-            let chunk_id = i32::try_from(id).unwrap_or(i32::MAX);
-            for (s, client) in self.shards.iter().enumerate() {
-                let name = ctx.shard_name(s);
-                let r = copied.shard_rows.get(s).copied().unwrap_or(0);
-                let b = copied.shard_bytes.get(s).copied().unwrap_or(0);
-                client
-                    .execute(
-                        "INSERT INTO reshard.watermark_chunks
-                            (source_table, chunk_id, key_after, key_last, snapshot, low_lsn,
-                             high_lsn, rows, bytes)
-                         VALUES ($1, $2, $3, $4, $5, $6::text::pg_lsn, $7::text::pg_lsn, $8, $9)",
-                        &[
-                            &job.source_display,
-                            &chunk_id,
-                            &job.after,
-                            &key_last,
-                            &snapshot,
-                            &low,
-                            &high,
-                            &r,
-                            &b,
-                        ],
-                    )
-                    .await
-                    .map_err(shard_err(name, what()))?;
-                client
-                    .batch_execute("COMMIT")
-                    .await
-                    .map_err(shard_err(name, what()))?;
-            }
+            let record = copy::ChunkRecord::Watermark {
+                key_after: &job.after,
+                key_last: &key_last,
+                snapshot: &snapshot,
+                low_lsn: &low,
+                high_lsn: &high,
+            };
+            copied
+                .commit(ctx, &self.shards, &job.source_display, id, &record, what)
+                .await?;
             ctx.chunk_committed(job.table, &copied, Some(last));
             tracing::debug!(table = %job.source_display, chunk = id, rows = copied.rows,
                 %low, %high, snapshot = %snapshot, "watermark chunk copied");
