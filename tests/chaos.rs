@@ -20,13 +20,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::common::Topology;
+use crate::common::{Tmpfs, Topology};
 use crate::robust::{preload, seed, Writer, SCHEMA, TABLES};
 
 /// The kinds of fault besides an engine kill.
@@ -55,64 +54,14 @@ const FAULTS: [Fault; 6] = [
     Fault::SpillCap,
 ];
 
-/// A tmpfs mounted for one shard's tablespace; unmounted on drop (after the servers stop,
-/// since it is declared before the topology).
-struct Tmpfs {
-    mount: PathBuf,
-}
-
-impl Tmpfs {
-    /// Mounts a `size`-byte tmpfs and returns it with a tablespace directory owned by `uid`.
-    fn mount(name: &str, size: u64, uid: u32, gid: u32) -> Option<(Tmpfs, PathBuf)> {
-        let mount =
-            std::env::temp_dir().join(format!("reshard-chaos-{}-{name}", std::process::id()));
-        fs::create_dir_all(&mount).ok()?;
-        let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(&mount)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = fs::remove_dir(&mount);
-            return None;
-        }
-        let ts = mount.join("ts");
-        fs::create_dir(&ts).ok()?;
-        std::os::unix::fs::chown(&ts, Some(uid), Some(gid)).ok()?;
-        Some((Tmpfs { mount }, ts))
-    }
-
-    fn ballast(&self) -> PathBuf {
-        self.mount.join("ballast")
-    }
-
-    /// Fills the file system to the last byte.
-    fn fill(&self) {
-        use std::io::Write;
-        let mut f = fs::File::create(self.ballast()).expect("create ballast");
-        let chunk = vec![0u8; 1 << 20];
-        while f.write_all(&chunk).is_ok() {}
-        let small = [0u8; 512];
-        while f.write_all(&small).is_ok() {}
-    }
-
-    fn free(&self) {
-        let _ = fs::remove_file(self.ballast());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-        let _ = fs::remove_dir(&self.mount);
-    }
+/// A tmpfs of `size` bytes for one shard's tablespace, with a tablespace directory owned by
+/// `uid` (unmounted on drop, after the servers stop, since it is declared before the topology).
+fn tablespace_tmpfs(name: &str, size: u64, uid: u32, gid: u32) -> Option<(Tmpfs, PathBuf)> {
+    let t = Tmpfs::mount(&format!("chaos-{name}"), size)?;
+    let ts = t.path().join("ts");
+    fs::create_dir(&ts).ok()?;
+    std::os::unix::fs::chown(&ts, Some(uid), Some(gid)).ok()?;
+    Some((t, ts))
 }
 
 /// How the disk-full fault is produced on each shard.
@@ -134,7 +83,7 @@ fn setup_disk_full(t: &Topology) -> DiskFull {
     let mut mounts = Vec::new();
     for (i, s) in t.shards.iter().enumerate() {
         let (uid, gid) = owner(s.data_dir());
-        match Tmpfs::mount(&format!("shard{i}"), 512 << 20, uid, gid) {
+        match tablespace_tmpfs(&format!("shard{i}"), 512 << 20, uid, gid) {
             Some((m, ts)) => {
                 s.psql(
                     "app",

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::common::{dir_bytes, Topology};
+use crate::common::{dir_bytes, Tmpfs, Topology};
 
 /// `items` has a primary key and no TOASTed column (key moves are allowed); `audit` has no
 /// primary key and REPLICA IDENTITY FULL, and every row carries a unique `n`, so a
@@ -454,6 +454,115 @@ fn the_spill_cap_pauses_reading_and_resumes_after_the_shard_returns() {
         "no log line says reading resumed:\n{}",
         t.all_logs()
     );
+    t.stop_cleanly(d);
+}
+
+// See: explore R3-6 (a full spill disk restarted the daemon in a loop, halting every shard).
+/// A spill filesystem that fills up (a real 6 MiB tmpfs: ENOSPC) while a shard is down is
+/// handled like the cap: reading pauses (status says why, one WARN names the directory), the
+/// daemon never restarts, and once the shard returns and applies, retention frees space and
+/// reading resumes by itself, with every row exactly once.
+#[test]
+fn a_full_spill_disk_pauses_reading_and_resumes_once_retention_frees_space() {
+    let mut t = Topology::start(2);
+    let Some(_disk) = Tmpfs::mount_at(&t.spill_dir(), 6 << 20) else {
+        println!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); a full spill disk is not tested"
+        );
+        return;
+    };
+    t.ddl_everywhere(SCHEMA);
+    // The cap (1 GiB) is far above the disk: the disk fills first.
+    t.write_config_spill(
+        "segment_bytes = 1048576\nmax_bytes = 1073741824\nmemory_tail_bytes = 1048576\n",
+        "",
+    );
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.source_sql("INSERT INTO plans VALUES (1, 'one')");
+    t.wait_converged(TABLES, Duration::from_secs(60));
+
+    t.shards[1].stop().unwrap();
+    // About 30 MB of hardly compressible text, in 30 transactions.
+    for k in 0..30 {
+        t.source_sql(&format!(
+            "INSERT INTO audit SELECT g % 101 + 1, \
+             (SELECT string_agg(md5(random()::text || x || g), '') FROM generate_series(1, 30) x), g \
+             FROM generate_series({0} * 1000, {0} * 1000 + 999) g",
+            k
+        ));
+    }
+    let status = t.wait(
+        "status to say the spill disk is full",
+        Duration::from_secs(90),
+        || {
+            let s = t.status_json();
+            let full = s.as_ref().is_some_and(|s| {
+                s["source"]["pause_reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("filesystem is full"))
+            });
+            if !full {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            s.filter(|_| full)
+        },
+    );
+    assert_eq!(status["source"]["backpressure"], true, "{status}");
+    assert_eq!(status["spill"]["disk_full"], true, "{status}");
+    assert_eq!(status["phase"], "paused", "{status}");
+    // It stays paused and up while the shard is down; the live shard got its rows so far.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
+    let log = t.last_log();
+    assert!(
+        !log.contains("starting again"),
+        "the full disk restarted the daemon:\n{}",
+        t.all_logs()
+    );
+    // One WARN per full-disk episode (shard0 freeing its applied segments may end one
+    // before the next), and the last one still open.
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("filesystem is full") && l.contains("WARN"))
+        .count();
+    let resumed = log
+        .lines()
+        .filter(|l| l.contains("has space again"))
+        .count();
+    assert!(
+        warned >= 1 && warned == resumed + 1,
+        "one WARN per full-disk episode ({warned} WARN, {resumed} resumed):\n{log}"
+    );
+    let spill = t.spill_dir().display().to_string();
+    assert!(
+        log.lines().any(|l| l.contains("filesystem is full")
+            && l.contains(&spill)
+            && l.contains("free_bytes")),
+        "the WARN names the directory and its free bytes:\n{log}"
+    );
+    let live: u64 = t.shards[0]
+        .psql("app", "SELECT count(*) FROM audit")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(live > 0, "shard0 applied nothing while shard1 was down");
+
+    // The shard returns while the disk is still full: it applies, retention frees space,
+    // reading resumes by itself.
+    t.shards[1].restart().unwrap();
+    t.wait_converged(TABLES, Duration::from_secs(180));
+    let status = t.wait("status to clear the pause", Duration::from_secs(30), || {
+        t.status_json()
+            .filter(|s| s["source"]["pause_reason"].is_null())
+    });
+    assert_eq!(status["spill"]["disk_full"], false, "{status}");
+    let log = t.last_log();
+    assert!(
+        log.contains("has space again"),
+        "no log line says reading resumed:\n{log}"
+    );
+    assert!(!log.contains("starting again"), "{log}");
     t.stop_cleanly(d);
 }
 

@@ -68,6 +68,7 @@ fn snapshot() -> StatusSnapshot {
             changes_received_total: 60000,
             changes_per_sec: 900.0,
             backpressure: false,
+            pause_reason: None,
             connected: true,
             last_error: None,
             fences: vec![Fence {
@@ -119,6 +120,7 @@ fn snapshot() -> StatusSnapshot {
             durable_lsn: Lsn::from_u64(0x2_FFFF_0000),
             oldest_unapplied_lsn: Some(Lsn::from_u64(0x2_FFE0_0000)),
             backpressure_active: false,
+            disk_full: false,
             fsyncs_total: 77,
             txns_per_fsync: 64.9,
             high_water_bytes: 6 << 20,

@@ -87,6 +87,8 @@ pub const SPILL_MAX_BYTES: &str = "reshard_spill_max_bytes";
 pub const SPILL_SEGMENTS: &str = "reshard_spill_segments";
 /// 1 while reading from the source is paused because the spill cap is reached (gauge).
 pub const SPILL_BACKPRESSURE_ACTIVE: &str = "reshard_spill_backpressure_active";
+/// 1 while reading from the source is paused because the spill filesystem is full (gauge).
+pub const SPILL_DISK_FULL: &str = "reshard_spill_disk_full";
 /// fsyncs of the spill log (counter).
 pub const SPILL_FSYNCS_TOTAL: &str = "reshard_spill_fsyncs_total";
 /// Everything up to this LSN is durable in the spill log (gauge).
@@ -174,6 +176,7 @@ pub const ALL: &[&str] = &[
     SPILL_MAX_BYTES,
     SPILL_SEGMENTS,
     SPILL_BACKPRESSURE_ACTIVE,
+    SPILL_DISK_FULL,
     SPILL_FSYNCS_TOTAL,
     SPILL_DURABLE_LSN,
     SPILL_TXNS_PER_FSYNC,
@@ -461,8 +464,14 @@ impl Collector for SnapshotCollector {
         gauge(
             e,
             SPILL_BACKPRESSURE_ACTIVE,
-            "1 while reading is paused because the spill cap is reached",
+            "1 while reading is paused because the spill cap is reached or its filesystem is full",
             flag(sp.backpressure_active),
+        )?;
+        gauge(
+            e,
+            SPILL_DISK_FULL,
+            "1 while reading is paused because the spill filesystem is full",
+            flag(sp.disk_full),
         )?;
         counter(
             e,

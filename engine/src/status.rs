@@ -105,8 +105,12 @@ pub struct SourceStatus {
     pub changes_received_total: u64,
     /// Changes per second received (recent).
     pub changes_per_sec: f64,
-    /// Whether reading is paused by the spill cap.
+    /// Whether reading is paused by the spill log: its cap, or its filesystem full.
     pub backpressure: bool,
+    /// Why reading from the source is paused (`None` while it reads): the spill cap
+    /// (`[spill] max_bytes`), the spill filesystem full, or an operator's PAUSE.
+    #[serde(default)]
+    pub pause_reason: Option<String>,
     /// Connected to the source right now.
     pub connected: bool,
     /// Last source error.
@@ -277,8 +281,11 @@ pub struct SpillView {
     pub durable_lsn: Lsn,
     /// Oldest LSN some shard still needs.
     pub oldest_unapplied_lsn: Option<Lsn>,
-    /// Reading is paused because the cap is reached.
+    /// Reading is paused because the cap is reached or the filesystem is full.
     pub backpressure_active: bool,
+    /// Reading is paused because a write found the spill filesystem full (ENOSPC, EDQUOT).
+    #[serde(default)]
+    pub disk_full: bool,
     /// fsyncs done.
     pub fsyncs_total: u64,
     /// Average source transactions per fsync (group commit).

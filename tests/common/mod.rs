@@ -505,3 +505,72 @@ pub fn port_of(config: &str, key: &str) -> u16 {
         .and_then(|r| r.trim_end_matches('"').parse().ok())
         .unwrap_or_else(|| panic!("no {key} in config:\n{config}"))
 }
+
+/// A small tmpfs (a real full disk: ENOSPC) mounted while it lives; root only. Unmounted (lazily)
+/// and its mount point removed on drop, so declare it before a [`Topology`] whose servers use it.
+pub struct Tmpfs {
+    mount: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a `size`-byte tmpfs in the temporary directory; `None` where mounting is not
+    /// allowed (not root).
+    pub fn mount(name: &str, size: u64) -> Option<Tmpfs> {
+        let mount = std::env::temp_dir().join(format!("reshard-{}-{name}", std::process::id()));
+        Tmpfs::mount_at(&mount, size)
+    }
+
+    /// Mounts a `size`-byte tmpfs at `mount` (created if missing).
+    pub fn mount_at(mount: &Path, size: u64) -> Option<Tmpfs> {
+        fs::create_dir_all(mount).ok()?;
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(mount)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = fs::remove_dir(mount);
+            return None;
+        }
+        Some(Tmpfs {
+            mount: mount.to_path_buf(),
+        })
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.mount
+    }
+
+    fn ballast(&self) -> PathBuf {
+        self.mount.join("ballast")
+    }
+
+    /// Fills the file system to the last byte.
+    pub fn fill(&self) {
+        let mut f = fs::File::create(self.ballast()).expect("create ballast");
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        let small = [0u8; 512];
+        while f.write_all(&small).is_ok() {}
+    }
+
+    /// Removes what [`Tmpfs::fill`] wrote.
+    pub fn free(&self) {
+        let _ = fs::remove_file(self.ballast());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = fs::remove_dir(&self.mount);
+    }
+}

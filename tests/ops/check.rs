@@ -7,7 +7,7 @@ use std::time::Duration;
 use reshard_harness::workload::FillSpec;
 use reshard_harness::PgCluster;
 
-use super::common::{wait_for, Topology};
+use super::common::{wait_for, Tmpfs, Topology};
 use super::{json, topology_with_data};
 
 const SMALL: FillSpec = FillSpec {
@@ -365,4 +365,44 @@ async fn check_reports_an_unreachable_shard_and_exits_3() {
             .any(|c| c["target"] == "shard0" && c["check"] == "target_table"),
         "{report:#}"
     );
+}
+
+// See: explore R3-6 (`check` could warn before the spill disk fills).
+/// `check` WARNs (with the fix) when the spill directory's filesystem cannot hold
+/// `[spill] max_bytes`, and passes that line when it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_when_the_spill_filesystem_is_smaller_than_max_bytes() {
+    let t = Topology::start(1);
+    let Some(_disk) = Tmpfs::mount_at(&t.spill_dir(), 8 << 20) else {
+        println!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    let line = |report: &serde_json::Value| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "spill_space")
+            .cloned()
+            .unwrap_or_else(|| panic!("no spill_space line: {report:#}"))
+    };
+    // The default cap (10 GiB) on an 8 MiB filesystem.
+    t.write_config("");
+    let (_, report) = check(&t);
+    let l = line(&report);
+    assert_eq!(l["status"], "warn", "{l:#}");
+    let detail = l["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&t.spill_dir().display().to_string()) && detail.contains("max_bytes"),
+        "{l:#}"
+    );
+    assert!(
+        l["fix"].as_str().is_some_and(|f| f.contains("max_bytes")),
+        "{l:#}"
+    );
+    // A cap the filesystem can hold.
+    t.write_config_spill("segment_bytes = 1048576\nmax_bytes = 4194304\n", "");
+    let (_, report) = check(&t);
+    assert_eq!(line(&report)["status"], "pass", "{report:#}");
 }

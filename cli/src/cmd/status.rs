@@ -111,12 +111,15 @@ fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {
         src.current_wal_lsn,
         src.confirmed_flush_lsn,
         bytes(src.retained_wal_bytes),
-        if src.backpressure {
+        if src.backpressure && src.pause_reason.is_none() {
             "  READING PAUSED (spill cap)"
         } else {
             ""
         }
     ));
+    if let Some(r) = &src.pause_reason {
+        out.push_str(&format!("        READING PAUSED: {r}\n"));
+    }
     if let Some(e) = &src.last_error {
         out.push_str(&format!("        ! {e}\n"));
     }

@@ -63,6 +63,7 @@ pub fn status(snap: &StatusSnapshot) -> ResultSet {
         ("received_changes_total", s(src.changes_received_total)),
         ("changes_per_sec", f1(src.changes_per_sec)),
         ("source_backpressure", s(src.backpressure)),
+        ("source_pause_reason", src.pause_reason.clone()),
         ("source_last_error", src.last_error.clone()),
         ("shards", s(snap.shards.len())),
         ("shards_running", s(running)),

@@ -190,8 +190,49 @@ pub async fn run_checks(config: &Config) -> CheckReport {
             }
         }
     }
+    check_spill_space(config, &mut report);
     report.ok = report.count(CheckStatus::Fail) == 0;
     report
+}
+
+/// WARN `spill_space` when the filesystem of `[spill] dir` (or of its nearest existing
+/// parent, before the first run) cannot hold `[spill] max_bytes`: the spill log would hit a
+/// full disk before its cap (reading then pauses until retention frees space, see README).
+/// What the spill log already holds counts as usable.
+fn check_spill_space(config: &Config, report: &mut CheckReport) {
+    let dir = &config.spill.dir;
+    let Some(existing) = dir.ancestors().find(|d| d.is_dir()) else {
+        return;
+    };
+    let Some(free) = crate::spill::free_bytes(existing) else {
+        return;
+    };
+    let held = crate::ops::observe::spill_view(config).bytes;
+    let usable = free.saturating_add(held);
+    let max = config.spill.max_bytes;
+    if usable < max {
+        report.warn(
+            "spill_space",
+            "spill",
+            format!(
+                "the filesystem of [spill] dir {} has {free} bytes free (plus {held} the spill log holds), less than [spill] max_bytes = {max}: a shard that falls behind fills the disk before the cap, and reading from the source pauses until retention frees space",
+                dir.display()
+            ),
+            Some(format!(
+                "free space there, move [spill] dir to a larger disk, or set [spill] max_bytes = {} (below the usable space)",
+                usable / 10 * 9
+            )),
+        );
+    } else {
+        report.pass(
+            "spill_space",
+            "spill",
+            format!(
+                "the filesystem of [spill] dir {} can hold [spill] max_bytes = {max} ({free} bytes free)",
+                dir.display()
+            ),
+        );
+    }
 }
 
 /// A group's config (`[group]`, from `reshard plan --groups K`) against its peers: a FAIL

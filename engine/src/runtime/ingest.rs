@@ -222,6 +222,7 @@ impl Ingest {
     ) -> Result<Lsn, IngestError> {
         // Spool directories of a killed process: nothing else uses them (this process holds
         // the spill directory's lock and has no assembler yet).
+        self.spill.stop_waiting_on(shutdown.clone());
         let removed = remove_leftover_spools(&self.opts.stream_dir)?;
         if removed > 0 {
             tracing::info!(dir = %self.opts.stream_dir.display(), removed, "removed spool directories left by a previous process");

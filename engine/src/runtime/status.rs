@@ -25,12 +25,31 @@ impl Supervisor {
         let spill = self.log.stats();
         let now = pg_now();
         let loading = self.load.done.borrow().is_none();
-        let backpressure = c.backpressure.load(Ordering::Relaxed);
+        let at_cap = c.backpressure.load(Ordering::Relaxed);
+        let operator = c.paused.load(Ordering::Relaxed);
+        // The writer waiting for space is blocked inside a write: the ingest's own flag
+        // cannot say so, the spill log's can.
+        let backpressure = at_cap || spill.disk_full;
+        let pause_reason = if spill.disk_full {
+            Some(format!(
+                "the spill filesystem is full ({}): waiting for shards to apply and retention to free segments",
+                self.cfg.spill.dir.display()
+            ))
+        } else if at_cap {
+            Some(format!(
+                "the spill log reached [spill] max_bytes ({} bytes): waiting for shards to apply their backlog",
+                self.cfg.spill.max_bytes
+            ))
+        } else if operator {
+            Some("paused by the operator (RESUME on the admin console)".to_owned())
+        } else {
+            None
+        };
         let phase = if self.shutdown_rx.is_requested() {
             Phase::Stopping
         } else if loading {
             Phase::FullLoad
-        } else if backpressure || c.paused.load(Ordering::Relaxed) {
+        } else if backpressure || operator {
             Phase::Paused
         } else {
             Phase::Streaming
@@ -159,6 +178,7 @@ impl Supervisor {
                 changes_received_total: changes,
                 changes_per_sec: rates.source_rate(changes),
                 backpressure,
+                pause_reason,
                 connected: c.connected.load(Ordering::Relaxed),
                 last_error: src.last_error.clone(),
                 fences: src.fences.clone(),
@@ -177,6 +197,7 @@ impl Supervisor {
                     .filter_map(|s| s.oldest_unapplied_lsn)
                     .min(),
                 backpressure_active: spill.backpressure_active,
+                disk_full: spill.disk_full,
                 fsyncs_total: spill.fsyncs_total,
                 txns_per_fsync: spill.txns_per_fsync_avg,
                 high_water_bytes: rates.high_water,

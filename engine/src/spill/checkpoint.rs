@@ -14,7 +14,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::{io_err, Pos, SpillError};
+use super::{io_err, Pos, Shared, SpillError};
 use crate::localfs::{private_file, replace_file};
 use crate::lsn::Lsn;
 
@@ -171,22 +171,39 @@ impl CheckpointFile {
         ))
     }
 
-    /// Appends `cp` and makes it durable.
-    pub(crate) fn append(&mut self, cp: &Checkpoint) -> Result<(), SpillError> {
+    /// Appends `cp` and makes it durable. With `shared`, a write that finds the filesystem
+    /// full waits for space ([`Shared::until_space`]).
+    pub(crate) fn append(
+        &mut self,
+        cp: &Checkpoint,
+        shared: Option<&Shared>,
+    ) -> Result<(), SpillError> {
         let rec = cp.encode();
         if self.len + rec.len() as u64 > self.rotate_bytes {
-            return self.rotate(&rec);
+            return self.rotate(&rec, shared);
+        }
+        let (file, len) = (&self.file, self.len);
+        let write = || file.write_all_at(&rec, len);
+        match shared {
+            Some(s) => s.until_space("write", &self.path, write)?,
+            None => write().map_err(|e| io_err("write", &self.path, e))?,
         }
         self.file
-            .write_all_at(&rec, self.len)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| io_err("write", &self.path, e))?;
+            .sync_data()
+            .map_err(|e| io_err("sync_data", &self.path, e))?;
         self.len += rec.len() as u64;
         Ok(())
     }
 
-    fn rotate(&mut self, rec: &[u8]) -> Result<(), SpillError> {
-        self.file = replace_file(&self.path, &self.dir.join(TMP_NAME), rec)?;
+    fn rotate(&mut self, rec: &[u8], shared: Option<&Shared>) -> Result<(), SpillError> {
+        let tmp = self.dir.join(TMP_NAME);
+        self.file = match shared {
+            // Safe to repeat: the temporary file is truncated and written whole each time.
+            Some(s) => s.until_space("replace", &self.path, || {
+                replace_file(&self.path, &tmp, rec).map_err(|e| e.source)
+            })?,
+            None => replace_file(&self.path, &tmp, rec)?,
+        };
         self.len = rec.len() as u64;
         Ok(())
     }
@@ -217,9 +234,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut f, none) = CheckpointFile::open(dir.path()).unwrap();
         assert!(none.is_none());
-        f.append(&cp(1)).unwrap();
+        f.append(&cp(1), None).unwrap();
         let one = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len();
-        f.append(&cp(2)).unwrap();
+        f.append(&cp(2), None).unwrap();
         drop(f);
         let full = std::fs::read(dir.path().join(FILE_NAME)).unwrap();
         for cut in one..full.len() as u64 {
@@ -237,8 +254,8 @@ mod tests {
     fn bad_record_in_the_middle_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let (mut f, _) = CheckpointFile::open(dir.path()).unwrap();
-        f.append(&cp(1)).unwrap();
-        f.append(&cp(2)).unwrap();
+        f.append(&cp(1), None).unwrap();
+        f.append(&cp(2), None).unwrap();
         drop(f);
         let mut data = std::fs::read(dir.path().join(FILE_NAME)).unwrap();
         data[10] ^= 0xff;
@@ -256,7 +273,7 @@ mod tests {
         let (mut f, _) = CheckpointFile::open(dir.path()).unwrap();
         f.rotate_bytes = 500;
         for i in 0..40 {
-            f.append(&cp(i)).unwrap();
+            f.append(&cp(i), None).unwrap();
         }
         drop(f);
         assert!(std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len() <= 500);

@@ -391,8 +391,12 @@ pub struct SpillStats {
     pub segments: u64,
     /// End LSN of the last transaction durable in every shard log.
     pub durable_lsn: Lsn,
-    /// The ingest is paused because `bytes_on_disk >= max_bytes`.
+    /// The ingest is paused because `bytes_on_disk >= max_bytes`, or because the filesystem
+    /// is full ([`SpillStats::disk_full`]).
     pub backpressure_active: bool,
+    /// The ingest is paused because a write found the spill filesystem full (ENOSPC or
+    /// EDQUOT): it waits until shards apply and retention frees segments.
+    pub disk_full: bool,
     /// Group commits that synced something.
     pub fsyncs_total: u64,
     /// `sync_data` calls on files (segments and checkpoint) over all group commits.
@@ -544,6 +548,9 @@ pub(crate) struct State {
     pub sync_in_flight: bool,
     /// The syncer failed; the writer must be reopened.
     pub sync_error: Option<String>,
+    /// A write found the filesystem full (ENOSPC, EDQUOT) and waits for space: reading from
+    /// the source is paused meanwhile.
+    pub disk_full: bool,
 }
 
 pub(crate) struct Shared {
@@ -563,6 +570,8 @@ pub(crate) struct Shared {
     pub epochs: Vec<AtomicU64>,
     /// Per shard: held for one retention step (record, then file deletions).
     pub retention: Vec<Mutex<()>>,
+    /// While set, a write waiting for space gives up (the daemon is stopping).
+    pub stop: std::sync::OnceLock<crate::shutdown::ShutdownRx>,
 }
 
 impl Shared {
@@ -628,7 +637,8 @@ impl Shared {
             bytes_on_disk: st.bytes_on_disk,
             segments: shards.iter().map(|s| s.segments).sum(),
             durable_lsn: st.durable,
-            backpressure_active: st.backpressure,
+            backpressure_active: st.backpressure || st.disk_full,
+            disk_full: st.disk_full,
             fsyncs_total: c.fsyncs_total,
             file_syncs_total: c.file_syncs_total,
             txns_total: c.txns_total,
@@ -692,6 +702,110 @@ impl Shared {
             }
             notified.await;
         }
+    }
+}
+
+/// Whether `e` says the filesystem is full (ENOSPC) or the user's disk quota is used up
+/// (EDQUOT): the write can succeed once something frees space.
+pub(crate) fn is_out_of_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem of `dir` (`statvfs`
+/// `f_bavail * f_frsize`), `None` if it cannot be asked.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Name of the reserve file in `[spill] dir`: a little space held back so that retention can
+/// record what it releases (a small file) when the filesystem is full, and so free the
+/// segments the full disk is waiting for.
+const RESERVE_NAME: &str = "reserve";
+const RESERVE_BYTES: usize = 256 << 10;
+
+impl Shared {
+    /// Runs `f` (a positional write or a file creation, safe to repeat) until it does not fail
+    /// for lack of space. Meanwhile reading from the source is paused (the caller is the
+    /// ingest's writer), the status shows it (`disk_full`), shards keep applying and retention
+    /// frees their applied segments; one WARN names the directory, the free bytes and the
+    /// fix, one INFO says when writing resumes. Gives up (the I/O error) when the daemon
+    /// stops. Never used for `sync_data`: after a failed fsync the kernel may have dropped the
+    /// dirty pages, so repeating it could report durable what is not.
+    pub(crate) fn until_space<T>(
+        &self,
+        op: &'static str,
+        path: &Path,
+        mut f: impl FnMut() -> std::io::Result<T>,
+    ) -> Result<T, SpillError> {
+        let mut since: Option<std::time::Instant> = None;
+        loop {
+            match f() {
+                Ok(v) => {
+                    if let Some(t) = since {
+                        self.lock().disk_full = false;
+                        self.space.notify_waiters();
+                        self.make_reserve();
+                        tracing::info!(
+                            dir = %self.opts.dir.display(),
+                            waited_secs = t.elapsed().as_secs(),
+                            free_bytes = free_bytes(&self.opts.dir),
+                            "spill directory has space again: resuming reads from the source"
+                        );
+                    }
+                    return Ok(v);
+                }
+                Err(e) if is_out_of_space(&e) => {
+                    if self.stop.get().is_some_and(|s| s.is_requested()) {
+                        return Err(io_err(op, path, e));
+                    }
+                    if since.is_none() {
+                        since = Some(std::time::Instant::now());
+                        let bytes_on_disk = {
+                            let mut st = self.lock();
+                            st.disk_full = true;
+                            st.bytes_on_disk
+                        };
+                        tracing::warn!(
+                            dir = %self.opts.dir.display(),
+                            op,
+                            path = %path.display(),
+                            error = %e,
+                            free_bytes = free_bytes(&self.opts.dir),
+                            bytes_on_disk,
+                            max_bytes = self.opts.max_bytes,
+                            "spill directory's filesystem is full: pausing reads from the source until shards apply their backlog and retention frees segments (nothing is lost; reading resumes by itself); fix: free space on that filesystem, or set [spill] max_bytes below its free space, or move [spill] dir to a larger disk"
+                        );
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                Err(e) => return Err(io_err(op, path, e)),
+            }
+        }
+    }
+
+    /// Creates the reserve file if it is missing (best effort: a full disk leaves it out, and
+    /// the next end of a full-disk wait tries again).
+    pub(crate) fn make_reserve(&self) {
+        let path = self.opts.dir.join(RESERVE_NAME);
+        if path.exists() {
+            return;
+        }
+        let made = crate::localfs::replace_file(
+            &path,
+            &self.opts.dir.join("reserve.tmp"),
+            &vec![0u8; RESERVE_BYTES],
+        );
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(self.opts.dir.join("reserve.tmp"));
+            tracing::debug!(error = %SpillError::from(e), "could not create the spill directory's reserve file");
+        }
+    }
+
+    /// Removes the reserve file (the filesystem is full and retention needs room to record
+    /// what it releases). Returns whether there was one.
+    pub(crate) fn free_reserve(&self) -> bool {
+        std::fs::remove_file(self.opts.dir.join(RESERVE_NAME)).is_ok()
     }
 }
 

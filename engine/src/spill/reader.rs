@@ -179,7 +179,16 @@ impl ShardLog for SpillLog {
         // removal made durable before the next, so a crash can never leave a hole (a missing
         // segment between two present ones) behind.
         if let Some((dir, rec)) = record {
-            if let Err(e) = rec.write(&dir) {
+            let mut written = rec.write(&dir);
+            // On a full filesystem the reserve file makes room for the record, so that the
+            // segments the full disk waits for can go (the writer makes a new reserve once
+            // writing resumes).
+            if matches!(&written, Err(SpillError::Io { source, .. }) if super::is_out_of_space(source))
+                && self.shared.free_reserve()
+            {
+                written = rec.write(&dir);
+            }
+            if let Err(e) = written {
                 tracing::warn!(shard = %shard, error = %e, "could not record what retention releases; its spill segments stay on disk until the next start");
                 return;
             }

@@ -203,6 +203,7 @@ impl SpillWriter {
                 counters: Counters::default(),
                 sync_in_flight: false,
                 sync_error: None,
+                disk_full: false,
             }),
             data: (0..n).map(|_| tokio::sync::Notify::new()).collect(),
             space: tokio::sync::Notify::new(),
@@ -210,8 +211,10 @@ impl SpillWriter {
             durable_tx: tokio::sync::watch::Sender::new(durable),
             epochs: (0..n).map(|_| AtomicU64::new(0)).collect(),
             retention: (0..n).map(|_| Mutex::new(())).collect(),
+            stop: std::sync::OnceLock::new(),
             opts,
         });
+        shared.make_reserve();
         tracing::info!(
             dir = %shared.opts.dir.display(),
             durable_lsn = %durable,
@@ -648,6 +651,12 @@ impl SpillWriter {
         self.shared.stats()
     }
 
+    /// A write that finds the filesystem full waits for space (see [`SpillStats::disk_full`])
+    /// until `shutdown` is requested, then fails.
+    pub fn stop_waiting_on(&self, shutdown: crate::shutdown::ShutdownRx) {
+        let _ = self.shared.stop.set(shutdown);
+    }
+
     fn check_failed(&self) -> Result<(), SpillError> {
         let st = self.shared.lock();
         if let Some(reason) = &st.sync_error {
@@ -796,12 +805,13 @@ impl SpillWriter {
         if w.active.is_none() {
             let seq = w.next_seq;
             let path = w.dir.join(block::segment_name(first, seq));
-            let file = private_file()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(|e| io_err("create", &path, e))?;
+            let file = self.shared.until_space("create", &path, || {
+                private_file()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+            })?;
             w.next_seq += 1;
             w.dir_dirty = true;
             created = Some(seq);
@@ -819,10 +829,12 @@ impl SpillWriter {
             seq: a.seq,
             offset: a.bytes,
         };
-        a.file
-            .write_all_at(&header, a.bytes)
-            .and_then(|()| a.file.write_all_at(payload, a.bytes + block::HEADER_LEN))
-            .map_err(|e| io_err("write", &a.path, e))?;
+        // Positional writes: after ENOSPC the same bytes go to the same place again.
+        self.shared.until_space("write", &a.path, || {
+            a.file
+                .write_all_at(&header, a.bytes)
+                .and_then(|()| a.file.write_all_at(payload, a.bytes + block::HEADER_LEN))
+        })?;
         let frame = block::HEADER_LEN + payload.len() as u64;
         a.bytes += frame;
         let next = Pos {
@@ -926,7 +938,7 @@ impl Syncer {
         let mut pool = SyncPool::default();
         while let Ok(mut job) = rx.recv() {
             let syncs = (job.files.len() + job.dirs.len() + 1) as u64;
-            let r = Syncer::sync(&mut job, &mut checkpoint, &mut pool);
+            let r = Syncer::sync(shared, &mut job, &mut checkpoint, &mut pool);
             {
                 let mut st = shared.lock();
                 st.sync_in_flight = false;
@@ -957,6 +969,7 @@ impl Syncer {
     /// Segment files first (in parallel: each `sync_data` waits for the disk), then the
     /// directories, then the checkpoint that makes them count.
     fn sync(
+        shared: &Shared,
         job: &mut SyncJob,
         checkpoint: &mut CheckpointFile,
         pool: &mut SyncPool,
@@ -972,7 +985,7 @@ impl Syncer {
         for d in &job.dirs {
             sync_dir(d)?;
         }
-        checkpoint.append(&job.checkpoint)
+        checkpoint.append(&job.checkpoint, Some(shared))
     }
 }
 
