@@ -181,6 +181,42 @@ fn unreachable_source_is_exit_3_naming_it() {
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
+/// A `[spill] dir` that is a file, or that cannot be created, is refused at once naming the
+/// path, instead of being retried for `--start-retry-secs` as "a server is unreachable or
+/// restarting" (found by an outside-user run: the default retry kept it there 300 s).
+#[test]
+fn a_spill_dir_that_is_a_file_is_refused_at_once() {
+    let t = Topology::start(1);
+    let ddl = "CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)";
+    t.source_sql(ddl);
+    t.shards[0].psql("app", ddl).unwrap();
+    let file = t.spill_dir().with_extension("file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let text = std::fs::read_to_string(t.write_config("")).unwrap();
+    let text = text.replace(
+        &format!("dir = \"{}\"", t.spill_dir().display()),
+        &format!("dir = \"{}\"", file.display()),
+    );
+    assert!(text.contains(&file.display().to_string()), "{text}");
+    std::fs::write(t.config_path(), text).unwrap();
+    let started = std::time::Instant::now();
+    let (code, _, err) = t.reshard(&[
+        "run",
+        "-c",
+        t.config_path().to_str().unwrap(),
+        "--start-retry-secs",
+        "60",
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(!err.contains("unreachable or restarting"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}: {err}",
+        started.elapsed()
+    );
+}
+
 // See: issue #11 item 12.
 /// `reshard run` refuses an admin console on a non-loopback address without a password:
 /// exit 2 before connecting anywhere, naming the config keys.

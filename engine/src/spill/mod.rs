@@ -360,9 +360,27 @@ pub enum SpillError {
     },
 }
 
+/// The `op` of a [`SpillError::Io`] creating the spill directory (or a shard's directory in it).
+pub(crate) const CREATE_DIR: &str = "create the directory";
+
 impl Classify for SpillError {
     fn class(&self) -> ErrorClass {
         match self {
+            // No retry fixes a path that is a file or a directory reshard may not write: a
+            // start-up would wait for `--start-retry-secs` (as if a server were restarting)
+            // before saying so.
+            SpillError::Io { op, source, .. }
+                if *op == CREATE_DIR
+                    && matches!(
+                        source.kind(),
+                        std::io::ErrorKind::AlreadyExists
+                            | std::io::ErrorKind::NotADirectory
+                            | std::io::ErrorKind::PermissionDenied
+                            | std::io::ErrorKind::ReadOnlyFilesystem
+                    ) =>
+            {
+                ErrorClass::Definite
+            }
             SpillError::Io { .. }
             | SpillError::CutBack { .. }
             | SpillError::WriterFailed { .. } => ErrorClass::Transient,

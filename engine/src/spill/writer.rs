@@ -26,7 +26,7 @@ use super::reader::SpillLog;
 use super::retained::{self, Retained};
 use super::{
     io_err, sync_dir, Counters, Pos, SegMeta, ShardShared, Shared, SpillError, SpillIdentity,
-    SpillOptions, SpillStats, State, TailBlock,
+    SpillOptions, SpillStats, State, TailBlock, CREATE_DIR,
 };
 use crate::event::{ShardEvent, ShardId};
 use crate::localfs::{create_private_dir_all, private_file, replace_file};
@@ -156,7 +156,7 @@ impl SpillWriter {
                 ),
             });
         }
-        create_private_dir_all(&opts.dir).map_err(|e| io_err("create", &opts.dir, e))?;
+        create_private_dir_all(&opts.dir).map_err(|e| io_err(CREATE_DIR, &opts.dir, e))?;
         let lock = lock_dir(&opts.dir)?;
         let (created, lineage) = check_identity(&opts.dir, &identity)?;
         let (checkpoint, cp) = CheckpointFile::open(&opts.dir)?;
@@ -1226,7 +1226,7 @@ fn recover_shard(
 ) -> Result<(ShardShared, ShardWriter, ShardOpenReport), SpillError> {
     let shard = ShardId(i as u16);
     let dir = block::shard_dir(&opts.dir, i);
-    create_private_dir_all(&dir).map_err(|e| io_err("create", &dir, e))?;
+    create_private_dir_all(&dir).map_err(|e| io_err(CREATE_DIR, &dir, e))?;
     let cp = cp.unwrap_or(ShardCheckpoint {
         end: Pos { seq: 0, offset: 0 },
         deleted_through: Lsn::ZERO,
