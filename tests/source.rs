@@ -164,6 +164,19 @@ async fn password_round_trip(auth: Auth) {
         }
         other => panic!("expected an Auth error, got {other:?}"),
     }
+    // The same from an ordinary SQL connection (a shard's apply, check, verify): it was
+    // "cannot connect …: invalid configuration; check that the server is running".
+    match none.connect_sql().await {
+        Err(e @ SourceError::Auth { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("none was given"), "{msg}");
+            assert!(!msg.contains("invalid configuration"), "{msg}");
+        }
+        other => panic!(
+            "expected an Auth error from connect_sql, got {:?}",
+            other.err()
+        ),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

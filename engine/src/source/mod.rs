@@ -327,6 +327,15 @@ pub fn from_pg_error(
             reason: format!("{context}: {e}"),
         };
     }
+    // tokio_postgres reports a server that asks for a password none was given for as
+    // "invalid configuration" (its cause, "password missing", is not in its Display): the same
+    // error as the replication client's, not "is the server running?".
+    if std::error::Error::source(&e).is_some_and(|c| c.to_string() == "password missing") {
+        return SourceError::Auth {
+            user: user.to_owned(),
+            message: "the server asks for a password but none was given".into(),
+        };
+    }
     SourceError::Connect {
         host: host.to_owned(),
         port,
