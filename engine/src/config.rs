@@ -220,7 +220,13 @@ pub struct ShardConfig {
     pub replicas: Vec<String>,
 }
 
-/// `mode` of a `[[tables]]` entry.
+/// `mode` of a `[[tables]]` entry, as written: no key column (that is `key` or `[routing] key`).
+///
+/// The stages take it resolved, each in its own type (a stage imports no other stage, see
+/// `lib.rs`), converted once in `runtime::options`: `route::TableMode` carries the key and
+/// `key_immutable` and keeps `Skip` (the router drops a skipped table's changes);
+/// `snapshot::TableMode` carries the key only and has no `Skip` (a skipped table is not in the
+/// load). `TableRule` pairs this mode with the resolved key for the operator's commands.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TableMode {

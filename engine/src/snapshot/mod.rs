@@ -95,7 +95,9 @@ pub type RouteFn = Arc<dyn Fn(Oid, &[u8]) -> Result<ShardId, String> + Send + Sy
 // One table-name type for the toolkit and the stages.
 pub use crate::pg::sql::TableName;
 
-/// How a table's rows are distributed.
+/// How a table's rows are distributed: `[[tables]] mode` ([`crate::config::TableMode`])
+/// resolved with its key column. Not `route::TableMode` (a stage imports no other stage): the
+/// load never sees a skipped table and has no use for `key_immutable`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TableMode {
     /// Each row goes to the shard its key column routes to.
