@@ -59,7 +59,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::{Client, GenericClient, Transaction};
 
 use crate::config::{Config, HashKind, TableMode};
 use crate::error::{class_of_pg, Classify, ErrorClass};
@@ -522,7 +522,8 @@ pub async fn install(client: &mut Client, spec: &FenceSpec) -> Result<Fence, Fen
             spec.rule.kind()
         ),
     )
-    .await?;
+    .await
+    .map_err(qerr(side, "logging the fence"))?;
     regenerate(&tx, side, &spec.shard, spec.lock_timeout).await?;
     if inserted {
         // The fence takes effect now that every table lock is held (and for everyone at the
@@ -602,7 +603,8 @@ pub async fn remove(
             before.fenced_secs, before.refused
         ),
     )
-    .await?;
+    .await
+    .map_err(qerr(side, "logging the fence"))?;
     regenerate(&tx, side, shard, lock_timeout).await?;
     tx.commit()
         .await
@@ -647,29 +649,27 @@ pub async fn record_step(
         "{step}{}",
         lsn.map(|l| format!(" at {l}")).unwrap_or_default()
     );
-    client
-        .execute(
-            "INSERT INTO reshard.fence_log (shard, side, event, detail) VALUES ($1, $2, $3, $4)",
-            &[&shard, &side.to_string(), &tx_log, &detail],
-        )
+    log(client, side, shard, &tx_log, detail)
         .await
         .map_err(qerr(side, "logging a fence step"))?;
     Ok(())
 }
 
+/// Appends `event` of the fence of `shard` on `side` to `reshard.fence_log` (inside the
+/// caller's transaction, if any).
 async fn log(
-    tx: &Transaction<'_>,
+    client: &impl GenericClient,
     side: FenceSide,
     shard: &str,
     event: &str,
     detail: &str,
-) -> Result<(), FenceError> {
-    tx.execute(
-        "INSERT INTO reshard.fence_log (shard, side, event, detail) VALUES ($1, $2, $3, $4)",
-        &[&shard, &side.to_string(), &event, &detail],
-    )
-    .await
-    .map_err(qerr(side, "logging the fence"))?;
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO reshard.fence_log (shard, side, event, detail) VALUES ($1, $2, $3, $4)",
+            &[&shard, &side.to_string(), &event, &detail],
+        )
+        .await?;
     Ok(())
 }
 
