@@ -52,12 +52,13 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::{Config, HashKind, TableMode};
-use crate::error::{class_of_pg, Classify, ErrorClass};
+use crate::error::{Classify, ErrorClass};
 use crate::lsn::Lsn;
 use crate::ops::fence::{self, FenceError, FenceSide, FenceSpec};
 use crate::ops::verify::sql::{account_aggregates, key_in};
+use crate::ops::{connect, EndpointError};
 use crate::pg::catalog::CatalogError;
-use crate::pg::conn::{error_text, quote_ident, quote_qualified};
+use crate::pg::conn::{quote_ident, quote_qualified};
 use crate::pg::reverse::ORIGIN_PREFIX;
 use crate::pg::table::describe_table;
 use crate::route::map::csv_with_accounts_on;
@@ -227,24 +228,9 @@ pub enum MoveError {
     /// Bad arguments or config (exit 2).
     #[error("{0}")]
     Usage(String),
-    /// An endpoint could not be reached.
-    #[error("cannot connect to {endpoint}: {error}")]
-    Connect {
-        /// `shard S` / `source`.
-        endpoint: String,
-        /// Why.
-        error: Box<SourceError>,
-    },
-    /// A query failed.
-    #[error("{what} on {endpoint} failed: {}", error_text(error))]
-    Query {
-        /// Where.
-        endpoint: String,
-        /// What was being done.
-        what: String,
-        /// Driver error.
-        error: tokio_postgres::Error,
-    },
+    /// An endpoint could not be reached, or a query on it failed.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
     /// The table set.
     #[error(transparent)]
     Tables(CatalogError),
@@ -307,8 +293,7 @@ pub enum MoveError {
 impl Classify for MoveError {
     fn class(&self) -> ErrorClass {
         match self {
-            MoveError::Query { error, .. } => class_of_pg(error),
-            MoveError::Connect { error, .. } => error.class(),
+            MoveError::Endpoint(e) => e.class(),
             MoveError::Fence { source, .. } => source.class(),
             MoveError::Stream { source, .. } => source.class(),
             MoveError::Timeout { .. } => ErrorClass::Transient,
@@ -317,12 +302,9 @@ impl Classify for MoveError {
     }
 }
 
-fn qerr<'a>(endpoint: &'a str, what: &'a str) -> impl Fn(tokio_postgres::Error) -> MoveError + 'a {
-    move |error| MoveError::Query {
-        endpoint: endpoint.to_owned(),
-        what: what.to_owned(),
-        error,
-    }
+fn qerr(endpoint: &str, what: &str) -> impl Fn(tokio_postgres::Error) -> MoveError {
+    let query = EndpointError::query(endpoint, what);
+    move |error| MoveError::Endpoint(query(error))
 }
 
 const RECORD_SQL: &str = "
@@ -439,19 +421,6 @@ async fn refuse_while_the_daemon_streams(config: &Config) -> Result<(), MoveErro
     Ok(())
 }
 
-/// A SQL connection to `url`, failing with `endpoint` ("source", "shard S") named.
-async fn connect_sql(url: &str, endpoint: &str) -> Result<Client, MoveError> {
-    let err = |error| MoveError::Connect {
-        endpoint: endpoint.to_owned(),
-        error: Box::new(error),
-    };
-    ConnConfig::parse(url)
-        .map_err(err)?
-        .connect_sql()
-        .await
-        .map_err(err)
-}
-
 pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport, MoveError> {
     let started = Instant::now();
     let (accounts, hash) = match &opts.selector {
@@ -500,9 +469,9 @@ pub async fn run_move(config: &Config, opts: &MoveOptions) -> Result<MoveReport,
     refuse_while_the_daemon_streams(config).await?;
     let from_ep = format!("shard {}", opts.from);
     let to_ep = format!("shard {}", opts.to);
-    let src = connect_sql(&config.source.url, "source").await?;
-    let from = connect_sql(&from_url, &from_ep).await?;
-    let to = connect_sql(&to_url, &to_ep).await?;
+    let src = connect("source", &config.source.url).await?;
+    let from = connect(&from_ep, &from_url).await?;
+    let to = connect(&to_ep, &to_url).await?;
     crate::pg::conn::normalize_session(&from)
         .await
         .map_err(qerr(&from_ep, "setting the session"))?;
@@ -845,12 +814,8 @@ impl Ctx<'_> {
 
     /// Step 2: publication + slot on the old shard, the copy from its snapshot into the target.
     async fn copy(&self) -> Result<(), MoveError> {
-        let from_conn = ConnConfig::parse(&self.shard_url(&self.opts.from)).map_err(|error| {
-            MoveError::Connect {
-                endpoint: self.from_ep.clone(),
-                error: Box::new(error),
-            }
-        })?;
+        let from_conn = ConnConfig::parse(&self.shard_url(&self.opts.from))
+            .map_err(|e| EndpointError::connect(&self.from_ep, e))?;
         let mut repl = ReplicationClient::connect(&from_conn)
             .await
             .map_err(|source| self.repl_err(source))?;
@@ -925,7 +890,7 @@ impl Ctx<'_> {
         tracing::info!(id = %self.id, slot = %self.id, consistent_point = %info.consistent_point, "move: slot created on shard {}", self.opts.from);
 
         // The copy connection imports the snapshot before anything else runs on `repl`.
-        let reader = connect_sql(&self.shard_url(&self.opts.from), &self.from_ep).await?;
+        let reader = connect(&self.from_ep, &self.shard_url(&self.opts.from)).await?;
         reader
             .batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
@@ -933,7 +898,7 @@ impl Ctx<'_> {
             ))
             .await
             .map_err(qerr(&self.from_ep, "importing the slot's snapshot"))?;
-        let writer = connect_sql(&self.shard_url(&self.opts.to), &self.to_ep).await?;
+        let writer = connect(&self.to_ep, &self.shard_url(&self.opts.to)).await?;
         let role = if self.config.apply.session_replication_role_replica {
             "SET LOCAL session_replication_role = replica"
         } else {
@@ -1060,7 +1025,7 @@ impl Ctx<'_> {
             .await
             .map_err(ferr)?,
         };
-        let mut c = connect_sql(&self.shard_url(&self.opts.from), &self.from_ep).await?;
+        let mut c = connect(&self.from_ep, &self.shard_url(&self.opts.from)).await?;
         fence::install(&mut c, &spec).await.map_err(ferr)?;
         Ok(())
     }
@@ -1072,10 +1037,8 @@ impl Ctx<'_> {
             source: Box::new(e),
         };
         let conn = |name: &str, ep: &str| {
-            ConnConfig::parse(&self.shard_url(name)).map_err(|error| MoveError::Connect {
-                endpoint: ep.to_owned(),
-                error: Box::new(error),
-            })
+            ConnConfig::parse(&self.shard_url(name))
+                .map_err(|e| MoveError::from(EndpointError::connect(ep, e)))
         };
         let spec = SideSpec {
             shard: self.opts.from.clone(),
@@ -1247,7 +1210,7 @@ impl Ctx<'_> {
         if fences.is_empty() {
             return Ok(());
         }
-        let mut c = connect_sql(&self.shard_url(&self.opts.to), &self.to_ep).await?;
+        let mut c = connect(&self.to_ep, &self.shard_url(&self.opts.to)).await?;
         for f in fences {
             let left: Vec<String> = f
                 .accounts
@@ -1514,7 +1477,7 @@ impl Ctx<'_> {
 pub async fn move_step(config: &Config, id: &str) -> Result<Option<(String, Step)>, MoveError> {
     for shard in &config.shards {
         let ep = format!("shard {}", shard.name);
-        let c = connect_sql(&shard.url, &ep).await?;
+        let c = connect(&ep, &shard.url).await?;
         let exists: bool = c
             .query_one("SELECT to_regclass('reshard.move') IS NOT NULL", &[])
             .await

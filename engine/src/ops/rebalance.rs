@@ -47,6 +47,7 @@ use serde::Serialize;
 use crate::config::{Config, HashKind};
 use crate::ops::grow::{self, GrowError, GrowPlan};
 use crate::ops::moves::{run_move, MoveError, MoveOptions, MoveReport, Selector, Step};
+use crate::ops::EndpointError;
 use crate::pg::conn::{connect_plain, error_text};
 
 /// How often a running rebalance logs its progress.
@@ -251,11 +252,7 @@ pub async fn flip_layout(
         &[&m, &r, &shard],
     )
     .await
-    .map_err(|error| MoveError::Query {
-        endpoint: ep,
-        what: "recording the flip in reshard.layout".into(),
-        error,
-    })?;
+    .map_err(EndpointError::query(&ep, "recording the flip in reshard.layout"))?;
     tracing::info!(
         modulus,
         remainder,

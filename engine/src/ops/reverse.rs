@@ -28,10 +28,10 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::{Config, TableMode};
-use crate::error::{class_of_pg, Classify, ErrorClass};
+use crate::error::{Classify, ErrorClass};
 use crate::lsn::Lsn;
 use crate::ops::fence::{self, FenceError, FenceSide, FenceSpec};
-use crate::pg::conn::{connect_plain, error_text};
+use crate::ops::{connect, EndpointError};
 use crate::pg::progress::{read_progress, source_system_id};
 use crate::pg::reverse::{self as record, ReverseRow, ReverseState, ReverseTableError};
 use crate::pg::table::split_name;
@@ -52,24 +52,9 @@ pub enum ReverseOpError {
         /// Configured names.
         known: Vec<String>,
     },
-    /// Could not connect.
-    #[error("cannot connect to {endpoint}: {error}")]
-    Connect {
-        /// `source` or `shard <name>`.
-        endpoint: String,
-        /// Why.
-        error: Box<crate::source::SourceError>,
-    },
-    /// A query failed.
-    #[error("{what} on {endpoint} failed: {}", error_text(error))]
-    Query {
-        /// `source` or the shard.
-        endpoint: String,
-        /// What was being done.
-        what: String,
-        /// Driver error.
-        error: tokio_postgres::Error,
-    },
+    /// An endpoint could not be reached, or a query on it failed.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
     /// `reshard.reverse`.
     #[error(transparent)]
     Table(#[from] ReverseTableError),
@@ -130,8 +115,7 @@ pub enum ReverseOpError {
 impl Classify for ReverseOpError {
     fn class(&self) -> ErrorClass {
         match self {
-            ReverseOpError::Connect { error, .. } => error.class(),
-            ReverseOpError::Query { error, .. } => class_of_pg(error),
+            ReverseOpError::Endpoint(e) => e.class(),
             ReverseOpError::Table(e) => e.class(),
             ReverseOpError::Timeout { .. } => ErrorClass::Transient,
             ReverseOpError::Fence(e) => e.class(),
@@ -142,22 +126,8 @@ impl Classify for ReverseOpError {
 }
 
 fn qerr(endpoint: &str, what: &str) -> impl Fn(tokio_postgres::Error) -> ReverseOpError {
-    let endpoint = endpoint.to_owned();
-    let what = what.to_owned();
-    move |error| ReverseOpError::Query {
-        endpoint: endpoint.clone(),
-        what: what.clone(),
-        error,
-    }
-}
-
-async fn connect(endpoint: &str, url: &str) -> Result<Client, ReverseOpError> {
-    connect_plain(url)
-        .await
-        .map_err(|error| ReverseOpError::Connect {
-            endpoint: endpoint.to_owned(),
-            error: Box::new(error),
-        })
+    let query = EndpointError::query(endpoint, what);
+    move |error| ReverseOpError::Endpoint(query(error))
 }
 
 fn shard_url<'a>(config: &'a Config, shard: &str) -> Result<&'a str, ReverseOpError> {
