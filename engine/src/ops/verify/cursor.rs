@@ -117,6 +117,12 @@ impl<S: RowSource> Peeked<S> {
         Ok(self.head.as_ref())
     }
 
+    /// The next row as the last [`Peeked::peek`] or [`Peeked::pop`] read it, without reading
+    /// (`None` at the end, and before the first of them).
+    pub fn head(&self) -> Option<&TextRow> {
+        self.head.as_ref()
+    }
+
     /// Consumes the next row.
     pub async fn pop(&mut self) -> Result<Option<TextRow>, tokio_postgres::Error> {
         self.peek().await?;

@@ -126,31 +126,26 @@ where
         }
     }
     let mut rows: Vec<Option<TextRow>> = Vec::with_capacity(streams.len());
+    // Every head is read from here on (`pop` reads the next row): the smallest key and the
+    // heads at it are found without copying a key.
+    let mut at_min: Vec<bool> = Vec::with_capacity(streams.len() + 1);
     loop {
-        // The smallest key at any head.
-        let mut min = source
-            .peek()
-            .await
-            .map_err(src_err)?
-            .map(|r| key_of(r, key_len).to_vec());
-        for (pos, s) in streams.iter_mut().enumerate() {
-            if let Some(r) = s.peek().await.map_err(shard_err(pos))? {
-                let k = key_of(r, key_len);
-                if min.as_deref().is_none_or(|m| k < m) {
-                    min = Some(k.to_vec());
-                }
-            }
+        {
+            let heads = std::iter::once(source.head()).chain(streams.iter().map(Peeked::head));
+            let Some(min) = heads.clone().flatten().map(|r| key_of(r, key_len)).min() else {
+                return Ok(());
+            };
+            at_min.clear();
+            at_min.extend(heads.map(|h| h.is_some_and(|r| key_of(r, key_len) == min)));
         }
-        let Some(min) = min else { return Ok(()) };
-        let at_min = |r: Option<&TextRow>| r.is_some_and(|r| key_of(r, key_len) == min);
-        let src = if at_min(source.peek().await.map_err(src_err)?) {
+        let src = if at_min.first().copied().unwrap_or(false) {
             source.pop().await.map_err(src_err)?
         } else {
             None
         };
         rows.clear();
-        for (pos, s) in streams.iter_mut().enumerate() {
-            rows.push(if at_min(s.peek().await.map_err(shard_err(pos))?) {
+        for (pos, (s, &at)) in streams.iter_mut().zip(at_min.iter().skip(1)).enumerate() {
+            rows.push(if at {
                 s.pop().await.map_err(shard_err(pos))?
             } else {
                 None
