@@ -129,41 +129,49 @@ pub(crate) struct RawFrame {
     pub payload: Vec<u8>,
 }
 
-/// Reads and CRC-checks the frame at `offset`; `limit` is the valid length of the file.
-pub(crate) fn read_frame(file: &File, offset: u64, limit: u64) -> Result<RawFrame, FrameError> {
-    if offset + HEADER_LEN > limit {
-        return Err(FrameError::Short);
-    }
-    let mut h = [0u8; HEADER_LEN as usize];
-    file.read_exact_at(&mut h, offset).map_err(FrameError::Io)?;
-    let header =
-        BlockHeader::parse(&h).ok_or_else(|| FrameError::Bad("bad frame header".into()))?;
-    if offset + header.frame_len() > limit {
-        return Err(FrameError::Short);
-    }
-    let mut payload = vec![0u8; header.payload_len as usize];
-    file.read_exact_at(&mut payload, offset + HEADER_LEN)
-        .map_err(FrameError::Io)?;
-    if !header.crc_ok(&h, &payload) {
-        return Err(FrameError::Bad("CRC32C mismatch".into()));
-    }
-    Ok(RawFrame { header, payload })
+/// A frame's header as read from a file: its bytes (the CRC covers them) and their parse.
+pub(crate) struct HeaderAt {
+    bytes: [u8; HEADER_LEN as usize],
+    pub header: BlockHeader,
 }
 
-/// Reads only the header at `offset` and checks that the frame fits (no CRC check: used to
-/// skip frames a reader does not need).
-pub(crate) fn read_header(file: &File, offset: u64, limit: u64) -> Result<BlockHeader, FrameError> {
+/// Reads and CRC-checks the frame at `offset`; `limit` is the valid length of the file.
+pub(crate) fn read_frame(file: &File, offset: u64, limit: u64) -> Result<RawFrame, FrameError> {
+    let h = read_header(file, offset, limit)?;
+    read_payload(file, offset, h)
+}
+
+/// Reads only the header at `offset` and checks that the frame fits (no CRC check yet: a
+/// reader skips frames it does not need without reading their payload; [`read_payload`]
+/// reads and checks the rest).
+pub(crate) fn read_header(file: &File, offset: u64, limit: u64) -> Result<HeaderAt, FrameError> {
     if offset + HEADER_LEN > limit {
         return Err(FrameError::Short);
     }
-    let mut h = [0u8; HEADER_LEN as usize];
-    file.read_exact_at(&mut h, offset).map_err(FrameError::Io)?;
+    let mut bytes = [0u8; HEADER_LEN as usize];
+    file.read_exact_at(&mut bytes, offset)
+        .map_err(FrameError::Io)?;
     let header =
-        BlockHeader::parse(&h).ok_or_else(|| FrameError::Bad("bad frame header".into()))?;
+        BlockHeader::parse(&bytes).ok_or_else(|| FrameError::Bad("bad frame header".into()))?;
     if offset + header.frame_len() > limit {
         return Err(FrameError::Short);
     }
-    Ok(header)
+    Ok(HeaderAt { bytes, header })
+}
+
+/// Reads the payload of the frame at `offset` whose header `h` was read there, and checks the
+/// frame's CRC.
+pub(crate) fn read_payload(file: &File, offset: u64, h: HeaderAt) -> Result<RawFrame, FrameError> {
+    let mut payload = vec![0u8; h.header.payload_len as usize];
+    file.read_exact_at(&mut payload, offset + HEADER_LEN)
+        .map_err(FrameError::Io)?;
+    if !h.header.crc_ok(&h.bytes, &payload) {
+        return Err(FrameError::Bad("CRC32C mismatch".into()));
+    }
+    Ok(RawFrame {
+        header: h.header,
+        payload,
+    })
 }
 
 /// Decompresses a frame's payload (a stored payload is taken as it is).

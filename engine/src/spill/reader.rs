@@ -218,9 +218,28 @@ struct Cur {
     raw: Bytes,
     pos: usize,
     first_commit: Lsn,
-    /// Where it came from, for error messages.
-    origin: PathBuf,
+    /// Where it came from, for error messages (a memory block's name is made only then).
+    origin: Origin,
     origin_offset: u64,
+}
+
+/// Where the block a reader decodes came from.
+enum Origin {
+    /// The memory tail, copy of the frame in segment `seq`.
+    Memory { seq: u64 },
+    /// A segment file.
+    File(PathBuf),
+}
+
+impl Origin {
+    fn path(&self, shared: &Shared, shard: ShardId) -> PathBuf {
+        match self {
+            Origin::Memory { seq } => shared
+                .segment_path(shard.index(), *seq, Lsn::ZERO)
+                .with_file_name(format!("<memory tail of segment {seq}>")),
+            Origin::File(p) => p.clone(),
+        }
+    }
 }
 
 /// One shard's cursor. Implements [`ShardReader`]; see [`ShardReader::next`] for the
@@ -316,8 +335,9 @@ impl SpillReader {
                 break;
             }
             let at = cur.pos;
+            let (shared, shard) = (&*self.shared, self.shard);
             let corrupt = |cur: &Cur, e: CodecError| SpillError::Corrupt {
-                path: cur.origin.clone(),
+                path: cur.origin.path(shared, shard),
                 offset: cur.origin_offset,
                 reason: format!(
                     "record at offset {} of the uncompressed frame: {e}",
@@ -483,10 +503,7 @@ impl SpillReader {
             raw: b.raw.clone(),
             pos: 0,
             first_commit: b.first_commit,
-            origin: self
-                .shared
-                .segment_path(self.shard.index(), b.pos.seq, Lsn::ZERO)
-                .with_file_name(format!("<memory tail of segment {}>", b.pos.seq)),
+            origin: Origin::Memory { seq: b.pos.seq },
             origin_offset: b.pos.offset,
         });
     }
@@ -520,7 +537,8 @@ impl SpillReader {
                 reason,
             },
         };
-        let header = block::read_header(file, offset, limit).map_err(|e| fail(self, e))?;
+        let h = block::read_header(file, offset, limit).map_err(|e| fail(self, e))?;
+        let header = h.header;
         if header.last_commit <= self.after {
             // Nothing this reader wants: skip the frame without reading its payload.
             self.pos = Pos {
@@ -530,8 +548,7 @@ impl SpillReader {
             self.in_txn = false;
             return Ok(());
         }
-        let frame = block::read_frame(file, offset, limit).map_err(|e| fail(self, e))?;
-        let header = frame.header;
+        let frame = block::read_payload(file, offset, h).map_err(|e| fail(self, e))?;
         let raw = block::decompress(&mut self.dctx, frame).map_err(|e| fail(self, e))?;
         self.pos = Pos {
             seq,
@@ -541,7 +558,7 @@ impl SpillReader {
             raw,
             pos: 0,
             first_commit: header.first_commit,
-            origin: path,
+            origin: Origin::File(path),
             origin_offset: offset,
         });
         Ok(())

@@ -496,6 +496,7 @@ async fn torn_tail_is_cut_at_every_byte_of_the_last_frame() {
         while off < full.len() as u64 {
             last = off;
             off += block::read_header(&f, off, full.len() as u64)
+                .map(|h| h.header)
                 .unwrap()
                 .frame_len();
         }
