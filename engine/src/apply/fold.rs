@@ -218,79 +218,81 @@ impl Fold {
             .collect()
     }
 
-    fn slot(&mut self, key: &[Value]) -> Option<usize> {
-        self.index.get(key).copied()
-    }
-
-    fn set(&mut self, key: Vec<Value>, net: Option<NetChange>) {
-        match self.slot(&key) {
-            Some(i) => {
+    /// Replaces the net change of `key` with `next(previous)`, with one hash lookup; `None`
+    /// forgets the key (a later change of it starts afresh, in a new position).
+    fn update(
+        &mut self,
+        key: Vec<Value>,
+        next: impl FnOnce(Option<NetChange>, &mut bool) -> Option<NetChange>,
+    ) {
+        use std::collections::hash_map::Entry;
+        match self.index.entry(key) {
+            Entry::Occupied(e) => {
+                let i = *e.get();
+                let prev = self.nets.get_mut(i).and_then(Option::take);
+                let net = next(prev, &mut self.needs_ordered);
                 if net.is_none() {
-                    self.index.remove(&key);
+                    e.remove();
                 }
                 if let Some(s) = self.nets.get_mut(i) {
                     *s = net;
                 }
             }
-            None => {
-                if net.is_some() {
-                    self.index.insert(key, self.nets.len());
-                    self.nets.push(net);
+            Entry::Vacant(e) => {
+                if let Some(net) = next(None, &mut self.needs_ordered) {
+                    e.insert(self.nets.len());
+                    self.nets.push(Some(net));
                 }
             }
         }
     }
 
-    fn take(&mut self, key: &[Value]) -> Option<NetChange> {
-        let i = self.slot(key)?;
-        self.nets.get_mut(i).and_then(Option::take)
-    }
-
     fn on_insert(&mut self, key: Vec<Value>, row: Row) {
-        let next = match self.take(&key) {
-            None => NetChange::Insert(row),
-            Some(NetChange::Delete(_)) => NetChange::Upsert(row),
-            Some(NetChange::Insert(_) | NetChange::Upsert(_) | NetChange::Update(_)) => {
-                // A duplicate key the source cannot have produced: keep the last row, and let
-                // the ordered path decide what the target says.
-                self.needs_ordered = true;
-                NetChange::Upsert(row)
-            }
-        };
-        self.set(key, Some(next));
+        self.update(key, |prev, needs_ordered| {
+            Some(match prev {
+                None => NetChange::Insert(row),
+                Some(NetChange::Delete(_)) => NetChange::Upsert(row),
+                Some(NetChange::Insert(_) | NetChange::Upsert(_) | NetChange::Update(_)) => {
+                    // A duplicate key the source cannot have produced: keep the last row, and
+                    // let the ordered path decide what the target says.
+                    *needs_ordered = true;
+                    NetChange::Upsert(row)
+                }
+            })
+        });
     }
 
     fn on_update(&mut self, key: Vec<Value>, new: &Row) {
-        let next = match self.take(&key) {
-            None => NetChange::Update(new.clone()),
-            Some(NetChange::Insert(mut r)) => {
-                merge(&mut r, new);
-                NetChange::Insert(r)
-            }
-            Some(NetChange::Upsert(mut r)) => {
-                merge(&mut r, new);
-                NetChange::Upsert(r)
-            }
-            Some(NetChange::Update(mut r)) => {
-                merge(&mut r, new);
-                NetChange::Update(r)
-            }
-            Some(d @ NetChange::Delete(_)) => {
-                self.needs_ordered = true;
-                d
-            }
-        };
-        self.set(key, Some(next));
+        self.update(key, |prev, needs_ordered| {
+            Some(match prev {
+                None => NetChange::Update(new.clone()),
+                Some(NetChange::Insert(mut r)) => {
+                    merge(&mut r, new);
+                    NetChange::Insert(r)
+                }
+                Some(NetChange::Upsert(mut r)) => {
+                    merge(&mut r, new);
+                    NetChange::Upsert(r)
+                }
+                Some(NetChange::Update(mut r)) => {
+                    merge(&mut r, new);
+                    NetChange::Update(r)
+                }
+                Some(d @ NetChange::Delete(_)) => {
+                    *needs_ordered = true;
+                    d
+                }
+            })
+        });
     }
 
     fn on_delete(&mut self, key: Vec<Value>, old: Row) {
-        let next = match self.take(&key) {
+        self.update(key, |prev, _| match prev {
             Some(NetChange::Insert(_)) => None,
             Some(NetChange::Upsert(_) | NetChange::Update(_) | NetChange::Delete(_)) | None => {
                 Some(NetChange::Delete(old))
             }
-        };
-        self.set(key, next);
+        });
     }
 }
 
