@@ -230,6 +230,89 @@ fn bench_spill(c: &mut Criterion) {
             s.file_block_reads, s.memory_block_reads
         );
     }
+
+    bench_caught_up(c, &rel, &dir, &rt);
+}
+
+/// Caught-up readers: each single-row transaction is handed to the readers as soon as it is
+/// appended (the ingest's group commit at the end of each burst seals it into its own block),
+/// and its shard's reader takes it from the memory tail at once — the path of every shard
+/// when reshard keeps up. Round robin over the shards; in transactions/s.
+fn bench_caught_up(
+    c: &mut Criterion,
+    rel: &Arc<Relation>,
+    dir: &tempfile::TempDir,
+    rt: &tokio::runtime::Runtime,
+) {
+    let opts = SpillOptions {
+        dir: dir.path().join("caught_up"),
+        ..SpillOptions::default()
+    };
+    let (mut w, _) = SpillWriter::open(opts, identity()).unwrap();
+    let log = w.log();
+    let mut readers: Vec<_> = (0..SHARDS)
+        .map(|s| log.open_reader(ShardId(s), Lsn::ZERO).unwrap())
+        .collect();
+    let mut k = 0u64;
+    let mut g = c.benchmark_group("spill_caught_up_readers");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(TXNS));
+    g.bench_function("single_row_txns", |b| {
+        b.iter(|| {
+            for _ in 0..TXNS {
+                k += 1;
+                let commit_lsn = Lsn::from_u64(k * 10_000);
+                let shard = ShardId((k % u64::from(SHARDS)) as u16);
+                w.append(
+                    shard,
+                    &ShardEvent::Begin(Begin {
+                        xid: k as u32,
+                        commit_lsn,
+                        commit_time: k as i64,
+                    }),
+                )
+                .unwrap();
+                w.append(
+                    shard,
+                    &ShardEvent::Change(Change::Insert {
+                        rel: Arc::clone(rel),
+                        new: row(k),
+                    }),
+                )
+                .unwrap();
+                w.append(
+                    shard,
+                    &ShardEvent::Commit(Commit {
+                        xid: k as u32,
+                        commit_lsn,
+                        end_lsn: commit_lsn.add_bytes(100),
+                        commit_time: k as i64,
+                    }),
+                )
+                .unwrap();
+                w.end_txn(commit_lsn.add_bytes(100)).unwrap();
+                w.commit().unwrap();
+                let r = &mut readers[shard.index()];
+                rt.block_on(async {
+                    let mut got = 0;
+                    while got < 3 {
+                        match r.next().await.unwrap() {
+                            ShardEvent::Heartbeat(_) => {}
+                            _ => got += 1,
+                        }
+                    }
+                });
+                log.applied(shard, commit_lsn);
+            }
+        })
+    });
+    g.finish();
+    let s = &log.stats().shards[0];
+    println!(
+        "spill caught-up readers: shard 0: {} memory block reads, {} file block reads",
+        s.memory_block_reads, s.file_block_reads
+    );
+    w.flush().unwrap();
 }
 
 criterion_group!(benches, bench_spill);
