@@ -6,9 +6,9 @@
 //! (never the caller's pipe: a full pipe would hang the server).
 //!
 //! Guarantees:
-//! - `initdb` runs once per process (as the `postgres` user when we are root, because `initdb`
-//!   refuses root); every cluster after that is a copy of that template, so several clusters
-//!   per test are cheap.
+//! - `initdb` runs once per machine and major (as the `postgres` user when we are root, because
+//!   `initdb` refuses root); every cluster after that is a copy of that template, so several
+//!   clusters per test are cheap, and a test process leaves no template behind.
 //! - No orphan server: the postmaster is stopped on `Drop` (also while unwinding from a panic),
 //!   and it is spawned by one long-lived thread with `PR_SET_PDEATHSIG`, so even a test process
 //!   killed with SIGKILL takes its servers with it.
@@ -297,10 +297,17 @@ fn base_dir() -> Result<PathBuf, HarnessError> {
     Ok(base)
 }
 
-/// The template data directory of the binaries in `bin`, made by `initdb` once per process and
-/// bin dir.
+/// How the template clusters are made (initdb's arguments below): part of a template's name, so
+/// that a change here never reuses a template made the old way.
+const TEMPLATE_FORMAT: u32 = 1;
+
+/// The template data directory of the binaries in `bin`, made by `initdb` once for every process
+/// of the machine: it lives under [`base_dir`] as `template-v<format>-<bin path>` and is reused
+/// by every later test process (one per major, not one per test binary run: a per-process
+/// template could never be removed, since statics are not dropped at exit, and each left
+/// about 40 MB behind).
 fn template(bin: &Path) -> Result<PathBuf, HarnessError> {
-    type Templates = Vec<(PathBuf, Result<(tempfile::TempDir, PathBuf), String>)>;
+    type Templates = Vec<(PathBuf, Result<PathBuf, String>)>;
     static TEMPLATES: OnceLock<Mutex<Templates>> = OnceLock::new();
     // Held while initdb runs: a second cluster of the same major waits for the first template.
     let mut templates = TEMPLATES
@@ -308,49 +315,68 @@ fn template(bin: &Path) -> Result<PathBuf, HarnessError> {
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     if let Some((_, r)) = templates.iter().find(|(b, _)| b == bin) {
-        return match r {
-            Ok((_, p)) => Ok(p.clone()),
-            Err(e) => Err(err(e.clone())),
-        };
+        return r.clone().map_err(err);
     }
-    let r = (|| -> Result<(tempfile::TempDir, PathBuf), HarnessError> {
-        let ids = postgres_ids()?;
-        let dir = tempfile::Builder::new()
-            .prefix("template-")
-            .tempdir_in(base_dir()?)?;
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
-        chown(dir.path(), ids)?;
-        let data = dir.path().join("data");
-        let log = dir.path().join("initdb.log");
-        let logf = fs::File::create(&log)?;
-        chown(&log, ids)?;
-        let status = as_postgres(
-            Command::new(bin.join("initdb"))
-                .arg("-D")
-                .arg(&data)
-                .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
-                .args(["--locale=C"])
-                .stdin(Stdio::null())
-                .stdout(logf.try_clone()?)
-                .stderr(logf),
-        )?
-        .status()?;
-        if !status.success() {
-            let out = fs::read_to_string(&log).unwrap_or_default();
-            return Err(err(format!(
-                "initdb ({}) failed ({status}):\n{out}",
-                bin.display()
-            )));
+    let r = shared_template(bin).map_err(|e| e.0);
+    templates.push((bin.to_owned(), r.clone()));
+    r.map_err(err)
+}
+
+/// The machine-wide template of `bin` (see [`template`]): made in a temporary directory and
+/// renamed into place once complete, so a process never sees half a template, and two
+/// processes racing to make it both end up using the one that was renamed first.
+fn shared_template(bin: &Path) -> Result<PathBuf, HarnessError> {
+    let name: String = bin
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let dir = base_dir()?.join(format!("template-v{TEMPLATE_FORMAT}-{name}"));
+    let data = dir.join("data");
+    if data.join("PG_VERSION").is_file() {
+        return Ok(data);
+    }
+    let ids = postgres_ids()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("making-template-")
+        .tempdir_in(base_dir()?)?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))?;
+    chown(tmp.path(), ids)?;
+    let log = tmp.path().join("initdb.log");
+    let logf = fs::File::create(&log)?;
+    chown(&log, ids)?;
+    let status = as_postgres(
+        Command::new(bin.join("initdb"))
+            .arg("-D")
+            .arg(tmp.path().join("data"))
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .args(["--locale=C"])
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf),
+    )?
+    .status()?;
+    if !status.success() {
+        let out = fs::read_to_string(&log).unwrap_or_default();
+        return Err(err(format!(
+            "initdb ({}) failed ({status}):\n{out}",
+            bin.display()
+        )));
+    }
+    match fs::rename(tmp.path(), &dir) {
+        // Renamed: the directory is the template now, not a temporary one to remove.
+        Ok(()) => {
+            let _ = tmp.keep();
+            Ok(data)
         }
-        Ok((dir, data))
-    })()
-    .map_err(|e| e.0);
-    let out = match &r {
-        Ok((_, p)) => Ok(p.clone()),
-        Err(e) => Err(err(e.clone())),
-    };
-    templates.push((bin.to_owned(), r));
-    out
+        // Another process renamed its template first: use that one (ours is removed on drop).
+        Err(_) if data.join("PG_VERSION").is_file() => Ok(data),
+        Err(e) => Err(err(format!(
+            "cannot move the template cluster made by {} into {}: {e}",
+            bin.display(),
+            dir.display()
+        ))),
+    }
 }
 
 /// Every postmaster is spawned by this one thread, which lives as long as the process, so that
@@ -785,6 +811,24 @@ mod tests {
         let port = c.port();
         drop(c);
         assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
+
+    /// The template is named by its binaries, not made anew by each process: a process that
+    /// made its own left it behind (statics are not dropped), about 40 MB per test binary run.
+    #[test]
+    fn the_template_is_shared_by_every_process_of_the_machine() {
+        let bin = server_bindir(None).unwrap();
+        let a = template(&bin).unwrap();
+        let b = shared_template(&bin).unwrap();
+        assert_eq!(a, b);
+        let dir = a.parent().unwrap();
+        assert_eq!(dir.parent().unwrap(), base_dir().unwrap());
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with(&format!("template-v{TEMPLATE_FORMAT}-")),
+            "{name}"
+        );
+        assert!(a.join("PG_VERSION").is_file());
     }
 
     #[test]
