@@ -801,6 +801,52 @@ fn an_idle_shard_advances_past_transactions_routed_elsewhere() {
     t.stop_cleanly(d);
 }
 
+// See: explore R3-4 (after a source restart the status poll never reconnected).
+/// After the source restarts, the daemon's status poll reconnects: the status clears its
+/// error and shows the source's current WAL again, and the idle heartbeat still moves idle
+/// shards' progress past WAL the source wrote to unpublished tables.
+#[test]
+fn after_a_source_restart_status_and_idle_heartbeats_recover() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.source_sql("INSERT INTO plans VALUES (1, 'one')");
+    t.wait_converged(TABLES, Duration::from_secs(60));
+
+    t.source.restart().unwrap();
+    // WAL reshard is not sent: only the heartbeat moves the shards' progress past it.
+    t.source_sql(
+        "CREATE TABLE unpublished (x int); INSERT INTO unpublished SELECT generate_series(1, 1000)",
+    );
+    let written = t.source_sql("SELECT pg_current_wal_lsn()");
+    let status = t.wait(
+        &format!("status to show the source's WAL at {written} again, without an error"),
+        Duration::from_secs(60),
+        || {
+            let s = t.status_json()?;
+            let wal: reshard_engine::Lsn = s["source"]["current_wal_lsn"].as_str()?.parse().ok()?;
+            let ok = s["source"]["last_error"].is_null()
+                && wal >= written.parse::<reshard_engine::Lsn>().ok()?;
+            if !ok {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            ok.then_some(s)
+        },
+    );
+    println!("status after the restart: {}", status["source"]);
+    for shard in 0..2 {
+        t.wait(
+            &format!("shard{shard}'s progress to pass {written} by heartbeats"),
+            Duration::from_secs(60),
+            || shard_progress_at_least(&t, shard, &written).then_some(()),
+        );
+    }
+    assert!(t.is_running(d), "{}", t.all_logs());
+    t.stop_cleanly(d);
+}
+
 // See: issue "Full load" (restart paths of `runtime::start`: slot exists, nothing loaded yet).
 /// SIGKILLed right after it created the slot, before any chunk is on a shard, under a writer:
 /// the restart loads every table under a new snapshot, streams from the slot, and every shard

@@ -457,7 +457,7 @@ async fn start_once(
         cfg,
         system_id: system.system_id.clone(),
         started,
-        sql,
+        sql: crate::source::SqlSession::new(conn.clone(), Some(sql)),
         counters,
         log,
         shards,

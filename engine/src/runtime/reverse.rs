@@ -43,7 +43,7 @@ use crate::pg::reverse::{self as record, ReverseRow, ReverseState};
 use crate::route::{self, RouteSpec};
 use crate::runtime::side::{SideSpec, SideStream};
 use crate::shutdown::ShutdownRx;
-use crate::source::ConnConfig;
+use crate::source::{ConnConfig, SqlSession};
 use crate::status::ReverseView;
 
 /// How often the watcher reads `reshard.reverse`.
@@ -78,8 +78,7 @@ pub fn spawn(
     let w = Watcher {
         cfg,
         tables,
-        source,
-        sql: None,
+        sql: SqlSession::new(source, None),
         streams: HashMap::new(),
         rows: Vec::new(),
         cleaned: HashSet::new(),
@@ -101,8 +100,7 @@ struct Failure {
 struct Watcher {
     cfg: Config,
     tables: Vec<SourceTable>,
-    source: ConnConfig,
-    sql: Option<tokio_postgres::Client>,
+    sql: SqlSession,
     streams: HashMap<String, Stream>,
     rows: Vec<ReverseRow>,
     /// `(shard, epoch)` whose slot, publication and log were removed after their rollback.
@@ -155,7 +153,7 @@ impl Watcher {
                     tracing::warn!(error = %e, "cannot read reshard.reverse on the source; reverse streams keep their state until it answers");
                 }
                 self.table_error = Some(e);
-                self.sql = None;
+                self.sql.reset();
             }
         }
         let rows = self.rows.clone();
@@ -196,12 +194,7 @@ impl Watcher {
     }
 
     async fn read_rows(&mut self) -> Result<Vec<ReverseRow>, String> {
-        if self.sql.is_none() {
-            self.sql = Some(self.source.connect_sql().await.map_err(|e| e.to_string())?);
-        }
-        let Some(sql) = &self.sql else {
-            return Ok(Vec::new());
-        };
+        let sql = self.sql.client().await?;
         record::read_all(sql).await.map_err(|e| e.to_string())
     }
 

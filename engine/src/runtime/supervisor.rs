@@ -121,7 +121,8 @@ pub struct Supervisor {
     /// The source's `IDENTIFY_SYSTEM` id, shown in the status.
     pub(super) system_id: String,
     pub(super) started: Instant,
-    pub(super) sql: tokio_postgres::Client,
+    /// The status poll's and idle heartbeat's connection (reconnects after a source restart).
+    pub(super) sql: crate::source::SqlSession,
     pub(super) counters: Arc<IngestCounters>,
     pub(super) log: Arc<SpillLog>,
     pub(super) shards: Vec<ShardHandle>,
@@ -318,13 +319,20 @@ impl Supervisor {
         }
     }
 
-    async fn poll_source(&self, out: &mut SourceStatus) {
+    async fn poll_source(&mut self, out: &mut SourceStatus) {
         let q = format!(
             "SELECT {SOURCE_PRESENT_LSN}::text, \
              (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1), \
              (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1)"
         );
-        match self.sql.query_one(&q, &[&self.cfg.source.slot]).await {
+        let sql = match self.sql.client().await {
+            Ok(c) => c,
+            Err(e) => {
+                out.last_error = Some(format!("polling the source: {e}"));
+                return;
+            }
+        };
+        match sql.query_one(&q, &[&self.cfg.source.slot]).await {
             Ok(row) => {
                 let lsn = |i: usize| {
                     row.get::<_, Option<String>>(i)
@@ -336,11 +344,14 @@ impl Supervisor {
                 out.retained_wal_bytes = row.get::<_, Option<i64>>(2).unwrap_or(0).max(0) as u64;
                 out.last_error = None;
             }
-            Err(e) => out.last_error = Some(format!("polling the source: {e}")),
+            Err(e) => {
+                out.last_error = Some(format!("polling the source: {e}"));
+                return;
+            }
         }
         // The write fences (`reshard fence`, `cutover --fence`): shown in status, the console
         // and the metrics. Reading them is best effort; the last known list stays on an error.
-        match crate::pg::fence::read_fences(&self.sql).await {
+        match crate::pg::fence::read_fences(sql).await {
             Ok(f) => out.fences = f,
             Err(e) => tracing::debug!(error = %e, "cannot read reshard.fence on the source"),
         }
@@ -350,7 +361,7 @@ impl Supervisor {
     /// nothing at all since the last transaction) and the stream is idle, a non-transactional
     /// logical message makes the walsender send a position; the ingest records it as durable,
     /// so idle shards' progress (and lag, `verify`, `cutover`) reach the source's present.
-    async fn heartbeat(&self, src: &SourceStatus, hb: &mut Heartbeat) {
+    async fn heartbeat(&mut self, src: &SourceStatus, hb: &mut Heartbeat) {
         let received = self.counters.received();
         let idle = received == hb.last_received;
         hb.last_received = received;
@@ -362,8 +373,10 @@ impl Supervisor {
         {
             return;
         }
-        match self
-            .sql
+        let Ok(sql) = self.sql.client().await else {
+            return; // poll_source reports the source unreachable
+        };
+        match sql
             .query_one(
                 &format!("SELECT pg_logical_emit_message(false, 'reshard.heartbeat', '')::text, {SOURCE_PRESENT_LSN}::text"),
                 &[],
@@ -372,6 +385,10 @@ impl Supervisor {
         {
             Ok(row) => {
                 hb.after_emit = row.get::<_, Option<String>>(1).and_then(|s| s.parse().ok()).unwrap_or_default();
+            }
+            // The connection went away (a source restart): the next poll reconnects.
+            Err(e) if e.code().is_none() => {
+                tracing::debug!(error = %e, "heartbeat: the source connection failed");
             }
             Err(e) => {
                 tracing::info!(error = %e, "cannot emit heartbeat messages on the source (pg_logical_emit_message); idle shards' progress advances only with the source's own traffic");

@@ -853,6 +853,75 @@ pub fn pgpass_lookup(
     None
 }
 
+/// An ordinary SQL connection to the source for a long-lived poller (the supervisor's status
+/// poll and idle heartbeat, the reverse-stream watcher) that survives a source restart: a
+/// closed (or [`SqlSession::reset`]) client is replaced by a new connection, tried again on a
+/// doubling backoff (1 s up to 30 s) while the source does not answer.
+pub struct SqlSession {
+    conn: ConnConfig,
+    client: Option<tokio_postgres::Client>,
+    retry_at: Option<std::time::Instant>,
+    backoff: Duration,
+}
+
+impl SqlSession {
+    const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+    const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+    /// A session on `conn`, starting with `client` if one is already open.
+    pub fn new(conn: ConnConfig, client: Option<tokio_postgres::Client>) -> SqlSession {
+        SqlSession {
+            conn,
+            client,
+            retry_at: None,
+            backoff: Self::FIRST_BACKOFF,
+        }
+    }
+
+    /// The open client, reconnecting first if the last one closed. Errs (naming the source and
+    /// when the next attempt is) while the source cannot be reached.
+    pub async fn client(&mut self) -> Result<&tokio_postgres::Client, String> {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            let now = std::time::Instant::now();
+            if let Some(at) = self.retry_at.filter(|at| now < *at) {
+                return Err(format!(
+                    "the connection to the source {}:{}/{} is closed; reconnecting in {:.0?}",
+                    self.conn.host,
+                    self.conn.port,
+                    self.conn.dbname,
+                    at - now
+                ));
+            }
+            match self.conn.connect_sql().await {
+                Ok(c) => {
+                    if self.retry_at.take().is_some() {
+                        tracing::info!(host = %self.conn.host, port = self.conn.port, "reconnected to the source");
+                    }
+                    self.backoff = Self::FIRST_BACKOFF;
+                    self.client = Some(c);
+                }
+                Err(e) => {
+                    self.retry_at = Some(now + self.backoff);
+                    self.backoff = (self.backoff * 2).min(Self::MAX_BACKOFF);
+                    return Err(format!("reconnecting to the source: {e}"));
+                }
+            }
+        }
+        self.client
+            .as_ref()
+            .ok_or_else(|| "no connection to the source".to_owned())
+    }
+
+    /// Drops the client (after an error that may have left it unusable): the next
+    /// [`SqlSession::client`] connects again.
+    pub fn reset(&mut self) {
+        self.client = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

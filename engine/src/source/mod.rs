@@ -24,7 +24,7 @@ pub use client::{
     max_proto_version, PgOutputOptions, ReplicationClient, SlotInfo, SlotOptions, SnapshotAction,
     SystemInfo,
 };
-pub use conn::{pgpass_lookup, ConnConfig, SslMode, DEFAULT_CONNECT_TIMEOUT};
+pub use conn::{pgpass_lookup, ConnConfig, SqlSession, SslMode, DEFAULT_CONNECT_TIMEOUT};
 pub use stream::{ReplicationStream, XLogData, DEFAULT_IDLE_TIMEOUT, DEFAULT_STATUS_INTERVAL};
 
 use std::fmt;
