@@ -262,3 +262,43 @@ fn verify_with_the_daemon_stopped_compares_as_is_and_says_so() {
     assert!(err.contains("may be changes not applied yet"), "{err}");
     assert!(out.contains("missing"), "{out}");
 }
+
+// See: explore R3-5 (`cutover --no-verify` died on a raw 42P01 for such a table).
+/// A table created on the source after `reshard run` started is not replicated: `cutover
+/// --no-verify` says so with the ways on (exit 1, NOT SAFE), in the same words as `verify`.
+#[test]
+fn cutover_names_a_table_created_on_the_source_after_run_started() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    let cfg = t.write_config("");
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    t.source_sql("CREATE TABLE unpub (x int); INSERT INTO unpub VALUES (1)");
+    let (code, out, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        &cfg,
+        "--shard",
+        "shard1",
+        "--no-verify",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(code, 1, "{out}\n{err}\n{}", t.all_logs());
+    let wanted = reshard_engine::pg::catalog::missing_on_shard("public.unpub", "shard1");
+    assert!(err.contains(&wanted), "{err}");
+    assert!(
+        err.contains("mode = \"skip\"") && !err.contains("42P01"),
+        "{err}"
+    );
+    // verify says the same.
+    let (code, out, err) =
+        t.reshard(&["verify", "-c", &cfg, "--shard", "shard1", "--timeout", "60"]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains(&wanted) || err.contains(&wanted),
+        "verify words it differently:\n{out}\n{err}"
+    );
+    t.stop_cleanly(d);
+}

@@ -35,7 +35,9 @@ pub async fn run(args: CutoverArgs) -> CmdResult {
             emit_failure(args.json, serde_json::json!({"shard": args.shard}), &e);
             return Err(match e {
                 CutoverError::UnknownShard { .. } => Failure::usage(e),
-                CutoverError::Timeout { .. } => Failure::problem(e),
+                CutoverError::Timeout { .. } | CutoverError::TableMissing { .. } => {
+                    Failure::problem(e)
+                }
                 CutoverError::Verify { source, .. } => super::verify::verify_failure(source),
                 CutoverError::Fence {
                     source: FenceError::UnknownShard { .. } | FenceError::Config(_),

@@ -1103,7 +1103,7 @@ async fn check_shard(
             report.fail(
                 "target_table",
                 shard,
-                format!("table {target} does not exist on shard {shard}"),
+                crate::pg::catalog::missing_on_shard(target, shard),
                 Some(format!(
                     "-- create it with the source's definition, e.g.: pg_dump --schema-only -t {} <source> | psql <shard {shard}>",
                     pg_dump_table_arg(&rule.source)

@@ -127,6 +127,12 @@ pub enum CutoverError {
         /// Seconds waited.
         waited_secs: f64,
     },
+    /// A replicated table is missing on the shard ([`crate::pg::catalog::missing_on_shard`]).
+    #[error("{message}")]
+    TableMissing {
+        /// The shared wording, with the ways on.
+        message: String,
+    },
     /// The replicated tables could not be resolved (see [`crate::pg::catalog`]).
     #[error(transparent)]
     Tables(crate::pg::catalog::CatalogError),
@@ -470,7 +476,15 @@ pub async fn cutover(
                     &[],
                 )
                 .await
-                .map_err(qerr(name, &format!("counting rows of {}", r.target)))?;
+                .map_err(|e| {
+                    if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+                        CutoverError::TableMissing {
+                            message: crate::pg::catalog::missing_on_shard(&r.target, name),
+                        }
+                    } else {
+                        qerr(name, &format!("counting rows of {}", r.target))(e)
+                    }
+                })?;
             let n: i64 = row.try_get(0).map_err(qerr(name, "counting rows"))?;
             report.tables.push(TableRows {
                 table: r.target.clone(),

@@ -635,10 +635,7 @@ impl Ctx<'_> {
                 .await
                 .map_err(qerr(&self.from_ep, "describing a table"))?
                 .ok_or_else(|| {
-                    MoveError::Usage(format!(
-                        "table {name} does not exist on shard {}",
-                        self.opts.from
-                    ))
+                    MoveError::Usage(crate::pg::catalog::missing_on_shard(&name, &self.opts.from))
                 })?;
             let key = info.column(&t.rule.key).ok_or_else(|| {
                 MoveError::Usage(format!(

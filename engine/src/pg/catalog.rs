@@ -230,6 +230,18 @@ pub async fn resolve(client: &Client, cfg: &Config) -> Result<TableSet, CatalogE
 
 /// The replicated tables of the source (skipped ones left out), or the refusal that names
 /// what to fix (see [`TableSet::into_replicated`]).
+/// The one wording (`check`, `verify`, `cutover`, `move`) of a replicated table missing on a
+/// shard: what it means for the migration and the ways on.
+pub fn missing_on_shard(table: &str, shard: &str) -> String {
+    format!(
+        "table {table} does not exist on shard {shard}, so reshard does not replicate it there \
+         (a table created on the source after `reshard run` started is not in its publication): \
+         leave it out with [[tables]] name = \"{table}\" mode = \"skip\", or create it on every \
+         shard from the source's definition, add it to the publication ([source] publication) \
+         and load its rows"
+    )
+}
+
 pub async fn discover(client: &Client, cfg: &Config) -> Result<Vec<SourceTable>, CatalogError> {
     resolve(client, cfg).await?.into_replicated()
 }

@@ -553,10 +553,7 @@ async fn verify_table(
             ..Default::default()
         };
         if t.is_none() {
-            r.error = Some(format!(
-                "table {} does not exist on shard {}",
-                rule.target, s.name
-            ));
+            r.error = Some(crate::pg::catalog::missing_on_shard(&rule.target, &s.name));
         } else {
             plan_shards.push(pos);
         }
