@@ -1090,3 +1090,50 @@ async fn move_carries_the_rows_of_a_partitioned_table() {
     let map = read_map(&map_path);
     assert_eq!((map[&2], map[&3]), (1, 1), "{map:?}");
 }
+
+// See: explore R3-10 (exit 3, raw 22P02 "invalid input syntax for type uuid").
+/// A sharded table keyed by uuid while the map's accounts are integers: an account that is not
+/// a uuid holds no rows of that table, so the move leaves it alone (it used to cast every
+/// account to each table's key type and stop on the first that did not fit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_skips_accounts_that_are_not_values_of_a_tables_key_type() {
+    let t = Topology::start(2);
+    t.ddl_everywhere("CREATE TABLE ukeys (account_id uuid PRIMARY KEY, v text)");
+    let (config, map_path, _model) = setup(&t);
+    t.shards[0]
+        .psql(
+            "app",
+            "INSERT INTO ukeys SELECT md5(i::text)::uuid, 'u' || i FROM generate_series(1, 30) i",
+        )
+        .expect("seed ukeys");
+    let cfg = config.display().to_string();
+    let (code, out, err) = crate::common::run_reshard(
+        &[
+            "move",
+            "-c",
+            &cfg,
+            "--accounts",
+            "2,3",
+            "--from",
+            "shard0",
+            "--to",
+            "shard1",
+            "--delete-grace",
+            "1s",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!err.contains("22P02"), "{err}");
+    let count = |s: usize| {
+        t.shards[s]
+            .psql("app", "SELECT count(*) FROM ukeys")
+            .expect("count")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(count(0), "30", "the uuid rows stay on shard0");
+    assert_eq!(count(1), "0", "no uuid row moved");
+    let map = read_map(&map_path);
+    assert_eq!((map[&2], map[&3]), (1, 1), "{map:?}");
+}

@@ -36,15 +36,45 @@ fn order_by(columns: &[String]) -> String {
         .join(", ")
 }
 
-/// `"key" = ANY(ARRAY['a', 'b']::<type>[])`.
+/// `"key" = ANY(ARRAY['a', 'b']::<type>[])`, over the accounts that are values of the key's
+/// type: an account that is not (`5` for a uuid key, `abc` for a bigint one) holds no rows of
+/// that table, and casting it would fail the whole query (22P02). `false` when none is.
 pub fn key_in(key: &str, key_type: &str, accounts: &[String]) -> String {
-    let lits: Vec<String> = accounts.iter().map(|a| quote_literal(a)).collect();
+    let lits: Vec<String> = accounts
+        .iter()
+        .filter(|a| account_fits_type(a, key_type))
+        .map(|a| quote_literal(a))
+        .collect();
+    if lits.is_empty() {
+        return "false".into();
+    }
     format!(
         "{} = ANY(ARRAY[{}]::{}[])",
         quote_ident(key),
         lits.join(", "),
         key_type
     )
+}
+
+/// Whether `account` can be a value of `key_type` (`format_type` text) as PostgreSQL reads
+/// it: checked for the integer types and uuid; any text for every other type.
+fn account_fits_type(account: &str, key_type: &str) -> bool {
+    let a = account.trim();
+    match key_type {
+        "smallint" => a.parse::<i16>().is_ok(),
+        "integer" => a.parse::<i32>().is_ok(),
+        "bigint" => a.parse::<i64>().is_ok(),
+        "uuid" => {
+            // 32 hex digits, optionally in braces and with hyphens (uuid_in's forms).
+            let inner = a
+                .strip_prefix('{')
+                .and_then(|x| x.strip_suffix('}'))
+                .unwrap_or(a);
+            let hex: Vec<char> = inner.chars().filter(|c| *c != '-').collect();
+            hex.len() == 32 && hex.iter().all(char::is_ascii_hexdigit)
+        }
+        _ => true,
+    }
 }
 
 /// How the source side computes a row's shard (hash = postgres): a hash-partitioned helper
@@ -192,8 +222,25 @@ mod tests {
 
     #[test]
     fn account_filter_is_quoted() {
-        let f = key_in("account_id", "bigint", &["1".into(), "2'x".into()]);
-        assert_eq!(f, "\"account_id\" = ANY(ARRAY['1', '2''x']::bigint[])");
+        let f = key_in("account_id", "text", &["1".into(), "2'x".into()]);
+        assert_eq!(f, "\"account_id\" = ANY(ARRAY['1', '2''x']::text[])");
+    }
+
+    #[test]
+    fn account_filter_leaves_out_accounts_that_are_not_values_of_the_key_type() {
+        let accounts: Vec<String> = ["5", "8", "0b6f2a4e-1c1d-4c8e-9f00-3a7d2c1b9e11"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            key_in("k", "uuid", &accounts),
+            "\"k\" = ANY(ARRAY['0b6f2a4e-1c1d-4c8e-9f00-3a7d2c1b9e11']::uuid[])"
+        );
+        assert_eq!(
+            key_in("k", "bigint", &accounts),
+            "\"k\" = ANY(ARRAY['5', '8']::bigint[])"
+        );
+        assert_eq!(key_in("k", "smallint", &["70000".into()]), "false");
+        assert_eq!(key_in("k", "uuid", &["5".into()]), "false");
     }
 
     #[test]
