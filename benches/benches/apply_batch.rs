@@ -132,8 +132,25 @@ fn bench(c: &mut Criterion) {
                 fold.push(ch).expect("foldable");
             }
             out.clear();
-            let tb = encode_table(&table, &fold.finish(), &mut out).expect("encodable");
+            let tb = encode_table(&table, &fold.finish(), &mut out, None).expect("encodable");
             black_box((tb.rows, out.len()))
+        })
+    });
+    // The same flush with the rows of new keys written as COPY rows for the target table
+    // itself (`TargetTable::takes_direct_inserts`): no op code, no staging.
+    g.bench_function("fold_and_encode_copy_direct_10k", |b| {
+        let mut out = BytesMut::with_capacity(4 << 20);
+        let mut direct = BytesMut::with_capacity(4 << 20);
+        b.iter(|| {
+            let mut fold = Fold::new(table.key_idx.clone());
+            for ch in &input {
+                fold.push(ch).expect("foldable");
+            }
+            out.clear();
+            direct.clear();
+            let tb = encode_table(&table, &fold.finish(), &mut out, Some(&mut direct))
+                .expect("encodable");
+            black_box((tb.rows, out.len(), direct.len()))
         })
     });
     g.finish();
@@ -150,7 +167,7 @@ fn bench(c: &mut Criterion) {
                 for ch in chunk {
                     fold.push(ch).expect("foldable");
                 }
-                let tb = encode_table_inline(&table, &fold.finish())
+                let tb = encode_table_inline(&table, &fold.finish(), false)
                     .expect("encodable")
                     .expect("small enough");
                 n += tb.statements.iter().map(String::len).sum::<usize>();
@@ -168,7 +185,7 @@ fn bench(c: &mut Criterion) {
                     fold.push(ch).expect("foldable");
                 }
                 out.clear();
-                let tb = encode_table(&table, &fold.finish(), &mut out).expect("encodable");
+                let tb = encode_table(&table, &fold.finish(), &mut out, None).expect("encodable");
                 n += out.len() + tb.statements.iter().map(String::len).sum::<usize>();
             }
             black_box(n)

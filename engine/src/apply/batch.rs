@@ -57,10 +57,15 @@ pub enum EncodeError {
 /// What one table contributes to a flush.
 #[derive(Debug, Default)]
 pub struct TableBatch {
-    /// Staged rows.
+    /// Staged rows (inline: rows in the `VALUES` lists).
     pub rows: usize,
     /// Statements to run after the COPY, in order.
     pub statements: Vec<String>,
+    /// Rows written straight into the target table, without a staging table and without `ON
+    /// CONFLICT` (see [`TargetTable::takes_direct_inserts`]): COPY text rows in the caller's
+    /// `direct` buffer ([`encode_table`]), or a plain `INSERT` among `statements`
+    /// ([`encode_table_inline`]).
+    pub direct_rows: usize,
 }
 
 fn put_op(out: &mut BytesMut, op: u32) {
@@ -117,8 +122,24 @@ fn put_row(
     complete: bool,
 ) -> Result<(), EncodeError> {
     put_op(out, op);
-    for c in &table.columns {
+    if !table.columns.is_empty() {
         out.put_u8(b'\t');
+    }
+    put_columns(out, table, row, keys_only, complete)
+}
+
+/// Appends every mapped column of `row` as COPY text (see [`put_row`]), then the row's end.
+fn put_columns(
+    out: &mut BytesMut,
+    table: &TargetTable,
+    row: &Row,
+    keys_only: bool,
+    complete: bool,
+) -> Result<(), EncodeError> {
+    for (i, c) in table.columns.iter().enumerate() {
+        if i > 0 {
+            out.put_u8(b'\t');
+        }
         let v = row.get(c.source_idx);
         if complete && matches!(v, Some(Value::UnchangedToast) | None) {
             return Err(EncodeError::MissingValue {
@@ -138,15 +159,21 @@ fn put_row(
 /// Encodes `folded` into COPY text rows for `table`'s staging table (appended to `out`) and
 /// returns the statements that merge them: deletes first (freeing unique values), then
 /// inserts/upserts, then updates grouped by the set of columns they carry, then `TRUNCATE` of
-/// the staging table.
+/// the staging table (no statement at all when nothing is staged).
+///
+/// With `direct` (only for a table that [takes direct
+/// inserts](TargetTable::takes_direct_inserts)), the rows of keys new to the batch
+/// ([`NetChange::Insert`]) are appended to it instead, as COPY text rows for the target table
+/// itself ([`TargetTable::copy_target_sql`]); the caller sends them after the statements.
 pub fn encode_table(
     table: &TargetTable,
     folded: &Folded,
     out: &mut BytesMut,
+    mut direct: Option<&mut BytesMut>,
 ) -> Result<TableBatch, EncodeError> {
     let mut groups: HashMap<Vec<bool>, u32> = HashMap::new();
     let mut group_list: Vec<Vec<bool>> = Vec::new();
-    let (mut deletes, mut upserts, mut inserts) = (0usize, 0usize, 0usize);
+    let (mut deletes, mut upserts, mut inserts, mut direct_rows) = (0usize, 0usize, 0usize, 0);
     for net in &folded.changes {
         match net {
             NetChange::Delete(r) => {
@@ -157,10 +184,16 @@ pub fn encode_table(
                 upserts += 1;
                 put_row(out, table, OP_UPSERT, r, false, true)?;
             }
-            NetChange::Insert(r) => {
-                inserts += 1;
-                put_row(out, table, OP_INSERT, r, false, true)?;
-            }
+            NetChange::Insert(r) => match direct.as_deref_mut() {
+                Some(d) => {
+                    direct_rows += 1;
+                    put_columns(d, table, r, false, true)?;
+                }
+                None => {
+                    inserts += 1;
+                    put_row(out, table, OP_INSERT, r, false, true)?;
+                }
+            },
             NetChange::Update(r) => {
                 let carried: Vec<bool> = r.iter().map(|v| *v != Value::UnchangedToast).collect();
                 let next = group_list.len() as u32;
@@ -187,10 +220,14 @@ pub fn encode_table(
             statements.push(sql);
         }
     }
-    statements.push(table.truncate_staging_sql());
+    let rows = folded.changes.len() - direct_rows;
+    if rows > 0 {
+        statements.push(table.truncate_staging_sql());
+    }
     Ok(TableBatch {
-        rows: folded.changes.len(),
+        rows,
         statements,
+        direct_rows,
     })
 }
 
@@ -242,9 +279,14 @@ fn push_values_row(
 /// from a `VALUES` list instead of the staging table: no COPY, no staging table, no `TRUNCATE`
 /// (one simple query carries a small flush). `Ok(None)` when the flush is too large
 /// ([`INLINE_MAX_ROWS`], [`INLINE_MAX_BYTES`]) or a value is not UTF-8: use [`encode_table`].
+///
+/// With `direct` (only for a table that [takes direct
+/// inserts](TargetTable::takes_direct_inserts)), the rows of keys new to the batch go into a
+/// plain `INSERT` without `ON CONFLICT`, after the upserts.
 pub fn encode_table_inline(
     table: &TargetTable,
     folded: &Folded,
+    direct: bool,
 ) -> Result<Option<TableBatch>, EncodeError> {
     if folded.changes.len() > INLINE_MAX_ROWS {
         return Ok(None);
@@ -252,6 +294,8 @@ pub fn encode_table_inline(
     let upsert_by_delete = table.key_mode != KeyMode::PrimaryKey;
     let mut deletes = String::new();
     let mut inserts = String::new();
+    let mut plain = String::new();
+    let mut direct_rows = 0usize;
     let mut groups: HashMap<Vec<bool>, usize> = HashMap::new();
     let mut updates: Vec<(Vec<bool>, String)> = Vec::new();
     let mut update_bytes = 0usize;
@@ -264,6 +308,10 @@ pub fn encode_table_inline(
                 (!upsert_by_delete
                     || push_values_row(&mut deletes, table, OP_UPSERT, r, true, false)?)
                     && push_values_row(&mut inserts, table, OP_UPSERT, r, false, true)?
+            }
+            NetChange::Insert(r) if direct => {
+                direct_rows += 1;
+                push_values_row(&mut plain, table, OP_INSERT, r, false, true)?
             }
             NetChange::Insert(r) => {
                 push_values_row(&mut inserts, table, OP_INSERT, r, false, true)?
@@ -290,7 +338,7 @@ pub fn encode_table_inline(
                 }
             }
         };
-        if !ok || deletes.len() + inserts.len() + update_bytes > INLINE_MAX_BYTES {
+        if !ok || deletes.len() + inserts.len() + plain.len() + update_bytes > INLINE_MAX_BYTES {
             return Ok(None);
         }
     }
@@ -302,6 +350,9 @@ pub fn encode_table_inline(
     if !inserts.is_empty() {
         statements.push(table.insert_sql_from("1, 2", &table.values_source(&inserts)));
     }
+    if !plain.is_empty() {
+        statements.push(table.insert_new_sql_from(&table.values_source(&plain)));
+    }
     for (g, (carried, rows)) in updates.iter().enumerate() {
         let op = OP_UPDATE_BASE + g as u32;
         if let Some(sql) = table.update_sql_from(op, carried, &table.values_source(rows)) {
@@ -309,8 +360,9 @@ pub fn encode_table_inline(
         }
     }
     Ok(Some(TableBatch {
-        rows: folded.changes.len(),
+        rows: folded.changes.len() - direct_rows,
         statements,
+        direct_rows,
     }))
 }
 
@@ -562,7 +614,7 @@ mod tests {
             f.push(c).unwrap();
         }
         let mut out = BytesMut::new();
-        let b = encode_table(&tb, &f.finish(), &mut out).unwrap();
+        let b = encode_table(&tb, &f.finish(), &mut out, None).unwrap();
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             "2\t1\tx\\ty\t\\N\n3\t2\ta\t\\N\n4\t3\ta\tb\n0\t4\t\\N\t\\N\n"
@@ -661,7 +713,9 @@ mod tests {
         ] {
             f.push(&c).unwrap();
         }
-        let b = encode_table_inline(&tb, &f.finish()).unwrap().unwrap();
+        let b = encode_table_inline(&tb, &f.finish(), false)
+            .unwrap()
+            .unwrap();
         assert_eq!(b.rows, 3);
         assert_eq!(
             b.statements,
@@ -681,6 +735,69 @@ mod tests {
     }
 
     #[test]
+    fn new_keys_of_a_primary_key_table_skip_staging_and_on_conflict() {
+        let tb = table();
+        assert!(tb.takes_direct_inserts());
+        let rel = tb.source.clone();
+        let mut f = Fold::new(tb.key_idx.clone());
+        for c in [
+            Change::Insert {
+                rel: rel.clone(),
+                new: vec![t("1"), t("x\ty"), Value::Null],
+            },
+            // Deleted, then inserted again: the row may exist, so it still upserts.
+            Change::Delete {
+                rel: rel.clone(),
+                old: OldRow::Key(vec![t("2"), Value::Null, Value::Null]),
+            },
+            Change::Insert {
+                rel: rel.clone(),
+                new: vec![t("2"), t("b"), t("c")],
+            },
+        ] {
+            f.push(&c).unwrap();
+        }
+        let folded = f.finish();
+        let (mut out, mut direct) = (BytesMut::new(), BytesMut::new());
+        let b = encode_table(&tb, &folded, &mut out, Some(&mut direct)).unwrap();
+        assert_eq!((b.rows, b.direct_rows), (1, 1));
+        assert_eq!(std::str::from_utf8(&direct).unwrap(), "1\tx\\ty\t\\N\n");
+        assert_eq!(std::str::from_utf8(&out).unwrap(), "1\t2\tb\tc\n");
+        assert_eq!(tb.copy_target_sql(), "COPY public.t (id, a, b) FROM STDIN");
+        assert!(
+            b.statements[0].contains("ON CONFLICT (id)"),
+            "{:#?}",
+            b.statements
+        );
+        assert!(b.statements.last().unwrap().starts_with("TRUNCATE"));
+
+        let b = encode_table_inline(&tb, &folded, true).unwrap().unwrap();
+        assert_eq!((b.rows, b.direct_rows), (1, 1));
+        assert_eq!(
+            b.statements[1],
+            "INSERT INTO public.t (id, a, b) SELECT s.id::bigint, s.a::text, s.b::text \
+             FROM (VALUES (2, '1', 'x\ty', NULL)) AS s(_reshard_op, id, a, b)"
+        );
+        assert!(
+            b.statements[0].contains("ON CONFLICT (id)"),
+            "{:#?}",
+            b.statements
+        );
+
+        // Only new keys: nothing staged, no statement at all.
+        let mut f = Fold::new(tb.key_idx.clone());
+        f.push(&Change::Insert {
+            rel,
+            new: vec![t("3"), Value::Null, Value::Null],
+        })
+        .unwrap();
+        let (mut out, mut direct) = (BytesMut::new(), BytesMut::new());
+        let b = encode_table(&tb, &f.finish(), &mut out, Some(&mut direct)).unwrap();
+        assert_eq!((b.rows, b.direct_rows), (0, 1));
+        assert!(b.statements.is_empty() && out.is_empty());
+    }
+
+    #[test]
     fn values_that_no_literal_can_carry_fall_back_to_copy() {
         let tb = table();
         let mut f = Fold::new(tb.key_idx.clone());
@@ -693,7 +810,9 @@ mod tests {
             ],
         })
         .unwrap();
-        assert!(encode_table_inline(&tb, &f.finish()).unwrap().is_none());
+        assert!(encode_table_inline(&tb, &f.finish(), false)
+            .unwrap()
+            .is_none());
         let mut f = Fold::new(tb.key_idx.clone());
         for i in 0..=INLINE_MAX_ROWS {
             f.push(&Change::Insert {
@@ -702,7 +821,9 @@ mod tests {
             })
             .unwrap();
         }
-        assert!(encode_table_inline(&tb, &f.finish()).unwrap().is_none());
+        assert!(encode_table_inline(&tb, &f.finish(), false)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -727,7 +848,7 @@ mod tests {
             ],
         })
         .unwrap();
-        let e = encode_table(&tb, &f.finish(), &mut BytesMut::new()).unwrap_err();
+        let e = encode_table(&tb, &f.finish(), &mut BytesMut::new(), None).unwrap_err();
         assert_eq!(e, EncodeError::Binary { column: "a".into() });
     }
 

@@ -327,6 +327,43 @@ impl TargetTable {
         })
     }
 
+    /// Whether the rows of keys new to a flush ([`NetChange::Insert`](super::fold::NetChange))
+    /// may be written straight into the target table, by COPY or a plain `INSERT`, without a
+    /// staging table and without `ON CONFLICT`: only in [`KeyMode::PrimaryKey`].
+    ///
+    /// Why that is exactly-once: such a row lands in the target transaction that also moves
+    /// the progress row, like every other change. Its key is new to the batch, so the target
+    /// only holds it if it is there for another reason: the full load's copy overlapping the
+    /// stream, a watermark chunk, a load or move resumed after a crash, or the application
+    /// writing to the shard. Then the primary key refuses it (SQLSTATE 23505), the flush is
+    /// rolled back and replayed from the log change by change with `ON CONFLICT`, exactly what
+    /// the merge would have done. Without a primary key nothing would refuse a second copy of
+    /// a row, so those tables always merge.
+    pub fn takes_direct_inserts(&self) -> bool {
+        self.key_mode == KeyMode::PrimaryKey && !self.columns.is_empty()
+    }
+
+    /// `COPY target (…) FROM STDIN`: the rows of [`Self::takes_direct_inserts`], no op code.
+    pub fn copy_target_sql(&self) -> String {
+        let cols: Vec<&str> = self.columns.iter().map(|c| c.name_sql.as_str()).collect();
+        format!("COPY {} ({}) FROM STDIN", self.target_sql, cols.join(", "))
+    }
+
+    /// Inserts every row read from `source` (see [`Self::insert_sql`]) with no `ON CONFLICT`:
+    /// the inline form of [`Self::copy_target_sql`].
+    pub fn insert_new_sql_from(&self, source: &str) -> String {
+        let vals: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| format!("s.{}::{}", c.name_sql, c.type_sql))
+            .collect();
+        format!(
+            "{} SELECT {} FROM {source}",
+            self.insert_into(),
+            vals.join(", ")
+        )
+    }
+
     /// Whether several target rows may hold the same match key (see [`KeyMode::FullRow`]).
     pub fn rows_may_repeat(&self) -> bool {
         self.key_mode == KeyMode::FullRow
