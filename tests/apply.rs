@@ -730,6 +730,85 @@ async fn swapped_unique_values_are_replayed_in_source_order() {
     run.stop().await.0.unwrap();
 }
 
+/// A new key of a primary-key table goes straight into the target table (COPY or a plain
+/// INSERT, no ON CONFLICT). When the shard already holds the key (here the application wrote
+/// it; in a migration, a load or move overlapping the stream), the primary key refuses it and
+/// the flush is replayed from the log as an upsert: never an error, never a lost or repeated
+/// row. The table then merges for a while, without another replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_key_already_on_the_shard_is_replayed_as_an_upsert() {
+    let pg = target(
+        "CREATE TABLE public.users (id int PRIMARY KEY, v text);
+         CREATE TABLE public.items (id int PRIMARY KEY, v text);
+         INSERT INTO users VALUES (5, 'app');
+         INSERT INTO items VALUES (1500, 'app');",
+    );
+    let users = rel(
+        1,
+        "users",
+        ReplicaIdentity::Default,
+        &[("id", true), ("v", false)],
+    );
+    let items = rel(
+        2,
+        "items",
+        ReplicaIdentity::Default,
+        &[("id", true), ("v", false)],
+    );
+    let log = Arc::new(MemLog::new(1 << 16));
+    // A small flush: the rows inline, in a plain INSERT.
+    let small = (1..=10).map(|k| ins(&users, vec![t(&k.to_string()), t("src")]));
+    txn(&log, 1, small.collect()).await;
+    let mut run = start(&pg, "shard", log.clone(), opts());
+    let st = run.wait_applied(lsn(1)).await;
+    assert_eq!(st.replays, 1, "the direct insert met id 5: {st:?}");
+    let c = client(&pg, "shard").await;
+    assert_eq!(
+        rows(
+            &c,
+            "SELECT count(*), count(*) FILTER (WHERE v = 'src') FROM users"
+        )
+        .await,
+        vec!["10|10"]
+    );
+
+    // A large flush: the rows by COPY into the target table.
+    let large = (1001..=2200).map(|k| ins(&items, vec![t(&k.to_string()), t("src")]));
+    txn(&log, 2, large.collect()).await;
+    let st = run.wait_applied(lsn(2)).await;
+    assert_eq!(st.replays, 2, "the direct COPY met id 1500: {st:?}");
+    assert_eq!(
+        rows(
+            &c,
+            "SELECT count(*), count(*) FILTER (WHERE v = 'src') FROM items"
+        )
+        .await,
+        vec!["1200|1200"]
+    );
+
+    // users merges its inserts after its conflict: another key already there is no replay.
+    c.batch_execute("INSERT INTO users VALUES (12, 'app')")
+        .await
+        .unwrap();
+    txn(
+        &log,
+        3,
+        vec![
+            ins(&users, vec![t("12"), t("src")]),
+            ins(&users, vec![t("13"), t("src")]),
+        ],
+    )
+    .await;
+    let st = run.wait_applied(lsn(3)).await;
+    assert_eq!(st.replays, 2, "{st:?}");
+    assert_eq!(
+        rows(&c, "SELECT id, v FROM users WHERE id > 10 ORDER BY id").await,
+        vec!["12|src", "13|src"]
+    );
+    assert_eq!(st.rows_inserted, 1212, "{st:?}");
+    run.stop().await.0.unwrap();
+}
+
 /// Waits until the shard's durable progress reaches `target`, at most `within`.
 async fn applied_within(run: &mut Running, target: Lsn, within: Duration) -> ShardStatus {
     let r = tokio::time::timeout(

@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{FutureExt, SinkExt};
+use futures_util::{FutureExt, SinkExt, TryStreamExt};
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryStream};
 use tracing::{debug, info, warn, Instrument};
 
 use super::batch::{change_sql, encode_table, encode_table_inline, key_text};
@@ -296,7 +296,45 @@ struct Session<'a, L: ShardLog> {
     /// Apply stops before the source transaction with this commit LSN, commits what precedes
     /// it, and returns the wait.
     ddl_barrier: Option<(Lsn, ApplyError)>,
+    /// Tables whose new keys the flush being written inserts directly (see
+    /// `TargetTable::takes_direct_inserts`).
+    direct_in_flush: Vec<TableId>,
+    /// Tables that merge their inserts for this many more flushes, because a direct insert
+    /// met a row already there (a load or move overlapping the stream, or the application's
+    /// writes): each such meeting costs a rollback and a replay, so they are not retried at
+    /// once. Kept across replays (not across reconnects).
+    merge_only: foldhash::HashMap<TableId, u32>,
+    /// The last request of a committed group (its merge statements, progress row and COMMIT),
+    /// sent and not yet answered: the next group is read and folded meanwhile. At most one;
+    /// answered before anything else is sent on the connection.
+    in_flight: Option<InFlight>,
 }
+
+/// A target transaction's last request, sent and not yet answered.
+struct InFlight {
+    answer: std::pin::Pin<Box<SimpleQueryStream>>,
+    context: String,
+    /// The set-based flush the request carries: replayed from the log up to this LSN if it
+    /// hits a constraint or data error (see `replayable`).
+    replay_up_to: Option<Lsn>,
+    /// Tables the carried flush inserted into directly.
+    direct: Vec<TableId>,
+    /// What the commit makes durable.
+    pos: Lsn,
+    end: Lsn,
+    time: Option<PgTimestamp>,
+    group: Group,
+}
+
+/// Statements of a set-based flush held back to ride with the group's commit.
+struct Held {
+    sql: String,
+    up_to: Lsn,
+    direct: Vec<TableId>,
+}
+
+/// Flushes of a table that merge its inserts after a direct insert met an existing row.
+const MERGE_FLUSHES_AFTER_CONFLICT: u32 = 1000;
 
 impl<'a, L: ShardLog> Session<'a, L> {
     fn new(
@@ -338,6 +376,9 @@ impl<'a, L: ShardLog> Session<'a, L> {
             ordered_until: None,
             ddl_failed_at: None,
             ddl_barrier: None,
+            direct_in_flush: Vec::new(),
+            merge_only: foldhash::HashMap::default(),
+            in_flight: None,
         }
     }
 
@@ -362,7 +403,14 @@ impl<'a, L: ShardLog> Session<'a, L> {
         })
     }
 
-    async fn sql(&self, sql: &str, context: &str) -> Result<Vec<SimpleQueryMessage>, ApplyError> {
+    /// Runs `sql` (after the answer of a request in flight: the connection answers in order,
+    /// and what is sent next may depend on it).
+    async fn sql(
+        &mut self,
+        sql: &str,
+        context: &str,
+    ) -> Result<Vec<SimpleQueryMessage>, ApplyError> {
+        self.finish_commit().await?;
         self.client()?
             .simple_query(sql)
             .await
@@ -387,10 +435,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         self.client = Some(client);
         self.prepare_session().await?;
 
-        let mut reader = self
-            .log
-            .open_reader(self.opts.shard, self.applied)
-            .map_err(|e| self.log_error(&e))?;
+        let mut reader = self.open_reader()?;
         info!(after = %self.applied, "applying");
         let applied = self.applied;
         self.status.send_modify(|s| {
@@ -409,6 +454,25 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 if self.group.is_none() {
                     self.status.send_modify(|s| s.state = ApplyState::Paused);
                 }
+            }
+            if self.in_flight.is_some() {
+                // A group's commit is in flight: go on reading what the log has right now
+                // (the next group is folded while the target works); once it has nothing,
+                // wait for the answer.
+                let reading = !(self.paused && self.current.is_none());
+                let ready = if reading {
+                    reader.next().now_or_never()
+                } else {
+                    None
+                };
+                // Cancel-safe by the `ShardReader::next` contract, as below.
+                let step = match ready {
+                    Some(Ok(ev)) => self.on_event(ev).await,
+                    Some(Err(e)) => return Err(self.log_error(&e)),
+                    None => self.finish_commit().await,
+                };
+                self.after_step(step, &mut reader).await?;
+                continue;
             }
             if self.current.is_none() && self.group.as_ref().is_some_and(|g| g.last.is_some()) {
                 // A group of complete source transactions waits to be committed. If the log has
@@ -502,6 +566,11 @@ impl<'a, L: ShardLog> Session<'a, L> {
     /// Rolls back the target transaction, forgets everything not durable, and reopens the
     /// reader after the durable progress.
     async fn rewind(&mut self, reader: &mut L::Reader) -> Result<(), ApplyError> {
+        // A commit still in flight either lands (and the log is re-read after it) or fails
+        // (and its transaction is rolled back below).
+        if let Err(e) = self.finish_commit().await {
+            debug!(error = %e, "the commit in flight failed too");
+        }
         if self.in_target_txn {
             self.sql("ROLLBACK", "rolling back before a replay").await?;
             self.in_target_txn = false;
@@ -518,11 +587,15 @@ impl<'a, L: ShardLog> Session<'a, L> {
         self.buffer_committed = 0;
         self.partial_flushed = false;
         self.pending_heartbeat = None;
-        *reader = self
-            .log
-            .open_reader(self.opts.shard, self.applied)
-            .map_err(|e| self.log_error(&e))?;
+        *reader = self.open_reader()?;
         Ok(())
+    }
+
+    /// The shard's log, read from just after the durable progress.
+    fn open_reader(&self) -> Result<L::Reader, ApplyError> {
+        self.log
+            .open_reader(self.opts.shard, self.applied)
+            .map_err(|e| self.log_error(&e))
     }
 
     async fn prepare_session(&mut self) -> Result<(), ApplyError> {
@@ -604,7 +677,11 @@ impl<'a, L: ShardLog> Session<'a, L> {
     /// Where this session stands: durable progress, or the pending group's end.
     fn position(&self) -> Lsn {
         let g = self.group.as_ref().and_then(Group::position);
-        let p = self.applied.max(g.unwrap_or(Lsn::ZERO));
+        let f = self.in_flight.as_ref().map(|f| f.pos);
+        let p = self
+            .applied
+            .max(g.unwrap_or(Lsn::ZERO))
+            .max(f.unwrap_or(Lsn::ZERO));
         p.max(self.pending_heartbeat.unwrap_or(Lsn::ZERO))
     }
 
@@ -811,8 +888,12 @@ impl<'a, L: ShardLog> Session<'a, L> {
             });
         // While replaying change by change, commit every source transaction on its own, so a
         // change that fails for good leaves the shard exactly before its transaction.
-        if full || self.paused || self.ordered_until.is_some() {
+        if self.paused || self.ordered_until.is_some() {
             self.commit_group().await?;
+        } else if full {
+            // Under load: send the commit and read on; the answer is checked before anything
+            // else is sent.
+            self.commit_group_with(true).await?;
         }
         Ok(())
     }
@@ -969,7 +1050,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
 
     /// The shard table's columns (`regclass_literal`: its quoted name as an SQL literal).
     async fn target_columns(
-        &self,
+        &mut self,
         regclass_literal: &str,
         ctx: &str,
     ) -> Result<Vec<TargetColumn>, ApplyError> {
@@ -980,8 +1061,15 @@ impl<'a, L: ShardLog> Session<'a, L> {
     /// Writes the buffer into the target transaction: set-based, or change by change when the
     /// fold says so or a set-based statement hits a constraint or data error.
     async fn flush(&mut self) -> Result<(), ApplyError> {
+        self.flush_or_hold(false).await.map(drop)
+    }
+
+    /// [`Self::flush`]; with `hold`, the set-based flush's merge statements are returned
+    /// instead of sent when the target transaction is already open (its progress-row lock
+    /// already checked): the caller sends them with the commit, in one request.
+    async fn flush_or_hold(&mut self, hold: bool) -> Result<Option<Held>, ApplyError> {
         if self.buffer.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         // The target transaction begins with the flush's first statements (see
         // `flush_set_based`) or in `flush_ordered`.
@@ -995,36 +1083,50 @@ impl<'a, L: ShardLog> Session<'a, L> {
         let outcome = if ordered {
             self.flush_ordered(&buffer, "replaying after a failed set-based flush")
                 .await
+                .map(|()| None)
         } else {
-            match self.flush_set_based(&buffer).await {
-                Ok(true) => Ok(()),
+            match self.flush_set_based(&buffer, hold).await {
+                Ok(Some(held)) => Ok(held),
                 // Nothing was written: the same target transaction can take the changes one by
                 // one.
-                Ok(false) => {
-                    self.flush_ordered(&buffer, "a relation changed inside the flush")
-                        .await
-                }
+                Ok(None) => self
+                    .flush_ordered(&buffer, "a relation changed inside the flush")
+                    .await
+                    .map(|()| None),
                 // The transaction is aborted and earlier flushes of it are no longer in memory:
-                // roll back and re-read from the log (see `after_step`).
-                Err(e) if replayable(&e) => Err(ApplyError::ReplayFromLog {
-                    shard: self.shard().to_owned(),
-                    up_to: last,
-                    cause: e.to_string(),
-                }),
+                // roll back and re-read from the log (see `after_step`). A table that inserted
+                // directly merges for a while: the conflict may be a load overlapping the
+                // stream, which would meet the next flush too.
+                Err(e) if replayable(&e) => {
+                    for id in std::mem::take(&mut self.direct_in_flush) {
+                        self.merge_only.insert(id, MERGE_FLUSHES_AFTER_CONFLICT);
+                    }
+                    Err(ApplyError::ReplayFromLog {
+                        shard: self.shard().to_owned(),
+                        up_to: last,
+                        cause: e.to_string(),
+                    })
+                }
                 Err(e) => Err(e),
             }
         };
-        outcome?;
+        let held = outcome?;
         self.status.send_modify(|s| s.flushes += 1);
         self.buffer_bytes = 0;
         self.buffer_committed = 0;
-        Ok(())
+        Ok(held)
     }
 
     /// Folds and writes `buffer` set-based; the changes of a table whose fold asks for the
-    /// ordered path are written change by change. `Ok(false)` if a relation changed inside the
-    /// buffer (nothing was written: the caller takes the ordered path for all of it).
-    async fn flush_set_based(&mut self, buffer: &[(Lsn, Change)]) -> Result<bool, ApplyError> {
+    /// ordered path are written change by change. `Ok(None)` if a relation changed inside the
+    /// buffer (nothing was written: the caller takes the ordered path for all of it);
+    /// `Ok(Some(None))` when written; `Ok(Some(Some(held)))` when the merge statements are
+    /// held back for the commit (see [`Self::flush_or_hold`]).
+    async fn flush_set_based(
+        &mut self,
+        buffer: &[(Lsn, Change)],
+        hold: bool,
+    ) -> Result<Option<Option<Held>>, ApplyError> {
         // Per source table, in order of first appearance.
         let mut order: Vec<TableId> = Vec::new();
         let mut folds: foldhash::HashMap<TableId, Fold> = foldhash::HashMap::default();
@@ -1045,7 +1147,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 .is_some_and(|t| Arc::ptr_eq(&t.source, rel) || *t.source == **rel)
             {
                 // The relation changed inside this flush: take the safe path.
-                return Ok(false);
+                return Ok(None);
             }
             if let Some(f) = folds.get_mut(&rel.id) {
                 f.push(c).map_err(|e| ApplyError::Fold {
@@ -1072,10 +1174,20 @@ impl<'a, L: ShardLog> Session<'a, L> {
         let last = buffer.last().map(|(l, _)| *l).unwrap_or_default();
         let mut statements = Vec::new();
         let mut copy = BytesMut::new();
+        self.direct_in_flush.clear();
         for (id, f) in &folded {
             let Some(table) = self.tables.get(id) else {
                 continue;
             };
+            let direct = table.takes_direct_inserts() && !self.merge_only.contains_key(id);
+            if !direct {
+                if let Some(n) = self.merge_only.get_mut(id) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.merge_only.remove(id);
+                    }
+                }
+            }
             let encode_error = |e| ApplyError::Encode {
                 shard: self.shard().to_owned(),
                 table: table.target.clone(),
@@ -1084,26 +1196,52 @@ impl<'a, L: ShardLog> Session<'a, L> {
             };
             // A small flush carries its rows inside the merge statements: no COPY round trips,
             // no staging table to truncate.
-            if let Some(tb) = encode_table_inline(table, f).map_err(encode_error)? {
+            if let Some(tb) = encode_table_inline(table, f, direct).map_err(encode_error)? {
+                if tb.direct_rows > 0 {
+                    self.direct_in_flush.push(*id);
+                }
                 statements.extend(tb.statements);
                 continue;
             }
             copy.clear();
-            let tb = encode_table(table, f, &mut copy).map_err(encode_error)?;
-            if tb.rows == 0 {
-                continue;
-            }
-            // COPY needs the target transaction open (else it would commit on its own).
-            self.begin_target_txn().await?;
-            let Some(table) = self.tables.get(id) else {
-                continue;
-            };
-            let ctx = format!(
-                "copying {} rows of target table {} for source commits {first}..{last}",
-                tb.rows, table.target
+            let mut direct_buf = BytesMut::new();
+            let tb = encode_table(table, f, &mut copy, direct.then_some(&mut direct_buf))
+                .map_err(encode_error)?;
+            let (copy_sql, copy_target_sql, target) = (
+                table.copy_sql(),
+                table.copy_target_sql(),
+                table.target.clone(),
             );
-            self.copy_in(&table.copy_sql(), &mut copy, &ctx).await?;
-            statements.extend(tb.statements);
+            // COPY needs the target transaction open (else it would commit on its own).
+            if tb.rows > 0 || tb.direct_rows > 0 {
+                self.begin_target_txn().await?;
+            }
+            if tb.rows > 0 {
+                let ctx = format!(
+                    "copying {} rows of target table {target} for source commits {first}..{last}",
+                    tb.rows
+                );
+                self.copy_in(&copy_sql, &mut copy, &ctx).await?;
+                statements.extend(tb.statements);
+            }
+            if tb.direct_rows > 0 {
+                // Before the merge statements: a unique value their deletes free for one of
+                // these rows is a constraint error, replayed in source order.
+                self.direct_in_flush.push(*id);
+                let ctx = format!(
+                    "copying {} new rows into target table {target} for source commits {first}..{last}",
+                    tb.direct_rows
+                );
+                self.copy_in(&copy_target_sql, &mut direct_buf, &ctx)
+                    .await?;
+            }
+        }
+        if hold && self.in_target_txn && ordered.is_empty() {
+            return Ok(Some(Some(Held {
+                sql: statements.join(";\n"),
+                up_to: last,
+                direct: std::mem::take(&mut self.direct_in_flush),
+            })));
         }
         if !statements.is_empty() {
             let tables: Vec<&str> = folded
@@ -1133,10 +1271,16 @@ impl<'a, L: ShardLog> Session<'a, L> {
             self.flush_ordered(&changes, "changes of a table that cannot be folded")
                 .await?;
         }
-        Ok(true)
+        Ok(Some(None))
     }
 
-    async fn copy_in(&self, sql: &str, data: &mut BytesMut, ctx: &str) -> Result<(), ApplyError> {
+    async fn copy_in(
+        &mut self,
+        sql: &str,
+        data: &mut BytesMut,
+        ctx: &str,
+    ) -> Result<(), ApplyError> {
+        self.finish_commit().await?;
         let client = self.client()?;
         let err = |e: tokio_postgres::Error| ApplyError::pg(self.shard(), ctx, &e);
         let sink = client.copy_in::<str, Bytes>(sql).await.map_err(err)?;
@@ -1185,6 +1329,13 @@ impl<'a, L: ShardLog> Session<'a, L> {
 
     /// Flushes and commits the group with its progress row.
     async fn commit_group(&mut self) -> Result<(), ApplyError> {
+        self.commit_group_with(false).await
+    }
+
+    /// [`Self::commit_group`]; with `defer`, the last request (the held merge statements, the
+    /// progress row and COMMIT) is left in flight, and answered before anything else is sent
+    /// ([`Self::finish_commit`]).
+    async fn commit_group_with(&mut self, defer: bool) -> Result<(), ApplyError> {
         let Some(group) = self.group.take() else {
             return Ok(());
         };
@@ -1195,23 +1346,90 @@ impl<'a, L: ShardLog> Session<'a, L> {
             }
             return Ok(());
         };
-        self.flush().await?;
+        let held = self.flush_or_hold(true).await?;
         self.begin_target_txn().await?;
         let (end, time) = match group.last {
             Some(c) if c.commit_lsn >= pos => (c.end_lsn, Some(c.commit_time)),
             Some(c) => (pos, Some(c.commit_time)),
             None => (pos, None),
         };
-        let sql = format!("{}; COMMIT", self.key.update_sql(pos, end, time));
-        let ctx = format!("committing source transactions up to {pos}");
-        self.sql(&sql, &ctx).await?;
+        let commit = format!("{}; COMMIT", self.key.update_sql(pos, end, time));
+        let (sql, replay_up_to, direct) = match held {
+            Some(h) => (format!("{};\n{commit}", h.sql), Some(h.up_to), h.direct),
+            None => (commit, None, Vec::new()),
+        };
+        let context = format!("committing source transactions up to {pos}");
+        // Queued on the connection when this returns (`simple_query_raw` sends, then hands
+        // back the stream of answers).
+        let answer = self
+            .client()?
+            .simple_query_raw(&sql)
+            .await
+            .map_err(|e| ApplyError::pg(self.shard(), &context, &e))?;
         self.in_target_txn = false;
+        self.in_flight = Some(InFlight {
+            answer: Box::pin(answer),
+            context,
+            replay_up_to,
+            direct,
+            pos,
+            end,
+            time,
+            group,
+        });
+        if !defer {
+            self.finish_commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the answer of the commit in flight, if any, and records what it made durable.
+    /// On an error the transaction is left to be rolled back (a multi-statement simple query
+    /// stops at its failing statement); a replayable error of a carried flush asks for the
+    /// replay from the log, as [`Self::flush`] does.
+    async fn finish_commit(&mut self) -> Result<(), ApplyError> {
+        let Some(f) = self.in_flight.as_mut() else {
+            return Ok(());
+        };
+        // Cancel-safe: an answer taken from the stream is not needed (the request has no
+        // rows); dropping this leaves the rest in the stream.
+        let r = loop {
+            match f.answer.try_next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        let Some(f) = self.in_flight.take() else {
+            return Ok(());
+        };
+        if let Err(e) = r {
+            self.in_target_txn = true;
+            let e = ApplyError::pg(self.shard(), &f.context, &e);
+            return match f.replay_up_to {
+                Some(up_to) if replayable(&e) => {
+                    for id in f.direct {
+                        self.merge_only.insert(id, MERGE_FLUSHES_AFTER_CONFLICT);
+                    }
+                    Err(ApplyError::ReplayFromLog {
+                        shard: self.shard().to_owned(),
+                        up_to,
+                        cause: e.to_string(),
+                    })
+                }
+                _ => Err(e),
+            };
+        }
+        let (pos, end, time, group) = (f.pos, f.end, f.time, f.group);
         self.applied = pos;
         if self.ordered_until.is_some_and(|u| pos >= u) {
             self.ordered_until = None;
         }
         self.committed_any = true;
-        self.pending_heartbeat = None;
+        // A heartbeat read while the commit was in flight lies past it: kept.
+        if self.pending_heartbeat.is_some_and(|h| h <= pos) {
+            self.pending_heartbeat = None;
+        }
         self.last_heartbeat_write = Instant::now();
         self.log.applied(self.opts.shard, pos);
 
@@ -1249,6 +1467,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
 
     /// Records an idle shard's heartbeat position in its own small transaction.
     async fn write_heartbeat(&mut self) -> Result<(), ApplyError> {
+        self.finish_commit().await?;
         let Some(lsn) = self.pending_heartbeat else {
             return Ok(());
         };
@@ -1269,6 +1488,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
     /// Shutdown: commit complete source transactions if the open one has not been written into
     /// the target transaction yet; otherwise roll everything back (it is re-read on restart).
     async fn shut_down(&mut self) -> Result<(), ApplyError> {
+        self.finish_commit().await?;
         if self.current.is_some_and(|(_, skip)| !skip) {
             if self.partial_flushed {
                 info!("shutdown inside a partly written source transaction: rolling back the open batch");
