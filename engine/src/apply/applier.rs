@@ -457,10 +457,13 @@ impl<'a, L: ShardLog> Session<'a, L> {
             }
             if self.in_flight.is_some() {
                 // A group's commit is in flight: go on reading what the log has right now
-                // (the next group is folded while the target works); once it has nothing,
-                // wait for the answer.
+                // (the next group is folded while the target works); once it has nothing, or
+                // the pause switch moved (seen by the wait below), wait for the answer.
                 let reading = !(self.paused && self.current.is_none());
-                let ready = if reading {
+                let pause_moved = pause
+                    .as_ref()
+                    .is_some_and(|p| p.has_changed().unwrap_or(true));
+                let ready = if reading && !pause_moved {
                     reader.next().now_or_never()
                 } else {
                     None
@@ -1355,6 +1358,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         };
         let commit = format!("{}; COMMIT", self.key.update_sql(pos, end, time));
         let (sql, replay_up_to, direct) = match held {
+            Some(h) if h.sql.is_empty() => (commit, Some(h.up_to), h.direct),
             Some(h) => (format!("{};\n{commit}", h.sql), Some(h.up_to), h.direct),
             None => (commit, None, Vec::new()),
         };

@@ -15,10 +15,16 @@
 //!
 //! Inside a target transaction, changes are buffered (bounded by `batch_max_rows` /
 //! `batch_max_bytes`), folded per key ([`fold`]) and written set-based through a COPY-filled
-//! staging table ([`batch`]). A large source transaction is flushed in pieces into the still
-//! open target transaction, and committed once, at its Commit. If a set-based flush hits a
-//! constraint or data error that source order might not (unique values swapped between rows),
-//! the flush is rolled back to a savepoint and replayed change by change in source order.
+//! staging table ([`batch`]); the rows of keys new to the flush of a primary-key table go
+//! straight into the target table (COPY or a plain `INSERT`, see
+//! [`TargetTable::takes_direct_inserts`](schema::TargetTable::takes_direct_inserts)). A large
+//! source transaction is flushed in pieces into the still open target transaction, and
+//! committed once, at its Commit. If a set-based flush hits a constraint or data error that
+//! source order might not (unique values swapped between rows, a new key already on the
+//! shard), the target transaction is rolled back and the log re-read and replayed change by
+//! change in source order. Under load, a full group's last request (merge statements,
+//! progress row, COMMIT) stays in flight while the next group is read and folded; its answer
+//! is checked before anything else is sent.
 //!
 //! ```text
 //!   ShardReader ──► buffer (≤ rows/bytes) ──► fold per table/key ──► COPY staging ──► DELETE/INSERT/UPDATE
