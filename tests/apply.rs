@@ -809,6 +809,49 @@ async fn a_new_key_already_on_the_shard_is_replayed_as_an_upsert() {
     run.stop().await.0.unwrap();
 }
 
+/// Under load a full group's last request (merge statements, progress row, COMMIT) is left in
+/// flight while the next group is read. A constraint error in it (here a unique swap, set-based)
+/// surfaces when the answer is read, and is replayed from the log in source order like any
+/// failed flush: nothing lost, nothing applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_in_a_commit_left_in_flight_is_replayed_from_the_log() {
+    let pg = target("CREATE TABLE public.users (id int PRIMARY KEY, email text UNIQUE);");
+    let users = rel(
+        1,
+        "users",
+        ReplicaIdentity::Default,
+        &[("id", true), ("email", false)],
+    );
+    let log = Arc::new(MemLog::new(1 << 16));
+    let user = |k: u32| ins(&users, vec![t(&k.to_string()), t(&format!("{k}@x"))]);
+    // 150 rows: the first 100 flushed into the open target transaction, the rest ride with
+    // the (full) group's commit.
+    txn(&log, 1, (1..=150).map(user).collect()).await;
+    let mut swap: Vec<Change> = (200..317).map(user).collect();
+    swap.push(upd(&users, None, vec![t("1"), t("tmp@x")]));
+    swap.push(upd(&users, None, vec![t("2"), t("1@x")]));
+    swap.push(upd(&users, None, vec![t("1"), t("2@x")]));
+    txn(&log, 2, swap).await;
+    txn(&log, 3, vec![user(500)]).await;
+    let o = ApplyOptions {
+        batch_max_rows: 100,
+        ..opts()
+    };
+    let mut run = start(&pg, "shard", log.clone(), o);
+    let st = run.wait_applied(lsn(3)).await;
+    assert!(st.replays >= 1, "expected a replay: {st:?}");
+    let c = client(&pg, "shard").await;
+    assert_eq!(
+        rows(&c, "SELECT id, email FROM users WHERE id <= 2 ORDER BY id").await,
+        vec!["1|2@x", "2|1@x"]
+    );
+    assert_eq!(
+        rows(&c, "SELECT count(*), count(DISTINCT email) FROM users").await,
+        vec!["268|268"]
+    );
+    run.stop().await.0.unwrap();
+}
+
 /// Waits until the shard's durable progress reaches `target`, at most `within`.
 async fn applied_within(run: &mut Running, target: Lsn, within: Duration) -> ShardStatus {
     let r = tokio::time::timeout(
