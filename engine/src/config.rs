@@ -347,8 +347,7 @@ pub struct SpillConfig {
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
     /// Group-commit interval: how often appended data is fsynced and confirmed to the source,
-    /// ms: at most one group commit per interval, sooner only after 8 blocks of data. Default
-    /// 5 (the fsyncs of a group overlap the next group's appends).
+    /// ms. Default 5 (the fsyncs of a group overlap the next group's appends).
     #[serde(default = "default_flush_interval_ms")]
     pub flush_interval_ms: u64,
     /// Recent data kept in memory for caught-up shards. Default 64 MiB.

@@ -153,9 +153,6 @@ pub struct UnroutableHandling {
     pub map: Option<MapHandle>,
 }
 
-/// Messages read in a burst between two looks at the clock for a due group commit.
-const CLOCK_EVERY: u32 = 8;
-
 /// Most accounts remembered as unknown after a re-lookup (not asked again until the map
 /// changes).
 const UNKNOWN_CACHE_MAX: usize = 10_000;
@@ -345,7 +342,6 @@ impl Ingest {
         let mut tick = tokio::time::interval(self.opts.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_flush = Instant::now();
-        let mut msgs: u32 = 0;
         loop {
             // The cap is checked only between transactions: a shard cannot apply (and free) a
             // transaction it has not wholly received, so pausing inside one larger than the
@@ -387,13 +383,7 @@ impl Ingest {
                         self.counters.bytes_received.fetch_add(x.data.len() as u64, Ordering::Relaxed);
                         IngestCounters::set_lsn(&self.counters.received_lsn, x.wal_start);
                         assembler.push(x.wal_start, x.data, &mut |_lsn, ev| self.on_event(ev))?;
-                        // The clock is read for every few messages only (a burst of small
-                        // transactions is several messages per microsecond).
-                        msgs = msgs.wrapping_add(1);
-                        if msgs % CLOCK_EVERY == 0
-                            && (self.spill.flush_due()
-                                || last_flush.elapsed() >= self.opts.flush_interval)
-                        {
+                        if self.spill.flush_due() || last_flush.elapsed() >= self.opts.flush_interval {
                             self.group_commit(s, &assembler)?;
                             last_flush = Instant::now();
                         }

@@ -83,7 +83,7 @@ mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -586,9 +586,6 @@ pub(crate) struct Shared {
     pub durable_tx: tokio::sync::watch::Sender<Lsn>,
     /// Per shard: the cut-back epoch, readable without the lock.
     pub epochs: Vec<AtomicU64>,
-    /// Set with `State::sync_error`: lets the writer check for a failed syncer on every
-    /// append without taking the lock.
-    pub sync_failed: AtomicBool,
     /// Per shard: held for one retention step (record, then file deletions).
     pub retention: Vec<Mutex<()>>,
     /// While set, a write waiting for space gives up (the daemon is stopping).

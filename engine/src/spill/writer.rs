@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -210,7 +210,6 @@ impl SpillWriter {
             synced: std::sync::Condvar::new(),
             durable_tx: tokio::sync::watch::Sender::new(durable),
             epochs: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            sync_failed: AtomicBool::new(false),
             retention: (0..n).map(|_| Mutex::new(())).collect(),
             stop: std::sync::OnceLock::new(),
             opts,
@@ -231,10 +230,6 @@ impl SpillWriter {
             start_lsn: lineage.start_lsn,
             shards: reports,
         };
-        // The first group commit may start at once.
-        let last_commit_start = Instant::now()
-            .checked_sub(Duration::from_millis(shared.opts.flush_interval_ms))
-            .unwrap_or_else(Instant::now);
         Ok((
             SpillWriter {
                 shared,
@@ -248,7 +243,7 @@ impl SpillWriter {
                 txns_since_flush: 0,
                 bytes_since_commit: 0,
                 appended_unpublished: 0,
-                last_commit_start,
+                last_commit_start: Instant::now(),
                 last_deleted_through,
                 failed: false,
                 lineage,
@@ -390,15 +385,11 @@ impl SpillWriter {
     /// of the last complete transaction to the checkpoint and publishes it as the new durable
     /// LSN ([`durable_lsn`](Self::durable_lsn), [`SpillLog::durable_watch`]). Appends continue
     /// meanwhile, so the next group is whatever arrives while the disk is busy. Returns
-    /// whether a group commit was started: not when one is still in flight, nothing is new,
-    /// or the last one started less than `flush_interval_ms` ago with fewer than 8 blocks'
-    /// worth of records since (group commits are paced: back to back, each burst from the
-    /// source paid for its own file syncs). Either way the complete transactions are sealed
-    /// and visible to readers at once (the shards apply them before they are durable; what
-    /// is confirmed to the source is what is durable).
+    /// whether a group commit was started (not when one is still in flight, or nothing is
+    /// new). Either way the complete transactions are sealed and visible to readers at once.
     pub fn commit(&mut self) -> Result<bool, SpillError> {
         self.check_failed()?;
-        let r = self.commit_inner(false);
+        let r = self.commit_inner();
         if r.is_err() {
             self.failed = true;
         }
@@ -411,11 +402,7 @@ impl SpillWriter {
     pub fn flush(&mut self) -> Result<Lsn, SpillError> {
         self.check_failed()?;
         self.wait_synced()?;
-        let r = self.commit_inner(true);
-        if r.is_err() {
-            self.failed = true;
-        }
-        r?;
+        self.commit()?;
         self.wait_synced()?;
         Ok(self.durable_lsn())
     }
@@ -430,20 +417,14 @@ impl SpillWriter {
     /// completed since the last one, and `flush_interval_ms` passed or 8 blocks' worth of
     /// records are waiting.
     pub fn flush_due(&self) -> bool {
-        // Cheapest first: called for every message read from the source.
-        self.last_end != self.committed && self.paced() && !self.shared.lock().sync_in_flight
-    }
-
-    /// Whether the pace allows a group commit: `flush_interval_ms` since the last one
-    /// started, or 8 blocks' worth of records appended since.
-    fn paced(&self) -> bool {
-        self.bytes_since_commit >= 8 * self.shared.opts.block_bytes as u64
-            || self.last_commit_start.elapsed()
+        self.last_end != self.committed
+            && !self.shared.lock().sync_in_flight
+            && (self.last_commit_start.elapsed()
                 >= Duration::from_millis(self.shared.opts.flush_interval_ms)
+                || self.bytes_since_commit >= 8 * self.shared.opts.block_bytes as u64)
     }
 
-    /// [`commit`](Self::commit); `force` starts a group commit whatever the pace.
-    fn commit_inner(&mut self, force: bool) -> Result<bool, SpillError> {
+    fn commit_inner(&mut self) -> Result<bool, SpillError> {
         // Readers get the complete transactions at once, even while the previous group commit
         // is still with the disk (what they apply is confirmed to the source only once durable;
         // a crash before that cuts the log back and the source resends).
@@ -459,9 +440,7 @@ impl SpillWriter {
             }
             st.shards.iter().map(|s| s.deleted_through).collect()
         };
-        if (self.last_end == self.committed && deleted == self.last_deleted_through)
-            || !(force || self.paced())
-        {
+        if self.last_end == self.committed && deleted == self.last_deleted_through {
             self.publish_counters();
             return Ok(false);
         }
@@ -679,10 +658,6 @@ impl SpillWriter {
     }
 
     fn check_failed(&self) -> Result<(), SpillError> {
-        // Called on every append: the lock only once something failed.
-        if !self.failed && !self.shared.sync_failed.load(Ordering::Acquire) {
-            return Ok(());
-        }
         let st = self.shared.lock();
         if let Some(reason) = &st.sync_error {
             return Err(SpillError::WriterFailed {
@@ -977,7 +952,6 @@ impl Syncer {
                     Err(e) => {
                         tracing::error!(error = %e, "spill group commit failed; the writer must be reopened");
                         st.sync_error = Some(e.to_string());
-                        shared.sync_failed.store(true, Ordering::Release);
                     }
                 }
             }
