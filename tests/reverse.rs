@@ -1143,3 +1143,239 @@ async fn a_cut_over_shards_writes_to_a_partitioned_table_stream_back_to_the_sour
     t.wait_converged(&tables, Duration::from_secs(60));
     t.stop_cleanly(d);
 }
+
+/// `orders`: one `bigserial` id for every account (the shape R3-1 found), sharded by
+/// `account_id`. The source keys its replica identity by `(id, account_id)` (what `check --fix`
+/// builds); the shards keep the primary key `id` as theirs, as shards made from the
+/// application's schema do.
+const ORDERS_SOURCE: &str = "CREATE TABLE orders (id bigserial PRIMARY KEY, account_id bigint NOT NULL, amount int NOT NULL); \
+     CREATE UNIQUE INDEX orders_id_account ON orders (id, account_id); \
+     ALTER TABLE orders REPLICA IDENTITY USING INDEX orders_id_account; \
+     INSERT INTO orders (account_id, amount) SELECT account_id, 1 FROM accounts, generate_series(1, 2)";
+const ORDERS_SHARD: &str = "CREATE TABLE orders (id bigserial PRIMARY KEY, account_id bigint NOT NULL, amount int NOT NULL)";
+
+/// The source's `orders` row `id`: `account_id|amount`, or empty.
+fn source_order(t: &Topology, id: i64) -> String {
+    t.source_sql(&format!(
+        "SELECT account_id || '|' || amount FROM orders WHERE id = {id}"
+    ))
+}
+
+/// Changes the source's row `id` as the reverse stream's overwrite left it (R3-1), under a
+/// `reshard_` origin so the forward stream does not carry it to the shards.
+fn diverge_on_source(t: &Topology, id: i64, account: i64) {
+    t.source_sql(&format!(
+        "SELECT pg_replication_origin_create('reshard_test_diverge') \
+           WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'reshard_test_diverge'); \
+         SELECT pg_replication_origin_session_setup('reshard_test_diverge'); \
+         SET session_replication_role = replica; \
+         UPDATE orders SET account_id = {account} WHERE id = {id}"
+    ));
+}
+
+/// Waits until shard1's reverse stream reports an error containing `needle`; panics at once if
+/// `overwritten` says the source's row was changed instead.
+fn wait_reverse_error(
+    t: &Topology,
+    needle: &str,
+    overwritten: impl Fn() -> Option<String>,
+) -> String {
+    t.wait(
+        &format!("the reverse stream of shard1 to halt on {needle}"),
+        Duration::from_secs(60),
+        || {
+            if let Some(what) = overwritten() {
+                panic!("the reverse stream changed another account's row on the source: {what}");
+            }
+            let s = t.status_json()?;
+            let e = reverse_of(&s, "shard1")?["last_error"].as_str()?.to_owned();
+            e.contains(needle).then_some(e)
+        },
+    )
+}
+
+/// See: R3-1 (found by an outside-user run). A cut-over shard and the source draw ids from
+/// their own copies of one sequence; once the source has used up `[cutover] sequence_gap`,
+/// they hand out the same ids to different accounts. The reverse stream must never replace,
+/// update or delete the source's row of another account: it halts, loudly (status, SHOW
+/// REVERSE, logs; rollback refuses), with nothing lost, and resumes by itself once the operator
+/// has renumbered the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_a_cut_over_shard_shares_with_the_source_never_overwrite_another_accounts_row() {
+    let mut t = topology_with_data(2, SPEC).await;
+    t.source_sql(ORDERS_SOURCE);
+    t.shards_sql(ORDERS_SHARD);
+    let mut tables = TABLES.to_vec();
+    tables.push(("orders", Some(("account_id", "bigint")), "id"));
+    t.write_config("[cutover]\nsequence_gap = 10\n");
+    let d = t.spawn_run(&[]);
+    t.wait_converged(&tables, Duration::from_secs(90));
+    let cfg = t.config_path();
+    let c = cfg.to_str().unwrap().to_owned();
+    let (code, out, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        &c,
+        "--shard",
+        "shard1",
+        "--fence",
+        "--json",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    t.wait(
+        "the reverse stream of shard1 to run",
+        Duration::from_secs(60),
+        || {
+            let s = t.status_json()?;
+            (reverse_of(&s, "shard1")?["stream"] == "running").then_some(())
+        },
+    );
+    let (mine, other) = (accounts_on(&t, 1), accounts_on(&t, 0));
+
+    // The source goes on numbering shard0's orders past the gap …
+    t.source_sql(&format!(
+        "INSERT INTO orders (account_id, amount) SELECT {}, 1 FROM generate_series(1, 30)",
+        other[0]
+    ));
+    // … and shard1 numbers its account's order from its copy of the sequence: an id the
+    // source has given to shard0's account.
+    let x: i64 = t.shards[1]
+        .psql(
+            "app",
+            &format!(
+                "INSERT INTO orders (account_id, amount) VALUES ({}, 777) RETURNING id",
+                mine[0]
+            ),
+        )
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let theirs = format!("{}|1", other[0]);
+    assert_eq!(source_order(&t, x), theirs, "id {x} is not a collision");
+    let e = wait_reverse_error(&t, &format!("(id)=({x})"), || {
+        let now = source_order(&t, x);
+        (now != theirs).then_some(format!("id {x} is now {now}"))
+    });
+    eprintln!("the reverse stream's error: {e}");
+    for want in [
+        "public.orders",
+        &format!("account_id {}", other[0]),
+        &format!("account_id {}", mine[0]),
+        "sequence_gap",
+    ] {
+        assert!(e.contains(want), "{want:?} missing from: {e}");
+    }
+    // Still not applied, still the source's row, and the shard keeps its own.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(source_order(&t, x), theirs);
+    // SHOW REVERSE and the daemon's log say it too.
+    let st = status(&t);
+    assert_eq!(
+        reverse_of(&st, "shard1").unwrap()["stream"],
+        "halted",
+        "{st:#}"
+    );
+    assert!(t.all_logs().contains("halted"), "{}", t.all_logs());
+    // The operator's way out (the error's advice): renumber the source's row (the forward
+    // stream carries that to shard0) and move shard1's sequence far past the source's.
+    t.source_sql(&format!(
+        "UPDATE orders SET id = nextval('orders_id_seq') + 100000 WHERE id = {x}"
+    ));
+    t.shards[1]
+        .psql("app", "SELECT setval('orders_id_seq', 1000000)")
+        .unwrap();
+    t.wait(
+        "the reverse stream to resume and apply shard1's order",
+        Duration::from_secs(60),
+        || (source_order(&t, x) == format!("{}|777", mine[0])).then_some(()),
+    );
+    t.wait_converged(&tables, Duration::from_secs(90));
+
+    // UPDATE and DELETE of shard1's rows whose id the source holds for another account (as
+    // the overwrite left them) are refused the same way.
+    let ids: Vec<i64> = t.shards[1]
+        .psql(
+            "app",
+            &format!(
+                "INSERT INTO orders (account_id, amount) VALUES ({a}, 2), ({a}, 3) RETURNING id",
+                a = mine[0]
+            ),
+        )
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    let (u, del) = (ids[0], ids[1]);
+    t.wait(
+        "shard1's orders on the source",
+        Duration::from_secs(60),
+        || (source_order(&t, del) == format!("{}|3", mine[0])).then_some(()),
+    );
+    diverge_on_source(&t, u, other[0]);
+    diverge_on_source(&t, del, other[0]);
+    t.shards[1]
+        .psql(
+            "app",
+            &format!("UPDATE orders SET amount = 20 WHERE id = {u}"),
+        )
+        .unwrap();
+    let theirs_u = format!("{}|2", other[0]);
+    wait_reverse_error(&t, &format!("(id)=({u})"), || {
+        let now = source_order(&t, u);
+        (now != theirs_u).then_some(format!("id {u} is now {now}"))
+    });
+    diverge_on_source(&t, u, mine[0]);
+    t.wait("the update to apply", Duration::from_secs(60), || {
+        (source_order(&t, u) == format!("{}|20", mine[0])).then_some(())
+    });
+    t.shards[1]
+        .psql("app", &format!("DELETE FROM orders WHERE id = {del}"))
+        .unwrap();
+    let theirs_d = format!("{}|3", other[0]);
+    wait_reverse_error(&t, &format!("(id)=({del})"), || {
+        let now = source_order(&t, del);
+        (now != theirs_d).then_some(format!("id {del} is now {now:?}"))
+    });
+    // Rollback refuses instead of waiting out its timeout: the source lacks the delete.
+    let (code, out, err) = t.reshard(&[
+        "rollback",
+        "-c",
+        &c,
+        "--shard",
+        "shard1",
+        "--json",
+        "--timeout",
+        "30",
+    ]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("halted") && err.contains(&format!("(id)=({del})")),
+        "{err}"
+    );
+    eprintln!("rollback: {err}");
+    assert_eq!(source_order(&t, del), theirs_d);
+    diverge_on_source(&t, del, mine[0]);
+    t.wait("the delete to apply", Duration::from_secs(60), || {
+        source_order(&t, del).is_empty().then_some(())
+    });
+
+    let (code, out, err) = t.reshard(&[
+        "rollback",
+        "-c",
+        &c,
+        "--shard",
+        "shard1",
+        "--json",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    t.wait_converged(&tables, Duration::from_secs(90));
+    t.stop_cleanly(d);
+}

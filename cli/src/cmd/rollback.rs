@@ -28,7 +28,9 @@ pub async fn run(args: RollbackArgs) -> CmdResult {
                 ReverseOpError::UnknownShard { .. }
                 | ReverseOpError::NotCutOver { .. }
                 | ReverseOpError::Unfinished { .. } => Failure::usage(e),
-                ReverseOpError::Timeout { .. } => Failure::problem(e),
+                ReverseOpError::Timeout { .. } | ReverseOpError::Halted { .. } => {
+                    Failure::problem(e)
+                }
                 other => Failure::failed(other),
             });
         }

@@ -19,11 +19,14 @@ use tokio::time::Instant;
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryStream};
 use tracing::{debug, info, warn, Instrument};
 
-use super::batch::{change_sql, encode_table, encode_table_inline, key_text};
+use super::batch::{
+    change_sql, encode_table, encode_table_inline, key_text, op_kind, owner_sql_for_change,
+};
 use super::ddl::{Ddl, SourceConnect, Verdict};
 use super::fold::Fold;
 use super::schema::{
     columns_query, exists_query, source_name, split_name, SchemaError, TargetColumn, TargetTable,
+    OWNER_LOST, OWNER_ROW,
 };
 use super::text::sql_literal;
 use super::{ApplyError, ApplyOptions, ApplyState, Connect, ShardStatus};
@@ -162,7 +165,10 @@ impl<C: Connect, L: ShardLog> ShardApplier<C, L> {
                 }
                 Err(e) if e.class() == ErrorClass::Transient => {
                     let ddl = matches!(e, ApplyError::WaitingForDdl { .. });
-                    if ddl {
+                    let halted = matches!(e, ApplyError::ForeignRow(_));
+                    if halted {
+                        tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "apply halted: a change would overwrite a row of another owner");
+                    } else if ddl {
                         warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "apply paused until the shard table matches the source table");
                     } else {
                         warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "transient apply error; reconnecting");
@@ -170,6 +176,8 @@ impl<C: Connect, L: ShardLog> ShardApplier<C, L> {
                     status.send_modify(|s| {
                         s.state = if ddl {
                             ApplyState::WaitingForDdl
+                        } else if halted {
+                            ApplyState::Halted
                         } else {
                             ApplyState::Retrying
                         };
@@ -915,12 +923,16 @@ impl<'a, L: ShardLog> Session<'a, L> {
     /// none is open, `BEGIN` and the progress row's lock go first in the same simple query (one
     /// round trip): the lock's answer is checked before anything can commit, and a conflict
     /// leaves the transaction open, to be rolled back with the session.
-    async fn sql_in_target_txn(&mut self, sql: &str, context: &str) -> Result<(), ApplyError> {
+    async fn sql_in_target_txn(
+        &mut self,
+        sql: &str,
+        context: &str,
+    ) -> Result<Vec<SimpleQueryMessage>, ApplyError> {
         if self.in_target_txn {
             if !sql.is_empty() {
-                self.sql(sql, context).await?;
+                return self.sql(sql, context).await;
             }
-            return Ok(());
+            return Ok(Vec::new());
         }
         let batch = if sql.is_empty() {
             format!("BEGIN; {}", self.key.lock_sql())
@@ -946,7 +958,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 found: found.unwrap_or_else(|| "missing".to_owned()),
             });
         }
-        Ok(())
+        Ok(msgs)
     }
 
     fn target_name(&self, rel: &Relation) -> String {
@@ -1016,8 +1028,18 @@ impl<'a, L: ShardLog> Session<'a, L> {
             }
             self.staging_seq += 1;
             let staging = format!("reshard_stage_{}", self.staging_seq);
-            let table = TargetTable::build(rel.clone(), &target, &cols, staging)
+            let mut table = TargetTable::build(rel.clone(), &target, &cols, staging)
                 .map_err(|e| self.schema_wait(&e))?;
+            if let Some(key) = self
+                .opts
+                .row_owner
+                .as_ref()
+                .and_then(|o| o.keys.get(&target))
+            {
+                if table.guard_owner(key) {
+                    debug!(table = %target, key = %key, "rows of other owners are guarded");
+                }
+            }
             self.ddl.matched(rel);
             debug!(table = %target, key = ?table.key_mode, "resolved target table");
             self.tables.insert(rel.id, table);
@@ -1256,8 +1278,10 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 buffer.len(),
                 tables.join(", ")
             );
-            self.sql_in_target_txn(&statements.join(";\n"), &ctx)
+            let msgs = self
+                .sql_in_target_txn(&statements.join(";\n"), &ctx)
                 .await?;
+            self.check_owners(&msgs, first)?;
         }
         if !ordered.is_empty() {
             // Only the tables whose changes cannot be folded go change by change (in source
@@ -1319,13 +1343,78 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 source: e,
             })?;
             let Some(sql) = sql else { continue };
+            let (before, after) =
+                owner_sql_for_change(table, c).map_err(|e| ApplyError::Encode {
+                    shard: self.shard().to_owned(),
+                    table: table.target.clone(),
+                    commit_lsn: *lsn,
+                    source: e,
+                })?;
+            let sql = [before, Some(sql), after]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(";\n");
             let ctx = format!(
                 "{} on target table {} key {} at source commit {lsn}",
                 c.kind(),
                 table.target,
                 key_text(table, c)
             );
-            self.sql(&sql, &ctx).await?;
+            let msgs = self.sql(&sql, &ctx).await?;
+            self.check_owners(&msgs, *lsn)?;
+        }
+        Ok(())
+    }
+
+    /// With [`ApplyOptions::row_owner`]: the rows of the owner checks in `msgs` (see
+    /// [`TargetTable::owner_rows_sql`]): a row the changes touch that belongs to another
+    /// owner, or an insert that did not land, stops the flush (its target transaction is
+    /// rolled back with the session) before `commit_lsn`.
+    fn check_owners(&self, msgs: &[SimpleQueryMessage], commit_lsn: Lsn) -> Result<(), ApplyError> {
+        let Some(owner) = &self.opts.row_owner else {
+            return Ok(());
+        };
+        for m in msgs {
+            let SimpleQueryMessage::Row(r) = m else {
+                continue;
+            };
+            let lost = match r.get(0) {
+                Some(OWNER_LOST) => true,
+                Some(OWNER_ROW) => false,
+                _ => continue,
+            };
+            let op: u32 = r.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let table = r.get(2).unwrap_or_default().to_owned();
+            let row_value = r.get(4);
+            let column = self
+                .tables
+                .values()
+                .find(|t| t.target == table)
+                .and_then(|t| t.source.columns.get(t.owner()?.source_idx));
+            let type_oid = column.map_or(0, |c| c.type_oid);
+            let foreign = lost || row_value.is_none_or(|v| !(owner.owns)(type_oid, v.as_bytes()));
+            if !foreign {
+                continue;
+            }
+            let kind = op_kind(op);
+            return Err(ApplyError::ForeignRow(Box::new(super::error::ForeignRow {
+                shard: self.shard().to_owned(),
+                owner: owner.owner.clone(),
+                table,
+                key: r.get(3).unwrap_or_default().to_owned(),
+                op: kind,
+                verb: match kind {
+                    "INSERT" => "replace",
+                    "UPDATE" => "update",
+                    _ => "delete",
+                },
+                column: column.map_or_else(|| "shard key".to_owned(), |c| c.name.clone()),
+                row_value: row_value.unwrap_or("NULL").to_owned(),
+                change_value: r.get(5).unwrap_or("unknown").to_owned(),
+                commit_lsn,
+                advice: owner.advice.clone(),
+            })));
         }
         Ok(())
     }

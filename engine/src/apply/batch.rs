@@ -146,7 +146,7 @@ fn put_columns(
                 column: c.name.clone(),
             });
         }
-        if keys_only && !c.is_key {
+        if keys_only && !c.is_key && !table.is_owner(c) {
             out.put_slice(COPY_NULL);
         } else {
             put_value(out, table, c.source_idx, v)?;
@@ -208,12 +208,20 @@ pub fn encode_table(
 
     let mut statements = Vec::new();
     let upsert_by_delete = table.key_mode != KeyMode::PrimaryKey;
+    // The owner guard (reverse replication) first reads the rows the deletes and updates
+    // would change.
+    if deletes > 0 || !group_list.is_empty() {
+        let mut ops = vec![OP_DELETE.to_string()];
+        ops.extend((0..group_list.len()).map(|g| (OP_UPDATE_BASE + g as u32).to_string()));
+        statements.extend(table.owner_rows_sql(&ops.join(", "), &table.staging_source()));
+    }
     if deletes > 0 || (upsert_by_delete && upserts > 0) {
         let ops = if upsert_by_delete { "0, 1" } else { "0" };
         statements.push(table.delete_sql(ops));
     }
     if upserts + inserts > 0 {
         statements.push(table.insert_sql("1, 2"));
+        statements.extend(table.owner_lost_sql("1, 2", &table.staging_source()));
     }
     for (g, carried) in group_list.iter().enumerate() {
         if let Some(sql) = table.update_sql(OP_UPDATE_BASE + g as u32, carried) {
@@ -257,7 +265,7 @@ fn push_values_row(
             });
         }
         match v {
-            _ if keys_only && !c.is_key => out.push_str("NULL"),
+            _ if keys_only && !c.is_key && !table.is_owner(c) => out.push_str("NULL"),
             Some(Value::Text(b)) => {
                 if push_sql_literal(out, b).is_err() {
                     return Ok(false);
@@ -343,12 +351,23 @@ pub fn encode_table_inline(
         }
     }
     let mut statements = Vec::new();
+    // The owner guard (reverse replication) first reads the rows the deletes and updates
+    // would change.
+    if !deletes.is_empty() {
+        statements.extend(table.owner_rows_sql("0", &table.values_source(&deletes)));
+    }
+    for (g, (_, rows)) in updates.iter().enumerate() {
+        let op = (OP_UPDATE_BASE + g as u32).to_string();
+        statements.extend(table.owner_rows_sql(&op, &table.values_source(rows)));
+    }
     if !deletes.is_empty() {
         let ops = if upsert_by_delete { "0, 1" } else { "0" };
         statements.push(table.delete_sql_from(ops, &table.values_source(&deletes)));
     }
     if !inserts.is_empty() {
-        statements.push(table.insert_sql_from("1, 2", &table.values_source(&inserts)));
+        let source = table.values_source(&inserts);
+        statements.push(table.insert_sql_from("1, 2", &source));
+        statements.extend(table.owner_lost_sql("1, 2", &source));
     }
     if !plain.is_empty() {
         statements.push(table.insert_new_sql_from(&table.values_source(&plain)));
@@ -472,6 +491,73 @@ pub fn change_sql(table: &TargetTable, change: &Change) -> Result<Option<String>
             }))
         }
         Change::Truncate { .. } | Change::DeleteRange { .. } | Change::Message { .. } => Ok(None),
+    }
+}
+
+/// With the owner guard ([`TargetTable::guard_owner`]): the checks around [`change_sql`] of
+/// `change`: the owner read before it (UPDATE, DELETE: the row it would change) and the lost
+/// insert read after it (INSERT). `(None, None)` without the guard.
+pub fn owner_sql_for_change(
+    table: &TargetTable,
+    change: &Change,
+) -> Result<(Option<String>, Option<String>), EncodeError> {
+    if table.owner_col.is_none() {
+        return Ok((None, None));
+    }
+    let mut rows = String::new();
+    match change {
+        Change::Insert { new, .. } => {
+            if !push_values_row(&mut rows, table, OP_INSERT, new, false, true)? {
+                return Err(EncodeError::NotUtf8 {
+                    column: table.target.clone(),
+                });
+            }
+            Ok((
+                None,
+                table.owner_lost_sql(&OP_INSERT.to_string(), &table.values_source(&rows)),
+            ))
+        }
+        Change::Update { old, new, .. } => {
+            // Matched by the old key, carrying the new shard key.
+            let mut row = key_row(old.as_ref(), new);
+            if let Some(c) = table.owner() {
+                if let (Some(v), Some(slot)) = (new.get(c.source_idx), row.get_mut(c.source_idx)) {
+                    *slot = v.clone();
+                }
+            }
+            if !push_values_row(&mut rows, table, OP_UPDATE_BASE, &row, false, false)? {
+                return Err(EncodeError::NotUtf8 {
+                    column: table.target.clone(),
+                });
+            }
+            Ok((
+                table.owner_rows_sql(&OP_UPDATE_BASE.to_string(), &table.values_source(&rows)),
+                None,
+            ))
+        }
+        Change::Delete { old, .. } => {
+            if !push_values_row(&mut rows, table, OP_DELETE, old.row(), true, false)? {
+                return Err(EncodeError::NotUtf8 {
+                    column: table.target.clone(),
+                });
+            }
+            Ok((
+                table.owner_rows_sql(&OP_DELETE.to_string(), &table.values_source(&rows)),
+                None,
+            ))
+        }
+        Change::Truncate { .. } | Change::DeleteRange { .. } | Change::Message { .. } => {
+            Ok((None, None))
+        }
+    }
+}
+
+/// What an op code of a staged change does, for messages.
+pub fn op_kind(op: u32) -> &'static str {
+    match op {
+        OP_DELETE => "DELETE",
+        OP_UPSERT | OP_INSERT => "INSERT",
+        _ => "UPDATE",
     }
 }
 
@@ -824,6 +910,73 @@ mod tests {
         assert!(encode_table_inline(&tb, &f.finish(), false)
             .unwrap()
             .is_none());
+    }
+
+    /// See: R3-1. With the owner guard, a flush reads the rows its deletes and updates would
+    /// change before changing them, and the inserts that did not land after inserting; a
+    /// delete stages the shard key its old key carries.
+    #[test]
+    fn guarded_flushes_check_owners_around_the_merge() {
+        let mut tb = table();
+        assert!(tb.guard_owner("a"));
+        let rel = tb.source.clone();
+        let mut f = Fold::new(tb.key_idx.clone());
+        for c in [
+            Change::Insert {
+                rel: rel.clone(),
+                new: vec![t("1"), t("x"), Value::Null],
+            },
+            Change::Update {
+                rel: rel.clone(),
+                old: None,
+                new: vec![t("2"), t("y"), t("b")],
+            },
+            Change::Delete {
+                rel: rel.clone(),
+                old: OldRow::Key(vec![t("4"), t("z"), Value::Null]),
+            },
+        ] {
+            f.push(&c).unwrap();
+        }
+        let folded = f.finish();
+        for statements in [
+            encode_table(&tb, &folded, &mut BytesMut::new(), None)
+                .unwrap()
+                .statements,
+            encode_table_inline(&tb, &folded, false)
+                .unwrap()
+                .unwrap()
+                .statements,
+        ] {
+            let pos = |p: &str| {
+                statements
+                    .iter()
+                    .position(|s| s.starts_with(p))
+                    .unwrap_or_else(|| panic!("{p}: {statements:#?}"))
+            };
+            let check = pos("SELECT 'reshard_owner_row'");
+            assert!(
+                check < pos("DELETE") && check < pos("UPDATE"),
+                "{statements:#?}"
+            );
+            assert!(pos("INSERT") < pos("SELECT 'reshard_owner_lost'"));
+        }
+        let inline = encode_table_inline(&tb, &folded, false).unwrap().unwrap();
+        assert!(
+            inline.statements[0].contains("(VALUES (0, '4', 'z', NULL))"),
+            "{:#?}",
+            inline.statements
+        );
+        let (before, after) = owner_sql_for_change(
+            &tb,
+            &Change::Delete {
+                rel,
+                old: OldRow::Key(vec![t("4"), Value::Null, Value::Null]),
+            },
+        )
+        .unwrap();
+        assert!(before.unwrap().contains("s._reshard_op IN (0)"));
+        assert!(after.is_none());
     }
 
     #[test]

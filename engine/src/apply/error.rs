@@ -111,6 +111,11 @@ pub enum ApplyError {
         /// The error of the set-based statement.
         cause: String,
     },
+    /// A change would replace, update or delete a target row whose shard key belongs to
+    /// another owner (see [`super::RowOwner`]). Nothing of its source transaction is applied;
+    /// the applier retries it on the backoff.
+    #[error("{0}")]
+    ForeignRow(Box<ForeignRow>),
     /// The progress row moved under this applier.
     #[error("shard {shard}: progress row is at {found} but this applier has applied up to {expected}: another reshard process is applying to this shard with the same source and slot; stop it")]
     ProgressConflict {
@@ -186,9 +191,9 @@ impl Classify for ApplyError {
             ApplyError::Pg { class, .. }
             | ApplyError::Connect { class, .. }
             | ApplyError::Log { class, .. } => *class,
-            ApplyError::ReplayFromLog { .. } | ApplyError::WaitingForDdl { .. } => {
-                ErrorClass::Transient
-            }
+            ApplyError::ReplayFromLog { .. }
+            | ApplyError::WaitingForDdl { .. }
+            | ApplyError::ForeignRow(_) => ErrorClass::Transient,
             ApplyError::Schema { .. }
             | ApplyError::Fold { .. }
             | ApplyError::Encode { .. }
@@ -196,4 +201,32 @@ impl Classify for ApplyError {
             | ApplyError::ProgressConflict { .. } => ErrorClass::Definite,
         }
     }
+}
+
+/// A change that would overwrite a row of another owner ([`ApplyError::ForeignRow`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{shard}: halted before shard {owner}'s commit {commit_lsn}: the {op} of {table} {key} by shard {owner} ({column} {change_value}) would {verb} the target's row {key} of {column} {row_value}, which is not shard {owner}'s: the shard and the target handed out the same key to different accounts. Nothing of that transaction is applied (no row is lost: the shard keeps its row, the target keeps the other); it is retried every few seconds. {advice}")]
+pub struct ForeignRow {
+    /// Shard name (the applier's).
+    pub shard: String,
+    /// The owner (the shard whose writes are applied).
+    pub owner: String,
+    /// Target table.
+    pub table: String,
+    /// The match key, `(id)=(4405)`.
+    pub key: String,
+    /// `INSERT`, `UPDATE` or `DELETE`.
+    pub op: &'static str,
+    /// What the change would do to the row.
+    pub verb: &'static str,
+    /// The shard-key column.
+    pub column: String,
+    /// The target row's shard key.
+    pub row_value: String,
+    /// The change's shard key (`unknown` when the change does not carry it).
+    pub change_value: String,
+    /// The source commit LSN (the first of the flush).
+    pub commit_lsn: Lsn,
+    /// What to do.
+    pub advice: String,
 }

@@ -49,7 +49,7 @@ use tokio_postgres::Client;
 
 pub use applier::{LatencyHistogram, ShardApplier};
 pub use ddl::{DdlWait, SourceConnect};
-pub use error::ApplyError;
+pub use error::{ApplyError, ForeignRow};
 
 use crate::config::{ApplyConfig, DdlMode};
 use crate::error::{class_of_pg, Classify, ErrorClass};
@@ -104,6 +104,41 @@ pub struct ApplyOptions {
     /// source under one, and the forward stream drops them by it. Default `None`.
     /// See <https://www.postgresql.org/docs/current/replication-origins.html>.
     pub replication_origin: Option<String>,
+    /// Reverse replication: the target rows the changes may touch are the shard's own (see
+    /// [`RowOwner`]). Default `None`: every row.
+    pub row_owner: Option<RowOwner>,
+}
+
+/// Whether a shard-key value (its type OID and text form) belongs to an owner.
+pub type OwnsFn = std::sync::Arc<dyn Fn(u32, &[u8]) -> bool + Send + Sync>;
+
+/// Which target rows a stream may change: a target row matched by primary key whose shard
+/// key belongs to another owner is never replaced, updated or deleted. Reverse replication sets
+/// it: a cut-over shard and the source may hand out the same id to different accounts (their
+/// sequences are copies), and the source's row of an account another shard serves must
+/// survive. Such a change stops the apply before its source transaction
+/// ([`ApplyError::ForeignRow`], [`ApplyState::Halted`]); it is retried on the backoff and
+/// goes through once the operator has renumbered one of the two rows.
+#[derive(Clone)]
+pub struct RowOwner {
+    /// Target `schema.table` (unquoted) → its shard-key column; tables not listed are not
+    /// guarded.
+    pub keys: HashMap<String, String>,
+    /// The owner, for messages (the cut-over shard).
+    pub owner: String,
+    /// Whether a shard-key value (its type OID and text form) belongs to the owner.
+    pub owns: OwnsFn,
+    /// What the operator does about a conflict: appended to the error.
+    pub advice: String,
+}
+
+impl std::fmt::Debug for RowOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowOwner")
+            .field("keys", &self.keys)
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ApplyOptions {
@@ -126,6 +161,7 @@ impl ApplyOptions {
             heartbeat_interval_ms: 1_000,
             ddl: c.ddl,
             replication_origin: None,
+            row_owner: None,
         }
     }
 }
@@ -153,6 +189,10 @@ pub enum ApplyState {
     WaitingForDdl,
     /// Paused by the operator: nothing is read or committed.
     Paused,
+    /// A change would replace, update or delete a target row of another owner
+    /// ([`RowOwner`]): nothing of its source transaction is applied; retried on the backoff
+    /// until the operator resolves it (see `last_error`).
+    Halted,
     /// Stopped: shut down, or a definite error (see `last_error`).
     Stopped,
 }

@@ -204,7 +204,16 @@ pub struct TargetTable {
     pub overriding: bool,
     /// Name of this table's session staging table.
     pub staging: String,
+    /// Position in [`Self::columns`] of the shard-key column whose owner is checked before a
+    /// change touches a row (reverse replication, see [`Self::guard_owner`]); `None`: not
+    /// checked.
+    pub owner_col: Option<usize>,
 }
+
+/// Tag of a row of [`TargetTable::owner_rows_sql`].
+pub const OWNER_ROW: &str = "reshard_owner_row";
+/// Tag of a row of [`TargetTable::owner_lost_sql`].
+pub const OWNER_LOST: &str = "reshard_owner_lost";
 
 /// Splits a `schema.table` name (unquoted; no schema means `public`): the one definition.
 pub use crate::pg::table::split_name;
@@ -324,6 +333,7 @@ impl TargetTable {
             key_idx,
             overriding,
             staging,
+            owner_col: None,
         })
     }
 
@@ -338,9 +348,11 @@ impl TargetTable {
     /// writing to the shard. Then the primary key refuses it (SQLSTATE 23505), the flush is
     /// rolled back and replayed from the log change by change with `ON CONFLICT`, exactly what
     /// the merge would have done. Without a primary key nothing would refuse a second copy of
-    /// a row, so those tables always merge.
+    /// a row, so those tables always merge. Nor does a table whose rows of other owners are
+    /// guarded ([`Self::guard_owner`], reverse replication): its inserts need the guarded
+    /// upsert and the check after it.
     pub fn takes_direct_inserts(&self) -> bool {
-        self.key_mode == KeyMode::PrimaryKey && !self.columns.is_empty()
+        self.key_mode == KeyMode::PrimaryKey && !self.columns.is_empty() && self.owner_col.is_none()
     }
 
     /// `COPY target (…) FROM STDIN`: the rows of [`Self::takes_direct_inserts`], no op code.
@@ -362,6 +374,80 @@ impl TargetTable {
             self.insert_into(),
             vals.join(", ")
         )
+    }
+
+    /// Guards the rows of another owner (reverse replication: the source's rows of accounts
+    /// other shards serve). Only where the match key can name another account's row: primary-key
+    /// mode with `key` (the shard-key column) outside the primary key. Then an upsert never
+    /// replaces a row of another `key` value (`ON CONFLICT … DO UPDATE … WHERE`), and
+    /// [`Self::owner_rows_sql`] / [`Self::owner_lost_sql`] report the rows a flush would touch
+    /// and the inserts that did not land, for the applier to judge. Returns whether it guards.
+    pub fn guard_owner(&mut self, key: &str) -> bool {
+        self.owner_col = if self.key_mode == KeyMode::PrimaryKey {
+            self.columns.iter().position(|c| c.name == key && !c.is_key)
+        } else {
+            None
+        };
+        self.owner_col.is_some()
+    }
+
+    /// The guarded shard-key column ([`Self::guard_owner`]).
+    pub fn owner(&self) -> Option<&MappedColumn> {
+        self.owner_col.and_then(|i| self.columns.get(i))
+    }
+
+    /// Whether `c` is the guarded shard-key column (staged with a delete's key, so the check
+    /// can name the account the change meant, when the old key carries it).
+    pub fn is_owner(&self, c: &MappedColumn) -> bool {
+        self.owner().is_some_and(|o| o.source_idx == c.source_idx)
+    }
+
+    /// The row of an owner check: a tag, the op code, the target table, the match key as text
+    /// (`(id)=(4405)`), the target row's shard key and the change's, both as text.
+    fn owner_select(&self, tag: &str, owner: &MappedColumn) -> String {
+        let keys: Vec<&MappedColumn> = self.columns.iter().filter(|c| c.is_key).collect();
+        let names: Vec<&str> = keys.iter().map(|c| c.name.as_str()).collect();
+        let vals: Vec<String> = keys
+            .iter()
+            .map(|c| format!("coalesce(s.{}, 'NULL')", c.name_sql))
+            .collect();
+        let target = sql_literal(self.target.as_bytes()).unwrap_or_else(|_| "''".to_owned());
+        let prefix = sql_literal(format!("({})=(", names.join(", ")).as_bytes())
+            .unwrap_or_else(|_| "''".to_owned());
+        format!(
+            "SELECT '{tag}', s._reshard_op, {target}, {prefix} || concat_ws(', ', {}) || ')', t.{k}::text, s.{k}",
+            vals.join(", "),
+            k = owner.name_sql
+        )
+    }
+
+    /// With [`Self::guard_owner`]: the target rows the changes with op codes `ops` read from
+    /// `source` (see [`Self::staging_source`]) would update or delete, each with its shard key
+    /// (rows tagged [`OWNER_ROW`]); the applier refuses the flush if one belongs to another
+    /// owner. Run before the statements that change them.
+    pub fn owner_rows_sql(&self, ops: &str, source: &str) -> Option<String> {
+        let owner = self.owner()?;
+        Some(format!(
+            "{} FROM {} AS t, {source} WHERE s._reshard_op IN ({ops}) AND {}",
+            self.owner_select(OWNER_ROW, owner),
+            self.target_sql,
+            self.key_match("t", "s")
+        ))
+    }
+
+    /// With [`Self::guard_owner`]: the inserts with op codes `ops` read from `source` that did
+    /// not land because the key holds a row of another shard-key value (rows tagged
+    /// [`OWNER_LOST`]: always a conflict). Run after the insert.
+    pub fn owner_lost_sql(&self, ops: &str, source: &str) -> Option<String> {
+        let owner = self.owner()?;
+        Some(format!(
+            "{} FROM {} AS t, {source} WHERE s._reshard_op IN ({ops}) AND {} AND t.{k} IS DISTINCT FROM s.{k}::{ty}",
+            self.owner_select(OWNER_LOST, owner),
+            self.target_sql,
+            self.key_match("t", "s"),
+            k = owner.name_sql,
+            ty = owner.type_sql
+        ))
     }
 
     /// Whether several target rows may hold the same match key (see [`KeyMode::FullRow`]).
@@ -470,8 +556,14 @@ impl TargetTable {
     pub fn insert_into(&self) -> String {
         let cols: Vec<&str> = self.columns.iter().map(|c| c.name_sql.as_str()).collect();
         format!(
-            "INSERT INTO {} ({}){}",
+            "INSERT INTO {}{} ({}){}",
             self.target_sql,
+            // The alias the owner guard of `on_conflict` names the existing row by.
+            if self.owner_col.is_some() {
+                " AS t"
+            } else {
+                ""
+            },
             cols.join(", "),
             if self.overriding {
                 " OVERRIDING SYSTEM VALUE"
@@ -501,8 +593,19 @@ impl TargetTable {
         if sets.is_empty() {
             format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", "))
         } else {
+            // Never replace a row of another owner: the insert does not land, and
+            // `owner_lost_sql` reports it.
+            let guard = self
+                .owner()
+                .map(|o| {
+                    format!(
+                        " WHERE t.{n} IS NOT DISTINCT FROM EXCLUDED.{n}",
+                        n = o.name_sql
+                    )
+                })
+                .unwrap_or_default();
             format!(
-                " ON CONFLICT ({}) DO UPDATE SET {}",
+                " ON CONFLICT ({}) DO UPDATE SET {}{guard}",
                 keys.join(", "),
                 sets.join(", ")
             )
@@ -699,6 +802,62 @@ mod tests {
         assert_eq!(names, ["id", "x"]);
         assert!(!t.copy_sql().contains("total"), "{}", t.copy_sql());
         assert!(!t.create_staging_sql().contains("total"));
+    }
+
+    /// See: R3-1. Reverse replication guards the rows of other owners: the upsert never
+    /// replaces a row of another shard key, and the checks read the rows a flush touches.
+    #[test]
+    fn the_owner_guard_keeps_upserts_off_rows_of_another_shard_key() {
+        let r = rel(
+            ReplicaIdentity::Default,
+            vec![col("id", true), col("account_id", false), col("n", false)],
+        );
+        let cols = [
+            tcol("id", true),
+            tcol("account_id", false),
+            tcol("n", false),
+        ];
+        let mut t = TargetTable::build(r.clone(), "public.t", &cols, "s".into()).unwrap();
+        let plain = t.insert_sql("1, 2");
+        assert!(t.owner_rows_sql("0", "x AS s").is_none());
+        assert!(t.guard_owner("account_id"));
+        let sql = t.insert_sql("1, 2");
+        assert!(
+            sql.starts_with("INSERT INTO public.t AS t (id, account_id, n)"),
+            "{sql}"
+        );
+        assert!(
+            sql.ends_with("DO UPDATE SET account_id = EXCLUDED.account_id, n = EXCLUDED.n WHERE t.account_id IS NOT DISTINCT FROM EXCLUDED.account_id"),
+            "{sql}"
+        );
+        assert_ne!(sql, plain);
+        let rows = t.owner_rows_sql("0, 3", "x AS s").unwrap();
+        assert_eq!(
+            rows,
+            "SELECT 'reshard_owner_row', s._reshard_op, 'public.t', '(id)=(' || concat_ws(', ', coalesce(s.id, 'NULL')) || ')', \
+             t.account_id::text, s.account_id FROM public.t AS t, x AS s WHERE s._reshard_op IN (0, 3) AND t.id = s.id::text"
+        );
+        let lost = t.owner_lost_sql("1, 2", "x AS s").unwrap();
+        assert!(
+            lost.ends_with("AND t.account_id IS DISTINCT FROM s.account_id::text"),
+            "{lost}"
+        );
+        // A key that is part of the primary key, or no primary key: nothing to guard.
+        let mut t = TargetTable::build(r.clone(), "public.t", &cols, "s".into()).unwrap();
+        assert!(!t.guard_owner("id"));
+        assert!(!t.guard_owner("missing"));
+        let mut t = TargetTable::build(
+            r,
+            "public.t",
+            &[
+                tcol("id", false),
+                tcol("account_id", false),
+                tcol("n", false),
+            ],
+            "s".into(),
+        )
+        .unwrap();
+        assert!(!t.guard_owner("account_id"));
     }
 
     #[test]

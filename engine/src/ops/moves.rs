@@ -1072,6 +1072,7 @@ impl Ctx<'_> {
             table_map: Default::default(),
             origin: format!("{ORIGIN_PREFIX}{}", self.id),
             kind: "move",
+            row_owner: None,
         };
         let stream = SideStream::start(self.config, spec).await.map_err(serr)?;
         let r = self.fence_and_wait(&stream).await;

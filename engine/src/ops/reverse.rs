@@ -40,6 +40,8 @@ use crate::pg::table::split_name;
 const POLL: Duration = Duration::from_millis(200);
 /// How often a wait says what it waits for.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// How often a wait asks the daemon whether the reverse stream is halted.
+const HALT_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// The reverse direction could not be set up or rolled back.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,17 @@ pub enum ReverseOpError {
         waited_secs: f64,
         /// What to check.
         hint: String,
+    },
+    /// The reverse stream is halted on a change that would overwrite another account's row
+    /// on the source: it can never drain until the operator resolves it.
+    #[error("shard {shard} cannot be rolled back now: its reverse stream is halted, so the source lacks the writes it took from {reached} on and waiting would not help. {error} Shard {shard} stays fenced; run rollback again once the stream runs (`reshard status` shows it)")]
+    Halted {
+        /// The shard.
+        shard: String,
+        /// The reverse progress on the source.
+        reached: Lsn,
+        /// The stream's error (the table, key, accounts and the fix).
+        error: String,
     },
     /// A fence could not be installed or removed.
     #[error(transparent)]
@@ -286,7 +299,7 @@ pub async fn rollback(
 
         // 3. Wait for the source to hold it.
         let started = Instant::now();
-        report.reached_lsn = wait_drained(&src, &row, target, opts.timeout).await?;
+        report.reached_lsn = wait_drained(config, &src, &row, target, opts.timeout).await?;
         report.waited_secs = started.elapsed().as_secs_f64();
         crash_point("rollback:drained");
 
@@ -342,8 +355,18 @@ pub async fn rollback(
     Ok(report)
 }
 
+/// Whether the daemon's reverse stream of `shard` is halted (a change that would overwrite
+/// another account's row on the source): its error. `None` if it runs, or the daemon does not
+/// answer (then the wait says what it waits for and times out).
+async fn halted(config: &Config, shard: &str) -> Option<String> {
+    let snap = crate::ops::observe::query_admin(config).await.ok()?;
+    let v = snap.reverse.into_iter().find(|v| v.shard == shard)?;
+    (v.stream == "halted").then(|| v.last_error.unwrap_or_default())
+}
+
 /// Waits until the source's progress row of the reverse stream covers `target`.
 async fn wait_drained(
+    config: &Config,
     src: &Client,
     row: &ReverseRow,
     target: Lsn,
@@ -351,6 +374,8 @@ async fn wait_drained(
 ) -> Result<Lsn, ReverseOpError> {
     let started = Instant::now();
     let mut next_report = started;
+    let mut next_halt_check = started;
+    let mut halt_seen: Option<(Lsn, String)> = None;
     let progress_shard = row.progress_shard();
     loop {
         let reached = read_progress(src, &row.slot, &progress_shard, Some(&row.shard_system_id))
@@ -362,6 +387,22 @@ async fn wait_drained(
         }
         let active: Option<bool> = None;
         let hint = daemon_hint(active);
+        if Instant::now() >= next_halt_check {
+            next_halt_check = Instant::now() + HALT_CHECK_EVERY;
+            // Halted at two checks in a row with no progress in between: not a snapshot the
+            // daemon took before the stream went on.
+            let now = halted(config, &row.shard).await.map(|e| (reached, e));
+            if let (Some((before, _)), Some((after, error))) = (&halt_seen, &now) {
+                if before == after {
+                    return Err(ReverseOpError::Halted {
+                        shard: row.shard.clone(),
+                        reached,
+                        error: error.clone(),
+                    });
+                }
+            }
+            halt_seen = now;
+        }
         if Instant::now() >= next_report {
             tracing::info!(
                 shard = %row.shard,

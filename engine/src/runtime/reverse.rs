@@ -37,10 +37,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use std::sync::Arc;
+
+use crate::apply::RowOwner;
 use crate::config::{Config, TableMode as CfgMode};
+use crate::event::ShardId;
 use crate::pg::catalog::SourceTable;
 use crate::pg::reverse::{self as record, ReverseRow, ReverseState};
-use crate::route::{self, RouteSpec};
+use crate::route::{self, RouteSpec, Router};
+use crate::runtime::options::{load_map, route_spec};
 use crate::runtime::side::{SideSpec, SideStream};
 use crate::shutdown::ShutdownRx;
 use crate::source::{ConnConfig, SqlSession};
@@ -356,6 +361,7 @@ impl Stream {
                 .collect(),
             origin: row.origin(),
             kind: "reverse",
+            row_owner: Some(row_owner(cfg, tables, &row.shard).await?),
         };
         Ok(Stream {
             row: row.clone(),
@@ -370,6 +376,51 @@ impl Stream {
     fn fill(&self, v: &mut ReverseView) {
         self.side.fill(v);
     }
+}
+
+/// The source's rows the reverse stream of `shard` may change: those whose shard key routes
+/// to `shard` (the forward direction's routing, with the account map as it is now). A cut-over
+/// shard and the source draw ids from copies of one sequence; once the source has used up
+/// `[cutover] sequence_gap`, they hand out the same id to different accounts, and the reverse
+/// upsert would replace the source's row of another shard's account (R3-1). The apply halts on
+/// such a change instead, with this advice.
+async fn row_owner(
+    cfg: &Config,
+    tables: &[SourceTable],
+    shard: &str,
+) -> Result<RowOwner, ReverseError> {
+    let index = cfg
+        .shards
+        .iter()
+        .position(|s| s.name == shard)
+        .ok_or_else(|| ReverseError::UnknownShard {
+            shard: shard.to_owned(),
+        })?;
+    let map = load_map(cfg).await?.map(|m| m.map);
+    let router = Arc::new(Router::new(route_spec(cfg, tables, map)?)?);
+    let owner = ShardId(index as u16);
+    let keys = tables
+        .iter()
+        .filter(|t| t.rule.mode == CfgMode::Sharded)
+        .map(|t| (t.rule.source.clone(), t.rule.key.clone()))
+        .collect();
+    Ok(RowOwner {
+        keys,
+        owner: shard.to_owned(),
+        owns: Arc::new(move |type_oid, text| router.shard_of_text(type_oid, text) == Ok(owner)),
+        advice: format!(
+            "To go on, give one of the two rows another key, on the source the other account's \
+             (e.g. UPDATE <table> SET id = nextval('<its sequence>') WHERE id = <id> AND <key> = \
+             <its account>; the forward stream carries it to that account's shard; rows that \
+             reference it must follow), and move shard {shard}'s sequences past every id the \
+             source will hand out while it stays cut over (SELECT setval(…) on {shard}) so that \
+             no later row collides; the stream then resumes by itself (`reshard rollback --shard \
+             {shard}` refuses until it has). Next time raise [cutover] sequence_gap (now {gap}) \
+             above the ids the source hands out while a shard is cut over, or give each shard \
+             its own id range.",
+            gap = cfg.cutover.sequence_gap
+        ),
+    })
 }
 
 /// The reverse router: one target (the source); every table S publishes is S's share of a

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::apply::{ApplyError, ApplyOptions, ApplyState, ShardApplier, ShardStatus};
+use crate::apply::{ApplyError, ApplyOptions, ApplyState, RowOwner, ShardApplier, ShardStatus};
 use crate::config::Config;
 use crate::error::{Classify, ErrorClass};
 use crate::event::{pg_now, ShardId};
@@ -166,6 +166,9 @@ pub struct SideSpec {
     pub origin: String,
     /// The span's name (`reverse`, `move`).
     pub kind: &'static str,
+    /// The target rows the stream may change (reverse replication: the shard's own; see
+    /// [`RowOwner`]). `None`: every row.
+    pub row_owner: Option<RowOwner>,
 }
 
 /// One running side stream.
@@ -290,6 +293,7 @@ impl SideStream {
             // Through any fence on the target, without firing its triggers a second time.
             session_replication_role_replica: true,
             replication_origin: Some(spec.origin.clone()),
+            row_owner: spec.row_owner.clone(),
             ..ApplyOptions::from_config(&cfg.apply)
         };
         let target_conn = spec.target_conn.clone();
@@ -356,6 +360,7 @@ impl SideStream {
             ApplyState::Running => "running",
             ApplyState::Retrying => "retrying",
             ApplyState::WaitingForDdl => "waiting_for_ddl",
+            ApplyState::Halted => "halted",
             ApplyState::Paused => "paused",
             ApplyState::Stopped => "stopped",
         }

@@ -66,7 +66,8 @@ impl Supervisor {
                 match st.state {
                     ApplyState::Starting => ShardState::Waiting,
                     ApplyState::Running => ShardState::Running,
-                    ApplyState::Retrying => ShardState::Retrying,
+                    // Halted: only side streams guard rows of other owners.
+                    ApplyState::Retrying | ApplyState::Halted => ShardState::Retrying,
                     ApplyState::WaitingForDdl => ShardState::WaitingForDdl,
                     ApplyState::Paused => ShardState::Paused,
                     ApplyState::Stopped => ShardState::Stopped,
