@@ -1233,12 +1233,48 @@ async fn ids_a_cut_over_shard_shares_with_the_source_never_overwrite_another_acc
         },
     );
     let (mine, other) = (accounts_on(&t, 1), accounts_on(&t, 0));
+    // The ids the source can still hand out before it reaches shard1's: the gap.
+    let headroom = |want: i64| {
+        t.wait(
+            &format!("shard1's sequence headroom to be {want}"),
+            Duration::from_secs(30),
+            || {
+                let s = t.status_json()?;
+                let r = reverse_of(&s, "shard1")?.clone();
+                (r["sequence_headroom"].as_i64()? == want).then_some(r)
+            },
+        )
+    };
+    let r = headroom(10);
+    assert!(r["sequence_warning"].is_null(), "{r:#}");
 
     // The source goes on numbering shard0's orders past the gap …
     t.source_sql(&format!(
         "INSERT INTO orders (account_id, amount) SELECT {}, 1 FROM generate_series(1, 30)",
         other[0]
     ));
+    // … which status, SHOW REVERSE and the log warn about.
+    let r = headroom(-20);
+    assert_eq!(r["sequence_headroom_of"], "public.orders_id_seq", "{r:#}");
+    let w = r["sequence_warning"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r:#}"));
+    assert!(w.contains("sequence_gap = 10"), "{w}");
+    let (code, out, _) = t.reshard(&["status", "-c", &c]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("-20 LOW") && out.contains("WARN sequence public.orders_id_seq"),
+        "{out}"
+    );
+    t.wait(
+        "the daemon to log the low headroom",
+        Duration::from_secs(30),
+        || {
+            t.all_logs()
+                .contains("ids from those shard shard1 hands out")
+                .then_some(())
+        },
+    );
     // … and shard1 numbers its account's order from its copy of the sequence: an id the
     // source has given to shard0's account.
     let x: i64 = t.shards[1]
@@ -1280,6 +1316,15 @@ async fn ids_a_cut_over_shard_shares_with_the_source_never_overwrite_another_acc
         reverse_of(&st, "shard1").unwrap()["stream"],
         "halted",
         "{st:#}"
+    );
+    let config_text = std::fs::read_to_string(t.config_path()).unwrap();
+    let rows = console_rows(port_of(&config_text, "listen"), "SHOW REVERSE").await;
+    let row = rows.iter().find(|r| r["shard"] == "shard1").unwrap();
+    assert_eq!(row["stream"], "halted", "{row:?}");
+    assert_eq!(row["sequence_headroom"], "-20", "{row:?}");
+    assert!(
+        row["last_error"].contains(&format!("(id)=({x})")),
+        "{row:?}"
     );
     assert!(t.all_logs().contains("halted"), "{}", t.all_logs());
     // The operator's way out (the error's advice): renumber the source's row (the forward

@@ -431,6 +431,44 @@ pub struct ReverseView {
     pub rows_deleted_total: u64,
     /// The last error, if any.
     pub last_error: Option<String>,
+    /// The ids the source can still hand out before one equals an id the shard hands out
+    /// (the shard's sequence as its cutover set it minus the source's present value, for the
+    /// sequence with the least room; at or below 0 they collide and the stream halts on the
+    /// first shared id). `None`: not known (no sequences, or not read yet).
+    #[serde(default)]
+    pub sequence_headroom: Option<i64>,
+    /// The sequence of [`Self::sequence_headroom`].
+    #[serde(default)]
+    pub sequence_headroom_of: Option<String>,
+    /// Set when the headroom is below a fifth of `[cutover] sequence_gap`: what to do.
+    #[serde(default)]
+    pub sequence_warning: Option<String>,
+}
+
+impl ReverseView {
+    /// Fills the sequence headroom of the reverse stream (see [`Self::sequence_headroom`]) and
+    /// its warning: below a fifth of `gap` (`[cutover] sequence_gap`) the source is close to
+    /// handing out ids the shard has. The one rule for the daemon's and the offline status.
+    pub fn set_sequence_headroom(&mut self, headroom: Option<(String, i64)>, gap: i64) {
+        self.sequence_warning = None;
+        let Some((name, room)) = headroom else {
+            self.sequence_headroom = None;
+            self.sequence_headroom_of = None;
+            return;
+        };
+        if room < gap / 5 {
+            self.sequence_warning = Some(format!(
+                "sequence {name}: the source is {room} ids from those shard {shard} hands out \
+                 (below a fifth of [cutover] sequence_gap = {gap}); once it reaches them the two \
+                 hand out the same ids and the reverse stream halts on the first one it meets \
+                 (see its error for the way out). Roll shard {shard} back before then, or cut \
+                 over with a larger sequence_gap",
+                shard = self.shard
+            ));
+        }
+        self.sequence_headroom = Some(room);
+        self.sequence_headroom_of = Some(name);
+    }
 }
 
 /// An operator's command to the running daemon.

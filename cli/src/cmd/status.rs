@@ -63,6 +63,7 @@ pub(crate) fn reverse_table(s: &StatusSnapshot) -> String {
         "LAG",
         "LAG S",
         "ROWS",
+        "ID HEADROOM",
         "LAST ERROR",
     ]
     .map(String::from)];
@@ -80,10 +81,21 @@ pub(crate) fn reverse_table(s: &StatusSnapshot) -> String {
             bytes(r.lag_bytes),
             format!("{:.1}", r.lag_seconds),
             (r.rows_inserted_total + r.rows_updated_total + r.rows_deleted_total).to_string(),
+            match (r.sequence_headroom, &r.sequence_warning) {
+                (Some(h), Some(_)) => format!("{h} LOW"),
+                (Some(h), None) => h.to_string(),
+                (None, _) => "-".into(),
+            },
             r.last_error.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
-    table(&rows)
+    let mut out = table(&rows);
+    for r in &s.reverse {
+        if let Some(w) = &r.sequence_warning {
+            out.push_str(&format!("WARN {w}\n"));
+        }
+    }
+    out
 }
 
 fn render(s: &StatusSnapshot, origin: StatusOrigin) -> String {

@@ -346,6 +346,8 @@ pub fn reverse(snap: &StatusSnapshot) -> ResultSet {
             "rows_inserted",
             "rows_updated",
             "rows_deleted",
+            "sequence_headroom",
+            "sequence_warning",
             "last_error",
         ],
         rows: snap
@@ -368,6 +370,8 @@ pub fn reverse(snap: &StatusSnapshot) -> ResultSet {
                     s(r.rows_inserted_total),
                     s(r.rows_updated_total),
                     s(r.rows_deleted_total),
+                    r.sequence_headroom.map(|h| h.to_string()),
+                    r.sequence_warning.clone(),
                     r.last_error.clone(),
                 ]
             })

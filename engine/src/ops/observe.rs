@@ -365,6 +365,11 @@ async fn offline_reverse(
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let mut v = row.view();
+        if row.state.streams() {
+            if let Ok(h) = crate::pg::reverse::sequence_headroom(src, &row).await {
+                v.set_sequence_headroom(h, config.cutover.sequence_gap);
+            }
+        }
         match read_progress(
             src,
             &row.slot,

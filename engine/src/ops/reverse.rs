@@ -187,6 +187,7 @@ pub async fn begin(config: &Config, shard: &str) -> Result<ReverseRow, ReverseOp
         start_lsn: None,
         state: ReverseState::Starting,
         drain_lsn: None,
+        sequence_floors: Default::default(),
     };
     // Recorded before anything exists on the shard, so a crash leaves a row a rerun resumes.
     record::write(&src, &row).await?;
@@ -197,6 +198,9 @@ pub async fn begin(config: &Config, shard: &str) -> Result<ReverseRow, ReverseOp
         .filter(|t| t.rule.mode == TableMode::Sharded)
         .map(|t| t.rule.target)
         .collect();
+    // The shard's sequences as the cutover set them, before the application writes there:
+    // how far the source may go before it hands out the same ids (`status` shows the room).
+    row.sequence_floors = record::read_sequence_floors(&sh, &targets).await?;
     row.start_lsn = Some(record::create_on_shard(&sh, &row, &targets).await?);
     row.state = ReverseState::Streaming;
     record::write(&src, &row).await?;

@@ -10,6 +10,8 @@
 //! draining. Each new cutover of a shard after a rollback is a new `epoch`, with a new slot and
 //! a new progress row, so nothing of an earlier reverse stream is ever resumed by mistake.
 
+use std::collections::BTreeMap;
+
 use tokio_postgres::Client;
 
 use crate::error::{class_of_pg, Classify, ErrorClass};
@@ -27,7 +29,8 @@ CREATE TABLE IF NOT EXISTS reshard.reverse (\
  start_lsn pg_lsn,\
  state text NOT NULL,\
  drain_lsn pg_lsn,\
- updated_at timestamptz NOT NULL DEFAULT now())";
+ updated_at timestamptz NOT NULL DEFAULT now()); \
+ALTER TABLE reshard.reverse ADD COLUMN IF NOT EXISTS sequence_floors jsonb";
 
 /// Every replication origin reshard applies under starts with this. The forward ingest drops
 /// the transactions of such origins: they were applied to the source by the reverse stream
@@ -94,6 +97,10 @@ pub struct ReverseRow {
     pub state: ReverseState,
     /// With `Draining`/`RolledBack`: the shard LSN the source had to reach.
     pub drain_lsn: Option<Lsn>,
+    /// The shard's sequences (of its sharded tables) as the cutover left them, before the
+    /// shard handed out any id: `schema.sequence` → `last_value`. The source collides with the
+    /// shard's ids once its own value passes one ([`sequence_headroom`]).
+    pub sequence_floors: BTreeMap<String, i64>,
 }
 
 impl ReverseRow {
@@ -197,8 +204,9 @@ pub async fn ensure_table(client: &Client) -> Result<(), ReverseTableError> {
         .map_err(q("creating reshard.reverse on the source"))
 }
 
+// `sequence_floors` through to_jsonb: NULL on a table an older reshard created without it.
 const SELECT: &str = "SELECT shard, epoch, slot, publication, shard_system_id, start_lsn::text, \
-     state, drain_lsn::text FROM reshard.reverse";
+     state, drain_lsn::text, (to_jsonb(r) -> 'sequence_floors')::text FROM reshard.reverse r";
 
 /// Every row (none when the table does not exist: no shard was ever cut over with a fence).
 pub async fn read_all(client: &Client) -> Result<Vec<ReverseRow>, ReverseTableError> {
@@ -251,6 +259,11 @@ fn parse_row(r: &tokio_postgres::Row) -> Result<ReverseRow, ReverseTableError> {
         state: ReverseState::parse(&state)
             .ok_or_else(|| ReverseTableError::Invalid(format!("state {state:?}")))?,
         drain_lsn: lsn(7)?,
+        sequence_floors: match get(8)? {
+            Some(t) if t != "null" => serde_json::from_str(&t)
+                .map_err(|e| ReverseTableError::Invalid(format!("sequence_floors {t:?}: {e}")))?,
+            _ => BTreeMap::new(),
+        },
     })
 }
 
@@ -258,15 +271,19 @@ fn parse_row(r: &tokio_postgres::Row) -> Result<ReverseRow, ReverseTableError> {
 pub async fn write(client: &Client, row: &ReverseRow) -> Result<(), ReverseTableError> {
     let start = row.start_lsn.map(|l| l.to_string());
     let drain = row.drain_lsn.map(|l| l.to_string());
+    let floors = serde_json::to_string(&row.sequence_floors)
+        .map_err(|e| ReverseTableError::Invalid(format!("sequence_floors: {e}")))?;
     client
         .execute(
             "INSERT INTO reshard.reverse AS r \
-               (shard, epoch, slot, publication, shard_system_id, start_lsn, state, drain_lsn, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6::text::pg_lsn, $7, $8::text::pg_lsn, now()) \
+               (shard, epoch, slot, publication, shard_system_id, start_lsn, state, drain_lsn, \
+                sequence_floors, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6::text::pg_lsn, $7, $8::text::pg_lsn, $9::text::jsonb, now()) \
              ON CONFLICT (shard) DO UPDATE SET epoch = EXCLUDED.epoch, slot = EXCLUDED.slot, \
                publication = EXCLUDED.publication, shard_system_id = EXCLUDED.shard_system_id, \
                start_lsn = EXCLUDED.start_lsn, state = EXCLUDED.state, \
-               drain_lsn = EXCLUDED.drain_lsn, updated_at = now()",
+               drain_lsn = EXCLUDED.drain_lsn, sequence_floors = EXCLUDED.sequence_floors, \
+               updated_at = now()",
             &[
                 &row.shard,
                 &row.epoch,
@@ -276,11 +293,87 @@ pub async fn write(client: &Client, row: &ReverseRow) -> Result<(), ReverseTable
                 &start,
                 &row.state.as_str(),
                 &drain,
+                &floors,
             ],
         )
         .await
         .map_err(q("writing reshard.reverse on the source"))?;
     Ok(())
+}
+
+/// On the shard: the present `last_value` of each ascending sequence owned by a column of
+/// `tables` (serial and identity columns), the floors of [`ReverseRow::sequence_floors`]. A
+/// sequence never used there counts from its start.
+pub async fn read_sequence_floors(
+    client: &Client,
+    tables: &[String],
+) -> Result<BTreeMap<String, i64>, ReverseTableError> {
+    let names: Vec<String> = tables.iter().map(|t| quote_qualified(t)).collect();
+    let rows = client
+        .query(
+            "SELECT ps.schemaname || '.' || ps.sequencename, \
+                    coalesce(ps.last_value, ps.start_value - ps.increment_by) \
+               FROM pg_depend d \
+               JOIN pg_class c ON c.oid = d.objid AND c.relkind = 'S' \
+               JOIN pg_namespace n ON n.oid = c.relnamespace \
+               JOIN pg_sequences ps ON ps.schemaname = n.nspname AND ps.sequencename = c.relname \
+              WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
+                AND d.deptype IN ('a', 'i') AND ps.increment_by > 0 \
+                AND d.refobjid IN (SELECT to_regclass(t) FROM unnest($1::text[]) t)",
+            &[&names],
+        )
+        .await
+        .map_err(q(
+            "reading the sequences of the sharded tables on the shard",
+        ))?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get(0)
+                    .map_err(q("reading pg_sequences on the shard"))?,
+                r.try_get(1)
+                    .map_err(q("reading pg_sequences on the shard"))?,
+            ))
+        })
+        .collect()
+}
+
+/// The ids the source can still hand out before it hands out one the cut-over shard has:
+/// for the sequence with the least room, its name and `floor − the source's last_value` (at
+/// or below 0: the next id the source draws may collide). `None` without floors.
+pub async fn sequence_headroom(
+    src: &Client,
+    row: &ReverseRow,
+) -> Result<Option<(String, i64)>, ReverseTableError> {
+    if row.sequence_floors.is_empty() {
+        return Ok(None);
+    }
+    let names: Vec<&String> = row.sequence_floors.keys().collect();
+    let rows = src
+        .query(
+            "SELECT schemaname || '.' || sequencename, \
+                    coalesce(last_value, start_value - increment_by) \
+               FROM pg_sequences WHERE schemaname || '.' || sequencename = ANY($1)",
+            &[&names],
+        )
+        .await
+        .map_err(q("reading pg_sequences on the source"))?;
+    let mut least: Option<(String, i64)> = None;
+    for r in &rows {
+        let name: String = r
+            .try_get(0)
+            .map_err(q("reading pg_sequences on the source"))?;
+        let value: i64 = r
+            .try_get(1)
+            .map_err(q("reading pg_sequences on the source"))?;
+        if let Some(floor) = row.sequence_floors.get(&name) {
+            let room = floor.saturating_sub(value);
+            if least.as_ref().is_none_or(|(_, l)| room < *l) {
+                least = Some((name, room));
+            }
+        }
+    }
+    Ok(least)
 }
 
 /// On the shard: the reverse publication (exactly `tables`, the shard's names of the sharded

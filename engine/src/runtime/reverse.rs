@@ -55,12 +55,20 @@ use crate::status::ReverseView;
 const POLL: Duration = Duration::from_secs(1);
 /// How often the watcher publishes the streams' state (the daemon's status refresh).
 const PUBLISH: Duration = Duration::from_millis(250);
+/// How often the watcher reads the sequence headroom of the streaming shards.
+const HEADROOM_EVERY: Duration = Duration::from_secs(5);
+/// How often a low sequence headroom is logged (per shard).
+const HEADROOM_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Why a reverse stream could not start or stopped (a side stream's error).
 pub use super::side::SideError as ReverseError;
 
 /// The one target of a reverse stream (the spill log's only "shard").
 const SOURCE_TARGET: &str = "source";
+
+/// A shard's sequence headroom (the sequence with the least room and that room), and when it
+/// was last logged as low.
+type Headroom = (Option<(String, i64)>, Option<Instant>);
 
 /// The running watcher.
 pub struct ReverseHandle {
@@ -90,6 +98,8 @@ pub fn spawn(
         failures: HashMap::new(),
         views_tx,
         table_error: None,
+        headroom: HashMap::new(),
+        last_headroom: None,
     };
     let task = tokio::spawn(w.run(shutdown));
     Ok(ReverseHandle { views, task })
@@ -113,6 +123,10 @@ struct Watcher {
     failures: HashMap<String, Failure>,
     views_tx: watch::Sender<Vec<ReverseView>>,
     table_error: Option<String>,
+    /// Per streaming shard: the sequence headroom read last (see
+    /// [`ReverseView::sequence_headroom`]) and when it was last logged as low.
+    headroom: HashMap<String, Headroom>,
+    last_headroom: Option<Instant>,
 }
 
 impl Watcher {
@@ -195,7 +209,46 @@ impl Watcher {
                 ReverseState::Starting => {}
             }
         }
+        if self
+            .last_headroom
+            .is_none_or(|t| t.elapsed() >= HEADROOM_EVERY)
+        {
+            self.last_headroom = Some(Instant::now());
+            self.read_headroom(&rows).await;
+        }
         self.publish(&rows);
+    }
+
+    /// Reads each streaming shard's sequence headroom on the source, and logs a WARN (at most
+    /// once per [`HEADROOM_WARN_EVERY`] per shard) while it is low.
+    async fn read_headroom(&mut self, rows: &[ReverseRow]) {
+        let gap = self.cfg.cutover.sequence_gap;
+        let Ok(sql) = self.sql.client().await else {
+            return;
+        };
+        let mut next = HashMap::new();
+        for row in rows.iter().filter(|r| r.state.streams()) {
+            let h = match record::sequence_headroom(sql, row).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::debug!(shard = %row.shard, error = %e, "cannot read the sequence headroom");
+                    continue;
+                }
+            };
+            let mut warned = self.headroom.get(&row.shard).and_then(|(_, w)| *w);
+            let mut v = row.view();
+            v.set_sequence_headroom(h.clone(), gap);
+            if let Some(w) = &v.sequence_warning {
+                if warned.is_none_or(|t| t.elapsed() >= HEADROOM_WARN_EVERY) {
+                    tracing::warn!(shard = %row.shard, headroom = v.sequence_headroom, "{w}");
+                    warned = Some(Instant::now());
+                }
+            } else {
+                warned = None;
+            }
+            next.insert(row.shard.clone(), (h, warned));
+        }
+        self.headroom = next;
     }
 
     async fn read_rows(&mut self) -> Result<Vec<ReverseRow>, String> {
@@ -301,6 +354,9 @@ impl Watcher {
                 let mut v = row.view();
                 if let Some(s) = self.streams.get(&row.shard) {
                     s.fill(&mut v);
+                }
+                if let Some((h, _)) = self.headroom.get(&row.shard) {
+                    v.set_sequence_headroom(h.clone(), self.cfg.cutover.sequence_gap);
                 }
                 if let Some(f) = self.failures.get(&row.shard) {
                     v.last_error = Some(f.message.clone());
