@@ -475,6 +475,74 @@ async fn rebalance_killed_after_a_flip_resumes_and_converges() {
     grow_two_to_four(Some("flipped"), "1").await;
 }
 
+/// A `[[new_shards]]` url that names an old shard's database (a typo) is refused before
+/// anything is written. Found by an outside-user run: the range of the new shard was copied
+/// into the old shard's database and the printed layout listed that database twice.
+#[test]
+fn rebalance_refuses_a_new_shard_that_is_an_old_shards_database() {
+    let t = Topology::start(3);
+    t.ddl_everywhere(SCHEMA);
+    for s in 0..2 {
+        t.shards[s]
+            .psql(
+                "app",
+                &format!(
+                    "CREATE TEMP TABLE h (k bigint) PARTITION BY HASH (k); \
+                     INSERT INTO items SELECT a, 1, 'seed' FROM generate_series(1, 40::bigint) a \
+                       WHERE satisfies_hash_partition('h'::regclass, 2, {s}, a)"
+                ),
+            )
+            .expect("seed");
+    }
+    let before = t.shards[1]
+        .psql("app", "SELECT count(*) FROM items")
+        .expect("q")
+        .trim()
+        .to_owned();
+    // shard3's url is shard1's: the typo.
+    let urls = [0, 1, 2, 1].map(|i| t.shards[i].url("app"));
+    let mut text = format!(
+        "[source]\nurl = \"{}\"\n\n[spill]\ndir = \"{}\"\n\n[routing]\nhash = \"postgres\"\n\n",
+        t.source.url("app"),
+        t.spill_dir().display()
+    );
+    for (i, url) in urls.iter().enumerate() {
+        let section = if i < 2 { "shards" } else { "new_shards" };
+        text.push_str(&format!(
+            "[[{section}]]\nname = \"shard{i}\"\nurl = \"{url}\"\n\n"
+        ));
+    }
+    std::fs::write(t.config_path(), text).expect("config");
+    let cfg = t.config_path();
+    let cfg = cfg.to_str().expect("path");
+    let (code, _, err) = t.reshard(&["rebalance", "-c", cfg, "--shards", "4"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("[[new_shards]] shard shard3 is the same database as shard shard1"),
+        "{err}"
+    );
+    // Refused before any move began: no slot, no publication, no copied row.
+    for s in &t.shards {
+        assert_eq!(
+            s.psql(
+                "app",
+                "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)"
+            )
+            .expect("q")
+            .trim(),
+            "0",
+            "a refused rebalance began a move"
+        );
+    }
+    assert_eq!(
+        t.shards[1]
+            .psql("app", "SELECT count(*) FROM items")
+            .expect("q")
+            .trim(),
+        before
+    );
+}
+
 // See: issue #17 (operator mistakes are refused before anything is written).
 #[test]
 fn rebalance_refuses_without_new_shards_and_non_multiples() {
