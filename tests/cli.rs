@@ -349,3 +349,124 @@ fn slot_drop_while_the_daemon_streams_fails_at_once_and_drops_nothing() {
         "the slot outlives the refused drop"
     );
 }
+
+/// `[[shards]]` urls swapped between two runs (found by an outside-user run): streaming wrote a
+/// bogus `0/0` progress row under each name into the other's database and stopped both shards
+/// with "re-copy the shard", which would make an operator wipe a correct shard. `check` and
+/// `run` refuse it (exit 2) naming the shard whose progress each database holds, and nothing
+/// is written.
+#[test]
+fn swapped_shard_urls_are_refused_before_anything_is_written() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    t.source_sql("INSERT INTO accounts SELECT a, 'n' || a FROM generate_series(1, 200) a");
+    let cfg = t.write_config("");
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let d = t.spawn_run(&[]);
+    for (i, s) in t.shards.iter().enumerate() {
+        t.wait(&format!("shard{i}'s progress"), Duration::from_secs(90), || {
+            s.psql(
+                "app",
+                &format!("SELECT 1 FROM reshard.progress WHERE shard = 'shard{i}' AND commit_lsn > '0/0'"),
+            )
+            .ok()
+            .filter(|o| o.trim() == "1")
+        });
+    }
+    t.stop_cleanly(d);
+    let rows = |t: &Topology, i: usize| {
+        t.shards[i]
+            .psql("app", "SELECT string_agg(shard || ' ' || commit_lsn, ',' ORDER BY shard) FROM reshard.progress")
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let before = [rows(&t, 0), rows(&t, 1)];
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let (u0, u1) = (t.shards[0].url("app"), t.shards[1].url("app"));
+    let swapped = text
+        .replace(&u0, "@U0@")
+        .replace(&u1, &u0)
+        .replace("@U0@", &u1);
+    assert_ne!(swapped, text);
+    std::fs::write(&cfg, swapped).unwrap();
+
+    let (code, out, err) = t.reshard(&["check", "-c", &cfg]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        out.contains("[[shards]] shard0 (127.0.0.1:") && out.contains("holds shard1's progress"),
+        "{out}"
+    );
+    assert!(out.contains("were the urls swapped?"), "{out}");
+
+    // Spawned: a run that is not refused streams on (until killed after the timeout).
+    let r = t.spawn_run(&["--start-retry-secs", "30"]);
+    let code = t.wait_exit(r, Duration::from_secs(60));
+    let err = t.last_log();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("holds shard1's progress") && err.contains("were the urls swapped?"),
+        "{err}"
+    );
+    assert!(!err.contains("re-copy"), "{err}");
+    assert_eq!(
+        [rows(&t, 0), rows(&t, 1)],
+        before,
+        "a refused run wrote progress rows"
+    );
+}
+
+/// Two `[[shards]]` urls naming one database, written differently (`localhost` and
+/// `127.0.0.1`): `check`, `run` and `plan --shards` refuse (exit 2) naming both entries.
+#[test]
+fn two_shards_naming_one_database_are_refused() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    // Two new shards, on the second cluster: its databases app and postgres are two databases.
+    let cfg = t.write_config(&format!(
+        "[routing]\nhash = \"postgres\"\n\n[[new_shards]]\nname = \"shard2\"\nurl = \"{}\"\n\n[[new_shards]]\nname = \"shard3\"\nurl = \"{}\"\n",
+        t.shards[1].url("app"),
+        t.shards[1].url("postgres")
+    ));
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let u0 = t.shards[0].url("app");
+    let u1 = format!("url = \"{}\"\n\n[[new_shards]]", t.shards[1].url("app"));
+    let text = text.replacen(
+        &format!("url = \"{}\"", t.shards[1].url("app")),
+        &format!("url = \"{}\"", u0.replace("127.0.0.1", "localhost")),
+        1,
+    );
+    assert!(text.contains(&u1), "{text}");
+    std::fs::write(&cfg, text).unwrap();
+    let both = |s: &str| {
+        s.contains("[[shards]] shard0 (127.0.0.1:")
+            && s.contains("[[shards]] shard1 (localhost:")
+            && s.contains("are the same database")
+            && s.contains("fix the url of shard1")
+    };
+    let (code, out, err) = t.reshard(&["check", "-c", &cfg]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(both(&out), "{out}");
+    let r = t.spawn_run(&["--start-retry-secs", "30"]);
+    let code = t.wait_exit(r, Duration::from_secs(60));
+    let err = t.last_log();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(both(&err), "{err}");
+    let (code, out, err) = t.reshard(&["plan", "-c", &cfg, "--shards", "4"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(both(&err), "{err}");
+    // Nothing was created on the shard or the source.
+    assert_eq!(
+        t.shards[0]
+            .psql("app", "SELECT to_regclass('reshard.progress') IS NULL")
+            .unwrap()
+            .trim(),
+        "t"
+    );
+    assert_eq!(
+        t.source_sql("SELECT count(*) FROM pg_replication_slots")
+            .trim(),
+        "0"
+    );
+}

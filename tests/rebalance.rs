@@ -518,7 +518,9 @@ fn rebalance_refuses_a_new_shard_that_is_an_old_shards_database() {
     let (code, _, err) = t.reshard(&["rebalance", "-c", cfg, "--shards", "4"]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("[[new_shards]] shard shard3 is the same database as shard shard1"),
+        err.contains("[[shards]] shard1 (127.0.0.1:")
+            && err.contains("and [[new_shards]] shard3 (127.0.0.1:")
+            && err.contains("are the same database"),
         "{err}"
     );
     // Refused before any move began: no slot, no publication, no copied row.

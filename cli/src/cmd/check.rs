@@ -7,7 +7,7 @@
 //! printed in all cases; an unreachable endpoint is itself a FAIL line (`connect`), and the
 //! exit code 3 tells scripts that the report is incomplete.
 
-use reshard_engine::ops::check::{run_checks, CheckReport, CheckStatus};
+use reshard_engine::ops::check::{run_checks, CheckReport, CheckStatus, DISTINCT_SHARDS};
 use reshard_engine::pg::identity::{fix_replica_identity, FixAction};
 
 use crate::output::{emit, load_config, CmdResult, Failure};
@@ -32,6 +32,14 @@ pub async fn run(args: CheckArgs) -> CmdResult {
     if report.unreachable {
         Err(Failure::failed(anyhow::anyhow!(
             "{fails} check(s) failed; some endpoints were unreachable, so the report is incomplete"
+        )))
+    } else if report
+        .checks
+        .iter()
+        .any(|c| c.status == CheckStatus::Fail && c.check == DISTINCT_SHARDS)
+    {
+        Err(Failure::usage(anyhow::anyhow!(
+            "{fails} check(s) failed; a [[shards]] url names the wrong database: fix the config and check again"
         )))
     } else if fails > 0 {
         Err(Failure::problem(anyhow::anyhow!(

@@ -17,6 +17,7 @@ use reshard_engine::ops::balance::{plan_map, MapPlan};
 use reshard_engine::ops::grow::{check_shards, plan_growth, GrowError, GrowPlan};
 use reshard_engine::ops::plan::{make_plan, slot_headroom, table_sizes, Plan};
 use reshard_engine::pg::conn::connect_plain;
+use reshard_engine::pg::distinct;
 
 use super::check::table;
 use super::slot::human_bytes;
@@ -177,6 +178,24 @@ fn render(plan: &Plan, out: &Path) -> String {
     s
 }
 
+/// Every shard of the planned layout (`[[shards]]` and the `[[new_shards]]` it adds) is its own
+/// database: a typo in a url is refused (exit 2) before anything is measured.
+async fn refuse_shared_databases(
+    config: &reshard_engine::config::Config,
+    to: usize,
+) -> Result<(), Failure> {
+    let new = to.saturating_sub(config.shards.len());
+    distinct::prove(&distinct::entries(config, new), None)
+        .await
+        .map_err(|e| {
+            if e.is_mistake() {
+                Failure::usage(anyhow::Error::from(e))
+            } else {
+                Failure::failed(anyhow::Error::from(e))
+            }
+        })
+}
+
 /// `reshard plan --shards M`: the growth plan, printed; nothing is written.
 async fn grow(
     config: &reshard_engine::config::Config,
@@ -185,6 +204,7 @@ async fn grow(
     json: bool,
 ) -> CmdResult {
     check_shards(config, to).map_err(|e| Failure::usage(anyhow::Error::from(e)))?;
+    refuse_shared_databases(config, to).await?;
     let plan = plan_growth(config, to, rate).await.map_err(|e| match e {
         GrowError::NotMultiple { .. }
         | GrowError::NewShardsMissing { .. }
@@ -258,6 +278,7 @@ fn render_growth(plan: &GrowPlan) -> String {
 /// map file is written (nothing else is).
 async fn balance(config: &reshard_engine::config::Config, to: usize, args: &PlanArgs) -> CmdResult {
     check_shards(config, to).map_err(|e| Failure::usage(anyhow::Error::from(e)))?;
+    refuse_shared_databases(config, to).await?;
     // Writing the plan over the live map would route the accounts to shards that do not hold
     // their rows yet: refused before anything is measured.
     if let (Some(out), Some(live)) = (&args.out, &config.routing.map) {

@@ -48,6 +48,9 @@ pub async fn run(args: RebalanceArgs) -> CmdResult {
             return Err(match &e {
                 RebalanceError::Usage(_) => Failure::usage(e),
                 RebalanceError::Plan(p) => match p {
+                    reshard_engine::ops::grow::GrowError::Distinct(d) if !d.is_mistake() => {
+                        Failure::failed(e)
+                    }
                     reshard_engine::ops::grow::GrowError::Shard { .. }
                     | reshard_engine::ops::grow::GrowError::Catalog(_) => Failure::failed(e),
                     _ => Failure::usage(e),

@@ -101,6 +101,9 @@ fn start_failure(e: RuntimeError) -> Failure {
         | RuntimeError::PartitionedOnPg12(_)) => {
             Failure::usage(anyhow::Error::from(e).context("reshard run refuses to start"))
         }
+        RuntimeError::Shards(e) if e.is_mistake() => {
+            Failure::usage(anyhow::Error::from(e).context("reshard run refuses to start"))
+        }
         e @ RuntimeError::Admin(_) => {
             Failure::usage(anyhow::Error::from(e).context("reshard run could not start"))
         }

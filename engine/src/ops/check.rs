@@ -125,9 +125,11 @@ const SOURCE: &str = "source";
 /// or a failing query is itself a FAIL line.
 pub async fn run_checks(config: &Config) -> CheckReport {
     let mut report = CheckReport::default();
+    let mut system_id = None;
     let tables = match connect(&config.source.url).await {
         Ok(client) => {
             report.pass("connect", SOURCE, "source is reachable".into());
+            system_id = crate::pg::progress::source_system_id(&client).await;
             if config.group.is_some() {
                 check_group(config, &client, &mut report).await;
             }
@@ -190,9 +192,36 @@ pub async fn run_checks(config: &Config) -> CheckReport {
             }
         }
     }
+    check_distinct_shards(config, system_id.as_deref(), &mut report).await;
     check_spill_space(config, &mut report);
     report.ok = report.count(CheckStatus::Fail) == 0;
     report
+}
+
+/// The check name of the FAIL that `run_checks` reports: a mistake in the config's urls, which
+/// `reshard check` exits 2 for.
+pub const DISTINCT_SHARDS: &str = "distinct_shards";
+
+/// FAIL [`DISTINCT_SHARDS`] when two `[[shards]]` urls name one database, or when a shard's
+/// database holds another shard's progress of `[source] slot` and none of its own (urls
+/// swapped): the verdict `run` refuses to start on ([`crate::pg::distinct::prove`]). Skipped
+/// when a shard was unreachable (its connect line already FAILs).
+async fn check_distinct_shards(config: &Config, system_id: Option<&str>, report: &mut CheckReport) {
+    use crate::pg::distinct::{entries, prove, DistinctError};
+    if report.unreachable {
+        return;
+    }
+    match prove(&entries(config, 0), Some((&config.source.slot, system_id))).await {
+        Ok(()) => report.pass(
+            DISTINCT_SHARDS,
+            SOURCE,
+            "every [[shards]] url names its own database, holding no other shard's progress".into(),
+        ),
+        Err(e @ DistinctError::Unreachable { .. }) => {
+            report.fail("shard_query", SOURCE, e.to_string(), None)
+        }
+        Err(e) => report.fail(DISTINCT_SHARDS, SOURCE, e.to_string(), None),
+    }
 }
 
 /// WARN `spill_space` when the filesystem of `[spill] dir` (or of its nearest existing

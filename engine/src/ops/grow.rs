@@ -32,6 +32,9 @@ pub const DEFAULT_RATE_ROWS_PER_SEC: u64 = 50_000;
 /// Why no growth plan could be made.
 #[derive(Debug, thiserror::Error)]
 pub enum GrowError {
+    /// Two shards of the layout are one database ([`crate::pg::distinct`]).
+    #[error(transparent)]
+    Distinct(#[from] crate::pg::distinct::DistinctError),
     /// M is not a multiple of N.
     #[error("cannot plan {to} shards from {from}: with hash = \"postgres\" the new shard count must be a multiple of the current one ({from}), else a row would move between two old shards (a row of hash h is on shard h mod {from}); use --shards {}", .from * (.to / .from).max(2))]
     NotMultiple {

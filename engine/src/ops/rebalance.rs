@@ -342,65 +342,6 @@ async fn check_new_shards(config: &Config, to: usize) -> Result<(), RebalanceErr
         .into_iter()
         .map(|t| t.target)
         .collect();
-    // Each shard of the grown layout is its own database: a new shard's url that names an old
-    // shard's database (a typo) would copy the range into that database, and the printed
-    // layout would list it twice. Told apart without writing anything: each shard's session
-    // takes a session advisory lock (key, its index); a database where an earlier shard's
-    // lock is already held is that shard's (system identifiers do not tell cloned clusters
-    // apart).
-    let key = i64::from(std::process::id() & 0x3fff_ffff);
-    let all: Vec<_> = config
-        .shards
-        .iter()
-        .map(|s| (s, "shards"))
-        .chain(
-            config
-                .new_shards
-                .iter()
-                .take(to - config.shards.len())
-                .map(|s| (s, "new_shards")),
-        )
-        .collect();
-    let mut held = Vec::with_capacity(all.len());
-    for (i, (s, section)) in all.iter().enumerate() {
-        let usage = |e: &tokio_postgres::Error| {
-            RebalanceError::Usage(format!("shard {}: {}", s.name, error_text(e)))
-        };
-        let c = connect_plain(&s.url).await.map_err(|e| {
-            RebalanceError::Usage(format!(
-                "cannot connect to shard {} ([[{section}]] url): {e}",
-                s.name
-            ))
-        })?;
-        let earlier = c
-            .query(
-                "SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND granted \
-                   AND classid::bigint = $1 AND objsubid = 2 \
-                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-                &[&key],
-            )
-            .await
-            .map_err(|e| usage(&e))?;
-        if let Some(r) = earlier.first() {
-            let j: i64 = r.get(0);
-            let other = usize::try_from(j)
-                .ok()
-                .and_then(|j| all.get(j))
-                .map_or("?", |(o, _)| o.name.as_str());
-            return Err(RebalanceError::Usage(format!(
-                "[[{section}]] shard {} is the same database as shard {other}: every shard of the grown layout must be its own database; fix the url of {}",
-                s.name, s.name
-            )));
-        }
-        c.execute(
-            "SELECT pg_advisory_lock($1::bigint::int, $2::bigint::int)",
-            &[&key, &(i as i64)],
-        )
-        .await
-        .map_err(|e| usage(&e))?;
-        held.push(c);
-    }
-    drop(held);
     for s in config.new_shards.iter().take(to - config.shards.len()) {
         let c = connect_plain(&s.url).await.map_err(|e| {
             RebalanceError::Usage(format!(
@@ -617,6 +558,12 @@ pub async fn run_rebalance(
 ) -> Result<RebalanceReport, RebalanceError> {
     let started = Instant::now();
     check(config, opts.to)?;
+    // Each shard of the grown layout is its own database (a typo in a new shard's url would
+    // copy its range into an old shard's database), before anything is written.
+    let new = opts.to.saturating_sub(config.shards.len());
+    crate::pg::distinct::prove(&crate::pg::distinct::entries(config, new), None)
+        .await
+        .map_err(|e| RebalanceError::Plan(GrowError::Distinct(e)))?;
     let (dir_name, _) = directory(config)?;
     let dir_name = dir_name.to_owned();
     let dir = directory_client(config).await?;

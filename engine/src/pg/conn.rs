@@ -20,6 +20,15 @@ pub async fn connect_plain(url: &str) -> Result<Client, SourceError> {
     ConnConfig::parse(url)?.connect_sql().await
 }
 
+/// Where `url` points, without the password, for messages: `host:port/dbname` (as
+/// [`ConnConfig::connect_sql`] names its connection), or "an unparsable url".
+pub fn url_target(url: &str) -> String {
+    match ConnConfig::parse(url) {
+        Ok(c) => format!("{}:{}/{}", c.host, c.port, c.dbname),
+        Err(_) => "an unparsable url".to_owned(),
+    }
+}
+
 /// Drives a connection's I/O to its end (spawn it), logging what the server sends on its own:
 /// NOTICE, INFO, LOG and DEBUG messages ("relation … already exists, skipping") at DEBUG,
 /// WARNING and worse at WARN, each naming `target`. The ONE place connection I/O is driven:

@@ -9,6 +9,7 @@
 //! - [`table`]: one table described (columns, keys, replica identity).
 //! - [`progress`]: the `reshard.progress` rows on the shards, one reader and one writer.
 //! - [`fence`]: the write fences' record (`reshard.fence`), one reader.
+//! - [`distinct`]: every configured shard is its own database and holds its own progress.
 //! - [`identity`]: where a table's shard key stands relative to its replica identity.
 //! - [`reverse`]: the `reshard.reverse` rows on the source (a shard's writes streaming back
 //!   after its cutover), and the slot, publication and origin names of that direction.
@@ -16,6 +17,7 @@
 pub mod catalog;
 pub mod conn;
 pub mod copy_text;
+pub mod distinct;
 pub mod fence;
 pub mod identity;
 pub mod progress;

@@ -241,6 +241,33 @@ pub async fn other_slots(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// The shard names with a progress row of `slot` (of the source `system_id`, when given) in
+/// the database `client` is connected to, sorted: normally only the shard configured there;
+/// another configured shard's name means its url points at the wrong database. Empty without
+/// the table. `shard` names the database in errors.
+pub async fn shards_of_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    system_id: Option<&str>,
+    shard: &str,
+) -> Result<Vec<String>, ProgressError> {
+    if !progress_table_exists(client, shard).await? {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT DISTINCT shard FROM reshard.progress \
+             WHERE slot = $1 AND ($2::text IS NULL OR source_system_id = $2) ORDER BY 1",
+            &[&slot, &system_id],
+        )
+        .await
+        .map_err(|error| ProgressError::Query {
+            shard: shard.to_owned(),
+            error,
+        })?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Reads the progress row of `slot` on `shard` (optionally only for one source system).
 /// `None` when the table or the row does not exist yet. With several rows (several source
 /// systems under the same slot name and no filter) the most recently updated one is returned.

@@ -127,6 +127,10 @@ pub enum RuntimeError {
         /// The error.
         message: String,
     },
+    /// Two `[[shards]]` urls name one database, or a shard's database holds another shard's
+    /// progress (urls swapped); or the shards could not be asked (retried).
+    #[error("{0}")]
+    Shards(#[from] crate::pg::distinct::DistinctError),
     /// The spill log, the slot and the shards' progress do not prove a lossless start.
     #[error("refusing to start: {0}")]
     Startup(StartupError),
@@ -167,6 +171,7 @@ impl Classify for RuntimeError {
             RuntimeError::Snapshot(e) => e.class(),
             RuntimeError::Ingest(e) => e.class(),
             RuntimeError::ShardUnreadable { .. } => ErrorClass::Transient,
+            RuntimeError::Shards(e) if !e.is_mistake() => ErrorClass::Transient,
             _ => ErrorClass::Definite,
         }
     }
@@ -297,6 +302,14 @@ async fn start_once(
     let system = repl.identify_system().await?;
     tracing::info!(system_id = %system.system_id, slot = %cfg.source.slot, shards = names.len(), "starting");
     *reached = true;
+    // Every shard is its own database and holds its own progress (urls swapped between runs
+    // would stream each shard's changes into the other's database), before anything is
+    // written on a shard. An unreachable shard is retried like any start-up failure.
+    crate::pg::distinct::prove(
+        &crate::pg::distinct::entries(&cfg, 0),
+        Some((&cfg.source.slot, Some(system.system_id.as_str()))),
+    )
+    .await?;
 
     let spill_opts = SpillOptions::from(&cfg.spill);
     let identity = SpillIdentity {
