@@ -577,3 +577,51 @@ fn rebalance_refuses_without_new_shards_and_non_multiples() {
         );
     }
 }
+
+/// A move refused before it began (the shard's table lacks the key in its replica identity):
+/// the refusal is printed once, says to fix it first (not just "run again"), and
+/// `reshard.rebalance` records the run as refused, not `running` (found by an outside-user run).
+#[test]
+fn a_refused_move_is_printed_once_and_recorded_as_refused() {
+    let t = Topology::start(2);
+    t.ddl_everywhere(
+        "CREATE TABLE items (id bigint PRIMARY KEY, account_id bigint NOT NULL, v text NOT NULL)",
+    );
+    t.shards[0]
+        .psql(
+            "app",
+            "INSERT INTO items SELECT a, a % 40, 'seed' FROM generate_series(1, 200) a",
+        )
+        .expect("seed");
+    let text = format!(
+        "[source]\nurl = \"{}\"\n\n[spill]\ndir = \"{}\"\n\n[routing]\nhash = \"postgres\"\n\n\
+         [[shards]]\nname = \"shard0\"\nurl = \"{}\"\n\n[[new_shards]]\nname = \"shard1\"\nurl = \"{}\"\n",
+        t.source.url("app"),
+        t.spill_dir().display(),
+        t.shards[0].url("app"),
+        t.shards[1].url("app")
+    );
+    std::fs::write(t.config_path(), text).expect("config");
+    let cfg = t.config_path();
+    let cfg = cfg.to_str().expect("path");
+    let (code, _, err) = t.reshard(&["rebalance", "-c", cfg, "--shards", "2"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("was refused"), "{err}");
+    assert_eq!(
+        err.matches("is not part of the replica identity").count(),
+        1,
+        "the refusal is printed once: {err}"
+    );
+    assert!(err.contains("fix what the refusal names"), "{err}");
+    assert!(
+        !err.contains("run the same `reshard rebalance` again"),
+        "{err}"
+    );
+    assert_eq!(
+        t.shards[0]
+            .psql("app", "SELECT state FROM reshard.rebalance")
+            .expect("q")
+            .trim(),
+        "refused"
+    );
+}

@@ -55,7 +55,7 @@ pub async fn run(args: RebalanceArgs) -> CmdResult {
                     | reshard_engine::ops::grow::GrowError::Catalog(_) => Failure::failed(e),
                     _ => Failure::usage(e),
                 },
-                RebalanceError::Move { source, .. } => match source.as_ref() {
+                RebalanceError::Move { cause, .. } => match cause.as_ref() {
                     MoveError::Usage(_) => Failure::usage(e),
                     MoveError::Timeout { .. } | MoveError::Mismatch { .. } => Failure::problem(e),
                     _ => Failure::failed(e),

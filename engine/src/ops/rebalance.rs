@@ -181,8 +181,10 @@ pub enum RebalanceError {
         /// Why.
         message: String,
     },
-    /// A move failed (the others that were running finished; run the same command again).
-    #[error("the move of {what} from shard {from} to shard {to} failed: {source}; {done}/{total} moves are done; run the same `reshard rebalance` again to resume")]
+    /// A move failed (the others that were running finished; run the same command again), or
+    /// was refused before it began (fix what it names first). The cause is part of the message,
+    /// not an error `source`: printed as a chain it appeared twice on the line.
+    #[error("the move of {what} from shard {from} to shard {to} {}: {cause}; {done}/{total} moves are done; {}", verdict(.cause), next_step(.cause))]
     Move {
         /// What it moves ([`Selector::describe`]).
         what: String,
@@ -195,10 +197,34 @@ pub enum RebalanceError {
         /// Moves planned.
         total: usize,
         /// Why.
-        source: Box<MoveError>,
+        cause: Box<MoveError>,
         /// What was done before it failed.
         report: Box<RebalanceReport>,
     },
+}
+
+/// A move refused before it began (a config or schema problem): running again changes nothing
+/// until the operator fixes what it names.
+fn refused(e: &MoveError) -> bool {
+    matches!(e, MoveError::Usage(_))
+}
+
+/// `was refused` or `failed`.
+fn verdict(e: &MoveError) -> &'static str {
+    if refused(e) {
+        "was refused"
+    } else {
+        "failed"
+    }
+}
+
+/// What the operator does after a failed move.
+fn next_step(e: &MoveError) -> &'static str {
+    if refused(e) {
+        "fix what the refusal names, then run the same `reshard rebalance` to resume (run as is, it is refused again)"
+    } else {
+        "run the same `reshard rebalance` again to resume"
+    }
 }
 
 /// The directory shard: the first `[[shards]]` entry.
@@ -461,7 +487,7 @@ async fn plan_accounts(
     };
     let kept: Option<(i32, Option<String>)> = dir
         .query_opt(
-            "SELECT from_shards, plan FROM reshard.rebalance WHERE id = $1 AND state = 'running'",
+            "SELECT from_shards, plan FROM reshard.rebalance WHERE id = $1 AND state <> 'done'",
             &[&id],
         )
         .await
@@ -751,13 +777,20 @@ pub async fn run_rebalance(
     }
     report.moves.sort_by_key(|p| p.remainder);
     report.secs = started.elapsed().as_secs_f64();
+    // A run that ends with a move not done is over: `status` says so (refused: a move was
+    // refused before it began; failed: one stopped), not `running`. A later run resumes it.
+    let end_state = match &first_error {
+        Some((.., e)) if refused(e) => "refused",
+        Some(_) => "failed",
+        None => "running",
+    };
     let done_i = i32::try_from(report.moves_done).unwrap_or(i32::MAX);
     let rows_done = progress.lock().unwrap_or_else(|e| e.into_inner()).rows_done;
     dir.execute(
         "UPDATE reshard.rebalance SET moves_done = $2, rows_done = $3, \
-           state = CASE WHEN $2 = moves_total THEN 'done' ELSE 'running' END, \
+           state = CASE WHEN $2 = moves_total THEN 'done' ELSE $4 END, \
            updated_at = clock_timestamp() WHERE id = $1",
-        &[&id, &done_i, &rows_done],
+        &[&id, &done_i, &rows_done, &end_state],
     )
     .await
     .map_err(derr("recording the rebalance's end"))?;
@@ -768,7 +801,7 @@ pub async fn run_rebalance(
             to,
             done: report.moves_done,
             total,
-            source: Box::new(e),
+            cause: Box::new(e),
             report: Box::new(report),
         });
     }
