@@ -364,16 +364,7 @@ impl TargetTable {
     /// Inserts every row read from `source` (see [`Self::insert_sql`]) with no `ON CONFLICT`:
     /// the inline form of [`Self::copy_target_sql`].
     pub fn insert_new_sql_from(&self, source: &str) -> String {
-        let vals: Vec<String> = self
-            .columns
-            .iter()
-            .map(|c| format!("s.{}::{}", c.name_sql, c.type_sql))
-            .collect();
-        format!(
-            "{} SELECT {} FROM {source}",
-            self.insert_into(),
-            vals.join(", ")
-        )
+        format!("{} FROM {source}", self.insert_select())
     }
 
     /// Guards the rows of another owner (reverse replication: the source's rows of accounts
@@ -538,17 +529,22 @@ impl TargetTable {
 
     /// Inserts the rows with the given op codes read from `source` (see [`Self::insert_sql`]).
     pub fn insert_sql_from(&self, ops: &str, source: &str) -> String {
+        format!(
+            "{} FROM {source} WHERE s._reshard_op IN ({ops}){}",
+            self.insert_select(),
+            self.on_conflict()
+        )
+    }
+
+    /// `INSERT INTO t (every column) SELECT s.c::type, …`: every column of a row read as `s`,
+    /// cast to its target type; the caller adds the `FROM` and what follows it.
+    fn insert_select(&self) -> String {
         let vals: Vec<String> = self
             .columns
             .iter()
             .map(|c| format!("s.{}::{}", c.name_sql, c.type_sql))
             .collect();
-        format!(
-            "{} SELECT {} FROM {source} WHERE s._reshard_op IN ({ops}){}",
-            self.insert_into(),
-            vals.join(", "),
-            self.on_conflict()
-        )
+        format!("{} SELECT {}", self.insert_into(), vals.join(", "))
     }
 
     /// `INSERT INTO t (every column)`, with ` OVERRIDING SYSTEM VALUE` where the target needs

@@ -225,20 +225,13 @@ pub async fn other_slots(
     slot: &str,
     shard: &str,
 ) -> Result<Vec<String>, ProgressError> {
-    if !progress_table_exists(client, shard).await? {
-        return Ok(Vec::new());
-    }
-    let rows = client
-        .query(
-            "SELECT DISTINCT slot FROM reshard.progress WHERE slot <> $1 ORDER BY 1",
-            &[&slot],
-        )
-        .await
-        .map_err(|error| ProgressError::Query {
-            shard: shard.to_owned(),
-            error,
-        })?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    progress_names(
+        client,
+        shard,
+        "SELECT DISTINCT slot FROM reshard.progress WHERE slot <> $1 ORDER BY 1",
+        &[&slot],
+    )
+    .await
 }
 
 /// The shard names with a progress row of `slot` (of the source `system_id`, when given) in
@@ -251,15 +244,29 @@ pub async fn shards_of_slot(
     system_id: Option<&str>,
     shard: &str,
 ) -> Result<Vec<String>, ProgressError> {
+    progress_names(
+        client,
+        shard,
+        "SELECT DISTINCT shard FROM reshard.progress \
+         WHERE slot = $1 AND ($2::text IS NULL OR source_system_id = $2) ORDER BY 1",
+        &[&slot, &system_id],
+    )
+    .await
+}
+
+/// The text column that `query` (one column) reads from the progress table on `shard`; empty
+/// without the table.
+async fn progress_names(
+    client: &tokio_postgres::Client,
+    shard: &str,
+    query: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<String>, ProgressError> {
     if !progress_table_exists(client, shard).await? {
         return Ok(Vec::new());
     }
     let rows = client
-        .query(
-            "SELECT DISTINCT shard FROM reshard.progress \
-             WHERE slot = $1 AND ($2::text IS NULL OR source_system_id = $2) ORDER BY 1",
-            &[&slot, &system_id],
-        )
+        .query(query, params)
         .await
         .map_err(|error| ProgressError::Query {
             shard: shard.to_owned(),
