@@ -79,6 +79,28 @@ async fn plan_two_hash_shards_to_four_matches_satisfies_hash_partition_and_refus
     assert_eq!(code, 2, "plan --shards 3:\n{out}\n{err}");
     assert!(err.contains("multiple of the current one (2)"), "{err}");
 
+    // A new shard that is not reachable yet is left out, and the next one is still proven to
+    // be its own database: shard3 names shard0's database (written `localhost`), refused with
+    // exit 2 naming both, after a warning naming the unreachable shard2.
+    let cfg = t.write_config(&format!(
+        "[[new_shards]]\nname = \"shard2\"\nurl = \"postgres://postgres@127.0.0.1:1/app\"\n\n\
+         [[new_shards]]\nname = \"shard3\"\nurl = \"{}\"\n",
+        t.shards[0].url("app").replace("127.0.0.1", "localhost")
+    ));
+    let cfg = cfg.to_str().unwrap();
+    let (code, out, err) = t.reshard(&["plan", "-c", cfg, "--shards", "4"]);
+    assert_eq!(code, 2, "plan --shards 4, shard3 = shard0:\n{out}\n{err}");
+    assert!(
+        err.contains("[[shards]] shard0 (127.0.0.1:")
+            && err.contains("[[new_shards]] shard3 (localhost:")
+            && err.contains("are the same database"),
+        "{err}"
+    );
+    assert!(
+        err.contains("[[new_shards]] shard2 (127.0.0.1:1/app) is not reachable"),
+        "{err}"
+    );
+
     // Read-only: no reshard schema appeared on any shard.
     for s in &t.shards {
         let n = s

@@ -179,27 +179,37 @@ fn render(plan: &Plan, out: &Path) -> String {
 }
 
 /// Every shard of the planned layout (`[[shards]]` and the `[[new_shards]]` it adds) is its own
-/// database: a typo in a url is refused (exit 2) before anything is measured.
+/// database: a typo in a url is refused (exit 2) before anything is measured. The plan reads only
+/// the old shards, so a `[[new_shards]]` entry that is not reachable yet is left out with a
+/// warning (`rebalance` proves it before a move) and the others are still proven distinct.
 async fn refuse_shared_databases(
     config: &reshard_engine::config::Config,
     to: usize,
 ) -> Result<(), Failure> {
     let new = to.saturating_sub(config.shards.len());
-    match distinct::prove(&distinct::entries(config, new), None).await {
-        Ok(()) => Ok(()),
-        // The plan reads only the old shards: a new shard need not exist yet. The old shards
-        // (listed first) were proven distinct; `rebalance` proves the new ones before a move.
-        Err(distinct::DistinctError::Unreachable { entry, message })
-            if entry.starts_with("[[new_shards]]") =>
-        {
-            tracing::warn!(
-                "{entry} is not reachable ({message}): the plan does not need it, but whether \
-                 it is another shard's database is checked only by `reshard rebalance`"
-            );
-            Ok(())
+    let mut entries = distinct::entries(config, new);
+    loop {
+        match distinct::prove(&entries, None).await {
+            Ok(()) => return Ok(()),
+            Err(distinct::DistinctError::Unreachable {
+                section: distinct::Section::NewShards,
+                name,
+                entry,
+                message,
+            }) if entries
+                .iter()
+                .any(|e| e.section == distinct::Section::NewShards && e.name == name) =>
+            {
+                tracing::warn!(
+                    "{entry} is not reachable ({message}): the plan does not need it, but \
+                     whether it is another shard's database is checked only by `reshard \
+                     rebalance`"
+                );
+                entries.retain(|e| !(e.section == distinct::Section::NewShards && e.name == name));
+            }
+            Err(e) if e.is_mistake() => return Err(Failure::usage(anyhow::Error::from(e))),
+            Err(e) => return Err(Failure::failed(anyhow::Error::from(e))),
         }
-        Err(e) if e.is_mistake() => Err(Failure::usage(anyhow::Error::from(e))),
-        Err(e) => Err(Failure::failed(anyhow::Error::from(e))),
     }
 }
 

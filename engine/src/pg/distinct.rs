@@ -26,11 +26,30 @@ use crate::config::{Config, ShardConfig};
 use crate::pg::conn::{connect_plain, error_text, url_target};
 use crate::pg::progress::shards_of_slot;
 
+/// The config section a shard entry comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    /// `[[shards]]`: the layout that runs.
+    Shards,
+    /// `[[new_shards]]`: the shards a growth adds (`plan --shards M`, `rebalance`).
+    NewShards,
+}
+
+impl std::fmt::Display for Section {
+    /// The config key: `shards` or `new_shards`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Section::Shards => "shards",
+            Section::NewShards => "new_shards",
+        })
+    }
+}
+
 /// One shard of a layout as the config names it.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry<'a> {
-    /// `shards` or `new_shards`.
-    pub section: &'static str,
+    /// The section it is listed in.
+    pub section: Section,
     /// The shard's name.
     pub name: &'a str,
     /// Its url as written.
@@ -52,7 +71,7 @@ impl Entry<'_> {
 
 /// The `[[shards]]` of `config` and its first `new` `[[new_shards]]`, in layout order.
 pub fn entries(config: &Config, new: usize) -> Vec<Entry<'_>> {
-    fn of<'a>(section: &'static str, s: &'a ShardConfig) -> Entry<'a> {
+    fn of<'a>(section: Section, s: &'a ShardConfig) -> Entry<'a> {
         Entry {
             section,
             name: &s.name,
@@ -62,13 +81,13 @@ pub fn entries(config: &Config, new: usize) -> Vec<Entry<'_>> {
     config
         .shards
         .iter()
-        .map(|s| of("shards", s))
+        .map(|s| of(Section::Shards, s))
         .chain(
             config
                 .new_shards
                 .iter()
                 .take(new)
-                .map(|s| of("new_shards", s)),
+                .map(|s| of(Section::NewShards, s)),
         )
         .collect()
 }
@@ -99,6 +118,10 @@ pub enum DistinctError {
     /// A shard could not be reached or queried.
     #[error("{entry}: {message}")]
     Unreachable {
+        /// The section the entry is listed in.
+        section: Section,
+        /// The entry's name.
+        name: String,
         /// The entry (label).
         entry: String,
         /// What failed.
@@ -124,6 +147,8 @@ pub async fn prove(
     let mut held: Vec<(Client, i32)> = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let unreachable = |message: String| DistinctError::Unreachable {
+            section: e.section,
+            name: e.name.to_owned(),
             entry: e.label(),
             message,
         };
@@ -171,16 +196,18 @@ pub async fn prove(
     };
     let configured: Vec<&str> = entries
         .iter()
-        .filter(|e| e.section == "shards")
+        .filter(|e| e.section == Section::Shards)
         .map(|e| e.name)
         .collect();
     for (e, (c, _)) in entries.iter().zip(&held) {
-        if e.section != "shards" {
+        if e.section != Section::Shards {
             continue;
         }
         let names = shards_of_slot(c, slot, system_id, e.name)
             .await
             .map_err(|err| DistinctError::Unreachable {
+                section: e.section,
+                name: e.name.to_owned(),
                 entry: e.label(),
                 message: err.to_string(),
             })?;
