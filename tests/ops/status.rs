@@ -115,6 +115,19 @@ async fn status_and_lag_work_offline() {
         "{s:#}"
     );
     assert_eq!(s["shards"][0]["applied_lsn"], current.as_str());
+    // Its lag is unknown: null with an error naming it, never 0 (status --json read 0).
+    assert!(
+        s["shards"][2]["lag_bytes"].is_null() && s["shards"][2]["lag_seconds"].is_null(),
+        "{s:#}"
+    );
+    assert!(
+        s["shards"][2]["lag_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("shard shard2") && e.contains("cannot connect")),
+        "{s:#}"
+    );
+    assert!(s["shards"][0]["lag_bytes"].is_u64(), "{s:#}");
+    assert!(s["shards"][0]["lag_error"].is_null(), "{s:#}");
     // ... but its lag is unknown, not 0: `-` / null with the error, and a single `lag` exits 3.
     let (code, out, err) = t.reshard(&["lag", "-c", cfg.to_str().unwrap(), "--json"]);
     assert_eq!(code, 3, "{out}\n{err}");
@@ -149,6 +162,22 @@ async fn status_and_lag_work_offline() {
     let l = json(&out, &err);
     assert!(l["shards"][0]["lag_bytes"].is_null(), "{l:#}");
     assert!(err.contains("cannot connect to the source"), "{err}");
+    assert!(
+        l["shards"][0]["lag_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("shard shard0") && e.contains("source")),
+        "{l:#}"
+    );
+    let (code, out, err) = t.reshard(&["status", "-c", cfg.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let s = json(&out, &err);
+    assert!(
+        s["shards"][0]["lag_bytes"].is_null()
+            && s["shards"][0]["lag_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("shard shard0") && e.contains("source")),
+        "{s:#}"
+    );
 }
 
 /// `purge` (behind `reshard slot drop --purge`) drops the publication on the source and the

@@ -12,7 +12,9 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use reshard_engine::ops::observe::{current_status, lag_known, unreadable, StatusOrigin};
+use reshard_engine::ops::observe::{
+    current_status, lag_known, lag_unknown, unreadable, StatusOrigin,
+};
 use reshard_engine::runtime;
 use reshard_engine::status::StatusSnapshot;
 
@@ -85,6 +87,7 @@ fn lag_json(s: &StatusSnapshot, origin: StatusOrigin) -> serde_json::Value {
             "applied_lsn": sh.applied_lsn,
             "lag_bytes": lag_known(s, origin, sh).then_some(sh.lag_bytes),
             "lag_seconds": lag_known(s, origin, sh).then_some(sh.lag_seconds),
+            "lag_error": lag_unknown(s, origin, sh),
             "latency_p50_ms": live.then_some(sh.latency_p50_ms),
             "latency_p99_ms": live.then_some(sh.latency_p99_ms),
             "last_error": sh.last_error,

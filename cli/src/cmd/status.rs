@@ -7,18 +7,40 @@
 //! Exit codes: 0 when the status could be shown; 2 on a config error. An unreachable source
 //! or shard is shown in the screen (its error column), not as a failure.
 
-use reshard_engine::ops::observe::{current_status, lag_known, StatusOrigin};
+use reshard_engine::ops::observe::{current_status, lag_known, lag_unknown, StatusOrigin};
 use reshard_engine::status::StatusSnapshot;
 
 use super::check::table;
-use crate::output::{emit, load_config, CmdResult};
+use crate::output::{emit, load_config, CmdResult, Failure};
 use crate::StatusArgs;
 
 /// Runs `reshard status`.
 pub async fn run(args: StatusArgs) -> CmdResult {
     let config = load_config(&args.config.config)?;
     let (snap, origin) = current_status(&config).await;
-    emit(args.json, &snap, || render(&snap, origin))
+    let json = if args.json {
+        status_json(&snap, origin)?
+    } else {
+        serde_json::Value::Null
+    };
+    emit(args.json, &json, || render(&snap, origin))
+}
+
+/// The snapshot as JSON, where a shard's lag that is not known ([`lag_known`]) is `null` in
+/// `lag_bytes` and `lag_seconds`, with `lag_error` naming the shard and why, never a 0.
+fn status_json(s: &StatusSnapshot, origin: StatusOrigin) -> Result<serde_json::Value, Failure> {
+    let mut v = serde_json::to_value(s)
+        .map_err(|e| Failure::failed(anyhow::anyhow!("cannot encode the status: {e}")))?;
+    for (j, sh) in s.shards.iter().enumerate() {
+        let unknown = lag_unknown(s, origin, sh);
+        let out = &mut v["shards"][j];
+        if unknown.is_some() {
+            out["lag_bytes"] = serde_json::Value::Null;
+            out["lag_seconds"] = serde_json::Value::Null;
+        }
+        out["lag_error"] = unknown.into();
+    }
+    Ok(v)
 }
 
 /// A shard's LAG BYTES and LAG S cells: `-` where the lag is not known

@@ -40,6 +40,28 @@ pub fn lag_known(s: &StatusSnapshot, origin: StatusOrigin, sh: &crate::status::S
         || (s.source.connected && !s.source.current_wal_lsn.is_zero() && sh.last_error.is_none())
 }
 
+/// Why a shard's lag in `s` is not known, naming the shard (its own error, or the source's when
+/// the source's WAL position could not be read); `None` when [`lag_known`]. `status --json` and
+/// `lag --json` give it as `lag_error` beside a `null` `lag_bytes` and `lag_seconds`.
+pub fn lag_unknown(
+    s: &StatusSnapshot,
+    origin: StatusOrigin,
+    sh: &crate::status::ShardView,
+) -> Option<String> {
+    if lag_known(s, origin, sh) {
+        return None;
+    }
+    let why = match &sh.last_error {
+        Some(e) => e.clone(),
+        None => s
+            .source
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "the source's WAL position could not be read".into()),
+    };
+    Some(format!("the lag of shard {} is not known: {why}", sh.name))
+}
+
 /// What could not be read offline (the source, or a shard other than one with no progress
 /// row yet): `None` when everything was.
 pub fn unreadable(s: &StatusSnapshot, origin: StatusOrigin) -> Option<String> {
