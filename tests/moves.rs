@@ -754,6 +754,25 @@ async fn unfence_lists_and_lifts_move_fences_by_name_or_all_but_not_mid_move() {
         .unwrap()
         .to_owned();
     assert_eq!(write(2).await, Err(Some("RSF01".into())));
+    // The refusal names the move as a move (it read "shard move_…", a shard no one configured).
+    let e = c0
+        .execute("INSERT INTO items VALUES (2, 777778, 'w')", &[])
+        .await
+        .expect_err("a write of a moved account is refused");
+    let db = e.as_db_error().expect("a server error");
+    assert!(
+        db.message()
+            .contains(&format!("move {id2} fenced this account"))
+            && !db.message().contains(&format!("shard {id2}")),
+        "{}",
+        db.message()
+    );
+    assert!(
+        db.hint()
+            .is_some_and(|h| h.contains(&format!("--on shard --fence {id2}"))),
+        "{:?}",
+        db.hint()
+    );
 
     // Plain unfence: shard0 has no fence of its own; the move's fence is listed and stays.
     let (code, out, err) = run(&["unfence", "--shard", "shard0", "--on", "shard"], &[]);

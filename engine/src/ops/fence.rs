@@ -404,6 +404,15 @@ BEGIN
     SELECT id, reason, side, installed_at INTO f FROM reshard.fence WHERE shard = p_shard;
     IF NOT FOUND THEN RETURN; END IF;
     PERFORM nextval(format('reshard.fence_refused_%s', f.id)::regclass);
+    -- A move's fence is recorded under the move's id (moves::move_id: move_<from>_<to>_<crc>).
+    IF p_shard LIKE 'move\\_%' THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '{FENCE_SQLSTATE}',
+            MESSAGE = format('reshard: move %s fenced this account on this database (%s, since %s): its writes are refused here (table %s, %s)',
+                             p_shard, f.reason, f.installed_at, p_table, p_key),
+            DETAIL = format('the move''s accounts (or hash range) belong to its target shard; this write was routed by the layout from before move %s', p_shard),
+            HINT = format('route the write by the current account map (or reshard.layout) and retry it there; lift the fence only once no writer routes by the old layout: reshard unfence --shard <the move''s source shard> --on shard --fence %s', p_shard);
+    END IF;
     RAISE EXCEPTION USING
         ERRCODE = '{FENCE_SQLSTATE}',
         MESSAGE = format('reshard: shard %s is fenced (%s, since %s): writes to its accounts are refused on this database (table %s, %s)',
