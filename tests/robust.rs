@@ -347,6 +347,66 @@ fn a_stopped_shard_keeps_the_slot_advancing_and_drains_from_the_spill_log() {
     );
 }
 
+/// A shard whose password stops working mid-run (28P01 on its next connection) stops, and the
+/// daemon says exactly what brings it back: nothing but a restart of `reshard run` after the fix
+/// (no SIGHUP, no retry). After the fix and a restart it catches up with the writes made while
+/// it was stopped.
+#[test]
+fn a_shard_stopped_on_a_bad_password_says_it_needs_a_restart_and_catches_up_after_one() {
+    let mut t = Topology::start_with(2, || {
+        reshard_harness::PgCluster::builder().password("s3cret", reshard_harness::Auth::Scram)
+    });
+    t.ddl_everywhere(SCHEMA);
+    preload(&t);
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.wait_converged(TABLES, Duration::from_secs(60));
+
+    // The DBA rotates shard1's password; reshard's sessions there end.
+    t.shards[1]
+        .psql(
+            "postgres",
+            "ALTER USER postgres PASSWORD 'rotated'; SELECT count(pg_terminate_backend(pid)) \
+             FROM pg_stat_activity WHERE datname = 'app' AND pid <> pg_backend_pid()",
+        )
+        .expect("rotate the password");
+    t.source_sql("INSERT INTO plans VALUES (991, 'while stopped')");
+    let err = t.wait(
+        "shard1 to stop on the rotated password",
+        Duration::from_secs(60),
+        || {
+            let s = t.status_json()?;
+            let sh = &s["shards"][1];
+            // Until the note is there (the applier reports its error a moment before the
+            // supervisor joins the task); without one this times out.
+            let err = sh["last_error"].as_str().unwrap_or_default();
+            (sh["state"] == "stopped"
+                && err.contains("shard shard1 stays stopped until `reshard run` is started again"))
+            .then(|| err.to_owned())
+        },
+    );
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(err.contains("then restart the daemon"), "{err}");
+    let log = t.last_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("shard stopped") && l.contains("stays stopped until")),
+        "{log}"
+    );
+    // The other shard goes on.
+    t.source_sql("INSERT INTO items VALUES (2, 990001, 'on', 1), (3, 990002, 'on', 1)");
+    assert!(t.is_running(d), "{}", t.all_logs());
+
+    // The fix (the old password back) and the restart the message names: shard1 catches up.
+    t.shards[1]
+        .psql("postgres", "ALTER USER postgres PASSWORD 's3cret'")
+        .expect("restore the password");
+    t.stop_cleanly(d);
+    let _d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+}
+
 // See: issue "Spill log" (the cap).
 /// With a tiny `[spill] max_bytes` and a stopped shard, the engine pauses reading (status says
 /// so, the log says so once), stays up, and resumes after the shard returns.

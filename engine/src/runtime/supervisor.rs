@@ -256,8 +256,17 @@ impl Supervisor {
                         let name = s.name.clone();
                         match futures_util::FutureExt::now_or_never(t) {
                             Some(Ok(Err(e))) => {
+                                // Nothing restarts a shard's apply: say so, and what to do.
+                                let e = format!(
+                                    "{e}; shard {name} stays stopped until `reshard run` is \
+                                     started again (SIGHUP and RESUME do not restart it): fix \
+                                     what this names (for an authentication failure: the \
+                                     shard's url in the config, or the role's password on the \
+                                     shard), then restart the daemon; its backlog waits in the \
+                                     spill log"
+                                );
                                 tracing::error!(shard = %name, error = %e, "shard stopped");
-                                s.error = Some(e.to_string());
+                                s.error = Some(e);
                             }
                             Some(Err(e)) => s.error = Some(format!("apply task failed: {e}")),
                             // A clean stop (shutdown) is not a failure.
