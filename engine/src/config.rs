@@ -36,12 +36,15 @@ pub enum ConfigError {
         message: String,
     },
     /// A value is present but not acceptable.
-    #[error("{path}: {key}: {message}")]
+    #[error("{path}: {key}{}: {message}", .line.map(|l| format!(" (line {l})")).unwrap_or_default())]
     Invalid {
         /// The file.
         path: String,
         /// The key, e.g. `shards[2].name`.
         key: String,
+        /// The line the key is on in the file, where it is there (not for a default or an
+        /// environment override).
+        line: Option<usize>,
         /// What is wrong and how to fix it.
         message: String,
     },
@@ -243,7 +246,8 @@ pub enum TableMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableConfig {
-    /// Source table, `schema.table` (`public.` assumed when no schema is given).
+    /// Source table, `schema.table` (`public.` assumed when no schema is given), unquoted: case
+    /// and spaces kept as PostgreSQL stores them (a name with SQL quotes is refused).
     pub name: String,
     /// Target table on every shard. Default: same as `name`.
     #[serde(default)]
@@ -676,8 +680,22 @@ impl Config {
             path: origin.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        cfg.apply_env(origin)?;
-        cfg.validate(origin)?;
+        cfg.apply_env(origin)
+            .and_then(|()| cfg.validate(origin))
+            .map_err(|e| match e {
+                ConfigError::Invalid {
+                    path,
+                    key,
+                    line: None,
+                    message,
+                } => ConfigError::Invalid {
+                    line: line_of(text, &key),
+                    path,
+                    key,
+                    message,
+                },
+                e => e,
+            })?;
         Ok(cfg)
     }
 
@@ -712,6 +730,7 @@ impl Config {
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: origin.to_owned(),
             key: key.to_owned(),
+            line: None,
             message,
         };
         if self.source.url.trim().is_empty() {
@@ -846,6 +865,14 @@ impl Config {
             if t.name.trim().is_empty() {
                 return Err(invalid(&format!("tables[{i}].name"), "is empty".into()));
             }
+            for (key, name) in [("name", Some(&t.name)), ("target", t.target.as_ref())] {
+                if let Some(name) = name.filter(|n| n.contains('"')) {
+                    return Err(invalid(
+                        &format!("tables[{i}].{key}"),
+                        sql_quoted_name(name),
+                    ));
+                }
+            }
             if !seen.insert(q.clone()) {
                 return Err(invalid(
                     &format!("tables[{i}].name"),
@@ -960,6 +987,87 @@ fn env_name(name: &str) -> String {
         .collect()
 }
 
+/// Why a `[[tables]]` name written with SQL quotes (`"Weird"."Ta ble"`) is refused, and how to
+/// write it: names there are unquoted, exactly as PostgreSQL stores them (see
+/// [`crate::pg::sql`]), so a quoted one would match no table.
+fn sql_quoted_name(name: &str) -> String {
+    let fix = match sql_identifiers(name.trim()) {
+        Some(parts)
+            if (1..=2).contains(&parts.len()) && parts.iter().all(|p| !p.contains(['.', '"'])) =>
+        {
+            format!("write it as {:?}", parts.join("."))
+        }
+        _ => "it has no unquoted spelling (a part holds '.' or '\"', or a quote does not close): \
+              rename the table"
+            .to_owned(),
+    };
+    format!(
+        "{name:?} is written with SQL quotes, which would match no table: names in [[tables]] are \
+         written unquoted, case and spaces kept as PostgreSQL stores them (schema.table; no \
+         schema is public); {fix}"
+    )
+}
+
+/// The parts of a dotted SQL name as PostgreSQL reads it (`"Weird"."Ta ble"`, `s."T"`:
+/// quoted parts kept, `""` an escaped quote, unquoted parts lower-cased); `None` if malformed.
+fn sql_identifiers(name: &str) -> Option<Vec<String>> {
+    let mut parts = Vec::new();
+    let mut chars = name.chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    '"' => break,
+                    c => part.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' || c == '"' {
+                    break;
+                }
+                part.extend(c.to_lowercase());
+                chars.next();
+            }
+            part = part.trim().to_owned();
+        }
+        if part.is_empty() {
+            return None;
+        }
+        parts.push(part);
+        match chars.next() {
+            None => return Some(parts),
+            Some('.') => {}
+            Some(_) => return None,
+        }
+    }
+}
+
+/// The line of `text` that a validation key (`tables[2].name`, `source.slot`) is on, if the
+/// file has it.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    let mut item = doc.as_item();
+    for part in key.split('.') {
+        let (name, indexes) = match part.find('[') {
+            Some(b) => (&part[..b], &part[b..]),
+            None => (part, ""),
+        };
+        item = item.get(name)?;
+        for ix in indexes.split(['[', ']']).filter(|s| !s.is_empty()) {
+            item = item.get(ix.parse::<usize>().ok()?)?;
+        }
+    }
+    let start = item.span()?.start;
+    Some(text[..start].matches('\n').count() + 1)
+}
+
 /// Replaces `${NAME}` with the variable's value; a missing variable is an error naming it.
 fn expand_env(s: &str, origin: &str, key: &str) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(s.len());
@@ -971,6 +1079,7 @@ fn expand_env(s: &str, origin: &str, key: &str) -> Result<String, ConfigError> {
             return Err(ConfigError::Invalid {
                 path: origin.to_owned(),
                 key: key.to_owned(),
+                line: None,
                 message: "unterminated ${ in value".into(),
             });
         };
@@ -981,6 +1090,7 @@ fn expand_env(s: &str, origin: &str, key: &str) -> Result<String, ConfigError> {
                 return Err(ConfigError::Invalid {
                     path: origin.to_owned(),
                     key: key.to_owned(),
+                    line: None,
                     message: format!(
                         "environment variable {var} is not set (referenced as ${{{var}}})"
                     ),
@@ -1092,10 +1202,33 @@ mode = "broadcast"
     }
 
     #[test]
+    fn sql_quoted_table_names_are_refused_naming_key_line_and_fix() {
+        let text = GOOD.replace(
+            "[[tables]]\nname = \"events\"",
+            "[[tables]]\nname = '\"Weird\".\"Ta ble\"'",
+        );
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("tables[0].name (line 14)"), "{e}");
+        assert!(e.contains("write it as \"Weird.Ta ble\""), "{e}");
+        let text = GOOD.replace(
+            "[[tables]]\nname = \"events\"",
+            "[[tables]]\nname = \"events\"\ntarget = '\"a.b\".t'",
+        );
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("tables[0].target (line 15)"), "{e}");
+        assert!(e.contains("has no unquoted spelling"), "{e}");
+        assert_eq!(
+            sql_identifiers(r#"Sales."Q ""1""""#),
+            Some(vec!["sales".to_owned(), "Q \"1\"".to_owned()])
+        );
+        assert_eq!(sql_identifiers(r#""a"x"#), None);
+    }
+
+    #[test]
     fn duplicate_shard_names_rejected() {
         let text = GOOD.replace("shard1", "shard0");
         let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
-        assert!(e.contains("shards[1].name"), "{e}");
+        assert!(e.contains("shards[1].name (line 10)"), "{e}");
     }
 
     #[test]
