@@ -470,3 +470,56 @@ fn two_shards_naming_one_database_are_refused() {
         "0"
     );
 }
+
+/// `run --skip-full-load` says at WARN what the operator takes on: the slot's LSN, that not
+/// one row from before it is copied, and the way back; the rows from before are indeed not on
+/// the shards while a later row is. A restart with the flag says where streaming resumes and
+/// that an unfinished load stays unfinished.
+#[test]
+fn skip_full_load_warns_that_rows_before_the_slot_are_not_copied() {
+    use crate::robust::{preload, SCHEMA};
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    preload(&t);
+    t.write_config("");
+    let d = t.spawn_run(&["--skip-full-load"]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.source_sql("INSERT INTO plans VALUES (9001, 'after the slot')");
+    let count = |s: usize, sql: &str| t.shards[s].psql("app", sql).unwrap_or_default();
+    t.wait(
+        "the row written after the slot",
+        Duration::from_secs(60),
+        || {
+            (0..2)
+                .all(|s| count(s, "SELECT count(*) FROM plans WHERE id = 9001") == "1")
+                .then_some(())
+        },
+    );
+    for s in 0..2 {
+        assert_eq!(count(s, "SELECT count(*) FROM plans WHERE id < 9001"), "0");
+    }
+    let log = t.last_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("--skip-full-load: slot created at"))
+        .unwrap_or_else(|| panic!("no --skip-full-load warning:\n{log}"));
+    assert!(
+        line.contains("WARN")
+            && line.contains("NOT ONE ROW COPIED")
+            && line.contains("replicated tables from before it must already be on the shards")
+            && line.contains("reshard slot drop"),
+        "{line}"
+    );
+    t.stop_cleanly(d);
+
+    let d = t.spawn_run(&["--skip-full-load"]);
+    t.wait_slot_active(Duration::from_secs(60));
+    let log = t.last_log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("--skip-full-load: no table is copied, streaming resumes at")
+            && l.contains("stays unfinished")),
+        "{log}"
+    );
+    t.stop_cleanly(d);
+}

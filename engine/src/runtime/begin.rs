@@ -206,15 +206,36 @@ pub async fn begin(
     let (load_tx, load_rx) = watch::channel::<LoadDone>(None);
     let (load_err_tx, load_err_rx) = oneshot::channel::<SnapshotError>();
     let Some(prepared) = prepared else {
-        // No full load: stream from the slot's creation (or where the log ends).
+        // No full load (`--skip-full-load`): stream from the slot's creation (or where the log
+        // ends). Say what the operator takes on: nothing from before the slot is copied.
+        let rows: i64 = source.tables.iter().map(|t| t.estimated_rows).sum();
+        let tables = source.tables.len();
         let start_at = if slot_exists {
+            tracing::warn!(slot = %cfg.source.slot, resume_at = %durable_lsn, tables,
+                "--skip-full-load: no table is copied, streaming resumes at {durable_lsn}; a full \
+                 load that did not finish stays unfinished (rows from before the slot's creation \
+                 are on the shards only if they were loaded another way; `reshard verify` \
+                 compares them with the source)");
             durable_lsn
         } else {
             let info = create_slot(source, &mut repl, &cfg.source, SnapshotAction::NoExport)
                 .await?
                 .info;
             writer.record_lineage(&migration_id, info.consistent_point)?;
-            info.consistent_point
+            let lsn = info.consistent_point;
+            let held = if rows > 0 {
+                format!("about {rows} rows (pg_class estimate) in the {tables} replicated tables")
+            } else {
+                format!("the rows of the {tables} replicated tables")
+            };
+            tracing::warn!(slot = %cfg.source.slot, consistent_point = %lsn, tables,
+                estimated_rows = rows,
+                "--skip-full-load: slot created at {lsn} and NOT ONE ROW COPIED: the shards get \
+                 only changes committed after {lsn}; {held} from before it must already be on \
+                 the shards, each on the shard its key routes to, loaded another way (`reshard \
+                 verify` compares them with the source). If they are not: stop, drop the slot \
+                 (reshard slot drop) and run without --skip-full-load");
+            lsn
         };
         let first = start_streaming(repl, ingest_opts, start_at).await?;
         let _ = load_tx.send(Some(Arc::new(Handoff::default())));
