@@ -1560,3 +1560,48 @@ fn a_transaction_larger_than_the_spill_cap_is_read_whole() {
     let code = t.terminate(d, Duration::from_secs(30));
     assert_eq!(code, Some(0), "{}", t.all_logs());
 }
+
+/// A shard with `synchronous_commit = off` (common on migration targets, and the harness's
+/// default) acknowledges a COMMIT before its WAL is written: a crash of that server loses
+/// the last acknowledged transactions, among them reshard's group commit with its progress
+/// row. The spill log must not have released what only such a commit holds (before, retention
+/// deleted the segments once the COMMIT was answered, the shard's progress came back older
+/// than the log's front, and the shard stopped for good with "re-copy the shard"; seen in the
+/// chaos soak's shard crashes). Made deterministic by a 10 s WAL writer delay on the shard: the
+/// commit's record stays in an unwritten WAL page until the server is killed.
+#[test]
+fn a_shard_crash_losing_acknowledged_commits_is_replayed_from_the_spill_log() {
+    let mut t = Topology::start(1);
+    t.ddl_everywhere(SCHEMA);
+    t.shards[0]
+        .psql("app", "ALTER SYSTEM SET wal_writer_delay = '10s'")
+        .unwrap();
+    t.shards[0].psql("app", "SELECT pg_reload_conf()").unwrap();
+    t.write_config_spill("segment_bytes = 1048576\nmemory_tail_bytes = 1048576\n", "");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    for round in 0..3u64 {
+        // About 3 MB of hardly compressible text in one transaction: it spans several 1 MiB
+        // segments, so a single group commit covers segments that retention may delete.
+        t.source_sql(&format!(
+            "INSERT INTO audit SELECT g % 101 + 1, \
+             (SELECT string_agg(md5(random()::text || x || g), '') FROM generate_series(1, 8) x), \
+             {round} * 100000 + g FROM generate_series(1, 12000) g"
+        ));
+        t.wait_converged(TABLES, Duration::from_secs(90));
+        // Acknowledged and visible on the shard: crash it before its WAL writer wakes.
+        t.shards[0].kill();
+        t.shards[0].restart().unwrap();
+        t.wait_converged(TABLES, Duration::from_secs(90));
+        assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
+    }
+    let status = t.status_json().unwrap_or_default();
+    assert!(
+        !status.to_string().contains("went backwards"),
+        "{status}\n{}",
+        t.all_logs()
+    );
+    let code = t.terminate(d, Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", t.all_logs());
+}

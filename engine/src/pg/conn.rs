@@ -14,6 +14,17 @@ use tokio_postgres::Client;
 use crate::lsn::Lsn;
 use crate::source::{ConnConfig, SourceError};
 
+/// Run by [`ConnConfig::connect_sql`] on every SQL session it opens, so that what reshard
+/// commits on a shard (or the source) is durable when answered: with
+/// `synchronous_commit = off` (common on migration targets) the server answers COMMIT before
+/// its WAL is written, and a crash of it loses acknowledged commits: an apply group with its
+/// progress row after the spill log released it, or a full-load chunk with its record after
+/// the load counted it. `local` waits for the local WAL flush only; a stronger setting (`on`
+/// with synchronous standbys, `remote_apply`) is kept. Returns a row when it changed the
+/// setting.
+pub const DURABLE_COMMITS_SQL: &str = "SELECT set_config('synchronous_commit', 'local', false) \
+     WHERE current_setting('synchronous_commit') = 'off'";
+
 /// Connects with the libpq semantics of [`ConnConfig`] (URL or key=value, environment,
 /// password file, TLS policy).
 pub async fn connect_plain(url: &str) -> Result<Client, SourceError> {

@@ -507,12 +507,14 @@ impl ConnConfig {
 
     /// Opens an ordinary (non-replication) SQL connection with these settings and the same TLS
     /// policy. The connection's I/O runs in a spawned tokio task that logs how it ended; the
-    /// returned client reports `is_closed()` once it has.
+    /// returned client reports `is_closed()` once it has. Its commits are durable before they
+    /// are answered ([`crate::pg::conn::DURABLE_COMMITS_SQL`]): every reshard session writes
+    /// progress, chunk records, steps or layouts that later decisions trust.
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SourceError> {
         let cfg = self.to_tokio_postgres();
         let map = |e| from_pg_error(e, &self.host, self.port, &self.user, "connecting");
         let target = format!("{}:{}/{}", self.host, self.port, self.dbname);
-        match self.tls_config()? {
+        let client = match self.tls_config()? {
             Some(tls) if !self.is_unix_socket() => {
                 let (client, conn) = cfg
                     .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
@@ -523,7 +525,7 @@ impl ConnConfig {
                         tracing::warn!(target_db = %target, error = %e, "SQL connection ended with an error");
                     }
                 });
-                Ok(client)
+                client
             }
             _ => {
                 let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(map)?;
@@ -532,9 +534,22 @@ impl ConnConfig {
                         tracing::warn!(target_db = %target, error = %e, "SQL connection ended with an error");
                     }
                 });
-                Ok(client)
+                client
             }
-        }
+        };
+        client
+            .batch_execute(crate::pg::conn::DURABLE_COMMITS_SQL)
+            .await
+            .map_err(|e| {
+                from_pg_error(
+                    e,
+                    &self.host,
+                    self.port,
+                    &self.user,
+                    "setting synchronous_commit",
+                )
+            })?;
+        Ok(client)
     }
 }
 
