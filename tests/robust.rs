@@ -188,6 +188,71 @@ pub(crate) fn preload(t: &Topology) {
     t.source_sql("INSERT INTO audit SELECT g % 89 + 1, 'pre', g FROM generate_series(1, 2000) g");
 }
 
+/// `SCHEMA` on every cluster, the config written (`spill`: lines for its `[spill]` section)
+/// and a daemon that streams, with every shard converged: on the preloaded rows (copied by the
+/// full load), or (`preloaded = false`) on one streamed row. Returns the daemon.
+fn streaming(t: &mut Topology, spill: &str, preloaded: bool) -> usize {
+    t.ddl_everywhere(SCHEMA);
+    if preloaded {
+        preload(t);
+    }
+    t.write_config_spill(spill, "");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    if !preloaded {
+        t.source_sql("INSERT INTO plans VALUES (1, 'one')");
+    }
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    d
+}
+
+/// Shard1 stopped, then `mb` transactions of about 1 MB of hardly compressible text each
+/// (1000 rows of `audit`): a backlog only the spill log holds.
+fn stop_shard1_and_write_megabytes(t: &mut Topology, mb: u64) {
+    t.shards[1].stop().unwrap();
+    for k in 0..mb {
+        t.source_sql(&format!(
+            "INSERT INTO audit SELECT g % 101 + 1, \
+             (SELECT string_agg(md5(random()::text || x || g), '') FROM generate_series(1, 30) x), g \
+             FROM generate_series({0} * 1000, {0} * 1000 + 999) g",
+            k
+        ));
+    }
+}
+
+/// Shard1's applied position (`commit_lsn` of its `reshard.progress` row).
+fn shard1_progress(t: &Topology) -> String {
+    t.shards[1]
+        .psql("app", "SELECT commit_lsn FROM reshard.progress")
+        .unwrap()
+}
+
+/// Shard1 falls behind what only the spill log holds: both shards apply a streamed
+/// transaction (so shard1's progress is a real position), shard1 stops while five batches are
+/// written and confirmed to the slot, daemon `d` is SIGKILLed and shard1 comes back. Returns
+/// shard1's progress, which a refusal must leave where it is.
+fn lagging_shard1_then_kill9(t: &mut Topology, d: usize) -> String {
+    t.source_sql("INSERT INTO audit SELECT g % 101 + 1, 'streamed', g FROM generate_series(400000, 400999) g");
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    t.shards[1].stop().unwrap();
+    for k in 0..5 {
+        t.source_sql(&format!(
+            "INSERT INTO audit SELECT g % 101 + 1, 'while shard1 is down', g \
+             FROM generate_series({0} * 1000 + 500000, {0} * 1000 + 500999) g",
+            k
+        ));
+    }
+    let written = t.source_sql("SELECT pg_current_wal_lsn()");
+    t.wait(
+        &format!("confirmed_flush_lsn to pass {written} while shard1 is down"),
+        Duration::from_secs(60),
+        || lsn_at_least(t, &written).then_some(()),
+    );
+    t.kill9(d);
+    t.shards[1].restart().unwrap();
+    shard1_progress(t)
+}
+
 /// SIGKILLs the daemon `kills` times at random moments while `writer` runs, restarting it
 /// each time; then stops the writer and waits for every shard to match the source.
 fn kill_repeatedly(t: &mut Topology, writer: Writer, kills: usize, seed: u64) {
@@ -264,12 +329,7 @@ fn lsn_at_least(t: &Topology, lsn: &str) -> bool {
 #[test]
 fn a_stopped_shard_keeps_the_slot_advancing_and_drains_from_the_spill_log() {
     let mut t = Topology::start(2);
-    t.ddl_everywhere(SCHEMA);
-    preload(&t);
-    t.write_config("");
-    let d = t.spawn_run(&[]);
-    t.wait_slot_active(Duration::from_secs(60));
-    t.wait_converged(TABLES, Duration::from_secs(60));
+    let d = streaming(&mut t, "", true);
 
     t.shards[1].stop().unwrap();
     let before = dir_bytes(&t.spill_dir());
@@ -356,12 +416,7 @@ fn a_shard_stopped_on_a_bad_password_says_it_needs_a_restart_and_catches_up_afte
     let mut t = Topology::start_with(2, || {
         reshard_harness::PgCluster::builder().password("s3cret", reshard_harness::Auth::Scram)
     });
-    t.ddl_everywhere(SCHEMA);
-    preload(&t);
-    t.write_config("");
-    let d = t.spawn_run(&[]);
-    t.wait_slot_active(Duration::from_secs(60));
-    t.wait_converged(TABLES, Duration::from_secs(60));
+    let d = streaming(&mut t, "", true);
 
     // The DBA rotates shard1's password; reshard's sessions there end.
     t.shards[1]
@@ -413,26 +468,12 @@ fn a_shard_stopped_on_a_bad_password_says_it_needs_a_restart_and_catches_up_afte
 #[test]
 fn the_spill_cap_pauses_reading_and_resumes_after_the_shard_returns() {
     let mut t = Topology::start(2);
-    t.ddl_everywhere(SCHEMA);
-    t.write_config_spill(
+    let d = streaming(
+        &mut t,
         "segment_bytes = 1048576\nmax_bytes = 3145728\nmemory_tail_bytes = 1048576\n",
-        "",
+        false,
     );
-    let d = t.spawn_run(&[]);
-    t.wait_slot_active(Duration::from_secs(60));
-    t.source_sql("INSERT INTO plans VALUES (1, 'one')");
-    t.wait_converged(TABLES, Duration::from_secs(60));
-
-    t.shards[1].stop().unwrap();
-    // About 20 MB of hardly compressible text, in 20 transactions.
-    for k in 0..20 {
-        t.source_sql(&format!(
-            "INSERT INTO audit SELECT g % 101 + 1, \
-             (SELECT string_agg(md5(random()::text || x || g), '') FROM generate_series(1, 30) x), g \
-             FROM generate_series({0} * 1000, {0} * 1000 + 999) g",
-            k
-        ));
-    }
+    stop_shard1_and_write_megabytes(&mut t, 20);
     let status = t.wait(
         "status to report backpressure",
         Duration::from_secs(60),
@@ -531,27 +572,13 @@ fn a_full_spill_disk_pauses_reading_and_resumes_once_retention_frees_space() {
         );
         return;
     };
-    t.ddl_everywhere(SCHEMA);
     // The cap (1 GiB) is far above the disk: the disk fills first.
-    t.write_config_spill(
+    let d = streaming(
+        &mut t,
         "segment_bytes = 1048576\nmax_bytes = 1073741824\nmemory_tail_bytes = 1048576\n",
-        "",
+        false,
     );
-    let d = t.spawn_run(&[]);
-    t.wait_slot_active(Duration::from_secs(60));
-    t.source_sql("INSERT INTO plans VALUES (1, 'one')");
-    t.wait_converged(TABLES, Duration::from_secs(60));
-
-    t.shards[1].stop().unwrap();
-    // About 30 MB of hardly compressible text, in 30 transactions.
-    for k in 0..30 {
-        t.source_sql(&format!(
-            "INSERT INTO audit SELECT g % 101 + 1, \
-             (SELECT string_agg(md5(random()::text || x || g), '') FROM generate_series(1, 30) x), g \
-             FROM generate_series({0} * 1000, {0} * 1000 + 999) g",
-            k
-        ));
-    }
+    stop_shard1_and_write_megabytes(&mut t, 30);
     let status = t.wait(
         "status to say the spill disk is full",
         Duration::from_secs(90),
@@ -868,12 +895,7 @@ fn an_idle_shard_advances_past_transactions_routed_elsewhere() {
 #[test]
 fn after_a_source_restart_status_and_idle_heartbeats_recover() {
     let mut t = Topology::start(2);
-    t.ddl_everywhere(SCHEMA);
-    t.write_config("");
-    let d = t.spawn_run(&[]);
-    t.wait_slot_active(Duration::from_secs(60));
-    t.source_sql("INSERT INTO plans VALUES (1, 'one')");
-    t.wait_converged(TABLES, Duration::from_secs(60));
+    let d = streaming(&mut t, "", false);
 
     t.source.restart().unwrap();
     // WAL reshard is not sent: only the heartbeat moves the shards' progress past it.
@@ -957,12 +979,7 @@ fn kill9_before_the_first_chunk_then_restart_converges() {
 #[test]
 fn a_shard_down_while_the_daemon_starts_is_waited_for() {
     let mut t = Topology::start(2);
-    t.ddl_everywhere(SCHEMA);
-    preload(&t);
-    t.write_config("");
-    let d = t.spawn_run(&[]);
-    t.wait_slot_active(Duration::from_secs(60));
-    t.wait_converged(TABLES, Duration::from_secs(60));
+    let d = streaming(&mut t, "", true);
     t.stop_cleanly(d);
 
     t.shards[1].stop().unwrap();
@@ -1156,38 +1173,8 @@ fn restarts_during_the_full_load_under_writes_keep_every_commit_at_the_snapshot_
 #[test]
 fn a_fresh_spill_directory_behind_a_lagging_shard_is_refused_naming_shard_and_range() {
     let mut t = Topology::start(2);
-    t.ddl_everywhere(SCHEMA);
-    preload(&t);
-    t.write_config("");
-    let d = t.spawn_run(&[]);
-    t.wait_slot_active(Duration::from_secs(60));
-    t.wait_converged(TABLES, Duration::from_secs(60));
-    // Both shards apply streamed transactions, so shard1's progress is a real position.
-    t.source_sql("INSERT INTO audit SELECT g % 101 + 1, 'streamed', g FROM generate_series(400000, 400999) g");
-    t.wait_converged(TABLES, Duration::from_secs(60));
-
-    t.shards[1].stop().unwrap();
-    for k in 0..5 {
-        t.source_sql(&format!(
-            "INSERT INTO audit SELECT g % 101 + 1, 'while shard1 is down', g \
-             FROM generate_series({0} * 1000 + 500000, {0} * 1000 + 500999) g",
-            k
-        ));
-    }
-    let written = t.source_sql("SELECT pg_current_wal_lsn()");
-    t.wait(
-        &format!("confirmed_flush_lsn to pass {written} while shard1 is down"),
-        Duration::from_secs(60),
-        || lsn_at_least(&t, &written).then_some(()),
-    );
-    t.kill9(d);
-    t.shards[1].restart().unwrap();
-    let progress = |t: &Topology| {
-        t.shards[1]
-            .psql("app", "SELECT commit_lsn FROM reshard.progress")
-            .unwrap()
-    };
-    let before = progress(&t);
+    let d = streaming(&mut t, "", true);
+    let before = lagging_shard1_then_kill9(&mut t, d);
     let kept = t.dir.path().join("spill-volume");
     std::fs::rename(t.spill_dir(), &kept).unwrap();
 
@@ -1213,19 +1200,18 @@ fn a_fresh_spill_directory_behind_a_lagging_shard_is_refused_naming_shard_and_ra
     ] {
         assert!(line.contains(&part), "{part:?} missing from:\n{line}");
     }
-    assert_eq!(progress(&t), before, "nothing may move shard1's progress");
+    assert_eq!(
+        shard1_progress(&t),
+        before,
+        "nothing may move shard1's progress"
+    );
 
     // The right directory back: it resumes and catches up.
     std::fs::remove_dir_all(t.spill_dir()).unwrap();
     std::fs::rename(&kept, t.spill_dir()).unwrap();
     let d = t.spawn_run(&[]);
     t.wait_converged(TABLES, Duration::from_secs(90));
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "SIGTERM must be a clean exit 0:\n{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 // Found by the outside-user acceptance runs (explore): an emptied shard log.
@@ -1237,37 +1223,8 @@ fn a_fresh_spill_directory_behind_a_lagging_shard_is_refused_naming_shard_and_ra
 #[test]
 fn a_shard_log_emptied_by_hand_behind_a_lagging_shard_is_refused() {
     let mut t = Topology::start(2);
-    t.ddl_everywhere(SCHEMA);
-    preload(&t);
-    t.write_config("");
-    let d = t.spawn_run(&[]);
-    t.wait_slot_active(Duration::from_secs(60));
-    t.wait_converged(TABLES, Duration::from_secs(60));
-    t.source_sql("INSERT INTO audit SELECT g % 101 + 1, 'streamed', g FROM generate_series(400000, 400999) g");
-    t.wait_converged(TABLES, Duration::from_secs(60));
-
-    t.shards[1].stop().unwrap();
-    for k in 0..5 {
-        t.source_sql(&format!(
-            "INSERT INTO audit SELECT g % 101 + 1, 'while shard1 is down', g \
-             FROM generate_series({0} * 1000 + 500000, {0} * 1000 + 500999) g",
-            k
-        ));
-    }
-    let written = t.source_sql("SELECT pg_current_wal_lsn()");
-    t.wait(
-        &format!("confirmed_flush_lsn to pass {written} while shard1 is down"),
-        Duration::from_secs(60),
-        || lsn_at_least(&t, &written).then_some(()),
-    );
-    t.kill9(d);
-    t.shards[1].restart().unwrap();
-    let progress = |t: &Topology| {
-        t.shards[1]
-            .psql("app", "SELECT commit_lsn FROM reshard.progress")
-            .unwrap()
-    };
-    let before = progress(&t);
+    let d = streaming(&mut t, "", true);
+    let before = lagging_shard1_then_kill9(&mut t, d);
     let shard_log = t.spill_dir().join("shard-0001");
     let kept = t.dir.path().join("shard-0001-segments");
     std::fs::create_dir(&kept).unwrap();
@@ -1292,7 +1249,11 @@ fn a_shard_log_emptied_by_hand_behind_a_lagging_shard_is_refused() {
         log.contains("shard 1") && log.contains(&shard_log.display().to_string()),
         "the refusal must name the shard and its directory:\n{log}"
     );
-    assert_eq!(progress(&t), before, "nothing may move shard1's progress");
+    assert_eq!(
+        shard1_progress(&t),
+        before,
+        "nothing may move shard1's progress"
+    );
 
     // The files back: it resumes and catches up.
     for e in std::fs::read_dir(&kept).unwrap() {
@@ -1301,12 +1262,7 @@ fn a_shard_log_emptied_by_hand_behind_a_lagging_shard_is_refused() {
     }
     let d = t.spawn_run(&[]);
     t.wait_converged(TABLES, Duration::from_secs(90));
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "SIGTERM must be a clean exit 0:\n{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 // See: explore-findings "Not fixed" (spill segments deleted from the front of a shard's log).
@@ -1319,12 +1275,11 @@ fn a_shard_log_emptied_by_hand_behind_a_lagging_shard_is_refused() {
 #[test]
 fn a_segment_removed_by_hand_from_the_front_of_a_lagging_shard_log_is_refused() {
     let mut t = Topology::start(2);
-    t.ddl_everywhere(SCHEMA);
-    preload(&t);
-    t.write_config_spill("segment_bytes = 1048576\nmemory_tail_bytes = 1048576\n", "");
-    let d = t.spawn_run(&[]);
-    t.wait_slot_active(Duration::from_secs(60));
-    t.wait_converged(TABLES, Duration::from_secs(60));
+    let d = streaming(
+        &mut t,
+        "segment_bytes = 1048576\nmemory_tail_bytes = 1048576\n",
+        true,
+    );
     // 512 hex digits of noise per row: zstd keeps about half, so each batch fills segments.
     let batch = |t: &Topology, from: u64, msg: &str| {
         t.source_sql(&format!(
@@ -1370,12 +1325,7 @@ fn a_segment_removed_by_hand_from_the_front_of_a_lagging_shard_log_is_refused() 
     );
     t.kill9(d);
     t.shards[1].restart().unwrap();
-    let progress = |t: &Topology| {
-        t.shards[1]
-            .psql("app", "SELECT commit_lsn FROM reshard.progress")
-            .unwrap()
-    };
-    let before = progress(&t);
+    let before = shard1_progress(&t);
     let segs = seg_files(&shard_log);
     assert!(
         segs.len() >= 3,
@@ -1401,18 +1351,17 @@ fn a_segment_removed_by_hand_from_the_front_of_a_lagging_shard_log_is_refused() 
             && log.contains("Restore the files"),
         "the refusal must name the shard, its directory, the LSN range and the fix:\n{log}"
     );
-    assert_eq!(progress(&t), before, "nothing may move shard1's progress");
+    assert_eq!(
+        shard1_progress(&t),
+        before,
+        "nothing may move shard1's progress"
+    );
 
     // The file back: it resumes and converges.
     std::fs::rename(&held, &oldest).unwrap();
     let d = t.spawn_run(&[]);
     t.wait_converged(TABLES, Duration::from_secs(120));
-    assert_eq!(
-        t.terminate(d, Duration::from_secs(30)),
-        Some(0),
-        "SIGTERM must be a clean exit 0:\n{}",
-        t.all_logs()
-    );
+    t.stop_cleanly(d);
 }
 
 // See: explore-findings "Not fixed" (a second migration under a new slot name).
@@ -1422,12 +1371,8 @@ fn a_segment_removed_by_hand_from_the_front_of_a_lagging_shard_log_is_refused() 
 #[test]
 fn a_new_slot_on_shards_holding_another_migrations_records_names_that_slot() {
     let mut t = Topology::start(2);
-    t.ddl_everywhere(SCHEMA);
-    preload(&t);
-    let cfg = t.write_config("");
-    let d = t.spawn_run(&[]);
-    t.wait_slot_active(Duration::from_secs(60));
-    t.wait_converged(TABLES, Duration::from_secs(60));
+    let d = streaming(&mut t, "", true);
+    let cfg = t.config_path();
     assert_eq!(t.terminate(d, Duration::from_secs(30)), Some(0));
 
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -1463,12 +1408,7 @@ fn a_new_slot_on_shards_holding_another_migrations_records_names_that_slot() {
 #[test]
 fn a_slot_dropped_by_hand_with_old_progress_is_refused_not_recreated() {
     let mut t = Topology::start(2);
-    t.ddl_everywhere(SCHEMA);
-    preload(&t);
-    t.write_config("");
-    let d = t.spawn_run(&[]);
-    t.wait_slot_active(Duration::from_secs(60));
-    t.wait_converged(TABLES, Duration::from_secs(60));
+    let d = streaming(&mut t, "", true);
     assert_eq!(t.terminate(d, Duration::from_secs(30)), Some(0));
 
     t.source_sql(
