@@ -188,6 +188,34 @@ fn model_rows(m: &Model, accounts: &[i64]) -> BTreeMap<(&'static str, i64, i64),
         .collect()
 }
 
+/// `reshard move -c config --accounts … --from … --to … --delete-grace …` followed by `extra`
+/// (e.g. `--json`): exit code, stdout, stderr.
+fn run_move(
+    config: &Path,
+    accounts: &str,
+    from: &str,
+    to: &str,
+    grace: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let cfg = config.display().to_string();
+    let mut a = vec![
+        "move",
+        "-c",
+        &cfg,
+        "--accounts",
+        accounts,
+        "--from",
+        from,
+        "--to",
+        to,
+        "--delete-grace",
+        grace,
+    ];
+    a.extend_from_slice(extra);
+    crate::common::run_reshard(&a, &[])
+}
+
 /// Two shards and a source with the schema, the seed rows on the shards by the map, the map
 /// file and the config.
 fn setup(t: &Topology) -> (PathBuf, PathBuf, Model) {
@@ -280,25 +308,9 @@ async fn move_three_accounts_between_live_shards_under_a_writer() {
     let w = tokio::spawn(writer(urls, map_path.clone(), stop.clone(), model.clone()));
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let cfg = config.display().to_string();
+    let first = config.clone();
     let (code, out, err) = tokio::task::spawn_blocking(move || {
-        crate::common::run_reshard(
-            &[
-                "move",
-                "-c",
-                &cfg,
-                "--accounts",
-                "2,3,4",
-                "--from",
-                "shard0",
-                "--to",
-                "shard1",
-                "--delete-grace",
-                "1s",
-                "--json",
-            ],
-            &[],
-        )
+        run_move(&first, "2,3,4", "shard0", "shard1", "1s", &["--json"])
     })
     .await
     .expect("join");
@@ -361,24 +373,7 @@ async fn move_three_accounts_between_live_shards_under_a_writer() {
     assert_eq!(e.code().map(|c| c.code()), Some("RSF01"));
 
     // Account 2 moves back: shard0's fence of the first move stops refusing it.
-    let cfg = config.display().to_string();
-    let (code, out, err) = crate::common::run_reshard(
-        &[
-            "move",
-            "-c",
-            &cfg,
-            "--accounts",
-            "2",
-            "--from",
-            "shard1",
-            "--to",
-            "shard0",
-            "--delete-grace",
-            "1s",
-            "--json",
-        ],
-        &[],
-    );
+    let (code, out, err) = run_move(&config, "2", "shard1", "shard0", "1s", &["--json"]);
     assert_eq!(code, 0, "moving account 2 back:\n{out}\n{err}");
     let c0 = connect(&t.shards[0].url("app")).await;
     c0.execute("INSERT INTO items VALUES (2, 999999, 'back')", &[])
@@ -392,24 +387,7 @@ async fn move_three_accounts_between_live_shards_under_a_writer() {
     assert_eq!(read_map(&map_path)[&2], 0);
 
     // Run again: nothing left to do.
-    let cfg = config.display().to_string();
-    let (code, out, err) = crate::common::run_reshard(
-        &[
-            "move",
-            "-c",
-            &cfg,
-            "--accounts",
-            "4,3,2",
-            "--from",
-            "shard0",
-            "--to",
-            "shard1",
-            "--delete-grace",
-            "1s",
-            "--json",
-        ],
-        &[],
-    );
+    let (code, out, err) = run_move(&config, "4,3,2", "shard0", "shard1", "1s", &["--json"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(crate::ops::json(&out, &err)["resumed_at"], "done");
 }
@@ -668,25 +646,8 @@ async fn measure_move_rate_against_a_filtered_copy_pipe() {
         .trim()
         .parse()
         .expect("n");
-    let cfg = config.display().to_string();
     let started = std::time::Instant::now();
-    let (code, out, err) = crate::common::run_reshard(
-        &[
-            "move",
-            "-c",
-            &cfg,
-            "--accounts",
-            "2,3,4",
-            "--from",
-            "shard0",
-            "--to",
-            "shard1",
-            "--delete-grace",
-            "0s",
-            "--json",
-        ],
-        &[],
-    );
+    let (code, out, err) = run_move(&config, "2,3,4", "shard0", "shard1", "0s", &["--json"]);
     let move_secs = started.elapsed().as_secs_f64();
     assert_eq!(code, 0, "{out}\n{err}");
     let report = crate::ops::json(&out, &err);
@@ -1073,23 +1034,7 @@ async fn move_carries_the_rows_of_a_partitioned_table() {
             "INSERT INTO parts SELECT a, i, 'p' || i FROM generate_series(1, 5) a, generate_series(1, 40) i",
         )
         .expect("seed parts");
-    let cfg = config.display().to_string();
-    let (code, out, err) = crate::common::run_reshard(
-        &[
-            "move",
-            "-c",
-            &cfg,
-            "--accounts",
-            "2,3",
-            "--from",
-            "shard0",
-            "--to",
-            "shard1",
-            "--delete-grace",
-            "1s",
-        ],
-        &[],
-    );
+    let (code, out, err) = run_move(&config, "2,3", "shard0", "shard1", "1s", &[]);
     assert_eq!(code, 0, "{out}\n{err}");
     let count = |s: usize, w: &str| {
         t.shards[s]
@@ -1125,23 +1070,7 @@ async fn move_skips_accounts_that_are_not_values_of_a_tables_key_type() {
             "INSERT INTO ukeys SELECT md5(i::text)::uuid, 'u' || i FROM generate_series(1, 30) i",
         )
         .expect("seed ukeys");
-    let cfg = config.display().to_string();
-    let (code, out, err) = crate::common::run_reshard(
-        &[
-            "move",
-            "-c",
-            &cfg,
-            "--accounts",
-            "2,3",
-            "--from",
-            "shard0",
-            "--to",
-            "shard1",
-            "--delete-grace",
-            "1s",
-        ],
-        &[],
-    );
+    let (code, out, err) = run_move(&config, "2,3", "shard0", "shard1", "1s", &[]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(!err.contains("22P02"), "{err}");
     let count = |s: usize| {
