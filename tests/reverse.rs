@@ -66,6 +66,23 @@ fn forward_rows(s: &serde_json::Value) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
+/// `reshard cutover -c <config> --shard shard1 --fence --json --timeout <timeout>`: exit code,
+/// stdout, stderr.
+fn fenced_cutover_of_shard1(t: &Topology, timeout: &str) -> (i32, String, String) {
+    let cfg = t.config_path();
+    t.reshard(&[
+        "cutover",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--shard",
+        "shard1",
+        "--fence",
+        "--json",
+        "--timeout",
+        timeout,
+    ])
+}
+
 /// The accounts shard `i` holds.
 fn accounts_on(t: &Topology, i: usize) -> Vec<i64> {
     t.shards[i]
@@ -244,17 +261,7 @@ async fn rollback_hands_the_shards_accounts_back_to_the_source_with_every_write(
     t.wait_converged(TABLES, Duration::from_secs(90));
     let cfg = t.config_path();
     let c = cfg.to_str().unwrap();
-    let (code, out, err) = t.reshard(&[
-        "cutover",
-        "-c",
-        c,
-        "--shard",
-        "shard1",
-        "--fence",
-        "--json",
-        "--timeout",
-        "60",
-    ]);
+    let (code, out, err) = fenced_cutover_of_shard1(&t, "60");
     assert_eq!(code, 0, "{out}\n{err}");
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["reverse_slot"], "reshard_rev_shard1_1", "{r:#}");
@@ -386,17 +393,7 @@ async fn rollback_killed_at_each_step_converges_when_run_again() {
     .iter()
     .enumerate()
     {
-        let (code, out, err) = t.reshard(&[
-            "cutover",
-            "-c",
-            c,
-            "--shard",
-            "shard1",
-            "--fence",
-            "--json",
-            "--timeout",
-            "60",
-        ]);
+        let (code, out, err) = fenced_cutover_of_shard1(&t, "60");
         assert_eq!(code, 0, "{step}: {out}\n{err}");
         // The shard was fenced on itself by the previous rollback: the application lifts it
         // as it sends the accounts there again.
@@ -686,19 +683,7 @@ async fn the_whole_cycle_under_a_live_writer_fences_each_side_only_while_the_oth
 
     // Fence and cut over while the application still writes shard1's accounts on the source.
     tokio::task::block_in_place(|| app.set_phase(&t, CUTTING_OVER));
-    let (code, out, err) = tokio::task::block_in_place(|| {
-        t.reshard(&[
-            "cutover",
-            "-c",
-            &c,
-            "--shard",
-            "shard1",
-            "--fence",
-            "--json",
-            "--timeout",
-            "120s",
-        ])
-    });
+    let (code, out, err) = tokio::task::block_in_place(|| fenced_cutover_of_shard1(&t, "120s"));
     assert_eq!(code, 0, "{out}\n{err}\n{}", t.all_logs());
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["ok"], true, "{r:#}");
@@ -903,19 +888,7 @@ async fn the_reverse_direction_shows_in_lag_status_console_and_metrics_live_and_
     let c = cfg.to_str().unwrap().to_owned();
     let d = t.spawn_run(&[]);
     tokio::task::block_in_place(|| t.wait_converged(TABLES, Duration::from_secs(90)));
-    let (code, out, err) = tokio::task::block_in_place(|| {
-        t.reshard(&[
-            "cutover",
-            "-c",
-            &c,
-            "--shard",
-            "shard1",
-            "--fence",
-            "--json",
-            "--timeout",
-            "60",
-        ])
-    });
+    let (code, out, err) = tokio::task::block_in_place(|| fenced_cutover_of_shard1(&t, "60"));
     assert_eq!(code, 0, "{out}\n{err}");
     tokio::task::block_in_place(|| {
         t.wait(
@@ -1212,17 +1185,7 @@ async fn ids_a_cut_over_shard_shares_with_the_source_never_overwrite_another_acc
     t.wait_converged(&tables, Duration::from_secs(90));
     let cfg = t.config_path();
     let c = cfg.to_str().unwrap().to_owned();
-    let (code, out, err) = t.reshard(&[
-        "cutover",
-        "-c",
-        &c,
-        "--shard",
-        "shard1",
-        "--fence",
-        "--json",
-        "--timeout",
-        "60",
-    ]);
+    let (code, out, err) = fenced_cutover_of_shard1(&t, "60");
     assert_eq!(code, 0, "{out}\n{err}");
     t.wait(
         "the reverse stream of shard1 to run",
