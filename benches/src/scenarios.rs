@@ -1254,6 +1254,28 @@ async fn drop_dbs(topo: &Topology, src_db: &str, whats: &[&str]) {
     let _ = topo.source.drop_db(src_db).await;
 }
 
+/// A goal row of reshard's `metric` in scenario `sc` against native's.
+fn vs_native(rep: &mut Report, sc: &str, what: &str, metric: &str, unit: &str, goal: Goal) {
+    let (a, b) = (
+        rep.get(sc, "reshard", metric),
+        rep.get(sc, "native", metric),
+    );
+    rep.compare(sc, what, a, b, unit, goal);
+}
+
+/// The goal row of reshard's peak RSS in scenario `sc` (at most [`RSS_LIMIT_MIB`]).
+fn peak_rss(rep: &mut Report, sc: &str) {
+    let a = rep.get(sc, "reshard", "peak_rss_mib");
+    rep.compare(
+        sc,
+        "reshard peak RSS",
+        a,
+        None,
+        "MiB",
+        Goal::AtMost(RSS_LIMIT_MIB),
+    );
+}
+
 /// The goals of issue #14, from the recorded figures. A scenario that did not run adds no
 /// rows; a figure that is missing makes its goal "not measured".
 pub fn compare(rep: &mut Report, n: usize) {
@@ -1295,19 +1317,19 @@ pub fn compare(rep: &mut Report, n: usize) {
             "CPU-s",
             Goal::AtMost(3.0),
         );
-        rep.compare(
+        vs_native(
+            rep,
             cost,
             "shard-side CPU per 1M changes vs native's apply workers",
-            g(rep, cost, "reshard", "shard_cpu_s_per_1M_changes"),
-            g(rep, cost, "native", "shard_cpu_s_per_1M_changes"),
+            "shard_cpu_s_per_1M_changes",
             "CPU-s",
             Goal::RatioBelow(1.0),
         );
-        rep.compare(
+        vs_native(
+            rep,
             cost,
             "source walsender CPU per 1M changes vs native fan-out",
-            g(rep, cost, "reshard", "walsender_cpu_s_per_1M_changes"),
-            g(rep, cost, "native", "walsender_cpu_s_per_1M_changes"),
+            "walsender_cpu_s_per_1M_changes",
             "CPU-s",
             Goal::RatioAtMost(1.0 / n.max(1) as f64),
         );
@@ -1363,60 +1385,46 @@ pub fn compare(rep: &mut Report, n: usize) {
             "MiB/s",
             Goal::Info,
         );
-        rep.compare(
+        vs_native(
+            rep,
             "fullload",
             "full-load MiB/s vs native initial sync",
-            g(rep, "fullload", "reshard", "mib_per_sec"),
-            g(rep, "fullload", "native", "mib_per_sec"),
+            "mib_per_sec",
             "MiB/s",
             Goal::Info,
         );
-        rep.compare(
-            "fullload",
-            "reshard peak RSS",
-            g(rep, "fullload", "reshard", "peak_rss_mib"),
-            None,
-            "MiB",
-            Goal::AtMost(RSS_LIMIT_MIB),
-        );
+        peak_rss(rep, "fullload");
     }
     for (sc, p50, p99) in [("steady", 20.0, 100.0), ("light", 5.0, 15.0)] {
         if !rep.has_scenario(sc) {
             continue;
         }
         for (m, limit) in [("p50_ms", p50), ("p99_ms", p99)] {
-            rep.compare(
+            vs_native(
+                rep,
                 sc,
                 &format!("{} commit-to-apply latency (vs native)", &m[..3]),
-                g(rep, sc, "reshard", m),
-                g(rep, sc, "native", m),
+                m,
                 "ms",
                 Goal::AtMost(limit),
             );
         }
-        rep.compare(
-            sc,
-            "reshard peak RSS",
-            g(rep, sc, "reshard", "peak_rss_mib"),
-            None,
-            "MiB",
-            Goal::AtMost(RSS_LIMIT_MIB),
-        );
+        peak_rss(rep, sc);
     }
     if rep.has_scenario("steady") {
-        rep.compare(
+        vs_native(
+            rep,
             "steady",
             "offered write rate (vs native's)",
-            g(rep, "steady", "reshard", "offered_changes_per_sec"),
-            g(rep, "steady", "native", "offered_changes_per_sec"),
+            "offered_changes_per_sec",
             "changes/s",
             Goal::Info,
         );
-        rep.compare(
+        vs_native(
+            rep,
             "steady",
             "drain after the writer stopped (vs native)",
-            g(rep, "steady", "reshard", "drain_s"),
-            g(rep, "steady", "native", "drain_s"),
+            "drain_s",
             "s",
             Goal::Info,
         );
