@@ -32,7 +32,7 @@ const TABLES: &[Compared] = &[
 ];
 
 /// `psql -h 127.0.0.1 -p PORT -U reshard reshard -c SQL`: unaligned, `|`-separated, headers.
-fn psql(port: u16, sql: &str) -> Output {
+pub(crate) fn psql(port: u16, sql: &str) -> Output {
     let bin = reshard_harness::bindir()
         .expect("PostgreSQL bindir")
         .join("psql");

@@ -407,42 +407,50 @@ fn a_stopped_shard_keeps_the_slot_advancing_and_drains_from_the_spill_log() {
     );
 }
 
-/// A shard whose password stops working mid-run (28P01 on its next connection) stops, and the
-/// daemon says exactly what brings it back: nothing but a restart of `reshard run` after the fix
-/// (no SIGHUP, no retry). After the fix and a restart it catches up with the writes made while
-/// it was stopped.
+/// A shard whose password stops working mid-run (28P01 on its next connection) stops, says
+/// what brings it back (the fix, then SIGHUP or RESUME; a url changed in the config needs a
+/// restart), and the other shard goes on. After the fix on the shard's role, a SIGHUP starts it
+/// again without a daemon restart and it catches up with the writes made while it was stopped;
+/// then the same with RESUME on the admin console.
 #[test]
-fn a_shard_stopped_on_a_bad_password_says_it_needs_a_restart_and_catches_up_after_one() {
+fn a_shard_stopped_on_a_bad_password_resumes_on_sighup_or_resume_after_the_fix() {
     let mut t = Topology::start_with(2, || {
         reshard_harness::PgCluster::builder().password("s3cret", reshard_harness::Auth::Scram)
     });
     let d = streaming(&mut t, "", true);
-
-    // The DBA rotates shard1's password; reshard's sessions there end.
-    t.shards[1]
-        .psql(
-            "postgres",
-            "ALTER USER postgres PASSWORD 'rotated'; SELECT count(pg_terminate_backend(pid)) \
-             FROM pg_stat_activity WHERE datname = 'app' AND pid <> pg_backend_pid()",
+    let stop_shard1 = |t: &Topology, row: i64| {
+        // The DBA rotates shard1's password; reshard's sessions there end.
+        t.shards[1]
+            .psql(
+                "postgres",
+                "ALTER USER postgres PASSWORD 'rotated'; SELECT count(pg_terminate_backend(pid)) \
+                 FROM pg_stat_activity WHERE datname = 'app' AND pid <> pg_backend_pid()",
+            )
+            .expect("rotate the password");
+        t.source_sql(&format!(
+            "INSERT INTO plans VALUES ({row}, 'while stopped')"
+        ));
+        t.wait(
+            "shard1 to stop on the rotated password",
+            Duration::from_secs(60),
+            || {
+                let s = t.status_json()?;
+                let sh = &s["shards"][1];
+                // Until the note is there (the applier reports its error a moment before the
+                // supervisor joins the task); without one this times out.
+                let err = sh["last_error"].as_str().unwrap_or_default();
+                (sh["state"] == "stopped" && err.contains("shard shard1 stays stopped until"))
+                    .then(|| err.to_owned())
+            },
         )
-        .expect("rotate the password");
-    t.source_sql("INSERT INTO plans VALUES (991, 'while stopped')");
-    let err = t.wait(
-        "shard1 to stop on the rotated password",
-        Duration::from_secs(60),
-        || {
-            let s = t.status_json()?;
-            let sh = &s["shards"][1];
-            // Until the note is there (the applier reports its error a moment before the
-            // supervisor joins the task); without one this times out.
-            let err = sh["last_error"].as_str().unwrap_or_default();
-            (sh["state"] == "stopped"
-                && err.contains("shard shard1 stays stopped until `reshard run` is started again"))
-            .then(|| err.to_owned())
-        },
-    );
+    };
+    let err = stop_shard1(&t, 991);
     assert!(err.contains("password authentication failed"), "{err}");
-    assert!(err.contains("then restart the daemon"), "{err}");
+    assert!(
+        err.contains("send the daemon SIGHUP or run RESUME shard1")
+            && err.contains("a url changed in the config needs `reshard run` started again"),
+        "{err}"
+    );
     let log = t.last_log();
     assert!(
         log.lines()
@@ -453,13 +461,33 @@ fn a_shard_stopped_on_a_bad_password_says_it_needs_a_restart_and_catches_up_afte
     t.source_sql("INSERT INTO items VALUES (2, 990001, 'on', 1), (3, 990002, 'on', 1)");
     assert!(t.is_running(d), "{}", t.all_logs());
 
-    // The fix (the old password back) and the restart the message names: shard1 catches up.
+    // The fix (the old password back) and SIGHUP: shard1 catches up, same daemon.
     t.shards[1]
         .psql("postgres", "ALTER USER postgres PASSWORD 's3cret'")
         .expect("restore the password");
-    t.stop_cleanly(d);
-    let _d = t.spawn_run(&[]);
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(t.pid(d) as libc::pid_t, libc::SIGHUP);
+    }
     t.wait_converged(TABLES, Duration::from_secs(90));
+    assert!(t.is_running(d), "{}", t.all_logs());
+
+    // Again, and RESUME shard1 on the admin console.
+    stop_shard1(&t, 992);
+    t.shards[1]
+        .psql("postgres", "ALTER USER postgres PASSWORD 's3cret'")
+        .expect("restore the password");
+    let cfg = t.config_path();
+    let port = crate::common::port_of(&std::fs::read_to_string(&cfg).unwrap(), "listen");
+    let out = crate::console::psql(port, "RESUME shard1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    assert!(t.is_running(d), "{}", t.all_logs());
+    t.stop_cleanly(d);
 }
 
 // See: issue "Spill log" (the cap).

@@ -9,6 +9,9 @@
 //! slot) and, when the stream is idle, emits a heartbeat message so idle shards' progress
 //! reaches the source's present.
 //!
+//! A shard whose apply stopped with a definite error stays stopped (its error says how to bring
+//! it back) until SIGHUP or `RESUME <shard>` starts its apply again from its durable progress.
+//!
 //! Invariant: on the way out every stage is asked to stop and joined (ingest flushes and
 //! confirms, each apply finishes or rolls back its batch) before the summary is returned.
 
@@ -53,7 +56,16 @@ pub struct ShardHandle {
     pub task: Option<JoinHandle<Result<(), crate::apply::ApplyError>>>,
     /// Why it stopped, once it did with an error.
     pub error: Option<String>,
+    /// Starts the apply task again (a new task and its status), for a shard stopped by an
+    /// error: `RESUME <shard>` on the admin console, or SIGHUP for every stopped shard.
+    start: Box<dyn Fn() -> ApplyTask + Send + Sync>,
 }
+
+/// A shard's apply task and the status it publishes.
+type ApplyTask = (
+    JoinHandle<Result<(), crate::apply::ApplyError>>,
+    watch::Receiver<ShardStatus>,
+);
 
 impl ShardHandle {
     /// Spawns one shard's apply task. It waits for the full load (or shutdown), then applies
@@ -64,51 +76,81 @@ impl ShardHandle {
         opts: ApplyOptions,
         conn: ConnConfig,
         log: Arc<SpillLog>,
-        mut load_done: watch::Receiver<LoadDone>,
+        load_done: watch::Receiver<LoadDone>,
         source_catalog: SourceConnect,
-        mut shutdown: ShutdownRx,
+        shutdown: ShutdownRx,
     ) -> ShardHandle {
         let name = opts.shard_name.clone();
-        let (status_tx, status_rx) = watch::channel(ShardStatus {
-            shard: name.clone(),
-            ..Default::default()
-        });
         let (pause_tx, pause_rx) = watch::channel(false);
-        let connect = move || {
-            let conn = conn.clone();
-            async move { conn.connect_sql().await }
-        };
         let latency: LatencySlot = Arc::new(OnceLock::new());
         let latency_slot = latency.clone();
-        let shard = name.clone();
-        let task = tokio::spawn(async move {
-            // Wait for the full load (or shutdown).
-            let skip = loop {
-                if let Some(skip) = load_done.borrow().clone() {
-                    break skip;
-                }
-                tokio::select! {
-                    biased;
-                    _ = shutdown.requested() => return Ok(()),
-                    r = load_done.changed() => if r.is_err() { return Ok(()) },
-                }
+        let start = move || -> ApplyTask {
+            let shard = opts.shard_name.clone();
+            let (status_tx, status_rx) = watch::channel(ShardStatus {
+                shard: shard.clone(),
+                ..Default::default()
+            });
+            let conn = conn.clone();
+            let connect = move || {
+                let conn = conn.clone();
+                async move { conn.connect_sql().await }
             };
-            let skip_log = Arc::new(SkipLog::new(log, skip));
-            let applier = ShardApplier::new(opts, connect, skip_log)
-                .with_pause(pause_rx)
-                .with_source_catalog(source_catalog);
-            let _ = latency_slot.set(applier.latency_histogram());
-            tracing::info!(shard = %shard, "apply starting");
-            applier.run(shutdown, status_tx).await
-        });
+            let (opts, log, mut load_done, source_catalog, mut shutdown, pause_rx, latency_slot) = (
+                opts.clone(),
+                log.clone(),
+                load_done.clone(),
+                source_catalog.clone(),
+                shutdown.clone(),
+                pause_rx.clone(),
+                latency_slot.clone(),
+            );
+            let task = tokio::spawn(async move {
+                // Wait for the full load (or shutdown).
+                let skip = loop {
+                    if let Some(skip) = load_done.borrow().clone() {
+                        break skip;
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.requested() => return Ok(()),
+                        r = load_done.changed() => if r.is_err() { return Ok(()) },
+                    }
+                };
+                let skip_log = Arc::new(SkipLog::new(log, skip));
+                let applier = ShardApplier::new(opts, connect, skip_log)
+                    .with_pause(pause_rx)
+                    .with_source_catalog(source_catalog);
+                // The first start's histogram; a restarted applier's latencies are not shown.
+                let _ = latency_slot.set(applier.latency_histogram());
+                tracing::info!(shard = %shard, "apply starting");
+                applier.run(shutdown, status_tx).await
+            });
+            (task, status_rx)
+        };
+        let (task, status) = start();
         ShardHandle {
             name,
-            status: status_rx,
+            status,
             pause: pause_tx,
             latency,
             task: Some(task),
             error: None,
+            start: Box::new(start),
         }
+    }
+
+    /// Starts a shard that stopped with an error again (from its durable progress); `false`
+    /// when it is not stopped by one.
+    fn restart(&mut self, why: &str) -> bool {
+        if self.task.is_some() || self.error.is_none() {
+            return false;
+        }
+        let (task, status) = (self.start)();
+        tracing::info!(shard = %self.name, previous_error = ?self.error, "restarting the shard's apply ({why})");
+        self.task = Some(task);
+        self.status = status;
+        self.error = None;
+        true
     }
 }
 
@@ -150,11 +192,18 @@ impl Supervisor {
         let mut failure: Option<RuntimeError> = None;
         let mut ingest_result: Option<Result<Lsn, IngestError>> = None;
         let mut load_watch_done = false;
+        // SIGHUP starts the shards stopped by an error again (see `ShardHandle::restart`).
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
             tokio::select! {
                 biased;
                 // This is cancellation-safe.
                 _ = self.shutdown_rx.requested() => break,
+                // This is cancellation-safe (a signal stream).
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    let n = self.restart_stopped("SIGHUP");
+                    tracing::info!(restarted = n, "SIGHUP: shards stopped by an error started again");
+                }
                 // This is cancellation-safe (a oneshot receiver).
                 r = &mut self.ingest_done, if ingest_result.is_none() => {
                     let r = r.unwrap_or_else(|_| Err(IngestError::Source(SourceError::protocol("ingest thread ended"))));
@@ -248,6 +297,16 @@ impl Supervisor {
     /// change on the source) is not among them: its applier retries on the backoff and resumes
     /// by itself, so the daemon keeps running.
     fn all_shards_stopped(&mut self) -> bool {
+        self.collect_stopped();
+        !self.shards.is_empty()
+            && self
+                .shards
+                .iter()
+                .all(|s| s.task.is_none() && s.error.is_some())
+    }
+
+    /// Joins the apply tasks that ended, keeping the error of each that ended with one.
+    fn collect_stopped(&mut self) {
         for s in &mut self.shards {
             if let Some(t) = &s.task {
                 if t.is_finished() {
@@ -258,12 +317,12 @@ impl Supervisor {
                             Some(Ok(Err(e))) => {
                                 // Nothing restarts a shard's apply: say so, and what to do.
                                 let e = format!(
-                                    "{e}; shard {name} stays stopped until `reshard run` is \
-                                     started again (SIGHUP and RESUME do not restart it): fix \
-                                     what this names (for an authentication failure: the \
-                                     shard's url in the config, or the role's password on the \
-                                     shard), then restart the daemon; its backlog waits in the \
-                                     spill log"
+                                    "{e}; shard {name} stays stopped until it is restarted: fix \
+                                     what this names, then send the daemon SIGHUP or run RESUME \
+                                     {name} on the admin console (it retries with the url it \
+                                     started with: a password fixed on the shard's role works \
+                                     so; a url changed in the config needs `reshard run` \
+                                     started again); its backlog waits in the spill log"
                                 );
                                 tracing::error!(shard = %name, error = %e, "shard stopped");
                                 s.error = Some(e);
@@ -277,11 +336,16 @@ impl Supervisor {
                 }
             }
         }
-        !self.shards.is_empty()
-            && self
-                .shards
-                .iter()
-                .all(|s| s.task.is_none() && s.error.is_some())
+    }
+
+    /// Starts again every shard stopped by an error (SIGHUP). Returns how many.
+    fn restart_stopped(&mut self, why: &str) -> usize {
+        self.collect_stopped();
+        let mut n = 0;
+        for s in &mut self.shards {
+            n += usize::from(s.restart(why));
+        }
+        n
     }
 
     fn control(&mut self, cmd: ControlCommand) -> Result<String, String> {
@@ -307,6 +371,11 @@ impl Supervisor {
             ControlCommand::Resume(Some(name)) => {
                 let i = find(&self.shards, &name)?;
                 self.shards[i].pause.send_replace(false);
+                // A shard stopped by an error starts again.
+                self.collect_stopped();
+                if self.shards[i].restart("RESUME on the admin console") {
+                    return Ok(format!("RESUME {name}"));
+                }
                 tracing::info!(shard = %name, "shard resumed by operator");
                 Ok(format!("RESUME {name}"))
             }
