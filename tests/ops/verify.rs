@@ -191,6 +191,34 @@ async fn verify_passes_a_correct_migration_and_names_the_differing_keys() {
     assert_eq!(ev_sa["missing"], 1);
     assert_eq!(ev_sa["extra"], 1);
 
+    // One shard alone: the source reads only the rows that route to it (and re-reads the
+    // suspect accounts whole), with the same findings there, the misplaced row's own shard
+    // named.
+    let (code, report, err) = verify(&t, &["--shard", &format!("shard{sa}")]);
+    assert_eq!(code, 1, "{report:#}\n{err}");
+    let on_sa: BTreeSet<_> = expected
+        .iter()
+        .filter(|d| d.1 == format!("shard{sa}"))
+        .cloned()
+        .collect();
+    assert_eq!(differences(&report), on_sa, "{report:#}");
+    let alone = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["table"] == "public.events")
+        .unwrap();
+    for k in [
+        "accounts_mismatched",
+        "missing",
+        "extra",
+        "rows_source",
+        "rows_shard",
+        "accounts_checked",
+    ] {
+        assert_eq!(alone[k], ev_sa[k], "{k}: {alone} / {ev_sa}");
+    }
+
     // Text output names the keys too.
     let cfg = t.config_path();
     let (code, out, _) = t.reshard(&["verify", "-c", cfg.to_str().unwrap()]);

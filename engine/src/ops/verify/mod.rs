@@ -289,6 +289,8 @@ struct Ctx<'a> {
     live: bool,
     notes: Vec<String>,
     missing_columns: Vec<String>,
+    /// Route helpers created on `src` in this session.
+    helpers: BTreeSet<String>,
 }
 
 fn q(endpoint: &str, table: Option<&str>) -> impl Fn(tokio_postgres::Error) -> VerifyError {
@@ -383,12 +385,33 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
         live,
         notes,
         missing_columns: Vec::new(),
+        helpers: BTreeSet::new(),
     };
     let mut report = VerifyReport::default();
+    // Plan every table first (its columns, key and route helper: catalog reads and a CREATE
+    // TEMP TABLE, which a read-only snapshot does not allow), then compare them, the first
+    // look at consecutive tables sharing snapshots ([`Held`]).
+    let mut plans = Vec::with_capacity(rules.len());
     for rule in &rules {
-        let results = verify_table(&mut ctx, rule, &mut report.source_lsn).await?;
-        report.results.extend(results);
+        let t = Instant::now();
+        plans.push(plan_table(&mut ctx, rule).await?);
+        tracing::debug!(table = %rule.source, secs = t.elapsed().as_secs_f64(), "verify: planned");
     }
+    let mut held = Held::default();
+    let compared = async {
+        for (plan, results) in plans {
+            let t = Instant::now();
+            let results =
+                compare_table(&ctx, &plan, results, &mut held, &mut report.source_lsn).await?;
+            tracing::debug!(table = %plan.rule.source, secs = t.elapsed().as_secs_f64(), "verify: compared");
+            report.results.extend(results);
+        }
+        Ok::<(), VerifyError>(())
+    }
+    .await;
+    let closed = held.close(&ctx).await;
+    compared?;
+    closed?;
     report.ok = report.results.iter().all(|r| r.ok);
     for s in &ctx.shards {
         let stale = s.not_applying.lock().map(|g| g.clone()).unwrap_or(None);
@@ -475,11 +498,12 @@ struct Plan {
     shards: Vec<usize>,
 }
 
-async fn verify_table(
+/// What [`compare_table`] needs for `rule`: the compared columns, the row key, the route
+/// helper on the source, and a result per shard (with the error of a shard lacking the table).
+async fn plan_table(
     ctx: &mut Ctx<'_>,
     rule: &TableRule,
-    first_lsn: &mut Option<Lsn>,
-) -> Result<Vec<TableShardResult>, VerifyError> {
+) -> Result<(Plan, Vec<TableShardResult>), VerifyError> {
     let name = rule.source.as_str();
     let Some(info) = describe_table(&ctx.src, name)
         .await
@@ -564,10 +588,13 @@ async fn verify_table(
             helper: format!("reshard_verify_route_{key_type_oid}"),
             shards: ctx.config.shards.len(),
         };
-        ctx.src
-            .batch_execute(&r.create_sql(&key_type))
-            .await
-            .map_err(q("source", Some(name)))?;
+        if !ctx.helpers.contains(&r.helper) {
+            ctx.src
+                .batch_execute(&r.create_sql(&key_type))
+                .await
+                .map_err(q("source", Some(name)))?;
+            ctx.helpers.insert(r.helper.clone());
+        }
         Some(r)
     } else {
         None
@@ -581,10 +608,24 @@ async fn verify_table(
         route,
         shards: plan_shards,
     };
+    Ok((plan, results))
+}
+
+/// Compares `plan`'s table on the source and the shards: a first look in the snapshots `held`
+/// (opened or renewed as needed), and re-checks and drill-downs in fresh ones where that look
+/// found differences.
+async fn compare_table(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    mut results: Vec<TableShardResult>,
+    held: &mut Held,
+    first_lsn: &mut Option<Lsn>,
+) -> Result<Vec<TableShardResult>, VerifyError> {
+    let sharded = plan.rule.mode == TableMode::Sharded;
     if sharded {
-        verify_sharded(ctx, &plan, &mut results, first_lsn).await?;
+        verify_sharded(ctx, plan, &mut results, held, first_lsn).await?;
     } else {
-        verify_broadcast(ctx, &plan, &mut results, first_lsn).await?;
+        verify_broadcast(ctx, plan, &mut results, held, first_lsn).await?;
     }
     for r in &mut results {
         r.ok = r.error.is_none()
@@ -595,6 +636,66 @@ async fn verify_table(
             && (sharded || r.rows_source == r.rows_shard);
     }
     Ok(results)
+}
+
+/// How long one source snapshot (and the shards' snapshots taken at its LSN) serves the first
+/// look at further tables. Sharing them makes a caught-up shard wait for replication once per
+/// verify instead of once per table; renewing them between tables bounds how long the source's
+/// vacuum horizon is held back to this plus one table's comparison, as with a snapshot per table.
+const SNAPSHOT_SPAN: Duration = Duration::from_secs(5);
+
+/// The open source snapshot and the shards' snapshots begun at its LSN, shared by the first
+/// look at consecutive tables (see [`SNAPSHOT_SPAN`]). Whatever begins fresh snapshots (a
+/// re-check, a drill-down) closes it first: one connection holds one transaction.
+#[derive(Default)]
+struct Held {
+    /// The source snapshot's LSN and when it began.
+    source: Option<(Lsn, Instant)>,
+    /// Shard positions whose snapshot is open.
+    shards: Vec<usize>,
+}
+
+impl Held {
+    /// The LSN of an open source snapshot, with a snapshot open on every shard of `positions`
+    /// that covers it: the held ones while younger than [`SNAPSHOT_SPAN`], else new ones.
+    async fn cover(
+        &mut self,
+        ctx: &Ctx<'_>,
+        positions: &[usize],
+        first_lsn: &mut Option<Lsn>,
+    ) -> Result<Lsn, VerifyError> {
+        if self
+            .source
+            .is_some_and(|(_, at)| at.elapsed() >= SNAPSHOT_SPAN)
+        {
+            self.close(ctx).await?;
+        }
+        let lsn = match self.source {
+            Some((lsn, _)) => lsn,
+            None => {
+                let lsn = begin_source(ctx).await?;
+                self.source = Some((lsn, Instant::now()));
+                first_lsn.get_or_insert(lsn);
+                lsn
+            }
+        };
+        for &pos in positions {
+            if !self.shards.contains(&pos) {
+                begin_shard(ctx, pos, lsn).await?;
+                self.shards.push(pos);
+            }
+        }
+        Ok(lsn)
+    }
+
+    /// Ends the held snapshots (if any).
+    async fn close(&mut self, ctx: &Ctx<'_>) -> Result<(), VerifyError> {
+        if self.source.take().is_none() {
+            return Ok(());
+        }
+        let shards = std::mem::take(&mut self.shards);
+        commit_all(ctx, &shards).await
+    }
 }
 
 /// Begins the source snapshot and returns its LSN.
@@ -666,6 +767,10 @@ async fn begin_shard(ctx: &Ctx<'_>, pos: usize, lsn: Lsn) -> Result<(), VerifyEr
 const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// How often the daemon is looked for while waiting.
 const DAEMON_EVERY: Duration = Duration::from_secs(2);
+/// A wait shorter than this neither looks for the daemon nor says it waits: a caught-up shard
+/// passes a fresh marker in milliseconds, and asking the daemon's console for its status (a
+/// connection and `SHOW STATUS JSON`) would cost more than the wait itself.
+const QUIET: Duration = Duration::from_millis(250);
 
 /// A wait for one shard's progress row to cover a source LSN.
 pub struct ProgressWait<'a> {
@@ -708,15 +813,15 @@ pub enum Waited {
 impl ProgressWait<'_> {
     /// Polls the shard's progress row until every source commit before `target` is applied
     /// (`Lsn::covers`: a commit record may start exactly at `target`, so it is not needed).
-    /// Says what it waits for at once and every
+    /// Says what it waits for once the wait has lasted `QUIET` (250 ms) and then every
     /// `REPORT_EVERY` (10 s), with what the daemon is doing; a missing progress table or row is
     /// waited for too (the daemon creates them when its shards start applying, after the
     /// full load).
     pub async fn run(&self) -> Result<Waited, VerifyError> {
         let started = Instant::now();
         let mut first: Option<Lsn> = None;
-        let mut next_report = started;
-        let mut next_daemon = started;
+        let mut next_report = started + QUIET;
+        let mut next_daemon = started + QUIET;
         let mut daemon = String::new();
         let mut absent_checks = 0u32;
         let mut poll = POLL_FIRST;
@@ -829,7 +934,7 @@ fn merge_err(ctx: &Ctx<'_>, plan: &Plan, positions: &[usize], e: MergeError) -> 
 }
 
 /// One pass of the per-account merge over `positions` (indices into `ctx.shards`), restricted
-/// to `accounts` when given (source filter and shard filter may differ).
+/// to `accounts` when given, in fresh snapshots.
 async fn account_pass(
     ctx: &Ctx<'_>,
     plan: &Plan,
@@ -837,15 +942,59 @@ async fn account_pass(
     accounts: Option<&[String]>,
     first_lsn: &mut Option<Lsn>,
 ) -> Result<Vec<ShardTally>, VerifyError> {
+    let mut held = Held::default();
+    let tallies = async {
+        held.cover(ctx, positions, first_lsn).await?;
+        account_tallies(ctx, plan, positions, accounts, false).await
+    }
+    .await;
+    let closed = held.close(ctx).await;
+    let tallies = tallies?;
+    closed?;
+    Ok(tallies)
+}
+
+/// The SQL condition of a source row routing to one of the shards at `positions`, when
+/// PostgreSQL computes the route and they are not every shard (see [`account_tallies`]).
+fn routed_to(ctx: &Ctx<'_>, plan: &Plan, positions: &[usize]) -> Option<String> {
+    let route = plan.route.as_ref()?;
+    let indices: Vec<usize> = positions
+        .iter()
+        .filter_map(|&p| ctx.shards.get(p).map(|s| s.index))
+        .collect();
+    (indices.len() < ctx.config.shards.len())
+        .then(|| route.routes_to(&quote_ident(&plan.rule.key), &indices))
+}
+
+/// The per-account merge over `positions` (indices into `ctx.shards`), restricted to
+/// `accounts` when given, in the snapshots open on the source and on those shards.
+///
+/// `routed_here`: the source reads only the rows that route to those shards, when PostgreSQL
+/// computes the route (`hash = "postgres"`) and they are not every shard: verifying one shard
+/// of N then hashes about 1/N of the source's rows instead of all of them. An account on a
+/// shard that the source routes elsewhere is then a suspect of unknown shard; re-reading the
+/// suspects without it names their shard.
+async fn account_tallies(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    positions: &[usize],
+    accounts: Option<&[String]>,
+    routed_here: bool,
+) -> Result<Vec<ShardTally>, VerifyError> {
     let name = plan.rule.source.as_str();
     let filter = accounts.map(|a| sql::key_in(&plan.rule.key, &plan.key_type, a));
-    let lsn = begin_source(ctx).await?;
-    first_lsn.get_or_insert(lsn);
+    let src_filter = routed_here
+        .then(|| routed_to(ctx, plan, positions))
+        .flatten()
+        .map(|on| match &filter {
+            Some(f) => format!("{f} AND {on}"),
+            None => on,
+        });
     let src_sql = sql::account_aggregates(
         name,
         &plan.rule.key,
         &plan.columns,
-        filter.as_deref(),
+        src_filter.as_deref().or(filter.as_deref()),
         plan.route.as_ref(),
     );
     let shard_sql = sql::account_aggregates(
@@ -856,48 +1005,52 @@ async fn account_pass(
         None,
     );
     let mut tallies = vec![ShardTally::default(); positions.len()];
-    let mut began = Vec::with_capacity(positions.len());
-    let outcome = async {
-        for &pos in positions {
-            begin_shard(ctx, pos, lsn).await?;
-            began.push(pos);
-        }
-        let mut source = Peeked::new(
-            Cursor::open(&ctx.src, "reshard_verify_src", &src_sql)
-                .await
-                .map_err(q("source", Some(name)))?,
-        );
-        let mut streams = Vec::with_capacity(positions.len());
-        let mut ids = Vec::with_capacity(positions.len());
-        for &pos in positions {
-            let Some(s) = ctx.shards.get(pos) else {
-                continue;
-            };
-            streams.push(Peeked::new(
-                Cursor::open(&s.client, "reshard_verify_shard", &shard_sql)
-                    .await
-                    .map_err(q(&s.name, Some(&plan.rule.target)))?,
-            ));
-            ids.push(s.index);
-        }
-        let router = ctx.opts.router.clone();
-        let type_oid = plan.key_type_oid;
-        let route = move |account: &str, computed: Option<&str>| -> Result<usize, String> {
-            match (computed, &router) {
-                (Some(c), _) => c.parse().map_err(|_| format!("bad shard number {c:?}")),
-                (None, Some(r)) => r(type_oid, account),
-                (None, None) => Err("no router".into()),
-            }
-        };
-        merge_accounts(&mut source, &mut streams, &ids, route, &mut tallies)
+    let mut source = Peeked::new(
+        Cursor::open(&ctx.src, "reshard_verify_src", &src_sql)
             .await
-            .map_err(|e| merge_err(ctx, plan, positions, e))?;
-        Ok::<(), VerifyError>(())
+            .map_err(q("source", Some(name)))?,
+    );
+    let mut streams = Vec::with_capacity(positions.len());
+    let mut ids = Vec::with_capacity(positions.len());
+    let mut names = Vec::with_capacity(positions.len());
+    for &pos in positions {
+        let Some(s) = ctx.shards.get(pos) else {
+            continue;
+        };
+        streams.push(Peeked::new(
+            Cursor::open(&s.client, "reshard_verify_shard", &shard_sql)
+                .await
+                .map_err(q(&s.name, Some(&plan.rule.target)))?,
+        ));
+        ids.push(s.index);
+        names.push(s.name.as_str());
     }
-    .await;
-    let closed = commit_all(ctx, &began).await;
-    outcome?;
-    closed?;
+    let router = ctx.opts.router.clone();
+    let type_oid = plan.key_type_oid;
+    let route = move |account: &str, computed: Option<&str>| -> Result<usize, String> {
+        match (computed, &router) {
+            (Some(c), _) => c.parse().map_err(|_| format!("bad shard number {c:?}")),
+            (None, Some(r)) => r(type_oid, account),
+            (None, None) => Err("no router".into()),
+        }
+    };
+    merge_accounts(&mut source, &mut streams, &ids, route, &mut tallies)
+        .await
+        .map_err(|e| merge_err(ctx, plan, positions, e))?;
+    // Closed, not left to the commit: the snapshots may serve the next table, whose cursors
+    // take the same names.
+    source
+        .into_inner()
+        .close()
+        .await
+        .map_err(q("source", Some(name)))?;
+    for (stream, shard) in streams.into_iter().zip(names) {
+        stream
+            .into_inner()
+            .close()
+            .await
+            .map_err(q(shard, Some(&plan.rule.target)))?;
+    }
     Ok(tallies)
 }
 
@@ -905,10 +1058,12 @@ async fn verify_sharded(
     ctx: &Ctx<'_>,
     plan: &Plan,
     results: &mut [TableShardResult],
+    held: &mut Held,
     first_lsn: &mut Option<Lsn>,
 ) -> Result<(), VerifyError> {
     let accounts = (!ctx.opts.accounts.is_empty()).then_some(ctx.opts.accounts.as_slice());
-    let tallies = account_pass(ctx, plan, &plan.shards, accounts, first_lsn).await?;
+    held.cover(ctx, &plan.shards, first_lsn).await?;
+    let tallies = account_tallies(ctx, plan, &plan.shards, accounts, true).await?;
     // Suspects per shard position.
     let mut suspects: HashMap<usize, Vec<Suspect>> = HashMap::new();
     let mut overflow: HashMap<usize, u64> = HashMap::new();
@@ -923,33 +1078,42 @@ async fn verify_sharded(
         }
         overflow.insert(pos, t.suspects_total - t.suspects.len() as u64);
     }
-    // Re-check while replication may still be catching up.
-    if ctx.live {
-        for _ in 0..RECHECK_ROUNDS {
-            if suspects.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let mut next = HashMap::new();
-            for (pos, list) in &suspects {
-                let mut still = Vec::new();
-                for chunk in list.chunks(DRILL_BATCH) {
-                    let accts: Vec<String> = chunk.iter().map(|s| s.account.clone()).collect();
-                    let t = account_pass(ctx, plan, &[*pos], Some(&accts), first_lsn).await?;
-                    if let Some(t) = t.first() {
-                        still.extend(t.suspects.iter().cloned());
-                    }
-                }
-                if !still.is_empty() {
-                    next.insert(*pos, still);
-                }
-            }
-            suspects = next;
+    let sample = ctx.opts.sample.filter(|n| *n > 0);
+    if !suspects.is_empty() || sample.is_some() {
+        // Re-checks and drill-downs take fresh snapshots.
+        held.close(ctx).await?;
+    }
+    // Re-check while replication may still be catching up. A first look that read only the
+    // source rows routed to these shards is re-read at once, whole for the suspects: that
+    // names the shard the source routes each of them to (a drill-down's `belongs_to`).
+    let narrowed = routed_to(ctx, plan, &plan.shards).is_some();
+    let rounds = usize::from(narrowed) + if ctx.live { RECHECK_ROUNDS } else { 0 };
+    for round in 0..rounds {
+        if suspects.is_empty() {
+            break;
         }
+        if round > 0 || !narrowed {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let mut next = HashMap::new();
+        for (pos, list) in &suspects {
+            let mut still = Vec::new();
+            for chunk in list.chunks(DRILL_BATCH) {
+                let accts: Vec<String> = chunk.iter().map(|s| s.account.clone()).collect();
+                let t = account_pass(ctx, plan, &[*pos], Some(&accts), first_lsn).await?;
+                if let Some(t) = t.first() {
+                    still.extend(t.suspects.iter().cloned());
+                }
+            }
+            if !still.is_empty() {
+                next.insert(*pos, still);
+            }
+        }
+        suspects = next;
     }
     // Random sample, compared row by row on the shard it routes to.
     let mut sampled: HashMap<usize, BTreeSet<String>> = HashMap::new();
-    if let Some(n) = ctx.opts.sample.filter(|n| *n > 0) {
+    if let Some(n) = sample {
         let sql = sql::sample_accounts(&plan.rule.source, &plan.rule.key, n, plan.route.as_ref());
         let rows = ctx
             .src
@@ -1261,19 +1425,38 @@ async fn verify_broadcast(
     ctx: &Ctx<'_>,
     plan: &Plan,
     results: &mut [TableShardResult],
+    held: &mut Held,
     first_lsn: &mut Option<Lsn>,
 ) -> Result<(), VerifyError> {
     let agg = sql::table_aggregate(&plan.rule.source, &plan.columns);
     let agg_target = sql::table_aggregate(&plan.rule.target, &plan.columns);
-    let mut pending: Vec<usize> = plan.shards.clone();
-    let rounds = if ctx.live { RECHECK_ROUNDS + 1 } else { 1 };
-    for round in 0..rounds {
+    // The first look: every shard against one source aggregate, in the held snapshots.
+    held.cover(ctx, &plan.shards, first_lsn).await?;
+    let s = one_row(&ctx.src, &agg, "source", &plan.rule.source).await?;
+    let mut pending = Vec::new();
+    for &pos in &plan.shards {
+        let Some(shard) = ctx.shards.get(pos) else {
+            continue;
+        };
+        let t = one_row(&shard.client, &agg_target, &shard.name, &plan.rule.target).await?;
+        if let Some(r) = results.get_mut(pos) {
+            r.rows_source = s.0;
+            r.rows_shard = t.0;
+        }
+        if s != t {
+            pending.push(pos);
+        }
+    }
+    if !pending.is_empty() {
+        // Re-checks and drill-downs take fresh snapshots.
+        held.close(ctx).await?;
+    }
+    let rounds = if ctx.live { RECHECK_ROUNDS } else { 0 };
+    for _ in 0..rounds {
         if pending.is_empty() {
             break;
         }
-        if round > 0 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let mut still = Vec::new();
         for &pos in &pending {
             let lsn = begin_source(ctx).await?;

@@ -105,6 +105,25 @@ impl HashRoute {
         s
     }
 
+    /// Whether expression `k` routes to one of `shards` (remainders): one
+    /// `satisfies_hash_partition` per shard, cheaper per row than the row's md5 it spares.
+    pub fn routes_to(&self, k: &str, shards: &[usize]) -> String {
+        if shards.is_empty() {
+            return "false".into();
+        }
+        let any: Vec<String> = shards
+            .iter()
+            .map(|r| {
+                format!(
+                    "satisfies_hash_partition({}::regclass, {}, {r}, {k})",
+                    quote_literal(&self.helper),
+                    self.shards
+                )
+            })
+            .collect();
+        format!("({})", any.join(" OR "))
+    }
+
     /// `CREATE TEMP TABLE` of the helper for a key of type `key_type`.
     pub fn create_sql(&self, key_type: &str) -> String {
         format!(
@@ -209,6 +228,20 @@ mod tests {
         );
         assert!(sql.contains("ELSE 2 END"), "{sql}");
         assert!(sql.contains("FROM \"public\".\"events\""), "{sql}");
+    }
+
+    #[test]
+    fn a_shard_subset_is_one_hash_test_per_shard() {
+        let r = HashRoute {
+            helper: "h".into(),
+            shards: 4,
+        };
+        assert_eq!(
+            r.routes_to("\"account_id\"", &[1, 3]),
+            "(satisfies_hash_partition('h'::regclass, 4, 1, \"account_id\") OR \
+             satisfies_hash_partition('h'::regclass, 4, 3, \"account_id\"))"
+        );
+        assert_eq!(r.routes_to("k", &[]), "false");
     }
 
     #[test]
