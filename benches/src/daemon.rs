@@ -138,13 +138,19 @@ impl Setup {
         Ok(())
     }
 
-    /// Runs `reshard cutover -c <config> --shard <shard> [--no-verify]` to its end and returns
-    /// how long it took (wall clock: what an operator waits on). An exit status other than 0
-    /// (not safe, or failed) is an error carrying the command's output.
-    pub fn cutover(&self, shard: &str, verify: bool, timeout: Duration) -> Result<Duration> {
+    /// Runs `reshard cutover -c <config> --shard <shard> --json [--no-verify]` to its end and
+    /// returns how long it took (wall clock: what an operator waits on) with the seconds of each
+    /// step as the report's `timings` gives them (none from a binary without them). An exit
+    /// status other than 0 (not safe, or failed) is an error carrying the command's output.
+    pub fn cutover(
+        &self,
+        shard: &str,
+        verify: bool,
+        timeout: Duration,
+    ) -> Result<(Duration, Vec<(String, f64)>)> {
         self.check_bin()?;
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["cutover", "-c"])
+        cmd.args(["cutover", "--json", "-c"])
             .arg(&self.config)
             .args(["--shard", shard, "--timeout"])
             .arg(timeout.as_secs().max(1).to_string());
@@ -165,7 +171,21 @@ impl Setup {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(el)
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "reshard cutover --shard {shard} --json printed no report: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+        let steps = report["timings"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| Some((t["step"].as_str()?.to_owned(), t["secs"].as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((el, steps))
     }
 
     /// Starts `reshard run -c <config> [--skip-full-load]`.

@@ -1135,13 +1135,21 @@ async fn light_one(topo: &Topology, set: &Settings, rep: &mut Report, who: &str)
 fn cutovers(topo: &Topology, set: &Settings, rep: &mut Report, s: &daemon::Setup) {
     const SC: &str = "cutover";
     let mut worst: Option<f64> = None;
+    // Per step, the slowest shard's seconds (steps in the order the first cutover gave them).
+    let mut steps: Vec<(String, f64)> = Vec::new();
     for k in 0..topo.n() {
         let shard = format!("shard{k}");
         match s.cutover(&shard, true, set.timeout()) {
-            Ok(el) => {
+            Ok((el, timings)) => {
                 let el = secs(el);
                 rep.add(SC, "reshard", &format!("seconds {shard}"), el, "s");
                 worst = Some(worst.map_or(el, |w: f64| w.max(el)));
+                for (step, t) in timings {
+                    match steps.iter_mut().find(|(s, _)| *s == step) {
+                        Some((_, w)) => *w = w.max(t),
+                        None => steps.push((step, t)),
+                    }
+                }
             }
             Err(e) => {
                 rep.missing(
@@ -1165,8 +1173,18 @@ fn cutovers(topo: &Topology, set: &Settings, rep: &mut Report, s: &daemon::Setup
             "slowest shard; cutover with verify (the default), reshard caught up and idle",
         );
     }
+    for (step, t) in steps {
+        rep.add_noted(
+            SC,
+            "reshard",
+            &format!("step {step}"),
+            t,
+            "s",
+            "slowest shard's seconds in this step (`reshard cutover --json`'s timings); the steps add up to less than the wall clock, which also counts process start and config loading",
+        );
+    }
     match s.cutover("shard0", false, set.timeout()) {
-        Ok(el) => rep.add(SC, "reshard", "seconds shard0 --no-verify", secs(el), "s"),
+        Ok((el, _)) => rep.add(SC, "reshard", "seconds shard0 --no-verify", secs(el), "s"),
         Err(e) => rep.missing(
             SC,
             "reshard",

@@ -257,4 +257,78 @@ async fn cutover_waits_for_a_shard_reshard_never_fed_and_times_out_when_behind()
     );
     let r = json(&out, &err);
     assert_eq!(r["ok"], false);
+
+    // Caught up (a progress row past every LSN): the sequences that are behind are set in one
+    // statement; one that cannot be set (its MAXVALUE is below the source's value + the gap)
+    // makes that statement fail, and then each is set on its own: the failure is named on its
+    // sequence, the others are set all the same, and the shard is not SAFE.
+    t.shards[0]
+        .psql(
+            "app",
+            "UPDATE reshard.progress SET commit_lsn = 'FFFFFFFF/FFFFFFFF', end_lsn = 'FFFFFFFF/FFFFFFFF'",
+        )
+        .unwrap();
+    let seqs =
+        "CREATE SEQUENCE seq_a; CREATE SEQUENCE seq_bounded MAXVALUE 100; CREATE SEQUENCE seq_z";
+    t.source_sql(seqs);
+    t.shards[0].psql("app", seqs).unwrap();
+    t.source_sql("SELECT setval('seq_a', 50), setval('seq_bounded', 50), setval('seq_z', 70)");
+    let (code, out, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--shard",
+        "shard0",
+        "--no-verify",
+        "--json",
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    let r = json(&out, &err);
+    assert_eq!(r["ok"], false, "{r:#}");
+    let seq = |name: &str| -> serde_json::Value {
+        r["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no sequence {name} in {r:#}"))
+    };
+    assert_eq!(seq("public.seq_a")["action"], "set", "{r:#}");
+    assert_eq!(seq("public.seq_a")["shard_after"], 1050, "{r:#}");
+    assert_eq!(seq("public.seq_z")["action"], "set", "{r:#}");
+    assert_eq!(seq("public.seq_z")["shard_after"], 1070, "{r:#}");
+    let bounded = seq("public.seq_bounded");
+    let action = bounded["action"].as_str().unwrap();
+    assert!(
+        action.starts_with("error") && action.contains("seq_bounded"),
+        "{r:#}"
+    );
+    assert_eq!(
+        t.shards[0]
+            .psql("app", "SELECT last_value FROM seq_z")
+            .unwrap(),
+        "1070"
+    );
+    // The report says where the time went, step by step.
+    let steps: Vec<&str> = r["timings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "connect",
+            "fence",
+            "marker",
+            "wait",
+            "record caught_up",
+            "sequences",
+            "count",
+            "record verdict"
+        ],
+        "{r:#}"
+    );
 }

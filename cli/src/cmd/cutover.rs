@@ -113,6 +113,16 @@ fn render(r: &CutoverReport) -> String {
         }
         None => out.push_str("\nverify: skipped (--no-verify)\n"),
     }
+    let steps: Vec<String> = r
+        .timings
+        .iter()
+        .map(|t| format!("{} {:.3}s", t.step, t.secs))
+        .collect();
+    out.push_str(&format!(
+        "\ntook {:.3}s: {}\n",
+        r.timings.iter().map(|t| t.secs).sum::<f64>(),
+        steps.join(", ")
+    ));
     out.push_str(&format!(
         "\n{}\n",
         if r.ok {

@@ -18,7 +18,8 @@
 //!    timeout). The marker's own transaction is routed to every shard, so a caught-up shard
 //!    commits past M at once. A shard without a progress
 //!    row yet (the daemon is still in its full load, or just starting) is waited for too; what
-//!    the wait is for, and what the daemon is doing, is logged at once and every 10 s.
+//!    the wait is for, and what the daemon is doing, is logged once the wait has lasted 250 ms,
+//!    and every 10 s.
 //! 3. Sequences: every sequence of the replicated schemas is set on the shard to at least the
 //!    source's `last_value` + `[cutover] sequence_gap`, never moved backwards
 //!    (`setval(seq, GREATEST(shard's value, source's + gap))`).
@@ -231,6 +232,43 @@ pub struct CutoverReport {
     /// The shard's fence on the source, as recorded at the end (absent: not fenced; the
     /// application's writes to the shard's accounts were not refused during the cutover).
     pub fence: Option<Fence>,
+    /// Seconds each step took, in order (`connect`, `fence`, `marker`, `wait`,
+    /// `record caught_up`, `sequences`, `verify` or `count`, `reverse`, `record verdict`):
+    /// where the moment the application waits on goes.
+    pub timings: Vec<StepTime>,
+}
+
+/// Seconds one step of a cutover took.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTime {
+    /// The step.
+    pub step: &'static str,
+    /// Seconds.
+    pub secs: f64,
+}
+
+/// Times the steps of one cutover, one after the other.
+struct Steps {
+    last: Instant,
+    done: Vec<StepTime>,
+}
+
+impl Steps {
+    fn start() -> Self {
+        Steps {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    /// `step` ended now (it began when the previous one ended).
+    fn end(&mut self, step: &'static str) {
+        let now = Instant::now();
+        let secs = now.duration_since(self.last).as_secs_f64();
+        tracing::debug!(step, secs, "cutover: step took {secs:.3}s");
+        self.done.push(StepTime { step, secs });
+        self.last = now;
+    }
 }
 
 fn qerr(endpoint: &str, what: &str) -> impl Fn(tokio_postgres::Error) -> CutoverError {
@@ -255,6 +293,7 @@ pub async fn cutover(
         });
     };
     let name = shard_cfg.name.as_str();
+    let mut steps = Steps::start();
     let mut src =
         connect_plain(&config.source.url)
             .await
@@ -269,6 +308,7 @@ pub async fn cutover(
             error: Box::new(error),
         })?;
     let system_id = source_system_id(&src).await;
+    steps.end("connect");
     let ferr = |source| CutoverError::Fence {
         shard: name.to_owned(),
         source,
@@ -312,6 +352,7 @@ pub async fn cutover(
             .iter()
             .any(|f| f.shard == name)
     };
+    steps.end("fence");
     let step = |step: &'static str, lsn: Option<Lsn>, detail: String| {
         let src = &src;
         async move {
@@ -339,6 +380,7 @@ pub async fn cutover(
             ("current_wal_lsn", lsn)
         }
     };
+    steps.end("marker");
 
     // 2. Wait.
     let started = Instant::now();
@@ -401,12 +443,14 @@ pub async fn cutover(
         }
     };
     let waited_secs = started.elapsed().as_secs_f64();
+    steps.end("wait");
     step(
         "caught_up",
         Some(target),
         format!("shard {name} reached {reached} (target {target}) after {waited_secs:.1}s"),
     )
     .await?;
+    steps.end("record caught_up");
 
     // 3. Sequences.
     let rules: Vec<_> = crate::pg::catalog::discover(&src, config)
@@ -430,6 +474,7 @@ pub async fn cutover(
         ),
     )
     .await?;
+    steps.end("sequences");
 
     // 4. Verify and count.
     let mut report = CutoverReport {
@@ -445,6 +490,7 @@ pub async fn cutover(
         tables: Vec::new(),
         fence: None,
         reverse_slot: None,
+        timings: Vec::new(),
     };
     if opts.verify {
         let v = verify::verify(
@@ -468,6 +514,7 @@ pub async fn cutover(
             });
         }
         report.verify = Some(v);
+        steps.end("verify");
     } else {
         for r in &rules {
             let row = shard
@@ -491,6 +538,7 @@ pub async fn cutover(
                 rows: n.max(0) as u64,
             });
         }
+        steps.end("count");
     }
     // A shard without a column the source has (an ADD COLUMN not propagated yet: no change
     // of that table reached it) would break the application's reads and writes of it.
@@ -513,6 +561,7 @@ pub async fn cutover(
                 message: e.to_string(),
             })?;
         report.reverse_slot = Some(row.slot);
+        steps.end("reverse");
     }
     let verdict = if report.ok { "safe" } else { "not_safe" };
     step(
@@ -531,10 +580,16 @@ pub async fn cutover(
             .into_iter()
             .find(|f| f.shard == name);
     }
+    steps.end("record verdict");
+    report.timings = steps.done;
     Ok(report)
 }
 
 /// Sets every sequence of `schemas` on the shard to at least the source's value + `gap`.
+///
+/// Three round trips whatever the number of sequences: the source's values, the shard's, and
+/// one statement setting every sequence that is behind. If that statement fails, each of them
+/// is set on its own, so the failure is named on the sequence it belongs to.
 pub async fn sync_sequences(
     src: &Client,
     shard: &Client,
@@ -542,15 +597,23 @@ pub async fn sync_sequences(
     schemas: &[String],
     gap: i64,
 ) -> Result<Vec<SequenceSync>, CutoverError> {
+    const SEQUENCES: &str = "SELECT schemaname || '.' || sequencename, last_value, increment_by \
+         FROM pg_sequences WHERE schemaname = ANY($1) ORDER BY 1";
     let rows = src
-        .query(
-            "SELECT schemaname || '.' || sequencename, last_value, increment_by \
-             FROM pg_sequences WHERE schemaname = ANY($1) ORDER BY 1",
-            &[&schemas],
-        )
+        .query(SEQUENCES, &[&schemas])
         .await
         .map_err(qerr("source", "reading pg_sequences"))?;
+    let on_shard: std::collections::HashMap<String, Option<i64>> = shard
+        .query(SEQUENCES, &[&schemas])
+        .await
+        .map_err(qerr(shard_name, "reading pg_sequences"))?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(qerr(shard_name, "reading pg_sequences"))?;
     let mut out = Vec::with_capacity(rows.len());
+    // (position in `out`, the setval expression) of every sequence to move.
+    let mut to_set: Vec<(usize, String)> = Vec::new();
     for r in rows {
         let seq: String = r
             .try_get(0)
@@ -561,14 +624,6 @@ pub async fn sync_sequences(
         let increment: i64 = r
             .try_get(2)
             .map_err(qerr("source", "reading pg_sequences"))?;
-        let (schema, rel) = split_name(&seq);
-        let shard_row = shard
-            .query_opt(
-                "SELECT last_value FROM pg_sequences WHERE schemaname = $1 AND sequencename = $2",
-                &[&schema, &rel],
-            )
-            .await
-            .map_err(qerr(shard_name, "reading pg_sequences"))?;
         let mut s = SequenceSync {
             name: seq.clone(),
             source_value,
@@ -576,15 +631,13 @@ pub async fn sync_sequences(
             shard_after: None,
             action: String::new(),
         };
-        let Some(shard_row) = shard_row else {
+        let Some(&shard_value) = on_shard.get(&seq) else {
             s.action = "missing".into();
             out.push(s);
             continue;
         };
-        s.shard_before = shard_row
-            .try_get(0)
-            .map_err(qerr(shard_name, "reading pg_sequences"))?;
-        s.shard_after = s.shard_before;
+        s.shard_before = shard_value;
+        s.shard_after = shard_value;
         if increment < 0 {
             s.action = "descending".into();
         } else if let Some(v) = source_value {
@@ -595,23 +648,58 @@ pub async fn sync_sequences(
                 let qseq = quote_qualified(&seq);
                 // GREATEST with the shard's own value: never backwards, even if something
                 // used the sequence since we read it.
-                let sql = format!(
-                    "SELECT setval({}::regclass, GREATEST($1::int8, \
-                       (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {qseq})))",
-                    quote_literal(&qseq)
-                );
-                match shard.query_one(&sql, &[&want]).await {
-                    Ok(row) => {
-                        s.shard_after = row.try_get(0).ok();
-                        s.action = "set".into();
-                    }
-                    Err(e) => s.action = format!("error: {e}"),
-                }
+                to_set.push((
+                    out.len(),
+                    format!(
+                        "setval({}::regclass, GREATEST({want}::int8, \
+                           (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {qseq})))",
+                        quote_literal(&qseq)
+                    ),
+                ));
             }
         } else {
             s.action = "unused".into();
         }
         out.push(s);
+    }
+    if to_set.is_empty() {
+        return Ok(out);
+    }
+    let all = format!(
+        "SELECT {}",
+        to_set
+            .iter()
+            .map(|(_, e)| e.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let values: Result<Vec<Option<i64>>, tokio_postgres::Error> =
+        match shard.query_one(&all, &[]).await {
+            Ok(row) => (0..to_set.len()).map(|i| row.try_get(i)).collect(),
+            Err(e) => Err(e),
+        };
+    match values {
+        Ok(values) => {
+            for ((i, _), v) in to_set.iter().zip(values) {
+                if let Some(s) = out.get_mut(*i) {
+                    s.shard_after = v;
+                    s.action = "set".into();
+                }
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %error_text(&e), shard = shard_name, "setting the sequences in one statement failed; setting them one by one");
+            for (i, expr) in &to_set {
+                let Some(s) = out.get_mut(*i) else { continue };
+                match shard.query_one(&format!("SELECT {expr}"), &[]).await {
+                    Ok(row) => {
+                        s.shard_after = row.try_get(0).ok();
+                        s.action = "set".into();
+                    }
+                    Err(e) => s.action = format!("error: {}", error_text(&e)),
+                }
+            }
+        }
     }
     Ok(out)
 }
