@@ -39,15 +39,16 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::{Config, HashKind};
-use crate::error::{class_of_pg, Classify, ErrorClass};
+use crate::error::{Classify, ErrorClass};
 use crate::lsn::Lsn;
 use crate::ops::fence::{self, Fence, FenceError, FenceSide, FenceSpec};
 use crate::ops::verify::{
     self, load_account_map, KeyRouter, ProgressWait, VerifyError, VerifyOptions, VerifyReport,
     Waited,
 };
+use crate::ops::{connect, EndpointError};
 use crate::pg::conn::{
-    connect_plain, current_insert_lsn, emit_marker, error_text, quote_literal, quote_qualified,
+    current_insert_lsn, emit_marker, error_text, quote_literal, quote_qualified,
 };
 use crate::pg::progress::source_system_id;
 use crate::pg::table::split_name;
@@ -78,24 +79,9 @@ pub enum CutoverError {
         /// Configured names.
         known: Vec<String>,
     },
-    /// Could not connect.
-    #[error("cannot connect to {endpoint}: {error}")]
-    Connect {
-        /// `source` or `shard <name>`.
-        endpoint: String,
-        /// Why.
-        error: Box<crate::source::SourceError>,
-    },
-    /// A query failed.
-    #[error("{what} on {endpoint} failed: {}", error_text(error))]
-    Query {
-        /// `source` or the shard.
-        endpoint: String,
-        /// What was being done.
-        what: String,
-        /// Driver error.
-        error: tokio_postgres::Error,
-    },
+    /// An endpoint could not be reached, or a query on it failed.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
     /// A value read back did not parse.
     #[error("{endpoint} returned an invalid value: {message}")]
     Invalid {
@@ -167,8 +153,7 @@ pub enum CutoverError {
 impl Classify for CutoverError {
     fn class(&self) -> ErrorClass {
         match self {
-            CutoverError::Connect { error, .. } => error.class(),
-            CutoverError::Query { error, .. } => class_of_pg(error),
+            CutoverError::Endpoint(e) => e.class(),
             CutoverError::Timeout { .. } => ErrorClass::Transient,
             CutoverError::Verify { source, .. } => source.class(),
             CutoverError::Tables(e) => e.class(),
@@ -272,13 +257,8 @@ impl Steps {
 }
 
 fn qerr(endpoint: &str, what: &str) -> impl Fn(tokio_postgres::Error) -> CutoverError {
-    let endpoint = endpoint.to_owned();
-    let what = what.to_owned();
-    move |error| CutoverError::Query {
-        endpoint: endpoint.clone(),
-        what: what.clone(),
-        error,
-    }
+    let query = EndpointError::query(endpoint, what);
+    move |error| CutoverError::Endpoint(query(error))
 }
 
 /// Runs the cutover of one shard.
@@ -294,19 +274,8 @@ pub async fn cutover(
     };
     let name = shard_cfg.name.as_str();
     let mut steps = Steps::start();
-    let mut src =
-        connect_plain(&config.source.url)
-            .await
-            .map_err(|error| CutoverError::Connect {
-                endpoint: "source".into(),
-                error: Box::new(error),
-            })?;
-    let shard = connect_plain(&shard_cfg.url)
-        .await
-        .map_err(|error| CutoverError::Connect {
-            endpoint: format!("shard {name}"),
-            error: Box::new(error),
-        })?;
+    let mut src = connect("source", &config.source.url).await?;
+    let shard = connect(&format!("shard {name}"), &shard_cfg.url).await?;
     let system_id = source_system_id(&src).await;
     steps.end("connect");
     let ferr = |source| CutoverError::Fence {
