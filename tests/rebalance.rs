@@ -18,7 +18,11 @@ use crate::ops::{connect, json};
 const SEEDED: i64 = 40;
 const MAX_ACCOUNT: i64 = 400;
 const SCHEMA: &str = "CREATE TABLE items (account_id bigint NOT NULL, id bigint NOT NULL, v text NOT NULL, PRIMARY KEY (account_id, id)); \
-     CREATE TABLE notes (account_id bigint NOT NULL, id bigint NOT NULL, body text, PRIMARY KEY (account_id, id))";
+     CREATE TABLE notes (account_id bigint NOT NULL, id bigint NOT NULL, body text, PRIMARY KEY (account_id, id)); \
+     CREATE TABLE plans (id bigint PRIMARY KEY, name text NOT NULL)";
+/// The broadcast table's rows, on the source and every shard (the new shards' copy is the
+/// operator's, as the README says).
+const PLANS: &str = "INSERT INTO plans VALUES (1, 'free'), (2, 'pro')";
 
 type Rows = BTreeMap<(&'static str, i64, i64), String>;
 
@@ -213,6 +217,10 @@ fn shard_rows(t: &Topology, shard: usize) -> Rows {
 /// `[[shards]]`, two `[[new_shards]]`.
 fn setup(t: &Topology) -> (std::path::PathBuf, Model) {
     t.ddl_everywhere(SCHEMA);
+    t.source_sql(PLANS);
+    for s in &t.shards {
+        s.psql("app", PLANS).expect("plans");
+    }
     for s in 0..2 {
         t.shards[s]
             .psql(
@@ -624,4 +632,41 @@ fn a_refused_move_is_printed_once_and_recorded_as_refused() {
             .trim(),
         "refused"
     );
+}
+
+/// The rebalance moves sharded rows only: a broadcast table the operator did not copy to a new
+/// shard (empty there, rows on the old shards) is refused before any move begins, naming the
+/// table, the new shard and how to copy it; before, the rebalance ran and accounts routed to
+/// the new shard found no `plans` rows.
+#[test]
+fn rebalance_refuses_a_new_shard_whose_broadcast_table_was_not_copied() {
+    let t = Topology::start(4);
+    let (cfg, _) = setup(&t);
+    t.shards[3]
+        .psql("app", "DELETE FROM plans")
+        .expect("empty plans");
+    let cfg = cfg.to_str().expect("path");
+    let (code, _, err) = t.reshard(&["rebalance", "-c", cfg, "--shards", "4"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("broadcast table public.plans is empty on new shard shard3")
+            && err.contains("pg_dump --data-only --table=public.plans"),
+        "{err}"
+    );
+    for s in &t.shards {
+        assert_eq!(
+            s.psql(
+                "app",
+                "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)"
+            )
+            .expect("q")
+            .trim(),
+            "0",
+            "a refused rebalance began a move"
+        );
+    }
+    // Copied: the same command goes past the check (plan reads the same table set).
+    t.shards[3].psql("app", PLANS).expect("plans");
+    let (code, out, err) = t.reshard(&["plan", "-c", cfg, "--shards", "4"]);
+    assert_eq!(code, 0, "{out}{err}");
 }

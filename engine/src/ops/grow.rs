@@ -169,6 +169,11 @@ pub fn check_shards(config: &Config, to: usize) -> Result<(), GrowError> {
 /// The sharded tables of the table set, read on the source (what a plan measures and a
 /// rebalance moves).
 pub async fn sharded_tables(config: &Config) -> Result<Vec<TableRule>, GrowError> {
+    tables_in_mode(config, TableMode::Sharded).await
+}
+
+/// The table set's tables of one mode, read on the source.
+pub async fn tables_in_mode(config: &Config, mode: TableMode) -> Result<Vec<TableRule>, GrowError> {
     let src = connect_plain(&config.source.url)
         .await
         .map_err(|e| GrowError::Shard {
@@ -179,7 +184,7 @@ pub async fn sharded_tables(config: &Config) -> Result<Vec<TableRule>, GrowError
     Ok(catalog::discover(&src, config)
         .await?
         .into_iter()
-        .filter(|t| t.rule.mode == TableMode::Sharded)
+        .filter(|t| t.rule.mode == mode)
         .map(|t| t.rule)
         .collect())
 }

@@ -360,14 +360,27 @@ pub fn check(config: &Config, to: usize) -> Result<(), RebalanceError> {
     grow::check_shards(config, to).map_err(|e| RebalanceError::Usage(e.to_string()))
 }
 
-/// Every sharded table exists on every new shard (a move copies into them): refused before
-/// anything is written otherwise.
+/// Every sharded table exists on every new shard (a move copies into them), and so does every
+/// broadcast table, with rows when the first old shard has some (the rebalance moves sharded
+/// rows only: an empty broadcast table on a new shard would answer the application's joins
+/// with nothing once accounts are routed there). Refused before anything is written otherwise.
 async fn check_new_shards(config: &Config, to: usize) -> Result<(), RebalanceError> {
-    let tables: Vec<String> = grow::sharded_tables(config)
-        .await?
-        .into_iter()
-        .map(|t| t.target)
-        .collect();
+    let targets = |rules: Vec<crate::config::TableRule>| -> Vec<String> {
+        rules.into_iter().map(|t| t.target).collect()
+    };
+    let sharded = targets(grow::sharded_tables(config).await?);
+    let broadcast =
+        targets(grow::tables_in_mode(config, crate::config::TableMode::Broadcast).await?);
+    let old = config.shards.first();
+    let old_client = match (old, broadcast.is_empty()) {
+        (Some(o), false) => Some(connect_plain(&o.url).await.map_err(|e| {
+            RebalanceError::Usage(format!(
+                "cannot connect to shard {} ([[shards]] url): {e}",
+                o.name
+            ))
+        })?),
+        _ => None,
+    };
     for s in config.new_shards.iter().take(to - config.shards.len()) {
         let c = connect_plain(&s.url).await.map_err(|e| {
             RebalanceError::Usage(format!(
@@ -375,7 +388,7 @@ async fn check_new_shards(config: &Config, to: usize) -> Result<(), RebalanceErr
                 s.name
             ))
         })?;
-        for t in &tables {
+        for t in sharded.iter().chain(&broadcast) {
             let found: bool = c
                 .query_one(
                     "SELECT to_regclass($1) IS NOT NULL",
@@ -393,8 +406,39 @@ async fn check_new_shards(config: &Config, to: usize) -> Result<(), RebalanceErr
                 )));
             }
         }
+        let (Some(o), Some(oc)) = (old, &old_client) else {
+            continue;
+        };
+        for t in &broadcast {
+            let sql = format!(
+                "SELECT EXISTS (SELECT 1 FROM {})",
+                crate::pg::sql::quote_qualified(t)
+            );
+            let on_old = has_rows(oc, &sql, &format!("shard {}", o.name), t).await?;
+            let on_new = has_rows(&c, &sql, &format!("new shard {}", s.name), t).await?;
+            if on_old && !on_new {
+                return Err(RebalanceError::Usage(format!(
+                    "broadcast table {t} is empty on new shard {new} but has rows on shard {old}: the rebalance moves sharded rows only; copy it first (e.g. pg_dump --data-only --table={t} of shard {old}, restored into {new}), then run the same command again",
+                    new = s.name,
+                    old = o.name
+                )));
+            }
+        }
     }
     Ok(())
+}
+
+/// Whether `sql` (an `EXISTS` over `table`) finds a row on `shard`.
+async fn has_rows(
+    c: &tokio_postgres::Client,
+    sql: &str,
+    shard: &str,
+    table: &str,
+) -> Result<bool, RebalanceError> {
+    c.query_one(sql, &[])
+        .await
+        .map(|r| r.get::<_, bool>(0))
+        .map_err(|e| RebalanceError::Usage(format!("{shard}: reading {table}: {}", error_text(&e))))
 }
 
 /// Shared progress of the running moves.
