@@ -758,12 +758,26 @@ impl Shared {
     ) -> Result<T, SpillError> {
         let mut since: Option<std::time::Instant> = None;
         loop {
+            // After a full-disk wait, the reserve comes back before the write that resumes
+            // reading: that write could take the space retention just freed, and without the
+            // reserve the next full disk would leave retention unable to record what it
+            // releases (its segments then stay, and reading stays paused for good).
+            if since.is_some() && !self.make_reserve() {
+                if self.stop.get().is_some_and(|s| s.is_requested()) {
+                    return Err(io_err(
+                        op,
+                        path,
+                        std::io::Error::from_raw_os_error(libc::ENOSPC),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                continue;
+            }
             match f() {
                 Ok(v) => {
                     if let Some(t) = since {
                         self.lock().disk_full = false;
                         self.space.notify_waiters();
-                        self.make_reserve();
                         tracing::info!(
                             dir = %self.opts.dir.display(),
                             waited_secs = t.elapsed().as_secs(),
@@ -802,12 +816,12 @@ impl Shared {
         }
     }
 
-    /// Creates the reserve file if it is missing (best effort: a full disk leaves it out, and
-    /// the next end of a full-disk wait tries again).
-    pub(crate) fn make_reserve(&self) {
+    /// Creates the reserve file if it is missing; returns whether it is there (a full disk
+    /// leaves it out: a full-disk wait then goes on until retention makes room for it).
+    pub(crate) fn make_reserve(&self) -> bool {
         let path = self.opts.dir.join(RESERVE_NAME);
         if path.exists() {
-            return;
+            return true;
         }
         let made = crate::localfs::replace_file(
             &path,
@@ -817,7 +831,9 @@ impl Shared {
         if let Err(e) = made {
             let _ = std::fs::remove_file(self.opts.dir.join("reserve.tmp"));
             tracing::debug!(error = %SpillError::from(e), "could not create the spill directory's reserve file");
+            return false;
         }
+        true
     }
 
     /// Removes the reserve file (the filesystem is full and retention needs room to record
