@@ -32,6 +32,7 @@
 //!
 //! ```text
 //! ground      lsn event error config status shutdown localfs metrics   types, config, defined once
+//!             trace (the per-stage latency trace, a debug facility)
 //! pg/         conn (connections, error text), sql (quoting, TableName), copy_text (COPY text's
 //!             escapes), catalog (THE table-set resolver and the publication), table (one table
 //!             described), progress (reshard.progress rows, one reader and one writer), identity
@@ -73,6 +74,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod shutdown;
 pub mod status;
+pub mod trace;
 
 pub mod pg;
 

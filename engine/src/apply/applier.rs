@@ -878,6 +878,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
     }
 
     async fn on_commit(&mut self, c: Commit) -> Result<(), ApplyError> {
+        crate::trace::record(crate::trace::Stage::Read, &[c.commit_time]);
         let txn = std::mem::take(&mut self.txn);
         let g = self.group.get_or_insert_with(Group::new);
         g.first_at.get_or_insert_with(Instant::now);
@@ -1460,6 +1461,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
             .await
             .map_err(|e| ApplyError::pg(self.shard(), &context, &e))?;
         self.in_target_txn = false;
+        crate::trace::record(crate::trace::Stage::Sent, &group.commit_times);
         self.in_flight = Some(InFlight {
             answer: Box::pin(answer),
             context,
@@ -1526,6 +1528,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         self.last_heartbeat_write = Instant::now();
         self.log.applied(self.opts.shard, pos);
 
+        crate::trace::record(crate::trace::Stage::Committed, &group.commit_times);
         let now = pg_now();
         if let Ok(mut h) = self.latency.lock() {
             for t in &group.commit_times {

@@ -177,7 +177,17 @@ pub struct Ingest {
     unroutable: UnroutableHandling,
     /// Accounts still unknown after a re-lookup with the current map.
     unknown: std::collections::HashSet<String>,
+    /// With the stage trace on ([`crate::trace`]): commit times of the transactions appended
+    /// but not yet handed to the readers, and of those handed but not yet confirmed (with
+    /// their end LSN). Each holds at most [`TRACE_PENDING_MAX`].
+    trace_unpublished: Vec<(Lsn, crate::event::PgTimestamp)>,
+    trace_unconfirmed: std::collections::VecDeque<(Lsn, crate::event::PgTimestamp)>,
+    /// The server's send time of the message being decoded (for the stage trace).
+    trace_sent_at: crate::event::PgTimestamp,
 }
+
+/// Most transactions the stage trace keeps waiting for one stage (more are not traced).
+const TRACE_PENDING_MAX: usize = 100_000;
 
 enum Stop {
     Shutdown,
@@ -207,6 +217,9 @@ impl Ingest {
             last_end: resume_after,
             unroutable,
             unknown: std::collections::HashSet::new(),
+            trace_unpublished: Vec::new(),
+            trace_unconfirmed: std::collections::VecDeque::new(),
+            trace_sent_at: 0,
         }
     }
 
@@ -265,6 +278,7 @@ impl Ingest {
                         tracing::warn!(error = %e, "closing the replication connection");
                     }
                     tracing::info!(slot = %self.opts.slot, confirmed_flush_lsn = %durable, "ingest stopped");
+                    crate::trace::write();
                     return Ok(durable);
                 }
                 Err(e) if e.class() == ErrorClass::Transient => {
@@ -382,6 +396,7 @@ impl Ingest {
                         };
                         self.counters.bytes_received.fetch_add(x.data.len() as u64, Ordering::Relaxed);
                         IngestCounters::set_lsn(&self.counters.received_lsn, x.wal_start);
+                        self.trace_sent_at = x.server_time;
                         assembler.push(x.wal_start, x.data, &mut |_lsn, ev| self.on_event(ev))?;
                         if self.spill.flush_due() || last_flush.elapsed() >= self.opts.flush_interval {
                             self.group_commit(s, &assembler)?;
@@ -439,7 +454,29 @@ impl Ingest {
         self.counters
             .confirmed_lsn
             .fetch_max(durable.as_u64(), Ordering::Relaxed);
+        self.trace_group_commit(durable);
         Ok(())
+    }
+
+    /// The stage trace's part of a group commit: what was appended is now with the readers,
+    /// and what ends at or before `durable` is confirmed.
+    fn trace_group_commit(&mut self, durable: Lsn) {
+        if !crate::trace::enabled() {
+            return;
+        }
+        let published: Vec<_> = self.trace_unpublished.iter().map(|(_, t)| *t).collect();
+        crate::trace::record(crate::trace::Stage::Published, &published);
+        self.trace_unconfirmed
+            .extend(self.trace_unpublished.drain(..));
+        let n = self
+            .trace_unconfirmed
+            .iter()
+            .take_while(|(end, _)| *end <= durable)
+            .count();
+        let done: Vec<_> = self.trace_unconfirmed.drain(..n).map(|(_, t)| t).collect();
+        crate::trace::record(crate::trace::Stage::Confirmed, &done);
+        self.trace_unconfirmed.truncate(TRACE_PENDING_MAX);
+        crate::trace::maybe_write();
     }
 
     fn close_txn_and_flush(&mut self, s: &mut ReplicationStream) -> Result<Lsn, IngestError> {
@@ -472,6 +509,15 @@ impl Ingest {
                 }
                 self.skipping =
                     already_appended(b.commit_lsn, self.last_appended_commit, self.resume_from);
+                if crate::trace::enabled() {
+                    let at = self.trace_sent_at;
+                    crate::trace::record_at(
+                        crate::trace::Stage::WalSenderSent,
+                        at,
+                        &[b.commit_time],
+                    );
+                    crate::trace::record(crate::trace::Stage::BeginReceived, &[b.commit_time]);
+                }
                 self.current = Some((b, vec![false; self.router.shard_names().len()]));
             }
             TxnEvent::Change(c) => {
@@ -517,6 +563,12 @@ impl Ingest {
                 }
                 self.last_appended_commit = c.commit_lsn;
                 self.counters.txns.fetch_add(1, Ordering::Relaxed);
+                if crate::trace::enabled() {
+                    crate::trace::record(crate::trace::Stage::Appended, &[c.commit_time]);
+                    if self.trace_unpublished.len() < TRACE_PENDING_MAX {
+                        self.trace_unpublished.push((c.end_lsn, c.commit_time));
+                    }
+                }
             }
         }
         Ok(())
