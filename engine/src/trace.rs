@@ -6,8 +6,8 @@
 //! and appended its Commit to the spill log (decoded and routed on the way), when the log
 //! handed it to the shards' readers, when it was durable and confirmed to the source, and per
 //! shard when the applier read its Commit, sent its target COMMIT and had it answered. Each
-//! stage is a histogram; [`maybe_write`] (called by ingest's group commit, at most every
-//! [`WRITE_EVERY`]) and [`write`] (at shutdown) rewrite the file with a table of the quantiles
+//! stage is a histogram; [`maybe_write()`] (called by ingest's group commit, at most every
+//! [`WRITE_EVERY`]) and [`write()`] (at shutdown) rewrite the file with a table of the quantiles
 //! since start, so the figures of a run are there after the process is gone.
 //!
 //! The clocks are the source's and this host's: on one machine (the benchmark's) they agree;
@@ -24,7 +24,7 @@ use crate::event::{pg_now, PgTimestamp};
 /// The environment variable naming the trace's output file.
 pub const ENV: &str = "RESHARD_STAGE_TRACE";
 
-/// Shortest interval between two rewrites of the file by [`maybe_write`].
+/// Shortest interval between two rewrites of the file by [`maybe_write()`].
 pub const WRITE_EVERY: Duration = Duration::from_secs(2);
 
 /// A point of a transaction's way from the source commit to its target commit.
@@ -130,7 +130,7 @@ pub fn record_at(stage: Stage, now: PgTimestamp, commit_times: &[PgTimestamp]) {
     }
 }
 
-/// [`write`] if the last write is [`WRITE_EVERY`] old.
+/// [`write()`] if the last write is [`WRITE_EVERY`] old.
 pub fn maybe_write() {
     let Some(t) = trace() else {
         return;
