@@ -590,6 +590,9 @@ pub(crate) struct Shared {
     pub retention: Vec<Mutex<()>>,
     /// While set, a write waiting for space gives up (the daemon is stopping).
     pub stop: std::sync::OnceLock<crate::shutdown::ShutdownRx>,
+    /// Held to make the reserve file, and by retention from freeing it to the end of the
+    /// removals it made room for: no writer takes that room back in between.
+    pub reserve: Mutex<()>,
 }
 
 impl Shared {
@@ -729,6 +732,11 @@ pub(crate) fn is_out_of_space(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
+/// [`is_out_of_space`] of a spill I/O error.
+pub(crate) fn spill_out_of_space(e: &SpillError) -> bool {
+    matches!(e, SpillError::Io { source, .. } if is_out_of_space(source))
+}
+
 /// Bytes an unprivileged writer may still use on the filesystem of `dir` (`statvfs`
 /// `f_bavail * f_frsize`), `None` if it cannot be asked.
 pub fn free_bytes(dir: &Path) -> Option<u64> {
@@ -757,21 +765,29 @@ impl Shared {
         mut f: impl FnMut() -> std::io::Result<T>,
     ) -> Result<T, SpillError> {
         let mut since: Option<std::time::Instant> = None;
+        let mut reserve_warned = false;
         loop {
             // After a full-disk wait, the reserve comes back before the write that resumes
             // reading: that write could take the space retention just freed, and without the
             // reserve the next full disk would leave retention unable to record what it
             // releases (its segments then stay, and reading stays paused for good).
-            if since.is_some() && !self.make_reserve() {
-                if self.stop.get().is_some_and(|s| s.is_requested()) {
-                    return Err(io_err(
-                        op,
-                        path,
-                        std::io::Error::from_raw_os_error(libc::ENOSPC),
-                    ));
+            if since.is_some() {
+                match self.make_reserve() {
+                    Ok(()) => {}
+                    Err(e) if spill_out_of_space(&e) => {
+                        if self.stop.get().is_some_and(|s| s.is_requested()) {
+                            return Err(e);
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        continue;
+                    }
+                    Err(e) => {
+                        if !reserve_warned {
+                            reserve_warned = true;
+                            tracing::warn!(error = %e, "cannot make the spill directory's reserve file: going on without it (a full disk may then need space freed by hand)");
+                        }
+                    }
                 }
-                std::thread::sleep(std::time::Duration::from_millis(200));
-                continue;
             }
             match f() {
                 Ok(v) => {
@@ -816,24 +832,24 @@ impl Shared {
         }
     }
 
-    /// Creates the reserve file if it is missing; returns whether it is there (a full disk
-    /// leaves it out: a full-disk wait then goes on until retention makes room for it).
-    pub(crate) fn make_reserve(&self) -> bool {
+    /// Creates the reserve file if it is missing (a full disk leaves it out: a full-disk wait
+    /// then goes on until retention makes room for it).
+    pub(crate) fn make_reserve(&self) -> Result<(), SpillError> {
+        let _held = self.reserve.lock().unwrap_or_else(|e| e.into_inner());
         let path = self.opts.dir.join(RESERVE_NAME);
         if path.exists() {
-            return true;
+            return Ok(());
         }
-        let made = crate::localfs::replace_file(
+        crate::localfs::replace_file(
             &path,
             &self.opts.dir.join("reserve.tmp"),
             &vec![0u8; RESERVE_BYTES],
-        );
-        if let Err(e) = made {
+        )
+        .map(drop)
+        .map_err(|e| {
             let _ = std::fs::remove_file(self.opts.dir.join("reserve.tmp"));
-            tracing::debug!(error = %SpillError::from(e), "could not create the spill directory's reserve file");
-            return false;
-        }
-        true
+            SpillError::from(e)
+        })
     }
 
     /// Removes the reserve file (the filesystem is full and retention needs room to record

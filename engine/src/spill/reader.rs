@@ -178,12 +178,18 @@ impl ShardLog for SpillLog {
         // deleted here (SpillError::FrontSegmentsMissing). Then the files, oldest first, each
         // removal made durable before the next, so a crash can never leave a hole (a missing
         // segment between two present ones) behind.
+        // Held until the removals are done: the room the reserve makes is retention's.
+        let _reserve = self
+            .shared
+            .reserve
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some((dir, rec)) = record {
             let mut written = rec.write(&dir);
             // On a full filesystem the reserve file makes room for the record, so that the
-            // segments the full disk waits for can go (the writer makes a new reserve once
+            // segments the full disk waits for can go (the writer makes a new reserve before
             // writing resumes).
-            if matches!(&written, Err(SpillError::Io { source, .. }) if super::is_out_of_space(source))
+            if matches!(&written, Err(e) if super::spill_out_of_space(e))
                 && self.shared.free_reserve()
             {
                 written = rec.write(&dir);

@@ -211,10 +211,13 @@ impl SpillWriter {
             durable_tx: tokio::sync::watch::Sender::new(durable),
             epochs: (0..n).map(|_| AtomicU64::new(0)).collect(),
             retention: (0..n).map(|_| Mutex::new(())).collect(),
+            reserve: Mutex::new(()),
             stop: std::sync::OnceLock::new(),
             opts,
         });
-        shared.make_reserve();
+        if let Err(e) = shared.make_reserve() {
+            tracing::debug!(error = %e, "could not create the spill directory's reserve file");
+        }
         tracing::info!(
             dir = %shared.opts.dir.display(),
             durable_lsn = %durable,
