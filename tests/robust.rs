@@ -407,6 +407,39 @@ fn a_stopped_shard_keeps_the_slot_advancing_and_drains_from_the_spill_log() {
     );
 }
 
+/// The only shard stops on a rotated password: the daemon ends ("every shard stopped"), so its
+/// message says to start `reshard run` again, not to send SIGHUP or RESUME to a process that has
+/// exited (as it said before).
+#[test]
+fn the_last_shard_stopping_ends_the_daemon_with_a_restart_hint_not_a_sighup_one() {
+    let mut t = Topology::start_with(1, || {
+        reshard_harness::PgCluster::builder().password("s3cret", reshard_harness::Auth::Scram)
+    });
+    let d = streaming(&mut t, "", false);
+    t.shards[0]
+        .psql(
+            "postgres",
+            "ALTER USER postgres PASSWORD 'rotated'; SELECT count(pg_terminate_backend(pid)) \
+             FROM pg_stat_activity WHERE datname = 'app' AND pid <> pg_backend_pid()",
+        )
+        .expect("rotate the password");
+    t.source_sql("INSERT INTO plans VALUES (2, 'while stopped')");
+    let code = t.wait_exit(d, Duration::from_secs(60));
+    let log = t.last_log();
+    assert_ne!(code, Some(0), "{log}");
+    let msg = log
+        .lines()
+        .skip_while(|l| !l.contains("every shard stopped"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        msg.contains("password authentication failed")
+            && msg.contains("start `reshard run` again")
+            && !msg.contains("SIGHUP"),
+        "{log}"
+    );
+}
+
 /// A shard whose password stops working mid-run (28P01 on its next connection) stops, says
 /// what brings it back (the fix, then SIGHUP or RESUME; a url changed in the config needs a
 /// restart), and the other shard goes on. After the fix on the shard's role, a SIGHUP starts it

@@ -238,7 +238,17 @@ impl Supervisor {
                     let snap = self.snapshot(&source_info, &mut rates);
                     self.status_tx.send_replace(snap);
                     if !self.shutdown_rx.is_requested() && self.all_shards_stopped() {
-                        let errors: Vec<String> = self.shards.iter().map(|s| format!("  {}: {}", s.name, s.error.clone().unwrap_or_default())).collect();
+                        // The daemon ends here: no SIGHUP or RESUME can reach it.
+                        let errors: Vec<String> = self
+                            .shards
+                            .iter()
+                            .map(|s| {
+                                let e = s.error.clone().unwrap_or_default();
+                                let hint = format!("; {}", restart_hint(&s.name));
+                                let e = e.strip_suffix(&hint).unwrap_or(&e);
+                                format!("  {}: {e}; fix what this names and start `reshard run` again (the backlog waits in the spill log)", s.name)
+                            })
+                            .collect();
                         failure = Some(RuntimeError::AllShardsStopped(errors.join("\n")));
                         break;
                     }
@@ -315,15 +325,9 @@ impl Supervisor {
                         let name = s.name.clone();
                         match futures_util::FutureExt::now_or_never(t) {
                             Some(Ok(Err(e))) => {
-                                // Nothing restarts a shard's apply: say so, and what to do.
-                                let e = format!(
-                                    "{e}; shard {name} stays stopped until it is restarted: fix \
-                                     what this names, then send the daemon SIGHUP or run RESUME \
-                                     {name} on the admin console (it retries with the url it \
-                                     started with: a password fixed on the shard's role works \
-                                     so; a url changed in the config needs `reshard run` \
-                                     started again); its backlog waits in the spill log"
-                                );
+                                // Nothing restarts a shard's apply by itself: say so, and
+                                // what to do.
+                                let e = format!("{e}; {}", restart_hint(&name));
                                 tracing::error!(shard = %name, error = %e, "shard stopped");
                                 s.error = Some(e);
                             }
@@ -482,4 +486,14 @@ struct Heartbeat {
     last_received: Lsn,
     after_emit: Lsn,
     disabled: bool,
+}
+
+/// What a stopped shard's error says while the daemon runs: how it is started again.
+fn restart_hint(name: &str) -> String {
+    format!(
+        "shard {name} stays stopped until it is restarted: fix what this names, then send the \
+         daemon SIGHUP or run RESUME {name} on the admin console (it retries with the url it \
+         started with: a password fixed on the shard's role works so; a url changed in the \
+         config needs `reshard run` started again); its backlog waits in the spill log"
+    )
 }
