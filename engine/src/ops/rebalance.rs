@@ -371,16 +371,25 @@ async fn check_new_shards(config: &Config, to: usize) -> Result<(), RebalanceErr
     let sharded = targets(grow::sharded_tables(config).await?);
     let broadcast =
         targets(grow::tables_in_mode(config, crate::config::TableMode::Broadcast).await?);
-    let old = config.shards.first();
-    let old_client = match (old, broadcast.is_empty()) {
-        (Some(o), false) => Some(connect_plain(&o.url).await.map_err(|e| {
-            RebalanceError::Usage(format!(
-                "cannot connect to shard {} ([[shards]] url): {e}",
-                o.name
-            ))
-        })?),
-        _ => None,
-    };
+    // The broadcast tables that have rows on the first old shard (read once).
+    let mut filled = Vec::new();
+    if let (Some(o), false) = (config.shards.first(), broadcast.is_empty()) {
+        let oc = grow::connect_shard(o).await?;
+        for t in &broadcast {
+            let has = oc
+                .query_one(has_rows_sql(t).as_str(), &[])
+                .await
+                .map_err(|e| GrowError::Shard {
+                    shard: o.name.clone(),
+                    what: format!("reading broadcast table {t}"),
+                    message: error_text(&e),
+                })?
+                .get::<_, bool>(0);
+            if has {
+                filled.push((t, &o.name));
+            }
+        }
+    }
     for s in config.new_shards.iter().take(to - config.shards.len()) {
         let c = connect_plain(&s.url).await.map_err(|e| {
             RebalanceError::Usage(format!(
@@ -406,21 +415,22 @@ async fn check_new_shards(config: &Config, to: usize) -> Result<(), RebalanceErr
                 )));
             }
         }
-        let (Some(o), Some(oc)) = (old, &old_client) else {
-            continue;
-        };
-        for t in &broadcast {
-            let sql = format!(
-                "SELECT EXISTS (SELECT 1 FROM {})",
-                crate::pg::sql::quote_qualified(t)
-            );
-            let on_old = has_rows(oc, &sql, &format!("shard {}", o.name), t).await?;
-            let on_new = has_rows(&c, &sql, &format!("new shard {}", s.name), t).await?;
-            if on_old && !on_new {
+        for (t, old) in &filled {
+            let on_new: bool = c
+                .query_one(has_rows_sql(t).as_str(), &[])
+                .await
+                .map_err(|e| {
+                    RebalanceError::Usage(format!(
+                        "new shard {}: reading {t}: {}",
+                        s.name,
+                        error_text(&e)
+                    ))
+                })?
+                .get(0);
+            if !on_new {
                 return Err(RebalanceError::Usage(format!(
                     "broadcast table {t} is empty on new shard {new} but has rows on shard {old}: the rebalance moves sharded rows only; copy it first (e.g. pg_dump --data-only --table={t} of shard {old}, restored into {new}), then run the same command again",
-                    new = s.name,
-                    old = o.name
+                    new = s.name
                 )));
             }
         }
@@ -428,17 +438,12 @@ async fn check_new_shards(config: &Config, to: usize) -> Result<(), RebalanceErr
     Ok(())
 }
 
-/// Whether `sql` (an `EXISTS` over `table`) finds a row on `shard`.
-async fn has_rows(
-    c: &tokio_postgres::Client,
-    sql: &str,
-    shard: &str,
-    table: &str,
-) -> Result<bool, RebalanceError> {
-    c.query_one(sql, &[])
-        .await
-        .map(|r| r.get::<_, bool>(0))
-        .map_err(|e| RebalanceError::Usage(format!("{shard}: reading {table}: {}", error_text(&e))))
+/// Whether `table` has a row.
+fn has_rows_sql(table: &str) -> String {
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM {})",
+        crate::pg::sql::quote_qualified(table)
+    )
 }
 
 /// Shared progress of the running moves.
