@@ -554,11 +554,15 @@ pub async fn cutover(
     Ok(report)
 }
 
+/// Sequences set by one statement at most (PostgreSQL's SELECT list holds 1664 entries).
+const SEQUENCES_PER_STATEMENT: usize = 1000;
+
 /// Sets every sequence of `schemas` on the shard to at least the source's value + `gap`.
 ///
-/// Three round trips whatever the number of sequences: the source's values, the shard's, and
-/// one statement setting every sequence that is behind. If that statement fails, each of them
-/// is set on its own, so the failure is named on the sequence it belongs to.
+/// Three round trips for up to 1000 sequences: the source's values, the
+/// shard's, and one statement setting every sequence that is behind (one per chunk beyond). If
+/// such a statement fails, each of its sequences is set on its own, so the failure is named on
+/// the sequence it belongs to.
 pub async fn sync_sequences(
     src: &Client,
     shard: &Client,
@@ -634,38 +638,42 @@ pub async fn sync_sequences(
     if to_set.is_empty() {
         return Ok(out);
     }
-    let all = format!(
-        "SELECT {}",
-        to_set
-            .iter()
-            .map(|(_, e)| e.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let values: Result<Vec<Option<i64>>, tokio_postgres::Error> =
-        match shard.query_one(&all, &[]).await {
-            Ok(row) => (0..to_set.len()).map(|i| row.try_get(i)).collect(),
-            Err(e) => Err(e),
-        };
-    match values {
-        Ok(values) => {
-            for ((i, _), v) in to_set.iter().zip(values) {
-                if let Some(s) = out.get_mut(*i) {
-                    s.shard_after = v;
-                    s.action = "set".into();
-                }
-            }
-        }
-        Err(e) => {
-            tracing::debug!(error = %error_text(&e), shard = shard_name, "setting the sequences in one statement failed; setting them one by one");
-            for (i, expr) in &to_set {
-                let Some(s) = out.get_mut(*i) else { continue };
-                match shard.query_one(&format!("SELECT {expr}"), &[]).await {
-                    Ok(row) => {
-                        s.shard_after = row.try_get(0).ok();
+    // One statement per chunk (a SELECT list holds at most 1664 entries); setval is not
+    // transactional, and GREATEST makes a repeat harmless, so a failed chunk is set one by one.
+    for chunk in to_set.chunks(SEQUENCES_PER_STATEMENT) {
+        let all = format!(
+            "SELECT {}",
+            chunk
+                .iter()
+                .map(|(_, e)| e.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let values: Result<Vec<Option<i64>>, tokio_postgres::Error> =
+            match shard.query_one(&all, &[]).await {
+                Ok(row) => (0..chunk.len()).map(|i| row.try_get(i)).collect(),
+                Err(e) => Err(e),
+            };
+        match values {
+            Ok(values) => {
+                for ((i, _), v) in chunk.iter().zip(values) {
+                    if let Some(s) = out.get_mut(*i) {
+                        s.shard_after = v;
                         s.action = "set".into();
                     }
-                    Err(e) => s.action = format!("error: {}", error_text(&e)),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %error_text(&e), shard = shard_name, "setting the sequences in one statement failed; setting them one by one");
+                for (i, expr) in chunk {
+                    let Some(s) = out.get_mut(*i) else { continue };
+                    match shard.query_one(&format!("SELECT {expr}"), &[]).await {
+                        Ok(row) => {
+                            s.shard_after = row.try_get(0).ok();
+                            s.action = "set".into();
+                        }
+                        Err(e) => s.action = format!("error: {}", error_text(&e)),
+                    }
                 }
             }
         }
