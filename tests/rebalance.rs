@@ -446,17 +446,10 @@ async fn grow_two_to_four(crash_at: Option<&'static str>, parallel: &'static str
         "{out}"
     );
     // No slot or publication is left on the old shards.
-    for s in &t.shards[..2] {
-        assert_eq!(
-            s.psql(
-                "app",
-                "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)"
-            )
-            .expect("q")
-            .trim(),
-            "0"
-        );
-    }
+    assert_no_slot_or_publication(
+        &t.shards[..2],
+        "a finished rebalance left a slot or publication",
+    );
 
     // Run again: nothing left to do, every move was done.
     let (code, out, err) = t.reshard(&["rebalance", "-c", &cfg, "--shards", "4", "--json"]);
@@ -532,7 +525,7 @@ fn rebalance_refuses_a_new_shard_that_is_an_old_shards_database() {
         "{err}"
     );
     // Refused before any move began: no slot, no publication, no copied row.
-    assert_no_move_began(&t);
+    assert_no_slot_or_publication(&t.shards, "a refused rebalance began a move");
     assert_eq!(
         t.shards[1]
             .psql("app", "SELECT count(*) FROM items")
@@ -642,7 +635,7 @@ fn rebalance_refuses_a_new_shard_whose_broadcast_table_was_not_copied() {
             && err.contains("pg_dump --data-only --table=public.plans"),
         "{err}"
     );
-    assert_no_move_began(&t);
+    assert_no_slot_or_publication(&t.shards, "a refused rebalance began a move");
     // Copied: the same command runs.
     t.shards[3].psql("app", PLANS).expect("plans");
     let (code, out, err) = t.reshard(&["rebalance", "-c", cfg, "--shards", "4"]);
@@ -657,9 +650,9 @@ fn rebalance_refuses_a_new_shard_whose_broadcast_table_was_not_copied() {
     );
 }
 
-/// A refused rebalance began no move: no slot, no publication on any shard.
-fn assert_no_move_began(t: &Topology) {
-    for s in &t.shards {
+/// No slot and no publication on any of `shards` (a move's, begun or left behind).
+fn assert_no_slot_or_publication(shards: &[reshard_harness::PgCluster], why: &str) {
+    for s in shards {
         assert_eq!(
             s.psql(
                 "app",
@@ -668,7 +661,7 @@ fn assert_no_move_began(t: &Topology) {
             .expect("q")
             .trim(),
             "0",
-            "a refused rebalance began a move"
+            "{why}"
         );
     }
 }

@@ -407,6 +407,17 @@ fn a_stopped_shard_keeps_the_slot_advancing_and_drains_from_the_spill_log() {
     );
 }
 
+/// The DBA rotates the shard's password; reshard's sessions there end (28P01 on the next).
+fn rotate_password(shard: &reshard_harness::PgCluster) {
+    shard
+        .psql(
+            "postgres",
+            "ALTER USER postgres PASSWORD 'rotated'; SELECT count(pg_terminate_backend(pid)) \
+             FROM pg_stat_activity WHERE datname = 'app' AND pid <> pg_backend_pid()",
+        )
+        .expect("rotate the password");
+}
+
 /// The only shard stops on a rotated password: the daemon ends ("every shard stopped"), so its
 /// message says to start `reshard run` again, not to send SIGHUP or RESUME to a process that has
 /// exited (as it said before).
@@ -416,13 +427,7 @@ fn the_last_shard_stopping_ends_the_daemon_with_a_restart_hint_not_a_sighup_one(
         reshard_harness::PgCluster::builder().password("s3cret", reshard_harness::Auth::Scram)
     });
     let d = streaming(&mut t, "", false);
-    t.shards[0]
-        .psql(
-            "postgres",
-            "ALTER USER postgres PASSWORD 'rotated'; SELECT count(pg_terminate_backend(pid)) \
-             FROM pg_stat_activity WHERE datname = 'app' AND pid <> pg_backend_pid()",
-        )
-        .expect("rotate the password");
+    rotate_password(&t.shards[0]);
     t.source_sql("INSERT INTO plans VALUES (2, 'while stopped')");
     let code = t.wait_exit(d, Duration::from_secs(60));
     let log = t.last_log();
@@ -452,14 +457,7 @@ fn a_shard_stopped_on_a_bad_password_resumes_on_sighup_or_resume_after_the_fix()
     });
     let d = streaming(&mut t, "", true);
     let stop_shard1 = |t: &Topology, row: i64| {
-        // The DBA rotates shard1's password; reshard's sessions there end.
-        t.shards[1]
-            .psql(
-                "postgres",
-                "ALTER USER postgres PASSWORD 'rotated'; SELECT count(pg_terminate_backend(pid)) \
-                 FROM pg_stat_activity WHERE datname = 'app' AND pid <> pg_backend_pid()",
-            )
-            .expect("rotate the password");
+        rotate_password(&t.shards[1]);
         t.source_sql(&format!(
             "INSERT INTO plans VALUES ({row}, 'while stopped')"
         ));

@@ -12,6 +12,14 @@ use reshard_harness::workload::FillSpec;
 use super::common::{reshard_bin, Topology};
 use super::{json, load_shards, shard_of, topology_with_data};
 
+/// `reshard cutover -c <config> --shard <shard> <extra…>`: (exit code, stdout, stderr).
+fn cutover(t: &Topology, shard: &str, extra: &[&str]) -> (i32, String, String) {
+    let cfg = t.config_path();
+    let mut args = vec!["cutover", "-c", cfg.to_str().unwrap(), "--shard", shard];
+    args.extend_from_slice(extra);
+    t.reshard(&args)
+}
+
 const SPEC: FillSpec = FillSpec {
     accounts: 30,
     customers: 10,
@@ -182,17 +190,7 @@ async fn cutover_waits_for_the_latest_write_then_sets_sequences() {
     assert_eq!(events_rows, expected);
 
     // Running it again never moves a sequence backwards.
-    let (code, out, err) = t.reshard(&[
-        "cutover",
-        "-c",
-        cfg.to_str().unwrap(),
-        "--shard",
-        "shard1",
-        "--json",
-        "--no-verify",
-        "--timeout",
-        "5",
-    ]);
+    let (code, out, err) = cutover(&t, "shard1", &["--json", "--no-verify", "--timeout", "5"]);
     assert_eq!(
         code, 1,
         "the second cutover has a new marker the shard has not reached: {out}{err}"
@@ -211,23 +209,14 @@ async fn cutover_waits_for_a_shard_reshard_never_fed_and_times_out_when_behind()
     let t = Topology::start(2);
     t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
     t.write_config("");
-    let cfg = t.config_path();
     // No progress table at all and no daemon: exit 3 once the timeout passes, saying what it
     // waited for and that nothing runs.
-    let (code, _, err) = t.reshard(&[
-        "cutover",
-        "-c",
-        cfg.to_str().unwrap(),
-        "--shard",
-        "shard0",
-        "--timeout",
-        "1s",
-    ]);
+    let (code, _, err) = cutover(&t, "shard0", &["--timeout", "1s"]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("has no progress row after waiting"), "{err}");
     assert!(err.contains("no reshard run is up"), "{err}");
     // Unknown shard: exit 2.
-    let (code, _, err) = t.reshard(&["cutover", "-c", cfg.to_str().unwrap(), "--shard", "nope"]);
+    let (code, _, err) = cutover(&t, "nope", &[]);
     assert_eq!(code, 2, "{err}");
     // Behind: exit 1 after the timeout, saying how far behind.
     let sysid = t.source_sql("SELECT system_identifier FROM pg_control_system()");
@@ -239,16 +228,7 @@ async fn cutover_waits_for_a_shard_reshard_never_fed_and_times_out_when_behind()
         )
         .unwrap();
     let started = Instant::now();
-    let (code, out, err) = t.reshard(&[
-        "cutover",
-        "-c",
-        cfg.to_str().unwrap(),
-        "--shard",
-        "shard0",
-        "--timeout",
-        "1s",
-        "--json",
-    ]);
+    let (code, out, err) = cutover(&t, "shard0", &["--timeout", "1s", "--json"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(started.elapsed() >= Duration::from_secs(1));
     assert!(
@@ -273,15 +253,7 @@ async fn cutover_waits_for_a_shard_reshard_never_fed_and_times_out_when_behind()
     t.source_sql(seqs);
     t.shards[0].psql("app", seqs).unwrap();
     t.source_sql("SELECT setval('seq_a', 50), setval('seq_bounded', 50), setval('seq_z', 70)");
-    let (code, out, err) = t.reshard(&[
-        "cutover",
-        "-c",
-        cfg.to_str().unwrap(),
-        "--shard",
-        "shard0",
-        "--no-verify",
-        "--json",
-    ]);
+    let (code, out, err) = cutover(&t, "shard0", &["--no-verify", "--json"]);
     assert_eq!(code, 1, "{out}{err}");
     let r = json(&out, &err);
     assert_eq!(r["ok"], false, "{r:#}");
