@@ -471,32 +471,16 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 let pause_moved = pause
                     .as_ref()
                     .is_some_and(|p| p.has_changed().unwrap_or(true));
-                // While the answer is awaited, what arrives in the log is read and folded too,
-                // so the next group is ready to send when the answer comes.
-                let take = reading && !pause_moved;
-                // Cancel-safe by the `ShardReader::next` contract, as below.
-                let ready = if take {
+                let ready = if reading && !pause_moved {
                     reader.next().now_or_never()
                 } else {
                     None
                 };
-                let got = if let Some(ev) = ready {
-                    Ok(ev)
-                } else if take {
-                    tokio::select! {
-                        biased;
-                        // Cancel-safe: see `finish_commit`.
-                        r = self.finish_commit() => Err(r),
-                        // Cancel-safe by the `ShardReader::next` contract, as below.
-                        ev = reader.next() => Ok(ev),
-                    }
-                } else {
-                    Err(self.finish_commit().await)
-                };
-                let step = match got {
-                    Ok(Ok(ev)) => self.on_event(ev).await,
-                    Ok(Err(e)) => return Err(self.log_error(&e)),
-                    Err(r) => r,
+                // Cancel-safe by the `ShardReader::next` contract, as below.
+                let step = match ready {
+                    Some(Ok(ev)) => self.on_event(ev).await,
+                    Some(Err(e)) => return Err(self.log_error(&e)),
+                    None => self.finish_commit().await,
                 };
                 self.after_step(step, &mut reader).await?;
                 continue;
@@ -505,14 +489,13 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 // A group of complete source transactions waits to be committed. If the log has
                 // more to read right now, take it into the group (batching under load);
                 // otherwise the shard is caught up and nothing else is coming: commit now
-                // instead of waiting out `batch_max_delay_ms`; the commit is left in flight, so
-                // what arrives meanwhile is read and folded (above) while the target works.
+                // instead of waiting out `batch_max_delay_ms`.
                 // Cancel-safe by the `ShardReader::next` contract: a call dropped after one poll
                 // loses nothing.
                 let step = match reader.next().now_or_never() {
                     Some(Ok(ev)) => self.on_event(ev).await,
                     Some(Err(e)) => return Err(self.log_error(&e)),
-                    None => self.commit_group_with(true).await,
+                    None => self.commit_group().await,
                 };
                 self.after_step(step, &mut reader).await?;
                 continue;
@@ -523,26 +506,6 @@ impl<'a, L: ShardLog> Session<'a, L> {
             } else {
                 None
             };
-            // What the log has right now is taken without building the wait below (its
-            // shutdown, pause and deadline futures cost more than an event under load): the
-            // wait's order still holds, since shutdown was checked at the top of the loop, a
-            // moved pause switch or a passed deadline go to the wait, and the wait is entered
-            // once the log has nothing.
-            let pause_moved = pause
-                .as_ref()
-                .is_some_and(|p| p.has_changed().unwrap_or(true));
-            let due = deadline.is_some_and(|d| d <= Instant::now());
-            if reading && !pause_moved && !due {
-                // Cancel-safe by the `ShardReader::next` contract, as below.
-                if let Some(ev) = reader.next().now_or_never() {
-                    let step = match ev {
-                        Ok(ev) => self.on_event(ev).await,
-                        Err(e) => return Err(self.log_error(&e)),
-                    };
-                    self.after_step(step, &mut reader).await?;
-                    continue;
-                }
-            }
             let step = tokio::select! {
                 biased;
                 // Cancel-safe: `requested` only waits.

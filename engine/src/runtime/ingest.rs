@@ -186,10 +186,6 @@ pub struct Ingest {
     trace_sent_at: crate::event::PgTimestamp,
 }
 
-/// Most messages ingest takes from what the server already sent before it looks at shutdown,
-/// the pause switch and the flush tick again.
-const READ_BURST_MAX: usize = 1024;
-
 /// Most transactions the stage trace keeps waiting for one stage (more are not traced).
 const TRACE_PENDING_MAX: usize = 100_000;
 
@@ -391,7 +387,6 @@ impl Ingest {
                 // the server does not time the connection out) loses nothing either.
                 msg = read_or_keepalive(s, reading) => {
                     let mut msg = msg;
-                    let mut taken = 0usize;
                     loop {
                         let Some(x) = msg? else {
                             return Err(SourceError::ConnectionLost {
@@ -407,32 +402,23 @@ impl Ingest {
                             self.group_commit(s, &assembler)?;
                             last_flush = Instant::now();
                         }
-                        // Take what the server has already sent without going back to the
-                        // wait above (whose futures cost more than a message), up to
-                        // READ_BURST_MAX messages so shutdown and the tick are seen; between
-                        // transactions the pause switch and the cap stop it, as above. Between
-                        // transactions, with transactions the shards have not got yet, nothing
-                        // there means the burst is over: they are handed to the shards now
-                        // rather than at the next tick, so a caught-up shard applies them at
-                        // once.
-                        let between = self.current.is_none() && assembler.is_idle();
-                        let handoff = between && self.spill.has_unpublished();
-                        taken += 1;
-                        if taken >= READ_BURST_MAX
-                            || (between
-                                && (*pause.borrow()
-                                    || self.spill.over_cap(assembler.spool_bytes())))
-                        {
+                        // Between transactions, with transactions the shards have not got yet:
+                        // take what the server has already sent (a keepalive, the next
+                        // transaction); when nothing is there the burst is over, and they are
+                        // handed to the shards now rather than at the next tick, so a caught-up
+                        // shard applies them at once.
+                        let handoff = self.current.is_none()
+                            && assembler.is_idle()
+                            && self.spill.has_unpublished();
+                        if !handoff || *pause.borrow() || self.spill.over_cap(assembler.spool_bytes()) {
                             break;
                         }
                         // Cancellation-safe like the arm (`next` loses nothing); polled once.
                         match s.next().now_or_never() {
                             Some(m) => msg = m,
                             None => {
-                                if handoff {
-                                    self.group_commit(s, &assembler)?;
-                                    last_flush = Instant::now();
-                                }
+                                self.group_commit(s, &assembler)?;
+                                last_flush = Instant::now();
                                 break;
                             }
                         }
