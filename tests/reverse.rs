@@ -66,6 +66,21 @@ fn forward_rows(s: &serde_json::Value) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
+/// `reshard rollback --shard shard1 --json --timeout <timeout>` with the topology's config.
+fn rollback_of_shard1(t: &Topology, timeout: &str) -> (i32, String, String) {
+    let cfg = t.config_path();
+    t.reshard(&[
+        "rollback",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--shard",
+        "shard1",
+        "--json",
+        "--timeout",
+        timeout,
+    ])
+}
+
 /// `reshard cutover -c <config> --shard shard1 --fence --json --timeout <timeout>`: exit code,
 /// stdout, stderr.
 fn fenced_cutover_of_shard1(t: &Topology, timeout: &str) -> (i32, String, String) {
@@ -259,8 +274,6 @@ async fn rollback_hands_the_shards_accounts_back_to_the_source_with_every_write(
     t.write_config("");
     let d = t.spawn_run(&[]);
     t.wait_converged(TABLES, Duration::from_secs(90));
-    let cfg = t.config_path();
-    let c = cfg.to_str().unwrap();
     let (code, out, err) = fenced_cutover_of_shard1(&t, "60");
     assert_eq!(code, 0, "{out}\n{err}");
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -297,16 +310,7 @@ async fn rollback_hands_the_shards_accounts_back_to_the_source_with_every_write(
         .parse()
         .unwrap();
 
-    let (code, out, err) = t.reshard(&[
-        "rollback",
-        "-c",
-        c,
-        "--shard",
-        "shard1",
-        "--json",
-        "--timeout",
-        "60",
-    ]);
+    let (code, out, err) = rollback_of_shard1(&t, "60");
     assert_eq!(code, 0, "{out}\n{err}\n{}", t.all_logs());
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["ok"], true, "{r:#}");
@@ -354,16 +358,7 @@ async fn rollback_hands_the_shards_accounts_back_to_the_source_with_every_write(
         },
     );
     // A rerun converges to the same state.
-    let (code, out, err) = t.reshard(&[
-        "rollback",
-        "-c",
-        c,
-        "--shard",
-        "shard1",
-        "--json",
-        "--timeout",
-        "60",
-    ]);
+    let (code, out, err) = rollback_of_shard1(&t, "60");
     assert_eq!(code, 0, "{out}\n{err}");
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["resumed"], true, "{r:#}");
@@ -663,8 +658,6 @@ async fn the_whole_cycle_under_a_live_writer_fences_each_side_only_while_the_oth
         std::fs::read_to_string(t.config_path()).unwrap()
     };
     let metrics = port_of(&config_text, "metrics");
-    let cfg = t.config_path();
-    let c = cfg.to_str().unwrap().to_owned();
     let d = t.spawn_run(&[]);
     tokio::task::block_in_place(|| t.wait_converged(TABLES, Duration::from_secs(90)));
     let accounts = SPEC.accounts as i64;
@@ -746,18 +739,7 @@ async fn the_whole_cycle_under_a_live_writer_fences_each_side_only_while_the_oth
 
     // Roll back while the application still writes shard1's accounts on shard1.
     tokio::task::block_in_place(|| app.set_phase(&t, ROLLING_BACK));
-    let (code, out, err) = tokio::task::block_in_place(|| {
-        t.reshard(&[
-            "rollback",
-            "-c",
-            &c,
-            "--shard",
-            "shard1",
-            "--json",
-            "--timeout",
-            "120s",
-        ])
-    });
+    let (code, out, err) = tokio::task::block_in_place(|| rollback_of_shard1(&t, "120s"));
     assert_eq!(code, 0, "{out}\n{err}\n{}", t.all_logs());
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["ok"], true, "{r:#}");
@@ -1351,16 +1333,7 @@ async fn ids_a_cut_over_shard_shares_with_the_source_never_overwrite_another_acc
         (now != theirs_d).then_some(format!("id {del} is now {now:?}"))
     });
     // Rollback refuses instead of waiting out its timeout: the source lacks the delete.
-    let (code, out, err) = t.reshard(&[
-        "rollback",
-        "-c",
-        &c,
-        "--shard",
-        "shard1",
-        "--json",
-        "--timeout",
-        "30",
-    ]);
+    let (code, out, err) = rollback_of_shard1(&t, "30");
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(
         err.contains("halted") && err.contains(&format!("(id)=({del})")),
@@ -1373,16 +1346,7 @@ async fn ids_a_cut_over_shard_shares_with_the_source_never_overwrite_another_acc
         source_order(&t, del).is_empty().then_some(())
     });
 
-    let (code, out, err) = t.reshard(&[
-        "rollback",
-        "-c",
-        &c,
-        "--shard",
-        "shard1",
-        "--json",
-        "--timeout",
-        "60",
-    ]);
+    let (code, out, err) = rollback_of_shard1(&t, "60");
     assert_eq!(code, 0, "{out}\n{err}");
     t.wait_converged(&tables, Duration::from_secs(90));
     t.stop_cleanly(d);

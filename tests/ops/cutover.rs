@@ -12,6 +12,17 @@ use reshard_harness::workload::FillSpec;
 use super::common::{reshard_bin, Topology};
 use super::{json, load_shards, shard_of, topology_with_data};
 
+/// The entry of sequence `name` in a cutover report's `sequences`.
+fn sequence(r: &serde_json::Value, name: &str) -> serde_json::Value {
+    r["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no sequence {name} in {r:#}"))
+}
+
 /// `reshard cutover -c <config> --shard <shard> <extra…>`: (exit code, stdout, stderr).
 fn cutover(t: &Topology, shard: &str, extra: &[&str]) -> (i32, String, String) {
     let cfg = t.config_path();
@@ -138,15 +149,7 @@ async fn cutover_waits_for_the_latest_write_then_sets_sequences() {
     );
     assert_eq!(r["verify"]["ok"], true, "{r:#}");
 
-    let seq = |name: &str| -> serde_json::Value {
-        r["sequences"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no sequence {name} in {r:#}"))
-    };
+    let seq = |name: &str| sequence(&r, name);
     let inv = seq("public.invoice_number_seq");
     assert_eq!(inv["source_value"], 5000);
     assert_eq!(inv["action"], "unchanged");
@@ -257,15 +260,7 @@ async fn cutover_waits_for_a_shard_reshard_never_fed_and_times_out_when_behind()
     assert_eq!(code, 1, "{out}{err}");
     let r = json(&out, &err);
     assert_eq!(r["ok"], false, "{r:#}");
-    let seq = |name: &str| -> serde_json::Value {
-        r["sequences"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no sequence {name} in {r:#}"))
-    };
+    let seq = |name: &str| sequence(&r, name);
     assert_eq!(seq("public.seq_a")["action"], "set", "{r:#}");
     assert_eq!(seq("public.seq_a")["shard_after"], 1050, "{r:#}");
     assert_eq!(seq("public.seq_z")["action"], "set", "{r:#}");
