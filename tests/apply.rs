@@ -10,8 +10,8 @@ use reshard_engine::apply::{
     ApplyError, ApplyOptions, ApplyState, PgConnect, ShardApplier, ShardStatus,
 };
 use reshard_engine::event::{
-    Begin, Change, Column, Commit, OldRow, Relation, ReplicaIdentity, ShardEvent, ShardId, TableId,
-    Value,
+    Begin, Change, Column, Commit, OldRow, PgTimestamp, Relation, ReplicaIdentity, ShardEvent,
+    ShardId, TableId, Value,
 };
 use reshard_engine::pg::progress::read_progress;
 use reshard_engine::shutdown::ShutdownTx;
@@ -73,9 +73,13 @@ fn del(rel: &Arc<Relation>, old: OldRow) -> Change {
     }
 }
 
-/// Sends one source transaction with commit LSN `lsn(n)`.
+/// Sends one source transaction with commit LSN `lsn(n)`, committed on the source 1 ms ago.
 async fn txn(log: &MemLog, n: u64, changes: Vec<Change>) {
-    let commit_time = reshard_engine::event::pg_now() - 1_000;
+    txn_at(log, n, changes, reshard_engine::event::pg_now() - 1_000).await
+}
+
+/// [`txn`] committed on the source at `commit_time`.
+async fn txn_at(log: &MemLog, n: u64, changes: Vec<Change>, commit_time: PgTimestamp) {
     log.send(
         SHARD,
         ShardEvent::Begin(Begin {
@@ -905,6 +909,58 @@ async fn a_caught_up_shard_commits_at_once_and_batches_only_what_is_queued() {
     let c = client(&pg, "shard").await;
     assert_eq!(rows(&c, "SELECT count(*) FROM kv").await, vec!["8"]);
     run.stop().await.0.unwrap();
+}
+
+/// A shard draining a backlog (its transactions committed on the source long ago) keeps its
+/// group open up to `catchup_batch_ms` for the transactions still coming, instead of
+/// committing each time its log is momentarily empty: fewer, larger target transactions. With
+/// `catchup_batch_ms = 0` the same backlog goes one target transaction per source transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_catching_up_holds_its_group_open_for_the_next_transactions() {
+    let pg = PgCluster::start().unwrap();
+    let kv = rel(
+        1,
+        "kv",
+        ReplicaIdentity::Default,
+        &[("k", true), ("v", false)],
+    );
+    // Committed on the source a minute ago: the shard is a minute behind.
+    let old = reshard_engine::event::pg_now() - 60_000_000;
+    for (db, hold, want_batches) in [("nohold", 0, 4), ("hold", 5_000, 1)] {
+        pg.create_database(db).unwrap();
+        pg.psql(db, "CREATE TABLE public.kv (k int PRIMARY KEY, v text);")
+            .unwrap();
+        let c = client(&pg, db).await;
+        let o = ApplyOptions {
+            batch_max_delay_ms: 600_000,
+            catchup_batch_ms: hold,
+            ..opts()
+        };
+        let log = Arc::new(MemLog::new(1024));
+        let mut run = start(&pg, db, log.clone(), o);
+        for n in 1..=4 {
+            txn_at(
+                &log,
+                n,
+                vec![ins(&kv, vec![t(&n.to_string()), t("v")])],
+                old,
+            )
+            .await;
+            if hold == 0 {
+                applied_within(&mut run, lsn(n), Duration::from_secs(30)).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let st = applied_within(&mut run, lsn(4), Duration::from_secs(30)).await;
+        assert_eq!(
+            (st.batches, st.txns_applied),
+            (want_batches, 4),
+            "catchup_batch_ms = {hold}: {st:?}"
+        );
+        assert_eq!(rows(&c, "SELECT count(*) FROM kv").await, vec!["4"]);
+        run.stop().await.0.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -279,6 +279,13 @@ pub struct ApplyConfig {
     /// Default 10 (under load groups fill by rows/bytes long before it).
     #[serde(default = "default_batch_max_delay_ms")]
     pub batch_max_delay_ms: u64,
+    /// A shard that is catching up (the newest source transaction it read committed on the
+    /// source at least this long ago) holds its group open up to this long for more
+    /// transactions instead of committing whenever its log is momentarily empty: fewer, larger
+    /// target transactions while a backlog drains. A caught-up shard never waits. ms; 0 = off.
+    /// Default 100.
+    #[serde(default = "default_catchup_batch_ms")]
+    pub catchup_batch_ms: u64,
     /// Run the target session with `session_replication_role = replica` (triggers and FK
     /// checks behave as in native logical replication). Default true.
     #[serde(default = "default_true")]
@@ -326,6 +333,7 @@ impl Default for ApplyConfig {
             batch_max_rows: default_batch_max_rows(),
             batch_max_bytes: default_batch_max_bytes(),
             batch_max_delay_ms: default_batch_max_delay_ms(),
+            catchup_batch_ms: default_catchup_batch_ms(),
             session_replication_role_replica: true,
             retry_initial_ms: default_retry_initial_ms(),
             retry_max_ms: default_retry_max_ms(),
@@ -568,6 +576,9 @@ fn default_batch_max_bytes() -> usize {
 }
 fn default_batch_max_delay_ms() -> u64 {
     10
+}
+fn default_catchup_batch_ms() -> u64 {
+    100
 }
 fn default_retry_initial_ms() -> u64 {
     500

@@ -485,11 +485,15 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 self.after_step(step, &mut reader).await?;
                 continue;
             }
-            if self.current.is_none() && self.group.as_ref().is_some_and(|g| g.last.is_some()) {
+            if self.current.is_none()
+                && self.group.as_ref().is_some_and(|g| g.last.is_some())
+                && !self.holding_for_catchup()
+            {
                 // A group of complete source transactions waits to be committed. If the log has
                 // more to read right now, take it into the group (batching under load);
                 // otherwise the shard is caught up and nothing else is coming: commit now
-                // instead of waiting out `batch_max_delay_ms`.
+                // instead of waiting out `batch_max_delay_ms`. (A shard still catching up
+                // waits below for more, up to `catchup_batch_ms`.)
                 // Cancel-safe by the `ShardReader::next` contract: a call dropped after one poll
                 // loses nothing.
                 let step = match reader.next().now_or_never() {
@@ -696,11 +700,50 @@ impl<'a, L: ShardLog> Session<'a, L> {
         p.max(self.pending_heartbeat.unwrap_or(Lsn::ZERO))
     }
 
+    /// Whether the newest source transaction read committed on the source at least
+    /// `catchup_batch_ms` ago: the shard is draining a backlog, and a larger group costs it
+    /// less than committing whenever its log is momentarily empty. (The two clocks only shift
+    /// this threshold; the hold itself is bounded by `catchup_batch_ms`.)
+    fn catching_up(&self) -> bool {
+        let hold = self.opts.catchup_batch_ms;
+        hold > 0
+            && !self.paused
+            && self.ordered_until.is_none()
+            && self.group.as_ref().and_then(|g| g.last).is_some_and(|c| {
+                pg_now().saturating_sub(c.commit_time) >= (hold as i64).saturating_mul(1_000)
+            })
+    }
+
+    /// How long a group may stay open after its first transaction: `batch_max_delay_ms`, or
+    /// while the shard catches up, `catchup_batch_ms` if that is longer.
+    fn group_delay(&self) -> Duration {
+        let ms = if self.catching_up() {
+            self.opts.batch_max_delay_ms.max(self.opts.catchup_batch_ms)
+        } else {
+            self.opts.batch_max_delay_ms
+        };
+        Duration::from_millis(ms)
+    }
+
+    /// A group of complete transactions is kept open although the log has nothing right now:
+    /// the shard is catching up and the group is younger than `catchup_batch_ms`.
+    fn holding_for_catchup(&self) -> bool {
+        self.catching_up()
+            && self
+                .group
+                .as_ref()
+                .and_then(|g| g.first_at)
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(self.opts.catchup_batch_ms))
+    }
+
     fn deadline(&self) -> Option<Instant> {
         if let Some(g) = &self.group {
-            return g
-                .first_at
-                .map(|t| t + Duration::from_millis(self.opts.batch_max_delay_ms));
+            let delay = if self.holding_for_catchup() {
+                Duration::from_millis(self.opts.catchup_batch_ms)
+            } else {
+                Duration::from_millis(self.opts.batch_max_delay_ms)
+            };
+            return g.first_at.map(|t| t + delay);
         }
         // A paused shard records nothing, not even an idle heartbeat: its progress stands
         // still until the operator resumes it.
@@ -893,11 +936,10 @@ impl<'a, L: ShardLog> Session<'a, L> {
         g.has_data |= txn.rows > 0;
         self.buffer_committed = self.buffer.len();
         self.partial_flushed = false;
-        let full = g.rows >= self.opts.batch_max_rows.max(1)
-            || g.bytes >= self.opts.batch_max_bytes
-            || g.first_at.is_some_and(|t| {
-                t.elapsed() >= Duration::from_millis(self.opts.batch_max_delay_ms)
-            });
+        let (rows, bytes, first_at) = (g.rows, g.bytes, g.first_at);
+        let full = rows >= self.opts.batch_max_rows.max(1)
+            || bytes >= self.opts.batch_max_bytes
+            || first_at.is_some_and(|t| t.elapsed() >= self.group_delay());
         // While replaying change by change, commit every source transaction on its own, so a
         // change that fails for good leaves the shard exactly before its transaction.
         if self.paused || self.ordered_until.is_some() {

@@ -81,6 +81,10 @@ pub struct ApplyOptions {
     /// at the latest this long after its first source transaction ended (or at that
     /// transaction's Commit, if it ends later). Default: `[apply]`'s.
     pub batch_max_delay_ms: u64,
+    /// A shard whose newest read source transaction committed at least this long ago is
+    /// catching up: its group stays open up to this long for more transactions (fewer, larger
+    /// target transactions). 0 = never. Default: `[apply]`'s.
+    pub catchup_batch_ms: u64,
     /// Run with `session_replication_role = replica` so that the target's ordinary triggers and
     /// foreign-key checks do not fire (the source already ran them); if the role lacks the
     /// permission, a warning is logged and apply runs without it. Default true.
@@ -154,6 +158,7 @@ impl ApplyOptions {
             batch_max_rows: c.batch_max_rows,
             batch_max_bytes: c.batch_max_bytes,
             batch_max_delay_ms: c.batch_max_delay_ms,
+            catchup_batch_ms: c.catchup_batch_ms,
             session_replication_role_replica: c.session_replication_role_replica,
             table_map: HashMap::new(),
             retry_initial_ms: c.retry_initial_ms,
