@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use reshard_engine::apply::batch::{encode_table, encode_table_inline};
+use reshard_engine::apply::batch::{encode_table, encode_table_inline, Prepared};
 use reshard_engine::apply::fold::Fold;
 use reshard_engine::apply::schema::{TargetColumn, TargetTable};
 use reshard_engine::event::{Change, Column, OldRow, Relation, ReplicaIdentity, TableId, Value};
@@ -167,7 +167,25 @@ fn bench(c: &mut Criterion) {
                 for ch in chunk {
                     fold.push(ch).expect("foldable");
                 }
-                let tb = encode_table_inline(&table, &fold.finish(), false)
+                let tb = encode_table_inline(&table, &fold.finish(), false, None)
+                    .expect("encodable")
+                    .expect("small enough");
+                n += tb.statements.iter().map(String::len).sum::<usize>();
+            }
+            black_box(n)
+        })
+    });
+    g.bench_function("fold_and_encode_prepared_5row_flushes", |b| {
+        // One session's prepared statements: each is prepared on the first flush only.
+        let mut prepared = Prepared::new();
+        b.iter(|| {
+            let mut n = 0usize;
+            for chunk in input.chunks_exact(SMALL) {
+                let mut fold = Fold::new(table.key_idx.clone());
+                for ch in chunk {
+                    fold.push(ch).expect("foldable");
+                }
+                let tb = encode_table_inline(&table, &fold.finish(), false, Some(&mut prepared))
                     .expect("encodable")
                     .expect("small enough");
                 n += tb.statements.iter().map(String::len).sum::<usize>();

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::batch::{
     change_sql, encode_table, encode_table_inline, key_text, op_kind, owner_sql_for_change,
+    Prepared,
 };
 use super::ddl::{Ddl, SourceConnect, Verdict};
 use super::fold::Fold;
@@ -275,6 +276,8 @@ struct Session<'a, L: ShardLog> {
     key: ProgressKey,
     client: Option<Client>,
     tables: foldhash::HashMap<TableId, TargetTable>,
+    /// The merge statements this connection has prepared.
+    prepared: Prepared,
     staging_ready: HashMap<String, bool>,
     staging_seq: u32,
     /// Durable progress (what the progress row says).
@@ -366,6 +369,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
             },
             client: None,
             tables: foldhash::HashMap::default(),
+            prepared: Prepared::new(),
             staging_ready: HashMap::new(),
             staging_seq: 0,
             applied: Lsn::ZERO,
@@ -555,6 +559,10 @@ impl<'a, L: ShardLog> Session<'a, L> {
         step: Result<(), ApplyError>,
         reader: &mut L::Reader,
     ) -> Result<(), ApplyError> {
+        if step.is_err() {
+            // What the failed request left prepared is unknown.
+            self.prepared.reset();
+        }
         let (up_to, cause) = match step {
             Err(ApplyError::ReplayFromLog { up_to, cause, .. }) => (up_to, cause),
             Err(e @ ApplyError::WaitingForDdl { .. }) => {
@@ -636,7 +644,8 @@ impl<'a, L: ShardLog> Session<'a, L> {
         }
         client
             .batch_execute(
-                "SET standard_conforming_strings = on; SET client_min_messages = warning",
+                "SET standard_conforming_strings = on; SET client_min_messages = warning; \
+                 SET plan_cache_mode = force_generic_plan",
             )
             .await
             .map_err(|e| ApplyError::pg(self.shard(), "preparing the session", &e))?;
@@ -1256,15 +1265,18 @@ impl<'a, L: ShardLog> Session<'a, L> {
                     }
                 }
             }
+            let shard = &self.opts.shard_name;
             let encode_error = |e| ApplyError::Encode {
-                shard: self.shard().to_owned(),
+                shard: shard.to_owned(),
                 table: table.target.clone(),
                 commit_lsn: last,
                 source: e,
             };
             // A small flush carries its rows inside the merge statements: no COPY round trips,
             // no staging table to truncate.
-            if let Some(tb) = encode_table_inline(table, f, direct).map_err(encode_error)? {
+            if let Some(tb) = encode_table_inline(table, f, direct, Some(&mut self.prepared))
+                .map_err(encode_error)?
+            {
                 if tb.direct_rows > 0 {
                     self.direct_in_flush.push(*id);
                 }

@@ -258,24 +258,12 @@ fn push_values_row(
     let _ = write!(out, "({op}");
     for c in &table.columns {
         out.push_str(", ");
-        let v = row.get(c.source_idx);
-        if complete && matches!(v, Some(Value::UnchangedToast) | None) {
-            return Err(EncodeError::MissingValue {
-                column: c.name.clone(),
-            });
-        }
-        match v {
-            _ if keys_only && !c.is_key && !table.is_owner(c) => out.push_str("NULL"),
-            Some(Value::Text(b)) => {
+        match inline_value(table, c, row, keys_only, complete)? {
+            None => out.push_str("NULL"),
+            Some(b) => {
                 if push_sql_literal(out, b).is_err() {
                     return Ok(false);
                 }
-            }
-            Some(Value::Null) | Some(Value::UnchangedToast) | None => out.push_str("NULL"),
-            Some(Value::Binary(_)) => {
-                return Err(EncodeError::Binary {
-                    column: column_name(table, c.source_idx),
-                })
             }
         }
     }
@@ -283,10 +271,261 @@ fn push_values_row(
     Ok(true)
 }
 
+/// The text a staged row carries in column `c` (`None`: NULL), as [`put_row`] stages it.
+fn inline_value<'r>(
+    table: &TargetTable,
+    c: &super::schema::MappedColumn,
+    row: &'r Row,
+    keys_only: bool,
+    complete: bool,
+) -> Result<Option<&'r [u8]>, EncodeError> {
+    let v = row.get(c.source_idx);
+    if complete && matches!(v, Some(Value::UnchangedToast) | None) {
+        return Err(EncodeError::MissingValue {
+            column: c.name.clone(),
+        });
+    }
+    match v {
+        _ if keys_only && !c.is_key && !table.is_owner(c) => Ok(None),
+        Some(Value::Text(b)) => Ok(Some(b)),
+        Some(Value::Null) | Some(Value::UnchangedToast) | None => Ok(None),
+        Some(Value::Binary(_)) => Err(EncodeError::Binary {
+            column: column_name(table, c.source_idx),
+        }),
+    }
+}
+
+/// Most statements an applier session keeps prepared; past it they are all deallocated and
+/// prepared again as they come (a table's statements differ only by the sets of columns its
+/// updates carry, so this is reached only by unusual churn).
+const PREPARED_MAX: usize = 512;
+
+/// The merge statements an applier session has prepared (`PREPARE`/`EXECUTE` inside its simple
+/// queries, so a flush still goes in one round trip): the target parses and plans each once
+/// per session instead of once per flush, and a flush's rows travel as one array literal per
+/// column instead of a `VALUES` list the target must parse value by value.
+///
+/// A prepared statement outlives a failed or rolled-back transaction, but one whose `PREPARE`
+/// never ran (a statement before it failed) does not exist: after any error the session's set
+/// is unknown, so [`Self::reset`] forgets it and the next statement deallocates all first.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    names: HashMap<String, usize>,
+    deallocate: bool,
+}
+
+impl Prepared {
+    /// A new session's (nothing prepared).
+    pub fn new() -> Prepared {
+        Prepared::default()
+    }
+
+    /// After an error on the session: what it holds prepared is unknown.
+    pub fn reset(&mut self) {
+        self.deallocate = !self.names.is_empty() || self.deallocate;
+        self.names.clear();
+    }
+
+    /// Statements currently known prepared.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// `EXECUTE` of `sql` with `params` (SQL literals, comma-separated), preceded by its
+    /// `PREPARE … (types) AS sql` the first time this session runs it.
+    fn execute(&mut self, sql: String, types: &str, params: &str) -> String {
+        let mut out = String::new();
+        if self.deallocate || self.names.len() >= PREPARED_MAX {
+            out.push_str("DEALLOCATE ALL;\n");
+            self.names.clear();
+            self.deallocate = false;
+        }
+        let next = self.names.len();
+        let (id, new) = match self.names.get(&sql) {
+            Some(id) => (*id, false),
+            None => (next, true),
+        };
+        if new {
+            out.push_str(&format!("PREPARE reshard_{id} ({types}) AS {sql};\n"));
+            self.names.insert(sql, id);
+        }
+        out.push_str(&format!("EXECUTE reshard_{id}({params})"));
+        out
+    }
+}
+
+/// The rows of one inline merge statement as arrays: the op codes, and per mapped column the
+/// values' text forms, each an `int4[]` / `text[]` literal for [`TargetTable::unnest_source`].
+#[derive(Debug)]
+struct ArrayRows {
+    ops: String,
+    cols: Vec<String>,
+}
+
+impl ArrayRows {
+    fn new(table: &TargetTable) -> ArrayRows {
+        ArrayRows {
+            ops: String::new(),
+            cols: vec![String::new(); table.columns.len()],
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    fn bytes(&self) -> usize {
+        self.ops.len() + self.cols.iter().map(String::len).sum::<usize>()
+    }
+
+    /// Appends `row` (see [`push_values_row`]); `Ok(false)`: a value is not UTF-8.
+    fn push(
+        &mut self,
+        table: &TargetTable,
+        op: u32,
+        row: &Row,
+        keys_only: bool,
+        complete: bool,
+    ) -> Result<bool, EncodeError> {
+        use std::fmt::Write as _;
+        for (c, out) in table.columns.iter().zip(self.cols.iter_mut()) {
+            let Some(b) = inline_value(table, c, row, keys_only, complete)? else {
+                if !self.ops.is_empty() {
+                    out.push(',');
+                }
+                out.push_str("NULL");
+                continue;
+            };
+            let Ok(text) = std::str::from_utf8(b) else {
+                return Ok(false);
+            };
+            if !self.ops.is_empty() {
+                out.push(',');
+            }
+            push_array_element(out, text);
+        }
+        if !self.ops.is_empty() {
+            self.ops.push(',');
+        }
+        // Writing into a String cannot fail.
+        let _ = write!(self.ops, "{op}");
+        Ok(true)
+    }
+
+    /// The statement's parameters: each array as an SQL literal.
+    fn params(&self) -> String {
+        let mut out = String::with_capacity(self.bytes() + 6 * (self.cols.len() + 1));
+        for (i, a) in std::iter::once(&self.ops).chain(&self.cols).enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push_str("'{");
+            out.push_str(a);
+            out.push_str("}'");
+        }
+        out
+    }
+}
+
+/// Appends `text` to an array literal that will itself sit inside a standard-conforming SQL
+/// string literal: double-quoted, `"` and `\` backslash-escaped for the array parser
+/// (<https://www.postgresql.org/docs/current/arrays.html#ARRAYS-IO>), `'` doubled for the
+/// string literal.
+fn push_array_element(out: &mut String, text: &str) {
+    out.reserve(text.len() + 2);
+    out.push('"');
+    let mut start = 0;
+    for (i, ch) in text.char_indices() {
+        let esc = match ch {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\'' => "''",
+            _ => continue,
+        };
+        out.push_str(&text[start..i]);
+        out.push_str(esc);
+        start = i + 1;
+    }
+    out.push_str(&text[start..]);
+    out.push('"');
+}
+
+/// The rows of one inline merge statement: a `VALUES` list, or arrays for a prepared
+/// statement (see [`Prepared`]).
+#[derive(Debug)]
+enum InlineRows {
+    Values(String),
+    Arrays(ArrayRows),
+}
+
+impl InlineRows {
+    fn new(table: &TargetTable, arrays: bool) -> InlineRows {
+        if arrays {
+            InlineRows::Arrays(ArrayRows::new(table))
+        } else {
+            InlineRows::Values(String::new())
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            InlineRows::Values(v) => v.is_empty(),
+            InlineRows::Arrays(a) => a.is_empty(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            InlineRows::Values(v) => v.len(),
+            InlineRows::Arrays(a) => a.bytes(),
+        }
+    }
+
+    fn push(
+        &mut self,
+        table: &TargetTable,
+        op: u32,
+        row: &Row,
+        keys_only: bool,
+        complete: bool,
+    ) -> Result<bool, EncodeError> {
+        match self {
+            InlineRows::Values(v) => push_values_row(v, table, op, row, keys_only, complete),
+            InlineRows::Arrays(a) => a.push(table, op, row, keys_only, complete),
+        }
+    }
+
+    /// The statement `sql` builds on these rows as its row source `s`.
+    fn statement(
+        &self,
+        table: &TargetTable,
+        prepared: &mut Option<&mut Prepared>,
+        sql: impl Fn(&str) -> Option<String>,
+    ) -> Option<String> {
+        match (self, prepared) {
+            (InlineRows::Arrays(a), Some(p)) => {
+                let stmt = sql(&table.unnest_source())?;
+                Some(p.execute(stmt, &table.unnest_types(), &a.params()))
+            }
+            (InlineRows::Arrays(_), None) => None,
+            (InlineRows::Values(v), _) => sql(&table.values_source(v)),
+        }
+    }
+}
+
 /// Encodes `folded` into the same merge statements as [`encode_table`], each reading its rows
 /// from a `VALUES` list instead of the staging table: no COPY, no staging table, no `TRUNCATE`
 /// (one simple query carries a small flush). `Ok(None)` when the flush is too large
 /// ([`INLINE_MAX_ROWS`], [`INLINE_MAX_BYTES`]) or a value is not UTF-8: use [`encode_table`].
+///
+/// With `prepared` (the session's [`Prepared`]), the statements are prepared once per session
+/// and read their rows from arrays (`unnest`); a table whose rows of other owners are guarded
+/// ([`TargetTable::guard_owner`]) keeps `VALUES` lists.
 ///
 /// With `direct` (only for a table that [takes direct
 /// inserts](TargetTable::takes_direct_inserts)), the rows of keys new to the batch go into a
@@ -295,88 +534,88 @@ pub fn encode_table_inline(
     table: &TargetTable,
     folded: &Folded,
     direct: bool,
+    mut prepared: Option<&mut Prepared>,
 ) -> Result<Option<TableBatch>, EncodeError> {
     if folded.changes.len() > INLINE_MAX_ROWS {
         return Ok(None);
     }
+    if table.owner().is_some() {
+        prepared = None;
+    }
+    let arrays = prepared.is_some();
     let upsert_by_delete = table.key_mode != KeyMode::PrimaryKey;
-    let mut deletes = String::new();
-    let mut inserts = String::new();
-    let mut plain = String::new();
+    let mut deletes = InlineRows::new(table, arrays);
+    let mut inserts = InlineRows::new(table, arrays);
+    let mut plain = InlineRows::new(table, arrays);
     let mut direct_rows = 0usize;
     let mut groups: HashMap<Vec<bool>, usize> = HashMap::new();
-    let mut updates: Vec<(Vec<bool>, String)> = Vec::new();
+    let mut updates: Vec<(Vec<bool>, InlineRows)> = Vec::new();
     let mut update_bytes = 0usize;
     for net in &folded.changes {
         let ok = match net {
-            NetChange::Delete(r) => {
-                push_values_row(&mut deletes, table, OP_DELETE, r, true, false)?
-            }
+            NetChange::Delete(r) => deletes.push(table, OP_DELETE, r, true, false)?,
             NetChange::Upsert(r) => {
-                (!upsert_by_delete
-                    || push_values_row(&mut deletes, table, OP_UPSERT, r, true, false)?)
-                    && push_values_row(&mut inserts, table, OP_UPSERT, r, false, true)?
+                (!upsert_by_delete || deletes.push(table, OP_UPSERT, r, true, false)?)
+                    && inserts.push(table, OP_UPSERT, r, false, true)?
             }
             NetChange::Insert(r) if direct => {
                 direct_rows += 1;
-                push_values_row(&mut plain, table, OP_INSERT, r, false, true)?
+                plain.push(table, OP_INSERT, r, false, true)?
             }
-            NetChange::Insert(r) => {
-                push_values_row(&mut inserts, table, OP_INSERT, r, false, true)?
-            }
+            NetChange::Insert(r) => inserts.push(table, OP_INSERT, r, false, true)?,
             NetChange::Update(r) => {
                 let carried: Vec<bool> = r.iter().map(|v| *v != Value::UnchangedToast).collect();
                 let g = match groups.get(&carried) {
                     Some(g) => *g,
                     None => {
                         groups.insert(carried.clone(), updates.len());
-                        updates.push((carried, String::new()));
+                        updates.push((carried, InlineRows::new(table, arrays)));
                         updates.len() - 1
                     }
                 };
                 let op = OP_UPDATE_BASE + g as u32;
                 match updates.get_mut(g) {
                     Some((_, rows)) => {
-                        let before = rows.len();
-                        let ok = push_values_row(rows, table, op, r, false, false)?;
-                        update_bytes += rows.len() - before;
+                        let before = rows.bytes();
+                        let ok = rows.push(table, op, r, false, false)?;
+                        update_bytes += rows.bytes() - before;
                         ok
                     }
                     None => false,
                 }
             }
         };
-        if !ok || deletes.len() + inserts.len() + plain.len() + update_bytes > INLINE_MAX_BYTES {
+        if !ok
+            || deletes.bytes() + inserts.bytes() + plain.bytes() + update_bytes > INLINE_MAX_BYTES
+        {
             return Ok(None);
         }
     }
     let mut statements = Vec::new();
+    let p = &mut prepared;
     // The owner guard (reverse replication) first reads the rows the deletes and updates
     // would change.
     if !deletes.is_empty() {
-        statements.extend(table.owner_rows_sql("0", &table.values_source(&deletes)));
+        statements.extend(deletes.statement(table, p, |s| table.owner_rows_sql("0", s)));
     }
     for (g, (_, rows)) in updates.iter().enumerate() {
         let op = (OP_UPDATE_BASE + g as u32).to_string();
-        statements.extend(table.owner_rows_sql(&op, &table.values_source(rows)));
+        statements.extend(rows.statement(table, p, |s| table.owner_rows_sql(&op, s)));
     }
     if !deletes.is_empty() {
         let ops = if upsert_by_delete { "0, 1" } else { "0" };
-        statements.push(table.delete_sql_from(ops, &table.values_source(&deletes)));
+        statements.extend(deletes.statement(table, p, |s| Some(table.delete_sql_from(ops, s))));
     }
     if !inserts.is_empty() {
-        let source = table.values_source(&inserts);
-        statements.push(table.insert_sql_from("1, 2", &source));
-        statements.extend(table.owner_lost_sql("1, 2", &source));
+        statements.extend(inserts.statement(table, p, |s| Some(table.insert_sql_from("1, 2", s))));
+        statements.extend(inserts.statement(table, p, |s| table.owner_lost_sql("1, 2", s)));
     }
     if !plain.is_empty() {
-        statements.push(table.insert_new_sql_from(&table.values_source(&plain)));
+        statements.extend(plain.statement(table, p, |s| Some(table.insert_new_sql_from(s))));
     }
     for (g, (carried, rows)) in updates.iter().enumerate() {
         let op = OP_UPDATE_BASE + g as u32;
-        if let Some(sql) = table.update_sql_from(op, carried, &table.values_source(rows)) {
-            statements.push(sql);
-        }
+        statements.extend(rows.statement(table, p, |s| table.update_sql_from(op, carried, s)));
     }
     Ok(Some(TableBatch {
         rows: folded.changes.len() - direct_rows,
@@ -799,7 +1038,7 @@ mod tests {
         ] {
             f.push(&c).unwrap();
         }
-        let b = encode_table_inline(&tb, &f.finish(), false)
+        let b = encode_table_inline(&tb, &f.finish(), false, None)
             .unwrap()
             .unwrap();
         assert_eq!(b.rows, 3);
@@ -857,7 +1096,9 @@ mod tests {
         );
         assert!(b.statements.last().unwrap().starts_with("TRUNCATE"));
 
-        let b = encode_table_inline(&tb, &folded, true).unwrap().unwrap();
+        let b = encode_table_inline(&tb, &folded, true, None)
+            .unwrap()
+            .unwrap();
         assert_eq!((b.rows, b.direct_rows), (1, 1));
         assert_eq!(
             b.statements[1],
@@ -896,7 +1137,7 @@ mod tests {
             ],
         })
         .unwrap();
-        assert!(encode_table_inline(&tb, &f.finish(), false)
+        assert!(encode_table_inline(&tb, &f.finish(), false, None)
             .unwrap()
             .is_none());
         let mut f = Fold::new(tb.key_idx.clone());
@@ -907,7 +1148,7 @@ mod tests {
             })
             .unwrap();
         }
-        assert!(encode_table_inline(&tb, &f.finish(), false)
+        assert!(encode_table_inline(&tb, &f.finish(), false, None)
             .unwrap()
             .is_none());
     }
@@ -943,7 +1184,7 @@ mod tests {
             encode_table(&tb, &folded, &mut BytesMut::new(), None)
                 .unwrap()
                 .statements,
-            encode_table_inline(&tb, &folded, false)
+            encode_table_inline(&tb, &folded, false, None)
                 .unwrap()
                 .unwrap()
                 .statements,
@@ -961,7 +1202,13 @@ mod tests {
             );
             assert!(pos("INSERT") < pos("SELECT 'reshard_owner_lost'"));
         }
-        let inline = encode_table_inline(&tb, &folded, false).unwrap().unwrap();
+        // A guarded table keeps its VALUES lists, prepared statements or not (the checks read
+        // the rows back).
+        let mut p = Prepared::new();
+        let inline = encode_table_inline(&tb, &folded, false, Some(&mut p))
+            .unwrap()
+            .unwrap();
+        assert!(p.is_empty());
         assert!(
             inline.statements[0].contains("(VALUES (0, '4', 'z', NULL))"),
             "{:#?}",
@@ -977,6 +1224,71 @@ mod tests {
         .unwrap();
         assert!(before.unwrap().contains("s._reshard_op IN (0)"));
         assert!(after.is_none());
+    }
+
+    /// The same flush as [`small_flushes_carry_their_rows_in_values_lists`], prepared: the first
+    /// flush prepares each statement, the next only executes it; after an error the session
+    /// deallocates everything and prepares again.
+    #[test]
+    fn prepared_flushes_send_arrays_and_prepare_each_statement_once_per_session() {
+        let tb = table();
+        let rel = tb.source.clone();
+        let flush = || {
+            let mut f = Fold::new(tb.key_idx.clone());
+            for c in [
+                Change::Insert {
+                    rel: rel.clone(),
+                    new: vec![t("1"), t(r#"it's "q" \ NULL {,}"#), Value::Null],
+                },
+                Change::Insert {
+                    rel: rel.clone(),
+                    new: vec![t("5"), t("NULL"), t("")],
+                },
+                Change::Delete {
+                    rel: rel.clone(),
+                    old: OldRow::Key(vec![t("4"), Value::Null, Value::Null]),
+                },
+            ] {
+                f.push(&c).unwrap();
+            }
+            f.finish()
+        };
+        let mut p = Prepared::new();
+        let first = encode_table_inline(&tb, &flush(), false, Some(&mut p))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            first.statements,
+            vec![
+                "PREPARE reshard_0 (int4[], text[], text[], text[]) AS DELETE FROM public.t AS t \
+                 USING unnest($1, $2, $3, $4) AS s(_reshard_op, id, a, b) \
+                 WHERE s._reshard_op IN (0) AND t.id = s.id::bigint;\n\
+                 EXECUTE reshard_0('{0}', '{\"4\"}', '{NULL}', '{NULL}')"
+                    .to_owned(),
+                "PREPARE reshard_1 (int4[], text[], text[], text[]) AS INSERT INTO public.t (id, a, b) \
+                 SELECT s.id::bigint, s.a::text, s.b::text FROM unnest($1, $2, $3, $4) AS s(_reshard_op, id, a, b) \
+                 WHERE s._reshard_op IN (1, 2) ON CONFLICT (id) DO UPDATE SET a = EXCLUDED.a, b = EXCLUDED.b;\n\
+                 EXECUTE reshard_1('{2,2}', '{\"1\",\"5\"}', \
+                 '{\"it''s \\\"q\\\" \\\\ NULL {,}\",\"NULL\"}', '{NULL,\"\"}')"
+                    .to_owned(),
+            ]
+        );
+        let again = encode_table_inline(&tb, &flush(), false, Some(&mut p))
+            .unwrap()
+            .unwrap();
+        assert!(again.statements[0].starts_with("EXECUTE reshard_0('{0}'"));
+        assert!(again.statements[1].starts_with("EXECUTE reshard_1('{2,2}'"));
+        assert_eq!(p.len(), 2);
+        p.reset();
+        let after_error = encode_table_inline(&tb, &flush(), false, Some(&mut p))
+            .unwrap()
+            .unwrap();
+        assert!(
+            after_error.statements[0].starts_with("DEALLOCATE ALL;\nPREPARE reshard_0 "),
+            "{:#?}",
+            after_error.statements
+        );
+        assert!(after_error.statements[1].starts_with("PREPARE reshard_1 "));
     }
 
     #[test]

@@ -507,6 +507,29 @@ impl TargetTable {
         format!("(VALUES {rows}) AS s(_reshard_op, {})", cols.join(", "))
     }
 
+    /// The parameters of a prepared merge statement as its row source `s`: `unnest($1, $2, …)
+    /// AS s(_reshard_op, …)`, the op codes (`int4[]`) and one `text[]` per mapped column, zipped
+    /// into the staging table's rows (<https://www.postgresql.org/docs/current/functions-array.html>).
+    /// Text, as from the staging table: the statements cast exactly as they do there.
+    pub fn unnest_source(&self) -> String {
+        let params: Vec<String> = (1..=self.columns.len() + 1)
+            .map(|i| format!("${i}"))
+            .collect();
+        let cols: Vec<&str> = std::iter::once("_reshard_op")
+            .chain(self.columns.iter().map(|c| c.name_sql.as_str()))
+            .collect();
+        format!("unnest({}) AS s({})", params.join(", "), cols.join(", "))
+    }
+
+    /// The parameter types of [`Self::unnest_source`]: `int4[], text[], …`.
+    pub fn unnest_types(&self) -> String {
+        let mut s = String::from("int4[]");
+        for _ in &self.columns {
+            s.push_str(", text[]");
+        }
+        s
+    }
+
     /// Deletes the keys staged with the given op codes.
     pub fn delete_sql(&self, ops: &str) -> String {
         self.delete_sql_from(ops, &self.staging_source())
