@@ -521,6 +521,78 @@ fn a_shard_stopped_on_a_bad_password_resumes_on_sighup_or_resume_after_the_fix()
     t.stop_cleanly(d);
 }
 
+/// The lines a server logs when one of its timeouts ends a statement or a session.
+const TIMEOUT_LINES: &[&str] = &[
+    "due to statement timeout",
+    "due to lock timeout",
+    "due to idle-in-transaction timeout",
+    "due to idle-session timeout",
+];
+
+/// Timeouts a DBA gave the role reshard logs in as, and its database, on every cluster (1 s
+/// each: `statement_timeout`, `idle_in_transaction_session_timeout`, `lock_timeout`,
+/// `idle_session_timeout`) cut no reshard session short: the full load, whose COPY into a
+/// shard runs for seconds (a trigger, enabled ALWAYS so that it fires under
+/// `session_replication_role = replica` too, sleeps 4 ms a row of `items`); the applier's merge
+/// of a 2000-row transaction that takes as long; a verify started at once, whose source and
+/// shard snapshots sit idle while it waits for the shards to apply that transaction; the
+/// sessions that idle between transactions. No server logs a timeout, verify passes.
+#[test]
+fn the_roles_and_databases_timeouts_cut_no_session_short() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    preload(&t);
+    t.shards_sql(
+        "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql \
+         AS $$ BEGIN PERFORM pg_sleep(0.004); RETURN NEW; END $$; \
+         CREATE TRIGGER slow BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION slow_row(); \
+         ALTER TABLE items ENABLE ALWAYS TRIGGER slow",
+    );
+    for c in std::iter::once(&t.source).chain(&t.shards) {
+        c.psql(
+            "postgres",
+            "ALTER ROLE postgres IN DATABASE app SET statement_timeout = '1s'; \
+             ALTER ROLE postgres IN DATABASE app SET idle_in_transaction_session_timeout = '1s'; \
+             ALTER ROLE postgres IN DATABASE app SET lock_timeout = '1s'; \
+             ALTER DATABASE app SET idle_session_timeout = '1s'",
+        )
+        .expect("set the role's timeouts");
+    }
+    let cfg = t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.wait_converged(TABLES, Duration::from_secs(90));
+
+    t.source_sql(
+        "INSERT INTO items SELECT g % 97 + 1, g, 'big', 1 FROM generate_series(3001, 5000) g",
+    );
+    let (code, out, err) = t.reshard(&["verify", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "verify:\n{out}\n{err}\n{}", t.all_logs());
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    // Idle between transactions for a while.
+    std::thread::sleep(Duration::from_millis(2500));
+    t.source_sql("INSERT INTO plans VALUES (901, 'after an idle stretch')");
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    t.stop_cleanly(d);
+    for (who, c) in std::iter::once(("source".to_owned(), &t.source)).chain(
+        t.shards
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("shard{i}"), c)),
+    ) {
+        let log = std::fs::read_to_string(c.log_path()).unwrap_or_default();
+        let hits: Vec<&str> = log
+            .lines()
+            .filter(|l| TIMEOUT_LINES.iter().any(|m| l.contains(m)))
+            .collect();
+        assert!(
+            hits.is_empty(),
+            "the {who} ended a reshard session on a timeout of its role or database:\n{}",
+            hits.join("\n")
+        );
+    }
+}
+
 // See: issue "Spill log" (the cap).
 /// With a tiny `[spill] max_bytes` and a stopped shard, the engine pauses reading (status says
 /// so, the log says so once), stays up, and resumes after the shard returns.

@@ -296,6 +296,90 @@ async fn exported_snapshot_is_importable_and_consistent() {
     rc.close().await;
 }
 
+/// Timeouts a DBA gave reshard's role (`ALTER ROLE … SET`) or database do not reach reshard's
+/// sessions: the walsender holding an exported snapshot stays idle in its transaction past
+/// `idle_in_transaction_session_timeout` (the copy workers import it later); a SQL session runs
+/// a statement past `statement_timeout`, waits for a lock past `lock_timeout`, sits idle in a
+/// transaction and idle outside one past their timeouts. A value the url's `options` gives
+/// is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_roles_and_databases_timeouts_do_not_cut_sessions_short() {
+    let c = PgCluster::start().unwrap();
+    setup_table(&c);
+    c.psql(
+        "postgres",
+        "ALTER ROLE postgres SET statement_timeout = '1s'; \
+         ALTER ROLE postgres SET idle_in_transaction_session_timeout = '1s'; \
+         ALTER ROLE postgres SET lock_timeout = '1s'; \
+         ALTER DATABASE postgres SET idle_session_timeout = '1s'",
+    )
+    .unwrap();
+    let past = Duration::from_millis(1600);
+    let config = cfg(&c, "postgres");
+    let mut rc = ReplicationClient::connect(&config).await.unwrap();
+    let slot = rc
+        .create_slot("timeouts_slot", SlotOptions::default())
+        .await
+        .unwrap();
+    let snapshot = slot.snapshot_name.expect("exported snapshot name");
+    tokio::time::sleep(past).await;
+    let sql = config.connect_sql().await.unwrap();
+    sql.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT '{snapshot}'"
+    ))
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "the snapshot's exporter must outlive idle_in_transaction_session_timeout: {e:?}\n{}",
+            c.log_tail()
+        )
+    });
+    rc.identify_system().await.unwrap();
+
+    // Idle in the imported snapshot's transaction, then a statement longer than the limit.
+    tokio::time::sleep(past).await;
+    sql.batch_execute("SELECT pg_sleep(1.6)")
+        .await
+        .unwrap_or_else(|e| panic!("idle in transaction, then pg_sleep: {e:?}"));
+    sql.batch_execute("COMMIT").await.unwrap();
+
+    // A lock held longer than lock_timeout by another session is waited for.
+    let holder = config.connect_sql().await.unwrap();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(past).await;
+        holder.batch_execute("COMMIT").await.unwrap();
+    });
+    sql.batch_execute("SELECT count(*) FROM accounts")
+        .await
+        .unwrap_or_else(|e| panic!("waiting for a lock: {e:?}"));
+    release.await.unwrap();
+
+    // Idle outside a transaction, on both kinds of connection.
+    tokio::time::sleep(past).await;
+    sql.batch_execute("SELECT 1")
+        .await
+        .unwrap_or_else(|e| panic!("after an idle stretch: {e:?}"));
+    rc.drop_slot("timeouts_slot", false)
+        .await
+        .unwrap_or_else(|e| panic!("replication connection after an idle stretch: {e:?}"));
+    rc.close().await;
+
+    // The url's own options win.
+    let mut own = config.clone();
+    own.options = Some("-c statement_timeout=5s".into());
+    let c5 = own.connect_sql().await.unwrap();
+    let v: String = c5
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "5s");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn temporary_slot_goes_away_with_its_connection() {
     let c = PgCluster::start().unwrap();

@@ -25,6 +25,26 @@ use crate::source::{ConnConfig, SourceError};
 pub const DURABLE_COMMITS_SQL: &str = "SELECT set_config('synchronous_commit', 'local', false) \
      WHERE current_setting('synchronous_commit') = 'off'";
 
+/// Run by [`ConnConfig::connect_sql`] on every SQL session it opens and by
+/// [`crate::source::ReplicationClient::connect`] on every replication connection, so that a
+/// timeout a DBA set for the role, the database or the server (`ALTER ROLE … SET
+/// statement_timeout = '30s'`) never cuts a reshard session short: a full-load COPY or an
+/// applier's merge of a large transaction runs longer than any such limit, verify's and the
+/// copy workers' snapshots sit idle in their transactions while another side is read, the
+/// walsender that exported the load's snapshot sits idle in its transaction until every copy
+/// connection imported it, and an applier's session sits idle between transactions. As
+/// pg_dump does, `statement_timeout`, `lock_timeout`, `idle_in_transaction_session_timeout`,
+/// `idle_session_timeout` (PostgreSQL 14+) and `transaction_timeout` (17+) are set to 0,
+/// where the server has them: `pg_settings` lists only the settings the server knows. A value
+/// the user gave in the URL's `options` (or `PGOPTIONS`), source `client`, is kept. A
+/// deliberate bound (the fence's `SET LOCAL lock_timeout`) is set after this
+/// (<https://www.postgresql.org/docs/current/runtime-config-client.html#RUNTIME-CONFIG-CLIENT-STATEMENT>).
+/// Not sent in the startup packet's `options`: PgBouncer refuses an `options` that sets a
+/// parameter it does not track, or drops it silently when told to ignore `options`.
+pub const NO_SESSION_TIMEOUTS_SQL: &str = "SELECT set_config(name, '0', false) FROM pg_settings \
+     WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout', \
+     'idle_session_timeout', 'transaction_timeout') AND setting <> '0' AND source <> 'client'";
+
 /// Connects with the libpq semantics of [`ConnConfig`] (URL or key=value, environment,
 /// password file, TLS policy).
 pub async fn connect_plain(url: &str) -> Result<Client, SourceError> {

@@ -294,9 +294,7 @@ pub enum FixError {
 pub async fn fix_replica_identity(config: &Config) -> Result<Vec<FixAction>, FixError> {
     let client = connect_plain(&config.source.url).await?;
     // A blocked ALTER TABLE would queue every writer of the table behind it: give up instead.
-    client
-        .batch_execute("SET statement_timeout = 0; SET lock_timeout = '10s'")
-        .await?;
+    client.batch_execute("SET lock_timeout = '10s'").await?;
     let set = crate::pg::catalog::resolve(&client, config).await?;
     let todo = tables_without_strategy(&client, set.tables.iter().map(|t| &t.rule)).await?;
     let mut actions = Vec::new();

@@ -216,19 +216,12 @@ impl CopyContext {
     }
 }
 
-/// One connection per shard, set up for copying (no statement timeout).
+/// One connection per shard, for copying (no timeout of the role applies:
+/// [`crate::pg::conn::NO_SESSION_TIMEOUTS_SQL`]).
 pub(crate) async fn shard_clients(ctx: &CopyContext) -> Result<Vec<Client>, SnapshotError> {
     let mut targets = Vec::with_capacity(ctx.shards.len());
     for shard in &ctx.shards {
-        let client = connect(&shard.name, &shard.connect).await?;
-        client
-            .batch_execute("SET statement_timeout = 0")
-            .await
-            .map_err(shard_err(
-                &shard.name,
-                "setting up a copy connection".into(),
-            ))?;
-        targets.push(client);
+        targets.push(connect(&shard.name, &shard.connect).await?);
     }
     Ok(targets)
 }
@@ -248,13 +241,11 @@ pub(crate) async fn run_workers(
     for id in 0..n_workers {
         let src = connect("source", source).await?;
         // A chunk's COPY may run long, and between chunks a worker may wait for a shard's copy
-        // slot while its source transaction sits idle: neither may be cut short.
-        src.batch_execute(
-            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0;
-             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        )
-        .await
-        .map_err(source_err("starting a copy transaction".into()))?;
+        // slot while its source transaction sits idle: neither is cut short by a timeout of the
+        // role (the connection cleared them, `pg::conn::NO_SESSION_TIMEOUTS_SQL`).
+        src.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(source_err("starting a copy transaction".into()))?;
         src.batch_execute(&format!(
             "SET TRANSACTION SNAPSHOT {}",
             crate::pg::conn::quote_literal(&snapshot.name)

@@ -85,7 +85,8 @@ pub use throttle::{Throttle, ThrottleStats};
 pub type ConnectFuture = Pin<Box<dyn Future<Output = Result<Client, BoxError>> + Send>>;
 
 /// Opens a new SQL connection to one database. The full load calls it once per copy worker
-/// (and per index rebuild); the runtime wires in `ConnConfig::connect_sql`.
+/// (and per index rebuild); the runtime wires in `ConnConfig::connect_sql`, whose sessions no
+/// timeout of the role cuts short (a COPY, an idle snapshot transaction).
 pub type Connect = Arc<dyn Fn() -> ConnectFuture + Send + Sync>;
 
 /// Routes a sharded row by its key: `(key column type OID, key text form)` → shard. The text is

@@ -334,9 +334,6 @@ pub(crate) async fn run(
     let mut set = JoinSet::new();
     for id in 0..n_workers {
         let src = connect("source", source).await?;
-        src.batch_execute("SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0")
-            .await
-            .map_err(source_err("setting up a watermark copy connection".into()))?;
         let version: i32 = src
             .query_one("SELECT current_setting('server_version_num')::int4", &[])
             .await

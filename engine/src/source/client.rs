@@ -255,6 +255,9 @@ impl ReplicationClient {
                 ),
             });
         }
+        // A `replication=database` walsender runs SQL too; the one that exports the load's
+        // snapshot sits idle in a transaction until the copy workers imported it.
+        c.query(crate::pg::conn::NO_SESSION_TIMEOUTS_SQL).await?;
         tracing::debug!(
             host = %cfg.host,
             port = cfg.port,

@@ -509,7 +509,8 @@ impl ConnConfig {
     /// policy. The connection's I/O runs in a spawned tokio task that logs how it ended; the
     /// returned client reports `is_closed()` once it has. Its commits are durable before they
     /// are answered ([`crate::pg::conn::DURABLE_COMMITS_SQL`]): every reshard session writes
-    /// progress, chunk records, steps or layouts that later decisions trust.
+    /// progress, chunk records, steps or layouts that later decisions trust. No timeout set for
+    /// the role or database applies to it ([`crate::pg::conn::NO_SESSION_TIMEOUTS_SQL`]).
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SourceError> {
         let cfg = self.to_tokio_postgres();
         let map = |e| from_pg_error(e, &self.host, self.port, &self.user, "connecting");
@@ -522,7 +523,7 @@ impl ConnConfig {
                     .map_err(map)?;
                 tokio::spawn(async move {
                     if let Err(e) = drive_connection(conn, target.clone()).await {
-                        tracing::warn!(target_db = %target, error = %e, "SQL connection ended with an error");
+                        tracing::warn!(target_db = %target, error = %crate::pg::conn::error_text(&e), "SQL connection ended with an error");
                     }
                 });
                 client
@@ -531,24 +532,27 @@ impl ConnConfig {
                 let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(map)?;
                 tokio::spawn(async move {
                     if let Err(e) = drive_connection(conn, target.clone()).await {
-                        tracing::warn!(target_db = %target, error = %e, "SQL connection ended with an error");
+                        tracing::warn!(target_db = %target, error = %crate::pg::conn::error_text(&e), "SQL connection ended with an error");
                     }
                 });
                 client
             }
         };
-        client
-            .batch_execute(crate::pg::conn::DURABLE_COMMITS_SQL)
-            .await
-            .map_err(|e| {
-                from_pg_error(
-                    e,
-                    &self.host,
-                    self.port,
-                    &self.user,
-                    "setting synchronous_commit",
-                )
-            })?;
+        // One round trip for both.
+        let setup = format!(
+            "{}; {}",
+            crate::pg::conn::DURABLE_COMMITS_SQL,
+            crate::pg::conn::NO_SESSION_TIMEOUTS_SQL
+        );
+        client.batch_execute(&setup).await.map_err(|e| {
+            from_pg_error(
+                e,
+                &self.host,
+                self.port,
+                &self.user,
+                "setting synchronous_commit and clearing the role's session timeouts",
+            )
+        })?;
         Ok(client)
     }
 }
