@@ -418,6 +418,89 @@ fn rotate_password(shard: &reshard_harness::PgCluster) {
         .expect("rotate the password");
 }
 
+/// Shard1's password rotated and a row written (`plans` id `row`): shard1 stops on 28P01.
+/// Returns its error once the status shows it stopped.
+fn stop_shard1(t: &Topology, row: i64) -> String {
+    rotate_password(&t.shards[1]);
+    t.source_sql(&format!(
+        "INSERT INTO plans VALUES ({row}, 'while stopped')"
+    ));
+    t.wait(
+        "shard1 to stop on the rotated password",
+        Duration::from_secs(60),
+        || {
+            let s = t.status_json()?;
+            let sh = &s["shards"][1];
+            // Until the note is there (the applier reports its error a moment before the
+            // supervisor joins the task); without one this times out.
+            let err = sh["last_error"].as_str().unwrap_or_default();
+            (sh["state"] == "stopped" && err.contains("shard shard1 stays stopped until"))
+                .then(|| err.to_owned())
+        },
+    )
+}
+
+/// Shard1's commit-to-apply p50 latency as `reshard lag --json` shows it.
+fn shard1_p50_ms(t: &Topology) -> f64 {
+    let cfg = t.config_path();
+    let (code, out, err) = t.reshard(&["lag", "-c", cfg.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "reshard lag:\n{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("lag --json");
+    v["shards"][1]["latency_p50_ms"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no latency_p50_ms for shard1: {v}"))
+}
+
+/// After a stopped shard starts again (`RESUME`), `reshard lag` shows its new applier's
+/// latency, not the stopped one's. The first applier's transactions wait out a 6 s `PAUSE`
+/// (p50 at least 6 s); the one started by RESUME applies fresh single-row transactions at
+/// once, and that is what `lag` shows.
+#[test]
+fn after_a_stopped_shard_resumes_lag_shows_the_new_appliers_latency() {
+    let mut t = Topology::start_with(2, || {
+        reshard_harness::PgCluster::builder().password("s3cret", reshard_harness::Auth::Scram)
+    });
+    let d = streaming(&mut t, "", false);
+    let cfg = t.config_path();
+    let port = crate::common::port_of(&std::fs::read_to_string(&cfg).unwrap(), "listen");
+    let console = |sql: &str| {
+        let out = crate::console::psql(port, sql);
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    console("PAUSE shard1");
+    for k in 0..10 {
+        t.source_sql(&format!("INSERT INTO plans VALUES ({}, 'paused')", 100 + k));
+    }
+    std::thread::sleep(Duration::from_secs(6));
+    console("RESUME shard1");
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    let paused = shard1_p50_ms(&t);
+    assert!(
+        paused >= 6000.0,
+        "the paused transactions' p50 is {paused} ms"
+    );
+
+    stop_shard1(&t, 991);
+    t.shards[1]
+        .psql("postgres", "ALTER USER postgres PASSWORD 's3cret'")
+        .expect("restore the password");
+    console("RESUME shard1");
+    for k in 0..20 {
+        t.source_sql(&format!("INSERT INTO plans VALUES ({}, 'fresh')", 200 + k));
+    }
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    let fresh = shard1_p50_ms(&t);
+    assert!(
+        fresh < paused / 2.0,
+        "lag still shows the stopped applier's p50 ({paused} ms then {fresh} ms)"
+    );
+    t.stop_cleanly(d);
+}
+
 /// The only shard stops on a rotated password: the daemon ends ("every shard stopped"), so its
 /// message says to start `reshard run` again, not to send SIGHUP or RESUME to a process that has
 /// exited (as it said before).
@@ -456,25 +539,6 @@ fn a_shard_stopped_on_a_bad_password_resumes_on_sighup_or_resume_after_the_fix()
         reshard_harness::PgCluster::builder().password("s3cret", reshard_harness::Auth::Scram)
     });
     let d = streaming(&mut t, "", true);
-    let stop_shard1 = |t: &Topology, row: i64| {
-        rotate_password(&t.shards[1]);
-        t.source_sql(&format!(
-            "INSERT INTO plans VALUES ({row}, 'while stopped')"
-        ));
-        t.wait(
-            "shard1 to stop on the rotated password",
-            Duration::from_secs(60),
-            || {
-                let s = t.status_json()?;
-                let sh = &s["shards"][1];
-                // Until the note is there (the applier reports its error a moment before the
-                // supervisor joins the task); without one this times out.
-                let err = sh["last_error"].as_str().unwrap_or_default();
-                (sh["state"] == "stopped" && err.contains("shard shard1 stays stopped until"))
-                    .then(|| err.to_owned())
-            },
-        )
-    };
     let err = stop_shard1(&t, 991);
     assert!(err.contains("password authentication failed"), "{err}");
     assert!(

@@ -87,9 +87,7 @@ impl Supervisor {
                 None if !caught_up && lag_bytes > 0 => self.started.elapsed().as_secs_f64(),
                 _ => 0.0,
             };
-            let (p50, p99, max) = s
-                .latency
-                .get()
+            let (p50, p99, max) = super::supervisor::current_latency(&s.latency)
                 .and_then(|h| {
                     h.lock().ok().map(|h| {
                         (

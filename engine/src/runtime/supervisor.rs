@@ -15,14 +15,13 @@
 //! Invariant: on the way out every stage is asked to stop and joined (ingest flushes and
 //! confirms, each apply finishes or rolls back its batch) before the summary is returned.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::apply::{ApplyOptions, ShardApplier, ShardStatus, SourceConnect};
+use crate::apply::{ApplyOptions, LatencyHistogram, ShardApplier, ShardStatus, SourceConnect};
 use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::pg::catalog::SourceTable;
@@ -39,8 +38,22 @@ use crate::source::{ConnConfig, SourceError};
 use crate::spill::SpillLog;
 use crate::status::{ControlCommand, ControlRequest, SourceStatus, StatusSnapshot};
 
-/// The apply's latency histogram, set once the shard's applier exists (after the full load).
-pub type LatencySlot = Arc<OnceLock<Arc<Mutex<Histogram<u64>>>>>;
+/// The latency histogram of the shard's current applier: empty until it exists (after the full
+/// load), replaced when a stopped shard starts again (SIGHUP, `RESUME`), so that what `lag`,
+/// `SHOW LAG` and the metrics show is the running applier's, never a dead one's.
+pub type LatencySlot = Arc<Mutex<Option<LatencyHistogram>>>;
+
+/// The histogram in `slot`, if an applier set one.
+pub fn current_latency(slot: &LatencySlot) -> Option<LatencyHistogram> {
+    slot.lock().ok().and_then(|g| g.clone())
+}
+
+/// Puts `h` (or nothing) in `slot`.
+fn set_latency(slot: &LatencySlot, h: Option<LatencyHistogram>) {
+    if let Ok(mut g) = slot.lock() {
+        *g = h;
+    }
+}
 
 /// One shard's apply task, as the supervisor sees it.
 pub struct ShardHandle {
@@ -82,9 +95,11 @@ impl ShardHandle {
     ) -> ShardHandle {
         let name = opts.shard_name.clone();
         let (pause_tx, pause_rx) = watch::channel(false);
-        let latency: LatencySlot = Arc::new(OnceLock::new());
+        let latency: LatencySlot = Arc::new(Mutex::new(None));
         let latency_slot = latency.clone();
         let start = move || -> ApplyTask {
+            // A stopped applier's latencies are not the shard's any more.
+            set_latency(&latency_slot, None);
             let shard = opts.shard_name.clone();
             let (status_tx, status_rx) = watch::channel(ShardStatus {
                 shard: shard.clone(),
@@ -120,8 +135,7 @@ impl ShardHandle {
                 let applier = ShardApplier::new(opts, connect, skip_log)
                     .with_pause(pause_rx)
                     .with_source_catalog(source_catalog);
-                // The first start's histogram; a restarted applier's latencies are not shown.
-                let _ = latency_slot.set(applier.latency_histogram());
+                set_latency(&latency_slot, Some(applier.latency_histogram()));
                 tracing::info!(shard = %shard, "apply starting");
                 applier.run(shutdown, status_tx).await
             });
