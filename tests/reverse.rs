@@ -357,6 +357,31 @@ async fn rollback_hands_the_shards_accounts_back_to_the_source_with_every_write(
                 .then_some(())
         },
     );
+    // The console says the truth about the rolled-back stream: no longer running, and where
+    // it ended (the source's progress row `reverse:shard1`), nothing behind; not 0/0.
+    let admin = port_of(&std::fs::read_to_string(t.config_path()).unwrap(), "listen");
+    let mut row = None;
+    for _ in 0..60 {
+        let rows = console_rows(admin, "SHOW REVERSE").await;
+        if let Some(r) = rows.into_iter().find(|r| r["state"] == "rolled_back") {
+            row = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = row.expect("SHOW REVERSE never showed shard1 rolled back");
+    let end =
+        t.source_sql("SELECT commit_lsn FROM reshard.progress WHERE shard = 'reverse:shard1'");
+    assert_ne!(end, "0/0");
+    assert_eq!(r["shard"], "shard1", "{r:?}");
+    assert_eq!(r["stream"], "", "{r:?}");
+    assert_eq!(r["applied_lsn"], end, "{r:?}");
+    assert_eq!(r["received_lsn"], end, "{r:?}");
+    assert_eq!(r["lag_bytes"], "0", "{r:?}");
+    assert!(
+        r["rows_inserted"].parse::<usize>().unwrap() >= mine.len(),
+        "the stream's figures of this run: {r:?}"
+    );
     // A rerun converges to the same state.
     let (code, out, err) = rollback_of_shard1(&t, "60");
     assert_eq!(code, 0, "{out}\n{err}");

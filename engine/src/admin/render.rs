@@ -327,7 +327,8 @@ pub fn throttle(snap: &StatusSnapshot) -> ResultSet {
 }
 
 /// `SHOW REVERSE`: one row per shard whose writes stream back to the source (after a fenced
-/// cutover); `applied_lsn` and `drain_lsn` are the shard's LSNs.
+/// cutover), or streamed back until its rollback (`rolled_back`, no stream, its final
+/// figures); `applied_lsn` and `drain_lsn` are the shard's LSNs.
 pub fn reverse(snap: &StatusSnapshot) -> ResultSet {
     ResultSet {
         columns: vec![

@@ -95,6 +95,7 @@ pub fn spawn(
         streams: HashMap::new(),
         rows: Vec::new(),
         cleaned: HashSet::new(),
+        finals: HashMap::new(),
         failures: HashMap::new(),
         views_tx,
         table_error: None,
@@ -120,6 +121,8 @@ struct Watcher {
     rows: Vec<ReverseRow>,
     /// `(shard, epoch)` whose slot, publication and log were removed after their rollback.
     cleaned: HashSet<(String, i32)>,
+    /// `(shard, epoch)` rolled back: the stream's final figures (see [`Watcher::finish`]).
+    finals: HashMap<(String, i32), ReverseView>,
     failures: HashMap<String, Failure>,
     views_tx: watch::Sender<Vec<ReverseView>>,
     table_error: Option<String>,
@@ -190,6 +193,10 @@ impl Watcher {
         for shard in stale {
             if let Some(s) = self.streams.remove(&shard) {
                 tracing::info!(shard = %shard, slot = %s.row.slot, "stopping the reverse stream (rolled back)");
+                // Its counters for this run, before they go with it.
+                let mut last = s.row.view();
+                s.fill(&mut last);
+                self.finals.insert((shard.clone(), s.row.epoch), last);
                 if let Err(e) = s.stop().await {
                     tracing::warn!(shard = %shard, error = %e, "reverse stream stopped with an error");
                 }
@@ -203,7 +210,14 @@ impl Watcher {
                 ReverseState::RolledBack => {
                     let key = (row.shard.clone(), row.epoch);
                     if !self.cleaned.contains(&key) && self.clean_up(row).await {
-                        self.cleaned.insert(key);
+                        self.cleaned.insert(key.clone());
+                    }
+                    if self
+                        .finals
+                        .get(&key)
+                        .is_none_or(|v| v.state != row.state.as_str())
+                    {
+                        self.finish(row).await;
                     }
                 }
                 ReverseState::Starting => {}
@@ -347,10 +361,53 @@ impl Watcher {
         }
     }
 
+    /// The final figures of a rolled-back reverse stream: where the source's progress row
+    /// `reverse:<shard>` ended (everything received was applied: the rollback drained it),
+    /// nothing behind, no stream, and the counters of this run's stream if it ran here. Kept
+    /// in [`Watcher::finals`] once read; until then the row shows as [`ReverseRow::view`].
+    async fn finish(&mut self, row: &ReverseRow) {
+        let key = (row.shard.clone(), row.epoch);
+        let Ok(sql) = self.sql.client().await else {
+            return;
+        };
+        let end = match crate::pg::progress::read_progress(
+            sql,
+            &row.slot,
+            &row.progress_shard(),
+            Some(&row.shard_system_id),
+        )
+        .await
+        {
+            Ok(p) => p.map(|p| p.commit_lsn).unwrap_or_default(),
+            Err(e) => {
+                tracing::debug!(shard = %row.shard, error = %e, "cannot read the rolled-back reverse stream's progress yet");
+                return;
+            }
+        };
+        let mut v = self.finals.remove(&key).unwrap_or_else(|| row.view());
+        v.state = row.state.as_str().to_owned();
+        v.drain_lsn = row.drain_lsn;
+        v.stream = String::new();
+        v.connected = false;
+        v.applied_lsn = end;
+        v.received_lsn = end;
+        v.lag_bytes = 0;
+        v.lag_seconds = 0.0;
+        v.last_error = None;
+        self.finals.insert(key, v);
+    }
+
     fn publish(&self, rows: &[ReverseRow]) {
         let views = rows
             .iter()
             .map(|row| {
+                if row.state == ReverseState::RolledBack {
+                    if let Some(v) = self.finals.get(&(row.shard.clone(), row.epoch)) {
+                        if v.state == row.state.as_str() {
+                            return v.clone();
+                        }
+                    }
+                }
                 let mut v = row.view();
                 if let Some(s) = self.streams.get(&row.shard) {
                     s.fill(&mut v);
