@@ -185,7 +185,7 @@ impl CheckpointFile {
         let (file, len) = (&self.file, self.len);
         let write = || file.write_all_at(&rec, len);
         match shared {
-            Some(s) => s.until_space("write", &self.path, write)?,
+            Some(s) => s.until_space("write", &self.path, rec.len() as u64, write)?,
             None => write().map_err(|e| io_err("write", &self.path, e))?,
         }
         self.file
@@ -199,7 +199,7 @@ impl CheckpointFile {
         let tmp = self.dir.join(TMP_NAME);
         self.file = match shared {
             // Safe to repeat: the temporary file is truncated and written whole each time.
-            Some(s) => s.until_space("replace", &self.path, || {
+            Some(s) => s.until_space("replace", &self.path, rec.len() as u64, || {
                 replace_file(&self.path, &tmp, rec).map_err(|e| e.source)
             })?,
             None => replace_file(&self.path, &tmp, rec)?,

@@ -569,6 +569,22 @@ pub(crate) struct State {
     /// A write found the filesystem full (ENOSPC, EDQUOT) and waits for space: reading from
     /// the source is paused meanwhile.
     pub disk_full: bool,
+    /// What the full-disk waits logged ([`Shared::until_space`]).
+    pub full_disk_log: FullDiskLog,
+}
+
+/// Least time between two WARNs about a full spill filesystem: the first of a wait, then a
+/// reminder while it lasts; a wait that starts sooner after the last WARN (the disk at the
+/// edge) is not announced again.
+pub(crate) const FULL_DISK_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The full-disk log's memory, across the writes that wait ([`Shared::until_space`]).
+#[derive(Debug, Default)]
+pub(crate) struct FullDiskLog {
+    /// When the last WARN was logged.
+    pub warned_at: Option<std::time::Instant>,
+    /// A WARN announced the current (or last) wait and no INFO said it ended yet.
+    pub announced: bool,
 }
 
 pub(crate) struct Shared {
@@ -751,17 +767,23 @@ const RESERVE_NAME: &str = "reserve";
 const RESERVE_BYTES: usize = 256 << 10;
 
 impl Shared {
-    /// Runs `f` (a positional write or a file creation, safe to repeat) until it does not fail
-    /// for lack of space. Meanwhile reading from the source is paused (the caller is the
-    /// ingest's writer), the status shows it (`disk_full`), shards keep applying and retention
-    /// frees their applied segments; one WARN names the directory, the free bytes and the
-    /// fix, one INFO says when writing resumes. Gives up (the I/O error) when the daemon
+    /// Runs `f` (a positional write of `bytes` bytes, or a file creation, safe to repeat) until
+    /// it does not fail for lack of space. Meanwhile reading from the source is paused (the
+    /// caller is the ingest's writer), the status shows it (`disk_full`), shards keep applying
+    /// and retention frees their applied segments. Gives up (the I/O error) when the daemon
     /// stops. Never used for `sync_data`: after a failed fsync the kernel may have dropped the
     /// dirty pages, so repeating it could report durable what is not.
+    ///
+    /// The log ([`FullDiskLog`]): one WARN when a wait starts (the directory, the bytes the
+    /// write needs, the free bytes, the fix), a reminder while it lasts, never two WARNs within
+    /// [`FULL_DISK_WARN_EVERY`] (a disk at the edge lets one write through and stops the next:
+    /// each such wait is not worth a line of its own), and one INFO when writing resumes after
+    /// a wait that was announced.
     pub(crate) fn until_space<T>(
         &self,
         op: &'static str,
         path: &Path,
+        bytes: u64,
         mut f: impl FnMut() -> std::io::Result<T>,
     ) -> Result<T, SpillError> {
         let mut since: Option<std::time::Instant> = None;
@@ -778,6 +800,7 @@ impl Shared {
                         if self.stop.get().is_some_and(|s| s.is_requested()) {
                             return Err(e);
                         }
+                        self.full_disk_note(since, op, path, bytes, &e.to_string());
                         std::thread::sleep(std::time::Duration::from_millis(200));
                         continue;
                     }
@@ -792,14 +815,22 @@ impl Shared {
             match f() {
                 Ok(v) => {
                     if let Some(t) = since {
-                        self.lock().disk_full = false;
+                        let announced = {
+                            let mut st = self.lock();
+                            st.disk_full = false;
+                            std::mem::take(&mut st.full_disk_log.announced)
+                        };
                         self.space.notify_waiters();
-                        tracing::info!(
-                            dir = %self.opts.dir.display(),
-                            waited_secs = t.elapsed().as_secs(),
-                            free_bytes = free_bytes(&self.opts.dir),
-                            "spill directory has space again: resuming reads from the source"
-                        );
+                        if announced {
+                            tracing::info!(
+                                dir = %self.opts.dir.display(),
+                                waited_secs = t.elapsed().as_secs(),
+                                free_bytes = free_bytes(&self.opts.dir),
+                                "spill directory has space again: resuming reads from the source"
+                            );
+                        } else {
+                            tracing::debug!(dir = %self.opts.dir.display(), waited_ms = t.elapsed().as_millis() as u64, "spill directory has space again (a short wait within the full-disk WARN's interval)");
+                        }
                     }
                     return Ok(v);
                 }
@@ -809,26 +840,65 @@ impl Shared {
                     }
                     if since.is_none() {
                         since = Some(std::time::Instant::now());
-                        let bytes_on_disk = {
-                            let mut st = self.lock();
-                            st.disk_full = true;
-                            st.bytes_on_disk
-                        };
-                        tracing::warn!(
-                            dir = %self.opts.dir.display(),
-                            op,
-                            path = %path.display(),
-                            error = %e,
-                            free_bytes = free_bytes(&self.opts.dir),
-                            bytes_on_disk,
-                            max_bytes = self.opts.max_bytes,
-                            "spill directory's filesystem is full: pausing reads from the source until shards apply their backlog and retention frees segments (nothing is lost; reading resumes by itself); fix: free space on that filesystem, or set [spill] max_bytes below its free space, or move [spill] dir to a larger disk"
-                        );
+                        self.lock().disk_full = true;
                     }
+                    self.full_disk_note(since, op, path, bytes, &e.to_string());
                     std::thread::sleep(std::time::Duration::from_millis(200));
                 }
                 Err(e) => return Err(io_err(op, path, e)),
             }
+        }
+    }
+
+    /// Logs a full-disk wait that started at `since`, as [`FullDiskLog`] allows: the first
+    /// WARN of a wait, or a reminder, at most once per [`FULL_DISK_WARN_EVERY`].
+    fn full_disk_note(
+        &self,
+        since: Option<std::time::Instant>,
+        op: &'static str,
+        path: &Path,
+        bytes: u64,
+        error: &str,
+    ) {
+        let now = std::time::Instant::now();
+        let waited_secs = since.map_or(0, |t| now.duration_since(t).as_secs());
+        let bytes_on_disk = {
+            let mut st = self.lock();
+            let log = &mut st.full_disk_log;
+            if log
+                .warned_at
+                .is_some_and(|t| now.duration_since(t) < FULL_DISK_WARN_EVERY)
+            {
+                return;
+            }
+            log.warned_at = Some(now);
+            log.announced = true;
+            st.bytes_on_disk
+        };
+        const FIX: &str = "fix: free space on that filesystem, or set [spill] max_bytes below its free space, or move [spill] dir to a larger disk";
+        if waited_secs == 0 {
+            tracing::warn!(
+                dir = %self.opts.dir.display(),
+                op,
+                path = %path.display(),
+                error,
+                needed_bytes = bytes,
+                free_bytes = free_bytes(&self.opts.dir),
+                bytes_on_disk,
+                max_bytes = self.opts.max_bytes,
+                "spill directory's filesystem is full: pausing reads from the source until shards apply their backlog and retention frees segments (nothing is lost; reading resumes by itself); {FIX}"
+            );
+        } else {
+            tracing::warn!(
+                dir = %self.opts.dir.display(),
+                op,
+                path = %path.display(),
+                needed_bytes = bytes,
+                free_bytes = free_bytes(&self.opts.dir),
+                bytes_on_disk,
+                waited_secs,
+                "spill directory's filesystem is still full: reads from the source stay paused until shards apply their backlog and retention frees segments; {FIX}"
+            );
         }
     }
 

@@ -204,6 +204,7 @@ impl SpillWriter {
                 sync_in_flight: false,
                 sync_error: None,
                 disk_full: false,
+                full_disk_log: Default::default(),
             }),
             data: (0..n).map(|_| tokio::sync::Notify::new()).collect(),
             space: tokio::sync::Notify::new(),
@@ -808,7 +809,7 @@ impl SpillWriter {
         if w.active.is_none() {
             let seq = w.next_seq;
             let path = w.dir.join(block::segment_name(first, seq));
-            let file = self.shared.until_space("create", &path, || {
+            let file = self.shared.until_space("create", &path, 0, || {
                 private_file()
                     .read(true)
                     .write(true)
@@ -833,12 +834,12 @@ impl SpillWriter {
             offset: a.bytes,
         };
         // Positional writes: after ENOSPC the same bytes go to the same place again.
-        self.shared.until_space("write", &a.path, || {
+        let frame = block::HEADER_LEN + payload.len() as u64;
+        self.shared.until_space("write", &a.path, frame, || {
             a.file
                 .write_all_at(&header, a.bytes)
                 .and_then(|()| a.file.write_all_at(payload, a.bytes + block::HEADER_LEN))
         })?;
-        let frame = block::HEADER_LEN + payload.len() as u64;
         a.bytes += frame;
         let next = Pos {
             seq: a.seq,
