@@ -171,3 +171,79 @@ fn a_sql_quoted_tables_name_is_refused_with_the_key_line_and_spelling_that_works
         "{report:#}"
     );
 }
+
+// Found by the outside-user acceptance runs (explore): a table created on the source while
+// the daemon streamed (any table, with a config that lists none) made every later start of
+// `reshard run` exit 3 with only `ALTER PUBLICATION … ADD TABLE` as the fix (its earlier rows
+// would never be loaded), and the fix `verify`, `cutover` and `check` give, one `[[tables]]`
+// entry with `mode = "skip"`, turned the config into a list of that one table, so `run`
+// refused again: "no tables to replicate".
+/// The refusal names both ways on; a config whose `[[tables]]` only skips tables still finds
+/// every other table by itself, so with the new table skipped the daemon resumes, streams the
+/// other tables, and `check` and `verify` pass.
+#[test]
+fn a_table_created_mid_run_is_left_out_by_one_skip_entry_and_the_daemon_resumes() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    t.source_sql(
+        "INSERT INTO app.orders SELECT a % 40, a, 'n' || a FROM generate_series(1, 200) a; \
+         INSERT INTO public.plans VALUES (1, 'free')",
+    );
+    let cfg = t.write_config("");
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let d = t.spawn_run(&[]);
+    let tables = [
+        (
+            "app.orders",
+            Some(("account_id", "bigint")),
+            "account_id, id",
+        ),
+        ("public.plans", None, "id"),
+    ];
+    t.wait_converged(&tables, Duration::from_secs(90));
+    t.source_sql(
+        "CREATE TABLE public.later (account_id bigint NOT NULL, id bigint NOT NULL, \
+           PRIMARY KEY (account_id, id)); \
+         INSERT INTO public.later VALUES (1, 1)",
+    );
+    t.stop_cleanly(d);
+
+    // A restart names the table and both ways on.
+    let (code, out, err) = t.reshard(&["run", "-c", &cfg]);
+    assert_eq!(code, 3, "{out}\n{err}");
+    assert!(
+        err.contains("does not publish public.later")
+            && err.contains("name = \"…\" mode = \"skip\"")
+            && err.contains("ALTER PUBLICATION reshard ADD TABLE public.later")
+            && err.contains("load the rows"),
+        "{err}"
+    );
+
+    // One skip entry: the daemon resumes with every other table.
+    let skip = "[[tables]]\nname = \"public.later\"\nmode = \"skip\"\n";
+    let cfg = t.write_config(skip);
+    let cfg = cfg.to_str().unwrap().to_owned();
+    // (`check` while the daemon streams FAILs on the slot in use.)
+    let (code, out, err) = t.reshard(&["check", "-c", &cfg]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let d = t.spawn_run(&[]);
+    t.source_sql(
+        "INSERT INTO app.orders SELECT a % 40, a, 'after' FROM generate_series(1001, 1100) a; \
+         UPDATE public.plans SET name = 'gratis'",
+    );
+    t.wait_converged(&tables, Duration::from_secs(90));
+    assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+    let (code, out, err) = t.reshard(&["verify", "-c", &cfg, "--json", "--timeout", "60"]);
+    let report = json(&out, &err);
+    assert_eq!(code, 0, "{report:#}\n{err}");
+    let verified = set(report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["table"].as_str().unwrap().to_owned()));
+    assert_eq!(
+        verified,
+        set(["app.orders".to_owned(), "public.plans".to_owned()])
+    );
+    t.stop_cleanly(d);
+}

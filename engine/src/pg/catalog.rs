@@ -13,7 +13,9 @@
 //! has the key column, broadcast otherwise. UNLOGGED tables are left out (logical decoding never
 //! sees their rows, and a publication refuses them); [`TableSet::unlogged`] names them so that
 //! `check` can say so. With `[[tables]]`, only the listed tables are replicated, and a listed
-//! table that is missing, lacks its key or is UNLOGGED is a refusal naming the fix.
+//! table that is missing, lacks its key or is UNLOGGED is a refusal naming the fix; unless every
+//! entry is `mode = "skip"`: then those tables are left out of the set found as without
+//! `[[tables]]` (the way each refusal's fix leaves one table out).
 
 use tokio_postgres::Client;
 
@@ -39,7 +41,7 @@ pub enum CatalogError {
         key: String,
     },
     /// The existing publication lacks replicated tables.
-    #[error("publication {publication} exists but does not publish {missing}; run on the source: ALTER PUBLICATION {publication} ADD TABLE {missing}")]
+    #[error("publication {publication} exists but does not publish {missing} (a table created on the source after the publication was, e.g. while `reshard run` streamed: its rows were never loaded onto the shards); leave it out with [[tables]] name = \"…\" mode = \"skip\" (the tables not listed are still replicated), or create it on every shard, run on the source: ALTER PUBLICATION {publication} ADD TABLE {missing}, and load the rows it held before onto the shards")]
     PublicationIncomplete {
         /// Publication name.
         publication: String,
@@ -62,7 +64,7 @@ pub enum CatalogError {
         table: String,
     },
     /// Nothing to replicate.
-    #[error("no tables to replicate: the source database has no user tables (or every configured table is mode = \"skip\")")]
+    #[error("no tables to replicate: the source database has no user tables (or every table is listed with mode = \"skip\")")]
     Empty,
     /// A query failed.
     #[error("source query failed ({what}): {source}")]
@@ -110,7 +112,8 @@ pub struct TableSet {
     pub missing: Vec<TableRule>,
     /// UNLOGGED tables: left out without `[[tables]]`, a refusal when listed.
     pub unlogged: Vec<TableRule>,
-    /// Whether the set comes from `[[tables]]` (else: every table of the database).
+    /// Whether the set comes from `[[tables]]` (else: every table of the database but those
+    /// `[[tables]]` skips).
     pub configured: bool,
 }
 
@@ -167,7 +170,9 @@ pub async fn resolve(client: &Client, cfg: &Config) -> Result<TableSet, CatalogE
         .await
         .map_err(q("listing tables"))?;
     let rules = cfg.table_rules();
-    let configured = !rules.is_empty();
+    // Only `skip` entries leave those tables out of the discovered set: every other table is
+    // still found without being listed (the way every refusal's fix says to leave one out).
+    let configured = rules.iter().any(|r| r.mode != TableMode::Skip);
     let candidates: Vec<TableRule> = if configured {
         rules
             .into_iter()
@@ -175,15 +180,14 @@ pub async fn resolve(client: &Client, cfg: &Config) -> Result<TableSet, CatalogE
             .collect()
     } else {
         rows.iter()
-            .map(|r| {
-                let name = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
-                TableRule {
-                    source: name.clone(),
-                    target: name,
-                    mode: TableMode::Sharded,
-                    key: cfg.routing.key.clone(),
-                    key_immutable: cfg.routing.key_immutable,
-                }
+            .map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)))
+            .filter(|name| !rules.iter().any(|r| r.source == *name))
+            .map(|name| TableRule {
+                source: name.clone(),
+                target: name,
+                mode: TableMode::Sharded,
+                key: cfg.routing.key.clone(),
+                key_immutable: cfg.routing.key_immutable,
             })
             .collect()
     };
