@@ -362,3 +362,148 @@ fn cutover_is_not_safe_while_the_shard_lacks_a_source_column() {
         t.all_logs()
     );
 }
+
+/// A table with enum columns (plain, array, a domain over the enum), for the enum tests.
+const ENUM_SCHEMA: &str = "
+CREATE TYPE mood AS ENUM ('sad', 'ok');
+CREATE DOMAIN mood_d AS mood;
+CREATE TABLE feelings (account_id bigint NOT NULL, id bigint NOT NULL, m mood, ms mood[],
+                       md mood_d, PRIMARY KEY (account_id, id));
+";
+
+const ENUM_TABLES: &[TableCheck<'static>] =
+    &[("feelings", Some(("account_id", "bigint")), "account_id, id")];
+
+/// Source, 2 shards with [`ENUM_SCHEMA`], rows on both shards, the daemon in `ddl = mode`
+/// streaming and caught up.
+fn start_enum(mode: &str) -> (Topology, usize) {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(ENUM_SCHEMA);
+    t.source_sql(
+        "INSERT INTO feelings SELECT g % 13, g, 'ok', ARRAY['sad', 'ok']::mood[], 'sad' \
+         FROM generate_series(1, 100) g",
+    );
+    t.write_config_apply(&format!("ddl = \"{mode}\"\n"), "");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.wait_converged(ENUM_TABLES, Duration::from_secs(60));
+    (t, d)
+}
+
+/// `ALTER TYPE … ADD VALUE` on the source, then rows of every account (so both shards) using
+/// the new values in each kind of column.
+const NEW_ENUM_VALUES: &str = "
+ALTER TYPE mood ADD VALUE 'angry';
+ALTER TYPE mood ADD VALUE 'meh' BEFORE 'ok';
+";
+const ROWS_WITH_NEW_VALUES: &str = "
+INSERT INTO feelings SELECT g % 13, g, 'angry', ARRAY['meh', 'angry']::mood[], 'meh'
+FROM generate_series(101, 140) g;
+UPDATE feelings SET m = 'meh', ms = ms || 'angry'::mood WHERE id % 10 = 0 AND id <= 100;
+";
+
+fn enum_labels(c: &reshard_harness::PgCluster) -> String {
+    c.psql("app", "SELECT enum_range(NULL::mood)::text")
+        .unwrap()
+}
+
+// Found by the outside-user acceptance runs (explore): an enum value added on the source
+// (`ALTER TYPE mood ADD VALUE`, a routine change in a days-long migration) reached the
+// shards as `22P02 invalid input value for enum`, a definite error: every shard stopped and
+// `reshard run` exited 3.
+/// wait mode: the shards wait for DDL naming the type, the missing values and the exact
+/// `ALTER TYPE … ADD VALUE`s (each after its predecessor in the source's order), the daemon
+/// keeps running, and once the operator adds the values on the shards apply resumes by itself.
+#[test]
+fn ddl_wait_enum_value_added_on_the_source_waits_then_resumes() {
+    let (mut t, d) = start_enum("wait");
+    t.source_sql(NEW_ENUM_VALUES);
+    t.source_sql(ROWS_WITH_NEW_VALUES);
+    let msg = wait_ddl_state(
+        &t,
+        &[
+            "public.feelings",
+            "mood",
+            "ALTER TYPE",
+            "ADD VALUE IF NOT EXISTS 'meh' AFTER 'sad'",
+            "ADD VALUE IF NOT EXISTS 'angry' AFTER 'ok'",
+        ],
+    );
+    println!("status says: {msg}");
+    // Give a stop time to happen, then make sure none did.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+    // Each shard waits (its state goes between waiting and a retry's running), none stopped.
+    for shard in ["shard0", "shard1"] {
+        t.wait(
+            &format!("{shard} to wait for DDL"),
+            Duration::from_secs(60),
+            || {
+                let st = t.status_json()?;
+                st["shards"]
+                    .as_array()?
+                    .iter()
+                    .any(|s| s["name"] == shard && s["state"] == "waiting_for_ddl")
+                    .then_some(())
+            },
+        );
+    }
+    let st = t.status_json().expect("status");
+    for s in st["shards"].as_array().expect("shards") {
+        assert_ne!(s["state"], "stopped", "{st}");
+    }
+    t.shards_sql(NEW_ENUM_VALUES);
+    t.wait_converged(ENUM_TABLES, Duration::from_secs(60));
+    assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+    t.stop_cleanly(d);
+}
+
+// Found by the outside-user acceptance runs (explore), as above.
+/// propagate mode: reshard adds the source's new enum values on each shard itself, in the
+/// source's sort order, and the rows that use them arrive; the daemon never stops.
+#[test]
+fn ddl_propagate_enum_value_added_on_the_source() {
+    let (mut t, d) = start_enum("propagate");
+    t.source_sql(NEW_ENUM_VALUES);
+    t.source_sql(ROWS_WITH_NEW_VALUES);
+    t.wait_converged(ENUM_TABLES, Duration::from_secs(60));
+    let want = enum_labels(&t.source);
+    assert_eq!(want, "{sad,meh,ok,angry}");
+    for (i, s) in t.shards.iter().enumerate() {
+        assert_eq!(enum_labels(s), want, "shard{i}");
+    }
+    assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+    t.stop_cleanly(d);
+}
+
+// Found by the outside-user acceptance runs (explore): `ADD COLUMN c tier` of a type created
+// on the source after the shards' schema was made: propagating the column failed with
+// `42704 type "tier" does not exist`, a definite error: every shard stopped and `reshard run`
+// exited 3.
+/// The shards wait for DDL naming the type and the statement that creates it (an enum's, from
+/// the source), the daemon keeps running, and once the type exists on the shards the column
+/// is propagated and the rows arrive.
+#[test]
+fn ddl_propagate_add_column_of_a_type_the_shard_lacks_waits_for_the_type() {
+    let (mut t, d) = start_enum("propagate");
+    t.source_sql(
+        "CREATE TYPE tier AS ENUM ('free', 'pro');
+         ALTER TABLE feelings ADD COLUMN tier tier;
+         UPDATE feelings SET tier = 'pro' WHERE id % 3 = 0;",
+    );
+    let msg = wait_ddl_state(
+        &t,
+        &[
+            "public.feelings",
+            "\"tier\"",
+            "CREATE TYPE public.tier AS ENUM ('free', 'pro')",
+        ],
+    );
+    println!("status says: {msg}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+    t.shards_sql("CREATE TYPE tier AS ENUM ('free', 'pro')");
+    t.wait_converged(ENUM_TABLES, Duration::from_secs(60));
+    assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+    t.stop_cleanly(d);
+}

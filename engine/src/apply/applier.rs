@@ -23,7 +23,7 @@ use super::batch::{
     change_sql, encode_table, encode_table_inline, key_text, op_kind, owner_sql_for_change,
     Prepared,
 };
-use super::ddl::{Ddl, SourceConnect, Verdict};
+use super::ddl::{enum_columns, enum_columns_query, Ddl, EnumGap, SourceConnect, Verdict};
 use super::fold::Fold;
 use super::schema::{
     columns_query, exists_query, source_name, split_name, SchemaError, TargetColumn, TargetTable,
@@ -307,6 +307,14 @@ struct Session<'a, L: ShardLog> {
     /// Apply stops before the source transaction with this commit LSN, commits what precedes
     /// it, and returns the wait.
     ddl_barrier: Option<(Lsn, ApplyError)>,
+    /// The relation and source commit LSN of the change whose statement last failed with a
+    /// data error (22P02) in the change-by-change path: perhaps an enum value the source added
+    /// (see `after_value_error`).
+    value_error_at: Option<(Arc<Relation>, Lsn)>,
+    /// The source commit LSN of a transaction applied again once because its data error on a
+    /// table with enum columns found no enum label missing (the operator may have added them
+    /// between the error and the look).
+    value_error_retried: Option<Lsn>,
     /// Tables whose new keys the flush being written inserts directly (see
     /// `TargetTable::takes_direct_inserts`).
     direct_in_flush: Vec<TableId>,
@@ -388,6 +396,8 @@ impl<'a, L: ShardLog> Session<'a, L> {
             ordered_until: None,
             ddl_failed_at: None,
             ddl_barrier: None,
+            value_error_at: None,
+            value_error_retried: None,
             direct_in_flush: Vec::new(),
             merge_only: foldhash::HashMap::default(),
             in_flight: None,
@@ -565,17 +575,9 @@ impl<'a, L: ShardLog> Session<'a, L> {
         }
         let (up_to, cause) = match step {
             Err(ApplyError::ReplayFromLog { up_to, cause, .. }) => (up_to, cause),
-            Err(e @ ApplyError::WaitingForDdl { .. }) => {
-                let Some(at) = self.ddl_failed_at.take() else {
-                    return Err(e);
-                };
-                if self.ddl_barrier.as_ref().is_some_and(|(b, _)| *b <= at) {
-                    return Err(e);
-                }
-                debug!(before = %at, error = %e, "a change waits for DDL; committing every source transaction before it first");
-                self.rewind(reader).await?;
-                self.ddl_barrier = Some((at, e));
-                return Ok(());
+            Err(e @ ApplyError::WaitingForDdl { .. }) => return self.wait_for_ddl(e, reader).await,
+            Err(e) if e.sqlstate() == Some("22P02") && self.value_error_at.is_some() => {
+                return self.after_value_error(e, reader).await;
             }
             other => return other,
         };
@@ -584,6 +586,88 @@ impl<'a, L: ShardLog> Session<'a, L> {
         self.ordered_until = Some(up_to);
         self.status.send_modify(|s| s.replays += 1);
         Ok(())
+    }
+
+    /// A change waits for DDL (`e`, with `ddl_failed_at` its source commit LSN): the first
+    /// time, rewind and commit every source transaction before it (`ddl_barrier`); then `e`.
+    async fn wait_for_ddl(
+        &mut self,
+        e: ApplyError,
+        reader: &mut L::Reader,
+    ) -> Result<(), ApplyError> {
+        let Some(at) = self.ddl_failed_at.take() else {
+            return Err(e);
+        };
+        if self.ddl_barrier.as_ref().is_some_and(|(b, _)| *b <= at) {
+            return Err(e);
+        }
+        debug!(before = %at, error = %e, "a change waits for DDL; committing every source transaction before it first");
+        self.rewind(reader).await?;
+        self.ddl_barrier = Some((at, e));
+        Ok(())
+    }
+
+    /// A change's statement failed with a data error (`e`, 22P02) in the change-by-change
+    /// path. If the source's enum types have labels the shard table's lack (`ALTER TYPE … ADD
+    /// VALUE` on the source, which logical decoding does not send), this is a schema change:
+    /// with `ddl = "propagate"` the labels are added on the shard (outside any transaction, as
+    /// a new label cannot be used in the transaction that adds it) and the changes are applied
+    /// again; with `"wait"` the shard waits for DDL before the change's source transaction.
+    /// If none is missing (any more), the transaction is applied again once; then `e` stands.
+    async fn after_value_error(
+        &mut self,
+        e: ApplyError,
+        reader: &mut L::Reader,
+    ) -> Result<(), ApplyError> {
+        let Some((rel, at)) = self.value_error_at.take() else {
+            return Err(e);
+        };
+        // The target transaction is aborted: roll it back before reading the shard's catalog.
+        self.rewind(reader).await?;
+        let target = self.target_name(&rel);
+        let (s, t) = split_name(&target);
+        let lit = sql_literal(format!("{}.{}", quote_ident(&s), quote_ident(&t)).as_bytes())
+            .unwrap_or_default();
+        let rows = self
+            .sql(
+                &enum_columns_query(&format!("to_regclass({lit})")),
+                &format!("reading the enum columns of target table {target}"),
+            )
+            .await?;
+        let shard_enums = enum_columns(rows.iter().filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some((
+                r.get(0)?.to_owned(),
+                r.get(1)?.to_owned(),
+                r.get(2)?.to_owned(),
+            )),
+            _ => None,
+        }));
+        let shard = self.opts.shard_name.clone();
+        if shard_enums.is_empty() {
+            return Err(e);
+        }
+        match self.ddl.enum_gap(&shard, &rel, &target, &shard_enums).await {
+            // The shard may have taken the values between the error and the look: apply the
+            // transaction again, once.
+            EnumGap::None if self.value_error_retried != Some(at) => {
+                self.value_error_retried = Some(at);
+                debug!(commit_lsn = %at, error = %e, "no enum value is missing now; applying the transaction again");
+                Ok(())
+            }
+            EnumGap::None => Err(e),
+            EnumGap::Add(statements) => {
+                for sql in &statements {
+                    let ctx = format!("adding the source's new enum value on the shard: {sql}");
+                    self.sql(sql, &ctx).await?;
+                }
+                Ok(())
+            }
+            EnumGap::Wait(wait) => {
+                self.ddl_failed_at = Some(at);
+                self.wait_for_ddl(ApplyError::WaitingForDdl { shard, wait }, reader)
+                    .await
+            }
+        }
     }
 
     /// Rolls back the target transaction, forgets everything not durable, and reopens the
@@ -1074,7 +1158,34 @@ impl<'a, L: ShardLog> Session<'a, L> {
                     // it commits with that change and the progress row, or not at all.
                     self.begin_target_txn().await?;
                     let ctx = format!("adding the source's new column(s) to {target}: {sql}");
-                    self.sql(&sql, &ctx).await?;
+                    if let Err(e) = self.sql(&sql, &ctx).await {
+                        // Something the column needs does not exist on the shard (its type,
+                        // e.g. an enum created on the source after the shard's schema, or
+                        // the type's schema, or a default's function): the operator creates
+                        // it, then the column is propagated.
+                        let ApplyError::Pg {
+                            sqlstate, message, ..
+                        } = &e
+                        else {
+                            return Err(e);
+                        };
+                        if !matches!(sqlstate.as_str(), "42704" | "42883" | "3F000") {
+                            return Err(e);
+                        }
+                        let error = format!("SQLSTATE {sqlstate}: {message}");
+                        let new_columns: Vec<String> = rel
+                            .columns
+                            .iter()
+                            .filter(|c| !cols.iter().any(|t| t.name == c.name))
+                            .map(|c| c.name.clone())
+                            .collect();
+                        let shard = self.opts.shard_name.clone();
+                        let wait = self
+                            .ddl
+                            .missing_type_wait(&shard, rel, &target, &sql, &new_columns, &error)
+                            .await;
+                        return Err(ApplyError::WaitingForDdl { shard, wait });
+                    }
                     cols = self.target_columns(&lit, &ctx).await?;
                 }
             }
@@ -1416,7 +1527,15 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 table.target,
                 key_text(table, c)
             );
-            let msgs = self.sql(&sql, &ctx).await?;
+            let msgs = match self.sql(&sql, &ctx).await {
+                Ok(msgs) => msgs,
+                Err(e) => {
+                    if e.sqlstate() == Some("22P02") {
+                        self.value_error_at = Some((Arc::clone(rel), *lsn));
+                    }
+                    return Err(e);
+                }
+            };
             self.check_owners(&msgs, *lsn)?;
         }
         Ok(())

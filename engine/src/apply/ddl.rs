@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use super::schema::{source_name, SchemaError, TargetColumn};
 use crate::config::DdlMode;
 use crate::event::{quote_ident, Relation, TableId};
+use crate::pg::sql::quote_literal;
 
 /// Opens a SQL connection to the source (for its catalog); the error text names the cause.
 pub type SourceConnect =
@@ -280,9 +281,142 @@ impl Ddl {
         }
     }
 
-    /// The source catalog's columns of `rel` (by OID), reconnecting once if the connection
-    /// broke.
-    async fn source_columns(&mut self, rel: &Relation) -> Result<Vec<SourceColumn>, String> {
+    /// A change of `rel` failed on shard table `target` with a data error (22P02): if the
+    /// source's enum types have labels the shard's (`shard_enums`, the shard table's enum
+    /// columns) lack, the source added them (`ALTER TYPE … ADD VALUE`, which pgoutput does not
+    /// send): propagate them or wait for them, as `[apply] ddl` says.
+    pub(super) async fn enum_gap(
+        &mut self,
+        shard: &str,
+        rel: &Relation,
+        target: &str,
+        shard_enums: &[EnumColumn],
+    ) -> EnumGap {
+        if shard_enums.is_empty() {
+            return EnumGap::None;
+        }
+        let src = source_name(rel);
+        let sql = enum_columns_query(&format!("{}::oid", rel.id.0));
+        let source = match self.source_query(&sql, &[]).await {
+            Ok(rows) => enum_columns(enum_rows(&rows)),
+            Err(e) => {
+                return EnumGap::Wait(DdlWait {
+                    source_table: src.clone(),
+                    what: format!(
+                        "a value of an enum column of source table {src} is not a label of its type on shard {shard} table {target}, and the source's enum labels cannot be read from the source catalog: {e}"
+                    ),
+                    fix: format!(
+                        "add the source's new enum values on shard {shard} (ALTER TYPE … ADD VALUE), or restore the source connection"
+                    ),
+                })
+            }
+        };
+        let missing = missing_enum_values(&source, shard_enums);
+        if missing.is_empty() {
+            return EnumGap::None;
+        }
+        let statements: Vec<String> = missing.iter().flat_map(|(_, _, s)| s.clone()).collect();
+        let what = format!(
+            "source table {src} sends enum value(s) that shard {shard} table {target} cannot take: {} (ALTER TYPE … ADD VALUE on the source)",
+            missing
+                .iter()
+                .map(|(ty, labels, _)| format!(
+                    "type {ty} lacks {}",
+                    labels
+                        .iter()
+                        .map(|l| quote_literal(l))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        match self.mode {
+            DdlMode::Propagate => {
+                info!(table = %src, target = %target, values = %what, "propagating ALTER TYPE … ADD VALUE to the shard");
+                EnumGap::Add(statements)
+            }
+            DdlMode::Wait => EnumGap::Wait(DdlWait {
+                source_table: src,
+                what,
+                fix: format!(
+                    "run on shard {shard}: {} (or set [apply] ddl = \"propagate\")",
+                    statements.join("; ")
+                ),
+            }),
+        }
+    }
+
+    /// Propagating new column(s) of `rel` to shard table `target` failed with `error`, an
+    /// object the shard lacks (e.g. `42704`: the columns' type was created on the source after
+    /// the shard's schema): wait for the operator, naming the `CREATE TYPE` of each enum type
+    /// of the source's new columns (`new_columns`).
+    pub(super) async fn missing_type_wait(
+        &mut self,
+        shard: &str,
+        rel: &Relation,
+        target: &str,
+        add_sql: &str,
+        new_columns: &[String],
+        error: &str,
+    ) -> DdlWait {
+        let src = source_name(rel);
+        let sql = enum_columns_query(&format!("{}::oid", rel.id.0));
+        let creates: Vec<String> = match self.source_query(&sql, &[]).await {
+            Ok(rows) => {
+                let cols = enum_columns(enum_rows(&rows));
+                let mut creates: Vec<String> = Vec::new();
+                for c in cols.iter().filter(|c| new_columns.contains(&c.column)) {
+                    let create = format!(
+                        "CREATE TYPE {} AS ENUM ({})",
+                        c.type_sql,
+                        c.labels
+                            .iter()
+                            .map(|l| quote_literal(l))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    if !creates.contains(&create) {
+                        creates.push(create);
+                    }
+                }
+                creates
+            }
+            Err(e) => {
+                warn!(error = %e, table = %src, "cannot read the source's enum types for the fix");
+                Vec::new()
+            }
+        };
+        let fix = if creates.is_empty() {
+            format!(
+                "create on shard {shard} what the new column(s) need as the source has it (their type, its schema, a default's function); reshard then runs {add_sql}"
+            )
+        } else {
+            format!(
+                "run on shard {shard}: {}; reshard then runs {add_sql}",
+                creates.join("; ")
+            )
+        };
+        DdlWait {
+            source_table: src.clone(),
+            what: format!(
+                "shard {shard} cannot add the column(s) {} that source table {src} now sends to {target}: {error}",
+                new_columns
+                    .iter()
+                    .map(|c| format!("{c:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            fix,
+        }
+    }
+
+    /// Runs `sql` on the source catalog connection, reconnecting once if it broke.
+    async fn source_query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, String> {
         let Some(connect) = self.source.clone() else {
             return Err("no source connection is configured for the applier".into());
         };
@@ -291,19 +425,8 @@ impl Ddl {
                 self.client = Some(connect().await?);
             }
             let Some(client) = &self.client else { continue };
-            match client.query(SOURCE_COLUMNS, &[&rel.id.0]).await {
-                Ok(rows) => {
-                    return Ok(rows
-                        .iter()
-                        .map(|r| SourceColumn {
-                            name: r.get(0),
-                            type_sql: r.get(1),
-                            not_null: r.get(2),
-                            default: r.get(3),
-                            volatile: r.get(4),
-                        })
-                        .collect())
-                }
+            match client.query(sql, params).await {
+                Ok(rows) => return Ok(rows),
                 Err(e) if attempt == 0 && e.as_db_error().is_none() => {
                     warn!(error = %e, "source catalog connection failed; reconnecting");
                     self.client = None;
@@ -313,6 +436,141 @@ impl Ddl {
         }
         Err("the source catalog connection failed twice".into())
     }
+
+    /// The source catalog's columns of `rel` (by OID).
+    async fn source_columns(&mut self, rel: &Relation) -> Result<Vec<SourceColumn>, String> {
+        let rows = self.source_query(SOURCE_COLUMNS, &[&rel.id.0]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| SourceColumn {
+                name: r.get(0),
+                type_sql: r.get(1),
+                not_null: r.get(2),
+                default: r.get(3),
+                volatile: r.get(4),
+            })
+            .collect())
+    }
+}
+
+/// A table column whose type is an enum, or an array of or a domain over one: the enum's
+/// schema-qualified, quoted name and its labels in sort order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct EnumColumn {
+    /// Column name.
+    pub column: String,
+    /// `schema.type`, quoted as needed.
+    pub type_sql: String,
+    /// Labels in `enumsortorder`.
+    pub labels: Vec<String>,
+}
+
+/// The enum columns of the table `rel_expr` (an `oid` or `regclass` SQL expression): one row
+/// per (column, qualified enum type, label), labels in sort order. Domains and arrays are
+/// followed down to their enum.
+pub(super) fn enum_columns_query(rel_expr: &str) -> String {
+    format!(
+        "WITH RECURSIVE ty(col, oid, depth) AS ( \
+           SELECT a.attname::text, a.atttypid, 0 FROM pg_attribute a \
+           WHERE a.attrelid = {rel_expr} AND a.attnum > 0 AND NOT a.attisdropped \
+           UNION ALL \
+           SELECT ty.col, CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.typelem END, ty.depth + 1 \
+           FROM ty JOIN pg_type t ON t.oid = ty.oid \
+           WHERE ty.depth < 8 AND (t.typtype = 'd' OR (t.typcategory = 'A' AND t.typelem <> 0))) \
+         SELECT ty.col, quote_ident(n.nspname) || '.' || quote_ident(t.typname), e.enumlabel::text \
+         FROM ty JOIN pg_type t ON t.oid = ty.oid AND t.typtype = 'e' \
+         JOIN pg_namespace n ON n.oid = t.typnamespace \
+         JOIN pg_enum e ON e.enumtypid = t.oid \
+         ORDER BY ty.col, e.enumsortorder"
+    )
+}
+
+/// Groups the rows of [`enum_columns_query`] (column, type, label), in their order.
+pub(super) fn enum_columns(
+    rows: impl IntoIterator<Item = (String, String, String)>,
+) -> Vec<EnumColumn> {
+    let mut out: Vec<EnumColumn> = Vec::new();
+    for (column, type_sql, label) in rows {
+        match out.last_mut() {
+            Some(last) if last.column == column => last.labels.push(label),
+            _ => out.push(EnumColumn {
+                column,
+                type_sql,
+                labels: vec![label],
+            }),
+        }
+    }
+    out
+}
+
+/// Enum values the source has and the shard's enum types lack (`ALTER TYPE … ADD VALUE` on
+/// the source): per shard enum type, the missing labels and the statements that add them in
+/// the source's sort order (each after the nearest label before it in the source's order that
+/// the shard has or is given first; a label with none before it goes before the first one
+/// after it). Empty when the shard has every source label.
+pub(super) fn missing_enum_values(
+    source: &[EnumColumn],
+    shard: &[EnumColumn],
+) -> Vec<(String, Vec<String>, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    for s in source {
+        let Some(t) = shard.iter().find(|t| t.column == s.column) else {
+            continue;
+        };
+        if out.iter().any(|(ty, _, _)| *ty == t.type_sql) {
+            continue;
+        }
+        let mut have: Vec<&str> = t.labels.iter().map(String::as_str).collect();
+        let (mut labels, mut statements) = (Vec::new(), Vec::new());
+        for (i, label) in s.labels.iter().enumerate() {
+            if have.contains(&label.as_str()) {
+                continue;
+            }
+            let before = s.labels[..i]
+                .iter()
+                .rev()
+                .find(|l| have.contains(&l.as_str()));
+            let after = s.labels[i + 1..]
+                .iter()
+                .find(|l| have.contains(&l.as_str()));
+            let place = match (before, after) {
+                (Some(b), _) => format!(" AFTER {}", quote_literal(b)),
+                (None, Some(a)) => format!(" BEFORE {}", quote_literal(a)),
+                (None, None) => String::new(),
+            };
+            statements.push(format!(
+                "ALTER TYPE {} ADD VALUE IF NOT EXISTS {}{place}",
+                t.type_sql,
+                quote_literal(label)
+            ));
+            labels.push(label.clone());
+            have.push(label);
+        }
+        if !labels.is_empty() {
+            out.push((t.type_sql.clone(), labels, statements));
+        }
+    }
+    out
+}
+
+/// The (column, type, label) rows of [`enum_columns_query`] read with the extended protocol
+/// (a row that does not have three text columns is left out).
+fn enum_rows(rows: &[tokio_postgres::Row]) -> Vec<(String, String, String)> {
+    rows.iter()
+        .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?, r.try_get(2).ok()?)))
+        .collect()
+}
+
+/// What a data error on an enum column comes to (see [`Ddl::enum_gap`]).
+#[derive(Debug)]
+pub(super) enum EnumGap {
+    /// The shard has every label the source has: the error is something else.
+    None,
+    /// Run these `ALTER TYPE … ADD VALUE` on the shard, one by one, outside a transaction
+    /// (`ddl = "propagate"`), then apply again.
+    Add(Vec<String>),
+    /// Wait for the operator (`ddl = "wait"`, or the source catalog cannot be read).
+    Wait(DdlWait),
 }
 
 /// The current columns of a source table by OID: name, `format_type`, NOT NULL, default
@@ -500,6 +758,57 @@ mod tests {
             panic!("must wait");
         };
         assert!(w.to_string().contains("\"note\""), "{w}");
+    }
+
+    fn enums(rows: &[(&str, &str, &str)]) -> Vec<EnumColumn> {
+        enum_columns(
+            rows.iter()
+                .map(|(c, t, l)| ((*c).to_owned(), (*t).to_owned(), (*l).to_owned())),
+        )
+    }
+
+    #[test]
+    fn missing_enum_values_are_added_in_the_sources_order_once_per_type() {
+        // Source: sad, meh, ok, angry (meh added BEFORE ok); two columns of the type, one of
+        // them an array (same type on the shard).
+        let source = enums(&[
+            ("m", "public.mood", "sad"),
+            ("m", "public.mood", "meh"),
+            ("m", "public.mood", "ok"),
+            ("m", "public.mood", "angry"),
+            ("ms", "public.mood", "sad"),
+            ("ms", "public.mood", "meh"),
+            ("ms", "public.mood", "ok"),
+            ("ms", "public.mood", "angry"),
+        ]);
+        let shard = enums(&[
+            ("m", "public.mood", "sad"),
+            ("m", "public.mood", "ok"),
+            ("ms", "public.mood", "sad"),
+            ("ms", "public.mood", "ok"),
+        ]);
+        let missing = missing_enum_values(&source, &shard);
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        let (ty, labels, statements) = &missing[0];
+        assert_eq!(ty, "public.mood");
+        assert_eq!(labels, &["meh", "angry"]);
+        assert_eq!(
+            statements,
+            &[
+                "ALTER TYPE public.mood ADD VALUE IF NOT EXISTS 'meh' AFTER 'sad'",
+                "ALTER TYPE public.mood ADD VALUE IF NOT EXISTS 'angry' AFTER 'ok'",
+            ]
+        );
+        // A new first label goes before the first one the shard has; a quote is escaped.
+        let source = enums(&[("m", "s.\"E\"", "it's"), ("m", "s.\"E\"", "b")]);
+        let shard = enums(&[("m", "s.\"E\"", "b")]);
+        assert_eq!(
+            missing_enum_values(&source, &shard)[0].2,
+            ["ALTER TYPE s.\"E\" ADD VALUE IF NOT EXISTS 'it''s' BEFORE 'b'"]
+        );
+        // Nothing missing, or a column that is no enum on the shard: nothing to add.
+        assert!(missing_enum_values(&shard, &shard).is_empty());
+        assert!(missing_enum_values(&source, &[]).is_empty());
     }
 
     #[test]
