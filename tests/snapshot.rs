@@ -439,7 +439,7 @@ async fn throttle_keeps_each_shard_under_max_rows_per_sec() {
         let n: i64 = watcher
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity \
-                 WHERE state = 'active' AND query LIKE 'COPY % FROM STDIN'",
+                 WHERE state = 'active' AND query LIKE 'COPY % FROM STDIN%'",
                 &[],
             )
             .await
@@ -923,4 +923,141 @@ async fn a_shard_outage_fails_the_load_naming_the_shard_and_a_rerun_completes() 
     assert!(report.table("public.events").unwrap().recopied);
     // Nothing was written to the source in between, so both snapshots see the same rows.
     assert_eq!(actual(&env).await, want);
+}
+
+/// Types that binary COPY may carry (built-ins, an enum, a domain over a built-in, a generated
+/// and a dropped column) and types that keep a table in text format (an array of an enum, whose
+/// binary form names the enum's OID; a text shard key).
+const FORMATS_DDL: &str = "
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN positive AS numeric CHECK (VALUE > 0);
+CREATE TABLE bin (
+    id bigint PRIMARY KEY, gone int, account_id int NOT NULL, m mood, p positive, doc jsonb,
+    at timestamptz, tags text[], raw bytea, span tstzrange, note text, code char(3), u uuid,
+    twice bigint GENERATED ALWAYS AS (id * 2) STORED
+);
+ALTER TABLE bin DROP COLUMN gone;
+CREATE TABLE moods (id bigint PRIMARY KEY, account_id bigint NOT NULL, ms mood[], note text);
+CREATE TABLE keyed (code text PRIMARY KEY, account_id text NOT NULL, n int);
+";
+
+const FORMATS_SEED: &str = r#"
+INSERT INTO bin (id, account_id, m, p, doc, at, tags, raw, span, note, code, u)
+  SELECT g, g % 101 - 50, (ARRAY['sad','ok','happy']::mood[])[1 + g % 3],
+         CASE WHEN g % 7 = 0 THEN NULL ELSE g * 0.25 END,
+         jsonb_build_object('g', g, 't', E'tab\there', 'n', NULL),
+         '2024-01-01 00:00:00+00'::timestamptz + g * interval '37 s',
+         ARRAY['a' || g, NULL, E'q"\\'], decode(md5(g::text), 'hex'),
+         tstzrange('2024-01-01', '2024-01-01'::timestamptz + g * interval '1 h'),
+         CASE WHEN g % 5 = 0 THEN NULL ELSE E'line\nnext\\N ☃ ' || g END,
+         'c' || (g % 10), md5(g::text)::uuid
+  FROM generate_series(1, 3000) g;
+INSERT INTO moods SELECT g, g % 13, ARRAY['ok', 'happy']::mood[], E'x\ty' || g
+  FROM generate_series(1, 500) g;
+INSERT INTO keyed SELECT 'k' || g, (g % 17)::text, g FROM generate_series(1, 500) g;
+ANALYZE;
+"#;
+
+/// Per table (with its columns): the shard digests.
+async fn format_digests(c: &Client, shard: Option<usize>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (t, cols) in [
+        (
+            "bin",
+            "id, account_id, m, p, doc, at, tags, raw, span, note, code, u, twice",
+        ),
+        ("moods", "id, account_id, ms, note"),
+        ("keyed", "code, account_id, n"),
+    ] {
+        let filter = shard
+            .map(|r| {
+                format!(" WHERE ((account_id::bigint % {SHARDS}) + {SHARDS}) % {SHARDS} = {r}")
+            })
+            .unwrap_or_default();
+        out.push(digest(c, &format!("SELECT {cols} FROM {t}{filter}")).await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_and_text_copies_load_the_same_rows() {
+    use reshard_engine::snapshot::CopyFormat;
+    let source = PgCluster::start().expect("source cluster");
+    source.psql("postgres", FORMATS_DDL).expect("source DDL");
+    source.psql("postgres", FORMATS_SEED).expect("seed");
+    let shards: Vec<PgCluster> = (0..SHARDS)
+        .map(|_| {
+            let c = PgCluster::start().expect("shard cluster");
+            c.psql("postgres", FORMATS_DDL).expect("target DDL");
+            c
+        })
+        .collect();
+    let specs: Vec<TableSpec> = ["bin", "moods", "keyed"]
+        .iter()
+        .map(|t| TableSpec {
+            source: TableName::new("public", *t),
+            target: TableName::new("public", *t),
+            mode: TableMode::Sharded {
+                key: "account_id".into(),
+            },
+        })
+        .collect();
+    let exporter = client(&source).await;
+    let mut want = Vec::new();
+    for r in 0..SHARDS {
+        want.push(format_digests(&exporter, Some(r)).await);
+    }
+    // Text everywhere, then binary where the types allow, into emptied shards.
+    for (binary_copy, bin_format) in [(false, CopyFormat::Text), (true, CopyFormat::Binary)] {
+        for s in &shards {
+            s.psql(
+                "postgres",
+                "TRUNCATE bin, moods, keyed; \
+                 DO $$ BEGIN DELETE FROM reshard.fullload_chunks; \
+                 EXCEPTION WHEN undefined_table THEN NULL; END $$",
+            )
+            .unwrap();
+        }
+        let snap = export(&exporter).await;
+        let targets = shards
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ShardTarget {
+                name: format!("shard{i}"),
+                connect: connector(c.url("postgres")),
+                replicas: vec![],
+            })
+            .collect();
+        let report = FullLoad::new(
+            connector(source.url("postgres")),
+            targets,
+            specs.clone(),
+            route_mod(SHARDS as i64),
+            options(|c| {
+                c.binary_copy = binary_copy;
+                c.chunk_rows = 1000;
+            }),
+        )
+        .prepare()
+        .await
+        .expect("prepare")
+        .run(Some(snap), None)
+        .await
+        .expect("full load");
+        exporter.batch_execute("COMMIT").await.unwrap();
+        let formats: Vec<CopyFormat> = report.tables.iter().map(|t| t.format).collect();
+        assert_eq!(
+            formats,
+            vec![bin_format, CopyFormat::Text, CopyFormat::Text],
+            "binary_copy = {binary_copy}: {report:?}"
+        );
+        assert_eq!(report.table("public.bin").unwrap().rows, 3000);
+        for (r, s) in shards.iter().enumerate() {
+            assert_eq!(
+                format_digests(&client(s).await, None).await,
+                want[r],
+                "shard{r} with binary_copy = {binary_copy}"
+            );
+        }
+    }
 }

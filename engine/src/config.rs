@@ -426,6 +426,13 @@ pub struct SnapshotConfig {
     /// false.
     #[serde(default)]
     pub defer_indexes: bool,
+    /// Copy a table in PostgreSQL's binary COPY format when every copied column's type allows it
+    /// (a built-in type, an enum, or a domain over a built-in type, the same on the source and
+    /// the shards) and its shard key is an integer; other tables, and every table when false, are
+    /// copied in text format. Binary saves the servers printing and parsing each value's text.
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub binary_copy: bool,
     /// During the full load, `run` logs a progress line per table being copied this often,
     /// seconds (0: none). Default 10.
     #[serde(default = "default_progress_interval_secs")]
@@ -463,6 +470,7 @@ impl Default for SnapshotConfig {
             max_concurrent_copies_per_shard: 0,
             truncate_targets: false,
             defer_indexes: false,
+            binary_copy: true,
             progress_interval_secs: default_progress_interval_secs(),
             max_probe_latency_ms: 0,
             max_active_backends: 0,

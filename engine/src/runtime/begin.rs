@@ -376,7 +376,7 @@ fn log_load_progress(mut progress: watch::Receiver<FullLoadProgress>, every: Dur
 
 fn log_load_report(report: &FullLoadReport) {
     for t in &report.tables {
-        tracing::info!(table = %t.table, rows = t.rows, bytes = t.bytes, chunks = t.chunks_copied, as_of = %t.as_of, recopied = t.recopied, "table loaded");
+        tracing::info!(table = %t.table, rows = t.rows, bytes = t.bytes, chunks = t.chunks_copied, as_of = %t.as_of, recopied = t.recopied, format = t.format.name(), "table loaded");
     }
     tracing::info!(
         indexes_rebuilt = report.indexes_rebuilt,

@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use tokio_postgres::Client;
 
 use super::error::{fix_for, SnapshotError};
+use super::rows::CopyFormat;
 use super::watermark::{self, WatermarkPlan};
 use super::{Connect, ShardTarget, TableMode, TableName, TableSpec};
 use crate::config::SnapshotMode;
@@ -145,6 +146,8 @@ pub(crate) struct PlannedTable {
     pub target_display: String,
     /// Columns copied, in source order, quoted.
     pub columns: Vec<String>,
+    /// Their type OIDs on the source (to show a binary row in a message).
+    pub column_types: Vec<Oid>,
     /// `None` for broadcast tables.
     pub key: Option<KeyColumn>,
     /// Heaps to read.
@@ -155,9 +158,22 @@ pub(crate) struct PlannedTable {
     pub status: TableStatus,
     /// Loaded in watermark chunks (`None`: under the exported snapshot).
     pub watermark: Option<WatermarkPlan>,
+    /// Every copied column can travel in binary COPY format on the source and on every shard,
+    /// and the key (if any) is an integer.
+    pub binary_ok: bool,
 }
 
 impl PlannedTable {
+    /// The format the table's rows travel in: binary where it can (and `binary_copy` allows),
+    /// text otherwise.
+    pub fn format(&self, binary_copy: bool) -> CopyFormat {
+        if binary_copy && self.binary_ok {
+            CopyFormat::Binary
+        } else {
+            CopyFormat::Text
+        }
+    }
+
     pub fn chunks_total(&self) -> u32 {
         u32::try_from(self.chunks.len()).unwrap_or(u32::MAX)
     }
@@ -176,6 +192,8 @@ struct ColumnInfo {
     type_oid: Oid,
     generated: bool,
     required: bool,
+    /// Its values can travel in binary COPY format (see `COLUMNS_SQL`).
+    binary: bool,
 }
 
 pub(crate) async fn connect(target: &str, c: &Connect) -> Result<Client, SnapshotError> {
@@ -206,10 +224,18 @@ pub(crate) fn shard_err(
     }
 }
 
+/// Per column: name, type, type OID, generated, required, and whether its values can travel in
+/// binary COPY format between two databases that both have the type under this name: a
+/// built-in type (its OID and send/receive format are the same everywhere, arrays included),
+/// an enum (sent as its label) or a domain over a built-in type (sent as the base type). Not a
+/// user-defined base, composite, range or array type: their binary form carries OIDs that
+/// differ between databases, or comes from an extension.
 const COLUMNS_SQL: &str = "\
 SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid::int8,
-       a.attgenerated::text <> '', a.attnotnull AND NOT a.atthasdef AND a.attidentity::text = ''
-FROM pg_attribute a
+       a.attgenerated::text <> '', a.attnotnull AND NOT a.atthasdef AND a.attidentity::text = '',
+       t.typsend::oid <> 0 AND t.typreceive::oid <> 0
+         AND (t.oid < 16384 OR t.typtype = 'e' OR (t.typtype = 'd' AND t.typbasetype < 16384))
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
 WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum";
 
@@ -237,6 +263,7 @@ async fn columns(client: &Client, oid: i64) -> Result<Vec<ColumnInfo>, tokio_pos
             type_oid: u32::try_from(r.try_get::<_, i64>(2)?).unwrap_or(0),
             generated: r.try_get(3)?,
             required: r.try_get(4)?,
+            binary: r.try_get(5)?,
         });
     }
     Ok(out)
@@ -497,6 +524,7 @@ pub(crate) async fn inspect(
         };
         // Copy the source's stored columns that every shard has as a stored column.
         let mut copy: Vec<&ColumnInfo> = Vec::new();
+        let mut binary_ok = true;
         for col in src_cols.iter().filter(|c| !c.generated) {
             let mut on = Vec::new();
             let mut off = Vec::new();
@@ -522,6 +550,7 @@ pub(crate) async fn inspect(
                 ));
             }
             for (shard, t) in on {
+                binary_ok &= t.binary;
                 if t.type_name != col.type_name {
                     problems.push(format!(
                         "{}: column {target_display}.{} is {} but {} on the source; \
@@ -530,6 +559,7 @@ pub(crate) async fn inspect(
                     ));
                 }
             }
+            binary_ok &= col.binary;
             copy.push(col);
         }
         // The load's mode: a table keeps the mode its records were written in; a fresh one
@@ -618,6 +648,11 @@ pub(crate) async fn inspect(
                 }
             },
         };
+        // Binary rows are routed by an integer key only (see `copy::route_row`).
+        let binary_ok = binary_ok
+            && key
+                .as_ref()
+                .is_none_or(|k| watermark::KEY_TYPES.contains(&k.type_oid));
         let mut chunks = Vec::new();
         for (r, heap) in heaps.iter().enumerate() {
             for (from_page, to_page) in page_ranges(
@@ -642,11 +677,13 @@ pub(crate) async fn inspect(
                 .iter()
                 .map(|c| crate::event::quote_ident(&c.name))
                 .collect(),
+            column_types: copy.iter().map(|c| c.type_oid).collect(),
             key,
             relations: heaps.clone(),
             chunks,
             status,
             watermark,
+            binary_ok,
         });
     }
     if !problems.is_empty() {

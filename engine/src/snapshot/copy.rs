@@ -3,12 +3,14 @@
 //! one, reading it once and writing each row to the shard(s) it belongs to. [`copy_rows`], the
 //! read-route-write of one chunk, is shared with the watermark load (`watermark`).
 //!
-//! In: chunks (`COPY (SELECT cols FROM ONLY heap WHERE ctid range) TO STDOUT`, text format).
-//! Out: per shard, one transaction per chunk holding the chunk's rows for that shard (via
-//! `COPY target (cols) FROM STDIN`) and the chunk's `reshard.fullload_chunks` row.
+//! In: chunks (`COPY (SELECT cols FROM ONLY heap WHERE ctid range) TO STDOUT`, in the table's
+//! [`CopyFormat`]: binary where its types allow, text otherwise). Out: per shard, one transaction
+//! per chunk holding the chunk's rows for that shard (via `COPY target (cols) FROM STDIN` in the
+//! same format) and the chunk's `reshard.fullload_chunks` row.
 //!
 //! Invariants: the source rows of a chunk are read exactly once whatever the number of shards;
-//! rows are forwarded byte for byte (text format out and in, same column types on both sides);
+//! rows are forwarded byte for byte (the same format out and in, same column types on both
+//! sides; a binary COPY into a shard gets the binary header first and the trailer last);
 //! memory per worker is one batch buffer per shard plus one partial row, because a batch is only
 //! handed to a shard's `CopyInSink` when that sink is ready (backpressure from the slowest
 //! shard pauses the source read). Each shard's throttle and copy-slot semaphore are shared by
@@ -28,11 +30,14 @@ use tracing::Instrument;
 use super::catalog::{connect, shard_err, source_err, KeyColumn, Plan};
 use super::error::SnapshotError;
 use super::progress::{FullLoadProgress, TableState};
-use super::rows::{field, is_null, preview, unescape, RowSplitter};
+use super::rows::{
+    binary_field, field, is_null, preview_row, unescape, CopyFormat, FeedError, Splitter,
+    BINARY_HEADER, BINARY_TRAILER,
+};
 use super::throttle::Throttle;
-use super::window::Key;
+use super::window::{parse_key_binary, Key};
 use super::{ExportedSnapshot, FullLoadOptions, RouteFn, ShardTarget};
-use crate::event::ShardId;
+use crate::event::{Oid, ShardId};
 use crate::lsn::Lsn;
 
 /// Per table (plan index): chunks copied, source rows, source bytes.
@@ -43,6 +48,8 @@ struct CopyTable {
     copy_in_sql: String,
     key: Option<KeyColumn>,
     chunks_total: u32,
+    format: CopyFormat,
+    column_types: Vec<Oid>,
 }
 
 struct ChunkJob {
@@ -93,13 +100,17 @@ impl CopyContext {
                 continue;
             };
             let cols = t.columns.join(", ");
+            let format = t.format(options.binary_copy);
+            let opts = format.options();
             tables.insert(
                 i,
                 CopyTable {
                     source_display: t.source_display.clone(),
-                    copy_in_sql: format!("COPY {} ({cols}) FROM STDIN", t.target_display),
+                    copy_in_sql: format!("COPY {} ({cols}) FROM STDIN{opts}", t.target_display),
                     key: t.key.clone(),
                     chunks_total: t.chunks_total(),
+                    format,
+                    column_types: t.column_types.clone(),
                 },
             );
             // A watermark table is read by key, not by these page ranges (see `watermark`).
@@ -120,7 +131,7 @@ impl CopyContext {
                     table: i,
                     id: u32::try_from(id).unwrap_or(u32::MAX),
                     copy_out_sql: format!(
-                        "COPY (SELECT {cols} FROM ONLY {}{filter}) TO STDOUT",
+                        "COPY (SELECT {cols} FROM ONLY {}{filter}) TO STDOUT{opts}",
                         rel.name
                     ),
                 });
@@ -188,6 +199,13 @@ impl CopyContext {
             permits.push(permit);
         }
         Ok(permits)
+    }
+
+    /// The COPY format of table `table` (plan index).
+    pub(crate) fn format(&self, table: usize) -> CopyFormat {
+        self.tables
+            .get(&table)
+            .map_or(CopyFormat::Text, |t| t.format)
     }
 
     /// The name of shard `s`, for messages.
@@ -541,9 +559,19 @@ pub(crate) async fn copy_rows(
         .map_err(source_err(what()))?;
     let mut stream = std::pin::pin!(stream);
     let mut batches: Vec<Batch> = (0..n).map(|_| Batch::default()).collect();
+    if table.format == CopyFormat::Binary {
+        for b in &mut batches {
+            b.buf.extend_from_slice(BINARY_HEADER);
+        }
+    }
     let mut shard_rows = vec![0i64; n];
     let mut shard_bytes = vec![0i64; n];
-    let mut splitter = RowSplitter::default();
+    let mut splitter = Splitter::new(table.format);
+    let malformed = |detail: String| SnapshotError::Malformed {
+        table: table.source_display.clone(),
+        chunk,
+        detail,
+    };
     let mut last_row: Vec<u8> = Vec::new();
     let (mut rows, mut bytes) = (0u64, 0u64);
     let (mut report_rows, mut report_bytes) = (0u64, 0u64);
@@ -552,7 +580,7 @@ pub(crate) async fn copy_rows(
         let part = part.map_err(source_err(what()))?;
         bytes += part.len() as u64;
         report_bytes += part.len() as u64;
-        splitter.feed(&part, |row| {
+        let fed = splitter.feed(&part, |row| {
             rows += 1;
             report_rows += 1;
             if keep_last_row {
@@ -584,13 +612,18 @@ pub(crate) async fn copy_rows(
                 }
             }
             Ok::<(), SnapshotError>(())
-        })?;
+        });
+        match fed {
+            Ok(()) => {}
+            Err(FeedError::Row(e)) => return Err(e),
+            Err(FeedError::Malformed(detail)) => return Err(malformed(detail)),
+        }
         for (s, (batch, sink)) in batches.iter_mut().zip(sinks.iter_mut()).enumerate() {
             if batch.buf.len() >= ctx.batch_bytes {
                 let throttle = ctx.throttles.get(s).map(Arc::as_ref);
-                flush(sink, throttle, batch)
-                    .await
-                    .map_err(shard_err(ctx.shard_name(s), what()))?;
+                if let Err(e) = flush(sink, throttle, batch).await {
+                    return Err(shard_err(ctx.shard_name(s), what())(e));
+                }
             }
         }
         if report_bytes >= ctx.batch_bytes as u64 {
@@ -602,15 +635,12 @@ pub(crate) async fn copy_rows(
             (report_rows, report_bytes) = (0, 0);
         }
     }
-    if let Some(left) = splitter.leftover() {
-        return Err(SnapshotError::Malformed {
-            table: table.source_display.clone(),
-            chunk,
-            detail: format!("the stream ended inside a row: [{}]", preview(left)),
-        });
-    }
+    splitter.finish().map_err(malformed)?;
     for (s, (batch, sink)) in batches.iter_mut().zip(sinks.iter_mut()).enumerate() {
         let name = ctx.shard_name(s);
+        if table.format == CopyFormat::Binary {
+            batch.buf.extend_from_slice(BINARY_TRAILER);
+        }
         if !batch.buf.is_empty() {
             let throttle = ctx.throttles.get(s).map(Arc::as_ref);
             flush(sink, throttle, batch)
@@ -643,27 +673,41 @@ fn route_row(
     row: &[u8],
     shards: usize,
 ) -> Result<usize, SnapshotError> {
-    let Some(raw) = field(row, key.index) else {
-        return Err(SnapshotError::Malformed {
-            table: table.source_display.clone(),
-            chunk,
-            detail: format!(
-                "row has no field {} (column {}): [{}]",
-                key.index + 1,
-                key.name,
-                preview(row)
-            ),
-        });
+    let malformed = |what: &str| SnapshotError::Malformed {
+        table: table.source_display.clone(),
+        chunk,
+        detail: format!(
+            "row {what} field {} (column {}): [{}]",
+            key.index + 1,
+            key.name,
+            preview_row(table.format, &table.column_types, row)
+        ),
     };
-    if is_null(raw) {
-        return Err(SnapshotError::NullKey {
-            table: table.source_display.clone(),
-            chunk,
-            column: key.name.clone(),
-            row: preview(row),
-        });
-    }
-    let text = unescape(raw);
+    let null = || SnapshotError::NullKey {
+        table: table.source_display.clone(),
+        chunk,
+        column: key.name.clone(),
+        row: preview_row(table.format, &table.column_types, row),
+    };
+    // A binary integer key is routed by its text form, as the router reads every key.
+    let mut int_text = itoa::Buffer::new();
+    let text = match table.format {
+        CopyFormat::Text => {
+            let raw = field(row, key.index).ok_or_else(|| malformed("has no"))?;
+            if is_null(raw) {
+                return Err(null());
+            }
+            unescape(raw)
+        }
+        CopyFormat::Binary => {
+            let raw = binary_field(row, key.index)
+                .ok_or_else(|| malformed("has no"))?
+                .ok_or_else(null)?;
+            let v = parse_key_binary(raw)
+                .ok_or_else(|| malformed("has no 2-, 4- or 8-byte integer in its key"))?;
+            std::borrow::Cow::Borrowed(int_text.format(v).as_bytes())
+        }
+    };
     let shard: ShardId = route(key.type_oid, &text).map_err(|message| SnapshotError::Route {
         table: table.source_display.clone(),
         chunk,
@@ -707,6 +751,8 @@ mod tests {
             copy_in_sql: String::new(),
             key: None,
             chunks_total: 1,
+            format: CopyFormat::Text,
+            column_types: vec![20, 20, 25],
         }
     }
 
@@ -761,5 +807,49 @@ mod tests {
         assert!(e.to_string().contains("only 3 shards"), "{e}");
         let e = route_row(&r, &table(), &key(), 4, b"1\n", 3).unwrap_err();
         assert!(matches!(e, SnapshotError::Malformed { .. }), "{e}");
+    }
+
+    /// A binary tuple of `fields` (`None`: NULL).
+    fn tuple(fields: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut t = (fields.len() as i16).to_be_bytes().to_vec();
+        for f in fields {
+            match f {
+                None => t.extend_from_slice(&(-1i32).to_be_bytes()),
+                Some(b) => {
+                    t.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                    t.extend_from_slice(b);
+                }
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn binary_rows_route_by_their_integer_key() {
+        let r = by_value();
+        let t = CopyTable {
+            format: CopyFormat::Binary,
+            ..table()
+        };
+        let row = |k: &[u8]| tuple(&[Some(&1i64.to_be_bytes()), Some(k), Some(b"x")]);
+        assert_eq!(
+            route_row(&r, &t, &key(), 0, &row(&9i64.to_be_bytes()), 10).unwrap(),
+            9
+        );
+        assert_eq!(
+            route_row(&r, &t, &key(), 0, &row(&42i64.to_be_bytes()), 10).unwrap(),
+            1
+        );
+        let e = route_row(&r, &t, &key(), 4, &row(&9i64.to_be_bytes()), 3).unwrap_err();
+        assert!(e.to_string().contains("only 3 shards"), "{e}");
+        let null = tuple(&[Some(&77i64.to_be_bytes()), None, Some(b"x")]);
+        let e = route_row(&r, &t, &key(), 4, &null, 3).unwrap_err();
+        assert!(matches!(e, SnapshotError::NullKey { chunk: 4, .. }), "{e}");
+        assert!(e.to_string().contains("[77 | \\N | x]"), "{e}");
+        let short = tuple(&[Some(&1i64.to_be_bytes())]);
+        let e = route_row(&r, &t, &key(), 4, &short, 3).unwrap_err();
+        assert!(matches!(e, SnapshotError::Malformed { .. }), "{e}");
+        let e = route_row(&r, &t, &key(), 4, &row(b"abc"), 3).unwrap_err();
+        assert!(e.to_string().contains("integer"), "{e}");
     }
 }

@@ -79,6 +79,7 @@ pub use health::{Aimd, HealthBounds, HealthSample};
 pub use progress::{
     render_line, render_throttle_line, FullLoadProgress, TableProgress, TableState,
 };
+pub use rows::CopyFormat;
 pub use throttle::{Throttle, ThrottleStats};
 
 /// A future that opens a SQL connection (its driver task already spawned).
@@ -172,6 +173,8 @@ pub struct FullLoadOptions {
     pub truncate_targets: bool,
     /// Drop and rebuild secondary indexes.
     pub defer_indexes: bool,
+    /// Copy in binary format where the table's types allow.
+    pub binary_copy: bool,
     /// Bytes buffered per shard before a write.
     pub batch_bytes: NonZeroUsize,
     /// How tables are read: under one exported snapshot, or in watermark chunks.
@@ -227,6 +230,7 @@ impl FullLoadOptions {
                 .unwrap_or(parallel),
             truncate_targets: c.truncate_targets,
             defer_indexes: c.defer_indexes,
+            binary_copy: c.binary_copy,
             batch_bytes: NonZeroUsize::new(BATCH_BYTES).unwrap_or(NonZeroUsize::MIN),
             mode: c.mode,
             health: HealthBounds {
@@ -270,6 +274,8 @@ pub struct TableReport {
     /// Loaded in watermark chunks: `as_of` is its first chunk's low watermark, and the
     /// handoff uses its chunk windows, not `as_of`.
     pub watermark: bool,
+    /// The COPY format its rows travel in (`[snapshot] binary_copy`).
+    pub format: CopyFormat,
 }
 
 /// The outcome of a full load.
@@ -628,6 +634,7 @@ impl PreparedLoad {
                     bytes,
                     recopied: matches!(t.status, catalog::TableStatus::Partial),
                     watermark: t.watermark.is_some(),
+                    format: t.format(load.options.binary_copy),
                 }
             })
             .collect();
@@ -694,6 +701,7 @@ mod tests {
             bytes: 0,
             recopied: false,
             watermark: false,
+            format: CopyFormat::Text,
         };
         let r = FullLoadReport {
             tables: vec![t("a", 100), t("b", 200)],

@@ -52,14 +52,17 @@ use tracing::Instrument;
 use super::catalog::{connect, shard_err, source_err, Plan};
 use super::copy::{self, CopiedStats, CopyContext};
 use super::error::SnapshotError;
-use super::rows::{field, unescape};
-use super::window::{parse_key_text, ChunkWindow, Key, TableWindows, XidSnapshot};
+use super::rows::{binary_field, field, unescape, CopyFormat};
+use super::window::{
+    parse_key_binary, parse_key_text, ChunkWindow, Key, TableWindows, XidSnapshot,
+};
 use super::{Connect, ShardTarget, TableSpec};
 use crate::event::quote_ident;
 use crate::lsn::Lsn;
 
-/// Key column types a watermark chunk can be cut on: `smallint`, `integer`, `bigint`.
-const KEY_TYPES: &[u32] = &[21, 23, 20];
+/// Key column types a watermark chunk can be cut on, and that a binary COPY routes on (their
+/// send form is read by `window::parse_key_binary`): `smallint`, `integer`, `bigint`.
+pub(crate) const KEY_TYPES: &[u32] = &[21, 23, 20];
 
 /// A chunk that waited this long for its table's lock says so (once), then goes on waiting.
 const LOCK_NOTICE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -293,6 +296,8 @@ struct TableJob {
     key: Vec<KeyPart>,
     next_id: u32,
     after: Option<Key>,
+    /// The copied columns' type OIDs (for messages).
+    column_types: Vec<crate::event::Oid>,
 }
 
 /// Loads the watermark tables of `to_copy`, `parallel` tables at a time, each table's chunks
@@ -324,6 +329,7 @@ pub(crate) async fn run(
             key: wm.key.clone(),
             next_id: u32::try_from(wm.agreed.chunks).unwrap_or(u32::MAX),
             after: wm.agreed.after.clone(),
+            column_types: t.column_types.clone(),
         });
     }
     if jobs.is_empty() {
@@ -467,9 +473,12 @@ impl Worker {
                 .as_ref()
                 .map(|a| format!(" WHERE ({keys}) > ({})", key_values(a)))
                 .unwrap_or_default();
+            let format = ctx.format(job.table);
             let sql = format!(
-                "COPY ({}{filter} ORDER BY {keys} LIMIT {}) TO STDOUT",
-                job.select, self.chunk_rows
+                "COPY ({}{filter} ORDER BY {keys} LIMIT {}) TO STDOUT{}",
+                job.select,
+                self.chunk_rows,
+                format.options()
             );
             let copied = copy::copy_rows(
                 ctx,
@@ -490,7 +499,7 @@ impl Worker {
             let key_last = if last {
                 None
             } else {
-                Some(last_key(&job, id, copied.last_row.as_deref())?)
+                Some(last_key(&job, id, format, copied.last_row.as_deref())?)
             };
             let record = copy::ChunkRecord::Watermark {
                 key_after: &job.after,
@@ -519,7 +528,12 @@ impl Worker {
 }
 
 /// The key of a full chunk's last row.
-fn last_key(job: &TableJob, chunk: u32, row: Option<&[u8]>) -> Result<Key, SnapshotError> {
+fn last_key(
+    job: &TableJob,
+    chunk: u32,
+    format: CopyFormat,
+    row: Option<&[u8]>,
+) -> Result<Key, SnapshotError> {
     let malformed = |detail: String| SnapshotError::Malformed {
         table: job.source_display.clone(),
         chunk,
@@ -528,16 +542,21 @@ fn last_key(job: &TableJob, chunk: u32, row: Option<&[u8]>) -> Result<Key, Snaps
     let row = row.ok_or_else(|| malformed("a full chunk has no last row".into()))?;
     let mut key = Vec::with_capacity(job.key.len());
     for k in &job.key {
-        let v = field(row, k.index)
-            .map(unescape)
-            .and_then(|t| parse_key_text(&t))
-            .ok_or_else(|| {
-                malformed(format!(
-                    "key column {} of the chunk's last row is not an integer: [{}]",
-                    k.name,
-                    super::rows::preview(row)
-                ))
-            })?;
+        let v = match format {
+            CopyFormat::Text => field(row, k.index)
+                .map(unescape)
+                .and_then(|t| parse_key_text(&t)),
+            CopyFormat::Binary => binary_field(row, k.index)
+                .flatten()
+                .and_then(parse_key_binary),
+        }
+        .ok_or_else(|| {
+            malformed(format!(
+                "key column {} of the chunk's last row is not an integer: [{}]",
+                k.name,
+                super::rows::preview_row(format, &job.column_types, row)
+            ))
+        })?;
         key.push(v);
     }
     Ok(key)
@@ -672,18 +691,43 @@ mod tests {
             ],
             next_id: 0,
             after: None,
+            column_types: vec![23, 25, 20],
         };
+        let text = CopyFormat::Text;
         assert_eq!(
-            last_key(&job, 3, Some(b"7\tx\t-12\n")).unwrap(),
+            last_key(&job, 3, text, Some(b"7\tx\t-12\n")).unwrap(),
             vec![-12, 7]
         );
-        let e = last_key(&job, 3, Some(b"7\tx\ty\n"))
+        let e = last_key(&job, 3, text, Some(b"7\tx\ty\n"))
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("public.t chunk 3") && e.contains("key column a"),
             "{e}"
         );
-        assert!(last_key(&job, 3, None).is_err());
+        assert!(last_key(&job, 3, text, None).is_err());
+
+        // The same row as a binary tuple: int4 7, text x, int8 -12.
+        let mut row = 3i16.to_be_bytes().to_vec();
+        for f in [&7i32.to_be_bytes()[..], b"x", &(-12i64).to_be_bytes()[..]] {
+            row.extend_from_slice(&(f.len() as i32).to_be_bytes());
+            row.extend_from_slice(f);
+        }
+        let binary = CopyFormat::Binary;
+        assert_eq!(last_key(&job, 3, binary, Some(&row)).unwrap(), vec![-12, 7]);
+        // A NULL key field is no key.
+        let mut null = 3i16.to_be_bytes().to_vec();
+        for f in [&7i32.to_be_bytes()[..], b"x"] {
+            null.extend_from_slice(&(f.len() as i32).to_be_bytes());
+            null.extend_from_slice(f);
+        }
+        null.extend_from_slice(&(-1i32).to_be_bytes());
+        let e = last_key(&job, 3, binary, Some(&null))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("key column a") && e.contains("[7 | x | \\N]"),
+            "{e}"
+        );
     }
 }
