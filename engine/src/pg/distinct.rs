@@ -145,16 +145,17 @@ pub async fn prove(
 ) -> Result<(), DistinctError> {
     let key = i64::from(std::process::id() & 0x3fff_ffff);
     let mut held: Vec<(Client, i32)> = Vec::with_capacity(entries.len());
-    for (i, e) in entries.iter().enumerate() {
+    // Every connection at once (each is a backend start); the checks below go in order.
+    let clients =
+        futures_util::future::join_all(entries.iter().map(|e| connect_plain(e.url))).await;
+    for ((i, e), c) in entries.iter().enumerate().zip(clients) {
         let unreachable = |message: String| DistinctError::Unreachable {
             section: e.section,
             name: e.name.to_owned(),
             entry: e.label(),
             message,
         };
-        let c = connect_plain(e.url)
-            .await
-            .map_err(|err| unreachable(err.to_string()))?;
+        let c = c.map_err(|err| unreachable(err.to_string()))?;
         let query = |err: tokio_postgres::Error| unreachable(error_text(&err));
         let pid: i32 = c
             .query_one("SELECT pg_backend_pid()", &[])

@@ -110,8 +110,8 @@ async fn shard_states(
     system_id: &str,
     prepared: Option<&PreparedLoad>,
 ) -> Result<Vec<startup::ShardState>, RuntimeError> {
-    let mut out = Vec::with_capacity(conns.len());
-    for (s, c) in cfg.shards.iter().zip(conns) {
+    // Every shard at once: each is a connection and two round trips.
+    futures_util::future::try_join_all(cfg.shards.iter().zip(conns).map(|(s, c)| async move {
         let unreadable = |e: &dyn std::fmt::Display| RuntimeError::ShardUnreadable {
             shard: s.name.clone(),
             message: e.to_string(),
@@ -129,16 +129,16 @@ async fn shard_states(
         let other_slots = crate::pg::progress::other_slots(&client, &cfg.source.slot, &s.name)
             .await
             .map_err(|e| unreadable(&e))?;
-        out.push(startup::ShardState {
+        Ok(startup::ShardState {
             name: s.name.clone(),
             progress: row.as_ref().map(|r| r.commit_lsn),
             migration_id: row.and_then(|r| r.migration_id),
             has_load_records: prepared.is_some_and(|p| p.has_records()),
             other_slots,
             oldest_copy_lsn: prepared.and_then(|p| p.oldest_finished_as_of()),
-        });
-    }
-    Ok(out)
+        })
+    }))
+    .await
 }
 
 /// What the shards skip of the log because the full load copied it (`snapshot::handoff`);

@@ -400,6 +400,59 @@ fn status_of(table: &str, per_shard: &[Records]) -> TableStatus {
     }
 }
 
+/// One shard's side of the plan: reshard's records there and, per table, its columns and
+/// whether it holds rows.
+struct ShardSide {
+    records: Records,
+    wm_records: watermark::Records,
+    columns: Vec<Option<Vec<ColumnInfo>>>,
+    nonempty: Vec<bool>,
+    problems: Vec<String>,
+}
+
+async fn shard_side(shard: &ShardTarget, specs: &[TableSpec]) -> Result<ShardSide, SnapshotError> {
+    let client = connect(&shard.name, &shard.connect).await?;
+    ensure_state(&shard.name, &client).await?;
+    let mut side = ShardSide {
+        records: read_records(&shard.name, &client).await?,
+        wm_records: watermark::read_records(&shard.name, &client).await?,
+        columns: Vec::new(),
+        nonempty: Vec::new(),
+        problems: Vec::new(),
+    };
+    for spec in specs {
+        let name = spec.target.to_string();
+        let ctx = || format!("inspecting table {name}");
+        match relation(&client, &spec.target.schema, &spec.target.name)
+            .await
+            .map_err(shard_err(&shard.name, ctx()))?
+        {
+            None => {
+                side.problems.push(format!(
+                    "{}: table {name} is missing (create it with the source's DDL)",
+                    shard.name
+                ));
+                side.columns.push(None);
+                side.nonempty.push(false);
+            }
+            Some((oid, _)) => {
+                side.columns.push(Some(
+                    columns(&client, oid)
+                        .await
+                        .map_err(shard_err(&shard.name, ctx()))?,
+                ));
+                let has_rows: bool = client
+                    .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {name})"), &[])
+                    .await
+                    .and_then(|r| r.try_get(0))
+                    .map_err(shard_err(&shard.name, ctx()))?;
+                side.nonempty.push(has_rows);
+            }
+        }
+    }
+    Ok(side)
+}
+
 /// Inspects the source and the shards; see the module docs.
 pub(crate) async fn inspect(
     source: &Connect,
@@ -409,108 +462,82 @@ pub(crate) async fn inspect(
     chunk_rows: u64,
     mode: SnapshotMode,
 ) -> Result<Plan, SnapshotError> {
-    let mut problems: Vec<String> = Vec::new();
-    let src = connect("source", source).await?;
-    let version: i32 = src
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
-        .await
-        .and_then(|r| r.try_get(0))
-        .map_err(source_err("reading server_version_num".into()))?;
-    let tid_range_scan = version >= 140_000;
+    // The source's side and every shard's side, all at once: each is a series of round trips.
+    let source_side = async {
+        let mut problems: Vec<String> = Vec::new();
+        let src = connect("source", source).await?;
+        let version: i32 = src
+            .query_one("SELECT current_setting('server_version_num')::int4", &[])
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(source_err("reading server_version_num".into()))?;
+        let tid_range_scan = version >= 140_000;
 
-    // The source side of every table.
-    let mut sources: Vec<Option<(Vec<ColumnInfo>, Vec<SourceRelation>)>> = Vec::new();
-    for spec in specs {
-        let name = spec.source.to_string();
-        let ctx = || format!("inspecting table {name}");
-        let Some((oid, kind)) = relation(&src, &spec.source.schema, &spec.source.name)
-            .await
-            .map_err(source_err(ctx()))?
-        else {
-            problems.push(format!("source: table {name} does not exist"));
-            sources.push(None);
-            continue;
-        };
-        if kind != "r" && kind != "p" {
-            problems.push(format!(
-                "source: {name} is not a table (relkind {kind}); only tables and partitioned \
-                 tables can be copied"
-            ));
-            sources.push(None);
-            continue;
-        }
-        let cols = columns(&src, oid).await.map_err(source_err(ctx()))?;
-        let mut heaps = Vec::new();
-        for r in src
-            .query(HEAPS_SQL, &[&oid])
-            .await
-            .map_err(source_err(ctx()))?
-        {
-            let get = || -> Result<SourceRelation, tokio_postgres::Error> {
-                Ok(SourceRelation {
-                    name: r.try_get(0)?,
-                    relpages: r.try_get(1)?,
-                    reltuples: r.try_get(2)?,
-                    pages: u64::try_from(r.try_get::<_, i64>(3)?).unwrap_or(0),
-                })
+        // The source side of every table.
+        let mut sources: Vec<Option<(Vec<ColumnInfo>, Vec<SourceRelation>)>> = Vec::new();
+        for spec in specs {
+            let name = spec.source.to_string();
+            let ctx = || format!("inspecting table {name}");
+            let Some((oid, kind)) = relation(&src, &spec.source.schema, &spec.source.name)
+                .await
+                .map_err(source_err(ctx()))?
+            else {
+                problems.push(format!("source: table {name} does not exist"));
+                sources.push(None);
+                continue;
             };
-            heaps.push(get().map_err(source_err(ctx()))?);
-        }
-        if let TableMode::Sharded { key } = &spec.mode {
-            if !cols.iter().any(|c| &c.name == key) {
+            if kind != "r" && kind != "p" {
                 problems.push(format!(
-                    "source: table {name} has no column {key} (its configured shard key); fix \
-                     the key in the config or make the table broadcast"
+                    "source: {name} is not a table (relkind {kind}); only tables and partitioned \
+                     tables can be copied"
                 ));
+                sources.push(None);
+                continue;
             }
+            let cols = columns(&src, oid).await.map_err(source_err(ctx()))?;
+            let mut heaps = Vec::new();
+            for r in src
+                .query(HEAPS_SQL, &[&oid])
+                .await
+                .map_err(source_err(ctx()))?
+            {
+                let get = || -> Result<SourceRelation, tokio_postgres::Error> {
+                    Ok(SourceRelation {
+                        name: r.try_get(0)?,
+                        relpages: r.try_get(1)?,
+                        reltuples: r.try_get(2)?,
+                        pages: u64::try_from(r.try_get::<_, i64>(3)?).unwrap_or(0),
+                    })
+                };
+                heaps.push(get().map_err(source_err(ctx()))?);
+            }
+            if let TableMode::Sharded { key } = &spec.mode {
+                if !cols.iter().any(|c| &c.name == key) {
+                    problems.push(format!(
+                        "source: table {name} has no column {key} (its configured shard key); fix \
+                         the key in the config or make the table broadcast"
+                    ));
+                }
+            }
+            sources.push(Some((cols, heaps)));
         }
-        sources.push(Some((cols, heaps)));
-    }
+        Ok::<_, SnapshotError>((src, tid_range_scan, sources, problems))
+    };
+    let shard_sides =
+        futures_util::future::try_join_all(shards.iter().map(|shard| shard_side(shard, specs)));
+    let ((src, tid_range_scan, sources, mut problems), shard_sides) =
+        futures_util::future::try_join(source_side, shard_sides).await?;
 
-    // Every shard's side.
     let mut targets: Vec<Vec<Option<Vec<ColumnInfo>>>> = Vec::new();
     let mut records: Vec<Records> = Vec::new();
     let mut wm_records: Vec<watermark::Records> = Vec::new();
     let mut nonempty: Vec<Vec<bool>> = Vec::new();
-    for shard in shards {
-        let client = connect(&shard.name, &shard.connect).await?;
-        ensure_state(&shard.name, &client).await?;
-        records.push(read_records(&shard.name, &client).await?);
-        wm_records.push(watermark::read_records(&shard.name, &client).await?);
-        let mut cols_here = Vec::new();
-        let mut nonempty_here = Vec::new();
-        for spec in specs {
-            let name = spec.target.to_string();
-            let ctx = || format!("inspecting table {name}");
-            match relation(&client, &spec.target.schema, &spec.target.name)
-                .await
-                .map_err(shard_err(&shard.name, ctx()))?
-            {
-                None => {
-                    problems.push(format!(
-                        "{}: table {name} is missing (create it with the source's DDL)",
-                        shard.name
-                    ));
-                    cols_here.push(None);
-                    nonempty_here.push(false);
-                }
-                Some((oid, _)) => {
-                    cols_here.push(Some(
-                        columns(&client, oid)
-                            .await
-                            .map_err(shard_err(&shard.name, ctx()))?,
-                    ));
-                    let has_rows: bool = client
-                        .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {name})"), &[])
-                        .await
-                        .and_then(|r| r.try_get(0))
-                        .map_err(shard_err(&shard.name, ctx()))?;
-                    nonempty_here.push(has_rows);
-                }
-            }
-        }
-        targets.push(cols_here);
-        nonempty.push(nonempty_here);
+    for side in shard_sides {
+        problems.extend(side.problems);
+        records.push(side.records);
+        wm_records.push(side.wm_records);
+        targets.push(side.columns);
+        nonempty.push(side.nonempty);
     }
 
     let mut tables = Vec::new();
@@ -713,7 +740,9 @@ pub(crate) async fn reset_targets(
         .filter(|t| t.watermark.is_none())
         .map(|t| t.source_display.clone())
         .collect();
-    for shard in shards {
+    // Every shard at once (each in its own transaction, as before).
+    let (truncate, forget) = (&truncate, &forget);
+    futures_util::future::try_join_all(shards.iter().map(|shard| async move {
         let mut client = connect(&shard.name, &shard.connect).await?;
         let ctx = || format!("emptying tables {}", truncate.join(", "));
         let tx = client
@@ -727,12 +756,13 @@ pub(crate) async fn reset_targets(
         }
         tx.execute(
             "DELETE FROM reshard.fullload_chunks WHERE source_table = ANY($1)",
-            &[&forget],
+            &[forget],
         )
         .await
         .map_err(shard_err(&shard.name, ctx()))?;
-        tx.commit().await.map_err(shard_err(&shard.name, ctx()))?;
-    }
+        tx.commit().await.map_err(shard_err(&shard.name, ctx()))
+    }))
+    .await?;
     Ok(())
 }
 

@@ -235,28 +235,25 @@ impl CopyContext {
 }
 
 /// One connection per shard, for copying (no timeout of the role applies:
-/// [`crate::pg::conn::NO_SESSION_TIMEOUTS_SQL`]).
+/// [`crate::pg::conn::NO_SESSION_TIMEOUTS_SQL`]), opened concurrently.
 pub(crate) async fn shard_clients(ctx: &CopyContext) -> Result<Vec<Client>, SnapshotError> {
-    let mut targets = Vec::with_capacity(ctx.shards.len());
-    for shard in &ctx.shards {
-        targets.push(connect(&shard.name, &shard.connect).await?);
-    }
-    Ok(targets)
+    futures_util::future::try_join_all(
+        ctx.shards
+            .iter()
+            .map(|shard| connect(&shard.name, &shard.connect)),
+    )
+    .await
 }
 
-/// Opens the worker connections, imports the snapshot on each source connection, signals
-/// `imported`, then runs the workers to completion. The first error aborts every worker
-/// (dropping their connections rolls back their open chunk transactions).
-pub(crate) async fn run_workers(
-    ctx: Arc<CopyContext>,
+/// One copy worker's connections: its source connection inside a transaction that imported
+/// `snapshot`, and one connection per shard.
+async fn open_worker(
+    ctx: &CopyContext,
+    id: usize,
     source: &super::Connect,
     snapshot: &ExportedSnapshot,
-    parallel: usize,
-    imported: Option<oneshot::Sender<()>>,
-) -> Result<CopiedStats, SnapshotError> {
-    let n_workers = parallel.min(ctx.jobs()).max(1);
-    let mut workers = Vec::with_capacity(n_workers);
-    for id in 0..n_workers {
+) -> Result<Worker, SnapshotError> {
+    let open_source = async {
         let src = connect("source", source).await?;
         // A chunk's COPY may run long, and between chunks a worker may wait for a shard's copy
         // slot while its source transaction sits idle: neither is cut short by a timeout of the
@@ -273,13 +270,32 @@ pub(crate) async fn run_workers(
             name: snapshot.name.clone(),
             source,
         })?;
-        let targets = shard_clients(&ctx).await?;
-        workers.push(Worker {
-            id,
-            source: src,
-            shards: targets,
-        });
-    }
+        Ok::<_, SnapshotError>(src)
+    };
+    let (src, targets) = futures_util::future::try_join(open_source, shard_clients(ctx)).await?;
+    Ok(Worker {
+        id,
+        source: src,
+        shards: targets,
+    })
+}
+
+/// Opens the worker connections, imports the snapshot on each source connection, signals
+/// `imported`, then runs the workers to completion. The first error aborts every worker
+/// (dropping their connections rolls back their open chunk transactions).
+pub(crate) async fn run_workers(
+    ctx: Arc<CopyContext>,
+    source: &super::Connect,
+    snapshot: &ExportedSnapshot,
+    parallel: usize,
+    imported: Option<oneshot::Sender<()>>,
+) -> Result<CopiedStats, SnapshotError> {
+    let n_workers = parallel.min(ctx.jobs()).max(1);
+    // Every worker's connections at once: each is a round trip and a backend start.
+    let workers = futures_util::future::try_join_all(
+        (0..n_workers).map(|id| open_worker(&ctx, id, source, snapshot)),
+    )
+    .await?;
     if let Some(tx) = imported {
         // The caller may have stopped waiting; that is fine.
         let _ = tx.send(());
