@@ -336,8 +336,30 @@ pub async fn wait_progress(
     }
 }
 
-/// Waits until every shard's row counts equal `expected`; tables already complete are not
-/// counted again (counting is not free during a load).
+/// Tables whose load reshard has recorded as finished on a shard: every planned chunk in
+/// `reshard.fullload_chunks`, or a watermark table's last chunk (`key_last IS NULL`) in
+/// `reshard.watermark_chunks`. A chunk's record commits in the transaction that holds its rows,
+/// so this is cheap to ask while the load runs (counting rows is not: it scans what the load
+/// just wrote). `None` while the tables do not exist yet.
+async fn tables_recorded(c: &tokio_postgres::Client) -> Option<i64> {
+    let r = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM reshard.fullload_chunks \
+                     GROUP BY source_table HAVING count(*) = max(chunks_total)) f) \
+                  + (SELECT count(DISTINCT source_table) FROM reshard.watermark_chunks \
+                     WHERE key_last IS NULL)",
+            &[],
+        )
+        .await
+        .ok()?;
+    r.try_get::<_, i64>(0).ok()
+}
+
+/// Waits until every shard's row counts equal `expected` and returns when that was first
+/// seen. It polls every 50 ms what reshard recorded (as native's wait polls
+/// `pg_subscription_rel`), and counts a shard's rows once the shard has a record for every
+/// table (and at least every second, whatever the records say); a shard whose counts matched
+/// is not counted again.
 pub async fn wait_counts(
     topo: &Topology,
     setup: &Setup,
@@ -351,15 +373,25 @@ pub async fn wait_counts(
     }
     let deadline = Instant::now() + timeout;
     let mut done = vec![false; clients.len()];
+    let mut last_count = Instant::now();
     loop {
         daemon.check_alive()?;
         let mut behind = Vec::new();
+        let count_anyway = last_count.elapsed() >= Duration::from_secs(1);
+        if count_anyway {
+            last_count = Instant::now();
+        }
         for (k, c) in clients.iter().enumerate() {
             if done[k] {
                 continue;
             }
-            let have = shard_counts(c).await?;
             let want = expected.get(k).cloned().unwrap_or_default();
+            let tables = want.len() as i64;
+            if !count_anyway && tables_recorded(c).await.unwrap_or(0) < tables {
+                behind.push(format!("shard{k}: not every table recorded as loaded"));
+                continue;
+            }
+            let have = shard_counts(c).await?;
             if have == want {
                 done[k] = true;
             } else {
@@ -377,7 +409,7 @@ pub async fn wait_counts(
                 log_tail(&setup.log, 20)
             );
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
