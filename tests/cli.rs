@@ -181,40 +181,88 @@ fn unreachable_source_is_exit_3_naming_it() {
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
-/// A `[spill] dir` that is a file, or that cannot be created, is refused at once naming the
-/// path, instead of being retried for `--start-retry-secs` as "a server is unreachable or
-/// restarting" (found by an outside-user run: the default retry kept it there 300 s).
+/// A `[spill] dir` that cannot be created or written (a file, a path under a file, a path
+/// under `/proc`) is an operator mistake: `reshard run` refuses it at once with exit 2, naming
+/// `[spill] dir`, the resolved directory, the OS error and the fix, instead of retrying it for
+/// `--start-retry-secs` as "a server is unreachable or restarting" (found by outside-user
+/// runs: the default retry kept it there 300 s, then exit 3). `reshard check` FAILs it too,
+/// and leaves nothing behind.
 #[test]
-fn a_spill_dir_that_is_a_file_is_refused_at_once() {
+fn an_unusable_spill_dir_is_refused_at_once() {
     let t = Topology::start(1);
     let ddl = "CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)";
     t.source_sql(ddl);
     t.shards[0].psql("app", ddl).unwrap();
     let file = t.spill_dir().with_extension("file");
     std::fs::write(&file, "not a directory").unwrap();
-    let text = std::fs::read_to_string(t.write_config("")).unwrap();
-    let text = text.replace(
+    let original = std::fs::read_to_string(t.write_config("")).unwrap();
+    let cases = [
+        (file.clone(), "Not a directory"),
+        (file.join("spill"), "Not a directory"),
+        (
+            std::path::PathBuf::from("/proc/reshard-spill"),
+            "No such file or directory",
+        ),
+    ];
+    for (dir, os_error) in cases {
+        let text = original.replace(
+            &format!("dir = \"{}\"", t.spill_dir().display()),
+            &format!("dir = \"{}\"", dir.display()),
+        );
+        assert!(text.contains(&dir.display().to_string()), "{text}");
+        std::fs::write(t.config_path(), text).unwrap();
+        let started = std::time::Instant::now();
+        let (code, _, err) = t.reshard(&[
+            "run",
+            "-c",
+            t.config_path().to_str().unwrap(),
+            "--start-retry-secs",
+            "20",
+        ]);
+        assert_eq!(code, 2, "{}: {err}", dir.display());
+        for want in [
+            "[spill] dir",
+            &dir.display().to_string(),
+            os_error,
+            "set [spill] dir to a directory",
+        ] {
+            assert!(
+                err.contains(want),
+                "{}: wants {want:?}: {err}",
+                dir.display()
+            );
+        }
+        assert!(!err.contains("unreachable or restarting"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "took {:?}: {err}",
+            started.elapsed()
+        );
+
+        let (code, out, err) = t.reshard(&["check", "-c", t.config_path().to_str().unwrap()]);
+        assert_ne!(code, 0, "{out}\n{err}");
+        let line = out
+            .lines()
+            .find(|l| l.contains("spill_dir"))
+            .unwrap_or_else(|| panic!("{}: no spill_dir line:\n{out}\n{err}", dir.display()));
+        assert!(line.contains("FAIL"), "{line}\n{out}");
+        assert!(out.contains(os_error), "{out}");
+        assert!(out.contains("set [spill] dir to a directory"), "{out}");
+    }
+    // A usable directory passes `check`, which leaves no directory behind.
+    let dir = t.spill_dir().with_extension("fresh").join("deep");
+    let text = original.replace(
         &format!("dir = \"{}\"", t.spill_dir().display()),
-        &format!("dir = \"{}\"", file.display()),
+        &format!("dir = \"{}\"", dir.display()),
     );
-    assert!(text.contains(&file.display().to_string()), "{text}");
     std::fs::write(t.config_path(), text).unwrap();
-    let started = std::time::Instant::now();
-    let (code, _, err) = t.reshard(&[
-        "run",
-        "-c",
-        t.config_path().to_str().unwrap(),
-        "--start-retry-secs",
-        "60",
-    ]);
-    assert_eq!(code, 3, "{err}");
-    assert!(err.contains(&file.display().to_string()), "{err}");
-    assert!(!err.contains("unreachable or restarting"), "{err}");
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "took {:?}: {err}",
-        started.elapsed()
-    );
+    let (_, out, err) = t.reshard(&["check", "-c", t.config_path().to_str().unwrap()]);
+    let line = out
+        .lines()
+        .find(|l| l.contains("spill_dir"))
+        .unwrap_or_default();
+    assert!(line.contains("PASS"), "{out}\n{err}");
+    assert!(!t.spill_dir().with_extension("fresh").exists());
 }
 
 // See: issue #11 item 12.

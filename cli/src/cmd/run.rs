@@ -18,6 +18,11 @@ pub async fn run(args: RunArgs) -> CmdResult {
     // Listening from here on: a signal between two waits below is kept, not lost.
     let mut signals = runtime::Signals::new();
     let cfg = load_config(&args.config.config)?;
+    // A spill directory that cannot be created or written is a mistake in the config: said at
+    // once (exit 2), not retried for `--start-retry-secs` as if a server were restarting.
+    reshard_engine::spill::probe_dir(&cfg.spill.dir, true).map_err(|e| {
+        Failure::usage(anyhow::Error::from(e).context("reshard run refuses to start"))
+    })?;
     if cfg.group.is_some() {
         refuse_overlapping_peers(&cfg, &args.config.config).await?;
     }

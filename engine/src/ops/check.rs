@@ -193,6 +193,7 @@ pub async fn run_checks(config: &Config) -> CheckReport {
         }
     }
     check_distinct_shards(config, system_id.as_deref(), &mut report).await;
+    check_spill_dir(config, &mut report);
     check_spill_space(config, &mut report);
     report.ok = report.count(CheckStatus::Fail) == 0;
     report
@@ -221,6 +222,28 @@ async fn check_distinct_shards(config: &Config, system_id: Option<&str>, report:
             report.fail("shard_query", SOURCE, e.to_string(), None)
         }
         Err(e) => report.fail(DISTINCT_SHARDS, SOURCE, e.to_string(), None),
+    }
+}
+
+/// FAIL `spill_dir` when `[spill] dir` cannot be created or written (a file, a path under a
+/// file, a directory reshard may not write): `reshard run` refuses to start on it. Nothing is
+/// left behind: directories created to prove it are removed again.
+fn check_spill_dir(config: &Config, report: &mut CheckReport) {
+    match crate::spill::probe_dir(&config.spill.dir, false) {
+        Ok(()) => report.pass(
+            "spill_dir",
+            "spill",
+            format!(
+                "[spill] dir {} can be created and written",
+                config.spill.dir.display()
+            ),
+        ),
+        Err(e) => report.fail(
+            "spill_dir",
+            "spill",
+            e.detail(),
+            Some(crate::spill::UnusableDir::FIX.to_owned()),
+        ),
     }
 }
 

@@ -953,3 +953,100 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpillError> {
         .and_then(|d| d.sync_all())
         .map_err(|e| io_err("fsync directory", dir, e))
 }
+
+/// Why `[spill] dir` cannot be used at all: a path that is a file, lies under a file, cannot be
+/// created (e.g. under `/proc`) or is a directory reshard may not write. An operator mistake
+/// that no retry fixes (a full filesystem is not one: the spill log waits for space).
+#[derive(Debug, thiserror::Error)]
+#[error("{}; {}", self.detail(), UnusableDir::FIX)]
+pub struct UnusableDir {
+    /// The resolved `[spill] dir`.
+    pub dir: PathBuf,
+    /// The step that failed.
+    pub op: &'static str,
+    /// The path it failed on (the directory, a parent, or the probe file).
+    pub path: PathBuf,
+    /// The OS error (in the message, not a `source`: printed once).
+    pub os_error: std::io::Error,
+}
+
+impl UnusableDir {
+    /// What to do about it.
+    pub const FIX: &'static str = "set [spill] dir to a directory reshard can create and write \
+         (or make the path a directory the user reshard runs as may write)";
+
+    /// What is wrong, without the fix.
+    pub fn detail(&self) -> String {
+        format!(
+            "[spill] dir {} cannot be used: could not {} {}: {}",
+            self.dir.display(),
+            self.op,
+            self.path.display(),
+            self.os_error
+        )
+    }
+}
+
+/// Name of the file [`probe_dir`] writes and removes.
+const PROBE_NAME: &str = ".reshard-probe";
+
+/// Proves `dir` (the resolved `[spill] dir`) can be created and written: creates it (mode 0700,
+/// see [`create_private_dir_all`](crate::localfs::create_private_dir_all)), writes and removes
+/// a small file in it. With `keep = false` the directories it had to create are removed again
+/// (`reshard check` leaves nothing behind). A full filesystem (ENOSPC, EDQUOT) passes: the
+/// spill log waits for space, that is not a mistake in the path.
+pub fn probe_dir(dir: &Path, keep: bool) -> Result<(), UnusableDir> {
+    let fail = |op: &'static str, path: &Path, os_error: std::io::Error| {
+        if is_out_of_space(&os_error) {
+            Ok(())
+        } else {
+            Err(UnusableDir {
+                dir: dir.to_path_buf(),
+                op,
+                path: path.to_path_buf(),
+                os_error,
+            })
+        }
+    };
+    // The components that do not exist yet (deepest first), removed again unless `keep`.
+    let created: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+        .collect();
+    let result = (|| {
+        if let Some(d) = dir
+            .ancestors()
+            .find(|d| std::fs::symlink_metadata(d).is_ok())
+        {
+            if !d.is_dir() {
+                return fail(
+                    CREATE_DIR,
+                    d,
+                    std::io::Error::from_raw_os_error(libc::ENOTDIR),
+                );
+            }
+        }
+        if let Err(e) = crate::localfs::create_private_dir_all(dir) {
+            return fail(CREATE_DIR, dir, e);
+        }
+        let probe = dir.join(PROBE_NAME);
+        let written = crate::localfs::private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"reshard"));
+        let removed = std::fs::remove_file(&probe);
+        match (written, removed) {
+            (Err(e), _) => fail("write a file in", &probe, e),
+            (Ok(()), Err(e)) => fail("remove a file in", &probe, e),
+            (Ok(()), Ok(())) => Ok(()),
+        }
+    })();
+    if !keep {
+        for d in &created {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+    result
+}
