@@ -528,6 +528,53 @@ fn the_last_shard_stopping_ends_the_daemon_with_a_restart_hint_not_a_sighup_one(
     );
 }
 
+/// The only shard stops on a definite error (a CHECK constraint only the shard has, 23514) and
+/// the daemon exits "every shard stopped". `reshard status` with the daemon down then shows
+/// why, in LAST ERROR and in `--json` `last_error` (before, `stopped` and `-`: the cause was
+/// only in the daemon's log). Started again, the shard applies, and the note is gone.
+#[test]
+fn status_with_the_daemon_down_shows_why_every_shard_stopped() {
+    let mut t = Topology::start(1);
+    let d = streaming(&mut t, "", false);
+    t.shards[0]
+        .psql(
+            "app",
+            "ALTER TABLE plans ADD CONSTRAINT shard_only_check CHECK (name <> 'refused')",
+        )
+        .expect("add the shard's constraint");
+    t.source_sql("INSERT INTO plans VALUES (2, 'refused')");
+    let code = t.wait_exit(d, Duration::from_secs(60));
+    assert_ne!(code, Some(0), "{}", t.last_log());
+
+    let cfg = t.config_path();
+    let (code, out, err) = t.reshard(&["status", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let row = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("shard0"))
+        .unwrap_or_else(|| panic!("no shard0 row:\n{out}"));
+    assert!(
+        row.contains("stopped") && row.contains("shard_only_check") && row.contains("23514"),
+        "status does not say why shard0 stopped:\n{out}\nlog:\n{}",
+        t.last_log()
+    );
+    let s = t.status_json().expect("status --json");
+    let e = s["shards"][0]["last_error"].as_str().unwrap_or_default();
+    assert!(e.contains("shard_only_check") && e.contains("23514"), "{s}");
+    // The progress row was read: the lag is known, not hidden behind the stop's error.
+    assert!(s["shards"][0]["lag_bytes"].is_u64(), "{s}");
+
+    // Fixed on the shard and started again: it applies, and the note is gone.
+    t.shards[0]
+        .psql("app", "ALTER TABLE plans DROP CONSTRAINT shard_only_check")
+        .expect("drop the constraint");
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(60));
+    t.stop_cleanly(d);
+    let s = t.status_json().expect("status --json");
+    assert!(s["shards"][0]["last_error"].is_null(), "{s}");
+}
+
 /// A shard whose password stops working mid-run (28P01 on its next connection) stops, says
 /// what brings it back (the fix, then SIGHUP or RESUME; a url changed in the config needs a
 /// restart), and the other shard goes on. After the fix on the shard's role, a SIGHUP starts it

@@ -46,6 +46,7 @@ fn shard(name: &str, state: ShardState, lsn: u64, inserted: u64) -> ShardView {
         latency_p99_ms: 80.0,
         latency_max_ms: 310.0,
         last_error: None,
+        stopped_by_last_run: false,
     }
 }
 

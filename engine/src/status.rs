@@ -213,6 +213,10 @@ pub struct ShardView {
     pub latency_max_ms: f64,
     /// Last error message (names table, key, LSN, SQLSTATE).
     pub last_error: Option<String>,
+    /// Offline status only: `last_error` is why the last daemon run stopped this shard (its
+    /// note in `[spill] dir`), not a failure to read the shard now (its lag is known).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped_by_last_run: bool,
 }
 
 /// One table of the full load.

@@ -37,7 +37,9 @@ pub enum StatusOrigin {
 /// shard's is. `status` and `lag` show an unknown lag as `-` (JSON `null`), never as 0.
 pub fn lag_known(s: &StatusSnapshot, origin: StatusOrigin, sh: &crate::status::ShardView) -> bool {
     origin == StatusOrigin::Daemon
-        || (s.source.connected && !s.source.current_wal_lsn.is_zero() && sh.last_error.is_none())
+        || (s.source.connected
+            && !s.source.current_wal_lsn.is_zero()
+            && (sh.last_error.is_none() || sh.stopped_by_last_run))
 }
 
 /// Why a shard's lag in `s` is not known, naming the shard (its own error, or the source's when
@@ -80,7 +82,7 @@ pub fn unreadable(s: &StatusSnapshot, origin: StatusOrigin) -> Option<String> {
     what.extend(
         s.shards
             .iter()
-            .filter(|sh| sh.state != crate::status::ShardState::Waiting)
+            .filter(|sh| sh.state != crate::status::ShardState::Waiting && !sh.stopped_by_last_run)
             .filter_map(|sh| sh.last_error.clone()),
     );
     (!what.is_empty()).then(|| what.join("; "))
@@ -290,6 +292,7 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
     let current = snap.source.current_wal_lsn;
     let mut loads: HashMap<String, TableLoad> = HashMap::new();
     let mut loads_seen = false;
+    let stops = crate::runtime::stopnote::read(&config.spill.dir);
     for s in &config.shards {
         let mut v = ShardView {
             name: s.name.clone(),
@@ -334,8 +337,23 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
                     v.applied_lsn = p.commit_lsn;
                     v.last_commit_time = p.commit_time;
                     (v.lag_bytes, v.lag_seconds) = offline_lag(current, &p);
+                    // Why the last daemon run stopped it (the daemon ends when every shard
+                    // did): otherwise only in that run's log.
+                    if let Some(e) = stops.get(&s.name) {
+                        v.last_error = Some(format!(
+                            "the last `reshard run` stopped this shard: {e}; fix what this \
+                             names and start `reshard run` again (the backlog waits in the \
+                             spill log)"
+                        ));
+                        v.stopped_by_last_run = true;
+                    }
                 }
             },
+        }
+        if let (Some(e), Some(now), false) =
+            (stops.get(&s.name), &mut v.last_error, v.stopped_by_last_run)
+        {
+            now.push_str(&format!("; the last `reshard run` stopped this shard: {e}"));
         }
         snap.shards.push(v);
     }

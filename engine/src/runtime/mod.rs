@@ -21,6 +21,7 @@
 //! - [`supervisor`]: watches the stages, serves control commands, emits heartbeats, stops.
 //! - [`status`]: the running daemon's status snapshot (lag, rates).
 //! - [`reverse`]: after a fenced cutover, a shard's writes streaming back to the source.
+//! - [`stopnote`]: why a shard stopped, in `[spill] dir` for `reshard status` with the daemon down.
 
 pub mod begin;
 pub mod ingest;
@@ -29,6 +30,7 @@ pub mod reverse;
 pub mod side;
 pub mod startup;
 pub mod status;
+pub mod stopnote;
 pub mod supervisor;
 
 use std::sync::Arc;

@@ -125,6 +125,7 @@ impl Supervisor {
                 latency_p99_ms: p99,
                 latency_max_ms: max,
                 last_error: s.error.clone().or(st.last_error),
+                stopped_by_last_run: false,
             });
         }
         let progress = self.load.progress.as_ref().map(|p| p.borrow().clone());

@@ -208,6 +208,8 @@ impl Supervisor {
         let mut load_watch_done = false;
         // SIGHUP starts the shards stopped by an error again (see `ShardHandle::restart`).
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        // Every shard starts applying: no earlier run's stop holds any more.
+        super::stopnote::clear(&self.cfg.spill.dir, None);
         loop {
             tokio::select! {
                 biased;
@@ -283,7 +285,11 @@ impl Supervisor {
             if let Some(t) = s.task.take() {
                 match tokio::time::timeout(Duration::from_secs(60), t).await {
                     Ok(Ok(Ok(()))) => {}
-                    Ok(Ok(Err(e))) => s.error = Some(e.to_string()),
+                    Ok(Ok(Err(e))) => {
+                        let e = e.to_string();
+                        super::stopnote::record(&self.cfg.spill.dir, &s.name, &e);
+                        s.error = Some(e);
+                    }
                     Ok(Err(e)) => s.error = Some(format!("apply task failed: {e}")),
                     Err(_) => s.error = Some("apply did not stop within 60 s".into()),
                 }
@@ -341,6 +347,9 @@ impl Supervisor {
                             Some(Ok(Err(e))) => {
                                 // Nothing restarts a shard's apply by itself: say so, and
                                 // what to do.
+                                // The note outlives the daemon: its hint is given by
+                                // `reshard status`, not SIGHUP's.
+                                super::stopnote::record(&self.cfg.spill.dir, &name, &e.to_string());
                                 let e = format!("{e}; {}", restart_hint(&name));
                                 tracing::error!(shard = %name, error = %e, "shard stopped");
                                 s.error = Some(e);
@@ -361,7 +370,10 @@ impl Supervisor {
         self.collect_stopped();
         let mut n = 0;
         for s in &mut self.shards {
-            n += usize::from(s.restart(why));
+            if s.restart(why) {
+                super::stopnote::clear(&self.cfg.spill.dir, Some(&s.name));
+                n += 1;
+            }
         }
         n
     }
@@ -392,6 +404,7 @@ impl Supervisor {
                 // A shard stopped by an error starts again.
                 self.collect_stopped();
                 if self.shards[i].restart("RESUME on the admin console") {
+                    super::stopnote::clear(&self.cfg.spill.dir, Some(&name));
                     return Ok(format!("RESUME {name}"));
                 }
                 tracing::info!(shard = %name, "shard resumed by operator");
