@@ -247,3 +247,72 @@ fn a_caught_up_shard_applies_without_waiting_out_the_batching_delays() {
     }
     t.stop_cleanly(d);
 }
+
+/// `TRUNCATE accounts CASCADE` on the source reaches `orders` (its FK) there; both are in the
+/// message and are emptied on every shard, but the shard does not cascade further: a table only
+/// shard0 has (`notes`, referencing `orders`) keeps its rows, and shard0 stops with an error
+/// naming the shard, the table, the referencing table and the fix (native logical replication
+/// refuses the same way). Before, the shard ran `TRUNCATE … CASCADE` and emptied `notes`.
+#[test]
+fn truncate_cascade_on_the_source_does_not_cascade_onto_shard_only_tables() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(
+        "CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text);
+         CREATE TABLE orders (account_id bigint NOT NULL REFERENCES accounts, id int NOT NULL,
+                              PRIMARY KEY (account_id, id));",
+    );
+    t.shards[0]
+        .psql(
+            "app",
+            "CREATE TABLE notes (account_id bigint, id int, body text, \
+             FOREIGN KEY (account_id, id) REFERENCES orders)",
+        )
+        .unwrap();
+    t.write_config("");
+    let d = t.spawn_run(&[]);
+    wait_slot(&t);
+    t.source_sql(
+        "INSERT INTO accounts SELECT a, 'a' || a FROM generate_series(1, 20) a; \
+         INSERT INTO orders SELECT a, i FROM generate_series(1, 20) a, generate_series(1, 3) i",
+    );
+    let count = |i: usize, table: &str| {
+        t.shards[i]
+            .psql("app", &format!("SELECT count(*) FROM {table}"))
+            .unwrap()
+    };
+    t.wait("the orders on both shards", Duration::from_secs(60), || {
+        let n: Vec<i64> = (0..2)
+            .map(|i| count(i, "orders").parse().unwrap())
+            .collect();
+        (n.iter().sum::<i64>() == 60 && n.iter().all(|&n| n > 0)).then_some(())
+    });
+    t.shards[0]
+        .psql(
+            "app",
+            "INSERT INTO notes SELECT account_id, id, 'mine' FROM orders",
+        )
+        .unwrap();
+    let notes = count(0, "notes");
+    assert_ne!(notes, "0");
+
+    t.source_sql("TRUNCATE accounts CASCADE");
+    assert_eq!(t.source_sql("SELECT count(*) FROM orders"), "0");
+    // shard1 has no table of its own: both published tables the cascade reached are emptied.
+    t.wait("shard1 emptied", Duration::from_secs(60), || {
+        (count(1, "accounts") == "0" && count(1, "orders") == "0").then_some(())
+    });
+    // shard0 stops on its own foreign key, naming it and the fix; `notes` keeps its rows.
+    let err = t.wait("shard0 to stop", Duration::from_secs(60), || {
+        let s = t.status_json()?;
+        let sh = &s["shards"][0];
+        let e = sh["last_error"].as_str().unwrap_or_default();
+        (sh["state"] == "stopped").then(|| e.to_owned())
+    });
+    println!("shard0 says: {err}");
+    for want in ["shard0", "public.orders", "notes", "0A000", "empty or drop"] {
+        assert!(err.contains(want), "wants {want:?}: {err}");
+    }
+    assert_eq!(count(0, "notes"), notes, "the shard-only table was emptied");
+    assert!(t.is_running(d), "daemon exited:\n{}", t.all_logs());
+    t.stop_cleanly(d);
+}

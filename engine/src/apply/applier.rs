@@ -940,9 +940,13 @@ impl<'a, L: ShardLog> Session<'a, L> {
     async fn on_change(&mut self, commit_lsn: Lsn, c: Change) -> Result<(), ApplyError> {
         match &c {
             Change::Message { .. } => return Ok(()),
+            // `cascade` is not repeated on the shard: the source already lists every published
+            // table its CASCADE reached, and a CASCADE here would also empty shard-only tables
+            // that reference them (native logical replication's apply truncates exactly the
+            // relations in the message, RESTRICT, too).
             Change::Truncate {
                 rels,
-                cascade,
+                cascade: _,
                 restart_identity,
             } => {
                 self.flush().await?;
@@ -950,20 +954,39 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 let names: Vec<String> = rels.iter().map(|r| self.target_sql_name(r)).collect();
                 if !names.is_empty() {
                     let sql = format!(
-                        "TRUNCATE {}{}{}",
+                        "TRUNCATE {}{} RESTRICT",
                         names.join(", "),
                         if *restart_identity {
                             " RESTART IDENTITY"
                         } else {
                             ""
                         },
-                        if *cascade { " CASCADE" } else { "" }
                     );
                     let ctx = format!(
                         "TRUNCATE {} at source commit {commit_lsn}",
                         names.join(", ")
                     );
-                    self.sql(&sql, &ctx).await?;
+                    if let Err(mut e) = self.sql(&sql, &ctx).await {
+                        if let ApplyError::Pg {
+                            sqlstate, message, ..
+                        } = &mut e
+                        {
+                            // 0A000: a foreign key of a table only the shard has (the detail
+                            // names it) refuses the TRUNCATE.
+                            if sqlstate == "0A000" {
+                                message.push_str(&format!(
+                                    "; a table that only shard {} has references a table the \
+                                     source truncated, and reshard does not cascade a TRUNCATE \
+                                     onto tables the source did not truncate: empty or drop \
+                                     that referencing table (or its foreign key) on shard {}, \
+                                     then start the shard again",
+                                    self.shard(),
+                                    self.shard()
+                                ));
+                            }
+                        }
+                        return Err(e);
+                    }
                 }
                 self.partial_flushed = true;
                 self.txn.truncates += 1;
