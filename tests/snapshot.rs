@@ -120,15 +120,7 @@ impl Env {
     }
 
     fn shard_targets(&self) -> Vec<ShardTarget> {
-        self.shards
-            .iter()
-            .enumerate()
-            .map(|(i, c)| ShardTarget {
-                name: format!("shard{i}"),
-                connect: connector(c.url("postgres")),
-                replicas: vec![],
-            })
-            .collect()
+        shard_targets(&self.shards)
     }
 
     fn load(&self, options: FullLoadOptions) -> FullLoad {
@@ -155,6 +147,19 @@ fn specs() -> Vec<TableSpec> {
             } else {
                 TableMode::Broadcast
             },
+        })
+        .collect()
+}
+
+/// The full load's targets: `shard{i}` for each cluster's `postgres` database, in order.
+pub(crate) fn shard_targets(shards: &[PgCluster]) -> Vec<ShardTarget> {
+    shards
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ShardTarget {
+            name: format!("shard{i}"),
+            connect: connector(c.url("postgres")),
+            replicas: vec![],
         })
         .collect()
 }
@@ -828,15 +833,7 @@ async fn measure_one_million_rows_into_four_shards() {
             c
         })
         .collect();
-    let targets = shards
-        .iter()
-        .enumerate()
-        .map(|(i, c)| ShardTarget {
-            name: format!("shard{i}"),
-            connect: connector(c.url("postgres")),
-            replicas: vec![],
-        })
-        .collect();
+    let targets = shard_targets(&shards);
     let exporter = client(&source).await;
     let snap = export(&exporter).await;
     let load = FullLoad::new(
@@ -1019,15 +1016,7 @@ async fn binary_and_text_copies_load_the_same_rows() {
             .unwrap();
         }
         let snap = export(&exporter).await;
-        let targets = shards
-            .iter()
-            .enumerate()
-            .map(|(i, c)| ShardTarget {
-                name: format!("shard{i}"),
-                connect: connector(c.url("postgres")),
-                replicas: vec![],
-            })
-            .collect();
+        let targets = shard_targets(&shards);
         let report = FullLoad::new(
             connector(source.url("postgres")),
             targets,

@@ -230,7 +230,9 @@ async fn measure_watermark_load_against_exported_and_raw_copy() {
     };
     use reshard_harness::PgCluster;
 
-    use crate::snapshot::{client, connector, count, export, route_mod, SOURCE_DDL, TARGET_DDL};
+    use crate::snapshot::{
+        client, connector, count, export, route_mod, shard_targets, SOURCE_DDL, TARGET_DDL,
+    };
 
     const ROWS: i64 = 1_000_000;
     let source = PgCluster::start().unwrap();
@@ -270,15 +272,7 @@ async fn measure_watermark_load_against_exported_and_raw_copy() {
         ("watermark, 20k-row chunks", SnapshotMode::Watermark, 20_000),
     ] {
         reset();
-        let targets = shards
-            .iter()
-            .enumerate()
-            .map(|(i, c)| ShardTarget {
-                name: format!("shard{i}"),
-                connect: connector(c.url("postgres")),
-                replicas: vec![],
-            })
-            .collect();
+        let targets = shard_targets(&shards);
         let options = FullLoadOptions::from_config(&SnapshotConfig {
             mode,
             chunk_rows,

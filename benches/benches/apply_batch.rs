@@ -159,39 +159,29 @@ fn bench(c: &mut Criterion) {
     const SMALL: usize = 5;
     let mut g = c.benchmark_group("apply_batch_small");
     g.throughput(Throughput::Elements((ROWS / SMALL * SMALL) as u64));
-    g.bench_function("fold_and_encode_inline_5row_flushes", |b| {
-        b.iter(|| {
-            let mut n = 0usize;
-            for chunk in input.chunks_exact(SMALL) {
-                let mut fold = Fold::new(table.key_idx.clone());
-                for ch in chunk {
-                    fold.push(ch).expect("foldable");
-                }
-                let tb = encode_table_inline(&table, &fold.finish(), false, None)
-                    .expect("encodable")
-                    .expect("small enough");
-                n += tb.statements.iter().map(String::len).sum::<usize>();
+    // Folds and encodes every 5-row flush inline, with the session's prepared statements or as
+    // VALUES lists; returns the statements' bytes.
+    let encode_small = |prepared: &mut Option<Prepared>| {
+        let mut n = 0usize;
+        for chunk in input.chunks_exact(SMALL) {
+            let mut fold = Fold::new(table.key_idx.clone());
+            for ch in chunk {
+                fold.push(ch).expect("foldable");
             }
-            black_box(n)
-        })
+            let tb = encode_table_inline(&table, &fold.finish(), false, prepared.as_mut())
+                .expect("encodable")
+                .expect("small enough");
+            n += tb.statements.iter().map(String::len).sum::<usize>();
+        }
+        n
+    };
+    g.bench_function("fold_and_encode_inline_5row_flushes", |b| {
+        b.iter(|| black_box(encode_small(&mut None)))
     });
     g.bench_function("fold_and_encode_prepared_5row_flushes", |b| {
         // One session's prepared statements: each is prepared on the first flush only.
-        let mut prepared = Prepared::new();
-        b.iter(|| {
-            let mut n = 0usize;
-            for chunk in input.chunks_exact(SMALL) {
-                let mut fold = Fold::new(table.key_idx.clone());
-                for ch in chunk {
-                    fold.push(ch).expect("foldable");
-                }
-                let tb = encode_table_inline(&table, &fold.finish(), false, Some(&mut prepared))
-                    .expect("encodable")
-                    .expect("small enough");
-                n += tb.statements.iter().map(String::len).sum::<usize>();
-            }
-            black_box(n)
-        })
+        let mut prepared = Some(Prepared::new());
+        b.iter(|| black_box(encode_small(&mut prepared)))
     });
     g.bench_function("fold_and_encode_copy_5row_flushes", |b| {
         let mut out = BytesMut::with_capacity(1 << 16);

@@ -760,6 +760,7 @@ async fn flush(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::rows::tests::tuple;
 
     fn table() -> CopyTable {
         CopyTable {
@@ -823,21 +824,6 @@ mod tests {
         assert!(e.to_string().contains("only 3 shards"), "{e}");
         let e = route_row(&r, &table(), &key(), 4, b"1\n", 3).unwrap_err();
         assert!(matches!(e, SnapshotError::Malformed { .. }), "{e}");
-    }
-
-    /// A binary tuple of `fields` (`None`: NULL).
-    fn tuple(fields: &[Option<&[u8]>]) -> Vec<u8> {
-        let mut t = (fields.len() as i16).to_be_bytes().to_vec();
-        for f in fields {
-            match f {
-                None => t.extend_from_slice(&(-1i32).to_be_bytes()),
-                Some(b) => {
-                    t.extend_from_slice(&(b.len() as i32).to_be_bytes());
-                    t.extend_from_slice(b);
-                }
-            }
-        }
-        t
     }
 
     #[test]

@@ -400,7 +400,7 @@ pub(crate) fn preview(row: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn split_all(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, Option<Vec<u8>>) {
@@ -468,7 +468,7 @@ mod tests {
     }
 
     /// A binary tuple of `fields` (`None`: NULL).
-    fn tuple(fields: &[Option<&[u8]>]) -> Vec<u8> {
+    pub(crate) fn tuple(fields: &[Option<&[u8]>]) -> Vec<u8> {
         let mut t = (fields.len() as i16).to_be_bytes().to_vec();
         for f in fields {
             match f {
