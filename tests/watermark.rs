@@ -225,9 +225,7 @@ fn a_watermark_load_from_postgres_13_converges() {
 #[ignore]
 async fn measure_watermark_load_against_exported_and_raw_copy() {
     use reshard_engine::config::{SnapshotConfig, SnapshotMode};
-    use reshard_engine::snapshot::{
-        FullLoad, FullLoadOptions, ShardTarget, TableMode, TableName, TableSpec,
-    };
+    use reshard_engine::snapshot::{FullLoad, FullLoadOptions, TableMode, TableName, TableSpec};
     use reshard_harness::PgCluster;
 
     use crate::snapshot::{
