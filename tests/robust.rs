@@ -478,10 +478,11 @@ fn after_a_stopped_shard_resumes_lag_shows_the_new_appliers_latency() {
     std::thread::sleep(Duration::from_secs(6));
     console("RESUME shard1");
     t.wait_converged(TABLES, Duration::from_secs(60));
-    let paused = shard1_p50_ms(&t);
-    assert!(
-        paused >= 6000.0,
-        "the paused transactions' p50 is {paused} ms"
+    // The rows are visible a moment before the applier records their commit: poll.
+    let paused = t.wait(
+        "shard1's lag p50 to show the paused transactions (>= 6000 ms)",
+        Duration::from_secs(30),
+        || Some(shard1_p50_ms(&t)).filter(|p| *p >= 6000.0),
     );
 
     stop_shard1(&t, 991);
@@ -493,10 +494,11 @@ fn after_a_stopped_shard_resumes_lag_shows_the_new_appliers_latency() {
         t.source_sql(&format!("INSERT INTO plans VALUES ({}, 'fresh')", 200 + k));
     }
     t.wait_converged(TABLES, Duration::from_secs(60));
-    let fresh = shard1_p50_ms(&t);
-    assert!(
-        fresh < paused / 2.0,
-        "lag still shows the stopped applier's p50 ({paused} ms then {fresh} ms)"
+    // Without the fix lag keeps showing the stopped applier's p50, and this times out.
+    t.wait(
+        &format!("shard1's lag p50 to show the new applier's latency (below {paused} / 2 ms)"),
+        Duration::from_secs(30),
+        || Some(shard1_p50_ms(&t)).filter(|f| *f < paused / 2.0),
     );
     t.stop_cleanly(d);
 }
