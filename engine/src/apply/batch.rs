@@ -512,6 +512,7 @@ impl InlineRows {
                 let stmt = sql(&table.unnest_source())?;
                 Some(p.execute(stmt, &table.unnest_types(), &a.params()))
             }
+            // Not reached: `encode_table_inline` makes arrays only when it has `prepared`.
             (InlineRows::Arrays(_), None) => None,
             (InlineRows::Values(v), _) => sql(&table.values_source(v)),
         }
