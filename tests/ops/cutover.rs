@@ -299,3 +299,62 @@ async fn cutover_waits_for_a_shard_reshard_never_fed_and_times_out_when_behind()
         "{r:#}"
     );
 }
+
+/// Sequences whose names need quoting (a dot inside the name, upper case, quotes, spaces at
+/// either end) are set under their own names: cutover read `schema || '.' || name` and split
+/// that text again, which trimmed the spaces (and would cut a dotted schema at its dot), so such
+/// a sequence failed to be set and the shard would hand out ids the source already had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_sets_sequences_whose_names_need_quoting() {
+    let t = Topology::start(2);
+    t.ddl_everywhere(
+        r#"CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text);
+           CREATE SCHEMA "Sales";
+           CREATE TABLE "Sales"."Orders" (account_id bigint, id bigint, PRIMARY KEY (account_id, id));
+           CREATE SEQUENCE "order.id_seq";
+           CREATE SEQUENCE " padded seq ";
+           CREATE SEQUENCE "Sales"."Invoice ""No"" Seq";
+           CREATE SEQUENCE "Sales"."ledger.id_seq""#,
+    );
+    t.write_config("");
+    let sysid = t.source_sql("SELECT system_identifier FROM pg_control_system()");
+    t.shards[0].psql("app", PROGRESS_DDL).unwrap();
+    t.shards[0]
+        .psql(
+            "app",
+            &format!("INSERT INTO reshard.progress VALUES ('{sysid}', 'reshard', 'shard0', 'FFFFFFFF/FFFFFFFF', 'FFFFFFFF/FFFFFFFF', now())"),
+        )
+        .unwrap();
+    // (the name as SQL and the report spell it, the source's value)
+    let seqs = [
+        (r#"public."order.id_seq""#, 40),
+        (r#"public." padded seq ""#, 80),
+        (r#""Sales"."Invoice ""No"" Seq""#, 60),
+        (r#""Sales"."ledger.id_seq""#, 70),
+    ];
+    for (name, value) in seqs {
+        t.source_sql(&format!("SELECT setval('{name}', {value})"));
+    }
+    let (code, out, err) = cutover(&t, "shard0", &["--no-verify", "--json"]);
+    let r = json(&out, &err);
+    // What the shard really holds: every sequence past the source's value + the gap.
+    for (name, value) in seqs {
+        let on_shard: i64 = t.shards[0]
+            .psql("app", &format!("SELECT last_value FROM {name}"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            on_shard >= value + 1000,
+            "{name} is at {on_shard} on the shard, below the source's {value} + 1000: {r:#}"
+        );
+    }
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(r["ok"], true, "{r:#}");
+    for (name, value) in seqs {
+        let s = sequence(&r, name);
+        assert_eq!(s["action"], "set", "{name}: {r:#}");
+        assert_eq!(s["source_value"], value, "{name}: {r:#}");
+        assert_eq!(s["shard_after"], value + 1000, "{name}: {r:#}");
+    }
+}

@@ -51,6 +51,7 @@ use crate::pg::conn::{
     current_insert_lsn, emit_marker, error_text, quote_literal, quote_qualified,
 };
 use crate::pg::progress::source_system_id;
+use crate::pg::sql::TableName;
 use crate::pg::table::split_name;
 
 /// What to cut over.
@@ -166,7 +167,7 @@ impl Classify for CutoverError {
 /// What happened to one sequence.
 #[derive(Debug, Clone, Serialize)]
 pub struct SequenceSync {
-    /// `schema.sequence`.
+    /// `schema.sequence`, quoted where needed (`public.orders_id_seq`, `"Sales"."order.id"`).
     pub name: String,
     /// The source's `last_value` (`None`: never used on the source).
     pub source_value: Option<i64>,
@@ -554,6 +555,17 @@ pub async fn cutover(
     Ok(report)
 }
 
+/// The expression setting `seq` to at least `want`: GREATEST with the shard's own value, so
+/// never backwards, even if something used the sequence since it was read.
+fn setval_expr(seq: &TableName, want: i64) -> String {
+    let qseq = seq.quoted();
+    format!(
+        "setval({}::regclass, GREATEST({want}::int8, \
+           (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {qseq})))",
+        quote_literal(&qseq)
+    )
+}
+
 /// Sequences set by one statement at most (PostgreSQL's SELECT list holds 1664 entries).
 const SEQUENCES_PER_STATEMENT: usize = 1000;
 
@@ -570,35 +582,41 @@ pub async fn sync_sequences(
     schemas: &[String],
     gap: i64,
 ) -> Result<Vec<SequenceSync>, CutoverError> {
-    const SEQUENCES: &str = "SELECT schemaname || '.' || sequencename, last_value, increment_by \
-         FROM pg_sequences WHERE schemaname = ANY($1) ORDER BY 1";
+    // Schema and name apart, as the catalog holds them: either may contain a dot or spaces,
+    // so `schema || '.' || name` cannot be split back into the sequence it names.
+    const SEQUENCES: &str = "SELECT schemaname, sequencename, last_value, increment_by \
+         FROM pg_sequences WHERE schemaname = ANY($1) ORDER BY 1, 2";
+    let name_of = |r: &tokio_postgres::Row| -> Result<TableName, tokio_postgres::Error> {
+        Ok(TableName::new(
+            r.try_get::<_, String>(0)?,
+            r.try_get::<_, String>(1)?,
+        ))
+    };
     let rows = src
         .query(SEQUENCES, &[&schemas])
         .await
         .map_err(qerr("source", "reading pg_sequences"))?;
-    let on_shard: std::collections::HashMap<String, Option<i64>> = shard
+    let on_shard: std::collections::HashMap<TableName, Option<i64>> = shard
         .query(SEQUENCES, &[&schemas])
         .await
         .map_err(qerr(shard_name, "reading pg_sequences"))?
         .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .map(|r| Ok((name_of(r)?, r.try_get(2)?)))
         .collect::<Result<_, tokio_postgres::Error>>()
         .map_err(qerr(shard_name, "reading pg_sequences"))?;
     let mut out = Vec::with_capacity(rows.len());
     // (position in `out`, the setval expression) of every sequence to move.
     let mut to_set: Vec<(usize, String)> = Vec::new();
     for r in rows {
-        let seq: String = r
-            .try_get(0)
-            .map_err(qerr("source", "reading pg_sequences"))?;
+        let seq = name_of(&r).map_err(qerr("source", "reading pg_sequences"))?;
         let source_value: Option<i64> = r
-            .try_get(1)
-            .map_err(qerr("source", "reading pg_sequences"))?;
-        let increment: i64 = r
             .try_get(2)
             .map_err(qerr("source", "reading pg_sequences"))?;
+        let increment: i64 = r
+            .try_get(3)
+            .map_err(qerr("source", "reading pg_sequences"))?;
         let mut s = SequenceSync {
-            name: seq.clone(),
+            name: seq.to_string(),
             source_value,
             shard_before: None,
             shard_after: None,
@@ -618,17 +636,7 @@ pub async fn sync_sequences(
             if s.shard_before.is_some_and(|b| b >= want) {
                 s.action = "unchanged".into();
             } else {
-                let qseq = quote_qualified(&seq);
-                // GREATEST with the shard's own value: never backwards, even if something
-                // used the sequence since we read it.
-                to_set.push((
-                    out.len(),
-                    format!(
-                        "setval({}::regclass, GREATEST({want}::int8, \
-                           (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {qseq})))",
-                        quote_literal(&qseq)
-                    ),
-                ));
+                to_set.push((out.len(), setval_expr(&seq, want)));
             }
         } else {
             s.action = "unused".into();
@@ -679,4 +687,29 @@ pub async fn sync_sequences(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setval_names_the_sequence_by_its_catalog_schema_and_name() {
+        // A dot in the schema, spaces at either end, a dot and a quote in the name: each part
+        // quoted as it is, nothing split or trimmed.
+        let seq = TableName::new("app.v2", " order.id \"seq\" ");
+        let q = r#""app.v2"." order.id ""seq"" ""#;
+        assert_eq!(
+            setval_expr(&seq, 1040),
+            format!(
+                "setval('{q}'::regclass, GREATEST(1040::int8, (SELECT CASE WHEN is_called \
+                 THEN last_value ELSE last_value - 1 END FROM {q})))"
+            )
+        );
+        assert_eq!(seq.to_string(), q);
+        assert_eq!(
+            TableName::new("public", "orders_id_seq").to_string(),
+            "public.orders_id_seq"
+        );
+    }
 }
