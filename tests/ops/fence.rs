@@ -682,3 +682,27 @@ async fn fences_of_two_shards_and_a_repeated_fence_keep_a_partitioned_tables_tri
         "no fence trigger left, on no partition"
     );
 }
+
+/// A fenced table moved while fenced into a schema whose name needs quoting (a dot, spaces at
+/// the end) still loses its trigger on unfence: the fence read its triggered tables as
+/// `schema || '.' || name` and split that text again, at the first dot and trimmed, so it named
+/// a table that does not exist and unfence failed, leaving the table refusing writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfence_drops_the_trigger_of_a_table_moved_to_a_schema_with_a_dot() {
+    let t = Topology::start(2);
+    t.ddl_everywhere(
+        "CREATE TABLE events (account_id bigint, id bigint, PRIMARY KEY (account_id, id))",
+    );
+    t.write_config("");
+    let cfg = t.config_path();
+    let cfg = cfg.to_str().unwrap();
+    let (code, out, err) = t.reshard(&["fence", "-c", cfg, "--shard", "shard0", "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(fence_triggers(&t), 1);
+    t.source_sql(r#"CREATE SCHEMA "archive.2026 "; ALTER TABLE events SET SCHEMA "archive.2026 ""#);
+    let (code, out, err) = t.reshard(&["unfence", "-c", cfg, "--shard", "shard0", "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(fence_triggers(&t), 0, "{out}\n{err}");
+    // Every account is writable again.
+    t.source_sql(r#"INSERT INTO "archive.2026 ".events SELECT a, 1 FROM generate_series(1, 20) a"#);
+}

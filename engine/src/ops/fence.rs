@@ -66,6 +66,7 @@ use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
 use crate::pg::conn::{error_text, quote_ident, quote_literal, quote_qualified};
 use crate::pg::fence::{fence_table_exists, read_fences};
+use crate::pg::sql::TableName;
 use crate::route::AccountMap;
 
 pub use crate::status::{Fence, FenceSide};
@@ -785,29 +786,36 @@ async fn regenerate(
     // table: PostgreSQL clones the parent's row trigger onto each of them, and only the
     // parent's can be dropped (dropping a clone fails with 2BP01, which made every fence
     // change after the first one fail on a source with a partitioned sharded table).
-    let existing: Vec<String> = tx
+    // Schema and name apart, as the catalog holds them (either may contain a dot or spaces, so
+    // `nspname || '.' || relname` cannot be split back into the table it names).
+    let existing: Vec<TableName> = tx
         .query(
-            "SELECT n.nspname || '.' || c.relname FROM pg_trigger g \
+            "SELECT n.nspname, c.relname FROM pg_trigger g \
              JOIN pg_class c ON c.oid = g.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE g.tgname = $1 AND NOT (c.relispartition AND EXISTS ( \
                SELECT 1 FROM pg_partition_ancestors(c.oid) a(relid) \
                JOIN pg_trigger p ON p.tgrelid = a.relid AND p.tgname = g.tgname \
-               WHERE a.relid <> c.oid)) ORDER BY 1",
+               WHERE a.relid <> c.oid)) ORDER BY 1, 2",
             &[&ROW_TRIGGER],
         )
         .await
         .map_err(qerr(side, "listing fence triggers"))?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
-    let stale: Vec<&String> = existing
+    // The fences' tables are spelled as the config spells them (`schema.table`, unquoted).
+    let stale: Vec<&TableName> = existing
         .iter()
-        .filter(|t| !wanted.contains_key(*t))
+        .filter(|t| !wanted.contains_key(&format!("{}.{}", t.schema, t.name)))
         .collect();
-    let mut lock: Vec<String> = wanted.keys().cloned().collect();
-    lock.extend(stale.iter().map(|s| (*s).clone()));
+    // (as messages name it, as SQL names it) of every table to lock.
+    let lock: Vec<(String, String)> = wanted
+        .keys()
+        .map(|t| (t.clone(), quote_qualified(t)))
+        .chain(stale.iter().map(|t| (t.to_string(), t.quoted())))
+        .collect();
     if !lock.is_empty() {
-        let list: Vec<String> = lock.iter().map(|t| quote_qualified(t)).collect();
+        let list: Vec<&str> = lock.iter().map(|(_, q)| q.as_str()).collect();
         let list = list.join(", ");
         tx.batch_execute(&format!(
             "SET LOCAL lock_timeout = {}",
@@ -823,7 +831,11 @@ async fn regenerate(
                 return Err(FenceError::LockTimeout {
                     shard: shard.to_owned(),
                     side,
-                    tables: lock.join(", "),
+                    tables: lock
+                        .iter()
+                        .map(|(t, _)| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     timeout_ms: lock_timeout.as_millis(),
                 });
             }
@@ -832,14 +844,14 @@ async fn regenerate(
     }
     for t in stale {
         let oid: u32 = tx
-            .query_one("SELECT $1::text::regclass::oid", &[&quote_qualified(t)])
+            .query_one("SELECT $1::text::regclass::oid", &[&t.quoted()])
             .await
             .map_err(qerr(side, "looking up a fenced table"))?
             .get(0);
         tx.batch_execute(&format!(
             "DROP TRIGGER IF EXISTS {ROW_TRIGGER} ON {q}; DROP TRIGGER IF EXISTS {TRUNCATE_TRIGGER} ON {q}; \
              DROP FUNCTION IF EXISTS reshard.fence_row_{oid}()",
-            q = quote_qualified(t)
+            q = t.quoted()
         ))
         .await
         .map_err(qerr(side, "dropping a fence trigger"))?;
