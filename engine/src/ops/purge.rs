@@ -52,10 +52,7 @@ fn group_purge_sql(config: &Config) -> String {
         .table_rules()
         .into_iter()
         .filter(|r| r.mode != TableMode::Skip)
-        .map(|r| {
-            let (schema, name) = r.source.split_once('.').unwrap_or(("public", &r.source));
-            quote_literal(&TableName::new(schema, name).to_string())
-        })
+        .map(|r| quote_literal(&TableName::parse(&r.source).to_string()))
         .collect();
     let tables = if tables.is_empty() {
         "NULL".to_owned()
