@@ -37,6 +37,9 @@ pub struct Settings {
     pub with_reshard: bool,
     /// The reshard binary.
     pub reshard_bin: PathBuf,
+    /// TOML appended to every generated reshard config (`--reshard-config FILE`), e.g. an
+    /// `[apply]` section, to compare settings of one binary. Empty by default.
+    pub reshard_config: String,
     /// Row changes in each catch-up backlog.
     pub backlog_changes: u64,
     /// Share of large (100-299 row) transactions in the mixed write mix (`catchup`, `steady`),
@@ -304,14 +307,7 @@ pub async fn catchup(topo: &Topology, set: &Settings, rep: &mut Report, mix: Mix
     if set.with_reshard {
         setup::prepare_shards(topo, &what_reshard).await?;
         raw_copy::copy_shares(topo, src_db, &what_reshard).await?;
-        let s = daemon::write_config(
-            &set.reshard_bin,
-            &set.work_dir,
-            topo,
-            src_db,
-            &what_reshard,
-            &reshard_slot,
-        )?;
+        let s = daemon::write_config(set, topo, src_db, &what_reshard, &reshard_slot)?;
         match s.create_slot() {
             Ok(()) => reshard = Some(s),
             Err(e) => {
@@ -666,15 +662,7 @@ impl FullLoadRun<'_> {
             return;
         }
         let res = async {
-            let s = daemon::write_config_with(
-                &set.reshard_bin,
-                &set.work_dir,
-                topo,
-                self.src_db,
-                what,
-                slot,
-                extra,
-            )?;
+            let s = daemon::write_config_with(set, topo, self.src_db, what, slot, extra)?;
             let t = Instant::now();
             let mut d = s.spawn(false)?;
             let sampler = Sampler::start(
@@ -767,8 +755,7 @@ impl Consumer {
                 prefix: prefix.to_owned(),
             }
         } else {
-            let s =
-                daemon::write_config(&set.reshard_bin, &set.work_dir, topo, src_db, what, prefix)?;
+            let s = daemon::write_config(set, topo, src_db, what, prefix)?;
             s.create_slot()?;
             let d = s.spawn(true)?;
             Consumer::Reshard {

@@ -44,6 +44,11 @@ struct Args {
     /// The reshard binary (default: `reshard` next to this executable).
     #[arg(long)]
     reshard_bin: Option<PathBuf>,
+    /// A TOML fragment appended to every reshard config the benchmark generates (e.g. an
+    /// `[apply]` section with `catchup_batch_ms = 0`), to compare settings of one binary. It
+    /// must not repeat a section the scenario writes itself (fullload writes `[snapshot]`).
+    #[arg(long, value_name = "FILE")]
+    reshard_config: Option<PathBuf>,
     /// Run only the comparisons (native, raw COPY, ceiling), not reshard.
     #[arg(long)]
     without_reshard: bool,
@@ -143,6 +148,11 @@ async fn run(args: Args) -> Result<bool> {
             .reshard_bin
             .clone()
             .unwrap_or_else(reshard_benches::daemon::default_bin),
+        reshard_config: match &args.reshard_config {
+            Some(p) => std::fs::read_to_string(p)
+                .with_context(|| format!("reading --reshard-config {}", p.display()))?,
+            None => String::new(),
+        },
         backlog_changes: args
             .changes
             .unwrap_or(if quick { 50_000 } else { 1_000_000 }),
