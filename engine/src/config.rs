@@ -117,6 +117,12 @@ pub struct SourceConfig {
     /// Interval between standby status updates, in milliseconds. Default 10000.
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
+    /// Read coalescing, milliseconds (default 2; 0 = off): when bursts of transactions from the
+    /// source end less than this apart (a busy source, or a backlog being caught up), the
+    /// ingest waits this long before reading again, so each hand-off to the shards carries a
+    /// batch instead of a transaction or two. A quiet source is read at once.
+    #[serde(default = "default_coalesce_ms")]
+    pub coalesce_ms: u64,
     /// No effect (default: unset); accepted so that older files still parse, and `run` warns
     /// when it is set. It bounded a reader → router channel that no longer exists: ingest
     /// reads, decodes, routes and spills on one thread (see `ingest.rs`).
@@ -283,7 +289,7 @@ pub struct ApplyConfig {
     /// source at least this long ago) holds its group open up to this long for more
     /// transactions instead of committing whenever its log is momentarily empty: fewer, larger
     /// target transactions while a backlog drains. A caught-up shard never waits. ms; 0 = off.
-    /// Default 100.
+    /// Default 20.
     #[serde(default = "default_catchup_batch_ms")]
     pub catchup_batch_ms: u64,
     /// Run the target session with `session_replication_role = replica` (triggers and FK
@@ -576,6 +582,9 @@ fn default_true() -> bool {
 fn default_status_interval_ms() -> u64 {
     10_000
 }
+fn default_coalesce_ms() -> u64 {
+    2
+}
 fn default_batch_max_rows() -> usize {
     10_000
 }
@@ -586,7 +595,7 @@ fn default_batch_max_delay_ms() -> u64 {
     10
 }
 fn default_catchup_batch_ms() -> u64 {
-    100
+    20
 }
 fn default_retry_initial_ms() -> u64 {
     500
@@ -775,6 +784,15 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if self.source.coalesce_ms > 1000 {
+            return Err(invalid(
+                "source.coalesce_ms",
+                format!(
+                    "{} is outside 0..=1000 (milliseconds; it adds up to that much latency under load)",
+                    self.source.coalesce_ms
+                ),
+            ));
         }
         if self.shards.is_empty() {
             return Err(invalid(
@@ -1172,6 +1190,21 @@ mode = "broadcast"
         assert_eq!(rules[0].key, "account_id");
         assert_eq!(rules[1].mode, TableMode::Broadcast);
         assert!(!rules[0].key_immutable);
+    }
+
+    #[test]
+    fn coalesce_ms_defaults_to_2_and_is_bounded_with_its_key_and_line_named() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.source.coalesce_ms, 2);
+        let text = GOOD.replace(
+            "url = \"postgres://u@127.0.0.1:5432/ingest\"",
+            "url = \"postgres://u@127.0.0.1:5432/ingest\"\ncoalesce_ms = 5000",
+        );
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("coalesce_ms") && e.contains("0..=1000"), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+        let off = text.replace("coalesce_ms = 5000", "coalesce_ms = 0");
+        assert_eq!(Config::parse(&off, "t.toml").unwrap().source.coalesce_ms, 0);
     }
 
     #[test]

@@ -17,11 +17,12 @@
 //!   (log plus spool) reading stops between transactions (the connection is kept alive with
 //!   status updates); the log may exceed the cap by the transaction being read.
 //!
-//! Latency: a group commit also hands the transactions read to the shards' readers; besides
-//! every `flush_interval`, it runs at the end of each burst from the source (between
-//! transactions, when nothing more has arrived), so a caught-up shard gets a transaction as
-//! soon as it is read. What the shards apply early is confirmed to the source only once
-//! durable here.
+//! Latency: the transactions read are handed to the shards' readers at the end of each burst
+//! from the source (between transactions, when nothing more has arrived), so a caught-up shard
+//! gets a transaction as soon as it is read; the group commit that makes them durable runs
+//! every `flush_interval` (or sooner once 8 blocks wait), not per burst, so a stream of small
+//! transactions costs one fsync per interval, not one per burst. What the shards apply early
+//! is confirmed to the source only once durable here.
 //!
 //! It runs on its own OS thread (decoding and file writes are CPU and disk work that must not
 //! stall the apply tasks) with a current-thread tokio runtime.
@@ -135,6 +136,9 @@ pub struct IngestOptions {
     pub status_interval: Duration,
     /// Group-commit interval of the spill log.
     pub flush_interval: Duration,
+    /// Read coalescing (`[source] coalesce_ms`): when bursts end less than this apart, wait
+    /// this long before reading again. Zero: read at once.
+    pub coalesce: Duration,
     /// Where the assembler spools streamed transactions.
     pub stream_dir: PathBuf,
     /// First and longest reconnect delay.
@@ -356,6 +360,13 @@ impl Ingest {
         let mut tick = tokio::time::interval(self.opts.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_flush = Instant::now();
+        let coalesce = self.opts.coalesce;
+        // Read coalescing: when the last burst ended less than `coalesce` ago, the source is
+        // busy; reading again at once would hand the shards a transaction or two per burst
+        // (each a system call, a frame, a wake-up of every reader). Instead the next read
+        // waits out `coalesce`, and what arrived meanwhile goes on as one burst.
+        let mut last_burst_end = Instant::now();
+        let mut hold_until: Option<tokio::time::Instant> = None;
         loop {
             // The cap is checked only between transactions: a shard cannot apply (and free) a
             // transaction it has not wholly received, so pausing inside one larger than the
@@ -370,7 +381,8 @@ impl Ingest {
             self.counters.paused.store(paused, Ordering::Relaxed);
             // `over_cap` itself logs the start and end of backpressure, once each, with the
             // spill log's size and cap.
-            let reading = !over_cap && !paused;
+            let holding = hold_until.is_some();
+            let reading = !over_cap && !paused && !holding;
             tokio::select! {
                 biased;
                 // This is cancellation-safe.
@@ -381,6 +393,10 @@ impl Ingest {
                 _ = tick.tick() => {
                     self.group_commit(s, &assembler)?;
                     last_flush = Instant::now();
+                }
+                // Cancellation-safe: a sleep holds no state.
+                _ = tokio::time::sleep_until(hold_until.unwrap_or_else(tokio::time::Instant::now)), if holding => {
+                    hold_until = None;
                 }
                 // Cancellation-safe: `next` keeps partial frames in the stream's buffer, and
                 // `keepalive_while_paused` (while paused: status updates without reading, so
@@ -417,8 +433,20 @@ impl Ingest {
                         match s.next().now_or_never() {
                             Some(m) => msg = m,
                             None => {
-                                self.group_commit(s, &assembler)?;
-                                last_flush = Instant::now();
+                                // Readers get them now; the disk is synced (and the source
+                                // told) only when a group commit is due, so a burst of small
+                                // transactions costs no fsync of its own.
+                                if self.spill.flush_due() {
+                                    self.group_commit(s, &assembler)?;
+                                    last_flush = Instant::now();
+                                } else {
+                                    self.spill.publish()?;
+                                }
+                                let now = Instant::now();
+                                if now.duration_since(last_burst_end) < coalesce {
+                                    hold_until = Some(tokio::time::Instant::from_std(now + coalesce));
+                                }
+                                last_burst_end = now;
                                 break;
                             }
                         }

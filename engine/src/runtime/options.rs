@@ -82,6 +82,7 @@ pub fn ingest_options(cfg: &Config, conn: &ConnConfig) -> IngestOptions {
         publication: cfg.source.publication.clone(),
         streaming: cfg.source.streaming,
         status_interval: Duration::from_millis(cfg.source.status_interval_ms),
+        coalesce: Duration::from_millis(cfg.source.coalesce_ms),
         flush_interval: Duration::from_millis(cfg.spill.flush_interval_ms),
         stream_dir: cfg.spill.dir.join("streams"),
         retry_initial: Duration::from_millis(cfg.apply.retry_initial_ms),

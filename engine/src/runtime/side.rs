@@ -262,6 +262,7 @@ impl SideStream {
             publication: spec.publication.clone(),
             streaming: cfg.source.streaming,
             status_interval: Duration::from_millis(cfg.source.status_interval_ms),
+            coalesce: Duration::from_millis(cfg.source.coalesce_ms),
             flush_interval: Duration::from_millis(cfg.spill.flush_interval_ms),
             stream_dir: dir.join("streams"),
             retry_initial: Duration::from_millis(cfg.apply.retry_initial_ms),

@@ -1163,6 +1163,38 @@ async fn concurrent_writer_and_readers_agree() {
     assert!(st.fsyncs_total < TXNS, "group commit shares fsyncs");
 }
 
+/// See: the end of a burst hands transactions to the readers (`publish`) without a group
+/// commit: no fsync, the durable LSN unchanged, and a frame per publish, not per transaction.
+#[tokio::test]
+async fn publish_hands_transactions_to_readers_without_a_group_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, _) = SpillWriter::open(opts(dir.path()), identity(2)).unwrap();
+    let log = w.log();
+    let mut r = log.open_reader(ShardId(0), Lsn::ZERO).unwrap();
+    let mut want = Vec::new();
+    for k in 1..=3u64 {
+        want.extend(write_txn(&mut w, k, &[0, 1], 2));
+    }
+    // Appended, not handed on yet.
+    assert_idle(&mut r).await;
+    assert!(w.has_unpublished());
+    w.publish().unwrap();
+    assert!(!w.has_unpublished());
+    for ev in want {
+        assert_eq!(next(&mut r).await.unwrap(), ev);
+    }
+    let st = log.stats();
+    assert_eq!((st.fsyncs_total, st.blocks_total), (0, 2), "{st:?}");
+    assert_eq!(
+        w.durable_lsn(),
+        Lsn::ZERO,
+        "nothing is durable before a group commit"
+    );
+    // The group commit that follows syncs what was published.
+    assert_eq!(w.flush().unwrap(), end_lsn(3));
+    assert_eq!(log.stats().fsyncs_total, 1);
+}
+
 #[tokio::test]
 async fn commit_does_not_wait_for_the_disk_and_publishes_the_durable_lsn() {
     let dir = tempfile::tempdir().unwrap();

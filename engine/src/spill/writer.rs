@@ -106,6 +106,8 @@ pub struct SpillWriter {
     shards: Vec<ShardWriter>,
     enc: Encoder,
     cctx: zstd::bulk::Compressor<'static>,
+    /// One frame (header and payload) as it is written: reused, at most a block's size.
+    frame_buf: Vec<u8>,
     syncer: Option<Syncer>,
     /// End LSN of the last complete transaction (`end_txn`).
     last_end: Lsn,
@@ -240,6 +242,7 @@ impl SpillWriter {
                 shards: writers,
                 enc: Encoder::new(),
                 cctx,
+                frame_buf: Vec::new(),
                 syncer: Some(syncer),
                 committed: durable,
                 last_end: durable,
@@ -411,8 +414,33 @@ impl SpillWriter {
         Ok(self.durable_lsn())
     }
 
+    /// Hands every shard's complete transactions to the readers now, without starting a group
+    /// commit: what they apply is confirmed to the source only once a later group commit made
+    /// it durable. The cheap half of [`commit`](Self::commit), for the end of each burst from
+    /// the source, so that a caught-up shard gets a transaction at once while the disk is
+    /// synced at most every `flush_interval_ms`.
+    pub fn publish(&mut self) -> Result<(), SpillError> {
+        self.check_failed()?;
+        let r = self.seal_complete();
+        if r.is_err() {
+            self.failed = true;
+        }
+        self.publish_counters();
+        r
+    }
+
+    /// Seals every shard's complete records into frames (visible to readers at once).
+    fn seal_complete(&mut self) -> Result<(), SpillError> {
+        for i in 0..self.shards.len() {
+            if self.shards[i].mark_buf > 0 {
+                self.seal_prefix(i)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether complete transactions are appended but not yet handed to readers (they are at
-    /// the next [`commit`](Self::commit)).
+    /// the next [`publish`](Self::publish) or [`commit`](Self::commit)).
     pub fn has_unpublished(&self) -> bool {
         self.shards.iter().any(|w| w.mark_buf > 0)
     }
@@ -432,11 +460,7 @@ impl SpillWriter {
         // Readers get the complete transactions at once, even while the previous group commit
         // is still with the disk (what they apply is confirmed to the source only once durable;
         // a crash before that cuts the log back and the source resends).
-        for i in 0..self.shards.len() {
-            if self.shards[i].mark_buf > 0 {
-                self.seal_prefix(i)?;
-            }
-        }
+        self.seal_complete()?;
         let deleted: Vec<Lsn> = {
             let st = self.shared.lock();
             if st.sync_in_flight {
@@ -833,12 +857,16 @@ impl SpillWriter {
             seq: a.seq,
             offset: a.bytes,
         };
-        // Positional writes: after ENOSPC the same bytes go to the same place again.
+        // One positional write per frame (header and payload copied together: a copy of a
+        // block costs less than a second system call): after ENOSPC the same bytes go to the
+        // same place again.
         let frame = block::HEADER_LEN + payload.len() as u64;
+        let out = &mut self.frame_buf;
+        out.clear();
+        out.extend_from_slice(&header);
+        out.extend_from_slice(payload);
         self.shared.until_space("write", &a.path, frame, || {
-            a.file
-                .write_all_at(&header, a.bytes)
-                .and_then(|()| a.file.write_all_at(payload, a.bytes + block::HEADER_LEN))
+            a.file.write_all_at(out, a.bytes)
         })?;
         a.bytes += frame;
         let next = Pos {
