@@ -37,8 +37,8 @@ pub struct Settings {
     pub with_reshard: bool,
     /// The reshard binary.
     pub reshard_bin: PathBuf,
-    /// TOML appended to every generated reshard config (`--reshard-config FILE`), e.g. an
-    /// `[apply]` section, to compare settings of one binary. Empty by default.
+    /// TOML merged key by key over every generated reshard config (`--reshard-config FILE`),
+    /// e.g. an `[apply]` section, to compare settings of one binary. Empty by default.
     pub reshard_config: String,
     /// Row changes in each catch-up backlog.
     pub backlog_changes: u64,

@@ -44,9 +44,9 @@ struct Args {
     /// The reshard binary (default: `reshard` next to this executable).
     #[arg(long)]
     reshard_bin: Option<PathBuf>,
-    /// A TOML fragment appended to every reshard config the benchmark generates (e.g. an
-    /// `[apply]` section with `catchup_batch_ms = 0`), to compare settings of one binary. It
-    /// must not repeat a section the scenario writes itself (fullload writes `[snapshot]`).
+    /// A TOML fragment merged key by key over every reshard config the benchmark generates
+    /// (e.g. `[apply]` with `catchup_batch_ms = 0`, `[source]` with `coalesce_ms = 0`), to
+    /// compare settings of one binary.
     #[arg(long, value_name = "FILE")]
     reshard_config: Option<PathBuf>,
     /// Run only the comparisons (native, raw COPY, ceiling), not reshard.
@@ -149,8 +149,14 @@ async fn run(args: Args) -> Result<bool> {
             .clone()
             .unwrap_or_else(reshard_benches::daemon::default_bin),
         reshard_config: match &args.reshard_config {
-            Some(p) => std::fs::read_to_string(p)
-                .with_context(|| format!("reading --reshard-config {}", p.display()))?,
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading --reshard-config {}", p.display()))?;
+                text.parse::<toml::Table>().with_context(|| {
+                    format!("--reshard-config {} is not valid TOML", p.display())
+                })?;
+                text
+            }
             None => String::new(),
         },
         backlog_changes: args
