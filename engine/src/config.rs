@@ -365,7 +365,9 @@ pub struct SpillConfig {
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
     /// Group-commit interval: how often appended data is fsynced and confirmed to the source,
-    /// ms. Default 5 (the fsyncs of a group overlap the next group's appends).
+    /// ms. Default 20 (the fsyncs of a group overlap the next group's appends; the shards get
+    /// the data at the end of each burst without waiting for it, so this paces only the disk
+    /// and the source's confirmed position).
     #[serde(default = "default_flush_interval_ms")]
     pub flush_interval_ms: u64,
     /// Recent data kept in memory for caught-up shards. Default 64 MiB.
@@ -613,7 +615,7 @@ fn default_segment_bytes() -> u64 {
     64 << 20
 }
 fn default_flush_interval_ms() -> u64 {
-    5
+    20
 }
 fn default_memory_tail_bytes() -> u64 {
     64 << 20
