@@ -257,55 +257,67 @@ fn bench_caught_up(
     let mut g = c.benchmark_group("spill_caught_up_readers");
     g.sample_size(10);
     g.throughput(Throughput::Elements(TXNS));
-    g.bench_function("single_row_txns", |b| {
-        b.iter(|| {
-            for _ in 0..TXNS {
-                k += 1;
-                let commit_lsn = Lsn::from_u64(k * 10_000);
-                let shard = ShardId((k % u64::from(SHARDS)) as u16);
-                w.append(
-                    shard,
-                    &ShardEvent::Begin(Begin {
-                        xid: k as u32,
-                        commit_lsn,
-                        commit_time: k as i64,
-                    }),
-                )
-                .unwrap();
-                w.append(
-                    shard,
-                    &ShardEvent::Change(Change::Insert {
-                        rel: Arc::clone(rel),
-                        new: row(k),
-                    }),
-                )
-                .unwrap();
-                w.append(
-                    shard,
-                    &ShardEvent::Commit(Commit {
-                        xid: k as u32,
-                        commit_lsn,
-                        end_lsn: commit_lsn.add_bytes(100),
-                        commit_time: k as i64,
-                    }),
-                )
-                .unwrap();
-                w.end_txn(commit_lsn.add_bytes(100)).unwrap();
-                w.commit().unwrap();
-                let r = &mut readers[shard.index()];
-                rt.block_on(async {
-                    let mut got = 0;
-                    while got < 3 {
-                        match r.next().await.unwrap() {
-                            ShardEvent::Heartbeat(_) => {}
-                            _ => got += 1,
-                        }
+    // "group_commit_each": every transaction handed on by a group commit (an fsync each, the
+    // ingest's old end-of-burst path); "publish_each": handed on by `publish`, with a group
+    // commit only when one is due (`flush_interval_ms`), as the ingest does now.
+    for (name, publish) in [
+        ("single_row_txns_group_commit_each", false),
+        ("single_row_txns_publish_each", true),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for _ in 0..TXNS {
+                    k += 1;
+                    let commit_lsn = Lsn::from_u64(k * 10_000);
+                    let shard = ShardId((k % u64::from(SHARDS)) as u16);
+                    w.append(
+                        shard,
+                        &ShardEvent::Begin(Begin {
+                            xid: k as u32,
+                            commit_lsn,
+                            commit_time: k as i64,
+                        }),
+                    )
+                    .unwrap();
+                    w.append(
+                        shard,
+                        &ShardEvent::Change(Change::Insert {
+                            rel: Arc::clone(rel),
+                            new: row(k),
+                        }),
+                    )
+                    .unwrap();
+                    w.append(
+                        shard,
+                        &ShardEvent::Commit(Commit {
+                            xid: k as u32,
+                            commit_lsn,
+                            end_lsn: commit_lsn.add_bytes(100),
+                            commit_time: k as i64,
+                        }),
+                    )
+                    .unwrap();
+                    w.end_txn(commit_lsn.add_bytes(100)).unwrap();
+                    if !publish || w.flush_due() {
+                        w.commit().unwrap();
+                    } else {
+                        w.publish().unwrap();
                     }
-                });
-                log.applied(shard, commit_lsn);
-            }
-        })
-    });
+                    let r = &mut readers[shard.index()];
+                    rt.block_on(async {
+                        let mut got = 0;
+                        while got < 3 {
+                            match r.next().await.unwrap() {
+                                ShardEvent::Heartbeat(_) => {}
+                                _ => got += 1,
+                            }
+                        }
+                    });
+                    log.applied(shard, commit_lsn);
+                }
+            })
+        });
+    }
     g.finish();
     let s = &log.stats().shards[0];
     println!(
