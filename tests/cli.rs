@@ -154,6 +154,50 @@ fn config_errors_name_the_key_and_line_and_exit_2() {
     assert_eq!(err.matches("No such file").count(), 1, "{err}");
 }
 
+/// `--worker-threads N` (env `RESHARD_WORKER_THREADS`) sets the daemon's async runtime
+/// workers (its "starting" line says how many); the default is one fewer than the CPUs, at
+/// least 1; 0 or a non-number is refused with exit 2, naming the flag.
+#[test]
+fn worker_threads_sets_the_runtime_workers_and_refuses_nonsense() {
+    let missing = ["check", "-c", "/nonexistent/reshard.toml"];
+    let (code, _, err) = crate::common::run_reshard(
+        &[&["--worker-threads", "0"][..], &missing[..]].concat(),
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--worker-threads"), "{err}");
+    let (code, _, err) =
+        crate::common::run_reshard(&missing, &[("RESHARD_WORKER_THREADS", "many")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--worker-threads"), "{err}");
+
+    let mut t = Topology::start(1);
+    t.ddl_everywhere("CREATE TABLE t (account_id bigint, id int, PRIMARY KEY (account_id, id))");
+    t.write_config("");
+    let default = std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1))
+        .unwrap_or(1)
+        .max(1);
+    for (args, want) in [(&["--worker-threads", "3"][..], 3), (&[][..], default)] {
+        let d = t.spawn_run(args);
+        let line = t.wait(
+            "the daemon's starting line",
+            Duration::from_secs(60),
+            || {
+                t.last_log()
+                    .lines()
+                    .find(|l| l.contains("starting") && l.contains("workers="))
+                    .map(str::to_owned)
+            },
+        );
+        assert!(
+            line.contains(&format!("workers={want}")),
+            "{args:?}: {line}"
+        );
+        t.stop_cleanly(d);
+    }
+}
+
 /// A source that cannot be reached is exit code 3 with the host and port named, quickly.
 #[test]
 fn unreachable_source_is_exit_3_naming_it() {

@@ -26,6 +26,12 @@ pub struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `reshard_engine=debug`.
     #[arg(long, global = true, default_value = "info", env = "RESHARD_LOG")]
     pub log_level: String,
+    /// Worker threads of the async runtime that runs the shards' apply, the console and the
+    /// other tasks (default: one fewer than the CPUs, at least 1: `reshard run` reads, routes
+    /// and spills on a thread of its own, and a worker per remaining CPU avoids the wake-ups
+    /// of more threads than cores).
+    #[arg(long, global = true, env = "RESHARD_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -469,6 +475,18 @@ pub struct DemoArgs {
     pub live_tps: u32,
 }
 
+/// `--worker-threads`, or one fewer than the CPUs (at least 1). On 2 cores one worker beside
+/// the ingest thread ran a 1-row catch-up at 1.10x native with 10.9 CPU-s per 1M changes,
+/// against 0.96x and 14.3 with two workers (futex calls 16k -> 3.9k per 300k changes).
+fn worker_threads(asked: Option<u16>) -> usize {
+    asked.map(usize::from).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().saturating_sub(1))
+            .unwrap_or(1)
+            .max(1)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own progress on stdout; the in-process daemon's routine info lines
@@ -479,6 +497,7 @@ fn main() -> ExitCode {
     };
     output::init_logging(cli.log_format, level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads(cli.worker_threads))
         .enable_all()
         .build()
     {

@@ -302,7 +302,9 @@ async fn start_once(
 
     let mut repl = ReplicationClient::connect(&conn).await?;
     let system = repl.identify_system().await?;
-    tracing::info!(system_id = %system.system_id, slot = %cfg.source.slot, shards = names.len(), "starting");
+    // The async runtime's workers (`reshard --worker-threads`), beside the ingest's own thread.
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(system_id = %system.system_id, slot = %cfg.source.slot, shards = names.len(), workers, "starting");
     *reached = true;
     // Every shard is its own database and holds its own progress (urls swapped between runs
     // would stream each shard's changes into the other's database), before anything is
