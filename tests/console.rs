@@ -366,3 +366,131 @@ fn console_and_metrics_follow_the_real_daemon() {
         "the admin console still listens after SHUTDOWN"
     );
 }
+
+/// Rows of `customers` on shard `i`.
+fn shard_rows(t: &Topology, i: usize) -> u64 {
+    t.shards[i]
+        .psql("app", "SELECT count(*) FROM customers")
+        .expect("count")
+        .parse()
+        .expect("a count")
+}
+
+/// `PAUSE shard1` answers only once shard1 is paused: with a writer keeping every shard busy,
+/// `SHOW SHARDS` says `paused` as soon as the answer is in, and from then on shard1 commits
+/// nothing (its applied LSN and rows stand still while the others go on applying). `PAUSE`
+/// (reading from the source) likewise answers once the ingest stopped reading.
+#[test]
+fn pause_answers_once_the_shard_is_paused() {
+    let mut t = Topology::start(3);
+    t.ddl_everywhere(SCHEMA_SQL);
+    t.source_sql(
+        "INSERT INTO plans (id, name, price_cents) SELECT p, 'plan ' || p, p * 100 FROM generate_series(1, 3) p; \
+         INSERT INTO accounts (account_id, name, plan_id) SELECT a, 'Account ' || a, 1 + a % 3 FROM generate_series(1, 60) a",
+    );
+    let config = std::fs::read_to_string(t.write_config("")).expect("config");
+    let admin = port_of(&config, "listen");
+    let _d = t.spawn_run(&[]);
+    wait_for(
+        "SHOW STATUS to say streaming and ready",
+        Duration::from_secs(60),
+        || {
+            let o = psql(admin, "SHOW STATUS");
+            let s = String::from_utf8_lossy(&o.stdout);
+            (o.status.success() && s.contains("phase|streaming") && s.contains("ready|true"))
+                .then_some(())
+        },
+    );
+    t.wait_converged(TABLES, Duration::from_secs(60));
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let source = &t.source;
+        let stop = &stop;
+        scope.spawn(move || {
+            // One transaction after another, each with rows for every shard.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                source
+                    .psql(
+                        "app",
+                        "INSERT INTO customers (account_id, email, name) \
+                         SELECT 1 + g % 60, 'busy' || g || '@a.example', 'busy' FROM generate_series(1, 300) g",
+                    )
+                    .expect("the writer's insert");
+            }
+        });
+        // The writer stops when this ends, also on a failed assertion.
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(stop);
+        let t = &t;
+        // shard1 is applying the writer's transactions.
+        let start = shard_rows(t, 1);
+        wait_for(
+            "shard1 to apply the writer's rows",
+            Duration::from_secs(60),
+            || (shard_rows(t, 1) > start + 600).then_some(()),
+        );
+
+        let o = psql(admin, "PAUSE shard1");
+        assert!(
+            o.status.success(),
+            "PAUSE shard1: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // Answered: shard1 is paused already, and commits nothing from here on.
+        let sh = shards(admin);
+        assert_eq!(
+            sh["shard1"]["state"],
+            "paused",
+            "SHOW SHARDS right after PAUSE shard1 answered: {:?}; NOTICE: {}",
+            sh["shard1"],
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let paused_lsn: Lsn = sh["shard1"]["applied_lsn"].parse().expect("an LSN");
+        let paused_rows = shard_rows(t, 1);
+        // shard0 applies several more of the writer's transactions meanwhile.
+        let shard0 = shard_rows(t, 0);
+        wait_for(
+            "shard0 to go on applying while shard1 is paused",
+            Duration::from_secs(60),
+            || (shard_rows(t, 0) > shard0 + 600).then_some(()),
+        );
+        assert_eq!(
+            shard_rows(t, 1),
+            paused_rows,
+            "shard1 committed rows after PAUSE shard1 answered"
+        );
+        assert_eq!(
+            applied(admin, "shard1"),
+            paused_lsn,
+            "shard1's applied LSN moved after PAUSE shard1 answered"
+        );
+
+        // PAUSE (the source): answered once the ingest stopped reading.
+        let o = psql(admin, "PAUSE");
+        assert!(
+            o.status.success(),
+            "PAUSE: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let st = status(admin);
+        assert_eq!(
+            st["phase"], "paused",
+            "SHOW STATUS right after PAUSE answered: {st:?}"
+        );
+    });
+    for cmd in ["RESUME", "RESUME shard1"] {
+        let o = psql(admin, cmd);
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    t.wait_converged(TABLES, Duration::from_secs(120));
+}

@@ -641,8 +641,14 @@ impl Queries {
                 Ok(Response::Execution(Tag::new(tag)))
             }
             Err(msg) => {
+                // The runtime refuses a shard it does not know with "unknown shard …"; any
+                // other refusal (a PAUSE still waiting for its effect) is a state error.
                 let code = match &cmd {
-                    ControlCommand::Pause(Some(_)) | ControlCommand::Resume(Some(_)) => "42704",
+                    ControlCommand::Pause(Some(_)) | ControlCommand::Resume(Some(_))
+                        if msg.starts_with("unknown shard") =>
+                    {
+                        "42704"
+                    }
                     _ => "55000",
                 };
                 Err(PgWireError::UserError(error_info(code, msg)))

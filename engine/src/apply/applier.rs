@@ -1732,8 +1732,11 @@ impl<'a, L: ShardLog> Session<'a, L> {
             }
         }
         let txns = group.commit_times.len() as u64;
+        // Paused only once nothing more is committed: no open source transaction, and no
+        // group folded in meanwhile (`PAUSE <shard>` answers on this state).
+        let quiet = self.paused && self.current.is_none() && self.group.is_none();
         self.status.send_modify(|s| {
-            s.state = if self.paused {
+            s.state = if quiet {
                 ApplyState::Paused
             } else {
                 ApplyState::Running

@@ -221,7 +221,7 @@ impl Supervisor {
 }
 
 /// Recent rates from cumulative counters (an exponentially smoothed per-second rate).
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Rates {
     last: Option<Instant>,
     source: (u64, f64),

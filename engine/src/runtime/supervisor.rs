@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::apply::{ApplyOptions, LatencyHistogram, ShardApplier, ShardStatus, SourceConnect};
+use crate::apply::{
+    ApplyOptions, ApplyState, LatencyHistogram, ShardApplier, ShardStatus, SourceConnect,
+};
 use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::pg::catalog::SourceTable;
@@ -53,6 +55,18 @@ fn set_latency(slot: &LatencySlot, h: Option<LatencyHistogram>) {
     if let Ok(mut g) = slot.lock() {
         *g = h;
     }
+}
+
+/// How long `PAUSE` waits for its effect before it answers that it is still waiting: within
+/// the admin console's wait for an answer ([`crate::admin::CONTROL_TIMEOUT`]).
+const PAUSE_ANSWER_WITHIN: Duration =
+    Duration::from_secs(crate::admin::CONTROL_TIMEOUT.as_secs() - 2);
+
+/// A control command's answer: at once, or once its effect is visible (`PAUSE`: the shard's
+/// applier, or the ingest, says it is paused), waited for outside the supervisor's loop.
+enum Answer {
+    Now(Result<String, String>),
+    Once(std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>),
 }
 
 /// One shard's apply task, as the supervisor sees it.
@@ -206,6 +220,11 @@ impl Supervisor {
         let mut failure: Option<RuntimeError> = None;
         let mut ingest_result: Option<Result<Lsn, IngestError>> = None;
         let mut load_watch_done = false;
+        // Answers of commands that wait for their effect (`PAUSE`), from their tasks.
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(
+            oneshot::Sender<Result<String, String>>,
+            Result<String, String>,
+        )>();
         // SIGHUP starts the shards stopped by an error again (see `ShardHandle::restart`).
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         // Every shard starts applying: no earlier run's stop holds any more.
@@ -241,7 +260,25 @@ impl Supervisor {
                 }
                 // This is cancellation-safe.
                 Some((cmd, reply)) = self.control_rx.recv() => {
-                    let answer = self.control(cmd);
+                    match self.control(cmd) {
+                        Answer::Now(answer) => {
+                            let _ = reply.send(answer);
+                        }
+                        // Waited for in a task of its own: the loop goes on serving status,
+                        // signals and other commands meanwhile.
+                        Answer::Once(wait) => {
+                            let done = done_tx.clone();
+                            tokio::spawn(async move {
+                                let _ = done.send((reply, wait.await));
+                            });
+                        }
+                    }
+                }
+                // This is cancellation-safe. A command answered once its effect is visible:
+                // the status is published first, so `SHOW` right after the answer shows it.
+                Some((reply, answer)) = done_rx.recv() => {
+                    let snap = self.snapshot(&source_info, &mut rates.clone());
+                    self.status_tx.send_replace(snap);
                     let _ = reply.send(answer);
                 }
                 // This is cancellation-safe.
@@ -378,7 +415,7 @@ impl Supervisor {
         n
     }
 
-    fn control(&mut self, cmd: ControlCommand) -> Result<String, String> {
+    fn control(&mut self, cmd: ControlCommand) -> Answer {
         let find = |shards: &[ShardHandle], name: &str| {
             shards.iter().position(|s| s.name == name).ok_or_else(|| {
                 format!(
@@ -393,37 +430,90 @@ impl Supervisor {
         };
         match cmd {
             ControlCommand::Pause(Some(name)) => {
-                let i = find(&self.shards, &name)?;
-                self.shards[i].pause.send_replace(true);
+                let i = match find(&self.shards, &name) {
+                    Ok(i) => i,
+                    Err(e) => return Answer::Now(Err(e)),
+                };
+                let s = &self.shards[i];
+                s.pause.send_replace(true);
                 tracing::info!(shard = %name, "shard paused by operator");
-                Ok(format!("PAUSE {name}"))
+                if s.task.is_none() || s.task.as_ref().is_some_and(|t| t.is_finished()) {
+                    return Answer::Now(Ok(format!(
+                        "shard {name} paused: its apply is stopped (SHOW SHARDS says why); it starts paused when resumed by SIGHUP (RESUME {name} also lifts the pause)"
+                    )));
+                }
+                let mut status = s.status.clone();
+                Answer::Once(Box::pin(async move {
+                    // Outside a session (waiting for the full load, between retries) the
+                    // applier commits nothing, and reads the switch before its next commit.
+                    // In one it commits its open group, then says `Paused`.
+                    let waited = tokio::time::timeout(
+                        PAUSE_ANSWER_WITHIN,
+                        status.wait_for(|s| s.state != ApplyState::Running),
+                    )
+                    .await;
+                    match waited {
+                        Ok(Ok(st)) if st.state == ApplyState::Paused => Ok(format!(
+                            "shard {name} paused: its current target transaction is committed and nothing more is until RESUME {name}"
+                        )),
+                        Ok(Ok(st)) => Ok(format!(
+                            "shard {name} paused: its applier is not applying ({:?}), and starts paused",
+                            st.state
+                        )),
+                        Ok(Err(_)) => Ok(format!(
+                            "shard {name} paused: its apply task ended (SHOW SHARDS says why)"
+                        )),
+                        Err(_) => Err(format!(
+                            "shard {name}: pause requested, but it is still committing its current target transaction after {}s; SHOW SHARDS shows state paused once it is (RESUME {name} cancels the pause)",
+                            PAUSE_ANSWER_WITHIN.as_secs()
+                        )),
+                    }
+                }))
             }
             ControlCommand::Resume(Some(name)) => {
-                let i = find(&self.shards, &name)?;
+                let i = match find(&self.shards, &name) {
+                    Ok(i) => i,
+                    Err(e) => return Answer::Now(Err(e)),
+                };
                 self.shards[i].pause.send_replace(false);
                 // A shard stopped by an error starts again.
                 self.collect_stopped();
                 if self.shards[i].restart("RESUME on the admin console") {
                     super::stopnote::clear(&self.cfg.spill.dir, Some(&name));
-                    return Ok(format!("RESUME {name}"));
+                    return Answer::Now(Ok(format!("RESUME {name}")));
                 }
                 tracing::info!(shard = %name, "shard resumed by operator");
-                Ok(format!("RESUME {name}"))
+                Answer::Now(Ok(format!("RESUME {name}")))
             }
             ControlCommand::Pause(None) => {
                 self.pause_source.send_replace(true);
                 tracing::info!("reading from the source paused by operator");
-                Ok("PAUSE".into())
+                let counters = self.counters.clone();
+                Answer::Once(Box::pin(async move {
+                    // The ingest says so between two reads (`IngestCounters::paused`).
+                    let paused = async {
+                        while !counters.paused.load(std::sync::atomic::Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    };
+                    match tokio::time::timeout(PAUSE_ANSWER_WITHIN, paused).await {
+                        Ok(()) => Ok("reading from the source paused: nothing more is read until RESUME".into()),
+                        Err(_) => Err(format!(
+                            "reading from the source: pause requested, but the ingest has not stopped reading after {}s (it may be reconnecting to the source); SHOW STATUS shows phase paused once it has (RESUME cancels the pause)",
+                            PAUSE_ANSWER_WITHIN.as_secs()
+                        )),
+                    }
+                }))
             }
             ControlCommand::Resume(None) => {
                 self.pause_source.send_replace(false);
                 tracing::info!("reading from the source resumed by operator");
-                Ok("RESUME".into())
+                Answer::Now(Ok("RESUME".into()))
             }
             ControlCommand::Shutdown => {
                 tracing::info!("shutdown requested on the admin console");
                 self.shutdown_tx.shutdown();
-                Ok("SHUTDOWN".into())
+                Answer::Now(Ok("SHUTDOWN".into()))
             }
         }
     }
