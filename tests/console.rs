@@ -77,6 +77,20 @@ fn show(port: u16, sql: &str) -> Vec<HashMap<String, String>> {
         .collect()
 }
 
+/// Waits until the console's `SHOW STATUS` says the daemon streams and is ready.
+fn wait_streaming(admin: u16) {
+    wait_for(
+        "SHOW STATUS to say streaming and ready",
+        Duration::from_secs(60),
+        || {
+            let o = psql(admin, "SHOW STATUS");
+            let s = String::from_utf8_lossy(&o.stdout);
+            (o.status.success() && s.contains("phase|streaming") && s.contains("ready|true"))
+                .then_some(())
+        },
+    );
+}
+
 /// `SHOW STATUS` as key → value.
 fn status(port: u16) -> HashMap<String, String> {
     show(port, "SHOW STATUS")
@@ -129,16 +143,7 @@ fn console_and_metrics_follow_the_real_daemon() {
     let d = t.spawn_run(&[]);
 
     // Streaming, as SHOW STATUS tells it.
-    wait_for(
-        "SHOW STATUS to say streaming and ready",
-        Duration::from_secs(60),
-        || {
-            let o = psql(admin, "SHOW STATUS");
-            let s = String::from_utf8_lossy(&o.stdout);
-            (o.status.success() && s.contains("phase|streaming") && s.contains("ready|true"))
-                .then_some(())
-        },
-    );
+    wait_streaming(admin);
     t.wait_converged(TABLES, Duration::from_secs(60));
     let helper = t.create_route_helper("bigint");
 
@@ -391,16 +396,7 @@ fn pause_answers_once_the_shard_is_paused() {
     let config = std::fs::read_to_string(t.write_config("")).expect("config");
     let admin = port_of(&config, "listen");
     let _d = t.spawn_run(&[]);
-    wait_for(
-        "SHOW STATUS to say streaming and ready",
-        Duration::from_secs(60),
-        || {
-            let o = psql(admin, "SHOW STATUS");
-            let s = String::from_utf8_lossy(&o.stdout);
-            (o.status.success() && s.contains("phase|streaming") && s.contains("ready|true"))
-                .then_some(())
-        },
-    );
+    wait_streaming(admin);
     t.wait_converged(TABLES, Duration::from_secs(60));
 
     let stop = std::sync::atomic::AtomicBool::new(false);
