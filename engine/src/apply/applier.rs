@@ -925,6 +925,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
                     Some(g) => g.heartbeat = Some(lsn),
                     None => {
                         self.pending_heartbeat = Some(lsn);
+                        self.publish_quiet();
                         if self.last_heartbeat_write.elapsed()
                             >= Duration::from_millis(self.opts.heartbeat_interval_ms)
                         {
@@ -1743,6 +1744,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
             };
             s.applied_commit_lsn = pos;
             s.applied_end_lsn = end;
+            s.quiet_through = s.quiet_through.max(pos);
             if time.is_some() {
                 s.last_commit_time = time;
             }
@@ -1757,7 +1759,23 @@ impl<'a, L: ShardLog> Session<'a, L> {
             s.last_error = None;
         });
         debug!(commit_lsn = %pos, txns, "committed");
+        self.publish_quiet();
         Ok(())
+    }
+
+    /// Publishes the pending heartbeat as [`ShardStatus::quiet_through`] when nothing is
+    /// waiting to be applied below it: no open transaction, group or commit in flight.
+    fn publish_quiet(&self) {
+        let Some(h) = self.pending_heartbeat else {
+            return;
+        };
+        if self.current.is_none() && self.group.is_none() && self.in_flight.is_none() {
+            self.status.send_if_modified(|s| {
+                let newer = h > s.quiet_through;
+                s.quiet_through = s.quiet_through.max(h);
+                newer
+            });
+        }
     }
 
     /// Records an idle shard's heartbeat position in its own small transaction.

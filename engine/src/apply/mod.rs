@@ -213,6 +213,11 @@ pub struct ShardStatus {
     pub applied_commit_lsn: Lsn,
     /// End of the commit record of that transaction.
     pub applied_end_lsn: Lsn,
+    /// Every transaction the log handed this shard up to here is applied: past
+    /// `applied_commit_lsn` the log held nothing for it, only a heartbeat not recorded yet
+    /// (written every `heartbeat_interval_ms`). Lag is measured from the higher of the two, so
+    /// an idle shard reads as caught up while the source's WAL moves on without it.
+    pub quiet_through: Lsn,
     /// Source commit time of the last applied transaction.
     pub last_commit_time: Option<PgTimestamp>,
     /// Source transactions applied (this run).

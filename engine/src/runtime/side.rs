@@ -372,7 +372,10 @@ impl SideStream {
             .load(std::sync::atomic::Ordering::Relaxed);
         v.received_lsn = received;
         v.applied_lsn = st.applied_commit_lsn;
-        let caught_up = st.applied_commit_lsn.covers(self.counters.confirmed());
+        let caught_up = st
+            .applied_commit_lsn
+            .max(st.quiet_through)
+            .covers(self.counters.confirmed());
         v.lag_bytes = if caught_up {
             0
         } else {

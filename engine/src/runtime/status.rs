@@ -76,7 +76,7 @@ impl Supervisor {
             let applied = st.applied_commit_lsn;
             // An idle shard's heartbeat stops just below `durable_lsn` (see `spill`): that is
             // caught up, not one byte (and ever more seconds) behind.
-            let caught_up = applied.covers(spill.durable_lsn);
+            let caught_up = applied.max(st.quiet_through).covers(spill.durable_lsn);
             let lag_bytes = if caught_up {
                 0
             } else {
