@@ -362,10 +362,11 @@ fn an_idle_shard_reads_caught_up_while_the_source_wal_moves_without_it() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
     // Between a WAL move and the shard hearing of it (a keepalive, a group commit: tens of
-    // ms) the lag is honestly a few bytes; most samples fall outside that window. Before,
-    // every sample after the first quarter second of each heartbeat second was behind.
+    // ms, more on a loaded machine) the lag is honestly a few bytes; most samples fall outside
+    // that window (30 of 30 on a quiet machine). Before, none did (0 of 30): the lag counted
+    // from the heartbeat written once a second.
     assert!(
-        zero * 2 >= samples.len(),
+        zero * 3 >= samples.len(),
         "only {zero} of {} samples showed the idle shards caught up: {samples:?}",
         samples.len()
     );
