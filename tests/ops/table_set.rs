@@ -247,3 +247,115 @@ fn a_table_created_mid_run_is_left_out_by_one_skip_entry_and_the_daemon_resumes(
     );
     t.stop_cleanly(d);
 }
+
+/// Source tables whose names need quoting in an awkward way: a schema and a table with a dot in
+/// their name, and a table with spaces at both ends. The table set, the router and the
+/// publication carried `schema.table` as one text and split it again at the first dot (and
+/// trimmed it), so `"sales.eu".orders` became schema `sales`, table `eu.orders`, and
+/// `public." padded "` became `public.padded`.
+const AWKWARD: &str = r#"CREATE SCHEMA "sales.eu";
+    CREATE TABLE "sales.eu".orders (account_id bigint NOT NULL, id bigint NOT NULL, note text,
+        PRIMARY KEY (account_id, id));
+    CREATE TABLE public."order.items" (account_id bigint NOT NULL, id bigint NOT NULL, qty int,
+        PRIMARY KEY (account_id, id));
+    CREATE TABLE public." padded " (id int PRIMARY KEY, name text NOT NULL);"#;
+
+const AWKWARD_CHECKS: &[super::common::TableCheck<'static>] = &[
+    (r#""sales.eu".orders"#, Some(("account_id", "bigint")), "account_id, id"),
+    (r#"public."order.items""#, Some(("account_id", "bigint")), "account_id, id"),
+    (r#"public." padded ""#, None, "id"),
+];
+
+/// Loads, streams, verifies and checks the three awkward tables with `extra` config.
+fn replicate_awkward_names(extra: &str) {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(AWKWARD);
+    t.source_sql(
+        r#"INSERT INTO "sales.eu".orders SELECT a % 30, a, 'n' || a FROM generate_series(1, 300) a;
+           INSERT INTO public."order.items" SELECT a % 30, a, a FROM generate_series(1, 300) a;
+           INSERT INTO public." padded " SELECT a, 'p' || a FROM generate_series(1, 20) a"#,
+    );
+    let cfg = t.write_config(extra);
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let expected = set([
+        r#""sales.eu".orders"#.to_owned(),
+        r#"public."order.items""#.to_owned(),
+        r#"public." padded ""#.to_owned(),
+    ]);
+
+    // check: passes, and looks at exactly those tables, under their own names.
+    let (code, out, err) = t.reshard(&["check", "-c", &cfg, "--json"]);
+    let report = json(&out, &err);
+    let checks = report["checks"].as_array().expect("checks");
+    let fails: Vec<_> = checks.iter().filter(|c| c["status"] == "fail").collect();
+    assert_eq!(code, 0, "check failed: {fails:#?}");
+
+    let d = t.spawn_run(&[]);
+    let status = t.wait("the full load to finish", Duration::from_secs(60), || {
+        let s = t.status_json()?;
+        let tables = s["tables"].as_array()?;
+        (!tables.is_empty() && tables.iter().all(|x| x["state"] == "done")).then_some(s)
+    });
+    let ran = set(status["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap().to_owned()));
+    assert_eq!(ran, expected, "tables run replicates\n{}", t.all_logs());
+    t.wait_converged(AWKWARD_CHECKS, Duration::from_secs(60));
+
+    // CDC: inserts, updates (one moving its key), deletes, on every table.
+    t.source_sql(
+        r#"INSERT INTO "sales.eu".orders SELECT a % 30, a, 'live' FROM generate_series(301, 360) a;
+           UPDATE "sales.eu".orders SET note = 'changed' WHERE id % 7 = 0;
+           UPDATE "sales.eu".orders SET account_id = account_id + 1 WHERE id IN (5, 6, 305);
+           DELETE FROM "sales.eu".orders WHERE id % 11 = 0;
+           INSERT INTO public."order.items" SELECT a % 30, a, a FROM generate_series(301, 360) a;
+           UPDATE public."order.items" SET qty = -qty WHERE id % 5 = 0;
+           DELETE FROM public."order.items" WHERE id % 13 = 0;
+           INSERT INTO public." padded " VALUES (21, 'p21'), (22, 'p22');
+           UPDATE public." padded " SET name = 'renamed' WHERE id = 3;
+           DELETE FROM public." padded " WHERE id = 4"#,
+    );
+    t.wait_converged(AWKWARD_CHECKS, Duration::from_secs(60));
+
+    // verify: compares exactly those tables, and they match.
+    let (code, out, err) = t.reshard(&["verify", "-c", &cfg, "--json"]);
+    let vreport = json(&out, &err);
+    assert_eq!(code, 0, "verify: {vreport:#}\n{err}");
+    let verified = set(vreport["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["table"].as_str().unwrap().to_owned()));
+    assert_eq!(verified, expected, "tables verify compares");
+    let (code, out, err) = t.reshard(&["verify", "-c", &cfg]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("MATCH") && !out.contains("MISMATCH"), "{out}{err}");
+    t.stop_cleanly(d);
+}
+
+/// Without `[[tables]]`: every table is found, the two with `account_id` sharded, the padded
+/// one broadcast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_whose_names_need_quoting_replicate_found_without_tables() {
+    replicate_awkward_names("");
+}
+
+/// With `[[tables]]` naming them in SQL quotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_whose_names_need_quoting_replicate_listed_in_sql_quotes() {
+    replicate_awkward_names(
+        r#"
+[[tables]]
+name = '"sales.eu".orders'
+
+[[tables]]
+name = 'public."order.items"'
+
+[[tables]]
+name = '" padded "'
+mode = "broadcast"
+"#,
+    );
+}
