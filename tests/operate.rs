@@ -286,7 +286,10 @@ fn cutover_names_a_table_created_on_the_source_after_run_started() {
         "60",
     ]);
     assert_eq!(code, 1, "{out}\n{err}\n{}", t.all_logs());
-    let wanted = reshard_engine::pg::catalog::missing_on_shard("public.unpub", "shard1");
+    let wanted = reshard_engine::pg::catalog::missing_on_shard(
+        &reshard_engine::pg::sql::TableName::new("public", "unpub"),
+        "shard1",
+    );
     assert!(err.contains(&wanted), "{err}");
     assert!(
         err.contains("mode = \"skip\"") && !err.contains("42P01"),

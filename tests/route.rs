@@ -112,7 +112,7 @@ fn router(n: usize) -> Router {
     Router::new(RouteSpec {
         shards: (0..n).map(|i| format!("shard{i}")).collect(),
         tables: vec![(
-            "public.p".into(),
+            reshard_engine::pg::sql::TableName::new("public", "p"),
             TableRule {
                 mode: TableMode::Sharded {
                     key: "k".into(),

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::pg::sql::TableName;
+
 /// A configuration problem, naming the file, key and line where known.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -252,10 +254,12 @@ pub enum TableMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableConfig {
-    /// Source table, `schema.table` (`public.` assumed when no schema is given), unquoted: case
-    /// and spaces kept as PostgreSQL stores them (a name with SQL quotes is refused).
+    /// Source table, `schema.table` (`public.` assumed when no schema is given). Without quotes
+    /// a part is taken as PostgreSQL stores it (case kept, trimmed); a part in SQL double quotes
+    /// is taken exactly (`"sales.eu".orders`, `public." padded "`). See
+    /// [`TableName::parse`].
     pub name: String,
-    /// Target table on every shard. Default: same as `name`.
+    /// Target table on every shard, spelled as `name`. Default: same as `name`.
     #[serde(default)]
     pub target: Option<String>,
     /// Shard-key column. Default `[routing] key`.
@@ -651,29 +655,19 @@ fn default_fence_lock_timeout_ms() -> u64 {
     2000
 }
 
-/// A table rule after defaults: source and target names are `schema.table`.
+/// A table rule after defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableRule {
-    /// Source `schema.table`.
-    pub source: String,
-    /// Target `schema.table`.
-    pub target: String,
+    /// Source table.
+    pub source: TableName,
+    /// Target table.
+    pub target: TableName,
     /// Mode.
     pub mode: TableMode,
     /// Shard-key column (meaningful for `sharded`).
     pub key: String,
     /// The key never changes (`key_immutable`; meaningful for `sharded`).
     pub key_immutable: bool,
-}
-
-/// Normalizes `t` or `schema.t` to `schema.table` (unquoted names, as `pg_class` spells them).
-pub fn qualify(name: &str) -> String {
-    let name = name.trim();
-    if name.contains('.') {
-        name.to_owned()
-    } else {
-        format!("public.{name}")
-    }
 }
 
 impl Config {
@@ -900,18 +894,12 @@ impl Config {
         }
         let mut seen = HashSet::new();
         for (i, t) in self.tables.iter().enumerate() {
-            let q = qualify(&t.name);
-            if t.name.trim().is_empty() {
-                return Err(invalid(&format!("tables[{i}].name"), "is empty".into()));
-            }
             for (key, name) in [("name", Some(&t.name)), ("target", t.target.as_ref())] {
-                if let Some(name) = name.filter(|n| n.contains('"')) {
-                    return Err(invalid(
-                        &format!("tables[{i}].{key}"),
-                        sql_quoted_name(name),
-                    ));
+                if let Some(Err(e)) = name.map(|n| TableName::parse(n)) {
+                    return Err(invalid(&format!("tables[{i}].{key}"), e.to_string()));
                 }
             }
+            let q = table_name(&t.name);
             if !seen.insert(q.clone()) {
                 return Err(invalid(
                     &format!("tables[{i}].name"),
@@ -985,12 +973,12 @@ impl Config {
         self.tables
             .iter()
             .map(|t| {
-                let source = qualify(&t.name);
+                let source = table_name(&t.name);
                 TableRule {
                     target: t
                         .target
                         .as_deref()
-                        .map(qualify)
+                        .map(table_name)
                         .unwrap_or_else(|| source.clone()),
                     source,
                     mode: t.mode.unwrap_or_default(),
@@ -1000,6 +988,13 @@ impl Config {
             })
             .collect()
     }
+}
+
+/// The table a validated `[[tables]]` name spells ([`TableName::parse`]; [`Config::parse`]
+/// refuses a name it cannot read, naming the key and line, so the fallback, the whole text in
+/// `public`, is only for a config built without it and matches no real table by accident).
+fn table_name(text: &str) -> TableName {
+    TableName::parse(text).unwrap_or_else(|_| TableName::new("public", text))
 }
 
 /// Whether an `[admin] listen` address (`host:port`) is a loopback address, reachable only
@@ -1024,68 +1019,6 @@ fn env_name(name: &str) -> String {
             }
         })
         .collect()
-}
-
-/// Why a `[[tables]]` name written with SQL quotes (`"Weird"."Ta ble"`) is refused, and how to
-/// write it: names there are unquoted, exactly as PostgreSQL stores them (see
-/// [`crate::pg::sql`]), so a quoted one would match no table.
-fn sql_quoted_name(name: &str) -> String {
-    let fix = match sql_identifiers(name.trim()) {
-        Some(parts)
-            if (1..=2).contains(&parts.len()) && parts.iter().all(|p| !p.contains(['.', '"'])) =>
-        {
-            format!("write it as {:?}", parts.join("."))
-        }
-        _ => "it has no unquoted spelling (a part holds '.' or '\"', or a quote does not close): \
-              rename the table"
-            .to_owned(),
-    };
-    format!(
-        "{name:?} is written with SQL quotes, which would match no table: names in [[tables]] are \
-         written unquoted, case and spaces kept as PostgreSQL stores them (schema.table; no \
-         schema is public); {fix}"
-    )
-}
-
-/// The parts of a dotted SQL name as PostgreSQL reads it (`"Weird"."Ta ble"`, `s."T"`:
-/// quoted parts kept, `""` an escaped quote, unquoted parts lower-cased); `None` if malformed.
-fn sql_identifiers(name: &str) -> Option<Vec<String>> {
-    let mut parts = Vec::new();
-    let mut chars = name.chars().peekable();
-    loop {
-        let mut part = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next()? {
-                    '"' if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        part.push('"');
-                    }
-                    '"' => break,
-                    c => part.push(c),
-                }
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c == '.' || c == '"' {
-                    break;
-                }
-                part.extend(c.to_lowercase());
-                chars.next();
-            }
-            part = part.trim().to_owned();
-        }
-        if part.is_empty() {
-            return None;
-        }
-        parts.push(part);
-        match chars.next() {
-            None => return Some(parts),
-            Some('.') => {}
-            Some(_) => return None,
-        }
-    }
 }
 
 /// The line of `text` that a validation key (`tables[2].name`, `source.slot`) is on, if the
@@ -1187,8 +1120,8 @@ mode = "broadcast"
         assert_eq!(c.spill.dir, PathBuf::from("./reshard-data"));
         assert_eq!(c.admin.listen, "127.0.0.1:6433");
         let rules = c.table_rules();
-        assert_eq!(rules[0].source, "public.events");
-        assert_eq!(rules[0].target, "public.events");
+        assert_eq!(rules[0].source, TableName::new("public", "events"));
+        assert_eq!(rules[0].target, TableName::new("public", "events"));
         assert_eq!(rules[0].key, "account_id");
         assert_eq!(rules[1].mode, TableMode::Broadcast);
         assert!(!rules[0].key_immutable);
@@ -1256,26 +1189,46 @@ mode = "broadcast"
     }
 
     #[test]
-    fn sql_quoted_table_names_are_refused_naming_key_line_and_fix() {
-        let text = GOOD.replace(
-            "[[tables]]\nname = \"events\"",
-            "[[tables]]\nname = '\"Weird\".\"Ta ble\"'",
+    fn table_names_in_sql_quotes_are_read_and_ambiguous_ones_refused_naming_key_and_line() {
+        let with = |name: &str| {
+            GOOD.replace(
+                "[[tables]]\nname = \"events\"",
+                &format!("[[tables]]\nname = {name}"),
+            )
+        };
+        let c = Config::parse(&with(r#"'"sales.eu".orders'"#), "t.toml").unwrap();
+        assert_eq!(
+            c.table_rules()[0].source,
+            TableName::new("sales.eu", "orders")
         );
-        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        let c = Config::parse(&with(r#"'"Weird"."Ta ble"'"#), "t.toml").unwrap();
+        assert_eq!(c.table_rules()[0].source, TableName::new("Weird", "Ta ble"));
+        // The spelling without quotes keeps its meaning: case kept, `public` by default.
+        let c = Config::parse(&with(r#"" Sales.Q1 ""#), "t.toml").unwrap();
+        assert_eq!(c.table_rules()[0].source, TableName::new("Sales", "Q1"));
+        let e = Config::parse(&with(r#""sales.eu.orders""#), "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("tables[0].name (line 14)"), "{e}");
-        assert!(e.contains("write it as \"Weird.Ta ble\""), "{e}");
+        assert!(
+            e.contains(r#"'"sales.eu".orders'"#) && e.contains(r#"'sales."eu.orders"'"#),
+            "{e}"
+        );
         let text = GOOD.replace(
             "[[tables]]\nname = \"events\"",
-            "[[tables]]\nname = \"events\"\ntarget = '\"a.b\".t'",
+            "[[tables]]\nname = \"events\"\ntarget = '\"a.b\".T'",
         );
         let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(e.contains("tables[0].target (line 15)"), "{e}");
-        assert!(e.contains("has no unquoted spelling"), "{e}");
-        assert_eq!(
-            sql_identifiers(r#"Sales."Q ""1""""#),
-            Some(vec!["sales".to_owned(), "Q \"1\"".to_owned()])
+        assert!(e.contains(r#"'"a.b"."T"'"#), "{e}");
+        // The same table spelled twice is listed twice.
+        let text = with(r#"'"sales.eu".orders'"#).replacen(
+            "[[tables]]",
+            "[[tables]]\nname = '\"sales.eu\".\"orders\"'\n\n[[tables]]",
+            1,
         );
-        assert_eq!(sql_identifiers(r#""a"x"#), None);
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("listed twice"), "{e}");
     }
 
     #[test]

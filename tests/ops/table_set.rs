@@ -118,58 +118,60 @@ async fn check_run_verify_and_cutover_resolve_one_table_set() {
     t.stop_cleanly(d);
 }
 
-/// A `[[tables]]` name written with SQL quotes (`"Weird"."Ta ble"`) matched no table and was
-/// reported as missing from the source, though it exists: it is refused as a config error
-/// naming the key, its line and the unquoted spelling, and that spelling resolves the table.
+/// A `[[tables]]` name written with SQL quotes (`"Weird"."Ta ble"`) names that table, as its
+/// unquoted spelling (`Weird.Ta ble`, case and spaces kept) always did; a name whose dots leave
+/// open which one separates the schema (`sales.eu.orders`) is refused as a config error naming
+/// the key, its line and the two quoted spellings, never guessed.
 #[test]
-fn a_sql_quoted_tables_name_is_refused_with_the_key_line_and_spelling_that_works() {
+fn a_tables_name_in_sql_quotes_resolves_and_an_ambiguous_one_is_refused_with_key_line_and_spellings(
+) {
     let t = Topology::start(1);
     t.ddl_everywhere(
         "CREATE SCHEMA \"Weird\"; CREATE TABLE \"Weird\".\"Ta ble\" (account_id bigint NOT NULL, \
          id bigint NOT NULL, PRIMARY KEY (account_id, id))",
     );
-    let cfg = t.write_config("[[tables]]\nname = '\"Weird\".\"Ta ble\"'\n");
+    for name in ["'\"Weird\".\"Ta ble\"'", "\"Weird.Ta ble\""] {
+        let cfg = t.write_config(&format!("[[tables]]\nname = {name}\n"));
+        let (code, out, err) = t.reshard(&["check", "-c", cfg.to_str().unwrap(), "--json"]);
+        let report = json(&out, &err);
+        let fails: Vec<_> = report["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .filter(|c| c["status"] == "fail")
+            .collect();
+        assert_eq!(code, 0, "{name}: {fails:#?}");
+        assert!(
+            report["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["check"] == "replica_identity"
+                    && c["detail"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .starts_with("\"Weird\".\"Ta ble\": primary key")),
+            "{name}: {report:#}"
+        );
+    }
+
+    let cfg = t.write_config("[[tables]]\nname = \"sales.eu.orders\"\n");
     let text = std::fs::read_to_string(&cfg).unwrap();
     let line = 1 + text
         .lines()
-        .position(|l| l.starts_with("name = '\"Weird\""))
+        .position(|l| l.starts_with("name = \"sales.eu.orders\""))
         .unwrap();
     let cfg = cfg.to_str().unwrap().to_owned();
-    let (code, out, err) = t.reshard(&["check", "-c", &cfg]);
-    assert_eq!(code, 2, "{out}\n{err}");
-    assert!(
-        err.contains(&format!("tables[0].name (line {line})"))
-            && err.contains("written with SQL quotes")
-            && err.contains("write it as \"Weird.Ta ble\""),
-        "{err}"
-    );
-    let (code, out, err) = t.reshard(&["run", "-c", &cfg]);
-    assert_eq!(code, 2, "{out}\n{err}");
-    assert!(err.contains("tables[0].name"), "{err}");
-
-    // The spelling it gives resolves the table.
-    let cfg = t.write_config("[[tables]]\nname = \"Weird.Ta ble\"\n");
-    let (code, out, err) = t.reshard(&["check", "-c", cfg.to_str().unwrap(), "--json"]);
-    let report = json(&out, &err);
-    let fails: Vec<_> = report["checks"]
-        .as_array()
-        .expect("checks")
-        .iter()
-        .filter(|c| c["status"] == "fail")
-        .collect();
-    assert_eq!(code, 0, "{fails:#?}");
-    assert!(
-        report["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["check"] == "replica_identity"
-                && c["detail"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .starts_with("Weird.Ta ble: primary key")),
-        "{report:#}"
-    );
+    for cmd in ["check", "run"] {
+        let (code, out, err) = t.reshard(&[cmd, "-c", &cfg]);
+        assert_eq!(code, 2, "{cmd}: {out}\n{err}");
+        assert!(
+            err.contains(&format!("tables[0].name (line {line})"))
+                && err.contains(r#"'"sales.eu".orders'"#)
+                && err.contains(r#"'sales."eu.orders"'"#),
+            "{cmd}: {err}"
+        );
+    }
 }
 
 // Found by the outside-user acceptance runs (explore): a table created on the source while
@@ -261,8 +263,16 @@ const AWKWARD: &str = r#"CREATE SCHEMA "sales.eu";
     CREATE TABLE public." padded " (id int PRIMARY KEY, name text NOT NULL);"#;
 
 const AWKWARD_CHECKS: &[super::common::TableCheck<'static>] = &[
-    (r#""sales.eu".orders"#, Some(("account_id", "bigint")), "account_id, id"),
-    (r#"public."order.items""#, Some(("account_id", "bigint")), "account_id, id"),
+    (
+        r#""sales.eu".orders"#,
+        Some(("account_id", "bigint")),
+        "account_id, id",
+    ),
+    (
+        r#"public."order.items""#,
+        Some(("account_id", "bigint")),
+        "account_id, id",
+    ),
     (r#"public." padded ""#, None, "id"),
 ];
 
@@ -331,7 +341,10 @@ fn replicate_awkward_names(extra: &str) {
     assert_eq!(verified, expected, "tables verify compares");
     let (code, out, err) = t.reshard(&["verify", "-c", &cfg]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("MATCH") && !out.contains("MISMATCH"), "{out}{err}");
+    assert!(
+        out.lines().any(|l| l.starts_with("MATCH at source LSN")),
+        "{out}{err}"
+    );
     t.stop_cleanly(d);
 }
 

@@ -157,7 +157,7 @@ fn render(plan: &Plan, out: &Path) -> String {
     for g in &plan.groups {
         for t in &g.tables {
             rows.push([
-                t.table.clone(),
+                t.table.to_string(),
                 t.mode.to_string(),
                 human_bytes(t.bytes),
                 g.name.clone(),

@@ -26,8 +26,8 @@ use super::batch::{
 use super::ddl::{enum_columns, enum_columns_query, Ddl, EnumGap, SourceConnect, Verdict};
 use super::fold::Fold;
 use super::schema::{
-    columns_query, exists_query, source_name, split_name, SchemaError, TargetColumn, TargetTable,
-    OWNER_LOST, OWNER_ROW,
+    columns_query, exists_query, source_name, SchemaError, TargetColumn, TargetTable, OWNER_LOST,
+    OWNER_ROW,
 };
 use super::text::sql_literal;
 use super::{ApplyError, ApplyOptions, ApplyState, Connect, ShardStatus};
@@ -38,6 +38,7 @@ use crate::event::{
 };
 use crate::lsn::Lsn;
 use crate::pg::progress::{ensure_progress_table, read_progress, ProgressError, ProgressKey};
+use crate::pg::sql::TableName;
 use crate::shutdown::ShutdownRx;
 
 /// A shard's commit-to-apply latencies (microseconds), shared with the status view.
@@ -625,9 +626,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         // The target transaction is aborted: roll it back before reading the shard's catalog.
         self.rewind(reader).await?;
         let target = self.target_name(&rel);
-        let (s, t) = split_name(&target);
-        let lit = sql_literal(format!("{}.{}", quote_ident(&s), quote_ident(&t)).as_bytes())
-            .unwrap_or_default();
+        let lit = sql_literal(target.to_string().as_bytes()).unwrap_or_default();
         let rows = self
             .sql(
                 &enum_columns_query(&format!("to_regclass({lit})")),
@@ -646,7 +645,11 @@ impl<'a, L: ShardLog> Session<'a, L> {
         if shard_enums.is_empty() {
             return Err(e);
         }
-        match self.ddl.enum_gap(&shard, &rel, &target, &shard_enums).await {
+        match self
+            .ddl
+            .enum_gap(&shard, &rel, &target.to_string(), &shard_enums)
+            .await
+        {
             // The shard may have taken the values between the error and the look: apply the
             // transaction again, once.
             EnumGap::None if self.value_error_retried != Some(at) => {
@@ -1121,14 +1124,13 @@ impl<'a, L: ShardLog> Session<'a, L> {
         Ok(msgs)
     }
 
-    fn target_name(&self, rel: &Relation) -> String {
+    fn target_name(&self, rel: &Relation) -> TableName {
         let src = source_name(rel);
         self.opts.table_map.get(&src).cloned().unwrap_or(src)
     }
 
     fn target_sql_name(&self, rel: &Relation) -> String {
-        let (s, t) = split_name(&self.target_name(rel));
-        format!("{}.{}", quote_ident(&s), quote_ident(&t))
+        self.target_name(rel).to_string()
     }
 
     /// The resolved target of `rel`, introspecting it if new or if the source relation
@@ -1148,9 +1150,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
             .is_some_and(|t| Arc::ptr_eq(&t.source, rel) || *t.source == **rel);
         if !fresh {
             let target = self.target_name(rel);
-            let (s, t) = split_name(&target);
-            let lit = sql_literal(format!("{}.{}", quote_ident(&s), quote_ident(&t)).as_bytes())
-                .unwrap_or_default();
+            let lit = sql_literal(target.to_string().as_bytes()).unwrap_or_default();
             let ctx = format!("reading the columns of target table {target}");
             let exists = self.sql(&exists_query(&lit), &ctx).await?;
             let found = exists
@@ -1158,16 +1158,16 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 .any(|m| matches!(m, SimpleQueryMessage::Row(r) if r.get(0) == Some("t")));
             if !found {
                 return Err(self.schema_wait(&SchemaError::MissingTable {
-                    source_table: source_name(rel),
-                    target,
+                    source_table: source_name(rel).to_string(),
+                    target: target.to_string(),
                 }));
             }
             let mut cols = self.target_columns(&lit, &ctx).await?;
-            let target_sql = format!("{}.{}", quote_ident(&s), quote_ident(&t));
+            let target_sql = target.to_string();
             let shard = self.opts.shard_name.as_str();
             match self
                 .ddl
-                .check(shard, rel, &target, &target_sql, &cols)
+                .check(shard, rel, &target.to_string(), &target_sql, &cols)
                 .await
             {
                 Verdict::Ready => {}
@@ -1206,7 +1206,14 @@ impl<'a, L: ShardLog> Session<'a, L> {
                         let shard = self.opts.shard_name.clone();
                         let wait = self
                             .ddl
-                            .missing_type_wait(&shard, rel, &target, &sql, &new_columns, &error)
+                            .missing_type_wait(
+                                &shard,
+                                rel,
+                                &target.to_string(),
+                                &sql,
+                                &new_columns,
+                                &error,
+                            )
                             .await;
                         return Err(ApplyError::WaitingForDdl { shard, wait });
                     }
@@ -1364,7 +1371,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
             if let Some(f) = folds.get_mut(&rel.id) {
                 f.push(c).map_err(|e| ApplyError::Fold {
                     shard: self.shard().to_owned(),
-                    table: source_name(rel),
+                    table: source_name(rel).to_string(),
                     commit_lsn: *lsn,
                     source: e,
                 })?;

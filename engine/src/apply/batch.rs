@@ -900,7 +900,7 @@ mod tests {
         };
         TargetTable::build(
             rel.clone(),
-            "public.t",
+            &crate::pg::sql::TableName::new("public", "t"),
             &[tcol("id", true), tcol("a", false), tcol("b", false)],
             "stg".into(),
         )
@@ -981,7 +981,7 @@ mod tests {
         };
         let tb = TargetTable::build(
             rel.clone(),
-            "public.f",
+            &crate::pg::sql::TableName::new("public", "f"),
             &[tcol("a"), tcol("b")],
             "stg".into(),
         )

@@ -133,7 +133,7 @@ impl Ddl {
         self.matched.insert(rel.id, Arc::clone(rel));
     }
 
-    /// Compares `rel` with the shard table `target` (unquoted) / `target_sql` (quoted) and
+    /// Compares `rel` with the shard table `target` (for messages) / `target_sql` (for SQL) and
     /// its columns `cols`; `shard` is for messages.
     pub(super) async fn check(
         &mut self,
@@ -143,7 +143,7 @@ impl Ddl {
         target_sql: &str,
         cols: &[TargetColumn],
     ) -> Verdict {
-        let src = source_name(rel);
+        let src = source_name(rel).to_string();
         let prev = self.matched.get(&rel.id).cloned();
         let has = |n: &str| cols.iter().any(|c| c.name == n);
         let missing: Vec<&str> = rel
@@ -295,7 +295,7 @@ impl Ddl {
         if shard_enums.is_empty() {
             return EnumGap::None;
         }
-        let src = source_name(rel);
+        let src = source_name(rel).to_string();
         let sql = enum_columns_query(&format!("{}::oid", rel.id.0));
         let source = match self.source_query(&sql, &[]).await {
             Ok(rows) => enum_columns(enum_rows(&rows)),
@@ -360,7 +360,7 @@ impl Ddl {
         new_columns: &[String],
         error: &str,
     ) -> DdlWait {
-        let src = source_name(rel);
+        let src = source_name(rel).to_string();
         let sql = enum_columns_query(&format!("{}::oid", rel.id.0));
         let creates: Vec<String> = match self.source_query(&sql, &[]).await {
             Ok(rows) => {

@@ -90,9 +90,9 @@ pub struct ApplyOptions {
     /// permission, a warning is logged and apply runs without it. Default true.
     /// See <https://www.postgresql.org/docs/current/runtime-config-client.html#GUC-SESSION-REPLICATION-ROLE>.
     pub session_replication_role_replica: bool,
-    /// Source `schema.table` → target `schema.table` (unquoted). Tables not listed keep their
+    /// Source table → target table. Tables not listed keep their
     /// name. Default empty (identity).
-    pub table_map: HashMap<String, String>,
+    pub table_map: HashMap<crate::pg::sql::TableName, crate::pg::sql::TableName>,
     /// First retry delay after a transient error. Default: `[apply]`'s.
     pub retry_initial_ms: u64,
     /// Largest retry delay (the delay doubles up to it). Default: `[apply]`'s.
@@ -125,9 +125,9 @@ pub type OwnsFn = std::sync::Arc<dyn Fn(u32, &[u8]) -> bool + Send + Sync>;
 /// goes through once the operator has renumbered one of the two rows.
 #[derive(Clone)]
 pub struct RowOwner {
-    /// Target `schema.table` (unquoted) → its shard-key column; tables not listed are not
+    /// Target table → its shard-key column; tables not listed are not
     /// guarded.
-    pub keys: HashMap<String, String>,
+    pub keys: HashMap<crate::pg::sql::TableName, String>,
     /// The owner, for messages (the cut-over shard).
     pub owner: String,
     /// Whether a shard-key value (its type OID and text form) belongs to the owner.

@@ -25,6 +25,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use super::text::sql_literal;
 use super::ApplyError;
 use crate::event::{quote_ident, Relation, ReplicaIdentity};
+use crate::pg::sql::TableName;
 
 /// Introspects `target` on a shard and maps `rel` onto it ([`TargetTable::build`]), naming
 /// `staging` as its staging table. Errors name the shard and the table.
@@ -32,12 +33,10 @@ pub async fn load_target_table(
     client: &Client,
     shard: &str,
     rel: &Arc<Relation>,
-    target: &str,
+    target: &TableName,
     staging: String,
 ) -> Result<TargetTable, ApplyError> {
-    let (s, t) = split_name(target);
-    let lit = sql_literal(format!("{}.{}", quote_ident(&s), quote_ident(&t)).as_bytes())
-        .unwrap_or_default();
+    let lit = sql_literal(target.to_string().as_bytes()).unwrap_or_default();
     let ctx = format!("reading the columns of target table {target}");
     let failed = |e: tokio_postgres::Error| ApplyError::pg(shard, ctx.clone(), &e);
     let exists = client
@@ -51,8 +50,8 @@ pub async fn load_target_table(
         return Err(ApplyError::Schema {
             shard: shard.to_owned(),
             source: SchemaError::MissingTable {
-                source_table: source_name(rel),
-                target: target.to_owned(),
+                source_table: source_name(rel).to_string(),
+                target: target.to_string(),
             },
         });
     }
@@ -190,7 +189,7 @@ pub enum SchemaError {
 pub struct TargetTable {
     /// The source relation this was resolved for.
     pub source: Arc<Relation>,
-    /// Target `schema.table`, unquoted, for messages.
+    /// Target `schema.table`, quoted where needed, for messages.
     pub target: String,
     /// Target `schema.table`, quoted, for SQL.
     pub target_sql: String,
@@ -215,12 +214,9 @@ pub const OWNER_ROW: &str = "reshard_owner_row";
 /// Tag of a row of [`TargetTable::owner_lost_sql`].
 pub const OWNER_LOST: &str = "reshard_owner_lost";
 
-/// Splits a `schema.table` name (unquoted; no schema means `public`): the one definition.
-pub use crate::pg::table::split_name;
-
-/// The source relation's `schema.table`, unquoted: the key of `table_map`.
-pub fn source_name(rel: &Relation) -> String {
-    format!("{}.{}", rel.namespace, rel.name)
+/// The source relation's table: the key of `table_map`.
+pub fn source_name(rel: &Relation) -> TableName {
+    TableName::new(rel.namespace.clone(), rel.name.clone())
 }
 
 impl TargetTable {
@@ -228,13 +224,12 @@ impl TargetTable {
     /// through the temp table `staging`.
     pub fn build(
         source: Arc<Relation>,
-        target: &str,
+        target: &TableName,
         target_columns: &[TargetColumn],
         staging: String,
     ) -> Result<TargetTable, SchemaError> {
-        let (schema, table) = split_name(target);
-        let target_sql = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
-        let src_name = source_name(&source);
+        let target_sql = target.to_string();
+        let src_name = source_name(&source).to_string();
         let find = |n: &str| target_columns.iter().find(|c| c.name == n);
 
         let source_key: Vec<usize> = if source.replica_identity == ReplicaIdentity::Full {
@@ -247,7 +242,7 @@ impl TargetTable {
         if let Some(c) = source.columns.iter().find(|c| find(&c.name).is_none()) {
             return Err(SchemaError::MissingColumn {
                 source_table: src_name,
-                target: target.to_owned(),
+                target: target.to_string(),
                 column: c.name.clone(),
             });
         }
@@ -262,7 +257,7 @@ impl TargetTable {
             if !sent && !fillable {
                 return Err(SchemaError::ExtraColumnRequired {
                     source_table: src_name,
-                    target: target.to_owned(),
+                    target: target.to_string(),
                     column: t.name.clone(),
                 });
             }
@@ -299,7 +294,7 @@ impl TargetTable {
         {
             return Err(SchemaError::GeneratedOnTarget {
                 source_table: src_name,
-                target: target.to_owned(),
+                target: target.to_string(),
                 column: c.name.clone(),
             });
         }
@@ -326,7 +321,7 @@ impl TargetTable {
 
         Ok(TargetTable {
             source,
-            target: target.to_owned(),
+            target: target.to_string(),
             target_sql,
             columns,
             key_mode,
@@ -726,7 +721,7 @@ mod tests {
         );
         let t = TargetTable::build(
             r,
-            "public.t",
+            &TableName::new("public", "t"),
             &[tcol("id", true), tcol("b", false)],
             "s".into(),
         )
@@ -744,7 +739,7 @@ mod tests {
         let r = rel(ReplicaIdentity::Full, vec![col("a", true), col("b", true)]);
         let t = TargetTable::build(
             r,
-            "public.t",
+            &TableName::new("public", "t"),
             &[tcol("a", false), tcol("b", false)],
             "s".into(),
         )
@@ -763,7 +758,7 @@ mod tests {
         let r = rel(ReplicaIdentity::Full, vec![col("a", true), col("b", true)]);
         let t = TargetTable::build(
             r,
-            "public.t",
+            &TableName::new("public", "t"),
             &[tcol("a", true), tcol("b", false)],
             "s".into(),
         )
@@ -778,20 +773,30 @@ mod tests {
             ReplicaIdentity::Default,
             vec![col("id", true), col("x", false)],
         );
-        let e =
-            TargetTable::build(r.clone(), "public.t", &[tcol("id", true)], "s".into()).unwrap_err();
+        let e = TargetTable::build(
+            r.clone(),
+            &TableName::new("public", "t"),
+            &[tcol("id", true)],
+            "s".into(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("\"x\""), "{e}");
         // A generated key column cannot be left out of the match.
         let mut g = tcol("id", true);
         g.generated = true;
-        let e = TargetTable::build(r.clone(), "public.t", &[g, tcol("x", false)], "s".into())
-            .unwrap_err();
+        let e = TargetTable::build(
+            r.clone(),
+            &TableName::new("public", "t"),
+            &[g, tcol("x", false)],
+            "s".into(),
+        )
+        .unwrap_err();
         assert!(matches!(e, SchemaError::GeneratedOnTarget { .. }), "{e}");
         let mut req = tcol("extra", false);
         req.not_null = true;
         let e = TargetTable::build(
             r,
-            "public.t",
+            &TableName::new("public", "t"),
             &[tcol("id", true), tcol("x", false), req],
             "s".into(),
         )
@@ -812,7 +817,7 @@ mod tests {
         g.generated = true;
         let t = TargetTable::build(
             r,
-            "public.t",
+            &TableName::new("public", "t"),
             &[tcol("id", true), tcol("x", false), g],
             "s".into(),
         )
@@ -836,7 +841,9 @@ mod tests {
             tcol("account_id", false),
             tcol("n", false),
         ];
-        let mut t = TargetTable::build(r.clone(), "public.t", &cols, "s".into()).unwrap();
+        let mut t =
+            TargetTable::build(r.clone(), &TableName::new("public", "t"), &cols, "s".into())
+                .unwrap();
         let plain = t.insert_sql("1, 2");
         assert!(t.owner_rows_sql("0", "x AS s").is_none());
         assert!(t.guard_owner("account_id"));
@@ -862,12 +869,14 @@ mod tests {
             "{lost}"
         );
         // A key that is part of the primary key, or no primary key: nothing to guard.
-        let mut t = TargetTable::build(r.clone(), "public.t", &cols, "s".into()).unwrap();
+        let mut t =
+            TargetTable::build(r.clone(), &TableName::new("public", "t"), &cols, "s".into())
+                .unwrap();
         assert!(!t.guard_owner("id"));
         assert!(!t.guard_owner("missing"));
         let mut t = TargetTable::build(
             r,
-            "public.t",
+            &TableName::new("public", "t"),
             &[
                 tcol("id", false),
                 tcol("account_id", false),
@@ -886,7 +895,7 @@ mod tests {
             vec![col("id", true), col("a", false), col("b", false)],
         );
         let cols = [tcol("id", true), tcol("a", false), tcol("b", false)];
-        let t = TargetTable::build(r, "public.t", &cols, "s".into()).unwrap();
+        let t = TargetTable::build(r, &TableName::new("public", "t"), &cols, "s".into()).unwrap();
         let sql = t.update_sql(3, &[true, false, true]).unwrap();
         assert!(sql.contains("SET b = s.b::text FROM"), "{sql}");
         assert!(t.update_sql(3, &[true, false, false]).is_none());

@@ -34,7 +34,7 @@ use crate::config::{Config, HashKind};
 use crate::event::Oid;
 use crate::ops::grow::GrowError;
 use crate::pg::conn::error_text;
-use crate::pg::sql::{quote_ident, quote_qualified};
+use crate::pg::sql::quote_ident;
 use crate::route::key::KeyType;
 use crate::route::map::{canonical_account, csv_of_pairs};
 use crate::route::refresh::{no_map_configured, MapSource};
@@ -329,7 +329,7 @@ pub async fn plan_map(
             let sql = format!(
                 "SELECT t.{k}::text, count(*), coalesce(sum(pg_column_size(t.*)), 0)::bigint \
                  FROM {} t WHERE t.{k} IS NOT NULL GROUP BY t.{k}",
-                quote_qualified(&rule.target)
+                rule.target.quoted()
             );
             let rows = c.query(&sql, &[]).await.map_err(err(format!(
                 "measuring the rows and bytes of each account in {}",

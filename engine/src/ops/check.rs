@@ -27,8 +27,9 @@ use tokio_postgres::Client;
 
 use crate::config::{Config, TableMode, TableRule};
 use crate::pg::catalog::{CatalogError, TableSet};
-use crate::pg::conn::{connect_plain, quote_ident, quote_literal, quote_qualified};
+use crate::pg::conn::{connect_plain, quote_ident, quote_literal};
 use crate::pg::identity::KeyStrategy;
+use crate::pg::sql::TableName;
 use crate::pg::table::{describe_table, TableInfo, SUPPORTED_KEY_TYPES};
 
 /// How long one endpoint may take to accept a connection.
@@ -579,10 +580,7 @@ async fn check_source(
         );
     }
     for rule in &set.unlogged {
-        let fix = Some(format!(
-            "ALTER TABLE {} SET LOGGED;",
-            quote_qualified(&rule.source)
-        ));
+        let fix = Some(format!("ALTER TABLE {} SET LOGGED;", rule.source.quoted()));
         if set.configured {
             report.fail(
                 "table_logged",
@@ -741,7 +739,7 @@ async fn check_source_table(
     report: &mut CheckReport,
 ) -> Result<(), tokio_postgres::Error> {
     let name = &rule.source;
-    let qname = quote_qualified(name);
+    let qname = name.quoted();
     let can_select: bool = client
         .query_one("SELECT has_table_privilege($1::oid, 'SELECT')", &[&t.oid])
         .await?
@@ -917,7 +915,7 @@ async fn check_publication(
         tables.iter().filter(|(_, i)| i.is_some()).collect();
     let table_list = present
         .iter()
-        .map(|(r, _)| quote_qualified(&r.source))
+        .map(|(r, _)| r.source.quoted())
         .collect::<Vec<_>>()
         .join(", ");
     let any_partitioned = present
@@ -997,7 +995,11 @@ async fn check_publication(
                 SOURCE,
                 format!(
                     "role {user} does not own {}, so it cannot create publication {publication}",
-                    not_owned.join(", ")
+                    not_owned
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
                 Some(format!(
                     "-- as the tables' owner or a superuser:\n{create_sql}"
@@ -1029,13 +1031,13 @@ async fn check_publication(
         );
     }
     // Tables published: explicit members, tables of member schemas, or all tables.
-    let published: HashSet<String> = if all_tables {
+    let published: HashSet<TableName> = if all_tables {
         HashSet::new()
     } else {
         client
             .query(
-                "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 \
-                 UNION SELECT n.nspname || '.' || c.relname FROM pg_publication_rel pr \
+                "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 \
+                 UNION SELECT n.nspname::text, c.relname::text FROM pg_publication_rel pr \
                    JOIN pg_publication p ON p.oid = pr.prpubid \
                    JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
                    WHERE p.pubname = $1",
@@ -1043,8 +1045,8 @@ async fn check_publication(
             )
             .await?
             .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()?
+            .map(|r| Ok(TableName::new(r.try_get::<_, String>(0)?, r.try_get::<_, String>(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()?
     };
     let mut missing = Vec::new();
     for (rule, _) in &present {
@@ -1057,7 +1059,7 @@ async fn check_publication(
             "publication",
             SOURCE,
             format!("publication {publication} does not publish {m}; its changes would never reach the shards"),
-            Some(format!("ALTER PUBLICATION {qpub} ADD TABLE {};", quote_qualified(m))),
+            Some(format!("ALTER PUBLICATION {qpub} ADD TABLE {};", m.quoted())),
         );
     }
     if any_partitioned && !via_root {
@@ -1150,7 +1152,7 @@ async fn check_shard(
     for (rule, source) in tables {
         let Some(source) = source else { continue };
         let target = &rule.target;
-        let qtarget = quote_qualified(target);
+        let qtarget = target.quoted();
         let Some(t) = describe_table(client, target).await? else {
             report.fail(
                 "target_table",
@@ -1287,12 +1289,12 @@ async fn check_shard(
                 format!("{target}: INSERT, UPDATE, DELETE, TRUNCATE granted"),
             );
         } else {
-            let (schema, _) = crate::pg::table::split_name(target);
+            let schema = &target.schema;
             let mut fix = Vec::new();
             if lacking.contains(&"USAGE") {
                 fix.push(format!(
                     "GRANT USAGE ON SCHEMA {} TO {quser};",
-                    quote_ident(&schema)
+                    quote_ident(schema)
                 ));
             }
             let table_privs: Vec<&str> =
@@ -1335,25 +1337,33 @@ async fn check_shard(
 /// `schema.table` as one `pg_dump -t` argument for a shell: quoted as identifiers so that
 /// pg_dump's pattern keeps case, spaces and dots literal (`"My App"."Weird Table"`), then
 /// quoted for the shell so that it stays one word.
-fn pg_dump_table_arg(name: &str) -> String {
-    let pattern = quote_qualified(name);
+fn pg_dump_table_arg(name: &TableName) -> String {
+    let pattern = name.quoted();
     // Only a NUL byte cannot be quoted, and no PostgreSQL name holds one.
     shlex::try_quote(&pattern).map_or(pattern.clone(), |q| q.into_owned())
 }
 
 #[cfg(test)]
 mod tests {
+    use crate::pg::sql::TableName;
+
     #[test]
     fn the_pg_dump_table_argument_is_one_shell_word_and_a_literal_pattern() {
         assert_eq!(
-            super::pg_dump_table_arg("My App.Weird Table"),
+            super::pg_dump_table_arg(&TableName::new("My App", "Weird Table")),
             r#"'"My App"."Weird Table"'"#
         );
-        // The shell gives pg_dump exactly the quoted pattern back, a quote in the name too.
-        for name in ["My App.Weird Table", "public.it's", "s.a\"b"] {
-            let arg = super::pg_dump_table_arg(name);
+        // The shell gives pg_dump exactly the quoted pattern back, a quote or a dot in the name
+        // too.
+        for name in [
+            TableName::new("My App", "Weird Table"),
+            TableName::new("public", "it's"),
+            TableName::new("s", "a\"b"),
+            TableName::new("sales.eu", " order.items "),
+        ] {
+            let arg = super::pg_dump_table_arg(&name);
             let words = shlex::split(&arg).unwrap();
-            assert_eq!(words, vec![crate::pg::sql::quote_qualified(name)], "{arg}");
+            assert_eq!(words, vec![name.quoted()], "{arg}");
         }
     }
 }

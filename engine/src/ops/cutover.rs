@@ -47,12 +47,9 @@ use crate::ops::verify::{
     Waited,
 };
 use crate::ops::{connect, EndpointError};
-use crate::pg::conn::{
-    current_insert_lsn, emit_marker, error_text, quote_literal, quote_qualified,
-};
+use crate::pg::conn::{current_insert_lsn, emit_marker, error_text, quote_literal};
 use crate::pg::progress::source_system_id;
 use crate::pg::sql::TableName;
-use crate::pg::table::split_name;
 
 /// What to cut over.
 #[derive(Clone)]
@@ -429,7 +426,7 @@ pub async fn cutover(
         .into_iter()
         .map(|t| t.rule)
         .collect();
-    let mut schemas: Vec<String> = rules.iter().map(|r| split_name(&r.source).0).collect();
+    let mut schemas: Vec<String> = rules.iter().map(|r| r.source.schema.clone()).collect();
     schemas.sort();
     schemas.dedup();
     let sequences =
@@ -479,7 +476,7 @@ pub async fn cutover(
         })?;
         for r in &v.results {
             report.tables.push(TableRows {
-                table: r.target.clone(),
+                table: r.target.to_string(),
                 rows: r.rows_shard,
             });
         }
@@ -488,10 +485,7 @@ pub async fn cutover(
     } else {
         for r in &rules {
             let row = shard
-                .query_one(
-                    &format!("SELECT count(*) FROM {}", quote_qualified(&r.target)),
-                    &[],
-                )
+                .query_one(&format!("SELECT count(*) FROM {}", r.target.quoted()), &[])
                 .await
                 .map_err(|e| {
                     if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
@@ -504,7 +498,7 @@ pub async fn cutover(
                 })?;
             let n: i64 = row.try_get(0).map_err(qerr(name, "counting rows"))?;
             report.tables.push(TableRows {
-                table: r.target.clone(),
+                table: r.target.to_string(),
                 rows: n.max(0) as u64,
             });
         }

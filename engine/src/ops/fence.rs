@@ -64,7 +64,7 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 use crate::config::{Config, HashKind, TableMode};
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
-use crate::pg::conn::{error_text, quote_ident, quote_literal, quote_qualified};
+use crate::pg::conn::{error_text, quote_ident, quote_literal};
 use crate::pg::fence::{fence_table_exists, read_fences};
 use crate::pg::sql::TableName;
 use crate::route::AccountMap;
@@ -115,8 +115,9 @@ impl FenceRule {
 /// A table to fence and its shard-key column.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FencedTable {
-    /// `schema.table` on the fenced database.
-    pub table: String,
+    /// The table on the fenced database (`reshard.fence.tables` holds its
+    /// [`Display`](std::fmt::Display) form, which [`TableName::parse`] reads back).
+    pub table: TableName,
     /// The shard-key column.
     pub key: String,
 }
@@ -262,7 +263,7 @@ fn shard_index(config: &Config, shard: &str) -> Result<u32, FenceError> {
 async fn sharded_tables(
     config: &Config,
     src: &Client,
-    name: impl Fn(&crate::config::TableRule) -> String,
+    name: impl Fn(&crate::config::TableRule) -> TableName,
 ) -> Result<Vec<FencedTable>, FenceError> {
     Ok(crate::pg::catalog::discover(src, config)
         .await
@@ -425,8 +426,12 @@ $reshard_fence$;
 CREATE OR REPLACE FUNCTION reshard.fence_truncate() RETURNS trigger LANGUAGE plpgsql AS $reshard_fence$
 DECLARE s text;
 BEGIN
-    SELECT shard INTO s FROM reshard.fence WHERE (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME) = ANY (tables) ORDER BY shard LIMIT 1;
-    IF FOUND THEN PERFORM {FENCE_REFUSE_FN}(s, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'TRUNCATE'); END IF;
+    -- The trigger's argument is the table as reshard.fence.tables spells it (quoted where
+    -- needed); triggers created before it had one match the plain `schema.table` text.
+    SELECT shard INTO s FROM reshard.fence
+     WHERE TG_ARGV[0] = ANY (tables) OR (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME) = ANY (tables)
+     ORDER BY shard LIMIT 1;
+    IF FOUND THEN PERFORM {FENCE_REFUSE_FN}(s, coalesce(TG_ARGV[0], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME), 'TRUNCATE'); END IF;
     RETURN NULL;
 END
 $reshard_fence$;
@@ -486,7 +491,7 @@ pub async fn install(client: &mut Client, spec: &FenceSpec) -> Result<Fence, Fen
         }
         FenceRule::All | FenceRule::Accounts(_) => (None, None, None),
     };
-    let tables: Vec<String> = spec.tables.iter().map(|t| t.table.clone()).collect();
+    let tables: Vec<String> = spec.tables.iter().map(|t| t.table.to_string()).collect();
     let keys: Vec<String> = spec.tables.iter().map(|t| t.key.clone()).collect();
     let side_s = side.to_string();
     let row = tx
@@ -692,13 +697,13 @@ async fn check_table(
         .query_opt(
             "SELECT a.atttypid FROM pg_attribute a \
              WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
-            &[&quote_qualified(&t.table), &t.key],
+            &[&t.table.quoted(), &t.key],
         )
         .await
         .map_err(qerr(side, "describing a fenced table"))?;
     if found.is_none() {
         return Err(FenceError::Table {
-            table: t.table.clone(),
+            table: t.table.to_string(),
             side,
             problem: format!(
                 "no such table with a column {} (the config routes it by that column); create it or fix [[tables]]",
@@ -772,11 +777,19 @@ async fn regenerate(
         })
         .collect();
     // table -> (key, fences covering it)
-    let mut wanted: BTreeMap<String, (String, Vec<&Stored>)> = BTreeMap::new();
+    let mut wanted: BTreeMap<TableName, (String, Vec<&Stored>)> = BTreeMap::new();
     for f in &fences {
         for (t, k) in f.tables.iter().zip(&f.keys) {
+            let t = TableName::parse(t).map_err(|e| {
+                FenceError::Config(format!(
+                    "the fence of shard {} in reshard.fence on the {side} names a table that \
+                     cannot be read back ({e}); lift it with: reshard unfence --shard {} --on \
+                     {side}, then fence again",
+                    f.shard, f.shard
+                ))
+            })?;
             wanted
-                .entry(t.clone())
+                .entry(t)
                 .or_insert_with(|| (k.clone(), Vec::new()))
                 .1
                 .push(f);
@@ -803,15 +816,14 @@ async fn regenerate(
         .iter()
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
-    // The fences' tables are spelled as the config spells them (`schema.table`, unquoted).
     let stale: Vec<&TableName> = existing
         .iter()
-        .filter(|t| !wanted.contains_key(&format!("{}.{}", t.schema, t.name)))
+        .filter(|t| !wanted.contains_key(*t))
         .collect();
     // (as messages name it, as SQL names it) of every table to lock.
     let lock: Vec<(String, String)> = wanted
         .keys()
-        .map(|t| (t.clone(), quote_qualified(t)))
+        .map(|t| (t.to_string(), t.quoted()))
         .chain(stale.iter().map(|t| (t.to_string(), t.quoted())))
         .collect();
     if !lock.is_empty() {
@@ -857,7 +869,8 @@ async fn regenerate(
         .map_err(qerr(side, "dropping a fence trigger"))?;
     }
     for (table, (key, covering)) in &wanted {
-        let q = quote_qualified(table);
+        let q = table.quoted();
+        let display = table.to_string();
         let r = tx
             .query_one(
                 "SELECT c.oid, a.atttypid, format_type(a.atttypid, NULL), \
@@ -884,7 +897,7 @@ async fn regenerate(
         } else {
             None
         };
-        let body = row_function_body(table, key, helper, covering);
+        let body = row_function_body(&display, key, helper, covering);
         tx.batch_execute(&format!(
             "CREATE OR REPLACE FUNCTION reshard.fence_row_{oid}() RETURNS trigger LANGUAGE plpgsql AS $reshard_fence$\n{body}\n$reshard_fence$"
         ))
@@ -903,11 +916,12 @@ async fn regenerate(
                 "CREATE TRIGGER {ROW_TRIGGER} {timing} INSERT OR UPDATE OR DELETE ON {q} \
                    FOR EACH ROW EXECUTE FUNCTION reshard.fence_row_{oid}(); \
                  CREATE TRIGGER {TRUNCATE_TRIGGER} BEFORE TRUNCATE ON {q} \
-                   FOR EACH STATEMENT EXECUTE FUNCTION reshard.fence_truncate()"
+                   FOR EACH STATEMENT EXECUTE FUNCTION reshard.fence_truncate({})",
+                quote_literal(&display)
             ))
             .await
             .map_err(|e| FenceError::Table {
-                table: table.clone(),
+                table: display.clone(),
                 side,
                 problem: format!("CREATE TRIGGER failed: {}", error_text(&e)),
             })?;

@@ -24,7 +24,7 @@ use crate::config::{Config, HashKind, TableMode, TableRule};
 use crate::ops::verify::sql::HashRoute;
 use crate::pg::catalog::{self, CatalogError};
 use crate::pg::conn::connect_plain;
-use crate::pg::sql::{quote_ident, quote_qualified};
+use crate::pg::sql::quote_ident;
 
 /// The copy rate the estimate assumes when none is given (rows per second).
 pub const DEFAULT_RATE_ROWS_PER_SEC: u64 = 50_000;
@@ -213,7 +213,7 @@ pub async fn key_type(
         .query_opt(
             "SELECT a.atttypid, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
              WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-            &[&quote_qualified(&rule.target), &rule.key],
+            &[&rule.target.quoted(), &rule.key],
         )
         .await
         .map_err(|e| GrowError::Shard {
@@ -288,7 +288,7 @@ pub async fn plan_growth(config: &Config, to: usize, rate: u64) -> Result<GrowPl
                    SELECT {} AS j, pg_column_size(t.*) AS b FROM {} t WHERE {k} IS NOT NULL) x \
                  GROUP BY j ORDER BY j",
                 route.shard_expr(&format!("t.{k}")),
-                quote_qualified(&rule.target)
+                rule.target.quoted()
             );
             let rows = c.query(&sql, &[]).await.map_err(err(&format!(
                 "counting the rows of {} per new shard",
@@ -308,7 +308,7 @@ pub async fn plan_growth(config: &Config, to: usize, rate: u64) -> Result<GrowPl
                 }
                 s.rows += n;
                 s.bytes += b;
-                s.tables.push((rule.target.clone(), n));
+                s.tables.push((rule.target.to_string(), n));
             }
         }
     }

@@ -58,8 +58,9 @@ use crate::ops::fence::{self, FenceError, FenceSide, FenceSpec};
 use crate::ops::verify::sql::{account_aggregates, key_in};
 use crate::ops::{connect, EndpointError};
 use crate::pg::catalog::CatalogError;
-use crate::pg::conn::{quote_ident, quote_qualified};
+use crate::pg::conn::quote_ident;
 use crate::pg::reverse::ORIGIN_PREFIX;
+use crate::pg::sql::TableName;
 use crate::pg::table::describe_table;
 use crate::route::map::csv_with_accounts_on;
 use crate::route::refresh::{MapOrigin, MapSource};
@@ -368,7 +369,7 @@ pub fn normalize_accounts(accounts: &[String]) -> Vec<String> {
 /// One sharded table: its name on the shards and its key.
 #[derive(Clone, Debug)]
 struct MovedTable {
-    name: String,
+    name: TableName,
     key: String,
     key_type: String,
     key_oid: u32,
@@ -785,7 +786,7 @@ impl Ctx<'_> {
                 .query_one(
                     &format!(
                         "SELECT count(*) FROM {} WHERE {}",
-                        quote_qualified(&t.name),
+                        t.name.quoted(),
                         self.filter(t)
                     ),
                     &[],
@@ -857,7 +858,7 @@ impl Ctx<'_> {
         let list: Vec<String> = self
             .tables
             .iter()
-            .map(|t| format!("{} WHERE ({})", quote_qualified(&t.name), self.filter(t)))
+            .map(|t| format!("{} WHERE ({})", t.name.quoted(), self.filter(t)))
             .collect();
         // publish_via_partition_root: a row filter on a partitioned table needs it (S is 15+),
         // and the changes then carry the table's own name, as the copy does.
@@ -916,16 +917,13 @@ impl Ctx<'_> {
             let out = reader
                 .copy_out(&format!(
                     "COPY (SELECT {cols} FROM {} WHERE {}) TO STDOUT",
-                    quote_qualified(&t.name),
+                    t.name.quoted(),
                     self.filter(t)
                 ))
                 .await
                 .map_err(qerr(&self.from_ep, "reading the accounts' rows"))?;
             let sink = writer
-                .copy_in::<_, Bytes>(&format!(
-                    "COPY {} ({cols}) FROM STDIN",
-                    quote_qualified(&t.name)
-                ))
+                .copy_in::<_, Bytes>(&format!("COPY {} ({cols}) FROM STDIN", t.name.quoted()))
                 .await
                 .map_err(qerr(&self.to_ep, "copying the accounts' rows"))?;
             let mut out = std::pin::pin!(out);
@@ -1154,7 +1152,7 @@ impl Ctx<'_> {
                 let (fa, fb) = (a.get(k), b.get(k));
                 let equal = fa == fb;
                 let check = AccountCheck {
-                    table: t.name.clone(),
+                    table: t.name.to_string(),
                     account: k.clone(),
                     from_rows: fa.map_or(0, |x| x.0),
                     to_rows: fb.map_or(0, |x| x.0),
@@ -1402,7 +1400,7 @@ impl Ctx<'_> {
             ))?;
         let mut total = 0i64;
         for t in &self.tables {
-            let q = quote_qualified(&t.name);
+            let q = t.name.quoted();
             // The filter again on the deleted rows: a ctid is unique only within one relation,
             // and a partitioned table's partitions share ctids (without it, rows of accounts
             // that stay on S were deleted with the moved ones).

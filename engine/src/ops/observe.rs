@@ -279,8 +279,8 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
                     .into_iter()
                     .map(|t| t.rule)
                     .map(|r| TableView {
-                        name: r.source,
-                        target: r.target,
+                        name: r.source.to_string(),
+                        target: r.target.to_string(),
                         mode: r.mode.to_string(),
                         state: "unknown".into(),
                         ..Default::default()
@@ -305,9 +305,9 @@ pub async fn offline_status(config: &Config) -> StatusSnapshot {
                 Ok(Some(tables)) => {
                     loads_seen = true;
                     for (table, chunks) in tables {
-                        // The snapshot stage records quoted names (`"Weird"."name"`); the
-                        // table list holds them unquoted.
-                        let e = loads.entry(table.replace('"', "")).or_default();
+                        // The snapshot stage records names quoted where needed
+                        // (`"Weird"."name"`), as the table list shows them.
+                        let e = loads.entry(table).or_default();
                         e.rows += chunks.rows;
                         e.bytes += chunks.bytes;
                         e.any = true;

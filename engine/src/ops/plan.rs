@@ -73,8 +73,8 @@ pub enum PlanError {
     /// A size query failed.
     #[error("source query failed (reading the size of {table}): {source}")]
     Size {
-        /// `schema.table`.
-        table: String,
+        /// The table.
+        table: crate::pg::sql::TableName,
         /// The error.
         source: tokio_postgres::Error,
     },
@@ -86,10 +86,10 @@ pub enum PlanError {
 /// One replicated table with its size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PlannedTable {
-    /// Source `schema.table`.
-    pub table: String,
-    /// Target `schema.table` on every shard.
-    pub target: String,
+    /// Source table.
+    pub table: crate::pg::sql::TableName,
+    /// Target table on every shard.
+    pub target: crate::pg::sql::TableName,
     /// `sharded` or `broadcast`.
     pub mode: TableMode,
     /// The shard-key column (sharded tables).
@@ -339,9 +339,10 @@ fn group_config(
     let mut tables = ArrayOfTables::new();
     for t in &g.tables {
         let mut row = Table::new();
-        row["name"] = value(t.table.as_str());
+        // The form `[[tables]]` reads back (quoted where needed).
+        row["name"] = value(t.table.to_string());
         if t.target != t.table {
-            row["target"] = value(t.target.as_str());
+            row["target"] = value(t.target.to_string());
         }
         row["mode"] = value(t.mode.to_string());
         if t.mode == TableMode::Sharded {
@@ -637,8 +638,8 @@ mod tests {
 
     fn t(name: &str, bytes: i64, mode: TableMode) -> PlannedTable {
         PlannedTable {
-            table: format!("public.{name}"),
-            target: format!("public.{name}"),
+            table: crate::pg::sql::TableName::new("public", name),
+            target: crate::pg::sql::TableName::new("public", name),
             mode,
             key: "account_id".into(),
             key_immutable: false,
@@ -659,7 +660,7 @@ mod tests {
             t("d", 10, TableMode::Broadcast),
         ];
         let g = split(tables, 2).unwrap();
-        let names = |g: &[PlannedTable]| g.iter().map(|t| t.table.clone()).collect::<Vec<_>>();
+        let names = |g: &[PlannedTable]| g.iter().map(|t| t.table.to_string()).collect::<Vec<_>>();
         assert_eq!(names(&g[0]), ["public.a", "public.d"]);
         assert_eq!(names(&g[1]), ["public.b", "public.c"]);
         // Zero sizes (never analyzed, empty): round robin, not everything in g0.
@@ -773,8 +774,8 @@ mod tests {
             names
                 .iter()
                 .map(|n| TableRule {
-                    source: format!("public.{n}"),
-                    target: format!("public.{n}"),
+                    source: crate::pg::sql::TableName::new("public", *n),
+                    target: crate::pg::sql::TableName::new("public", *n),
                     mode: TableMode::Sharded,
                     key: "account_id".into(),
                     key_immutable: false,

@@ -13,7 +13,6 @@ use serde::Serialize;
 
 use crate::config::{Config, TableMode};
 use crate::pg::conn::{connect_plain, quote_ident, quote_literal};
-use crate::snapshot::TableName;
 
 /// One clean-up step.
 #[derive(Debug, Clone, Serialize)]
@@ -52,7 +51,7 @@ fn group_purge_sql(config: &Config) -> String {
         .table_rules()
         .into_iter()
         .filter(|r| r.mode != TableMode::Skip)
-        .map(|r| quote_literal(&TableName::parse(&r.source).to_string()))
+        .map(|r| quote_literal(&r.source.to_string()))
         .collect();
     let tables = if tables.is_empty() {
         "NULL".to_owned()

@@ -365,7 +365,7 @@ pub fn check(config: &Config, to: usize) -> Result<(), RebalanceError> {
 /// rows only: an empty broadcast table on a new shard would answer the application's joins
 /// with nothing once accounts are routed there). Refused before anything is written otherwise.
 async fn check_new_shards(config: &Config, to: usize) -> Result<(), RebalanceError> {
-    let targets = |rules: Vec<crate::config::TableRule>| -> Vec<String> {
+    let targets = |rules: Vec<crate::config::TableRule>| -> Vec<crate::pg::sql::TableName> {
         rules.into_iter().map(|t| t.target).collect()
     };
     let sharded = targets(grow::sharded_tables(config).await?);
@@ -399,10 +399,7 @@ async fn check_new_shards(config: &Config, to: usize) -> Result<(), RebalanceErr
         })?;
         for t in sharded.iter().chain(&broadcast) {
             let found: bool = c
-                .query_one(
-                    "SELECT to_regclass($1) IS NOT NULL",
-                    &[&crate::pg::sql::quote_qualified(t)],
-                )
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.quoted()])
                 .await
                 .map_err(|e| {
                     RebalanceError::Usage(format!("new shard {}: {}", s.name, error_text(&e)))
@@ -439,11 +436,8 @@ async fn check_new_shards(config: &Config, to: usize) -> Result<(), RebalanceErr
 }
 
 /// Whether `table` has a row.
-fn has_rows_sql(table: &str) -> String {
-    format!(
-        "SELECT EXISTS (SELECT 1 FROM {})",
-        crate::pg::sql::quote_qualified(table)
-    )
+fn has_rows_sql(table: &crate::pg::sql::TableName) -> String {
+    format!("SELECT EXISTS (SELECT 1 FROM {})", table.quoted())
 }
 
 /// Shared progress of the running moves.

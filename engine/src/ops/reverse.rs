@@ -34,7 +34,6 @@ use crate::ops::fence::{self, FenceError, FenceSide, FenceSpec};
 use crate::ops::{connect, EndpointError};
 use crate::pg::progress::{read_progress, source_system_id};
 use crate::pg::reverse::{self as record, ReverseRow, ReverseState, ReverseTableError};
-use crate::pg::table::split_name;
 
 /// How often a wait polls.
 const POLL: Duration = Duration::from_millis(200);
@@ -191,7 +190,7 @@ pub async fn begin(config: &Config, shard: &str) -> Result<ReverseRow, ReverseOp
     };
     // Recorded before anything exists on the shard, so a crash leaves a row a rerun resumes.
     record::write(&src, &row).await?;
-    let targets: Vec<String> = crate::pg::catalog::discover(&src, config)
+    let targets: Vec<crate::pg::sql::TableName> = crate::pg::catalog::discover(&src, config)
         .await
         .map_err(ReverseOpError::Tables)?
         .into_iter()
@@ -314,7 +313,7 @@ pub async fn rollback(
             .into_iter()
             .map(|t| t.rule)
             .collect();
-        let mut schemas: Vec<String> = rules.iter().map(|r| split_name(&r.source).0).collect();
+        let mut schemas: Vec<String> = rules.iter().map(|r| r.source.schema.clone()).collect();
         schemas.sort();
         schemas.dedup();
         // `sync_sequences(from, to, …)`: here from the shard to the source.

@@ -29,14 +29,14 @@ pub enum CatalogError {
     /// A configured table does not exist on the source.
     #[error("table {table} (from [[tables]] in the config) does not exist on the source; fix the name or create it")]
     MissingTable {
-        /// `schema.table`.
-        table: String,
+        /// The table.
+        table: TableName,
     },
     /// A sharded table lacks its key column.
     #[error("table {table} is configured as sharded by {key}, but has no column {key}; set `key` or `mode = \"broadcast\"` for it in [[tables]]")]
     MissingKey {
-        /// `schema.table`.
-        table: String,
+        /// The table.
+        table: TableName,
         /// Key column.
         key: String,
     },
@@ -55,13 +55,13 @@ pub enum CatalogError {
         /// Publication name.
         publication: String,
         /// The partitioned table.
-        table: String,
+        table: TableName,
     },
     /// A configured table is UNLOGGED.
     #[error("table {table} (from [[tables]] in the config) is UNLOGGED: logical decoding never sees its rows; run on the source: ALTER TABLE {table} SET LOGGED, or set mode = \"skip\" for it")]
     Unlogged {
-        /// `schema.table`.
-        table: String,
+        /// The table.
+        table: TableName,
     },
     /// Nothing to replicate.
     #[error("no tables to replicate: the source database has no user tables (or every table is listed with mode = \"skip\")")]
@@ -161,6 +161,11 @@ ORDER BY 1, 2";
 const HAS_COLUMN_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1 \
      AND attname = $2 AND attnum > 0 AND NOT attisdropped)";
 
+/// The table of a row whose first two columns are its schema and name (as `text`).
+pub fn table_of(row: &tokio_postgres::Row) -> TableName {
+    TableName::new(row.get::<_, String>(0), row.get::<_, String>(1))
+}
+
 /// The table set with every problem listed, never refused (for `check` and `status`); only a
 /// failed query is an error. `run`, `verify` and `cutover` use [`discover`].
 pub async fn resolve(client: &Client, cfg: &Config) -> Result<TableSet, CatalogError> {
@@ -180,7 +185,7 @@ pub async fn resolve(client: &Client, cfg: &Config) -> Result<TableSet, CatalogE
             .collect()
     } else {
         rows.iter()
-            .map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)))
+            .map(table_of)
             .filter(|name| !rules.iter().any(|r| r.source == *name))
             .map(|name| TableRule {
                 source: name.clone(),
@@ -196,9 +201,7 @@ pub async fn resolve(client: &Client, cfg: &Config) -> Result<TableSet, CatalogE
         ..TableSet::default()
     };
     for mut rule in candidates {
-        let found = rows.iter().find(|r| {
-            format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)) == rule.source
-        });
+        let found = rows.iter().find(|r| table_of(r) == rule.source);
         let Some(r) = found else {
             set.missing.push(rule);
             continue;
@@ -236,11 +239,11 @@ pub async fn resolve(client: &Client, cfg: &Config) -> Result<TableSet, CatalogE
 /// what to fix (see [`TableSet::into_replicated`]).
 /// The one wording (`check`, `verify`, `cutover`, `move`) of a replicated table missing on a
 /// shard: what it means for the migration and the ways on.
-pub fn missing_on_shard(table: &str, shard: &str) -> String {
+pub fn missing_on_shard(table: &TableName, shard: &str) -> String {
     format!(
         "table {table} does not exist on shard {shard}, so reshard does not replicate it there \
          (a table created on the source after `reshard run` started is not in its publication): \
-         leave it out with [[tables]] name = \"{table}\" mode = \"skip\", or create it on every \
+         leave it out with [[tables]] name = '{table}' mode = \"skip\", or create it on every \
          shard from the source's definition, add it to the publication ([source] publication) \
          and load its rows"
     )
@@ -283,10 +286,7 @@ pub async fn ensure_publication(
         .map_err(q("reading pg_publication"))?;
     match existing {
         None => {
-            let list: Vec<String> = tables
-                .iter()
-                .map(|t| TableName::parse(&t.rule.source).to_string())
-                .collect();
+            let list: Vec<String> = tables.iter().map(|t| t.rule.source.to_string()).collect();
             let has_via_root = server_version_num(client).await? >= 130_000;
             let sql = format!(
                 "CREATE PUBLICATION {} FOR TABLE {}{}",
@@ -308,16 +308,16 @@ pub async fn ensure_publication(
             let via_root: bool = row.get(0);
             let published = client
                 .query(
-                    "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+                    "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
                     &[&publication],
                 )
                 .await
                 .map_err(q("reading pg_publication_tables"))?;
-            let published: Vec<String> = published.iter().map(|r| r.get(0)).collect();
+            let published: Vec<TableName> = published.iter().map(table_of).collect();
             let missing: Vec<String> = tables
                 .iter()
                 .filter(|t| !published.contains(&t.rule.source))
-                .map(|t| TableName::parse(&t.rule.source).to_string())
+                .map(|t| t.rule.source.to_string())
                 .collect();
             if !missing.is_empty() {
                 return Err(CatalogError::PublicationIncomplete {

@@ -163,7 +163,7 @@ pub async fn normalize_session(client: &Client) -> Result<(), tokio_postgres::Er
 }
 
 // Quoting lives in `pg::sql`; these are its names for the commands that connect here.
-pub use super::sql::{quote_ident, quote_literal, quote_qualified};
+pub use super::sql::{quote_ident, quote_literal};
 
 /// Parses a duration: plain seconds (`600`, `1.5`) or a number with a unit `ms`, `s`, `m`, `h`
 /// (`10m`, `500ms`).

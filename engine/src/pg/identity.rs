@@ -21,8 +21,9 @@ use std::time::Instant;
 use tokio_postgres::Client;
 
 use crate::config::{Config, TableMode, TableRule};
-use crate::pg::conn::{connect_plain, error_text, quote_ident, quote_qualified};
-use crate::pg::table::{describe_table, split_name, TableInfo};
+use crate::pg::conn::{connect_plain, error_text, quote_ident};
+use crate::pg::sql::TableName;
+use crate::pg::table::{describe_table, TableInfo};
 
 /// How a sharded table's UPDATEs and DELETEs find their shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,8 +43,8 @@ pub enum KeyStrategy {
 /// A sharded table whose replica identity lacks the shard key, without a strategy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyOutsideIdentity {
-    /// Source `schema.table`.
-    pub table: String,
+    /// Source table.
+    pub table: TableName,
     /// The shard-key column.
     pub key: String,
     /// The replica identity's columns (primary key or identity index).
@@ -76,7 +77,7 @@ impl KeyOutsideIdentity {
     /// The name of the replica identity index `--fix` builds: `<table>_<key>_reshard_ri`,
     /// cut to PostgreSQL's 63-byte identifier limit.
     pub fn index_name(&self) -> String {
-        let (_, table) = split_name(&self.table);
+        let table = self.table.name.clone();
         let suffix = format!("_{}_reshard_ri", self.key);
         let mut base = table;
         while base.len() + suffix.len() > 63 && !base.is_empty() {
@@ -101,7 +102,7 @@ impl KeyOutsideIdentity {
         format!(
             "CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})",
             quote_ident(&self.index_name()),
-            quote_qualified(&self.table),
+            self.table.quoted(),
             self.index_columns()
                 .iter()
                 .map(|c| quote_ident(c))
@@ -114,14 +115,14 @@ impl KeyOutsideIdentity {
     pub fn replica_identity_sql(&self) -> String {
         format!(
             "ALTER TABLE {} REPLICA IDENTITY USING INDEX {}",
-            quote_qualified(&self.table),
+            self.table.quoted(),
             quote_ident(&self.index_name())
         )
     }
 
     /// The three strategies as SQL (and config), the preferred one first.
     pub fn fix_sql(&self) -> String {
-        let qtable = quote_qualified(&self.table);
+        let qtable = self.table.quoted();
         let mut s = String::new();
         if self.partitioned {
             s.push_str(&format!(
@@ -211,8 +212,8 @@ pub async fn tables_without_strategy<'a>(
 /// identity and publishes updates"), so the application's writes would fail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NoRowIdentity {
-    /// Source `schema.table`.
-    pub table: String,
+    /// Source table.
+    pub table: TableName,
     /// `relreplident`: `d` or `n`.
     pub replica_identity: char,
     /// Whether it has a primary key (then REPLICA IDENTITY DEFAULT is the fix).
@@ -221,7 +222,7 @@ pub struct NoRowIdentity {
 
 impl std::fmt::Display for NoRowIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let qtable = quote_qualified(&self.table);
+        let qtable = self.table.quoted();
         if self.replica_identity == 'n' && self.has_primary_key {
             write!(
                 f,
@@ -263,8 +264,8 @@ pub async fn tables_without_row_identity<'a>(
 /// What `--fix` did for one table.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct FixAction {
-    /// Source `schema.table`.
-    pub table: String,
+    /// Source table.
+    pub table: TableName,
     /// The statement run, or why nothing was run.
     pub action: String,
     /// Whether it succeeded (or was a deliberate skip: `false`).
@@ -314,7 +315,7 @@ pub async fn fix_replica_identity(config: &Config) -> Result<Vec<FixAction>, Fix
             act(format!(
                 "skipped: {} may be NULL, and a replica identity index needs NOT NULL columns; run ALTER TABLE {} ALTER COLUMN {} SET NOT NULL (scans the table under an exclusive lock), then --fix again",
                 t.key,
-                quote_qualified(&t.table),
+                t.table.quoted(),
                 quote_ident(&t.key)
             ), false);
             continue;
@@ -330,9 +331,9 @@ async fn fix_one(
     t: &KeyOutsideIdentity,
     act: &mut impl FnMut(String, bool),
 ) -> Result<(), tokio_postgres::Error> {
-    let (schema, _) = split_name(&t.table);
+    let schema = &t.table.schema;
     let name = t.index_name();
-    let qindex = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+    let qindex = format!("{}.{}", quote_ident(schema), quote_ident(&name));
     let existing = client
         .query_opt(
             "SELECT i.indisvalid, i.indisunique AND i.indrelid = $3::text::regclass \
@@ -344,9 +345,9 @@ async fn fix_one(
              JOIN pg_index i ON i.indexrelid = c.oid \
              WHERE n.nspname = $1 AND c.relname = $2",
             &[
-                &schema,
+                schema,
                 &name,
-                &quote_qualified(&t.table),
+                &t.table.quoted(),
                 &t.index_columns(),
             ],
         )
@@ -429,7 +430,7 @@ mod tests {
 
     fn users() -> TableInfo {
         TableInfo {
-            name: "public.users".into(),
+            name: TableName::new("public", "users"),
             oid: 1,
             partitioned: false,
             replica_identity: 'd',
@@ -479,7 +480,7 @@ mod tests {
     fn nullable_key_and_long_names() {
         let mut t = users();
         t.columns[1].not_null = false;
-        t.name = format!("public.{}", "x".repeat(70));
+        t.name = TableName::new("public", "x".repeat(70));
         let e = key_strategy(&t, "account_id", false).unwrap_err();
         assert!(e.fix_sql().contains("SET NOT NULL"));
         let name = e.index_name();

@@ -16,7 +16,8 @@ use tokio_postgres::Client;
 
 use crate::error::{class_of_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
-use crate::pg::conn::{quote_ident, quote_qualified};
+use crate::pg::conn::quote_ident;
+use crate::pg::sql::TableName;
 
 /// DDL of the reverse table (on the source).
 pub const REVERSE_DDL: &str = "CREATE SCHEMA IF NOT EXISTS reshard; \
@@ -306,9 +307,9 @@ pub async fn write(client: &Client, row: &ReverseRow) -> Result<(), ReverseTable
 /// sequence never used there counts from its start.
 pub async fn read_sequence_floors(
     client: &Client,
-    tables: &[String],
+    tables: &[TableName],
 ) -> Result<BTreeMap<String, i64>, ReverseTableError> {
-    let names: Vec<String> = tables.iter().map(|t| quote_qualified(t)).collect();
+    let names: Vec<String> = tables.iter().map(TableName::quoted).collect();
     let rows = client
         .query(
             "SELECT ps.schemaname || '.' || ps.sequencename, \
@@ -384,11 +385,11 @@ pub async fn sequence_headroom(
 pub async fn create_on_shard(
     client: &Client,
     row: &ReverseRow,
-    tables: &[String],
+    tables: &[TableName],
 ) -> Result<Lsn, ReverseTableError> {
     let list = tables
         .iter()
-        .map(|t| quote_qualified(t))
+        .map(TableName::quoted)
         .collect::<Vec<_>>()
         .join(", ");
     let exists = client

@@ -1,8 +1,10 @@
 //! Table descriptions read from `pg_catalog`, shared by `check`, `verify` and `cutover`.
 //!
-//! In: a SQL connection and a `schema.table` name. Out: [`TableInfo`] (columns with their
+//! In: a SQL connection and a [`TableName`]. Out: [`TableInfo`] (columns with their
 //! `format_type`, primary key, replica identity). Which tables are replicated is decided by
 //! [`crate::pg::catalog`] alone.
+
+use super::sql::TableName;
 
 /// Type OIDs a shard key may have (`int2`, `int4`, `int8`, `text`, `varchar`, `uuid`).
 pub const SUPPORTED_KEY_TYPES: &[(u32, &str)] = &[
@@ -36,8 +38,8 @@ pub struct ColumnInfo {
 /// One table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableInfo {
-    /// `schema.table`.
-    pub name: String,
+    /// The table.
+    pub name: TableName,
     /// `pg_class.oid`.
     pub oid: u32,
     /// Partitioned (`relkind = 'p'`).
@@ -90,14 +92,12 @@ impl TableInfo {
     }
 }
 
-pub use super::sql::split_name;
-
 /// Describes a table or partitioned table; `None` if it does not exist.
 pub async fn describe_table(
     client: &tokio_postgres::Client,
-    name: &str,
+    name: &TableName,
 ) -> Result<Option<TableInfo>, tokio_postgres::Error> {
-    let (schema, table) = split_name(name);
+    let (schema, table) = (&name.schema, &name.name);
     let rows = client
         .query(
             "SELECT c.oid, c.relkind::text, c.relreplident::text \
@@ -155,7 +155,7 @@ pub async fn describe_table(
         .map(|r| r.try_get(0))
         .collect::<Result<Vec<String>, _>>()?;
     Ok(Some(TableInfo {
-        name: format!("{schema}.{table}"),
+        name: name.clone(),
         oid,
         partitioned: relkind == "p",
         replica_identity: ri.chars().next().unwrap_or('d'),
@@ -184,7 +184,7 @@ mod tests {
     #[test]
     fn identity_rules() {
         let mut t = TableInfo {
-            name: "public.t".into(),
+            name: TableName::new("public", "t"),
             oid: 1,
             partitioned: false,
             replica_identity: 'd',

@@ -41,7 +41,7 @@ pub struct ReplayTarget {
     /// The shards, in router order.
     pub shards: Vec<ReplayShard>,
     /// Source table → target table names that differ.
-    pub table_map: HashMap<String, String>,
+    pub table_map: HashMap<crate::pg::sql::TableName, crate::pg::sql::TableName>,
     /// The source's system id and the slot (the shards' progress rows).
     pub system_id: String,
     /// The slot name.

@@ -51,6 +51,7 @@ use crate::event::{
     Change, Oid, OldRow, Relation, ReplicaIdentity, Row, ShardId, TableId, Value,
     CUTOVER_MESSAGE_PREFIX,
 };
+use crate::pg::sql::TableName;
 
 pub use error::{KeyError, RouteError};
 pub use key::{Key, KeyType};
@@ -80,7 +81,7 @@ pub struct TableRule {
     pub mode: TableMode,
     /// The table's name on the shards, when it differs from the source's (the router does not
     /// use it; apply does).
-    pub target: Option<String>,
+    pub target: Option<TableName>,
 }
 
 /// Where the shard of a key comes from.
@@ -109,8 +110,8 @@ pub enum Unlisted {
 pub struct RouteSpec {
     /// Shard names; the index is the [`ShardId`] and the hash remainder.
     pub shards: Vec<String>,
-    /// Rules by source table, `schema.table` (unquoted; a name without a dot means `public`).
-    pub tables: Vec<(String, TableRule)>,
+    /// Rules by source table.
+    pub tables: Vec<(TableName, TableRule)>,
     /// The key column of sharded tables without an explicit key (e.g. `account_id`).
     pub default_key: String,
     /// Hash partitioning or an account map.
@@ -167,7 +168,7 @@ type PlanCache = HashMap<TableId, Plan, BuildHasherDefault<OidHasher>>;
 pub struct Router {
     shards: Vec<String>,
     modulus: NonZeroU64,
-    rules: HashMap<String, TableRule>,
+    rules: HashMap<TableName, TableRule>,
     default_key: String,
     hash: HashKind,
     unlisted: Unlisted,
@@ -225,7 +226,7 @@ pub enum TableRoute {
 /// The key column of a sharded table, for routing raw `COPY` rows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShardedKey {
-    /// `schema.table`, for messages.
+    /// `schema.table` quoted where needed, for messages.
     pub table: String,
     /// The key column's name.
     pub column: String,
@@ -308,10 +309,10 @@ impl Router {
                     return cfg(format!("table {name}: empty shard key column"));
                 }
             }
-            let q = crate::config::qualify(&name);
-            if rules.insert(q.clone(), rule).is_some() {
-                return cfg(format!("table {q} is configured twice"));
+            if rules.contains_key(&name) {
+                return cfg(format!("table {name} is configured twice"));
             }
+            rules.insert(name, rule);
         }
         let modulus = NonZeroU64::new(spec.shards.len() as u64)
             .ok_or_else(|| RouteError::Config("no shards configured".into()))?;
@@ -354,7 +355,7 @@ impl Router {
 
     /// The configured rule of a source table, if listed.
     pub fn rule(&self, schema: &str, table: &str) -> Option<&TableRule> {
-        self.rules.get(&format!("{schema}.{table}"))
+        self.rules.get(&TableName::new(schema, table))
     }
 
     fn last_shard(&self) -> u16 {
@@ -364,8 +365,7 @@ impl Router {
 
     /// Resolves how `rel` is routed (no caching).
     fn resolve(&self, rel: &Relation) -> Result<Placement, RouteError> {
-        let (key, key_immutable) = match self.rules.get(&format!("{}.{}", rel.namespace, rel.name))
-        {
+        let (key, key_immutable) = match self.rule(&rel.namespace, &rel.name) {
             Some(TableRule {
                 mode: TableMode::Sharded { key, key_immutable },
                 ..
@@ -842,7 +842,7 @@ impl Router {
             return;
         };
         // Sharded and broadcast tables live on every shard; only skipped tables are left out.
-        let skipped = |r: &Relation| match self.rules.get(&format!("{}.{}", r.namespace, r.name)) {
+        let skipped = |r: &Relation| match self.rule(&r.namespace, &r.name) {
             Some(rule) => rule.mode == TableMode::Skip,
             None => self.unlisted == Unlisted::Skip,
         };

@@ -262,7 +262,7 @@ fn update_and_delete_need_the_key_in_the_replica_identity() {
 fn key_immutable_routes_updates_by_the_new_row_and_deletes_everywhere() {
     let mut s = spec(4);
     s.tables = vec![(
-        "public.users".into(),
+        name("public.users"),
         TableRule {
             mode: TableMode::Sharded {
                 key: "account_id".into(),
@@ -368,14 +368,14 @@ fn broadcast_skip_and_unlisted_tables() {
     let mut s = spec(3);
     s.tables = vec![
         (
-            "public.countries".into(),
+            name("public.countries"),
             TableRule {
                 mode: TableMode::Broadcast,
                 target: None,
             },
         ),
         (
-            "audit_log".into(),
+            name("audit_log"),
             TableRule {
                 mode: TableMode::Skip,
                 target: None,
@@ -433,7 +433,7 @@ fn broadcast_skip_and_unlisted_tables() {
 fn truncate_goes_everywhere_without_skipped_tables() {
     let mut s = spec(2);
     s.tables = vec![(
-        "public.audit_log".into(),
+        name("public.audit_log"),
         TableRule {
             mode: TableMode::Skip,
             target: None,
@@ -488,7 +488,7 @@ fn validate_names_missing_and_unsupported_key_columns() {
     let r = Router::new(spec(2)).unwrap();
     let mut s = spec(2);
     s.tables = vec![(
-        "public.orders".into(),
+        name("public.orders"),
         TableRule {
             mode: TableMode::Sharded {
                 key: "tenant".into(),
@@ -579,14 +579,14 @@ fn config_is_validated() {
     let mut s = spec(2);
     s.tables = vec![
         (
-            "t".into(),
+            name("t"),
             TableRule {
                 mode: TableMode::Broadcast,
                 target: None,
             },
         ),
         (
-            "public.t".into(),
+            name("public.t"),
             TableRule {
                 mode: TableMode::Skip,
                 target: None,
@@ -659,7 +659,7 @@ fn binary_keys_route_like_text_keys() {
 fn relation_change_is_picked_up() {
     let mut s = spec(4);
     s.tables = vec![(
-        "public.events".into(),
+        name("public.events"),
         TableRule {
             mode: TableMode::Sharded {
                 key: "account_id".into(),
@@ -718,4 +718,9 @@ fn row_shape_mismatch_is_an_error_not_a_panic() {
             ..
         }
     ));
+}
+
+/// The table a config-style name spells.
+fn name(text: &str) -> crate::pg::sql::TableName {
+    crate::pg::sql::TableName::parse(text).unwrap()
 }

@@ -274,7 +274,7 @@ async fn start_once(
     let partitioned: Vec<String> = tables
         .iter()
         .filter(|t| t.partitioned)
-        .map(|t| t.rule.source.clone())
+        .map(|t| t.rule.source.to_string())
         .collect();
     if !partitioned.is_empty() && catalog::server_version_num(&sql).await? < 130_000 {
         return Err(RuntimeError::PartitionedOnPg12(partitioned));

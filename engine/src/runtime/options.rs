@@ -146,8 +146,8 @@ fn table_specs(tables: &[SourceTable]) -> Vec<snapshot::TableSpec> {
         .iter()
         .filter(|t| t.rule.mode != CfgMode::Skip)
         .map(|t| snapshot::TableSpec {
-            source: TableName::parse(&t.rule.source),
-            target: TableName::parse(&t.rule.target),
+            source: t.rule.source.clone(),
+            target: t.rule.target.clone(),
             mode: match t.rule.mode {
                 CfgMode::Broadcast => snapshot::TableMode::Broadcast,
                 _ => snapshot::TableMode::Sharded {
@@ -164,7 +164,7 @@ fn route_fn(router: &Router) -> snapshot::RouteFn {
 }
 
 /// The source tables whose target name differs (for the appliers).
-pub fn renamed_tables(tables: &[SourceTable]) -> std::collections::HashMap<String, String> {
+pub fn renamed_tables(tables: &[SourceTable]) -> std::collections::HashMap<TableName, TableName> {
     tables
         .iter()
         .filter(|t| t.rule.target != t.rule.source)

@@ -161,7 +161,7 @@ pub struct SideSpec {
     /// The router: one shard (the target), every published table routed to it whole.
     pub route: RouteSpec,
     /// Table names on the read shard → names on the target, where they differ.
-    pub table_map: HashMap<String, String>,
+    pub table_map: HashMap<crate::pg::sql::TableName, crate::pg::sql::TableName>,
     /// The replication origin the target applies under.
     pub origin: String,
     /// The span's name (`reverse`, `move`).

@@ -134,14 +134,13 @@ impl Supervisor {
             .iter()
             .map(|t| {
                 let p = progress.as_ref().and_then(|p| {
-                    p.tables.iter().find(|x| {
-                        let n = x.table.replace('"', "");
-                        n == t.rule.source
-                    })
+                    p.tables
+                        .iter()
+                        .find(|x| x.table == t.rule.source.to_string())
                 });
                 TableView {
-                    name: t.rule.source.clone(),
-                    target: t.rule.target.clone(),
+                    name: t.rule.source.to_string(),
+                    target: t.rule.target.to_string(),
                     mode: t.rule.mode.to_string(),
                     state: p.map(|p| p.state.as_str().to_owned()).unwrap_or_else(|| {
                         if loading {

@@ -36,14 +36,13 @@ use crate::event::{
 use crate::lsn::Lsn;
 use crate::snapshot::window::{parse_key_binary, parse_key_text, Key, TableWindows};
 
-/// What the full load hands to CDC: which changes its copy already holds. Tables are named
-/// `schema.table`, unquoted.
+/// What the full load hands to CDC: which changes its copy already holds.
 #[derive(Clone, Debug, Default)]
 pub struct Handoff {
     /// Tables copied under an exported snapshot: changes committed below the LSN are dropped.
-    pub skip_until: HashMap<String, Lsn>,
+    pub skip_until: HashMap<crate::pg::sql::TableName, Lsn>,
     /// Tables copied in watermark chunks: their chunks' windows.
-    pub windows: HashMap<String, Arc<TableWindows>>,
+    pub windows: HashMap<crate::pg::sql::TableName, Arc<TableWindows>>,
 }
 
 impl Handoff {
@@ -130,7 +129,7 @@ impl<R: ShardReader> SkipReader<R> {
         if self.handoff.skip_until.is_empty() {
             return false;
         }
-        let key = format!("{namespace}.{name}");
+        let key = crate::pg::sql::TableName::new(namespace, name);
         self.handoff
             .skip_until
             .get(&key)
@@ -144,13 +143,16 @@ impl<R: ShardReader> SkipReader<R> {
         }
         self.handoff
             .windows
-            .get(&format!("{}.{}", rel.namespace, rel.name))
+            .get(&crate::pg::sql::TableName::new(
+                rel.namespace.clone(),
+                rel.name.clone(),
+            ))
             .filter(|w| !w.past(self.commit_lsn))
     }
 
     fn error(&self, rel: &Relation, message: String) -> HandoffError<R::Error> {
         HandoffError::Watermark {
-            table: format!("{}.{}", rel.namespace, rel.name),
+            table: rel.qualified_name(),
             xid: self.xid,
             commit_lsn: self.commit_lsn,
             message,
@@ -376,7 +378,10 @@ mod tests {
     #[test]
     fn drops_only_copied_changes() {
         let mut skip = HashMap::new();
-        skip.insert("public.a".to_owned(), Lsn::from_u64(100));
+        skip.insert(
+            crate::pg::sql::TableName::new("public", "a"),
+            Lsn::from_u64(100),
+        );
         let mut r = reader(Handoff {
             skip_until: skip,
             windows: HashMap::new(),
@@ -423,7 +428,7 @@ mod tests {
         )
         .unwrap();
         let mut windows = HashMap::new();
-        windows.insert("public.w".to_owned(), Arc::new(w));
+        windows.insert(crate::pg::sql::TableName::new("public", "w"), Arc::new(w));
         reader(Handoff {
             skip_until: HashMap::new(),
             windows,

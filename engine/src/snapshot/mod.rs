@@ -256,8 +256,10 @@ impl Default for FullLoadOptions {
 /// What one table's load came to.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TableReport {
-    /// Source table, `schema.table`.
+    /// Source table, quoted where needed (for messages and the report).
     pub table: String,
+    /// Source table.
+    pub source: crate::pg::sql::TableName,
     /// The LSN the table's copy on the shards is consistent at.
     pub as_of: Lsn,
     /// Chunks copied in this run (0 for a table finished earlier).
@@ -287,8 +289,8 @@ pub struct FullLoadReport {
     pub throttle: Vec<ThrottleStats>,
     /// Deferred secondary indexes rebuilt in this run.
     pub indexes_rebuilt: usize,
-    /// The chunk windows of the tables loaded in watermark chunks (`schema.table`, unquoted).
-    pub windows: HashMap<String, Arc<window::TableWindows>>,
+    /// The chunk windows of the tables loaded in watermark chunks.
+    pub windows: HashMap<crate::pg::sql::TableName, Arc<window::TableWindows>>,
 }
 
 impl FullLoadReport {
@@ -296,11 +298,11 @@ impl FullLoadReport {
     /// consistent point on a first run), with that LSN: CDC must skip those tables' changes
     /// from transactions whose commit record starts below it (the copy already contains
     /// them; see `handoff`).
-    pub fn skip_until(&self, log_start: Lsn) -> HashMap<String, Lsn> {
+    pub fn skip_until(&self, log_start: Lsn) -> HashMap<crate::pg::sql::TableName, Lsn> {
         self.tables
             .iter()
             .filter(|t| !t.watermark && t.as_of > log_start)
-            .map(|t| (t.table.clone(), t.as_of))
+            .map(|t| (t.source.clone(), t.as_of))
             .collect()
     }
 
@@ -624,6 +626,7 @@ impl PreparedLoad {
                 let (chunks_copied, rows, bytes) = copied.get(&i).copied().unwrap_or_default();
                 TableReport {
                     table: t.source_display.clone(),
+                    source: t.source.clone(),
                     as_of: as_of.get(&i).copied().unwrap_or(Lsn::ZERO),
                     chunks_copied,
                     chunks_total: match t.status {
@@ -694,6 +697,7 @@ mod tests {
     fn skip_until_lists_only_tables_copied_after_the_slot() {
         let t = |name: &str, lsn: u64| TableReport {
             table: name.into(),
+            source: crate::pg::sql::TableName::new("public", name),
             as_of: Lsn::from_u64(lsn),
             chunks_copied: 0,
             chunks_total: 0,
@@ -711,7 +715,10 @@ mod tests {
         };
         let s = r.skip_until(Lsn::from_u64(100));
         assert_eq!(s.len(), 1);
-        assert_eq!(s.get("b"), Some(&Lsn::from_u64(200)));
+        assert_eq!(
+            s.get(&crate::pg::sql::TableName::new("public", "b")),
+            Some(&Lsn::from_u64(200))
+        );
     }
 
     #[test]

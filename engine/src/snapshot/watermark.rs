@@ -195,8 +195,7 @@ pub(crate) async fn chunk_key(
     spec: &TableSpec,
     copied: &[String],
 ) -> Result<Result<(Vec<KeyPart>, bool), String>, tokio_postgres::Error> {
-    let name = format!("{}.{}", spec.source.schema, spec.source.name);
-    let Some(info) = crate::pg::table::describe_table(src, &name).await? else {
+    let Some(info) = crate::pg::table::describe_table(src, &spec.source).await? else {
         return Ok(Err("the table does not exist".into()));
     };
     let cols = match info.replica_identity {
@@ -568,7 +567,7 @@ fn last_key(
 pub(crate) async fn windows(
     shard: &ShardTarget,
     plan: &Plan,
-) -> Result<HashMap<String, Arc<TableWindows>>, SnapshotError> {
+) -> Result<HashMap<crate::pg::sql::TableName, Arc<TableWindows>>, SnapshotError> {
     let mut out = HashMap::new();
     if plan.tables.iter().all(|t| t.watermark.is_none()) {
         return Ok(out);
@@ -609,10 +608,7 @@ pub(crate) async fn windows(
                 shard.name
             ))
         })?;
-        out.insert(
-            format!("{}.{}", t.source.schema, t.source.name),
-            Arc::new(w),
-        );
+        out.insert(t.source.clone(), Arc::new(w));
     }
     if hi.saturating_sub(lo) >= MAX_XID_SPAN / 2 {
         return Err(SnapshotError::Watermark {

@@ -48,9 +48,10 @@ use crate::lsn::Lsn;
 use crate::ops::observe::find_daemon;
 use crate::pg::conn::{
     connect_plain, current_insert_lsn, emit_marker, error_text, normalize_session, quote_ident,
-    quote_literal, quote_qualified,
+    quote_literal,
 };
 use crate::pg::progress::{read_progress, source_system_id};
+use crate::pg::sql::TableName;
 use crate::pg::table::{describe_table, TableInfo};
 use crate::route::refresh::MapSource;
 
@@ -293,9 +294,9 @@ struct Ctx<'a> {
     helpers: BTreeSet<String>,
 }
 
-fn q(endpoint: &str, table: Option<&str>) -> impl Fn(tokio_postgres::Error) -> VerifyError {
+fn q(endpoint: &str, table: Option<&TableName>) -> impl Fn(tokio_postgres::Error) -> VerifyError {
     let endpoint = endpoint.to_owned();
-    let table = table.map(str::to_owned);
+    let table = table.map(TableName::to_string);
     move |error| VerifyError::Query {
         endpoint: endpoint.clone(),
         table: table.clone(),
@@ -467,7 +468,7 @@ fn select_tables(rules: Vec<TableRule>, wanted: &[String]) -> Result<Vec<TableRu
     }
     let mut out = Vec::new();
     for w in wanted {
-        let qw = crate::config::qualify(w);
+        let qw = TableName::parse(w).map_err(|e| VerifyError::Config(format!("--table: {e}")))?;
         match rules.iter().find(|r| r.source == qw || r.target == qw) {
             Some(r) => out.push(r.clone()),
             None => {
@@ -475,7 +476,7 @@ fn select_tables(rules: Vec<TableRule>, wanted: &[String]) -> Result<Vec<TableRu
                     name: w.clone(),
                     known: rules
                         .iter()
-                        .map(|r| r.source.as_str())
+                        .map(|r| r.source.to_string())
                         .collect::<Vec<_>>()
                         .join(", "),
                 })
@@ -504,7 +505,7 @@ async fn plan_table(
     ctx: &mut Ctx<'_>,
     rule: &TableRule,
 ) -> Result<(Plan, Vec<TableShardResult>), VerifyError> {
-    let name = rule.source.as_str();
+    let name = &rule.source;
     let Some(info) = describe_table(&ctx.src, name)
         .await
         .map_err(q("source", Some(name)))?
@@ -568,8 +569,8 @@ async fn plan_table(
             continue;
         };
         let mut r = TableShardResult {
-            table: rule.source.clone(),
-            target: rule.target.clone(),
+            table: rule.source.to_string(),
+            target: rule.target.to_string(),
             shard: s.name.clone(),
             mode: rule.mode.to_string(),
             key_columns: order.clone(),
@@ -922,12 +923,12 @@ fn merge_err(ctx: &Ctx<'_>, plan: &Plan, positions: &[usize], e: MergeError) -> 
             q(&endpoint, Some(&plan.rule.source))(source)
         }
         MergeError::Route { account, message } => VerifyError::Route {
-            table: plan.rule.source.clone(),
+            table: plan.rule.source.to_string(),
             account,
             message,
         },
         MergeError::Malformed(message) => VerifyError::Malformed {
-            table: plan.rule.source.clone(),
+            table: plan.rule.source.to_string(),
             message,
         },
     }
@@ -981,7 +982,7 @@ async fn account_tallies(
     accounts: Option<&[String]>,
     routed_here: bool,
 ) -> Result<Vec<ShardTally>, VerifyError> {
-    let name = plan.rule.source.as_str();
+    let name = &plan.rule.source;
     let filter = accounts.map(|a| sql::key_in(&plan.rule.key, &plan.key_type, a));
     let src_filter = routed_here
         .then(|| routed_to(ctx, plan, positions))
@@ -1394,7 +1395,7 @@ async fn mark_moved_rows(
             .collect();
         let sql = format!(
             "SELECT {key}::text, ({shard_sql})::int4 FROM {} WHERE {}",
-            quote_qualified(source),
+            source.quoted(),
             cond.join(" AND ")
         );
         let Some(row) = ctx
@@ -1520,7 +1521,7 @@ async fn one_row(
     client: &Client,
     sql: &str,
     endpoint: &str,
-    table: &str,
+    table: &TableName,
 ) -> Result<(u64, String), VerifyError> {
     let msgs = client
         .simple_query(sql)
@@ -1534,7 +1535,7 @@ async fn one_row(
         }
     }
     Err(VerifyError::Malformed {
-        table: table.to_owned(),
+        table: table.to_string(),
         message: "aggregate returned no row".into(),
     })
 }

@@ -8,7 +8,8 @@
 //! key under `COLLATE "C"` (byte order, which is Rust's `str` order) with `NULLS FIRST`
 //! (which is `Option`'s order), so reshard can merge-join them.
 
-use crate::pg::conn::{quote_ident, quote_literal, quote_qualified};
+use crate::pg::conn::{quote_ident, quote_literal};
+use crate::pg::sql::TableName;
 
 /// `md5(ROW(c1::text, …)::text)`.
 pub fn row_md5(columns: &[String]) -> String {
@@ -136,7 +137,7 @@ impl HashRoute {
 /// Per-account aggregates of a sharded table, ordered by account:
 /// `account_text, count, sum_text[, shard]`.
 pub fn account_aggregates(
-    table: &str,
+    table: &TableName,
     key: &str,
     columns: &[String],
     filter: Option<&str>,
@@ -152,24 +153,24 @@ pub fn account_aggregates(
            WHERE {qkey} IS NOT NULL{} GROUP BY {qkey}) a \
          ORDER BY (k::text) COLLATE \"C\"",
         row_hash64(columns),
-        quote_qualified(table),
+        table.quoted(),
         filter.map(|f| format!(" AND {f}")).unwrap_or_default(),
     )
 }
 
 /// Whole-table aggregate: `count, sum_text`.
-pub fn table_aggregate(table: &str, columns: &[String]) -> String {
+pub fn table_aggregate(table: &TableName, columns: &[String]) -> String {
     format!(
         "SELECT count(*), coalesce(sum({}), 0)::text FROM {}",
         row_hash64(columns),
-        quote_qualified(table)
+        table.quoted()
     )
 }
 
 /// Rows with their md5, ordered by `order` columns (account first for sharded tables, then the
 /// row key): `order_text…, md5`.
 pub fn row_hashes(
-    table: &str,
+    table: &TableName,
     order: &[String],
     columns: &[String],
     filter: Option<&str>,
@@ -182,14 +183,14 @@ pub fn row_hashes(
         "SELECT {}, {} FROM {}{} ORDER BY {}",
         sel.join(", "),
         row_md5(columns),
-        quote_qualified(table),
+        table.quoted(),
         filter.map(|f| format!(" WHERE {f}")).unwrap_or_default(),
         order_by(order)
     )
 }
 
 /// `N` random accounts (with their shard when `route` is given).
-pub fn sample_accounts(table: &str, key: &str, n: u64, route: Option<&HashRoute>) -> String {
+pub fn sample_accounts(table: &TableName, key: &str, n: u64, route: Option<&HashRoute>) -> String {
     let qkey = quote_ident(key);
     let shard = route
         .map(|r| format!(", {}", r.shard_expr("k")))
@@ -197,7 +198,7 @@ pub fn sample_accounts(table: &str, key: &str, n: u64, route: Option<&HashRoute>
     format!(
         "SELECT k::text{shard} FROM (SELECT DISTINCT {qkey} AS k FROM {} WHERE {qkey} IS NOT NULL) a \
          ORDER BY random() LIMIT {n}",
-        quote_qualified(table)
+        table.quoted()
     )
 }
 
@@ -208,7 +209,7 @@ mod tests {
     #[test]
     fn aggregates_are_ordered_bytewise() {
         let sql = account_aggregates(
-            "public.events",
+            &TableName::new("public", "events"),
             "account_id",
             &["account_id".into(), "id".into()],
             None,
@@ -279,7 +280,7 @@ mod tests {
     #[test]
     fn row_hashes_order_nulls_first() {
         let sql = row_hashes(
-            "public.t",
+            &TableName::new("public", "t"),
             &["a".into()],
             &["a".into(), "b".into()],
             Some("x"),
