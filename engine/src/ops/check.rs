@@ -803,7 +803,8 @@ async fn check_source_table(
             SOURCE,
             format!("{name} is a partitioned table: PostgreSQL 12 cannot publish partitioned tables (reshard run refuses to start)"),
             Some(format!(
-                "-- reshard.toml: [[tables]] name = \"{name}\" mode = \"skip\" (and move it another way), or upgrade the source to PostgreSQL 13 or later"
+                "-- reshard.toml: [[tables]] name = {} mode = \"skip\" (and move it another way), or upgrade the source to PostgreSQL 13 or later",
+                name.toml_value()
             )),
         );
     }

@@ -243,9 +243,10 @@ pub fn missing_on_shard(table: &TableName, shard: &str) -> String {
     format!(
         "table {table} does not exist on shard {shard}, so reshard does not replicate it there \
          (a table created on the source after `reshard run` started is not in its publication): \
-         leave it out with [[tables]] name = '{table}' mode = \"skip\", or create it on every \
+         leave it out with [[tables]] name = {} mode = \"skip\", or create it on every \
          shard from the source's definition, add it to the publication ([source] publication) \
-         and load its rows"
+         and load its rows",
+        table.toml_value()
     )
 }
 

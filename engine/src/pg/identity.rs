@@ -146,8 +146,9 @@ impl KeyOutsideIdentity {
             ));
         }
         s.push_str(&format!(
-            "-- 2. or, if a row's {} never changes, in reshard.toml: [[tables]] name = \"{}\" key_immutable = true  (or [routing] key_immutable = true)\n",
-            self.key, self.table
+            "-- 2. or, if a row's {} never changes, in reshard.toml: [[tables]] name = {} key_immutable = true  (or [routing] key_immutable = true)\n",
+            self.key,
+            self.table.toml_value()
         ));
         s.push_str(&format!(
             "-- 3. or (exact, logs every old row whole): ALTER TABLE {qtable} REPLICA IDENTITY FULL;"

@@ -89,6 +89,20 @@ impl TableName {
         }
     }
 
+    /// The table as a TOML string for a `[[tables]] name = …` line that an error message
+    /// proposes: its [`Display`](fmt::Display) form, which [`TableName::parse`] reads back, in
+    /// `'…'` when it holds a double quote (`'"sales.eu".orders'`), else in `"…"`.
+    pub fn toml_value(&self) -> String {
+        let s = self.to_string();
+        if !s.contains('"') {
+            format!("\"{s}\"")
+        } else if !s.contains('\'') {
+            format!("'{s}'")
+        } else {
+            format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+        }
+    }
+
     /// Both parts always quoted: `"public"."events"`.
     pub fn quoted(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
@@ -296,5 +310,23 @@ mod tests {
         let e = TableName::parse("Sales.\"Q1\"").unwrap_err().to_string();
         assert!(e.contains("'\"Sales\".\"Q1\"'"), "{e}");
         assert_eq!(parse("sales.\"Q1\""), TableName::new("sales", "Q1"));
+    }
+
+    #[test]
+    fn toml_values_read_back_as_the_table() {
+        for t in [
+            TableName::new("public", "events"),
+            TableName::new("sales.eu", "orders"),
+            TableName::new("public", " padded "),
+            TableName::new("it's", "a \"b\" \\c"),
+        ] {
+            let doc: toml::Value = toml::from_str(&format!("name = {}", t.toml_value())).unwrap();
+            assert_eq!(
+                parse(doc["name"].as_str().unwrap()),
+                t,
+                "{}",
+                t.toml_value()
+            );
+        }
     }
 }
