@@ -61,8 +61,13 @@ fn table(rel: &Arc<Relation>) -> TargetTable {
             in_primary_key: c.is_key,
         })
         .collect();
-    TargetTable::build(rel.clone(), "public.orders", &cols, "stage".into())
-        .expect("bench table maps")
+    TargetTable::build(
+        rel.clone(),
+        &reshard_engine::pg::sql::TableName::new("public", "orders"),
+        &cols,
+        "stage".into(),
+    )
+    .expect("bench table maps")
 }
 
 fn t(s: String) -> Value {

@@ -29,7 +29,7 @@ fn router(shards: usize) -> Router {
     Router::new(RouteSpec {
         shards: (0..shards).map(|i| format!("s{i}")).collect(),
         tables: vec![(
-            "public.events".into(),
+            reshard_engine::pg::sql::TableName::new("public", "events"),
             TableRule {
                 mode: TableMode::Sharded {
                     key: "account_id".into(),
