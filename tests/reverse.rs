@@ -1144,13 +1144,24 @@ fn source_order(t: &Topology, id: i64) -> String {
 /// Changes the source's row `id` as the reverse stream's overwrite left it (R3-1), under a
 /// `reshard_` origin so the forward stream does not carry it to the shards.
 fn diverge_on_source(t: &Topology, id: i64, account: i64) {
-    t.source_sql(&format!(
+    let sql = format!(
         "SELECT pg_replication_origin_create('reshard_test_diverge') \
            WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'reshard_test_diverge'); \
          SELECT pg_replication_origin_session_setup('reshard_test_diverge'); \
          SET session_replication_role = replica; \
          UPDATE orders SET account_id = {account} WHERE id = {id}"
-    ));
+    );
+    // A session holds the origin until its backend has exited: the previous call's may still
+    // be on its way out ("replication origin with ID n is already active for PID m").
+    t.wait(
+        "the test's replication origin to be free",
+        Duration::from_secs(30),
+        || match t.source.psql("app", &sql) {
+            Ok(_) => Some(()),
+            Err(e) if e.to_string().contains("is already active") => None,
+            Err(e) => panic!("source SQL failed: {e}"),
+        },
+    );
 }
 
 /// Waits until shard1's reverse stream reports an error containing `needle`; panics at once if
