@@ -169,8 +169,16 @@ async fn write_loop(
 /// Source, 2 shards, schema everywhere, some preloaded rows, the daemon started with
 /// `[apply] ddl = mode` and streaming, and the writer running.
 fn start(mode: &str) -> (Topology, usize, Writer) {
+    start_with(mode, "")
+}
+
+/// Like [`start`], with `extra` DDL run everywhere before the daemon starts.
+fn start_with(mode: &str, extra: &str) -> (Topology, usize, Writer) {
     let mut t = Topology::start(2);
     t.ddl_everywhere(SCHEMA);
+    if !extra.is_empty() {
+        t.ddl_everywhere(extra);
+    }
     t.source_sql("INSERT INTO plans SELECT g, 'plan' || g FROM generate_series(1, 10) g");
     t.source_sql(
         "INSERT INTO items SELECT g % 97 + 1, g, 'pre' || g, 0 FROM generate_series(1, 500) g",
@@ -506,4 +514,281 @@ fn ddl_propagate_add_column_of_a_type_the_shard_lacks_waits_for_the_type() {
     t.wait_converged(ENUM_TABLES, Duration::from_secs(60));
     assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
     t.stop_cleanly(d);
+}
+
+/// A table whose column types the source widens (`ALTER TABLE … ALTER COLUMN … TYPE`) while the
+/// daemon streams.
+const TYPED_SCHEMA: &str = "
+CREATE TABLE typed (account_id bigint NOT NULL, id bigint NOT NULL, n int, v varchar(10),
+                    d numeric(10,2), PRIMARY KEY (account_id, id));
+";
+
+const TYPED_TABLES: &[TableCheck<'static>] = &[
+    ("items", Some(("account_id", "bigint")), "account_id, id"),
+    ("plans", None, "id"),
+    ("typed", Some(("account_id", "bigint")), "account_id, id"),
+];
+
+/// A widening type change on the source, and rows of every account (so every shard) that only
+/// fit the new type: inserts and updates of existing rows.
+struct Widening {
+    /// The `ALTER TABLE` run on the source.
+    source_ddl: &'static str,
+    /// The statement the shards must run: its clauses are named in the wait, exactly.
+    shard_ddl: &'static str,
+    /// Rows that do not fit the old type.
+    rows: &'static str,
+}
+
+/// `integer` → `bigint`, values above 2^31.
+const TO_BIGINT: Widening = Widening {
+    source_ddl: "ALTER TABLE typed ALTER COLUMN n TYPE bigint",
+    shard_ddl: "ALTER TABLE public.typed ALTER COLUMN n TYPE bigint USING n::bigint",
+    rows: "INSERT INTO typed (account_id, id, n) SELECT g % 97 + 1, 10000 + g, 3000000000 + g FROM generate_series(1, 200) g;
+           UPDATE typed SET n = 2147483648 + id WHERE id % 4 = 0 AND id <= 200;",
+};
+
+/// `integer` → `bigint`, `varchar(10)` → `text` and `numeric(10,2)` → `numeric` (three
+/// statements, so three relation versions on the source), with values that only fit the new
+/// types: a bigint, a longer string, more digits and more scale (which `numeric(10,2)` would
+/// round without an error).
+const THREE_WIDENINGS: Widening = Widening {
+    source_ddl: "ALTER TABLE typed ALTER COLUMN n TYPE bigint;
+                 ALTER TABLE typed ALTER COLUMN v TYPE text;
+                 ALTER TABLE typed ALTER COLUMN d TYPE numeric;",
+    shard_ddl: "ALTER TABLE public.typed ALTER COLUMN n TYPE bigint USING n::bigint, \
+                ALTER COLUMN v TYPE text USING v::text, ALTER COLUMN d TYPE numeric USING d::numeric",
+    rows: "INSERT INTO typed (account_id, id, n, v, d) SELECT g % 97 + 1, 10000 + g, 3000000000 + g,
+             'a value longer than ten characters ' || g, 123456789012.125 + g
+           FROM generate_series(1, 200) g;
+           UPDATE typed SET v = 'updated to a longer value ' || id, d = 1.125 + id WHERE id % 4 = 1 AND id <= 200;
+           UPDATE typed SET n = 2147483648 + id WHERE id % 4 = 2 AND id <= 200;",
+};
+
+/// `varchar(10)` → `text` and `numeric(10,2)` → `numeric` only, with values that the old
+/// types would not refuse in a merge but change: an explicit cast to `varchar(10)` truncates,
+/// and `numeric(10,2)` rounds, without an error
+/// (<https://www.postgresql.org/docs/current/datatype-character.html>).
+const TEXT_AND_NUMERIC: Widening = Widening {
+    source_ddl: "ALTER TABLE typed ALTER COLUMN v TYPE text;
+                 ALTER TABLE typed ALTER COLUMN d TYPE numeric;",
+    shard_ddl: "ALTER TABLE public.typed ALTER COLUMN v TYPE text USING v::text, \
+                ALTER COLUMN d TYPE numeric USING d::numeric",
+    rows: "INSERT INTO typed (account_id, id, n, v, d) SELECT g % 97 + 1, 10000 + g, g,
+             'a value longer than ten characters ' || g, 1.125 + g
+           FROM generate_series(1, 200) g;
+           UPDATE typed SET v = 'updated to a longer value ' || id, d = 2.375 + id WHERE id % 4 = 1 AND id <= 200;",
+};
+
+/// How the daemon is restarted while its shards wait for the shard DDL.
+#[derive(Clone, Copy, PartialEq)]
+enum Restart {
+    Never,
+    Sigterm,
+    Kill9,
+}
+
+/// Like [`start`], with [`TYPED_SCHEMA`] too (200 rows, on the shards once this returns).
+fn start_typed(mode: &str) -> (Topology, usize, Writer) {
+    let (t, d, w) = start_with(mode, TYPED_SCHEMA);
+    t.source_sql(
+        "INSERT INTO typed SELECT g % 97 + 1, g, g, 'v' || g, g + 0.25 FROM generate_series(1, 200) g",
+    );
+    // Only `typed`: the writer keeps `items` moving.
+    t.wait_converged(&TYPED_TABLES[2..], Duration::from_secs(60));
+    (t, d, w)
+}
+
+/// Waits until every shard waits for DDL with a message containing every one of `words`
+/// (failing at once if a shard stopped or the daemon exited); returns the messages.
+fn wait_every_shard_ddl(t: &mut Topology, d: usize, words: &[&str]) -> Vec<String> {
+    let n = t.shards.len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+        // A status left by a daemon that stopped says so in its phase: not this one's.
+        if let Some(st) = t.status_json().filter(|st| st["phase"] != "stopped") {
+            let shards = st["shards"].as_array().cloned().unwrap_or_default();
+            for s in &shards {
+                assert_ne!(
+                    s["state"],
+                    "stopped",
+                    "a shard stopped: {st}\n{}",
+                    t.all_logs()
+                );
+            }
+            let waiting: Vec<String> = shards
+                .iter()
+                .filter_map(|s| {
+                    let err = s["last_error"].as_str().unwrap_or_default();
+                    (s["state"] == "waiting_for_ddl"
+                        && err.contains("waiting for DDL")
+                        && words.iter().all(|w| err.contains(w)))
+                    .then(|| err.to_owned())
+                })
+                .collect();
+            if waiting.len() == n {
+                return waiting;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for every shard to wait for DDL naming {words:?}\n{}",
+            t.all_logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The shards' `format_type` of `typed`'s columns n, v, d.
+fn typed_types(s: &reshard_harness::PgCluster) -> String {
+    s.psql(
+        "app",
+        "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod), ', ' ORDER BY attnum) \
+         FROM pg_attribute WHERE attrelid = 'typed'::regclass AND attname IN ('n', 'v', 'd')",
+    )
+    .unwrap()
+}
+
+/// wait mode: the source widens column type(s) mid-stream and writes values only the new
+/// type takes, for accounts on every shard. Every shard waits for DDL naming the table, the
+/// column(s) and the exact `ALTER TABLE … ALTER COLUMN … TYPE …`; the daemon keeps running,
+/// also across a restart of the given kind while the shards wait; once the operator runs the
+/// named statements on the shards, everything converges (nothing lost, nothing twice).
+fn alter_type_waits(widening: &Widening, restart: Restart) {
+    let (mut t, mut d, w) = start_typed("wait");
+    t.source_sql(widening.source_ddl);
+    t.source_sql(widening.rows);
+    w.wait_commits(&t, 20);
+    // "ALTER TABLE public.typed ALTER COLUMN n TYPE …", "ALTER COLUMN v TYPE …", …
+    let mut words = vec!["public.typed"];
+    words.extend(widening.shard_ddl.split(", "));
+    let msgs = wait_every_shard_ddl(&mut t, d, &words);
+    println!("status says: {msgs:#?}");
+    match restart {
+        Restart::Never => {}
+        Restart::Sigterm => {
+            assert_eq!(
+                t.terminate(d, Duration::from_secs(30)),
+                Some(0),
+                "SIGTERM while waiting for DDL must be a clean exit 0:\n{}",
+                t.all_logs()
+            );
+        }
+        Restart::Kill9 => t.kill9(d),
+    }
+    if restart != Restart::Never {
+        d = t.spawn_run(&[]);
+        w.wait_commits(&t, 20);
+        let msgs = wait_every_shard_ddl(&mut t, d, &words);
+        println!("after the restart, status says: {msgs:#?}");
+    }
+    // Give a stop time to happen, then make sure none did.
+    std::thread::sleep(Duration::from_secs(2));
+    wait_every_shard_ddl(&mut t, d, &words);
+    for s in &t.shards {
+        s.psql("app", widening.shard_ddl)
+            .unwrap_or_else(|e| panic!("the named fix: {e}"));
+    }
+    w.wait_commits(&t, 20);
+    let commits = w.finish();
+    println!("writer committed {commits} transactions");
+    t.wait_converged(TYPED_TABLES, Duration::from_secs(120));
+    assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+    t.stop_cleanly(d);
+}
+
+// See: "ALTER COLUMN TYPE + restart stops the shard on a non-fitting value".
+/// wait mode, no restart, `integer` → `bigint`.
+#[test]
+fn ddl_wait_alter_type_to_bigint_waits_then_resumes() {
+    alter_type_waits(&TO_BIGINT, Restart::Never);
+}
+
+/// wait mode, no restart, three widenings (bigint, text, numeric) at once.
+#[test]
+fn ddl_wait_alter_type_three_widenings_wait_then_resume() {
+    alter_type_waits(&THREE_WIDENINGS, Restart::Never);
+}
+
+// See: "ALTER COLUMN TYPE + restart stops the shard on a non-fitting value".
+/// wait mode, the daemon stopped with SIGTERM while the shards wait, then started again: they
+/// wait again (they do not stop on the first value that does not fit).
+#[test]
+fn ddl_wait_alter_type_survives_a_sigterm_restart_while_waiting() {
+    alter_type_waits(&TO_BIGINT, Restart::Sigterm);
+}
+
+// See: "ALTER COLUMN TYPE + restart stops the shard on a non-fitting value".
+/// wait mode, the daemon killed (-9) while the shards wait, then started again; the three
+/// widenings, of which `numeric(10,2)` would round a value silently.
+#[test]
+fn ddl_wait_alter_type_survives_a_kill9_restart_while_waiting() {
+    alter_type_waits(&THREE_WIDENINGS, Restart::Kill9);
+}
+
+// See: "ALTER COLUMN TYPE + restart stops the shard on a non-fitting value".
+/// wait mode, SIGTERM while waiting, `varchar(10)` → `text` and `numeric(10,2)` → `numeric`:
+/// after the restart no longer value is cut and no finer value rounded on the old type.
+#[test]
+fn ddl_wait_alter_type_to_text_and_numeric_survives_a_sigterm_restart() {
+    alter_type_waits(&TEXT_AND_NUMERIC, Restart::Sigterm);
+}
+
+/// propagate mode: a widening the shard can follow without changing any row it holds is run
+/// on the shard by reshard itself, before the first change that needs it; with `restart` the
+/// daemon is down (SIGTERM) while the source changes the type and writes the rows, so the new
+/// relation is the first this process sees.
+fn alter_type_propagates(widening: &Widening, down_during_ddl: bool) {
+    let (mut t, mut d, w) = start_typed("propagate");
+    if down_during_ddl {
+        t.stop_cleanly(d);
+    }
+    t.source_sql(widening.source_ddl);
+    t.source_sql(widening.rows);
+    if down_during_ddl {
+        w.wait_commits(&t, 20);
+        d = t.spawn_run(&[]);
+    }
+    let want = typed_types(&t.source);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !t.shards.iter().all(|s| typed_types(s) == want) {
+        assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+        if let Some(st) = t.status_json().filter(|st| st["phase"] != "stopped") {
+            for s in st["shards"].as_array().cloned().unwrap_or_default() {
+                assert_ne!(
+                    s["state"],
+                    "stopped",
+                    "a shard stopped: {st}\n{}",
+                    t.all_logs()
+                );
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for the source's types ({want}) on every shard\n{}",
+            t.all_logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    w.wait_commits(&t, 20);
+    let commits = w.finish();
+    println!("writer committed {commits} transactions");
+    t.wait_converged(TYPED_TABLES, Duration::from_secs(120));
+    assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+    t.stop_cleanly(d);
+}
+
+/// propagate mode, no restart: the three widenings follow on every shard.
+#[test]
+fn ddl_propagate_alter_type_widenings_follow_on_the_shards() {
+    alter_type_propagates(&THREE_WIDENINGS, false);
+}
+
+// See: "ALTER COLUMN TYPE + restart stops the shard on a non-fitting value".
+/// propagate mode, the daemon down while the source widens the types: after the restart the
+/// shards follow too.
+#[test]
+fn ddl_propagate_alter_type_while_the_daemon_is_down() {
+    alter_type_propagates(&THREE_WIDENINGS, true);
 }
