@@ -552,6 +552,10 @@ pub(crate) async fn inspect(
         // Copy the source's stored columns that every shard has as a stored column.
         let mut copy: Vec<&ColumnInfo> = Vec::new();
         let mut binary_ok = true;
+        // A shard column of another type than the source's: a problem for a table still to be
+        // copied. A loaded table's rows reach the shard through the stream, whose apply waits
+        // for the shard DDL (naming it) if the source changed the type: the daemon starts.
+        let mut retyped: Vec<(String, String)> = Vec::new();
         for col in src_cols.iter().filter(|c| !c.generated) {
             let mut on = Vec::new();
             let mut off = Vec::new();
@@ -579,10 +583,13 @@ pub(crate) async fn inspect(
             for (shard, t) in on {
                 binary_ok &= t.binary;
                 if t.type_name != col.type_name {
-                    problems.push(format!(
-                        "{}: column {target_display}.{} is {} but {} on the source; \
-                         ALTER it to the source's type",
-                        shard.name, col.name, t.type_name, col.type_name
+                    retyped.push((
+                        shard.name.clone(),
+                        format!(
+                            "{}: column {target_display}.{} is {} but {} on the source; \
+                             ALTER it to the source's type",
+                            shard.name, col.name, t.type_name, col.type_name
+                        ),
                     ));
                 }
             }
@@ -633,6 +640,14 @@ pub(crate) async fn inspect(
             Some(wm) if wm.agreed.any => TableStatus::Partial,
             Some(_) => TableStatus::Fresh,
         };
+        if matches!(status, TableStatus::Finished { .. }) {
+            for (shard, problem) in retyped {
+                tracing::warn!(shard = %shard, table = %target_display, problem = %problem,
+                    "the table is loaded; its changes wait on the shard until the types match");
+            }
+        } else {
+            problems.extend(retyped.into_iter().map(|(_, p)| p));
+        }
         // Target columns that COPY would leave NULL but that may not be.
         for (s, shard) in shards.iter().enumerate() {
             let Some(Some(tcols)) = targets.get(s).and_then(|t| t.get(i)) else {
