@@ -307,23 +307,27 @@ pub struct ApplyConfig {
     #[serde(default = "default_retry_max_ms")]
     pub retry_max_ms: u64,
     /// What a shard does when the source's table gains a column its shard table lacks
-    /// (`ALTER TABLE … ADD COLUMN` on the source mid-migration). Default `propagate`.
+    /// (`ALTER TABLE … ADD COLUMN` on the source mid-migration) or widens a column's type
+    /// (`ALTER COLUMN … TYPE`, e.g. `integer` → `bigint`). Default `propagate`.
     #[serde(default)]
     pub ddl: DdlMode,
 }
 
-/// `[apply] ddl`: how additive schema changes on the source reach the shards. Non-additive
-/// changes (DROP / RENAME / ALTER TYPE) always pause the shard's apply until the shard table
-/// matches, in both modes.
+/// `[apply] ddl`: how additive schema changes on the source (ADD COLUMN, a widening ALTER
+/// COLUMN … TYPE) reach the shards. Other changes (DROP / RENAME / an ALTER TYPE that is no
+/// widening) always pause the shard's apply until the shard table matches, in both modes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DdlMode {
     /// reshard adds the column on every shard itself, in stream order (before the first change
-    /// that carries it), with the source's type, nullability and default. The default.
+    /// that carries it), with the source's type, nullability and default; and widens a
+    /// column's type as the source did (`integer` → `bigint`, `varchar(n)` → `text`,
+    /// `numeric(p,s)` → `numeric`: conversions that keep every value's text). The default.
     #[default]
     Propagate,
     /// The shard pauses with an error naming table and column (state `waiting_for_ddl`),
-    /// retries on the backoff, and resumes by itself once the operator added the column.
+    /// retries on the backoff, and resumes by itself once the operator added the column (or
+    /// changed its type).
     Wait,
 }
 

@@ -577,7 +577,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         let (up_to, cause) = match step {
             Err(ApplyError::ReplayFromLog { up_to, cause, .. }) => (up_to, cause),
             Err(e @ ApplyError::WaitingForDdl { .. }) => return self.wait_for_ddl(e, reader).await,
-            Err(e) if e.sqlstate() == Some("22P02") && self.value_error_at.is_some() => {
+            Err(e) if is_value_error(&e) && self.value_error_at.is_some() => {
                 return self.after_value_error(e, reader).await;
             }
             other => return other,
@@ -599,6 +599,14 @@ impl<'a, L: ShardLog> Session<'a, L> {
         let Some(at) = self.ddl_failed_at.take() else {
             return Err(e);
         };
+        let e = match e {
+            ApplyError::WaitingForDdl { shard, wait, .. } => ApplyError::WaitingForDdl {
+                shard,
+                wait,
+                at: Some(at),
+            },
+            e => e,
+        };
         if self.ddl_barrier.as_ref().is_some_and(|(b, _)| *b <= at) {
             return Err(e);
         }
@@ -608,13 +616,23 @@ impl<'a, L: ShardLog> Session<'a, L> {
         Ok(())
     }
 
-    /// A change's statement failed with a data error (`e`, 22P02) in the change-by-change
-    /// path. If the source's enum types have labels the shard table's lack (`ALTER TYPE … ADD
-    /// VALUE` on the source, which logical decoding does not send), this is a schema change:
-    /// with `ddl = "propagate"` the labels are added on the shard (outside any transaction, as
-    /// a new label cannot be used in the transaction that adds it) and the changes are applied
-    /// again; with `"wait"` the shard waits for DDL before the change's source transaction.
-    /// If none is missing (any more), the transaction is applied again once; then `e` stands.
+    /// A change's statement failed with a data error (`e`, SQLSTATE class 22) in the
+    /// change-by-change path: a value the shard's column does not take.
+    ///
+    /// If a shard column's type differs from the source's as the change's relation carries it
+    /// (`ALTER TABLE … ALTER COLUMN … TYPE` on the source that this process did not see as a
+    /// new relation, e.g. after a restart), this is a schema change: a widening is run on the
+    /// shard with `ddl = "propagate"` and the changes are applied again; otherwise the shard
+    /// waits for DDL before the change's source transaction, naming the columns and the
+    /// `ALTER TABLE` to run.
+    ///
+    /// If the source's enum types have labels the shard table's lack (`ALTER TYPE … ADD
+    /// VALUE` on the source, which logical decoding does not send; 22P02), this is a schema
+    /// change too: with `ddl = "propagate"` the labels are added on the shard (outside any
+    /// transaction, as a new label cannot be used in the transaction that adds it) and the
+    /// changes are applied again; with `"wait"` the shard waits for DDL before the change's
+    /// source transaction. If none is missing (any more), the transaction is applied again
+    /// once; then `e` stands.
     async fn after_value_error(
         &mut self,
         e: ApplyError,
@@ -627,6 +645,65 @@ impl<'a, L: ShardLog> Session<'a, L> {
         self.rewind(reader).await?;
         let target = self.target_name(&rel);
         let lit = sql_literal(target.to_string().as_bytes()).unwrap_or_default();
+        let (target_sql, target) = (target.to_string(), target.to_string());
+        let shard = self.opts.shard_name.clone();
+        let cols = self
+            .target_columns(
+                &lit,
+                &format!("reading the columns of target table {target}"),
+            )
+            .await?;
+        match self
+            .ddl
+            .value_error_types(&shard, &rel, &target, &target_sql, &cols)
+            .await
+        {
+            None | Some(Verdict::Ready) => {}
+            Some(Verdict::Wait(wait)) => {
+                self.ddl_failed_at = Some(at);
+                return self
+                    .wait_for_ddl(
+                        ApplyError::WaitingForDdl {
+                            shard,
+                            wait,
+                            at: None,
+                        },
+                        reader,
+                    )
+                    .await;
+            }
+            Some(Verdict::Add { sql, retyped }) => {
+                let ctx = format!("widening column(s) of {target} as the source did: {sql}");
+                return match self.sql(&sql, &ctx).await {
+                    Ok(_) => Ok(()),
+                    Err(ApplyError::Pg {
+                        sqlstate,
+                        message,
+                        class: ErrorClass::Definite,
+                        ..
+                    }) => {
+                        let error = format!("SQLSTATE {sqlstate}: {message}");
+                        let wait = super::ddl::DdlWait::retype_failed(
+                            &shard, &rel, &target, &sql, &retyped, &error,
+                        );
+                        self.ddl_failed_at = Some(at);
+                        self.wait_for_ddl(
+                            ApplyError::WaitingForDdl {
+                                shard,
+                                wait,
+                                at: None,
+                            },
+                            reader,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+        }
+        if e.sqlstate() != Some("22P02") {
+            return Err(e);
+        }
         let rows = self
             .sql(
                 &enum_columns_query(&format!("to_regclass({lit})")),
@@ -641,7 +718,6 @@ impl<'a, L: ShardLog> Session<'a, L> {
             )),
             _ => None,
         }));
-        let shard = self.opts.shard_name.clone();
         if shard_enums.is_empty() {
             return Err(e);
         }
@@ -667,8 +743,15 @@ impl<'a, L: ShardLog> Session<'a, L> {
             }
             EnumGap::Wait(wait) => {
                 self.ddl_failed_at = Some(at);
-                self.wait_for_ddl(ApplyError::WaitingForDdl { shard, wait }, reader)
-                    .await
+                self.wait_for_ddl(
+                    ApplyError::WaitingForDdl {
+                        shard,
+                        wait,
+                        at: None,
+                    },
+                    reader,
+                )
+                .await
             }
         }
     }
@@ -1175,9 +1258,10 @@ impl<'a, L: ShardLog> Session<'a, L> {
                     return Err(ApplyError::WaitingForDdl {
                         shard: self.shard().to_owned(),
                         wait,
+                        at: None,
                     })
                 }
-                Verdict::Add(sql) => {
+                Verdict::Add { sql, retyped } => {
                     // In the target transaction of the first change that carries the column:
                     // it commits with that change and the progress row, or not at all.
                     self.begin_target_txn().await?;
@@ -1193,10 +1277,31 @@ impl<'a, L: ShardLog> Session<'a, L> {
                         else {
                             return Err(e);
                         };
+                        let error = format!("SQLSTATE {sqlstate}: {message}");
+                        // A widening the shard refuses (a view or rule on the column, …): a
+                        // shard error, not a lost connection.
+                        if !retyped.is_empty()
+                            && e.class() == ErrorClass::Definite
+                            && !matches!(sqlstate.as_str(), "42704" | "42883" | "3F000")
+                        {
+                            let shard = self.opts.shard_name.clone();
+                            let wait = super::ddl::DdlWait::retype_failed(
+                                &shard,
+                                rel,
+                                &target.to_string(),
+                                &sql,
+                                &retyped,
+                                &error,
+                            );
+                            return Err(ApplyError::WaitingForDdl {
+                                shard,
+                                wait,
+                                at: None,
+                            });
+                        }
                         if !matches!(sqlstate.as_str(), "42704" | "42883" | "3F000") {
                             return Err(e);
                         }
-                        let error = format!("SQLSTATE {sqlstate}: {message}");
                         let new_columns: Vec<String> = rel
                             .columns
                             .iter()
@@ -1215,7 +1320,11 @@ impl<'a, L: ShardLog> Session<'a, L> {
                                 &error,
                             )
                             .await;
-                        return Err(ApplyError::WaitingForDdl { shard, wait });
+                        return Err(ApplyError::WaitingForDdl {
+                            shard,
+                            wait,
+                            at: None,
+                        });
                     }
                     cols = self.target_columns(&lit, &ctx).await?;
                 }
@@ -1264,6 +1373,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         ApplyError::WaitingForDdl {
             shard: self.shard().to_owned(),
             wait: super::ddl::DdlWait::from_schema(e),
+            at: None,
         }
     }
 
@@ -1561,7 +1671,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
             let msgs = match self.sql(&sql, &ctx).await {
                 Ok(msgs) => msgs,
                 Err(e) => {
-                    if e.sqlstate() == Some("22P02") {
+                    if is_value_error(&e) {
                         self.value_error_at = Some((Arc::clone(rel), *lsn));
                     }
                     return Err(e);
@@ -1830,6 +1940,12 @@ impl<'a, L: ShardLog> Session<'a, L> {
         }
         Ok(())
     }
+}
+
+/// A data error (SQLSTATE class 22) of a statement on the shard: a value its column's type does
+/// not take (see `Session::after_value_error`).
+fn is_value_error(e: &ApplyError) -> bool {
+    e.class() == ErrorClass::Definite && e.sqlstate().is_some_and(|s| s.starts_with("22"))
 }
 
 /// Whether a failed set-based flush should be replayed change by change: a constraint (23) or

@@ -3,23 +3,38 @@
 //!
 //! In: the source [`Relation`] a change carries, the shard table's columns ([`TargetColumn`]),
 //! the last relation this shard table was found to match, and (looked up only when a
-//! difference is found) the source catalog. Out: a `Verdict`: write as is, add columns first
-//! (`ALTER TABLE … ADD COLUMN IF NOT EXISTS …`, run by the applier inside the target transaction
-//! that carries the first change using them, so it commits with that change and the progress
-//! row), or wait ([`DdlWait`]).
+//! difference may be there) the source catalog. Out: a `Verdict`: write as is, add columns or
+//! widen column types first (`ALTER TABLE … ADD COLUMN IF NOT EXISTS …, ALTER COLUMN … TYPE …`,
+//! run by the applier inside the target transaction that carries the first change of the
+//! table, so it commits with that change and the progress row), or wait ([`DdlWait`]).
 //!
 //! Invariant: nothing is ever written to a column the shard lacks, and a column is only added
-//! when the change is additive. A column the source stopped sending while the shard still has
-//! it (DROP or RENAME on the source), a changed type, or a new column next to a column the
-//! source no longer sends (a possible RENAME) is never guessed at: the shard's apply waits,
-//! naming table, columns and the fix, retries on the apply backoff and resumes by itself once
-//! the shard table matches. A wait is a transient error, so a shard that only waits for DDL
-//! keeps the daemon running.
+//! or retyped when the change is additive. A column the source stopped sending while the shard
+//! still has it (DROP or RENAME on the source), a changed type that is no widening, or a new
+//! column next to a column the source no longer sends (a possible RENAME) is never guessed at:
+//! the shard's apply waits, naming table, columns and the fix, retries on the apply backoff and
+//! resumes by itself once the shard table matches. A wait is a transient error, so a shard
+//! that only waits for DDL keeps the daemon running.
+//!
+//! Column types (`ALTER TABLE … ALTER COLUMN … TYPE` on the source): the source's type of a
+//! column is the one the relation carries (type OID and modifier), compared with the shard
+//! column's `format_type`. A column retyped since the relation last matched is compared (its
+//! type formatted by the source); so is every column the first time this process meets the
+//! table (after a restart, perhaps while the shard waited for that very change), where only a
+//! shard column narrower than the source's built-in type counts (`widens`; other
+//! differences may be the operator's choice, and no source query is needed). A widening is
+//! propagated with `ddl = "propagate"`: it keeps the text of every value the shard holds, so
+//! the shard's rows stay what the source's rows became, as long as the source converted them
+//! the default way (a `USING` that changes values is a table rewrite logical decoding does not
+//! send, like a volatile default; `verify` finds it). Anything else waits. A type change not
+//! found that way (one that is no widening, after a restart) shows as the first value the
+//! shard refuses (SQLSTATE class 22); the applier then asks `Ddl::value_error_types` and
+//! waits or widens the same way; only a value error with no type difference behind it stops
+//! the shard.
 //!
 //! Limits: which relation a shard table matched is known since this process started; after a
 //! restart a DROP COLUMN on the source leaves a nullable shard column in place (NULL in new
-//! rows), and a type change surfaces as the cast error of the first value that does not fit.
-//! An added column's default is evaluated by the shard; a volatile default (`now()`,
+//! rows). An added column's default is evaluated by the shard; a volatile default (`now()`,
 //! `nextval`, identity) is never propagated, because the source filled its existing rows in a
 //! table rewrite that logical decoding does not send.
 //! See <https://www.postgresql.org/docs/current/logical-replication-restrictions.html>.
@@ -86,14 +101,49 @@ impl DdlWait {
     }
 }
 
+impl DdlWait {
+    /// Propagating a widening type change of columns `retyped` (in `sql`) to shard table
+    /// `target` failed with `error` (SQLSTATE and message; e.g. a view or rule on the shard
+    /// uses the column): the shard waits for the operator to make it possible.
+    pub(super) fn retype_failed(
+        shard: &str,
+        rel: &Relation,
+        target: &str,
+        sql: &str,
+        retyped: &[String],
+        error: &str,
+    ) -> DdlWait {
+        let src = source_name(rel).to_string();
+        DdlWait {
+            source_table: src.clone(),
+            what: format!(
+                "shard {shard} cannot follow the type change of column(s) {} of source table {src} on {target}: {sql} failed: {error}",
+                retyped
+                    .iter()
+                    .map(|c| format!("{c:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            fix: format!(
+                "remove on shard {shard} what stops it (e.g. drop and recreate a view that uses the column), or run it yourself; reshard then runs {sql}"
+            ),
+        }
+    }
+}
+
 /// What to do with a source relation before writing its changes.
 #[derive(Debug)]
 pub(super) enum Verdict {
     /// The shard table takes the relation's columns as they are.
     Ready,
-    /// Run this `ALTER TABLE` on the shard first (additive, idempotent), then re-read the
-    /// shard table's columns.
-    Add(String),
+    /// Run this `ALTER TABLE` on the shard first (additive or widening, idempotent), then
+    /// re-read the shard table's columns.
+    Add {
+        /// The statement.
+        sql: String,
+        /// The columns whose type it widens (none: it only adds columns).
+        retyped: Vec<String>,
+    },
     /// Pause this shard's apply.
     Wait(DdlWait),
 }
@@ -169,7 +219,7 @@ impl Ddl {
                 shard, &src, target, target_sql, &gone, &missing,
             ));
         }
-        // Same column, new type on the source (ALTER TYPE): the shard's type must follow.
+        // Same column, new type on the source (ALTER TYPE) since the relation last matched.
         let retyped: Vec<&str> = match &prev {
             Some(p) => rel
                 .columns
@@ -185,7 +235,52 @@ impl Ddl {
                 .collect(),
             None => Vec::new(),
         };
-        if missing.is_empty() && retyped.is_empty() {
+        // The source's types as this relation carries them, when a type may have changed: a
+        // column retyped since the relation last matched, or any column the first time this
+        // process sees the table (after a restart, perhaps while the shard waited for an ALTER
+        // TYPE, the relation is the first this process knows). At first sight only a shard
+        // column narrower than the source's (see `widens`) is a type change the shard has not
+        // followed; another difference may be the operator's choice (that `check` reports).
+        let mut retypes: Vec<Retype> = Vec::new();
+        if !retyped.is_empty() {
+            match self.relation_types(rel).await {
+                Ok(types) => {
+                    retypes = compare_types(rel, cols, types, |r| {
+                        r.widening || retyped.contains(&r.column.as_str())
+                    })
+                }
+                Err(e) => {
+                    return Verdict::Wait(DdlWait {
+                        source_table: src.clone(),
+                        what: format!(
+                            "source table {src} changed ({}) and its definition cannot be read from the source catalog: {e}",
+                            describe(&missing, &retyped)
+                        ),
+                        fix: format!(
+                            "make shard {shard} table {target} match source table {src}, or restore the source connection"
+                        ),
+                    });
+                }
+            }
+        } else if prev.is_none() {
+            // Only the built-in types `widens` knows, formatted here: no source query.
+            let types = rel
+                .columns
+                .iter()
+                .map(|c| widenable_type_sql(c.type_oid, c.type_modifier))
+                .collect();
+            retypes = compare_types(rel, cols, types, |r| r.widening);
+        }
+        if !retypes.is_empty() {
+            // In propagate mode a widening rides in the statement that adds new columns.
+            let with_adds = !missing.is_empty()
+                && self.mode == DdlMode::Propagate
+                && retypes.iter().all(|r| r.widening);
+            if !with_adds {
+                return self.retype_verdict(shard, &src, target, target_sql, retypes);
+            }
+        }
+        if missing.is_empty() {
             return Verdict::Ready;
         }
         let catalog = match self.source_columns(rel).await {
@@ -204,35 +299,6 @@ impl Ddl {
             }
         };
         let find = |n: &str| catalog.iter().find(|c| c.name == n);
-        let mut wrong_type = Vec::new();
-        for n in &retyped {
-            let now = find(n).map(|c| c.type_sql.clone());
-            let shard_type = cols
-                .iter()
-                .find(|c| c.name == *n)
-                .map(|c| c.type_sql.clone());
-            if let (Some(now), Some(st)) = (now, shard_type) {
-                if now != st {
-                    wrong_type.push(format!(
-                        "ALTER TABLE {target_sql} ALTER COLUMN {c} TYPE {now} USING {c}::{now}",
-                        c = quote_ident(n)
-                    ));
-                }
-            }
-        }
-        if !wrong_type.is_empty() {
-            return Verdict::Wait(DdlWait {
-                source_table: src.clone(),
-                what: format!(
-                    "source table {src} changed the type of column(s) {} (ALTER TYPE, not additive); shard {shard} table {target} has the old type",
-                    quoted(&retyped)
-                ),
-                fix: format!("run on shard {shard}: {}", wrong_type.join("; ")),
-            });
-        }
-        if missing.is_empty() {
-            return Verdict::Ready;
-        }
         let mut adds = Vec::new();
         let mut unsure = Vec::new();
         for n in &missing {
@@ -252,6 +318,8 @@ impl Ddl {
                 )),
             }
         }
+        // A widening to propagate with the new columns (see above) rides in the same statement.
+        adds.extend(retypes.iter().map(Retype::clause));
         let add_sql = format!("ALTER TABLE {target_sql} {}", adds.join(", "));
         let what = format!(
             "shard {shard} table {target} has no column(s) {} that source table {src} now sends (ADD COLUMN on the source)",
@@ -269,7 +337,10 @@ impl Ddl {
         match self.mode {
             DdlMode::Propagate => {
                 info!(table = %src, target = %target, columns = %quoted(&missing), "propagating ADD COLUMN to the shard");
-                Verdict::Add(add_sql)
+                Verdict::Add {
+                    sql: add_sql,
+                    retyped: retypes.into_iter().map(|r| r.column).collect(),
+                }
             }
             DdlMode::Wait => Verdict::Wait(DdlWait {
                 source_table: src,
@@ -437,6 +508,112 @@ impl Ddl {
         Err("the source catalog connection failed twice".into())
     }
 
+    /// What to do about shard columns of another type than the source's (`retypes`, not
+    /// empty): with `ddl = "propagate"`, widen them; otherwise, or if one is not a widening,
+    /// wait for the operator, naming the `ALTER TABLE` to run.
+    fn retype_verdict(
+        &self,
+        shard: &str,
+        src: &str,
+        target: &str,
+        target_sql: &str,
+        retypes: Vec<Retype>,
+    ) -> Verdict {
+        let clauses: Vec<String> = retypes.iter().map(Retype::clause).collect();
+        let sql = format!("ALTER TABLE {target_sql} {}", clauses.join(", "));
+        let what = format!(
+            "source table {src} changed the type of column(s) {} (ALTER TABLE … ALTER COLUMN … TYPE on the source); shard {shard} table {target} has the old type, and nothing of {src} is written to it until it has the new one",
+            retypes
+                .iter()
+                .map(|r| format!("{:?} ({} → {})", r.column, r.shard_type, r.source_type))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let narrowing: Vec<String> = retypes
+            .iter()
+            .filter(|r| !r.widening)
+            .map(|r| format!("{} → {}", r.shard_type, r.source_type))
+            .collect();
+        if !narrowing.is_empty() {
+            return Verdict::Wait(DdlWait {
+                source_table: src.to_owned(),
+                what: format!(
+                    "{what}; reshard never runs {} itself: the conversion may change a value the shard holds, as the source converted its rows in a table rewrite that is not replicated",
+                    narrowing.join(", ")
+                ),
+                fix: format!("run on shard {shard}: {sql}"),
+            });
+        }
+        match self.mode {
+            DdlMode::Wait => Verdict::Wait(DdlWait {
+                source_table: src.to_owned(),
+                what,
+                fix: format!("run on shard {shard}: {sql} (or set [apply] ddl = \"propagate\")"),
+            }),
+            DdlMode::Propagate => {
+                info!(table = %src, target = %target, sql = %sql, "propagating a widening ALTER COLUMN … TYPE to the shard");
+                Verdict::Add {
+                    sql,
+                    retyped: retypes.into_iter().map(|r| r.column).collect(),
+                }
+            }
+        }
+    }
+
+    /// A change of `rel` failed on shard table `target` (columns `cols`) with a data error
+    /// (SQLSTATE class 22: a value the shard's type does not take): if a shard column's type
+    /// differs from the source's as the relation carries it, the source changed it (ALTER
+    /// TYPE) and the shard did not follow: what to do, as [`Ddl::check`] would say, for every
+    /// column that differs. `None`: no column differs (or the source's types cannot be read),
+    /// the error is about the value.
+    pub(super) async fn value_error_types(
+        &mut self,
+        shard: &str,
+        rel: &Relation,
+        target: &str,
+        target_sql: &str,
+        cols: &[TargetColumn],
+    ) -> Option<Verdict> {
+        match self.relation_types(rel).await {
+            Ok(types) => {
+                let r = compare_types(rel, cols, types, |_| true);
+                if r.is_empty() {
+                    return None;
+                }
+                Some(self.retype_verdict(
+                    shard,
+                    &source_name(rel).to_string(),
+                    target,
+                    target_sql,
+                    r,
+                ))
+            }
+            Err(e) => {
+                warn!(table = %source_name(rel), error = %e, "the source's column types cannot be read to explain a value the shard refused");
+                None
+            }
+        }
+    }
+
+    /// The source's type of each column of `rel` as the relation carries it (type OID and
+    /// modifier at that point of the stream, not the catalog's current ones), formatted by the
+    /// source: `None` for a type the source no longer has.
+    async fn relation_types(&mut self, rel: &Relation) -> Result<Vec<Option<String>>, String> {
+        let oids: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).collect();
+        let mods: Vec<i32> = rel.columns.iter().map(|c| c.type_modifier).collect();
+        let rows = self.source_query(RELATION_TYPES, &[&oids, &mods]).await?;
+        if rows.len() != rel.columns.len() {
+            return Err(format!(
+                "the source formatted {} of {} column types",
+                rows.len(),
+                rel.columns.len()
+            ));
+        }
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(|e| e.to_string()))
+            .collect()
+    }
+
     /// The source catalog's columns of `rel` (by OID).
     async fn source_columns(&mut self, rel: &Relation) -> Result<Vec<SourceColumn>, String> {
         let rows = self.source_query(SOURCE_COLUMNS, &[&rel.id.0]).await?;
@@ -572,6 +749,141 @@ pub(super) enum EnumGap {
     /// Wait for the operator (`ddl = "wait"`, or the source catalog cannot be read).
     Wait(DdlWait),
 }
+
+/// A shard column whose type differs from the source's.
+#[derive(Debug)]
+struct Retype {
+    column: String,
+    /// `format_type` on the shard.
+    shard_type: String,
+    /// `format_type` on the source, of the type the relation carries.
+    source_type: String,
+    /// See [`widens`].
+    widening: bool,
+}
+
+impl Retype {
+    /// `ALTER COLUMN c TYPE t USING c::t`.
+    fn clause(&self) -> String {
+        format!(
+            "ALTER COLUMN {c} TYPE {t} USING {c}::{t}",
+            c = quote_ident(&self.column),
+            t = self.source_type
+        )
+    }
+}
+
+/// Whether every value of type `from` converts to type `to` (both `format_type` text) with the
+/// same text form, so that `ALTER COLUMN … TYPE to` on a shard keeps every row it holds as the
+/// source holds it after the same change: a wider integer, or `numeric` from an integer;
+/// `varchar(n)` to a longer `varchar` or to `text`; `numeric(p,s)` to `numeric` or to more
+/// precision at the same scale (a numeric keeps its scale, `1.50` stays `1.50`). More scale
+/// (`1.50` → `1.500`), floats, or anything else is not a widening.
+pub(super) fn widens(from: &str, to: &str) -> bool {
+    fn split(t: &str) -> (&str, Option<Vec<u32>>) {
+        match t.strip_suffix(')').and_then(|t| t.split_once('(')) {
+            Some((base, mods)) => (
+                base,
+                mods.split(',').map(|m| m.trim().parse().ok()).collect(),
+            ),
+            None => (t, None),
+        }
+    }
+    let int_rank = |t: &str| match t {
+        "smallint" => Some(1),
+        "integer" => Some(2),
+        "bigint" => Some(3),
+        _ => None,
+    };
+    if from == to {
+        return false;
+    }
+    if let Some(a) = int_rank(from) {
+        return int_rank(to).is_some_and(|b| a < b) || to == "numeric";
+    }
+    let ((fb, fm), (tb, tm)) = (split(from), split(to));
+    match (fb, tb) {
+        ("character varying", "text") => true,
+        ("character varying", "character varying") => match (fm.as_deref(), tm.as_deref()) {
+            (Some(_), None) => true,
+            (Some([n]), Some([m])) => m >= n,
+            _ => false,
+        },
+        ("numeric", "numeric") => match (fm.as_deref(), tm.as_deref()) {
+            (Some(_), None) => true,
+            (Some([p, s]), Some([p2, s2])) => s == s2 && p2 >= p,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// The shard columns of `cols` whose type differs from `types`, the source's type of each
+/// column of `rel` in order (`None`: unknown, not compared); those that `keep` accepts.
+fn compare_types(
+    rel: &Relation,
+    cols: &[TargetColumn],
+    types: Vec<Option<String>>,
+    keep: impl Fn(&Retype) -> bool,
+) -> Vec<Retype> {
+    let mut out = Vec::new();
+    for (c, source_type) in rel.columns.iter().zip(types) {
+        let Some(source_type) = source_type else {
+            continue;
+        };
+        let Some(t) = cols.iter().find(|t| t.name == c.name && !t.generated) else {
+            continue;
+        };
+        if t.type_sql == source_type {
+            continue;
+        }
+        let r = Retype {
+            column: c.name.clone(),
+            widening: widens(&t.type_sql, &source_type),
+            shard_type: t.type_sql.clone(),
+            source_type,
+        };
+        if keep(&r) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// `format_type(oid, typmod)` of the built-in types [`widens`] knows (`smallint`, `integer`,
+/// `bigint`, `text`, `character varying[(n)]`, `numeric[(p,s)]`; their OIDs are fixed in every
+/// PostgreSQL version), computed here; `None` for any other type.
+/// See <https://www.postgresql.org/docs/current/datatype-numeric.html> for the modifiers.
+fn widenable_type_sql(oid: u32, typmod: i32) -> Option<String> {
+    // A type modifier carries a 4-byte header (VARHDRSZ); -1 is none.
+    let m = (typmod >= 4).then(|| typmod - 4);
+    Some(match (oid, m) {
+        (21, _) => "smallint".into(),
+        (23, _) => "integer".into(),
+        (20, _) => "bigint".into(),
+        (25, _) => "text".into(),
+        (1043, None) => "character varying".into(),
+        (1043, Some(n)) => format!("character varying({n})"),
+        (1700, None) => "numeric".into(),
+        (1700, Some(m)) => {
+            let (precision, scale) = ((m >> 16) & 0xffff, m & 0xffff);
+            // A negative scale (PostgreSQL 15+) is stored in 11 bits: not a widening we know.
+            if scale > precision {
+                return None;
+            }
+            format!("numeric({precision},{scale})")
+        }
+        _ => return None,
+    })
+}
+
+/// The `format_type` of each (type OID, type modifier) pair of `$1`, `$2`, in order; NULL for
+/// a type the catalog no longer has.
+const RELATION_TYPES: &str = "\
+SELECT CASE WHEN t.oid IS NULL THEN NULL ELSE format_type(u.o, u.m) END \
+FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS u(o, m, i) \
+LEFT JOIN pg_type t ON t.oid = u.o \
+ORDER BY u.i";
 
 /// The current columns of a source table by OID: name, `format_type`, NOT NULL, default
 /// expression, and whether a row's value is computed per row (a default calling a volatile
@@ -809,6 +1121,108 @@ mod tests {
         // Nothing missing, or a column that is no enum on the shard: nothing to add.
         assert!(missing_enum_values(&shard, &shard).is_empty());
         assert!(missing_enum_values(&source, &[]).is_empty());
+    }
+
+    /// See: "ALTER COLUMN TYPE + restart stops the shard on a non-fitting value". The first
+    /// relation a process meets (after a restart) already carries the new type: a shard column
+    /// narrower than it is found without an earlier relation and without the source catalog.
+    #[tokio::test]
+    async fn a_narrower_shard_column_is_found_at_first_sight() {
+        let mut r = (*rel(&["id", "n", "note"])).clone();
+        r.columns[1].type_oid = 20; // bigint on the source
+        let r = Arc::new(r);
+        let mut cols = tcols(&["id", "n", "note"]);
+        cols[1].type_sql = "integer".into();
+        let mut d = Ddl::new(DdlMode::Wait, None);
+        let Verdict::Wait(w) = d
+            .check("shard0", &r, "public.items", "public.items", &cols)
+            .await
+        else {
+            panic!("an integer shard column for a bigint must wait");
+        };
+        let m = w.to_string();
+        assert!(m.contains("\"n\" (integer → bigint)"), "{m}");
+        assert!(
+            m.contains("run on shard shard0: ALTER TABLE public.items ALTER COLUMN n TYPE bigint USING n::bigint"),
+            "{m}"
+        );
+        let mut d = Ddl::new(DdlMode::Propagate, None);
+        let Verdict::Add { sql, retyped } = d
+            .check("shard0", &r, "public.items", "public.items", &cols)
+            .await
+        else {
+            panic!("a widening is propagated");
+        };
+        assert_eq!(
+            sql,
+            "ALTER TABLE public.items ALTER COLUMN n TYPE bigint USING n::bigint"
+        );
+        assert_eq!(retyped, ["n"]);
+        // A shard column wider than the source's is the operator's choice.
+        cols[1].type_sql = "numeric".into();
+        assert!(matches!(
+            d.check("shard0", &r, "public.items", "public.items", &cols)
+                .await,
+            Verdict::Ready
+        ));
+    }
+
+    #[test]
+    fn widens_only_where_every_value_keeps_its_text() {
+        for (from, to) in [
+            ("smallint", "integer"),
+            ("integer", "bigint"),
+            ("integer", "numeric"),
+            ("character varying(10)", "text"),
+            ("character varying(10)", "character varying(12)"),
+            ("character varying(10)", "character varying"),
+            ("character varying", "text"),
+            ("numeric(10,2)", "numeric"),
+            ("numeric(10,2)", "numeric(12,2)"),
+        ] {
+            assert!(widens(from, to), "{from} → {to}");
+        }
+        for (from, to) in [
+            ("bigint", "integer"),
+            ("integer", "integer"),
+            ("integer", "text"),
+            ("integer", "numeric(5,0)"),
+            ("real", "double precision"),
+            ("text", "character varying(10)"),
+            ("character varying(10)", "character varying(8)"),
+            ("numeric(10,2)", "numeric(12,3)"),
+            ("numeric(10,2)", "numeric(8,2)"),
+            ("numeric", "numeric(10,2)"),
+            ("integer[]", "bigint[]"),
+            ("character(3)", "text"),
+        ] {
+            assert!(!widens(from, to), "{from} → {to}");
+        }
+    }
+
+    #[test]
+    fn widenable_types_are_formatted_as_format_type_does() {
+        assert_eq!(widenable_type_sql(23, -1).as_deref(), Some("integer"));
+        assert_eq!(widenable_type_sql(20, -1).as_deref(), Some("bigint"));
+        assert_eq!(widenable_type_sql(21, -1).as_deref(), Some("smallint"));
+        assert_eq!(widenable_type_sql(25, -1).as_deref(), Some("text"));
+        assert_eq!(
+            widenable_type_sql(1043, 14).as_deref(),
+            Some("character varying(10)")
+        );
+        assert_eq!(
+            widenable_type_sql(1043, -1).as_deref(),
+            Some("character varying")
+        );
+        // numeric(10,2): ((10 << 16) | 2) + 4.
+        assert_eq!(
+            widenable_type_sql(1700, (10 << 16 | 2) + 4).as_deref(),
+            Some("numeric(10,2)")
+        );
+        assert_eq!(widenable_type_sql(1700, -1).as_deref(), Some("numeric"));
+        // numeric(5,-2): the scale is 11-bit two's complement.
+        assert_eq!(widenable_type_sql(1700, (5 << 16 | 0x7fe) + 4), None);
+        assert_eq!(widenable_type_sql(16, -1), None);
     }
 
     #[test]

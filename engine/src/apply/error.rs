@@ -57,12 +57,14 @@ pub enum ApplyError {
     /// The shard table must change before this source table's changes can be written (a
     /// schema change on the source, a missing table or column): transient, the shard retries
     /// on the backoff and resumes by itself once the shard table matches.
-    #[error("shard {shard}: {wait}")]
+    #[error("shard {shard}: {wait}{}", .at.map(|l| format!(" (held before source commit {l})")).unwrap_or_default())]
     WaitingForDdl {
         /// Shard name.
         shard: String,
         /// What is waited for and the fix.
         wait: DdlWait,
+        /// The source commit LSN of the first transaction that waits, once known.
+        at: Option<Lsn>,
     },
     /// A change cannot be folded (no key, key unknown).
     #[error("shard {shard}: table {table}, source commit {commit_lsn}: {source}")]
