@@ -529,9 +529,9 @@ const TYPED_TABLES: &[TableCheck<'static>] = &[
     ("typed", Some(("account_id", "bigint")), "account_id, id"),
 ];
 
-/// A widening type change on the source, and rows of every account (so every shard) that only
+/// A type change on the source, and rows of every account (so every shard) that only
 /// fit the new type: inserts and updates of existing rows.
-struct Widening {
+struct TypeChange {
     /// The `ALTER TABLE` run on the source.
     source_ddl: &'static str,
     /// The statement the shards must run: its clauses are named in the wait, exactly.
@@ -541,7 +541,7 @@ struct Widening {
 }
 
 /// `integer` → `bigint`, values above 2^31.
-const TO_BIGINT: Widening = Widening {
+const TO_BIGINT: TypeChange = TypeChange {
     source_ddl: "ALTER TABLE typed ALTER COLUMN n TYPE bigint",
     shard_ddl: "ALTER TABLE public.typed ALTER COLUMN n TYPE bigint USING n::bigint",
     rows: "INSERT INTO typed (account_id, id, n) SELECT g % 97 + 1, 10000 + g, 3000000000 + g FROM generate_series(1, 200) g;
@@ -552,7 +552,7 @@ const TO_BIGINT: Widening = Widening {
 /// statements, so three relation versions on the source), with values that only fit the new
 /// types: a bigint, a longer string, more digits and more scale (which `numeric(10,2)` would
 /// round without an error).
-const THREE_WIDENINGS: Widening = Widening {
+const THREE_WIDENINGS: TypeChange = TypeChange {
     source_ddl: "ALTER TABLE typed ALTER COLUMN n TYPE bigint;
                  ALTER TABLE typed ALTER COLUMN v TYPE text;
                  ALTER TABLE typed ALTER COLUMN d TYPE numeric;",
@@ -569,7 +569,7 @@ const THREE_WIDENINGS: Widening = Widening {
 /// types would not refuse in a merge but change: an explicit cast to `varchar(10)` truncates,
 /// and `numeric(10,2)` rounds, without an error
 /// (<https://www.postgresql.org/docs/current/datatype-character.html>).
-const TEXT_AND_NUMERIC: Widening = Widening {
+const TEXT_AND_NUMERIC: TypeChange = TypeChange {
     source_ddl: "ALTER TABLE typed ALTER COLUMN v TYPE text;
                  ALTER TABLE typed ALTER COLUMN d TYPE numeric;",
     shard_ddl: "ALTER TABLE public.typed ALTER COLUMN v TYPE text USING v::text, \
@@ -578,6 +578,15 @@ const TEXT_AND_NUMERIC: Widening = Widening {
              'a value longer than ten characters ' || g, 1.125 + g
            FROM generate_series(1, 200) g;
            UPDATE typed SET v = 'updated to a longer value ' || id, d = 2.375 + id WHERE id % 4 = 1 AND id <= 200;",
+};
+
+/// `integer` → `text`, not a widening (reshard never runs it itself), with values no integer
+/// takes: after a restart the shard learns of it from the first value that does not fit.
+const INT_TO_TEXT: TypeChange = TypeChange {
+    source_ddl: "ALTER TABLE typed ALTER COLUMN n TYPE text",
+    shard_ddl: "ALTER TABLE public.typed ALTER COLUMN n TYPE text USING n::text",
+    rows: "INSERT INTO typed (account_id, id, n) SELECT g % 97 + 1, 10000 + g, 'n' || g FROM generate_series(1, 200) g;
+           UPDATE typed SET n = 'u' || id WHERE id % 4 = 3 AND id <= 200;",
 };
 
 /// How the daemon is restarted while its shards wait for the shard DDL.
@@ -650,19 +659,20 @@ fn typed_types(s: &reshard_harness::PgCluster) -> String {
     .unwrap()
 }
 
-/// wait mode: the source widens column type(s) mid-stream and writes values only the new
-/// type takes, for accounts on every shard. Every shard waits for DDL naming the table, the
-/// column(s) and the exact `ALTER TABLE … ALTER COLUMN … TYPE …`; the daemon keeps running,
-/// also across a restart of the given kind while the shards wait; once the operator runs the
-/// named statements on the shards, everything converges (nothing lost, nothing twice).
-fn alter_type_waits(widening: &Widening, restart: Restart) {
-    let (mut t, mut d, w) = start_typed("wait");
-    t.source_sql(widening.source_ddl);
-    t.source_sql(widening.rows);
+/// `[apply] ddl = mode`: the source changes column type(s) mid-stream (widenings in wait mode,
+/// or a change that is not a widening) and writes values only the new type takes, for accounts
+/// on every shard. Every shard waits for DDL naming the table, the column(s) and the exact
+/// `ALTER TABLE … ALTER COLUMN … TYPE …`; the daemon keeps running, also across a restart of
+/// the given kind while the shards wait; once the operator runs the named statement on the
+/// shards, everything converges (nothing lost, nothing twice).
+fn alter_type_waits(mode: &str, change: &TypeChange, restart: Restart) {
+    let (mut t, mut d, w) = start_typed(mode);
+    t.source_sql(change.source_ddl);
+    t.source_sql(change.rows);
     w.wait_commits(&t, 20);
     // "ALTER TABLE public.typed ALTER COLUMN n TYPE …", "ALTER COLUMN v TYPE …", …
     let mut words = vec!["public.typed"];
-    words.extend(widening.shard_ddl.split(", "));
+    words.extend(change.shard_ddl.split(", "));
     let msgs = wait_every_shard_ddl(&mut t, d, &words);
     println!("status says: {msgs:#?}");
     match restart {
@@ -687,7 +697,7 @@ fn alter_type_waits(widening: &Widening, restart: Restart) {
     std::thread::sleep(Duration::from_secs(2));
     wait_every_shard_ddl(&mut t, d, &words);
     for s in &t.shards {
-        s.psql("app", widening.shard_ddl)
+        s.psql("app", change.shard_ddl)
             .unwrap_or_else(|e| panic!("the named fix: {e}"));
     }
     w.wait_commits(&t, 20);
@@ -702,13 +712,13 @@ fn alter_type_waits(widening: &Widening, restart: Restart) {
 /// wait mode, no restart, `integer` → `bigint`.
 #[test]
 fn ddl_wait_alter_type_to_bigint_waits_then_resumes() {
-    alter_type_waits(&TO_BIGINT, Restart::Never);
+    alter_type_waits("wait", &TO_BIGINT, Restart::Never);
 }
 
 /// wait mode, no restart, three widenings (bigint, text, numeric) at once.
 #[test]
 fn ddl_wait_alter_type_three_widenings_wait_then_resume() {
-    alter_type_waits(&THREE_WIDENINGS, Restart::Never);
+    alter_type_waits("wait", &THREE_WIDENINGS, Restart::Never);
 }
 
 // See: "ALTER COLUMN TYPE + restart stops the shard on a non-fitting value".
@@ -716,7 +726,7 @@ fn ddl_wait_alter_type_three_widenings_wait_then_resume() {
 /// wait again (they do not stop on the first value that does not fit).
 #[test]
 fn ddl_wait_alter_type_survives_a_sigterm_restart_while_waiting() {
-    alter_type_waits(&TO_BIGINT, Restart::Sigterm);
+    alter_type_waits("wait", &TO_BIGINT, Restart::Sigterm);
 }
 
 // See: "ALTER COLUMN TYPE + restart stops the shard on a non-fitting value".
@@ -724,7 +734,7 @@ fn ddl_wait_alter_type_survives_a_sigterm_restart_while_waiting() {
 /// widenings, of which `numeric(10,2)` would round a value silently.
 #[test]
 fn ddl_wait_alter_type_survives_a_kill9_restart_while_waiting() {
-    alter_type_waits(&THREE_WIDENINGS, Restart::Kill9);
+    alter_type_waits("wait", &THREE_WIDENINGS, Restart::Kill9);
 }
 
 // See: "ALTER COLUMN TYPE + restart stops the shard on a non-fitting value".
@@ -732,20 +742,28 @@ fn ddl_wait_alter_type_survives_a_kill9_restart_while_waiting() {
 /// after the restart no longer value is cut and no finer value rounded on the old type.
 #[test]
 fn ddl_wait_alter_type_to_text_and_numeric_survives_a_sigterm_restart() {
-    alter_type_waits(&TEXT_AND_NUMERIC, Restart::Sigterm);
+    alter_type_waits("wait", &TEXT_AND_NUMERIC, Restart::Sigterm);
+}
+
+/// propagate mode, SIGTERM while waiting, `integer` → `text`: not a widening, so the shards
+/// wait (also in propagate mode), and after the restart they wait again once the first value
+/// no integer takes fails on them (22P02), naming the column and the statement.
+#[test]
+fn ddl_propagate_alter_type_int_to_text_waits_across_a_sigterm_restart() {
+    alter_type_waits("propagate", &INT_TO_TEXT, Restart::Sigterm);
 }
 
 /// propagate mode: a widening the shard can follow without changing any row it holds is run
 /// on the shard by reshard itself, before the first change that needs it; with `restart` the
 /// daemon is down (SIGTERM) while the source changes the type and writes the rows, so the new
 /// relation is the first this process sees.
-fn alter_type_propagates(widening: &Widening, down_during_ddl: bool) {
+fn alter_type_propagates(change: &TypeChange, down_during_ddl: bool) {
     let (mut t, mut d, w) = start_typed("propagate");
     if down_during_ddl {
         t.stop_cleanly(d);
     }
-    t.source_sql(widening.source_ddl);
-    t.source_sql(widening.rows);
+    t.source_sql(change.source_ddl);
+    t.source_sql(change.rows);
     if down_during_ddl {
         w.wait_commits(&t, 20);
         d = t.spawn_run(&[]);
