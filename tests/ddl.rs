@@ -589,6 +589,17 @@ const INT_TO_TEXT: TypeChange = TypeChange {
            UPDATE typed SET n = 'u' || id WHERE id % 4 = 3 AND id <= 200;",
 };
 
+/// `varchar(10)` → `character(40)`: not a widening reshard knows, so after a restart the shard
+/// learns of it only from a value: the old apply cast to `varchar(10)` cut every longer value
+/// to ten characters, silently (the shards converged to other rows than the source's).
+const VARCHAR_TO_CHAR: TypeChange = TypeChange {
+    source_ddl: "ALTER TABLE typed ALTER COLUMN v TYPE character(40)",
+    shard_ddl: "ALTER TABLE public.typed ALTER COLUMN v TYPE character(40) USING v::character(40)",
+    rows: "INSERT INTO typed (account_id, id, n, v) SELECT g % 97 + 1, 10000 + g, g,
+             'a value longer than ten characters ' || g FROM generate_series(1, 200) g;
+           UPDATE typed SET v = 'updated to a longer value ' || id WHERE id % 4 = 1 AND id <= 200;",
+};
+
 /// How the daemon is restarted while its shards wait for the shard DDL.
 #[derive(Clone, Copy, PartialEq)]
 enum Restart {
@@ -809,4 +820,14 @@ fn ddl_propagate_alter_type_widenings_follow_on_the_shards() {
 #[test]
 fn ddl_propagate_alter_type_while_the_daemon_is_down() {
     alter_type_propagates(&THREE_WIDENINGS, true);
+}
+
+// See: helper report on fd34b29 (an explicit cast to the shard's `varchar(n)` cuts a longer
+// value without an error).
+/// wait mode, SIGTERM while waiting, `varchar(10)` → `character(40)`: after the restart the
+/// shards wait on the first value too long for their column (22001), naming the statement;
+/// no value is cut to fit.
+#[test]
+fn ddl_wait_alter_type_varchar_to_char_never_cuts_a_value_across_a_restart() {
+    alter_type_waits("wait", &VARCHAR_TO_CHAR, Restart::Sigterm);
 }

@@ -53,6 +53,7 @@ fn table(rel: &Arc<Relation>) -> TargetTable {
         .map(|(c, ty)| TargetColumn {
             name: c.name.clone(),
             type_sql: ty.into(),
+            cast_sql: ty.into(),
             not_null: c.is_key,
             has_default: false,
             identity_always: false,

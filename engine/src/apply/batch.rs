@@ -891,6 +891,7 @@ mod tests {
         let tcol = |n: &str, pk| TargetColumn {
             name: n.into(),
             type_sql: if pk { "bigint" } else { "text" }.into(),
+            cast_sql: if pk { "bigint" } else { "text" }.into(),
             not_null: pk,
             has_default: false,
             identity_always: false,
@@ -972,6 +973,7 @@ mod tests {
         let tcol = |n: &str| TargetColumn {
             name: n.into(),
             type_sql: "text".into(),
+            cast_sql: "text".into(),
             not_null: false,
             has_default: false,
             identity_always: false,

@@ -1009,6 +1009,7 @@ mod tests {
             .map(|n| TargetColumn {
                 name: (*n).into(),
                 type_sql: "text".into(),
+                cast_sql: "text".into(),
                 not_null: false,
                 has_default: false,
                 identity_always: false,

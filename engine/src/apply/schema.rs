@@ -73,6 +73,7 @@ pub(crate) fn target_columns(rows: &[SimpleQueryMessage]) -> Vec<TargetColumn> {
             SimpleQueryMessage::Row(r) => Some(TargetColumn {
                 name: r.get(0).unwrap_or_default().to_owned(),
                 type_sql: r.get(1).unwrap_or("text").to_owned(),
+                cast_sql: r.get(7).or(r.get(1)).unwrap_or("text").to_owned(),
                 not_null: r.get(2) == Some("t"),
                 has_default: r.get(3) == Some("t"),
                 identity_always: r.get(4) == Some("a"),
@@ -90,8 +91,15 @@ pub(crate) fn target_columns(rows: &[SimpleQueryMessage]) -> Vec<TargetColumn> {
 pub struct TargetColumn {
     /// `attname`.
     pub name: String,
-    /// `format_type(atttypid, atttypmod)`: the SQL type to cast staged text to.
+    /// `format_type(atttypid, atttypmod)`, e.g. `character varying(10)`: the column's type as
+    /// declared (compared with the source's).
     pub type_sql: String,
+    /// `format_type(atttypid, -1)`, e.g. `character varying`: the type staged text is cast to.
+    /// Without the modifier, so that storing the value applies the column's length or
+    /// precision as an INSERT (or native replication) would: a value too long is an error
+    /// (22001), never cut. An explicit cast to `varchar(n)`, `char(n)` or `bit(n)` cuts
+    /// silently (<https://www.postgresql.org/docs/current/datatype-character.html>).
+    pub cast_sql: String,
     /// `attnotnull`.
     pub not_null: bool,
     /// `atthasdef`.
@@ -312,7 +320,7 @@ impl TargetTable {
                     source_idx: i,
                     name_sql: quote_ident(&t.name),
                     name: t.name.clone(),
-                    type_sql: t.type_sql.clone(),
+                    type_sql: t.cast_sql.clone(),
                     is_key,
                     settable: !is_key && !t.identity_always,
                 })
@@ -659,11 +667,12 @@ impl TargetTable {
 
 /// The catalog query for a target table's columns, in `attnum` order; `regclass_literal` is
 /// the quoted table name as an SQL literal. Columns: name, type, not null, has default,
-/// identity, generated, in primary key.
+/// identity, generated, in primary key, type without its modifier (to cast to).
 pub fn columns_query(regclass_literal: &str) -> String {
     format!(
         "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.atthasdef, \
-         a.attidentity, a.attgenerated, coalesce(a.attnum = ANY (i.indkey::int2[]), false) \
+         a.attidentity, a.attgenerated, coalesce(a.attnum = ANY (i.indkey::int2[]), false), \
+         format_type(a.atttypid, -1) \
          FROM pg_attribute a \
          LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
          WHERE a.attrelid = to_regclass({regclass_literal}) AND a.attnum > 0 \
@@ -694,6 +703,7 @@ mod tests {
         TargetColumn {
             name: n.into(),
             type_sql: "text".into(),
+            cast_sql: "text".into(),
             not_null: pk,
             has_default: false,
             identity_always: false,
