@@ -831,3 +831,68 @@ fn ddl_propagate_alter_type_while_the_daemon_is_down() {
 fn ddl_wait_alter_type_varchar_to_char_never_cuts_a_value_across_a_restart() {
     alter_type_waits("wait", &VARCHAR_TO_CHAR, Restart::Sigterm);
 }
+
+// See: helper report on fd34b29 ("startup still refuses … has no stored column … present on
+// other shards").
+/// propagate mode: an ADD COLUMN reaches a shard with the first change of the table it gets,
+/// so for a while one shard has the column and the other not. A restart then (a deploy, a
+/// crash) must start: the table is loaded, the stream adds the column on the other shard with
+/// its first change. Before, the full load's check refused to start the daemon.
+#[test]
+fn ddl_propagate_restart_while_only_some_shards_have_the_new_column() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    t.source_sql("INSERT INTO plans SELECT g, 'plan' || g FROM generate_series(1, 10) g");
+    t.source_sql(
+        "INSERT INTO items SELECT g % 97 + 1, g, 'pre' || g, 0 FROM generate_series(1, 500) g",
+    );
+    t.write_config_apply("ddl = \"propagate\"\n", "");
+    let mut d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    t.source_sql(ADD_COLUMNS);
+    // One account's rows only: one shard gets a change of items, the other none.
+    t.source_sql("INSERT INTO items (account_id, id, name, note) VALUES (5, 100001, 'one', 'n1')");
+    let has_note = |s: &reshard_harness::PgCluster| {
+        s.psql(
+            "app",
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'note' AND NOT attisdropped",
+        )
+        .unwrap()
+            == "1"
+    };
+    let with = t.wait(
+        "one shard to have the new column",
+        Duration::from_secs(60),
+        || t.shards.iter().position(has_note),
+    );
+    let without = 1 - with;
+    assert!(
+        !has_note(&t.shards[without]),
+        "both shards got the column: the test needs one without it"
+    );
+    t.stop_cleanly(d);
+    d = t.spawn_run(&[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while t.status_json().map(|s| s["phase"].clone()) != Some("streaming".into()) {
+        assert!(
+            t.is_running(d),
+            "the daemon did not start while shard{without} lacks the propagated column:\n{}",
+            t.all_logs()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for the restarted daemon to stream\n{}",
+            t.all_logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Every account now: the other shard gets the column with its first change.
+    t.source_sql(
+        "INSERT INTO items (account_id, id, name, note) SELECT g % 97 + 1, 200000 + g, 'after', 'n' || g FROM generate_series(1, 300) g;
+         UPDATE items SET note = 'u' || id WHERE id % 5 = 0 AND id <= 500",
+    );
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    assert!(has_note(&t.shards[without]));
+    assert!(t.is_running(d), "the daemon exited:\n{}", t.all_logs());
+    t.stop_cleanly(d);
+}

@@ -552,9 +552,11 @@ pub(crate) async fn inspect(
         // Copy the source's stored columns that every shard has as a stored column.
         let mut copy: Vec<&ColumnInfo> = Vec::new();
         let mut binary_ok = true;
-        // A shard column of another type than the source's: a problem for a table still to be
-        // copied. A loaded table's rows reach the shard through the stream, whose apply waits
-        // for the shard DDL (naming it) if the source changed the type: the daemon starts.
+        // A shard column of another type than the source's, or a source column some shards
+        // lack: a problem for a table still to be copied. A loaded table's rows reach the
+        // shard through the stream, whose apply adds the column (`ddl = "propagate"`: other
+        // shards may have had their first change of the table already) or waits for the shard
+        // DDL, naming it: the daemon starts.
         let mut retyped: Vec<(String, String)> = Vec::new();
         for col in src_cols.iter().filter(|c| !c.generated) {
             let mut on = Vec::new();
@@ -574,10 +576,13 @@ pub(crate) async fn inspect(
                 continue;
             }
             for shard in off {
-                problems.push(format!(
-                    "{}: table {target_display} has no stored column {} ({} on the source, \
-                     present on other shards); add it so all shards match",
-                    shard.name, col.name, col.type_name
+                retyped.push((
+                    shard.name.clone(),
+                    format!(
+                        "{}: table {target_display} has no stored column {} ({} on the source, \
+                         present on other shards); add it so all shards match",
+                        shard.name, col.name, col.type_name
+                    ),
                 ));
             }
             for (shard, t) in on {
@@ -643,7 +648,7 @@ pub(crate) async fn inspect(
         if matches!(status, TableStatus::Finished { .. }) {
             for (shard, problem) in retyped {
                 tracing::warn!(shard = %shard, table = %target_display, problem = %problem,
-                    "the table is loaded; its changes wait on the shard until the types match");
+                    "the table is loaded; its changes wait on the shard until its columns match the source's (or are added to it, ddl = \"propagate\")");
             }
         } else {
             problems.extend(retyped.into_iter().map(|(_, p)| p));
