@@ -615,3 +615,111 @@ fn skip_full_load_warns_that_rows_before_the_slot_are_not_copied() {
     );
     t.stop_cleanly(d);
 }
+
+/// A `[[shards]]` url the server refuses (a wrong password, 28P01; a database that does not
+/// exist, 3D000) is an operator mistake that no retry fixes: `reshard run` refuses it at once
+/// with exit 2, naming the shard, the url's target and the server's answer. On main it was
+/// retried for `--start-retry-secs` (default 300 s) as "a server is unreachable or
+/// restarting", then exit 3.
+#[test]
+fn a_shard_url_the_server_refuses_is_refused_at_once_with_exit_2() {
+    let t = Topology::start_with(2, || {
+        reshard_harness::PgCluster::builder().password("s3cret", reshard_harness::Auth::Scram)
+    });
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    let original = std::fs::read_to_string(t.write_config("")).unwrap();
+    let good = t.shards[1].url("app");
+    let cases = [
+        (
+            good.replace(":s3cret@", ":wrong@"),
+            "password authentication failed",
+        ),
+        (
+            good.replace("/app", "/nosuchdb"),
+            "\"nosuchdb\" does not exist",
+        ),
+    ];
+    for (url, answer) in cases {
+        assert_ne!(url, good);
+        std::fs::write(t.config_path(), original.replace(&good, &url)).unwrap();
+        let started = std::time::Instant::now();
+        let (code, _, err) = t.reshard(&[
+            "run",
+            "-c",
+            t.config_path().to_str().unwrap(),
+            "--start-retry-secs",
+            "60",
+        ]);
+        assert_eq!(code, 2, "{url}: {err}");
+        for want in ["shard1", answer] {
+            assert!(err.contains(want), "{url}: wants {want:?}: {err}");
+        }
+        assert!(!err.contains("unreachable or restarting"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "took {:?}: {err}",
+            started.elapsed()
+        );
+    }
+}
+
+/// `reshard run` on a source without `wal_level = logical` (the commonest setup slip) is
+/// refused with exit 2 before anything is created on the source, the fix said once. On main it
+/// created the publication and the spill log first, then exit 3 with the server's message
+/// printed twice.
+#[test]
+fn run_on_a_source_without_wal_level_logical_is_refused_before_anything_is_written() {
+    let t = Topology::start_with(1, || {
+        reshard_harness::PgCluster::builder().setting("wal_level", "replica")
+    });
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    let cfg = t.write_config("");
+    let (code, _, err) = t.reshard(&["run", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("wal_level = replica"), "{err}");
+    assert_eq!(
+        err.matches("ALTER SYSTEM SET wal_level = logical").count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(err.matches("requires wal_level").count(), 1, "{err}");
+    assert_eq!(
+        t.source_sql("SELECT count(*) FROM pg_publication").trim(),
+        "0",
+        "{err}"
+    );
+    assert!(!t.spill_dir().join("identity").exists(), "{err}");
+}
+
+/// A `[spill] dir` that holds another migration's log (another source or slot) is a mistake in
+/// the config: exit 2, naming the directory and `[spill] dir`, and the log is left as it is.
+/// On main: exit 3, as if a server could not be reached.
+#[test]
+fn a_spill_dir_of_another_migration_is_refused_with_exit_2() {
+    let mut t = Topology::start(1);
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    let cfg = t.write_config("");
+    let d = t.spawn_run(&[]);
+    t.wait_slot_active(Duration::from_secs(60));
+    t.stop_cleanly(d);
+    let identity = std::fs::read(t.spill_dir().join("identity")).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "[source]\n",
+            "[source]\nslot = \"other\"\npublication = \"other\"\n",
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = t.reshard(&["run", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    let dir = t.spill_dir().display().to_string();
+    for want in [dir.as_str(), "slot reshard", "[spill] dir"] {
+        assert!(err.contains(want), "wants {want:?}: {err}");
+    }
+    assert_eq!(
+        std::fs::read(t.spill_dir().join("identity")).unwrap(),
+        identity
+    );
+}

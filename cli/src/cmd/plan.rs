@@ -191,12 +191,20 @@ async fn refuse_shared_databases(
     loop {
         match distinct::prove(&entries, None).await {
             Ok(()) => return Ok(()),
-            Err(distinct::DistinctError::Unreachable {
-                section: distinct::Section::NewShards,
-                name,
-                entry,
-                message,
-            }) if entries
+            Err(
+                distinct::DistinctError::Unreachable {
+                    section: distinct::Section::NewShards,
+                    name,
+                    entry,
+                    message,
+                }
+                | distinct::DistinctError::Refused {
+                    section: distinct::Section::NewShards,
+                    name,
+                    entry,
+                    message,
+                },
+            ) if entries
                 .iter()
                 .any(|e| e.section == distinct::Section::NewShards && e.name == name) =>
             {

@@ -7,6 +7,8 @@ use reshard_engine::error::{Classify, ErrorClass};
 use reshard_engine::ops::plan::peer_overlaps;
 use reshard_engine::pg::conn::connect_plain;
 use reshard_engine::runtime::{self, RunOptions, RunSummary, RuntimeError};
+use reshard_engine::source::SourceError;
+use reshard_engine::spill::SpillError;
 
 use crate::output::{load_config, CmdResult, Failure};
 use crate::RunArgs;
@@ -96,14 +98,21 @@ fn finish(result: Result<Result<RunSummary, RuntimeError>, tokio::task::JoinErro
     }
 }
 
-/// Why the start failed, as an exit code: a source schema that needs a decision (config or
-/// SQL) and an admin console configuration that is refused are like configuration errors
-/// (exit 2); anything else could not complete (exit 3).
+/// Why the start failed, as an exit code: a source schema or setup that needs a decision
+/// (config or SQL), a shard url its server refuses, a spill directory of another migration and
+/// an admin console configuration that is refused are like configuration errors (exit 2);
+/// anything else could not complete (exit 3).
 fn start_failure(e: RuntimeError) -> Failure {
     match e {
         e @ (RuntimeError::KeyOutsideIdentity(_)
         | RuntimeError::NoRowIdentity(_)
         | RuntimeError::PartitionedOnPg12(_)) => {
+            Failure::usage(anyhow::Error::from(e).context("reshard run refuses to start"))
+        }
+        // No retry fixes these: the source's wal_level, a [spill] dir holding another
+        // migration's log.
+        e @ (RuntimeError::Source(SourceError::WalLevel { .. })
+        | RuntimeError::Spill(SpillError::IdentityMismatch { .. })) => {
             Failure::usage(anyhow::Error::from(e).context("reshard run refuses to start"))
         }
         RuntimeError::Shards(e) if e.is_mistake() => {

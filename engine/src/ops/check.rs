@@ -26,7 +26,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::{Config, TableMode, TableRule};
-use crate::pg::catalog::{CatalogError, TableSet};
+use crate::pg::catalog::{setting, CatalogError, TableSet};
 use crate::pg::conn::{connect_plain, quote_ident, quote_literal};
 use crate::pg::identity::KeyStrategy;
 use crate::pg::sql::TableName;
@@ -219,7 +219,7 @@ async fn check_distinct_shards(config: &Config, system_id: Option<&str>, report:
             SOURCE,
             "every [[shards]] url names its own database, holding no other shard's progress".into(),
         ),
-        Err(e @ DistinctError::Unreachable { .. }) => {
+        Err(e @ (DistinctError::Unreachable { .. } | DistinctError::Refused { .. })) => {
             report.fail("shard_query", SOURCE, e.to_string(), None)
         }
         Err(e) => report.fail(DISTINCT_SHARDS, SOURCE, e.to_string(), None),
@@ -340,13 +340,6 @@ async fn connect(url: &str) -> Result<Client, String> {
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())),
     }
-}
-
-async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgres::Error> {
-    let r = client
-        .query_one("SELECT current_setting($1)", &[&name])
-        .await?;
-    r.try_get(0)
 }
 
 async fn setting_i64(client: &Client, name: &str) -> Result<i64, tokio_postgres::Error> {

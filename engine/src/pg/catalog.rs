@@ -266,6 +266,14 @@ pub async fn server_version_num(client: &Client) -> Result<i32, CatalogError> {
         .get(0))
 }
 
+/// The server's current value of setting `name` (`current_setting`).
+pub async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgres::Error> {
+    client
+        .query_one("SELECT current_setting($1)", &[&name])
+        .await?
+        .try_get(0)
+}
+
 /// Creates the publication for `tables` if it does not exist (returns `true` if created);
 /// if it exists, checks that it publishes every table and publishes partitioned tables via
 /// their root.

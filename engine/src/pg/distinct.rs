@@ -23,6 +23,7 @@
 use tokio_postgres::Client;
 
 use crate::config::{Config, ShardConfig};
+use crate::error::{Classify, ErrorClass};
 use crate::pg::conn::{connect_plain, error_text, url_target};
 use crate::pg::progress::shards_of_slot;
 
@@ -115,6 +116,19 @@ pub enum DistinctError {
         /// The slot.
         slot: String,
     },
+    /// A shard's server refused the connection itself: its login (28P01, 28000), its database
+    /// (3D000), its TLS or its url's syntax. No retry fixes the url.
+    #[error("{entry}: {message}; fix the url of [[{section}]] {name}, then run again")]
+    Refused {
+        /// The section the entry is listed in.
+        section: Section,
+        /// The entry's name.
+        name: String,
+        /// The entry (label).
+        entry: String,
+        /// What the server (or the url's parser) said.
+        message: String,
+    },
     /// A shard could not be reached or queried.
     #[error("{entry}: {message}")]
     Unreachable {
@@ -155,7 +169,15 @@ pub async fn prove(
             entry: e.label(),
             message,
         };
-        let c = c.map_err(|err| unreachable(err.to_string()))?;
+        let c = c.map_err(|err| match err.class() {
+            ErrorClass::Definite => DistinctError::Refused {
+                section: e.section,
+                name: e.name.to_owned(),
+                entry: e.label(),
+                message: err.to_string(),
+            },
+            ErrorClass::Transient => unreachable(err.to_string()),
+        })?;
         let query = |err: tokio_postgres::Error| unreachable(error_text(&err));
         let pid: i32 = c
             .query_one("SELECT pg_backend_pid()", &[])

@@ -247,6 +247,21 @@ async fn start_once(
     }
     let conn = ConnConfig::parse(&cfg.source.url)?;
     let sql = conn.connect_sql().await?;
+    // Before anything is created: without wal_level = logical the slot cannot be created, and
+    // the publication and spill log made first would be left behind by a start that fails.
+    let wal_level = catalog::setting(&sql, "wal_level")
+        .await
+        .map_err(|source| CatalogError::Query {
+            what: "reading wal_level",
+            source,
+        })?;
+    if wal_level != "logical" {
+        return Err(RuntimeError::Source(SourceError::WalLevel {
+            message: format!(
+                "the source has wal_level = {wal_level}; logical decoding requires wal_level = logical"
+            ),
+        }));
+    }
     let tables = catalog::discover(&sql, &cfg).await?;
     // Before anything is created or copied: every sharded table's UPDATEs and DELETEs must be
     // routable (the same verdict as `reshard check`), never a stop minutes into the stream.

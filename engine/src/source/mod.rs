@@ -62,10 +62,11 @@ pub enum SourceError {
         /// What the server (or the client) said.
         message: String,
     },
-    /// The server runs with `wal_level` below `logical` (SQLSTATE 55000).
+    /// The server runs with `wal_level` below `logical` (SQLSTATE 55000). `message` says so
+    /// (the server's, or reshard's own naming the setting).
     #[error(
-        "logical decoding requires wal_level >= logical ({message}); fix: run \
-         ALTER SYSTEM SET wal_level = logical; then restart the PostgreSQL server"
+        "{message}; fix: run ALTER SYSTEM SET wal_level = logical; then restart the \
+         PostgreSQL server"
     )]
     WalLevel {
         /// The server's message.
