@@ -723,3 +723,24 @@ fn a_spill_dir_of_another_migration_is_refused_with_exit_2() {
         identity
     );
 }
+
+/// `reshard verify` while `reshard run` is still in its full load waits for the load (up to
+/// `--timeout`) and then compares, instead of comparing half-loaded shards "as they are" and
+/// reporting a MISMATCH (exit 1) on a migration that is going fine, as it did on main.
+#[test]
+fn verify_during_the_full_load_waits_for_it_instead_of_reporting_a_mismatch() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    t.source_sql("INSERT INTO accounts SELECT g, 'a' || g FROM generate_series(1, 12000) g");
+    let cfg = t.write_config("[snapshot]\nmax_rows_per_sec = 1500\n");
+    let d = t.spawn_run(&[]);
+    t.wait("the full load to run", Duration::from_secs(60), || {
+        let s = t.status_json()?;
+        (s["phase"] == "full_load").then_some(())
+    });
+    let (code, out, err) = t.reshard(&["verify", "-c", cfg.to_str().unwrap(), "--timeout", "120"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("MATCH"), "{out}");
+    assert!(!out.contains("compared as it is"), "{out}");
+    t.stop_cleanly(d);
+}

@@ -273,7 +273,9 @@ struct ShardConn {
     index: usize,
     name: String,
     client: Client,
-    has_progress: bool,
+    /// Its progress is waited for before its snapshot: it has a progress row, or a `reshard
+    /// run` is up (loading it; the row comes once its full load is done).
+    wait_progress: bool,
     /// Set once nothing was found applying to this shard: it is then read as it is.
     not_applying: std::sync::Mutex<Option<NotApplying>>,
 }
@@ -348,7 +350,7 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
                 error: Box::new(error),
             })?;
         normalize_session(&client).await.map_err(q(&s.name, None))?;
-        let has_progress = read_progress(&client, &config.source.slot, &s.name, None)
+        let wait_progress = read_progress(&client, &config.source.slot, &s.name, None)
             .await
             .ok()
             .flatten()
@@ -357,14 +359,22 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
             index,
             name: s.name.clone(),
             client,
-            has_progress,
+            wait_progress,
             not_applying: std::sync::Mutex::new(None),
         });
     }
     let system_id = source_system_id(&src).await;
-    let live = shards.iter().any(|s| s.has_progress);
+    // A shard without a progress row while a `reshard run` is up is still in its full load:
+    // its progress is waited for (up to --timeout) like any other's, never compared half
+    // loaded and reported as a mismatch.
+    if shards.iter().any(|s| !s.wait_progress) && find_daemon(config, &src).await.is_up() {
+        for s in shards.iter_mut() {
+            s.wait_progress = true;
+        }
+    }
+    let live = shards.iter().any(|s| s.wait_progress);
     let mut notes = Vec::new();
-    for s in shards.iter().filter(|s| !s.has_progress) {
+    for s in shards.iter().filter(|s| !s.wait_progress) {
         notes.push(format!(
             "shard {} has no progress row for slot {}: compared as it is, without waiting for replication",
             s.name, config.source.slot
@@ -732,7 +742,7 @@ async fn begin_shard(ctx: &Ctx<'_>, pos: usize, lsn: Lsn) -> Result<(), VerifyEr
         return Ok(());
     };
     let stale = s.not_applying.lock().map(|g| g.is_some()).unwrap_or(false);
-    if s.has_progress && !stale {
+    if s.wait_progress && !stale {
         let waited = ProgressWait {
             config: ctx.config,
             src: &ctx.src,
