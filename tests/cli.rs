@@ -744,3 +744,24 @@ fn verify_during_the_full_load_waits_for_it_instead_of_reporting_a_mismatch() {
     assert!(!out.contains("compared as it is"), "{out}");
     t.stop_cleanly(d);
 }
+
+/// `verify --accounts` with a value no sharded table's key can hold (`12a` for a bigint key, a
+/// stray empty item) is refused with exit 2, naming the value and the key's type. On main it
+/// selected no row anywhere and every table passed as "ok".
+#[test]
+fn verify_refuses_an_account_that_is_not_a_value_of_the_shard_key() {
+    let t = Topology::start(2);
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    let cfg = t.write_config("");
+    let cfg = cfg.to_str().unwrap();
+    for bad in ["3,12a", "3,"] {
+        let (code, out, err) = t.reshard(&["verify", "-c", cfg, "--accounts", bad]);
+        assert_eq!(code, 2, "{bad}: {out}\n{err}");
+        assert!(err.contains("public.accounts.account_id (bigint)"), "{err}");
+    }
+    let (code, out, err) = t.reshard(&["verify", "-c", cfg, "--accounts", "12a"]);
+    assert!(err.contains("\"12a\""), "{out}\n{err}");
+    assert_eq!(code, 2);
+    let (code, out, err) = t.reshard(&["verify", "-c", cfg, "--accounts", "3, 4"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+}

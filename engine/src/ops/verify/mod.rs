@@ -408,6 +408,7 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
         plans.push(plan_table(&mut ctx, rule).await?);
         tracing::debug!(table = %rule.source, secs = t.elapsed().as_secs_f64(), "verify: planned");
     }
+    refuse_unfit_accounts(&ctx.opts.accounts, plans.iter().map(|(p, _)| p))?;
     let mut held = Held::default();
     let compared = async {
         for (plan, results) in plans {
@@ -440,6 +441,37 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Result<VerifyRepor
     report.missing_columns = ctx.missing_columns;
     report.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Refuses an `--accounts` value that no compared sharded table's key can hold (a typo such
+/// as `12a` for a bigint key): it would select no row anywhere and pass as "ok".
+fn refuse_unfit_accounts<'p>(
+    accounts: &[String],
+    plans: impl Iterator<Item = &'p Plan>,
+) -> Result<(), VerifyError> {
+    let sharded: Vec<&Plan> = plans
+        .filter(|p| p.rule.mode == TableMode::Sharded)
+        .collect();
+    if sharded.is_empty() {
+        return Ok(());
+    }
+    match accounts.iter().find(|a| {
+        !sharded
+            .iter()
+            .any(|p| sql::account_fits_type(a, &p.key_type))
+    }) {
+        None => Ok(()),
+        Some(a) => {
+            let keys: Vec<String> = sharded
+                .iter()
+                .map(|p| format!("{}.{} ({})", p.rule.source, p.rule.key, p.key_type))
+                .collect();
+            Err(VerifyError::Config(format!(
+                "--accounts: {a:?} is not a value of the shard key of any compared table ({}): no row could match it; give each account as its key's value",
+                keys.join(", ")
+            )))
+        }
+    }
 }
 
 /// The account map of `[routing]` (`map` CSV file or `map_query` on the source), as a

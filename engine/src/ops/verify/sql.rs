@@ -59,7 +59,7 @@ pub fn key_in(key: &str, key_type: &str, accounts: &[String]) -> String {
 
 /// Whether `account` can be a value of `key_type` (`format_type` text) as PostgreSQL reads
 /// it: checked for the integer types and uuid; any text for every other type.
-fn account_fits_type(account: &str, key_type: &str) -> bool {
+pub(super) fn account_fits_type(account: &str, key_type: &str) -> bool {
     let a = account.trim();
     match key_type {
         "smallint" => a.parse::<i16>().is_ok(),
