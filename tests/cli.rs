@@ -765,3 +765,52 @@ fn verify_refuses_an_account_that_is_not_a_value_of_the_shard_key() {
     let (code, out, err) = t.reshard(&["verify", "-c", cfg, "--accounts", "3, 4"]);
     assert_eq!(code, 0, "{out}\n{err}");
 }
+
+/// A shard url whose port accepts TCP but never answers PostgreSQL's startup (a port that is
+/// not PostgreSQL's, a hung server) ends `verify` after the url's `connect_timeout` with exit 3
+/// naming the host and port. On main the SQL connection had no bound past the TCP connect:
+/// `verify` waited forever without a word.
+#[test]
+fn verify_against_a_shard_that_never_answers_ends_after_connect_timeout() {
+    let t = Topology::start(1);
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming() {
+            held.push(c);
+        }
+    });
+    let text = std::fs::read_to_string(t.write_config("")).unwrap();
+    let text = text.replace(
+        &t.shards[0].url("app"),
+        &format!("postgres://postgres@127.0.0.1:{port}/app?connect_timeout=3"),
+    );
+    std::fs::write(t.config_path(), text).unwrap();
+    let mut child = std::process::Command::new(crate::common::reshard_bin())
+        .args(["verify", "-c", t.config_path().to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let status = status.unwrap_or_else(|| panic!("verify still waiting after 30s: {err}"));
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("connect_timeout"), "{err}");
+}

@@ -511,7 +511,27 @@ impl ConnConfig {
     /// are answered ([`crate::pg::conn::DURABLE_COMMITS_SQL`]): every reshard session writes
     /// progress, chunk records, steps or layouts that later decisions trust. No timeout set for
     /// the role or database applies to it ([`crate::pg::conn::NO_SESSION_TIMEOUTS_SQL`]).
+    /// The whole connection (TCP, TLS, startup, authentication and the session's setup) is
+    /// bounded by `connect_timeout` (tokio-postgres bounds only the TCP connect): a port that
+    /// accepts but never answers (not PostgreSQL's, a hung server) is an error naming it.
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SourceError> {
+        let t = self.effective_connect_timeout();
+        tokio::time::timeout(t, self.connect_sql_unbounded())
+            .await
+            .unwrap_or_else(|_| {
+                Err(SourceError::Connect {
+                    host: self.host.clone(),
+                    port: self.port,
+                    source: format!(
+                        "connect_timeout of {}s expired during startup: the server accepted the connection but did not answer",
+                        t.as_secs()
+                    )
+                    .into(),
+                })
+            })
+    }
+
+    async fn connect_sql_unbounded(&self) -> Result<tokio_postgres::Client, SourceError> {
         let cfg = self.to_tokio_postgres();
         let map = |e| from_pg_error(e, &self.host, self.port, &self.user, "connecting");
         let target = format!("{}:{}/{}", self.host, self.port, self.dbname);
