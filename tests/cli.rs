@@ -814,3 +814,25 @@ fn verify_against_a_shard_that_never_answers_ends_after_connect_timeout() {
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     assert!(err.contains("connect_timeout"), "{err}");
 }
+
+/// `cutover --timeout 0` (or any timeout shorter than the first look for the daemon) still says
+/// what the daemon is doing. On main the clause was empty: "has not applied anything to it yet
+/// ()".
+#[test]
+fn cutover_with_a_zero_timeout_still_says_whether_reshard_run_is_up() {
+    let t = Topology::start(1);
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    let cfg = t.write_config("");
+    let (code, _, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--shard",
+        "shard0",
+        "--timeout",
+        "0",
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(!err.contains("()"), "{err}");
+    assert!(err.contains("no reshard run is up"), "{err}");
+}

@@ -922,6 +922,12 @@ impl ProgressWait<'_> {
                 return Ok(Waited::NothingApplying { reached, daemon });
             }
             if started.elapsed() >= self.timeout {
+                // A timeout shorter than QUIET ends before the first look for the daemon.
+                if daemon.is_empty() {
+                    daemon = find_daemon(self.config, self.src)
+                        .await
+                        .describe(self.config, self.shard);
+                }
                 return Err(VerifyError::Timeout {
                     shard: self.shard.to_owned(),
                     target: self.target,
