@@ -836,3 +836,30 @@ fn cutover_with_a_zero_timeout_still_says_whether_reshard_run_is_up() {
     assert!(!err.contains("()"), "{err}");
     assert!(err.contains("no reshard run is up"), "{err}");
 }
+
+/// `quarantine drop` with nothing quarantined (or a `--table` holding nothing) has nothing to
+/// confirm: it says so and exits 0. On main it asked for `--yes` to delete "0 quarantined
+/// change(s) ()" and exited 2.
+#[test]
+fn quarantine_drop_with_nothing_quarantined_says_so_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("reshard.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[source]\nurl = \"postgres://postgres@127.0.0.1:1/app\"\n\n[spill]\ndir = \"{}\"\n\n\
+             [[shards]]\nname = \"shard0\"\nurl = \"postgres://postgres@127.0.0.1:1/app\"\n",
+            dir.path().join("spill").display()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    for args in [
+        &["quarantine", "drop", "-c", cfg][..],
+        &["quarantine", "drop", "-c", cfg, "--table", "public.orders"][..],
+    ] {
+        let (code, out, err) = crate::common::run_reshard(args, &[]);
+        assert_eq!(code, 0, "{args:?}: {out}\n{err}");
+        assert!(out.contains("nothing to drop"), "{out}");
+    }
+}

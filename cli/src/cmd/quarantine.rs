@@ -136,6 +136,17 @@ pub async fn run(args: QuarantineArgs) -> CmdResult {
                 })
                 .collect();
             let count: u64 = chosen.iter().map(|t| t.changes).sum();
+            if count == 0 {
+                let of = table
+                    .as_deref()
+                    .map(|t| format!(" of table {t}"))
+                    .unwrap_or_default();
+                println!(
+                    "no quarantined changes{of} in {}: nothing to drop",
+                    dir.display()
+                );
+                return Ok(());
+            }
             if !yes {
                 return Err(Failure::usage(anyhow!(
                     "this deletes {count} quarantined change(s) ({}) for good: their rows will \
