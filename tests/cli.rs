@@ -863,3 +863,31 @@ fn quarantine_drop_with_nothing_quarantined_says_so_and_exits_0() {
         assert!(out.contains("nothing to drop"), "{out}");
     }
 }
+
+/// A `[source] url` its server refuses (wrong password, no such database) is a mistake in the
+/// config like a shard's: exit 2 at once (systemd's `RestartPreventExitStatus=2` then does not
+/// restart it every 5 s for ever). On main: exit 3.
+#[test]
+fn a_source_url_the_server_refuses_is_exit_2() {
+    let t = Topology::start_with(1, || {
+        reshard_harness::PgCluster::builder().password("s3cret", reshard_harness::Auth::Scram)
+    });
+    let original = std::fs::read_to_string(t.write_config("")).unwrap();
+    let good = t.source.url("app");
+    for (url, answer) in [
+        (
+            good.replace(":s3cret@", ":wrong@"),
+            "password authentication failed",
+        ),
+        (
+            good.replace("/app", "/nosuchdb"),
+            "\"nosuchdb\" does not exist",
+        ),
+    ] {
+        std::fs::write(t.config_path(), original.replace(&good, &url)).unwrap();
+        let (code, _, err) = t.reshard(&["run", "-c", t.config_path().to_str().unwrap()]);
+        assert_eq!(code, 2, "{url}: {err}");
+        assert!(err.contains(answer), "{url}: {err}");
+        assert!(err.contains("[source] url"), "{url}: {err}");
+    }
+}

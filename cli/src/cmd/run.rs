@@ -115,6 +115,11 @@ fn start_failure(e: RuntimeError) -> Failure {
         | RuntimeError::Spill(SpillError::IdentityMismatch { .. })) => {
             Failure::usage(anyhow::Error::from(e).context("reshard run refuses to start"))
         }
+        RuntimeError::Source(e) if e.is_refused() => Failure::usage(
+            anyhow::Error::from(RuntimeError::Source(e)).context(
+                "reshard run refuses to start: the source's server refused [source] url; fix it (or RESHARD_SOURCE_URL), then run again",
+            ),
+        ),
         RuntimeError::Shards(e) if e.is_mistake() => {
             Failure::usage(anyhow::Error::from(e).context("reshard run refuses to start"))
         }

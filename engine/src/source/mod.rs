@@ -205,6 +205,12 @@ impl Classify for SourceError {
 }
 
 impl SourceError {
+    /// The server refused the connection itself: its login (28P01, 28000) or its database
+    /// (3D000). The url (or the password it finds) is wrong; no retry fixes it.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, SourceError::Auth { .. }) || self.sqlstate() == Some("3D000")
+    }
+
     /// The SQLSTATE the server sent, when this error came from the server.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
