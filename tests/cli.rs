@@ -891,3 +891,38 @@ fn a_source_url_the_server_refuses_is_exit_2() {
         assert!(err.contains("[source] url"), "{url}: {err}");
     }
 }
+
+/// `--start-retry-secs S` retries an unreachable shard for S seconds, as it says: the last
+/// wait is cut to what is left, and a last attempt is made at the deadline. On main it gave
+/// up as soon as the next backoff would pass the deadline: with a first retry delay of 4 s and
+/// S = 10 after 4 s.
+#[test]
+fn start_retry_secs_retries_for_the_whole_time_given() {
+    let t = Topology::start(1);
+    t.ddl_everywhere("CREATE TABLE accounts (account_id bigint PRIMARY KEY, name text)");
+    let text = std::fs::read_to_string(t.write_config("")).unwrap();
+    let port = crate::common::free_port();
+    let text = text
+        .replace("retry_initial_ms = 100", "retry_initial_ms = 4000")
+        .replace("retry_max_ms = 1000", "retry_max_ms = 30000")
+        .replace(
+            &t.shards[0].url("app"),
+            &format!("postgres://postgres@127.0.0.1:{port}/app"),
+        );
+    std::fs::write(t.config_path(), text).unwrap();
+    let started = std::time::Instant::now();
+    let (code, _, err) = t.reshard(&[
+        "run",
+        "-c",
+        t.config_path().to_str().unwrap(),
+        "--start-retry-secs",
+        "10",
+    ]);
+    let took = started.elapsed();
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains(&port.to_string()), "{err}");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(20),
+        "gave up after {took:?}: {err}"
+    );
+}

@@ -209,18 +209,19 @@ pub async fn start(cfg: Config, opts: RunOptions) -> Result<Running, RuntimeErro
     loop {
         let mut reached = false;
         match start_once(cfg.clone(), &opts, &mut reached).await {
+            // Retried until the deadline: the last wait is cut to what is left, and one last
+            // attempt is made at the deadline.
             Err(e)
-                if reached
-                    && e.class() == ErrorClass::Transient
-                    && Instant::now() + backoff < deadline =>
+                if reached && e.class() == ErrorClass::Transient && Instant::now() < deadline =>
             {
+                let wait = backoff.min(deadline.saturating_duration_since(Instant::now()));
                 tracing::warn!(
                     error = %e,
-                    retry_in_ms = backoff.as_millis() as u64,
+                    retry_in_ms = wait.as_millis() as u64,
                     gives_up_in_s = deadline.saturating_duration_since(Instant::now()).as_secs(),
                     "could not start yet: a server is unreachable or restarting; retrying (reshard run --start-retry-secs sets how long)"
                 );
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(max);
             }
             r => return r,
