@@ -375,3 +375,64 @@ fn an_idle_shard_reads_caught_up_while_the_source_wal_moves_without_it() {
     );
     t.stop_cleanly(d);
 }
+
+// See: helper report (operator-mistake sweep): `cutover --fence` with no `reshard run` up
+// waited out the whole --timeout (600 s by default) while the source refused the shard's
+// accounts' writes.
+/// `cutover --fence` while no daemon runs: it says what it waits for, and once no `reshard run`
+/// has been up for 20 s while the shard's progress stood still, it stops with exit 3 naming
+/// that, the fence and how to lift it, instead of waiting out --timeout. Run again with the
+/// daemon up, it resumes and reports SAFE.
+#[test]
+fn cutover_with_no_daemon_up_stops_instead_of_waiting_out_the_timeout() {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    t.source_sql("INSERT INTO currencies VALUES ('EUR', 'Euro')");
+    t.source_sql("INSERT INTO orders (account_id, amount, note) SELECT a % 40, a, 'n' || a FROM generate_series(1, 400) a");
+    let cfg = t.write_config("");
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    t.stop_cleanly(d);
+    // Writes while the daemon is down: every shard is behind.
+    t.source_sql("INSERT INTO orders (account_id, amount, note) SELECT a % 40, a, 'down' FROM generate_series(1, 100) a");
+    let started = std::time::Instant::now();
+    let (code, out, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        &cfg,
+        "--shard",
+        "shard0",
+        "--fence",
+        "--timeout",
+        "150s",
+    ]);
+    let took = started.elapsed();
+    assert_eq!(code, 3, "{out}\n{err}");
+    assert!(
+        took < Duration::from_secs(90),
+        "cutover waited {took:?} for a shard nothing applies to:\n{err}"
+    );
+    for want in [
+        "nothing applies its changes",
+        "no reshard run is up",
+        "reshard unfence --shard shard0",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from:\n{err}");
+    }
+    // The fence stayed (as documented); with the daemon up again the same command finishes.
+    let d = t.spawn_run(&[]);
+    let (code, out, err) = t.reshard(&[
+        "cutover",
+        "-c",
+        &cfg,
+        "--shard",
+        "shard0",
+        "--fence",
+        "--timeout",
+        "120s",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", t.all_logs());
+    assert!(out.contains("SAFE"), "{out}");
+    t.stop_cleanly(d);
+}

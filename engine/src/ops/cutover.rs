@@ -112,6 +112,24 @@ pub enum CutoverError {
         /// Seconds waited.
         waited_secs: f64,
     },
+    /// No `reshard run` is up to apply the shard's changes, and its progress stands still:
+    /// waiting out the timeout would change nothing (with `--fence`, the application's writes
+    /// of its accounts would be refused all that time).
+    #[error("shard {shard} is at {reached}, short of the cutover marker {target}, and nothing applies its changes: {daemon} (looked for {waited_secs:.0}s); start reshard run (or fix what stopped the shard, see `reshard status`) and run the cutover again: it resumes where it stopped{fence}")]
+    NothingApplying {
+        /// Shard.
+        shard: String,
+        /// LSN waited for.
+        target: Lsn,
+        /// Progress reached.
+        reached: Lsn,
+        /// Seconds waited.
+        waited_secs: f64,
+        /// What was looked for.
+        daemon: String,
+        /// What to do about the fence, if the shard is fenced.
+        fence: String,
+    },
     /// A replicated table is missing on the shard ([`crate::pg::catalog::missing_on_shard`]).
     #[error("{message}")]
     TableMissing {
@@ -254,6 +272,11 @@ impl Steps {
     }
 }
 
+/// How long the wait goes on while no `reshard run` is up and the shard's progress stands
+/// still: long enough for a daemon being restarted, short of a 10-minute `--timeout` of
+/// refused writes.
+const NOTHING_APPLIES_FOR: Duration = Duration::from_secs(20);
+
 fn qerr(endpoint: &str, what: &str) -> impl Fn(tokio_postgres::Error) -> CutoverError {
     let query = EndpointError::query(endpoint, what);
     move |error| CutoverError::Endpoint(query(error))
@@ -360,20 +383,24 @@ pub async fn cutover(
         target,
         timeout: opts.timeout,
         who: "cutover",
-        stop_when_nothing_applies: false,
+        stop_when_nothing_applies: Some(NOTHING_APPLIES_FOR),
     }
     .run()
     .await;
     let reached = match waited {
         Ok(Waited::Reached(l)) => l,
-        // Not asked for (`stop_when_nothing_applies: false`); never a reason to go on.
-        Ok(Waited::NothingApplying { reached, .. }) => {
-            return Err(CutoverError::Timeout {
+        Ok(Waited::NothingApplying { reached, daemon }) => {
+            return Err(CutoverError::NothingApplying {
                 shard: name.to_owned(),
                 target,
                 reached,
-                behind_bytes: target.bytes_since(reached),
                 waited_secs: started.elapsed().as_secs_f64(),
+                daemon,
+                fence: if fenced {
+                    format!("; shard {name} stays fenced on the source meanwhile (`reshard unfence --shard {name}` lifts it)")
+                } else {
+                    String::new()
+                },
             })
         }
         Err(VerifyError::Timeout {

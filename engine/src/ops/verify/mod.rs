@@ -784,7 +784,7 @@ async fn begin_shard(ctx: &Ctx<'_>, pos: usize, lsn: Lsn) -> Result<(), VerifyEr
             target: lsn,
             timeout: ctx.opts.timeout,
             who: "verify",
-            stop_when_nothing_applies: true,
+            stop_when_nothing_applies: Some(Duration::ZERO),
         }
         .run()
         .await?;
@@ -834,9 +834,10 @@ pub struct ProgressWait<'a> {
     pub timeout: Duration,
     /// Who waits (`verify`, `cutover`), for the messages.
     pub who: &'a str,
-    /// Return [`Waited::NothingApplying`] once no daemon is up and the progress stands still,
-    /// instead of waiting for a daemon until the timeout.
-    pub stop_when_nothing_applies: bool,
+    /// Return [`Waited::NothingApplying`] once no daemon has been up for this long (looked for
+    /// every 2 s, at least twice) while the progress stood still, instead of waiting for one
+    /// until the timeout. `None`: wait out the timeout.
+    pub stop_when_nothing_applies: Option<Duration>,
 }
 
 /// How a [`ProgressWait`] ended.
@@ -867,6 +868,7 @@ impl ProgressWait<'_> {
         let mut next_daemon = started + QUIET;
         let mut daemon = String::new();
         let mut absent_checks = 0u32;
+        let mut absent_since = started;
         let mut poll = POLL_FIRST;
         loop {
             let row = match read_progress(
@@ -895,7 +897,14 @@ impl ProgressWait<'_> {
             if now >= next_daemon {
                 let d = find_daemon(self.config, self.src).await;
                 daemon = d.describe(self.config, self.shard);
-                absent_checks = if d.is_up() { 0 } else { absent_checks + 1 };
+                if d.is_up() {
+                    absent_checks = 0;
+                } else {
+                    if absent_checks == 0 {
+                        absent_since = now;
+                    }
+                    absent_checks += 1;
+                }
                 next_daemon = now + DAEMON_EVERY;
             }
             if now >= next_report {
@@ -916,9 +925,13 @@ impl ProgressWait<'_> {
                 );
                 next_report = now + REPORT_EVERY;
             }
-            // Two looks for the daemon, DAEMON_EVERY apart, found nothing, and the progress
-            // did not move meanwhile: nothing will move it.
-            if self.stop_when_nothing_applies && absent_checks >= 2 && standing_still {
+            // Two looks for the daemon, DAEMON_EVERY apart (and for as long as asked), found
+            // nothing, and the progress did not move meanwhile: nothing will move it.
+            if self
+                .stop_when_nothing_applies
+                .is_some_and(|d| absent_checks >= 2 && now.duration_since(absent_since) >= d)
+                && standing_still
+            {
                 return Ok(Waited::NothingApplying { reached, daemon });
             }
             if started.elapsed() >= self.timeout {
