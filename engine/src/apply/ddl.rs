@@ -250,16 +250,7 @@ impl Ddl {
                     })
                 }
                 Err(e) => {
-                    return Verdict::Wait(DdlWait {
-                        source_table: src.clone(),
-                        what: format!(
-                            "source table {src} changed ({}) and its definition cannot be read from the source catalog: {e}",
-                            describe(&missing, &retyped)
-                        ),
-                        fix: format!(
-                            "make shard {shard} table {target} match source table {src}, or restore the source connection"
-                        ),
-                    });
+                    return unreadable_source(shard, &src, target, &missing, &retyped, &e);
                 }
             }
         } else if prev.is_none() {
@@ -285,18 +276,7 @@ impl Ddl {
         }
         let catalog = match self.source_columns(rel).await {
             Ok(c) => c,
-            Err(e) => {
-                return Verdict::Wait(DdlWait {
-                    source_table: src.clone(),
-                    what: format!(
-                        "source table {src} changed ({}) and its definition cannot be read from the source catalog: {e}",
-                        describe(&missing, &retyped)
-                    ),
-                    fix: format!(
-                        "make shard {shard} table {target} match source table {src}, or restore the source connection"
-                    ),
-                })
-            }
+            Err(e) => return unreadable_source(shard, &src, target, &missing, &retyped, &e),
         };
         let find = |n: &str| catalog.iter().find(|c| c.name == n);
         let mut adds = Vec::new();
@@ -816,6 +796,28 @@ pub(super) fn widens(from: &str, to: &str) -> bool {
         },
         _ => false,
     }
+}
+
+/// The wait when the source changed a table and its definition cannot be read from the
+/// source catalog.
+fn unreadable_source(
+    shard: &str,
+    src: &str,
+    target: &str,
+    missing: &[&str],
+    retyped: &[&str],
+    e: &dyn std::fmt::Display,
+) -> Verdict {
+    Verdict::Wait(DdlWait {
+        source_table: src.to_owned(),
+        what: format!(
+            "source table {src} changed ({}) and its definition cannot be read from the source catalog: {e}",
+            describe(missing, retyped)
+        ),
+        fix: format!(
+            "make shard {shard} table {target} match source table {src}, or restore the source connection"
+        ),
+    })
 }
 
 /// The shard columns of `cols` whose type differs from `types`, the source's type of each
