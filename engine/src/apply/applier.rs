@@ -589,6 +589,26 @@ impl<'a, L: ShardLog> Session<'a, L> {
         Ok(())
     }
 
+    /// [`Self::wait_for_ddl`] for a change at source commit `at` that waits for `wait`.
+    async fn wait_for_ddl_at(
+        &mut self,
+        at: Lsn,
+        shard: String,
+        wait: super::ddl::DdlWait,
+        reader: &mut L::Reader,
+    ) -> Result<(), ApplyError> {
+        self.ddl_failed_at = Some(at);
+        self.wait_for_ddl(
+            ApplyError::WaitingForDdl {
+                shard,
+                wait,
+                at: None,
+            },
+            reader,
+        )
+        .await
+    }
+
     /// A change waits for DDL (`e`, with `ddl_failed_at` its source commit LSN): the first
     /// time, rewind and commit every source transaction before it (`ddl_barrier`); then `e`.
     async fn wait_for_ddl(
@@ -660,17 +680,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
         {
             None | Some(Verdict::Ready) => {}
             Some(Verdict::Wait(wait)) => {
-                self.ddl_failed_at = Some(at);
-                return self
-                    .wait_for_ddl(
-                        ApplyError::WaitingForDdl {
-                            shard,
-                            wait,
-                            at: None,
-                        },
-                        reader,
-                    )
-                    .await;
+                return self.wait_for_ddl_at(at, shard, wait, reader).await;
             }
             Some(Verdict::Add { sql, retyped }) => {
                 let ctx = format!("widening column(s) of {target} as the source did: {sql}");
@@ -686,16 +696,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
                         let wait = super::ddl::DdlWait::retype_failed(
                             &shard, &rel, &target, &sql, &retyped, &error,
                         );
-                        self.ddl_failed_at = Some(at);
-                        self.wait_for_ddl(
-                            ApplyError::WaitingForDdl {
-                                shard,
-                                wait,
-                                at: None,
-                            },
-                            reader,
-                        )
-                        .await
+                        self.wait_for_ddl_at(at, shard, wait, reader).await
                     }
                     Err(e) => Err(e),
                 };
@@ -741,18 +742,7 @@ impl<'a, L: ShardLog> Session<'a, L> {
                 }
                 Ok(())
             }
-            EnumGap::Wait(wait) => {
-                self.ddl_failed_at = Some(at);
-                self.wait_for_ddl(
-                    ApplyError::WaitingForDdl {
-                        shard,
-                        wait,
-                        at: None,
-                    },
-                    reader,
-                )
-                .await
-            }
+            EnumGap::Wait(wait) => self.wait_for_ddl_at(at, shard, wait, reader).await,
         }
     }
 
