@@ -115,14 +115,14 @@ pub enum CutoverError {
     /// No `reshard run` is up to apply the shard's changes, and its progress stands still:
     /// waiting out the timeout would change nothing (with `--fence`, the application's writes
     /// of its accounts would be refused all that time).
-    #[error("shard {shard} is at {reached}, short of the cutover marker {target}, and nothing applies its changes: {daemon} (looked for {waited_secs:.0}s); start reshard run (or fix what stopped the shard, see `reshard status`) and run the cutover again: it resumes where it stopped{fence}")]
+    #[error("shard {shard} {position}, short of the cutover marker {target}, and nothing applies its changes: {daemon} (looked for {waited_secs:.0}s); start reshard run (or fix what stopped the shard, see `reshard status`) and run the cutover again: it resumes where it stopped{fence}")]
     NothingApplying {
         /// Shard.
         shard: String,
         /// LSN waited for.
         target: Lsn,
-        /// Progress reached.
-        reached: Lsn,
+        /// Where its progress stands (`is at 0/1A2B3C`, or that it has no progress row).
+        position: String,
         /// Seconds waited.
         waited_secs: f64,
         /// What was looked for.
@@ -393,7 +393,11 @@ pub async fn cutover(
             return Err(CutoverError::NothingApplying {
                 shard: name.to_owned(),
                 target,
-                reached,
+                position: if reached.is_zero() {
+                    "has no progress row (reshard run has applied nothing to it)".to_owned()
+                } else {
+                    format!("is at {reached}")
+                },
                 waited_secs: started.elapsed().as_secs_f64(),
                 daemon,
                 fence: if fenced {
