@@ -17,6 +17,20 @@ const TABLES: &[crate::common::TableCheck<'static>] = &[
     ("currencies", None, "code"),
 ];
 
+/// Two shards with [`SCHEMA`], the currencies and `orders` rows of accounts 0..40 loaded, the
+/// daemon streaming and converged: (topology, config path, daemon).
+fn migrated_two_shards(orders: u32) -> (Topology, String, usize) {
+    let mut t = Topology::start(2);
+    t.ddl_everywhere(SCHEMA);
+    t.source_sql("INSERT INTO currencies VALUES ('EUR', 'Euro'), ('USD', 'Dollar')");
+    t.source_sql(&format!("INSERT INTO orders (account_id, amount, note) SELECT a % 40, a, 'n' || a FROM generate_series(1, {orders}) a"));
+    let cfg = t.write_config("");
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let d = t.spawn_run(&[]);
+    t.wait_converged(TABLES, Duration::from_secs(90));
+    (t, cfg, d)
+}
+
 #[test]
 fn status_verify_and_cutover_work_against_the_running_daemon() {
     let mut t = Topology::start(3);
@@ -218,14 +232,7 @@ fn cutover_started_during_the_full_load_waits_for_it_and_succeeds() {
 /// shards as they are, says so, and returns MATCH instead of waiting for `--timeout`.
 #[test]
 fn verify_with_the_daemon_stopped_compares_as_is_and_says_so() {
-    let mut t = Topology::start(2);
-    t.ddl_everywhere(SCHEMA);
-    t.source_sql("INSERT INTO currencies VALUES ('EUR', 'Euro'), ('USD', 'Dollar')");
-    t.source_sql("INSERT INTO orders (account_id, amount, note) SELECT a % 40, a, 'n' || a FROM generate_series(1, 2000) a");
-    let cfg = t.write_config("");
-    let cfg = cfg.to_str().unwrap().to_owned();
-    let d = t.spawn_run(&[]);
-    t.wait_converged(TABLES, Duration::from_secs(90));
+    let (mut t, cfg, d) = migrated_two_shards(2000);
     t.source_sql("UPDATE orders SET note = 'cdc' WHERE id % 7 = 0");
     for shard in ["shard0", "shard1"] {
         let (code, out, err) =
@@ -312,13 +319,7 @@ fn cutover_names_a_table_created_on_the_source_after_run_started() {
 /// says 0 bytes and 0 s for it between heartbeats, not the WAL written since the last one.
 #[test]
 fn an_idle_shard_reads_caught_up_while_the_source_wal_moves_without_it() {
-    let mut t = Topology::start(2);
-    t.ddl_everywhere(SCHEMA);
-    t.source_sql("INSERT INTO orders (account_id, amount, note) SELECT a % 40, a, 'n' || a FROM generate_series(1, 200) a");
-    let cfg = t.write_config("");
-    let cfg = cfg.to_str().unwrap().to_owned();
-    let d = t.spawn_run(&[]);
-    t.wait_converged(TABLES, Duration::from_secs(90));
+    let (mut t, cfg, d) = migrated_two_shards(200);
     // Transactions that change nothing replicated, four a second: the source's WAL (and the
     // slot's confirmed position) moves on, the shards have nothing to do.
     let url = t.source.url("app");
@@ -385,14 +386,7 @@ fn an_idle_shard_reads_caught_up_while_the_source_wal_moves_without_it() {
 /// daemon up, it resumes and reports SAFE.
 #[test]
 fn cutover_with_no_daemon_up_stops_instead_of_waiting_out_the_timeout() {
-    let mut t = Topology::start(2);
-    t.ddl_everywhere(SCHEMA);
-    t.source_sql("INSERT INTO currencies VALUES ('EUR', 'Euro')");
-    t.source_sql("INSERT INTO orders (account_id, amount, note) SELECT a % 40, a, 'n' || a FROM generate_series(1, 400) a");
-    let cfg = t.write_config("");
-    let cfg = cfg.to_str().unwrap().to_owned();
-    let d = t.spawn_run(&[]);
-    t.wait_converged(TABLES, Duration::from_secs(90));
+    let (mut t, cfg, d) = migrated_two_shards(400);
     t.stop_cleanly(d);
     // Writes while the daemon is down: every shard is behind.
     t.source_sql("INSERT INTO orders (account_id, amount, note) SELECT a % 40, a, 'down' FROM generate_series(1, 100) a");
